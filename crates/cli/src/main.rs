@@ -1,1 +1,427 @@
-fn main() {}
+//! `flashmoe`: the command-line front end. A thin layer over the engine library: parse flags,
+//! call the engine, print. Every failure is one line on stderr and a non-zero exit.
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use flashmoe::generate::{Engine, GenerateOptions, StopReason, peak_rss_bytes};
+use flashmoe::{LogitsFor, Model};
+use flashmoe_text::{ChatTemplate, SamplingParams, TextTokenizer};
+use serde_json::{Value as Json, json};
+use std::io::{BufWriter, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "flashmoe",
+    version,
+    about = "Run Mixture-of-Experts language models (Qwen3.5-MoE, Qwen3-Next) exactly, on the CPU"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt (chat template applied unless --raw) and print a summary line.
+    Run(RunArgs),
+    /// Print the logits the model gives for a list of token ids.
+    Logits(LogitsArgs),
+    /// Tokenize text (or, with --chat, render a chat request read from stdin).
+    Tokenize(TokenizeArgs),
+    /// Describe a model folder: architecture, layers, weight formats and sizes.
+    Info(InfoArgs),
+    /// List compute devices (CPU SIMD level, CUDA GPUs when built with the `cuda` feature).
+    Devices,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Model folder (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Feed the prompt as-is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// System message for the chat template.
+    #[arg(long)]
+    system: Option<String>,
+    /// Render the template with enable_thinking=false.
+    #[arg(long)]
+    no_think: bool,
+    /// 0 = greedy (the default: deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Routed experts per token. Default: the model's own number (exact). Fewer is lossy.
+    #[arg(long)]
+    experts: Option<usize>,
+    /// Refuse prompts longer than this many tokens (default: the model's max_position_embeddings).
+    #[arg(long)]
+    max_context: Option<usize>,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Comma-separated token ids.
+    #[arg(long)]
+    ids: String,
+    /// Feed the ids one at a time through the caches instead of one batched prefill.
+    #[arg(long)]
+    decode: bool,
+    /// Print {"ids": [...], "logits": [[...], ...]} (otherwise a short human-readable summary).
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    experts: Option<usize>,
+    #[arg(long)]
+    max_context: Option<usize>,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    #[arg(
+        long,
+        conflicts_with = "tokenizer",
+        required_unless_present = "tokenizer"
+    )]
+    model: Option<PathBuf>,
+    /// A tokenizer.json file.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Print a JSON array of ids.
+    #[arg(long)]
+    json: bool,
+    /// Read an OpenAI-style {"messages": [...], "tools": [...]} from stdin and print the prompt
+    /// rendered by the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Render with enable_thinking=false (with --chat).
+    #[arg(long)]
+    no_think: bool,
+    /// Text to tokenize.
+    #[arg(required_unless_present = "chat")]
+    text: Option<String>,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    #[arg(long)]
+    model: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run(a),
+        Command::Logits(a) => logits(a),
+        Command::Tokenize(a) => tokenize(a),
+        Command::Info(a) => info(a),
+        Command::Devices => devices(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain of causes joined, so the file and the problem are both named.
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let mut engine = Engine::load(&a.model)?;
+    if let Some(k) = a.experts {
+        engine.model.set_experts_per_token(k)?;
+    }
+    if let Some(n) = a.max_context {
+        engine.model.set_max_context(n);
+    }
+    let prompt_text = if a.raw {
+        a.prompt.clone()
+    } else {
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(json!({"role": "system", "content": s}));
+        }
+        messages.push(json!({"role": "user", "content": a.prompt}));
+        engine.render_chat(
+            &Json::Array(messages),
+            None,
+            if a.no_think { Some(false) } else { None },
+        )?
+    };
+    let ids = engine.encode(&prompt_text)?;
+    let opts = GenerateOptions {
+        max_tokens: a.max_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repetition_penalty: a.repetition_penalty,
+            presence_penalty: a.presence_penalty,
+            seed: a.seed,
+            ..SamplingParams::default()
+        },
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let stats = engine.generate(&ids, &opts, |piece| {
+        // A closed pipe (e.g. `| head`) stops generation instead of failing.
+        out.write_all(piece.as_bytes())
+            .and_then(|_| out.flush())
+            .is_ok()
+    })?;
+    let _ = writeln!(out);
+    drop(out);
+    let m = &engine.model;
+    let stop = match stats.stop {
+        StopReason::Stop => "stop token",
+        StopReason::Length => "max tokens",
+        StopReason::Context => "context full",
+        StopReason::Cancelled => "output closed",
+    };
+    eprintln!(
+        "[flashmoe] prompt {} tok | prefill {:.1} tok/s | decode {:.2} tok/s ({} tok, {}) | peak RSS {} | experts {}/{} per token ({})",
+        stats.prompt_tokens,
+        stats.prefill_tok_s(),
+        stats.decode_tok_s(),
+        stats.generated_tokens,
+        stop,
+        peak_rss_bytes().map_or("n/a".into(), fmt_bytes),
+        m.experts_per_token(),
+        m.config.num_experts,
+        if m.routing_is_exact() {
+            "exact".to_string()
+        } else {
+            format!(
+                "REDUCED from the model's {}: lossy",
+                m.config.experts_per_token
+            )
+        },
+    );
+    Ok(())
+}
+
+fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    let ids = s
+        .split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| {
+            x.parse::<u32>()
+                .map_err(|_| anyhow!("--ids: `{x}` is not a token id (non-negative integer)"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if ids.is_empty() {
+        bail!("--ids: no token ids given");
+    }
+    Ok(ids)
+}
+
+fn logits(a: LogitsArgs) -> Result<()> {
+    let ids = parse_ids(&a.ids)?;
+    let mut model = Model::load(&a.model)?;
+    if let Some(k) = a.experts {
+        model.set_experts_per_token(k)?;
+    }
+    if let Some(n) = a.max_context {
+        model.set_max_context(n);
+    }
+    let v = model.config.vocab_size;
+    let mut state = model.new_state();
+    let rows = if a.decode {
+        let mut all = Vec::with_capacity(ids.len() * v);
+        for &id in &ids {
+            all.extend(model.forward(&[id], &mut state, LogitsFor::Last)?);
+        }
+        all
+    } else {
+        model.forward(&ids, &mut state, LogitsFor::All)?
+    };
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    if a.json {
+        let logits: Vec<&[f32]> = rows.chunks(v).collect();
+        serde_json::to_writer(&mut out, &json!({"ids": ids, "logits": logits}))?;
+        writeln!(out)?;
+    } else {
+        for (i, row) in rows.chunks(v).enumerate() {
+            let mut top: Vec<usize> = (0..v).collect();
+            top.sort_by(|&x, &y| row[y].total_cmp(&row[x]));
+            let best: Vec<String> = top[..5.min(v)]
+                .iter()
+                .map(|&t| format!("{t}:{:.4}", row[t]))
+                .collect();
+            writeln!(out, "pos {i} id {}: top {}", ids[i], best.join(" "))?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let tok_path = match (&a.model, &a.tokenizer) {
+        (Some(m), _) => m.join("tokenizer.json"),
+        (None, Some(t)) => t.clone(),
+        (None, None) => bail!("give --model DIR or --tokenizer FILE"),
+    };
+    if a.chat {
+        let mut input = String::new();
+        std::io::stdin()
+            .read_to_string(&mut input)
+            .context("reading the chat request from stdin")?;
+        let req: Json =
+            serde_json::from_str(&input).map_err(|e| anyhow!("stdin: malformed JSON: {e}"))?;
+        let messages = req
+            .get("messages")
+            .ok_or_else(|| anyhow!("stdin: missing field `messages`"))?;
+        let template = match &a.model {
+            Some(m) => ChatTemplate::from_model_dir(m)?,
+            None => {
+                let cfg = tok_path.with_file_name("tokenizer_config.json");
+                match ChatTemplate::from_tokenizer_config(&cfg) {
+                    Ok(Some(t)) => t,
+                    _ => ChatTemplate::chatml(),
+                }
+            }
+        };
+        let thinking = req
+            .get("enable_thinking")
+            .and_then(Json::as_bool)
+            .or(if a.no_think { Some(false) } else { None });
+        let add_gen = req
+            .get("add_generation_prompt")
+            .and_then(Json::as_bool)
+            .unwrap_or(true);
+        let text = template.render(messages, req.get("tools"), add_gen, thinking, None)?;
+        if a.json {
+            let tok = TextTokenizer::load(&tok_path)?;
+            println!("{}", serde_json::to_string(&tok.encode(&text, false)?)?);
+        } else {
+            print!("{text}");
+        }
+        return Ok(());
+    }
+    let tok = TextTokenizer::load(&tok_path)?;
+    let ids = tok.encode(a.text.as_deref().unwrap_or_default(), false)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&ids)?);
+    } else {
+        println!(
+            "{}",
+            ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn info(a: InfoArgs) -> Result<()> {
+    let model = Model::load(&a.model)?;
+    let c = &model.config;
+    let full = c
+        .layer_kinds
+        .iter()
+        .filter(|k| **k == flashmoe::config::LayerKind::FullAttention)
+        .count();
+    println!(
+        "model        {} ({:?} checkpoint)",
+        c.family.name(),
+        model.weights.format
+    );
+    println!(
+        "layers       {} ({} GatedDeltaNet + {} full attention)",
+        c.num_layers,
+        c.num_layers - full,
+        full
+    );
+    println!("hidden       {}  vocab {}", c.hidden_size, c.vocab_size);
+    println!(
+        "experts      {} routed, top-{} + 1 shared, intermediate {} (shared {})",
+        c.num_experts, c.experts_per_token, c.moe_intermediate, c.shared_intermediate
+    );
+    println!(
+        "expert bytes {}",
+        fmt_bytes(model.weights.expert_bytes() as u64)
+    );
+    println!(
+        "other bytes  {}",
+        fmt_bytes(model.weights.non_expert_bytes() as u64)
+    );
+    println!(
+        "quantized    {}",
+        if model.weights.lm_head.is_quantized() {
+            "yes (MLX affine)"
+        } else {
+            "no"
+        }
+    );
+    Ok(())
+}
+
+fn devices() -> Result<()> {
+    println!(
+        "cpu: {} threads, kernels {}",
+        rayon::current_num_threads_or_default(),
+        flashmoe_kernels::simd_level()
+    );
+    #[cfg(feature = "cuda")]
+    match flashmoe::cuda::probe() {
+        Ok(gpus) if gpus.is_empty() => println!("cuda: no GPU"),
+        Ok(gpus) => {
+            for g in gpus {
+                println!(
+                    "cuda:{}: {} ({})",
+                    g.ordinal,
+                    g.name,
+                    fmt_bytes(g.total_memory as u64)
+                );
+            }
+        }
+        Err(e) => println!("cuda: unavailable ({e})"),
+    }
+    #[cfg(not(feature = "cuda"))]
+    println!("cuda: not compiled in (build with --features cuda)");
+    Ok(())
+}
+
+mod rayon {
+    pub fn current_num_threads_or_default() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+fn fmt_bytes(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}

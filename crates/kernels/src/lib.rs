@@ -1,1 +1,624 @@
-pub mod placeholder {}
+//! CPU compute kernels: `y = W·x` for weights stored as f32 / f16 / bf16 or in
+//! MLX affine-quantized form (2, 4 or 8 bits).
+//!
+//! Weight bytes come straight from memory-mapped safetensors files, so they are
+//! little-endian and may be unaligned; every read goes through unaligned loads.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+pub mod cpu_features;
+mod elem;
+mod scalar;
+
+use std::cell::RefCell;
+
+use cpu_features::SimdLevel;
+pub use cpu_features::simd_level;
+use elem::{Elem, with_elem};
+use rayon::prelude::*;
+
+/// Storage type of float weights, and of affine scales/biases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FloatType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl FloatType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            FloatType::F32 => 4,
+            FloatType::F16 | FloatType::BF16 => 2,
+        }
+    }
+}
+
+/// Raw bytes of a weight matrix.
+#[derive(Clone, Copy, Debug)]
+pub enum MatData<'a> {
+    /// Row-major `[rows, cols]` floats.
+    Float { dtype: FloatType, data: &'a [u8] },
+    /// MLX affine quantization: `w = q * scale + bias` per group of
+    /// `group_size` consecutive elements of a row.
+    Affine {
+        bits: u32,
+        group_size: usize,
+        /// u32 words, row-major `[rows, cols * bits / 32]`, codes packed LSB first.
+        weight: &'a [u8],
+        /// `[rows, cols / group_size]` in `sb_dtype`.
+        scales: &'a [u8],
+        /// `[rows, cols / group_size]` in `sb_dtype`.
+        biases: &'a [u8],
+        sb_dtype: FloatType,
+    },
+}
+
+/// A borrowed, validated `[rows, cols]` weight matrix.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a> {
+    pub data: MatData<'a>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("bad shape: {0}")]
+    BadShape(String),
+    #[error("unsupported quantization: {0}")]
+    Unsupported(String),
+}
+
+fn checked_len(what: &str, dims: &[usize]) -> Result<usize, KernelError> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| KernelError::BadShape(format!("{what}: size {dims:?} overflows usize")))
+}
+
+impl<'a> MatRef<'a> {
+    /// A float matrix; `data` must hold exactly `rows * cols` elements.
+    pub fn float(
+        dtype: FloatType,
+        data: &'a [u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, KernelError> {
+        let want = checked_len("float matrix", &[rows, cols, dtype.size()])?;
+        if data.len() != want {
+            return Err(KernelError::BadShape(format!(
+                "{dtype:?} matrix [{rows}, {cols}] needs {want} bytes, got {}",
+                data.len()
+            )));
+        }
+        Ok(MatRef {
+            data: MatData::Float { dtype, data },
+            rows,
+            cols,
+        })
+    }
+
+    /// An MLX affine-quantized matrix. Checks `bits`, the divisibility of
+    /// `cols` and `group_size`, and the exact byte length of every buffer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn affine(
+        bits: u32,
+        group_size: usize,
+        weight: &'a [u8],
+        scales: &'a [u8],
+        biases: &'a [u8],
+        sb_dtype: FloatType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, KernelError> {
+        if !matches!(bits, 2 | 4 | 8) {
+            return Err(KernelError::Unsupported(format!(
+                "affine bits must be 2, 4 or 8, got {bits}"
+            )));
+        }
+        let per_word = (32 / bits) as usize;
+        if group_size == 0 || !group_size.is_multiple_of(per_word) {
+            return Err(KernelError::Unsupported(format!(
+                "group_size {group_size} must be a positive multiple of {per_word} for {bits}-bit codes"
+            )));
+        }
+        if !cols.is_multiple_of(group_size) {
+            return Err(KernelError::BadShape(format!(
+                "cols {cols} is not a multiple of group_size {group_size}"
+            )));
+        }
+        let want_w = checked_len("affine weight", &[rows, cols / per_word, 4])?;
+        if weight.len() != want_w {
+            return Err(KernelError::BadShape(format!(
+                "{bits}-bit weight [{rows}, {cols}] needs {want_w} bytes, got {}",
+                weight.len()
+            )));
+        }
+        let want_sb = checked_len("affine scales", &[rows, cols / group_size, sb_dtype.size()])?;
+        for (name, buf) in [("scales", scales), ("biases", biases)] {
+            if buf.len() != want_sb {
+                return Err(KernelError::BadShape(format!(
+                    "{name} [{rows}, {}] of {sb_dtype:?} needs {want_sb} bytes, got {}",
+                    cols / group_size,
+                    buf.len()
+                )));
+            }
+        }
+        Ok(MatRef {
+            data: MatData::Affine {
+                bits,
+                group_size,
+                weight,
+                scales,
+                biases,
+                sb_dtype,
+            },
+            rows,
+            cols,
+        })
+    }
+
+    /// View of rows `start..start + len`. Panics when out of range.
+    pub fn rows_slice(&self, start: usize, len: usize) -> MatRef<'a> {
+        assert!(
+            start.checked_add(len).is_some_and(|end| end <= self.rows),
+            "rows_slice({start}, {len}) out of range for {} rows",
+            self.rows
+        );
+        let data = match self.data {
+            MatData::Float { dtype, data } => {
+                let rb = self.cols * dtype.size();
+                MatData::Float {
+                    dtype,
+                    data: &data[start * rb..(start + len) * rb],
+                }
+            }
+            MatData::Affine {
+                bits,
+                group_size,
+                weight,
+                scales,
+                biases,
+                sb_dtype,
+            } => {
+                let wb = self.cols * bits as usize / 8;
+                let sb = self.cols / group_size * sb_dtype.size();
+                MatData::Affine {
+                    bits,
+                    group_size,
+                    weight: &weight[start * wb..(start + len) * wb],
+                    scales: &scales[start * sb..(start + len) * sb],
+                    biases: &biases[start * sb..(start + len) * sb],
+                    sb_dtype,
+                }
+            }
+        };
+        MatRef {
+            data,
+            rows: len,
+            cols: self.cols,
+        }
+    }
+
+    /// Bytes one full pass over the matrix reads.
+    pub fn bytes(&self) -> usize {
+        match self.data {
+            MatData::Float { data, .. } => data.len(),
+            MatData::Affine {
+                weight,
+                scales,
+                biases,
+                ..
+            } => weight.len() + scales.len() + biases.len(),
+        }
+    }
+}
+
+/// Below this many weight elements a matrix is processed on the calling
+/// thread: splitting work across rayon costs a few microseconds, which is more
+/// than a small matvec takes.
+const PAR_MIN_ELEMS: usize = 1 << 18;
+
+/// Row tile of the matmul kernel: rows decoded together, then dotted with
+/// each input so that each input load feeds several FMAs.
+const MM_TILE: usize = 4;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a zeroed-or-stale scratch buffer of `len` floats, reusing a
+/// per-thread allocation. If the thread's buffer is already in use (a nested
+/// call, e.g. rayon running another task on this thread while we wait), a
+/// fresh one is allocated instead.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut f = Some(f);
+    let res = SCRATCH.with(|cell| {
+        let mut guard = cell.try_borrow_mut().ok()?;
+        if guard.len() < len {
+            guard.resize(len, 0.0);
+        }
+        Some((f.take().unwrap())(&mut guard[..len]))
+    });
+    match res {
+        Some(r) => r,
+        None => (f.take().unwrap())(&mut vec![0.0; len]),
+    }
+}
+
+fn use_parallel(work: usize, rows: usize) -> bool {
+    work >= PAR_MIN_ELEMS && rows >= 2 && rayon::current_num_threads() > 1
+}
+
+/// Splits `y` (one entry per row of `m`) into row blocks, in parallel when
+/// the matrix is large.
+fn for_row_blocks(m: &MatRef, y: &mut [f32], f: impl Fn(&MatRef, &mut [f32]) + Sync) {
+    if use_parallel(m.rows * m.cols, m.rows) {
+        let blocks = rayon::current_num_threads() * 4;
+        let block = m.rows.div_ceil(blocks).max(1);
+        y.par_chunks_mut(block).enumerate().for_each(|(i, yc)| {
+            f(&m.rows_slice(i * block, yc.len()), yc);
+        });
+    } else {
+        f(m, y);
+    }
+}
+
+/// Which affine matvec kernel runs for a layout on a SIMD level.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AffineKernel {
+    Scalar,
+    /// Needs each 4-word quarter of an 8-word vector inside one group.
+    Avx2,
+    Avx512,
+}
+
+impl AffineKernel {
+    fn pick(level: SimdLevel, bits: u32, group_size: usize, cols: usize) -> Self {
+        let wpg = group_size / (32 / bits) as usize;
+        #[cfg(target_arch = "x86_64")]
+        if level == SimdLevel::Avx512 && avx512::supports(bits, group_size, cols) {
+            return AffineKernel::Avx512;
+        }
+        let _ = cols;
+        if level != SimdLevel::Scalar && wpg.is_multiple_of(4) {
+            AffineKernel::Avx2
+        } else {
+            AffineKernel::Scalar
+        }
+    }
+
+    /// Vector width in words, which sets the layout of the permuted x.
+    fn lanes(self) -> usize {
+        match self {
+            AffineKernel::Scalar => 0,
+            AffineKernel::Avx2 => 8,
+            AffineKernel::Avx512 => 16,
+        }
+    }
+}
+
+/// y[r] = Σ_c W[r,c]·x[c].  x.len()==cols, y.len()==rows (assert). Overwrites y.
+pub fn matvec(m: &MatRef, x: &[f32], y: &mut [f32]) {
+    matvec_at(cpu_features::detected(), m, x, y);
+}
+
+/// Batched: x is [n, cols] row-major, y is [n, rows] row-major:
+/// y[t][r] = Σ_c W[r,c]·x[t][c]. Each weight row is decoded once for all n inputs.
+pub fn matmul(m: &MatRef, x: &[f32], n: usize, y: &mut [f32]) {
+    matmul_at(cpu_features::detected(), m, x, n, y);
+}
+
+/// Dequantize/convert one row into `out` (len cols).
+pub fn dequant_row(m: &MatRef, row: usize, out: &mut [f32]) {
+    dequant_row_at(cpu_features::detected(), m, row, out);
+}
+
+fn check_level(level: SimdLevel) {
+    assert!(
+        level.is_supported(),
+        "SIMD level {} is not supported on this CPU",
+        level.name()
+    );
+}
+
+/// [`matvec`] on an explicit SIMD level (for tests and benchmarks).
+/// Panics if the CPU lacks `level`.
+#[doc(hidden)]
+pub fn matvec_at(level: SimdLevel, m: &MatRef, x: &[f32], y: &mut [f32]) {
+    check_level(level);
+    assert_eq!(x.len(), m.cols, "matvec: x.len() != cols");
+    assert_eq!(y.len(), m.rows, "matvec: y.len() != rows");
+    if m.rows == 0 {
+        return;
+    }
+    if m.cols == 0 {
+        y.fill(0.0);
+        return;
+    }
+    match m.data {
+        MatData::Float { dtype, .. } => with_elem!(dtype, E => {
+            for_row_blocks(m, y, |sub, ys| float_matvec_block::<E>(level, sub, x, ys));
+        }),
+        MatData::Affine {
+            bits,
+            group_size,
+            sb_dtype,
+            ..
+        } => {
+            let ng = m.cols / group_size;
+            let kernel = AffineKernel::pick(level, bits, group_size, m.cols);
+            let simd = kernel != AffineKernel::Scalar;
+            let xp_len = if simd { m.cols } else { 0 };
+            with_scratch(xp_len + ng, |buf| {
+                let (xp, sx) = buf.split_at_mut(xp_len);
+                // Σx per group, shared by every row for the bias term. f64
+                // because it is cheap here and the bias term can be large.
+                for (s, xs) in sx.iter_mut().zip(x.chunks_exact(group_size)) {
+                    *s = xs.iter().map(|&v| v as f64).sum::<f64>() as f32;
+                }
+                if simd {
+                    permute_x(bits, kernel.lanes(), x, xp);
+                }
+                let (xp, sx) = (&*xp, &*sx);
+                with_elem!(sb_dtype, E => {
+                    for_row_blocks(m, y, |sub, ys| {
+                        affine_matvec_block::<E>(kernel, sub, x, xp, sx, ys)
+                    });
+                });
+            });
+        }
+    }
+}
+
+fn float_matvec_block<E: Elem>(level: SimdLevel, m: &MatRef, x: &[f32], y: &mut [f32]) {
+    let MatData::Float { data, .. } = m.data else {
+        unreachable!()
+    };
+    match level {
+        SimdLevel::Scalar => scalar::float_matvec::<E>(data, m.cols, x, y),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY (both): check_level verified the CPU features.
+        SimdLevel::Avx2Fma => unsafe { avx2::float_matvec::<E>(data, m.cols, x, y) },
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => unsafe { avx512::float_matvec::<E>(data, m.cols, x, y) },
+        #[cfg(not(target_arch = "x86_64"))]
+        SimdLevel::Avx2Fma | SimdLevel::Avx512 => unreachable!(),
+    }
+}
+
+fn affine_matvec_block<E: Elem>(
+    kernel: AffineKernel,
+    m: &MatRef,
+    x: &[f32],
+    xp: &[f32],
+    sx: &[f32],
+    y: &mut [f32],
+) {
+    let MatData::Affine {
+        bits,
+        group_size,
+        weight,
+        scales,
+        biases,
+        ..
+    } = m.data
+    else {
+        unreachable!()
+    };
+    let cols = m.cols;
+    if kernel == AffineKernel::Scalar {
+        match bits {
+            2 => scalar::affine_matvec::<E, 2>(group_size, weight, scales, biases, cols, x, sx, y),
+            4 => scalar::affine_matvec::<E, 4>(group_size, weight, scales, biases, cols, x, sx, y),
+            8 => scalar::affine_matvec::<E, 8>(group_size, weight, scales, biases, cols, x, sx, y),
+            _ => unreachable!("validated at construction"),
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: check_level verified the CPU features; the buffers were
+    // validated against rows/cols at construction.
+    unsafe {
+        let (gs, w, s, b) = (group_size, weight, scales, biases);
+        match (kernel, bits) {
+            (AffineKernel::Avx512, 2) => {
+                avx512::affine_matvec::<E, 2>(gs, w, s, b, cols, xp, sx, y)
+            }
+            (AffineKernel::Avx512, 4) => {
+                avx512::affine_matvec::<E, 4>(gs, w, s, b, cols, xp, sx, y)
+            }
+            (AffineKernel::Avx512, 8) => {
+                avx512::affine_matvec::<E, 8>(gs, w, s, b, cols, xp, sx, y)
+            }
+            (_, 2) => avx2::affine_matvec::<E, 2>(gs, w, s, b, cols, xp, sx, y),
+            (_, 4) => avx2::affine_matvec::<E, 4>(gs, w, s, b, cols, xp, sx, y),
+            (_, 8) => avx2::affine_matvec::<E, 8>(gs, w, s, b, cols, xp, sx, y),
+            _ => unreachable!("validated at construction"),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = xp;
+}
+
+/// Rearranges x into the order the SIMD affine kernel consumes it.
+///
+/// The kernel loads consecutive u32 words into the lanes of a vector and
+/// extracts code `k` of every lane at once with a single AND (no shift): lane
+/// `i` then holds `q·2^(bits·k)` for element `(word_i)·epw + k`. To undo the
+/// `2^(bits·k)` factor for free, x is pre-scaled by the exact power of two
+/// `2^-(bits·k)`. The top code of a word cannot be masked in place (it would
+/// read as a negative i32), so it is shifted down instead and left unscaled.
+///
+/// Layout: for every aligned chunk of `lanes` words, for `k` in `0..epw`, the
+/// values of each lane; a final partial chunk of `l` words uses `l` lanes.
+fn permute_x(bits: u32, lanes: usize, x: &[f32], xp: &mut [f32]) {
+    let epw = (32 / bits) as usize;
+    let nw = x.len() / epw;
+    let scale = |k: usize| -> f32 {
+        if k + 1 == epw {
+            1.0
+        } else {
+            f32::from_bits((127 - bits * k as u32) << 23)
+        }
+    };
+    let mut out = 0;
+    let mut w0 = 0;
+    while w0 < nw {
+        let l = (nw - w0).min(lanes);
+        for k in 0..epw {
+            let s = scale(k);
+            for i in 0..l {
+                xp[out] = x[(w0 + i) * epw + k] * s;
+                out += 1;
+            }
+        }
+        w0 += l;
+    }
+    debug_assert_eq!(out, x.len());
+}
+
+/// A raw output pointer shared by matmul workers that write disjoint rows.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: workers only write elements of distinct rows, never concurrently
+// the same element, and the pointee outlives the parallel section.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// [`matmul`] on an explicit SIMD level (for tests and benchmarks).
+/// Panics if the CPU lacks `level`.
+#[doc(hidden)]
+pub fn matmul_at(level: SimdLevel, m: &MatRef, x: &[f32], n: usize, y: &mut [f32]) {
+    check_level(level);
+    let (rows, cols) = (m.rows, m.cols);
+    assert_eq!(x.len(), n * cols, "matmul: x.len() != n * cols");
+    assert_eq!(y.len(), n * rows, "matmul: y.len() != n * rows");
+    if n == 1 {
+        return matvec_at(level, m, x, y);
+    }
+    if n == 0 || rows == 0 {
+        return;
+    }
+    if cols == 0 {
+        y.fill(0.0);
+        return;
+    }
+    let yp = SyncPtr(y.as_mut_ptr());
+    let work = |r0: usize, r1: usize| {
+        with_scratch(MM_TILE * cols, |buf| {
+            let mut r = r0;
+            while r < r1 {
+                let tr = (r1 - r).min(MM_TILE);
+                for j in 0..tr {
+                    dequant_row_at(level, m, r + j, &mut buf[j * cols..(j + 1) * cols]);
+                }
+                let put = |t: usize, j: usize, v: f32| {
+                    // SAFETY: t < n and r + j < r1 <= rows, so in bounds; rows
+                    // r0..r1 belong to this worker alone.
+                    unsafe { *yp.get().add(t * rows + r + j) = v };
+                };
+                dot_tiles(level, &buf[..tr * cols], tr, x, n, cols, put);
+                r += tr;
+            }
+        });
+    };
+    if use_parallel(rows * cols * n, rows) {
+        let blocks = rayon::current_num_threads() * 4;
+        let block = rows.div_ceil(blocks).next_multiple_of(MM_TILE);
+        (0..rows.div_ceil(block))
+            .into_par_iter()
+            .for_each(|b| work(b * block, ((b + 1) * block).min(rows)));
+    } else {
+        work(0, rows);
+    }
+}
+
+/// Dots `tr` decoded rows in `w` with each of the `n` inputs in `x`.
+fn dot_tiles(
+    level: SimdLevel,
+    w: &[f32],
+    tr: usize,
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    mut put: impl FnMut(usize, usize, f32),
+) {
+    match level {
+        SimdLevel::Scalar => {
+            for t in 0..n {
+                let xt = &x[t * cols..(t + 1) * cols];
+                for j in 0..tr {
+                    put(t, j, scalar::dot(&w[j * cols..(j + 1) * cols], xt));
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY (both): check_level verified the CPU features; slices are
+        // sized tr*cols and n*cols as asserted by the caller.
+        SimdLevel::Avx2Fma => unsafe { avx2::dot_tiles(w, tr, x, n, cols, &mut put) },
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => unsafe { avx512::dot_tiles(w, tr, x, n, cols, &mut put) },
+        #[cfg(not(target_arch = "x86_64"))]
+        SimdLevel::Avx2Fma | SimdLevel::Avx512 => unreachable!(),
+    }
+}
+
+/// [`dequant_row`] on an explicit SIMD level (for tests and benchmarks).
+/// Panics if the CPU lacks `level`.
+#[doc(hidden)]
+pub fn dequant_row_at(level: SimdLevel, m: &MatRef, row: usize, out: &mut [f32]) {
+    check_level(level);
+    assert!(row < m.rows, "dequant_row: row {row} >= rows {}", m.rows);
+    assert_eq!(out.len(), m.cols, "dequant_row: out.len() != cols");
+    let cols = m.cols;
+    match m.data {
+        MatData::Float { dtype, data } => with_elem!(dtype, E => {
+            let bytes = &data[row * cols * E::SIZE..(row + 1) * cols * E::SIZE];
+            match level {
+                SimdLevel::Scalar => scalar::float_row::<E>(bytes, out),
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: check_level verified the CPU features.
+                SimdLevel::Avx2Fma | SimdLevel::Avx512 => unsafe { avx2::float_row::<E>(bytes, out) },
+                #[cfg(not(target_arch = "x86_64"))]
+                SimdLevel::Avx2Fma | SimdLevel::Avx512 => unreachable!(),
+            }
+        }),
+        MatData::Affine {
+            bits,
+            group_size,
+            weight,
+            scales,
+            biases,
+            sb_dtype,
+        } => with_elem!(sb_dtype, E => {
+            let wb = cols * bits as usize / 8;
+            let ng = cols / group_size;
+            let w = &weight[row * wb..(row + 1) * wb];
+            let s = &scales[row * ng * E::SIZE..(row + 1) * ng * E::SIZE];
+            let b = &biases[row * ng * E::SIZE..(row + 1) * ng * E::SIZE];
+            match (level, bits) {
+                (SimdLevel::Scalar, 2) => scalar::affine_row::<E, 2>(group_size, w, s, b, out),
+                (SimdLevel::Scalar, 4) => scalar::affine_row::<E, 4>(group_size, w, s, b, out),
+                (SimdLevel::Scalar, 8) => scalar::affine_row::<E, 8>(group_size, w, s, b, out),
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY (all three): check_level verified the CPU features;
+                // slice lengths match cols as validated at construction.
+                (SimdLevel::Avx2Fma | SimdLevel::Avx512, 2) => unsafe { avx2::affine_row::<E, 2>(group_size, w, s, b, out) },
+                #[cfg(target_arch = "x86_64")]
+                (SimdLevel::Avx2Fma | SimdLevel::Avx512, 4) => unsafe { avx2::affine_row::<E, 4>(group_size, w, s, b, out) },
+                #[cfg(target_arch = "x86_64")]
+                (SimdLevel::Avx2Fma | SimdLevel::Avx512, 8) => unsafe { avx2::affine_row::<E, 8>(group_size, w, s, b, out) },
+                _ => unreachable!("bits validated at construction"),
+            }
+        }),
+    }
+}

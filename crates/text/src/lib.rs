@@ -1,1 +1,18 @@
-pub mod placeholder {}
+//! Text side of flashmoe: tokenizer, chat template and sampling.
+//!
+//! * [`TextTokenizer`] / [`StreamDecoder`]: HF `tokenizer.json` encode/decode, incremental
+//!   UTF-8-safe detokenization.
+//! * [`ChatTemplate`]: renders OpenAI-style messages exactly as transformers' `apply_chat_template`.
+//! * [`Sampler`] / [`SamplingParams`]: penalties, temperature, top-k, top-p, min-p.
+
+pub mod chat;
+mod error;
+mod pyfmt;
+pub mod sampling;
+mod time;
+pub mod tokenizer;
+
+pub use chat::{CHATML_TEMPLATE, ChatMessage, ChatRequest, ChatTemplate, normalize_messages};
+pub use error::{Result, TextError};
+pub use sampling::{Sampler, SamplingParams};
+pub use tokenizer::{StreamDecoder, TextTokenizer};

@@ -1,0 +1,372 @@
+//! The `flashmoe` binary end to end: logits JSON against the transformers reference, `run`'s
+//! summary line, `tokenize`, and one test per kind of bad input (a one-line error naming the file
+//! and the problem, a non-zero exit, never a panic).
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn models_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models")
+}
+
+fn flashmoe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flashmoe"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs a command that must fail cleanly and returns its one-line error.
+fn fails(args: &[&str]) -> String {
+    let o = flashmoe(args);
+    let err = stderr(&o);
+    assert!(
+        !o.status.success(),
+        "expected failure for {args:?}, stderr: {err}"
+    );
+    assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?}: error should be one line: {err}"
+    );
+    assert!(err.starts_with("error: "), "{err}");
+    err
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
+
+/// A scratch copy of the flat single-file fixture.
+fn scratch() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    copy_dir(&models_dir().join("qwen35-moe-tiny-flat"), &dir);
+    (tmp, dir)
+}
+
+/// Rewrites the safetensors header JSON of `file` with `edit`, keeping its byte length (so the
+/// tensor data stays where it was).
+fn edit_header(file: &Path, edit: impl Fn(&str) -> String) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap().to_string();
+    let new = edit(&header);
+    assert_ne!(new, header, "edit changed nothing");
+    assert!(new.len() <= n);
+    let mut padded = new.into_bytes();
+    padded.resize(n, b' ');
+    bytes[8..8 + n].copy_from_slice(&padded);
+    std::fs::write(file, bytes).unwrap();
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn logits_json_matches_transformers() {
+    let dir = models_dir().join("qwen35-moe-tiny");
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let ids: Vec<String> = r["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+    let ids = ids.join(",");
+    for decode in [false, true] {
+        let mut args = vec!["logits", "--model", s(&dir), "--ids", &ids, "--json"];
+        if decode {
+            args.push("--decode");
+        }
+        let o = flashmoe(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let got: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(got["ids"], r["prompt_ids"]);
+        let (g, w) = (
+            got["logits"].as_array().unwrap(),
+            r["logits"].as_array().unwrap(),
+        );
+        assert_eq!(g.len(), w.len());
+        let (mut max_d, mut max_v) = (0.0f64, 0.0f64);
+        for (gr, wr) in g.iter().zip(w) {
+            for (a, b) in gr.as_array().unwrap().iter().zip(wr.as_array().unwrap()) {
+                let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+                max_d = max_d.max((a - b).abs());
+                max_v = max_v.max(b.abs());
+            }
+        }
+        assert!(
+            max_d <= 1e-4 * max_v,
+            "decode={decode}: max diff {max_d} vs max logit {max_v}"
+        );
+    }
+}
+
+#[test]
+fn run_streams_text_and_prints_summary() {
+    let dir = models_dir().join("qwen35-moe-tiny");
+    let o = flashmoe(&[
+        "run",
+        "--model",
+        s(&dir),
+        "--prompt",
+        "Hello there",
+        "--max-tokens",
+        "12",
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    let summary = err.lines().last().unwrap();
+    for part in [
+        "prompt ",
+        "prefill ",
+        "decode ",
+        "peak RSS ",
+        "experts 2/8 per token (exact)",
+    ] {
+        assert!(summary.contains(part), "summary lacks `{part}`: {summary}");
+    }
+    let o = flashmoe(&[
+        "run",
+        "--model",
+        s(&dir),
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "4",
+        "--experts",
+        "1",
+        "--raw",
+    ]);
+    assert!(o.status.success());
+    assert!(
+        stderr(&o).contains("experts 1/8 per token (REDUCED"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn run_is_deterministic_when_greedy_and_with_a_seed() {
+    let dir = models_dir().join("qwen35-moe-tiny");
+    let args = [
+        "run",
+        "--model",
+        s(&dir),
+        "--prompt",
+        "abc",
+        "--max-tokens",
+        "16",
+        "--raw",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "7",
+    ];
+    let a = flashmoe(&args);
+    let b = flashmoe(&args);
+    assert!(a.status.success());
+    assert_eq!(a.stdout, b.stdout);
+}
+
+#[test]
+fn tokenize_prints_ids() {
+    let dir = models_dir().join("qwen35-moe-tiny");
+    let o = flashmoe(&["tokenize", "--model", s(&dir), "--json", "<|im_start|>user"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ids: Vec<u32> = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(ids.len() >= 2);
+    let tok: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let im_start = tok["added_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["content"] == "<|im_start|>")
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(ids[0] as u64, im_start);
+}
+
+#[test]
+fn error_missing_model_file() {
+    let (_t, dir) = scratch();
+    std::fs::remove_file(dir.join("config.json")).unwrap();
+    let e = fails(&["logits", "--model", s(&dir), "--ids", "1,2"]);
+    assert!(e.contains("config.json: file not found"), "{e}");
+    let e = fails(&["logits", "--model", "/nonexistent/model", "--ids", "1"]);
+    assert!(
+        e.contains("/nonexistent/model/config.json: file not found"),
+        "{e}"
+    );
+}
+
+#[test]
+fn error_truncated_safetensors() {
+    let (_t, dir) = scratch();
+    let f = dir.join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    let e = fails(&["logits", "--model", s(&dir), "--ids", "1,2"]);
+    assert!(
+        e.contains("model.safetensors: invalid safetensors file"),
+        "{e}"
+    );
+    assert!(e.contains("truncated"), "{e}");
+}
+
+#[test]
+fn error_corrupt_safetensors_header() {
+    let (_t, dir) = scratch();
+    let f = dir.join("model.safetensors");
+    edit_header(&f, |h| h.replacen("{", "#", 1));
+    let e = fails(&["logits", "--model", s(&dir), "--ids", "1,2"]);
+    assert!(
+        e.contains("model.safetensors: invalid safetensors file: corrupt header JSON"),
+        "{e}"
+    );
+    // A header length pointing past the end of the file.
+    let (_t2, dir2) = scratch();
+    let f2 = dir2.join("model.safetensors");
+    let mut b = std::fs::read(&f2).unwrap();
+    b[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    std::fs::write(&f2, b).unwrap();
+    let e = fails(&["logits", "--model", s(&dir2), "--ids", "1,2"]);
+    assert!(
+        e.contains("model.safetensors: invalid safetensors file"),
+        "{e}"
+    );
+}
+
+#[test]
+fn error_shape_mismatch() {
+    let (_t, dir) = scratch();
+    // Same element count, transposed: the file stays valid, the model must refuse it.
+    edit_header(&dir.join("model.safetensors"), |h| {
+        h.replace(
+            r#""model.embed_tokens.weight":{"dtype":"F32","shape":[320,64]"#,
+            r#""model.embed_tokens.weight":{"dtype":"F32","shape":[64,320]"#,
+        )
+    });
+    let e = fails(&["logits", "--model", s(&dir), "--ids", "1,2"]);
+    assert!(
+        e.contains("model.embed_tokens.weight")
+            && e.contains("shape [64, 320], expected [320, 64]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn error_unknown_dtype() {
+    let (_t, dir) = scratch();
+    edit_header(&dir.join("model.safetensors"), |h| {
+        h.replace(
+            r#""model.embed_tokens.weight":{"dtype":"F32""#,
+            r#""model.embed_tokens.weight":{"dtype":"I32""#,
+        )
+    });
+    let e = fails(&["logits", "--model", s(&dir), "--ids", "1,2"]);
+    assert!(
+        e.contains("model.embed_tokens.weight") && e.contains("unsupported dtype I32"),
+        "{e}"
+    );
+    let (_t2, dir2) = scratch();
+    edit_header(&dir2.join("model.safetensors"), |h| {
+        h.replacen(r#""dtype":"F32""#, r#""dtype":"Q9X""#, 1)
+    });
+    let e = fails(&["logits", "--model", s(&dir2), "--ids", "1,2"]);
+    assert!(
+        e.contains("model.safetensors: invalid safetensors file") && e.contains("Q9X"),
+        "{e}"
+    );
+}
+
+#[test]
+fn error_missing_tokenizer() {
+    let (_t, dir) = scratch();
+    std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+    let e = fails(&["run", "--model", s(&dir), "--prompt", "hi"]);
+    assert!(e.contains("tokenizer.json: file not found"), "{e}");
+    let e = fails(&[
+        "tokenize",
+        "--tokenizer",
+        "/nonexistent/tokenizer.json",
+        "hi",
+    ]);
+    assert!(e.contains("/nonexistent/tokenizer.json"), "{e}");
+}
+
+#[test]
+fn error_malformed_config() {
+    let (_t, dir) = scratch();
+    std::fs::write(
+        dir.join("config.json"),
+        "{\"model_type\": \"qwen3_5_moe_text\", ",
+    )
+    .unwrap();
+    let e = fails(&["logits", "--model", s(&dir), "--ids", "1,2"]);
+    assert!(e.contains("config.json: malformed JSON"), "{e}");
+    std::fs::write(dir.join("config.json"), r#"{"model_type": "mixtral"}"#).unwrap();
+    let e = fails(&["logits", "--model", s(&dir), "--ids", "1,2"]);
+    assert!(
+        e.contains("config.json: unsupported model_type `mixtral`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn error_token_id_outside_vocabulary() {
+    let dir = models_dir().join("qwen35-moe-tiny");
+    let e = fails(&["logits", "--model", s(&dir), "--ids", "1,2,320"]);
+    assert!(e.contains("token id 320 is outside the vocabulary"), "{e}");
+    let e = fails(&["logits", "--model", s(&dir), "--ids", "1,x"]);
+    assert!(e.contains("`x` is not a token id"), "{e}");
+}
+
+#[test]
+fn error_prompt_longer_than_context() {
+    let dir = models_dir().join("qwen35-moe-tiny");
+    let e = fails(&[
+        "run",
+        "--model",
+        s(&dir),
+        "--prompt",
+        "a rather long prompt that will not fit",
+        "--raw",
+        "--max-context",
+        "8",
+    ]);
+    assert!(e.contains("exceed the context length of 8 tokens"), "{e}");
+    let e = fails(&[
+        "logits",
+        "--model",
+        s(&dir),
+        "--ids",
+        "1,2,3,4,5",
+        "--max-context",
+        "4",
+    ]);
+    assert!(e.contains("exceed the context length of 4 tokens"), "{e}");
+}

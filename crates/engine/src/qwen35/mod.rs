@@ -1,0 +1,153 @@
+//! The Qwen3.5-MoE family (35B-A3B, 122B-A10B, 397B-A17B) and Qwen3-Next-80B-A3B: one module,
+//! config → weights → forward. Both families share the layer structure (GatedDeltaNet and gated
+//! attention layers, each followed by a sparse MoE with a shared expert); Qwen3-Next differs only
+//! in checkpoint layout, which `weights` normalises.
+
+pub mod forward;
+pub mod weights;
+
+use crate::config::{LayerKind, ModelConfig};
+use crate::error::{Error, Result};
+use crate::weights::TensorStore;
+pub use forward::{LayerState, LogitsFor, SequenceState};
+use std::path::Path;
+use std::sync::Mutex;
+pub use weights::{ModelWeights, SourceFormat};
+
+pub struct Model {
+    pub config: ModelConfig,
+    pub weights: ModelWeights,
+    /// Routed experts per token. Defaults to the model's own top-k (exact); lower is lossy.
+    experts_per_token: usize,
+    /// Longest sequence this instance accepts (prompt + generated).
+    max_context: usize,
+    inv_freq: Vec<f32>,
+    /// When set, the chosen experts of every token and layer are appended here (layer-major
+    /// within a token).
+    pub routing_trace: Option<Mutex<Vec<Vec<u32>>>>,
+}
+
+impl Model {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let config = ModelConfig::load(dir)?;
+        let store = TensorStore::open(dir)?;
+        let weights = ModelWeights::load(&store, &config)?;
+        Ok(Self::from_parts(config, weights))
+    }
+
+    pub fn from_parts(config: ModelConfig, weights: ModelWeights) -> Self {
+        let rot = config.rotary_dims();
+        // HF: inv_freq = 1 / theta^(2i/rot), computed in f32.
+        let inv_freq = (0..rot / 2)
+            .map(|i| 1.0f32 / (config.rope_theta as f32).powf((2 * i) as f32 / rot as f32))
+            .collect();
+        Model {
+            experts_per_token: config.experts_per_token,
+            max_context: config.max_position_embeddings,
+            inv_freq,
+            config,
+            weights,
+            routing_trace: None,
+        }
+    }
+
+    /// Uses `k` routed experts per token instead of the model's own number (lossy when smaller).
+    pub fn set_experts_per_token(&mut self, k: usize) -> Result<()> {
+        if k == 0 || k > self.config.num_experts {
+            return Err(Error::input(format!(
+                "--experts {k}: must be between 1 and the model's {} experts",
+                self.config.num_experts
+            )));
+        }
+        self.experts_per_token = k;
+        Ok(())
+    }
+
+    pub fn experts_per_token(&self) -> usize {
+        self.experts_per_token
+    }
+
+    /// True when routing uses the model's own top-k.
+    pub fn routing_is_exact(&self) -> bool {
+        self.experts_per_token == self.config.experts_per_token
+    }
+
+    pub fn set_max_context(&mut self, n: usize) {
+        self.max_context = n;
+    }
+
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    pub fn new_state(&self) -> SequenceState {
+        let c = &self.config;
+        let layers = c
+            .layer_kinds
+            .iter()
+            .map(|k| match k {
+                LayerKind::FullAttention => LayerState::Attention {
+                    keys: Vec::new(),
+                    values: Vec::new(),
+                },
+                LayerKind::LinearAttention => LayerState::DeltaNet {
+                    conv: vec![0.0; c.conv_kernel.saturating_sub(1) * c.conv_dim()],
+                    recurrent: vec![
+                        0.0;
+                        c.linear_value_heads * c.linear_key_dim * c.linear_value_dim
+                    ],
+                },
+            })
+            .collect();
+        SequenceState { pos: 0, layers }
+    }
+
+    /// Runs `tokens` (consecutive positions starting at `state.pos`) through the model as one
+    /// batch and returns logits for the requested positions ([n, vocab] row-major).
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        state: &mut SequenceState,
+        want: LogitsFor,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
+            return Err(Error::input(format!(
+                "token id {bad} is outside the vocabulary (the model has {} rows, ids 0..{})",
+                c.vocab_size,
+                c.vocab_size - 1
+            )));
+        }
+        if state.pos + tokens.len() > self.max_context {
+            return Err(Error::input(format!(
+                "{} tokens (after {} already in context) exceed the context length of {} tokens",
+                tokens.len(),
+                state.pos,
+                self.max_context
+            )));
+        }
+        let (t, h) = (tokens.len(), c.hidden_size);
+        let mut x = vec![0.0f32; t * h];
+        for (i, &id) in tokens.iter().enumerate() {
+            self.weights
+                .embed
+                .row(id as usize, &mut x[i * h..(i + 1) * h]);
+        }
+        for (li, ls) in state.layers.iter_mut().enumerate() {
+            self.layer_forward(li, &mut x, t, state.pos, ls);
+        }
+        state.pos += t;
+        let rows: &[f32] = match want {
+            LogitsFor::None => return Ok(Vec::new()),
+            LogitsFor::All => &x,
+            LogitsFor::Last => &x[(t - 1) * h..],
+        };
+        let n = rows.len() / h;
+        let mut normed = vec![0.0f32; rows.len()];
+        forward::rms_norm_rows(rows, &self.weights.final_norm, c.rms_norm_eps, &mut normed);
+        Ok(self.weights.lm_head.apply(&normed, n))
+    }
+}

@@ -1,0 +1,285 @@
+//! `Linear`: a weight matrix y = W·x that lives in the mapped checkpoint (f32/bf16/f16 or MLX
+//! affine-quantized), possibly assembled from row ranges of one or more tensors. Row ranges are how
+//! we take one expert out of a stacked [E, out, in] tensor and how Qwen3-Next's key-head-grouped
+//! `in_proj_qkvz` is regrouped without copying it.
+
+use super::store::{Bytes, RawTensor};
+use crate::error::Result;
+use flashmoe_kernels::{FloatType, MatRef};
+use safetensors::Dtype;
+
+#[derive(Clone, Debug)]
+enum Source {
+    Float {
+        dtype: FloatType,
+        data: Bytes,
+    },
+    Affine {
+        bits: u32,
+        group_size: usize,
+        weight: Bytes,
+        scales: Bytes,
+        biases: Bytes,
+        sb_dtype: FloatType,
+    },
+}
+
+/// A contiguous row range of one stored matrix.
+#[derive(Clone, Debug)]
+struct Part {
+    source: Source,
+    /// Rows of the whole stored matrix (all experts for a stacked tensor).
+    total_rows: usize,
+    row_start: usize,
+    rows: usize,
+}
+
+impl Part {
+    fn mat(&self, cols: usize) -> MatRef<'_> {
+        let full = match &self.source {
+            Source::Float { dtype, data } => {
+                MatRef::float(*dtype, data.as_slice(), self.total_rows, cols)
+            }
+            Source::Affine {
+                bits,
+                group_size,
+                weight,
+                scales,
+                biases,
+                sb_dtype,
+            } => MatRef::affine(
+                *bits,
+                *group_size,
+                weight.as_slice(),
+                scales.as_slice(),
+                biases.as_slice(),
+                *sb_dtype,
+                self.total_rows,
+                cols,
+            ),
+        }
+        .expect("matrix sizes were validated when the Linear was built");
+        full.rows_slice(self.row_start, self.rows)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Linear {
+    parts: Vec<Part>,
+    rows: usize,
+    cols: usize,
+}
+
+pub fn float_type(t: &RawTensor) -> Result<FloatType> {
+    match t.dtype {
+        Dtype::F32 => Ok(FloatType::F32),
+        Dtype::BF16 => Ok(FloatType::BF16),
+        Dtype::F16 => Ok(FloatType::F16),
+        other => Err(t.err(format!(
+            "unsupported dtype {other:?} (expected F32, BF16, F16, or U32 with scales/biases)"
+        ))),
+    }
+}
+
+impl Linear {
+    /// A float matrix whose logical shape is [rows, cols]; `t` may have any shape with that many
+    /// elements (e.g. [E, out, in] seen as [E·out, in]).
+    pub fn float(t: &RawTensor, rows: usize, cols: usize) -> Result<Self> {
+        let dtype = float_type(t)?;
+        if t.numel() != rows * cols {
+            return Err(t.err(format!(
+                "shape {:?} does not hold a [{rows}, {cols}] matrix",
+                t.shape
+            )));
+        }
+        let source = Source::Float {
+            dtype,
+            data: t.bytes.clone(),
+        };
+        // Validate now so that later `mat()` calls cannot fail.
+        let l = Self::single(source, rows, cols);
+        l.check(t)?;
+        Ok(l)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn affine(
+        w: &RawTensor,
+        s: &RawTensor,
+        b: &RawTensor,
+        bits: u32,
+        group_size: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self> {
+        if w.dtype != Dtype::U32 {
+            return Err(w.err(format!("quantized weight must be U32, found {:?}", w.dtype)));
+        }
+        let sb_dtype = float_type(s)?;
+        if float_type(b)? != sb_dtype {
+            return Err(b.err("biases and scales have different dtypes"));
+        }
+        let source = Source::Affine {
+            bits,
+            group_size,
+            weight: w.bytes.clone(),
+            scales: s.bytes.clone(),
+            biases: b.bytes.clone(),
+            sb_dtype,
+        };
+        let l = Self::single(source, rows, cols);
+        l.check(w)?;
+        Ok(l)
+    }
+
+    fn single(source: Source, rows: usize, cols: usize) -> Self {
+        Linear {
+            parts: vec![Part {
+                source,
+                total_rows: rows,
+                row_start: 0,
+                rows,
+            }],
+            rows,
+            cols,
+        }
+    }
+
+    fn check(&self, t: &RawTensor) -> Result<()> {
+        for p in &self.parts {
+            let r = match &p.source {
+                Source::Float { dtype, data } => {
+                    MatRef::float(*dtype, data.as_slice(), p.total_rows, self.cols).map(|_| ())
+                }
+                Source::Affine {
+                    bits,
+                    group_size,
+                    weight,
+                    scales,
+                    biases,
+                    sb_dtype,
+                } => MatRef::affine(
+                    *bits,
+                    *group_size,
+                    weight.as_slice(),
+                    scales.as_slice(),
+                    biases.as_slice(),
+                    *sb_dtype,
+                    p.total_rows,
+                    self.cols,
+                )
+                .map(|_| ()),
+            };
+            r.map_err(|e| t.err(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Rows `start..start+len` of this matrix, as a new view.
+    pub fn select_rows(&self, start: usize, len: usize) -> Linear {
+        assert!(start + len <= self.rows, "row range out of bounds");
+        let mut parts = Vec::new();
+        let mut offset = 0;
+        for p in &self.parts {
+            let (a, b) = (offset, offset + p.rows);
+            let (lo, hi) = (start.max(a), (start + len).min(b));
+            if lo < hi {
+                parts.push(Part {
+                    source: p.source.clone(),
+                    total_rows: p.total_rows,
+                    row_start: p.row_start + (lo - a),
+                    rows: hi - lo,
+                });
+            }
+            offset = b;
+        }
+        Linear {
+            parts,
+            rows: len,
+            cols: self.cols,
+        }
+    }
+
+    /// Stacks matrices with the same number of columns (output rows concatenated in order).
+    pub fn concat_rows(items: &[Linear]) -> Linear {
+        let cols = items[0].cols;
+        assert!(items.iter().all(|l| l.cols == cols));
+        Linear {
+            parts: items.iter().flat_map(|l| l.parts.iter().cloned()).collect(),
+            rows: items.iter().map(|l| l.rows).sum(),
+            cols,
+        }
+    }
+
+    /// Bytes a full pass over this matrix reads (weights + scales + biases).
+    pub fn bytes(&self) -> usize {
+        self.parts.iter().map(|p| p.mat(self.cols).bytes()).sum()
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|p| matches!(p.source, Source::Affine { .. }))
+    }
+
+    /// y = W·x for `n` inputs: x is [n, cols], y is [n, rows]. Each weight row is read once per call.
+    pub fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        assert_eq!(x.len(), n * self.cols);
+        assert_eq!(y.len(), n * self.rows);
+        if self.parts.len() == 1 {
+            let m = self.parts[0].mat(self.cols);
+            if n == 1 {
+                flashmoe_kernels::matvec(&m, x, y);
+            } else {
+                flashmoe_kernels::matmul(&m, x, n, y);
+            }
+            return;
+        }
+        if n == 1 {
+            let mut off = 0;
+            for p in &self.parts {
+                flashmoe_kernels::matvec(&p.mat(self.cols), x, &mut y[off..off + p.rows]);
+                off += p.rows;
+            }
+            return;
+        }
+        let mut off = 0;
+        let mut tmp = Vec::new();
+        for p in &self.parts {
+            tmp.resize(n * p.rows, 0.0);
+            flashmoe_kernels::matmul(&p.mat(self.cols), x, n, &mut tmp);
+            for t in 0..n {
+                y[t * self.rows + off..t * self.rows + off + p.rows]
+                    .copy_from_slice(&tmp[t * p.rows..(t + 1) * p.rows]);
+            }
+            off += p.rows;
+        }
+    }
+
+    /// Convenience: allocates the output.
+    pub fn apply(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let mut y = vec![0.0; n * self.rows];
+        self.forward(x, n, &mut y);
+        y
+    }
+
+    /// Row `r` as f32 (embedding lookup).
+    pub fn row(&self, r: usize, out: &mut [f32]) {
+        let mut off = 0;
+        for p in &self.parts {
+            if r < off + p.rows {
+                flashmoe_kernels::dequant_row(&p.mat(self.cols), r - off, out);
+                return;
+            }
+            off += p.rows;
+        }
+        panic!("row {r} out of range {}", self.rows);
+    }
+}

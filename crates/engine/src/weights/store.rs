@@ -1,0 +1,238 @@
+//! Memory-mapped safetensors folders: a single `*.safetensors` file, several, or shards listed by
+//! `model.safetensors.index.json`. Headers are parsed and validated with the `safetensors` crate;
+//! tensor bytes stay in the mapping and are only touched when a kernel reads them.
+
+use crate::error::{Error, Result};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A byte range of one mapped file. Cheap to clone; keeps the mapping alive.
+#[derive(Clone)]
+pub struct Bytes {
+    map: Arc<Mmap>,
+    start: usize,
+    len: usize,
+}
+
+impl Bytes {
+    pub fn as_slice(&self) -> &[u8] {
+        &self.map[self.start..self.start + self.len]
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bytes({}..{})", self.start, self.start + self.len)
+    }
+}
+
+/// One tensor of a safetensors file.
+#[derive(Clone, Debug)]
+pub struct RawTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Bytes,
+    pub file: PathBuf,
+}
+
+impl RawTensor {
+    pub fn err(&self, msg: impl Into<String>) -> Error {
+        Error::Tensor {
+            name: self.name.clone(),
+            file: self.file.clone(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Converts a (small) float tensor to f32. Used for norms, gates, conv kernels: vectors that are
+    /// tiny next to the matrices, so owning an f32 copy costs nothing and keeps the hot loops simple.
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        let b = self.bytes.as_slice();
+        let n = self.numel();
+        let v: Vec<f32> = match self.dtype {
+            Dtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(self.err(format!(
+                    "unsupported dtype {other:?} (expected F32, BF16 or F16)"
+                )));
+            }
+        };
+        if v.len() != n {
+            return Err(self.err(format!(
+                "holds {} values but its shape {:?} needs {n}",
+                v.len(),
+                self.shape
+            )));
+        }
+        Ok(v)
+    }
+}
+
+/// All tensors of a model folder, by name.
+pub struct TensorStore {
+    pub dir: PathBuf,
+    pub files: Vec<PathBuf>,
+    tensors: HashMap<String, RawTensor>,
+}
+
+impl TensorStore {
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.exists() {
+            return Err(Error::NotFound(dir.to_path_buf()));
+        }
+        let files = Self::list_files(dir)?;
+        let mut tensors = HashMap::new();
+        for path in &files {
+            let file = File::open(path).map_err(|e| Error::io(path, e))?;
+            // SAFETY: the mapping is read-only. Like every mmap-based loader we rely on the file not
+            // being truncated while the model is in use.
+            let map = unsafe { Mmap::map(&file) }
+                .map_err(|e| Error::file(path, format!("cannot map file: {e}")))?;
+            let map = Arc::new(map);
+            let (header_len, meta) = SafeTensors::read_metadata(&map[..]).map_err(|e| {
+                Error::file(
+                    path,
+                    format!("invalid safetensors file: {}", describe(&e, map.len())),
+                )
+            })?;
+            let data_start = 8 + header_len;
+            for (name, info) in meta.tensors() {
+                let (a, b) = info.data_offsets;
+                let t = RawTensor {
+                    name: name.clone(),
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    bytes: Bytes {
+                        map: map.clone(),
+                        start: data_start + a,
+                        len: b - a,
+                    },
+                    file: path.clone(),
+                };
+                if let Some(prev) = tensors.insert(name.clone(), t) {
+                    return Err(Error::file(
+                        path,
+                        format!("tensor `{name}` is also in {}", prev.file.display()),
+                    ));
+                }
+            }
+        }
+        Ok(TensorStore {
+            dir: dir.to_path_buf(),
+            files,
+            tensors,
+        })
+    }
+
+    fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
+        let index = dir.join("model.safetensors.index.json");
+        if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::file(&index, format!("malformed JSON: {e}")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::file(&index, "missing object `weight_map`"))?;
+            let mut names = BTreeSet::new();
+            for (tensor, file) in map {
+                let f = file.as_str().ok_or_else(|| {
+                    Error::file(
+                        &index,
+                        format!("weight_map entry `{tensor}` is not a file name"),
+                    )
+                })?;
+                names.insert(f.to_string());
+            }
+            let files: Vec<PathBuf> = names.into_iter().map(|n| dir.join(n)).collect();
+            for f in &files {
+                if !f.exists() {
+                    return Err(Error::file(
+                        f,
+                        "file not found (listed in model.safetensors.index.json)",
+                    ));
+                }
+            }
+            return Ok(files);
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::file(dir, "no *.safetensors files in this folder"));
+        }
+        Ok(files)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&RawTensor> {
+        self.tensors.get(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Where a tensor would be expected, for "missing tensor" messages.
+    pub fn describe_location(&self) -> String {
+        match self.files.as_slice() {
+            [one] => one.display().to_string(),
+            _ => format!("{} ({} files)", self.dir.display(), self.files.len()),
+        }
+    }
+}
+
+fn describe(e: &safetensors::SafeTensorError, file_len: usize) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooSmall => format!("file too short for a header ({file_len} bytes)"),
+        E::InvalidHeaderLength => {
+            "header length points past the end of the file (truncated?)".into()
+        }
+        E::MetadataIncompleteBuffer => {
+            "tensor data does not match the file size (truncated or padded file)".into()
+        }
+        E::InvalidHeaderDeserialization(j) => format!("corrupt header JSON: {j}"),
+        other => format!("{other}"),
+    }
+}

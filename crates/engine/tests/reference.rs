@@ -1,0 +1,205 @@
+//! The engine against transformers: logits of tiny random Qwen3.5-MoE / Qwen3-Next checkpoints
+//! (made and evaluated by scripts/make_model_fixtures.py with transformers on CPU, f32) must match
+//! in the batched-prefill path, the cached-decode path, and greedy continuations.
+
+use flashmoe::{LogitsFor, Model};
+use serde_json::Value;
+use std::path::PathBuf;
+
+fn models_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models")
+}
+
+struct Reference {
+    prompt: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+    prefill_len: usize,
+    decode_logits: Vec<Vec<f32>>,
+    greedy_prompt: Vec<u32>,
+    greedy_tokens: Vec<u32>,
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn rows(v: &Value) -> Vec<Vec<f32>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect()
+}
+
+fn reference(name: &str) -> Reference {
+    let path = models_dir().join(name).join("reference.json");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    Reference {
+        prompt: ids(&v["prompt_ids"]),
+        logits: rows(&v["logits"]),
+        prefill_len: v["decode"]["prefill_len"].as_u64().unwrap() as usize,
+        decode_logits: rows(&v["decode"]["logits"]),
+        greedy_prompt: ids(&v["greedy"]["prompt_ids"]),
+        greedy_tokens: ids(&v["greedy"]["tokens"]),
+    }
+}
+
+/// max |a − b| / max |b| over all rows.
+fn rel_err(got: &[Vec<f32>], want: &[Vec<f32>]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let mut max_d = 0.0f32;
+    let mut max_v = 0.0f32;
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.len(), w.len());
+        for (a, b) in g.iter().zip(w) {
+            max_d = max_d.max((a - b).abs());
+            max_v = max_v.max(b.abs());
+        }
+    }
+    max_d / max_v
+}
+
+fn split(flat: Vec<f32>, v: usize) -> Vec<Vec<f32>> {
+    flat.chunks(v).map(<[f32]>::to_vec).collect()
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn check_model(name: &str, tol: f32) {
+    let model = Model::load(&models_dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let r = reference(name);
+    let v = model.config.vocab_size;
+
+    // 1. One batched prefill over the whole prompt.
+    let mut st = model.new_state();
+    let prefill = split(
+        model.forward(&r.prompt, &mut st, LogitsFor::All).unwrap(),
+        v,
+    );
+    let e = rel_err(&prefill, &r.logits);
+    eprintln!("{name}: prefill vs transformers: {e:.3e}");
+    assert!(
+        e <= tol,
+        "{name}: prefill logits differ from transformers by {e:.3e} (tolerance {tol:.0e})"
+    );
+
+    // 2. Every token through the decode path, one at a time.
+    let mut st = model.new_state();
+    let mut decode = Vec::new();
+    for &id in &r.prompt {
+        decode.push(model.forward(&[id], &mut st, LogitsFor::Last).unwrap());
+    }
+    let e = rel_err(&decode, &r.logits);
+    eprintln!("{name}: decode vs transformers: {e:.3e}");
+    assert!(
+        e <= tol,
+        "{name}: decode logits differ from transformers by {e:.3e}"
+    );
+    let e = rel_err(&decode, &prefill);
+    eprintln!("{name}: decode vs prefill: {e:.3e}");
+    assert!(
+        e <= 1e-5,
+        "{name}: decode and prefill disagree by {e:.3e} (tolerance 1e-5)"
+    );
+
+    // 3. Partial prefill then cached decode, against transformers' own cached decode.
+    let mut st = model.new_state();
+    let mut mixed = split(
+        model
+            .forward(&r.prompt[..r.prefill_len], &mut st, LogitsFor::All)
+            .unwrap(),
+        v,
+    );
+    for &id in &r.prompt[r.prefill_len..] {
+        mixed.push(model.forward(&[id], &mut st, LogitsFor::Last).unwrap());
+    }
+    let e = rel_err(&mixed, &r.decode_logits);
+    eprintln!("{name}: prefill+decode vs transformers cached decode: {e:.3e}");
+    assert!(e <= tol, "{name}: prefill+decode logits differ by {e:.3e}");
+
+    // 4. Greedy continuation.
+    let mut st = model.new_state();
+    let mut logits = model
+        .forward(&r.greedy_prompt, &mut st, LogitsFor::Last)
+        .unwrap();
+    let mut out = Vec::new();
+    for _ in 0..r.greedy_tokens.len() {
+        let id = argmax(&logits);
+        out.push(id);
+        logits = model.forward(&[id], &mut st, LogitsFor::Last).unwrap();
+    }
+    assert_eq!(
+        out, r.greedy_tokens,
+        "{name}: greedy continuation differs from transformers"
+    );
+}
+
+#[test]
+fn qwen35_moe_hf_nested_sharded_fused_experts() {
+    check_model("qwen35-moe-tiny", 1e-4);
+}
+
+#[test]
+fn qwen35_moe_hf_flat_per_expert() {
+    check_model("qwen35-moe-tiny-flat", 1e-4);
+}
+
+#[test]
+fn qwen3_next_hf_grouped_projections() {
+    check_model("qwen3-next-tiny", 1e-4);
+}
+
+#[test]
+fn qwen35_moe_mlx_affine_4bit() {
+    check_model("qwen35-moe-tiny-mlx4", 1e-3);
+}
+
+#[test]
+fn mlx_checkpoint_is_detected_and_quantized() {
+    let m = Model::load(&models_dir().join("qwen35-moe-tiny-mlx4")).unwrap();
+    assert_eq!(m.weights.format, flashmoe::qwen35::SourceFormat::Mlx);
+    assert!(m.weights.lm_head.is_quantized());
+    assert!(m.weights.layers[0].moe.experts[0].gate.is_quantized());
+    let hf = Model::load(&models_dir().join("qwen35-moe-tiny")).unwrap();
+    assert_eq!(
+        hf.weights.format,
+        flashmoe::qwen35::SourceFormat::HuggingFace
+    );
+    // 4-bit weights with bf16 scales are well under a third of the f32 bytes.
+    assert!(m.weights.expert_bytes() * 3 < hf.weights.expert_bytes());
+}
+
+#[test]
+fn fewer_experts_changes_logits_and_is_reported() {
+    let mut m = Model::load(&models_dir().join("qwen35-moe-tiny")).unwrap();
+    assert!(m.routing_is_exact());
+    let r = reference("qwen35-moe-tiny");
+    m.set_experts_per_token(1).unwrap();
+    assert!(!m.routing_is_exact());
+    let mut st = m.new_state();
+    let got = split(
+        m.forward(&r.prompt, &mut st, LogitsFor::All).unwrap(),
+        m.config.vocab_size,
+    );
+    assert!(rel_err(&got, &r.logits) > 1e-3);
+    assert!(m.set_experts_per_token(0).is_err());
+    assert!(m.set_experts_per_token(m.config.num_experts + 1).is_err());
+}

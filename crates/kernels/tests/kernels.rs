@@ -1,0 +1,425 @@
+//! Kernel results against a naive f64 reference that decodes the raw bytes
+//! independently of the library code.
+
+use flashmoe_kernels::cpu_features::SimdLevel;
+use flashmoe_kernels::{
+    FloatType, KernelError, MatRef, dequant_row_at, matmul, matmul_at, matvec, matvec_at,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn levels() -> Vec<SimdLevel> {
+    SimdLevel::ALL
+        .into_iter()
+        .filter(|l| l.is_supported())
+        .collect()
+}
+
+fn encode(dtype: FloatType, vals: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &v in vals {
+        match dtype {
+            FloatType::F32 => out.extend_from_slice(&v.to_le_bytes()),
+            FloatType::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+            FloatType::BF16 => out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+        }
+    }
+    out
+}
+
+fn decode(dtype: FloatType, bytes: &[u8], i: usize) -> f64 {
+    match dtype {
+        FloatType::F32 => f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()) as f64,
+        FloatType::F16 => {
+            half::f16::from_le_bytes(bytes[2 * i..2 * i + 2].try_into().unwrap()).to_f64()
+        }
+        FloatType::BF16 => {
+            half::bf16::from_le_bytes(bytes[2 * i..2 * i + 2].try_into().unwrap()).to_f64()
+        }
+    }
+}
+
+/// Copies `bytes` to an allocation at an odd offset so the slice is not
+/// 4-byte aligned. The Vec is returned to keep the storage alive.
+fn misalign(bytes: &[u8], offset: usize) -> (Vec<u8>, usize) {
+    let mut v = vec![0u8; bytes.len() + 8];
+    let base = v.as_ptr() as usize;
+    let start = (8 - base % 8) % 8 + offset;
+    v[start..start + bytes.len()].copy_from_slice(bytes);
+    (v, start)
+}
+
+/// Owned test matrix plus its naive f64 dequantization.
+struct TestMat {
+    bufs: Vec<(Vec<u8>, usize, usize)>,
+    kind: Kind,
+    rows: usize,
+    cols: usize,
+    dense: Vec<f64>,
+}
+
+enum Kind {
+    Float(FloatType),
+    Affine(u32, usize, FloatType),
+}
+
+impl TestMat {
+    fn float(rng: &mut StdRng, dtype: FloatType, rows: usize, cols: usize, off: usize) -> Self {
+        let vals: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let bytes = encode(dtype, &vals);
+        let dense = (0..rows * cols).map(|i| decode(dtype, &bytes, i)).collect();
+        let (v, s) = misalign(&bytes, off);
+        TestMat {
+            bufs: vec![(v, s, bytes.len())],
+            kind: Kind::Float(dtype),
+            rows,
+            cols,
+            dense,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn affine(
+        rng: &mut StdRng,
+        bits: u32,
+        gs: usize,
+        sbt: FloatType,
+        rows: usize,
+        cols: usize,
+        off: usize,
+    ) -> Self {
+        let per_word = 32 / bits as usize;
+        let nwords = rows * cols / per_word;
+        let words: Vec<u32> = (0..nwords).map(|_| rng.random()).collect();
+        let wbytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let ng = rows * cols / gs;
+        let scales: Vec<f32> = (0..ng).map(|_| rng.random_range(0.001..0.1)).collect();
+        // MLX stores bias ≈ -scale·2^(bits-1) (the group minimum), so the
+        // Σq·x and Σx terms partly cancel; mimic that to stress precision.
+        let biases: Vec<f32> = scales
+            .iter()
+            .map(|s| -s * (1u32 << (bits - 1)) as f32 + rng.random_range(-0.01..0.01))
+            .collect();
+        let sb = encode(sbt, &scales);
+        let bb = encode(sbt, &biases);
+        let mask = (1u64 << bits) - 1;
+        let dense = (0..rows * cols)
+            .map(|i| {
+                let (r, c) = (i / cols, i % cols);
+                let word = words[(r * cols + c) / per_word] as u64;
+                let q = (word >> (bits as usize * (c % per_word))) & mask;
+                let g = r * (cols / gs) + c / gs;
+                q as f64 * decode(sbt, &sb, g) + decode(sbt, &bb, g)
+            })
+            .collect();
+        let bufs = [wbytes, sb, bb]
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let (v, s) = misalign(&b, (off + i) % 4);
+                (v, s, b.len())
+            })
+            .collect();
+        TestMat {
+            bufs,
+            kind: Kind::Affine(bits, gs, sbt),
+            rows,
+            cols,
+            dense,
+        }
+    }
+
+    fn buf(&self, i: usize) -> &[u8] {
+        let (v, s, l) = &self.bufs[i];
+        &v[*s..s + l]
+    }
+
+    fn mat(&self) -> MatRef<'_> {
+        match self.kind {
+            Kind::Float(dt) => MatRef::float(dt, self.buf(0), self.rows, self.cols).unwrap(),
+            Kind::Affine(bits, gs, sbt) => MatRef::affine(
+                bits,
+                gs,
+                self.buf(0),
+                self.buf(1),
+                self.buf(2),
+                sbt,
+                self.rows,
+                self.cols,
+            )
+            .unwrap(),
+        }
+    }
+
+    /// Checks y (len rows) against W·x with the tolerance 1e-5·Σ|W||x|.
+    fn check(&self, x: &[f32], y: &[f32], what: &str) {
+        assert_eq!(y.len(), self.rows);
+        for (r, (row, &yr)) in self.dense.chunks_exact(self.cols).zip(y).enumerate() {
+            let exact: f64 = row.iter().zip(x).map(|(w, &x)| w * x as f64).sum();
+            let mag: f64 = row.iter().zip(x).map(|(w, &x)| (w * x as f64).abs()).sum();
+            let err = (yr as f64 - exact).abs();
+            assert!(
+                err <= 1e-5 * mag + 1e-30,
+                "{what}: row {r}: got {yr} want {exact} (err {err:e}, bound {:e})",
+                1e-5 * mag
+            );
+        }
+    }
+}
+
+fn rand_x(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+}
+
+/// matvec, matmul (several n) and dequant_row on every SIMD level.
+fn exercise(tm: &TestMat, rng: &mut StdRng, label: &str) {
+    let m = tm.mat();
+    let x = rand_x(rng, tm.cols);
+    for level in levels() {
+        let what = format!("{label} {level:?}");
+        let mut y = vec![f32::NAN; tm.rows];
+        matvec_at(level, &m, &x, &mut y);
+        tm.check(&x, &y, &format!("{what} matvec"));
+
+        for n in [2usize, 3, 5] {
+            let xs = rand_x(rng, n * tm.cols);
+            let mut ys = vec![f32::NAN; n * tm.rows];
+            matmul_at(level, &m, &xs, n, &mut ys);
+            for t in 0..n {
+                tm.check(
+                    &xs[t * tm.cols..(t + 1) * tm.cols],
+                    &ys[t * tm.rows..(t + 1) * tm.rows],
+                    &format!("{what} matmul n={n} t={t}"),
+                );
+            }
+        }
+
+        let mut out = vec![f32::NAN; tm.cols];
+        for r in [0, tm.rows / 2, tm.rows - 1] {
+            dequant_row_at(level, &m, r, &mut out);
+            for (c, &o) in out.iter().enumerate() {
+                let want = tm.dense[r * tm.cols + c];
+                assert!(
+                    (o as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "{what} dequant_row r={r} c={c}: {o} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+const SB_TYPES: [FloatType; 3] = [FloatType::BF16, FloatType::F16, FloatType::F32];
+
+#[test]
+fn affine_all_bits_groups_dtypes() {
+    let mut rng = StdRng::seed_from_u64(1);
+    for bits in [2u32, 4, 8] {
+        for gs in [32usize, 64, 128] {
+            for (i, sbt) in SB_TYPES.into_iter().enumerate() {
+                for (rows, cols) in [(1, gs), (7, 3 * gs), (5, 512), (3, 1024)] {
+                    let tm = TestMat::affine(&mut rng, bits, gs, sbt, rows, cols, i + 1);
+                    exercise(
+                        &tm,
+                        &mut rng,
+                        &format!("affine b{bits} gs{gs} {sbt:?} {rows}x{cols}"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn affine_odd_shapes_and_group_sizes() {
+    let mut rng = StdRng::seed_from_u64(2);
+    // (bits, gs, cols): cols=96 with gs=32; group sizes whose word count per
+    // group is not a multiple of 8 (mixed-group SIMD chunks, 4-word tails)
+    // or not a multiple of 4 (scalar fallback inside the SIMD level).
+    let cases = [
+        (4, 32, 96),
+        (2, 32, 96),
+        (8, 32, 96),
+        (4, 32, 32),
+        (4, 96, 288),
+        (2, 64, 192),
+        (8, 16, 48),
+        (4, 8, 24),
+        (4, 16, 80),
+        (2, 16, 48),
+        (8, 4, 12),
+        (8, 128, 128),
+        (4, 64, 64),
+    ];
+    for (bits, gs, cols) in cases {
+        for rows in [1usize, 7, 13] {
+            let tm = TestMat::affine(&mut rng, bits, gs, FloatType::BF16, rows, cols, rows % 4);
+            exercise(
+                &tm,
+                &mut rng,
+                &format!("affine b{bits} gs{gs} {rows}x{cols}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn affine_large_threaded() {
+    let mut rng = StdRng::seed_from_u64(3);
+    // rows*cols above the parallel threshold so the rayon path runs.
+    for bits in [2u32, 4, 8] {
+        let tm = TestMat::affine(&mut rng, bits, 64, FloatType::BF16, 301, 2048, 3);
+        exercise(&tm, &mut rng, &format!("affine large b{bits}"));
+    }
+}
+
+#[test]
+fn float_all_dtypes() {
+    let mut rng = StdRng::seed_from_u64(4);
+    for dt in SB_TYPES {
+        for (rows, cols) in [
+            (1, 1),
+            (1, 64),
+            (7, 37),
+            (64, 64),
+            (3, 96),
+            (9, 4096),
+            (300, 1000),
+        ] {
+            for off in [0usize, 1, 3] {
+                let tm = TestMat::float(&mut rng, dt, rows, cols, off);
+                exercise(&tm, &mut rng, &format!("float {dt:?} {rows}x{cols}+{off}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_matches_repeated_matvec() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let mats = [
+        TestMat::affine(&mut rng, 4, 64, FloatType::BF16, 45, 512, 1),
+        TestMat::affine(&mut rng, 2, 64, FloatType::BF16, 130, 2048, 2),
+        TestMat::float(&mut rng, FloatType::BF16, 33, 256, 1),
+    ];
+    for tm in &mats {
+        let m = tm.mat();
+        let n = 7;
+        let xs = rand_x(&mut rng, n * tm.cols);
+        let mut ys = vec![0.0; n * tm.rows];
+        matmul(&m, &xs, n, &mut ys);
+        for t in 0..n {
+            let mut y = vec![0.0; tm.rows];
+            matvec(&m, &xs[t * tm.cols..(t + 1) * tm.cols], &mut y);
+            for r in 0..tm.rows {
+                let (a, b) = (ys[t * tm.rows + r], y[r]);
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "t={t} r={r}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn rows_slice_and_bytes() {
+    let mut rng = StdRng::seed_from_u64(6);
+    let tms = [
+        TestMat::affine(&mut rng, 4, 32, FloatType::BF16, 10, 96, 1),
+        TestMat::affine(&mut rng, 8, 64, FloatType::F32, 10, 128, 2),
+        TestMat::float(&mut rng, FloatType::F16, 10, 40, 3),
+    ];
+    for tm in &tms {
+        let m = tm.mat();
+        let x = rand_x(&mut rng, tm.cols);
+        let mut full = vec![0.0; tm.rows];
+        matvec(&m, &x, &mut full);
+        let sub = m.rows_slice(3, 4);
+        assert_eq!((sub.rows, sub.cols), (4, tm.cols));
+        assert_eq!(sub.bytes() * 10, m.bytes() * 4);
+        let mut part = vec![0.0; 4];
+        matvec(&sub, &x, &mut part);
+        assert_eq!(part, full[3..7]);
+        assert_eq!(m.rows_slice(10, 0).rows, 0);
+    }
+    let tm = &tms[0];
+    // 10 rows × 96 cols at 4 bits = 480 B; 10×3 scales and biases of 2 B.
+    assert_eq!(tm.mat().bytes(), 480 + 60 + 60);
+}
+
+#[test]
+#[should_panic]
+fn rows_slice_out_of_range_panics() {
+    let data = vec![0u8; 4 * 4 * 4];
+    let m = MatRef::float(FloatType::F32, &data, 4, 4).unwrap();
+    let _ = m.rows_slice(2, 3);
+}
+
+#[test]
+fn zero_sized() {
+    let m = MatRef::float(FloatType::F32, &[], 3, 0).unwrap();
+    let mut y = vec![1.0; 3];
+    matvec(&m, &[], &mut y);
+    assert_eq!(y, [0.0; 3]);
+    let m = MatRef::float(FloatType::F32, &[], 0, 5).unwrap();
+    matvec(&m, &[0.0; 5], &mut []);
+    matmul(&m, &[0.0; 10], 2, &mut []);
+}
+
+#[test]
+fn construction_errors() {
+    let w = vec![0u8; 4 * 64 / 8 * 2];
+    let sb = vec![0u8; 2 * 2];
+    let ok = MatRef::affine(4, 64, &w, &sb, &sb, FloatType::BF16, 2, 64);
+    assert!(ok.is_ok());
+    let bad = |r: Result<MatRef, KernelError>| {
+        let e = r.unwrap_err();
+        assert!(!e.to_string().is_empty());
+    };
+    bad(MatRef::affine(3, 64, &w, &sb, &sb, FloatType::BF16, 2, 64));
+    bad(MatRef::affine(4, 0, &w, &sb, &sb, FloatType::BF16, 2, 64));
+    bad(MatRef::affine(4, 12, &w, &sb, &sb, FloatType::BF16, 2, 60));
+    bad(MatRef::affine(4, 32, &w, &sb, &sb, FloatType::BF16, 2, 48));
+    bad(MatRef::affine(
+        4,
+        64,
+        &w[1..],
+        &sb,
+        &sb,
+        FloatType::BF16,
+        2,
+        64,
+    ));
+    bad(MatRef::affine(
+        4,
+        64,
+        &w,
+        &sb[1..],
+        &sb,
+        FloatType::BF16,
+        2,
+        64,
+    ));
+    bad(MatRef::affine(
+        4,
+        64,
+        &w,
+        &sb,
+        &sb[..2],
+        FloatType::BF16,
+        2,
+        64,
+    ));
+    bad(MatRef::affine(4, 64, &w, &sb, &sb, FloatType::F32, 2, 64));
+    bad(MatRef::float(FloatType::BF16, &w, 3, 3));
+    bad(MatRef::float(FloatType::F32, &w, usize::MAX, 2));
+    assert!(MatRef::float(FloatType::F16, &w, 4, 8).is_ok());
+}
+
+#[test]
+fn simd_level_reported() {
+    let name = flashmoe_kernels::simd_level();
+    assert!(SimdLevel::ALL.iter().any(|l| l.name() == name), "{name}");
+}
