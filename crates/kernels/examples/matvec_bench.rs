@@ -2,7 +2,7 @@
 //!
 //! Run: `cargo run --release -p flashmoe-kernels --example matvec_bench`
 //! Optional args: `--quick` (fewer repetitions), `--gib N` (size of the
-//! bandwidth buffers, default 1).
+//! bandwidth buffers, default 1), `--only BITS ROWS` (one affine shape).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -221,6 +221,15 @@ fn main() {
         .map(|s| s.parse().expect("--gib N"))
         .unwrap_or(1.0);
     let min_time = Duration::from_millis(if quick { 300 } else { 1500 });
+    // `--only BITS ROWS`: a single affine configuration, for A/B experiments.
+    let only_affine: Option<(u32, usize)> = args.iter().position(|a| a == "--only").map(|i| {
+        let p = |j: usize| {
+            args.get(i + j)
+                .and_then(|s| s.parse().ok())
+                .expect("--only BITS ROWS")
+        };
+        (p(1) as u32, p(2))
+    });
     let ws = working_set();
 
     println!(
@@ -274,6 +283,9 @@ fn main() {
     let mut seed = 1;
     for bits in [4u32, 2, 8] {
         for (rows, cols) in shapes {
+            if only_affine.is_some_and(|(b, r)| (b, r) != (bits, rows)) {
+                continue;
+            }
             let c = Copies::new(Kind::Affine(bits), rows, cols, seed, ws);
             seed += 1000;
             let x = &x_max[..cols];
@@ -281,6 +293,9 @@ fn main() {
             let v = time_calls(&c, min_time, |m| matvec(m, x, &mut y));
             report(&c, v, "");
         }
+    }
+    if only_affine.is_some() {
+        return;
     }
     for dt in [FloatType::BF16, FloatType::F32] {
         let c = Copies::new(Kind::Float(dt), 1024, 4096, seed, ws);

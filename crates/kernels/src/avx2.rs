@@ -9,6 +9,15 @@ use std::arch::x86_64::*;
 use crate::FloatType;
 use crate::elem::Elem;
 
+/// Bytes ahead of the current position to prefetch weights (see avx512.rs).
+const PREFETCH_DIST: usize = 1024;
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn prefetch(p: *const u8) {
+    _mm_prefetch::<_MM_HINT_T0>(p.cast())
+}
+
 /// Loads 8 elements of type `E` starting at `p` and widens them to f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -203,6 +212,7 @@ pub(crate) unsafe fn affine_matvec<E: Elem, const B: u32>(
                 for g in 0..ng {
                     let mut acc = _mm256_setzero_ps();
                     for c in g * cpg..(g + 1) * cpg {
+                        prefetch(wr.wrapping_add(c * 32 + PREFETCH_DIST));
                         acc =
                             _mm256_add_ps(acc, chunk_dot::<B>(wr.add(c * 32), xq.add(c * 8 * epw)));
                     }
@@ -212,6 +222,7 @@ pub(crate) unsafe fn affine_matvec<E: Elem, const B: u32>(
                 // Each 4-word half of a chunk lies within one group, but the
                 // two halves may belong to different groups.
                 for c in 0..nchunks {
+                    prefetch(wr.wrapping_add(c * 32 + PREFETCH_DIST));
                     let acc = chunk_dot::<B>(wr.add(c * 32), xq.add(c * 8 * epw));
                     // wpg == 4 is the common case (2-bit, group 64);
                     // avoid two divisions per chunk for it.

@@ -14,6 +14,19 @@ use crate::elem::Elem;
 /// use the AVX2 kernel.
 pub(crate) const MAX_GROUPS: usize = 1024;
 
+/// How far ahead of the current chunk to prefetch weights, in bytes. Rows
+/// of one block are contiguous, so this runs ahead into the next row too.
+pub(crate) const PREFETCH_DIST: usize = 1024;
+
+/// Software prefetch into L1; never faults, so the address may lie past the
+/// end of the weights. The hardware streamer alone leaves a measurable gap on
+/// the DRAM-bound shapes (about 10 → 14 GB/s at 4 bits on a 2-core VM).
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub(crate) fn prefetch(p: *const u8) {
+    _mm_prefetch::<_MM_HINT_T0>(p.cast())
+}
+
 /// Whether this kernel handles the layout: a vector of 16 words must map to
 /// one group per 4-word quarter in a pattern the scale expansion supports.
 pub(crate) fn supports(bits: u32, group_size: usize, cols: usize) -> bool {
@@ -156,6 +169,7 @@ pub(crate) unsafe fn affine_matvec<E: Elem, const B: u32>(
                 for g in 0..ng {
                     let mut acc = _mm512_setzero_ps();
                     for c in g * cpg..(g + 1) * cpg {
+                        prefetch(wr.wrapping_add(c * 64 + PREFETCH_DIST));
                         let d = chunk_dot::<B, true>(wr.add(c * 64), xq.add(c * 16 * epw), 16);
                         acc = _mm512_add_ps(acc, d);
                     }
@@ -163,6 +177,7 @@ pub(crate) unsafe fn affine_matvec<E: Elem, const B: u32>(
                 }
             } else {
                 for c in 0..nchunks {
+                    prefetch(wr.wrapping_add(c * 64 + PREFETCH_DIST));
                     let d = chunk_dot::<B, true>(wr.add(c * 64), xq.add(c * 16 * epw), 16);
                     racc = _mm512_fmadd_ps(d, chunk_scales(sb, c * groups_per_chunk, idx), racc);
                 }
@@ -299,6 +314,10 @@ pub(crate) unsafe fn float_matvec<E: Elem>(data: &[u8], cols: usize, x: &[f32], 
             let mut a = [_mm512_setzero_ps(); 4];
             let mut c = 0;
             while c + 64 <= cols {
+                let pb = p.wrapping_add(c * E::SIZE + PREFETCH_DIST);
+                for line in 0..E::SIZE {
+                    prefetch(pb.wrapping_add(line * 64));
+                }
                 for (i, ai) in a.iter_mut().enumerate() {
                     let o = c + 16 * i;
                     let wv = load16::<E>(p.add(o * E::SIZE));
