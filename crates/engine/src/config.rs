@@ -341,7 +341,7 @@ impl ModelConfig {
                 return bad(name, "must be at least 1".into());
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(
                 "num_attention_heads",
                 format!(
@@ -350,7 +350,10 @@ impl ModelConfig {
                 ),
             );
         }
-        if self.linear_value_heads % self.linear_key_heads != 0 {
+        if !self
+            .linear_value_heads
+            .is_multiple_of(self.linear_key_heads)
+        {
             return bad(
                 "linear_num_value_heads",
                 format!(
@@ -369,7 +372,7 @@ impl ModelConfig {
             );
         }
         let rot = self.head_dim as f64 * self.partial_rotary_factor;
-        if rot.fract() != 0.0 || (rot as usize) % 2 != 0 || rot as usize > self.head_dim {
+        if rot.fract() != 0.0 || !(rot as usize).is_multiple_of(2) || rot as usize > self.head_dim {
             return bad(
                 "partial_rotary_factor",
                 format!("head_dim × factor = {rot} must be an even integer ≤ head_dim"),

@@ -225,7 +225,7 @@ impl Loader<'_> {
             }
             let (wc, sc) = (*w.shape.last().unwrap(), *s.shape.last().unwrap());
             // bits = 32·packed_cols / cols and group = cols / scale_cols, from the shapes alone.
-            if sc == 0 || cols % sc != 0 || (wc * 32) % cols != 0 {
+            if sc == 0 || !cols.is_multiple_of(sc) || !(wc * 32).is_multiple_of(cols) {
                 return Err(w.err(format!(
                     "cannot infer quantization: {cols} input columns, {wc} packed words, {sc} groups per row"
                 )));
