@@ -370,3 +370,56 @@ fn error_prompt_longer_than_context() {
     ]);
     assert!(e.contains("exceed the context length of 4 tokens"), "{e}");
 }
+
+#[test]
+fn tokenize_chat_matches_transformers_apply_chat_template() {
+    // Renderings and ids produced by transformers' apply_chat_template on the fixture tokenizer
+    // (the real Qwen3 template), see scripts/make_model_fixtures.py.
+    let dir = models_dir().join("qwen35-moe-tiny");
+    let check: Value = serde_json::from_str(
+        &std::fs::read_to_string(models_dir().join("tokenizer_check.json")).unwrap(),
+    )
+    .unwrap();
+    for case in check["chat"].as_array().unwrap() {
+        let mut req = serde_json::json!({"messages": case["args"]["conversation"]});
+        if let Some(t) = case["args"].get("tools") {
+            req["tools"] = t.clone();
+        }
+        if let Some(t) = case["args"].get("enable_thinking") {
+            req["enable_thinking"] = t.clone();
+        }
+        for json in [false, true] {
+            let mut args = vec!["tokenize", "--model", s(&dir), "--chat"];
+            if json {
+                args.push("--json");
+            }
+            let mut child = Command::new(env!("CARGO_BIN_EXE_flashmoe"))
+                .args(&args)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(req.to_string().as_bytes())
+                .unwrap();
+            let o = child.wait_with_output().unwrap();
+            assert!(o.status.success(), "{}: {}", case["name"], stderr(&o));
+            if json {
+                let ids: Value = serde_json::from_slice(&o.stdout).unwrap();
+                assert_eq!(ids, case["ids"], "{}", case["name"]);
+            } else {
+                assert_eq!(
+                    String::from_utf8(o.stdout).unwrap(),
+                    case["rendered"].as_str().unwrap(),
+                    "{}",
+                    case["name"]
+                );
+            }
+        }
+    }
+}
