@@ -4,8 +4,10 @@
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use flashmoe::generate::{Engine, GenerateOptions, StopReason, peak_rss_bytes};
+use flashmoe::packed::convert::{ConvertOptions, ConvertProgress, Target};
 use flashmoe::{LogitsFor, Model};
 use flashmoe_text::{ChatTemplate, SamplingParams, TextTokenizer};
+use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value as Json, json};
 use std::io::{BufWriter, Read, Write};
 use std::path::PathBuf;
@@ -32,6 +34,10 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Describe a model folder: architecture, layers, weight formats and sizes.
     Info(InfoArgs),
+    /// Convert an HF / MLX / packed checkpoint into a packed model directory (experts one blob each).
+    Convert(ConvertArgs),
+    /// Check a packed model's sizes and checksums; names the first bad tensor or expert.
+    Verify(VerifyArgs),
     /// List compute devices (CPU SIMD level, CUDA GPUs when built with the `cuda` feature).
     Devices,
 }
@@ -123,6 +129,31 @@ struct TokenizeArgs {
 }
 
 #[derive(Args)]
+struct ConvertArgs {
+    /// Source model folder (HF safetensors, MLX, or packed).
+    src: PathBuf,
+    /// Destination folder (written as DST.partial, renamed when complete).
+    dst: PathBuf,
+    /// Routed experts: 2, 4, 8, bf16, f16, f32 or keep. Default: keep quantized experts, quantize float ones to 4 bits.
+    #[arg(long)]
+    expert_bits: Option<Target>,
+    /// Everything else: 4, 8, bf16, f16, f32 or keep. Default: keep quantized tensors, quantize float ones to 8 bits.
+    #[arg(long)]
+    bits: Option<Target>,
+    /// Group size of newly quantized matrices.
+    #[arg(long, default_value_t = 64)]
+    group_size: usize,
+    /// Replace DST if it exists.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    dir: PathBuf,
+}
+
+#[derive(Args)]
 struct InfoArgs {
     #[arg(long)]
     model: PathBuf,
@@ -135,6 +166,8 @@ fn main() -> ExitCode {
         Command::Logits(a) => logits(a),
         Command::Tokenize(a) => tokenize(a),
         Command::Info(a) => info(a),
+        Command::Convert(a) => convert(a),
+        Command::Verify(a) => verify(a),
         Command::Devices => devices(),
     };
     match result {
@@ -333,6 +366,83 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
             ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
         );
     }
+    Ok(())
+}
+
+struct Bar(ProgressBar);
+
+impl ConvertProgress for Bar {
+    fn start(&self, bytes: u64) {
+        self.0.set_length(bytes);
+    }
+    fn advance(&self, bytes: u64) -> bool {
+        self.0.inc(bytes);
+        true
+    }
+    fn message(&self, msg: &str) {
+        self.0.set_message(msg.to_string());
+    }
+}
+
+fn convert(a: ConvertArgs) -> Result<()> {
+    let mut opts = ConvertOptions {
+        group_size: a.group_size,
+        force: a.force,
+        ..ConvertOptions::default()
+    };
+    if let Some(t) = a.expert_bits {
+        opts.expert = t;
+    }
+    if let Some(t) = a.bits {
+        if t == Target::Affine(2) {
+            bail!(
+                "--bits 2 is not offered for non-expert weights (attention, embeddings, routers): use 4 or 8"
+            );
+        }
+        opts.other = t;
+    }
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
+            .expect("valid template"),
+    );
+    let bar = Bar(bar);
+    let t0 = std::time::Instant::now();
+    let rep = flashmoe::packed::convert::convert(&a.src, &a.dst, &opts, &bar)?;
+    bar.0.finish_and_clear();
+    if !rep.rmse.is_empty() {
+        eprintln!(
+            "requantization error (RMSE against the source values, and the source RMS for scale):"
+        );
+        eprintln!(
+            "{:>6}  {:<28} {:>12} {:>12}  {:>10} {:>10}",
+            "layer", "projection", "from", "to", "rmse", "rms"
+        );
+        for r in &rep.rmse {
+            let layer = r.layer.map_or("-".to_string(), |l| l.to_string());
+            eprintln!(
+                "{layer:>6}  {:<28} {:>12} {:>12}  {:>10.3e} {:>10.3e}",
+                r.projection, r.from, r.to, r.rmse, r.rms
+            );
+        }
+    }
+    eprintln!(
+        "wrote {}: non-expert {} + experts {} in {:.1} s",
+        rep.dst.display(),
+        fmt_bytes(rep.non_expert_bytes),
+        fmt_bytes(rep.expert_bytes),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn verify(a: VerifyArgs) -> Result<()> {
+    let rep = flashmoe::packed::verify::verify(&a.dir)?;
+    println!(
+        "ok: {} tensors, {} experts, {} checked",
+        rep.tensors,
+        rep.experts,
+        fmt_bytes(rep.bytes)
+    );
     Ok(())
 }
 

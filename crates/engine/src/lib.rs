@@ -9,6 +9,7 @@ pub mod config;
 pub mod cuda;
 pub mod error;
 pub mod generate;
+pub mod packed;
 pub mod qwen35;
 pub mod weights;
 

@@ -13,6 +13,8 @@ use crate::weights::{Linear, RawTensor, TensorStore};
 pub enum SourceFormat {
     HuggingFace,
     Mlx,
+    /// Our packed format (`flashmoe convert`): norms are stored as effective multipliers.
+    Packed,
 }
 
 pub struct AttentionWeights {
@@ -35,6 +37,7 @@ pub struct DeltaNetWeights {
     /// Depthwise kernel, [conv_dim, Kc] flat; tap Kc-1 multiplies the current token.
     pub conv: Vec<f32>,
     pub dt_bias: Vec<f32>,
+    pub a_log: Vec<f32>,
     /// −exp(A_log), precomputed in f32 as HF does.
     pub neg_a: Vec<f32>,
     /// Gated-norm weight (plain, never zero-centred).
@@ -109,7 +112,9 @@ impl ModelWeights {
             || store
                 .names()
                 .any(|n| n.contains(".switch_mlp.") || n.ends_with(".scales"));
-        let format = if mlx {
+        let format = if store.is_packed() {
+            SourceFormat::Packed
+        } else if mlx {
             SourceFormat::Mlx
         } else {
             SourceFormat::HuggingFace
@@ -193,10 +198,10 @@ impl Loader<'_> {
     /// `.scales`/`.biases` when quantized). Leading dims (experts) are folded into rows.
     fn linear(&self, base: &str, shape: &[usize]) -> Result<Linear> {
         let wname = format!("{base}.weight");
-        let name = if self.store.contains(&wname) {
-            wname
-        } else {
+        let name = if !self.store.contains(&wname) && self.store.contains(base) {
             base.to_string()
+        } else {
+            wname
         };
         self.linear_named(&name, base, shape)
     }
@@ -377,6 +382,7 @@ impl Loader<'_> {
             conv,
             dt_bias: self.vector(&format!("{a}dt_bias"), hv)?,
             neg_a: a_log.iter().map(|x| -x.exp()).collect(),
+            a_log,
             norm: self.norm(&format!("{a}norm"), dv, false)?,
         })
     }

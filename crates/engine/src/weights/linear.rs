@@ -263,6 +263,11 @@ impl Linear {
         }
     }
 
+    /// The stored row ranges this matrix is made of, in output-row order (for conversion).
+    pub fn mats(&self) -> Vec<MatRef<'_>> {
+        self.parts.iter().map(|p| p.mat(self.cols)).collect()
+    }
+
     /// Convenience: allocates the output.
     pub fn apply(&self, x: &[f32], n: usize) -> Vec<f32> {
         let mut y = vec![0.0; n * self.rows];

@@ -19,6 +19,10 @@ pub struct Bytes {
 }
 
 impl Bytes {
+    pub(crate) fn new(map: Arc<Mmap>, start: usize, len: usize) -> Self {
+        assert!(start + len <= map.len());
+        Bytes { map, start, len }
+    }
     pub fn as_slice(&self) -> &[u8] {
         &self.map[self.start..self.start + self.len]
     }
@@ -99,12 +103,16 @@ pub struct TensorStore {
     pub dir: PathBuf,
     pub files: Vec<PathBuf>,
     tensors: HashMap<String, RawTensor>,
+    packed: bool,
 }
 
 impl TensorStore {
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.exists() {
             return Err(Error::NotFound(dir.to_path_buf()));
+        }
+        if dir.join(crate::packed::MANIFEST).exists() {
+            return crate::packed::open_store(dir);
         }
         let files = Self::list_files(dir)?;
         let mut tensors = HashMap::new();
@@ -147,7 +155,23 @@ impl TensorStore {
             dir: dir.to_path_buf(),
             files,
             tensors,
+            packed: false,
         })
+    }
+
+    /// A store over tensors located by a packed-model manifest.
+    pub(crate) fn from_parts(dir: &Path, files: Vec<PathBuf>, tensors: Vec<RawTensor>) -> Self {
+        TensorStore {
+            dir: dir.to_path_buf(),
+            files,
+            tensors: tensors.into_iter().map(|t| (t.name.clone(), t)).collect(),
+            packed: true,
+        }
+    }
+
+    /// True for a flashmoe packed model (norm weights already effective, canonical names).
+    pub fn is_packed(&self) -> bool {
+        self.packed
     }
 
     fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {

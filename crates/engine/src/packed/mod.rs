@@ -1,0 +1,229 @@
+//! The flashmoe packed model format, written by `flashmoe convert` and checked by `verify`:
+//!
+//! ```text
+//! DIR/manifest.json          format, version, the model config, a table of every tensor
+//! DIR/config.json            the model config (so every tool can read it as usual)
+//! DIR/weights.bin            all non-expert tensors, each 4 KiB-aligned, memory-mappable
+//! DIR/experts/layer_NNN.bin  that layer's routed experts; expert e is one contiguous blob at
+//!                            e·stride (stride a multiple of 4 KiB), holding gate, up and down
+//!                            (each weight, scales, biases), so fetching one expert is one read
+//! DIR/tokenizer.json …       tokenizer and chat-template files copied from the source
+//! ```
+//!
+//! Names inside are canonical (`model.layers.{i}.…`, Qwen3.5 projection layout, per-expert
+//! `mlp.experts.{e}.…`), norms are stored as effective multipliers, and quantized matrices use the
+//! MLX affine layout, so the same loader and kernels serve HF, MLX and packed models.
+
+pub mod convert;
+pub mod quant;
+pub mod verify;
+
+use crate::error::{Error, Result};
+use crate::weights::TensorStore;
+use crate::weights::store::{Bytes, RawTensor};
+use memmap2::Mmap;
+use safetensors::Dtype;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
+
+pub const MANIFEST: &str = "manifest.json";
+pub const FORMAT_NAME: &str = "flashmoe-packed";
+pub const FORMAT_VERSION: u32 = 1;
+/// Alignment of tensors in weights.bin and of expert blobs: the page size and the O_DIRECT unit.
+pub const ALIGN: usize = 4096;
+pub const WEIGHTS_FILE: &str = "weights.bin";
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QuantInfo {
+    pub bits: u32,
+    pub group_size: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    /// Byte offset in weights.bin (for experts: within the expert blob).
+    pub offset: u64,
+    pub nbytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quant: Option<QuantInfo>,
+    /// xxh3-64 of the bytes, hex (non-expert tensors; experts are checked per blob).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xxh3: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExpertFile {
+    pub layer: usize,
+    pub file: String,
+    pub num_experts: usize,
+    /// Bytes from one expert's blob to the next (4 KiB multiple).
+    pub stride: u64,
+    /// Bytes of one blob that hold data (the rest of the stride is zero padding).
+    pub blob_bytes: u64,
+    /// Tensors inside one blob, with names relative to `mlp.experts.{e}.` (e.g. `gate_proj.weight`).
+    pub components: Vec<TensorEntry>,
+    /// xxh3-64 of each expert's whole stride, hex.
+    pub xxh3: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub config: serde_json::Value,
+    pub source: String,
+    pub created_by: String,
+    pub weights_file: String,
+    pub tensors: Vec<TensorEntry>,
+    pub experts: Vec<ExpertFile>,
+    pub copied_files: Vec<String>,
+}
+
+impl Manifest {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let m: Manifest = serde_json::from_str(&text)
+            .map_err(|e| Error::file(&path, format!("malformed manifest: {e}")))?;
+        if m.format != FORMAT_NAME {
+            return Err(Error::file(
+                &path,
+                format!("not a flashmoe packed model (format `{}`)", m.format),
+            ));
+        }
+        if m.version != FORMAT_VERSION {
+            return Err(Error::file(
+                &path,
+                format!(
+                    "packed format version {} is not supported (this build reads version {FORMAT_VERSION})",
+                    m.version
+                ),
+            ));
+        }
+        Ok(m)
+    }
+}
+
+pub fn parse_dtype(s: &str) -> Option<Dtype> {
+    Some(match s {
+        "F32" => Dtype::F32,
+        "BF16" => Dtype::BF16,
+        "F16" => Dtype::F16,
+        "U32" => Dtype::U32,
+        _ => return None,
+    })
+}
+
+fn map_file(path: &Path) -> Result<Arc<Mmap>> {
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: read-only mapping of a file we do not modify while mapped.
+    let m =
+        unsafe { Mmap::map(&f) }.map_err(|e| Error::file(path, format!("cannot map file: {e}")))?;
+    Ok(Arc::new(m))
+}
+
+fn raw(
+    path: &Path,
+    map: &Arc<Mmap>,
+    name: String,
+    e: &TensorEntry,
+    base: u64,
+) -> Result<RawTensor> {
+    let dtype = parse_dtype(&e.dtype).ok_or_else(|| {
+        Error::file(
+            path,
+            format!("tensor `{name}` has unsupported dtype `{}`", e.dtype),
+        )
+    })?;
+    let start = base + e.offset;
+    let end = start + e.nbytes;
+    if end as usize > map.len() {
+        return Err(Error::file(
+            path,
+            format!(
+                "tensor `{name}` ends at byte {end} but the file has {} bytes (truncated?)",
+                map.len()
+            ),
+        ));
+    }
+    let numel: usize = e.shape.iter().product();
+    let want = numel * dtype.bitsize() / 8;
+    if want as u64 != e.nbytes {
+        return Err(Error::file(
+            path,
+            format!(
+                "tensor `{name}`: shape {:?} needs {want} bytes, manifest says {}",
+                e.shape, e.nbytes
+            ),
+        ));
+    }
+    Ok(RawTensor {
+        name,
+        dtype,
+        shape: e.shape.clone(),
+        bytes: Bytes::new(map.clone(), start as usize, e.nbytes as usize),
+        file: path.to_path_buf(),
+    })
+}
+
+/// Opens a packed model as a tensor store (everything memory-mapped).
+pub fn open_store(dir: &Path) -> Result<TensorStore> {
+    let m = Manifest::load(dir)?;
+    let wpath = dir.join(&m.weights_file);
+    let wmap = map_file(&wpath)?;
+    let mut tensors = Vec::with_capacity(m.tensors.len());
+    for e in &m.tensors {
+        tensors.push(raw(&wpath, &wmap, e.name.clone(), e, 0)?);
+    }
+    let mut files = vec![wpath];
+    for ef in &m.experts {
+        let path = dir.join(&ef.file);
+        let map = map_file(&path)?;
+        let want = ef.stride * ef.num_experts as u64;
+        if map.len() as u64 != want {
+            return Err(Error::file(
+                &path,
+                format!(
+                    "has {} bytes, expected {} experts × {} = {want} (truncated or mismatched file)",
+                    map.len(),
+                    ef.num_experts,
+                    ef.stride
+                ),
+            ));
+        }
+        for x in 0..ef.num_experts {
+            for c in &ef.components {
+                let name = format!("model.layers.{}.mlp.experts.{x}.{}", ef.layer, c.name);
+                tensors.push(raw(&path, &map, name, c, x as u64 * ef.stride)?);
+            }
+        }
+        files.push(path);
+    }
+    Ok(TensorStore::from_parts(dir, files, tensors))
+}
+
+pub(crate) fn xxh3_hex(bytes: &[u8]) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
+}
+
+pub(crate) fn expert_file_name(layer: usize) -> String {
+    format!("experts/layer_{layer:03}.bin")
+}
+
+pub(crate) fn align_up(n: u64, a: u64) -> u64 {
+    n.div_ceil(a) * a
+}
+
+/// Source files copied next to the packed weights when present.
+pub const COPIED_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+];
