@@ -8,6 +8,7 @@ pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+pub mod experts;
 pub mod generate;
 pub mod packed;
 pub mod qwen35;

@@ -129,8 +129,13 @@ fn requantization_reports_rmse_per_layer_and_projection() {
         .find(|r| r.projection == "linear_attn.in_proj_qkv")
         .unwrap();
     assert_eq!(r.to, "8-bit/g32");
+    let mapped = flashmoe::qwen35::LoadOptions {
+        stream_experts: false,
+        ..Default::default()
+    };
+    let m = Model::load_with(&dst, &mapped).unwrap();
     assert!(
-        Model::load(&dst).unwrap().weights.layers[0].moe.experts[0]
+        m.weights.layers[0].moe.experts.resident().unwrap()[0]
             .down
             .is_quantized()
     );
@@ -284,6 +289,16 @@ fn damaged_packed_models_give_clear_errors() {
         .replace("\"num_experts\": 8", "\"num_experts\": 16");
     std::fs::write(&cpath, cfg).unwrap();
     let e = load_err(&dst);
+    assert!(
+        e.contains("layer_000.bin: holds 8 experts but config.json says 16"),
+        "{e}"
+    );
+    // Mapped (not streamed), the same mismatch is caught at the missing tensor.
+    let mapped = flashmoe::qwen35::LoadOptions {
+        stream_experts: false,
+        ..Default::default()
+    };
+    let e = Model::load_with(&dst, &mapped).err().unwrap().to_string();
     assert!(
         e.contains("experts.8.gate_proj.weight") && e.contains("not found"),
         "{e}"

@@ -177,7 +177,11 @@ fn mlx_checkpoint_is_detected_and_quantized() {
     let m = Model::load(&models_dir().join("qwen35-moe-tiny-mlx4")).unwrap();
     assert_eq!(m.weights.format, flashmoe::qwen35::SourceFormat::Mlx);
     assert!(m.weights.lm_head.is_quantized());
-    assert!(m.weights.layers[0].moe.experts[0].gate.is_quantized());
+    assert!(
+        m.weights.layers[0].moe.experts.resident().unwrap()[0]
+            .gate
+            .is_quantized()
+    );
     let hf = Model::load(&models_dir().join("qwen35-moe-tiny")).unwrap();
     assert_eq!(
         hf.weights.format,

@@ -657,7 +657,11 @@ pub fn convert(
                 opts.other,
             )?;
         }
-        let ef = write_expert_file(&partial, i, &m.experts, opts.expert, group, &mut ctx)?;
+        let experts = m
+            .experts
+            .resident()
+            .ok_or_else(|| Error::input("convert needs the source experts mapped, not streamed"))?;
+        let ef = write_expert_file(&partial, i, experts, opts.expert, group, &mut ctx)?;
         expert_bytes += ef.stride * ef.num_experts as u64;
         expert_files.push(ef);
     }

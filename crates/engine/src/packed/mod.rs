@@ -172,7 +172,15 @@ fn raw(
 
 /// Opens a packed model as a tensor store (everything memory-mapped).
 pub fn open_store(dir: &Path) -> Result<TensorStore> {
-    let m = Manifest::load(dir)?;
+    open_with(dir, &Manifest::load(dir)?, true)
+}
+
+/// The non-expert tensors only (the experts are served by the expert store).
+pub fn open_store_without_experts(dir: &Path, m: &Manifest) -> Result<TensorStore> {
+    open_with(dir, m, false)
+}
+
+fn open_with(dir: &Path, m: &Manifest, map_experts: bool) -> Result<TensorStore> {
     let wpath = dir.join(&m.weights_file);
     let wmap = map_file(&wpath)?;
     let mut tensors = Vec::with_capacity(m.tensors.len());
@@ -180,7 +188,7 @@ pub fn open_store(dir: &Path) -> Result<TensorStore> {
         tensors.push(raw(&wpath, &wmap, e.name.clone(), e, 0)?);
     }
     let mut files = vec![wpath];
-    for ef in &m.experts {
+    for ef in m.experts.iter().filter(|_| map_experts) {
         let path = dir.join(&ef.file);
         let map = map_file(&path)?;
         let want = ef.stride * ef.num_experts as u64;

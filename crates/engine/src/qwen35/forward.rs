@@ -5,8 +5,9 @@
 
 use super::Model;
 use super::weights::{
-    AttentionWeights, DeltaNetWeights, ExpertWeights, LayerWeights, Mixer, MoeWeights,
+    AttentionWeights, DeltaNetWeights, ExpertSet, ExpertWeights, LayerWeights, Mixer, MoeWeights,
 };
+use crate::error::Result;
 use rayon::prelude::*;
 
 /// Per-layer sequence state: the KV cache of an attention layer, or the conv window and the
@@ -116,7 +117,7 @@ impl Model {
         t: usize,
         pos0: usize,
         state: &mut LayerState,
-    ) {
+    ) -> Result<()> {
         let lw: &LayerWeights = &self.weights.layers[li];
         let h = self.config.hidden_size;
         let eps = self.config.rms_norm_eps;
@@ -135,10 +136,11 @@ impl Model {
             *xv += m;
         }
         rms_norm_rows(x, &lw.post_attention_norm, eps, &mut normed);
-        let moe = self.moe(&lw.moe, &normed, t);
+        let moe = self.moe(&lw.moe, &normed, t, li, pos0)?;
         for (xv, m) in x.iter_mut().zip(&moe) {
             *xv += m;
         }
+        Ok(())
     }
 
     fn attention(
@@ -349,7 +351,14 @@ impl Model {
         w.out_proj.apply(&y, t)
     }
 
-    fn moe(&self, m: &MoeWeights, hs: &[f32], t: usize) -> Vec<f32> {
+    fn moe(
+        &self,
+        m: &MoeWeights,
+        hs: &[f32],
+        t: usize,
+        layer: usize,
+        pos0: usize,
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         let (h, e) = (c.hidden_size, c.num_experts);
         let k = self.experts_per_token;
@@ -376,38 +385,62 @@ impl Model {
                 per_expert[x].push((ti, p[x] / norm));
             }
             if let Some(trace) = &self.routing_trace {
-                trace
-                    .lock()
-                    .unwrap()
-                    .push(top.iter().map(|&x| x as u32).collect());
+                trace.lock().unwrap().push((
+                    layer,
+                    pos0 + ti,
+                    top.iter().map(|&x| x as u32).collect(),
+                ));
             }
         }
-        let mut out = vec![0.0f32; t * h];
-        let mut xs = Vec::new();
-        for (ei, toks) in per_expert.iter().enumerate() {
-            if toks.is_empty() {
-                continue;
+        let chosen: Vec<usize> = (0..e).filter(|&x| !per_expert[x].is_empty()).collect();
+
+        // The shared expert needs no routed weights: compute it while the routed ones are read.
+        let shared = || {
+            let mut ys = expert_forward(&m.shared, hs, t);
+            let sg = m.shared_gate.apply(hs, t);
+            for ti in 0..t {
+                let s = sigmoid(sg[ti]);
+                for v in &mut ys[ti * h..][..h] {
+                    *v *= s;
+                }
             }
+            ys
+        };
+        let (fetched, mut out) = match &m.experts {
+            ExpertSet::Resident(_) => (None, shared()),
+            ExpertSet::Streamed { store, layer } => {
+                let (f, ys) = rayon::join(|| store.fetch(*layer, &chosen), shared);
+                (Some(f?), ys)
+            }
+        };
+        let mut routed = vec![0.0f32; t * h];
+        let mut xs = Vec::new();
+        for (j, &ei) in chosen.iter().enumerate() {
+            let toks = &per_expert[ei];
             xs.clear();
             for &(ti, _) in toks {
                 xs.extend_from_slice(&hs[ti * h..][..h]);
             }
-            let y = expert_forward(&m.experts[ei], &xs, toks.len());
-            for (j, &(ti, wgt)) in toks.iter().enumerate() {
-                for (o, &v) in out[ti * h..][..h].iter_mut().zip(&y[j * h..][..h]) {
+            let y = match (&m.experts, &fetched) {
+                (ExpertSet::Resident(v), _) => expert_forward(&v[ei], &xs, toks.len()),
+                (ExpertSet::Streamed { store, layer }, Some(bufs)) => expert_forward(
+                    &store.expert_weights(*layer, bufs[j].clone())?,
+                    &xs,
+                    toks.len(),
+                ),
+                _ => unreachable!("streamed experts are fetched above"),
+            };
+            for (r, &(ti, wgt)) in toks.iter().enumerate() {
+                for (o, &v) in routed[ti * h..][..h].iter_mut().zip(&y[r * h..][..h]) {
                     *o += wgt * v;
                 }
             }
         }
-        let ys = expert_forward(&m.shared, hs, t);
-        let sg = m.shared_gate.apply(hs, t);
-        for ti in 0..t {
-            let s = sigmoid(sg[ti]);
-            for (o, &v) in out[ti * h..][..h].iter_mut().zip(&ys[ti * h..][..h]) {
-                *o += s * v;
-            }
+        // Routed sum first, then the shared expert, as HF adds them.
+        for (o, &r) in out.iter_mut().zip(&routed) {
+            *o = r + *o;
         }
-        out
+        Ok(out)
     }
 }
 

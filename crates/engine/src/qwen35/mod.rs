@@ -8,10 +8,30 @@ pub mod weights;
 
 use crate::config::{LayerKind, ModelConfig};
 use crate::error::{Error, Result};
+use crate::experts::{ExpertStore, StoreOptions};
+use crate::packed;
 use crate::weights::TensorStore;
 pub use forward::{LayerState, LogitsFor, SequenceState};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+/// How to open a model.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Packed models: fetch experts through the expert store (reads + RAM cache) rather than
+    /// mapping the expert files.
+    pub stream_experts: bool,
+    pub store: StoreOptions,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            stream_experts: true,
+            store: StoreOptions::default(),
+        }
+    }
+}
 pub use weights::{ModelWeights, SourceFormat};
 
 pub struct Model {
@@ -24,12 +44,29 @@ pub struct Model {
     inv_freq: Vec<f32>,
     /// When set, the chosen experts of every token and layer are appended here (layer-major
     /// within a token).
-    pub routing_trace: Option<Mutex<Vec<Vec<u32>>>>,
+    /// When set, every routing decision is appended here as (layer, position, experts).
+    pub routing_trace: Option<Mutex<Vec<(usize, usize, Vec<u32>)>>>,
+    /// The expert store of a streamed (packed) model.
+    pub expert_store: Option<Arc<ExpertStore>>,
 }
 
 impl Model {
+    /// Loads a model folder with default options (a packed model streams its experts).
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_with(dir, &LoadOptions::default())
+    }
+
+    pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let config = ModelConfig::load(dir)?;
+        if opts.stream_experts && dir.join(packed::MANIFEST).exists() {
+            let manifest = packed::Manifest::load(dir)?;
+            let store = packed::open_store_without_experts(dir, &manifest)?;
+            let experts = Arc::new(ExpertStore::open(dir, &manifest, &config, &opts.store)?);
+            let weights = ModelWeights::load_with_experts(&store, &config, Some(experts.clone()))?;
+            let mut m = Self::from_parts(config, weights);
+            m.expert_store = Some(experts);
+            return Ok(m);
+        }
         let store = TensorStore::open(dir)?;
         let weights = ModelWeights::load(&store, &config)?;
         Ok(Self::from_parts(config, weights))
@@ -48,6 +85,7 @@ impl Model {
             config,
             weights,
             routing_trace: None,
+            expert_store: None,
         }
     }
 
@@ -137,7 +175,7 @@ impl Model {
                 .row(id as usize, &mut x[i * h..(i + 1) * h]);
         }
         for (li, ls) in state.layers.iter_mut().enumerate() {
-            self.layer_forward(li, &mut x, t, state.pos, ls);
+            self.layer_forward(li, &mut x, t, state.pos, ls)?;
         }
         state.pos += t;
         let rows: &[f32] = match want {

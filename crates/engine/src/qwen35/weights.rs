@@ -5,7 +5,9 @@
 
 use crate::config::{LayerKind, ModelConfig};
 use crate::error::{Error, Result};
+use crate::experts::ExpertStore;
 use crate::weights::{Linear, RawTensor, TensorStore};
+use std::sync::Arc;
 
 /// Where the checkpoint came from decides one numeric detail: HF stores zero-centred norm weights
 /// w (the model multiplies by 1+w), MLX conversions store 1+w already (spec §3.2).
@@ -61,9 +63,37 @@ impl ExpertWeights {
     }
 }
 
+/// Where a layer's routed experts come from.
+pub enum ExpertSet {
+    /// Views into mapped checkpoint files (HF/MLX folders, or packed files mapped whole).
+    Resident(Vec<ExpertWeights>),
+    /// Fetched per token from the expert store (packed models).
+    Streamed {
+        store: Arc<ExpertStore>,
+        layer: usize,
+    },
+}
+
+impl ExpertSet {
+    pub fn bytes(&self) -> usize {
+        match self {
+            ExpertSet::Resident(v) => v.iter().map(ExpertWeights::bytes).sum(),
+            ExpertSet::Streamed { store, layer } => store.layer_bytes(*layer) as usize,
+        }
+    }
+
+    /// The resident experts (None when streamed).
+    pub fn resident(&self) -> Option<&[ExpertWeights]> {
+        match self {
+            ExpertSet::Resident(v) => Some(v),
+            ExpertSet::Streamed { .. } => None,
+        }
+    }
+}
+
 pub struct MoeWeights {
     pub router: Linear,
-    pub experts: Vec<ExpertWeights>,
+    pub experts: ExpertSet,
     pub shared: ExpertWeights,
     pub shared_gate: Linear,
 }
@@ -87,10 +117,20 @@ struct Loader<'a> {
     store: &'a TensorStore,
     cfg: &'a ModelConfig,
     format: SourceFormat,
+    experts: Option<Arc<ExpertStore>>,
 }
 
 impl ModelWeights {
     pub fn load(store: &TensorStore, cfg: &ModelConfig) -> Result<Self> {
+        Self::load_with_experts(store, cfg, None)
+    }
+
+    /// Like `load`, with the routed experts served by `experts` instead of the tensor store.
+    pub fn load_with_experts(
+        store: &TensorStore,
+        cfg: &ModelConfig,
+        experts: Option<Arc<ExpertStore>>,
+    ) -> Result<Self> {
         const ROOTS: [&str; 3] = ["model.language_model.", "language_model.model.", "model."];
         let root = ROOTS
             .iter()
@@ -119,7 +159,12 @@ impl ModelWeights {
         } else {
             SourceFormat::HuggingFace
         };
-        let l = Loader { store, cfg, format };
+        let l = Loader {
+            store,
+            cfg,
+            format,
+            experts,
+        };
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
 
         let embed = l.linear(&format!("{root}embed_tokens"), &[v, h])?;
@@ -173,11 +218,7 @@ impl ModelWeights {
     }
 
     pub fn expert_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flat_map(|l| l.moe.experts.iter())
-            .map(ExpertWeights::bytes)
-            .sum()
+        self.layers.iter().map(|l| l.moe.experts.bytes()).sum()
     }
 }
 
@@ -395,17 +436,29 @@ impl Loader<'_> {
             c.moe_intermediate,
             c.shared_intermediate,
         );
-        let experts = if self.store.contains(&format!("{m}experts.gate_up_proj")) {
+        let experts = if let Some(store) = &self.experts {
+            let layer: usize = m
+                .trim_end_matches(".mlp.")
+                .rsplit('.')
+                .next()
+                .and_then(|x| x.parse().ok())
+                .expect("layer prefix ends in its index");
+            ExpertSet::Streamed {
+                store: store.clone(),
+                layer,
+            }
+        } else if self.store.contains(&format!("{m}experts.gate_up_proj")) {
             // HF fused: gate_up [E, 2I, H] (gate = first I rows of each expert), down [E, H, I].
             let gu = self.linear(&format!("{m}experts.gate_up_proj"), &[e, 2 * i, h])?;
             let down = self.linear(&format!("{m}experts.down_proj"), &[e, h, i])?;
-            (0..e)
+            let v: Vec<ExpertWeights> = (0..e)
                 .map(|x| ExpertWeights {
                     gate: gu.select_rows(x * 2 * i, i),
                     up: gu.select_rows(x * 2 * i + i, i),
                     down: down.select_rows(x * h, h),
                 })
-                .collect()
+                .collect();
+            ExpertSet::Resident(v)
         } else if self
             .store
             .contains(&format!("{m}switch_mlp.gate_proj.weight"))
@@ -413,18 +466,19 @@ impl Loader<'_> {
             let g = self.linear(&format!("{m}switch_mlp.gate_proj"), &[e, i, h])?;
             let u = self.linear(&format!("{m}switch_mlp.up_proj"), &[e, i, h])?;
             let d = self.linear(&format!("{m}switch_mlp.down_proj"), &[e, h, i])?;
-            (0..e)
+            let v: Vec<ExpertWeights> = (0..e)
                 .map(|x| ExpertWeights {
                     gate: g.select_rows(x * i, i),
                     up: u.select_rows(x * i, i),
                     down: d.select_rows(x * h, h),
                 })
-                .collect()
+                .collect();
+            ExpertSet::Resident(v)
         } else if self
             .store
             .contains(&format!("{m}experts.0.gate_proj.weight"))
         {
-            (0..e)
+            let v: Vec<ExpertWeights> = (0..e)
                 .map(|x| {
                     let p = format!("{m}experts.{x}.");
                     Ok(ExpertWeights {
@@ -433,7 +487,8 @@ impl Loader<'_> {
                         down: self.linear(&format!("{p}down_proj"), &[h, i])?,
                     })
                 })
-                .collect::<Result<Vec<_>>>()?
+                .collect::<Result<Vec<_>>>()?;
+            ExpertSet::Resident(v)
         } else {
             return Err(Error::file(
                 &self.store.dir,

@@ -10,21 +10,32 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// A byte range of one mapped file. Cheap to clone; keeps the mapping alive.
+/// Something that owns weight bytes: a file mapping, or an aligned buffer an expert was read into.
+pub trait ByteSource: Send + Sync {
+    fn bytes(&self) -> &[u8];
+}
+
+impl ByteSource for Mmap {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+/// A byte range of a mapping or buffer. Cheap to clone; keeps its owner alive.
 #[derive(Clone)]
 pub struct Bytes {
-    map: Arc<Mmap>,
+    map: Arc<dyn ByteSource>,
     start: usize,
     len: usize,
 }
 
 impl Bytes {
-    pub(crate) fn new(map: Arc<Mmap>, start: usize, len: usize) -> Self {
-        assert!(start + len <= map.len());
+    pub fn new(map: Arc<dyn ByteSource>, start: usize, len: usize) -> Self {
+        assert!(start + len <= map.bytes().len());
         Bytes { map, start, len }
     }
     pub fn as_slice(&self) -> &[u8] {
-        &self.map[self.start..self.start + self.len]
+        &self.map.bytes()[self.start..self.start + self.len]
     }
     pub fn len(&self) -> usize {
         self.len
@@ -136,11 +147,7 @@ impl TensorStore {
                     name: name.clone(),
                     dtype: info.dtype,
                     shape: info.shape.clone(),
-                    bytes: Bytes {
-                        map: map.clone(),
-                        start: data_start + a,
-                        len: b - a,
-                    },
+                    bytes: Bytes::new(map.clone(), data_start + a, b - a),
                     file: path.clone(),
                 };
                 if let Some(prev) = tensors.insert(name.clone(), t) {
