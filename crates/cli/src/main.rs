@@ -104,11 +104,7 @@ struct LogitsArgs {
 
 #[derive(Args)]
 struct TokenizeArgs {
-    #[arg(
-        long,
-        conflicts_with = "tokenizer",
-        required_unless_present = "tokenizer"
-    )]
+    #[arg(long, conflicts_with = "tokenizer", required_unless_present = "tokenizer")]
     model: Option<PathBuf>,
     /// A tokenizer.json file.
     #[arg(long)]
@@ -197,11 +193,7 @@ fn run(a: RunArgs) -> Result<()> {
             messages.push(json!({"role": "system", "content": s}));
         }
         messages.push(json!({"role": "user", "content": a.prompt}));
-        engine.render_chat(
-            &Json::Array(messages),
-            None,
-            if a.no_think { Some(false) } else { None },
-        )?
+        engine.render_chat(&Json::Array(messages), None, if a.no_think { Some(false) } else { None })?
     };
     let ids = engine.encode(&prompt_text)?;
     let opts = GenerateOptions {
@@ -221,9 +213,7 @@ fn run(a: RunArgs) -> Result<()> {
     let mut out = stdout.lock();
     let stats = engine.generate(&ids, &opts, |piece| {
         // A closed pipe (e.g. `| head`) stops generation instead of failing.
-        out.write_all(piece.as_bytes())
-            .and_then(|_| out.flush())
-            .is_ok()
+        out.write_all(piece.as_bytes()).and_then(|_| out.flush()).is_ok()
     })?;
     let _ = writeln!(out);
     drop(out);
@@ -247,10 +237,7 @@ fn run(a: RunArgs) -> Result<()> {
         if m.routing_is_exact() {
             "exact".to_string()
         } else {
-            format!(
-                "REDUCED from the model's {}: lossy",
-                m.config.experts_per_token
-            )
+            format!("REDUCED from the model's {}: lossy", m.config.experts_per_token)
         },
     );
     Ok(())
@@ -261,10 +248,7 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
         .split(',')
         .map(str::trim)
         .filter(|x| !x.is_empty())
-        .map(|x| {
-            x.parse::<u32>()
-                .map_err(|_| anyhow!("--ids: `{x}` is not a token id (non-negative integer)"))
-        })
+        .map(|x| x.parse::<u32>().map_err(|_| anyhow!("--ids: `{x}` is not a token id (non-negative integer)")))
         .collect::<Result<Vec<_>>>()?;
     if ids.is_empty() {
         bail!("--ids: no token ids given");
@@ -302,10 +286,7 @@ fn logits(a: LogitsArgs) -> Result<()> {
         for (i, row) in rows.chunks(v).enumerate() {
             let mut top: Vec<usize> = (0..v).collect();
             top.sort_by(|&x, &y| row[y].total_cmp(&row[x]));
-            let best: Vec<String> = top[..5.min(v)]
-                .iter()
-                .map(|&t| format!("{t}:{:.4}", row[t]))
-                .collect();
+            let best: Vec<String> = top[..5.min(v)].iter().map(|&t| format!("{t}:{:.4}", row[t])).collect();
             writeln!(out, "pos {i} id {}: top {}", ids[i], best.join(" "))?;
         }
     }
@@ -321,14 +302,9 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
     };
     if a.chat {
         let mut input = String::new();
-        std::io::stdin()
-            .read_to_string(&mut input)
-            .context("reading the chat request from stdin")?;
-        let req: Json =
-            serde_json::from_str(&input).map_err(|e| anyhow!("stdin: malformed JSON: {e}"))?;
-        let messages = req
-            .get("messages")
-            .ok_or_else(|| anyhow!("stdin: missing field `messages`"))?;
+        std::io::stdin().read_to_string(&mut input).context("reading the chat request from stdin")?;
+        let req: Json = serde_json::from_str(&input).map_err(|e| anyhow!("stdin: malformed JSON: {e}"))?;
+        let messages = req.get("messages").ok_or_else(|| anyhow!("stdin: missing field `messages`"))?;
         let template = match &a.model {
             Some(m) => ChatTemplate::from_model_dir(m)?,
             None => {
@@ -339,14 +315,9 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
                 }
             }
         };
-        let thinking = req
-            .get("enable_thinking")
-            .and_then(Json::as_bool)
-            .or(if a.no_think { Some(false) } else { None });
-        let add_gen = req
-            .get("add_generation_prompt")
-            .and_then(Json::as_bool)
-            .unwrap_or(true);
+        let thinking =
+            req.get("enable_thinking").and_then(Json::as_bool).or(if a.no_think { Some(false) } else { None });
+        let add_gen = req.get("add_generation_prompt").and_then(Json::as_bool).unwrap_or(true);
         let text = template.render(messages, req.get("tools"), add_gen, thinking, None)?;
         if a.json {
             let tok = TextTokenizer::load(&tok_path)?;
@@ -361,10 +332,7 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string(&ids)?);
     } else {
-        println!(
-            "{}",
-            ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
-        );
+        println!("{}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" "));
     }
     Ok(())
 }
@@ -385,38 +353,29 @@ impl ConvertProgress for Bar {
 }
 
 fn convert(a: ConvertArgs) -> Result<()> {
-    let mut opts = ConvertOptions {
-        group_size: a.group_size,
-        force: a.force,
-        ..ConvertOptions::default()
-    };
+    let mut opts = ConvertOptions { group_size: a.group_size, force: a.force, ..ConvertOptions::default() };
     if let Some(t) = a.expert_bits {
         opts.expert = t;
     }
     if let Some(t) = a.bits {
         if t == Target::Affine(2) {
-            bail!(
-                "--bits 2 is not offered for non-expert weights (attention, embeddings, routers): use 4 or 8"
-            );
+            bail!("--bits 2 is not offered for non-expert weights (attention, embeddings, routers): use 4 or 8");
         }
         opts.other = t;
     }
     let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .expect("valid template"),
     );
     let bar = Bar(bar);
     let t0 = std::time::Instant::now();
     let rep = flashmoe::packed::convert::convert(&a.src, &a.dst, &opts, &bar)?;
     bar.0.finish_and_clear();
     if !rep.rmse.is_empty() {
-        eprintln!(
-            "requantization error (RMSE against the source values, and the source RMS for scale):"
-        );
-        eprintln!(
-            "{:>6}  {:<28} {:>12} {:>12}  {:>10} {:>10}",
-            "layer", "projection", "from", "to", "rmse", "rms"
-        );
+        eprintln!("requantization error (RMSE against the source values, and the source RMS for scale):");
+        eprintln!("{:>6}  {:<28} {:>12} {:>12}  {:>10} {:>10}", "layer", "projection", "from", "to", "rmse", "rms");
         for r in &rep.rmse {
             let layer = r.layer.map_or("-".to_string(), |l| l.to_string());
             eprintln!(
@@ -437,75 +396,35 @@ fn convert(a: ConvertArgs) -> Result<()> {
 
 fn verify(a: VerifyArgs) -> Result<()> {
     let rep = flashmoe::packed::verify::verify(&a.dir)?;
-    println!(
-        "ok: {} tensors, {} experts, {} checked",
-        rep.tensors,
-        rep.experts,
-        fmt_bytes(rep.bytes)
-    );
+    println!("ok: {} tensors, {} experts, {} checked", rep.tensors, rep.experts, fmt_bytes(rep.bytes));
     Ok(())
 }
 
 fn info(a: InfoArgs) -> Result<()> {
     let model = Model::load(&a.model)?;
     let c = &model.config;
-    let full = c
-        .layer_kinds
-        .iter()
-        .filter(|k| **k == flashmoe::config::LayerKind::FullAttention)
-        .count();
-    println!(
-        "model        {} ({:?} checkpoint)",
-        c.family.name(),
-        model.weights.format
-    );
-    println!(
-        "layers       {} ({} GatedDeltaNet + {} full attention)",
-        c.num_layers,
-        c.num_layers - full,
-        full
-    );
+    let full = c.layer_kinds.iter().filter(|k| **k == flashmoe::config::LayerKind::FullAttention).count();
+    println!("model        {} ({:?} checkpoint)", c.family.name(), model.weights.format);
+    println!("layers       {} ({} GatedDeltaNet + {} full attention)", c.num_layers, c.num_layers - full, full);
     println!("hidden       {}  vocab {}", c.hidden_size, c.vocab_size);
     println!(
         "experts      {} routed, top-{} + 1 shared, intermediate {} (shared {})",
         c.num_experts, c.experts_per_token, c.moe_intermediate, c.shared_intermediate
     );
-    println!(
-        "expert bytes {}",
-        fmt_bytes(model.weights.expert_bytes() as u64)
-    );
-    println!(
-        "other bytes  {}",
-        fmt_bytes(model.weights.non_expert_bytes() as u64)
-    );
-    println!(
-        "quantized    {}",
-        if model.weights.lm_head.is_quantized() {
-            "yes (MLX affine)"
-        } else {
-            "no"
-        }
-    );
+    println!("expert bytes {}", fmt_bytes(model.weights.expert_bytes() as u64));
+    println!("other bytes  {}", fmt_bytes(model.weights.non_expert_bytes() as u64));
+    println!("quantized    {}", if model.weights.lm_head.is_quantized() { "yes (MLX affine)" } else { "no" });
     Ok(())
 }
 
 fn devices() -> Result<()> {
-    println!(
-        "cpu: {} threads, kernels {}",
-        rayon::current_num_threads_or_default(),
-        flashmoe_kernels::simd_level()
-    );
+    println!("cpu: {} threads, kernels {}", rayon::current_num_threads_or_default(), flashmoe_kernels::simd_level());
     #[cfg(feature = "cuda")]
     match flashmoe::cuda::probe() {
         Ok(gpus) if gpus.is_empty() => println!("cuda: no GPU"),
         Ok(gpus) => {
             for g in gpus {
-                println!(
-                    "cuda:{}: {} ({})",
-                    g.ordinal,
-                    g.name,
-                    fmt_bytes(g.total_memory as u64)
-                );
+                println!("cuda:{}: {} ({})", g.ordinal, g.name, fmt_bytes(g.total_memory as u64));
             }
         }
         Err(e) => println!("cuda: unavailable ({e})"),
@@ -529,9 +448,5 @@ fn fmt_bytes(b: u64) -> String {
         v /= 1024.0;
         i += 1;
     }
-    if i == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
+    if i == 0 { format!("{b} B") } else { format!("{v:.1} {}", U[i]) }
 }

@@ -11,10 +11,7 @@ fn models_dir() -> PathBuf {
 }
 
 fn flashmoe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flashmoe"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_flashmoe")).args(args).output().unwrap()
 }
 
 fn stderr(o: &Output) -> String {
@@ -25,17 +22,10 @@ fn stderr(o: &Output) -> String {
 fn fails(args: &[&str]) -> String {
     let o = flashmoe(args);
     let err = stderr(&o);
-    assert!(
-        !o.status.success(),
-        "expected failure for {args:?}, stderr: {err}"
-    );
+    assert!(!o.status.success(), "expected failure for {args:?}, stderr: {err}");
     assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "{args:?}: error should be one line: {err}"
-    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: error should be one line: {err}");
     assert!(err.starts_with("error: "), "{err}");
     err
 }
@@ -78,15 +68,8 @@ fn s(p: &Path) -> &str {
 #[test]
 fn logits_json_matches_transformers() {
     let dir = models_dir().join("qwen35-moe-tiny");
-    let r: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-            .unwrap();
-    let ids: Vec<String> = r["prompt_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_string())
-        .collect();
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let ids: Vec<String> = r["prompt_ids"].as_array().unwrap().iter().map(|x| x.to_string()).collect();
     let ids = ids.join(",");
     for decode in [false, true] {
         let mut args = vec!["logits", "--model", s(&dir), "--ids", &ids, "--json"];
@@ -97,10 +80,7 @@ fn logits_json_matches_transformers() {
         assert!(o.status.success(), "{}", stderr(&o));
         let got: Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(got["ids"], r["prompt_ids"]);
-        let (g, w) = (
-            got["logits"].as_array().unwrap(),
-            r["logits"].as_array().unwrap(),
-        );
+        let (g, w) = (got["logits"].as_array().unwrap(), r["logits"].as_array().unwrap());
         assert_eq!(g.len(), w.len());
         let (mut max_d, mut max_v) = (0.0f64, 0.0f64);
         for (gr, wr) in g.iter().zip(w) {
@@ -110,55 +90,23 @@ fn logits_json_matches_transformers() {
                 max_v = max_v.max(b.abs());
             }
         }
-        assert!(
-            max_d <= 1e-4 * max_v,
-            "decode={decode}: max diff {max_d} vs max logit {max_v}"
-        );
+        assert!(max_d <= 1e-4 * max_v, "decode={decode}: max diff {max_d} vs max logit {max_v}");
     }
 }
 
 #[test]
 fn run_streams_text_and_prints_summary() {
     let dir = models_dir().join("qwen35-moe-tiny");
-    let o = flashmoe(&[
-        "run",
-        "--model",
-        s(&dir),
-        "--prompt",
-        "Hello there",
-        "--max-tokens",
-        "12",
-    ]);
+    let o = flashmoe(&["run", "--model", s(&dir), "--prompt", "Hello there", "--max-tokens", "12"]);
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     let summary = err.lines().last().unwrap();
-    for part in [
-        "prompt ",
-        "prefill ",
-        "decode ",
-        "peak RSS ",
-        "experts 2/8 per token (exact)",
-    ] {
+    for part in ["prompt ", "prefill ", "decode ", "peak RSS ", "experts 2/8 per token (exact)"] {
         assert!(summary.contains(part), "summary lacks `{part}`: {summary}");
     }
-    let o = flashmoe(&[
-        "run",
-        "--model",
-        s(&dir),
-        "--prompt",
-        "Hello",
-        "--max-tokens",
-        "4",
-        "--experts",
-        "1",
-        "--raw",
-    ]);
+    let o = flashmoe(&["run", "--model", s(&dir), "--prompt", "Hello", "--max-tokens", "4", "--experts", "1", "--raw"]);
     assert!(o.status.success());
-    assert!(
-        stderr(&o).contains("experts 1/8 per token (REDUCED"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("experts 1/8 per token (REDUCED"), "{}", stderr(&o));
 }
 
 #[test]
@@ -191,17 +139,11 @@ fn tokenize_prints_ids() {
     assert!(o.status.success(), "{}", stderr(&o));
     let ids: Vec<u32> = serde_json::from_slice(&o.stdout).unwrap();
     assert!(ids.len() >= 2);
-    let tok: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+    let tok: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap()).unwrap();
+    let im_start =
+        tok["added_tokens"].as_array().unwrap().iter().find(|t| t["content"] == "<|im_start|>").unwrap()["id"]
+            .as_u64()
             .unwrap();
-    let im_start = tok["added_tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["content"] == "<|im_start|>")
-        .unwrap()["id"]
-        .as_u64()
-        .unwrap();
     assert_eq!(ids[0] as u64, im_start);
 }
 
@@ -212,10 +154,7 @@ fn error_missing_model_file() {
     let e = fails(&["logits", "--model", s(&dir), "--ids", "1,2"]);
     assert!(e.contains("config.json: file not found"), "{e}");
     let e = fails(&["logits", "--model", "/nonexistent/model", "--ids", "1"]);
-    assert!(
-        e.contains("/nonexistent/model/config.json: file not found"),
-        "{e}"
-    );
+    assert!(e.contains("/nonexistent/model/config.json: file not found"), "{e}");
 }
 
 #[test]
@@ -223,17 +162,9 @@ fn error_truncated_safetensors() {
     let (_t, dir) = scratch();
     let f = dir.join("model.safetensors");
     let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_len(len - 100)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len - 100).unwrap();
     let e = fails(&["logits", "--model", s(&dir), "--ids", "1,2"]);
-    assert!(
-        e.contains("model.safetensors: invalid safetensors file"),
-        "{e}"
-    );
+    assert!(e.contains("model.safetensors: invalid safetensors file"), "{e}");
     assert!(e.contains("truncated"), "{e}");
 }
 
@@ -243,10 +174,7 @@ fn error_corrupt_safetensors_header() {
     let f = dir.join("model.safetensors");
     edit_header(&f, |h| h.replacen("{", "#", 1));
     let e = fails(&["logits", "--model", s(&dir), "--ids", "1,2"]);
-    assert!(
-        e.contains("model.safetensors: invalid safetensors file: corrupt header JSON"),
-        "{e}"
-    );
+    assert!(e.contains("model.safetensors: invalid safetensors file: corrupt header JSON"), "{e}");
     // A header length pointing past the end of the file.
     let (_t2, dir2) = scratch();
     let f2 = dir2.join("model.safetensors");
@@ -254,10 +182,7 @@ fn error_corrupt_safetensors_header() {
     b[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
     std::fs::write(&f2, b).unwrap();
     let e = fails(&["logits", "--model", s(&dir2), "--ids", "1,2"]);
-    assert!(
-        e.contains("model.safetensors: invalid safetensors file"),
-        "{e}"
-    );
+    assert!(e.contains("model.safetensors: invalid safetensors file"), "{e}");
 }
 
 #[test]
@@ -271,36 +196,21 @@ fn error_shape_mismatch() {
         )
     });
     let e = fails(&["logits", "--model", s(&dir), "--ids", "1,2"]);
-    assert!(
-        e.contains("model.embed_tokens.weight")
-            && e.contains("shape [64, 320], expected [320, 64]"),
-        "{e}"
-    );
+    assert!(e.contains("model.embed_tokens.weight") && e.contains("shape [64, 320], expected [320, 64]"), "{e}");
 }
 
 #[test]
 fn error_unknown_dtype() {
     let (_t, dir) = scratch();
     edit_header(&dir.join("model.safetensors"), |h| {
-        h.replace(
-            r#""model.embed_tokens.weight":{"dtype":"F32""#,
-            r#""model.embed_tokens.weight":{"dtype":"I32""#,
-        )
+        h.replace(r#""model.embed_tokens.weight":{"dtype":"F32""#, r#""model.embed_tokens.weight":{"dtype":"I32""#)
     });
     let e = fails(&["logits", "--model", s(&dir), "--ids", "1,2"]);
-    assert!(
-        e.contains("model.embed_tokens.weight") && e.contains("unsupported dtype I32"),
-        "{e}"
-    );
+    assert!(e.contains("model.embed_tokens.weight") && e.contains("unsupported dtype I32"), "{e}");
     let (_t2, dir2) = scratch();
-    edit_header(&dir2.join("model.safetensors"), |h| {
-        h.replacen(r#""dtype":"F32""#, r#""dtype":"Q9X""#, 1)
-    });
+    edit_header(&dir2.join("model.safetensors"), |h| h.replacen(r#""dtype":"F32""#, r#""dtype":"Q9X""#, 1));
     let e = fails(&["logits", "--model", s(&dir2), "--ids", "1,2"]);
-    assert!(
-        e.contains("model.safetensors: invalid safetensors file") && e.contains("Q9X"),
-        "{e}"
-    );
+    assert!(e.contains("model.safetensors: invalid safetensors file") && e.contains("Q9X"), "{e}");
 }
 
 #[test]
@@ -309,31 +219,19 @@ fn error_missing_tokenizer() {
     std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
     let e = fails(&["run", "--model", s(&dir), "--prompt", "hi"]);
     assert!(e.contains("tokenizer.json: file not found"), "{e}");
-    let e = fails(&[
-        "tokenize",
-        "--tokenizer",
-        "/nonexistent/tokenizer.json",
-        "hi",
-    ]);
+    let e = fails(&["tokenize", "--tokenizer", "/nonexistent/tokenizer.json", "hi"]);
     assert!(e.contains("/nonexistent/tokenizer.json"), "{e}");
 }
 
 #[test]
 fn error_malformed_config() {
     let (_t, dir) = scratch();
-    std::fs::write(
-        dir.join("config.json"),
-        "{\"model_type\": \"qwen3_5_moe_text\", ",
-    )
-    .unwrap();
+    std::fs::write(dir.join("config.json"), "{\"model_type\": \"qwen3_5_moe_text\", ").unwrap();
     let e = fails(&["logits", "--model", s(&dir), "--ids", "1,2"]);
     assert!(e.contains("config.json: malformed JSON"), "{e}");
     std::fs::write(dir.join("config.json"), r#"{"model_type": "mixtral"}"#).unwrap();
     let e = fails(&["logits", "--model", s(&dir), "--ids", "1,2"]);
-    assert!(
-        e.contains("config.json: unsupported model_type `mixtral`"),
-        "{e}"
-    );
+    assert!(e.contains("config.json: unsupported model_type `mixtral`"), "{e}");
 }
 
 #[test]
@@ -359,15 +257,7 @@ fn error_prompt_longer_than_context() {
         "8",
     ]);
     assert!(e.contains("exceed the context length of 8 tokens"), "{e}");
-    let e = fails(&[
-        "logits",
-        "--model",
-        s(&dir),
-        "--ids",
-        "1,2,3,4,5",
-        "--max-context",
-        "4",
-    ]);
+    let e = fails(&["logits", "--model", s(&dir), "--ids", "1,2,3,4,5", "--max-context", "4"]);
     assert!(e.contains("exceed the context length of 4 tokens"), "{e}");
 }
 
@@ -376,10 +266,8 @@ fn tokenize_chat_matches_transformers_apply_chat_template() {
     // Renderings and ids produced by transformers' apply_chat_template on the fixture tokenizer
     // (the real Qwen3 template), see scripts/make_model_fixtures.py.
     let dir = models_dir().join("qwen35-moe-tiny");
-    let check: Value = serde_json::from_str(
-        &std::fs::read_to_string(models_dir().join("tokenizer_check.json")).unwrap(),
-    )
-    .unwrap();
+    let check: Value =
+        serde_json::from_str(&std::fs::read_to_string(models_dir().join("tokenizer_check.json")).unwrap()).unwrap();
     for case in check["chat"].as_array().unwrap() {
         let mut req = serde_json::json!({"messages": case["args"]["conversation"]});
         if let Some(t) = case["args"].get("tools") {
@@ -401,12 +289,7 @@ fn tokenize_chat_matches_transformers_apply_chat_template() {
                 .spawn()
                 .unwrap();
             use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(req.to_string().as_bytes())
-                .unwrap();
+            child.stdin.take().unwrap().write_all(req.to_string().as_bytes()).unwrap();
             let o = child.wait_with_output().unwrap();
             assert!(o.status.success(), "{}: {}", case["name"], stderr(&o));
             if json {

@@ -88,15 +88,13 @@ impl ModelConfig {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let root: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::config(&path, format!("malformed JSON: {e}")))?;
+        let root: Value =
+            serde_json::from_str(&text).map_err(|e| Error::config(&path, format!("malformed JSON: {e}")))?;
         Self::from_value(&root, &path)
     }
 
     pub fn from_value(root: &Value, path: &Path) -> Result<Self> {
-        let root_obj = root
-            .as_object()
-            .ok_or_else(|| Error::config(path, "top level is not a JSON object"))?;
+        let root_obj = root.as_object().ok_or_else(|| Error::config(path, "top level is not a JSON object"))?;
         let model_type = root_obj
             .get("model_type")
             .and_then(Value::as_str)
@@ -106,20 +104,13 @@ impl ModelConfig {
                 let t = root_obj
                     .get("text_config")
                     .and_then(Value::as_object)
-                    .ok_or_else(|| {
-                        Error::config(
-                            path,
-                            "model_type `qwen3_5_moe` needs an object `text_config`",
-                        )
-                    })?;
+                    .ok_or_else(|| Error::config(path, "model_type `qwen3_5_moe` needs an object `text_config`"))?;
                 if let Some(tt) = t.get("model_type").and_then(Value::as_str)
                     && tt != "qwen3_5_moe_text"
                 {
                     return Err(Error::config(
                         path,
-                        format!(
-                            "unsupported `text_config.model_type` `{tt}` (expected `qwen3_5_moe_text`)"
-                        ),
+                        format!("unsupported `text_config.model_type` `{tt}` (expected `qwen3_5_moe_text`)"),
                     ));
                 }
                 (Family::Qwen35Moe, t, "text_config.")
@@ -129,26 +120,16 @@ impl ModelConfig {
             other => {
                 return Err(Error::config(
                     path,
-                    format!(
-                        "unsupported model_type `{other}` (supported: qwen3_5_moe, qwen3_5_moe_text, qwen3_next)"
-                    ),
+                    format!("unsupported model_type `{other}` (supported: qwen3_5_moe, qwen3_5_moe_text, qwen3_next)"),
                 ));
             }
         };
-        let f = Fields {
-            obj: text,
-            root: root_obj,
-            prefix,
-            path,
-        };
+        let f = Fields { obj: text, root: root_obj, prefix, path };
 
         if let Some(act) = f.opt_str("hidden_act")?
             && act != "silu"
         {
-            return Err(f.err(
-                "hidden_act",
-                format!("unsupported value `{act}` (only `silu`)"),
-            ));
+            return Err(f.err("hidden_act", format!("unsupported value `{act}` (only `silu`)")));
         }
         if f.opt_bool("attention_bias")?.unwrap_or(false) {
             return Err(f.err("attention_bias", "attention biases are not supported"));
@@ -157,10 +138,7 @@ impl ModelConfig {
             if let Some(step) = f.opt_usize("decoder_sparse_step")?
                 && step != 1
             {
-                return Err(f.err(
-                    "decoder_sparse_step",
-                    format!("unsupported value {step} (only 1: every layer MoE)"),
-                ));
+                return Err(f.err("decoder_sparse_step", format!("unsupported value {step} (only 1: every layer MoE)")));
             }
             if let Some(v) = f.obj.get("mlp_only_layers")
                 && v.as_array().is_some_and(|a| !a.is_empty())
@@ -189,10 +167,7 @@ impl ModelConfig {
                 if kinds.len() != num_layers {
                     return Err(f.err(
                         "layer_types",
-                        format!(
-                            "has {} entries but num_hidden_layers is {num_layers}",
-                            kinds.len()
-                        ),
+                        format!("has {} entries but num_hidden_layers is {num_layers}", kinds.len()),
                     ));
                 }
                 kinds
@@ -203,57 +178,42 @@ impl ModelConfig {
                     return Err(f.err("full_attention_interval", "must be at least 1"));
                 }
                 (0..num_layers)
-                    .map(|i| {
-                        if (i + 1) % interval == 0 {
-                            LayerKind::FullAttention
-                        } else {
-                            LayerKind::LinearAttention
-                        }
-                    })
+                    .map(
+                        |i| {
+                            if (i + 1) % interval == 0 { LayerKind::FullAttention } else { LayerKind::LinearAttention }
+                        },
+                    )
                     .collect()
             }
             Some(_) => return Err(f.err("layer_types", "must be an array of strings")),
         };
 
         // RoPE: the newer `rope_parameters` block wins over the older top-level fields.
-        let (rope_theta, partial_rotary_factor) =
-            match f.obj.get("rope_parameters").or(f.obj.get("rope_scaling")) {
-                Some(Value::Object(rp)) => {
-                    if let Some(t) = rp
-                        .get("rope_type")
-                        .or(rp.get("type"))
-                        .and_then(Value::as_str)
-                        && t != "default"
-                    {
-                        return Err(f.err(
-                            "rope_parameters.rope_type",
-                            format!("unsupported RoPE type `{t}` (only `default`)"),
-                        ));
-                    }
-                    let theta = match rp.get("rope_theta") {
-                        Some(v) => v.as_f64().ok_or_else(|| {
-                            f.err("rope_parameters.rope_theta", "must be a number")
-                        })?,
-                        None => f.opt_f64("rope_theta")?.ok_or_else(|| {
-                            f.err(
-                                "rope_theta",
-                                "missing (neither rope_parameters.rope_theta nor rope_theta given)",
-                            )
-                        })?,
-                    };
-                    let prf = match rp.get("partial_rotary_factor") {
-                        Some(v) => v.as_f64().ok_or_else(|| {
-                            f.err("rope_parameters.partial_rotary_factor", "must be a number")
-                        })?,
-                        None => f.opt_f64("partial_rotary_factor")?.unwrap_or(0.25),
-                    };
-                    (theta, prf)
+        let (rope_theta, partial_rotary_factor) = match f.obj.get("rope_parameters").or(f.obj.get("rope_scaling")) {
+            Some(Value::Object(rp)) => {
+                if let Some(t) = rp.get("rope_type").or(rp.get("type")).and_then(Value::as_str)
+                    && t != "default"
+                {
+                    return Err(
+                        f.err("rope_parameters.rope_type", format!("unsupported RoPE type `{t}` (only `default`)"))
+                    );
                 }
-                _ => (
-                    f.opt_f64("rope_theta")?.unwrap_or(10000.0),
-                    f.opt_f64("partial_rotary_factor")?.unwrap_or(0.25),
-                ),
-            };
+                let theta = match rp.get("rope_theta") {
+                    Some(v) => v.as_f64().ok_or_else(|| f.err("rope_parameters.rope_theta", "must be a number"))?,
+                    None => f.opt_f64("rope_theta")?.ok_or_else(|| {
+                        f.err("rope_theta", "missing (neither rope_parameters.rope_theta nor rope_theta given)")
+                    })?,
+                };
+                let prf = match rp.get("partial_rotary_factor") {
+                    Some(v) => {
+                        v.as_f64().ok_or_else(|| f.err("rope_parameters.partial_rotary_factor", "must be a number"))?
+                    }
+                    None => f.opt_f64("partial_rotary_factor")?.unwrap_or(0.25),
+                };
+                (theta, prf)
+            }
+            _ => (f.opt_f64("rope_theta")?.unwrap_or(10000.0), f.opt_f64("partial_rotary_factor")?.unwrap_or(0.25)),
+        };
 
         let num_heads = f.usize("num_attention_heads")?;
         let num_kv_heads = f.usize("num_key_value_heads")?;
@@ -266,17 +226,13 @@ impl ModelConfig {
         let num_experts = f.usize("num_experts")?;
         let experts_per_token = f.usize("num_experts_per_tok")?;
         let eos_token_ids = match f.get("eos_token_id") {
-            Some(Value::Number(n)) => vec![
-                n.as_u64()
-                    .ok_or_else(|| f.err("eos_token_id", "must be a non-negative integer"))?
-                    as u32,
-            ],
+            Some(Value::Number(n)) => {
+                vec![n.as_u64().ok_or_else(|| f.err("eos_token_id", "must be a non-negative integer"))? as u32]
+            }
             Some(Value::Array(a)) => a
                 .iter()
                 .map(|v| {
-                    v.as_u64()
-                        .map(|x| x as u32)
-                        .ok_or_else(|| f.err("eos_token_id", "must hold non-negative integers"))
+                    v.as_u64().map(|x| x as u32).ok_or_else(|| f.err("eos_token_id", "must hold non-negative integers"))
                 })
                 .collect::<Result<_>>()?,
             _ => vec![],
@@ -319,8 +275,7 @@ impl ModelConfig {
 
     fn validate(&self) -> Result<()> {
         let p = &self.path;
-        let bad =
-            |field: &str, msg: String| Err(Error::config(p, format!("field `{field}`: {msg}")));
+        let bad = |field: &str, msg: String| Err(Error::config(p, format!("field `{field}`: {msg}")));
         for (name, v) in [
             ("hidden_size", self.hidden_size),
             ("num_hidden_layers", self.num_layers),
@@ -344,16 +299,10 @@ impl ModelConfig {
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(
                 "num_attention_heads",
-                format!(
-                    "{} is not a multiple of num_key_value_heads {}",
-                    self.num_heads, self.num_kv_heads
-                ),
+                format!("{} is not a multiple of num_key_value_heads {}", self.num_heads, self.num_kv_heads),
             );
         }
-        if !self
-            .linear_value_heads
-            .is_multiple_of(self.linear_key_heads)
-        {
+        if !self.linear_value_heads.is_multiple_of(self.linear_key_heads) {
             return bad(
                 "linear_num_value_heads",
                 format!(
@@ -365,10 +314,7 @@ impl ModelConfig {
         if self.experts_per_token > self.num_experts {
             return bad(
                 "num_experts_per_tok",
-                format!(
-                    "{} exceeds num_experts {}",
-                    self.experts_per_token, self.num_experts
-                ),
+                format!("{} exceeds num_experts {}", self.experts_per_token, self.num_experts),
             );
         }
         let rot = self.head_dim as f64 * self.partial_rotary_factor;
@@ -390,10 +336,7 @@ fn parse_quantization(root: &Map<String, Value>, path: &Path) -> Result<Option<Q
         return Ok(None);
     };
     let Some(q) = q.as_object() else {
-        return Err(Error::config(
-            path,
-            "field `quantization` must be an object",
-        ));
+        return Err(Error::config(path, "field `quantization` must be an object"));
     };
     let mut out = QuantConfig::default();
     for (k, v) in q {
@@ -430,14 +373,10 @@ impl Fields<'_> {
     /// Looks in the text config first, then at the top level (ConditionalGeneration checkpoints
     /// keep `tie_word_embeddings` and token ids there).
     fn get(&self, k: &str) -> Option<&Value> {
-        self.obj
-            .get(k)
-            .or_else(|| self.root.get(k))
-            .filter(|v| !v.is_null())
+        self.obj.get(k).or_else(|| self.root.get(k)).filter(|v| !v.is_null())
     }
     fn usize(&self, k: &str) -> Result<usize> {
-        self.opt_usize(k)?
-            .ok_or_else(|| Error::config(self.path, format!("missing field `{}{k}`", self.prefix)))
+        self.opt_usize(k)?.ok_or_else(|| Error::config(self.path, format!("missing field `{}{k}`", self.prefix)))
     }
     fn opt_usize(&self, k: &str) -> Result<Option<usize>> {
         match self.get(k) {
@@ -451,28 +390,19 @@ impl Fields<'_> {
     fn opt_f64(&self, k: &str) -> Result<Option<f64>> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.err(k, format!("expected a number, found {v}"))),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.err(k, format!("expected a number, found {v}"))),
         }
     }
     fn opt_bool(&self, k: &str) -> Result<Option<bool>> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| self.err(k, format!("expected true or false, found {v}"))),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.err(k, format!("expected true or false, found {v}"))),
         }
     }
     fn opt_str(&self, k: &str) -> Result<Option<&str>> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| self.err(k, format!("expected a string, found {v}"))),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| self.err(k, format!("expected a string, found {v}"))),
         }
     }
 }
@@ -496,9 +426,7 @@ mod tests {
     #[test]
     fn derives_layer_types_from_interval() {
         let c = ModelConfig::from_value(&base(), Path::new("config.json")).unwrap();
-        let full: Vec<usize> = (0..8)
-            .filter(|&i| c.layer_kinds[i] == LayerKind::FullAttention)
-            .collect();
+        let full: Vec<usize> = (0..8).filter(|&i| c.layer_kinds[i] == LayerKind::FullAttention).collect();
         assert_eq!(full, vec![3, 7]);
         assert_eq!(c.rotary_dims(), 16);
         assert_eq!(c.conv_dim(), 2 * 32 + 128);
@@ -509,10 +437,8 @@ mod tests {
     fn nested_text_config_and_rope_parameters() {
         let mut t = base();
         t["model_type"] = json!("qwen3_5_moe_text");
-        t["rope_parameters"] =
-            json!({"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5});
-        let root =
-            json!({"model_type": "qwen3_5_moe", "text_config": t, "tie_word_embeddings": true});
+        t["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5});
+        let root = json!({"model_type": "qwen3_5_moe", "text_config": t, "tie_word_embeddings": true});
         let c = ModelConfig::from_value(&root, Path::new("config.json")).unwrap();
         assert_eq!(c.rope_theta, 1e4);
         assert_eq!(c.rotary_dims(), 32);
@@ -523,27 +449,19 @@ mod tests {
     fn errors_name_the_field() {
         let mut v = base();
         v.as_object_mut().unwrap().remove("hidden_size");
-        let e = ModelConfig::from_value(&v, Path::new("m/config.json"))
-            .unwrap_err()
-            .to_string();
+        let e = ModelConfig::from_value(&v, Path::new("m/config.json")).unwrap_err().to_string();
         assert_eq!(e, "m/config.json: missing field `hidden_size`");
         let mut v = base();
         v["model_type"] = json!("llama");
-        let e = ModelConfig::from_value(&v, Path::new("config.json"))
-            .unwrap_err()
-            .to_string();
+        let e = ModelConfig::from_value(&v, Path::new("config.json")).unwrap_err().to_string();
         assert!(e.contains("unsupported model_type `llama`"), "{e}");
         let mut v = base();
         v["rope_parameters"] = json!({"rope_type": "yarn", "rope_theta": 1e4});
-        let e = ModelConfig::from_value(&v, Path::new("config.json"))
-            .unwrap_err()
-            .to_string();
+        let e = ModelConfig::from_value(&v, Path::new("config.json")).unwrap_err().to_string();
         assert!(e.contains("rope_parameters.rope_type"), "{e}");
         let mut v = base();
         v["num_experts_per_tok"] = json!("two");
-        let e = ModelConfig::from_value(&v, Path::new("config.json"))
-            .unwrap_err()
-            .to_string();
+        let e = ModelConfig::from_value(&v, Path::new("config.json")).unwrap_err().to_string();
         assert!(e.contains("`num_experts_per_tok`"), "{e}");
     }
 }

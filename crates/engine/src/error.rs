@@ -12,11 +12,7 @@ pub enum Error {
     #[error("{}: {}", .path.display(), .msg)]
     Config { path: PathBuf, msg: String },
     #[error("tensor `{name}` ({}): {msg}", .file.display())]
-    Tensor {
-        name: String,
-        file: PathBuf,
-        msg: String,
-    },
+    Tensor { name: String, file: PathBuf, msg: String },
     #[error("{0}")]
     Input(String),
     #[error("{0}")]
@@ -27,17 +23,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn file(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        Error::File {
-            path: path.as_ref().to_path_buf(),
-            msg: msg.into(),
-        }
+        Error::File { path: path.as_ref().to_path_buf(), msg: msg.into() }
     }
 
     pub fn config(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        Error::Config {
-            path: path.as_ref().to_path_buf(),
-            msg: msg.into(),
-        }
+        Error::Config { path: path.as_ref().to_path_buf(), msg: msg.into() }
     }
 
     pub fn input(msg: impl Into<String>) -> Self {

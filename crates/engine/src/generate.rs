@@ -74,13 +74,11 @@ impl Engine {
         let mut stop_ids = model.config.eos_token_ids.clone();
         let gen_cfg = dir.join("generation_config.json");
         if let Ok(text) = std::fs::read_to_string(&gen_cfg) {
-            let v: Json = serde_json::from_str(&text)
-                .map_err(|e| Error::file(&gen_cfg, format!("malformed JSON: {e}")))?;
+            let v: Json =
+                serde_json::from_str(&text).map_err(|e| Error::file(&gen_cfg, format!("malformed JSON: {e}")))?;
             match v.get("eos_token_id") {
                 Some(Json::Number(n)) => stop_ids.extend(n.as_u64().map(|x| x as u32)),
-                Some(Json::Array(a)) => {
-                    stop_ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)))
-                }
+                Some(Json::Array(a)) => stop_ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32))),
                 _ => {}
             }
         }
@@ -89,25 +87,12 @@ impl Engine {
         }
         stop_ids.sort_unstable();
         stop_ids.dedup();
-        Ok(Engine {
-            model,
-            tokenizer,
-            template,
-            model_dir: dir.to_path_buf(),
-            stop_ids,
-        })
+        Ok(Engine { model, tokenizer, template, model_dir: dir.to_path_buf(), stop_ids })
     }
 
     /// Renders OpenAI-style messages with the model's own chat template.
-    pub fn render_chat(
-        &self,
-        messages: &Json,
-        tools: Option<&Json>,
-        enable_thinking: Option<bool>,
-    ) -> Result<String> {
-        Ok(self
-            .template
-            .render(messages, tools, true, enable_thinking, None)?)
+    pub fn render_chat(&self, messages: &Json, tools: Option<&Json>, enable_thinking: Option<bool>) -> Result<String> {
+        Ok(self.template.render(messages, tools, true, enable_thinking, None)?)
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {

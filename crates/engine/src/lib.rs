@@ -10,6 +10,7 @@ pub mod cuda;
 pub mod error;
 pub mod experts;
 pub mod generate;
+pub mod memory;
 pub mod packed;
 pub mod qwen35;
 pub mod weights;

@@ -22,41 +22,24 @@ fn convert(dtype: Dtype, store_as: Dtype) -> tempfile_dir::Dir {
     let mut out: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
     for (name, t) in st.tensors() {
         assert_eq!(t.dtype(), Dtype::F32);
-        let vals = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()));
+        let vals = t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()));
         let data: Vec<u8> = match (dtype, store_as) {
-            (Dtype::BF16, Dtype::BF16) => vals
-                .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
-                .collect(),
-            (Dtype::F16, Dtype::F16) => vals
-                .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
-                .collect(),
-            (Dtype::BF16, Dtype::F32) => vals
-                .flat_map(|v| half::bf16::from_f32(v).to_f32().to_le_bytes())
-                .collect(),
-            (Dtype::F16, Dtype::F32) => vals
-                .flat_map(|v| half::f16::from_f32(v).to_f32().to_le_bytes())
-                .collect(),
+            (Dtype::BF16, Dtype::BF16) => vals.flat_map(|v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+            (Dtype::F16, Dtype::F16) => vals.flat_map(|v| half::f16::from_f32(v).to_le_bytes()).collect(),
+            (Dtype::BF16, Dtype::F32) => vals.flat_map(|v| half::bf16::from_f32(v).to_f32().to_le_bytes()).collect(),
+            (Dtype::F16, Dtype::F32) => vals.flat_map(|v| half::f16::from_f32(v).to_f32().to_le_bytes()).collect(),
             _ => unreachable!(),
         };
         out.push((name, data, t.shape().to_vec()));
     }
-    let views: Vec<(String, TensorView)> = out
-        .iter()
-        .map(|(n, d, s)| (n.clone(), TensorView::new(store_as, s.clone(), d).unwrap()))
-        .collect();
+    let views: Vec<(String, TensorView)> =
+        out.iter().map(|(n, d, s)| (n.clone(), TensorView::new(store_as, s.clone(), d).unwrap())).collect();
     safetensors::serialize_to_file(views, None, &dir.path.join("model.safetensors")).unwrap();
     dir
 }
 
 fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-    let d = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
+    let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
     d / b.iter().map(|x| x.abs()).fold(0.0, f32::max)
 }
 
@@ -71,16 +54,11 @@ fn half_precision_checkpoints_match_f32_of_the_rounded_values() {
         let mut st = rounded_f32.new_state();
         let want = rounded_f32.forward(&ids, &mut st, LogitsFor::All).unwrap();
         let m = Model::load(&convert(dtype, dtype).path).unwrap();
-        assert_eq!(
-            m.weights.expert_bytes() * 2,
-            original.weights.expert_bytes()
-        );
+        assert_eq!(m.weights.expert_bytes() * 2, original.weights.expert_bytes());
         for decode in [false, true] {
             let mut st = m.new_state();
             let got = if decode {
-                ids.iter()
-                    .flat_map(|&id| m.forward(&[id], &mut st, LogitsFor::Last).unwrap())
-                    .collect()
+                ids.iter().flat_map(|&id| m.forward(&[id], &mut st, LogitsFor::Last).unwrap()).collect()
             } else {
                 m.forward(&ids, &mut st, LogitsFor::All).unwrap()
             };
@@ -101,8 +79,7 @@ mod tempfile_dir {
     }
     impl Dir {
         pub fn new(tag: &str) -> Self {
-            let path =
-                std::env::temp_dir().join(format!("flashmoe-dtype-{tag}-{}", std::process::id()));
+            let path = std::env::temp_dir().join(format!("flashmoe-dtype-{tag}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&path);
             std::fs::create_dir_all(&path).unwrap();
             Dir { path }

@@ -9,15 +9,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../testdata/models")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models").join(name)
 }
 
 const IDS: [u32; 9] = [1, 5, 77, 300, 12, 260, 3, 199, 42];
 
 fn logits(dir: &Path) -> Vec<f32> {
-    let m = Model::load(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    logits_of(&Model::load(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())))
+}
+
+fn logits_of(m: &Model) -> Vec<f32> {
     let mut st = m.new_state();
     let mut out = m.forward(&IDS[..5], &mut st, LogitsFor::All).unwrap();
     for &id in &IDS[5..] {
@@ -27,30 +28,34 @@ fn logits(dir: &Path) -> Vec<f32> {
 }
 
 fn keep() -> ConvertOptions {
-    ConvertOptions {
-        expert: Target::Keep,
-        other: Target::Keep,
-        ..ConvertOptions::default()
-    }
+    ConvertOptions { expert: Target::Keep, other: Target::Keep, ..ConvertOptions::default() }
 }
 
 #[test]
 fn keep_conversion_gives_identical_logits() {
     let tmp = tempfile::tempdir().unwrap();
-    for name in [
-        "qwen35-moe-tiny",
-        "qwen35-moe-tiny-flat",
-        "qwen3-next-tiny",
-        "qwen35-moe-tiny-mlx4",
-    ] {
+    for name in ["qwen35-moe-tiny", "qwen35-moe-tiny-flat", "qwen3-next-tiny", "qwen35-moe-tiny-mlx4"] {
         let dst = tmp.path().join(name);
         let rep = convert(&fixture(name), &dst, &keep(), &()).unwrap();
         assert!(rep.rmse.is_empty(), "{name}: nothing was requantized");
-        assert_eq!(
-            logits(&fixture(name)),
-            logits(&dst),
-            "{name}: packed logits differ from the source"
-        );
+        let want = logits(&fixture(name));
+        assert_eq!(want, logits(&dst), "{name}: packed logits differ from the source");
+        // Streaming one expert buffer at a time, with a RAM cache, and mapped: all identical.
+        let mut m = Model::load_with(
+            &dst,
+            &flashmoe::qwen35::LoadOptions {
+                store: flashmoe::experts::StoreOptions { ram_cache_bytes: 1 << 20, ..Default::default() },
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        m.fetch_chunk = 1;
+        assert_eq!(want, logits_of(&m), "{name}: chunked streaming differs");
+        assert_eq!(want, logits_of(&m), "{name}: second pass (RAM cache hits) differs");
+        let io = m.expert_store.as_ref().unwrap().snapshot();
+        assert!(io.ram_hits > 0 && io.disk_reads > 0, "{io:?}");
+        let mapped = flashmoe::qwen35::LoadOptions { stream_experts: false, ..Default::default() };
+        assert_eq!(want, logits_of(&Model::load_with(&dst, &mapped).unwrap()), "{name}: mapped packed differs");
         let v = verify(&dst).unwrap();
         let m = Model::load(&dst).unwrap();
         assert_eq!(v.experts, m.config.num_layers * m.config.num_experts);
@@ -62,13 +67,7 @@ fn keep_conversion_gives_identical_logits() {
     }
     // The default options keep an MLX checkpoint's quantization as it is.
     let dst = tmp.path().join("mlx-default");
-    convert(
-        &fixture("qwen35-moe-tiny-mlx4"),
-        &dst,
-        &ConvertOptions::default(),
-        &(),
-    )
-    .unwrap();
+    convert(&fixture("qwen35-moe-tiny-mlx4"), &dst, &ConvertOptions::default(), &()).unwrap();
     assert_eq!(logits(&fixture("qwen35-moe-tiny-mlx4")), logits(&dst));
 }
 
@@ -76,17 +75,9 @@ fn keep_conversion_gives_identical_logits() {
 fn requantization_reports_rmse_per_layer_and_projection() {
     let tmp = tempfile::tempdir().unwrap();
     let dst = tmp.path().join("q2");
-    let opts = ConvertOptions {
-        expert: Target::Affine(2),
-        group_size: 32,
-        ..ConvertOptions::default()
-    };
+    let opts = ConvertOptions { expert: Target::Affine(2), group_size: 32, ..ConvertOptions::default() };
     let rep = convert(&fixture("qwen35-moe-tiny-mlx4"), &dst, &opts, &()).unwrap();
-    let rows: Vec<_> = rep
-        .rmse
-        .iter()
-        .filter(|r| r.projection.starts_with("experts."))
-        .collect();
+    let rows: Vec<_> = rep.rmse.iter().filter(|r| r.projection.starts_with("experts.")).collect();
     assert_eq!(rows.len(), 8 * 3, "one row per layer and projection");
     for r in &rows {
         assert_eq!((r.from.as_str(), r.to.as_str()), ("4-bit/g32", "2-bit/g32"));
@@ -94,11 +85,7 @@ fn requantization_reports_rmse_per_layer_and_projection() {
         assert!(r.rmse > 0.1 * r.rms && r.rmse < 0.6 * r.rms, "{r:?}");
     }
     let man = flashmoe::packed::Manifest::load(&dst).unwrap();
-    let gate = man.experts[0]
-        .components
-        .iter()
-        .find(|c| c.name == "gate_proj.weight")
-        .unwrap();
+    let gate = man.experts[0].components.iter().find(|c| c.name == "gate_proj.weight").unwrap();
     assert_eq!(gate.quant.as_ref().unwrap().bits, 2);
     // Smaller on disk than the 4-bit experts, and it runs.
     let src = flashmoe::packed::Manifest::load(&{
@@ -112,33 +99,15 @@ fn requantization_reports_rmse_per_layer_and_projection() {
 
     // Float source → 4-bit experts (group 32 so every expert matrix qualifies).
     let dst = tmp.path().join("f32-to-4");
-    let opts = ConvertOptions {
-        group_size: 32,
-        ..ConvertOptions::default()
-    };
+    let opts = ConvertOptions { group_size: 32, ..ConvertOptions::default() };
     let rep = convert(&fixture("qwen35-moe-tiny"), &dst, &opts, &()).unwrap();
-    let r = rep
-        .rmse
-        .iter()
-        .find(|r| r.projection == "experts.down_proj")
-        .unwrap();
+    let r = rep.rmse.iter().find(|r| r.projection == "experts.down_proj").unwrap();
     assert_eq!((r.from.as_str(), r.to.as_str()), ("f32", "4-bit/g32"));
-    let r = rep
-        .rmse
-        .iter()
-        .find(|r| r.projection == "linear_attn.in_proj_qkv")
-        .unwrap();
+    let r = rep.rmse.iter().find(|r| r.projection == "linear_attn.in_proj_qkv").unwrap();
     assert_eq!(r.to, "8-bit/g32");
-    let mapped = flashmoe::qwen35::LoadOptions {
-        stream_experts: false,
-        ..Default::default()
-    };
+    let mapped = flashmoe::qwen35::LoadOptions { stream_experts: false, ..Default::default() };
     let m = Model::load_with(&dst, &mapped).unwrap();
-    assert!(
-        m.weights.layers[0].moe.experts.resident().unwrap()[0]
-            .down
-            .is_quantized()
-    );
+    assert!(m.weights.layers[0].moe.experts.resident().unwrap()[0].down.is_quantized());
 }
 
 fn flip_byte(path: &Path, at: usize) {
@@ -156,24 +125,14 @@ fn verify_names_the_first_bad_expert_or_tensor() {
     let ef = &man.experts[5];
     flip_byte(&dst.join(&ef.file), 3 * ef.stride as usize + 100);
     let e = verify(&dst).unwrap_err().to_string();
-    assert!(
-        e.contains("experts/layer_005.bin") && e.contains("expert 3 of layer 5"),
-        "{e}"
-    );
+    assert!(e.contains("experts/layer_005.bin") && e.contains("expert 3 of layer 5"), "{e}");
 
     let dst = tmp.path().join("p2");
     convert(&fixture("qwen35-moe-tiny"), &dst, &keep(), &()).unwrap();
-    let t = man
-        .tensors
-        .iter()
-        .find(|t| t.name == "model.layers.2.linear_attn.in_proj_z.weight")
-        .unwrap();
+    let t = man.tensors.iter().find(|t| t.name == "model.layers.2.linear_attn.in_proj_z.weight").unwrap();
     flip_byte(&dst.join("weights.bin"), t.offset as usize + 7);
     let e = verify(&dst).unwrap_err().to_string();
-    assert!(
-        e.contains("weights.bin") && e.contains("model.layers.2.linear_attn.in_proj_z.weight"),
-        "{e}"
-    );
+    assert!(e.contains("weights.bin") && e.contains("model.layers.2.linear_attn.in_proj_z.weight"), "{e}");
 }
 
 /// Stops the conversion after a given number of source bytes, like an interrupted process.
@@ -189,13 +148,7 @@ impl ConvertProgress for StopAfter {
 fn interrupted_convert_leaves_nothing_that_looks_complete_and_can_be_rerun() {
     let tmp = tempfile::tempdir().unwrap();
     let dst = tmp.path().join("out");
-    let e = convert(
-        &fixture("qwen35-moe-tiny"),
-        &dst,
-        &keep(),
-        &StopAfter(1_000_000, AtomicU64::new(0)),
-    )
-    .unwrap_err();
+    let e = convert(&fixture("qwen35-moe-tiny"), &dst, &keep(), &StopAfter(1_000_000, AtomicU64::new(0))).unwrap_err();
     assert!(e.to_string().contains("cancelled"), "{e}");
     assert!(!dst.exists(), "no destination after an interrupted convert");
     let partial = tmp.path().join("out.partial");
@@ -205,19 +158,11 @@ fn interrupted_convert_leaves_nothing_that_looks_complete_and_can_be_rerun() {
     assert!(!partial.exists());
     verify(&dst).unwrap();
     // An existing destination is kept unless forced.
-    let e = convert(&fixture("qwen35-moe-tiny"), &dst, &keep(), &())
-        .unwrap_err()
-        .to_string();
+    let e = convert(&fixture("qwen35-moe-tiny"), &dst, &keep(), &()).unwrap_err().to_string();
     assert!(e.contains("already exists"), "{e}");
-    let force = ConvertOptions {
-        force: true,
-        ..keep()
-    };
+    let force = ConvertOptions { force: true, ..keep() };
     convert(&fixture("qwen3-next-tiny"), &dst, &force, &()).unwrap();
-    assert_eq!(
-        Model::load(&dst).unwrap().config.family,
-        flashmoe::config::Family::Qwen3Next
-    );
+    assert_eq!(Model::load(&dst).unwrap().config.family, flashmoe::config::Family::Qwen3Next);
 }
 
 #[test]
@@ -233,35 +178,17 @@ fn damaged_packed_models_give_clear_errors() {
     // A truncated expert file.
     let f = dst.join("experts/layer_002.bin");
     let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_len(len - 4096)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len - 4096).unwrap();
     let e = load_err(&dst);
-    assert!(
-        e.contains("experts/layer_002.bin") && e.contains("truncated or mismatched"),
-        "{e}"
-    );
-    assert!(
-        verify(&dst)
-            .unwrap_err()
-            .to_string()
-            .contains("layer_002.bin")
-    );
+    assert!(e.contains("experts/layer_002.bin") && e.contains("truncated or mismatched"), "{e}");
+    assert!(verify(&dst).unwrap_err().to_string().contains("layer_002.bin"));
 
     // A truncated weights file.
     let dst = tmp.path().join("p2");
     convert(&fixture("qwen35-moe-tiny"), &dst, &keep(), &()).unwrap();
     let f = dst.join("weights.bin");
     let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
     let e = load_err(&dst);
     assert!(e.contains("weights.bin") && e.contains("truncated"), "{e}");
 
@@ -272,10 +199,7 @@ fn damaged_packed_models_give_clear_errors() {
     let text = std::fs::read_to_string(&mpath).unwrap();
     std::fs::write(&mpath, text.replacen("\"version\":1", "\"version\":99", 1)).unwrap();
     let e = load_err(&dst);
-    assert!(
-        e.contains("manifest.json") && e.contains("version 99"),
-        "{e}"
-    );
+    assert!(e.contains("manifest.json") && e.contains("version 99"), "{e}");
     std::fs::write(&mpath, &text[..text.len() / 2]).unwrap();
     let e = load_err(&dst);
     assert!(e.contains("manifest.json: malformed manifest"), "{e}");
@@ -284,23 +208,12 @@ fn damaged_packed_models_give_clear_errors() {
     let dst = tmp.path().join("p4");
     convert(&fixture("qwen35-moe-tiny"), &dst, &keep(), &()).unwrap();
     let cpath = dst.join("config.json");
-    let cfg = std::fs::read_to_string(&cpath)
-        .unwrap()
-        .replace("\"num_experts\": 8", "\"num_experts\": 16");
+    let cfg = std::fs::read_to_string(&cpath).unwrap().replace("\"num_experts\": 8", "\"num_experts\": 16");
     std::fs::write(&cpath, cfg).unwrap();
     let e = load_err(&dst);
-    assert!(
-        e.contains("layer_000.bin: holds 8 experts but config.json says 16"),
-        "{e}"
-    );
+    assert!(e.contains("layer_000.bin: holds 8 experts but config.json says 16"), "{e}");
     // Mapped (not streamed), the same mismatch is caught at the missing tensor.
-    let mapped = flashmoe::qwen35::LoadOptions {
-        stream_experts: false,
-        ..Default::default()
-    };
+    let mapped = flashmoe::qwen35::LoadOptions { stream_experts: false, ..Default::default() };
     let e = Model::load_with(&dst, &mapped).err().unwrap().to_string();
-    assert!(
-        e.contains("experts.8.gate_proj.weight") && e.contains("not found"),
-        "{e}"
-    );
+    assert!(e.contains("experts.8.gate_proj.weight") && e.contains("not found"), "{e}");
 }

@@ -20,24 +20,14 @@ struct Reference {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 fn rows(v: &Value) -> Vec<Vec<f32>> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect())
         .collect()
 }
 
@@ -90,16 +80,10 @@ fn check_model(name: &str, tol: f32) {
 
     // 1. One batched prefill over the whole prompt.
     let mut st = model.new_state();
-    let prefill = split(
-        model.forward(&r.prompt, &mut st, LogitsFor::All).unwrap(),
-        v,
-    );
+    let prefill = split(model.forward(&r.prompt, &mut st, LogitsFor::All).unwrap(), v);
     let e = rel_err(&prefill, &r.logits);
     eprintln!("{name}: prefill vs transformers: {e:.3e}");
-    assert!(
-        e <= tol,
-        "{name}: prefill logits differ from transformers by {e:.3e} (tolerance {tol:.0e})"
-    );
+    assert!(e <= tol, "{name}: prefill logits differ from transformers by {e:.3e} (tolerance {tol:.0e})");
 
     // 2. Every token through the decode path, one at a time.
     let mut st = model.new_state();
@@ -109,25 +93,14 @@ fn check_model(name: &str, tol: f32) {
     }
     let e = rel_err(&decode, &r.logits);
     eprintln!("{name}: decode vs transformers: {e:.3e}");
-    assert!(
-        e <= tol,
-        "{name}: decode logits differ from transformers by {e:.3e}"
-    );
+    assert!(e <= tol, "{name}: decode logits differ from transformers by {e:.3e}");
     let e = rel_err(&decode, &prefill);
     eprintln!("{name}: decode vs prefill: {e:.3e}");
-    assert!(
-        e <= 1e-5,
-        "{name}: decode and prefill disagree by {e:.3e} (tolerance 1e-5)"
-    );
+    assert!(e <= 1e-5, "{name}: decode and prefill disagree by {e:.3e} (tolerance 1e-5)");
 
     // 3. Partial prefill then cached decode, against transformers' own cached decode.
     let mut st = model.new_state();
-    let mut mixed = split(
-        model
-            .forward(&r.prompt[..r.prefill_len], &mut st, LogitsFor::All)
-            .unwrap(),
-        v,
-    );
+    let mut mixed = split(model.forward(&r.prompt[..r.prefill_len], &mut st, LogitsFor::All).unwrap(), v);
     for &id in &r.prompt[r.prefill_len..] {
         mixed.push(model.forward(&[id], &mut st, LogitsFor::Last).unwrap());
     }
@@ -137,19 +110,14 @@ fn check_model(name: &str, tol: f32) {
 
     // 4. Greedy continuation.
     let mut st = model.new_state();
-    let mut logits = model
-        .forward(&r.greedy_prompt, &mut st, LogitsFor::Last)
-        .unwrap();
+    let mut logits = model.forward(&r.greedy_prompt, &mut st, LogitsFor::Last).unwrap();
     let mut out = Vec::new();
     for _ in 0..r.greedy_tokens.len() {
         let id = argmax(&logits);
         out.push(id);
         logits = model.forward(&[id], &mut st, LogitsFor::Last).unwrap();
     }
-    assert_eq!(
-        out, r.greedy_tokens,
-        "{name}: greedy continuation differs from transformers"
-    );
+    assert_eq!(out, r.greedy_tokens, "{name}: greedy continuation differs from transformers");
 }
 
 #[test]
@@ -177,16 +145,9 @@ fn mlx_checkpoint_is_detected_and_quantized() {
     let m = Model::load(&models_dir().join("qwen35-moe-tiny-mlx4")).unwrap();
     assert_eq!(m.weights.format, flashmoe::qwen35::SourceFormat::Mlx);
     assert!(m.weights.lm_head.is_quantized());
-    assert!(
-        m.weights.layers[0].moe.experts.resident().unwrap()[0]
-            .gate
-            .is_quantized()
-    );
+    assert!(m.weights.layers[0].moe.experts.resident().unwrap()[0].gate.is_quantized());
     let hf = Model::load(&models_dir().join("qwen35-moe-tiny")).unwrap();
-    assert_eq!(
-        hf.weights.format,
-        flashmoe::qwen35::SourceFormat::HuggingFace
-    );
+    assert_eq!(hf.weights.format, flashmoe::qwen35::SourceFormat::HuggingFace);
     // 4-bit weights with bf16 scales are well under a third of the f32 bytes.
     assert!(m.weights.expert_bytes() * 3 < hf.weights.expert_bytes());
 }
@@ -199,10 +160,7 @@ fn fewer_experts_changes_logits_and_is_reported() {
     m.set_experts_per_token(1).unwrap();
     assert!(!m.routing_is_exact());
     let mut st = m.new_state();
-    let got = split(
-        m.forward(&r.prompt, &mut st, LogitsFor::All).unwrap(),
-        m.config.vocab_size,
-    );
+    let got = split(m.forward(&r.prompt, &mut st, LogitsFor::All).unwrap(), m.config.vocab_size);
     assert!(rel_err(&got, &r.logits) > 1e-3);
     assert!(m.set_experts_per_token(0).is_err());
     assert!(m.set_experts_per_token(m.config.num_experts + 1).is_err());

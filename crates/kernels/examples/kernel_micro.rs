@@ -12,21 +12,14 @@ use flashmoe_kernels::{FloatType, MatRef, matvec_at};
 
 fn main() {
     let (rows, cols) = (64usize, 4096usize);
-    let x: Vec<f32> = (0..cols)
-        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-        .collect();
+    let x: Vec<f32> = (0..cols).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
     let mut y = vec![0f32; rows];
-    let sb: Vec<u8> = (0..rows * cols / 64)
-        .flat_map(|i| half::bf16::from_f32(0.01 + (i % 13) as f32 * 1e-3).to_le_bytes())
-        .collect();
-    let levels: Vec<SimdLevel> = SimdLevel::ALL
-        .into_iter()
-        .filter(|l| l.is_supported())
-        .collect();
+    let sb: Vec<u8> =
+        (0..rows * cols / 64).flat_map(|i| half::bf16::from_f32(0.01 + (i % 13) as f32 * 1e-3).to_le_bytes()).collect();
+    let levels: Vec<SimdLevel> = SimdLevel::ALL.into_iter().filter(|l| l.is_supported()).collect();
     for bits in [4u32, 2, 8] {
-        let w: Vec<u8> = (0..rows * cols * bits as usize / 8)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-            .collect();
+        let w: Vec<u8> =
+            (0..rows * cols * bits as usize / 8).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         let m = MatRef::affine(bits, 64, &w, &sb, &sb, FloatType::BF16, rows, cols).unwrap();
         for &level in &levels {
             let mut best = f64::MAX;

@@ -78,11 +78,7 @@ struct Stats {
 
 fn stats(mut v: Vec<f64>) -> Stats {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    Stats {
-        min: v[0],
-        med: v[v.len() / 2],
-        max: v[v.len() - 1],
-    }
+    Stats { min: v[0], med: v[v.len() / 2], max: v[v.len() - 1] }
 }
 
 /// Best-of-`reps` bandwidths in GB/s: (copy counting read + write bytes as
@@ -91,17 +87,14 @@ fn memory_bandwidth(bytes: usize, reps: usize) -> (Stats, Stats) {
     let n = bytes / 4;
     let mut src = vec![0f32; n];
     let mut dst = vec![0f32; n];
-    src.par_chunks_mut(1 << 16)
-        .for_each(|c| c.iter_mut().enumerate().for_each(|(i, v)| *v = i as f32));
+    src.par_chunks_mut(1 << 16).for_each(|c| c.iter_mut().enumerate().for_each(|(i, v)| *v = i as f32));
     dst.par_chunks_mut(1 << 16).for_each(|c| c.fill(1.0));
     let chunk = n / (rayon::current_num_threads() * 16);
     let mut copy = Vec::new();
     let mut read = Vec::new();
     for _ in 0..reps {
         let t = Instant::now();
-        dst.par_chunks_mut(chunk)
-            .zip(src.par_chunks(chunk))
-            .for_each(|(d, s)| d.copy_from_slice(s));
+        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
         copy.push(2.0 * (n * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
         black_box(&dst);
 
@@ -163,20 +156,13 @@ impl Copies {
                 [w, s, b]
             })
             .collect();
-        Copies {
-            bufs,
-            kind,
-            rows,
-            cols,
-        }
+        Copies { bufs, kind, rows, cols }
     }
 
     fn mat(&self, i: usize) -> MatRef<'_> {
         let [w, s, b] = &self.bufs[i % self.bufs.len()];
         match self.kind {
-            Kind::Affine(bits) => {
-                MatRef::affine(bits, 64, w, s, b, FloatType::BF16, self.rows, self.cols).unwrap()
-            }
+            Kind::Affine(bits) => MatRef::affine(bits, 64, w, s, b, FloatType::BF16, self.rows, self.cols).unwrap(),
             Kind::Float(dt) => MatRef::float(dt, w, self.rows, self.cols).unwrap(),
         }
     }
@@ -223,11 +209,7 @@ fn main() {
     let min_time = Duration::from_millis(if quick { 300 } else { 1500 });
     // `--only BITS ROWS`: a single affine configuration, for A/B experiments.
     let only_affine: Option<(u32, usize)> = args.iter().position(|a| a == "--only").map(|i| {
-        let p = |j: usize| {
-            args.get(i + j)
-                .and_then(|s| s.parse().ok())
-                .expect("--only BITS ROWS")
-        };
+        let p = |j: usize| args.get(i + j).and_then(|s| s.parse().ok()).expect("--only BITS ROWS");
         (p(1) as u32, p(2))
     });
     let ws = working_set();
@@ -238,10 +220,7 @@ fn main() {
         rayon::current_num_threads(),
         ws >> 20
     );
-    let (copy, read) = memory_bandwidth(
-        (gib * (1u64 << 30) as f64) as usize,
-        if quick { 3 } else { 8 },
-    );
+    let (copy, read) = memory_bandwidth((gib * (1u64 << 30) as f64) as usize, if quick { 3 } else { 8 });
     println!(
         "memory bandwidth ({gib} GiB buffers): copy {:.1} GB/s (best; median {:.1}), read-only sum {:.1} GB/s (best; median {:.1})",
         copy.max, copy.med, read.max, read.med
@@ -274,12 +253,7 @@ fn main() {
         );
     };
 
-    let shapes = [
-        (1024usize, 4096usize),
-        (4096, 1024),
-        (16384, 4096),
-        (248320, 4096),
-    ];
+    let shapes = [(1024usize, 4096usize), (4096, 1024), (16384, 4096), (248320, 4096)];
     let mut seed = 1;
     for bits in [4u32, 2, 8] {
         for (rows, cols) in shapes {
@@ -308,9 +282,7 @@ fn main() {
         let c = Copies::new(Kind::Affine(4), 1024, 4096, seed, ws);
         seed += 1000;
         let mut y = vec![0f32; 1024];
-        let v = time_calls(&c, min_time, |m| {
-            matvec_at(SimdLevel::Scalar, m, &x_max[..4096], &mut y)
-        });
+        let v = time_calls(&c, min_time, |m| matvec_at(SimdLevel::Scalar, m, &x_max[..4096], &mut y));
         report(&c, v, " (scalar path)");
     }
 

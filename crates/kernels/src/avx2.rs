@@ -66,20 +66,12 @@ pub(crate) unsafe fn float_matvec<E: Elem>(data: &[u8], cols: usize, x: &[f32], 
             while c + 32 <= cols {
                 for (i, ai) in a.iter_mut().enumerate() {
                     let o = c + 8 * i;
-                    *ai = _mm256_fmadd_ps(
-                        load8::<E>(p.add(o * E::SIZE)),
-                        _mm256_loadu_ps(xp.add(o)),
-                        *ai,
-                    );
+                    *ai = _mm256_fmadd_ps(load8::<E>(p.add(o * E::SIZE)), _mm256_loadu_ps(xp.add(o)), *ai);
                 }
                 c += 32;
             }
             while c + 8 <= cols {
-                a[0] = _mm256_fmadd_ps(
-                    load8::<E>(p.add(c * E::SIZE)),
-                    _mm256_loadu_ps(xp.add(c)),
-                    a[0],
-                );
+                a[0] = _mm256_fmadd_ps(load8::<E>(p.add(c * E::SIZE)), _mm256_loadu_ps(xp.add(c)), a[0]);
                 c += 8;
             }
             let v = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
@@ -189,11 +181,7 @@ pub(crate) unsafe fn affine_matvec<E: Elem, const B: u32>(
     let wpg = group_size / epw;
     let rows = y.len();
     assert!(wpg.is_multiple_of(4) && ng * group_size == cols);
-    assert!(
-        w.len() >= rows * nw * 4
-            && s.len() >= rows * ng * E::SIZE
-            && b.len() >= rows * ng * E::SIZE
-    );
+    assert!(w.len() >= rows * nw * 4 && s.len() >= rows * ng * E::SIZE && b.len() >= rows * ng * E::SIZE);
     assert!(xp.len() == cols && sx.len() == ng);
     let nchunks = nw / 8;
     let has_tail = !nw.is_multiple_of(8);
@@ -213,8 +201,7 @@ pub(crate) unsafe fn affine_matvec<E: Elem, const B: u32>(
                     let mut acc = _mm256_setzero_ps();
                     for c in g * cpg..(g + 1) * cpg {
                         prefetch(wr.wrapping_add(c * 32 + PREFETCH_DIST));
-                        acc =
-                            _mm256_add_ps(acc, chunk_dot::<B>(wr.add(c * 32), xq.add(c * 8 * epw)));
+                        acc = _mm256_add_ps(acc, chunk_dot::<B>(wr.add(c * 32), xq.add(c * 8 * epw)));
                     }
                     racc = _mm256_fmadd_ps(acc, _mm256_set1_ps(E::get_raw(sr, g)), racc);
                 }
@@ -226,18 +213,10 @@ pub(crate) unsafe fn affine_matvec<E: Elem, const B: u32>(
                     let acc = chunk_dot::<B>(wr.add(c * 32), xq.add(c * 8 * epw));
                     // wpg == 4 is the common case (2-bit, group 64);
                     // avoid two divisions per chunk for it.
-                    let (glo, ghi) = if wpg == 4 {
-                        (2 * c, 2 * c + 1)
-                    } else {
-                        (c * 8 / wpg, (c * 8 + 4) / wpg)
-                    };
+                    let (glo, ghi) = if wpg == 4 { (2 * c, 2 * c + 1) } else { (c * 8 / wpg, (c * 8 + 4) / wpg) };
                     let lo = E::get_raw(sr, glo);
                     let hi = E::get_raw(sr, ghi);
-                    racc = _mm256_fmadd_ps(
-                        acc,
-                        _mm256_set_m128(_mm_set1_ps(hi), _mm_set1_ps(lo)),
-                        racc,
-                    );
+                    racc = _mm256_fmadd_ps(acc, _mm256_set_m128(_mm_set1_ps(hi), _mm_set1_ps(lo)), racc);
                 }
             }
             let mut tail = 0.0;
@@ -249,11 +228,7 @@ pub(crate) unsafe fn affine_matvec<E: Elem, const B: u32>(
             let mut bacc = _mm256_setzero_ps();
             let mut g = 0;
             while g + 8 <= ng {
-                bacc = _mm256_fmadd_ps(
-                    load8::<E>(br.add(g * E::SIZE)),
-                    _mm256_loadu_ps(sxq.add(g)),
-                    bacc,
-                );
+                bacc = _mm256_fmadd_ps(load8::<E>(br.add(g * E::SIZE)), _mm256_loadu_ps(sxq.add(g)), bacc);
                 g += 8;
             }
             let mut bsum = 0.0;
@@ -365,11 +340,7 @@ pub(crate) unsafe fn dot_tiles(
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile<const R: usize, const T: usize>(
-    w: [*const f32; R],
-    x: [*const f32; T],
-    cols: usize,
-) -> [[f32; T]; R] {
+unsafe fn tile<const R: usize, const T: usize>(w: [*const f32; R], x: [*const f32; T], cols: usize) -> [[f32; T]; R] {
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); T]; R];
         let mut c = 0;

@@ -53,21 +53,13 @@ unsafe fn load16<E: Elem>(p: *const u8) -> __m512 {
 /// chunk, whose x' block is `lanes` wide).
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn chunk_dot<const B: u32, const FULL: bool>(
-    wp: *const u8,
-    xp: *const f32,
-    lanes: usize,
-) -> __m512 {
+unsafe fn chunk_dot<const B: u32, const FULL: bool>(wp: *const u8, xp: *const f32, lanes: usize) -> __m512 {
     let epw = (32 / B) as usize;
     let mask = (1u32 << B) - 1;
     let lm: __mmask16 = if FULL { 0xffff } else { (1u16 << lanes) - 1 };
     let stride = if FULL { 16 } else { lanes };
     unsafe {
-        let v = if FULL {
-            _mm512_loadu_si512(wp.cast())
-        } else {
-            _mm512_maskz_loadu_epi32(lm, wp.cast())
-        };
+        let v = if FULL { _mm512_loadu_si512(wp.cast()) } else { _mm512_maskz_loadu_epi32(lm, wp.cast()) };
         let mut a0 = _mm512_setzero_ps();
         let mut a1 = _mm512_setzero_ps();
         for k in 0..epw {
@@ -77,11 +69,7 @@ unsafe fn chunk_dot<const B: u32, const FULL: bool>(
                 _mm512_srl_epi32(v, _mm_cvtsi32_si128((32 - B) as i32))
             };
             let t = _mm512_cvtepi32_ps(q);
-            let xv = if FULL {
-                _mm512_loadu_ps(xp.add(k * 16))
-            } else {
-                _mm512_maskz_loadu_ps(lm, xp.add(k * stride))
-            };
+            let xv = if FULL { _mm512_loadu_ps(xp.add(k * 16)) } else { _mm512_maskz_loadu_ps(lm, xp.add(k * stride)) };
             if k % 2 == 0 {
                 a0 = _mm512_fmadd_ps(t, xv, a0);
             } else {
@@ -123,11 +111,7 @@ pub(crate) unsafe fn affine_matvec<E: Elem, const B: u32>(
     let wpg = group_size / epw;
     let rows = y.len();
     assert!(supports(B, group_size, cols) && ng * group_size == cols);
-    assert!(
-        w.len() >= rows * nw * 4
-            && s.len() >= rows * ng * E::SIZE
-            && b.len() >= rows * ng * E::SIZE
-    );
+    assert!(w.len() >= rows * nw * 4 && s.len() >= rows * ng * E::SIZE && b.len() >= rows * ng * E::SIZE);
     assert!(xp.len() == cols && sx.len() == ng);
     let nchunks = nw / 16;
     // Only meaningful when wpg < 16, i.e. 4 or 8 (a multiplication instead of
@@ -228,11 +212,7 @@ pub(crate) unsafe fn dot_tiles(
             let nt = (n - t).min(4);
             let xin = |i: usize| x.as_ptr().add((t + i) * cols);
             if tr == 4 && nt == 4 {
-                let r = tile::<4, 4>(
-                    [rowp(0), rowp(1), rowp(2), rowp(3)],
-                    [xin(0), xin(1), xin(2), xin(3)],
-                    cols,
-                );
+                let r = tile::<4, 4>([rowp(0), rowp(1), rowp(2), rowp(3)], [xin(0), xin(1), xin(2), xin(3)], cols);
                 for (j, rj) in r.iter().enumerate() {
                     for (i, v) in rj.iter().enumerate() {
                         put(t + i, j, *v);
@@ -259,11 +239,7 @@ pub(crate) unsafe fn dot_tiles(
 
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn tile<const R: usize, const T: usize>(
-    w: [*const f32; R],
-    x: [*const f32; T],
-    cols: usize,
-) -> [[f32; T]; R] {
+unsafe fn tile<const R: usize, const T: usize>(w: [*const f32; R], x: [*const f32; T], cols: usize) -> [[f32; T]; R] {
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); T]; R];
         let mut step = |c: usize, m: __mmask16| {

@@ -45,9 +45,7 @@ impl SimdLevel {
 
 #[cfg(target_arch = "x86_64")]
 fn avx2_supported() -> bool {
-    is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c")
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -76,10 +74,7 @@ pub fn detected() -> SimdLevel {
             Ok("avx2") => SimdLevel::Avx2Fma,
             _ => SimdLevel::Avx512,
         };
-        SimdLevel::ALL
-            .into_iter()
-            .rfind(|l| *l as u8 <= cap as u8 && l.is_supported())
-            .unwrap_or(SimdLevel::Scalar)
+        SimdLevel::ALL.into_iter().rfind(|l| *l as u8 <= cap as u8 && l.is_supported()).unwrap_or(SimdLevel::Scalar)
     })
 }
 

@@ -81,12 +81,7 @@ fn checked_len(what: &str, dims: &[usize]) -> Result<usize, KernelError> {
 
 impl<'a> MatRef<'a> {
     /// A float matrix; `data` must hold exactly `rows * cols` elements.
-    pub fn float(
-        dtype: FloatType,
-        data: &'a [u8],
-        rows: usize,
-        cols: usize,
-    ) -> Result<Self, KernelError> {
+    pub fn float(dtype: FloatType, data: &'a [u8], rows: usize, cols: usize) -> Result<Self, KernelError> {
         let want = checked_len("float matrix", &[rows, cols, dtype.size()])?;
         if data.len() != want {
             return Err(KernelError::BadShape(format!(
@@ -94,11 +89,7 @@ impl<'a> MatRef<'a> {
                 data.len()
             )));
         }
-        Ok(MatRef {
-            data: MatData::Float { dtype, data },
-            rows,
-            cols,
-        })
+        Ok(MatRef { data: MatData::Float { dtype, data }, rows, cols })
     }
 
     /// An MLX affine-quantized matrix. Checks `bits`, the divisibility of
@@ -115,9 +106,7 @@ impl<'a> MatRef<'a> {
         cols: usize,
     ) -> Result<Self, KernelError> {
         if !matches!(bits, 2 | 4 | 8) {
-            return Err(KernelError::Unsupported(format!(
-                "affine bits must be 2, 4 or 8, got {bits}"
-            )));
+            return Err(KernelError::Unsupported(format!("affine bits must be 2, 4 or 8, got {bits}")));
         }
         let per_word = (32 / bits) as usize;
         if group_size == 0 || !group_size.is_multiple_of(per_word) {
@@ -126,9 +115,7 @@ impl<'a> MatRef<'a> {
             )));
         }
         if !cols.is_multiple_of(group_size) {
-            return Err(KernelError::BadShape(format!(
-                "cols {cols} is not a multiple of group_size {group_size}"
-            )));
+            return Err(KernelError::BadShape(format!("cols {cols} is not a multiple of group_size {group_size}")));
         }
         let want_w = checked_len("affine weight", &[rows, cols / per_word, 4])?;
         if weight.len() != want_w {
@@ -147,18 +134,7 @@ impl<'a> MatRef<'a> {
                 )));
             }
         }
-        Ok(MatRef {
-            data: MatData::Affine {
-                bits,
-                group_size,
-                weight,
-                scales,
-                biases,
-                sb_dtype,
-            },
-            rows,
-            cols,
-        })
+        Ok(MatRef { data: MatData::Affine { bits, group_size, weight, scales, biases, sb_dtype }, rows, cols })
     }
 
     /// View of rows `start..start + len`. Panics when out of range.
@@ -171,19 +147,9 @@ impl<'a> MatRef<'a> {
         let data = match self.data {
             MatData::Float { dtype, data } => {
                 let rb = self.cols * dtype.size();
-                MatData::Float {
-                    dtype,
-                    data: &data[start * rb..(start + len) * rb],
-                }
+                MatData::Float { dtype, data: &data[start * rb..(start + len) * rb] }
             }
-            MatData::Affine {
-                bits,
-                group_size,
-                weight,
-                scales,
-                biases,
-                sb_dtype,
-            } => {
+            MatData::Affine { bits, group_size, weight, scales, biases, sb_dtype } => {
                 let wb = self.cols * bits as usize / 8;
                 let sb = self.cols / group_size * sb_dtype.size();
                 MatData::Affine {
@@ -196,23 +162,14 @@ impl<'a> MatRef<'a> {
                 }
             }
         };
-        MatRef {
-            data,
-            rows: len,
-            cols: self.cols,
-        }
+        MatRef { data, rows: len, cols: self.cols }
     }
 
     /// Bytes one full pass over the matrix reads.
     pub fn bytes(&self) -> usize {
         match self.data {
             MatData::Float { data, .. } => data.len(),
-            MatData::Affine {
-                weight,
-                scales,
-                biases,
-                ..
-            } => weight.len() + scales.len() + biases.len(),
+            MatData::Affine { weight, scales, biases, .. } => weight.len() + scales.len() + biases.len(),
         }
     }
 }
@@ -284,11 +241,7 @@ impl AffineKernel {
             return AffineKernel::Avx512;
         }
         let _ = cols;
-        if level != SimdLevel::Scalar && wpg.is_multiple_of(4) {
-            AffineKernel::Avx2
-        } else {
-            AffineKernel::Scalar
-        }
+        if level != SimdLevel::Scalar && wpg.is_multiple_of(4) { AffineKernel::Avx2 } else { AffineKernel::Scalar }
     }
 
     /// Vector width in words, which sets the layout of the permuted x.
@@ -318,11 +271,7 @@ pub fn dequant_row(m: &MatRef, row: usize, out: &mut [f32]) {
 }
 
 fn check_level(level: SimdLevel) {
-    assert!(
-        level.is_supported(),
-        "SIMD level {} is not supported on this CPU",
-        level.name()
-    );
+    assert!(level.is_supported(), "SIMD level {} is not supported on this CPU", level.name());
 }
 
 /// [`matvec`] on an explicit SIMD level (for tests and benchmarks).
@@ -343,12 +292,7 @@ pub fn matvec_at(level: SimdLevel, m: &MatRef, x: &[f32], y: &mut [f32]) {
         MatData::Float { dtype, .. } => with_elem!(dtype, E => {
             for_row_blocks(m, y, |sub, ys| float_matvec_block::<E>(level, sub, x, ys));
         }),
-        MatData::Affine {
-            bits,
-            group_size,
-            sb_dtype,
-            ..
-        } => {
+        MatData::Affine { bits, group_size, sb_dtype, .. } => {
             let ng = m.cols / group_size;
             let kernel = AffineKernel::pick(level, bits, group_size, m.cols);
             let simd = kernel != AffineKernel::Scalar;
@@ -375,9 +319,7 @@ pub fn matvec_at(level: SimdLevel, m: &MatRef, x: &[f32], y: &mut [f32]) {
 }
 
 fn float_matvec_block<E: Elem>(level: SimdLevel, m: &MatRef, x: &[f32], y: &mut [f32]) {
-    let MatData::Float { data, .. } = m.data else {
-        unreachable!()
-    };
+    let MatData::Float { data, .. } = m.data else { unreachable!() };
     match level {
         SimdLevel::Scalar => scalar::float_matvec::<E>(data, m.cols, x, y),
         #[cfg(target_arch = "x86_64")]
@@ -390,25 +332,8 @@ fn float_matvec_block<E: Elem>(level: SimdLevel, m: &MatRef, x: &[f32], y: &mut 
     }
 }
 
-fn affine_matvec_block<E: Elem>(
-    kernel: AffineKernel,
-    m: &MatRef,
-    x: &[f32],
-    xp: &[f32],
-    sx: &[f32],
-    y: &mut [f32],
-) {
-    let MatData::Affine {
-        bits,
-        group_size,
-        weight,
-        scales,
-        biases,
-        ..
-    } = m.data
-    else {
-        unreachable!()
-    };
+fn affine_matvec_block<E: Elem>(kernel: AffineKernel, m: &MatRef, x: &[f32], xp: &[f32], sx: &[f32], y: &mut [f32]) {
+    let MatData::Affine { bits, group_size, weight, scales, biases, .. } = m.data else { unreachable!() };
     let cols = m.cols;
     if kernel == AffineKernel::Scalar {
         match bits {
@@ -425,15 +350,9 @@ fn affine_matvec_block<E: Elem>(
     unsafe {
         let (gs, w, s, b) = (group_size, weight, scales, biases);
         match (kernel, bits) {
-            (AffineKernel::Avx512, 2) => {
-                avx512::affine_matvec::<E, 2>(gs, w, s, b, cols, xp, sx, y)
-            }
-            (AffineKernel::Avx512, 4) => {
-                avx512::affine_matvec::<E, 4>(gs, w, s, b, cols, xp, sx, y)
-            }
-            (AffineKernel::Avx512, 8) => {
-                avx512::affine_matvec::<E, 8>(gs, w, s, b, cols, xp, sx, y)
-            }
+            (AffineKernel::Avx512, 2) => avx512::affine_matvec::<E, 2>(gs, w, s, b, cols, xp, sx, y),
+            (AffineKernel::Avx512, 4) => avx512::affine_matvec::<E, 4>(gs, w, s, b, cols, xp, sx, y),
+            (AffineKernel::Avx512, 8) => avx512::affine_matvec::<E, 8>(gs, w, s, b, cols, xp, sx, y),
             (_, 2) => avx2::affine_matvec::<E, 2>(gs, w, s, b, cols, xp, sx, y),
             (_, 4) => avx2::affine_matvec::<E, 4>(gs, w, s, b, cols, xp, sx, y),
             (_, 8) => avx2::affine_matvec::<E, 8>(gs, w, s, b, cols, xp, sx, y),
@@ -458,13 +377,7 @@ fn affine_matvec_block<E: Elem>(
 fn permute_x(bits: u32, lanes: usize, x: &[f32], xp: &mut [f32]) {
     let epw = (32 / bits) as usize;
     let nw = x.len() / epw;
-    let scale = |k: usize| -> f32 {
-        if k + 1 == epw {
-            1.0
-        } else {
-            f32::from_bits((127 - bits * k as u32) << 23)
-        }
-    };
+    let scale = |k: usize| -> f32 { if k + 1 == epw { 1.0 } else { f32::from_bits((127 - bits * k as u32) << 23) } };
     let mut out = 0;
     let mut w0 = 0;
     while w0 < nw {
@@ -534,9 +447,7 @@ pub fn matmul_at(level: SimdLevel, m: &MatRef, x: &[f32], n: usize, y: &mut [f32
     if use_parallel(rows * cols * n, rows) {
         let blocks = rayon::current_num_threads() * 4;
         let block = rows.div_ceil(blocks).next_multiple_of(MM_TILE);
-        (0..rows.div_ceil(block))
-            .into_par_iter()
-            .for_each(|b| work(b * block, ((b + 1) * block).min(rows)));
+        (0..rows.div_ceil(block)).into_par_iter().for_each(|b| work(b * block, ((b + 1) * block).min(rows)));
     } else {
         work(0, rows);
     }
@@ -592,14 +503,7 @@ pub fn dequant_row_at(level: SimdLevel, m: &MatRef, row: usize, out: &mut [f32])
                 SimdLevel::Avx2Fma | SimdLevel::Avx512 => unreachable!(),
             }
         }),
-        MatData::Affine {
-            bits,
-            group_size,
-            weight,
-            scales,
-            biases,
-            sb_dtype,
-        } => with_elem!(sb_dtype, E => {
+        MatData::Affine { bits, group_size, weight, scales, biases, sb_dtype } => with_elem!(sb_dtype, E => {
             let wb = cols * bits as usize / 8;
             let ng = cols / group_size;
             let w = &weight[row * wb..(row + 1) * wb];

@@ -83,13 +83,7 @@ pub(crate) fn affine_matvec<E: Elem, const B: u32>(
     }
 }
 
-pub(crate) fn affine_row<E: Elem, const B: u32>(
-    group_size: usize,
-    w: &[u8],
-    s: &[u8],
-    b: &[u8],
-    out: &mut [f32],
-) {
+pub(crate) fn affine_row<E: Elem, const B: u32>(group_size: usize, w: &[u8], s: &[u8], b: &[u8], out: &mut [f32]) {
     let epw = (32 / B) as usize;
     let mask = (1u32 << B) - 1;
     for (g, og) in out.chunks_exact_mut(group_size).enumerate() {

@@ -2,17 +2,12 @@
 //! independently of the library code.
 
 use flashmoe_kernels::cpu_features::SimdLevel;
-use flashmoe_kernels::{
-    FloatType, KernelError, MatRef, dequant_row_at, matmul, matmul_at, matvec, matvec_at,
-};
+use flashmoe_kernels::{FloatType, KernelError, MatRef, dequant_row_at, matmul, matmul_at, matvec, matvec_at};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 fn levels() -> Vec<SimdLevel> {
-    SimdLevel::ALL
-        .into_iter()
-        .filter(|l| l.is_supported())
-        .collect()
+    SimdLevel::ALL.into_iter().filter(|l| l.is_supported()).collect()
 }
 
 fn encode(dtype: FloatType, vals: &[f32]) -> Vec<u8> {
@@ -30,12 +25,8 @@ fn encode(dtype: FloatType, vals: &[f32]) -> Vec<u8> {
 fn decode(dtype: FloatType, bytes: &[u8], i: usize) -> f64 {
     match dtype {
         FloatType::F32 => f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()) as f64,
-        FloatType::F16 => {
-            half::f16::from_le_bytes(bytes[2 * i..2 * i + 2].try_into().unwrap()).to_f64()
-        }
-        FloatType::BF16 => {
-            half::bf16::from_le_bytes(bytes[2 * i..2 * i + 2].try_into().unwrap()).to_f64()
-        }
+        FloatType::F16 => half::f16::from_le_bytes(bytes[2 * i..2 * i + 2].try_into().unwrap()).to_f64(),
+        FloatType::BF16 => half::bf16::from_le_bytes(bytes[2 * i..2 * i + 2].try_into().unwrap()).to_f64(),
     }
 }
 
@@ -65,31 +56,15 @@ enum Kind {
 
 impl TestMat {
     fn float(rng: &mut StdRng, dtype: FloatType, rows: usize, cols: usize, off: usize) -> Self {
-        let vals: Vec<f32> = (0..rows * cols)
-            .map(|_| rng.random_range(-1.0..1.0))
-            .collect();
+        let vals: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
         let bytes = encode(dtype, &vals);
         let dense = (0..rows * cols).map(|i| decode(dtype, &bytes, i)).collect();
         let (v, s) = misalign(&bytes, off);
-        TestMat {
-            bufs: vec![(v, s, bytes.len())],
-            kind: Kind::Float(dtype),
-            rows,
-            cols,
-            dense,
-        }
+        TestMat { bufs: vec![(v, s, bytes.len())], kind: Kind::Float(dtype), rows, cols, dense }
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn affine(
-        rng: &mut StdRng,
-        bits: u32,
-        gs: usize,
-        sbt: FloatType,
-        rows: usize,
-        cols: usize,
-        off: usize,
-    ) -> Self {
+    fn affine(rng: &mut StdRng, bits: u32, gs: usize, sbt: FloatType, rows: usize, cols: usize, off: usize) -> Self {
         let per_word = 32 / bits as usize;
         let nwords = rows * cols / per_word;
         let words: Vec<u32> = (0..nwords).map(|_| rng.random()).collect();
@@ -98,10 +73,8 @@ impl TestMat {
         let scales: Vec<f32> = (0..ng).map(|_| rng.random_range(0.001..0.1)).collect();
         // MLX stores bias ≈ -scale·2^(bits-1) (the group minimum), so the
         // Σq·x and Σx terms partly cancel; mimic that to stress precision.
-        let biases: Vec<f32> = scales
-            .iter()
-            .map(|s| -s * (1u32 << (bits - 1)) as f32 + rng.random_range(-0.01..0.01))
-            .collect();
+        let biases: Vec<f32> =
+            scales.iter().map(|s| -s * (1u32 << (bits - 1)) as f32 + rng.random_range(-0.01..0.01)).collect();
         let sb = encode(sbt, &scales);
         let bb = encode(sbt, &biases);
         let mask = (1u64 << bits) - 1;
@@ -122,13 +95,7 @@ impl TestMat {
                 (v, s, b.len())
             })
             .collect();
-        TestMat {
-            bufs,
-            kind: Kind::Affine(bits, gs, sbt),
-            rows,
-            cols,
-            dense,
-        }
+        TestMat { bufs, kind: Kind::Affine(bits, gs, sbt), rows, cols, dense }
     }
 
     fn buf(&self, i: usize) -> &[u8] {
@@ -139,17 +106,9 @@ impl TestMat {
     fn mat(&self) -> MatRef<'_> {
         match self.kind {
             Kind::Float(dt) => MatRef::float(dt, self.buf(0), self.rows, self.cols).unwrap(),
-            Kind::Affine(bits, gs, sbt) => MatRef::affine(
-                bits,
-                gs,
-                self.buf(0),
-                self.buf(1),
-                self.buf(2),
-                sbt,
-                self.rows,
-                self.cols,
-            )
-            .unwrap(),
+            Kind::Affine(bits, gs, sbt) => {
+                MatRef::affine(bits, gs, self.buf(0), self.buf(1), self.buf(2), sbt, self.rows, self.cols).unwrap()
+            }
         }
     }
 
@@ -220,11 +179,7 @@ fn affine_all_bits_groups_dtypes() {
             for (i, sbt) in SB_TYPES.into_iter().enumerate() {
                 for (rows, cols) in [(1, gs), (7, 3 * gs), (5, 512), (3, 1024)] {
                     let tm = TestMat::affine(&mut rng, bits, gs, sbt, rows, cols, i + 1);
-                    exercise(
-                        &tm,
-                        &mut rng,
-                        &format!("affine b{bits} gs{gs} {sbt:?} {rows}x{cols}"),
-                    );
+                    exercise(&tm, &mut rng, &format!("affine b{bits} gs{gs} {sbt:?} {rows}x{cols}"));
                 }
             }
         }
@@ -255,11 +210,7 @@ fn affine_odd_shapes_and_group_sizes() {
     for (bits, gs, cols) in cases {
         for rows in [1usize, 7, 13] {
             let tm = TestMat::affine(&mut rng, bits, gs, FloatType::BF16, rows, cols, rows % 4);
-            exercise(
-                &tm,
-                &mut rng,
-                &format!("affine b{bits} gs{gs} {rows}x{cols}"),
-            );
+            exercise(&tm, &mut rng, &format!("affine b{bits} gs{gs} {rows}x{cols}"));
         }
     }
 }
@@ -278,15 +229,7 @@ fn affine_large_threaded() {
 fn float_all_dtypes() {
     let mut rng = StdRng::seed_from_u64(4);
     for dt in SB_TYPES {
-        for (rows, cols) in [
-            (1, 1),
-            (1, 64),
-            (7, 37),
-            (64, 64),
-            (3, 96),
-            (9, 4096),
-            (300, 1000),
-        ] {
+        for (rows, cols) in [(1, 1), (1, 64), (7, 37), (64, 64), (3, 96), (9, 4096), (300, 1000)] {
             for off in [0usize, 1, 3] {
                 let tm = TestMat::float(&mut rng, dt, rows, cols, off);
                 exercise(&tm, &mut rng, &format!("float {dt:?} {rows}x{cols}+{off}"));
@@ -314,10 +257,7 @@ fn matmul_matches_repeated_matvec() {
             matvec(&m, &xs[t * tm.cols..(t + 1) * tm.cols], &mut y);
             for r in 0..tm.rows {
                 let (a, b) = (ys[t * tm.rows + r], y[r]);
-                assert!(
-                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                    "t={t} r={r}: {a} vs {b}"
-                );
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "t={t} r={r}: {a} vs {b}");
             }
         }
     }
@@ -382,36 +322,9 @@ fn construction_errors() {
     bad(MatRef::affine(4, 0, &w, &sb, &sb, FloatType::BF16, 2, 64));
     bad(MatRef::affine(4, 12, &w, &sb, &sb, FloatType::BF16, 2, 60));
     bad(MatRef::affine(4, 32, &w, &sb, &sb, FloatType::BF16, 2, 48));
-    bad(MatRef::affine(
-        4,
-        64,
-        &w[1..],
-        &sb,
-        &sb,
-        FloatType::BF16,
-        2,
-        64,
-    ));
-    bad(MatRef::affine(
-        4,
-        64,
-        &w,
-        &sb[1..],
-        &sb,
-        FloatType::BF16,
-        2,
-        64,
-    ));
-    bad(MatRef::affine(
-        4,
-        64,
-        &w,
-        &sb,
-        &sb[..2],
-        FloatType::BF16,
-        2,
-        64,
-    ));
+    bad(MatRef::affine(4, 64, &w[1..], &sb, &sb, FloatType::BF16, 2, 64));
+    bad(MatRef::affine(4, 64, &w, &sb[1..], &sb, FloatType::BF16, 2, 64));
+    bad(MatRef::affine(4, 64, &w, &sb, &sb[..2], FloatType::BF16, 2, 64));
     bad(MatRef::affine(4, 64, &w, &sb, &sb, FloatType::F32, 2, 64));
     bad(MatRef::float(FloatType::BF16, &w, 3, 3));
     bad(MatRef::float(FloatType::F32, &w, usize::MAX, 2));

@@ -33,15 +33,8 @@ pub const CHATML_TEMPLATE: &str = "{%- for message in messages %}\
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
 
 /// Special-token attributes transformers puts into the template context (`special_tokens_map`).
-const SPECIAL_TOKEN_KEYS: [&str; 7] = [
-    "bos_token",
-    "eos_token",
-    "unk_token",
-    "sep_token",
-    "pad_token",
-    "cls_token",
-    "mask_token",
-];
+const SPECIAL_TOKEN_KEYS: [&str; 7] =
+    ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
 
 /// A compiled chat template plus the special tokens its context needs.
 pub struct ChatTemplate {
@@ -59,10 +52,7 @@ impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChatTemplate")
             .field("origin", &self.origin)
-            .field(
-                "names",
-                &self.sources.iter().map(|(n, _)| n).collect::<Vec<_>>(),
-            )
+            .field("names", &self.sources.iter().map(|(n, _)| n).collect::<Vec<_>>())
             .field("special_tokens", &self.special_tokens)
             .finish_non_exhaustive()
     }
@@ -76,32 +66,19 @@ impl ChatTemplate {
     pub fn from_model_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let config_path = dir.join("tokenizer_config.json");
-        let config = if config_path.is_file() {
-            Some(read_json(&config_path)?)
-        } else {
-            None
-        };
+        let config = if config_path.is_file() { Some(read_json(&config_path)?) } else { None };
 
         let jinja_path = dir.join("chat_template.jinja");
         let json_path = dir.join("chat_template.json");
         let mut tpl = if jinja_path.is_file() {
-            let src = String::from_utf8(read_file(&jinja_path)?).map_err(|e| {
-                TextError::TemplateSyntax {
-                    origin: jinja_path.display().to_string(),
-                    message: format!("not UTF-8: {e}"),
-                }
+            let src = String::from_utf8(read_file(&jinja_path)?).map_err(|e| TextError::TemplateSyntax {
+                origin: jinja_path.display().to_string(),
+                message: format!("not UTF-8: {e}"),
             })?;
-            Self::compile(
-                vec![(DEFAULT_NAME.into(), src)],
-                jinja_path.display().to_string(),
-            )?
+            Self::compile(vec![(DEFAULT_NAME.into(), src)], jinja_path.display().to_string())?
         } else if let Some(t) = Self::from_config_value(&read_json_opt(&json_path)?, &json_path)? {
             t
-        } else if let Some(t) = config
-            .as_ref()
-            .map(|c| Self::from_config_value(c, &config_path))
-            .transpose()?
-            .flatten()
+        } else if let Some(t) = config.as_ref().map(|c| Self::from_config_value(c, &config_path)).transpose()?.flatten()
         {
             t
         } else {
@@ -127,19 +104,13 @@ impl ChatTemplate {
 
     /// Compiles a template given as text.
     pub fn from_source(source: &str) -> Result<Self> {
-        Self::compile(
-            vec![(DEFAULT_NAME.into(), source.to_string())],
-            "<string>".into(),
-        )
+        Self::compile(vec![(DEFAULT_NAME.into(), source.to_string())], "<string>".into())
     }
 
     /// The built-in ChatML fallback ([`CHATML_TEMPLATE`]).
     pub fn chatml() -> Self {
-        let mut t = Self::compile(
-            vec![(DEFAULT_NAME.into(), CHATML_TEMPLATE.into())],
-            "<built-in ChatML>".into(),
-        )
-        .expect("built-in ChatML template compiles");
+        let mut t = Self::compile(vec![(DEFAULT_NAME.into(), CHATML_TEMPLATE.into())], "<built-in ChatML>".into())
+            .expect("built-in ChatML template compiles");
         t.fallback = true;
         t
     }
@@ -152,9 +123,7 @@ impl ChatTemplate {
             .iter()
             .filter_map(|k| {
                 let v = config.get(*k)?;
-                let s = v
-                    .as_str()
-                    .or_else(|| v.get("content").and_then(Json::as_str))?;
+                let s = v.as_str().or_else(|| v.get("content").and_then(Json::as_str))?;
                 Some((k.to_string(), s.to_string()))
             })
             .collect();
@@ -172,19 +141,12 @@ impl ChatTemplate {
 
     /// Any special token attribute (`pad_token`, `unk_token`, …).
     pub fn special_token(&self, key: &str) -> Option<&str> {
-        self.special_tokens
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.special_tokens.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
     /// Source of the default template.
     pub fn source(&self) -> &str {
-        self.sources
-            .iter()
-            .find(|(n, _)| n == DEFAULT_NAME)
-            .or(self.sources.first())
-            .map_or("", |(_, s)| s.as_str())
+        self.sources.iter().find(|(n, _)| n == DEFAULT_NAME).or(self.sources.first()).map_or("", |(_, s)| s.as_str())
     }
 
     /// Where the template came from (a path, `<string>` or `<built-in ChatML>`).
@@ -232,26 +194,15 @@ impl ChatTemplate {
             }
         };
         set(&mut ctx, "messages", json_to_value(&messages));
-        set(
-            &mut ctx,
-            "tools",
-            tools.map_or(Value::from(()), json_to_value),
-        );
+        set(&mut ctx, "tools", tools.map_or(Value::from(()), json_to_value));
         set(&mut ctx, "documents", Value::from(()));
-        set(
-            &mut ctx,
-            "add_generation_prompt",
-            Value::from(add_generation_prompt),
-        );
+        set(&mut ctx, "add_generation_prompt", Value::from(add_generation_prompt));
         for (k, v) in &self.special_tokens {
             set(&mut ctx, k, Value::from(v.as_str()));
         }
         if let Some(extra) = extra {
             for (k, v) in extra {
-                if matches!(
-                    k.as_str(),
-                    "messages" | "tools" | "documents" | "add_generation_prompt"
-                ) {
+                if matches!(k.as_str(), "messages" | "tools" | "documents" | "add_generation_prompt") {
                     return Err(TextError::InvalidRequest(format!(
                         "extra template variable `{k}` clashes with a reserved argument"
                     )));
@@ -273,18 +224,14 @@ impl ChatTemplate {
                 message: "the template list has no `default` template".into(),
             });
         };
-        let err = |e: Error| TextError::TemplateRender {
-            origin: self.origin.clone(),
-            message: jinja_message(&e),
-        };
+        let err = |e: Error| TextError::TemplateRender { origin: self.origin.clone(), message: jinja_message(&e) };
         let tpl = self.env.get_template(name).map_err(err)?;
         tpl.render(Value::from_pairs(ctx)).map_err(err)
     }
 
     /// Renders a [`ChatRequest`].
     pub fn render_request(&self, req: &ChatRequest) -> Result<String> {
-        let messages = serde_json::to_value(&req.messages)
-            .map_err(|e| TextError::InvalidRequest(e.to_string()))?;
+        let messages = serde_json::to_value(&req.messages).map_err(|e| TextError::InvalidRequest(e.to_string()))?;
         self.render(
             &messages,
             req.tools.as_ref(),
@@ -314,9 +261,7 @@ impl ChatTemplate {
                         _ => {
                             return Err(TextError::InvalidJson {
                                 origin,
-                                message:
-                                    "`chat_template` list items need string `name` and `template`"
-                                        .into(),
+                                message: "`chat_template` list items need string `name` and `template`".into(),
                             });
                         }
                     }
@@ -326,8 +271,7 @@ impl ChatTemplate {
             Some(_) => {
                 return Err(TextError::InvalidJson {
                     origin,
-                    message: "`chat_template` must be a string or a list of {name, template}"
-                        .into(),
+                    message: "`chat_template` must be a string or a list of {name, template}".into(),
                 });
             }
         };
@@ -337,23 +281,14 @@ impl ChatTemplate {
     fn compile(sources: Vec<(String, String)>, origin: String) -> Result<Self> {
         let mut env = new_environment();
         for (name, src) in &sources {
-            env.add_template_owned(name.clone(), rewrite_generation_tags(src))
-                .map_err(|e| TextError::TemplateSyntax {
-                    origin: if sources.len() > 1 {
-                        format!("{origin} (template `{name}`)")
-                    } else {
-                        origin.clone()
-                    },
+            env.add_template_owned(name.clone(), rewrite_generation_tags(src)).map_err(|e| {
+                TextError::TemplateSyntax {
+                    origin: if sources.len() > 1 { format!("{origin} (template `{name}`)") } else { origin.clone() },
                     message: jinja_message(&e),
-                })?;
+                }
+            })?;
         }
-        Ok(Self {
-            env,
-            sources,
-            origin,
-            special_tokens: Vec::new(),
-            fallback: false,
-        })
+        Ok(Self { env, sources, origin, special_tokens: Vec::new(), fallback: false })
     }
 }
 
@@ -384,11 +319,7 @@ fn default_true() -> bool {
 impl ChatRequest {
     /// A request with a generation prompt and no tools.
     pub fn new(messages: Vec<ChatMessage>) -> Self {
-        Self {
-            messages,
-            add_generation_prompt: true,
-            ..Self::default()
-        }
+        Self { messages, add_generation_prompt: true, ..Self::default() }
     }
 }
 
@@ -414,11 +345,7 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with a role and text content.
     pub fn new(role: &str, content: &str) -> Self {
-        Self {
-            role: role.into(),
-            content: Some(Json::String(content.into())),
-            ..Self::default()
-        }
+        Self { role: role.into(), content: Some(Json::String(content.into())), ..Self::default() }
     }
     pub fn system(content: &str) -> Self {
         Self::new("system", content)
@@ -431,10 +358,7 @@ impl ChatMessage {
     }
     /// A tool result answering the call `tool_call_id`.
     pub fn tool(content: &str, tool_call_id: Option<&str>) -> Self {
-        Self {
-            tool_call_id: tool_call_id.map(str::to_string),
-            ..Self::new("tool", content)
-        }
+        Self { tool_call_id: tool_call_id.map(str::to_string), ..Self::new("tool", content) }
     }
 }
 
@@ -449,19 +373,14 @@ impl ChatMessage {
 /// 4. reasoning given as `thinking` or `reasoning` is copied to `reasoning_content`, and
 ///    `thinking` is set too, as transformers' `_alias_reasoning_fields` does.
 pub fn normalize_messages(messages: &Json) -> Result<Json> {
-    let list = messages
-        .as_array()
-        .ok_or_else(|| TextError::InvalidRequest("`messages` must be an array".into()))?;
+    let list = messages.as_array().ok_or_else(|| TextError::InvalidRequest("`messages` must be an array".into()))?;
     let mut out = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
-        let obj = m.as_object().ok_or_else(|| {
-            TextError::InvalidRequest(format!("message {i} must be an object, got {m}"))
-        })?;
-        let mut msg: Map<String, Json> = obj
-            .iter()
-            .filter(|(_, v)| !v.is_null())
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let obj = m
+            .as_object()
+            .ok_or_else(|| TextError::InvalidRequest(format!("message {i} must be an object, got {m}")))?;
+        let mut msg: Map<String, Json> =
+            obj.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
         if let Some(Json::Array(parts)) = msg.get("content") {
             let text = concat_text_parts(parts, i)?;
             msg.insert("content".into(), Json::String(text));
@@ -471,9 +390,7 @@ pub fn normalize_messages(messages: &Json) -> Result<Json> {
                 parse_arguments(call);
             }
         }
-        let reasoning = ["reasoning_content", "thinking", "reasoning"]
-            .iter()
-            .find_map(|k| msg.get(*k).cloned());
+        let reasoning = ["reasoning_content", "thinking", "reasoning"].iter().find_map(|k| msg.get(*k).cloned());
         if let Some(r) = reasoning {
             // Python: {"thinking": r, **message, "reasoning_content": r}. An insert on an existing
             // key keeps its position (IndexMap), which reproduces the dict-merge order exactly.
@@ -507,9 +424,7 @@ fn concat_text_parts(parts: &[Json], i: usize) -> Result<String> {
                 }
             }
             other => {
-                return Err(TextError::InvalidRequest(format!(
-                    "message {i}: invalid content part {other}"
-                )));
+                return Err(TextError::InvalidRequest(format!("message {i}: invalid content part {other}")));
             }
         }
     }
@@ -517,11 +432,7 @@ fn concat_text_parts(parts: &[Json], i: usize) -> Result<String> {
 }
 
 fn parse_arguments(call: &mut Json) {
-    let target = if call.get("function").is_some_and(Json::is_object) {
-        call.get_mut("function")
-    } else {
-        Some(call)
-    };
+    let target = if call.get("function").is_some_and(Json::is_object) { call.get_mut("function") } else { Some(call) };
     if let Some(Json::Object(f)) = target
         && let Some(Json::String(s)) = f.get("arguments")
         && let Ok(parsed @ Json::Object(_)) = serde_json::from_str::<Json>(s)
@@ -552,18 +463,12 @@ pub(crate) fn json_to_value(v: &Json) -> Value {
 
 fn read_json(path: &Path) -> Result<Json> {
     let bytes = read_file(path)?;
-    serde_json::from_slice(&bytes).map_err(|e| TextError::InvalidJson {
-        origin: path.display().to_string(),
-        message: e.to_string(),
-    })
+    serde_json::from_slice(&bytes)
+        .map_err(|e| TextError::InvalidJson { origin: path.display().to_string(), message: e.to_string() })
 }
 
 fn read_json_opt(path: &Path) -> Result<Json> {
-    if path.is_file() {
-        read_json(path)
-    } else {
-        Ok(Json::Null)
-    }
+    if path.is_file() { read_json(path) } else { Ok(Json::Null) }
 }
 
 /// transformers' `{% generation %}…{% endgeneration %}` (AssistantTracker) only marks spans and
@@ -627,22 +532,13 @@ fn new_environment() -> Environment<'static> {
     });
     env.add_filter("tojson", tojson);
     env.add_filter("string", |v: Value| pyfmt::py_str(&v));
-    env.add_filter("trim", |s: String, chars: Option<String>| {
-        py_strip(&s, chars.as_deref(), true, true)
-    });
+    env.add_filter("trim", |s: String, chars: Option<String>| py_strip(&s, chars.as_deref(), true, true));
     // jinja2's `sequence` test accepts anything with len() and [] (str, list, dict).
-    env.add_test("sequence", |v: Value| {
-        matches!(
-            v.kind(),
-            ValueKind::Seq | ValueKind::Map | ValueKind::String
-        )
-    });
+    env.add_test("sequence", |v: Value| matches!(v.kind(), ValueKind::Seq | ValueKind::Map | ValueKind::String));
     env.add_function("raise_exception", |msg: String| -> Result<Value, Error> {
         Err(Error::new(ErrorKind::InvalidOperation, msg))
     });
-    env.add_function("strftime_now", |fmt: String| {
-        crate::time::strftime_now(&fmt)
-    });
+    env.add_function("strftime_now", |fmt: String| crate::time::strftime_now(&fmt));
     env.add_function("dict", |kwargs: Kwargs| -> Result<Value, Error> {
         let keys: Vec<String> = kwargs.args().map(str::to_string).collect();
         let mut pairs = Vec::with_capacity(keys.len());
@@ -666,9 +562,7 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     opts.indent = match indent {
         None => None,
         Some(v) if v.is_none() => None,
-        Some(v) if v.kind() == ValueKind::String => {
-            Some(v.as_str().unwrap_or_default().to_string())
-        }
+        Some(v) if v.kind() == ValueKind::String => Some(v.as_str().unwrap_or_default().to_string()),
         Some(v) => Some(" ".repeat(v.as_usize().unwrap_or(0))),
     };
     // json.dumps: separators default to (', ', ': ') without indent and (',', ': ') with one.
@@ -684,10 +578,7 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
                 opts.key_sep = b.as_str().unwrap_or_default().to_string();
             }
             _ => {
-                return Err(Error::new(
-                    ErrorKind::InvalidOperation,
-                    "tojson: separators must be a pair of strings",
-                ));
+                return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair of strings"));
             }
         }
     }
@@ -701,12 +592,7 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
 /// Python string methods. Delegates to minijinja-contrib's pycompat, but handles the cases where
 /// it follows Rust rather than Python: `strip`/`lstrip`/`rstrip`/`split` without arguments use
 /// Python's whitespace set.
-fn python_methods(
-    state: &mut State,
-    value: &Value,
-    method: &str,
-    args: &[Value],
-) -> Result<Value, Error> {
+fn python_methods(state: &mut State, value: &Value, method: &str, args: &[Value]) -> Result<Value, Error> {
     if let Some(s) = value.as_str() {
         let no_arg = args.is_empty() || (args.len() == 1 && args[0].is_none());
         match method {
@@ -715,25 +601,14 @@ fn python_methods(
                     None
                 } else {
                     Some(args[0].as_str().ok_or_else(|| {
-                        Error::new(
-                            ErrorKind::InvalidOperation,
-                            format!("{method} arg must be None or str"),
-                        )
+                        Error::new(ErrorKind::InvalidOperation, format!("{method} arg must be None or str"))
                     })?)
                 };
-                return Ok(Value::from(py_strip(
-                    s,
-                    chars,
-                    method != "rstrip",
-                    method != "lstrip",
-                )));
+                return Ok(Value::from(py_strip(s, chars, method != "rstrip", method != "lstrip")));
             }
             "split" if no_arg => {
                 return Ok(Value::from(
-                    s.split(pyfmt::is_py_space)
-                        .filter(|p| !p.is_empty())
-                        .map(Value::from)
-                        .collect::<Vec<_>>(),
+                    s.split(pyfmt::is_py_space).filter(|p| !p.is_empty()).map(Value::from).collect::<Vec<_>>(),
                 ));
             }
             _ => {}
@@ -776,12 +651,7 @@ mod tests {
             "{{ 'a</think>\\n\\nb'.split('</think>')[-1].lstrip('\\n') }}|{{ [1,2,3][::-1] }}|{{ true }}|{{ none }}|{{ ' x\\x1f '.strip() }}|{{ {'a': 1.0, 'b': [true, none]}|tojson }}|{{ {'a': 1}|tojson(indent=2) }}|{{ 'x' + 'y' }}|{{ 'ab' is sequence }}|{{ x is defined }}",
         )
         .unwrap();
-        let out = t
-            .render(&Json::Array(vec![]), None, false, None, None)
-            .unwrap();
-        assert_eq!(
-            out,
-            "b|[3, 2, 1]|True|None|x|{\"a\": 1.0, \"b\": [true, null]}|{\n  \"a\": 1\n}|xy|True|False"
-        );
+        let out = t.render(&Json::Array(vec![]), None, false, None, None).unwrap();
+        assert_eq!(out, "b|[3, 2, 1]|True|None|x|{\"a\": 1.0, \"b\": [true, null]}|{\n  \"a\": 1\n}|xy|True|False");
     }
 }

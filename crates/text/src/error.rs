@@ -52,14 +52,9 @@ pub type Result<T, E = TextError> = std::result::Result<T, E>;
 pub(crate) fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
-            TextError::FileNotFound {
-                path: path.to_path_buf(),
-            }
+            TextError::FileNotFound { path: path.to_path_buf() }
         } else {
-            TextError::Io {
-                path: path.to_path_buf(),
-                source,
-            }
+            TextError::Io { path: path.to_path_buf(), source }
         }
     })
 }

@@ -24,13 +24,7 @@ pub(crate) struct JsonOptions {
 
 impl Default for JsonOptions {
     fn default() -> Self {
-        Self {
-            ensure_ascii: false,
-            indent: None,
-            item_sep: ", ".into(),
-            key_sep: ": ".into(),
-            sort_keys: false,
-        }
+        Self { ensure_ascii: false, indent: None, item_sep: ", ".into(), key_sep: ": ".into(), sort_keys: false }
     }
 }
 
@@ -46,14 +40,10 @@ fn write_json(out: &mut String, v: &Value, opts: &JsonOptions, level: usize) -> 
         ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
         ValueKind::Number => write_number_json(out, v),
-        ValueKind::String => {
-            write_json_string(out, v.as_str().unwrap_or_default(), opts.ensure_ascii)
-        }
+        ValueKind::String => write_json_string(out, v.as_str().unwrap_or_default(), opts.ensure_ascii),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = v.try_iter()?.collect();
-            write_container(out, opts, level, '[', ']', &items, |out, item, lvl| {
-                write_json(out, item, opts, lvl)
-            })?;
+            write_container(out, opts, level, '[', ']', &items, |out, item, lvl| write_json(out, item, opts, lvl))?;
         }
         ValueKind::Map => {
             let mut pairs = Vec::new();
@@ -72,10 +62,7 @@ fn write_json(out: &mut String, v: &Value, opts: &JsonOptions, level: usize) -> 
             })?;
         }
         ValueKind::Undefined => {
-            return Err(Error::new(
-                ErrorKind::InvalidOperation,
-                "Object of type Undefined is not JSON serializable",
-            ));
+            return Err(Error::new(ErrorKind::InvalidOperation, "Object of type Undefined is not JSON serializable"));
         }
         kind => {
             return Err(Error::new(
@@ -155,11 +142,7 @@ fn float_repr_json(f: f64) -> String {
     if f.is_nan() {
         "NaN".into()
     } else if f.is_infinite() {
-        if f > 0.0 {
-            "Infinity".into()
-        } else {
-            "-Infinity".into()
-        }
+        if f > 0.0 { "Infinity".into() } else { "-Infinity".into() }
     } else {
         float_repr(f)
     }
@@ -175,11 +158,7 @@ pub(crate) fn float_repr(f: f64) -> String {
         return if f > 0.0 { "inf".into() } else { "-inf".into() };
     }
     if f == 0.0 {
-        return if f.is_sign_negative() {
-            "-0.0".into()
-        } else {
-            "0.0".into()
-        };
+        return if f.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
     }
     // Rust's `{:e}` gives the shortest round-trip digits, e.g. "-1.2345e6" or "1e-7".
     let sci = format!("{f:e}");
@@ -315,11 +294,7 @@ fn write_repr(out: &mut String, v: &Value) {
 
 /// Python string repr: single quotes unless the text has `'` and no `"`.
 fn write_str_repr(out: &mut String, s: &str) {
-    let quote = if s.contains('\'') && !s.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
+    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
     out.push(quote);
     for c in s.chars() {
         match c {
@@ -372,34 +347,18 @@ mod tests {
     #[test]
     fn dumps_defaults_and_indent() {
         let v = Value::from_pairs([
-            (
-                "b",
-                Value::from(vec![Value::from(1), Value::from(true), Value::from(())]),
-            ),
+            ("b", Value::from(vec![Value::from(1), Value::from(true), Value::from(())])),
             ("a", Value::from("é\"<>\u{1}")),
         ]);
-        assert_eq!(
-            dumps(&v, &JsonOptions::default()).unwrap(),
-            "{\"b\": [1, true, null], \"a\": \"é\\\"<>\\u0001\"}"
-        );
-        let opts = JsonOptions {
-            indent: Some("  ".into()),
-            item_sep: ",".into(),
-            sort_keys: true,
-            ..JsonOptions::default()
-        };
+        assert_eq!(dumps(&v, &JsonOptions::default()).unwrap(), "{\"b\": [1, true, null], \"a\": \"é\\\"<>\\u0001\"}");
+        let opts =
+            JsonOptions { indent: Some("  ".into()), item_sep: ",".into(), sort_keys: true, ..JsonOptions::default() };
         assert_eq!(
             dumps(&v, &opts).unwrap(),
             "{\n  \"a\": \"é\\\"<>\\u0001\",\n  \"b\": [\n    1,\n    true,\n    null\n  ]\n}"
         );
-        let ascii = JsonOptions {
-            ensure_ascii: true,
-            ..JsonOptions::default()
-        };
-        assert_eq!(
-            dumps(&Value::from("é😀"), &ascii).unwrap(),
-            "\"\\u00e9\\ud83d\\ude00\""
-        );
+        let ascii = JsonOptions { ensure_ascii: true, ..JsonOptions::default() };
+        assert_eq!(dumps(&Value::from("é😀"), &ascii).unwrap(), "\"\\u00e9\\ud83d\\ude00\"");
     }
 
     #[test]

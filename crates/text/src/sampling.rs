@@ -63,9 +63,7 @@ pub struct Sampler {
 
 impl std::fmt::Debug for Sampler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sampler")
-            .field("params", &self.params)
-            .finish_non_exhaustive()
+        f.debug_struct("Sampler").field("params", &self.params).finish_non_exhaustive()
     }
 }
 
@@ -76,12 +74,7 @@ impl Sampler {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_os_rng(),
         };
-        Self {
-            params,
-            rng,
-            cand: Vec::new(),
-            counts: Vec::new(),
-        }
+        Self { params, rng, cand: Vec::new(), counts: Vec::new() }
     }
 
     /// The settings.
@@ -118,12 +111,7 @@ impl Sampler {
     /// The distribution `sample` would draw from: (id, probability) of every surviving token,
     /// probabilities summing to 1, most likely first (ties by id). Greedy gives `[(argmax, 1.0)]`.
     /// For logprobs and tests; it sorts the survivors, so it is slower than `sample`.
-    pub fn probabilities(
-        &mut self,
-        logits: &mut [f32],
-        context: &[u32],
-        generated: &[u32],
-    ) -> Vec<(u32, f32)> {
+    pub fn probabilities(&mut self, logits: &mut [f32], context: &[u32], generated: &[u32]) -> Vec<(u32, f32)> {
         if logits.is_empty() {
             return Vec::new();
         }
@@ -133,10 +121,7 @@ impl Sampler {
         }
         let total: f64 = self.cand.iter().map(|&(_, w)| f64::from(w)).sum();
         self.cand.sort_unstable_by(desc);
-        self.cand
-            .iter()
-            .map(|&(id, w)| (id, (f64::from(w) / total) as f32))
-            .collect()
+        self.cand.iter().map(|&(id, w)| (id, (f64::from(w) / total) as f32)).collect()
     }
 
     /// Repetition penalty over distinct context tokens, then presence/frequency over generated
@@ -224,19 +209,10 @@ impl Sampler {
                 c.1 *= inv_t;
             }
         } else {
-            self.cand.extend(
-                logits
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &l)| (i as u32, l * inv_t)),
-            );
+            self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)));
         }
 
-        let max = self
-            .cand
-            .iter()
-            .map(|c| c.1)
-            .fold(f32::NEG_INFINITY, f32::max);
+        let max = self.cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
         if max == f32::NEG_INFINITY {
             return false;
         }

@@ -19,9 +19,7 @@ pub struct TextTokenizer {
 
 impl std::fmt::Debug for TextTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TextTokenizer")
-            .field("vocab_size", &self.vocab_size)
-            .finish_non_exhaustive()
+        f.debug_struct("TextTokenizer").field("vocab_size", &self.vocab_size).finish_non_exhaustive()
     }
 }
 
@@ -40,30 +38,14 @@ impl TextTokenizer {
     }
 
     fn from_bytes_named(bytes: &[u8], origin: &str) -> Result<Self> {
-        let inner =
-            tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| TextError::InvalidTokenizer {
-                origin: origin.to_string(),
-                message: e.to_string(),
-            })?;
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| TextError::InvalidTokenizer { origin: origin.to_string(), message: e.to_string() })?;
         // `get_vocab_size(true)` adds the two counts, which overcounts when added tokens are also in
         // the model vocabulary; the embedding-relevant number is the highest id + 1.
-        let vocab_size = inner
-            .get_vocab(true)
-            .values()
-            .copied()
-            .max()
-            .map_or(0, |m| m as usize + 1);
-        let special_ids = inner
-            .get_added_tokens_decoder()
-            .into_iter()
-            .filter(|(_, t)| t.special)
-            .map(|(id, _)| id)
-            .collect();
-        Ok(Self {
-            inner,
-            vocab_size,
-            special_ids,
-        })
+        let vocab_size = inner.get_vocab(true).values().copied().max().map_or(0, |m| m as usize + 1);
+        let special_ids =
+            inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
+        Ok(Self { inner, vocab_size, special_ids })
     }
 
     /// Encodes text. Special/added tokens written in the text (e.g. `<|im_start|>`) are matched as
@@ -81,9 +63,7 @@ impl TextTokenizer {
     /// Decodes ids to text; invalid UTF-8 (e.g. a cut multi-byte character) becomes U+FFFD.
     /// Ids outside the vocabulary are skipped, as HF does.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| TextError::Tokenizer(format!("decoding failed: {e}")))
+        self.inner.decode(ids, skip_special).map_err(|e| TextError::Tokenizer(format!("decoding failed: {e}")))
     }
 
     /// Number of ids, added tokens included (highest id + 1). This can be smaller than the model's
@@ -111,11 +91,8 @@ impl TextTokenizer {
     /// vocabulary has them (Qwen stops on both), plus `eos_token` (e.g.
     /// [`ChatTemplate::eos_token`](crate::ChatTemplate::eos_token)) when given. Sorted, no duplicates.
     pub fn stop_token_ids(&self, eos_token: Option<&str>) -> Vec<u32> {
-        let mut ids: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]
-            .into_iter()
-            .chain(eos_token)
-            .filter_map(|t| self.token_to_id(t))
-            .collect();
+        let mut ids: Vec<u32> =
+            ["<|im_end|>", "<|endoftext|>"].into_iter().chain(eos_token).filter_map(|t| self.token_to_id(t)).collect();
         ids.sort_unstable();
         ids.dedup();
         ids
@@ -155,34 +132,19 @@ pub struct StreamDecoder<'a> {
 impl<'a> StreamDecoder<'a> {
     /// New decoder; `skip_special` as in [`TextTokenizer::decode`].
     pub fn new(tokenizer: &'a TextTokenizer, skip_special: bool) -> Self {
-        Self {
-            tokenizer,
-            skip_special,
-            ids: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
-        }
+        Self { tokenizer, skip_special, ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
     }
 
     /// Feeds one generated id; returns the newly completed text (possibly empty when the id ends
     /// in the middle of a character).
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
-        let prefix = self.tokenizer.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special,
-        )?;
-        let full = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..], self.skip_special)?;
+        let prefix = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
+        let full = self.tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
             // The decoded window normally extends the decoded prefix; if a decoder rewrote the
             // boundary, fall back to emitting from the first differing char boundary.
-            let cut = if full.starts_with(&prefix) {
-                prefix.len()
-            } else {
-                common_prefix_len(&prefix, &full)
-            };
+            let cut = if full.starts_with(&prefix) { prefix.len() } else { common_prefix_len(&prefix, &full) };
             let out = full[cut..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
@@ -198,18 +160,9 @@ impl<'a> StreamDecoder<'a> {
         if self.read_offset == self.ids.len() {
             return Ok(String::new());
         }
-        let prefix = self.tokenizer.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special,
-        )?;
-        let full = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..], self.skip_special)?;
-        let cut = if full.starts_with(&prefix) {
-            prefix.len()
-        } else {
-            common_prefix_len(&prefix, &full)
-        };
+        let prefix = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
+        let full = self.tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
+        let cut = if full.starts_with(&prefix) { prefix.len() } else { common_prefix_len(&prefix, &full) };
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
         Ok(full[cut..].to_string())
@@ -223,8 +176,5 @@ impl<'a> StreamDecoder<'a> {
 
 /// Length in bytes of the common prefix of `a` and `b`, on a char boundary of both.
 fn common_prefix_len(a: &str, b: &str) -> usize {
-    a.char_indices()
-        .zip(b.chars())
-        .find(|((_, ca), cb)| ca != cb)
-        .map_or_else(|| a.len().min(b.len()), |((i, _), _)| i)
+    a.char_indices().zip(b.chars()).find(|((_, ca), cb)| ca != cb).map_or_else(|| a.len().min(b.len()), |((i, _), _)| i)
 }

@@ -39,12 +39,8 @@ fn qwen3_template_matches_transformers() {
             continue;
         }
         // The rendered prompt also tokenizes to transformers' ids.
-        let ids: Vec<u32> = case["expected_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let ids: Vec<u32> =
+            case["expected_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         assert_eq!(tok.encode(&got, false).unwrap(), ids, "{name}");
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -84,28 +80,18 @@ fn qwen3_special_tokens_from_config() {
 #[test]
 fn chat_request_typed_api() {
     let tpl = qwen3_template();
-    let mut req = ChatRequest::new(vec![
-        ChatMessage::system("You are Qwen."),
-        ChatMessage::user("Hi there!"),
-    ]);
+    let mut req = ChatRequest::new(vec![ChatMessage::system("You are Qwen."), ChatMessage::user("Hi there!")]);
     assert_eq!(
         tpl.render_request(&req).unwrap(),
         "<|im_start|>system\nYou are Qwen.<|im_end|>\n<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n"
     );
     req.enable_thinking = Some(false);
-    assert!(
-        tpl.render_request(&req)
-            .unwrap()
-            .ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    );
+    assert!(tpl.render_request(&req).unwrap().ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n"));
     // The request also deserializes from an OpenAI-style body.
     let body = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]});
     let req: ChatRequest = serde_json::from_value(body).unwrap();
     assert!(req.add_generation_prompt);
-    assert_eq!(
-        tpl.render_request(&req).unwrap(),
-        "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n"
-    );
+    assert_eq!(tpl.render_request(&req).unwrap(), "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n");
 }
 
 #[test]
@@ -120,21 +106,11 @@ fn chatml_fallback_exact() {
     ]);
     let want = "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHello\nworld<|im_end|>\n\
 <|im_start|>assistant\nHi<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n";
-    assert_eq!(
-        tpl.render(&messages, None, false, None, None).unwrap(),
-        want
-    );
+    assert_eq!(tpl.render(&messages, None, false, None, None).unwrap(), want);
     let with_prompt = format!("{want}<|im_start|>assistant\n");
-    assert_eq!(
-        tpl.render(&messages, None, true, None, None).unwrap(),
-        with_prompt
-    );
+    assert_eq!(tpl.render(&messages, None, true, None, None).unwrap(), with_prompt);
     // enable_thinking=false adds nothing to the fallback (see CHATML_TEMPLATE).
-    assert_eq!(
-        tpl.render(&messages, None, true, Some(false), None)
-            .unwrap(),
-        with_prompt
-    );
+    assert_eq!(tpl.render(&messages, None, true, Some(false), None).unwrap(), with_prompt);
 }
 
 #[test]
@@ -164,19 +140,12 @@ fn model_dir_precedence() {
     assert_eq!(t.bos_token(), Some("<s>"));
     let msgs = json!([{"role": "user", "content": "x"}]);
     assert_eq!(t.render(&msgs, None, true, None, None).unwrap(), "D<s>1");
-    assert_eq!(
-        t.render(&msgs, Some(&json!([{}, {}])), true, None, None)
-            .unwrap(),
-        "T2"
-    );
+    assert_eq!(t.render(&msgs, Some(&json!([{}, {}])), true, None, None).unwrap(), "T2");
 
     // chat_template.jinja wins over tokenizer_config.json; special tokens still come from the config.
     std::fs::write(dir.join("chat_template.jinja"), "J{{ eos_token }}\n").unwrap();
     let t = ChatTemplate::from_model_dir(&dir).unwrap();
-    assert_eq!(
-        t.render(&msgs, None, true, None, None).unwrap(),
-        "J<|im_end|>"
-    );
+    assert_eq!(t.render(&msgs, None, true, None, None).unwrap(), "J<|im_end|>");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -184,43 +153,25 @@ fn model_dir_precedence() {
 fn template_syntax_error_is_clean() {
     let err = ChatTemplate::from_source("{% for m in messages %}{{ m.content }").unwrap_err();
     assert!(matches!(err, TextError::TemplateSyntax { .. }), "{err}");
-    assert!(
-        err.to_string()
-            .starts_with("<string>: invalid chat template: "),
-        "{err}"
-    );
+    assert!(err.to_string().starts_with("<string>: invalid chat template: "), "{err}");
 
     let dir = scratch_dir("bad-template");
     let path = dir.join("chat_template.jinja");
     std::fs::write(&path, "{% if %}").unwrap();
     let err = ChatTemplate::from_model_dir(&dir).unwrap_err();
-    assert!(
-        err.to_string().contains(&path.display().to_string()),
-        "{err}"
-    );
+    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn render_errors_are_clean() {
     let t = ChatTemplate::from_source("{{ raise_exception('no system role') }}").unwrap();
-    let err = t
-        .render(
-            &json!([{"role": "user", "content": "x"}]),
-            None,
-            true,
-            None,
-            None,
-        )
-        .unwrap_err();
+    let err = t.render(&json!([{"role": "user", "content": "x"}]), None, true, None, None).unwrap_err();
     assert!(matches!(err, TextError::TemplateRender { .. }));
     assert!(err.to_string().contains("no system role"), "{err}");
 
     let t = qwen3_template();
-    assert!(matches!(
-        t.render(&json!({"role": "user"}), None, true, None, None),
-        Err(TextError::InvalidRequest(_))
-    ));
+    assert!(matches!(t.render(&json!({"role": "user"}), None, true, None, None), Err(TextError::InvalidRequest(_))));
     // Image parts are refused: this engine is text-only.
     let err = t
         .render(
@@ -233,12 +184,8 @@ fn render_errors_are_clean() {
         .unwrap_err();
     assert!(err.to_string().contains("image_url"), "{err}");
 
-    let missing =
-        ChatTemplate::from_tokenizer_config("/nonexistent/tokenizer_config.json").unwrap_err();
-    assert_eq!(
-        missing.to_string(),
-        "/nonexistent/tokenizer_config.json: file not found"
-    );
+    let missing = ChatTemplate::from_tokenizer_config("/nonexistent/tokenizer_config.json").unwrap_err();
+    assert_eq!(missing.to_string(), "/nonexistent/tokenizer_config.json: file not found");
 }
 
 #[test]
@@ -248,13 +195,8 @@ fn python_compatible_filters() {
     )
     .unwrap();
     let mut extra = serde_json::Map::new();
-    extra.insert(
-        "x".into(),
-        json!({"z": "é<&>", "b": [1, 2.5, true, null], "c": false}),
-    );
-    let out = t
-        .render(&json!([]), None, false, None, Some(&extra))
-        .unwrap();
+    extra.insert("x".into(), json!({"z": "é<&>", "b": [1, 2.5, true, null], "c": false}));
+    let out = t.render(&json!([]), None, false, None, Some(&extra)).unwrap();
     assert_eq!(
         out,
         "{\"z\": \"é<&>\", \"b\": [1, 2.5, true, null], \"c\": false}|{\n  \"z\": \"é<&>\",\n  \"b\": [\n    1,\n    2.5,\n    true,\n    null\n  ],\n  \"c\": false\n}|{\"b\":[1,2.5,true,null],\"c\":false,\"z\":\"é<&>\"}|[1, 2.5, True, None]|False|a b|['a', 'b', 'c']"

@@ -3,11 +3,7 @@
 use flashmoe_text::{Sampler, SamplingParams};
 
 fn params(temperature: f32) -> SamplingParams {
-    SamplingParams {
-        temperature,
-        seed: Some(1234),
-        ..SamplingParams::default()
-    }
+    SamplingParams { temperature, seed: Some(1234), ..SamplingParams::default() }
 }
 
 /// Logits whose softmax is exactly `probs`.
@@ -26,26 +22,17 @@ fn greedy_picks_argmax_lowest_id_on_ties() {
 #[test]
 fn top_k_one_equals_greedy() {
     let mut greedy = Sampler::new(SamplingParams::default());
-    let mut k1 = Sampler::new(SamplingParams {
-        temperature: 1.5,
-        top_k: 1,
-        seed: Some(7),
-        ..SamplingParams::default()
-    });
+    let mut k1 =
+        Sampler::new(SamplingParams { temperature: 1.5, top_k: 1, seed: Some(7), ..SamplingParams::default() });
     let mut state = 12345u64;
     for _ in 0..50 {
         let logits: Vec<f32> = (0..1000)
             .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 (state >> 40) as f32 / (1u64 << 24) as f32 * 10.0
             })
             .collect();
-        assert_eq!(
-            greedy.sample(&mut logits.clone(), &[], &[]),
-            k1.sample(&mut logits.clone(), &[], &[])
-        );
+        assert_eq!(greedy.sample(&mut logits.clone(), &[], &[]), k1.sample(&mut logits.clone(), &[], &[]));
     }
 }
 
@@ -59,9 +46,7 @@ fn seed_reproducibility() {
             seed: Some(seed),
             ..SamplingParams::default()
         });
-        (0..100)
-            .map(|_| s.sample(&mut logits.clone(), &[], &[]))
-            .collect::<Vec<_>>()
+        (0..100).map(|_| s.sample(&mut logits.clone(), &[], &[])).collect::<Vec<_>>()
     };
     assert_eq!(run(42), run(42));
     assert_ne!(run(42), run(43));
@@ -70,19 +55,13 @@ fn seed_reproducibility() {
 #[test]
 fn top_p_keeps_minimal_nucleus() {
     let probs = [0.05, 0.5, 0.15, 0.3];
-    let mut s = Sampler::new(SamplingParams {
-        top_p: 0.75,
-        ..params(1.0)
-    });
+    let mut s = Sampler::new(SamplingParams { top_p: 0.75, ..params(1.0) });
     let dist = s.probabilities(&mut logits_of(&probs), &[], &[]);
     // 0.5 + 0.3 = 0.8 ≥ 0.75: tokens 1 and 3, renormalized, most likely first.
     assert_eq!(dist.iter().map(|d| d.0).collect::<Vec<_>>(), vec![1, 3]);
     assert!((dist[0].1 - 0.625).abs() < 1e-5 && (dist[1].1 - 0.375).abs() < 1e-5);
 
-    s = Sampler::new(SamplingParams {
-        top_p: 0.85,
-        ..params(1.0)
-    });
+    s = Sampler::new(SamplingParams { top_p: 0.85, ..params(1.0) });
     let dist = s.probabilities(&mut logits_of(&probs), &[], &[]);
     assert_eq!(dist.iter().map(|d| d.0).collect::<Vec<_>>(), vec![1, 3, 2]);
     // Draws never leave the nucleus.
@@ -94,10 +73,7 @@ fn top_p_keeps_minimal_nucleus() {
 #[test]
 fn top_p_on_large_vocab_grows_window() {
     // Flat distribution over 10k tokens: the nucleus (9000 tokens) exceeds the first window.
-    let mut s = Sampler::new(SamplingParams {
-        top_p: 0.9,
-        ..params(1.0)
-    });
+    let mut s = Sampler::new(SamplingParams { top_p: 0.9, ..params(1.0) });
     let dist = s.probabilities(&mut vec![0.0; 10_000], &[], &[]);
     assert_eq!(dist.len(), 9000);
     // Ties are kept in id order.
@@ -107,10 +83,7 @@ fn top_p_on_large_vocab_grows_window() {
 
 #[test]
 fn top_k_restricts() {
-    let mut s = Sampler::new(SamplingParams {
-        top_k: 2,
-        ..params(1.0)
-    });
+    let mut s = Sampler::new(SamplingParams { top_k: 2, ..params(1.0) });
     let probs = [0.1, 0.2, 0.3, 0.4];
     let mut dist = s.probabilities(&mut logits_of(&probs), &[], &[]);
     dist.sort_by_key(|d| d.0);
@@ -122,27 +95,18 @@ fn top_k_restricts() {
 fn min_p_threshold() {
     // max 0.5; min_p 0.3 → threshold 0.15: keeps 0.5, 0.3 and 0.16, drops 0.04.
     let probs = [0.5, 0.3, 0.16, 0.04];
-    let mut s = Sampler::new(SamplingParams {
-        min_p: 0.3,
-        ..params(1.0)
-    });
+    let mut s = Sampler::new(SamplingParams { min_p: 0.3, ..params(1.0) });
     let mut dist = s.probabilities(&mut logits_of(&probs), &[], &[]);
     dist.sort_by_key(|d| d.0);
     assert_eq!(dist.iter().map(|d| d.0).collect::<Vec<_>>(), vec![0, 1, 2]);
-    s = Sampler::new(SamplingParams {
-        min_p: 0.33,
-        ..params(1.0)
-    });
+    s = Sampler::new(SamplingParams { min_p: 0.33, ..params(1.0) });
     let dist = s.probabilities(&mut logits_of(&probs), &[], &[]);
     assert_eq!(dist.len(), 2);
 }
 
 #[test]
 fn repetition_penalty_hf_semantics() {
-    let mut s = Sampler::new(SamplingParams {
-        repetition_penalty: 2.0,
-        ..SamplingParams::default()
-    });
+    let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..SamplingParams::default() });
     let mut logits = vec![4.0, -1.0, 3.0, 1.0];
     // Token 0 appears twice in the context but is penalized once; token 1 (negative) is multiplied.
     let id = s.sample(&mut logits, &[0, 0, 1, 99], &[]);
@@ -152,11 +116,8 @@ fn repetition_penalty_hf_semantics() {
 
 #[test]
 fn presence_and_frequency_penalties() {
-    let mut s = Sampler::new(SamplingParams {
-        presence_penalty: 0.5,
-        frequency_penalty: 0.25,
-        ..SamplingParams::default()
-    });
+    let mut s =
+        Sampler::new(SamplingParams { presence_penalty: 0.5, frequency_penalty: 0.25, ..SamplingParams::default() });
     let mut logits = vec![1.0, 1.0, 1.0, 1.0];
     // Only generated tokens count: token 3 is in the context only.
     s.sample(&mut logits, &[3, 0, 0, 0, 2], &[0, 0, 0, 2]);
@@ -203,9 +164,7 @@ fn large_vocab_is_fast_enough() {
     let mut state = 99u64;
     let logits: Vec<f32> = (0..n)
         .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (state >> 40) as f32 / (1u64 << 24) as f32 * 20.0
         })
         .collect();
@@ -236,23 +195,14 @@ fn top_k_exact_on_large_vocab_with_ties() {
     let mut state = 5u64;
     let logits: Vec<f32> = (0..n)
         .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((state >> 40) % 50) as f32
         })
         .collect();
     for k in [3, 40, 1000] {
         let mut order: Vec<u32> = (0..n as u32).collect();
-        order.sort_by(|&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
-        });
-        let mut s = Sampler::new(SamplingParams {
-            top_k: k,
-            ..params(1.0)
-        });
+        order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        let mut s = Sampler::new(SamplingParams { top_k: k, ..params(1.0) });
         let dist = s.probabilities(&mut logits.clone(), &[], &[]);
         let got: Vec<u32> = dist.iter().map(|d| d.0).collect();
         assert_eq!(got, order[..k], "k={k}");

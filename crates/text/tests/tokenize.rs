@@ -8,30 +8,16 @@ use flashmoe_text::{TextError, TextTokenizer};
 use serde_json::Value;
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 fn check_fixture(name: &str) {
     let tok = load_tokenizer(name);
     let fixture = read_json(&format!("tokenize_{name}.json"));
-    assert_eq!(
-        tok.vocab_size() as u64,
-        fixture["vocab_size"].as_u64().unwrap()
-    );
+    assert_eq!(tok.vocab_size() as u64, fixture["vocab_size"].as_u64().unwrap());
     for (token, id) in fixture["special_ids"].as_object().unwrap() {
-        assert_eq!(
-            tok.token_to_id(token),
-            Some(id.as_u64().unwrap() as u32),
-            "{token}"
-        );
-        assert_eq!(
-            tok.id_to_token(id.as_u64().unwrap() as u32).as_deref(),
-            Some(token.as_str())
-        );
+        assert_eq!(tok.token_to_id(token), Some(id.as_u64().unwrap() as u32), "{token}");
+        assert_eq!(tok.id_to_token(id.as_u64().unwrap() as u32).as_deref(), Some(token.as_str()));
     }
     let cases = fixture["cases"].as_array().unwrap();
     assert!(cases.len() >= 40, "only {} cases", cases.len());
@@ -44,27 +30,11 @@ fn check_fixture(name: &str) {
             failures.push(format!("{text:?}: got {got:?}, want {want:?}"));
             continue;
         }
-        assert_eq!(
-            tok.encode(text, true).unwrap(),
-            ids(&case["ids_add_special"]),
-            "{text:?}"
-        );
-        assert_eq!(
-            tok.decode(&got, false).unwrap(),
-            case["decoded"].as_str().unwrap(),
-            "{text:?}"
-        );
-        assert_eq!(
-            tok.decode(&got, true).unwrap(),
-            case["decoded_skip_special"].as_str().unwrap(),
-            "{text:?}"
-        );
+        assert_eq!(tok.encode(text, true).unwrap(), ids(&case["ids_add_special"]), "{text:?}");
+        assert_eq!(tok.decode(&got, false).unwrap(), case["decoded"].as_str().unwrap(), "{text:?}");
+        assert_eq!(tok.decode(&got, true).unwrap(), case["decoded_skip_special"].as_str().unwrap(), "{text:?}");
     }
-    assert!(
-        failures.is_empty(),
-        "{name}: mismatches:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{name}: mismatches:\n{}", failures.join("\n"));
 }
 
 #[test]
@@ -80,10 +50,7 @@ fn qwen3_matches_python() {
 #[test]
 fn qwen35_known_ids_from_spec() {
     let tok = load_tokenizer("qwen3.5");
-    assert_eq!(
-        tok.encode("<|im_start|>assistant\n", false).unwrap(),
-        vec![248045, 74455, 198]
-    );
+    assert_eq!(tok.encode("<|im_start|>assistant\n", false).unwrap(), vec![248045, 74455, 198]);
     assert_eq!(tok.token_to_id("<|im_end|>"), Some(248046));
     assert_eq!(tok.token_to_id("</think>"), Some(248069));
     assert_eq!(tok.stop_token_ids(Some("<|im_end|>")), vec![248044, 248046]);
@@ -122,14 +89,8 @@ fn stream_decoder_matches_decode() {
         }
         // Single-token decoding of this text does produce broken characters, so the test above
         // really exercises the hold-back logic.
-        let naive: String = ids
-            .iter()
-            .map(|&i| tok.decode(&[i], false).unwrap())
-            .collect();
-        assert!(
-            naive.contains('\u{FFFD}'),
-            "{name}: expected split characters"
-        );
+        let naive: String = ids.iter().map(|&i| tok.decode(&[i], false).unwrap()).collect();
+        assert!(naive.contains('\u{FFFD}'), "{name}: expected split characters");
     }
 }
 
@@ -153,34 +114,21 @@ fn stream_decoder_flushes_incomplete_tail() {
 fn missing_tokenizer_file() {
     let err = TextTokenizer::load("/nonexistent/dir/tokenizer.json").unwrap_err();
     assert!(matches!(err, TextError::FileNotFound { .. }));
-    assert_eq!(
-        err.to_string(),
-        "/nonexistent/dir/tokenizer.json: file not found"
-    );
+    assert_eq!(err.to_string(), "/nonexistent/dir/tokenizer.json: file not found");
 }
 
 #[test]
 fn corrupt_tokenizer_file() {
     let dir = scratch_dir("corrupt-tokenizer");
     let path = dir.join("tokenizer.json");
-    std::fs::write(
-        &path,
-        b"{\"version\": \"1.0\", \"model\": {\"type\": \"BPE\"",
-    )
-    .unwrap();
+    std::fs::write(&path, b"{\"version\": \"1.0\", \"model\": {\"type\": \"BPE\"").unwrap();
     let err = TextTokenizer::load(&path).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, TextError::InvalidTokenizer { .. }), "{msg}");
-    assert!(
-        msg.starts_with(&format!("{}: invalid tokenizer: ", path.display())),
-        "{msg}"
-    );
+    assert!(msg.starts_with(&format!("{}: invalid tokenizer: ", path.display())), "{msg}");
 
     std::fs::write(&path, b"{\"not\": \"a tokenizer\"}").unwrap();
-    assert!(matches!(
-        TextTokenizer::load(&path).unwrap_err(),
-        TextError::InvalidTokenizer { .. }
-    ));
+    assert!(matches!(TextTokenizer::load(&path).unwrap_err(), TextError::InvalidTokenizer { .. }));
     assert!(TextTokenizer::from_bytes(b"\xff\xfe").is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }

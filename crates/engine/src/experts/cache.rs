@@ -18,13 +18,7 @@ pub struct LruCache {
 
 impl LruCache {
     pub fn new(budget: u64) -> Self {
-        LruCache {
-            budget,
-            used: 0,
-            tick: 0,
-            entries: HashMap::new(),
-            by_age: BTreeMap::new(),
-        }
+        LruCache { budget, used: 0, tick: 0, entries: HashMap::new(), by_age: BTreeMap::new() }
     }
 
     pub fn budget(&self) -> u64 {

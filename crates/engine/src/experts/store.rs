@@ -66,11 +66,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions {
-            io: IoChoice::Page,
-            ram_cache_bytes: 0,
-            io_threads: 8,
-        }
+        StoreOptions { io: IoChoice::Page, ram_cache_bytes: 0, io_threads: 8 }
     }
 }
 
@@ -109,11 +105,7 @@ impl IoSnapshot {
     }
     pub fn ram_hit_rate(&self) -> f64 {
         let n = self.ram_hits + self.ram_misses;
-        if n == 0 {
-            0.0
-        } else {
-            self.ram_hits as f64 / n as f64
-        }
+        if n == 0 { 0.0 } else { self.ram_hits as f64 / n as f64 }
     }
 }
 
@@ -140,21 +132,13 @@ pub struct ExpertStore {
 }
 
 impl ExpertStore {
-    pub fn open(
-        dir: &Path,
-        manifest: &Manifest,
-        cfg: &ModelConfig,
-        opts: &StoreOptions,
-    ) -> Result<Self> {
+    pub fn open(dir: &Path, manifest: &Manifest, cfg: &ModelConfig, opts: &StoreOptions) -> Result<Self> {
         let mut layers = Vec::new();
         for (i, ef) in manifest.experts.iter().enumerate() {
             if ef.layer != i {
                 return Err(Error::file(
                     dir.join(crate::packed::MANIFEST),
-                    format!(
-                        "expert file {} is for layer {}, expected {i}",
-                        ef.file, ef.layer
-                    ),
+                    format!("expert file {} is for layer {}, expected {i}", ef.file, ef.layer),
                 ));
             }
             let path = dir.join(&ef.file);
@@ -172,18 +156,11 @@ impl ExpertStore {
             if ef.num_experts != cfg.num_experts {
                 return Err(Error::file(
                     &path,
-                    format!(
-                        "holds {} experts but config.json says {}",
-                        ef.num_experts, cfg.num_experts
-                    ),
+                    format!("holds {} experts but config.json says {}", ef.num_experts, cfg.num_experts),
                 ));
             }
             // O_DIRECT is refused by some filesystems (tmpfs); then direct mode is unavailable.
-            let direct = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(&path)
-                .ok();
+            let direct = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path).ok();
             layers.push(LayerFile {
                 path,
                 page,
@@ -197,11 +174,7 @@ impl ExpertStore {
         if layers.len() != cfg.num_layers {
             return Err(Error::file(
                 dir.join(crate::packed::MANIFEST),
-                format!(
-                    "lists expert files for {} layers, config.json has {}",
-                    layers.len(),
-                    cfg.num_layers
-                ),
+                format!("lists expert files for {} layers, config.json has {}", layers.len(), cfg.num_layers),
             ));
         }
         let pool = rayon::ThreadPoolBuilder::new()
@@ -221,10 +194,7 @@ impl ExpertStore {
         };
         // Build one expert from a zero buffer now, so layout problems surface at load time.
         for l in 0..store.layers.len() {
-            store.expert_weights(
-                l,
-                Arc::new(AlignedBuf::zeroed(store.layers[l].stride as usize)),
-            )?;
+            store.expert_weights(l, Arc::new(AlignedBuf::zeroed(store.layers[l].stride as usize)))?;
         }
         let direct_ok = store.layers.iter().all(|l| l.direct.is_some());
         store.mode_note = match opts.io {
@@ -234,9 +204,7 @@ impl ExpertStore {
                 "direct (requested)".into()
             }
             IoChoice::Direct => {
-                return Err(Error::input(
-                    "--io direct: this filesystem refuses O_DIRECT (try --io page)",
-                ));
+                return Err(Error::input("--io direct: this filesystem refuses O_DIRECT (try --io page)"));
             }
             IoChoice::Auto if !direct_ok => "page (auto: O_DIRECT unsupported here)".into(),
             IoChoice::Auto => {
@@ -279,10 +247,7 @@ impl ExpertStore {
     }
 
     pub fn total_expert_bytes(&self) -> u64 {
-        self.layers
-            .iter()
-            .map(|l| l.stride * l.num_experts as u64)
-            .sum()
+        self.layers.iter().map(|l| l.stride * l.num_experts as u64).sum()
     }
 
     /// Reads a sample of experts in each mode (different experts for each, to compare cold
@@ -294,11 +259,9 @@ impl ExpertStore {
         let rate = |mode: IoMode, first: usize| {
             let ids: Vec<usize> = (0..k).map(|j| (first + j * 7919) % n).collect();
             let t = Instant::now();
-            let bytes: u64 = self.pool.install(|| {
-                ids.par_iter()
-                    .map(|&e| self.read(mode, l, e).map(|b| b.len() as u64).unwrap_or(0))
-                    .sum()
-            });
+            let bytes: u64 = self
+                .pool
+                .install(|| ids.par_iter().map(|&e| self.read(mode, l, e).map(|b| b.len() as u64).unwrap_or(0)).sum());
             bytes as f64 / t.elapsed().as_secs_f64().max(1e-9)
         };
         let page = rate(IoMode::Page, 0);
@@ -316,19 +279,10 @@ impl ExpertStore {
             // Buffered reads need not read the zero padding.
             _ => (&lf.page, lf.blob_bytes as usize),
         };
-        file.read_exact_at(&mut buf.as_mut_slice()[..len], off)
-            .map_err(|err| {
-                Error::file(
-                    &lf.path,
-                    format!(
-                        "reading expert {e} (bytes {off}..{}): {err}",
-                        off + len as u64
-                    ),
-                )
-            })?;
-        self.stats
-            .read_nanos
-            .fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+        file.read_exact_at(&mut buf.as_mut_slice()[..len], off).map_err(|err| {
+            Error::file(&lf.path, format!("reading expert {e} (bytes {off}..{}): {err}", off + len as u64))
+        })?;
+        self.stats.read_nanos.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
         self.stats.disk_bytes.fetch_add(len as u64, Relaxed);
         self.stats.disk_reads.fetch_add(1, Relaxed);
         Ok(buf)
@@ -348,19 +302,11 @@ impl ExpertStore {
                 }
             }
         }
-        self.stats
-            .ram_hits
-            .fetch_add((ids.len() - missing.len()) as u64, Relaxed);
-        self.stats
-            .ram_misses
-            .fetch_add(missing.len() as u64, Relaxed);
+        self.stats.ram_hits.fetch_add((ids.len() - missing.len()) as u64, Relaxed);
+        self.stats.ram_misses.fetch_add(missing.len() as u64, Relaxed);
         if !missing.is_empty() {
-            let read: Vec<Result<AlignedBuf>> = self.pool.install(|| {
-                missing
-                    .par_iter()
-                    .map(|&j| self.read(self.mode, layer, ids[j]))
-                    .collect()
-            });
+            let read: Vec<Result<AlignedBuf>> =
+                self.pool.install(|| missing.par_iter().map(|&j| self.read(self.mode, layer, ids[j])).collect());
             let mut c = self.cache.lock().unwrap();
             for (&j, r) in missing.iter().zip(read) {
                 let b = Arc::new(r?);
@@ -368,9 +314,7 @@ impl ExpertStore {
                 out[j] = Some(b);
             }
         }
-        self.stats
-            .wait_nanos
-            .fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+        self.stats.wait_nanos.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
         Ok(out.into_iter().map(|b| b.expect("filled above")).collect())
     }
 
@@ -394,16 +338,10 @@ impl ExpertStore {
                 return Ok(None);
             };
             let dtype = parse_dtype(&c.dtype).ok_or_else(|| {
-                Error::file(
-                    &lf.path,
-                    format!("component `{name}` has unsupported dtype `{}`", c.dtype),
-                )
+                Error::file(&lf.path, format!("component `{name}` has unsupported dtype `{}`", c.dtype))
             })?;
             if c.offset + c.nbytes > lf.blob_bytes {
-                return Err(Error::file(
-                    &lf.path,
-                    format!("component `{name}` lies outside the expert blob"),
-                ));
+                return Err(Error::file(&lf.path, format!("component `{name}` lies outside the expert blob")));
             }
             Ok(Some(RawTensor {
                 name: format!("layers.{layer}.experts.{name}"),
@@ -416,10 +354,7 @@ impl ExpertStore {
         let proj = |p: &str, rows: usize, cols: usize| -> Result<Linear> {
             let w = tensor(&format!("{p}.weight"))?
                 .ok_or_else(|| Error::file(&lf.path, format!("expert blob has no `{p}.weight`")))?;
-            match (
-                tensor(&format!("{p}.scales"))?,
-                tensor(&format!("{p}.biases"))?,
-            ) {
+            match (tensor(&format!("{p}.scales"))?, tensor(&format!("{p}.biases"))?) {
                 (Some(s), Some(b)) => {
                     let (wc, sc) = (*w.shape.last().unwrap_or(&0), *s.shape.last().unwrap_or(&0));
                     if sc == 0 || !cols.is_multiple_of(sc) || !(wc * 32).is_multiple_of(cols) {
@@ -434,10 +369,6 @@ impl ExpertStore {
             }
         };
         let (h, i) = (self.hidden, self.intermediate);
-        Ok(ExpertWeights {
-            gate: proj("gate_proj", i, h)?,
-            up: proj("up_proj", i, h)?,
-            down: proj("down_proj", h, i)?,
-        })
+        Ok(ExpertWeights { gate: proj("gate_proj", i, h)?, up: proj("up_proj", i, h)?, down: proj("down_proj", h, i)? })
     }
 }

@@ -37,9 +37,7 @@ impl std::str::FromStr for Target {
             "4" => Target::Affine(4),
             "8" => Target::Affine(8),
             other => {
-                return Err(format!(
-                    "`{other}`: expected 2, 4, 8, bf16, f16, f32 or keep"
-                ));
+                return Err(format!("`{other}`: expected 2, 4, 8, bf16, f16, f32 or keep"));
             }
         })
     }
@@ -57,12 +55,7 @@ pub struct ConvertOptions {
 
 impl Default for ConvertOptions {
     fn default() -> Self {
-        ConvertOptions {
-            expert: Target::Auto(4),
-            other: Target::Auto(8),
-            group_size: 64,
-            force: false,
-        }
+        ConvertOptions { expert: Target::Auto(4), other: Target::Auto(8), group_size: 64, force: false }
     }
 }
 
@@ -125,9 +118,7 @@ fn ft_name(t: FloatType) -> &'static str {
 fn describe(m: &MatData) -> String {
     match m {
         MatData::Float { dtype, .. } => ft_name(*dtype).to_lowercase(),
-        MatData::Affine {
-            bits, group_size, ..
-        } => format!("{bits}-bit/g{group_size}"),
+        MatData::Affine { bits, group_size, .. } => format!("{bits}-bit/g{group_size}"),
     }
 }
 
@@ -136,9 +127,7 @@ fn encode(lin: &Linear, target: Target, group: usize) -> Result<Encoded> {
     let (rows, cols) = (lin.rows(), lin.cols());
     let from = describe(&mats[0].data);
     let source_affine = match mats[0].data {
-        MatData::Affine {
-            bits, group_size, ..
-        } => Some((bits, group_size)),
+        MatData::Affine { bits, group_size, .. } => Some((bits, group_size)),
         MatData::Float { .. } => None,
     };
     let same_format = mats.iter().all(|m| describe(&m.data) == from);
@@ -158,11 +147,7 @@ fn encode(lin: &Linear, target: Target, group: usize) -> Result<Encoded> {
         },
         t => t,
     };
-    let target = if target == Target::Keep && !same_format {
-        Target::Float(FloatType::F32)
-    } else {
-        target
-    };
+    let target = if target == Target::Keep && !same_format { Target::Float(FloatType::F32) } else { target };
     match target {
         Target::Keep => {
             let mut comps = Vec::new();
@@ -174,41 +159,20 @@ fn encode(lin: &Linear, target: Target, group: usize) -> Result<Encoded> {
                             bytes.extend_from_slice(data);
                         }
                     }
-                    comps.push(Component {
-                        suffix: "weight",
-                        dtype: ft_name(dtype),
-                        shape: vec![rows, cols],
-                        bytes,
-                    });
+                    comps.push(Component { suffix: "weight", dtype: ft_name(dtype), shape: vec![rows, cols], bytes });
                     None
                 }
-                MatData::Affine {
-                    bits,
-                    group_size,
-                    sb_dtype,
-                    ..
-                } => {
+                MatData::Affine { bits, group_size, sb_dtype, .. } => {
                     let (mut w, mut s, mut b) = (Vec::new(), Vec::new(), Vec::new());
                     for m in &mats {
-                        if let MatData::Affine {
-                            weight,
-                            scales,
-                            biases,
-                            ..
-                        } = m.data
-                        {
+                        if let MatData::Affine { weight, scales, biases, .. } = m.data {
                             w.extend_from_slice(weight);
                             s.extend_from_slice(scales);
                             b.extend_from_slice(biases);
                         }
                     }
                     let packed = cols * bits as usize / 32;
-                    comps.push(Component {
-                        suffix: "weight",
-                        dtype: "U32",
-                        shape: vec![rows, packed],
-                        bytes: w,
-                    });
+                    comps.push(Component { suffix: "weight", dtype: "U32", shape: vec![rows, packed], bytes: w });
                     comps.push(Component {
                         suffix: "scales",
                         dtype: ft_name(sb_dtype),
@@ -224,13 +188,7 @@ fn encode(lin: &Linear, target: Target, group: usize) -> Result<Encoded> {
                     Some(QuantInfo { bits, group_size })
                 }
             };
-            Ok(Encoded {
-                comps,
-                quant,
-                desc_to: from.clone(),
-                desc_from: from,
-                err: None,
-            })
+            Ok(Encoded { comps, quant, desc_to: from.clone(), desc_from: from, err: None })
         }
         Target::Float(ft) => {
             let mut bytes = Vec::with_capacity(rows * cols * ft.size());
@@ -239,22 +197,13 @@ fn encode(lin: &Linear, target: Target, group: usize) -> Result<Encoded> {
                 for &v in r {
                     match ft {
                         FloatType::F32 => bytes.extend_from_slice(&v.to_le_bytes()),
-                        FloatType::BF16 => {
-                            bytes.extend_from_slice(&bf16::from_f32(v).to_le_bytes())
-                        }
-                        FloatType::F16 => {
-                            bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())
-                        }
+                        FloatType::BF16 => bytes.extend_from_slice(&bf16::from_f32(v).to_le_bytes()),
+                        FloatType::F16 => bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
                     }
                 }
             });
             Ok(Encoded {
-                comps: vec![Component {
-                    suffix: "weight",
-                    dtype: ft_name(ft),
-                    shape: vec![rows, cols],
-                    bytes,
-                }],
+                comps: vec![Component { suffix: "weight", dtype: ft_name(ft), shape: vec![rows, cols], bytes }],
                 quant: None,
                 desc_to: ft_name(ft).to_lowercase(),
                 desc_from: from,
@@ -288,29 +237,11 @@ fn encode(lin: &Linear, target: Target, group: usize) -> Result<Encoded> {
             });
             Ok(Encoded {
                 comps: vec![
-                    Component {
-                        suffix: "weight",
-                        dtype: "U32",
-                        shape: vec![rows, words],
-                        bytes: w,
-                    },
-                    Component {
-                        suffix: "scales",
-                        dtype: "BF16",
-                        shape: vec![rows, groups],
-                        bytes: s,
-                    },
-                    Component {
-                        suffix: "biases",
-                        dtype: "BF16",
-                        shape: vec![rows, groups],
-                        bytes: b,
-                    },
+                    Component { suffix: "weight", dtype: "U32", shape: vec![rows, words], bytes: w },
+                    Component { suffix: "scales", dtype: "BF16", shape: vec![rows, groups], bytes: s },
+                    Component { suffix: "biases", dtype: "BF16", shape: vec![rows, groups], bytes: b },
                 ],
-                quant: Some(QuantInfo {
-                    bits,
-                    group_size: group,
-                }),
+                quant: Some(QuantInfo { bits, group_size: group }),
                 desc_to: format!("{bits}-bit/g{group}"),
                 desc_from: from,
                 err: Some((se, ss, rows * cols)),
@@ -403,12 +334,7 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |e| Error::file(path, format!("write failed: {e}"))
 }
 
-pub fn convert(
-    src: &Path,
-    dst: &Path,
-    opts: &ConvertOptions,
-    progress: &dyn ConvertProgress,
-) -> Result<ConvertReport> {
+pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn ConvertProgress) -> Result<ConvertReport> {
     if !src.exists() {
         return Err(Error::NotFound(src.to_path_buf()));
     }
@@ -418,25 +344,18 @@ pub fn convert(
         return Err(Error::file(dst, "destination is the source folder"));
     }
     if dst.exists() && !opts.force {
-        return Err(Error::file(
-            dst,
-            "already exists (pass --force to replace it)",
-        ));
+        return Err(Error::file(dst, "already exists (pass --force to replace it)"));
     }
     if ![32, 64, 128].contains(&opts.group_size) {
-        return Err(Error::input(format!(
-            "--group-size {}: must be 32, 64 or 128",
-            opts.group_size
-        )));
+        return Err(Error::input(format!("--group-size {}: must be 32, 64 or 128", opts.group_size)));
     }
     let config = ModelConfig::load(src)?;
     let store = TensorStore::open(src)?;
     let weights = ModelWeights::load(&store, &config)?;
     let config_path = src.join("config.json");
-    let mut config_json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?,
-    )
-    .map_err(|e| Error::file(&config_path, format!("malformed JSON: {e}")))?;
+    let mut config_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?)
+            .map_err(|e| Error::file(&config_path, format!("malformed JSON: {e}")))?;
     if let Some(o) = config_json.as_object_mut() {
         // Quantization is described per tensor in the manifest; the source's module-path
         // overrides no longer apply to canonical names.
@@ -444,35 +363,20 @@ pub fn convert(
         o.remove("quantization_config");
     }
 
-    let name = dst
-        .file_name()
-        .ok_or_else(|| Error::file(dst, "destination has no folder name"))?;
+    let name = dst.file_name().ok_or_else(|| Error::file(dst, "destination has no folder name"))?;
     let partial = dst.with_file_name(format!("{}.partial", name.to_string_lossy()));
     if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(|e| {
-            Error::file(
-                &partial,
-                format!("cannot remove a previous partial output: {e}"),
-            )
-        })?;
+        std::fs::remove_dir_all(&partial)
+            .map_err(|e| Error::file(&partial, format!("cannot remove a previous partial output: {e}")))?;
     }
     std::fs::create_dir_all(partial.join("experts"))
         .map_err(|e| Error::file(&partial, format!("cannot create: {e}")))?;
     progress.start((weights.non_expert_bytes() + weights.expert_bytes()) as u64);
 
-    let mut ctx = Ctx {
-        rmse: Vec::new(),
-        progress,
-        cancelled: false,
-    };
+    let mut ctx = Ctx { rmse: Vec::new(), progress, cancelled: false };
     let wpath = partial.join(WEIGHTS_FILE);
-    let f = std::fs::File::create(&wpath)
-        .map_err(|e| Error::file(&wpath, format!("cannot create: {e}")))?;
-    let mut ww = WeightsWriter {
-        file: BufWriter::with_capacity(1 << 22, f),
-        pos: 0,
-        entries: Vec::new(),
-    };
+    let f = std::fs::File::create(&wpath).map_err(|e| Error::file(&wpath, format!("cannot create: {e}")))?;
+    let mut ww = WeightsWriter { file: BufWriter::with_capacity(1 << 22, f), pos: 0, entries: Vec::new() };
     let group = opts.group_size;
     let c = &config;
 
@@ -492,11 +396,7 @@ pub fn convert(
                 comp.dtype,
                 comp.shape.clone(),
                 &comp.bytes,
-                if comp.suffix == "weight" {
-                    e.quant.clone()
-                } else {
-                    None
-                },
+                if comp.suffix == "weight" { e.quant.clone() } else { None },
             )
             .map_err(io_err(&wpath))?;
         }
@@ -509,56 +409,24 @@ pub fn convert(
         t => t,
     };
 
-    put_linear(
-        &mut ww,
-        &mut ctx,
-        None,
-        "model.embed_tokens",
-        "embed_tokens",
-        &weights.embed,
-        opts.other,
-    )?;
+    put_linear(&mut ww, &mut ctx, None, "model.embed_tokens", "embed_tokens", &weights.embed, opts.other)?;
     if !c.tie_word_embeddings {
-        put_linear(
-            &mut ww,
-            &mut ctx,
-            None,
-            "lm_head",
-            "lm_head",
-            &weights.lm_head,
-            opts.other,
-        )?;
+        put_linear(&mut ww, &mut ctx, None, "lm_head", "lm_head", &weights.lm_head, opts.other)?;
     }
-    ww.put_vec(
-        "model.norm.weight",
-        &weights.final_norm,
-        vec![c.hidden_size],
-    )
-    .map_err(io_err(&wpath))?;
+    ww.put_vec("model.norm.weight", &weights.final_norm, vec![c.hidden_size]).map_err(io_err(&wpath))?;
     let mut expert_files = Vec::new();
     let mut expert_bytes = 0u64;
     for (i, l) in weights.layers.iter().enumerate() {
         let p = format!("model.layers.{i}.");
-        ww.put_vec(
-            &format!("{p}input_layernorm.weight"),
-            &l.input_norm,
-            vec![c.hidden_size],
-        )
-        .map_err(io_err(&wpath))?;
-        ww.put_vec(
-            &format!("{p}post_attention_layernorm.weight"),
-            &l.post_attention_norm,
-            vec![c.hidden_size],
-        )
-        .map_err(io_err(&wpath))?;
+        ww.put_vec(&format!("{p}input_layernorm.weight"), &l.input_norm, vec![c.hidden_size])
+            .map_err(io_err(&wpath))?;
+        ww.put_vec(&format!("{p}post_attention_layernorm.weight"), &l.post_attention_norm, vec![c.hidden_size])
+            .map_err(io_err(&wpath))?;
         match &l.mixer {
             Mixer::Attention(a) => {
-                for (n, lin) in [
-                    ("q_proj", &a.q_proj),
-                    ("k_proj", &a.k_proj),
-                    ("v_proj", &a.v_proj),
-                    ("o_proj", &a.o_proj),
-                ] {
+                for (n, lin) in
+                    [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)]
+                {
                     put_linear(
                         &mut ww,
                         &mut ctx,
@@ -569,18 +437,10 @@ pub fn convert(
                         opts.other,
                     )?;
                 }
-                ww.put_vec(
-                    &format!("{p}self_attn.q_norm.weight"),
-                    &a.q_norm,
-                    vec![c.head_dim],
-                )
-                .map_err(io_err(&wpath))?;
-                ww.put_vec(
-                    &format!("{p}self_attn.k_norm.weight"),
-                    &a.k_norm,
-                    vec![c.head_dim],
-                )
-                .map_err(io_err(&wpath))?;
+                ww.put_vec(&format!("{p}self_attn.q_norm.weight"), &a.q_norm, vec![c.head_dim])
+                    .map_err(io_err(&wpath))?;
+                ww.put_vec(&format!("{p}self_attn.k_norm.weight"), &a.k_norm, vec![c.head_dim])
+                    .map_err(io_err(&wpath))?;
             }
             Mixer::DeltaNet(d) => {
                 for (n, lin) in [
@@ -601,26 +461,11 @@ pub fn convert(
                     )?;
                 }
                 let la = format!("{p}linear_attn.");
-                ww.put_vec(
-                    &format!("{la}conv1d.weight"),
-                    &d.conv,
-                    vec![c.conv_dim(), 1, c.conv_kernel],
-                )
-                .map_err(io_err(&wpath))?;
-                ww.put_vec(&format!("{la}A_log"), &d.a_log, vec![c.linear_value_heads])
+                ww.put_vec(&format!("{la}conv1d.weight"), &d.conv, vec![c.conv_dim(), 1, c.conv_kernel])
                     .map_err(io_err(&wpath))?;
-                ww.put_vec(
-                    &format!("{la}dt_bias"),
-                    &d.dt_bias,
-                    vec![c.linear_value_heads],
-                )
-                .map_err(io_err(&wpath))?;
-                ww.put_vec(
-                    &format!("{la}norm.weight"),
-                    &d.norm,
-                    vec![c.linear_value_dim],
-                )
-                .map_err(io_err(&wpath))?;
+                ww.put_vec(&format!("{la}A_log"), &d.a_log, vec![c.linear_value_heads]).map_err(io_err(&wpath))?;
+                ww.put_vec(&format!("{la}dt_bias"), &d.dt_bias, vec![c.linear_value_heads]).map_err(io_err(&wpath))?;
+                ww.put_vec(&format!("{la}norm.weight"), &d.norm, vec![c.linear_value_dim]).map_err(io_err(&wpath))?;
             }
         }
         let m = &l.moe;
@@ -642,11 +487,7 @@ pub fn convert(
             &m.shared_gate,
             gate_target(opts.other),
         )?;
-        for (n, lin) in [
-            ("gate_proj", &m.shared.gate),
-            ("up_proj", &m.shared.up),
-            ("down_proj", &m.shared.down),
-        ] {
+        for (n, lin) in [("gate_proj", &m.shared.gate), ("up_proj", &m.shared.up), ("down_proj", &m.shared.down)] {
             put_linear(
                 &mut ww,
                 &mut ctx,
@@ -673,17 +514,12 @@ pub fn convert(
     for f in COPIED_FILES {
         let from = src.join(f);
         if from.is_file() {
-            std::fs::copy(&from, partial.join(f))
-                .map_err(|e| Error::file(&from, format!("cannot copy: {e}")))?;
+            std::fs::copy(&from, partial.join(f)).map_err(|e| Error::file(&from, format!("cannot copy: {e}")))?;
             copied.push(f.to_string());
         }
     }
     let cfg_out = partial.join("config.json");
-    std::fs::write(
-        &cfg_out,
-        serde_json::to_string_pretty(&config_json).unwrap(),
-    )
-    .map_err(io_err(&cfg_out))?;
+    std::fs::write(&cfg_out, serde_json::to_string_pretty(&config_json).unwrap()).map_err(io_err(&cfg_out))?;
     let manifest = Manifest {
         format: FORMAT_NAME.into(),
         version: FORMAT_VERSION,
@@ -698,18 +534,12 @@ pub fn convert(
     // The manifest is written last: a folder without it is not a packed model.
     let mpath = partial.join(MANIFEST);
     let mf = std::fs::File::create(&mpath).map_err(io_err(&mpath))?;
-    serde_json::to_writer(BufWriter::new(&mf), &manifest)
-        .map_err(|e| Error::file(&mpath, e.to_string()))?;
+    serde_json::to_writer(BufWriter::new(&mf), &manifest).map_err(|e| Error::file(&mpath, e.to_string()))?;
     mf.sync_all().map_err(io_err(&mpath))?;
 
     if dst.exists() {
-        let old = dst.with_file_name(format!(
-            "{}.old-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        std::fs::rename(dst, &old)
-            .map_err(|e| Error::file(dst, format!("cannot move the old output aside: {e}")))?;
+        let old = dst.with_file_name(format!("{}.old-{}", name.to_string_lossy(), std::process::id()));
+        std::fs::rename(dst, &old).map_err(|e| Error::file(dst, format!("cannot move the old output aside: {e}")))?;
         std::fs::rename(&partial, dst)
             .map_err(|e| Error::file(dst, format!("cannot rename the finished output: {e}")))?;
         let _ = std::fs::remove_dir_all(&old);
@@ -722,12 +552,7 @@ pub fn convert(
     {
         let _ = d.sync_all();
     }
-    Ok(ConvertReport {
-        dst: dst.to_path_buf(),
-        non_expert_bytes,
-        expert_bytes,
-        rmse: ctx.rmse,
-    })
+    Ok(ConvertReport { dst: dst.to_path_buf(), non_expert_bytes, expert_bytes, rmse: ctx.rmse })
 }
 
 /// Encodes one layer's experts (in parallel, a bounded batch at a time) into one file of
@@ -742,8 +567,7 @@ fn write_expert_file(
 ) -> Result<ExpertFile> {
     let rel = expert_file_name(layer);
     let path = partial.join(&rel);
-    let mut file = std::fs::File::create(&path)
-        .map_err(|e| Error::file(&path, format!("cannot create: {e}")))?;
+    let mut file = std::fs::File::create(&path).map_err(|e| Error::file(&path, format!("cannot create: {e}")))?;
     let mut layout: Option<(Vec<TensorEntry>, u64, u64)> = None;
     let mut sums = Vec::with_capacity(experts.len());
     let mut errs: [(f64, f64, usize, String, String); 3] = Default::default();
@@ -752,11 +576,7 @@ fn write_expert_file(
         let encoded: Vec<Result<[Encoded; 3]>> = batch
             .par_iter()
             .map(|ex| {
-                Ok([
-                    encode(&ex.gate, target, group)?,
-                    encode(&ex.up, target, group)?,
-                    encode(&ex.down, target, group)?,
-                ])
+                Ok([encode(&ex.gate, target, group)?, encode(&ex.up, target, group)?, encode(&ex.down, target, group)?])
             })
             .collect();
         for (j, enc) in encoded.into_iter().enumerate() {
@@ -774,11 +594,7 @@ fn write_expert_file(
                         shape: comp.shape.clone(),
                         offset: blob.len() as u64,
                         nbytes: comp.bytes.len() as u64,
-                        quant: if comp.suffix == "weight" {
-                            e.quant.clone()
-                        } else {
-                            None
-                        },
+                        quant: if comp.suffix == "weight" { e.quant.clone() } else { None },
                         xxh3: None,
                     });
                     blob.extend_from_slice(&comp.bytes);
@@ -799,9 +615,10 @@ fn write_expert_file(
                 None => layout = Some((comps, blob_bytes, stride)),
                 Some((first, bb, _)) => {
                     if *bb != blob_bytes
-                        || first.iter().zip(&comps).any(|(a, b)| {
-                            a.offset != b.offset || a.shape != b.shape || a.dtype != b.dtype
-                        })
+                        || first
+                            .iter()
+                            .zip(&comps)
+                            .any(|(a, b)| a.offset != b.offset || a.shape != b.shape || a.dtype != b.dtype)
                     {
                         return Err(Error::input(format!(
                             "layer {layer}: expert {x} is stored differently from expert 0; cannot pack"
@@ -811,17 +628,13 @@ fn write_expert_file(
             }
             blob.resize(stride as usize, 0);
             sums.push(xxh3_hex(&blob));
-            file.seek(SeekFrom::Start(x as u64 * stride))
-                .map_err(io_err(&path))?;
+            file.seek(SeekFrom::Start(x as u64 * stride)).map_err(io_err(&path))?;
             file.write_all(&blob).map_err(io_err(&path))?;
             ctx.advance(experts[x].bytes())?;
         }
     }
     file.sync_all().map_err(io_err(&path))?;
-    for (k, proj) in ["experts.gate_proj", "experts.up_proj", "experts.down_proj"]
-        .iter()
-        .enumerate()
-    {
+    for (k, proj) in ["experts.gate_proj", "experts.up_proj", "experts.down_proj"].iter().enumerate() {
         let (se, ss, n, from, to) = &errs[k];
         if *n > 0 {
             ctx.rmse.push(RmseRow {
@@ -836,13 +649,5 @@ fn write_expert_file(
     }
     let (components, blob_bytes, stride) =
         layout.ok_or_else(|| Error::input(format!("layer {layer} has no experts")))?;
-    Ok(ExpertFile {
-        layer,
-        file: rel,
-        num_experts: experts.len(),
-        stride,
-        blob_bytes,
-        components,
-        xxh3: sums,
-    })
+    Ok(ExpertFile { layer, file: rel, num_experts: experts.len(), stride, blob_bytes, components, xxh3: sums })
 }

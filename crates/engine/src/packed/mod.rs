@@ -87,13 +87,10 @@ impl Manifest {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let m: Manifest = serde_json::from_str(&text)
-            .map_err(|e| Error::file(&path, format!("malformed manifest: {e}")))?;
+        let m: Manifest =
+            serde_json::from_str(&text).map_err(|e| Error::file(&path, format!("malformed manifest: {e}")))?;
         if m.format != FORMAT_NAME {
-            return Err(Error::file(
-                &path,
-                format!("not a flashmoe packed model (format `{}`)", m.format),
-            ));
+            return Err(Error::file(&path, format!("not a flashmoe packed model (format `{}`)", m.format)));
         }
         if m.version != FORMAT_VERSION {
             return Err(Error::file(
@@ -121,33 +118,19 @@ pub fn parse_dtype(s: &str) -> Option<Dtype> {
 fn map_file(path: &Path) -> Result<Arc<Mmap>> {
     let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: read-only mapping of a file we do not modify while mapped.
-    let m =
-        unsafe { Mmap::map(&f) }.map_err(|e| Error::file(path, format!("cannot map file: {e}")))?;
+    let m = unsafe { Mmap::map(&f) }.map_err(|e| Error::file(path, format!("cannot map file: {e}")))?;
     Ok(Arc::new(m))
 }
 
-fn raw(
-    path: &Path,
-    map: &Arc<Mmap>,
-    name: String,
-    e: &TensorEntry,
-    base: u64,
-) -> Result<RawTensor> {
-    let dtype = parse_dtype(&e.dtype).ok_or_else(|| {
-        Error::file(
-            path,
-            format!("tensor `{name}` has unsupported dtype `{}`", e.dtype),
-        )
-    })?;
+fn raw(path: &Path, map: &Arc<Mmap>, name: String, e: &TensorEntry, base: u64) -> Result<RawTensor> {
+    let dtype = parse_dtype(&e.dtype)
+        .ok_or_else(|| Error::file(path, format!("tensor `{name}` has unsupported dtype `{}`", e.dtype)))?;
     let start = base + e.offset;
     let end = start + e.nbytes;
     if end as usize > map.len() {
         return Err(Error::file(
             path,
-            format!(
-                "tensor `{name}` ends at byte {end} but the file has {} bytes (truncated?)",
-                map.len()
-            ),
+            format!("tensor `{name}` ends at byte {end} but the file has {} bytes (truncated?)", map.len()),
         ));
     }
     let numel: usize = e.shape.iter().product();
@@ -155,10 +138,7 @@ fn raw(
     if want as u64 != e.nbytes {
         return Err(Error::file(
             path,
-            format!(
-                "tensor `{name}`: shape {:?} needs {want} bytes, manifest says {}",
-                e.shape, e.nbytes
-            ),
+            format!("tensor `{name}`: shape {:?} needs {want} bytes, manifest says {}", e.shape, e.nbytes),
         ));
     }
     Ok(RawTensor {

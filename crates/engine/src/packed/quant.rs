@@ -6,14 +6,7 @@
 use half::bf16;
 
 /// Quantizes one row. `codes` receives cols·bits/32 words, `scales`/`biases` cols/group values.
-pub fn quantize_row(
-    row: &[f32],
-    bits: u32,
-    group: usize,
-    codes: &mut [u32],
-    scales: &mut [bf16],
-    biases: &mut [bf16],
-) {
+pub fn quantize_row(row: &[f32], bits: u32, group: usize, codes: &mut [u32], scales: &mut [bf16], biases: &mut [bf16]) {
     let levels = ((1u32 << bits) - 1) as f32;
     codes.fill(0);
     for (g, chunk) in row.chunks_exact(group).enumerate() {
@@ -28,11 +21,7 @@ pub fn quantize_row(
         biases[g] = bias;
         let (s, b) = (scale.to_f32(), bias.to_f32());
         for (j, &v) in chunk.iter().enumerate() {
-            let q = if s > 0.0 {
-                ((v - b) / s).round().clamp(0.0, levels) as u32
-            } else {
-                0
-            };
+            let q = if s > 0.0 { ((v - b) / s).round().clamp(0.0, levels) as u32 } else { 0 };
             let i = g * group + j;
             let bit = i * bits as usize;
             codes[bit / 32] |= q << (bit % 32);
@@ -41,14 +30,7 @@ pub fn quantize_row(
 }
 
 /// Inverse of [`quantize_row`] (reference implementation, used for error reports and tests).
-pub fn dequantize_row(
-    codes: &[u32],
-    scales: &[bf16],
-    biases: &[bf16],
-    bits: u32,
-    group: usize,
-    out: &mut [f32],
-) {
+pub fn dequantize_row(codes: &[u32], scales: &[bf16], biases: &[bf16], bits: u32, group: usize, out: &mut [f32]) {
     let mask = (1u32 << bits) - 1;
     for (i, o) in out.iter_mut().enumerate() {
         let bit = i * bits as usize;
@@ -65,9 +47,7 @@ mod tests {
     #[test]
     fn round_trip_error_is_within_half_a_step() {
         let cols = 256;
-        let row: Vec<f32> = (0..cols)
-            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
+        let row: Vec<f32> = (0..cols).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
         for bits in [2u32, 4, 8] {
             for group in [32usize, 64, 128] {
                 let mut codes = vec![0u32; cols * bits as usize / 32];
@@ -80,10 +60,7 @@ mod tests {
                     let step = s[i / group].to_f32();
                     // Half a step, plus the bf16 rounding of bias and scale·levels.
                     let tol = 0.5 * step + 0.01 * (x.abs() + step * ((1 << bits) - 1) as f32);
-                    assert!(
-                        (x - y).abs() <= tol,
-                        "bits {bits} group {group} i {i}: {x} vs {y} (step {step})"
-                    );
+                    assert!((x - y).abs() <= tol, "bits {bits} group {group} i {i}: {x} vs {y} (step {step})");
                 }
             }
         }

@@ -20,11 +20,7 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
         if end > wmap.len() {
             return Err(Error::file(
                 &wpath,
-                format!(
-                    "tensor `{}` ends at byte {end} but the file has {} bytes (truncated?)",
-                    e.name,
-                    wmap.len()
-                ),
+                format!("tensor `{}` ends at byte {end} but the file has {} bytes (truncated?)", e.name, wmap.len()),
             ));
         }
         if let Some(want) = &e.xxh3 {
@@ -32,10 +28,7 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
             if &got != want {
                 return Err(Error::file(
                     &wpath,
-                    format!(
-                        "tensor `{}` (bytes {}..{end}) fails its checksum",
-                        e.name, e.offset
-                    ),
+                    format!("tensor `{}` (bytes {}..{end}) fails its checksum", e.name, e.offset),
                 ));
             }
         }
@@ -49,23 +42,13 @@ pub fn verify(dir: &Path) -> Result<VerifyReport> {
         if map.len() as u64 != want {
             return Err(Error::file(
                 &path,
-                format!(
-                    "has {} bytes, expected {want} ({} experts × {})",
-                    map.len(),
-                    ef.num_experts,
-                    ef.stride
-                ),
+                format!("has {} bytes, expected {want} ({} experts × {})", map.len(), ef.num_experts, ef.stride),
             ));
         }
         if ef.xxh3.len() != ef.num_experts {
             return Err(Error::file(
                 dir.join(MANIFEST),
-                format!(
-                    "layer {} lists {} checksums for {} experts",
-                    ef.layer,
-                    ef.xxh3.len(),
-                    ef.num_experts
-                ),
+                format!("layer {} lists {} checksums for {} experts", ef.layer, ef.xxh3.len(), ef.num_experts),
             ));
         }
         for (x, sum) in ef.xxh3.iter().enumerate() {

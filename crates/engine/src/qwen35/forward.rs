@@ -4,11 +4,39 @@
 //! delta-rule state are f32.
 
 use super::Model;
-use super::weights::{
-    AttentionWeights, DeltaNetWeights, ExpertSet, ExpertWeights, LayerWeights, Mixer, MoeWeights,
-};
+use super::weights::{AttentionWeights, DeltaNetWeights, ExpertSet, ExpertWeights, LayerWeights, Mixer, MoeWeights};
 use crate::error::Result;
+use crate::experts::buffer::AlignedBuf;
 use rayon::prelude::*;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Seconds spent in each part of one layer (accumulated over calls when timing is on).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LayerTimes {
+    /// Attention or GatedDeltaNet.
+    pub mixer: f64,
+    pub router: f64,
+    /// Blocked on expert reads after the shared expert was done.
+    pub io_wait: f64,
+    /// Shared and routed expert compute.
+    pub experts: f64,
+    /// Norms, residuals, bookkeeping.
+    pub other: f64,
+}
+
+impl LayerTimes {
+    pub fn add(&mut self, o: &LayerTimes) {
+        self.mixer += o.mixer;
+        self.router += o.router;
+        self.io_wait += o.io_wait;
+        self.experts += o.experts;
+        self.other += o.other;
+    }
+    pub fn total(&self) -> f64 {
+        self.mixer + self.router + self.io_wait + self.experts + self.other
+    }
+}
 
 /// Per-layer sequence state: the KV cache of an attention layer, or the conv window and the
 /// recurrent state of a GatedDeltaNet layer.
@@ -118,11 +146,13 @@ impl Model {
         pos0: usize,
         state: &mut LayerState,
     ) -> Result<()> {
+        let start = Instant::now();
         let lw: &LayerWeights = &self.weights.layers[li];
         let h = self.config.hidden_size;
         let eps = self.config.rms_norm_eps;
         let mut normed = vec![0.0f32; t * h];
         rms_norm_rows(x, &lw.input_norm, eps, &mut normed);
+        let mixer_start = Instant::now();
         let mixed = match (&lw.mixer, state) {
             (Mixer::Attention(a), LayerState::Attention { keys, values }) => {
                 self.attention(a, &normed, t, pos0, keys, values)
@@ -132,13 +162,20 @@ impl Model {
             }
             _ => unreachable!("layer state does not match layer kind"),
         };
+        let mixer_secs = mixer_start.elapsed().as_secs_f64();
         for (xv, m) in x.iter_mut().zip(&mixed) {
             *xv += m;
         }
         rms_norm_rows(x, &lw.post_attention_norm, eps, &mut normed);
-        let moe = self.moe(&lw.moe, &normed, t, li, pos0)?;
+        let (moe, mut lt) = self.moe(&lw.moe, &normed, t, li, pos0)?;
         for (xv, m) in x.iter_mut().zip(&moe) {
             *xv += m;
+        }
+        if let Some(timings) = &self.timings {
+            lt.mixer = mixer_secs;
+            let total = start.elapsed().as_secs_f64();
+            lt.other = (total - lt.mixer - lt.router - lt.io_wait - lt.experts).max(0.0);
+            timings.lock().unwrap()[li].add(&lt);
         }
         Ok(())
     }
@@ -195,9 +232,7 @@ impl Model {
             let kvh = j / group;
             let len = pos0 + ti + 1;
             let qh = &q[idx * d..][..d];
-            let mut scores: Vec<f32> = (0..len)
-                .map(|s| dot(qh, &keys[(s * nkv + kvh) * d..][..d]) * scale)
-                .collect();
+            let mut scores: Vec<f32> = (0..len).map(|s| dot(qh, &keys[(s * nkv + kvh) * d..][..d]) * scale).collect();
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0f32;
             for s in scores.iter_mut() {
@@ -220,13 +255,9 @@ impl Model {
         };
         let work = t * nh * (pos0 + t) * d;
         if work >= PAR_THRESHOLD {
-            out.par_chunks_mut(d)
-                .enumerate()
-                .for_each(|(idx, o)| head(idx, o));
+            out.par_chunks_mut(d).enumerate().for_each(|(idx, o)| head(idx, o));
         } else {
-            out.chunks_mut(d)
-                .enumerate()
-                .for_each(|(idx, o)| head(idx, o));
+            out.chunks_mut(d).enumerate().for_each(|(idx, o)| head(idx, o));
         }
         a.o_proj.apply(&out, t)
     }
@@ -254,12 +285,7 @@ impl Model {
         s_all: &mut [f32],
     ) -> Vec<f32> {
         let c = &self.config;
-        let (hk, hv, dk, dv) = (
-            c.linear_key_heads,
-            c.linear_value_heads,
-            c.linear_key_dim,
-            c.linear_value_dim,
-        );
+        let (hk, hv, dk, dv) = (c.linear_key_heads, c.linear_value_heads, c.linear_key_dim, c.linear_value_dim);
         let (key_dim, conv_dim, kc) = (c.key_dim(), c.conv_dim(), c.conv_kernel);
         let r = hv / hk;
         let eps = c.rms_norm_eps;
@@ -341,24 +367,15 @@ impl Model {
                     .enumerate()
                     .for_each(|(h, (s, o))| step(h, s, o));
             } else {
-                s_all
-                    .chunks_mut(dk * dv)
-                    .zip(yt.chunks_mut(dv))
-                    .enumerate()
-                    .for_each(|(h, (s, o))| step(h, s, o));
+                s_all.chunks_mut(dk * dv).zip(yt.chunks_mut(dv)).enumerate().for_each(|(h, (s, o))| step(h, s, o));
             }
         }
         w.out_proj.apply(&y, t)
     }
 
-    fn moe(
-        &self,
-        m: &MoeWeights,
-        hs: &[f32],
-        t: usize,
-        layer: usize,
-        pos0: usize,
-    ) -> Result<Vec<f32>> {
+    fn moe(&self, m: &MoeWeights, hs: &[f32], t: usize, layer: usize, pos0: usize) -> Result<(Vec<f32>, LayerTimes)> {
+        let mut lt = LayerTimes::default();
+        let t_router = Instant::now();
         let c = &self.config;
         let (h, e) = (c.hidden_size, c.num_experts);
         let k = self.experts_per_token;
@@ -376,26 +393,20 @@ impl Model {
             // Top-k by probability; ties go to the lower expert index.
             idx.sort_by(|&x, &y| p[y].total_cmp(&p[x]).then(x.cmp(&y)));
             let top = &idx[..k];
-            let norm = if c.norm_topk_prob {
-                top.iter().map(|&x| p[x]).sum::<f32>()
-            } else {
-                1.0
-            };
+            let norm = if c.norm_topk_prob { top.iter().map(|&x| p[x]).sum::<f32>() } else { 1.0 };
             for &x in top {
                 per_expert[x].push((ti, p[x] / norm));
             }
             if let Some(trace) = &self.routing_trace {
-                trace.lock().unwrap().push((
-                    layer,
-                    pos0 + ti,
-                    top.iter().map(|&x| x as u32).collect(),
-                ));
+                trace.lock().unwrap().push((layer, pos0 + ti, top.iter().map(|&x| x as u32).collect()));
             }
         }
         let chosen: Vec<usize> = (0..e).filter(|&x| !per_expert[x].is_empty()).collect();
+        lt.router = t_router.elapsed().as_secs_f64();
 
         // The shared expert needs no routed weights: compute it while the routed ones are read.
         let shared = || {
+            let t0 = Instant::now();
             let mut ys = expert_forward(&m.shared, hs, t);
             let sg = m.shared_gate.apply(hs, t);
             for ti in 0..t {
@@ -404,43 +415,72 @@ impl Model {
                     *v *= s;
                 }
             }
-            ys
+            (ys, t0.elapsed().as_secs_f64())
         };
-        let (fetched, mut out) = match &m.experts {
-            ExpertSet::Resident(_) => (None, shared()),
-            ExpertSet::Streamed { store, layer } => {
-                let (f, ys) = rayon::join(|| store.fetch(*layer, &chosen), shared);
-                (Some(f?), ys)
-            }
-        };
+        let t_phase = Instant::now();
         let mut routed = vec![0.0f32; t * h];
-        let mut xs = Vec::new();
-        for (j, &ei) in chosen.iter().enumerate() {
-            let toks = &per_expert[ei];
-            xs.clear();
-            for &(ti, _) in toks {
-                xs.extend_from_slice(&hs[ti * h..][..h]);
-            }
-            let y = match (&m.experts, &fetched) {
-                (ExpertSet::Resident(v), _) => expert_forward(&v[ei], &xs, toks.len()),
-                (ExpertSet::Streamed { store, layer }, Some(bufs)) => expert_forward(
-                    &store.expert_weights(*layer, bufs[j].clone())?,
-                    &xs,
-                    toks.len(),
-                ),
-                _ => unreachable!("streamed experts are fetched above"),
-            };
-            for (r, &(ti, wgt)) in toks.iter().enumerate() {
-                for (o, &v) in routed[ti * h..][..h].iter_mut().zip(&y[r * h..][..h]) {
-                    *o += wgt * v;
+        // Runs the routed experts `ids` (buffers `bufs` when streamed) over their tokens and adds
+        // their weighted outputs into `routed`, in `chosen` order so results do not depend on
+        // chunking. Returns its compute time.
+        let run_experts = |ids: &[usize], bufs: Option<&[Arc<AlignedBuf>]>, routed: &mut Vec<f32>| -> Result<f64> {
+            let t0 = Instant::now();
+            let mut xs = Vec::new();
+            for (j, &ei) in ids.iter().enumerate() {
+                let toks = &per_expert[ei];
+                xs.clear();
+                for &(ti, _) in toks {
+                    xs.extend_from_slice(&hs[ti * h..][..h]);
+                }
+                let y = match (&m.experts, bufs) {
+                    (ExpertSet::Resident(v), _) => expert_forward(&v[ei], &xs, toks.len()),
+                    (ExpertSet::Streamed { store, layer }, Some(bufs)) => {
+                        expert_forward(&store.expert_weights(*layer, bufs[j].clone())?, &xs, toks.len())
+                    }
+                    _ => unreachable!("streamed experts come with their buffers"),
+                };
+                for (r, &(ti, wgt)) in toks.iter().enumerate() {
+                    for (o, &v) in routed[ti * h..][..h].iter_mut().zip(&y[r * h..][..h]) {
+                        *o += wgt * v;
+                    }
                 }
             }
-        }
+            Ok(t0.elapsed().as_secs_f64())
+        };
+        let (mut out, compute_secs) = match &m.experts {
+            ExpertSet::Resident(_) => {
+                let (ys, sh) = shared();
+                let r = run_experts(&chosen, None, &mut routed)?;
+                (ys, sh + r)
+            }
+            ExpertSet::Streamed { store, layer } => {
+                // At most `fetch_chunk` expert buffers alive at once (bounded memory for big
+                // prefills); chunk i+1 is read while chunk i computes, and the first read overlaps
+                // the shared expert.
+                let chunks: Vec<&[usize]> = chosen.chunks(self.fetch_chunk.max(1)).collect();
+                let first = chunks.first().copied().unwrap_or(&[]);
+                let (cur, (ys, sh)) = rayon::join(|| store.fetch(*layer, first), shared);
+                let mut cur = cur?;
+                let mut compute = sh;
+                for ci in 0..chunks.len() {
+                    let next_ids = chunks.get(ci + 1).copied();
+                    let (next, r) = rayon::join(
+                        || next_ids.map(|ids| store.fetch(*layer, ids)).transpose(),
+                        || run_experts(chunks[ci], Some(&cur), &mut routed),
+                    );
+                    compute += r?;
+                    cur = next?.unwrap_or_default();
+                }
+                (ys, compute)
+            }
+        };
         // Routed sum first, then the shared expert, as HF adds them.
         for (o, &r) in out.iter_mut().zip(&routed) {
             *o = r + *o;
         }
-        Ok(out)
+        lt.experts = compute_secs;
+        // Whatever the expert phase took beyond its compute was spent waiting for reads.
+        lt.io_wait = (t_phase.elapsed().as_secs_f64() - compute_secs).max(0.0);
+        Ok((out, lt))
     }
 }
 

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::experts::{ExpertStore, StoreOptions};
 use crate::packed;
 use crate::weights::TensorStore;
-pub use forward::{LayerState, LogitsFor, SequenceState};
+pub use forward::{LayerState, LayerTimes, LogitsFor, SequenceState};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -26,10 +26,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions {
-            stream_experts: true,
-            store: StoreOptions::default(),
-        }
+        LoadOptions { stream_experts: true, store: StoreOptions::default() }
     }
 }
 pub use weights::{ModelWeights, SourceFormat};
@@ -48,6 +45,10 @@ pub struct Model {
     pub routing_trace: Option<Mutex<Vec<(usize, usize, Vec<u32>)>>>,
     /// The expert store of a streamed (packed) model.
     pub expert_store: Option<Arc<ExpertStore>>,
+    /// Most streamed expert buffers alive at once per layer (bounds prefill memory).
+    pub fetch_chunk: usize,
+    /// Per-layer time accumulators, when timing is on (`enable_timing`).
+    pub timings: Option<Mutex<Vec<LayerTimes>>>,
 }
 
 impl Model {
@@ -75,9 +76,8 @@ impl Model {
     pub fn from_parts(config: ModelConfig, weights: ModelWeights) -> Self {
         let rot = config.rotary_dims();
         // HF: inv_freq = 1 / theta^(2i/rot), computed in f32.
-        let inv_freq = (0..rot / 2)
-            .map(|i| 1.0f32 / (config.rope_theta as f32).powf((2 * i) as f32 / rot as f32))
-            .collect();
+        let inv_freq =
+            (0..rot / 2).map(|i| 1.0f32 / (config.rope_theta as f32).powf((2 * i) as f32 / rot as f32)).collect();
         Model {
             experts_per_token: config.experts_per_token,
             max_context: config.max_position_embeddings,
@@ -86,6 +86,8 @@ impl Model {
             weights,
             routing_trace: None,
             expert_store: None,
+            timings: None,
+            fetch_chunk: 32,
         }
     }
 
@@ -110,6 +112,22 @@ impl Model {
         self.experts_per_token == self.config.experts_per_token
     }
 
+    /// Starts (or restarts) per-layer timing.
+    pub fn enable_timing(&mut self) {
+        self.timings = Some(Mutex::new(vec![LayerTimes::default(); self.config.num_layers]));
+    }
+
+    /// Clears the timing accumulators (e.g. after the prefill, to time decode alone).
+    pub fn reset_timing(&self) {
+        if let Some(t) = &self.timings {
+            t.lock().unwrap().iter_mut().for_each(|x| *x = LayerTimes::default());
+        }
+    }
+
+    pub fn timing_snapshot(&self) -> Option<Vec<LayerTimes>> {
+        self.timings.as_ref().map(|t| t.lock().unwrap().clone())
+    }
+
     pub fn set_max_context(&mut self, n: usize) {
         self.max_context = n;
     }
@@ -124,16 +142,10 @@ impl Model {
             .layer_kinds
             .iter()
             .map(|k| match k {
-                LayerKind::FullAttention => LayerState::Attention {
-                    keys: Vec::new(),
-                    values: Vec::new(),
-                },
+                LayerKind::FullAttention => LayerState::Attention { keys: Vec::new(), values: Vec::new() },
                 LayerKind::LinearAttention => LayerState::DeltaNet {
                     conv: vec![0.0; c.conv_kernel.saturating_sub(1) * c.conv_dim()],
-                    recurrent: vec![
-                        0.0;
-                        c.linear_value_heads * c.linear_key_dim * c.linear_value_dim
-                    ],
+                    recurrent: vec![0.0; c.linear_value_heads * c.linear_key_dim * c.linear_value_dim],
                 },
             })
             .collect();
@@ -142,12 +154,7 @@ impl Model {
 
     /// Runs `tokens` (consecutive positions starting at `state.pos`) through the model as one
     /// batch and returns logits for the requested positions ([n, vocab] row-major).
-    pub fn forward(
-        &self,
-        tokens: &[u32],
-        state: &mut SequenceState,
-        want: LogitsFor,
-    ) -> Result<Vec<f32>> {
+    pub fn forward(&self, tokens: &[u32], state: &mut SequenceState, want: LogitsFor) -> Result<Vec<f32>> {
         let c = &self.config;
         if tokens.is_empty() {
             return Ok(Vec::new());
@@ -170,9 +177,7 @@ impl Model {
         let (t, h) = (tokens.len(), c.hidden_size);
         let mut x = vec![0.0f32; t * h];
         for (i, &id) in tokens.iter().enumerate() {
-            self.weights
-                .embed
-                .row(id as usize, &mut x[i * h..(i + 1) * h]);
+            self.weights.embed.row(id as usize, &mut x[i * h..(i + 1) * h]);
         }
         for (li, ls) in state.layers.iter_mut().enumerate() {
             self.layer_forward(li, &mut x, t, state.pos, ls)?;

@@ -68,10 +68,7 @@ pub enum ExpertSet {
     /// Views into mapped checkpoint files (HF/MLX folders, or packed files mapped whole).
     Resident(Vec<ExpertWeights>),
     /// Fetched per token from the expert store (packed models).
-    Streamed {
-        store: Arc<ExpertStore>,
-        layer: usize,
-    },
+    Streamed { store: Arc<ExpertStore>, layer: usize },
 }
 
 impl ExpertSet {
@@ -132,26 +129,19 @@ impl ModelWeights {
         experts: Option<Arc<ExpertStore>>,
     ) -> Result<Self> {
         const ROOTS: [&str; 3] = ["model.language_model.", "language_model.model.", "model."];
-        let root = ROOTS
-            .iter()
-            .find(|r| store.contains(&format!("{r}embed_tokens.weight")))
-            .ok_or_else(|| {
-                Error::file(
-                    &store.dir,
-                    format!(
-                        "no embedding tensor found (looked for {}) in {}",
-                        ROOTS
-                            .map(|r| format!("`{r}embed_tokens.weight`"))
-                            .join(", "),
-                        store.describe_location()
-                    ),
-                )
-            })?;
+        let root = ROOTS.iter().find(|r| store.contains(&format!("{r}embed_tokens.weight"))).ok_or_else(|| {
+            Error::file(
+                &store.dir,
+                format!(
+                    "no embedding tensor found (looked for {}) in {}",
+                    ROOTS.map(|r| format!("`{r}embed_tokens.weight`")).join(", "),
+                    store.describe_location()
+                ),
+            )
+        })?;
         let mlx = *root == "language_model.model."
             || cfg.quantization.is_some()
-            || store
-                .names()
-                .any(|n| n.contains(".switch_mlp.") || n.ends_with(".scales"));
+            || store.names().any(|n| n.contains(".switch_mlp.") || n.ends_with(".scales"));
         let format = if store.is_packed() {
             SourceFormat::Packed
         } else if mlx {
@@ -159,12 +149,7 @@ impl ModelWeights {
         } else {
             SourceFormat::HuggingFace
         };
-        let l = Loader {
-            store,
-            cfg,
-            format,
-            experts,
-        };
+        let l = Loader { store, cfg, format, experts };
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
 
         let embed = l.linear(&format!("{root}embed_tokens"), &[v, h])?;
@@ -177,7 +162,10 @@ impl ModelWeights {
                 .ok_or_else(|| {
                     Error::file(
                         &store.dir,
-                        format!("tensor `lm_head.weight` not found in {} (and tie_word_embeddings is false)", store.describe_location()),
+                        format!(
+                            "tensor `lm_head.weight` not found in {} (and tie_word_embeddings is false)",
+                            store.describe_location()
+                        ),
                     )
                 })?;
             l.linear(head, &[v, h])?
@@ -187,13 +175,7 @@ impl ModelWeights {
             layers.push(l.layer(&format!("{root}layers.{i}."), cfg.layer_kinds[i])?);
         }
         let final_norm = l.norm(&format!("{root}norm"), h, true)?;
-        Ok(ModelWeights {
-            format,
-            embed,
-            layers,
-            final_norm,
-            lm_head,
-        })
+        Ok(ModelWeights { format, embed, layers, final_norm, lm_head })
     }
 
     /// Bytes of everything but the routed experts (what stays resident when experts stream).
@@ -201,15 +183,9 @@ impl ModelWeights {
         let mut n = self.embed.bytes() + self.lm_head.bytes();
         for l in &self.layers {
             n += match &l.mixer {
-                Mixer::Attention(a) => {
-                    a.q_proj.bytes() + a.k_proj.bytes() + a.v_proj.bytes() + a.o_proj.bytes()
-                }
+                Mixer::Attention(a) => a.q_proj.bytes() + a.k_proj.bytes() + a.v_proj.bytes() + a.o_proj.bytes(),
                 Mixer::DeltaNet(d) => {
-                    d.in_qkv.bytes()
-                        + d.in_z.bytes()
-                        + d.in_a.bytes()
-                        + d.in_b.bytes()
-                        + d.out_proj.bytes()
+                    d.in_qkv.bytes() + d.in_z.bytes() + d.in_a.bytes() + d.in_b.bytes() + d.out_proj.bytes()
                 }
             };
             n += l.moe.router.bytes() + l.moe.shared.bytes() + l.moe.shared_gate.bytes();
@@ -225,13 +201,7 @@ impl ModelWeights {
 impl Loader<'_> {
     fn tensor(&self, name: &str) -> Result<&RawTensor> {
         self.store.get(name).ok_or_else(|| {
-            Error::file(
-                &self.store.dir,
-                format!(
-                    "tensor `{name}` not found in {}",
-                    self.store.describe_location()
-                ),
-            )
+            Error::file(&self.store.dir, format!("tensor `{name}` not found in {}", self.store.describe_location()))
         })
     }
 
@@ -239,11 +209,7 @@ impl Loader<'_> {
     /// `.scales`/`.biases` when quantized). Leading dims (experts) are folded into rows.
     fn linear(&self, base: &str, shape: &[usize]) -> Result<Linear> {
         let wname = format!("{base}.weight");
-        let name = if !self.store.contains(&wname) && self.store.contains(base) {
-            base.to_string()
-        } else {
-            wname
-        };
+        let name = if !self.store.contains(&wname) && self.store.contains(base) { base.to_string() } else { wname };
         self.linear_named(&name, base, shape)
     }
 
@@ -262,12 +228,10 @@ impl Loader<'_> {
                     fmt_dims(lead)
                 )));
             }
-            if s.shape.len() != shape.len() || &s.shape[..lead.len()] != lead || b.shape != s.shape
-            {
-                return Err(s.err(format!(
-                    "scales {:?} / biases {:?} do not match weight {:?}",
-                    s.shape, b.shape, w.shape
-                )));
+            if s.shape.len() != shape.len() || &s.shape[..lead.len()] != lead || b.shape != s.shape {
+                return Err(
+                    s.err(format!("scales {:?} / biases {:?} do not match weight {:?}", s.shape, b.shape, w.shape))
+                );
             }
             let (wc, sc) = (*w.shape.last().unwrap(), *s.shape.last().unwrap());
             // bits = 32·packed_cols / cols and group = cols / scale_cols, from the shapes alone.
@@ -279,14 +243,10 @@ impl Loader<'_> {
             let bits = (wc * 32 / cols) as u32;
             let group = cols / sc;
             if let Some(q) = &self.cfg.quantization {
-                let expect = q
-                    .overrides
-                    .get(base)
-                    .copied()
-                    .or(match (q.group_size, q.bits) {
-                        (Some(g), Some(b)) => Some((g, b)),
-                        _ => None,
-                    });
+                let expect = q.overrides.get(base).copied().or(match (q.group_size, q.bits) {
+                    (Some(g), Some(b)) => Some((g, b)),
+                    _ => None,
+                });
                 if let Some((g, b)) = expect
                     && (g, b) != (group, bits)
                     && q.overrides.contains_key(base)
@@ -297,18 +257,12 @@ impl Loader<'_> {
                 }
             }
             if ![2, 3, 4, 5, 6, 8].contains(&bits) {
-                return Err(w.err(format!(
-                    "inferred {bits}-bit quantization, which is not supported"
-                )));
+                return Err(w.err(format!("inferred {bits}-bit quantization, which is not supported")));
             }
             return Linear::affine(w, s, b, bits, group, rows, cols);
         }
         if w.shape != shape {
-            return Err(w.err(format!(
-                "shape {:?}, expected [{}]",
-                w.shape,
-                fmt_dims(shape)
-            )));
+            return Err(w.err(format!("shape {:?}, expected [{}]", w.shape, fmt_dims(shape))));
         }
         Linear::float(w, rows, cols)
     }
@@ -347,9 +301,7 @@ impl Loader<'_> {
                     k_norm: self.norm(&format!("{a}k_norm"), d, true)?,
                 })
             }
-            LayerKind::LinearAttention => {
-                Mixer::DeltaNet(self.delta_net(&format!("{p}linear_attn."))?)
-            }
+            LayerKind::LinearAttention => Mixer::DeltaNet(self.delta_net(&format!("{p}linear_attn."))?),
         };
         Ok(LayerWeights {
             input_norm: self.norm(&format!("{p}input_layernorm"), h, true)?,
@@ -362,15 +314,9 @@ impl Loader<'_> {
     fn delta_net(&self, a: &str) -> Result<DeltaNetWeights> {
         let c = self.cfg;
         let h = c.hidden_size;
-        let (hk, hv, dk, dv) = (
-            c.linear_key_heads,
-            c.linear_value_heads,
-            c.linear_key_dim,
-            c.linear_value_dim,
-        );
+        let (hk, hv, dk, dv) = (c.linear_key_heads, c.linear_value_heads, c.linear_key_dim, c.linear_value_dim);
         let (key_dim, value_dim, conv_dim) = (c.key_dim(), c.value_dim(), c.conv_dim());
-        let (in_qkv, in_z, in_b, in_a) = if self.store.contains(&format!("{a}in_proj_qkvz.weight"))
-        {
+        let (in_qkv, in_z, in_b, in_a) = if self.store.contains(&format!("{a}in_proj_qkvz.weight")) {
             // Qwen3-Next: rows grouped by key head g: [q_g (Dk), k_g (Dk), v_g (r·Dv), z_g (r·Dv)],
             // and in_proj_ba as [b_g (r), a_g (r)]. Regroup into the Qwen3.5 order by row views.
             let r = hv / hk;
@@ -378,9 +324,7 @@ impl Loader<'_> {
             let qkvz = self.linear(&format!("{a}in_proj_qkvz"), &[hk * group, h])?;
             let ba = self.linear(&format!("{a}in_proj_ba"), &[2 * hv, h])?;
             let pick = |m: &Linear, stride: usize, off: usize, len: usize| -> Vec<Linear> {
-                (0..hk)
-                    .map(|g| m.select_rows(g * stride + off, len))
-                    .collect()
+                (0..hk).map(|g| m.select_rows(g * stride + off, len)).collect()
             };
             let mut qkv = pick(&qkvz, group, 0, dk);
             qkv.extend(pick(&qkvz, group, dk, dk));
@@ -403,14 +347,10 @@ impl Loader<'_> {
         let conv_t = self.tensor(&format!("{a}conv1d.weight"))?;
         let k = c.conv_kernel;
         // HF stores [C, 1, Kc], MLX [C, Kc, 1]: the same flat order.
-        if conv_t.shape != [conv_dim, 1, k]
-            && conv_t.shape != [conv_dim, k, 1]
-            && conv_t.shape != [conv_dim, k]
-        {
-            return Err(conv_t.err(format!(
-                "shape {:?}, expected [{conv_dim}, 1, {k}] or [{conv_dim}, {k}, 1]",
-                conv_t.shape
-            )));
+        if conv_t.shape != [conv_dim, 1, k] && conv_t.shape != [conv_dim, k, 1] && conv_t.shape != [conv_dim, k] {
+            return Err(
+                conv_t.err(format!("shape {:?}, expected [{conv_dim}, 1, {k}] or [{conv_dim}, {k}, 1]", conv_t.shape))
+            );
         }
         let conv = conv_t.to_f32_vec()?;
         let a_log = self.vector(&format!("{a}A_log"), hv)?;
@@ -430,12 +370,7 @@ impl Loader<'_> {
 
     fn moe(&self, m: &str) -> Result<MoeWeights> {
         let c = self.cfg;
-        let (h, e, i, is) = (
-            c.hidden_size,
-            c.num_experts,
-            c.moe_intermediate,
-            c.shared_intermediate,
-        );
+        let (h, e, i, is) = (c.hidden_size, c.num_experts, c.moe_intermediate, c.shared_intermediate);
         let experts = if let Some(store) = &self.experts {
             let layer: usize = m
                 .trim_end_matches(".mlp.")
@@ -443,10 +378,7 @@ impl Loader<'_> {
                 .next()
                 .and_then(|x| x.parse().ok())
                 .expect("layer prefix ends in its index");
-            ExpertSet::Streamed {
-                store: store.clone(),
-                layer,
-            }
+            ExpertSet::Streamed { store: store.clone(), layer }
         } else if self.store.contains(&format!("{m}experts.gate_up_proj")) {
             // HF fused: gate_up [E, 2I, H] (gate = first I rows of each expert), down [E, H, I].
             let gu = self.linear(&format!("{m}experts.gate_up_proj"), &[e, 2 * i, h])?;
@@ -459,10 +391,7 @@ impl Loader<'_> {
                 })
                 .collect();
             ExpertSet::Resident(v)
-        } else if self
-            .store
-            .contains(&format!("{m}switch_mlp.gate_proj.weight"))
-        {
+        } else if self.store.contains(&format!("{m}switch_mlp.gate_proj.weight")) {
             let g = self.linear(&format!("{m}switch_mlp.gate_proj"), &[e, i, h])?;
             let u = self.linear(&format!("{m}switch_mlp.up_proj"), &[e, i, h])?;
             let d = self.linear(&format!("{m}switch_mlp.down_proj"), &[e, h, i])?;
@@ -474,10 +403,7 @@ impl Loader<'_> {
                 })
                 .collect();
             ExpertSet::Resident(v)
-        } else if self
-            .store
-            .contains(&format!("{m}experts.0.gate_proj.weight"))
-        {
+        } else if self.store.contains(&format!("{m}experts.0.gate_proj.weight")) {
             let v: Vec<ExpertWeights> = (0..e)
                 .map(|x| {
                     let p = format!("{m}experts.{x}.");
@@ -513,8 +439,5 @@ impl Loader<'_> {
 }
 
 fn fmt_dims(d: &[usize]) -> String {
-    d.iter()
-        .map(|x| x.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
 }

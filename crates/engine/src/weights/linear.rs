@@ -10,18 +10,8 @@ use safetensors::Dtype;
 
 #[derive(Clone, Debug)]
 enum Source {
-    Float {
-        dtype: FloatType,
-        data: Bytes,
-    },
-    Affine {
-        bits: u32,
-        group_size: usize,
-        weight: Bytes,
-        scales: Bytes,
-        biases: Bytes,
-        sb_dtype: FloatType,
-    },
+    Float { dtype: FloatType, data: Bytes },
+    Affine { bits: u32, group_size: usize, weight: Bytes, scales: Bytes, biases: Bytes, sb_dtype: FloatType },
 }
 
 /// A contiguous row range of one stored matrix.
@@ -37,17 +27,8 @@ struct Part {
 impl Part {
     fn mat(&self, cols: usize) -> MatRef<'_> {
         let full = match &self.source {
-            Source::Float { dtype, data } => {
-                MatRef::float(*dtype, data.as_slice(), self.total_rows, cols)
-            }
-            Source::Affine {
-                bits,
-                group_size,
-                weight,
-                scales,
-                biases,
-                sb_dtype,
-            } => MatRef::affine(
+            Source::Float { dtype, data } => MatRef::float(*dtype, data.as_slice(), self.total_rows, cols),
+            Source::Affine { bits, group_size, weight, scales, biases, sb_dtype } => MatRef::affine(
                 *bits,
                 *group_size,
                 weight.as_slice(),
@@ -75,9 +56,9 @@ pub fn float_type(t: &RawTensor) -> Result<FloatType> {
         Dtype::F32 => Ok(FloatType::F32),
         Dtype::BF16 => Ok(FloatType::BF16),
         Dtype::F16 => Ok(FloatType::F16),
-        other => Err(t.err(format!(
-            "unsupported dtype {other:?} (expected F32, BF16, F16, or U32 with scales/biases)"
-        ))),
+        other => {
+            Err(t.err(format!("unsupported dtype {other:?} (expected F32, BF16, F16, or U32 with scales/biases)")))
+        }
     }
 }
 
@@ -87,15 +68,9 @@ impl Linear {
     pub fn float(t: &RawTensor, rows: usize, cols: usize) -> Result<Self> {
         let dtype = float_type(t)?;
         if t.numel() != rows * cols {
-            return Err(t.err(format!(
-                "shape {:?} does not hold a [{rows}, {cols}] matrix",
-                t.shape
-            )));
+            return Err(t.err(format!("shape {:?} does not hold a [{rows}, {cols}] matrix", t.shape)));
         }
-        let source = Source::Float {
-            dtype,
-            data: t.bytes.clone(),
-        };
+        let source = Source::Float { dtype, data: t.bytes.clone() };
         // Validate now so that later `mat()` calls cannot fail.
         let l = Self::single(source, rows, cols);
         l.check(t)?;
@@ -133,16 +108,7 @@ impl Linear {
     }
 
     fn single(source: Source, rows: usize, cols: usize) -> Self {
-        Linear {
-            parts: vec![Part {
-                source,
-                total_rows: rows,
-                row_start: 0,
-                rows,
-            }],
-            rows,
-            cols,
-        }
+        Linear { parts: vec![Part { source, total_rows: rows, row_start: 0, rows }], rows, cols }
     }
 
     fn check(&self, t: &RawTensor) -> Result<()> {
@@ -151,14 +117,7 @@ impl Linear {
                 Source::Float { dtype, data } => {
                     MatRef::float(*dtype, data.as_slice(), p.total_rows, self.cols).map(|_| ())
                 }
-                Source::Affine {
-                    bits,
-                    group_size,
-                    weight,
-                    scales,
-                    biases,
-                    sb_dtype,
-                } => MatRef::affine(
+                Source::Affine { bits, group_size, weight, scales, biases, sb_dtype } => MatRef::affine(
                     *bits,
                     *group_size,
                     weight.as_slice(),
@@ -200,11 +159,7 @@ impl Linear {
             }
             offset = b;
         }
-        Linear {
-            parts,
-            rows: len,
-            cols: self.cols,
-        }
+        Linear { parts, rows: len, cols: self.cols }
     }
 
     /// Stacks matrices with the same number of columns (output rows concatenated in order).
@@ -224,9 +179,7 @@ impl Linear {
     }
 
     pub fn is_quantized(&self) -> bool {
-        self.parts
-            .iter()
-            .any(|p| matches!(p.source, Source::Affine { .. }))
+        self.parts.iter().any(|p| matches!(p.source, Source::Affine { .. }))
     }
 
     /// y = W·x for `n` inputs: x is [n, cols], y is [n, rows]. Each weight row is read once per call.

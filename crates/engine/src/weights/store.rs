@@ -63,11 +63,7 @@ pub struct RawTensor {
 
 impl RawTensor {
     pub fn err(&self, msg: impl Into<String>) -> Error {
-        Error::Tensor {
-            name: self.name.clone(),
-            file: self.file.clone(),
-            msg: msg.into(),
-        }
+        Error::Tensor { name: self.name.clone(), file: self.file.clone(), msg: msg.into() }
     }
 
     pub fn numel(&self) -> usize {
@@ -80,30 +76,15 @@ impl RawTensor {
         let b = self.bytes.as_slice();
         let n = self.numel();
         let v: Vec<f32> = match self.dtype {
-            Dtype::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::BF16 => b
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => b
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             other => {
-                return Err(self.err(format!(
-                    "unsupported dtype {other:?} (expected F32, BF16 or F16)"
-                )));
+                return Err(self.err(format!("unsupported dtype {other:?} (expected F32, BF16 or F16)")));
             }
         };
         if v.len() != n {
-            return Err(self.err(format!(
-                "holds {} values but its shape {:?} needs {n}",
-                v.len(),
-                self.shape
-            )));
+            return Err(self.err(format!("holds {} values but its shape {:?} needs {n}", v.len(), self.shape)));
         }
         Ok(v)
     }
@@ -131,15 +112,10 @@ impl TensorStore {
             let file = File::open(path).map_err(|e| Error::io(path, e))?;
             // SAFETY: the mapping is read-only. Like every mmap-based loader we rely on the file not
             // being truncated while the model is in use.
-            let map = unsafe { Mmap::map(&file) }
-                .map_err(|e| Error::file(path, format!("cannot map file: {e}")))?;
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::file(path, format!("cannot map file: {e}")))?;
             let map = Arc::new(map);
-            let (header_len, meta) = SafeTensors::read_metadata(&map[..]).map_err(|e| {
-                Error::file(
-                    path,
-                    format!("invalid safetensors file: {}", describe(&e, map.len())),
-                )
-            })?;
+            let (header_len, meta) = SafeTensors::read_metadata(&map[..])
+                .map_err(|e| Error::file(path, format!("invalid safetensors file: {}", describe(&e, map.len()))))?;
             let data_start = 8 + header_len;
             for (name, info) in meta.tensors() {
                 let (a, b) = info.data_offsets;
@@ -151,19 +127,11 @@ impl TensorStore {
                     file: path.clone(),
                 };
                 if let Some(prev) = tensors.insert(name.clone(), t) {
-                    return Err(Error::file(
-                        path,
-                        format!("tensor `{name}` is also in {}", prev.file.display()),
-                    ));
+                    return Err(Error::file(path, format!("tensor `{name}` is also in {}", prev.file.display())));
                 }
             }
         }
-        Ok(TensorStore {
-            dir: dir.to_path_buf(),
-            files,
-            tensors,
-            packed: false,
-        })
+        Ok(TensorStore { dir: dir.to_path_buf(), files, tensors, packed: false })
     }
 
     /// A store over tensors located by a packed-model manifest.
@@ -185,29 +153,23 @@ impl TensorStore {
         let index = dir.join("model.safetensors.index.json");
         if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::file(&index, format!("malformed JSON: {e}")))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::file(&index, format!("malformed JSON: {e}")))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| Error::file(&index, "missing object `weight_map`"))?;
             let mut names = BTreeSet::new();
             for (tensor, file) in map {
-                let f = file.as_str().ok_or_else(|| {
-                    Error::file(
-                        &index,
-                        format!("weight_map entry `{tensor}` is not a file name"),
-                    )
-                })?;
+                let f = file
+                    .as_str()
+                    .ok_or_else(|| Error::file(&index, format!("weight_map entry `{tensor}` is not a file name")))?;
                 names.insert(f.to_string());
             }
             let files: Vec<PathBuf> = names.into_iter().map(|n| dir.join(n)).collect();
             for f in &files {
                 if !f.exists() {
-                    return Err(Error::file(
-                        f,
-                        "file not found (listed in model.safetensors.index.json)",
-                    ));
+                    return Err(Error::file(f, "file not found (listed in model.safetensors.index.json)"));
                 }
             }
             return Ok(files);
@@ -257,12 +219,8 @@ fn describe(e: &safetensors::SafeTensorError, file_len: usize) -> String {
     use safetensors::SafeTensorError as E;
     match e {
         E::HeaderTooSmall => format!("file too short for a header ({file_len} bytes)"),
-        E::InvalidHeaderLength => {
-            "header length points past the end of the file (truncated?)".into()
-        }
-        E::MetadataIncompleteBuffer => {
-            "tensor data does not match the file size (truncated or padded file)".into()
-        }
+        E::InvalidHeaderLength => "header length points past the end of the file (truncated?)".into(),
+        E::MetadataIncompleteBuffer => "tensor data does not match the file size (truncated or padded file)".into(),
         E::InvalidHeaderDeserialization(j) => format!("corrupt header JSON: {j}"),
         other => format!("{other}"),
     }

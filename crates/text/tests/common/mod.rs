@@ -17,9 +17,7 @@ pub fn read_gz(name: &str) -> Vec<u8> {
     let path = testdata().join(name);
     let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(file)
-        .read_to_end(&mut out)
-        .unwrap();
+    flate2::read::GzDecoder::new(file).read_to_end(&mut out).unwrap();
     out
 }
 
@@ -29,8 +27,7 @@ pub fn load_tokenizer(name: &str) -> &'static TextTokenizer {
     static CACHE: OnceLock<Mutex<HashMap<String, &'static TextTokenizer>>> = OnceLock::new();
     let mut map = CACHE.get_or_init(Default::default).lock().unwrap();
     map.entry(name.to_string()).or_insert_with(|| {
-        let tok =
-            TextTokenizer::from_bytes(&read_gz(&format!("{name}-tokenizer.json.gz"))).unwrap();
+        let tok = TextTokenizer::from_bytes(&read_gz(&format!("{name}-tokenizer.json.gz"))).unwrap();
         Box::leak(Box::new(tok))
     })
 }

@@ -1,0 +1,158 @@
+//! The memory plan behind `--memory-budget`: what stays resident (non-expert weights, sequence
+//! state, I/O buffers, the process itself) and how much is left for the RAM expert cache. Refuses
+//! up front, with the numbers, when even the resident part does not fit.
+
+use crate::config::{LayerKind, ModelConfig};
+use crate::error::{Error, Result};
+use crate::packed::Manifest;
+use std::path::Path;
+
+#[derive(Clone, Debug)]
+pub struct MemoryPlan {
+    pub budget: u64,
+    /// Non-expert weights, mapped and touched every token (so resident).
+    pub non_expert: u64,
+    /// KV cache and delta-net state for `context_tokens`.
+    pub state: u64,
+    /// Expert buffers in flight plus activations.
+    pub buffers: u64,
+    /// Resident size of the process before the model (code, libraries, runtime).
+    pub baseline: u64,
+    pub ram_cache: u64,
+    /// All routed experts on disk.
+    pub experts_on_disk: u64,
+}
+
+/// Current resident set size of this process (VmRSS).
+pub fn current_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|x| x.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Parses sizes like `8G`, `512M`, `1.5GiB`, `1048576`.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num.parse().map_err(|_| format!("`{s}`: expected a size like 8G or 512M"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1u64,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        u => return Err(format!("`{s}`: unknown unit `{u}`")),
+    };
+    Ok((v * mult as f64) as u64)
+}
+
+pub fn state_bytes(cfg: &ModelConfig, context_tokens: usize) -> u64 {
+    cfg.layer_kinds
+        .iter()
+        .map(|k| match k {
+            LayerKind::FullAttention => (2 * cfg.num_kv_heads * cfg.head_dim * 4 * context_tokens) as u64,
+            LayerKind::LinearAttention => {
+                let rec = cfg.linear_value_heads * cfg.linear_key_dim * cfg.linear_value_dim;
+                let conv = cfg.conv_kernel.saturating_sub(1) * cfg.conv_dim();
+                ((rec + conv) * 4) as u64
+            }
+        })
+        .sum()
+}
+
+/// Plans a packed model under `budget` bytes. `fetch_chunk` is the most expert buffers alive at
+/// once; `batch_tokens` the largest batch (prompt) processed at once.
+pub fn plan(
+    dir: &Path,
+    budget: u64,
+    context_tokens: usize,
+    fetch_chunk: usize,
+    batch_tokens: usize,
+) -> Result<MemoryPlan> {
+    let cfg = ModelConfig::load(dir)?;
+    if !dir.join(crate::packed::MANIFEST).exists() {
+        return Err(Error::input(format!(
+            "--memory-budget needs a packed model ({} maps its experts from safetensors files, which the budget cannot bound): run `flashmoe convert {} OUT` first",
+            dir.display(),
+            dir.display()
+        )));
+    }
+    let m = Manifest::load(dir)?;
+    let non_expert: u64 = m.tensors.iter().map(|t| t.nbytes).sum();
+    let max_stride = m.experts.iter().map(|e| e.stride).max().unwrap_or(0);
+    let experts_on_disk: u64 = m.experts.iter().map(|e| e.stride * e.num_experts as u64).sum();
+    let c = &cfg;
+    // Widest per-token activations: projections, expert hidden, logits of one row.
+    let act_per_token = 4 * (c.hidden_size * 4 + 2 * c.num_heads * c.head_dim + c.conv_dim() * 2 + c.value_dim() * 2)
+        + 4 * c.moe_intermediate.max(c.shared_intermediate) * 3;
+    let buffers = fetch_chunk as u64 * max_stride
+        + (batch_tokens * act_per_token) as u64
+        + (c.vocab_size * 4 * 2) as u64
+        + (16 << 20);
+    let state = state_bytes(c, context_tokens);
+    let baseline = current_rss_bytes();
+    let fixed = non_expert + state + buffers + baseline;
+    if fixed > budget {
+        return Err(Error::input(format!(
+            "memory budget {} is too small for {}: non-expert weights {} + state for {context_tokens} tokens {} + buffers {} + process {} = {} before any expert cache",
+            fmt(budget),
+            dir.display(),
+            fmt(non_expert),
+            fmt(state),
+            fmt(buffers),
+            fmt(baseline),
+            fmt(fixed)
+        )));
+    }
+    Ok(MemoryPlan {
+        budget,
+        non_expert,
+        state,
+        buffers,
+        baseline,
+        ram_cache: (budget - fixed).min(experts_on_disk),
+        experts_on_disk,
+    })
+}
+
+impl MemoryPlan {
+    pub fn describe(&self) -> String {
+        format!(
+            "budget {} = non-expert weights {} + state {} + buffers {} + process {} + RAM expert cache {} (experts on disk: {})",
+            fmt(self.budget),
+            fmt(self.non_expert),
+            fmt(self.state),
+            fmt(self.buffers),
+            fmt(self.baseline),
+            fmt(self.ram_cache),
+            fmt(self.experts_on_disk)
+        )
+    }
+}
+
+pub fn fmt(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{b} B") } else { format!("{v:.1} {}", U[i]) }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_size("8G").unwrap(), 8 << 30);
+        assert_eq!(super::parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(super::parse_size("1.5g").unwrap(), 3 << 29);
+        assert_eq!(super::parse_size("4096").unwrap(), 4096);
+        assert!(super::parse_size("lots").is_err());
+        assert!(super::parse_size("3X").is_err());
+    }
+}
