@@ -3,14 +3,17 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
+use flashmoe::experts::IoChoice;
 use flashmoe::generate::{Engine, GenerateOptions, StopReason, peak_rss_bytes};
+use flashmoe::memory::parse_size;
 use flashmoe::packed::convert::{ConvertOptions, ConvertProgress, Target};
+use flashmoe::qwen35::LoadOptions;
 use flashmoe::{LogitsFor, Model};
 use flashmoe_text::{ChatTemplate, SamplingParams, TextTokenizer};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value as Json, json};
 use std::io::{BufWriter, Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -81,6 +84,58 @@ struct RunArgs {
     /// Refuse prompts longer than this many tokens (default: the model's max_position_embeddings).
     #[arg(long)]
     max_context: Option<usize>,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Print a per-layer time breakdown averaged over the decode tokens.
+    #[arg(long)]
+    timing: bool,
+}
+
+/// How a packed model's experts are read and cached.
+#[derive(Args)]
+struct StoreArgs {
+    /// Expert reads: through the page cache, O_DIRECT, or auto (measured at start).
+    #[arg(long, default_value = "auto")]
+    io: IoChoice,
+    /// RAM expert cache (e.g. 4G). Default: what --memory-budget leaves, else none (in page mode
+    /// the OS page cache is the RAM tier).
+    #[arg(long)]
+    ram_cache: Option<String>,
+    /// Bound on resident memory (e.g. 16G): weights + state + buffers + RAM expert cache.
+    #[arg(long)]
+    memory_budget: Option<String>,
+    /// Expert reads in flight at once.
+    #[arg(long, default_value_t = 8)]
+    io_threads: usize,
+}
+
+impl StoreArgs {
+    /// Load options, after printing the memory plan when a budget is set.
+    fn load_options(&self, dir: &Path, context_tokens: usize, batch_tokens: usize) -> Result<LoadOptions> {
+        let mut opts = LoadOptions::default();
+        opts.store.io = self.io;
+        opts.store.io_threads = self.io_threads;
+        if let Some(b) = &self.memory_budget {
+            let budget = parse_size(b).map_err(|e| anyhow!("--memory-budget {e}"))?;
+            let plan = flashmoe::memory::plan(dir, budget, context_tokens, 32, batch_tokens)?;
+            eprintln!("[flashmoe] plan: {}", plan.describe());
+            opts.store.ram_cache_bytes = plan.ram_cache;
+            if let Some(r) = &self.ram_cache {
+                let r = parse_size(r).map_err(|e| anyhow!("--ram-cache {e}"))?;
+                if r > plan.ram_cache {
+                    bail!(
+                        "--ram-cache {} does not fit the memory budget (room for {})",
+                        fmt_bytes(r),
+                        fmt_bytes(plan.ram_cache)
+                    );
+                }
+                opts.store.ram_cache_bytes = r;
+            }
+        } else if let Some(r) = &self.ram_cache {
+            opts.store.ram_cache_bytes = parse_size(r).map_err(|e| anyhow!("--ram-cache {e}"))?;
+        }
+        Ok(opts)
+    }
 }
 
 #[derive(Args)]
@@ -178,7 +233,23 @@ fn main() -> ExitCode {
 }
 
 fn run(a: RunArgs) -> Result<()> {
-    let mut engine = Engine::load(&a.model)?;
+    // The plan needs a context size before the prompt is tokenized: the prompt text's bytes bound
+    // its token count.
+    let context =
+        a.max_context.unwrap_or(0).max(a.prompt.len() + a.system.as_ref().map_or(0, |s| s.len()) + 64 + a.max_tokens);
+    let opts = a.store.load_options(&a.model, context, a.prompt.len() + 64)?;
+    let mut engine = Engine::load_with(&a.model, &opts)?;
+    if let Some(store) = &engine.model.expert_store {
+        eprintln!(
+            "[flashmoe] experts: {} on disk, streamed; io {}; RAM cache {}",
+            fmt_bytes(store.total_expert_bytes()),
+            store.mode_note,
+            fmt_bytes(store.ram_cache_budget())
+        );
+    }
+    if a.timing {
+        engine.model.enable_timing();
+    }
     if let Some(k) = a.experts {
         engine.model.set_experts_per_token(k)?;
     }
@@ -218,6 +289,18 @@ fn run(a: RunArgs) -> Result<()> {
     let _ = writeln!(out);
     drop(out);
     let m = &engine.model;
+    if let Some(times) = m.timing_snapshot() {
+        print_timing(&times, stats.decode_steps, m);
+    }
+    let io = match (&m.expert_store, &stats.io_decode) {
+        (Some(store), Some(d)) => format!(
+            " | disk {}/token | RAM cache hit {:.0}% | io {}",
+            fmt_bytes(d.disk_bytes / stats.decode_steps.max(1) as u64),
+            100.0 * d.ram_hit_rate(),
+            store.mode().name()
+        ),
+        _ => " | experts mapped from the checkpoint (page cache)".to_string(),
+    };
     let stop = match stats.stop {
         StopReason::Stop => "stop token",
         StopReason::Length => "max tokens",
@@ -225,7 +308,7 @@ fn run(a: RunArgs) -> Result<()> {
         StopReason::Cancelled => "output closed",
     };
     eprintln!(
-        "[flashmoe] prompt {} tok | prefill {:.1} tok/s | decode {:.2} tok/s ({} tok, {}) | peak RSS {} | experts {}/{} per token ({})",
+        "[flashmoe] prompt {} tok | prefill {:.1} tok/s | decode {:.2} tok/s ({} tok, {}) | peak RSS {} | experts {}/{} per token ({}){io}",
         stats.prompt_tokens,
         stats.prefill_tok_s(),
         stats.decode_tok_s(),
@@ -241,6 +324,44 @@ fn run(a: RunArgs) -> Result<()> {
         },
     );
     Ok(())
+}
+
+fn print_timing(times: &[flashmoe::qwen35::LayerTimes], steps: usize, m: &Model) {
+    let n = steps.max(1) as f64;
+    let ms = |x: f64| x * 1e3 / n;
+    eprintln!("per-layer time per decode token, ms (averaged over {steps} tokens):");
+    eprintln!(
+        "{:>5} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "layer", "kind", "mixer", "router", "io wait", "experts", "other", "total"
+    );
+    let mut sum = flashmoe::qwen35::LayerTimes::default();
+    for (i, t) in times.iter().enumerate() {
+        let kind = match m.config.layer_kinds[i] {
+            flashmoe::config::LayerKind::FullAttention => "attn",
+            flashmoe::config::LayerKind::LinearAttention => "delta",
+        };
+        eprintln!(
+            "{i:>5} {kind:>6} {:>9.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}",
+            ms(t.mixer),
+            ms(t.router),
+            ms(t.io_wait),
+            ms(t.experts),
+            ms(t.other),
+            ms(t.total())
+        );
+        sum.add(t);
+    }
+    eprintln!(
+        "{:>5} {:>6} {:>9.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}",
+        "all",
+        "",
+        ms(sum.mixer),
+        ms(sum.router),
+        ms(sum.io_wait),
+        ms(sum.experts),
+        ms(sum.other),
+        ms(sum.total())
+    );
 }
 
 fn parse_ids(s: &str) -> Result<Vec<u32>> {

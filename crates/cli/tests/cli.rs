@@ -306,3 +306,35 @@ fn tokenize_chat_matches_transformers_apply_chat_template() {
         }
     }
 }
+
+#[test]
+fn convert_verify_and_run_a_packed_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("packed");
+    let src = models_dir().join("qwen35-moe-tiny-mlx4");
+    let o = flashmoe(&["convert", s(&src), s(&dst), "--expert-bits", "2", "--group-size", "32"]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("experts.gate_proj") && err.contains("4-bit/g32") && err.contains("2-bit/g32"), "{err}");
+    let o = flashmoe(&["verify", s(&dst)]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).starts_with("ok: "), "{}", stderr(&o));
+    for io in ["page", "auto"] {
+        let o = flashmoe(&[
+            "run", "--model", s(&dst), "--prompt", "hi", "--max-tokens", "6", "--io", io, "--ram-cache", "64K", "--timing",
+        ]);
+        let err = stderr(&o);
+        assert!(o.status.success(), "{err}");
+        let summary = err.lines().last().unwrap();
+        assert!(summary.contains("/token | RAM cache hit ") && summary.contains(" | io "), "{summary}");
+        assert!(err.contains("per-layer time per decode token") && err.contains("io wait"), "{err}");
+    }
+    // A budget that cannot hold the non-expert weights is refused with the numbers.
+    let e = fails(&["run", "--model", s(&dst), "--prompt", "hi", "--memory-budget", "1M"]);
+    assert!(e.contains("memory budget 1.0 MiB is too small") && e.contains("non-expert weights"), "{e}");
+    let o = flashmoe(&["run", "--model", s(&dst), "--prompt", "hi", "--max-tokens", "4", "--memory-budget", "64M"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("[flashmoe] plan: budget 64.0 MiB"), "{}", stderr(&o));
+    // Converting onto an existing folder needs --force.
+    let e = fails(&["convert", s(&src), s(&dst)]);
+    assert!(e.contains("already exists"), "{e}");
+}

@@ -3,7 +3,8 @@
 //! what the summary line reports.
 
 use crate::error::{Error, Result};
-use crate::qwen35::{LogitsFor, Model};
+use crate::experts::IoSnapshot;
+use crate::qwen35::{LoadOptions, LogitsFor, Model};
 use flashmoe_text::{ChatTemplate, Sampler, SamplingParams, TextTokenizer};
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
@@ -47,6 +48,9 @@ pub struct GenerationStats {
     pub decode_secs: f64,
     pub decode_steps: usize,
     pub stop: StopReason,
+    /// Expert I/O during the prefill and during decode (streamed models only).
+    pub io_prefill: Option<IoSnapshot>,
+    pub io_decode: Option<IoSnapshot>,
 }
 
 impl GenerationStats {
@@ -64,7 +68,11 @@ fn rate(n: usize, secs: f64) -> f64 {
 
 impl Engine {
     pub fn load(dir: &Path) -> Result<Self> {
-        let model = Model::load(dir)?;
+        Self::load_with(dir, &LoadOptions::default())
+    }
+
+    pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let model = Model::load_with(dir, opts)?;
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.exists() {
             return Err(Error::NotFound(tok_path));
@@ -113,9 +121,14 @@ impl Engine {
         let mut state = self.model.new_state();
         let mut sampler = Sampler::new(opts.sampling.clone());
         let mut stream = self.tokenizer.stream_decoder(true);
+        let io = |m: &Model| m.expert_store.as_ref().map(|s| s.snapshot());
+        let io0 = io(&self.model);
         let t0 = Instant::now();
         let mut logits = self.model.forward(prompt, &mut state, LogitsFor::Last)?;
         let prefill_secs = t0.elapsed().as_secs_f64();
+        let io1 = io(&self.model);
+        // Timing and per-token I/O describe decode alone.
+        self.model.reset_timing();
         let mut stats = GenerationStats {
             prompt_tokens: prompt.len(),
             generated_tokens: 0,
@@ -123,6 +136,8 @@ impl Engine {
             decode_secs: 0.0,
             decode_steps: 0,
             stop: StopReason::Length,
+            io_prefill: io1.zip(io0).map(|(b, a)| b.since(&a)),
+            io_decode: None,
         };
         let mut generated: Vec<u32> = Vec::new();
         let mut context: Vec<u32> = prompt.to_vec();
@@ -152,6 +167,7 @@ impl Engine {
             stats.decode_steps += 1;
         }
         stats.decode_secs = t1.elapsed().as_secs_f64();
+        stats.io_decode = io(&self.model).zip(io1).map(|(b, a)| b.since(&a));
         let tail = stream.finish()?;
         if !tail.is_empty() {
             on_text(&tail);
