@@ -320,7 +320,18 @@ fn convert_verify_and_run_a_packed_model() {
     assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).starts_with("ok: "), "{}", stderr(&o));
     for io in ["page", "auto"] {
         let o = flashmoe(&[
-            "run", "--model", s(&dst), "--prompt", "hi", "--max-tokens", "6", "--io", io, "--ram-cache", "64K", "--timing",
+            "run",
+            "--model",
+            s(&dst),
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "6",
+            "--io",
+            io,
+            "--ram-cache",
+            "64K",
+            "--timing",
         ]);
         let err = stderr(&o);
         assert!(o.status.success(), "{err}");

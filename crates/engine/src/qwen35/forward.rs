@@ -398,7 +398,11 @@ impl Model {
                 per_expert[x].push((ti, p[x] / norm));
             }
             if let Some(trace) = &self.routing_trace {
-                trace.lock().unwrap().push((layer, pos0 + ti, top.iter().map(|&x| x as u32).collect()));
+                trace.lock().unwrap().push(super::RoutingRecord {
+                    layer,
+                    pos: pos0 + ti,
+                    experts: top.iter().map(|&x| x as u32).collect(),
+                });
             }
         }
         let chosen: Vec<usize> = (0..e).filter(|&x| !per_expert[x].is_empty()).collect();
@@ -474,8 +478,9 @@ impl Model {
             }
         };
         // Routed sum first, then the shared expert, as HF adds them.
+        // (f32 addition is commutative, so this is exactly routed + shared.)
         for (o, &r) in out.iter_mut().zip(&routed) {
-            *o = r + *o;
+            *o += r;
         }
         lt.experts = compute_secs;
         // Whatever the expert phase took beyond its compute was spent waiting for reads.

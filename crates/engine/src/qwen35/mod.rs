@@ -15,6 +15,14 @@ pub use forward::{LayerState, LayerTimes, LogitsFor, SequenceState};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+/// One routing decision: the experts chosen for the token at `pos` in `layer`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoutingRecord {
+    pub layer: usize,
+    pub pos: usize,
+    pub experts: Vec<u32>,
+}
+
 /// How to open a model.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -42,7 +50,7 @@ pub struct Model {
     /// When set, the chosen experts of every token and layer are appended here (layer-major
     /// within a token).
     /// When set, every routing decision is appended here as (layer, position, experts).
-    pub routing_trace: Option<Mutex<Vec<(usize, usize, Vec<u32>)>>>,
+    pub routing_trace: Option<Mutex<Vec<RoutingRecord>>>,
     /// The expert store of a streamed (packed) model.
     pub expert_store: Option<Arc<ExpertStore>>,
     /// Most streamed expert buffers alive at once per layer (bounds prefill memory).
