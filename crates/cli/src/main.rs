@@ -15,6 +15,7 @@ use serde_json::{Value as Json, json};
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::Ordering::Relaxed;
 
 #[derive(Parser)]
 #[command(
@@ -89,6 +90,10 @@ struct RunArgs {
     /// Print a per-layer time breakdown averaged over the decode tokens.
     #[arg(long)]
     timing: bool,
+    /// Read layer l+1's likely experts while layer l computes (its router applied to layer l's
+    /// hidden state). Off by default: it only wins when reads are slow and guesses good.
+    #[arg(long)]
+    prefetch: bool,
 }
 
 /// How a packed model's experts are read and cached.
@@ -250,6 +255,7 @@ fn run(a: RunArgs) -> Result<()> {
     if a.timing {
         engine.model.enable_timing();
     }
+    engine.model.prefetch = a.prefetch;
     if let Some(k) = a.experts {
         engine.model.set_experts_per_token(k)?;
     }
@@ -300,6 +306,14 @@ fn run(a: RunArgs) -> Result<()> {
             store.mode().name()
         ),
         _ => " | experts mapped from the checkpoint (page cache)".to_string(),
+    };
+    let io = if m.prefetch {
+        let (h, t) = (m.prefetch_hits.load(Relaxed), m.prefetch_total.load(Relaxed));
+        let used = stats.io_decode.map_or(0, |d| d.prefetch_used);
+        let issued = stats.io_decode.map_or(0, |d| d.prefetch_issued);
+        format!("{io} | prefetch accuracy {:.0}% ({used}/{issued} reads used)", 100.0 * h as f64 / t.max(1) as f64)
+    } else {
+        io
     };
     let stop = match stats.stop {
         StopReason::Stop => "stop token",

@@ -332,11 +332,13 @@ fn convert_verify_and_run_a_packed_model() {
             "--ram-cache",
             "64K",
             "--timing",
+            "--prefetch",
         ]);
         let err = stderr(&o);
         assert!(o.status.success(), "{err}");
         let summary = err.lines().last().unwrap();
         assert!(summary.contains("/token | RAM cache hit ") && summary.contains(" | io "), "{summary}");
+        assert!(summary.contains("| prefetch accuracy "), "{summary}");
         assert!(err.contains("per-layer time per decode token") && err.contains("io wait"), "{err}");
     }
     // A budget that cannot hold the non-expert weights is refused with the numbers.

@@ -4,6 +4,7 @@
 //! `qwen35` (model weights and forward pass) → `generate` (prompting, sampling loop, stats).
 //! Compute kernels live in the `flashmoe-kernels` crate, text handling in `flashmoe-text`.
 
+pub mod bench;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;

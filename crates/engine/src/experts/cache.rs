@@ -37,6 +37,11 @@ impl LruCache {
         self.entries.is_empty()
     }
 
+    /// Whether `key` is cached, without counting as a use.
+    pub fn contains(&self, key: ExpertKey) -> bool {
+        self.entries.contains_key(&key)
+    }
+
     pub fn get(&mut self, key: ExpertKey) -> Option<Arc<AlignedBuf>> {
         self.tick += 1;
         let tick = self.tick;

@@ -80,6 +80,9 @@ pub struct IoStats {
     pub ram_misses: AtomicU64,
     /// Time callers spent blocked in `fetch` (I/O not hidden behind compute).
     pub wait_nanos: AtomicU64,
+    /// Speculative reads started by `prefetch`, and how many of them a fetch then used.
+    pub prefetch_issued: AtomicU64,
+    pub prefetch_used: AtomicU64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -90,6 +93,8 @@ pub struct IoSnapshot {
     pub ram_hits: u64,
     pub ram_misses: u64,
     pub wait_secs: f64,
+    pub prefetch_issued: u64,
+    pub prefetch_used: u64,
 }
 
 impl IoSnapshot {
@@ -101,6 +106,8 @@ impl IoSnapshot {
             ram_hits: self.ram_hits - before.ram_hits,
             ram_misses: self.ram_misses - before.ram_misses,
             wait_secs: self.wait_secs - before.wait_secs,
+            prefetch_issued: self.prefetch_issued - before.prefetch_issued,
+            prefetch_used: self.prefetch_used - before.prefetch_used,
         }
     }
     pub fn ram_hit_rate(&self) -> f64 {
@@ -119,7 +126,25 @@ struct LayerFile {
     components: Vec<TensorEntry>,
 }
 
+/// An expert read started ahead of need (`prefetch`), filled in by an I/O thread.
+#[derive(Default)]
+struct Slot {
+    value: Mutex<Option<std::result::Result<Arc<AlignedBuf>, String>>>,
+    ready: std::sync::Condvar,
+}
+
+impl Slot {
+    fn wait(&self) -> std::result::Result<Arc<AlignedBuf>, String> {
+        let mut v = self.value.lock().unwrap();
+        while v.is_none() {
+            v = self.ready.wait(v).unwrap();
+        }
+        v.clone().expect("checked above")
+    }
+}
+
 pub struct ExpertStore {
+    pending: Mutex<std::collections::HashMap<(u32, u32), Arc<Slot>>>,
     layers: Vec<LayerFile>,
     mode: IoMode,
     /// How the mode was chosen, for the start-up plan.
@@ -183,6 +208,7 @@ impl ExpertStore {
             .build()
             .map_err(|e| Error::input(format!("cannot start I/O threads: {e}")))?;
         let mut store = ExpertStore {
+            pending: Mutex::new(Default::default()),
             layers,
             mode: IoMode::Page,
             mode_note: String::new(),
@@ -304,6 +330,25 @@ impl ExpertStore {
         }
         self.stats.ram_hits.fetch_add((ids.len() - missing.len()) as u64, Relaxed);
         self.stats.ram_misses.fetch_add(missing.len() as u64, Relaxed);
+        // Reads a prefetch already started: take them over; drop this layer's unused guesses.
+        let mut prefetched = Vec::new();
+        {
+            let mut p = self.pending.lock().unwrap();
+            missing.retain(|&j| match p.remove(&(layer as u32, ids[j] as u32)) {
+                Some(slot) => {
+                    prefetched.push((j, slot));
+                    false
+                }
+                None => true,
+            });
+            p.retain(|k, _| k.0 != layer as u32);
+        }
+        for (j, slot) in prefetched {
+            let b = slot.wait().map_err(Error::Input)?;
+            self.stats.prefetch_used.fetch_add(1, Relaxed);
+            self.cache.lock().unwrap().insert((layer as u32, ids[j] as u32), b.clone());
+            out[j] = Some(b);
+        }
         if !missing.is_empty() {
             let read: Vec<Result<AlignedBuf>> =
                 self.pool.install(|| missing.par_iter().map(|&j| self.read(self.mode, layer, ids[j])).collect());
@@ -318,6 +363,28 @@ impl ExpertStore {
         Ok(out.into_iter().map(|b| b.expect("filled above")).collect())
     }
 
+    /// Starts reading experts `ids` of `layer` in the background (a guess of what the next
+    /// `fetch` of that layer will ask for). Experts already cached or pending are skipped.
+    pub fn prefetch(self: &Arc<Self>, layer: usize, ids: &[usize]) {
+        let c = self.cache.lock().unwrap();
+        let mut p = self.pending.lock().unwrap();
+        for &e in ids {
+            let key = (layer as u32, e as u32);
+            if c.contains(key) || p.contains_key(&key) {
+                continue;
+            }
+            let slot = Arc::new(Slot::default());
+            p.insert(key, slot.clone());
+            self.stats.prefetch_issued.fetch_add(1, Relaxed);
+            let me = self.clone();
+            self.pool.spawn(move || {
+                let r = me.read(me.mode, layer, e).map(Arc::new).map_err(|err| err.to_string());
+                *slot.value.lock().unwrap() = Some(r);
+                slot.ready.notify_all();
+            });
+        }
+    }
+
     pub fn snapshot(&self) -> IoSnapshot {
         let s = &self.stats;
         IoSnapshot {
@@ -327,6 +394,8 @@ impl ExpertStore {
             ram_hits: s.ram_hits.load(Relaxed),
             ram_misses: s.ram_misses.load(Relaxed),
             wait_secs: s.wait_nanos.load(Relaxed) as f64 * 1e-9,
+            prefetch_issued: s.prefetch_issued.load(Relaxed),
+            prefetch_used: s.prefetch_used.load(Relaxed),
         }
     }
 

@@ -167,6 +167,9 @@ impl Model {
             *xv += m;
         }
         rms_norm_rows(x, &lw.post_attention_norm, eps, &mut normed);
+        if self.prefetch && t == 1 {
+            self.prefetch_next_layer(li, &normed);
+        }
         let (moe, mut lt) = self.moe(&lw.moe, &normed, t, li, pos0)?;
         for (xv, m) in x.iter_mut().zip(&moe) {
             *xv += m;
@@ -406,6 +409,11 @@ impl Model {
             }
         }
         let chosen: Vec<usize> = (0..e).filter(|&x| !per_expert[x].is_empty()).collect();
+        if let Some(guess) = self.prefetch_guess.lock().unwrap()[layer].take() {
+            let hits = guess.iter().filter(|g| chosen.contains(g)).count();
+            self.prefetch_hits.fetch_add(hits as u64, std::sync::atomic::Ordering::Relaxed);
+            self.prefetch_total.fetch_add(chosen.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         lt.router = t_router.elapsed().as_secs_f64();
 
         // The shared expert needs no routed weights: compute it while the routed ones are read.
@@ -486,6 +494,21 @@ impl Model {
         // Whatever the expert phase took beyond its compute was spent waiting for reads.
         lt.io_wait = (t_phase.elapsed().as_secs_f64() - compute_secs).max(0.0);
         Ok((out, lt))
+    }
+}
+
+impl Model {
+    /// Guesses layer li+1's experts by applying its router to layer li's post-attention hidden
+    /// state (the residual stream changes little between adjacent layers) and starts reading them.
+    fn prefetch_next_layer(&self, li: usize, normed: &[f32]) {
+        let Some(next) = self.weights.layers.get(li + 1) else { return };
+        let ExpertSet::Streamed { store, layer } = &next.moe.experts else { return };
+        let logits = next.moe.router.apply(normed, 1);
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        idx.truncate(self.experts_per_token);
+        store.prefetch(*layer, &idx);
+        self.prefetch_guess.lock().unwrap()[*layer] = Some(idx);
     }
 }
 

@@ -55,6 +55,12 @@ pub struct Model {
     pub expert_store: Option<Arc<ExpertStore>>,
     /// Most streamed expert buffers alive at once per layer (bounds prefill memory).
     pub fetch_chunk: usize,
+    /// Speculatively read layer l+1's likely experts during layer l (streamed models, decode).
+    pub prefetch: bool,
+    pub(crate) prefetch_guess: Mutex<Vec<Option<Vec<usize>>>>,
+    /// Of the experts a layer used, how many the prefetch guessed (accuracy = hits / total).
+    pub prefetch_hits: std::sync::atomic::AtomicU64,
+    pub prefetch_total: std::sync::atomic::AtomicU64,
     /// Per-layer time accumulators, when timing is on (`enable_timing`).
     pub timings: Option<Mutex<Vec<LayerTimes>>>,
 }
@@ -82,6 +88,7 @@ impl Model {
     }
 
     pub fn from_parts(config: ModelConfig, weights: ModelWeights) -> Self {
+        let num_layers = config.num_layers;
         let rot = config.rotary_dims();
         // HF: inv_freq = 1 / theta^(2i/rot), computed in f32.
         let inv_freq =
@@ -96,6 +103,10 @@ impl Model {
             expert_store: None,
             timings: None,
             fetch_chunk: 32,
+            prefetch: false,
+            prefetch_guess: Mutex::new(vec![None; num_layers]),
+            prefetch_hits: Default::default(),
+            prefetch_total: Default::default(),
         }
     }
 
