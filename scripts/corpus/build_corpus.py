@@ -5,19 +5,21 @@ Sources: English documentation and dictionaries packaged in Debian main (all DFS
 package's /usr/share/doc/PKG/copyright states its licence, and a copy of each is kept next to the
 output as LICENSES.txt):
 
-  python3.11-doc        Python 3.11 documentation (HTML; PSF licence)
+  python3.11-doc        Python 3.11 documentation (HTML; PSF licence and permissive notices)
   debian-reference-en   Debian Reference (HTML; GPL-2+)
   debian-handbook       The Debian Administrator's Handbook, en-US only (HTML; GPL-2+ / CC-BY-SA-3.0)
   debian-policy         Debian Policy Manual (HTML; GPL-2+)
-  developers-reference  Debian Developer's Reference (HTML; GPL-2+)
-  maint-guide           Debian New Maintainers' Guide, English (HTML; MIT-style)
-  gnu-standards         GNU Coding Standards / Information for Maintainers (HTML; GFDL, no invariant sections)
-  bash-doc              Bash Reference Manual (HTML; GFDL)
-  dict-gcide            Collaborative International Dictionary of English (Webster 1913 + WordNet; GPL-3+)
-  dict-jargon           The Jargon File (public domain-ish, see copyright)
-  dict-foldoc           Free On-line Dictionary of Computing (GFDL)
+  developers-reference  Debian Developer's Reference (HTML; GPL-2)
+  maint-guide           Debian New Maintainers' Guide, English (HTML; GPL-2+ / MIT)
+  gnu-standards         GNU Coding Standards / Information for Maintainers (HTML; GFDL-1.3+)
+  bash-doc              Bash Reference Manual (HTML; GPL-3+ per the Debian copyright file)
+  dict-gcide            Collaborative International Dictionary of English (Webster 1913 + WordNet; GPL-2+),
+                        a deterministic random subset of GCIDE_MAX_MB of its entries
+  dict-jargon           The Jargon File (GPL-2+ / public domain)
+  dict-foldoc           Free On-line Dictionary of Computing (GFDL-1.1+)
   dict-devil            Ambrose Bierce, The Devil's Dictionary (public domain)
-  fortunes              fortune-mod data, non-offensive set (BSD-style; a few files skipped)
+  fortunes              fortune-mod data, non-offensive set (BSD; files ethnic, men-women, ascii-art,
+                        zippy skipped)
 
 Pipeline: `apt-get download` each package (run `apt-get update` first if it fails), `dpkg -x` into a
 temporary folder, extract plain text (stdlib html.parser for HTML, skipping navigation, <pre> code

@@ -1,6 +1,8 @@
 //! `flashmoe`: the command-line front end. A thin layer over the engine library: parse flags,
 //! call the engine, print. Every failure is one line on stderr and a non-zero exit.
 
+mod bench_cmd;
+
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use flashmoe::experts::IoChoice;
@@ -42,8 +44,12 @@ enum Command {
     Convert(ConvertArgs),
     /// Check a packed model's sizes and checksums; names the first bad tensor or expert.
     Verify(VerifyArgs),
+    /// Perplexity of a model over a text file (windows of --window tokens, each from an empty state).
+    Ppl(PplArgs),
     /// List compute devices (CPU SIMD level, CUDA GPUs when built with the `cuda` feature).
     Devices,
+    /// Benchmarks: expert reads, end-to-end decode against its floor, RAM-cache sweeps.
+    Bench(bench_cmd::BenchArgs),
 }
 
 #[derive(Args)]
@@ -205,6 +211,28 @@ struct ConvertArgs {
 }
 
 #[derive(Args)]
+struct PplArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Plain-text file.
+    #[arg(long)]
+    file: PathBuf,
+    /// Routed experts per token (default: the model's own; fewer is lossy).
+    #[arg(long)]
+    experts: Option<usize>,
+    #[arg(long, default_value_t = 512)]
+    window: usize,
+    /// Use only the first N tokens of the file.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct VerifyArgs {
     dir: PathBuf,
 }
@@ -224,7 +252,9 @@ fn main() -> ExitCode {
         Command::Info(a) => info(a),
         Command::Convert(a) => convert(a),
         Command::Verify(a) => verify(a),
+        Command::Ppl(a) => ppl(a),
         Command::Devices => devices(),
+        Command::Bench(a) => bench_cmd::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -526,6 +556,51 @@ fn convert(a: ConvertArgs) -> Result<()> {
         fmt_bytes(rep.expert_bytes),
         t0.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+fn ppl(a: PplArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.file).map_err(|e| anyhow!("{}: {e}", a.file.display()))?;
+    let opts = a.store.load_options(&a.model, a.window, a.window)?;
+    let mut engine = Engine::load_with(&a.model, &opts)?;
+    if let Some(k) = a.experts {
+        engine.model.set_experts_per_token(k)?;
+    }
+    let mut ids = engine.encode(&text)?;
+    if let Some(n) = a.max_tokens {
+        ids.truncate(n);
+    }
+    let bar = ProgressBar::new(ids.len() as u64).with_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} tokens {per_sec} ETA {eta}")
+            .expect("valid template"),
+    );
+    let t0 = std::time::Instant::now();
+    let rep = flashmoe::eval::perplexity(&engine.model, &ids, a.window, |done| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    let m = &engine.model;
+    let experts = format!(
+        "{}/{} ({})",
+        m.experts_per_token(),
+        m.config.num_experts,
+        if m.routing_is_exact() { "exact" } else { "reduced, lossy" }
+    );
+    if a.json {
+        println!(
+            "{}",
+            json!({"ppl": rep.ppl, "nll": rep.nll, "tokens": rep.tokens, "predictions": rep.predictions,
+                   "window": a.window, "experts_per_token": m.experts_per_token(), "exact_routing": m.routing_is_exact()})
+        );
+    } else {
+        println!(
+            "perplexity {:.4} (nll {:.5}) over {} predictions in {} windows of {} tokens | experts {experts} | {:.1} s",
+            rep.ppl,
+            rep.nll,
+            rep.predictions,
+            rep.windows,
+            a.window,
+            t0.elapsed().as_secs_f64()
+        );
+    }
     Ok(())
 }
 

@@ -96,7 +96,9 @@ pub enum Eviction {
 impl Eviction {
     pub fn describe(&self) -> String {
         match self {
-            Eviction::DropCaches => "page cache dropped before each cold pass (echo 1 > /proc/sys/vm/drop_caches)".into(),
+            Eviction::DropCaches => {
+                "page cache dropped before each cold pass (echo 1 > /proc/sys/vm/drop_caches)".into()
+            }
             Eviction::Fadvise(why) => format!(
                 "drop_caches refused ({why}); expert files evicted with posix_fadvise(DONTNEED) before each cold pass"
             ),
@@ -263,7 +265,11 @@ pub fn open_store(dir: &Path, opts: &StoreOptions) -> Result<(ExpertStore, Model
 /// warm. "Cold" passes start with the page cache emptied (page mode); "warm" passes repeat the
 /// same selection right after (page cache hot; direct mode reads the device again). The store's
 /// RAM cache is whatever `opts.store` says (0 by default, so every fetch is a read).
-pub fn bench_experts(dir: &Path, opts: &ExpertBenchOptions, mut progress: impl FnMut(&str)) -> Result<ExpertBenchReport> {
+pub fn bench_experts(
+    dir: &Path,
+    opts: &ExpertBenchOptions,
+    mut progress: impl FnMut(&str),
+) -> Result<ExpertBenchReport> {
     let (store, cfg) = open_store(dir, &opts.store)?;
     let files = expert_files(dir)?;
     let k = if opts.k == 0 { cfg.experts_per_token } else { opts.k.min(cfg.num_experts) };
@@ -271,10 +277,8 @@ pub fn bench_experts(dir: &Path, opts: &ExpertBenchOptions, mut progress: impl F
     let (e, h) = (cfg.num_experts, cfg.hidden_size);
     let mut eviction = Eviction::NotNeeded;
     let names = [PASS_LAYER, PASS_SUSTAINED, PASS_COMPUTE, PASS_PIPELINED];
-    let mut rows: Vec<PassRow> = names
-        .iter()
-        .flat_map(|&name| [true, false].map(|cold| PassRow { name, cold, samples: Vec::new() }))
-        .collect();
+    let mut rows: Vec<PassRow> =
+        names.iter().flat_map(|&name| [true, false].map(|cold| PassRow { name, cold, samples: Vec::new() })).collect();
     for r in 0..opts.repeats.max(1) {
         let mut rng = Rng::new(opts.seed.wrapping_add(r as u64 * 1_000_003));
         // sel[t][l]: experts of layer l for token t.
@@ -286,7 +290,12 @@ pub fn bench_experts(dir: &Path, opts: &ExpertBenchOptions, mut progress: impl F
                 if cold && store.mode() == IoMode::Page && opts.evict {
                     eviction = evict_page_cache(&files);
                 }
-                progress(&format!("repeat {}/{}: {name} ({})", r + 1, opts.repeats, if cold { "cold" } else { "warm" }));
+                progress(&format!(
+                    "repeat {}/{}: {name} ({})",
+                    r + 1,
+                    opts.repeats,
+                    if cold { "cold" } else { "warm" }
+                ));
                 let before = store.snapshot();
                 let t0 = Instant::now();
                 let (mut fetch_secs, mut compute_secs, mut experts) = (0.0, 0.0, 0u64);
@@ -394,7 +403,13 @@ fn compute_layer(store: &ExpertStore, layer: usize, bufs: &[Arc<AlignedBuf>], x:
 /// Sustained random O_DIRECT (or page, after eviction) reads of whole experts with
 /// `io_threads` in flight: the in-process disk bandwidth, bytes/s. Reads about `target_bytes`
 /// of distinct experts spread over all layers.
-pub fn measure_read_bandwidth(dir: &Path, io: IoChoice, io_threads: usize, target_bytes: u64, seed: u64) -> Result<f64> {
+pub fn measure_read_bandwidth(
+    dir: &Path,
+    io: IoChoice,
+    io_threads: usize,
+    target_bytes: u64,
+    seed: u64,
+) -> Result<f64> {
     let opts = StoreOptions { io, ram_cache_bytes: 0, io_threads };
     let (store, cfg) = open_store(dir, &opts)?;
     if store.mode() == IoMode::Page {
@@ -604,7 +619,7 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions) -> Result<Deco
     reset_peak_rss();
     model.enable_timing();
     let mut state = model.new_state();
-    let mut tok = |rng: &mut Rng| rng.below(cfg.vocab_size) as u32;
+    let tok = |rng: &mut Rng| rng.below(cfg.vocab_size) as u32;
     let prompt: Vec<u32> = (0..opts.prefill.max(1)).map(|_| tok(&mut rng)).collect();
     if opts.routing == Routing::Uniform {
         set_uniform_routers(model, &mut rng)?;

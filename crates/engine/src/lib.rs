@@ -9,6 +9,7 @@ pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+pub mod eval;
 pub mod experts;
 pub mod generate;
 pub mod memory;

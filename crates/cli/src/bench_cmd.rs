@@ -1,0 +1,384 @@
+//! `flashmoe bench`: experts-only reads (+ compute), end-to-end decode with its floor, and
+//! RAM-cache sweeps (CSV + SVG plot). The measuring lives in `flashmoe::bench`; this file parses
+//! flags and prints.
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Subcommand};
+use flashmoe::bench::{self, DecodeBenchOptions, DecodeReport, ExpertBenchOptions, Routing, Spread, SweepPoint};
+use flashmoe::experts::{IoChoice, StoreOptions};
+use flashmoe::memory::{fmt as fmt_bytes, parse_size};
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Subcommand)]
+enum What {
+    /// K experts per layer per simulated token through the expert store: reads alone and with
+    /// compute, cold (page cache emptied) and warm, in GB/s and experts/s.
+    Experts(ExpertsArgs),
+    /// Decode random token ids on a packed model; prints the summary line and the floor (disk
+    /// bytes per token ÷ disk bandwidth + compute per token).
+    Decode(DecodeArgs),
+    /// Decode at several RAM-cache sizes (fresh store each, O_DIRECT); writes a CSV and an SVG plot.
+    Sweep(SweepArgs),
+}
+
+#[derive(Args)]
+struct ExpertsArgs {
+    /// Packed model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Experts per layer per token (default: the model's top-k).
+    #[arg(long)]
+    k: Option<usize>,
+    /// Simulated tokens per pass.
+    #[arg(long, default_value_t = 16)]
+    tokens: usize,
+    /// Use only the first N layers (default: all).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Repeats (each with its own expert selection); figures are min/median/max over them.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, default_value = "page")]
+    io: IoChoice,
+    /// Reads in flight at once.
+    #[arg(long, default_value_t = 8)]
+    io_threads: usize,
+    /// Do not empty the page cache before cold passes.
+    #[arg(long)]
+    no_evict: bool,
+}
+
+#[derive(Args, Clone)]
+struct DecodeCommon {
+    /// Packed model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Measured decode steps.
+    #[arg(long, default_value_t = 32)]
+    tokens: usize,
+    /// Prompt tokens (one prefill batch) before decoding.
+    #[arg(long, default_value_t = 4)]
+    prefill: usize,
+    /// Unmeasured decode steps first (default: enough to fill the RAM cache, plus 2).
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// uniform: top-k drawn uniformly at random per token and layer; model: the model's routers.
+    #[arg(long, default_value = "uniform")]
+    routing: Routing,
+    /// Reads in flight at once.
+    #[arg(long, default_value_t = 8)]
+    io_threads: usize,
+    /// Disk bandwidth for the floor, GB/s (e.g. fio's). Default: measured here with O_DIRECT
+    /// random reads of whole experts, io-threads in flight.
+    #[arg(long)]
+    disk_bw: Option<f64>,
+    /// Start layer l+1's likely reads during layer l (see `run --prefetch`).
+    #[arg(long)]
+    prefetch: bool,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct DecodeArgs {
+    #[command(flatten)]
+    common: DecodeCommon,
+    #[arg(long, default_value = "direct")]
+    io: IoChoice,
+    /// RAM expert cache: a size (4G, 512M) or a share of the expert bytes (25%).
+    #[arg(long, default_value = "0")]
+    ram_cache: String,
+    /// Measure this many times (fresh model and cache each); tok/s is reported min/median/max.
+    #[arg(long, default_value_t = 1)]
+    repeats: usize,
+}
+
+#[derive(Args)]
+struct SweepArgs {
+    #[command(flatten)]
+    common: DecodeCommon,
+    /// Comma-separated cache sizes (0,1G,2G or 0,10%,25%,50%).
+    #[arg(long)]
+    ram_cache: String,
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// SVG plot of tok/s and RAM hit rate against cache size.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Plot title (default: the model folder's name and routing).
+    #[arg(long)]
+    title: Option<String>,
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    match a.what {
+        What::Experts(a) => experts(a),
+        What::Decode(a) => decode(a),
+        What::Sweep(a) => sweep(a),
+    }
+}
+
+fn gb(x: f64) -> String {
+    format!("{x:.3}")
+}
+
+fn spread(s: Spread, f: impl Fn(f64) -> String) -> String {
+    format!("{} / {} / {}", f(s.min), f(s.median), f(s.max))
+}
+
+fn experts(a: ExpertsArgs) -> Result<()> {
+    let opts = ExpertBenchOptions {
+        k: a.k.unwrap_or(0),
+        tokens: a.tokens.max(1),
+        layers: a.layers.unwrap_or(0),
+        repeats: a.repeats.max(1),
+        seed: a.seed,
+        evict: !a.no_evict,
+        store: StoreOptions { io: a.io, ram_cache_bytes: 0, io_threads: a.io_threads.max(1) },
+    };
+    let rep = bench::bench_experts(&a.model, &opts, |msg| eprintln!("[flashmoe] {msg}"))?;
+    println!(
+        "bench experts: {} | io {} | K={} per layer, {} layers, {} tokens, {} repeats | expert stride {} ({} B) | {} reads in flight",
+        a.model.display(),
+        rep.mode_note,
+        rep.k,
+        rep.layers,
+        rep.tokens,
+        opts.repeats,
+        fmt_bytes(rep.stride),
+        rep.stride,
+        rep.io_threads
+    );
+    println!("page cache: {}", rep.eviction.describe());
+    println!(
+        "{:<58} {:<5} {:>26} {:>26} {:>16}",
+        "pass", "", "GB/s min/med/max", "experts/s min/med/max", "compute ms/exp"
+    );
+    for row in &rep.rows {
+        let comp = if row.samples.iter().any(|s| s.compute_secs > 0.0) {
+            format!("{:.3}", row.compute_per_expert().median * 1e3)
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<58} {:<5} {:>26} {:>26} {:>16}",
+            row.name,
+            if row.cold { "cold" } else { "warm" },
+            spread(row.gb_s(), gb),
+            spread(row.experts_s(), |x| format!("{x:.0}")),
+            comp
+        );
+    }
+    Ok(())
+}
+
+/// `25%` of the model's expert bytes, or a size.
+fn cache_size(s: &str, expert_bytes: u64) -> Result<u64> {
+    let t = s.trim();
+    if let Some(p) = t.strip_suffix('%') {
+        let f: f64 = p.trim().parse().map_err(|_| anyhow!("--ram-cache `{s}`: expected a size or a percentage"))?;
+        return Ok((expert_bytes as f64 * f / 100.0) as u64);
+    }
+    parse_size(t).map_err(|e| anyhow!("--ram-cache {e}"))
+}
+
+fn expert_bytes(dir: &Path) -> Result<u64> {
+    let m = flashmoe::packed::Manifest::load(dir)?;
+    Ok(m.experts.iter().map(|e| e.stride * e.num_experts as u64).sum())
+}
+
+fn disk_bandwidth(c: &DecodeCommon) -> Result<(f64, String)> {
+    if let Some(g) = c.disk_bw {
+        return Ok((g * 1e9, format!("{g:.3} GB/s (--disk-bw)")));
+    }
+    let target = expert_bytes(&c.model)?.min(2 << 30);
+    let bw = bench::measure_read_bandwidth(&c.model, IoChoice::Direct, c.io_threads.max(1), target, c.seed ^ 0xd15c)
+        .context("measuring disk bandwidth (O_DIRECT)")?;
+    Ok((bw, format!("{:.3} GB/s (measured: O_DIRECT random expert reads, {} in flight)", bw / 1e9, c.io_threads)))
+}
+
+fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64) -> Result<DecodeReport> {
+    let store = StoreOptions { io, ram_cache_bytes: cache, io_threads: c.io_threads.max(1) };
+    let mut model = bench::load_streamed(&c.model, &store)?;
+    model.prefetch = c.prefetch;
+    let opts = DecodeBenchOptions {
+        tokens: c.tokens.max(1),
+        prefill: c.prefill,
+        warmup: c.warmup,
+        seed: c.seed,
+        routing: c.routing,
+    };
+    Ok(bench::bench_decode(&mut model, &opts)?)
+}
+
+/// The `run`-style summary line, plus the floor.
+fn print_decode(r: &DecodeReport, disk_bw: f64, bw_note: &str) {
+    let st = Spread::of(&r.step_secs);
+    eprintln!(
+        "[flashmoe] bench decode | prefill {} tok | decode {:.2} tok/s ({} tok after {} warm-up, step ms min/med/max {:.0}/{:.0}/{:.0}) | peak RSS {} | experts {}/{} per token ({} routing) | disk {}/token | RAM cache {} hit {:.0}% | io {}",
+        r.prefill_tokens,
+        r.tok_s(),
+        r.tokens,
+        r.warmup_tokens,
+        st.min * 1e3,
+        st.median * 1e3,
+        st.max * 1e3,
+        r.peak_rss.map_or("n/a".into(), fmt_bytes),
+        r.experts_per_token,
+        r.num_experts,
+        r.routing.name(),
+        fmt_bytes(r.disk_bytes_per_token() as u64),
+        fmt_bytes(r.ram_cache_bytes),
+        100.0 * r.io.ram_hit_rate(),
+        r.io_mode.name()
+    );
+    let f = r.floor(disk_bw);
+    eprintln!(
+        "[flashmoe] floor: disk {}/token ÷ {bw_note} = {:.1} ms + compute {:.1} ms/token (decode time minus I/O wait {:.1} ms) = {:.1} ms/token → {:.2} tok/s; achieved {:.2} tok/s = {:.0}% of the floor",
+        fmt_bytes(r.disk_bytes_per_token() as u64),
+        f.io_secs * 1e3,
+        f.compute_secs * 1e3,
+        r.io_wait_per_token() * 1e3,
+        (f.io_secs + f.compute_secs) * 1e3,
+        f.tok_s,
+        f.achieved,
+        100.0 * f.ratio()
+    );
+}
+
+fn decode(a: DecodeArgs) -> Result<()> {
+    let c = &a.common;
+    let total = expert_bytes(&c.model)?;
+    let cache = cache_size(&a.ram_cache, total)?;
+    let (bw, note) = disk_bandwidth(c)?;
+    eprintln!(
+        "[flashmoe] experts {} on disk; RAM cache {} ({:.0}%); disk bandwidth {note}",
+        fmt_bytes(total),
+        fmt_bytes(cache),
+        100.0 * cache as f64 / total.max(1) as f64
+    );
+    let mut rates = Vec::new();
+    let mut ratios = Vec::new();
+    for i in 0..a.repeats.max(1) {
+        let mut cc = c.clone();
+        cc.seed = c.seed.wrapping_add(i as u64);
+        let r = decode_once(&cc, a.io, cache)?;
+        print_decode(&r, bw, &note);
+        rates.push(r.tok_s());
+        ratios.push(r.floor(bw).ratio());
+    }
+    if rates.len() > 1 {
+        let (s, q) = (Spread::of(&rates), Spread::of(&ratios));
+        eprintln!(
+            "[flashmoe] over {} runs: decode tok/s min/median/max {:.3} / {:.3} / {:.3}; of the floor {:.0}% / {:.0}% / {:.0}%",
+            rates.len(),
+            s.min,
+            s.median,
+            s.max,
+            100.0 * q.min,
+            100.0 * q.median,
+            100.0 * q.max
+        );
+    }
+    Ok(())
+}
+
+fn sweep(a: SweepArgs) -> Result<()> {
+    let c = &a.common;
+    let total = expert_bytes(&c.model)?;
+    let sizes: Vec<u64> =
+        a.ram_cache.split(',').filter(|s| !s.trim().is_empty()).map(|s| cache_size(s, total)).collect::<Result<_>>()?;
+    if sizes.is_empty() {
+        bail!("--ram-cache: give at least one size, e.g. 0,1G,2G");
+    }
+    let (bw, note) = disk_bandwidth(c)?;
+    eprintln!("[flashmoe] experts {} on disk; disk bandwidth {note}", fmt_bytes(total));
+    let mut points = Vec::new();
+    for &size in &sizes {
+        eprintln!("[flashmoe] RAM cache {} ({:.0}%)", fmt_bytes(size), 100.0 * size as f64 / total.max(1) as f64);
+        let r = decode_once(c, IoChoice::Direct, size)?;
+        print_decode(&r, bw, &note);
+        points.push(SweepPoint { cache_bytes: size, report: r });
+    }
+    let csv = bench::sweep_csv(&points, bw);
+    match &a.csv {
+        Some(p) => std::fs::write(p, &csv).with_context(|| format!("writing {}", p.display()))?,
+        None => print!("{csv}"),
+    }
+    if let Some(p) = &a.plot {
+        let name = c.model.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned());
+        let title = a
+            .title
+            .clone()
+            .unwrap_or_else(|| format!("{name}: decode vs RAM cache ({} routing, O_DIRECT)", c.routing.name()));
+        plot(p, &title, &points, bw, total).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn plot(path: &Path, title: &str, points: &[SweepPoint], bw: f64, total: u64) -> Result<()> {
+    use plotters::prelude::*;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let xmax = points.iter().map(|p| gib(p.cache_bytes)).fold(0.0, f64::max).max(gib(total).min(1e-3)) * 1.05 + 1e-9;
+    let toks: Vec<(f64, f64)> = points.iter().map(|p| (gib(p.cache_bytes), p.report.tok_s())).collect();
+    let floors: Vec<(f64, f64)> = points.iter().map(|p| (gib(p.cache_bytes), p.report.floor(bw).tok_s)).collect();
+    let hits: Vec<(f64, f64)> =
+        points.iter().map(|p| (gib(p.cache_bytes), 100.0 * p.report.io.ram_hit_rate())).collect();
+    let ymax = toks.iter().chain(&floors).map(|p| p.1).fold(0.0, f64::max) * 1.15 + 1e-9;
+    let err = |e: &dyn std::fmt::Display| anyhow!("plot: {e}");
+    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .right_y_label_area_size(60)
+        .build_cartesian_2d(0.0..xmax, 0.0..ymax)
+        .map_err(|e| err(&e))?
+        .set_secondary_coord(0.0..xmax, 0.0..100.0);
+    chart
+        .configure_mesh()
+        .x_desc(format!("RAM expert cache, GiB (experts on disk: {:.1} GiB)", gib(total)))
+        .y_desc("decode tok/s")
+        .draw()
+        .map_err(|e| err(&e))?;
+    chart.configure_secondary_axes().y_desc("RAM cache hit rate, %").draw().map_err(|e| err(&e))?;
+    let blue = RGBColor(31, 119, 180);
+    let gray = RGBColor(120, 120, 120);
+    let red = RGBColor(214, 39, 40);
+    chart
+        .draw_series(LineSeries::new(toks.clone(), blue.stroke_width(2)))
+        .map_err(|e| err(&e))?
+        .label("decode tok/s")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2)));
+    chart.draw_series(toks.iter().map(|&p| Circle::new(p, 4, blue.filled()))).map_err(|e| err(&e))?;
+    chart
+        .draw_series(LineSeries::new(floors, gray.stroke_width(1)))
+        .map_err(|e| err(&e))?
+        .label("floor tok/s (disk bytes ÷ bandwidth + compute)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], gray.stroke_width(1)));
+    chart
+        .draw_secondary_series(LineSeries::new(hits.clone(), red.stroke_width(2)))
+        .map_err(|e| err(&e))?
+        .label("RAM cache hit rate (right axis)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], red.stroke_width(2)));
+    chart.draw_secondary_series(hits.iter().map(|&p| TriangleMarker::new(p, 5, red.filled()))).map_err(|e| err(&e))?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
