@@ -54,9 +54,9 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Model folder (config.json, *.safetensors, tokenizer.json).
+    /// Model folder (HF/MLX safetensors or packed). Default: the built-in small trained model.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     #[arg(long)]
     prompt: String,
     #[arg(long, default_value_t = 256)]
@@ -267,13 +267,37 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(a: RunArgs) -> Result<()> {
+/// The small Qwen3.5-MoE model trained for flashmoe (models/qwen35-moe-tiny-trained), embedded
+/// so that `run` works with nothing downloaded.
+const BUILTIN_NAME: &str = "qwen35-moe-tiny-trained";
+const BUILTIN_FILES: [(&str, &[u8]); 5] = [
+    ("config.json", include_bytes!("../../../models/qwen35-moe-tiny-trained/config.json")),
+    ("model.safetensors", include_bytes!("../../../models/qwen35-moe-tiny-trained/model.safetensors")),
+    ("tokenizer.json", include_bytes!("../../../models/qwen35-moe-tiny-trained/tokenizer.json")),
+    ("tokenizer_config.json", include_bytes!("../../../models/qwen35-moe-tiny-trained/tokenizer_config.json")),
+    ("chat_template.jinja", include_bytes!("../../../models/qwen35-moe-tiny-trained/chat_template.jinja")),
+];
+
+fn run(mut a: RunArgs) -> Result<()> {
+    let model_dir = match a.model.take() {
+        Some(m) => m,
+        None => {
+            let dir = flashmoe::builtin::materialize(BUILTIN_NAME, &BUILTIN_FILES)?;
+            eprintln!(
+                "[flashmoe] model: built-in {BUILTIN_NAME} (19.8M parameters, trained on Debian documentation; packed at {})",
+                dir.display()
+            );
+            dir
+        }
+    };
+    let a = RunArgs { model: Some(model_dir.clone()), ..a };
+    let model_path = model_dir.as_path();
     // The plan needs a context size before the prompt is tokenized: the prompt text's bytes bound
     // its token count.
     let context =
         a.max_context.unwrap_or(0).max(a.prompt.len() + a.system.as_ref().map_or(0, |s| s.len()) + 64 + a.max_tokens);
-    let opts = a.store.load_options(&a.model, context, a.prompt.len() + 64)?;
-    let mut engine = Engine::load_with(&a.model, &opts)?;
+    let opts = a.store.load_options(model_path, context, a.prompt.len() + 64)?;
+    let mut engine = Engine::load_with(model_path, &opts)?;
     if let Some(store) = &engine.model.expert_store {
         eprintln!(
             "[flashmoe] experts: {} on disk, streamed; io {}; RAM cache {}",

@@ -5,6 +5,7 @@
 //! Compute kernels live in the `flashmoe-kernels` crate, text handling in `flashmoe-text`.
 
 pub mod bench;
+pub mod builtin;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
