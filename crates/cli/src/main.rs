@@ -3,6 +3,9 @@
 
 mod bench_cmd;
 
+mod routing_cmd;
+mod synth_cmd;
+
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use flashmoe::experts::IoChoice;
@@ -44,6 +47,10 @@ enum Command {
     Convert(ConvertArgs),
     /// Check a packed model's sizes and checksums; names the first bad tensor or expert.
     Verify(VerifyArgs),
+    /// Write a random-weight packed model with a real geometry (for benchmarks; no download).
+    Synth(synth_cmd::SynthArgs),
+    /// Routing statistics of a --trace-routing file: gini, top-20% coverage, overlap, LRU curves.
+    RoutingStats(routing_cmd::RoutingStatsArgs),
     /// Perplexity of a model over a text file (windows of --window tokens, each from an empty state).
     Ppl(PplArgs),
     /// List compute devices (CPU SIMD level, CUDA GPUs when built with the `cuda` feature).
@@ -96,6 +103,9 @@ struct RunArgs {
     /// Print a per-layer time breakdown averaged over the decode tokens.
     #[arg(long)]
     timing: bool,
+    /// Write the experts chosen for every token and layer to FILE (JSON lines; see routing-stats).
+    #[arg(long)]
+    trace_routing: Option<PathBuf>,
     /// Read layer l+1's likely experts while layer l computes (its router applied to layer l's
     /// hidden state). Off by default: it only wins when reads are slow and guesses good.
     #[arg(long)]
@@ -253,6 +263,8 @@ fn main() -> ExitCode {
         Command::Convert(a) => convert(a),
         Command::Verify(a) => verify(a),
         Command::Ppl(a) => ppl(a),
+        Command::Synth(a) => synth_cmd::run(a),
+        Command::RoutingStats(a) => routing_cmd::run(a),
         Command::Devices => devices(),
         Command::Bench(a) => bench_cmd::run(a),
     };
@@ -310,6 +322,9 @@ fn run(mut a: RunArgs) -> Result<()> {
         engine.model.enable_timing();
     }
     engine.model.prefetch = a.prefetch;
+    if a.trace_routing.is_some() {
+        engine.model.routing_trace = Some(Default::default());
+    }
     if let Some(k) = a.experts {
         engine.model.set_experts_per_token(k)?;
     }
@@ -349,6 +364,15 @@ fn run(mut a: RunArgs) -> Result<()> {
     let _ = writeln!(out);
     drop(out);
     let m = &engine.model;
+    if let (Some(path), Some(trace)) = (&a.trace_routing, &m.routing_trace) {
+        let c = &m.config;
+        let header = flashmoe::routing::TraceHeader::new(c.num_layers, c.num_experts, m.experts_per_token());
+        let mut w = flashmoe::routing::TraceWriter::new(path, header)?;
+        let records: Vec<(usize, usize, Vec<u32>)> =
+            trace.lock().unwrap().iter().map(|r| (r.layer, r.pos, r.experts.clone())).collect();
+        w.write_decisions(&records)?;
+        w.flush()?;
+    }
     if let Some(times) = m.timing_snapshot() {
         print_timing(&times, stats.decode_steps, m);
     }

@@ -25,9 +25,11 @@ fn fails(args: &[&str]) -> String {
     assert!(!o.status.success(), "expected failure for {args:?}, stderr: {err}");
     assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: error should be one line: {err}");
-    assert!(err.starts_with("error: "), "{err}");
-    err
+    // Progress lines ([flashmoe] ...) may come first; the error itself is one line, the last.
+    let errors: Vec<&str> = err.lines().filter(|l| !l.starts_with("[flashmoe] ")).collect();
+    assert_eq!(errors.len(), 1, "{args:?}: error should be one line: {err}");
+    assert!(errors[0].starts_with("error: "), "{err}");
+    errors[0].to_string()
 }
 
 fn copy_dir(src: &Path, dst: &Path) {

@@ -16,6 +16,8 @@ pub mod generate;
 pub mod memory;
 pub mod packed;
 pub mod qwen35;
+pub mod routing;
+pub mod synth;
 pub mod weights;
 
 pub use config::ModelConfig;

@@ -73,17 +73,25 @@ pub fn plan(
     batch_tokens: usize,
 ) -> Result<MemoryPlan> {
     let cfg = ModelConfig::load(dir)?;
-    if !dir.join(crate::packed::MANIFEST).exists() {
-        return Err(Error::input(format!(
-            "--memory-budget needs a packed model ({} maps its experts from safetensors files, which the budget cannot bound): run `flashmoe convert {} OUT` first",
-            dir.display(),
-            dir.display()
-        )));
-    }
-    let m = Manifest::load(dir)?;
-    let non_expert: u64 = m.tensors.iter().map(|t| t.nbytes).sum();
-    let max_stride = m.experts.iter().map(|e| e.stride).max().unwrap_or(0);
-    let experts_on_disk: u64 = m.experts.iter().map(|e| e.stride * e.num_experts as u64).sum();
+    let (non_expert, max_stride, experts_on_disk) = if dir.join(crate::packed::MANIFEST).exists() {
+        let m = Manifest::load(dir)?;
+        (
+            m.tensors.iter().map(|t| t.nbytes).sum::<u64>(),
+            m.experts.iter().map(|e| e.stride).max().unwrap_or(0),
+            m.experts.iter().map(|e| e.stride * e.num_experts as u64).sum::<u64>(),
+        )
+    } else {
+        // HF/MLX folder: experts are read in place; everything else stays mapped and resident.
+        let store = crate::weights::TensorStore::open(dir)?;
+        let w = crate::qwen35::ModelWeights::load(&store, &cfg)?;
+        let max_expert = w
+            .layers
+            .iter()
+            .filter_map(|l| l.moe.experts.resident().and_then(|v| v.first()).map(|e| e.bytes() as u64))
+            .max()
+            .unwrap_or(0);
+        (w.non_expert_bytes() as u64, max_expert.next_multiple_of(4096), w.expert_bytes() as u64)
+    };
     let c = &cfg;
     // Widest per-token activations: projections, expert hidden, logits of one row.
     let act_per_token = 4 * (c.hidden_size * 4 + 2 * c.num_heads * c.head_dim + c.conv_dim() * 2 + c.value_dim() * 2)

@@ -74,7 +74,21 @@ fn argmax(x: &[f32]) -> u32 {
 }
 
 fn check_model(name: &str, tol: f32) {
+    // By default the experts are read in place from the safetensors files through the expert
+    // store; mapped access must give the very same logits.
     let model = Model::load(&models_dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert!(model.expert_store.is_some(), "{name}: experts should stream");
+    let mapped = flashmoe::qwen35::LoadOptions { stream_experts: false, ..Default::default() };
+    let m2 = Model::load_with(&models_dir().join(name), &mapped).unwrap();
+    let ids = reference(name).prompt;
+    let (mut s1, mut s2) = (model.new_state(), m2.new_state());
+    assert_eq!(
+        model.forward(&ids, &mut s1, LogitsFor::All).unwrap(),
+        m2.forward(&ids, &mut s2, LogitsFor::All).unwrap(),
+        "{name}: streamed and mapped experts differ"
+    );
+    let io = model.expert_store.as_ref().unwrap().snapshot();
+    assert!(io.disk_reads > 0 && io.disk_bytes > 0, "{io:?}");
     let r = reference(name);
     let v = model.config.vocab_size;
 
@@ -142,11 +156,12 @@ fn qwen35_moe_mlx_affine_4bit() {
 
 #[test]
 fn mlx_checkpoint_is_detected_and_quantized() {
-    let m = Model::load(&models_dir().join("qwen35-moe-tiny-mlx4")).unwrap();
+    let mapped = flashmoe::qwen35::LoadOptions { stream_experts: false, ..Default::default() };
+    let m = Model::load_with(&models_dir().join("qwen35-moe-tiny-mlx4"), &mapped).unwrap();
     assert_eq!(m.weights.format, flashmoe::qwen35::SourceFormat::Mlx);
     assert!(m.weights.lm_head.is_quantized());
     assert!(m.weights.layers[0].moe.experts.resident().unwrap()[0].gate.is_quantized());
-    let hf = Model::load(&models_dir().join("qwen35-moe-tiny")).unwrap();
+    let hf = Model::load_with(&models_dir().join("qwen35-moe-tiny"), &mapped).unwrap();
     assert_eq!(hf.weights.format, flashmoe::qwen35::SourceFormat::HuggingFace);
     // 4-bit weights with bf16 scales are well under a third of the f32 bytes.
     assert!(m.weights.expert_bytes() * 3 < hf.weights.expert_bytes());

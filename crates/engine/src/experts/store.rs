@@ -116,10 +116,23 @@ impl IoSnapshot {
     }
 }
 
+/// One contiguous piece of an expert scattered over safetensors files: `len` bytes at `offset`
+/// of source file `file`, going to `dst` in the expert's buffer.
+#[derive(Clone, Debug)]
+struct Piece {
+    file: usize,
+    offset: u64,
+    len: usize,
+    dst: usize,
+}
+
 struct LayerFile {
     path: PathBuf,
-    page: File,
+    /// Packed models: the layer's expert file.
+    page: Option<File>,
     direct: Option<File>,
+    /// HF/MLX folders: per expert, the pieces to read from `ExpertStore::sources`.
+    pieces: Option<Vec<Vec<Piece>>>,
     stride: u64,
     blob_bytes: u64,
     num_experts: usize,
@@ -144,6 +157,8 @@ impl Slot {
 }
 
 pub struct ExpertStore {
+    /// Source files of scattered experts (HF/MLX folders).
+    sources: Vec<(PathBuf, File)>,
     pending: Mutex<std::collections::HashMap<(u32, u32), Arc<Slot>>>,
     layers: Vec<LayerFile>,
     mode: IoMode,
@@ -188,8 +203,9 @@ impl ExpertStore {
             let direct = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path).ok();
             layers.push(LayerFile {
                 path,
-                page,
+                page: Some(page),
                 direct,
+                pieces: None,
                 stride: ef.stride,
                 blob_bytes: ef.blob_bytes,
                 num_experts: ef.num_experts,
@@ -202,12 +218,98 @@ impl ExpertStore {
                 format!("lists expert files for {} layers, config.json has {}", layers.len(), cfg.num_layers),
             ));
         }
+        Self::finish(layers, Vec::new(), cfg, opts)
+    }
+
+    /// A store over the experts of an HF/MLX safetensors folder: each expert is read as the few
+    /// byte ranges it occupies in the checkpoint files (no conversion needed; page-cache reads,
+    /// since those ranges are not block-aligned).
+    pub fn open_scattered(
+        ts: &crate::weights::TensorStore,
+        experts: &[&[ExpertWeights]],
+        cfg: &ModelConfig,
+        opts: &StoreOptions,
+    ) -> Result<Self> {
+        let mut sources = Vec::new();
+        for path in &ts.files {
+            sources.push((path.clone(), File::open(path).map_err(|e| Error::io(path, e))?));
+        }
+        let mut layers = Vec::new();
+        for (l, list) in experts.iter().enumerate() {
+            let mut components: Vec<TensorEntry> = Vec::new();
+            let mut all = Vec::with_capacity(list.len());
+            let mut blob = 0usize;
+            for (e, ex) in list.iter().enumerate() {
+                let mut pieces = Vec::new();
+                let mut dst = 0usize;
+                let mut comps = Vec::new();
+                for (proj, lin) in [("gate_proj", &ex.gate), ("up_proj", &ex.up), ("down_proj", &ex.down)] {
+                    let stored = lin.stored_pieces().ok_or_else(|| {
+                        Error::input(format!("layer {l} expert {e} {proj}: not one stored row range; cannot stream"))
+                    })?;
+                    for (suffix, dtype, shape, bytes) in stored {
+                        let file = ts.file_index_of(&bytes).ok_or_else(|| {
+                            Error::input(format!("layer {l} expert {e} {proj}: bytes are not from a checkpoint file"))
+                        })?;
+                        dst = dst.next_multiple_of(64);
+                        pieces.push(Piece { file, offset: bytes.start() as u64, len: bytes.len(), dst });
+                        comps.push(TensorEntry {
+                            name: format!("{proj}.{suffix}"),
+                            dtype: dtype.to_string(),
+                            shape,
+                            offset: dst as u64,
+                            nbytes: bytes.len() as u64,
+                            quant: None,
+                            xxh3: None,
+                        });
+                        dst += bytes.len();
+                    }
+                }
+                if e == 0 {
+                    components = comps;
+                    blob = dst;
+                } else if dst != blob
+                    || comps
+                        .iter()
+                        .zip(&components)
+                        .any(|(a, b)| a.offset != b.offset || a.shape != b.shape || a.dtype != b.dtype)
+                {
+                    return Err(Error::input(format!("layer {l}: expert {e} is stored differently from expert 0")));
+                }
+                all.push(pieces);
+            }
+            layers.push(LayerFile {
+                path: ts.dir.clone(),
+                page: None,
+                direct: None,
+                pieces: Some(all),
+                stride: (blob as u64).next_multiple_of(4096),
+                blob_bytes: blob as u64,
+                num_experts: list.len(),
+                components,
+            });
+        }
+        let mut store = Self::finish(layers, sources, cfg, &StoreOptions { io: IoChoice::Page, ..opts.clone() })?;
+        store.mode_note = match opts.io {
+            IoChoice::Direct => "page (O_DIRECT needs a packed model: `flashmoe convert`)".into(),
+            _ => "page (experts read in place from the safetensors files)".into(),
+        };
+        Ok(store)
+    }
+
+    fn finish(
+        layers: Vec<LayerFile>,
+        sources: Vec<(PathBuf, File)>,
+        cfg: &ModelConfig,
+        opts: &StoreOptions,
+    ) -> Result<Self> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(opts.io_threads.max(1))
             .thread_name(|i| format!("flashmoe-io-{i}"))
             .build()
             .map_err(|e| Error::input(format!("cannot start I/O threads: {e}")))?;
         let mut store = ExpertStore {
+            sources,
             pending: Mutex::new(Default::default()),
             layers,
             mode: IoMode::Page,
@@ -298,12 +400,28 @@ impl ExpertStore {
     fn read(&self, mode: IoMode, layer: usize, e: usize) -> Result<AlignedBuf> {
         let lf = &self.layers[layer];
         let mut buf = AlignedBuf::zeroed(lf.stride as usize);
-        let off = e as u64 * lf.stride;
         let t = Instant::now();
+        if let Some(pieces) = &lf.pieces {
+            let mut n = 0;
+            for p in &pieces[e] {
+                let (path, f) = &self.sources[p.file];
+                f.read_exact_at(&mut buf.as_mut_slice()[p.dst..p.dst + p.len], p.offset).map_err(|err| {
+                    let end = p.offset + p.len as u64;
+                    Error::file(path, format!("reading expert {e} of layer {layer} (bytes {}..{end}): {err}", p.offset))
+                })?;
+                n += p.len;
+            }
+            self.stats.read_nanos.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+            self.stats.disk_bytes.fetch_add(n as u64, Relaxed);
+            self.stats.disk_reads.fetch_add(pieces[e].len() as u64, Relaxed);
+            return Ok(buf);
+        }
+        let off = e as u64 * lf.stride;
+        let page = lf.page.as_ref().expect("packed layers have a file");
         let (file, len) = match (mode, &lf.direct) {
             (IoMode::Direct, Some(f)) => (f, lf.stride as usize),
             // Buffered reads need not read the zero padding.
-            _ => (&lf.page, lf.blob_bytes as usize),
+            _ => (page, lf.blob_bytes as usize),
         };
         file.read_exact_at(&mut buf.as_mut_slice()[..len], off).map_err(|err| {
             Error::file(&lf.path, format!("reading expert {e} (bytes {off}..{}): {err}", off + len as u64))

@@ -26,8 +26,9 @@ pub struct RoutingRecord {
 /// How to open a model.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// Packed models: fetch experts through the expert store (reads + RAM cache) rather than
-    /// mapping the expert files.
+    /// Fetch routed experts through the expert store (positioned reads + RAM cache + I/O
+    /// accounting) rather than through the file mappings. For HF/MLX folders the reads are the
+    /// experts' byte ranges in the safetensors files; for packed models, one blob each.
     pub stream_experts: bool,
     pub store: StoreOptions,
 }
@@ -83,8 +84,22 @@ impl Model {
             return Ok(m);
         }
         let store = TensorStore::open(dir)?;
-        let weights = ModelWeights::load(&store, &config)?;
-        Ok(Self::from_parts(config, weights))
+        let mut weights = ModelWeights::load(&store, &config)?;
+        let mut expert_store = None;
+        if opts.stream_experts {
+            // HF/MLX folder: experts are read in place from the checkpoint files through the
+            // expert store, so they get the same accounting, caching and budget as packed ones.
+            let lists: Vec<&[weights::ExpertWeights]> =
+                weights.layers.iter().map(|l| l.moe.experts.resident().expect("loaded resident")).collect();
+            let es = Arc::new(ExpertStore::open_scattered(&store, &lists, &config, &opts.store)?);
+            for (i, l) in weights.layers.iter_mut().enumerate() {
+                l.moe.experts = weights::ExpertSet::Streamed { store: es.clone(), layer: i };
+            }
+            expert_store = Some(es);
+        }
+        let mut m = Self::from_parts(config, weights);
+        m.expert_store = expert_store;
+        Ok(m)
     }
 
     pub fn from_parts(config: ModelConfig, weights: ModelWeights) -> Self {

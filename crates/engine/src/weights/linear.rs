@@ -216,6 +216,36 @@ impl Linear {
         }
     }
 
+    /// Where this matrix's bytes live, as (component, dtype, stored shape, bytes) — `weight`, plus
+    /// `scales` and `biases` when quantized. Only for a matrix that is one row range of one
+    /// stored tensor (every expert is); None otherwise.
+    #[allow(clippy::type_complexity)]
+    pub fn stored_pieces(&self) -> Option<Vec<(&'static str, &'static str, Vec<usize>, Bytes)>> {
+        let [p] = self.parts.as_slice() else { return None };
+        let (r0, n, cols) = (p.row_start, p.rows, self.cols);
+        let name = |t: FloatType| match t {
+            FloatType::F32 => "F32",
+            FloatType::BF16 => "BF16",
+            FloatType::F16 => "F16",
+        };
+        Some(match &p.source {
+            Source::Float { dtype, data } => {
+                let rb = cols * dtype.size();
+                vec![("weight", name(*dtype), vec![n, cols], data.slice(r0 * rb, n * rb))]
+            }
+            Source::Affine { bits, group_size, weight, scales, biases, sb_dtype } => {
+                let wb = cols * *bits as usize / 8;
+                let groups = cols / group_size;
+                let sb = groups * sb_dtype.size();
+                vec![
+                    ("weight", "U32", vec![n, wb / 4], weight.slice(r0 * wb, n * wb)),
+                    ("scales", name(*sb_dtype), vec![n, groups], scales.slice(r0 * sb, n * sb)),
+                    ("biases", name(*sb_dtype), vec![n, groups], biases.slice(r0 * sb, n * sb)),
+                ]
+            }
+        })
+    }
+
     /// The stored row ranges this matrix is made of, in output-row order (for conversion).
     pub fn mats(&self) -> Vec<MatRef<'_>> {
         self.parts.iter().map(|p| p.mat(self.cols)).collect()

@@ -34,6 +34,19 @@ impl Bytes {
         assert!(start + len <= map.bytes().len());
         Bytes { map, start, len }
     }
+    /// A sub-range of this range.
+    pub fn slice(&self, offset: usize, len: usize) -> Bytes {
+        assert!(offset + len <= self.len);
+        Bytes { map: self.map.clone(), start: self.start + offset, len }
+    }
+    /// Offset of this range within its owner (for a file mapping: the file offset).
+    pub fn start(&self) -> usize {
+        self.start
+    }
+    /// Address of the owner's first byte: identifies which mapping this range belongs to.
+    pub fn owner_addr(&self) -> *const u8 {
+        self.map.bytes().as_ptr()
+    }
     pub fn as_slice(&self) -> &[u8] {
         &self.map.bytes()[self.start..self.start + self.len]
     }
@@ -96,6 +109,8 @@ pub struct TensorStore {
     pub files: Vec<PathBuf>,
     tensors: HashMap<String, RawTensor>,
     packed: bool,
+    /// The mapping of each file in `files` (same order).
+    maps: Vec<Arc<Mmap>>,
 }
 
 impl TensorStore {
@@ -108,12 +123,14 @@ impl TensorStore {
         }
         let files = Self::list_files(dir)?;
         let mut tensors = HashMap::new();
+        let mut maps = Vec::new();
         for path in &files {
             let file = File::open(path).map_err(|e| Error::io(path, e))?;
             // SAFETY: the mapping is read-only. Like every mmap-based loader we rely on the file not
             // being truncated while the model is in use.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::file(path, format!("cannot map file: {e}")))?;
             let map = Arc::new(map);
+            maps.push(map.clone());
             let (header_len, meta) = SafeTensors::read_metadata(&map[..])
                 .map_err(|e| Error::file(path, format!("invalid safetensors file: {}", describe(&e, map.len()))))?;
             let data_start = 8 + header_len;
@@ -131,7 +148,7 @@ impl TensorStore {
                 }
             }
         }
-        Ok(TensorStore { dir: dir.to_path_buf(), files, tensors, packed: false })
+        Ok(TensorStore { dir: dir.to_path_buf(), files, tensors, packed: false, maps })
     }
 
     /// A store over tensors located by a packed-model manifest.
@@ -141,7 +158,13 @@ impl TensorStore {
             files,
             tensors: tensors.into_iter().map(|t| (t.name.clone(), t)).collect(),
             packed: true,
+            maps: Vec::new(),
         }
+    }
+
+    /// Index in `files` of the file a byte range was mapped from.
+    pub fn file_index_of(&self, b: &Bytes) -> Option<usize> {
+        self.maps.iter().position(|m| m.as_ptr() == b.owner_addr())
     }
 
     /// True for a flashmoe packed model (norm weights already effective, canonical names).
