@@ -131,14 +131,18 @@ struct StoreArgs {
 }
 
 impl StoreArgs {
-    /// Load options, after printing the memory plan when a budget is set.
-    fn load_options(&self, dir: &Path, context_tokens: usize, batch_tokens: usize) -> Result<LoadOptions> {
+    /// Load options (and the expert fetch chunk), after printing the memory plan when a budget
+    /// is set.
+    fn load_options(&self, dir: &Path, context_tokens: usize, batch_tokens: usize) -> Result<(LoadOptions, usize)> {
         let mut opts = LoadOptions::default();
+        let mut chunk = 32;
         opts.store.io = self.io;
         opts.store.io_threads = self.io_threads;
         if let Some(b) = &self.memory_budget {
             let budget = parse_size(b).map_err(|e| anyhow!("--memory-budget {e}"))?;
-            let plan = flashmoe::memory::plan(dir, budget, context_tokens, 32, batch_tokens)?;
+            // Under a budget, fetch one token's worth of experts at a time.
+            chunk = flashmoe::ModelConfig::load(dir)?.experts_per_token;
+            let plan = flashmoe::memory::plan(dir, budget, context_tokens, chunk, batch_tokens)?;
             eprintln!("[flashmoe] plan: {}", plan.describe());
             opts.store.ram_cache_bytes = plan.ram_cache;
             if let Some(r) = &self.ram_cache {
@@ -155,7 +159,7 @@ impl StoreArgs {
         } else if let Some(r) = &self.ram_cache {
             opts.store.ram_cache_bytes = parse_size(r).map_err(|e| anyhow!("--ram-cache {e}"))?;
         }
-        Ok(opts)
+        Ok((opts, chunk))
     }
 }
 
@@ -308,8 +312,9 @@ fn run(mut a: RunArgs) -> Result<()> {
     // its token count.
     let context =
         a.max_context.unwrap_or(0).max(a.prompt.len() + a.system.as_ref().map_or(0, |s| s.len()) + 64 + a.max_tokens);
-    let opts = a.store.load_options(model_path, context, a.prompt.len() + 64)?;
+    let (opts, chunk) = a.store.load_options(model_path, context, a.prompt.len() + 64)?;
     let mut engine = Engine::load_with(model_path, &opts)?;
+    engine.model.fetch_chunk = chunk;
     if let Some(store) = &engine.model.expert_store {
         eprintln!(
             "[flashmoe] experts: {} on disk, streamed; io {}; RAM cache {}",
@@ -609,8 +614,9 @@ fn convert(a: ConvertArgs) -> Result<()> {
 
 fn ppl(a: PplArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.file).map_err(|e| anyhow!("{}: {e}", a.file.display()))?;
-    let opts = a.store.load_options(&a.model, a.window, a.window)?;
+    let (opts, chunk) = a.store.load_options(&a.model, a.window, a.window)?;
     let mut engine = Engine::load_with(&a.model, &opts)?;
+    engine.model.fetch_chunk = chunk;
     if let Some(k) = a.experts {
         engine.model.set_experts_per_token(k)?;
     }

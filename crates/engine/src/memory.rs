@@ -19,6 +19,8 @@ pub struct MemoryPlan {
     /// Resident size of the process before the model (code, libraries, runtime).
     pub baseline: u64,
     pub ram_cache: u64,
+    /// Expert buffers fetched at once (set the model's `fetch_chunk` to this).
+    pub fetch_chunk: usize,
     /// All routed experts on disk.
     pub experts_on_disk: u64,
 }
@@ -63,7 +65,7 @@ pub fn state_bytes(cfg: &ModelConfig, context_tokens: usize) -> u64 {
         .sum()
 }
 
-/// Plans a packed model under `budget` bytes. `fetch_chunk` is the most expert buffers alive at
+/// Plans a model under `budget` bytes. `fetch_chunk` is the most expert buffers fetched at
 /// once; `batch_tokens` the largest batch (prompt) processed at once.
 pub fn plan(
     dir: &Path,
@@ -96,7 +98,8 @@ pub fn plan(
     // Widest per-token activations: projections, expert hidden, logits of one row.
     let act_per_token = 4 * (c.hidden_size * 4 + 2 * c.num_heads * c.head_dim + c.conv_dim() * 2 + c.value_dim() * 2)
         + 4 * c.moe_intermediate.max(c.shared_intermediate) * 3;
-    let buffers = fetch_chunk as u64 * max_stride
+    // Two chunks are alive at once: the one computing and the one being read.
+    let buffers = 2 * fetch_chunk as u64 * max_stride
         + (batch_tokens * act_per_token) as u64
         + (c.vocab_size * 4 * 2) as u64
         + (16 << 20);
@@ -122,6 +125,7 @@ pub fn plan(
         buffers,
         baseline,
         ram_cache: (budget - fixed).min(experts_on_disk),
+        fetch_chunk,
         experts_on_disk,
     })
 }

@@ -1,0 +1,65 @@
+//! Streaming under a memory budget: a model whose experts are several times larger than the
+//! budget runs with output identical to an unconstrained run, and peak RSS stays under the budget.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn flashmoe(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_flashmoe")).args(args).output().unwrap()
+}
+
+fn peak_rss_mib(summary: &str) -> f64 {
+    let s = summary.split("peak RSS ").nth(1).expect("summary has peak RSS");
+    let mut it = s.split_whitespace();
+    let v: f64 = it.next().unwrap().parse().unwrap();
+    match it.next().unwrap() {
+        "KiB" => v / 1024.0,
+        "MiB" => v,
+        "GiB" => v * 1024.0,
+        u => panic!("unit {u}"),
+    }
+}
+
+#[test]
+fn experts_four_times_the_budget_stream_with_identical_output_and_bounded_rss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("synth35");
+    let tok = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen35-moe-tiny");
+    // One layer of the real Qwen3.5-35B-A3B geometry: 256 experts of 1.7 MiB = 432 MiB of experts.
+    let o = flashmoe(&[
+        "synth",
+        "--geometry",
+        "qwen3.5-35b-a3b",
+        "--layers",
+        "1",
+        "--vocab",
+        "1024",
+        "--tokenizer-from",
+        tok.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d = dir.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args =
+            vec!["run", "--model", d, "--prompt", "streaming experts from disk", "--raw", "--max-tokens", "24"];
+        args.extend_from_slice(extra);
+        let o = flashmoe(&args);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{err}");
+        (o.stdout, err)
+    };
+    let (free_out, _) = run(&["--io", "page"]);
+    let budget_mib = 96.0;
+    for io in ["direct", "page"] {
+        let (out, err) = run(&["--io", io, "--memory-budget", "96M"]);
+        assert_eq!(out, free_out, "--io {io}: output under the budget differs");
+        assert!(err.contains("[flashmoe] plan: budget 96.0 MiB"), "{err}");
+        let summary = err.lines().last().unwrap();
+        let rss = peak_rss_mib(summary);
+        eprintln!("--io {io}: peak RSS {rss:.1} MiB under a {budget_mib} MiB budget; experts 432 MiB: {summary}");
+        assert!(rss <= budget_mib, "--io {io}: peak RSS {rss} MiB exceeds the budget: {summary}");
+        assert!(432.0 >= 4.0 * budget_mib);
+    }
+}
