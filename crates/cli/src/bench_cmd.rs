@@ -142,7 +142,7 @@ fn experts(a: ExpertsArgs) -> Result<()> {
         repeats: a.repeats.max(1),
         seed: a.seed,
         evict: !a.no_evict,
-        store: StoreOptions { io: a.io, ram_cache_bytes: 0, io_threads: a.io_threads.max(1) },
+        store: StoreOptions { io: a.io, ram_cache_bytes: 0, io_threads: a.io_threads.max(1), ..Default::default() },
     };
     let rep = bench::bench_experts(&a.model, &opts, |msg| eprintln!("[flashmoe] {msg}"))?;
     println!(
@@ -206,7 +206,7 @@ fn disk_bandwidth(c: &DecodeCommon) -> Result<(f64, String)> {
 }
 
 fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64) -> Result<DecodeReport> {
-    let store = StoreOptions { io, ram_cache_bytes: cache, io_threads: c.io_threads.max(1) };
+    let store = StoreOptions { io, ram_cache_bytes: cache, io_threads: c.io_threads.max(1), ..Default::default() };
     let mut model = bench::load_streamed(&c.model, &store)?;
     model.prefetch = c.prefetch;
     let opts = DecodeBenchOptions {

@@ -128,6 +128,10 @@ struct StoreArgs {
     /// Expert reads in flight at once.
     #[arg(long, default_value_t = 8)]
     io_threads: usize,
+    /// RAM cache eviction: lfu (with aging, half-life 32 tokens; the default, chosen by replaying
+    /// routing traces, docs/performance.md), lfu:N (half-life N tokens) or lru.
+    #[arg(long, default_value = "lfu")]
+    cache_policy: flashmoe::experts::cache::CachePolicy,
 }
 
 impl StoreArgs {
@@ -138,6 +142,7 @@ impl StoreArgs {
         let mut chunk = 32;
         opts.store.io = self.io;
         opts.store.io_threads = self.io_threads;
+        opts.store.cache_policy = self.cache_policy;
         if let Some(b) = &self.memory_budget {
             let budget = parse_size(b).map_err(|e| anyhow!("--memory-budget {e}"))?;
             // Under a budget, fetch one token's worth of experts at a time.
@@ -244,6 +249,10 @@ struct PplArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    /// Write the experts chosen for every token and layer to FILE (positions numbered across
+    /// windows).
+    #[arg(long)]
+    trace_routing: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -317,10 +326,11 @@ fn run(mut a: RunArgs) -> Result<()> {
     engine.model.fetch_chunk = chunk;
     if let Some(store) = &engine.model.expert_store {
         eprintln!(
-            "[flashmoe] experts: {} on disk, streamed; io {}; RAM cache {}",
+            "[flashmoe] experts: {} on disk, streamed; io {}; RAM cache {} ({})",
             fmt_bytes(store.total_expert_bytes()),
             store.mode_note,
-            fmt_bytes(store.ram_cache_budget())
+            fmt_bytes(store.ram_cache_budget()),
+            store.cache_policy().name()
         );
     }
     if a.timing {
@@ -628,10 +638,29 @@ fn ppl(a: PplArgs) -> Result<()> {
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} tokens {per_sec} ETA {eta}")
             .expect("valid template"),
     );
+    if a.trace_routing.is_some() {
+        engine.model.routing_trace = Some(Default::default());
+    }
     let t0 = std::time::Instant::now();
-    let rep = flashmoe::eval::perplexity(&engine.model, &ids, a.window, |done| bar.set_position(done as u64))?;
+    let mut records: Vec<(usize, usize, Vec<u32>)> = Vec::new();
+    let model = &engine.model;
+    let rep = flashmoe::eval::perplexity(model, &ids, a.window, |done| {
+        bar.set_position(done as u64);
+        // Window-relative positions become positions in the file.
+        if let Some(t) = &model.routing_trace {
+            let offset = done.saturating_sub(a.window);
+            records.extend(t.lock().unwrap().drain(..).map(|r| (r.layer, r.pos + offset, r.experts)));
+        }
+    })?;
     bar.finish_and_clear();
     let m = &engine.model;
+    if let Some(path) = &a.trace_routing {
+        let c = &m.config;
+        let header = flashmoe::routing::TraceHeader::new(c.num_layers, c.num_experts, m.experts_per_token());
+        let mut w = flashmoe::routing::TraceWriter::new(path, header)?;
+        w.write_decisions(&records)?;
+        w.flush()?;
+    }
     let experts = format!(
         "{}/{} ({})",
         m.experts_per_token(),

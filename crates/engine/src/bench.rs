@@ -167,7 +167,7 @@ impl Default for ExpertBenchOptions {
             repeats: 3,
             seed: 1,
             evict: true,
-            store: StoreOptions { io: IoChoice::Page, ram_cache_bytes: 0, io_threads: 8 },
+            store: StoreOptions { io: IoChoice::Page, ram_cache_bytes: 0, io_threads: 8, ..Default::default() },
         }
     }
 }
@@ -410,7 +410,7 @@ pub fn measure_read_bandwidth(
     target_bytes: u64,
     seed: u64,
 ) -> Result<f64> {
-    let opts = StoreOptions { io, ram_cache_bytes: 0, io_threads };
+    let opts = StoreOptions { io, ram_cache_bytes: 0, io_threads, ..Default::default() };
     let (store, cfg) = open_store(dir, &opts)?;
     if store.mode() == IoMode::Page {
         evict_page_cache(&expert_files(dir)?);

@@ -1,40 +1,120 @@
-//! The RAM expert cache: (layer, expert) → buffer, bounded by bytes, least-recently-used eviction.
-//! (The policy is a separate choice from the store; LRU is what routing traces of real models
-//! favour first: strong temporal locality, no stable hot set. See docs/performance.md.)
+//! The RAM expert cache: (layer, expert) → buffer, bounded by bytes. Two eviction policies, chosen
+//! between by replaying routing traces (`flashmoe routing-stats --policies`, docs/performance.md):
+//! LRU, and LFU with aging (an exponentially decayed use count, history kept across evictions).
 
 use super::buffer::AlignedBuf;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 pub type ExpertKey = (u32, u32);
 
-pub struct LruCache {
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CachePolicy {
+    Lru,
+    /// Evict the lowest decayed use count; counts halve every `half_life` tokens.
+    LfuAging {
+        half_life: f64,
+    },
+}
+
+impl std::str::FromStr for CachePolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "lru" => Ok(CachePolicy::Lru),
+            "lfu" => Ok(CachePolicy::LfuAging { half_life: 32.0 }),
+            o => match o.strip_prefix("lfu:").map(str::parse::<f64>) {
+                Some(Ok(h)) if h > 0.0 => Ok(CachePolicy::LfuAging { half_life: h }),
+                _ => Err(format!("`{o}`: expected lru, lfu or lfu:HALF_LIFE_TOKENS")),
+            },
+        }
+    }
+}
+
+impl CachePolicy {
+    pub fn name(&self) -> String {
+        match self {
+            CachePolicy::Lru => "lru".into(),
+            CachePolicy::LfuAging { half_life } => format!("lfu(half-life {half_life} tokens)"),
+        }
+    }
+}
+
+pub struct ExpertCache {
+    policy: CachePolicy,
     budget: u64,
     used: u64,
     tick: u64,
+    /// Token clock for aging, advanced by the store.
+    clock: f64,
     entries: HashMap<ExpertKey, (Arc<AlignedBuf>, u64)>,
-    by_age: BTreeMap<u64, ExpertKey>,
+    order: BTreeSet<(u64, ExpertKey)>,
+    /// log2 of each expert's decayed count referred to clock 0 (LFU), kept after eviction.
+    lfu_log: HashMap<ExpertKey, f64>,
 }
 
-impl LruCache {
+/// The old name, kept for callers that only want LRU.
+pub type LruCache = ExpertCache;
+
+impl ExpertCache {
     pub fn new(budget: u64) -> Self {
-        LruCache { budget, used: 0, tick: 0, entries: HashMap::new(), by_age: BTreeMap::new() }
+        Self::with_policy(budget, CachePolicy::Lru)
     }
 
+    pub fn with_policy(budget: u64, policy: CachePolicy) -> Self {
+        ExpertCache {
+            policy,
+            budget,
+            used: 0,
+            tick: 0,
+            clock: 0.0,
+            entries: HashMap::new(),
+            order: BTreeSet::new(),
+            lfu_log: HashMap::new(),
+        }
+    }
+
+    pub fn policy(&self) -> CachePolicy {
+        self.policy
+    }
     pub fn budget(&self) -> u64 {
         self.budget
     }
-
     pub fn used(&self) -> u64 {
         self.used
     }
-
     pub fn len(&self) -> usize {
         self.entries.len()
     }
-
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Sets the token clock (LFU aging).
+    pub fn set_clock(&mut self, tokens: f64) {
+        self.clock = tokens;
+    }
+
+    /// Records a use of `key` and returns its new eviction score (lowest is evicted first).
+    fn touch(&mut self, key: ExpertKey) -> u64 {
+        self.tick += 1;
+        match self.policy {
+            CachePolicy::Lru => self.tick,
+            CachePolicy::LfuAging { half_life } => {
+                // count(t) = count(t₀)·2^(−(t−t₀)/h) + 1, kept as L = log2(count·2^(t/h)).
+                let now = self.clock / half_life;
+                let l = match self.lfu_log.get(&key) {
+                    None => now,
+                    Some(&old) => {
+                        let m = old.max(now);
+                        m + ((old - m).exp2() + (now - m).exp2()).log2()
+                    }
+                };
+                self.lfu_log.insert(key, l);
+                // Non-negative, so the bit pattern orders like the value.
+                l.max(0.0).to_bits()
+            }
+        }
     }
 
     /// Whether `key` is cached, without counting as a use.
@@ -43,33 +123,30 @@ impl LruCache {
     }
 
     pub fn get(&mut self, key: ExpertKey) -> Option<Arc<AlignedBuf>> {
-        self.tick += 1;
-        let tick = self.tick;
-        let (buf, age) = self.entries.get_mut(&key)?;
-        self.by_age.remove(age);
-        *age = tick;
-        self.by_age.insert(tick, key);
-        Some(buf.clone())
+        let (buf, old) = self.entries.get(&key).map(|(b, s)| (b.clone(), *s))?;
+        let score = self.touch(key);
+        self.order.remove(&(old, key));
+        self.order.insert((score, key));
+        self.entries.get_mut(&key).expect("present").1 = score;
+        Some(buf)
     }
 
-    /// Inserts, evicting the least recently used entries until it fits. A buffer larger than the
-    /// whole budget is not cached.
+    /// Inserts (a miss that was just read), evicting the lowest-scored entries until it fits. A
+    /// buffer larger than the whole budget is not cached.
     pub fn insert(&mut self, key: ExpertKey, buf: Arc<AlignedBuf>) {
         let size = buf.len() as u64;
         if size > self.budget || self.entries.contains_key(&key) {
             return;
         }
+        let score = self.touch(key);
         while self.used + size > self.budget {
-            let Some((_, old)) = self.by_age.pop_first() else {
-                break;
-            };
-            if let Some((b, _)) = self.entries.remove(&old) {
+            let Some((_, victim)) = self.order.pop_first() else { break };
+            if let Some((b, _)) = self.entries.remove(&victim) {
                 self.used -= b.len() as u64;
             }
         }
-        self.tick += 1;
-        self.by_age.insert(self.tick, key);
-        self.entries.insert(key, (buf, self.tick));
+        self.order.insert((score, key));
+        self.entries.insert(key, (buf, score));
         self.used += size;
     }
 }
@@ -78,10 +155,13 @@ impl LruCache {
 mod tests {
     use super::*;
 
+    fn b() -> Arc<AlignedBuf> {
+        Arc::new(AlignedBuf::zeroed(100))
+    }
+
     #[test]
-    fn evicts_least_recently_used_within_budget() {
-        let b = || Arc::new(AlignedBuf::zeroed(100));
-        let mut c = LruCache::new(300);
+    fn lru_evicts_least_recently_used_within_budget() {
+        let mut c = ExpertCache::new(300);
         c.insert((0, 1), b());
         c.insert((0, 2), b());
         c.insert((0, 3), b());
@@ -92,5 +172,34 @@ mod tests {
         assert_eq!(c.used(), 300);
         c.insert((1, 0), Arc::new(AlignedBuf::zeroed(1000))); // larger than the budget: skipped
         assert_eq!(c.len(), 3);
+    }
+
+    #[test]
+    fn lfu_keeps_the_frequent_expert_and_ages_counts() {
+        let mut c = ExpertCache::with_policy(200, CachePolicy::LfuAging { half_life: 2.0 });
+        c.insert((0, 1), b());
+        for t in 1..4 {
+            c.set_clock(t as f64);
+            assert!(c.get((0, 1)).is_some());
+        }
+        c.set_clock(4.0);
+        c.insert((0, 2), b());
+        c.set_clock(5.0);
+        c.insert((0, 3), b()); // evicts 2 (used once) rather than 1 (used four times)
+        assert!(c.contains((0, 1)) && c.contains((0, 3)) && !c.contains((0, 2)));
+        // Much later, old counts have decayed: a fresh expert used twice outranks 1.
+        c.set_clock(100.0);
+        c.get((0, 3));
+        c.set_clock(101.0);
+        c.get((0, 3));
+        c.insert((0, 4), b()); // evicts 1, whose four uses are ~48 half-lives old
+        assert!(!c.contains((0, 1)) && c.contains((0, 3)) && c.contains((0, 4)));
+    }
+
+    #[test]
+    fn policies_parse() {
+        assert_eq!("lru".parse::<CachePolicy>().unwrap(), CachePolicy::Lru);
+        assert_eq!("lfu:16".parse::<CachePolicy>().unwrap(), CachePolicy::LfuAging { half_life: 16.0 });
+        assert!("mru".parse::<CachePolicy>().is_err());
     }
 }

@@ -4,7 +4,7 @@
 //! files: it gets `ExpertWeights` views over the fetched buffers.
 
 use super::buffer::AlignedBuf;
-use super::cache::LruCache;
+use super::cache::{CachePolicy, ExpertCache};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::packed::{Manifest, TensorEntry, parse_dtype};
@@ -62,11 +62,17 @@ pub struct StoreOptions {
     pub ram_cache_bytes: u64,
     /// Reads in flight at once.
     pub io_threads: usize,
+    pub cache_policy: CachePolicy,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { io: IoChoice::Page, ram_cache_bytes: 0, io_threads: 8 }
+        StoreOptions {
+            io: IoChoice::Page,
+            ram_cache_bytes: 0,
+            io_threads: 8,
+            cache_policy: CachePolicy::LfuAging { half_life: 32.0 },
+        }
     }
 }
 
@@ -164,7 +170,9 @@ pub struct ExpertStore {
     mode: IoMode,
     /// How the mode was chosen, for the start-up plan.
     pub mode_note: String,
-    cache: Mutex<LruCache>,
+    cache: Mutex<ExpertCache>,
+    /// Fetch calls so far (÷ layers ≈ tokens: the clock of LFU aging).
+    fetches: AtomicU64,
     pool: rayon::ThreadPool,
     pub stats: IoStats,
     hidden: usize,
@@ -314,7 +322,8 @@ impl ExpertStore {
             layers,
             mode: IoMode::Page,
             mode_note: String::new(),
-            cache: Mutex::new(LruCache::new(opts.ram_cache_bytes)),
+            cache: Mutex::new(ExpertCache::with_policy(opts.ram_cache_bytes, opts.cache_policy)),
+            fetches: AtomicU64::new(0),
             pool,
             stats: IoStats::default(),
             hidden: cfg.hidden_size,
@@ -353,6 +362,10 @@ impl ExpertStore {
 
     pub fn mode(&self) -> IoMode {
         self.mode
+    }
+
+    pub fn cache_policy(&self) -> CachePolicy {
+        self.cache.lock().unwrap().policy()
     }
 
     pub fn ram_cache_budget(&self) -> u64 {
@@ -439,6 +452,8 @@ impl ExpertStore {
         let mut missing = Vec::new();
         {
             let mut c = self.cache.lock().unwrap();
+            let n = self.fetches.fetch_add(1, Relaxed) + 1;
+            c.set_clock(n as f64 / self.layers.len().max(1) as f64);
             for (j, &e) in ids.iter().enumerate() {
                 match c.get((layer as u32, e as u32)) {
                     Some(b) => out[j] = Some(b),
