@@ -396,7 +396,9 @@ impl ExpertStore {
     fn measure_modes(&self) -> (f64, f64) {
         let l = self.layers.len() / 2;
         let n = self.layers[l].num_experts;
-        let k = 16.min(n / 2).max(1);
+        // About 8 MiB per sample (at least 8 reads) so timer noise does not decide; four samples
+        // of disjoint experts, alternating modes, best of two per mode.
+        let k = ((8u64 << 20) / self.layers[l].stride.max(1)).clamp(8, (n / 4).max(1) as u64) as usize;
         let rate = |mode: IoMode, first: usize| {
             let ids: Vec<usize> = (0..k).map(|j| (first + j * 7919) % n).collect();
             let t = Instant::now();
@@ -406,7 +408,9 @@ impl ExpertStore {
             bytes as f64 / t.elapsed().as_secs_f64().max(1e-9)
         };
         let page = rate(IoMode::Page, 0);
-        let direct = rate(IoMode::Direct, n / 2);
+        let direct = rate(IoMode::Direct, n / 4);
+        let page = page.max(rate(IoMode::Page, n / 2));
+        let direct = direct.max(rate(IoMode::Direct, 3 * n / 4));
         (page, direct)
     }
 
