@@ -12,6 +12,7 @@
 # QD:   reads in flight. Two engines: psync with QD threads (what the expert store does: a pool of
 #       QD threads issuing pread), and libaio with iodepth QD (direct only; one thread).
 # RUNS: repeats per mode (default 5); min/median/max reported.
+# MODES: see below (environment variable).
 #
 # Each job reads every BS block of its file exactly once, in random order (fio's random map, the
 # QD threads splitting the file into disjoint slices), so buffered runs after dropping the page
@@ -68,7 +69,10 @@ PY
 }
 
 echo "fio $(fio --version | sed 's/fio-//') | files ${#LIST[@]} | bs $BS | qd $QD | runs $RUNS | $(date -u +%Y-%m-%dT%H:%MZ) | $(uname -r)"
-for mode in "direct psync 1" "buffered psync 0" "direct libaio 1"; do
+# MODES (env): which of "direct psync 1", "buffered psync 0", "direct libaio 1" to run, separated by
+# commas (default: all three), e.g. MODES="direct psync 1" for interleaving with other runs.
+IFS=, read -r -a MODE_LIST <<< "${MODES:-direct psync 1,buffered psync 0,direct libaio 1}"
+for mode in "${MODE_LIST[@]}"; do
     set -- $mode
     label="$1 ($2, $QD in flight)"
     vals=()

@@ -5,6 +5,7 @@
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 use flashmoe::bench::{self, DecodeBenchOptions, DecodeReport, ExpertBenchOptions, Routing, Spread, SweepPoint};
+use flashmoe::experts::cache::CachePolicy;
 use flashmoe::experts::{IoChoice, StoreOptions};
 use flashmoe::memory::{fmt as fmt_bytes, parse_size};
 use std::path::{Path, PathBuf};
@@ -54,6 +55,9 @@ struct ExpertsArgs {
     /// Do not empty the page cache before cold passes.
     #[arg(long)]
     no_evict: bool,
+    /// Replay a routing trace (written by `run --trace-routing`) instead of uniform picks.
+    #[arg(long)]
+    trace: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -83,6 +87,9 @@ struct DecodeCommon {
     /// Start layer l+1's likely reads during layer l (see `run --prefetch`).
     #[arg(long)]
     prefetch: bool,
+    /// RAM cache eviction policy: lru, lfu (LFU with aging, half-life 32 tokens) or lfu:N.
+    #[arg(long, default_value = "lfu")]
+    cache_policy: CachePolicy,
     #[arg(long, default_value_t = 1)]
     seed: u64,
 }
@@ -142,6 +149,7 @@ fn experts(a: ExpertsArgs) -> Result<()> {
         repeats: a.repeats.max(1),
         seed: a.seed,
         evict: !a.no_evict,
+        trace: a.trace.clone(),
         store: StoreOptions { io: a.io, ram_cache_bytes: 0, io_threads: a.io_threads.max(1), ..Default::default() },
     };
     let rep = bench::bench_experts(&a.model, &opts, |msg| eprintln!("[flashmoe] {msg}"))?;
@@ -206,7 +214,8 @@ fn disk_bandwidth(c: &DecodeCommon) -> Result<(f64, String)> {
 }
 
 fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64) -> Result<DecodeReport> {
-    let store = StoreOptions { io, ram_cache_bytes: cache, io_threads: c.io_threads.max(1), ..Default::default() };
+    let store =
+        StoreOptions { io, ram_cache_bytes: cache, io_threads: c.io_threads.max(1), cache_policy: c.cache_policy };
     let mut model = bench::load_streamed(&c.model, &store)?;
     model.prefetch = c.prefetch;
     let opts = DecodeBenchOptions {
@@ -220,10 +229,10 @@ fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64) -> Result<DecodeRepor
 }
 
 /// The `run`-style summary line, plus the floor.
-fn print_decode(r: &DecodeReport, disk_bw: f64, bw_note: &str) {
+fn print_decode(r: &DecodeReport, disk_bw: f64, bw_note: &str, policy: &str) {
     let st = Spread::of(&r.step_secs);
     eprintln!(
-        "[flashmoe] bench decode | prefill {} tok | decode {:.2} tok/s ({} tok after {} warm-up, step ms min/med/max {:.0}/{:.0}/{:.0}) | peak RSS {} | experts {}/{} per token ({} routing) | disk {}/token | RAM cache {} hit {:.0}% | io {}",
+        "[flashmoe] bench decode | prefill {} tok | decode {:.2} tok/s ({} tok after {} warm-up, step ms min/med/max {:.0}/{:.0}/{:.0}) | peak RSS {} | experts {}/{} per token ({} routing) | disk {}/token | RAM cache {} ({policy}) hit {:.0}% | io {}",
         r.prefill_tokens,
         r.tok_s(),
         r.tokens,
@@ -271,7 +280,7 @@ fn decode(a: DecodeArgs) -> Result<()> {
         let mut cc = c.clone();
         cc.seed = c.seed.wrapping_add(i as u64);
         let r = decode_once(&cc, a.io, cache)?;
-        print_decode(&r, bw, &note);
+        print_decode(&r, bw, &note, &c.cache_policy.name());
         rates.push(r.tok_s());
         ratios.push(r.floor(bw).ratio());
     }
@@ -305,7 +314,7 @@ fn sweep(a: SweepArgs) -> Result<()> {
     for &size in &sizes {
         eprintln!("[flashmoe] RAM cache {} ({:.0}%)", fmt_bytes(size), 100.0 * size as f64 / total.max(1) as f64);
         let r = decode_once(c, IoChoice::Direct, size)?;
-        print_decode(&r, bw, &note);
+        print_decode(&r, bw, &note, &c.cache_policy.name());
         points.push(SweepPoint { cache_bytes: size, report: r });
     }
     let csv = bench::sweep_csv(&points, bw);

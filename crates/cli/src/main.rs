@@ -2,8 +2,14 @@
 //! call the engine, print. Every failure is one line on stderr and a non-zero exit.
 
 mod bench_cmd;
+mod chat_cmd;
+#[cfg(feature = "cuda")]
+mod gpubench_cmd;
+#[cfg(feature = "cuda")]
+mod selftest_cmd;
 
 mod routing_cmd;
+mod serve_cmd;
 mod synth_cmd;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -57,6 +63,16 @@ enum Command {
     Devices,
     /// Benchmarks: expert reads, end-to-end decode against its floor, RAM-cache sweeps.
     Bench(bench_cmd::BenchArgs),
+    /// OpenAI- and Anthropic-compatible HTTP server (chat, completions, messages, tools, metrics).
+    Serve(serve_cmd::ServeArgs),
+    /// Interactive terminal chat with tools (bash, read_file) against a server (--url) or a model (--model).
+    Chat(chat_cmd::ChatArgs),
+    /// Check every GPU kernel against the CPU kernels on random inputs (non-zero exit on failure).
+    #[cfg(feature = "cuda")]
+    Selftest(selftest_cmd::SelftestArgs),
+    /// GPU benchmarks: GEMV bandwidth against the device-to-device copy bandwidth.
+    #[cfg(feature = "cuda")]
+    Gpubench(gpubench_cmd::GpubenchArgs),
 }
 
 #[derive(Args)]
@@ -147,7 +163,7 @@ impl StoreArgs {
             let budget = parse_size(b).map_err(|e| anyhow!("--memory-budget {e}"))?;
             // Under a budget, fetch one token's worth of experts at a time.
             chunk = flashmoe::ModelConfig::load(dir)?.experts_per_token;
-            let plan = flashmoe::memory::plan(dir, budget, context_tokens, chunk, batch_tokens)?;
+            let plan = flashmoe::memory::plan(dir, budget, context_tokens, chunk, batch_tokens, self.io_threads)?;
             eprintln!("[flashmoe] plan: {}", plan.describe());
             opts.store.ram_cache_bytes = plan.ram_cache;
             if let Some(r) = &self.ram_cache {
@@ -280,6 +296,12 @@ fn main() -> ExitCode {
         Command::RoutingStats(a) => routing_cmd::run(a),
         Command::Devices => devices(),
         Command::Bench(a) => bench_cmd::run(a),
+        Command::Serve(a) => serve_cmd::run(a),
+        Command::Chat(a) => chat_cmd::run(a),
+        #[cfg(feature = "cuda")]
+        Command::Selftest(a) => selftest_cmd::run(a),
+        #[cfg(feature = "cuda")]
+        Command::Gpubench(a) => gpubench_cmd::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

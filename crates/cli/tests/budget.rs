@@ -25,7 +25,7 @@ fn experts_four_times_the_budget_stream_with_identical_output_and_bounded_rss() 
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("synth35");
     let tok = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen35-moe-tiny");
-    // One layer of the real Qwen3.5-35B-A3B geometry: 256 experts of 1.7 MiB = 432 MiB of experts.
+    // One layer of the real Qwen3.5-35B-A3B geometry with 512 experts of 1.7 MiB = 864 MiB of experts.
     let o = flashmoe(&[
         "synth",
         "--geometry",
@@ -34,6 +34,8 @@ fn experts_four_times_the_budget_stream_with_identical_output_and_bounded_rss() 
         "1",
         "--vocab",
         "1024",
+        "--experts",
+        "512",
         "--tokenizer-from",
         tok.to_str().unwrap(),
         "--out",
@@ -51,15 +53,15 @@ fn experts_four_times_the_budget_stream_with_identical_output_and_bounded_rss() 
         (o.stdout, err)
     };
     let (free_out, _) = run(&["--io", "page"]);
-    let budget_mib = 96.0;
+    let budget_mib = 128.0;
     for io in ["direct", "page"] {
-        let (out, err) = run(&["--io", io, "--memory-budget", "96M"]);
+        let (out, err) = run(&["--io", io, "--memory-budget", "128M", "--io-threads", "4"]);
         assert_eq!(out, free_out, "--io {io}: output under the budget differs");
-        assert!(err.contains("[flashmoe] plan: budget 96.0 MiB"), "{err}");
+        assert!(err.contains("[flashmoe] plan: budget 128.0 MiB"), "{err}");
         let summary = err.lines().last().unwrap();
         let rss = peak_rss_mib(summary);
-        eprintln!("--io {io}: peak RSS {rss:.1} MiB under a {budget_mib} MiB budget; experts 432 MiB: {summary}");
+        eprintln!("--io {io}: peak RSS {rss:.1} MiB under a {budget_mib} MiB budget; experts 864 MiB: {summary}");
         assert!(rss <= budget_mib, "--io {io}: peak RSS {rss} MiB exceeds the budget: {summary}");
-        assert!(432.0 >= 4.0 * budget_mib);
+        assert!(864.0 >= 4.0 * budget_mib);
     }
 }

@@ -156,6 +156,9 @@ pub struct ExpertBenchOptions {
     /// Empty the page cache before cold passes (page mode).
     pub evict: bool,
     pub store: StoreOptions,
+    /// Replay a routing trace (`--trace-routing` output) instead of uniform picks: repeat r uses
+    /// the trace's tokens r·tokens.. (wrapping), each layer's experts as recorded (K = the trace's).
+    pub trace: Option<PathBuf>,
 }
 
 impl Default for ExpertBenchOptions {
@@ -168,6 +171,7 @@ impl Default for ExpertBenchOptions {
             seed: 1,
             evict: true,
             store: StoreOptions { io: IoChoice::Page, ram_cache_bytes: 0, io_threads: 8, ..Default::default() },
+            trace: None,
         }
     }
 }
@@ -272,8 +276,37 @@ pub fn bench_experts(
 ) -> Result<ExpertBenchReport> {
     let (store, cfg) = open_store(dir, &opts.store)?;
     let files = expert_files(dir)?;
-    let k = if opts.k == 0 { cfg.experts_per_token } else { opts.k.min(cfg.num_experts) };
-    let layers = if opts.layers == 0 { store.num_layers() } else { opts.layers.min(store.num_layers()) };
+    let trace = match &opts.trace {
+        Some(p) => {
+            let t = crate::routing::read_trace(p)?;
+            if t.header.num_experts != cfg.num_experts {
+                return Err(Error::file(
+                    p,
+                    format!(
+                        "trace is for {} layers × {} experts; the model has {} × {}",
+                        t.header.num_layers,
+                        t.header.num_experts,
+                        store.num_layers(),
+                        cfg.num_experts
+                    ),
+                ));
+            }
+            if t.tokens.is_empty() {
+                return Err(Error::file(p, "trace has no tokens"));
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    let k = match &trace {
+        Some(t) => t.header.top_k,
+        None if opts.k == 0 => cfg.experts_per_token,
+        None => opts.k.min(cfg.num_experts),
+    };
+    let mut layers = if opts.layers == 0 { store.num_layers() } else { opts.layers.min(store.num_layers()) };
+    if let Some(t) = &trace {
+        layers = layers.min(t.header.num_layers);
+    }
     let (e, h) = (cfg.num_experts, cfg.hidden_size);
     let mut eviction = Eviction::NotNeeded;
     let names = [PASS_LAYER, PASS_SUSTAINED, PASS_COMPUTE, PASS_PIPELINED];
@@ -282,8 +315,17 @@ pub fn bench_experts(
     for r in 0..opts.repeats.max(1) {
         let mut rng = Rng::new(opts.seed.wrapping_add(r as u64 * 1_000_003));
         // sel[t][l]: experts of layer l for token t.
-        let sel: Vec<Vec<Vec<usize>>> =
-            (0..opts.tokens).map(|_| (0..layers).map(|_| rng.distinct(e, k)).collect()).collect();
+        let sel: Vec<Vec<Vec<usize>>> = match &trace {
+            Some(t) => (0..opts.tokens)
+                .map(|i| {
+                    let tok = &t.tokens[(r * opts.tokens + i) % t.tokens.len()];
+                    (0..layers)
+                        .map(|l| tok.experts.get(l).map_or(Vec::new(), |v| v.iter().map(|&x| x as usize).collect()))
+                        .collect()
+                })
+                .collect(),
+            None => (0..opts.tokens).map(|_| (0..layers).map(|_| rng.distinct(e, k)).collect()).collect(),
+        };
         let x: Vec<f32> = (0..h).map(|_| rng.unit()).collect();
         for (pi, &name) in names.iter().enumerate() {
             for cold in [true, false] {

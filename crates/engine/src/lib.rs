@@ -17,6 +17,7 @@ pub mod memory;
 pub mod packed;
 pub mod qwen35;
 pub mod routing;
+pub mod session;
 pub mod synth;
 pub mod weights;
 

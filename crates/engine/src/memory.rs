@@ -73,6 +73,7 @@ pub fn plan(
     context_tokens: usize,
     fetch_chunk: usize,
     batch_tokens: usize,
+    io_threads: usize,
 ) -> Result<MemoryPlan> {
     let cfg = ModelConfig::load(dir)?;
     let (non_expert, max_stride, experts_on_disk) = if dir.join(crate::packed::MANIFEST).exists() {
@@ -98,8 +99,9 @@ pub fn plan(
     // Widest per-token activations: projections, expert hidden, logits of one row.
     let act_per_token = 4 * (c.hidden_size * 4 + 2 * c.num_heads * c.head_dim + c.conv_dim() * 2 + c.value_dim() * 2)
         + 4 * c.moe_intermediate.max(c.shared_intermediate) * 3;
-    // Two chunks are alive at once: the one computing and the one being read.
-    let buffers = 2 * fetch_chunk as u64 * max_stride
+    // Two chunks are alive at once (the one computing and the one being read), plus the store's
+    // free list of recycled read buffers (2 × I/O threads).
+    let buffers = (2 * fetch_chunk as u64 + 2 * io_threads as u64) * max_stride
         + (batch_tokens * act_per_token) as u64
         + (c.vocab_size * 4 * 2) as u64
         + (16 << 20);

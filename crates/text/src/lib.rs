@@ -11,6 +11,7 @@ mod pyfmt;
 pub mod sampling;
 mod time;
 pub mod tokenizer;
+pub mod toolcall;
 
 pub use chat::{CHATML_TEMPLATE, ChatMessage, ChatRequest, ChatTemplate, normalize_messages};
 pub use error::{Result, TextError};

@@ -3,7 +3,7 @@
 //! depth), through the page cache or with O_DIRECT, behind a RAM cache tier. Compute never sees
 //! files: it gets `ExpertWeights` views over the fetched buffers.
 
-use super::buffer::AlignedBuf;
+use super::buffer::{AlignedBuf, BufPool};
 use super::cache::{CachePolicy, ExpertCache};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -171,6 +171,8 @@ pub struct ExpertStore {
     /// How the mode was chosen, for the start-up plan.
     pub mode_note: String,
     cache: Mutex<ExpertCache>,
+    /// Recycled read buffers (see buffer.rs for why).
+    bufs: Arc<BufPool>,
     /// Fetch calls so far (÷ layers ≈ tokens: the clock of LFU aging).
     fetches: AtomicU64,
     pool: rayon::ThreadPool,
@@ -316,6 +318,8 @@ impl ExpertStore {
             .thread_name(|i| format!("flashmoe-io-{i}"))
             .build()
             .map_err(|e| Error::input(format!("cannot start I/O threads: {e}")))?;
+        // Enough free buffers for two rounds of reads in flight.
+        let pool_bytes = 2 * opts.io_threads.max(1) * layers.iter().map(|l| l.stride as usize).max().unwrap_or(0);
         let mut store = ExpertStore {
             sources,
             pending: Mutex::new(Default::default()),
@@ -323,6 +327,7 @@ impl ExpertStore {
             mode: IoMode::Page,
             mode_note: String::new(),
             cache: Mutex::new(ExpertCache::with_policy(opts.ram_cache_bytes, opts.cache_policy)),
+            bufs: BufPool::new(pool_bytes),
             fetches: AtomicU64::new(0),
             pool,
             stats: IoStats::default(),
@@ -398,7 +403,8 @@ impl ExpertStore {
         let n = self.layers[l].num_experts;
         // About 8 MiB per sample (at least 8 reads) so timer noise does not decide; four samples
         // of disjoint experts, alternating modes, best of two per mode.
-        let k = ((8u64 << 20) / self.layers[l].stride.max(1)).clamp(8, (n / 4).max(1) as u64) as usize;
+        let hi = (n / 4).max(1) as u64;
+        let k = ((8u64 << 20) / self.layers[l].stride.max(1)).clamp(8.min(hi), hi) as usize;
         let rate = |mode: IoMode, first: usize| {
             let ids: Vec<usize> = (0..k).map(|j| (first + j * 7919) % n).collect();
             let t = Instant::now();
@@ -416,7 +422,7 @@ impl ExpertStore {
 
     fn read(&self, mode: IoMode, layer: usize, e: usize) -> Result<AlignedBuf> {
         let lf = &self.layers[layer];
-        let mut buf = AlignedBuf::zeroed(lf.stride as usize);
+        let mut buf = self.bufs.get(lf.stride as usize);
         let t = Instant::now();
         if let Some(pieces) = &lf.pieces {
             let mut n = 0;

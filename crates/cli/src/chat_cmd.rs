@@ -1,0 +1,99 @@
+//! `flashmoe chat`: the interactive terminal client (crate `flashmoe-chat`).
+
+use anyhow::{Context, Result};
+use clap::Args;
+use flashmoe_chat::local::LocalServer;
+use flashmoe_chat::tools::ToolLimits;
+use flashmoe_chat::{Options, store};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct ChatArgs {
+    /// Server to talk to (OpenAI-compatible; default http://127.0.0.1:8000, or $FLASHMOE_URL).
+    #[arg(long, conflicts_with = "model")]
+    url: Option<String>,
+    /// Model folder: start a private `flashmoe serve` for this chat (127.0.0.1, a free port).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Continue a saved conversation (ids are shown at start and exit; /resume lists them).
+    #[arg(long)]
+    resume: Option<String>,
+    /// System prompt read from a file.
+    #[arg(long)]
+    system_file: Option<PathBuf>,
+    /// Ask for answers without thinking (enable_thinking=false).
+    #[arg(long)]
+    no_think: bool,
+    /// Thinking tokens before `</think>` is forced.
+    #[arg(long)]
+    think_budget: Option<usize>,
+    /// Run tool calls without asking.
+    #[arg(long)]
+    auto_approve: bool,
+    /// API key sent as `Authorization: Bearer KEY` (default $FLASHMOE_API_KEY).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Do not show the model's thinking (toggle with /think).
+    #[arg(long)]
+    hide_thinking: bool,
+    /// Most tokens per reply.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Seconds a `bash` tool call may run.
+    #[arg(long, default_value_t = 60.0)]
+    tool_timeout: f64,
+    /// Bytes of tool output returned to the model.
+    #[arg(long, default_value_t = 16 * 1024)]
+    tool_output_cap: usize,
+    /// Extra arguments for the private server of --model (e.g. "--scripted-replies F").
+    #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
+    serve_args: Vec<String>,
+}
+
+pub fn run(a: ChatArgs) -> Result<()> {
+    let data_dir = store::data_dir();
+    let mut local = None;
+    let url = match (&a.url, &a.model) {
+        (Some(u), _) => u.clone(),
+        (None, Some(dir)) => {
+            let exe = std::env::current_exe().context("locating the flashmoe binary")?;
+            let log = data_dir.join("serve.log");
+            eprintln!("[flashmoe] starting a server for {} (log: {})", dir.display(), log.display());
+            let mut extra = a.serve_args.clone();
+            extra.retain(|s| !s.is_empty());
+            if let Some(k) = &a.api_key {
+                extra.extend(["--api-key".to_string(), k.clone()]);
+            }
+            let s = LocalServer::start(&exe, dir, &extra, &log, Duration::from_secs(600))?;
+            let u = s.url().to_string();
+            local = Some(s);
+            u
+        }
+        (None, None) => std::env::var("FLASHMOE_URL").unwrap_or_else(|_| "http://127.0.0.1:8000".into()),
+    };
+    let system = match &a.system_file {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim().to_string())
+        }
+        None => None,
+    };
+    let mut o = Options::new(&url);
+    o.api_key = a.api_key.clone().or_else(|| std::env::var("FLASHMOE_API_KEY").ok().filter(|k| !k.is_empty()));
+    o.resume = a.resume;
+    o.system = system;
+    o.no_think = a.no_think;
+    o.think_budget = a.think_budget;
+    o.auto_approve = a.auto_approve;
+    o.show_thinking = !a.hide_thinking;
+    o.max_tokens = a.max_tokens;
+    o.temperature = a.temperature;
+    o.data_dir = data_dir;
+    o.limits =
+        ToolLimits { max_output: a.tool_output_cap.max(1), timeout: Duration::from_secs_f64(a.tool_timeout.max(0.1)) };
+    let r = flashmoe_chat::run(o);
+    drop(local);
+    r
+}

@@ -1,0 +1,212 @@
+//! `flashmoe selftest --device cuda[:N]`: every GPU kernel against the CPU kernels
+//! (`flashmoe_kernels::matvec`) on fresh random inputs and several shapes, odd ones included,
+//! with the outputs poisoned (NaN) before each launch. Prints a pass/fail table; any failure (or
+//! no GPU) is a non-zero exit.
+
+use anyhow::{Result, anyhow, bail};
+use clap::Args;
+use flashmoe::cuda::{CudaDevice, DevFormat, DevMatrix, GemvKernels, gemv::ROWS_PER_WARP, parse_device};
+use flashmoe_kernels::{FloatType, MatRef, matvec};
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct SelftestArgs {
+    /// cuda (GPU 0) or cuda:N.
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Largest accepted max|y − ref| / max|ref| (both sides accumulate in f32).
+    #[arg(long, default_value_t = 1e-4)]
+    pub tolerance: f64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print only failures and the summary.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// SplitMix64: inputs only need to be varied, not cryptographic.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [lo, hi).
+    fn f32(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n.div_ceil(8)).flat_map(|_| self.next().to_le_bytes()).take(n).collect()
+    }
+    fn bf16s(&mut self, n: usize, lo: f32, hi: f32) -> Vec<u8> {
+        (0..n).flat_map(|_| ((self.f32(lo, hi).to_bits() >> 16) as u16).to_le_bytes()).collect()
+    }
+}
+
+struct Outcome {
+    kernel: String,
+    rows_per_warp: usize,
+    rows: usize,
+    cols: usize,
+    rel: f64,
+    pass: bool,
+}
+
+pub fn run(a: SelftestArgs) -> Result<()> {
+    if a.device == "cpu" {
+        bail!("selftest checks the GPU kernels against the CPU ones: use --device cuda or cuda:N");
+    }
+    let ordinal = parse_device(&a.device)?;
+    let dev = CudaDevice::open(ordinal)?;
+    println!(
+        "device  cuda:{} {} ({}, {} SMs, {} MiB L2, {} GiB)",
+        dev.ordinal,
+        dev.name,
+        dev.arch(),
+        dev.sm_count,
+        dev.l2_bytes >> 20,
+        dev.total_memory >> 30
+    );
+    let t = Instant::now();
+    let k = GemvKernels::load(&dev)?;
+    println!(
+        "kernels compiled or loaded from {} in {:.2} s",
+        flashmoe::cuda::context::cache_dir().display(),
+        t.elapsed().as_secs_f64()
+    );
+
+    let mut rng = Rng(a.seed);
+    let mut results: Vec<Outcome> = Vec::new();
+    let mut skipped = 0usize;
+    let shapes: Vec<(usize, usize)> =
+        [1usize, 7, 1000].iter().flat_map(|&r| [64usize, 192, 4096].map(move |c| (r, c))).collect();
+    let mut formats: Vec<DevFormat> = Vec::new();
+    for bits in [2u32, 4, 8] {
+        for group_size in [32usize, 64, 128] {
+            formats.push(DevFormat::Affine { bits, group_size });
+        }
+    }
+    formats.push(DevFormat::Bf16);
+    formats.push(DevFormat::F32);
+    if !a.quiet {
+        println!("{:<10} {:>3} {:>6} {:>6} {:>11}  result", "kernel", "rpw", "rows", "cols", "rel err");
+    }
+    for format in formats {
+        for &(rows, cols) in &shapes {
+            if format.check(rows, cols).is_err() {
+                skipped += 1;
+                continue;
+            }
+            // Fresh random matrix per format and shape.
+            let (w, s, b);
+            let m = match format {
+                DevFormat::Affine { bits, group_size } => {
+                    w = rng.bytes(rows * cols * bits as usize / 8);
+                    let ng = rows * cols / group_size;
+                    // Scales of either sign, biases ~ -scale·2^(bits-1), as real checkpoints have.
+                    s = rng.bf16s(ng, -0.05, 0.05);
+                    b = rng.bf16s(ng, -0.4, 0.4);
+                    MatRef::affine(bits, group_size, &w, &s, &b, FloatType::BF16, rows, cols)?
+                }
+                DevFormat::Bf16 => {
+                    w = rng.bf16s(rows * cols, -1.0, 1.0);
+                    MatRef::float(FloatType::BF16, &w, rows, cols)?
+                }
+                DevFormat::F32 => {
+                    w = (0..rows * cols).flat_map(|_| rng.f32(-1.0, 1.0).to_le_bytes()).collect();
+                    MatRef::float(FloatType::F32, &w, rows, cols)?
+                }
+            };
+            let dm = DevMatrix::upload(&dev, &m)?;
+            let affine = matches!(format, DevFormat::Affine { .. });
+            let rpws: &[usize] = if affine { &ROWS_PER_WARP } else { &[1] };
+            // Affine: both x paths (padded shared-memory copy, and global memory).
+            let paths: &[bool] = if affine { &[false, true] } else { &[false] };
+            for (&rpw, &x_global) in rpws.iter().flat_map(|r| paths.iter().map(move |p| (r, p))) {
+                let name = if x_global { format!("{}/gx", format.name()) } else { format.name() };
+                // Fresh x for every launch.
+                let x: Vec<f32> = (0..cols).map(|_| rng.f32(-1.0, 1.0)).collect();
+                let mut want = vec![0f32; rows];
+                matvec(&m, &x, &mut want);
+                let dx = dev.upload_f32(&x)?;
+                let dy = dev.alloc(rows * 4)?;
+                dy.fill_bytes(0xFF)?; // every f32 a NaN: an unwritten output fails
+                k.gemv_with(&dev, &dm, &dx, &dy, Some(rpw), x_global)?;
+                let got = dy.read_f32()?;
+                let (mut err, mut scale, mut finite) = (0f64, 0f64, true);
+                for (g, r) in got.iter().zip(&want) {
+                    finite &= g.is_finite();
+                    err = err.max((*g as f64 - *r as f64).abs());
+                    scale = scale.max((*r as f64).abs());
+                }
+                let rel = if finite { err / scale.max(f64::MIN_POSITIVE) } else { f64::NAN };
+                let pass = finite && rel <= a.tolerance;
+                if !a.quiet || !pass {
+                    println!(
+                        "{:<10} {:>3} {:>6} {:>6} {:>11.3e}  {}",
+                        name,
+                        rpw,
+                        rows,
+                        cols,
+                        rel,
+                        if pass { "ok" } else { "FAIL" }
+                    );
+                }
+                results.push(Outcome { kernel: name, rows_per_warp: rpw, rows, cols, rel, pass });
+            }
+        }
+    }
+
+    // Summary: one line per kernel.
+    println!();
+    println!("summary (tolerance {:.0e} relative to max|ref|, f32 accumulation on both sides)", a.tolerance);
+    println!("{:<10} {:>6} {:>6} {:>12}  worst case", "kernel", "checks", "failed", "worst rel");
+    let mut names: Vec<String> = Vec::new();
+    for r in &results {
+        if !names.contains(&r.kernel) {
+            names.push(r.kernel.clone());
+        }
+    }
+    let mut failed = 0;
+    for n in &names {
+        let rs: Vec<&Outcome> = results.iter().filter(|r| &r.kernel == n).collect();
+        let nf = rs.iter().filter(|r| !r.pass).count();
+        failed += nf;
+        let worst = rs
+            .iter()
+            .max_by(|x, y| {
+                let (a, b) = (
+                    if x.rel.is_nan() { f64::INFINITY } else { x.rel },
+                    if y.rel.is_nan() { f64::INFINITY } else { y.rel },
+                );
+                a.total_cmp(&b)
+            })
+            .ok_or_else(|| anyhow!("no checks for {n}"))?;
+        println!(
+            "{:<10} {:>6} {:>6} {:>12.3e}  rpw {} [{}x{}]  {}",
+            n,
+            rs.len(),
+            nf,
+            worst.rel,
+            worst.rows_per_warp,
+            worst.rows,
+            worst.cols,
+            if nf == 0 { "PASS" } else { "FAIL" }
+        );
+    }
+    println!(
+        "{} checks, {} failed, {} format/shape pairs skipped (cols not a multiple of the group or of 16 bytes)",
+        results.len(),
+        failed,
+        skipped
+    );
+    if failed > 0 {
+        bail!("{failed} of {} GPU kernel checks failed", results.len());
+    }
+    println!("selftest: PASS");
+    Ok(())
+}

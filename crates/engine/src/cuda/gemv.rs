@@ -1,0 +1,370 @@
+//! Decode GEMV on the GPU: `y = W·x` for MLX affine (2/4/8-bit codes, bf16 scales and biases,
+//! groups of 32/64/128), bf16 and f32 matrices; x and y are f32, accumulation is f32.
+//! The kernels are in `kernels/gemv.cu`; this file uploads matrices and launches them.
+
+use super::context::{CudaDevice, CudaError, DevBuf, Result};
+use super::kernels;
+use cudarc::driver::CudaFunction;
+use cudarc::driver::sys::CUfunction_attribute;
+use flashmoe_kernels::{FloatType, MatData, MatRef};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Mutex;
+
+/// Threads per block of the GEMV kernels (matches `__launch_bounds__(128)`).
+const BLOCK: u32 = 128;
+
+/// Largest x copy staged in shared memory (the default per-block limit, no opt-in needed).
+const MAX_X_SMEM: usize = 48 << 10;
+
+/// Storage format of a device matrix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DevFormat {
+    /// MLX affine: codes of `bits` bits, bf16 scale and bias per `group_size` inputs.
+    Affine {
+        bits: u32,
+        group_size: usize,
+    },
+    Bf16,
+    F32,
+}
+
+impl DevFormat {
+    pub fn name(&self) -> String {
+        match self {
+            DevFormat::Affine { bits, group_size } => format!("q{bits}g{group_size}"),
+            DevFormat::Bf16 => "bf16".into(),
+            DevFormat::F32 => "f32".into(),
+        }
+    }
+
+    /// Checks that the GPU kernels take a `[rows, cols]` matrix of this format: rows must be
+    /// whole 16-byte chunks (so every row starts 16-byte aligned).
+    pub fn check(&self, rows: usize, cols: usize) -> Result<()> {
+        if rows > i32::MAX as usize || cols > i32::MAX as usize {
+            return Err(CudaError(format!("matrix [{rows}, {cols}] too large for the GEMV kernels")));
+        }
+        let (unit, what) = match *self {
+            DevFormat::Affine { bits, group_size } => {
+                if !matches!(bits, 2 | 4 | 8) || !matches!(group_size, 32 | 64 | 128) {
+                    return Err(CudaError(format!(
+                        "GPU affine GEMV takes 2/4/8 bits and groups of 32/64/128, not {bits} bits / {group_size}"
+                    )));
+                }
+                if !cols.is_multiple_of(group_size) {
+                    return Err(CudaError(format!("cols {cols} is not a multiple of group size {group_size}")));
+                }
+                (128 / bits as usize, "codes")
+            }
+            DevFormat::Bf16 => (8, "bf16 values"),
+            DevFormat::F32 => (4, "f32 values"),
+        };
+        if !cols.is_multiple_of(unit) {
+            return Err(CudaError(format!(
+                "GPU {} GEMV needs cols to be a multiple of {unit} (16 bytes of {what}), got {cols}",
+                self.name()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A matrix in device memory.
+pub struct DevMatrix {
+    pub format: DevFormat,
+    pub rows: usize,
+    pub cols: usize,
+    pub w: DevBuf,
+    /// Affine only: `[rows, cols / group_size]` bf16.
+    pub scales: Option<DevBuf>,
+    pub biases: Option<DevBuf>,
+}
+
+impl DevMatrix {
+    /// Copies a host matrix to the device. Affine scales/biases must be bf16 (as in MLX
+    /// checkpoints); float weights f32 or bf16.
+    pub fn upload(dev: &CudaDevice, m: &MatRef) -> Result<Self> {
+        match m.data {
+            MatData::Affine { bits, group_size, weight, scales, biases, sb_dtype } => {
+                if sb_dtype != FloatType::BF16 {
+                    return Err(CudaError(format!("GPU affine GEMV takes bf16 scales/biases, not {sb_dtype:?}")));
+                }
+                let format = DevFormat::Affine { bits, group_size };
+                format.check(m.rows, m.cols)?;
+                Ok(DevMatrix {
+                    format,
+                    rows: m.rows,
+                    cols: m.cols,
+                    w: dev.upload(weight)?,
+                    scales: Some(dev.upload(scales)?),
+                    biases: Some(dev.upload(biases)?),
+                })
+            }
+            MatData::Float { dtype, data } => {
+                let format = match dtype {
+                    FloatType::F32 => DevFormat::F32,
+                    FloatType::BF16 => DevFormat::Bf16,
+                    FloatType::F16 => return Err(CudaError::new("GPU GEMV does not take f16 weights")),
+                };
+                format.check(m.rows, m.cols)?;
+                Ok(DevMatrix { format, rows: m.rows, cols: m.cols, w: dev.upload(data)?, scales: None, biases: None })
+            }
+        }
+    }
+
+    /// A matrix of random contents made on the device (benchmarks): random codes, bf16 scales,
+    /// biases and weights in [-1, 1).
+    pub fn random(
+        dev: &CudaDevice,
+        k: &GemvKernels,
+        format: DevFormat,
+        rows: usize,
+        cols: usize,
+        seed: u32,
+    ) -> Result<Self> {
+        format.check(rows, cols)?;
+        match format {
+            DevFormat::Affine { bits, group_size } => {
+                let w = dev.alloc(rows * cols * bits as usize / 8)?;
+                let sb = rows * (cols / group_size) * 2;
+                let (s, b) = (dev.alloc(sb)?, dev.alloc(sb)?);
+                k.fill_u32(dev, &w, seed)?;
+                k.fill_bf16(dev, &s, seed ^ 0x5bd1_e995)?;
+                k.fill_bf16(dev, &b, seed ^ 0x2718_2818)?;
+                Ok(DevMatrix { format, rows, cols, w, scales: Some(s), biases: Some(b) })
+            }
+            DevFormat::Bf16 => {
+                let w = dev.alloc(rows * cols * 2)?;
+                k.fill_bf16(dev, &w, seed)?;
+                Ok(DevMatrix { format, rows, cols, w, scales: None, biases: None })
+            }
+            DevFormat::F32 => {
+                let w = dev.alloc(rows * cols * 4)?;
+                k.fill_f32(dev, &w, seed)?;
+                Ok(DevMatrix { format, rows, cols, w, scales: None, biases: None })
+            }
+        }
+    }
+
+    /// Bytes one GEMV reads from the matrix: weights + scales + biases.
+    pub fn bytes(&self) -> usize {
+        self.w.len() + self.scales.as_ref().map_or(0, |b| b.len()) + self.biases.as_ref().map_or(0, |b| b.len())
+    }
+}
+
+/// The loaded GEMV module.
+pub struct GemvKernels {
+    /// (bits, group, rows per warp) → (x in shared memory, x in global memory) kernels.
+    affine: HashMap<(u32, usize, usize), (CudaFunction, CudaFunction)>,
+    /// Resident blocks per SM of a shared-x kernel, by (bits, group, rows per warp, smem bytes).
+    occupancy: Mutex<HashMap<(u32, usize, usize, usize), u32>>,
+    f32: CudaFunction,
+    bf16: CudaFunction,
+    read_stream: CudaFunction,
+    fill_u32: CudaFunction,
+    fill_bf16: CudaFunction,
+    fill_f32: CudaFunction,
+}
+
+/// Rows per warp the affine kernels are built for.
+pub const ROWS_PER_WARP: [usize; 3] = [1, 2, 4];
+
+impl GemvKernels {
+    /// Compiles (or reads from the cache) and loads the GEMV kernels.
+    pub fn load(dev: &CudaDevice) -> Result<Self> {
+        let m = dev.module(kernels::GEMV)?;
+        let mut affine = HashMap::new();
+        for bits in [2u32, 4, 8] {
+            for gs in [32usize, 64, 128] {
+                for rw in ROWS_PER_WARP {
+                    let sx = dev.function(&m, &format!("affine_gemv_b{bits}_g{gs}_r{rw}"))?;
+                    let gx = dev.function(&m, &format!("affine_gemv_gx_b{bits}_g{gs}_r{rw}"))?;
+                    affine.insert((bits, gs, rw), (sx, gx));
+                }
+            }
+        }
+        Ok(GemvKernels {
+            affine,
+            occupancy: Mutex::new(HashMap::new()),
+            f32: dev.function(&m, "dense_gemv_f32")?,
+            bf16: dev.function(&m, "dense_gemv_bf16")?,
+            read_stream: dev.function(&m, "read_stream")?,
+            fill_u32: dev.function(&m, "fill_random_u32")?,
+            fill_bf16: dev.function(&m, "fill_random_bf16")?,
+            fill_f32: dev.function(&m, "fill_random_f32")?,
+        })
+    }
+
+    /// Rows per warp used when the caller does not choose. Measured on an H100 (docs/performance.md,
+    /// "CUDA GEMV"): with x in shared memory, 2 rows per warp is best or within 4% of best at every
+    /// 397B shape and bit width while that still gives ≥ 8 warps per SM; below that, 1 (more warps).
+    pub fn default_rows_per_warp(dev: &CudaDevice, rows: usize) -> usize {
+        if rows / 2 >= dev.sm_count * 8 { 2 } else { 1 }
+    }
+
+    /// Registers per thread and local (spilled) bytes of the kernel for `format`.
+    pub fn resources(&self, format: DevFormat, rw: usize, x_global: bool) -> Result<(i32, i32)> {
+        let f = self.func(format, rw, x_global)?;
+        let regs = f
+            .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_NUM_REGS)
+            .map_err(|e| CudaError(format!("{e:?}")))?;
+        let local = f
+            .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES)
+            .map_err(|e| CudaError(format!("{e:?}")))?;
+        Ok((regs, local))
+    }
+
+    fn func(&self, format: DevFormat, rw: usize, x_global: bool) -> Result<&CudaFunction> {
+        match format {
+            DevFormat::Affine { bits, group_size } => {
+                self.affine.get(&(bits, group_size, rw)).map(|(sx, gx)| if x_global { gx } else { sx }).ok_or_else(
+                    || CudaError(format!("no affine kernel for {bits} bits, group {group_size}, {rw} rows/warp")),
+                )
+            }
+            DevFormat::Bf16 => Ok(&self.bf16),
+            DevFormat::F32 => Ok(&self.f32),
+        }
+    }
+
+    /// Enqueues `y = m·x` on the device's stream. `x` holds `cols` f32, `y` `rows` f32.
+    /// `rows_per_warp` (affine only: 1, 2 or 4) defaults to [`Self::default_rows_per_warp`].
+    pub fn gemv(
+        &self,
+        dev: &CudaDevice,
+        m: &DevMatrix,
+        x: &DevBuf,
+        y: &DevBuf,
+        rows_per_warp: Option<usize>,
+    ) -> Result<()> {
+        self.gemv_with(dev, m, x, y, rows_per_warp, false)
+    }
+
+    /// Shared-memory bytes the shared-x affine kernel needs for `cols` inputs of `bits` bits
+    /// (x padded by 16 bytes per 16-byte chunk of codes).
+    pub fn x_smem_bytes(bits: u32, cols: usize) -> usize {
+        let vpc = 128 / bits as usize;
+        cols / vpc * (vpc + 4) * 4
+    }
+
+    /// [`Self::gemv`], optionally forcing the affine kernel that reads x from global memory (it is
+    /// used anyway when x does not fit in 48 KiB of shared memory).
+    pub fn gemv_with(
+        &self,
+        dev: &CudaDevice,
+        m: &DevMatrix,
+        x: &DevBuf,
+        y: &DevBuf,
+        rows_per_warp: Option<usize>,
+        x_global: bool,
+    ) -> Result<()> {
+        if x.len() < m.cols * 4 || y.len() < m.rows * 4 {
+            return Err(CudaError(format!(
+                "gemv [{}, {}]: x has {} bytes, y {} (need {} and {})",
+                m.rows,
+                m.cols,
+                x.len(),
+                y.len(),
+                m.cols * 4,
+                m.rows * 4
+            )));
+        }
+        if m.rows == 0 {
+            return Ok(());
+        }
+        let (rw, smem, x_global) = match m.format {
+            DevFormat::Affine { bits, .. } => {
+                let smem = Self::x_smem_bytes(bits, m.cols);
+                let rw = rows_per_warp.unwrap_or_else(|| Self::default_rows_per_warp(dev, m.rows));
+                let xg = x_global || smem > MAX_X_SMEM;
+                (rw, if xg { 0 } else { smem }, xg)
+            }
+            _ => (1, 0, true),
+        };
+        let f = self.func(m.format, rw, x_global)?;
+        let warps = m.rows.div_ceil(rw);
+        let mut grid = (warps * 32).div_ceil(BLOCK as usize);
+        if let (DevFormat::Affine { bits, group_size }, false) = (m.format, x_global) {
+            // Persistent grid: x is staged once per block, so launch only what stays resident.
+            let key = (bits, group_size, rw, smem);
+            let mut occ = self.occupancy.lock().map_err(|_| CudaError::new("occupancy cache poisoned"))?;
+            let per_sm = match occ.get(&key) {
+                Some(&n) => n,
+                None => {
+                    let n = f
+                        .occupancy_max_active_blocks_per_multiprocessor(BLOCK, smem, None)
+                        .map_err(|e| CudaError(format!("occupancy query: {e:?}")))?
+                        .max(1);
+                    occ.insert(key, n);
+                    n
+                }
+            };
+            grid = grid.min(dev.sm_count * per_sm as usize);
+        }
+        let grid = u32::try_from(grid).map_err(|_| CudaError::new("gemv grid too large"))?;
+        let smem = smem as u32;
+        let (mut pw, mut px, mut py) = (m.w.ptr(), x.ptr(), y.ptr());
+        let (mut rows, mut cols) = (m.rows as i32, m.cols as i32);
+        match (&m.scales, &m.biases) {
+            (Some(s), Some(b)) => {
+                let (mut ps, mut pb) = (s.ptr(), b.ptr());
+                let mut args: [*mut c_void; 7] = [
+                    (&mut pw as *mut u64).cast(),
+                    (&mut ps as *mut u64).cast(),
+                    (&mut pb as *mut u64).cast(),
+                    (&mut px as *mut u64).cast(),
+                    (&mut py as *mut u64).cast(),
+                    (&mut rows as *mut i32).cast(),
+                    (&mut cols as *mut i32).cast(),
+                ];
+                // SAFETY: arguments match affine_gemv_*: (w, scales, biases, x, y, rows, cols);
+                // sizes were checked at upload and above.
+                unsafe { dev.launch(f, grid, BLOCK, smem, &mut args) }
+            }
+            _ => {
+                let mut args: [*mut c_void; 5] = [
+                    (&mut pw as *mut u64).cast(),
+                    (&mut px as *mut u64).cast(),
+                    (&mut py as *mut u64).cast(),
+                    (&mut rows as *mut i32).cast(),
+                    (&mut cols as *mut i32).cast(),
+                ];
+                // SAFETY: arguments match dense_gemv_*: (w, x, y, rows, cols).
+                unsafe { dev.launch(f, grid, BLOCK, 0, &mut args) }
+            }
+        }
+    }
+
+    /// Reads every 16-byte word of `buf` once (the read-only bandwidth probe); `scratch` must hold
+    /// 4 bytes per block (`blocks`).
+    pub fn read_stream(&self, dev: &CudaDevice, buf: &DevBuf, scratch: &DevBuf, blocks: u32) -> Result<()> {
+        if scratch.len() < blocks as usize * 4 {
+            return Err(CudaError::new("read_stream scratch too small"));
+        }
+        let (mut p, mut n, mut o) = (buf.ptr(), (buf.len() / 16) as u64, scratch.ptr());
+        let mut args: [*mut c_void; 3] =
+            [(&mut p as *mut u64).cast(), (&mut n as *mut u64).cast(), (&mut o as *mut u64).cast()];
+        // SAFETY: (p, n 16-byte words, out[blocks]) as read_stream takes them.
+        unsafe { dev.launch(&self.read_stream, blocks, 256, 0, &mut args) }
+    }
+
+    fn fill(&self, dev: &CudaDevice, f: &CudaFunction, buf: &DevBuf, elem: usize, seed: u32) -> Result<()> {
+        let (mut p, mut n, mut s) = (buf.ptr(), (buf.len() / elem) as u64, seed);
+        let mut args: [*mut c_void; 3] =
+            [(&mut p as *mut u64).cast(), (&mut n as *mut u64).cast(), (&mut s as *mut u32).cast()];
+        let blocks = (dev.sm_count * 8) as u32;
+        // SAFETY: (pointer, element count inside the buffer, seed) as the fill kernels take them.
+        unsafe { dev.launch(f, blocks, 256, 0, &mut args) }
+    }
+
+    pub fn fill_u32(&self, dev: &CudaDevice, buf: &DevBuf, seed: u32) -> Result<()> {
+        self.fill(dev, &self.fill_u32, buf, 4, seed)
+    }
+
+    pub fn fill_bf16(&self, dev: &CudaDevice, buf: &DevBuf, seed: u32) -> Result<()> {
+        self.fill(dev, &self.fill_bf16, buf, 2, seed)
+    }
+
+    pub fn fill_f32(&self, dev: &CudaDevice, buf: &DevBuf, seed: u32) -> Result<()> {
+        self.fill(dev, &self.fill_f32, buf, 4, seed)
+    }
+}

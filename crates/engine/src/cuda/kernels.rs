@@ -1,0 +1,4 @@
+//! CUDA C sources, compiled at run time by NVRTC (see [`super::CudaDevice::module`]).
+
+/// GEMV kernels (affine 2/4/8-bit, bf16, f32) and benchmark helpers.
+pub const GEMV: (&str, &str) = ("gemv", include_str!("kernels/gemv.cu"));

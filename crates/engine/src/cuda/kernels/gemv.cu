@@ -1,0 +1,313 @@
+// GEMV kernels for decode: y = W·x with W in MLX affine form (2/4/8-bit codes, bf16 scale and
+// bias per group of GS inputs), bf16 or f32; x and y f32, f32 accumulation.
+//
+// Compiled at run time by NVRTC for the device's architecture (see cuda/context.rs). No headers:
+// bf16 is converted by hand (its bits are the top half of an f32).
+//
+// Layout (MLX): row r of the codes is cols*BITS/32 u32 words, values packed LSB first; scales and
+// biases are [rows, cols/GS] bf16. w = q*scale + bias, so
+//     y[r] = Σ_g scale_g·(Σ_{c in g} q_c·x_c) + bias_g·(Σ_{c in g} x_c)
+// and the inner loop is one FMA per code: the dequantization never materializes.
+//
+// Work split: one warp per RW rows. Lane l reads 16-byte chunks l, l+32, ... of each of its rows
+// (coalesced: a warp reads 512 contiguous bytes per row per step); the x values a chunk needs
+// are read once and reused for the RW rows, from a padded copy of x in shared memory (the `sx`
+// kernels) or, when x does not fit there, from global memory (`gx`). Code extraction without shifts or int->float
+// conversions: for a code at bit offset s < 23-BITS, (word & (MASK<<s)) | 0x4B000000 is the
+// float 2^23 + q·2^s, so one LOP3 and one FADD give q·2^s exactly; each bit position keeps its own
+// accumulator, scaled by 2^-s once per segment (exact: powers of two).
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+// Streaming 16-byte load of weights: read-only path, not kept in L1 (x lives there).
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ u32 word_of(const uint4& q, int i) {
+    return i == 0 ? q.x : (i == 1 ? q.y : (i == 2 ? q.z : q.w));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// One warp computes rows row0 .. row0+RW-1. x values of chunk c, offset o are read at
+// xv[c * XSTRIDE + o]: XSTRIDE = VPC for x in global memory, VPC + 4 for the padded copy in shared
+// memory (the 16-byte pad per chunk makes the warp's 16-byte reads, VPC*4 bytes apart per lane,
+// fall in distinct banks).
+template <int BITS, int GS, int RW, int XSTRIDE>
+__device__ __forceinline__ void affine_rows(const uint4* __restrict__ w, const u16* __restrict__ scales,
+                                            const u16* __restrict__ biases, const float* __restrict__ x,
+                                            float* __restrict__ y, int rows, int cols, long long row0) {
+    constexpr int VPW = 32 / BITS;              // codes per u32 word
+    constexpr int VPC = 4 * VPW;                // codes per 16-byte chunk
+    constexpr int SEGV = GS < VPC ? GS : VPC;   // codes per segment (inside one group)
+    constexpr int WPS = SEGV / VPW;             // words per segment
+    constexpr int SEGS = 4 / WPS;               // segments per chunk
+    constexpr u32 MASK = (BITS == 8) ? 0xFFu : ((1u << BITS) - 1u);
+    constexpr int U = RW >= 4 ? 1 : 4 / RW;     // chunks per lane in flight per row
+
+    const int lane = threadIdx.x & 31;
+    const int nch = cols / VPC;
+    const int ngroups = cols / GS;
+
+    const uint4* wr[RW];
+    const u16* sr[RW];
+    const u16* br[RW];
+#pragma unroll
+    for (int i = 0; i < RW; i++) {
+        long long r = row0 + i < rows ? row0 + i : rows - 1;
+        wr[i] = w + r * nch;
+        sr[i] = scales + r * ngroups;
+        br[i] = biases + r * ngroups;
+    }
+    float acc[RW];
+#pragma unroll
+    for (int i = 0; i < RW; i++) acc[i] = 0.f;
+
+    for (int c0 = lane; c0 < nch; c0 += 32 * U) {
+        uint4 q[U][RW];
+        u16 sc[U][RW][SEGS], bi[U][RW][SEGS];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int c = c0 + 32 * u;
+            if (c < nch) {
+#pragma unroll
+                for (int i = 0; i < RW; i++) {
+                    q[u][i] = ld_stream(wr[i] + c);
+#pragma unroll
+                    for (int s = 0; s < SEGS; s++) {
+                        const int g = (c * VPC + s * SEGV) / GS;
+                        sc[u][i][s] = __ldg(sr[i] + g);
+                        bi[u][i][s] = __ldg(br[i] + g);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int c = c0 + 32 * u;
+            if (c >= nch) break;
+#pragma unroll
+            for (int s = 0; s < SEGS; s++) {
+                float part[RW][VPW];
+#pragma unroll
+                for (int i = 0; i < RW; i++)
+#pragma unroll
+                    for (int k = 0; k < VPW; k++) part[i][k] = 0.f;
+                float xs = 0.f;
+#pragma unroll
+                for (int j = 0; j < WPS; j++) {
+                    const int wi = s * WPS + j;
+                    const float4* xp = reinterpret_cast<const float4*>(x + (long long)c * XSTRIDE + wi * VPW);
+                    float xv[VPW];
+#pragma unroll
+                    for (int v = 0; v < VPW / 4; v++) {
+                        float4 t = XSTRIDE == VPC ? __ldg(xp + v) : xp[v];
+                        xv[4 * v] = t.x;
+                        xv[4 * v + 1] = t.y;
+                        xv[4 * v + 2] = t.z;
+                        xv[4 * v + 3] = t.w;
+                    }
+#pragma unroll
+                    for (int k = 0; k < VPW; k++) xs += xv[k];
+#pragma unroll
+                    for (int i = 0; i < RW; i++) {
+                        const u32 wd = word_of(q[u][i], wi);
+                        const u32 hi = wd >> 16;
+#pragma unroll
+                        for (int k = 0; k < VPW; k++) {
+                            const int sk = k * BITS;
+                            const u32 m = (sk + BITS <= 23) ? (wd & (MASK << sk)) : (hi & (MASK << (sk >= 16 ? sk - 16 : 0)));
+                            const float f = __uint_as_float(m | 0x4B000000u) - 8388608.0f;
+                            part[i][k] = fmaf(f, xv[k], part[i][k]);
+                        }
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < RW; i++) {
+                    float d = 0.f;
+#pragma unroll
+                    for (int k = 0; k < VPW; k++) {
+                        const int sk = k * BITS;
+                        const int sh = (sk + BITS <= 23) ? sk : sk - 16;
+                        d = fmaf(part[i][k], __uint_as_float((u32)(127 - sh) << 23), d);
+                    }
+                    acc[i] = fmaf(bf16_to_f32(sc[u][i][s]), d, fmaf(bf16_to_f32(bi[u][i][s]), xs, acc[i]));
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < RW; i++) {
+        const float v = warp_sum(acc[i]);
+        if (lane == 0 && row0 + i < rows) y[row0 + i] = v;
+    }
+}
+
+// x read from global memory (L1): one warp per RW rows, grid covers all rows. For any cols.
+template <int BITS, int GS, int RW>
+__device__ __forceinline__ void affine_gemv_gx(const uint4* __restrict__ w, const u16* __restrict__ scales,
+                                               const u16* __restrict__ biases, const float* __restrict__ x,
+                                               float* __restrict__ y, int rows, int cols) {
+    constexpr int VPC = 128 / BITS;
+    const long long row0 = (((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * RW;
+    if (row0 < rows) affine_rows<BITS, GS, RW, VPC>(w, scales, biases, x, y, rows, cols, row0);
+}
+
+// x staged once per block into padded shared memory (dynamic, (cols/VPC)*(VPC+4) floats), then a
+// persistent loop over tiles of (warps per block * RW) rows. Without the staging, the strided
+// 16-byte x reads of a warp touch 32 cache lines each and L1 becomes the bottleneck.
+template <int BITS, int GS, int RW>
+__device__ __forceinline__ void affine_gemv_sx(const uint4* __restrict__ w, const u16* __restrict__ scales,
+                                               const u16* __restrict__ biases, const float* __restrict__ x,
+                                               float* __restrict__ y, int rows, int cols) {
+    constexpr int VPC = 128 / BITS;
+    extern __shared__ float4 xsm4[];
+    float* xsm = reinterpret_cast<float*>(xsm4);
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    for (int i = threadIdx.x; i < cols / 4; i += blockDim.x) {
+        const int e = 4 * i;
+        reinterpret_cast<float4*>(xsm + (e / VPC) * (VPC + 4) + (e % VPC))[0] = __ldg(x4 + i);
+    }
+    __syncthreads();
+    const int warps = blockDim.x >> 5;
+    const int wib = threadIdx.x >> 5;
+    const long long ntiles = ((long long)rows + (long long)warps * RW - 1) / ((long long)warps * RW);
+    for (long long t = blockIdx.x; t < ntiles; t += gridDim.x) {
+        const long long row0 = (t * warps + wib) * RW;
+        if (row0 < rows) affine_rows<BITS, GS, RW, VPC + 4>(w, scales, biases, xsm, y, rows, cols, row0);
+    }
+}
+
+#define AFFINE(B, G, R)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(128) affine_gemv_b##B##_g##G##_r##R(                        \
+        const uint4* __restrict__ w, const u16* __restrict__ s, const u16* __restrict__ b,                       \
+        const float* __restrict__ x, float* __restrict__ y, int rows, int cols) {                               \
+        affine_gemv_sx<B, G, R>(w, s, b, x, y, rows, cols);                                                     \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(128) affine_gemv_gx_b##B##_g##G##_r##R(                     \
+        const uint4* __restrict__ w, const u16* __restrict__ s, const u16* __restrict__ b,                       \
+        const float* __restrict__ x, float* __restrict__ y, int rows, int cols) {                               \
+        affine_gemv_gx<B, G, R>(w, s, b, x, y, rows, cols);                                                     \
+    }
+#define AFFINE_RW(B, G) AFFINE(B, G, 1) AFFINE(B, G, 2) AFFINE(B, G, 4)
+#define AFFINE_G(B) AFFINE_RW(B, 32) AFFINE_RW(B, 64) AFFINE_RW(B, 128)
+AFFINE_G(2)
+AFFINE_G(4)
+AFFINE_G(8)
+
+// Dense GEMV, one warp per row, 16-byte loads, 4 chunks in flight per lane.
+// T = 0: f32 weights (4 per chunk); T = 1: bf16 weights (8 per chunk). cols % (4 or 8) == 0.
+template <int T>
+__device__ __forceinline__ void dense_gemv(const uint4* __restrict__ w, const float* __restrict__ x,
+                                           float* __restrict__ y, int rows, int cols) {
+    constexpr int VPC = T == 0 ? 4 : 8;
+    constexpr int U = 4;
+    const int lane = threadIdx.x & 31;
+    const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (row >= rows) return;
+    const int nch = cols / VPC;
+    const uint4* wr = w + row * nch;
+    float acc = 0.f;
+    for (int c0 = lane; c0 < nch; c0 += 32 * U) {
+        uint4 q[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int c = c0 + 32 * u;
+            if (c < nch) q[u] = ld_stream(wr + c);
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int c = c0 + 32 * u;
+            if (c >= nch) break;
+            const float4* xp = reinterpret_cast<const float4*>(x + (long long)c * VPC);
+            if (T == 0) {
+                const float4 t = __ldg(xp);
+                acc = fmaf(__uint_as_float(q[u].x), t.x, acc);
+                acc = fmaf(__uint_as_float(q[u].y), t.y, acc);
+                acc = fmaf(__uint_as_float(q[u].z), t.z, acc);
+                acc = fmaf(__uint_as_float(q[u].w), t.w, acc);
+            } else {
+                const float4 a = __ldg(xp), b = __ldg(xp + 1);
+                acc = fmaf(__uint_as_float(q[u].x << 16), a.x, acc);
+                acc = fmaf(__uint_as_float(q[u].x & 0xFFFF0000u), a.y, acc);
+                acc = fmaf(__uint_as_float(q[u].y << 16), a.z, acc);
+                acc = fmaf(__uint_as_float(q[u].y & 0xFFFF0000u), a.w, acc);
+                acc = fmaf(__uint_as_float(q[u].z << 16), b.x, acc);
+                acc = fmaf(__uint_as_float(q[u].z & 0xFFFF0000u), b.y, acc);
+                acc = fmaf(__uint_as_float(q[u].w << 16), b.z, acc);
+                acc = fmaf(__uint_as_float(q[u].w & 0xFFFF0000u), b.w, acc);
+            }
+        }
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) y[row] = acc;
+}
+
+extern "C" __global__ void __launch_bounds__(128) dense_gemv_f32(const uint4* __restrict__ w, const float* __restrict__ x,
+                                                                 float* __restrict__ y, int rows, int cols) {
+    dense_gemv<0>(w, x, y, rows, cols);
+}
+extern "C" __global__ void __launch_bounds__(128) dense_gemv_bf16(const uint4* __restrict__ w, const float* __restrict__ x,
+                                                                  float* __restrict__ y, int rows, int cols) {
+    dense_gemv<1>(w, x, y, rows, cols);
+}
+
+// Benchmark helpers. read_stream: reads n 16-byte words once (grid-stride) and writes one word
+// per block, so the reads cannot be optimized away: the device's read-only bandwidth.
+extern "C" __global__ void read_stream(const uint4* __restrict__ p, u64 n, u32* __restrict__ out) {
+    u32 a = 0;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    for (; i + 3 * stride < n; i += 4 * stride) {
+        const uint4 v0 = ld_stream(p + i), v1 = ld_stream(p + i + stride);
+        const uint4 v2 = ld_stream(p + i + 2 * stride), v3 = ld_stream(p + i + 3 * stride);
+        a ^= v0.x ^ v0.y ^ v0.z ^ v0.w ^ v1.x ^ v1.y ^ v1.z ^ v1.w;
+        a ^= v2.x ^ v2.y ^ v2.z ^ v2.w ^ v3.x ^ v3.y ^ v3.z ^ v3.w;
+    }
+    for (; i < n; i += stride) {
+        const uint4 v = ld_stream(p + i);
+        a ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    for (int o = 16; o > 0; o >>= 1) a ^= __shfl_xor_sync(0xffffffffu, a, o);
+    if ((threadIdx.x & 31) == 0) atomicXor(out + blockIdx.x, a);
+}
+
+__device__ __forceinline__ u32 hash32(u64 i, u32 seed) {
+    u64 z = i * 0x9E3779B97F4A7C15ull + seed;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return (u32)(z ^ (z >> 31));
+}
+
+// Random u32 words (any bits: valid affine codes).
+extern "C" __global__ void fill_random_u32(u32* __restrict__ p, u64 n, u32 seed) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        p[i] = hash32(i, seed);
+}
+
+// Random bf16 in [-1, 1) (finite: for dense weights, scales and biases).
+extern "C" __global__ void fill_random_bf16(u16* __restrict__ p, u64 n, u32 seed) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const float f = (float)(hash32(i, seed) >> 8) * (1.0f / 8388608.0f) - 1.0f;
+        p[i] = (u16)(__float_as_uint(f) >> 16);
+    }
+}
+
+// Random f32 in [-1, 1).
+extern "C" __global__ void fill_random_f32(float* __restrict__ p, u64 n, u32 seed) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        p[i] = (float)(hash32(i, seed) >> 8) * (1.0f / 8388608.0f) - 1.0f;
+}

@@ -1,0 +1,591 @@
+//! Generation sessions for servers and interactive clients: one prompt in, streamed pieces out,
+//! with conversation state reuse.
+//!
+//! * [`Session::generate`] prefills a prompt and decodes, like [`Engine::generate`], and adds what a
+//!   server needs: stop strings (held back while they may still match), extra stop ids, a think
+//!   budget (after N tokens inside `<think>`, `</think>` is inserted and the answer follows), a
+//!   cancellation check before every forward step (so a dropped client frees the engine within
+//!   one token), forced tokens (scripted replies for deterministic tests), and thinking text
+//!   reported on its own channel.
+//! * [`PrefixCache`]: snapshots of the sequence state taken at turn boundaries (end of the prompt,
+//!   end of the generation), keyed by the exact tokens they cover and bounded in bytes (LRU). A
+//!   GatedDeltaNet state cannot be rewound, so only an exact snapshot point can be resumed from: a
+//!   new prompt resumes from the snapshot with the longest token prefix of it and prefills only the
+//!   rest.
+
+use crate::error::{Error, Result};
+use crate::experts::IoSnapshot;
+use crate::generate::Engine;
+use crate::qwen35::{LogitsFor, Model, SequenceState};
+use flashmoe_text::{Sampler, SamplingParams, StreamDecoder, TextTokenizer};
+use std::collections::VecDeque;
+use std::time::Instant;
+
+/// Prompt tokens per forward call during prefill; the cancellation check runs between chunks.
+pub const PREFILL_CHUNK: usize = 512;
+
+/// Text inserted when the think budget runs out.
+pub const THINK_CLOSE_TEXT: &str = "\n</think>\n\n";
+
+/// Counters of a [`PrefixCache`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Lookups that resumed from a snapshot.
+    pub hits: u64,
+    /// Lookups that found no usable snapshot.
+    pub misses: u64,
+    /// Prompt tokens not prefilled thanks to hits.
+    pub reused_tokens: u64,
+    /// Snapshots stored.
+    pub inserts: u64,
+    /// Snapshots dropped to stay within the byte bound.
+    pub evictions: u64,
+}
+
+struct Snapshot {
+    tokens: Vec<u32>,
+    state: SequenceState,
+    /// Logits for the position after `tokens` (what the next token is sampled from).
+    logits: Vec<f32>,
+    bytes: usize,
+    last_used: u64,
+}
+
+/// A resumable point found by [`PrefixCache::lookup`].
+pub struct Resume {
+    /// State after the first `tokens` prompt tokens.
+    pub state: SequenceState,
+    pub logits: Vec<f32>,
+    pub tokens: usize,
+}
+
+/// Sequence-state snapshots keyed by the tokens they cover, bounded by bytes, least recently
+/// used evicted first. A bound of 0 disables caching.
+pub struct PrefixCache {
+    max_bytes: usize,
+    entries: Vec<Snapshot>,
+    bytes: usize,
+    clock: u64,
+    stats: CacheStats,
+}
+
+impl PrefixCache {
+    pub fn new(max_bytes: usize) -> Self {
+        PrefixCache { max_bytes, entries: Vec::new(), bytes: 0, clock: 0, stats: CacheStats::default() }
+    }
+
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    /// Bytes held by the snapshots.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        self.stats
+    }
+
+    /// Drops every snapshot (the counters stay).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// The snapshot covering the longest prefix of `prompt` (a copy of its state), counting a hit
+    /// or a miss. The whole prompt may match: the stored logits then give the first token.
+    pub fn lookup(&mut self, prompt: &[u32]) -> Option<Resume> {
+        self.clock += 1;
+        let best = self
+            .entries
+            .iter_mut()
+            .filter(|e| !e.tokens.is_empty() && prompt.starts_with(&e.tokens))
+            .max_by_key(|e| e.tokens.len());
+        match best {
+            Some(e) => {
+                e.last_used = self.clock;
+                self.stats.hits += 1;
+                self.stats.reused_tokens += e.tokens.len() as u64;
+                Some(Resume { state: e.state.clone(), logits: e.logits.clone(), tokens: e.tokens.len() })
+            }
+            None => {
+                self.stats.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Stores a snapshot of `state` (which covers exactly `tokens`), evicting the least recently
+    /// used ones to stay within the bound. A snapshot larger than the whole bound is not stored.
+    pub fn insert(&mut self, tokens: &[u32], state: &SequenceState, logits: &[f32]) {
+        debug_assert_eq!(tokens.len(), state.pos);
+        if tokens.is_empty() || self.max_bytes == 0 {
+            return;
+        }
+        self.clock += 1;
+        if let Some(e) = self.entries.iter_mut().find(|e| e.tokens == tokens) {
+            e.last_used = self.clock;
+            return;
+        }
+        let state = state.clone();
+        let bytes = state.bytes() + logits.len() * 4 + tokens.len() * 4;
+        if bytes > self.max_bytes {
+            return;
+        }
+        while self.bytes + bytes > self.max_bytes {
+            let oldest = (0..self.entries.len()).min_by_key(|&i| self.entries[i].last_used).expect("non-empty");
+            let e = self.entries.swap_remove(oldest);
+            self.bytes -= e.bytes;
+            self.stats.evictions += 1;
+        }
+        self.bytes += bytes;
+        self.stats.inserts += 1;
+        self.entries.push(Snapshot {
+            tokens: tokens.to_vec(),
+            state,
+            logits: logits.to_vec(),
+            bytes,
+            last_used: self.clock,
+        });
+    }
+}
+
+/// What to generate.
+#[derive(Clone, Debug, Default)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Token ids that end the generation, added to the engine's own stop ids.
+    pub extra_stop_ids: Vec<u32>,
+    /// Strings that end the generation (checked on the answer text, not the thinking); the text
+    /// is cut before the match.
+    pub stop_strings: Vec<String>,
+    /// Tokens of thinking after which `</think>` is inserted; `None` = unlimited.
+    pub think_budget: Option<usize>,
+    /// Emit these tokens (then a stop token) instead of sampling: a scripted reply. The prompt is
+    /// still prefilled and every emitted token is fed through the model.
+    pub forced: Option<Vec<u32>>,
+    /// Report text inside `<think>…</think>` as [`Channel::Reasoning`] (the tags themselves are
+    /// not emitted). When false, everything is plain text, tags included.
+    pub split_reasoning: bool,
+}
+
+/// Which part of the reply a piece of text belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Channel {
+    Content,
+    Reasoning,
+}
+
+/// Why a generation ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// A stop token.
+    Stop,
+    /// A stop string (the string that matched).
+    StopString(String),
+    /// `max_tokens` reached.
+    Length,
+    /// The context is full.
+    Context,
+    /// The cancellation check or the piece callback asked to stop.
+    Cancelled,
+}
+
+/// The outcome of [`Session::generate`].
+#[derive(Clone, Debug)]
+pub struct Generation {
+    /// Generated ids fed to the model or pending (the stop token excluded).
+    pub tokens: Vec<u32>,
+    /// Answer text and thinking text, as streamed.
+    pub content: String,
+    pub reasoning: String,
+    pub finish: Finish,
+    pub prompt_tokens: usize,
+    /// Prompt tokens resumed from a snapshot instead of prefilled.
+    pub reused_tokens: usize,
+    /// Prompt tokens actually run through the model.
+    pub prefilled_tokens: usize,
+    /// Tokens produced, the stop token included (OpenAI's `completion_tokens`).
+    pub completion_tokens: usize,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+    pub decode_steps: usize,
+    /// The think budget ran out and `</think>` was inserted.
+    pub think_budget_hit: bool,
+    pub io_prefill: Option<IoSnapshot>,
+    pub io_decode: Option<IoSnapshot>,
+}
+
+impl Generation {
+    pub fn prefill_tok_s(&self) -> f64 {
+        if self.prefill_secs > 0.0 { self.prefilled_tokens as f64 / self.prefill_secs } else { 0.0 }
+    }
+    pub fn decode_tok_s(&self) -> f64 {
+        if self.decode_secs > 0.0 { self.decode_steps as f64 / self.decode_secs } else { 0.0 }
+    }
+}
+
+/// An engine plus its state cache: what a server worker or an in-process chat keeps between
+/// requests.
+pub struct Session<'e> {
+    pub engine: &'e Engine,
+    pub cache: PrefixCache,
+}
+
+impl<'e> Session<'e> {
+    /// A session whose state cache holds at most `cache_bytes` (0 = no reuse).
+    pub fn new(engine: &'e Engine, cache_bytes: usize) -> Self {
+        Session { engine, cache: PrefixCache::new(cache_bytes) }
+    }
+
+    /// Prefills `req.prompt` (resuming from the best snapshot) and generates. `keep_going` is
+    /// called before every forward step (prefill chunk or decode token): false stops the
+    /// generation (`Finish::Cancelled`). `on_piece` receives decoded text as it completes; false
+    /// stops too.
+    pub fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        mut keep_going: impl FnMut() -> bool,
+        mut on_piece: impl FnMut(Channel, &str) -> bool,
+    ) -> Result<Generation> {
+        let engine = self.engine;
+        let model = &engine.model;
+        let prompt = &req.prompt;
+        if prompt.is_empty() {
+            return Err(Error::input("the prompt is empty (0 tokens)"));
+        }
+        if prompt.len() > model.max_context() {
+            return Err(Error::input(format!(
+                "the prompt has {} tokens, more than the context length of {} tokens",
+                prompt.len(),
+                model.max_context()
+            )));
+        }
+        let io = |m: &Model| m.expert_store.as_ref().map(|s| s.snapshot());
+        let mut g = Generation {
+            tokens: Vec::new(),
+            content: String::new(),
+            reasoning: String::new(),
+            finish: Finish::Length,
+            prompt_tokens: prompt.len(),
+            reused_tokens: 0,
+            prefilled_tokens: 0,
+            completion_tokens: 0,
+            prefill_secs: 0.0,
+            decode_secs: 0.0,
+            decode_steps: 0,
+            think_budget_hit: false,
+            io_prefill: None,
+            io_decode: None,
+        };
+
+        // Prefill: resume from the longest snapshot, run the rest in chunks.
+        let io0 = io(model);
+        let t0 = Instant::now();
+        let (mut state, mut logits) = match self.cache.lookup(prompt) {
+            Some(r) => {
+                g.reused_tokens = r.tokens;
+                (r.state, r.logits)
+            }
+            None => (model.new_state(), Vec::new()),
+        };
+        let mut done = g.reused_tokens;
+        while done < prompt.len() {
+            if !keep_going() {
+                g.finish = Finish::Cancelled;
+                g.prefill_secs = t0.elapsed().as_secs_f64();
+                g.prefilled_tokens = done - g.reused_tokens;
+                return Ok(g);
+            }
+            let end = (done + PREFILL_CHUNK).min(prompt.len());
+            let want = if end == prompt.len() { LogitsFor::Last } else { LogitsFor::None };
+            logits = model.forward(&prompt[done..end], &mut state, want)?;
+            done = end;
+        }
+        g.prefilled_tokens = prompt.len() - g.reused_tokens;
+        g.prefill_secs = t0.elapsed().as_secs_f64();
+        let io1 = io(model);
+        g.io_prefill = io1.zip(io0).map(|(b, a)| b.since(&a));
+        if g.prefilled_tokens > 0 {
+            self.cache.insert(prompt, &state, &logits);
+        }
+
+        // Decode.
+        let tok = &engine.tokenizer;
+        let think_open = tok.token_to_id("<think>").filter(|_| req.split_reasoning);
+        let think_close = tok.token_to_id("</think>").filter(|_| req.split_reasoning);
+        let mut channel = match (think_open, think_close) {
+            (Some(o), Some(c)) if prompt_ends_in_thinking(prompt, o, c, tok.token_to_id("<|im_start|>")) => {
+                Channel::Reasoning
+            }
+            _ => Channel::Content,
+        };
+        let close_tokens = match think_close {
+            Some(_) => engine.encode(THINK_CLOSE_TEXT)?,
+            None => Vec::new(),
+        };
+        let mut stop_ids = engine.stop_ids.clone();
+        stop_ids.extend(&req.extra_stop_ids);
+        let mut forced: VecDeque<u32> = VecDeque::new();
+        if let Some(f) = &req.forced {
+            forced.extend(f);
+            forced.push_back(
+                stop_ids.first().copied().ok_or_else(|| {
+                    Error::input("a scripted reply needs a stop token, and the model has no stop ids")
+                })?,
+            );
+        }
+        let scripted = req.forced.is_some();
+        let mut out = Output::new(tok, &req.stop_strings, channel == Channel::Reasoning);
+        let mut sampler = Sampler::new(req.sampling.clone());
+        let mut context: Vec<u32> = prompt.clone();
+        let mut fed: Vec<u32> = prompt.clone();
+        let mut think_tokens = 0usize;
+        model.reset_timing();
+        let t1 = Instant::now();
+        'decode: while g.completion_tokens < req.max_tokens {
+            let id = match forced.pop_front() {
+                Some(id) => id,
+                None if scripted => {
+                    g.finish = Finish::Stop;
+                    break;
+                }
+                None => sampler.sample(&mut logits, &context, &g.tokens),
+            };
+            g.completion_tokens += 1;
+            if stop_ids.contains(&id) {
+                g.finish = Finish::Stop;
+                break;
+            }
+            g.tokens.push(id);
+            context.push(id);
+            if Some(id) == think_open && channel == Channel::Content {
+                out.switch(&mut g, &mut on_piece, Channel::Reasoning)?;
+                channel = Channel::Reasoning;
+                think_tokens = 0;
+            } else if Some(id) == think_close && channel == Channel::Reasoning {
+                out.switch(&mut g, &mut on_piece, Channel::Content)?;
+                channel = Channel::Content;
+            } else {
+                if channel == Channel::Reasoning {
+                    think_tokens += 1;
+                }
+                if !out.push(&mut g, &mut on_piece, channel, id)? {
+                    break 'decode;
+                }
+            }
+            if channel == Channel::Reasoning
+                && !scripted
+                && forced.is_empty()
+                && req.think_budget.is_some_and(|b| think_tokens >= b)
+                && !close_tokens.is_empty()
+            {
+                g.think_budget_hit = true;
+                forced.extend(&close_tokens);
+            }
+            if g.completion_tokens >= req.max_tokens {
+                g.finish = Finish::Length;
+                break;
+            }
+            if state.pos >= model.max_context() {
+                g.finish = Finish::Context;
+                break;
+            }
+            if !keep_going() {
+                g.finish = Finish::Cancelled;
+                break;
+            }
+            logits = model.forward(&[id], &mut state, LogitsFor::Last)?;
+            fed.push(id);
+            g.decode_steps += 1;
+        }
+        g.decode_secs = t1.elapsed().as_secs_f64();
+        g.io_decode = io(model).zip(io1).map(|(b, a)| b.since(&a));
+        out.finish(&mut g, &mut on_piece, channel)?;
+        if fed.len() > prompt.len() && !logits.is_empty() {
+            self.cache.insert(&fed, &state, &logits);
+        }
+        Ok(g)
+    }
+}
+
+/// True when the prompt leaves the model inside a thinking block: the last `<think>` after the
+/// last `<|im_start|>` is not closed.
+fn prompt_ends_in_thinking(prompt: &[u32], open: u32, close: u32, im_start: Option<u32>) -> bool {
+    let turn = im_start.and_then(|s| prompt.iter().rposition(|&t| t == s)).unwrap_or(0);
+    let tail = &prompt[turn..];
+    match (tail.iter().rposition(|&t| t == open), tail.iter().rposition(|&t| t == close)) {
+        (Some(o), Some(c)) => o > c,
+        (Some(_), None) => true,
+        _ => false,
+    }
+}
+
+/// Turns generated ids into channel pieces: UTF-8-safe decoding, newline trimming around the
+/// thinking block, stop strings held back while they may still match.
+struct Output<'t> {
+    decoder: StreamDecoder<'t>,
+    tokenizer: &'t TextTokenizer,
+    stops: Vec<String>,
+    /// Answer text not yet emitted (may be the start of a stop string).
+    held: String,
+    /// Trailing newlines of the thinking text, emitted only if more thinking follows.
+    held_newlines: String,
+    /// At the start of a channel's text: leading newlines are dropped.
+    at_start: bool,
+    stopped: bool,
+}
+
+impl<'t> Output<'t> {
+    fn new(tokenizer: &'t TextTokenizer, stops: &[String], in_reasoning: bool) -> Self {
+        Output {
+            decoder: tokenizer.stream_decoder(true),
+            tokenizer,
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            held: String::new(),
+            held_newlines: String::new(),
+            at_start: in_reasoning,
+            stopped: false,
+        }
+    }
+
+    /// Feeds one id of `channel`; false when the generation must stop (stop string or the
+    /// callback said so).
+    fn push(
+        &mut self,
+        g: &mut Generation,
+        on_piece: &mut impl FnMut(Channel, &str) -> bool,
+        channel: Channel,
+        id: u32,
+    ) -> Result<bool> {
+        let piece = self.decoder.push(id)?;
+        self.text(g, on_piece, channel, &piece)
+    }
+
+    fn text(
+        &mut self,
+        g: &mut Generation,
+        on_piece: &mut impl FnMut(Channel, &str) -> bool,
+        channel: Channel,
+        piece: &str,
+    ) -> Result<bool> {
+        if piece.is_empty() || self.stopped {
+            return Ok(!self.stopped);
+        }
+        let mut piece = piece;
+        if self.at_start {
+            piece = piece.trim_start_matches('\n');
+            if piece.is_empty() {
+                return Ok(true);
+            }
+            self.at_start = false;
+        }
+        match channel {
+            Channel::Reasoning => {
+                let body = piece.trim_end_matches('\n');
+                let mut emit = std::mem::take(&mut self.held_newlines);
+                if body.is_empty() {
+                    self.held_newlines = emit + piece;
+                    return Ok(true);
+                }
+                emit.push_str(body);
+                self.held_newlines = piece[body.len()..].to_string();
+                g.reasoning.push_str(&emit);
+                if !on_piece(Channel::Reasoning, &emit) {
+                    g.finish = Finish::Cancelled;
+                    self.stopped = true;
+                }
+            }
+            Channel::Content => {
+                self.held.push_str(piece);
+                let (emit_len, stop) = self.scan_stops();
+                let emit: String = self.held.drain(..emit_len).collect();
+                if let Some(s) = stop {
+                    self.held.clear();
+                    g.finish = Finish::StopString(s);
+                    self.stopped = true;
+                }
+                if !emit.is_empty() {
+                    g.content.push_str(&emit);
+                    if !on_piece(Channel::Content, &emit) {
+                        g.finish = Finish::Cancelled;
+                        self.stopped = true;
+                    }
+                }
+            }
+        }
+        Ok(!self.stopped)
+    }
+
+    /// How much of `held` can be emitted, and the stop string found (text up to it is emitted).
+    fn scan_stops(&self) -> (usize, Option<String>) {
+        let h = &self.held;
+        let first = self.stops.iter().filter_map(|s| h.find(s.as_str()).map(|i| (i, s))).min_by_key(|(i, _)| *i);
+        if let Some((i, s)) = first {
+            return (i, Some(s.clone()));
+        }
+        // Hold back the longest suffix that is a proper prefix of a stop string.
+        let mut keep = 0;
+        for s in &self.stops {
+            for (cut, _) in s.char_indices().skip(1) {
+                if cut > keep && h.ends_with(&s[..cut]) {
+                    keep = cut;
+                }
+            }
+        }
+        (h.len() - keep, None)
+    }
+
+    /// Flushes the decoder into the old channel and starts `to`.
+    fn switch(
+        &mut self,
+        g: &mut Generation,
+        on_piece: &mut impl FnMut(Channel, &str) -> bool,
+        to: Channel,
+    ) -> Result<()> {
+        let from = if to == Channel::Reasoning { Channel::Content } else { Channel::Reasoning };
+        let tail = self.decoder.finish()?;
+        self.text(g, on_piece, from, &tail)?;
+        if from == Channel::Content {
+            self.flush_held(g, on_piece);
+        }
+        self.held_newlines.clear();
+        self.decoder = self.tokenizer.stream_decoder(true);
+        self.at_start = true;
+        Ok(())
+    }
+
+    fn flush_held(&mut self, g: &mut Generation, on_piece: &mut impl FnMut(Channel, &str) -> bool) {
+        if !self.stopped && !self.held.is_empty() {
+            let emit = std::mem::take(&mut self.held);
+            g.content.push_str(&emit);
+            if !on_piece(Channel::Content, &emit) {
+                g.finish = Finish::Cancelled;
+                self.stopped = true;
+            }
+        }
+    }
+
+    fn finish(
+        &mut self,
+        g: &mut Generation,
+        on_piece: &mut impl FnMut(Channel, &str) -> bool,
+        channel: Channel,
+    ) -> Result<()> {
+        let tail = self.decoder.finish()?;
+        self.text(g, on_piece, channel, &tail)?;
+        self.flush_held(g, on_piece);
+        Ok(())
+    }
+}

@@ -1,0 +1,238 @@
+//! `flashmoe serve`: an OpenAI- and Anthropic-compatible HTTP server over the flashmoe engine.
+//!
+//! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/messages` (Anthropic),
+//! `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text).
+//!
+//! The engine runs on one dedicated worker thread fed by a queue (one generation at a time);
+//! HTTP handlers render and tokenize the prompt, queue a job and relay the worker's pieces (SSE
+//! when streaming). A job whose client went away (its receiver dropped) is cancelled before the
+//! next forward step. Conversation state is reused through the session's prefix cache
+//! (`--state-cache`).
+//!
+//! Test harness: with `scripted_replies` set (`--scripted-replies FILE`), every generation still
+//! prefills the real prompt, but the tokens it emits are a scripted reply's instead of sampled
+//! ones; see [`worker::Script`]. `/health` and the log say so.
+
+mod anthropic;
+mod api;
+mod metrics;
+mod openai;
+pub mod worker;
+
+use anyhow::{Context, Result, bail};
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use flashmoe::generate::Engine;
+use flashmoe::qwen35::LoadOptions;
+use flashmoe_text::toolcall::{ToolFormat, detect_format};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use metrics::Metrics;
+
+/// Everything `flashmoe serve` is configured with.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub model_dir: PathBuf,
+    pub load: LoadOptions,
+    pub host: String,
+    pub port: u16,
+    /// Required as `Authorization: Bearer KEY` or `x-api-key: KEY` on /v1/* when set.
+    pub api_key: Option<String>,
+    /// Longest prompt + reply (default: the model's max_position_embeddings).
+    pub max_context: Option<usize>,
+    /// Bytes of sequence-state snapshots kept for reuse (0 = off).
+    pub state_cache_bytes: usize,
+    /// Name reported by /v1/models and expected in requests (default: the model folder's name).
+    pub model_name: Option<String>,
+    /// JSON file of scripted replies (test harness).
+    pub scripted_replies: Option<PathBuf>,
+    /// Think budget applied when a request sets none.
+    pub think_budget: Option<usize>,
+}
+
+impl ServerConfig {
+    pub fn new(model_dir: PathBuf) -> Self {
+        ServerConfig {
+            model_dir,
+            load: LoadOptions::default(),
+            host: "127.0.0.1".into(),
+            port: 8000,
+            api_key: None,
+            max_context: None,
+            state_cache_bytes: 1 << 30,
+            model_name: None,
+            scripted_replies: None,
+            think_budget: None,
+        }
+    }
+}
+
+/// What every handler shares.
+pub(crate) struct AppState {
+    pub engine: Arc<Engine>,
+    pub model_name: String,
+    pub api_key: Option<String>,
+    pub max_context: usize,
+    pub tool_format: ToolFormat,
+    pub think_budget: Option<usize>,
+    pub scripted: bool,
+    pub queue: worker::Queue,
+    pub metrics: Arc<Metrics>,
+    pub created: u64,
+}
+
+pub(crate) type Shared = Arc<AppState>;
+
+/// Loads the model, starts the worker and serves until interrupted.
+pub fn serve(cfg: ServerConfig) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(serve_async(cfg))
+}
+
+async fn serve_async(cfg: ServerConfig) -> Result<()> {
+    let mut engine = Engine::load_with(&cfg.model_dir, &cfg.load)
+        .with_context(|| format!("loading the model {}", cfg.model_dir.display()))?;
+    if let Some(n) = cfg.max_context {
+        if n == 0 {
+            bail!("--max-context must be at least 1");
+        }
+        engine.model.set_max_context(n);
+    }
+    let script = match &cfg.scripted_replies {
+        Some(p) => Some(worker::Script::load(p)?),
+        None => None,
+    };
+    let scripted = script.is_some();
+    let model_name = cfg.model_name.clone().unwrap_or_else(|| {
+        cfg.model_dir
+            .canonicalize()
+            .unwrap_or(cfg.model_dir.clone())
+            .file_name()
+            .map_or("flashmoe".into(), |n| n.to_string_lossy().into_owned())
+    });
+    let engine = Arc::new(engine);
+    let metrics = Arc::new(Metrics::default());
+    let queue = worker::start(engine.clone(), cfg.state_cache_bytes, script, metrics.clone())?;
+    let state = Arc::new(AppState {
+        tool_format: detect_format(engine.template.source()),
+        max_context: engine.model.max_context(),
+        engine,
+        model_name,
+        api_key: cfg.api_key.clone(),
+        think_budget: cfg.think_budget,
+        scripted,
+        queue,
+        metrics,
+        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+    });
+    let addr: SocketAddr = format!("{}:{}", cfg.host, cfg.port)
+        .parse()
+        .or_else(|_| {
+            std::net::ToSocketAddrs::to_socket_addrs(&(cfg.host.as_str(), cfg.port))
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or(())
+        })
+        .map_err(|_| anyhow::anyhow!("--host {}: not an address", cfg.host))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    eprintln!(
+        "[flashmoe] serving {} on http://{}{}{}",
+        state.model_name,
+        listener.local_addr()?,
+        if state.api_key.is_some() { " (API key required)" } else { "" },
+        if scripted { " — SCRIPTED REPLIES (test harness): output is not sampled from the model" } else { "" }
+    );
+    let app = router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("serving")?;
+    Ok(())
+}
+
+fn router(state: Shared) -> Router {
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/models/{id}", get(openai::model))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .merge(v1)
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .with_state(state)
+}
+
+/// API key check for /v1/*: `Authorization: Bearer KEY` (OpenAI) or `x-api-key: KEY` (Anthropic).
+async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    if let Some(key) = &s.api_key {
+        let h = req.headers();
+        let bearer = h
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim);
+        let x = h.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim);
+        if bearer != Some(key.as_str()) && x != Some(key.as_str()) {
+            let given = bearer.is_some() || x.is_some();
+            let msg = if given {
+                "Incorrect API key provided."
+            } else {
+                "Missing API key: send `Authorization: Bearer KEY`."
+            };
+            return api::ApiError::new(StatusCode::UNAUTHORIZED, msg)
+                .code("invalid_api_key")
+                .flavor(api::Flavor::of_path(req.uri().path()))
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn count_requests(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    s.metrics.count_request(&path, resp.status().as_u16());
+    resp
+}
+
+async fn not_found(req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    api::ApiError::new(StatusCode::NOT_FOUND, format!("no route {} {path}", req.method()))
+        .code("not_found")
+        .flavor(api::Flavor::of_path(&path))
+        .into_response()
+}
+
+async fn health(State(s): State<Shared>) -> Response {
+    axum::Json(serde_json::json!({
+        "status": "ok",
+        "model": s.model_name,
+        "scripted": s.scripted,
+        "generation": if s.scripted { "scripted replies (test harness)" } else { "sampled" },
+        "queue_length": s.metrics.queue_length(),
+        "max_context": s.max_context,
+    }))
+    .into_response()
+}
+
+async fn metrics_text(State(s): State<Shared>) -> Response {
+    let body = s.metrics.render(&s.engine);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+}

@@ -1,0 +1,568 @@
+//! OpenAI-compatible endpoints: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+//!
+//! `tool_choice`: `"none"` renders the prompt without the tools and parses no tool calls;
+//! `"auto"`, `"required"` and a named function are all treated as `"auto"` (the model decides;
+//! nothing forces a call).
+
+use crate::api::{ApiError, ApiResult, Fields, missing, new_id, now_secs, parse_body};
+use crate::worker::{Ev, Ticket};
+use crate::{AppState, Shared};
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use flashmoe::session::{Channel, Finish, GenerateRequest, Generation};
+use flashmoe_text::SamplingParams;
+use flashmoe_text::toolcall::{Event, ToolCallParser};
+use serde_json::{Map, Value as Json, json};
+use std::convert::Infallible;
+use std::time::Duration;
+
+/// Interval of SSE keep-alive comments (sent while a request waits in the queue or prefills).
+pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+/// A chat request made ready for the worker.
+pub(crate) struct Prepared {
+    pub job: GenerateRequest,
+    /// (name, parameters schema) of the tools offered, when tool calls are parsed.
+    pub tools: Option<Vec<(String, Json)>>,
+    pub script_key: String,
+}
+
+/// Generated text → events: thinking straight through, answer text through the tool-call parser
+/// when tools were offered.
+pub(crate) struct Relay {
+    parser: Option<ToolCallParser>,
+}
+
+impl Relay {
+    pub fn new(s: &AppState, tools: Option<Vec<(String, Json)>>) -> Self {
+        Relay { parser: tools.map(|t| ToolCallParser::new(s.tool_format, false, Some(t))) }
+    }
+    pub fn piece(&mut self, ch: Channel, text: String) -> Vec<Event> {
+        match (ch, &mut self.parser) {
+            (Channel::Reasoning, _) => vec![Event::Reasoning(text)],
+            (Channel::Content, Some(p)) => p.push(&text),
+            (Channel::Content, None) => vec![Event::Text(text)],
+        }
+    }
+    pub fn finish(&mut self) -> Vec<Event> {
+        self.parser.as_mut().map(|p| p.finish()).unwrap_or_default()
+    }
+}
+
+/// A whole reply, assembled from events.
+#[derive(Default)]
+pub(crate) struct Collected {
+    pub content: String,
+    pub reasoning: String,
+    /// (id, name, arguments JSON text)
+    pub calls: Vec<(String, String, String)>,
+}
+
+impl Collected {
+    pub fn add(&mut self, e: Event) {
+        match e {
+            Event::Text(t) => self.content.push_str(&t),
+            Event::Reasoning(t) => self.reasoning.push_str(&t),
+            Event::ToolCallStart { id, name, .. } => self.calls.push((id, name, String::new())),
+            Event::ToolCallArgs { index, delta_json } => {
+                if let Some(c) = self.calls.get_mut(index) {
+                    c.2.push_str(&delta_json);
+                }
+            }
+            Event::ToolCallEnd { .. } => {}
+        }
+    }
+}
+
+/// Waits for a job to end, collecting its reply.
+pub(crate) async fn collect(mut ticket: Ticket, relay: &mut Relay) -> ApiResult<(Collected, Box<Generation>)> {
+    let mut c = Collected::default();
+    while let Some(ev) = ticket.rx.recv().await {
+        match ev {
+            Ev::Started => {}
+            Ev::Piece(ch, t) => relay.piece(ch, t).into_iter().for_each(|e| c.add(e)),
+            Ev::Done(g) => {
+                relay.finish().into_iter().for_each(|e| c.add(e));
+                return Ok((c, g));
+            }
+            Ev::Failed(m) => return Err(ApiError::internal(m)),
+        }
+    }
+    Err(ApiError::internal("the engine worker stopped"))
+}
+
+pub(crate) fn check_model(s: &AppState, f: &Fields) -> ApiResult<()> {
+    let model = f.req_str("model")?;
+    if model != s.model_name {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("The model `{model}` does not exist; this server serves `{}`.", s.model_name),
+        )
+        .param("model")
+        .code("model_not_found"));
+    }
+    Ok(())
+}
+
+/// Renders messages with the model's template and tokenizes; a prompt that leaves no room in the
+/// context is a 400.
+pub(crate) fn render(
+    s: &AppState,
+    messages: &Json,
+    tools: Option<&Json>,
+    enable_thinking: Option<bool>,
+    kwargs: Option<&Map<String, Json>>,
+) -> ApiResult<Vec<u32>> {
+    let text =
+        s.engine.template.render(messages, tools, true, enable_thinking, kwargs).map_err(|e| {
+            ApiError::bad(format!("The chat template could not render the request: {e}")).param("messages")
+        })?;
+    tokenize(s, &text)
+}
+
+pub(crate) fn tokenize(s: &AppState, text: &str) -> ApiResult<Vec<u32>> {
+    let ids = s.engine.encode(text).map_err(|e| ApiError::bad(format!("tokenizing the prompt: {e}")))?;
+    check_context(s, ids.len())?;
+    Ok(ids)
+}
+
+fn check_context(s: &AppState, n: usize) -> ApiResult<()> {
+    if n == 0 {
+        return Err(ApiError::bad("The prompt is empty.").param("messages"));
+    }
+    if n >= s.max_context {
+        return Err(ApiError::bad(format!(
+            "This model's maximum context length is {} tokens. However, your messages resulted in {n} tokens, \
+             which leaves no room for a reply. Please reduce the length of the messages.",
+            s.max_context
+        ))
+        .param("messages")
+        .code("context_length_exceeded"));
+    }
+    Ok(())
+}
+
+/// Tokens the reply may use: what the request asks, at most what the context leaves.
+pub(crate) fn reply_budget(s: &AppState, prompt_len: usize, asked: Option<usize>) -> usize {
+    let room = s.max_context - prompt_len;
+    asked.map_or(room, |a| a.min(room))
+}
+
+/// Sampling fields shared by the OpenAI endpoints (and their common extensions).
+fn sampling(f: &Fields) -> ApiResult<SamplingParams> {
+    let d = SamplingParams::default();
+    Ok(SamplingParams {
+        temperature: f.f64_in("temperature", 0.0, 2.0)?.map_or(d.temperature, |x| x as f32),
+        top_p: f.f64_in("top_p", 0.0, 1.0)?.map_or(d.top_p, |x| x as f32),
+        top_k: f.u64("top_k")?.map_or(d.top_k, |x| x as usize),
+        min_p: f.f64_in("min_p", 0.0, 1.0)?.map_or(d.min_p, |x| x as f32),
+        repetition_penalty: f.f64_in("repetition_penalty", 0.0, 10.0)?.map_or(d.repetition_penalty, |x| x as f32),
+        presence_penalty: f.f64_in("presence_penalty", -2.0, 2.0)?.map_or(d.presence_penalty, |x| x as f32),
+        frequency_penalty: f.f64_in("frequency_penalty", -2.0, 2.0)?.map_or(d.frequency_penalty, |x| x as f32),
+        seed: f.seed("seed")?,
+    })
+}
+
+fn check_n(f: &Fields) -> ApiResult<()> {
+    if f.u64("n")?.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad("Only n=1 is supported.").param("n").code("unsupported_value"));
+    }
+    Ok(())
+}
+
+/// OpenAI messages, checked and made safe for templates (missing content → "", `developer` →
+/// `system`).
+fn check_messages(msgs: &[Json]) -> ApiResult<Json> {
+    if msgs.is_empty() {
+        return Err(ApiError::bad("'messages' must contain at least one message.").param("messages"));
+    }
+    let mut out = Vec::with_capacity(msgs.len());
+    for (i, m) in msgs.iter().enumerate() {
+        let p = |k: &str| format!("messages[{i}].{k}");
+        let o = m.as_object().ok_or_else(|| {
+            ApiError::bad(format!("Invalid type for 'messages[{i}]': expected an object."))
+                .param(format!("messages[{i}]"))
+        })?;
+        let f = Fields(o);
+        let role = f.str("role").map_err(|e| e.param(p("role")))?.ok_or_else(|| missing(&p("role")))?;
+        let mut msg = o.clone();
+        match role {
+            "system" | "user" | "assistant" | "tool" => {}
+            "developer" => {
+                msg.insert("role".into(), "system".into());
+            }
+            other => {
+                return Err(ApiError::bad(format!(
+                    "Invalid value for 'messages[{i}].role': `{other}` (expected system, developer, user, assistant or tool)."
+                ))
+                .param(p("role")));
+            }
+        }
+        match o.get("content") {
+            None | Some(Json::Null) => {
+                if role != "assistant" {
+                    return Err(missing(&p("content")));
+                }
+                msg.insert("content".into(), Json::String(String::new()));
+            }
+            Some(Json::String(_)) | Some(Json::Array(_)) => {}
+            Some(v) => {
+                return Err(ApiError::bad(format!(
+                    "Invalid type for '{}': expected a string or an array of content parts, but got {}.",
+                    p("content"),
+                    crate::api::kind(v)
+                ))
+                .param(p("content")));
+            }
+        }
+        if let Some(calls) = Fields(o).array("tool_calls").map_err(|e| e.param(p("tool_calls")))? {
+            for (j, c) in calls.iter().enumerate() {
+                let name = c.get("function").and_then(|f| f.get("name")).and_then(Json::as_str);
+                if name.is_none() {
+                    return Err(missing(&format!("messages[{i}].tool_calls[{j}].function.name")));
+                }
+            }
+        }
+        out.push(Json::Object(msg));
+    }
+    Ok(Json::Array(out))
+}
+
+/// OpenAI `tools`: checked; returns the (name, parameters) list.
+pub(crate) fn check_tools(tools: &[Json], param: &str) -> ApiResult<Vec<(String, Json)>> {
+    let mut out = Vec::new();
+    for (i, t) in tools.iter().enumerate() {
+        let func =
+            t.get("function").and_then(Json::as_object).ok_or_else(|| missing(&format!("{param}[{i}].function")))?;
+        let name =
+            func.get("name").and_then(Json::as_str).ok_or_else(|| missing(&format!("{param}[{i}].function.name")))?;
+        out.push((name.to_string(), func.get("parameters").cloned().unwrap_or(json!({}))));
+    }
+    Ok(out)
+}
+
+/// The last message's text: what scripted replies are matched against.
+pub(crate) fn last_text(messages: &Json) -> String {
+    let Some(last) = messages.as_array().and_then(|a| a.last()) else { return String::new() };
+    match last.get("content") {
+        Some(Json::String(s)) => s.clone(),
+        Some(Json::Array(parts)) => {
+            parts.iter().filter_map(|p| p.get("text").and_then(Json::as_str).or(p.as_str())).collect()
+        }
+        _ => String::new(),
+    }
+}
+
+fn prepare_chat(s: &AppState, o: &Map<String, Json>) -> ApiResult<(Prepared, bool, bool)> {
+    let f = Fields(o);
+    check_model(s, &f)?;
+    let msgs = f.array("messages")?.ok_or_else(|| missing("messages"))?;
+    let messages = check_messages(msgs)?;
+    check_n(&f)?;
+    let stream = f.bool("stream")?.unwrap_or(false);
+    let include_usage = match f.object("stream_options")? {
+        Some(so) => {
+            Fields(so).bool("include_usage").map_err(|e| e.param("stream_options.include_usage"))?.unwrap_or(false)
+        }
+        None => false,
+    };
+    let tool_choice_none = match f.get("tool_choice") {
+        None => false,
+        Some(Json::String(c)) if matches!(c.as_str(), "none" | "auto" | "required") => c == "none",
+        Some(Json::Object(_)) => false,
+        Some(v) => {
+            return Err(ApiError::bad(format!(
+                "Invalid value for 'tool_choice': {v} (expected \"none\", \"auto\", \"required\" or a function)."
+            ))
+            .param("tool_choice"));
+        }
+    };
+    let tools_json = f.array("tools")?.filter(|t| !t.is_empty() && !tool_choice_none);
+    let tools = tools_json.map(|t| check_tools(t, "tools")).transpose()?;
+    let kwargs = f.object("chat_template_kwargs")?;
+    let enable_thinking = match kwargs.and_then(|k| k.get("enable_thinking")) {
+        Some(v) => Some(v.as_bool().ok_or_else(|| {
+            ApiError::bad("'chat_template_kwargs.enable_thinking' must be a boolean.").param("chat_template_kwargs")
+        })?),
+        None => f.bool("enable_thinking")?,
+    };
+    let mut extra = kwargs.cloned().unwrap_or_default();
+    extra.remove("enable_thinking");
+    let tools_value = tools_json.map(|t| Json::Array(t.clone()));
+    let prompt = render(s, &messages, tools_value.as_ref(), enable_thinking, Some(&extra))?;
+    let asked = match f.count("max_completion_tokens")? {
+        Some(n) => Some(n),
+        None => f.count("max_tokens")?,
+    };
+    let stop = f.strings("stop")?;
+    let job = GenerateRequest {
+        max_tokens: reply_budget(s, prompt.len(), asked),
+        prompt,
+        sampling: sampling(&f)?,
+        stop_strings: stop,
+        think_budget: f.u64("think_budget")?.map(|v| v as usize).or(s.think_budget),
+        split_reasoning: true,
+        ..Default::default()
+    };
+    Ok((Prepared { job, tools, script_key: last_text(&messages) }, stream, include_usage))
+}
+
+pub(crate) fn submit(s: &AppState, p: &Prepared) -> ApiResult<Ticket> {
+    s.queue.submit(p.job.clone(), p.script_key.clone()).map_err(|e| ApiError::internal(e.to_string()))
+}
+
+fn usage(g: &Generation) -> Json {
+    json!({
+        "prompt_tokens": g.prompt_tokens,
+        "completion_tokens": g.completion_tokens,
+        "total_tokens": g.prompt_tokens + g.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": g.reused_tokens},
+    })
+}
+
+fn finish_reason(g: &Generation, called: bool) -> &'static str {
+    match g.finish {
+        Finish::Length | Finish::Context => "length",
+        _ if called => "tool_calls",
+        _ => "stop",
+    }
+}
+
+pub async fn chat_completions(State(s): State<Shared>, body: Bytes) -> Response {
+    match chat(s, &body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat(s: Shared, body: &[u8]) -> ApiResult<Response> {
+    let o = parse_body(body)?;
+    let (p, stream, include_usage) = prepare_chat(&s, &o)?;
+    let ticket = submit(&s, &p)?;
+    let mut relay = Relay::new(&s, p.tools.clone());
+    let id = new_id("chatcmpl-");
+    let created = now_secs();
+    let model = s.model_name.clone();
+    if !stream {
+        let (c, g) = collect(ticket, &mut relay).await?;
+        let mut msg = Map::new();
+        msg.insert("role".into(), "assistant".into());
+        let content = if c.content.is_empty() && !c.calls.is_empty() { Json::Null } else { Json::String(c.content) };
+        msg.insert("content".into(), content);
+        if !c.reasoning.is_empty() {
+            msg.insert("reasoning_content".into(), Json::String(c.reasoning));
+        }
+        if !c.calls.is_empty() {
+            let calls: Vec<Json> = c
+                .calls
+                .iter()
+                .map(|(id, name, args)| json!({"id": id, "type": "function", "function": {"name": name, "arguments": args}}))
+                .collect();
+            msg.insert("tool_calls".into(), Json::Array(calls));
+        }
+        return Ok(axum::Json(json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": "flashmoe",
+            "choices": [{"index": 0, "message": msg, "logprobs": null, "finish_reason": finish_reason(&g, !c.calls.is_empty())}],
+            "usage": usage(&g),
+        }))
+        .into_response());
+    }
+    let chunk = move |delta: Json, finish: Option<&str>| {
+        let mut c = json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": "flashmoe",
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        });
+        if include_usage {
+            c["usage"] = Json::Null;
+        }
+        c
+    };
+    let stream = async_stream::stream! {
+        let mut ticket = ticket;
+        let data = |v: Json| Ok::<_, Infallible>(SseEvent::default().data(v.to_string()));
+        yield data(chunk(json!({"role": "assistant", "content": ""}), None));
+        let mut called = false;
+        loop {
+            let Some(ev) = ticket.rx.recv().await else { break };
+            let (events, done) = match ev {
+                Ev::Started => continue,
+                Ev::Piece(ch, t) => (relay.piece(ch, t), None),
+                Ev::Done(g) => (relay.finish(), Some(g)),
+                Ev::Failed(m) => {
+                    yield data(ApiError::internal(m).body());
+                    break;
+                }
+            };
+            for e in events {
+                let delta = match e {
+                    Event::Text(t) => json!({"content": t}),
+                    Event::Reasoning(t) => json!({"reasoning_content": t}),
+                    Event::ToolCallStart { index, id, name } => {
+                        called = true;
+                        json!({"tool_calls": [{"index": index, "id": id, "type": "function", "function": {"name": name, "arguments": ""}}]})
+                    }
+                    Event::ToolCallArgs { index, delta_json } => json!({"tool_calls": [{"index": index, "function": {"arguments": delta_json}}]}),
+                    Event::ToolCallEnd { .. } => continue,
+                };
+                yield data(chunk(delta, None));
+            }
+            if let Some(g) = done {
+                let mut last = chunk(json!({}), Some(finish_reason(&g, called)));
+                if include_usage {
+                    last["usage"] = Json::Null;
+                }
+                yield data(last);
+                if include_usage {
+                    let mut u = chunk(json!({}), None);
+                    u["choices"] = json!([]);
+                    u["usage"] = usage(&g);
+                    yield data(u);
+                }
+                break;
+            }
+        }
+        yield Ok(SseEvent::default().data("[DONE]"));
+    };
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response())
+}
+
+pub async fn completions(State(s): State<Shared>, body: Bytes) -> Response {
+    match completion(s, &body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completion(s: Shared, body: &[u8]) -> ApiResult<Response> {
+    let o = parse_body(body)?;
+    let f = Fields(&o);
+    check_model(&s, &f)?;
+    check_n(&f)?;
+    if f.bool("echo")? == Some(true) {
+        return Err(ApiError::bad("'echo' is not supported.").param("echo").code("unsupported_value"));
+    }
+    let bad_prompt = || {
+        ApiError::bad("'prompt' must be a string, an array of one string, or an array of token ids.").param("prompt")
+    };
+    let prompt = match f.get("prompt").ok_or_else(|| missing("prompt"))? {
+        Json::String(t) => tokenize(&s, t)?,
+        Json::Array(a) if a.len() == 1 && a[0].is_string() => tokenize(&s, a[0].as_str().unwrap_or_default())?,
+        Json::Array(a) if !a.is_empty() && a.iter().all(|x| x.is_u64()) => {
+            let ids: Vec<u32> = a.iter().filter_map(Json::as_u64).map(|x| x as u32).collect();
+            let vocab = s.engine.model.config.vocab_size;
+            if ids.iter().any(|&i| i as usize >= vocab) {
+                return Err(
+                    ApiError::bad(format!("token ids must be below the vocabulary size {vocab}")).param("prompt")
+                );
+            }
+            check_context(&s, ids.len())?;
+            ids
+        }
+        _ => return Err(bad_prompt()),
+    };
+    let stream = f.bool("stream")?.unwrap_or(false);
+    let include_usage = match f.object("stream_options")? {
+        Some(so) => Fields(so).bool("include_usage")?.unwrap_or(false),
+        None => false,
+    };
+    // The legacy endpoint's default is 16 tokens.
+    let asked = f.count("max_tokens")?.unwrap_or(16);
+    let job = GenerateRequest {
+        max_tokens: reply_budget(&s, prompt.len(), Some(asked)),
+        prompt,
+        sampling: sampling(&f)?,
+        stop_strings: f.strings("stop")?,
+        split_reasoning: false,
+        ..Default::default()
+    };
+    let script_key = match f.get("prompt") {
+        Some(Json::String(t)) => t.clone(),
+        _ => String::new(),
+    };
+    let p = Prepared { job, tools: None, script_key };
+    let ticket = submit(&s, &p)?;
+    let mut relay = Relay::new(&s, None);
+    let id = new_id("cmpl-");
+    let created = now_secs();
+    let model = s.model_name.clone();
+    let finish = |g: &Generation| finish_reason(g, false);
+    if !stream {
+        let (c, g) = collect(ticket, &mut relay).await?;
+        return Ok(axum::Json(json!({
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"text": c.content, "index": 0, "logprobs": null, "finish_reason": finish(&g)}],
+            "usage": usage(&g),
+        }))
+        .into_response());
+    }
+    let chunk = move |text: &str, fin: Option<&str>| {
+        json!({
+            "id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": fin}],
+        })
+    };
+    let stream = async_stream::stream! {
+        let mut ticket = ticket;
+        let data = |v: Json| Ok::<_, Infallible>(SseEvent::default().data(v.to_string()));
+        while let Some(ev) = ticket.rx.recv().await {
+            match ev {
+                Ev::Started => {}
+                Ev::Piece(_, t) => yield data(chunk(&t, None)),
+                Ev::Done(g) => {
+                    yield data(chunk("", Some(finish(&g))));
+                    if include_usage {
+                        let mut u = chunk("", None);
+                        u["choices"] = json!([]);
+                        u["usage"] = usage(&g);
+                        yield data(u);
+                    }
+                    break;
+                }
+                Ev::Failed(m) => {
+                    yield data(ApiError::internal(m).body());
+                    break;
+                }
+            }
+        }
+        yield Ok(SseEvent::default().data("[DONE]"));
+    };
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response())
+}
+
+fn model_card(s: &AppState) -> Json {
+    json!({
+        "id": s.model_name,
+        "object": "model",
+        "created": s.created,
+        "owned_by": "flashmoe",
+        "max_model_len": s.max_context,
+    })
+}
+
+pub async fn models(State(s): State<Shared>) -> Response {
+    axum::Json(json!({"object": "list", "data": [model_card(&s)]})).into_response()
+}
+
+pub async fn model(State(s): State<Shared>, Path(id): Path<String>) -> Response {
+    if id != s.model_name {
+        return ApiError::new(StatusCode::NOT_FOUND, format!("The model `{id}` does not exist."))
+            .param("model")
+            .code("model_not_found")
+            .into_response();
+    }
+    axum::Json(model_card(&s)).into_response()
+}

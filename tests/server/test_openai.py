@@ -1,0 +1,173 @@
+"""The official `openai` package against `flashmoe serve`."""
+
+import json
+
+import openai
+import pytest
+
+from conftest import API_KEY, PARIS_ANSWER, TRAINED, tokenize_chat
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the weather forecast for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city"],
+        },
+    },
+}
+PARIS_Q = {"role": "user", "content": "What is the weather in Paris?"}
+ROME_Q = {"role": "user", "content": "And the weather in Rome?"}
+
+
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=server.api_key or "none", max_retries=0, timeout=120)
+
+
+def test_models(trained):
+    models = client(trained).models.list()
+    assert [m.id for m in models.data] == [trained.model]
+    assert client(trained).models.retrieve(trained.model).id == trained.model
+
+
+def test_chat_non_stream_usage_matches_tokenize(trained):
+    messages = [{"role": "user", "content": "What is a package manager?"}]
+    r = client(trained).chat.completions.create(model=trained.model, messages=messages, max_tokens=6)
+    assert r.object == "chat.completion"
+    msg = r.choices[0].message
+    assert msg.role == "assistant"
+    assert isinstance(msg.content, str) and msg.content.strip()
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.prompt_tokens == tokenize_chat(TRAINED, {"messages": messages})
+    assert 1 <= r.usage.completion_tokens <= 6
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream_equals_non_stream(trained):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is apt?"}]
+    c = client(trained)
+    full = c.chat.completions.create(model=trained.model, messages=messages, max_tokens=6)
+    stream = c.chat.completions.create(
+        model=trained.model, messages=messages, max_tokens=6, stream=True, stream_options={"include_usage": True}
+    )
+    text, finish, usage = "", None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            text += ch.delta.content or ""
+            finish = ch.finish_reason or finish
+    assert text == full.choices[0].message.content
+    assert finish == full.choices[0].finish_reason
+    assert usage.prompt_tokens == full.usage.prompt_tokens
+    assert usage.completion_tokens == full.usage.completion_tokens
+    # The second identical prompt resumed from the saved state.
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens
+
+
+def test_stop_string_and_seed(tiny):
+    c = client(tiny)
+    base = c.chat.completions.create(model=tiny.model, messages=[PARIS_Q], max_tokens=12, temperature=0.8, seed=7)
+    again = c.chat.completions.create(model=tiny.model, messages=[PARIS_Q], max_tokens=12, temperature=0.8, seed=7)
+    assert base.choices[0].message.content == again.choices[0].message.content
+    text = base.choices[0].message.content
+    if len(text) >= 4:
+        cut = text[2:4]
+        r = c.chat.completions.create(
+            model=tiny.model, messages=[PARIS_Q], max_tokens=12, temperature=0.8, seed=7, stop=[cut]
+        )
+        assert r.choices[0].message.content == text[: text.index(cut)]
+        assert r.choices[0].finish_reason == "stop"
+
+
+def test_completions(trained):
+    c = client(trained)
+    r = c.completions.create(model=trained.model, prompt="The package manager", max_tokens=5)
+    assert r.choices[0].text
+    assert r.usage.completion_tokens <= 5
+    s = "".join(ch.choices[0].text for ch in c.completions.create(
+        model=trained.model, prompt="The package manager", max_tokens=5, stream=True) if ch.choices)
+    assert s == r.choices[0].text
+
+
+def test_tool_call_round_trip(scripted):
+    c = client(scripted)
+    r = c.chat.completions.create(model=scripted.model, messages=[PARIS_Q], tools=[WEATHER_TOOL])
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function"
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "days": 2}
+    assert call.id.startswith("call_")
+    messages = [
+        PARIS_Q,
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "22 degrees, sunny"},
+    ]
+    r2 = c.chat.completions.create(model=scripted.model, messages=messages, tools=[WEATHER_TOOL])
+    assert r2.choices[0].message.content == PARIS_ANSWER
+    assert r2.choices[0].finish_reason == "stop"
+    assert not r2.choices[0].message.tool_calls
+    # The second turn resumed from the state saved at the end of the first.
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens
+
+    # Streamed: the deltas reassemble to the same call.
+    stream = c.chat.completions.create(model=scripted.model, messages=[PARIS_Q], tools=[WEATHER_TOOL], stream=True)
+    calls, finish = {}, None
+    for chunk in stream:
+        for ch in chunk.choices:
+            finish = ch.finish_reason or finish
+            for d in ch.delta.tool_calls or []:
+                entry = calls.setdefault(d.index, {"id": None, "name": "", "args": ""})
+                entry["id"] = d.id or entry["id"]
+                if d.function:
+                    entry["name"] += d.function.name or ""
+                    entry["args"] += d.function.arguments or ""
+    assert finish == "tool_calls"
+    assert list(calls) == [0]
+    assert calls[0]["name"] == "get_weather"
+    assert json.loads(calls[0]["args"]) == {"city": "Paris", "days": 2}
+    assert calls[0]["id"].startswith("call_")
+
+    # Third turn: the XML form (Qwen3.5) with thinking, streamed.
+    messages += [{"role": "assistant", "content": PARIS_ANSWER}, ROME_Q]
+    stream = c.chat.completions.create(model=scripted.model, messages=messages, tools=[WEATHER_TOOL], stream=True)
+    reasoning, content, args, name = "", "", "", ""
+    for chunk in stream:
+        for ch in chunk.choices:
+            d = ch.delta
+            reasoning += getattr(d, "reasoning_content", None) or ""
+            content += d.content or ""
+            for t in d.tool_calls or []:
+                name += (t.function.name or "") if t.function else ""
+                args += (t.function.arguments or "") if t.function else ""
+    assert reasoning == "The user asks about Rome."
+    assert content == ""
+    assert name == "get_weather"
+    assert json.loads(args) == {"city": "Rome", "days": 3}
+
+
+def test_tool_choice_none_parses_no_calls(scripted):
+    c = client(scripted)
+    r = c.chat.completions.create(model=scripted.model, messages=[PARIS_Q], tools=[WEATHER_TOOL], tool_choice="none")
+    # Without tools the scripted call text is returned as plain text.
+    assert not r.choices[0].message.tool_calls
+    assert "get_weather" in r.choices[0].message.content
+
+
+def test_sdk_errors(trained):
+    bad = openai.OpenAI(base_url=trained.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.models.list()
+    assert e.value.status_code == 401
+    with pytest.raises(openai.NotFoundError) as e:
+        client(trained).chat.completions.create(model="no-such-model", messages=[PARIS_Q], max_tokens=2)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client(trained).chat.completions.create(model=trained.model, messages=[], max_tokens=2)
+    assert API_KEY
