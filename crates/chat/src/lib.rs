@@ -11,7 +11,6 @@
 
 pub mod app;
 pub mod client;
-pub mod local;
 pub mod markdown;
 pub mod sse;
 pub mod store;

@@ -2,7 +2,6 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use flashmoe_chat::local::LocalServer;
 use flashmoe_chat::tools::ToolLimits;
 use flashmoe_chat::{Options, store};
 use std::path::PathBuf;
@@ -13,7 +12,7 @@ pub struct ChatArgs {
     /// Server to talk to (OpenAI-compatible; default http://127.0.0.1:8000, or $FLASHMOE_URL).
     #[arg(long, conflicts_with = "model")]
     url: Option<String>,
-    /// Model folder: start a private `flashmoe serve` for this chat (127.0.0.1, a free port).
+    /// Model folder: run the engine in this process behind a private server (127.0.0.1, a free port).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Continue a saved conversation (ids are shown at start and exit; /resume lists them).
@@ -59,16 +58,20 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let url = match (&a.url, &a.model) {
         (Some(u), _) => u.clone(),
         (None, Some(dir)) => {
-            let exe = std::env::current_exe().context("locating the flashmoe binary")?;
-            let log = data_dir.join("serve.log");
-            eprintln!("[flashmoe] starting a server for {} (log: {})", dir.display(), log.display());
-            let mut extra = a.serve_args.clone();
-            extra.retain(|s| !s.is_empty());
+            // The engine runs in this process: a private server on 127.0.0.1 and a free port.
+            let mut words: Vec<String> = vec!["serve".into(), "--model".into(), dir.display().to_string()];
+            words.extend(["--host".into(), "127.0.0.1".into(), "--port".into(), "0".into()]);
+            words.extend(a.serve_args.iter().filter(|s| !s.is_empty()).cloned());
             if let Some(k) = &a.api_key {
-                extra.extend(["--api-key".to_string(), k.clone()]);
+                words.extend(["--api-key".to_string(), k.clone()]);
             }
-            let s = LocalServer::start(&exe, dir, &extra, &log, Duration::from_secs(600))?;
-            let u = s.url().to_string();
+            let parsed = <crate::serve_cmd::ServeOnly as clap::Parser>::try_parse_from(&words)
+                .map_err(|e| anyhow::anyhow!("--serve-args: {}", e.to_string().lines().next().unwrap_or("")))?;
+            let mut cfg = crate::serve_cmd::config(parsed.args)?;
+            cfg.quiet = true;
+            eprintln!("[flashmoe] loading {} …", dir.display());
+            let s = flashmoe_server::spawn(cfg)?;
+            let u = format!("http://{}", s.addr);
             local = Some(s);
             u
         }

@@ -53,6 +53,11 @@ pub struct ServeArgs {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
+    flashmoe_server::serve(config(a)?)
+}
+
+/// The server configuration these flags describe.
+pub fn config(a: ServeArgs) -> Result<ServerConfig> {
     let mut cfg = ServerConfig::new(a.model);
     cfg.host = a.host;
     cfg.port = a.port;
@@ -68,5 +73,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if let Some(r) = &a.ram_cache {
         cfg.load.store.ram_cache_bytes = parse_size(r).map_err(|e| anyhow!("--ram-cache {e}"))?;
     }
-    flashmoe_server::serve(cfg)
+    Ok(cfg)
+}
+
+/// `ServeArgs` parsed from a word list (for `chat --model … --serve-args "…"`).
+#[derive(clap::Parser)]
+#[command(name = "serve")]
+pub struct ServeOnly {
+    #[command(flatten)]
+    pub args: ServeArgs,
 }

@@ -54,6 +54,8 @@ pub struct ServerConfig {
     pub scripted_replies: Option<PathBuf>,
     /// Think budget applied when a request sets none.
     pub think_budget: Option<usize>,
+    /// Do not print the "serving …" line (an in-process server inside another program).
+    pub quiet: bool,
 }
 
 impl ServerConfig {
@@ -69,6 +71,7 @@ impl ServerConfig {
             model_name: None,
             scripted_replies: None,
             think_budget: None,
+            quiet: false,
         }
     }
 }
@@ -96,10 +99,74 @@ pub fn serve(cfg: ServerConfig) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(serve_async(cfg))
+    rt.block_on(async move {
+        let (listener, app) = prepare(cfg).await?;
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .context("serving")
+    })
 }
 
-async fn serve_async(cfg: ServerConfig) -> Result<()> {
+/// A server running on its own threads inside this process (e.g. `flashmoe chat --model`).
+/// Dropping it shuts the server down.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Loads the model and starts serving in the background; returns once the socket is bound
+/// (`cfg.port` 0 picks a free port, reported in `addr`).
+pub fn spawn(cfg: ServerConfig) -> Result<RunningServer> {
+    let (tx_addr, rx_addr) = std::sync::mpsc::channel::<Result<SocketAddr>>();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("flashmoe-server".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx_addr.send(Err(anyhow::anyhow!("starting the async runtime: {e}")));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let (listener, app) = match prepare(cfg).await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = tx_addr.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = tx_addr.send(listener.local_addr().context("local address"));
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    })
+                    .await;
+            });
+        })
+        .context("starting the server thread")?;
+    let addr = rx_addr.recv().context("the server thread ended while starting")??;
+    Ok(RunningServer { addr, stop: Some(stop), thread: Some(thread) })
+}
+
+/// Loads the model, starts the engine worker and binds the listener.
+async fn prepare(cfg: ServerConfig) -> Result<(tokio::net::TcpListener, Router)> {
     let mut engine = Engine::load_with(&cfg.model_dir, &cfg.load)
         .with_context(|| format!("loading the model {}", cfg.model_dir.display()))?;
     if let Some(n) = cfg.max_context {
@@ -145,21 +212,16 @@ async fn serve_async(cfg: ServerConfig) -> Result<()> {
         })
         .map_err(|_| anyhow::anyhow!("--host {}: not an address", cfg.host))?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-    eprintln!(
-        "[flashmoe] serving {} on http://{}{}{}",
-        state.model_name,
-        listener.local_addr()?,
-        if state.api_key.is_some() { " (API key required)" } else { "" },
-        if scripted { " — SCRIPTED REPLIES (test harness): output is not sampled from the model" } else { "" }
-    );
-    let app = router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .context("serving")?;
-    Ok(())
+    if !cfg.quiet {
+        eprintln!(
+            "[flashmoe] serving {} on http://{}{}{}",
+            state.model_name,
+            listener.local_addr()?,
+            if state.api_key.is_some() { " (API key required)" } else { "" },
+            if scripted { " — SCRIPTED REPLIES (test harness): output is not sampled from the model" } else { "" }
+        );
+    }
+    Ok((listener, router(state)))
 }
 
 fn router(state: Shared) -> Router {
