@@ -75,7 +75,8 @@ def type_line(text):
 
 
 def start_chat(url, env, extra=""):
-    cmd = f"{BIN} chat --url {url} {extra}; echo CHAT-EXITED-$?; sleep 600"
+    target = f"--url {url}" if url else ""
+    cmd = f"{BIN} chat {target} {extra}; echo CHAT-EXITED-$?; sleep 600"
     envs = " ".join(f"{k}={v}" for k, v in env.items())
     tmux("kill-session", "-t", SESSION, check=False)
     tmux("-u", "new-session", "-d", "-s", SESSION, "-x", "150", "-y", "50", f"env {envs} {cmd}")
@@ -161,6 +162,15 @@ def main():
                  "Understood, I did not read the file.", "/help for commands")
         type_line("/quit")
         wait_for("CHAT-EXITED-0")
+
+        # 5. --model: the engine runs inside the chat process (no server started by us).
+        if not mock:
+            start_chat(None, env, f"--model {MODEL} --serve-args '--scripted-replies {script_path}'")
+            wait_for("/help for commands", timeout=60)
+            type_line("hello there")
+            wait_for("scripted reply", "second point")
+            type_line("/quit")
+            wait_for("CHAT-EXITED-0")
         print(f"ok: chat tmux test passed in {time.time() - t0:.1f} s ({'mock server' if mock else 'flashmoe serve'})")
     finally:
         tmux("kill-session", "-t", SESSION, check=False)
