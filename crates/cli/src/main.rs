@@ -587,7 +587,8 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
     Ok(())
 }
 
-struct Bar(ProgressBar);
+/// A progress bar for `convert` and `synth`.
+pub(crate) struct Bar(pub(crate) ProgressBar);
 
 impl ConvertProgress for Bar {
     fn start(&self, bytes: u64) {
@@ -733,7 +734,8 @@ fn info(a: InfoArgs) -> Result<()> {
 }
 
 fn devices() -> Result<()> {
-    println!("cpu: {} threads, kernels {}", rayon::current_num_threads_or_default(), flashmoe_kernels::simd_level());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("cpu: {threads} threads, kernels {}", flashmoe_kernels::simd_level());
     #[cfg(feature = "cuda")]
     match flashmoe::cuda::probe() {
         Ok(gpus) if gpus.is_empty() => println!("cuda: no GPU"),
@@ -749,19 +751,6 @@ fn devices() -> Result<()> {
     Ok(())
 }
 
-mod rayon {
-    pub fn current_num_threads_or_default() -> usize {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    }
-}
-
-fn fmt_bytes(b: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 { format!("{b} B") } else { format!("{v:.1} {}", U[i]) }
+pub(crate) fn fmt_bytes(b: u64) -> String {
+    flashmoe::memory::fmt(b)
 }

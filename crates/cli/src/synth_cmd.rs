@@ -2,7 +2,6 @@
 
 use anyhow::Result;
 use clap::Args;
-use flashmoe::packed::convert::ConvertProgress;
 use flashmoe::synth::{Geometry, SynthOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -53,20 +52,7 @@ pub struct SynthArgs {
     pub force: bool,
 }
 
-struct Bar(ProgressBar);
-
-impl ConvertProgress for Bar {
-    fn start(&self, bytes: u64) {
-        self.0.set_length(bytes);
-    }
-    fn advance(&self, bytes: u64) -> bool {
-        self.0.inc(bytes);
-        true
-    }
-    fn message(&self, msg: &str) {
-        self.0.set_message(msg.to_string());
-    }
-}
+use crate::Bar;
 
 pub fn run(a: SynthArgs) -> Result<()> {
     let opts = SynthOptions {
@@ -138,13 +124,4 @@ pub fn run(a: SynthArgs) -> Result<()> {
     Ok(())
 }
 
-fn fmt_bytes(b: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 { format!("{b} B") } else { format!("{v:.1} {}", U[i]) }
-}
+use crate::fmt_bytes;
