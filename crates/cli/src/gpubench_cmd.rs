@@ -11,7 +11,8 @@
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use flashmoe::bench::Spread;
-use flashmoe::cuda::{CudaDevice, DevBuf, DevFormat, DevMatrix, GemvKernels, parse_device};
+use flashmoe::cuda::gemv::AFFINE_VARIANTS;
+use flashmoe::cuda::{AffineVariant, CudaDevice, DevBuf, DevFormat, DevMatrix, GemvKernels, parse_device};
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -211,11 +212,19 @@ fn gemv(a: GemvBenchArgs) -> Result<()> {
                 _ => vec![true],
             };
             let mut best_here: Option<(usize, String, Spread)> = None;
-            for (rw, x_global) in rws.iter().flat_map(|&r| x_paths.iter().map(move |&g| (r, g))) {
-                let (regs, local) = k.resources(format, rw, x_global)?;
+            let variants: Vec<AffineVariant> = AFFINE_VARIANTS.into_iter().filter(|v| v.applies(format)).collect();
+            let default_variant = AffineVariant::default_for(format);
+            let mut combos: Vec<(AffineVariant, usize, bool)> = Vec::new();
+            for &v in &variants {
+                for &r in &rws {
+                    combos.extend(x_paths.iter().map(|&g| (v, r, g)));
+                }
+            }
+            for (variant, rw, x_global) in combos {
+                let (regs, local) = k.resources(format, rw, x_global, variant)?;
                 let launch_all = |mats: &[DevMatrix], x: &DevBuf, y: &DevBuf| -> Result<()> {
                     for m in mats {
-                        k.gemv_with(&dev, m, x, y, Some(rw), x_global)?;
+                        k.gemv_variant(&dev, m, x, y, Some(rw), x_global, variant)?;
                     }
                     Ok(())
                 };
@@ -235,7 +244,8 @@ fn gemv(a: GemvBenchArgs) -> Result<()> {
                 })?;
                 let pct = 100.0 * graph_s.median / copy.median;
                 let us = bytes as f64 / (graph_s.median * 1e9) * 1e6;
-                let fname = if affine && x_global { format!("{}/gx", format.name()) } else { format.name() };
+                let base = format!("{}{}", format.name(), variant.suffix());
+                let fname = if affine && x_global { format!("{base}/gx") } else { base };
                 println!(
                     "{:<12} {:<10} {:>3} {:>4} {:>9.1} {:>6}  {:>21} {:>21} {:>5.0}% {:>5.1}{}{}",
                     format!("{cols}→{rows}"),
@@ -249,10 +259,14 @@ fn gemv(a: GemvBenchArgs) -> Result<()> {
                     pct,
                     us,
                     if local > 0 { format!("  (local {local} B)") } else { String::new() },
-                    if rw == default_rw && affine && !x_global { "  *default" } else { "" }
+                    if rw == default_rw && affine && !x_global && variant == default_variant {
+                        "  *default"
+                    } else {
+                        ""
+                    }
                 );
                 records.push(json!({
-                    "in": cols, "out": rows, "format": format.name(), "x_global": affine && x_global, "rows_per_warp": rw, "default_rows_per_warp": default_rw,
+                    "in": cols, "out": rows, "format": format.name(), "variant": variant.suffix(), "x_global": affine && x_global, "rows_per_warp": rw, "default_rows_per_warp": default_rw,
                     "regs": regs, "local_bytes": local, "bytes": bytes, "copies": ncopies, "calls_per_rep": calls,
                     "stream_gbs": {"min": stream.min, "median": stream.median, "max": stream.max},
                     "graph_gbs": {"min": graph_s.min, "median": graph_s.median, "max": graph_s.max},

@@ -5,7 +5,8 @@
 
 use anyhow::{Result, anyhow, bail};
 use clap::Args;
-use flashmoe::cuda::{CudaDevice, DevFormat, DevMatrix, GemvKernels, gemv::ROWS_PER_WARP, parse_device};
+use flashmoe::cuda::gemv::AFFINE_VARIANTS;
+use flashmoe::cuda::{AffineVariant, CudaDevice, DevFormat, DevMatrix, GemvKernels, gemv::ROWS_PER_WARP, parse_device};
 use flashmoe_kernels::{FloatType, MatRef, matvec};
 use std::time::Instant;
 
@@ -126,8 +127,12 @@ pub fn run(a: SelftestArgs) -> Result<()> {
             let rpws: &[usize] = if affine { &ROWS_PER_WARP } else { &[1] };
             // Affine: both x paths (padded shared-memory copy, and global memory).
             let paths: &[bool] = if affine { &[false, true] } else { &[false] };
-            for (&rpw, &x_global) in rpws.iter().flat_map(|r| paths.iter().map(move |p| (r, p))) {
-                let name = if x_global { format!("{}/gx", format.name()) } else { format.name() };
+            let variants: Vec<AffineVariant> = AFFINE_VARIANTS.into_iter().filter(|v| v.applies(format)).collect();
+            let combos =
+                variants.iter().flat_map(|&v| rpws.iter().flat_map(move |&r| paths.iter().map(move |&p| (v, r, p))));
+            for (variant, rpw, x_global) in combos {
+                let base = format!("{}{}", format.name(), variant.suffix());
+                let name = if x_global { format!("{base}/gx") } else { base };
                 // Fresh x for every launch.
                 let x: Vec<f32> = (0..cols).map(|_| rng.f32(-1.0, 1.0)).collect();
                 let mut want = vec![0f32; rows];
@@ -135,7 +140,7 @@ pub fn run(a: SelftestArgs) -> Result<()> {
                 let dx = dev.upload_f32(&x)?;
                 let dy = dev.alloc(rows * 4)?;
                 dy.fill_bytes(0xFF)?; // every f32 a NaN: an unwritten output fails
-                k.gemv_with(&dev, &dm, &dx, &dy, Some(rpw), x_global)?;
+                k.gemv_variant(&dev, &dm, &dx, &dy, Some(rpw), x_global, variant)?;
                 let got = dy.read_f32()?;
                 let (mut err, mut scale, mut finite) = (0f64, 0f64, true);
                 for (g, r) in got.iter().zip(&want) {

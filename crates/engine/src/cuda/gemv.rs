@@ -152,12 +152,64 @@ impl DevMatrix {
     }
 }
 
+/// Inner-loop family of the affine kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AffineVariant {
+    /// One LOP3 + FADD + FFMA per code (every bit width).
+    Fadd,
+    /// 4 bits only: codes shifted to bits 15..22, one LOP3 + FFMA per code plus 4 shifts per 8
+    /// codes; the float offset is removed once per segment.
+    Shift,
+    /// 4 bits only: [`Self::Fadd`] math, next step's loads issued before the current step's math.
+    Prefetch,
+    /// 4 bits only: [`Self::Shift`] math with [`Self::Prefetch`] loads.
+    ShiftPrefetch,
+}
+
+/// Every variant, in the order the benchmarks and self-test show them.
+pub const AFFINE_VARIANTS: [AffineVariant; 4] =
+    [AffineVariant::Fadd, AffineVariant::Shift, AffineVariant::Prefetch, AffineVariant::ShiftPrefetch];
+
+impl AffineVariant {
+    /// Suffix in kernel names shown by the benchmarks and self-test ("" or "s").
+    pub fn suffix(self) -> &'static str {
+        match self {
+            AffineVariant::Fadd => "",
+            AffineVariant::Shift => "s",
+            AffineVariant::Prefetch => "p",
+            AffineVariant::ShiftPrefetch => "sp",
+        }
+    }
+
+    /// Whether this variant has kernels for `format`.
+    pub fn applies(self, format: DevFormat) -> bool {
+        match self {
+            AffineVariant::Fadd => true,
+            _ => matches!(format, DevFormat::Affine { bits: 4, .. }),
+        }
+    }
+
+    /// The variant used when the caller does not choose (see docs/performance.md, "CUDA GEMV").
+    pub fn default_for(format: DevFormat) -> Self {
+        if DEFAULT_4BIT.applies(format) { DEFAULT_4BIT } else { AffineVariant::Fadd }
+    }
+}
+
+/// The variant 4-bit matrices use by default.
+const DEFAULT_4BIT: AffineVariant = AffineVariant::Fadd;
+
+/// (bits, group, rows per warp, shared-memory bytes, variant) of a shared-x affine launch.
+type OccupancyKey = (u32, usize, usize, usize, AffineVariant);
+
 /// The loaded GEMV module.
 pub struct GemvKernels {
     /// (bits, group, rows per warp) → (x in shared memory, x in global memory) kernels.
     affine: HashMap<(u32, usize, usize), (CudaFunction, CudaFunction)>,
-    /// Resident blocks per SM of a shared-x kernel, by (bits, group, rows per warp, smem bytes).
-    occupancy: Mutex<HashMap<(u32, usize, usize, usize), u32>>,
+    /// 4-bit kernels of the other variants by (variant, group, rows per warp).
+    affine_v4: HashMap<(AffineVariant, usize, usize), (CudaFunction, CudaFunction)>,
+    /// Resident blocks per SM of a shared-x kernel, by (bits, group, rows per warp, smem bytes,
+    /// variant).
+    occupancy: Mutex<HashMap<OccupancyKey, u32>>,
     f32: CudaFunction,
     bf16: CudaFunction,
     read_stream: CudaFunction,
@@ -183,8 +235,20 @@ impl GemvKernels {
                 }
             }
         }
+        let mut affine_v4 = HashMap::new();
+        for v in AFFINE_VARIANTS.into_iter().filter(|&v| v != AffineVariant::Fadd) {
+            let n = v.suffix();
+            for gs in [32usize, 64, 128] {
+                for rw in ROWS_PER_WARP {
+                    let sx = dev.function(&m, &format!("affine_gemv_{n}_b4_g{gs}_r{rw}"))?;
+                    let gx = dev.function(&m, &format!("affine_gemv_{n}_gx_b4_g{gs}_r{rw}"))?;
+                    affine_v4.insert((v, gs, rw), (sx, gx));
+                }
+            }
+        }
         Ok(GemvKernels {
             affine,
+            affine_v4,
             occupancy: Mutex::new(HashMap::new()),
             f32: dev.function(&m, "dense_gemv_f32")?,
             bf16: dev.function(&m, "dense_gemv_bf16")?,
@@ -203,8 +267,14 @@ impl GemvKernels {
     }
 
     /// Registers per thread and local (spilled) bytes of the kernel for `format`.
-    pub fn resources(&self, format: DevFormat, rw: usize, x_global: bool) -> Result<(i32, i32)> {
-        let f = self.func(format, rw, x_global)?;
+    pub fn resources(
+        &self,
+        format: DevFormat,
+        rw: usize,
+        x_global: bool,
+        variant: AffineVariant,
+    ) -> Result<(i32, i32)> {
+        let f = self.func(format, rw, x_global, variant)?;
         let regs = f
             .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_NUM_REGS)
             .map_err(|e| CudaError(format!("{e:?}")))?;
@@ -214,8 +284,18 @@ impl GemvKernels {
         Ok((regs, local))
     }
 
-    fn func(&self, format: DevFormat, rw: usize, x_global: bool) -> Result<&CudaFunction> {
+    fn func(&self, format: DevFormat, rw: usize, x_global: bool, variant: AffineVariant) -> Result<&CudaFunction> {
         match format {
+            DevFormat::Affine { bits: 4, group_size } if variant != AffineVariant::Fadd => self
+                .affine_v4
+                .get(&(variant, group_size, rw))
+                .map(|(sx, gx)| if x_global { gx } else { sx })
+                .ok_or_else(|| {
+                    CudaError(format!("no 4-bit {variant:?} kernel for group {group_size}, {rw} rows/warp"))
+                }),
+            _ if variant != AffineVariant::Fadd => {
+                Err(CudaError(format!("no {variant:?} kernel for {}", format.name())))
+            }
             DevFormat::Affine { bits, group_size } => {
                 self.affine.get(&(bits, group_size, rw)).map(|(sx, gx)| if x_global { gx } else { sx }).ok_or_else(
                     || CudaError(format!("no affine kernel for {bits} bits, group {group_size}, {rw} rows/warp")),
@@ -257,6 +337,22 @@ impl GemvKernels {
         rows_per_warp: Option<usize>,
         x_global: bool,
     ) -> Result<()> {
+        self.gemv_variant(dev, m, x, y, rows_per_warp, x_global, AffineVariant::default_for(m.format))
+    }
+
+    /// [`Self::gemv_with`] with the affine kernel family chosen by the caller (it must
+    /// [apply](AffineVariant::applies) to the matrix's format).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_variant(
+        &self,
+        dev: &CudaDevice,
+        m: &DevMatrix,
+        x: &DevBuf,
+        y: &DevBuf,
+        rows_per_warp: Option<usize>,
+        x_global: bool,
+        variant: AffineVariant,
+    ) -> Result<()> {
         if x.len() < m.cols * 4 || y.len() < m.rows * 4 {
             return Err(CudaError(format!(
                 "gemv [{}, {}]: x has {} bytes, y {} (need {} and {})",
@@ -280,12 +376,12 @@ impl GemvKernels {
             }
             _ => (1, 0, true),
         };
-        let f = self.func(m.format, rw, x_global)?;
+        let f = self.func(m.format, rw, x_global, variant)?;
         let warps = m.rows.div_ceil(rw);
         let mut grid = (warps * 32).div_ceil(BLOCK as usize);
         if let (DevFormat::Affine { bits, group_size }, false) = (m.format, x_global) {
             // Persistent grid: x is staged once per block, so launch only what stays resident.
-            let key = (bits, group_size, rw, smem);
+            let key = (bits, group_size, rw, smem, variant);
             let mut occ = self.occupancy.lock().map_err(|_| CudaError::new("occupancy cache poisoned"))?;
             let per_sm = match occ.get(&key) {
                 Some(&n) => n,

@@ -12,7 +12,7 @@ pub mod gemv;
 mod kernels;
 
 pub use context::{CudaDevice, CudaError, DevBuf, Graph, Result, Timer};
-pub use gemv::{DevFormat, DevMatrix, GemvKernels};
+pub use gemv::{AffineVariant, DevFormat, DevMatrix, GemvKernels};
 
 use cudarc::driver::CudaContext;
 

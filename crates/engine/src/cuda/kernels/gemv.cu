@@ -42,11 +42,43 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Issues the loads of chunks c0, c0+32, ... (U of them, those < nch) of the RW rows, with the
+// scales and biases of their segments.
+template <int U, int RW, int SEGS, int VPC, int SEGV, int GS>
+__device__ __forceinline__ void load_chunks(const uint4* (&wr)[RW], const u16* (&sr)[RW], const u16* (&br)[RW], int c0,
+                                            int nch, uint4 (&q)[U][RW], u16 (&sc)[U][RW][SEGS],
+                                            u16 (&bi)[U][RW][SEGS]) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int c = c0 + 32 * u;
+        if (c < nch) {
+#pragma unroll
+            for (int i = 0; i < RW; i++) {
+                q[u][i] = ld_stream(wr[i] + c);
+#pragma unroll
+                for (int s = 0; s < SEGS; s++) {
+                    const int g = (c * VPC + s * SEGV) / GS;
+                    sc[u][i][s] = __ldg(sr[i] + g);
+                    bi[u][i][s] = __ldg(br[i] + g);
+                }
+            }
+        }
+    }
+}
+
 // One warp computes rows row0 .. row0+RW-1. x values of chunk c, offset o are read at
 // xv[c * XSTRIDE + o]: XSTRIDE = VPC for x in global memory, VPC + 4 for the padded copy in shared
 // memory (the 16-byte pad per chunk makes the warp's 16-byte reads, VPC*4 bytes apart per lane,
 // fall in distinct banks).
-template <int BITS, int GS, int RW, int XSTRIDE>
+//
+// V bit 1 (4 bits only, "prefetch" variants `affine_gemv_p_*` / `_sp_*`): the loads of the
+// next step's chunks are issued before the current ones are used (twice the bytes in flight).
+// V bit 0 (4 bits only, "shift" variants `affine_gemv_s_*` / `_sp_*`): no FADD per code. The word is
+// shifted so that codes 2p and 2p+1 sit at bits 15..18 and 19..22 (4 shifts per 8 codes); then
+// (v & 0xF<<15) | 0x4B000000 = 2^23 + q·2^15 (or q·2^19) goes straight into the FFMA, and the
+// 2^23·Σx the offset adds is taken off once per segment (the q part is ≥ 2^-8 of the float, so
+// f32 rounding of the products costs ~2^-16 of a term). 20 instead of 25 ops per 8 codes.
+template <int BITS, int GS, int RW, int XSTRIDE, int V>
 __device__ __forceinline__ void affine_rows(const uint4* __restrict__ w, const u16* __restrict__ scales,
                                             const u16* __restrict__ biases, const float* __restrict__ x,
                                             float* __restrict__ y, int rows, int cols, long long row0) {
@@ -76,24 +108,27 @@ __device__ __forceinline__ void affine_rows(const uint4* __restrict__ w, const u
 #pragma unroll
     for (int i = 0; i < RW; i++) acc[i] = 0.f;
 
+    uint4 nq[U][RW];
+    u16 nsc[U][RW][SEGS], nbi[U][RW][SEGS];
+    if constexpr ((V & 2) != 0) load_chunks<U, RW, SEGS, VPC, SEGV, GS>(wr, sr, br, lane, nch, nq, nsc, nbi);
     for (int c0 = lane; c0 < nch; c0 += 32 * U) {
         uint4 q[U][RW];
         u16 sc[U][RW][SEGS], bi[U][RW][SEGS];
+        if constexpr ((V & 2) != 0) {
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int c = c0 + 32 * u;
-            if (c < nch) {
+            for (int u = 0; u < U; u++)
 #pragma unroll
                 for (int i = 0; i < RW; i++) {
-                    q[u][i] = ld_stream(wr[i] + c);
+                    q[u][i] = nq[u][i];
 #pragma unroll
                     for (int s = 0; s < SEGS; s++) {
-                        const int g = (c * VPC + s * SEGV) / GS;
-                        sc[u][i][s] = __ldg(sr[i] + g);
-                        bi[u][i][s] = __ldg(br[i] + g);
+                        sc[u][i][s] = nsc[u][i][s];
+                        bi[u][i][s] = nbi[u][i][s];
                     }
                 }
-            }
+            load_chunks<U, RW, SEGS, VPC, SEGV, GS>(wr, sr, br, c0 + 32 * U, nch, nq, nsc, nbi);
+        } else {
+            load_chunks<U, RW, SEGS, VPC, SEGV, GS>(wr, sr, br, c0, nch, q, sc, bi);
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
@@ -106,7 +141,7 @@ __device__ __forceinline__ void affine_rows(const uint4* __restrict__ w, const u
                 for (int i = 0; i < RW; i++)
 #pragma unroll
                     for (int k = 0; k < VPW; k++) part[i][k] = 0.f;
-                float xs = 0.f;
+                float xs = 0.f, xe = 0.f, xo = 0.f;
 #pragma unroll
                 for (int j = 0; j < WPS; j++) {
                     const int wi = s * WPS + j;
@@ -120,31 +155,69 @@ __device__ __forceinline__ void affine_rows(const uint4* __restrict__ w, const u
                         xv[4 * v + 2] = t.z;
                         xv[4 * v + 3] = t.w;
                     }
+                    if constexpr ((V & 1) != 0 && BITS == 4) {
 #pragma unroll
-                    for (int k = 0; k < VPW; k++) xs += xv[k];
+                        for (int k = 0; k < VPW; k += 2) {
+                            xe += xv[k];
+                            xo += xv[k + 1];
+                        }
 #pragma unroll
-                    for (int i = 0; i < RW; i++) {
-                        const u32 wd = word_of(q[u][i], wi);
-                        const u32 hi = wd >> 16;
+                        for (int i = 0; i < RW; i++) {
+                            const u32 wd = word_of(q[u][i], wi);
+                            const u32 v[4] = {wd << 15, wd << 7, wd >> 1, wd >> 9};
 #pragma unroll
-                        for (int k = 0; k < VPW; k++) {
-                            const int sk = k * BITS;
-                            const u32 m = (sk + BITS <= 23) ? (wd & (MASK << sk)) : (hi & (MASK << (sk >= 16 ? sk - 16 : 0)));
-                            const float f = __uint_as_float(m | 0x4B000000u) - 8388608.0f;
-                            part[i][k] = fmaf(f, xv[k], part[i][k]);
+                            for (int p = 0; p < 4 && 2 * p + 1 < VPW; p++) {
+                                const float f0 = __uint_as_float((v[p] & (0xFu << 15)) | 0x4B000000u);
+                                const float f1 = __uint_as_float((v[p] & (0xFu << 19)) | 0x4B000000u);
+                                part[i][2 * p] = fmaf(f0, xv[2 * p], part[i][2 * p]);
+                                part[i][2 * p + 1] = fmaf(f1, xv[2 * p + 1], part[i][2 * p + 1]);
+                            }
+                        }
+                    } else {
+#pragma unroll
+                        for (int k = 0; k < VPW; k++) xs += xv[k];
+#pragma unroll
+                        for (int i = 0; i < RW; i++) {
+                            const u32 wd = word_of(q[u][i], wi);
+                            const u32 hi = wd >> 16;
+#pragma unroll
+                            for (int k = 0; k < VPW; k++) {
+                                const int sk = k * BITS;
+                                const u32 m = (sk + BITS <= 23) ? (wd & (MASK << sk))
+                                                                : (hi & (MASK << (sk >= 16 ? sk - 16 : 0)));
+                                const float f = __uint_as_float(m | 0x4B000000u) - 8388608.0f;
+                                part[i][k] = fmaf(f, xv[k], part[i][k]);
+                            }
                         }
                     }
                 }
+                if constexpr ((V & 1) != 0 && BITS == 4) {
+                    xs = xe + xo;
 #pragma unroll
-                for (int i = 0; i < RW; i++) {
-                    float d = 0.f;
+                    for (int i = 0; i < RW; i++) {
+                        float e = 0.f, o = 0.f;
 #pragma unroll
-                    for (int k = 0; k < VPW; k++) {
-                        const int sk = k * BITS;
-                        const int sh = (sk + BITS <= 23) ? sk : sk - 16;
-                        d = fmaf(part[i][k], __uint_as_float((u32)(127 - sh) << 23), d);
+                        for (int k = 0; k < VPW; k += 2) {
+                            e += part[i][k];
+                            o += part[i][k + 1];
+                        }
+                        e = fmaf(-8388608.0f, xe, e);
+                        o = fmaf(-8388608.0f, xo, o);
+                        const float d = fmaf(o, 1.0f / 524288.0f, e * (1.0f / 32768.0f));
+                        acc[i] = fmaf(bf16_to_f32(sc[u][i][s]), d, fmaf(bf16_to_f32(bi[u][i][s]), xs, acc[i]));
                     }
-                    acc[i] = fmaf(bf16_to_f32(sc[u][i][s]), d, fmaf(bf16_to_f32(bi[u][i][s]), xs, acc[i]));
+                } else {
+#pragma unroll
+                    for (int i = 0; i < RW; i++) {
+                        float d = 0.f;
+#pragma unroll
+                        for (int k = 0; k < VPW; k++) {
+                            const int sk = k * BITS;
+                            const int sh = (sk + BITS <= 23) ? sk : sk - 16;
+                            d = fmaf(part[i][k], __uint_as_float((u32)(127 - sh) << 23), d);
+                        }
+                        acc[i] = fmaf(bf16_to_f32(sc[u][i][s]), d, fmaf(bf16_to_f32(bi[u][i][s]), xs, acc[i]));
+                    }
                 }
             }
         }
@@ -157,19 +230,19 @@ __device__ __forceinline__ void affine_rows(const uint4* __restrict__ w, const u
 }
 
 // x read from global memory (L1): one warp per RW rows, grid covers all rows. For any cols.
-template <int BITS, int GS, int RW>
+template <int BITS, int GS, int RW, int V>
 __device__ __forceinline__ void affine_gemv_gx(const uint4* __restrict__ w, const u16* __restrict__ scales,
                                                const u16* __restrict__ biases, const float* __restrict__ x,
                                                float* __restrict__ y, int rows, int cols) {
     constexpr int VPC = 128 / BITS;
     const long long row0 = (((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * RW;
-    if (row0 < rows) affine_rows<BITS, GS, RW, VPC>(w, scales, biases, x, y, rows, cols, row0);
+    if (row0 < rows) affine_rows<BITS, GS, RW, VPC, V>(w, scales, biases, x, y, rows, cols, row0);
 }
 
 // x staged once per block into padded shared memory (dynamic, (cols/VPC)*(VPC+4) floats), then a
 // persistent loop over tiles of (warps per block * RW) rows. Without the staging, the strided
 // 16-byte x reads of a warp touch 32 cache lines each and L1 becomes the bottleneck.
-template <int BITS, int GS, int RW>
+template <int BITS, int GS, int RW, int V>
 __device__ __forceinline__ void affine_gemv_sx(const uint4* __restrict__ w, const u16* __restrict__ scales,
                                                const u16* __restrict__ biases, const float* __restrict__ x,
                                                float* __restrict__ y, int rows, int cols) {
@@ -187,7 +260,7 @@ __device__ __forceinline__ void affine_gemv_sx(const uint4* __restrict__ w, cons
     const long long ntiles = ((long long)rows + (long long)warps * RW - 1) / ((long long)warps * RW);
     for (long long t = blockIdx.x; t < ntiles; t += gridDim.x) {
         const long long row0 = (t * warps + wib) * RW;
-        if (row0 < rows) affine_rows<BITS, GS, RW, VPC + 4>(w, scales, biases, xsm, y, rows, cols, row0);
+        if (row0 < rows) affine_rows<BITS, GS, RW, VPC + 4, V>(w, scales, biases, xsm, y, rows, cols, row0);
     }
 }
 
@@ -195,18 +268,36 @@ __device__ __forceinline__ void affine_gemv_sx(const uint4* __restrict__ w, cons
     extern "C" __global__ void __launch_bounds__(128) affine_gemv_b##B##_g##G##_r##R(                        \
         const uint4* __restrict__ w, const u16* __restrict__ s, const u16* __restrict__ b,                       \
         const float* __restrict__ x, float* __restrict__ y, int rows, int cols) {                               \
-        affine_gemv_sx<B, G, R>(w, s, b, x, y, rows, cols);                                                     \
+        affine_gemv_sx<B, G, R, 0>(w, s, b, x, y, rows, cols);                                                     \
     }                                                                                                           \
     extern "C" __global__ void __launch_bounds__(128) affine_gemv_gx_b##B##_g##G##_r##R(                     \
         const uint4* __restrict__ w, const u16* __restrict__ s, const u16* __restrict__ b,                       \
         const float* __restrict__ x, float* __restrict__ y, int rows, int cols) {                               \
-        affine_gemv_gx<B, G, R>(w, s, b, x, y, rows, cols);                                                     \
+        affine_gemv_gx<B, G, R, 0>(w, s, b, x, y, rows, cols);                                                     \
     }
 #define AFFINE_RW(B, G) AFFINE(B, G, 1) AFFINE(B, G, 2) AFFINE(B, G, 4)
 #define AFFINE_G(B) AFFINE_RW(B, 32) AFFINE_RW(B, 64) AFFINE_RW(B, 128)
 AFFINE_G(2)
 AFFINE_G(4)
 AFFINE_G(8)
+
+// 4-bit variants (V = 1 shift, 2 prefetch, 3 both; see affine_rows).
+#define AFFINE_V(N, V, G, R)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(128) affine_gemv_##N##_b4_g##G##_r##R(                       \
+        const uint4* __restrict__ w, const u16* __restrict__ s, const u16* __restrict__ b,                       \
+        const float* __restrict__ x, float* __restrict__ y, int rows, int cols) {                               \
+        affine_gemv_sx<4, G, R, V>(w, s, b, x, y, rows, cols);                                                  \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(128) affine_gemv_##N##_gx_b4_g##G##_r##R(                    \
+        const uint4* __restrict__ w, const u16* __restrict__ s, const u16* __restrict__ b,                       \
+        const float* __restrict__ x, float* __restrict__ y, int rows, int cols) {                               \
+        affine_gemv_gx<4, G, R, V>(w, s, b, x, y, rows, cols);                                                  \
+    }
+#define AFFINE_V_RW(N, V, G) AFFINE_V(N, V, G, 1) AFFINE_V(N, V, G, 2) AFFINE_V(N, V, G, 4)
+#define AFFINE_V_G(N, V) AFFINE_V_RW(N, V, 32) AFFINE_V_RW(N, V, 64) AFFINE_V_RW(N, V, 128)
+AFFINE_V_G(s, 1)
+AFFINE_V_G(p, 2)
+AFFINE_V_G(sp, 3)
 
 // Dense GEMV, one warp per row, 16-byte loads, 4 chunks in flight per lane.
 // T = 0: f32 weights (4 per chunk); T = 1: bf16 weights (8 per chunk). cols % (4 or 8) == 0.
