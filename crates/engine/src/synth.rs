@@ -42,8 +42,8 @@
 use crate::error::{Error, Result};
 use crate::packed::convert::ConvertProgress;
 use crate::packed::{
-    ALIGN, COPIED_FILES, ExpertFile, FORMAT_NAME, FORMAT_VERSION, MANIFEST, Manifest, QuantInfo, TensorEntry,
-    WEIGHTS_FILE, align_up, expert_file_name, xxh3_hex,
+    ALIGN, COPIED_FILES, ExpertFile, FORMAT_NAME, FORMAT_VERSION, Manifest, QuantInfo, TensorEntry, WEIGHTS_FILE,
+    align_up, expert_file_name, xxh3_hex,
 };
 use crate::routing::{self, ProfileLayer};
 use half::bf16;
@@ -1167,21 +1167,7 @@ pub fn synth(opts: &SynthOptions, progress: &dyn ConvertProgress) -> Result<Synt
         experts: expert_files,
         copied_files: copied.clone(),
     };
-    let mpath = partial.join(MANIFEST);
-    let mf = std::fs::File::create(&mpath).map_err(io_err(&mpath))?;
-    serde_json::to_writer(std::io::BufWriter::new(&mf), &manifest).map_err(|e| Error::file(&mpath, e.to_string()))?;
-    mf.sync_all().map_err(io_err(&mpath))?;
-
-    if dst.exists() {
-        let old = dst.with_file_name(format!("{}.old-{}", name.to_string_lossy(), std::process::id()));
-        std::fs::rename(dst, &old).map_err(|e| Error::file(dst, format!("cannot move the old output aside: {e}")))?;
-        std::fs::rename(&partial, dst)
-            .map_err(|e| Error::file(dst, format!("cannot rename the finished output: {e}")))?;
-        let _ = std::fs::remove_dir_all(&old);
-    } else {
-        std::fs::rename(&partial, dst)
-            .map_err(|e| Error::file(dst, format!("cannot rename the finished output: {e}")))?;
-    }
+    crate::packed::convert::finish_output(&partial, dst, &manifest)?;
     let seconds = t0.elapsed().as_secs_f64();
     let total = non_expert_bytes + expert_bytes;
     Ok(SynthReport {

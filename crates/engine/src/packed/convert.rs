@@ -531,20 +531,27 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn Con
         experts: expert_files,
         copied_files: copied,
     };
-    // The manifest is written last: a folder without it is not a packed model.
+    finish_output(&partial, dst, &manifest)?;
+    Ok(ConvertReport { dst: dst.to_path_buf(), non_expert_bytes, expert_bytes, rmse: ctx.rmse })
+}
+
+/// Completes a packed output written under `partial`: the manifest goes in last (a folder without
+/// it is not a packed model), then the folder is renamed to `dst`, replacing an old `dst` only
+/// once the new one is complete.
+pub(crate) fn finish_output(partial: &Path, dst: &Path, manifest: &Manifest) -> Result<()> {
     let mpath = partial.join(MANIFEST);
     let mf = std::fs::File::create(&mpath).map_err(io_err(&mpath))?;
-    serde_json::to_writer(BufWriter::new(&mf), &manifest).map_err(|e| Error::file(&mpath, e.to_string()))?;
+    serde_json::to_writer(BufWriter::new(&mf), manifest).map_err(|e| Error::file(&mpath, e.to_string()))?;
     mf.sync_all().map_err(io_err(&mpath))?;
-
+    let name = dst.file_name().ok_or_else(|| Error::file(dst, "destination has no folder name"))?;
     if dst.exists() {
         let old = dst.with_file_name(format!("{}.old-{}", name.to_string_lossy(), std::process::id()));
         std::fs::rename(dst, &old).map_err(|e| Error::file(dst, format!("cannot move the old output aside: {e}")))?;
-        std::fs::rename(&partial, dst)
+        std::fs::rename(partial, dst)
             .map_err(|e| Error::file(dst, format!("cannot rename the finished output: {e}")))?;
         let _ = std::fs::remove_dir_all(&old);
     } else {
-        std::fs::rename(&partial, dst)
+        std::fs::rename(partial, dst)
             .map_err(|e| Error::file(dst, format!("cannot rename the finished output: {e}")))?;
     }
     if let Some(parent) = dst.parent().filter(|p| !p.as_os_str().is_empty())
@@ -552,7 +559,7 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn Con
     {
         let _ = d.sync_all();
     }
-    Ok(ConvertReport { dst: dst.to_path_buf(), non_expert_bytes, expert_bytes, rmse: ctx.rmse })
+    Ok(())
 }
 
 /// Encodes one layer's experts (in parallel, a bounded batch at a time) into one file of
