@@ -100,15 +100,7 @@ fn fmt_spread(s: &Spread) -> String {
 fn gemv(a: GemvBenchArgs) -> Result<()> {
     let dev = CudaDevice::open(parse_device(&a.device)?)?;
     let k = GemvKernels::load(&dev)?;
-    println!(
-        "device  cuda:{} {} ({}, {} SMs, {} MiB L2, {} GiB)",
-        dev.ordinal,
-        dev.name,
-        dev.arch(),
-        dev.sm_count,
-        dev.l2_bytes >> 20,
-        dev.total_memory >> 30
-    );
+    println!("device  {}", dev.describe());
     let reps = a.reps.max(1);
 
     // Device-to-device copy of 1 GiB: read + write bytes per second.

@@ -63,15 +63,7 @@ pub fn run(a: SelftestArgs) -> Result<()> {
     }
     let ordinal = parse_device(&a.device)?;
     let dev = CudaDevice::open(ordinal)?;
-    println!(
-        "device  cuda:{} {} ({}, {} SMs, {} MiB L2, {} GiB)",
-        dev.ordinal,
-        dev.name,
-        dev.arch(),
-        dev.sm_count,
-        dev.l2_bytes >> 20,
-        dev.total_memory >> 30
-    );
+    println!("device  {}", dev.describe());
     let t = Instant::now();
     let k = GemvKernels::load(&dev)?;
     println!(

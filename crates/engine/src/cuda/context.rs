@@ -88,6 +88,19 @@ impl CudaDevice {
     }
 
     /// `sm_90` etc.
+    /// One line naming the device: ordinal, name, arch, SMs, L2 and memory.
+    pub fn describe(&self) -> String {
+        format!(
+            "cuda:{} {} ({}, {} SMs, {} MiB L2, {} GiB)",
+            self.ordinal,
+            self.name,
+            self.arch(),
+            self.sm_count,
+            self.l2_bytes >> 20,
+            self.total_memory >> 30
+        )
+    }
+
     pub fn arch(&self) -> String {
         format!("sm_{}{}", self.cc.0, self.cc.1)
     }
