@@ -116,6 +116,8 @@ struct RunArgs {
     max_context: Option<usize>,
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Print a per-layer time breakdown averaged over the decode tokens.
     #[arg(long)]
     timing: bool,
@@ -126,6 +128,38 @@ struct RunArgs {
     /// hidden state). Off by default: it only wins when reads are slow and guesses good.
     #[arg(long)]
     prefetch: bool,
+}
+
+/// Where the forward pass runs.
+#[derive(Args, Clone, Debug)]
+pub struct DeviceArgs {
+    /// auto (a GPU when one works and the model fits, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: flashmoe::device::DeviceChoice,
+    /// GPU memory for routed experts (e.g. 20G), or auto: what is free after the weights, the
+    /// workspace and 8K tokens of state, minus a margin.
+    #[arg(long, default_value = "auto")]
+    pub gpu_cache: flashmoe::device::GpuCache,
+}
+
+impl DeviceArgs {
+    pub fn options(&self) -> flashmoe::device::DeviceOptions {
+        flashmoe::device::DeviceOptions { device: self.device, gpu_cache: self.gpu_cache }
+    }
+}
+
+/// Prints where the model runs (and why `auto` stayed on the CPU, when it did).
+pub fn print_device(m: &Model) {
+    if let Some(note) = &m.device_note {
+        eprintln!("[flashmoe] device: cpu ({note})");
+        return;
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(g) = &m.gpu {
+        eprintln!("[flashmoe] device: {}", g.describe(m));
+        return;
+    }
+    eprintln!("[flashmoe] device: cpu");
 }
 
 /// How a packed model's experts are read and cached.
@@ -201,6 +235,8 @@ struct LogitsArgs {
     experts: Option<usize>,
     #[arg(long)]
     max_context: Option<usize>,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(Args)]
@@ -262,6 +298,8 @@ struct PplArgs {
     max_tokens: Option<usize>,
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -343,8 +381,10 @@ fn run(mut a: RunArgs) -> Result<()> {
     // its token count.
     let context =
         a.max_context.unwrap_or(0).max(a.prompt.len() + a.system.as_ref().map_or(0, |s| s.len()) + 64 + a.max_tokens);
-    let (opts, chunk) = a.store.load_options(model_path, context, a.prompt.len() + 64)?;
+    let (mut opts, chunk) = a.store.load_options(model_path, context, a.prompt.len() + 64)?;
+    opts.device = a.device.options();
     let mut engine = Engine::load_with(model_path, &opts)?;
+    print_device(&engine.model);
     engine.model.fetch_chunk = chunk;
     if let Some(store) = &engine.model.expert_store {
         eprintln!(
@@ -508,7 +548,9 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
 
 fn logits(a: LogitsArgs) -> Result<()> {
     let ids = parse_ids(&a.ids)?;
-    let mut model = Model::load(&a.model)?;
+    let opts = flashmoe::qwen35::LoadOptions { device: a.device.options(), ..Default::default() };
+    let mut model = Model::load_with(&a.model, &opts)?;
+    print_device(&model);
     if let Some(k) = a.experts {
         model.set_experts_per_token(k)?;
     }
@@ -647,8 +689,10 @@ fn convert(a: ConvertArgs) -> Result<()> {
 
 fn ppl(a: PplArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.file).map_err(|e| anyhow!("{}: {e}", a.file.display()))?;
-    let (opts, chunk) = a.store.load_options(&a.model, a.window, a.window)?;
+    let (mut opts, chunk) = a.store.load_options(&a.model, a.window, a.window)?;
+    opts.device = a.device.options();
     let mut engine = Engine::load_with(&a.model, &opts)?;
+    print_device(&engine.model);
     engine.model.fetch_chunk = chunk;
     if let Some(k) = a.experts {
         engine.model.set_experts_per_token(k)?;

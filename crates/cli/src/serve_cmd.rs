@@ -50,6 +50,8 @@ pub struct ServeArgs {
     /// RAM cache eviction: lfu, lfu:N or lru.
     #[arg(long, default_value = "lfu")]
     cache_policy: CachePolicy,
+    #[command(flatten)]
+    device: crate::DeviceArgs,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -70,6 +72,7 @@ pub fn config(a: ServeArgs) -> Result<ServerConfig> {
     cfg.load.store.io = a.io;
     cfg.load.store.io_threads = a.io_threads;
     cfg.load.store.cache_policy = a.cache_policy;
+    cfg.load.device = a.device.options();
     if let Some(r) = &a.ram_cache {
         cfg.load.store.ram_cache_bytes = parse_size(r).map_err(|e| anyhow!("--ram-cache {e}"))?;
     }

@@ -546,6 +546,35 @@ pub struct DecodeReport {
     pub routing: Routing,
     pub experts_per_token: usize,
     pub num_experts: usize,
+    /// GPU figures over the measured steps, when the model ran on a GPU.
+    pub gpu: Option<GpuDecodeInfo>,
+}
+
+/// What a GPU decode moved and the limits it is held against.
+#[derive(Clone, Debug, Default)]
+pub struct GpuDecodeInfo {
+    pub device: String,
+    pub pool_slots: usize,
+    pub total_experts: usize,
+    /// Every expert was loaded into the GPU cache before measuring.
+    pub preloaded: bool,
+    pub pool_hits: u64,
+    pub pool_misses: u64,
+    pub h2d_bytes: u64,
+    /// Bytes the GPU must read (and state it must write) per decode token with every expert
+    /// resident: non-expert weights, k routed experts per layer, recurrent states, KV cache.
+    pub bytes_per_token: f64,
+    /// Device-to-device copy bandwidth, read + write bytes per second (the memory roofline).
+    pub d2d_bw: f64,
+    /// Pinned host-to-device copy bandwidth, bytes per second (the PCIe limit).
+    pub h2d_bw: f64,
+}
+
+impl GpuDecodeInfo {
+    pub fn hit_rate(&self) -> f64 {
+        let n = self.pool_hits + self.pool_misses;
+        if n == 0 { 1.0 } else { self.pool_hits as f64 / n as f64 }
+    }
 }
 
 impl DecodeReport {
@@ -626,12 +655,19 @@ fn set_uniform_routers(model: &mut Model, rng: &mut Rng) -> Result<()> {
         // Column 0 could be tiny for some hidden state; any column works, pick one at random.
         l.moe.router = uniform_router(e, h, rng.below(h), rng)?;
     }
+    #[cfg(feature = "cuda")]
+    if let Some(g) = model.gpu.as_mut() {
+        for (li, l) in model.weights.layers.iter().enumerate() {
+            g.set_router(li, &l.moe.router)?;
+        }
+    }
     Ok(())
 }
 
-/// Loads a packed model streaming its experts with `store` options.
-pub fn load_streamed(dir: &Path, store: &StoreOptions) -> Result<Model> {
-    let model = Model::load_with(dir, &LoadOptions { stream_experts: true, store: store.clone() })?;
+/// Loads a packed model streaming its experts with `store` options, on `device`.
+pub fn load_streamed(dir: &Path, store: &StoreOptions, device: &crate::device::DeviceOptions) -> Result<Model> {
+    let model =
+        Model::load_with(dir, &LoadOptions { stream_experts: true, store: store.clone(), device: device.clone() })?;
     if model.expert_store.is_none() {
         return Err(Error::input(format!(
             "{} is not a packed model: bench decode streams experts from a packed model (`flashmoe convert` or `flashmoe synth`)",
@@ -660,6 +696,16 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions) -> Result<Deco
     }
     reset_peak_rss();
     model.enable_timing();
+    #[cfg(feature = "cuda")]
+    let mut preloaded = false;
+    #[cfg(feature = "cuda")]
+    if let Some(g) = &model.gpu
+        && g.pool_slots == cfg.num_layers * cfg.num_experts
+    {
+        // Everything fits: measure the all-resident case, not first-touch copies.
+        g.preload(model)?;
+        preloaded = true;
+    }
     let mut state = model.new_state();
     let tok = |rng: &mut Rng| rng.below(cfg.vocab_size) as u32;
     let prompt: Vec<u32> = (0..opts.prefill.max(1)).map(|_| tok(&mut rng)).collect();
@@ -678,6 +724,8 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions) -> Result<Deco
     }
     model.reset_timing();
     let before = store.snapshot();
+    #[cfg(feature = "cuda")]
+    let gpu_before = model.gpu.as_ref().map(|g| g.snapshot());
     let mut step_secs = Vec::with_capacity(opts.tokens);
     for _ in 0..opts.tokens {
         let id = tok(&mut rng);
@@ -691,6 +739,24 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions) -> Result<Deco
     let io = store.snapshot().since(&before);
     let io_wait_secs = model.timing_snapshot().map_or(io.wait_secs, |v| v.iter().map(|t| t.io_wait).sum());
     model.timings = None;
+    #[allow(unused_mut)]
+    let mut gpu = None;
+    #[cfg(feature = "cuda")]
+    if let (Some(g), Some(b)) = (&model.gpu, gpu_before) {
+        let d = g.snapshot().since(&b);
+        gpu = Some(GpuDecodeInfo {
+            device: g.dev.describe(),
+            pool_slots: g.pool_slots,
+            total_experts: cfg.num_layers * cfg.num_experts,
+            preloaded,
+            pool_hits: d.pool_hits,
+            pool_misses: d.pool_misses,
+            h2d_bytes: d.h2d_bytes,
+            bytes_per_token: g.decode_bytes_per_token(model, state.pos),
+            d2d_bw: g.measure_d2d_bandwidth()?,
+            h2d_bw: g.measure_h2d_bandwidth()?,
+        });
+    }
     Ok(DecodeReport {
         prefill_tokens: prompt.len(),
         prefill_secs,
@@ -708,6 +774,7 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions) -> Result<Deco
         routing: opts.routing,
         experts_per_token: k,
         num_experts: cfg.num_experts,
+        gpu,
     })
 }
 

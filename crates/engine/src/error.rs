@@ -17,6 +17,16 @@ pub enum Error {
     Input(String),
     #[error("{0}")]
     Text(#[from] flashmoe_text::TextError),
+    /// A GPU (driver, compiler, memory) failure.
+    #[error("GPU: {0}")]
+    Device(String),
+}
+
+#[cfg(feature = "cuda")]
+impl From<crate::cuda::CudaError> for Error {
+    fn from(e: crate::cuda::CudaError) -> Self {
+        Error::Device(e.0)
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

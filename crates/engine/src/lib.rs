@@ -9,6 +9,7 @@ pub mod builtin;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device;
 pub mod error;
 pub mod eval;
 pub mod experts;

@@ -169,6 +169,10 @@ pub fn spawn(cfg: ServerConfig) -> Result<RunningServer> {
 async fn prepare(cfg: ServerConfig) -> Result<(tokio::net::TcpListener, Router)> {
     let mut engine = Engine::load_with(&cfg.model_dir, &cfg.load)
         .with_context(|| format!("loading the model {}", cfg.model_dir.display()))?;
+    match &engine.model.device_note {
+        Some(note) => tracing::info!("device: cpu ({note})"),
+        None => tracing::info!("device: {}", engine.model.device_name()),
+    }
     if let Some(n) = cfg.max_context {
         if n == 0 {
             bail!("--max-context must be at least 1");

@@ -360,6 +360,45 @@ impl DevBuf {
         Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
+    /// Copies `data` into the start of the buffer and waits for the copy (no `&mut`: the
+    /// buffer's address is what kernels see, and the copy is ordered on the stream).
+    pub fn copy_from_host(&self, data: &[u8]) -> Result<()> {
+        if data.len() > self.len {
+            return Err(CudaError(format!("write of {} bytes into a buffer of {}", data.len(), self.len)));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: the destination range is inside this live allocation; `data` outlives the copy
+        // because the stream is synchronized before returning.
+        unsafe { result::memcpy_htod_async(self.ptr(), data, self.stream.cu_stream()) }.ctx("cuMemcpyHtoDAsync")?;
+        self.stream.synchronize().ctx("stream synchronize")
+    }
+
+    /// The first `n` bytes (waits for the stream).
+    pub fn read_bytes(&self, n: usize) -> Result<Vec<u8>> {
+        if n > self.len {
+            return Err(CudaError(format!("read of {n} bytes from a buffer of {}", self.len)));
+        }
+        let mut bytes = vec![0u8; n];
+        if n > 0 {
+            let view = self.slice.slice(0..n);
+            self.stream.memcpy_dtoh(&view, &mut bytes).ctx("cuMemcpyDtoH")?;
+        }
+        self.stream.synchronize().ctx("stream synchronize (a kernel failed?)")?;
+        Ok(bytes)
+    }
+
+    /// The first `n` f32 values.
+    pub fn read_f32_n(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(self.read_bytes(n * 4)?.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    /// The first `n` i32 values.
+    pub fn read_i32_n(&self, n: usize) -> Result<Vec<i32>> {
+        Ok(self.read_bytes(n * 4)?.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
     /// Fills every byte with `b` (stream-ordered). 0xFF makes every f32 a NaN.
     pub fn fill_bytes(&self, b: u8) -> Result<()> {
         // SAFETY: the range is this live allocation.

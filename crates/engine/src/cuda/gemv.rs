@@ -146,10 +146,79 @@ impl DevMatrix {
         }
     }
 
+    /// Raw-pointer view of the matrix (for launches).
+    pub fn view(&self) -> MatView {
+        MatView {
+            format: self.format,
+            rows: self.rows,
+            cols: self.cols,
+            w: self.w.ptr(),
+            s: self.scales.as_ref().map_or(0, |b| b.ptr()),
+            b: self.biases.as_ref().map_or(0, |b| b.ptr()),
+        }
+    }
+
     /// Bytes one GEMV reads from the matrix: weights + scales + biases.
     pub fn bytes(&self) -> usize {
         self.w.len() + self.scales.as_ref().map_or(0, |b| b.len()) + self.biases.as_ref().map_or(0, |b| b.len())
     }
+}
+
+/// A matrix by device address: a [`DevMatrix`], or one matrix of an expert in a GPU cache slot.
+#[derive(Clone, Copy, Debug)]
+pub struct MatView {
+    pub format: DevFormat,
+    pub rows: usize,
+    pub cols: usize,
+    pub w: u64,
+    /// Affine only (0 otherwise).
+    pub s: u64,
+    pub b: u64,
+}
+
+impl MatView {
+    pub fn bytes(&self) -> usize {
+        match self.format {
+            DevFormat::Affine { bits, group_size } => {
+                self.rows * self.cols * bits as usize / 8 + 4 * self.rows * (self.cols / group_size)
+            }
+            DevFormat::Bf16 => self.rows * self.cols * 2,
+            DevFormat::F32 => self.rows * self.cols * 4,
+        }
+    }
+}
+
+/// One problem of a batched GEMV launch (layout shared with `GemvProblem` in gemv.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GemvProblem {
+    w: u64,
+    s: u64,
+    b: u64,
+    x: u64,
+    y: u64,
+    rows: i32,
+    cols: i32,
+    /// x is [gate (cols); up (cols)] and the input is silu(gate)·up (SwiGLU fused into staging).
+    swiglu: i32,
+}
+
+/// Problems per batched launch (`MAXP` in gemv.cu).
+pub const MAX_BATCH: usize = 24;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GemvBatch {
+    p: [GemvProblem; MAX_BATCH],
+}
+
+/// A GEMV of a batch: `y = m·x`, or `y = m·(silu(g)⊙u)` with x = [g; u] when `swiglu`.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchItem {
+    pub m: MatView,
+    pub x: u64,
+    pub y: u64,
+    pub swiglu: bool,
 }
 
 /// Inner-loop family of the affine kernels.
@@ -212,6 +281,14 @@ pub struct GemvKernels {
     occupancy: Mutex<HashMap<OccupancyKey, u32>>,
     f32: CudaFunction,
     bf16: CudaFunction,
+    /// Batched affine kernels by (bits, group, rows per warp); dense by f32/bf16.
+    batch_affine: HashMap<(u32, usize, usize), CudaFunction>,
+    batch_f32: CudaFunction,
+    batch_bf16: CudaFunction,
+    /// Multi-token GEMM (prefill) by bits; dense f32/bf16.
+    gemm_affine: HashMap<u32, CudaFunction>,
+    gemm_f32: CudaFunction,
+    gemm_bf16: CudaFunction,
     read_stream: CudaFunction,
     fill_u32: CudaFunction,
     fill_bf16: CudaFunction,
@@ -246,7 +323,27 @@ impl GemvKernels {
                 }
             }
         }
+        let mut batch_affine = HashMap::new();
+        for bits in [2u32, 4, 8] {
+            for gs in [32usize, 64, 128] {
+                for rw in [1usize, 2] {
+                    batch_affine
+                        .insert((bits, gs, rw), dev.function(&m, &format!("affine_gemv_batch_b{bits}_g{gs}_r{rw}"))?);
+                }
+            }
+        }
+        let fw = dev.module(kernels::FORWARD)?;
+        let mut gemm_affine = HashMap::new();
+        for bits in [2u32, 4, 8] {
+            gemm_affine.insert(bits, dev.function(&fw, &format!("gemm_affine_b{bits}"))?);
+        }
         Ok(GemvKernels {
+            batch_affine,
+            batch_f32: dev.function(&m, "dense_gemv_batch_f32")?,
+            batch_bf16: dev.function(&m, "dense_gemv_batch_bf16")?,
+            gemm_affine,
+            gemm_f32: dev.function(&fw, "gemm_f32")?,
+            gemm_bf16: dev.function(&fw, "gemm_bf16")?,
             affine,
             affine_v4,
             occupancy: Mutex::new(HashMap::new()),
@@ -364,6 +461,21 @@ impl GemvKernels {
                 m.rows * 4
             )));
         }
+        self.gemv_raw(dev, &m.view(), x.ptr(), y.ptr(), rows_per_warp, x_global, variant)
+    }
+
+    /// `y = m·x` on device addresses: x must hold `cols` f32 and y `rows` f32 (not checked).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_raw(
+        &self,
+        dev: &CudaDevice,
+        m: &MatView,
+        x: u64,
+        y: u64,
+        rows_per_warp: Option<usize>,
+        x_global: bool,
+        variant: AffineVariant,
+    ) -> Result<()> {
         if m.rows == 0 {
             return Ok(());
         }
@@ -398,11 +510,11 @@ impl GemvKernels {
         }
         let grid = u32::try_from(grid).map_err(|_| CudaError::new("gemv grid too large"))?;
         let smem = smem as u32;
-        let (mut pw, mut px, mut py) = (m.w.ptr(), x.ptr(), y.ptr());
+        let (mut pw, mut px, mut py) = (m.w, x, y);
         let (mut rows, mut cols) = (m.rows as i32, m.cols as i32);
-        match (&m.scales, &m.biases) {
-            (Some(s), Some(b)) => {
-                let (mut ps, mut pb) = (s.ptr(), b.ptr());
+        match m.format {
+            DevFormat::Affine { .. } => {
+                let (mut ps, mut pb) = (m.s, m.b);
                 let mut args: [*mut c_void; 7] = [
                     (&mut pw as *mut u64).cast(),
                     (&mut ps as *mut u64).cast(),
@@ -428,6 +540,136 @@ impl GemvKernels {
                 unsafe { dev.launch(f, grid, BLOCK, 0, &mut args) }
             }
         }
+    }
+
+    /// Enqueues every GEMV of `items` in as few launches as the formats allow (one per format and
+    /// per [`MAX_BATCH`] items). Sizes are not checked: x and y must hold what each matrix needs.
+    pub fn gemv_batch(&self, dev: &CudaDevice, items: &[BatchItem]) -> Result<()> {
+        let mut formats: Vec<DevFormat> = Vec::new();
+        for it in items {
+            if !formats.contains(&it.m.format) {
+                formats.push(it.m.format);
+            }
+        }
+        for f in formats {
+            let group: Vec<&BatchItem> = items.iter().filter(|it| it.m.format == f).collect();
+            for chunk in group.chunks(MAX_BATCH) {
+                self.launch_batch(dev, f, chunk)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn launch_batch(&self, dev: &CudaDevice, format: DevFormat, items: &[&BatchItem]) -> Result<()> {
+        let mut batch = GemvBatch { p: [GemvProblem::default(); MAX_BATCH] };
+        for (p, it) in batch.p.iter_mut().zip(items) {
+            *p = GemvProblem {
+                w: it.m.w,
+                s: it.m.s,
+                b: it.m.b,
+                x: it.x,
+                y: it.y,
+                rows: it.m.rows as i32,
+                cols: it.m.cols as i32,
+                swiglu: it.swiglu as i32,
+            };
+        }
+        let max_rows = items.iter().map(|it| it.m.rows).max().unwrap_or(0);
+        let max_cols = items.iter().map(|it| it.m.cols).max().unwrap_or(0);
+        if max_rows == 0 {
+            return Ok(());
+        }
+        let np = items.len();
+        let warps = (BLOCK / 32) as usize;
+        let (f, smem, grid_x) = match format {
+            DevFormat::Affine { bits, group_size } => {
+                let smem = Self::x_smem_bytes(bits, max_cols);
+                if smem > MAX_X_SMEM {
+                    return Err(CudaError(format!("batched GEMV: {max_cols} inputs do not fit in shared memory")));
+                }
+                let rw = if max_rows * np / 2 >= dev.sm_count * 8 { 2 } else { 1 };
+                let f = self
+                    .batch_affine
+                    .get(&(bits, group_size, rw))
+                    .ok_or_else(|| CudaError(format!("no batched kernel for {bits} bits, group {group_size}")))?;
+                let key = (bits, group_size, rw, smem, AffineVariant::Fadd);
+                let per_sm = {
+                    let mut occ = self.occupancy.lock().map_err(|_| CudaError::new("occupancy cache poisoned"))?;
+                    match occ.get(&key) {
+                        Some(&n) => n,
+                        None => {
+                            let n = f
+                                .occupancy_max_active_blocks_per_multiprocessor(BLOCK, smem, None)
+                                .map_err(|e| CudaError(format!("occupancy query: {e:?}")))?
+                                .max(1);
+                            occ.insert(key, n);
+                            n
+                        }
+                    }
+                };
+                let tiles = max_rows.div_ceil(warps * rw);
+                let resident = (dev.sm_count * per_sm as usize).div_ceil(np);
+                (f, smem as u32, tiles.min(resident).max(1))
+            }
+            DevFormat::F32 => (&self.batch_f32, 0, max_rows.div_ceil(warps).min(dev.sm_count * 16)),
+            DevFormat::Bf16 => (&self.batch_bf16, 0, max_rows.div_ceil(warps).min(dev.sm_count * 16)),
+        };
+        let mut args: [*mut c_void; 1] = [(&mut batch as *mut GemvBatch).cast()];
+        // SAFETY: the kernel takes one GemvBatch by value (same repr(C) layout); the caller
+        // guarantees every pointer covers its problem.
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                f.cu_function(),
+                (grid_x as u32, np as u32, 1),
+                (BLOCK, 1, 1),
+                smem,
+                dev.stream.cu_stream(),
+                &mut args,
+            )
+        }
+        .map_err(|e| CudaError(format!("cuLaunchKernel (batched GEMV): {e:?}")))
+    }
+
+    /// `y[t] = m·x[t]` for `t` tokens (x is [t, cols], y [t, rows]): the prefill GEMM. Weights are
+    /// read once per 8 tokens. Sizes are not checked.
+    pub fn gemm(&self, dev: &CudaDevice, m: &MatView, x: u64, y: u64, t: usize) -> Result<()> {
+        if m.rows == 0 || t == 0 {
+            return Ok(());
+        }
+        let (f, gs) = match m.format {
+            DevFormat::Affine { bits, group_size } => (
+                self.gemm_affine.get(&bits).ok_or_else(|| CudaError(format!("no GEMM for {bits} bits")))?,
+                group_size as i32,
+            ),
+            DevFormat::F32 => (&self.gemm_f32, 0),
+            DevFormat::Bf16 => (&self.gemm_bf16, 0),
+        };
+        let (mut pw, mut ps, mut pb, mut px, mut py) = (m.w, m.s, m.b, x, y);
+        let (mut gs, mut rows, mut cols, mut tt) = (gs, m.rows as i32, m.cols as i32, t as i32);
+        let mut args: [*mut c_void; 9] = [
+            (&mut pw as *mut u64).cast(),
+            (&mut ps as *mut u64).cast(),
+            (&mut pb as *mut u64).cast(),
+            (&mut gs as *mut i32).cast(),
+            (&mut px as *mut u64).cast(),
+            (&mut py as *mut u64).cast(),
+            (&mut rows as *mut i32).cast(),
+            (&mut cols as *mut i32).cast(),
+            (&mut tt as *mut i32).cast(),
+        ];
+        let grid = ((m.rows * 32).div_ceil(256) as u32, t.div_ceil(8) as u32, 1);
+        // SAFETY: arguments match gemm_* (w, s, b, gs, x, y, rows, cols, T).
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                f.cu_function(),
+                grid,
+                (256, 1, 1),
+                0,
+                dev.stream.cu_stream(),
+                &mut args,
+            )
+        }
+        .map_err(|e| CudaError(format!("cuLaunchKernel (GEMM): {e:?}")))
     }
 
     /// Reads every 16-byte word of `buf` once (the read-only bandwidth probe); `scratch` must hold

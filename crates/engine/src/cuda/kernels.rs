@@ -2,3 +2,6 @@
 
 /// GEMV kernels (affine 2/4/8-bit, bf16, f32) and benchmark helpers.
 pub const GEMV: (&str, &str) = ("gemv", include_str!("kernels/gemv.cu"));
+
+/// Norms, RoPE, attention, GatedDeltaNet, router, MoE glue, embedding, prefill GEMM.
+pub const FORWARD: (&str, &str) = ("forward", include_str!("kernels/forward.cu"));

@@ -5,14 +5,20 @@
 //!   so we check for the library first.
 //! - [`CudaDevice`] (context.rs): context, stream, NVRTC compilation of the `.cu` sources in
 //!   `kernels/` for the device's architecture with an on-disk cubin cache, device buffers, timing.
-//! - [`gemv`]: the decode GEMV kernels (MLX affine 2/4/8-bit, bf16, f32) and their launchers.
+//! - [`gemv`]: the decode GEMV kernels (MLX affine 2/4/8-bit, bf16, f32), batched GEMV (all of
+//!   a token's experts in one launch) and the multi-token GEMM of prefill.
+//! - `ops`: launchers of the other forward kernels (norms, RoPE, attention, GatedDeltaNet,
+//!   router top-k, MoE glue, embedding).
+//! - [`model`]: the forward pass on the GPU, its sequence state and the GPU expert pool.
 
 pub mod context;
 pub mod gemv;
 mod kernels;
+pub mod model;
+mod ops;
 
 pub use context::{CudaDevice, CudaError, DevBuf, Graph, Result, Timer};
-pub use gemv::{AffineVariant, DevFormat, DevMatrix, GemvKernels};
+pub use gemv::{AffineVariant, BatchItem, DevFormat, DevMatrix, GemvKernels, MatView};
 
 use cudarc::driver::CudaContext;
 

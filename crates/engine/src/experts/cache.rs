@@ -40,14 +40,25 @@ impl CachePolicy {
     }
 }
 
-pub struct ExpertCache {
+/// What a cache holds per expert: a RAM buffer, or (GPU tier) a slot of device memory.
+pub trait CacheValue: Clone {
+    fn bytes(&self) -> u64;
+}
+
+impl CacheValue for Arc<AlignedBuf> {
+    fn bytes(&self) -> u64 {
+        self.len() as u64
+    }
+}
+
+pub struct ExpertCache<V: CacheValue = Arc<AlignedBuf>> {
     policy: CachePolicy,
     budget: u64,
     used: u64,
     tick: u64,
     /// Token clock for aging, advanced by the store.
     clock: f64,
-    entries: HashMap<ExpertKey, (Arc<AlignedBuf>, u64)>,
+    entries: HashMap<ExpertKey, (V, u64)>,
     order: BTreeSet<(u64, ExpertKey)>,
     /// log2 of each expert's decayed count referred to clock 0 (LFU), kept after eviction.
     lfu_log: HashMap<ExpertKey, f64>,
@@ -60,7 +71,9 @@ impl ExpertCache {
     pub fn new(budget: u64) -> Self {
         Self::with_policy(budget, CachePolicy::Lru)
     }
+}
 
+impl<V: CacheValue> ExpertCache<V> {
     pub fn with_policy(budget: u64, policy: CachePolicy) -> Self {
         ExpertCache {
             policy,
@@ -122,7 +135,7 @@ impl ExpertCache {
         self.entries.contains_key(&key)
     }
 
-    pub fn get(&mut self, key: ExpertKey) -> Option<Arc<AlignedBuf>> {
+    pub fn get(&mut self, key: ExpertKey) -> Option<V> {
         let (buf, old) = self.entries.get(&key).map(|(b, s)| (b.clone(), *s))?;
         let score = self.touch(key);
         self.order.remove(&(old, key));
@@ -133,21 +146,59 @@ impl ExpertCache {
 
     /// Inserts (a miss that was just read), evicting the lowest-scored entries until it fits. A
     /// buffer larger than the whole budget is not cached.
-    pub fn insert(&mut self, key: ExpertKey, buf: Arc<AlignedBuf>) {
-        let size = buf.len() as u64;
+    pub fn insert(&mut self, key: ExpertKey, buf: V) {
+        let _ = self.insert_protecting(key, buf, |_| false);
+    }
+
+    /// Removes and returns the lowest-scored entry that `protected` does not name.
+    pub fn evict_lowest(&mut self, protected: impl Fn(ExpertKey) -> bool) -> Option<(ExpertKey, V)> {
+        let (score, key) = *self.order.iter().find(|(_, k)| !protected(*k))?;
+        self.order.remove(&(score, key));
+        let (v, _) = self.entries.remove(&key)?;
+        self.used -= v.bytes();
+        Some((key, v))
+    }
+
+    /// Inserts `key`, evicting the lowest-scored entries that `protected` does not name, and
+    /// returns what was evicted. When the unprotected entries cannot make room, nothing changes
+    /// and the value comes back as the error.
+    pub fn insert_protecting(
+        &mut self,
+        key: ExpertKey,
+        value: V,
+        protected: impl Fn(ExpertKey) -> bool,
+    ) -> std::result::Result<Vec<(ExpertKey, V)>, V> {
+        let size = value.bytes();
         if size > self.budget || self.entries.contains_key(&key) {
-            return;
+            return Err(value);
         }
-        let score = self.touch(key);
-        while self.used + size > self.budget {
-            let Some((_, victim)) = self.order.pop_first() else { break };
-            if let Some((b, _)) = self.entries.remove(&victim) {
-                self.used -= b.len() as u64;
+        let mut victims = Vec::new();
+        let mut freed = 0;
+        for &(score, k) in &self.order {
+            if self.used - freed + size <= self.budget {
+                break;
+            }
+            if !protected(k) {
+                victims.push((score, k));
+                freed += self.entries[&k].0.bytes();
             }
         }
+        if self.used - freed + size > self.budget {
+            return Err(value);
+        }
+        let mut evicted = Vec::with_capacity(victims.len());
+        for (score, k) in victims {
+            self.order.remove(&(score, k));
+            if let Some((v, _)) = self.entries.remove(&k) {
+                self.used -= v.bytes();
+                evicted.push((k, v));
+            }
+        }
+        let score = self.touch(key);
         self.order.insert((score, key));
-        self.entries.insert(key, (buf, score));
+        self.entries.insert(key, (value, score));
         self.used += size;
+        Ok(evicted)
     }
 }
 

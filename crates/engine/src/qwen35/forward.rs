@@ -61,6 +61,9 @@ pub struct SequenceState {
     /// Number of tokens already processed (the position of the next token).
     pub pos: usize,
     pub layers: Vec<LayerState>,
+    /// The GPU copy of the caches, authoritative when present (GPU models).
+    #[cfg(feature = "cuda")]
+    pub(crate) dev: Option<crate::cuda::model::DevSeqState>,
 }
 
 impl SequenceState {

@@ -31,11 +31,13 @@ pub struct LoadOptions {
     /// experts' byte ranges in the safetensors files; for packed models, one blob each.
     pub stream_experts: bool,
     pub store: StoreOptions,
+    /// Where the forward pass runs (default: the CPU).
+    pub device: crate::device::DeviceOptions,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { stream_experts: true, store: StoreOptions::default() }
+        LoadOptions { stream_experts: true, store: StoreOptions::default(), device: Default::default() }
     }
 }
 pub use weights::{ModelWeights, SourceFormat};
@@ -47,7 +49,7 @@ pub struct Model {
     experts_per_token: usize,
     /// Longest sequence this instance accepts (prompt + generated).
     max_context: usize,
-    inv_freq: Vec<f32>,
+    pub(crate) inv_freq: Vec<f32>,
     /// When set, the chosen experts of every token and layer are appended here (layer-major
     /// within a token).
     /// When set, every routing decision is appended here as (layer, position, experts).
@@ -64,6 +66,11 @@ pub struct Model {
     pub prefetch_total: std::sync::atomic::AtomicU64,
     /// Per-layer time accumulators, when timing is on (`enable_timing`).
     pub timings: Option<Mutex<Vec<LayerTimes>>>,
+    /// Why `--device auto` stayed on the CPU, when it did.
+    pub device_note: Option<String>,
+    /// When set, `forward` runs on this GPU (see [`Model::use_gpu`]).
+    #[cfg(feature = "cuda")]
+    pub gpu: Option<crate::cuda::model::GpuModel>,
 }
 
 impl Model {
@@ -73,6 +80,12 @@ impl Model {
     }
 
     pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let mut m = Self::load_on_cpu(dir, opts)?;
+        m.device_note = m.place(&opts.device)?;
+        Ok(m)
+    }
+
+    fn load_on_cpu(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let config = ModelConfig::load(dir)?;
         if opts.stream_experts && dir.join(packed::MANIFEST).exists() {
             let manifest = packed::Manifest::load(dir)?;
@@ -122,7 +135,29 @@ impl Model {
             prefetch_guess: Mutex::new(vec![None; num_layers]),
             prefetch_hits: Default::default(),
             prefetch_total: Default::default(),
+            device_note: None,
+            #[cfg(feature = "cuda")]
+            gpu: None,
         }
+    }
+
+    /// Moves the forward pass to a GPU: uploads the non-expert weights and sets up the GPU expert
+    /// cache. States made before this call are uploaded on their next use.
+    #[cfg(feature = "cuda")]
+    pub fn use_gpu(&mut self, opts: &crate::cuda::model::GpuOptions) -> Result<()> {
+        self.gpu = None;
+        let g = crate::cuda::model::GpuModel::new(self, opts)?;
+        self.gpu = Some(g);
+        Ok(())
+    }
+
+    /// "cpu", or the GPU's one-line description.
+    pub fn device_name(&self) -> String {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.dev.describe();
+        }
+        "cpu".into()
     }
 
     /// Uses `k` routed experts per token instead of the model's own number (lossy when smaller).
@@ -183,7 +218,12 @@ impl Model {
                 },
             })
             .collect();
-        SequenceState { pos: 0, layers }
+        SequenceState {
+            pos: 0,
+            layers,
+            #[cfg(feature = "cuda")]
+            dev: None,
+        }
     }
 
     /// Runs `tokens` (consecutive positions starting at `state.pos`) through the model as one
@@ -207,6 +247,10 @@ impl Model {
                 state.pos,
                 self.max_context
             )));
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.forward(self, tokens, state, want);
         }
         let (t, h) = (tokens.len(), c.hidden_size);
         let mut x = vec![0.0f32; t * h];

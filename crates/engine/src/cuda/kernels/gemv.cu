@@ -402,3 +402,111 @@ extern "C" __global__ void fill_random_f32(float* __restrict__ p, u64 n, u32 see
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         p[i] = (float)(hash32(i, seed) >> 8) * (1.0f / 8388608.0f) - 1.0f;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Batched GEMV: up to MAXP independent problems (one matrix, one x, one y each) of the same format
+// in one launch; blockIdx.y picks the problem. Decode runs the gate and up projections of all of a
+// token's experts (routed and shared) in one launch and their down projections in another. The
+// descriptors travel by value in the kernel parameters (no host-to-device copy, graph-capturable).
+#define MAXP 24
+
+__device__ __forceinline__ float silu_(float g) { return g / (1.f + expf(-g)); }
+__device__ __forceinline__ float4 swiglu4(float4 g, float4 u) {
+    return make_float4(silu_(g.x) * u.x, silu_(g.y) * u.y, silu_(g.z) * u.z, silu_(g.w) * u.w);
+}
+struct GemvProblem {
+    const uint4* w;
+    const u16* s;
+    const u16* b;
+    const float* x;
+    float* y;
+    int rows;
+    int cols;
+    int swiglu;  // x is [gate (cols); up (cols)]; the input is silu(gate)·up
+};
+struct GemvBatch {
+    GemvProblem p[MAXP];
+};
+
+// Affine, x staged in shared memory (the caller sizes it for the largest cols of the batch).
+template <int BITS, int GS, int RW>
+__device__ __forceinline__ void affine_gemv_batch(const GemvBatch& batch) {
+    constexpr int VPC = 128 / BITS;
+    const GemvProblem& pr = batch.p[blockIdx.y];
+    extern __shared__ float4 xsm4[];
+    float* xsm = reinterpret_cast<float*>(xsm4);
+    const float4* x4 = reinterpret_cast<const float4*>(pr.x);
+    for (int i = threadIdx.x; i < pr.cols / 4; i += blockDim.x) {
+        const int e = 4 * i;
+        float4 v = __ldg(x4 + i);
+        if (pr.swiglu) v = swiglu4(v, __ldg(x4 + pr.cols / 4 + i));
+        reinterpret_cast<float4*>(xsm + (e / VPC) * (VPC + 4) + (e % VPC))[0] = v;
+    }
+    __syncthreads();
+    const int warps = blockDim.x >> 5;
+    const int wib = threadIdx.x >> 5;
+    const long long ntiles = ((long long)pr.rows + (long long)warps * RW - 1) / ((long long)warps * RW);
+    for (long long t = blockIdx.x; t < ntiles; t += gridDim.x) {
+        const long long row0 = (t * warps + wib) * RW;
+        if (row0 < pr.rows)
+            affine_rows<BITS, GS, RW, VPC + 4, 0>(pr.w, pr.s, pr.b, xsm, pr.y, pr.rows, pr.cols, row0);
+    }
+}
+
+#define AFFINE_BATCH(B, G, R)                                                                                \
+    extern "C" __global__ void __launch_bounds__(128) affine_gemv_batch_b##B##_g##G##_r##R(GemvBatch batch) { \
+        affine_gemv_batch<B, G, R>(batch);                                                                    \
+    }
+#define AFFINE_BATCH_RW(B, G) AFFINE_BATCH(B, G, 1) AFFINE_BATCH(B, G, 2)
+#define AFFINE_BATCH_G(B) AFFINE_BATCH_RW(B, 32) AFFINE_BATCH_RW(B, 64) AFFINE_BATCH_RW(B, 128)
+AFFINE_BATCH_G(2)
+AFFINE_BATCH_G(4)
+AFFINE_BATCH_G(8)
+
+// Dense (T = 0 f32, 1 bf16): one warp per row, grid-stride over rows.
+template <int T>
+__device__ __forceinline__ void dense_gemv_batch(const GemvBatch& batch) {
+    const GemvProblem& pr = batch.p[blockIdx.y];
+    const int warps = blockDim.x >> 5;
+    for (long long r0 = (long long)blockIdx.x * warps; r0 < pr.rows; r0 += (long long)gridDim.x * warps) {
+        const long long row = r0 + (threadIdx.x >> 5);
+        if (row >= pr.rows) continue;
+        const int lane = threadIdx.x & 31;
+        constexpr int VPC = T == 0 ? 4 : 8;
+        const int nch = pr.cols / VPC;
+        const uint4* wr = pr.w + row * nch;
+        float acc = 0.f;
+        for (int c = lane; c < nch; c += 32) {
+            const uint4 q = ld_stream(wr + c);
+            const float4* xp = reinterpret_cast<const float4*>(pr.x + (long long)c * VPC);
+            const float4* up = reinterpret_cast<const float4*>(pr.x + pr.cols + (long long)c * VPC);
+            if (T == 0) {
+                float4 t = __ldg(xp);
+                if (pr.swiglu) t = swiglu4(t, __ldg(up));
+                acc = fmaf(__uint_as_float(q.x), t.x, acc);
+                acc = fmaf(__uint_as_float(q.y), t.y, acc);
+                acc = fmaf(__uint_as_float(q.z), t.z, acc);
+                acc = fmaf(__uint_as_float(q.w), t.w, acc);
+            } else {
+                float4 a = __ldg(xp), b = __ldg(xp + 1);
+                if (pr.swiglu) {
+                    a = swiglu4(a, __ldg(up));
+                    b = swiglu4(b, __ldg(up + 1));
+                }
+                acc = fmaf(__uint_as_float(q.x << 16), a.x, acc);
+                acc = fmaf(__uint_as_float(q.x & 0xFFFF0000u), a.y, acc);
+                acc = fmaf(__uint_as_float(q.y << 16), a.z, acc);
+                acc = fmaf(__uint_as_float(q.y & 0xFFFF0000u), a.w, acc);
+                acc = fmaf(__uint_as_float(q.z << 16), b.x, acc);
+                acc = fmaf(__uint_as_float(q.z & 0xFFFF0000u), b.y, acc);
+                acc = fmaf(__uint_as_float(q.w << 16), b.z, acc);
+                acc = fmaf(__uint_as_float(q.w & 0xFFFF0000u), b.w, acc);
+            }
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) pr.y[row] = acc;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) dense_gemv_batch_f32(GemvBatch batch) { dense_gemv_batch<0>(batch); }
+extern "C" __global__ void __launch_bounds__(128) dense_gemv_batch_bf16(GemvBatch batch) { dense_gemv_batch<1>(batch); }

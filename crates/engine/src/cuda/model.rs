@@ -1,0 +1,1287 @@
+//! The Qwen3.5-MoE / Qwen3-Next forward pass on the GPU.
+//!
+//! Non-expert weights are uploaded once ([`GpuModel::new`]). Routed experts live in a pool of
+//! fixed-size slots in GPU memory ([`ExpertPool`]), filled on demand from the host tier (the
+//! expert store: its RAM cache, then the SSD) through pinned staging buffers on a copy stream.
+//! The sequence state (KV caches, conv windows, delta-rule states) stays on the GPU.
+//!
+//! A decode step synchronizes with the host once per layer, to learn the routed expert ids; the
+//! shared expert and the experts already in the pool are launched before the host looks at the
+//! misses, so the GPU computes them while the misses are read and copied, and each missed
+//! expert's compute waits only for its own copy (expert i's copy overlaps expert i−1's compute).
+//! Prefill runs up to `prefill_chunk` tokens per pass with multi-token GEMMs.
+//!
+//! Numerics: f32 activations and accumulation everywhere, like the CPU backend (no bf16 or TF32
+//! arithmetic); results differ from the CPU by summation order only.
+
+use super::context::{CudaDevice, CudaError, DevBuf, Result};
+use super::gemv::{AffineVariant, BatchItem, DevFormat, DevMatrix, GemvKernels, MatView};
+use super::ops::ForwardKernels;
+use crate::experts::cache::{CachePolicy, CacheValue, ExpertCache, ExpertKey};
+use crate::qwen35::weights::{ExpertSet, ExpertWeights, Mixer};
+use crate::qwen35::{LayerState, LogitsFor, Model, RoutingRecord, SequenceState};
+use crate::weights::Linear;
+use cudarc::driver::{CudaEvent, CudaStream};
+use flashmoe_kernels::{FloatType, MatData, MatRef};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+pub use crate::device::GpuCache;
+
+/// How to put a model on the GPU.
+#[derive(Clone, Debug)]
+pub struct GpuOptions {
+    pub ordinal: usize,
+    pub cache: GpuCache,
+    /// Most tokens per prefill pass (bounds the workspace).
+    pub prefill_chunk: usize,
+    /// Context the auto cache size leaves room for (KV cache).
+    pub reserve_context: usize,
+    pub cache_policy: CachePolicy,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        GpuOptions {
+            ordinal: 0,
+            cache: GpuCache::Auto,
+            prefill_chunk: 256,
+            reserve_context: 8192,
+            cache_policy: CachePolicy::LfuAging { half_life: 32.0 },
+        }
+    }
+}
+
+/// Counters since the model was put on the GPU.
+#[derive(Default, Debug)]
+pub struct GpuStats {
+    pub pool_hits: AtomicU64,
+    pub pool_misses: AtomicU64,
+    /// Host-to-GPU expert bytes.
+    pub h2d_bytes: AtomicU64,
+    pub tokens: AtomicU64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GpuSnapshot {
+    pub pool_hits: u64,
+    pub pool_misses: u64,
+    pub h2d_bytes: u64,
+    pub tokens: u64,
+}
+
+impl GpuSnapshot {
+    pub fn since(&self, before: &GpuSnapshot) -> GpuSnapshot {
+        GpuSnapshot {
+            pool_hits: self.pool_hits - before.pool_hits,
+            pool_misses: self.pool_misses - before.pool_misses,
+            h2d_bytes: self.h2d_bytes - before.h2d_bytes,
+            tokens: self.tokens - before.tokens,
+        }
+    }
+
+    pub fn hit_rate(&self) -> f64 {
+        let n = self.pool_hits + self.pool_misses;
+        if n == 0 { 1.0 } else { self.pool_hits as f64 / n as f64 }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weights.
+
+/// Host matrix → device matrix. Matrices made of several row ranges (Qwen3-Next's regrouped
+/// projections) are concatenated; f16 is widened to f32 (the GPU kernels take f32, bf16, affine).
+fn upload_linear(dev: &CudaDevice, l: &Linear) -> Result<DevMatrix> {
+    let mats = l.mats();
+    if mats.len() == 1 && !matches!(mats[0].data, MatData::Float { dtype: FloatType::F16, .. }) {
+        return DevMatrix::upload(dev, &mats[0]);
+    }
+    let mut parts: [Vec<u8>; 3] = Default::default();
+    let mut first: Option<MatData> = None;
+    for m in &mats {
+        match m.data {
+            MatData::Affine { weight, scales, biases, .. } => {
+                parts[0].extend_from_slice(weight);
+                parts[1].extend_from_slice(scales);
+                parts[2].extend_from_slice(biases);
+            }
+            MatData::Float { dtype: FloatType::F16, data } => {
+                for c in data.chunks_exact(2) {
+                    let v = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                    parts[0].extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            MatData::Float { data, .. } => parts[0].extend_from_slice(data),
+        }
+        first.get_or_insert(m.data);
+    }
+    let joined = match first.ok_or_else(|| CudaError::new("empty matrix"))? {
+        MatData::Affine { bits, group_size, sb_dtype, .. } => {
+            MatData::Affine { bits, group_size, weight: &parts[0], scales: &parts[1], biases: &parts[2], sb_dtype }
+        }
+        MatData::Float { dtype: FloatType::F16, .. } => MatData::Float { dtype: FloatType::F32, data: &parts[0] },
+        MatData::Float { dtype, .. } => MatData::Float { dtype, data: &parts[0] },
+    };
+    DevMatrix::upload(dev, &MatRef { data: joined, rows: l.rows(), cols: l.cols() })
+}
+
+struct DevExpert {
+    gate: DevMatrix,
+    up: DevMatrix,
+    down: DevMatrix,
+}
+
+impl DevExpert {
+    fn upload(dev: &CudaDevice, e: &ExpertWeights) -> Result<Self> {
+        Ok(DevExpert {
+            gate: upload_linear(dev, &e.gate)?,
+            up: upload_linear(dev, &e.up)?,
+            down: upload_linear(dev, &e.down)?,
+        })
+    }
+}
+
+#[allow(clippy::large_enum_variant)] // one per layer, built once
+enum DevMixer {
+    Attention {
+        q: DevMatrix,
+        k: DevMatrix,
+        v: DevMatrix,
+        o: DevMatrix,
+        q_norm: DevBuf,
+        k_norm: DevBuf,
+    },
+    DeltaNet {
+        qkv: DevMatrix,
+        z: DevMatrix,
+        b: DevMatrix,
+        a: DevMatrix,
+        out: DevMatrix,
+        conv: DevBuf,
+        dt_bias: DevBuf,
+        neg_a: DevBuf,
+        norm: DevBuf,
+    },
+}
+
+struct DevLayer {
+    input_norm: DevBuf,
+    post_norm: DevBuf,
+    mixer: DevMixer,
+    router: DevMatrix,
+    shared: DevExpert,
+    shared_gate: DevMatrix,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Expert pool.
+
+/// Byte offsets of one matrix inside a pool slot.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct MatLayout {
+    format: DevFormat,
+    rows: usize,
+    cols: usize,
+    w: usize,
+    s: usize,
+    b: usize,
+}
+
+impl MatLayout {
+    fn view(&self, base: u64) -> MatView {
+        let affine = matches!(self.format, DevFormat::Affine { .. });
+        MatView {
+            format: self.format,
+            rows: self.rows,
+            cols: self.cols,
+            w: base + self.w as u64,
+            s: if affine { base + self.s as u64 } else { 0 },
+            b: if affine { base + self.b as u64 } else { 0 },
+        }
+    }
+}
+
+/// Where gate, up and down sit in a slot, and the bytes the slot holds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct ExpertLayout {
+    mats: [MatLayout; 3],
+    bytes: usize,
+}
+
+const SLOT_ALIGN: usize = 256;
+
+/// The host byte ranges of one matrix: (weight, scales, biases) — the last two empty for floats.
+fn mat_pieces<'a>(l: &'a Linear, what: &str) -> Result<(MatLayout, [&'a [u8]; 3])> {
+    let mats = l.mats();
+    let [m] = mats.as_slice() else {
+        return Err(CudaError(format!("expert {what} is assembled from several tensors")));
+    };
+    let (format, pieces) = match m.data {
+        MatData::Affine { bits, group_size, weight, scales, biases, sb_dtype } => {
+            if sb_dtype != FloatType::BF16 {
+                return Err(CudaError(format!("GPU experts take bf16 scales/biases, not {sb_dtype:?}")));
+            }
+            (DevFormat::Affine { bits, group_size }, [weight, scales, biases])
+        }
+        MatData::Float { dtype: FloatType::F32, data } => (DevFormat::F32, [data, &[][..], &[][..]]),
+        MatData::Float { dtype: FloatType::BF16, data } => (DevFormat::Bf16, [data, &[][..], &[][..]]),
+        MatData::Float { dtype: FloatType::F16, .. } => {
+            return Err(CudaError::new("GPU experts do not take f16 weights (convert the model to bf16 or 4-bit)"));
+        }
+    };
+    format.check(m.rows, m.cols)?;
+    Ok((MatLayout { format, rows: m.rows, cols: m.cols, w: 0, s: 0, b: 0 }, pieces))
+}
+
+/// Host byte ranges and the slot offsets they go to.
+type Pieces<'a> = Vec<(usize, &'a [u8])>;
+
+/// The slot layout of an expert and its host pieces in slot order.
+fn expert_layout(e: &ExpertWeights) -> Result<(ExpertLayout, Pieces<'_>)> {
+    let mut off = 0;
+    let mut copies = Vec::new();
+    let mut mats = [MatLayout { format: DevFormat::F32, rows: 0, cols: 0, w: 0, s: 0, b: 0 }; 3];
+    for (i, (l, what)) in [(&e.gate, "gate"), (&e.up, "up"), (&e.down, "down")].into_iter().enumerate() {
+        let (mut ml, pieces) = mat_pieces(l, what)?;
+        let place = |p: &[u8], off: &mut usize| -> usize {
+            let at = *off;
+            *off = (*off + p.len()).next_multiple_of(SLOT_ALIGN);
+            at
+        };
+        ml.w = place(pieces[0], &mut off);
+        copies.push((ml.w, pieces[0]));
+        if !pieces[1].is_empty() {
+            ml.s = place(pieces[1], &mut off);
+            copies.push((ml.s, pieces[1]));
+            ml.b = place(pieces[2], &mut off);
+            copies.push((ml.b, pieces[2]));
+        }
+        mats[i] = ml;
+    }
+    Ok((ExpertLayout { mats, bytes: off }, copies))
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    index: usize,
+    bytes: u64,
+}
+
+impl CacheValue for Slot {
+    fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// Page-locked host memory (so host-to-GPU copies run asynchronously at full PCIe speed).
+struct Pinned {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a plain host allocation owned by the pool, used from the thread that holds the lock.
+unsafe impl Send for Pinned {}
+
+impl Pinned {
+    fn new(len: usize) -> Result<Self> {
+        // SAFETY: plain allocation call; the pointer is checked below.
+        let p = unsafe { cudarc::driver::result::malloc_host(len.max(1), 0) }
+            .map_err(|e| CudaError(format!("cuMemHostAlloc of {} MiB: {e:?}", len >> 20)))?;
+        Ok(Pinned { ptr: p.cast(), len })
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is valid for len bytes and uniquely borrowed here.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: allocated by cuMemHostAlloc, freed once.
+        let _ = unsafe { cudarc::driver::result::free_host(self.ptr.cast()) };
+    }
+}
+
+struct Staging {
+    buf: Pinned,
+    /// Recorded on the copy stream after this buffer's last copy.
+    done: CudaEvent,
+    in_flight: bool,
+}
+
+/// Routed experts in GPU memory: fixed-size slots, an eviction policy over (layer, expert), and
+/// the copy path from the host tier.
+struct ExpertPool {
+    mem: DevBuf,
+    slot_bytes: usize,
+    nslots: usize,
+    map: ExpertCache<Slot>,
+    free: Vec<usize>,
+    layouts: Vec<ExpertLayout>,
+    staging: Vec<Staging>,
+    next_staging: usize,
+    copy_stream: Arc<CudaStream>,
+    /// Slots read by kernels launched since the host last waited for the GPU: refilling one of
+    /// them first waits for the GPU.
+    in_use: HashSet<usize>,
+}
+
+impl ExpertPool {
+    fn base(&self, slot: usize) -> u64 {
+        self.mem.ptr() + (slot * self.slot_bytes) as u64
+    }
+
+    /// The slot of a cached expert (counts as a use).
+    fn lookup(&mut self, layer: usize, e: usize) -> Option<usize> {
+        self.map.get((layer as u32, e as u32)).map(|s| s.index)
+    }
+
+    /// A slot for `key`, evicting an expert `protected` does not name. Waits for the GPU when
+    /// the victim's slot may still be read by launched kernels.
+    fn claim(&mut self, dev: &CudaDevice, key: ExpertKey, protected: &dyn Fn(ExpertKey) -> bool) -> Result<usize> {
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                let (_, victim) = self
+                    .map
+                    .evict_lowest(protected)
+                    .ok_or_else(|| CudaError::new("GPU expert cache: every slot is in use by this step"))?;
+                if self.in_use.contains(&victim.index) {
+                    dev.synchronize()?;
+                    self.in_use.clear();
+                }
+                victim.index
+            }
+        };
+        self.map.insert(key, Slot { index, bytes: self.slot_bytes as u64 });
+        Ok(index)
+    }
+
+    /// Copies `pieces` (host byte ranges at slot offsets) into `slot` through a staging buffer on
+    /// the copy stream, and makes the compute stream wait for the copy. Returns bytes copied.
+    fn fill(&mut self, dev: &CudaDevice, slot: usize, bytes: usize, pieces: &[(usize, &[u8])]) -> Result<u64> {
+        let si = self.next_staging;
+        self.next_staging = (si + 1) % self.staging.len();
+        let dst = self.base(slot);
+        let st = &mut self.staging[si];
+        if st.in_flight {
+            st.done.synchronize().map_err(|e| CudaError(format!("cuEventSynchronize: {e:?}")))?;
+            st.in_flight = false;
+        }
+        let buf = st.buf.as_mut_slice();
+        // Copy the pieces in parallel: one host memcpy stream is slower than PCIe.
+        let chunks: Vec<(usize, &[u8])> = pieces
+            .iter()
+            .flat_map(|&(off, p)| p.chunks(1 << 20).enumerate().map(move |(i, c)| (off + (i << 20), c)))
+            .collect();
+        let base = buf.as_mut_ptr() as usize;
+        use rayon::prelude::*;
+        chunks.par_iter().for_each(|&(off, c)| {
+            // SAFETY: every chunk lands at a distinct in-bounds range of the staging buffer
+            // (layout offsets were computed from these pieces and bytes ≤ its length).
+            unsafe { std::ptr::copy_nonoverlapping(c.as_ptr(), (base as *mut u8).add(off), c.len()) };
+        });
+        // SAFETY: the staging buffer is pinned and stays untouched until `done` fires; the
+        // destination is inside the pool allocation (bytes ≤ slot size).
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                dst,
+                &st.buf.as_mut_slice()[..bytes],
+                self.copy_stream.cu_stream(),
+            )
+        }
+        .map_err(|e| CudaError(format!("cuMemcpyHtoDAsync: {e:?}")))?;
+        st.done.record(&self.copy_stream).map_err(|e| CudaError(format!("cuEventRecord: {e:?}")))?;
+        st.in_flight = true;
+        dev.stream.wait(&st.done).map_err(|e| CudaError(format!("cuStreamWaitEvent: {e:?}")))?;
+        Ok(bytes as u64)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sequence state on the GPU.
+
+enum DevLayerState {
+    Attention { k: DevBuf, v: DevBuf, cap: usize },
+    DeltaNet { conv: DevBuf, rec: DevBuf },
+}
+
+/// The GPU copy of a [`SequenceState`]'s caches (authoritative while present).
+pub struct DevSeqState {
+    dev: Arc<CudaDevice>,
+    layers: Vec<DevLayerState>,
+    /// Set when a copy failed: the state is unusable.
+    broken: Option<String>,
+}
+
+impl Clone for DevSeqState {
+    fn clone(&self) -> Self {
+        let copy = || -> Result<Vec<DevLayerState>> {
+            let dup = |b: &DevBuf| -> Result<DevBuf> {
+                let n = self.dev.alloc(b.len())?;
+                self.dev.copy_dtod(b, &n, b.len())?;
+                Ok(n)
+            };
+            self.layers
+                .iter()
+                .map(|l| {
+                    Ok(match l {
+                        DevLayerState::Attention { k, v, cap } => {
+                            DevLayerState::Attention { k: dup(k)?, v: dup(v)?, cap: *cap }
+                        }
+                        DevLayerState::DeltaNet { conv, rec } => {
+                            DevLayerState::DeltaNet { conv: dup(conv)?, rec: dup(rec)? }
+                        }
+                    })
+                })
+                .collect()
+        };
+        match copy() {
+            Ok(layers) => DevSeqState { dev: self.dev.clone(), layers, broken: self.broken.clone() },
+            Err(e) => DevSeqState {
+                dev: self.dev.clone(),
+                layers: Vec::new(),
+                broken: Some(format!("copying the sequence state on the GPU failed: {e}")),
+            },
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workspace.
+
+/// Activations of one pass of up to `cap` tokens.
+struct Workspace {
+    cap: usize,
+    x: DevBuf,
+    normed: DevBuf,
+    mixed: DevBuf,
+    proj: DevBuf,
+    k: DevBuf,
+    v: DevBuf,
+    z: DevBuf,
+    b: DevBuf,
+    a: DevBuf,
+    q: DevBuf,
+    gate: DevBuf,
+    attn: DevBuf,
+    conv_out: DevBuf,
+    dn_y: DevBuf,
+    part: DevBuf,
+    rlogits: DevBuf,
+    ids: DevBuf,
+    wts: DevBuf,
+    gu: DevBuf,
+    ys: DevBuf,
+    sg: DevBuf,
+    xg: DevBuf,
+    g: DevBuf,
+    u: DevBuf,
+    act: DevBuf,
+    yd: DevBuf,
+    idx: DevBuf,
+    wrow: DevBuf,
+    tok: DevBuf,
+    logits: DevBuf,
+}
+
+/// Splits of the key range for single-token attention (more blocks for long contexts).
+const MAX_SPLITS: usize = 32;
+
+impl Workspace {
+    fn new(dev: &CudaDevice, m: &Model, cap: usize) -> Result<Self> {
+        let c = &m.config;
+        let f = |n: usize| dev.alloc(n.max(1) * 4);
+        let h = c.hidden_size;
+        let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let hvdv = c.linear_value_heads * c.linear_value_dim;
+        let k = m.experts_per_token();
+        let imax = c.moe_intermediate.max(c.shared_intermediate);
+        Ok(Workspace {
+            cap,
+            x: f(cap * h)?,
+            normed: f(cap * h)?,
+            mixed: f(cap * h)?,
+            proj: f(cap * (2 * nh * d).max(c.conv_dim()))?,
+            k: f(cap * nkv * d)?,
+            v: f(cap * nkv * d)?,
+            z: f(cap * hvdv)?,
+            b: f(cap * c.linear_value_heads)?,
+            a: f(cap * c.linear_value_heads)?,
+            q: f(cap * nh * d)?,
+            gate: f(cap * nh * d)?,
+            attn: f(cap * nh * d)?,
+            conv_out: f(cap * c.conv_dim())?,
+            dn_y: f(cap * hvdv)?,
+            part: f(cap.max(MAX_SPLITS) * nh * (d + 2))?,
+            rlogits: f(cap * c.num_experts)?,
+            ids: f(cap * k)?,
+            wts: f(cap * k)?,
+            gu: f((k + 1) * 2 * imax)?,
+            ys: f((k + 1) * h)?,
+            sg: f(cap)?,
+            xg: f(cap * h)?,
+            g: f(cap * imax)?,
+            u: f(cap * imax)?,
+            act: f(cap * imax)?,
+            yd: f(cap * h)?,
+            idx: f(cap * k)?,
+            wrow: f(cap * k)?,
+            tok: f(cap)?,
+            logits: f(c.vocab_size)?,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct Inner {
+    pool: ExpertPool,
+    ws: Workspace,
+}
+
+/// A model's weights and expert pool on one GPU, and the forward pass there.
+pub struct GpuModel {
+    pub dev: Arc<CudaDevice>,
+    gemv: GemvKernels,
+    ops: ForwardKernels,
+    embed: DevMatrix,
+    final_norm: DevBuf,
+    lm_head: DevMatrix,
+    inv_freq: DevBuf,
+    layers: Vec<DevLayer>,
+    inner: Mutex<Inner>,
+    pub stats: GpuStats,
+    /// Bytes of resident (non-expert) weights on the GPU.
+    pub weight_bytes: u64,
+    /// Bytes of the expert pool and how many experts it holds.
+    pub pool_bytes: u64,
+    pub pool_slots: usize,
+    /// One expert's slot size (bytes moved per miss).
+    pub slot_bytes: usize,
+    prefill_chunk: usize,
+}
+
+fn f32_buf(dev: &CudaDevice, v: &[f32]) -> Result<DevBuf> {
+    dev.upload_f32(v)
+}
+
+impl GpuModel {
+    /// Uploads `m`'s non-expert weights to GPU `opts.ordinal` and sets up the expert pool.
+    pub fn new(m: &Model, opts: &GpuOptions) -> Result<Self> {
+        let dev = Arc::new(CudaDevice::open(opts.ordinal)?);
+        let gemv = GemvKernels::load(&dev)?;
+        let ops = ForwardKernels::load(&dev)?;
+        let c = &m.config;
+        if !c.head_dim.is_multiple_of(32) || c.head_dim > 512 {
+            return Err(CudaError(format!(
+                "GPU attention needs head_dim a multiple of 32 up to 512, got {}",
+                c.head_dim
+            )));
+        }
+        if !c.linear_value_dim.is_multiple_of(32) || c.linear_value_dim > 1024 || c.conv_kernel > 8 {
+            return Err(CudaError(format!(
+                "GPU GatedDeltaNet needs value_dim a multiple of 32 up to 1024 and conv kernel ≤ 8, got {} / {}",
+                c.linear_value_dim, c.conv_kernel
+            )));
+        }
+        let w = &m.weights;
+        let mut layers = Vec::with_capacity(w.layers.len());
+        for lw in &w.layers {
+            let mixer = match &lw.mixer {
+                Mixer::Attention(a) => DevMixer::Attention {
+                    q: upload_linear(&dev, &a.q_proj)?,
+                    k: upload_linear(&dev, &a.k_proj)?,
+                    v: upload_linear(&dev, &a.v_proj)?,
+                    o: upload_linear(&dev, &a.o_proj)?,
+                    q_norm: f32_buf(&dev, &a.q_norm)?,
+                    k_norm: f32_buf(&dev, &a.k_norm)?,
+                },
+                Mixer::DeltaNet(d) => DevMixer::DeltaNet {
+                    qkv: upload_linear(&dev, &d.in_qkv)?,
+                    z: upload_linear(&dev, &d.in_z)?,
+                    b: upload_linear(&dev, &d.in_b)?,
+                    a: upload_linear(&dev, &d.in_a)?,
+                    out: upload_linear(&dev, &d.out_proj)?,
+                    conv: f32_buf(&dev, &d.conv)?,
+                    dt_bias: f32_buf(&dev, &d.dt_bias)?,
+                    neg_a: f32_buf(&dev, &d.neg_a)?,
+                    norm: f32_buf(&dev, &d.norm)?,
+                },
+            };
+            layers.push(DevLayer {
+                input_norm: f32_buf(&dev, &lw.input_norm)?,
+                post_norm: f32_buf(&dev, &lw.post_attention_norm)?,
+                mixer,
+                router: upload_linear(&dev, &lw.moe.router)?,
+                shared: DevExpert::upload(&dev, &lw.moe.shared)?,
+                shared_gate: upload_linear(&dev, &lw.moe.shared_gate)?,
+            });
+        }
+        let embed = upload_linear(&dev, &w.embed)?;
+        let lm_head = upload_linear(&dev, &w.lm_head)?;
+        let final_norm = f32_buf(&dev, &w.final_norm)?;
+        let inv_freq = f32_buf(&dev, &m.inv_freq)?;
+        dev.synchronize()?;
+
+        // Expert layouts: one per layer, from a real expert (every expert of a layer has the
+        // same shapes and formats).
+        let mut layouts = Vec::with_capacity(w.layers.len());
+        for (li, lw) in w.layers.iter().enumerate() {
+            let layout = match &lw.moe.experts {
+                ExpertSet::Resident(v) => {
+                    expert_layout(v.first().ok_or_else(|| CudaError::new("a layer has no experts"))?)?.0
+                }
+                ExpertSet::Streamed { store, layer } => {
+                    let bufs = store.fetch(*layer, &[0]).map_err(|e| CudaError(e.to_string()))?;
+                    let ew = store.expert_weights(*layer, bufs[0].clone()).map_err(|e| CudaError(e.to_string()))?;
+                    expert_layout(&ew)?.0
+                }
+            };
+            let _ = li;
+            layouts.push(layout);
+        }
+        let slot_bytes = layouts.iter().map(|l| l.bytes).max().unwrap_or(SLOT_ALIGN).next_multiple_of(SLOT_ALIGN);
+        let k = m.experts_per_token();
+        let prefill_chunk = opts.prefill_chunk.max(1);
+        let ws = Workspace::new(&dev, m, prefill_chunk)?;
+        let total_experts = c.num_layers * c.num_experts;
+        let staging_n = (k + 1).max(8);
+        let wanted = match opts.cache {
+            GpuCache::Bytes(b) => b as usize / slot_bytes,
+            GpuCache::Experts(n) => n,
+            GpuCache::Auto => {
+                let (free, _) =
+                    cudarc::driver::result::mem_get_info().map_err(|e| CudaError(format!("cuMemGetInfo: {e:?}")))?;
+                let kv_per_token =
+                    c.layer_kinds.iter().filter(|k| **k == crate::config::LayerKind::FullAttention).count()
+                        * 2
+                        * c.num_kv_heads
+                        * c.head_dim
+                        * 4;
+                let dn_state = c.layer_kinds.len()
+                    * (c.linear_value_heads * c.linear_key_dim * c.linear_value_dim + 4 * c.conv_dim())
+                    * 4;
+                let reserve =
+                    kv_per_token * opts.reserve_context.min(m.max_context()) + dn_state + (1 << 30) + free / 50;
+                free.saturating_sub(reserve) / slot_bytes
+            }
+        };
+        let nslots = wanted.min(total_experts);
+        if nslots < k + 1 {
+            return Err(CudaError(format!(
+                "the GPU expert cache holds {nslots} experts of {} MiB; a token needs at least {} (use --device cpu, or a larger --gpu-cache)",
+                slot_bytes >> 20,
+                k + 1
+            )));
+        }
+        let mem = dev.alloc(nslots * slot_bytes)?;
+        let mut staging = Vec::with_capacity(staging_n);
+        for _ in 0..staging_n {
+            staging.push(Staging {
+                buf: Pinned::new(slot_bytes)?,
+                done: dev.ctx.new_event(None).map_err(|e| CudaError(format!("cuEventCreate: {e:?}")))?,
+                in_flight: false,
+            });
+        }
+        let pool = ExpertPool {
+            mem,
+            slot_bytes,
+            nslots,
+            map: ExpertCache::with_policy((nslots * slot_bytes) as u64, opts.cache_policy),
+            free: (0..nslots).rev().collect(),
+            layouts,
+            staging,
+            next_staging: 0,
+            copy_stream: dev.ctx.new_stream().map_err(|e| CudaError(format!("cuStreamCreate: {e:?}")))?,
+            in_use: HashSet::new(),
+        };
+        let mut weight_bytes = (embed.bytes() + lm_head.bytes()) as u64;
+        for l in &layers {
+            weight_bytes += (l.router.bytes()
+                + l.shared_gate.bytes()
+                + l.shared.gate.bytes()
+                + l.shared.up.bytes()
+                + l.shared.down.bytes()) as u64;
+            weight_bytes += match &l.mixer {
+                DevMixer::Attention { q, k, v, o, .. } => q.bytes() + k.bytes() + v.bytes() + o.bytes(),
+                DevMixer::DeltaNet { qkv, z, b, a, out, .. } => {
+                    qkv.bytes() + z.bytes() + b.bytes() + a.bytes() + out.bytes()
+                }
+            } as u64;
+        }
+        Ok(GpuModel {
+            gemv,
+            ops,
+            embed,
+            final_norm,
+            lm_head,
+            inv_freq,
+            layers,
+            stats: GpuStats::default(),
+            weight_bytes,
+            pool_bytes: (nslots * slot_bytes) as u64,
+            pool_slots: nslots,
+            slot_bytes,
+            prefill_chunk,
+            inner: Mutex::new(Inner { pool, ws }),
+            dev,
+        })
+    }
+
+    pub fn snapshot(&self) -> GpuSnapshot {
+        GpuSnapshot {
+            pool_hits: self.stats.pool_hits.load(Relaxed),
+            pool_misses: self.stats.pool_misses.load(Relaxed),
+            h2d_bytes: self.stats.h2d_bytes.load(Relaxed),
+            tokens: self.stats.tokens.load(Relaxed),
+        }
+    }
+
+    /// One line for the CLI: device, resident weights, expert pool.
+    pub fn describe(&self, m: &Model) -> String {
+        let total = m.config.num_layers * m.config.num_experts;
+        format!(
+            "{} | weights {} MiB | expert cache {} MiB = {} of {} experts ({:.0}%)",
+            self.dev.describe(),
+            self.weight_bytes >> 20,
+            self.pool_bytes >> 20,
+            self.pool_slots,
+            total,
+            100.0 * self.pool_slots as f64 / total.max(1) as f64
+        )
+    }
+
+    /// Loads experts into the pool in (layer, expert) order until it is full (benchmarks of the
+    /// all-resident case, or warming the cache).
+    pub fn preload(&self, m: &Model) -> crate::Result<usize> {
+        let mut inner = self.inner.lock().map_err(|_| CudaError::new("GPU model lock poisoned"))?;
+        let c = &m.config;
+        let mut n = 0;
+        'outer: for li in 0..c.num_layers {
+            let ids: Vec<usize> = (0..c.num_experts).collect();
+            for chunk in ids.chunks(32) {
+                if inner.pool.free.len() < chunk.len() {
+                    break 'outer;
+                }
+                self.load_missing(&mut inner.pool, m, li, chunk, &|_| true)?;
+                n += chunk.len();
+            }
+        }
+        self.dev.synchronize()?;
+        Ok(n)
+    }
+
+    /// Replaces layer `li`'s router on the GPU (benchmarks that re-draw routers per token).
+    pub fn set_router(&mut self, li: usize, router: &Linear) -> Result<()> {
+        self.layers[li].router = upload_linear(&self.dev, router)?;
+        Ok(())
+    }
+
+    /// Bytes a decode step at position `pos` must move with every expert resident: every
+    /// non-expert matrix except the embedding (one row of it), k routed experts per layer, the
+    /// delta-rule states and conv windows (read and written once), the KV cache (read).
+    pub fn decode_bytes_per_token(&self, m: &Model, pos: usize) -> f64 {
+        let c = &m.config;
+        let k = m.experts_per_token();
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let experts: usize =
+            inner.pool.layouts.iter().map(|l| l.mats.iter().map(|x| x.view(0).bytes()).sum::<usize>()).sum();
+        let embed_row = self.embed.bytes() / c.vocab_size.max(1);
+        let weights = self.weight_bytes as usize - self.embed.bytes() + embed_row;
+        let mut state = 0usize;
+        for kind in &c.layer_kinds {
+            state += match kind {
+                crate::config::LayerKind::FullAttention => 2 * (pos + 1) * c.num_kv_heads * c.head_dim * 4,
+                crate::config::LayerKind::LinearAttention => {
+                    2 * (c.linear_value_heads * c.linear_key_dim * c.linear_value_dim
+                        + c.conv_kernel.saturating_sub(1) * c.conv_dim())
+                        * 4
+                }
+            };
+        }
+        (weights + k * experts + state) as f64
+    }
+
+    /// Device-to-device copy bandwidth, read + write bytes per second (best of 5 copies of
+    /// 256 MiB).
+    pub fn measure_d2d_bandwidth(&self) -> Result<f64> {
+        let n = 256 << 20;
+        let (a, b) = (self.dev.alloc(n)?, self.dev.alloc(n)?);
+        a.fill_bytes(1)?;
+        let timer = self.dev.timer()?;
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            timer.start()?;
+            self.dev.copy_dtod(&a, &b, n)?;
+            timer.stop()?;
+            best = best.min(timer.ms()?);
+        }
+        Ok(2.0 * n as f64 / (best * 1e-3))
+    }
+
+    /// Pinned host-to-device bandwidth, bytes per second (best of 5 copies of 64 MiB).
+    pub fn measure_h2d_bandwidth(&self) -> Result<f64> {
+        let n = 64 << 20;
+        let mut host = Pinned::new(n)?;
+        host.as_mut_slice().fill(1);
+        let dst = self.dev.alloc(n)?;
+        let timer = self.dev.timer()?;
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            timer.start()?;
+            // SAFETY: pinned source and device destination of n bytes; synchronized by ms().
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(dst.ptr(), host.as_mut_slice(), self.dev.stream.cu_stream())
+            }
+            .map_err(|e| CudaError(format!("cuMemcpyHtoDAsync: {e:?}")))?;
+            timer.stop()?;
+            best = best.min(timer.ms()?);
+        }
+        Ok(n as f64 / (best * 1e-3))
+    }
+
+    fn gemv(&self, m: &DevMatrix, x: u64, y: u64) -> Result<()> {
+        self.gemv.gemv_raw(&self.dev, &m.view(), x, y, None, false, AffineVariant::default_for(m.format))
+    }
+
+    /// `y = m·x` for t tokens (GEMV when t = 1).
+    fn mm(&self, m: &DevMatrix, x: u64, y: u64, t: usize) -> Result<()> {
+        if t == 1 { self.gemv(m, x, y) } else { self.gemv.gemm(&self.dev, &m.view(), x, y, t) }
+    }
+
+    /// Runs `tokens` through the model on the GPU (the caller validated ids and context).
+    pub fn forward(
+        &self,
+        m: &Model,
+        tokens: &[u32],
+        state: &mut SequenceState,
+        want: LogitsFor,
+    ) -> crate::Result<Vec<f32>> {
+        let mut inner = self.inner.lock().map_err(|_| CudaError::new("GPU model lock poisoned"))?;
+        self.ensure_state(m, state)?;
+        let vocab = m.config.vocab_size;
+        let mut out = Vec::new();
+        let n = tokens.len();
+        let mut done = 0;
+        while done < n {
+            let t = (n - done).min(self.prefill_chunk);
+            let last_chunk = done + t == n;
+            let want_here = match want {
+                LogitsFor::All => LogitsFor::All,
+                LogitsFor::Last if last_chunk => LogitsFor::Last,
+                _ => LogitsFor::None,
+            };
+            let logits = self.forward_chunk(&mut inner, m, &tokens[done..done + t], state, want_here)?;
+            out.extend(logits);
+            done += t;
+        }
+        debug_assert!(want != LogitsFor::Last || out.len() == vocab);
+        Ok(out)
+    }
+
+    /// Makes `state.dev` the authoritative GPU copy (uploading the host state when needed).
+    fn ensure_state(&self, m: &Model, state: &mut SequenceState) -> Result<()> {
+        if let Some(d) = &state.dev {
+            if let Some(why) = &d.broken {
+                return Err(CudaError(why.clone()));
+            }
+            return Ok(());
+        }
+        let c = &m.config;
+        let mut layers = Vec::with_capacity(state.layers.len());
+        for ls in &state.layers {
+            layers.push(match ls {
+                LayerState::Attention { keys, values } => {
+                    let row = c.num_kv_heads * c.head_dim;
+                    let cap = (state.pos.max(1)).next_power_of_two().max(256).min(m.max_context().max(1));
+                    let cap = cap.max(state.pos);
+                    let mut k = self.dev.alloc(cap * row * 4)?;
+                    let mut v = self.dev.alloc(cap * row * 4)?;
+                    k.write(super::context::f32_bytes(&keys[..state.pos * row]))?;
+                    v.write(super::context::f32_bytes(&values[..state.pos * row]))?;
+                    DevLayerState::Attention { k, v, cap }
+                }
+                LayerState::DeltaNet { conv, recurrent } => {
+                    DevLayerState::DeltaNet { conv: self.dev.upload_f32(conv)?, rec: self.dev.upload_f32(recurrent)? }
+                }
+            });
+        }
+        state.dev = Some(DevSeqState { dev: self.dev.clone(), layers, broken: None });
+        Ok(())
+    }
+
+    fn forward_chunk(
+        &self,
+        inner: &mut Inner,
+        m: &Model,
+        tokens: &[u32],
+        state: &mut SequenceState,
+        want: LogitsFor,
+    ) -> crate::Result<Vec<f32>> {
+        let c = &m.config;
+        let (t, h) = (tokens.len(), c.hidden_size);
+        let dev = &*self.dev;
+        let pos0 = state.pos;
+        let ids: Vec<u8> = tokens.iter().flat_map(|&x| (x as i32).to_le_bytes()).collect();
+        let Inner { pool, ws } = inner;
+        let ws = &*ws;
+        ws.tok.copy_from_host(&ids)?;
+        debug_assert!(t <= ws.cap);
+        let (x, normed, mixed) = (ws.x.ptr(), ws.normed.ptr(), ws.mixed.ptr());
+        match self.embed.format {
+            DevFormat::Affine { bits, group_size } => {
+                let v = self.embed.view();
+                self.ops.embed_affine(dev, v.w, v.s, v.b, ws.tok.ptr(), x, t, h, bits, group_size)?
+            }
+            DevFormat::F32 => self.ops.embed_dense(dev, self.embed.w.ptr(), 0, ws.tok.ptr(), x, t, h)?,
+            DevFormat::Bf16 => self.ops.embed_dense(dev, self.embed.w.ptr(), 1, ws.tok.ptr(), x, t, h)?,
+        }
+        let dstate = state.dev.as_mut().expect("ensured by the caller");
+        for (li, dl) in self.layers.iter().enumerate() {
+            let eps = c.rms_norm_eps;
+            self.ops.rms_norm(dev, x, dl.input_norm.ptr(), normed, t, h, eps)?;
+            match (&dl.mixer, &mut dstate.layers[li]) {
+                (
+                    DevMixer::Attention { q, k, v, o, q_norm, k_norm },
+                    DevLayerState::Attention { k: kc, v: vc, cap },
+                ) => {
+                    let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+                    let need = pos0 + t;
+                    if need > *cap {
+                        let row = nkv * d * 4;
+                        let ncap = need.next_power_of_two().max(256).min(m.max_context().max(need));
+                        let nk = dev.alloc(ncap * row)?;
+                        let nv = dev.alloc(ncap * row)?;
+                        if pos0 > 0 {
+                            dev.copy_dtod(kc, &nk, pos0 * row)?;
+                            dev.copy_dtod(vc, &nv, pos0 * row)?;
+                        }
+                        *kc = nk;
+                        *vc = nv;
+                        *cap = ncap;
+                    }
+                    self.mm(q, normed, ws.proj.ptr(), t)?;
+                    self.mm(k, normed, ws.k.ptr(), t)?;
+                    self.mm(v, normed, ws.v.ptr(), t)?;
+                    let half = c.rotary_dims() / 2;
+                    self.ops.attn_prep(
+                        dev,
+                        ws.proj.ptr(),
+                        ws.k.ptr(),
+                        ws.v.ptr(),
+                        q_norm.ptr(),
+                        k_norm.ptr(),
+                        self.inv_freq.ptr(),
+                        ws.q.ptr(),
+                        ws.gate.ptr(),
+                        kc.ptr(),
+                        vc.ptr(),
+                        t,
+                        (nh, nkv, d, half),
+                        pos0,
+                        eps,
+                    )?;
+                    let splits = if t == 1 { (pos0 + 1).div_ceil(256).clamp(1, MAX_SPLITS) } else { 1 };
+                    self.ops.attention(
+                        dev,
+                        ws.q.ptr(),
+                        kc.ptr(),
+                        vc.ptr(),
+                        ws.part.ptr(),
+                        ws.gate.ptr(),
+                        ws.attn.ptr(),
+                        t,
+                        (nh, nkv, d),
+                        pos0,
+                        splits,
+                    )?;
+                    self.mm(o, ws.attn.ptr(), mixed, t)?;
+                }
+                (
+                    DevMixer::DeltaNet { qkv, z, b, a, out, conv, dt_bias, neg_a, norm },
+                    DevLayerState::DeltaNet { conv: cs, rec },
+                ) => {
+                    self.mm(qkv, normed, ws.proj.ptr(), t)?;
+                    self.mm(z, normed, ws.z.ptr(), t)?;
+                    self.mm(b, normed, ws.b.ptr(), t)?;
+                    self.mm(a, normed, ws.a.ptr(), t)?;
+                    self.ops.dn_conv(
+                        dev,
+                        ws.proj.ptr(),
+                        cs.ptr(),
+                        conv.ptr(),
+                        ws.conv_out.ptr(),
+                        t,
+                        c.conv_dim(),
+                        c.conv_kernel,
+                    )?;
+                    self.ops.dn_recurrent(
+                        dev,
+                        ws.conv_out.ptr(),
+                        ws.z.ptr(),
+                        ws.b.ptr(),
+                        ws.a.ptr(),
+                        neg_a.ptr(),
+                        dt_bias.ptr(),
+                        norm.ptr(),
+                        rec.ptr(),
+                        ws.dn_y.ptr(),
+                        t,
+                        (c.linear_key_heads, c.linear_value_heads, c.linear_key_dim, c.linear_value_dim),
+                        eps,
+                    )?;
+                    self.mm(out, ws.dn_y.ptr(), mixed, t)?;
+                }
+                _ => return Err(CudaError::new("layer state does not match layer kind").into()),
+            }
+            self.ops.add_inplace(dev, x, mixed, t * h)?;
+            self.ops.rms_norm(dev, x, dl.post_norm.ptr(), normed, t, h, eps)?;
+            if t == 1 {
+                self.moe_decode(pool, ws, m, li, pos0)?;
+            } else {
+                self.moe_prefill(pool, ws, m, li, t, pos0)?;
+            }
+        }
+        state.pos += t;
+        self.stats.tokens.fetch_add(t as u64, Relaxed);
+        let v = c.vocab_size;
+        let eps = c.rms_norm_eps;
+        let logits = match want {
+            LogitsFor::None => {
+                dev.synchronize()?;
+                Vec::new()
+            }
+            LogitsFor::Last => {
+                let last = x + ((t - 1) * h * 4) as u64;
+                self.ops.rms_norm(dev, last, self.final_norm.ptr(), normed, 1, h, eps)?;
+                self.gemv(&self.lm_head, normed, ws.logits.ptr())?;
+                ws.logits.read_f32_n(v)?
+            }
+            LogitsFor::All => {
+                self.ops.rms_norm(dev, x, self.final_norm.ptr(), normed, t, h, eps)?;
+                let out = dev.alloc(t * v * 4)?;
+                self.mm(&self.lm_head, normed, out.ptr(), t)?;
+                out.read_f32_n(t * v)?
+            }
+        };
+        Ok(logits)
+    }
+
+    /// Reads experts `ids` of layer `li` from the host tier and copies each into a claimed pool
+    /// slot (the compute stream waits for each copy). Returns their slots in order.
+    fn load_missing(
+        &self,
+        pool: &mut ExpertPool,
+        m: &Model,
+        li: usize,
+        ids: &[usize],
+        protected: &dyn Fn(ExpertKey) -> bool,
+    ) -> crate::Result<Vec<usize>> {
+        let mut slots = Vec::with_capacity(ids.len());
+        let layout = pool.layouts[li];
+        match &m.weights.layers[li].moe.experts {
+            ExpertSet::Resident(v) => {
+                for &e in ids {
+                    let (l, pieces) = expert_layout(&v[e])?;
+                    if l != layout {
+                        return Err(CudaError(format!("layer {li} expert {e} differs in shape from expert 0")).into());
+                    }
+                    let slot = pool.claim(&self.dev, (li as u32, e as u32), protected)?;
+                    let n = pool.fill(&self.dev, slot, l.bytes, &pieces)?;
+                    self.stats.h2d_bytes.fetch_add(n, Relaxed);
+                    slots.push(slot);
+                }
+            }
+            ExpertSet::Streamed { store, layer } => {
+                let bufs = store.fetch(*layer, ids)?;
+                for (&e, buf) in ids.iter().zip(bufs) {
+                    let ew = store.expert_weights(*layer, buf)?;
+                    let (l, pieces) = expert_layout(&ew)?;
+                    if l != layout {
+                        return Err(CudaError(format!("layer {li} expert {e} differs in shape from expert 0")).into());
+                    }
+                    let slot = pool.claim(&self.dev, (li as u32, e as u32), protected)?;
+                    let n = pool.fill(&self.dev, slot, l.bytes, &pieces)?;
+                    self.stats.h2d_bytes.fetch_add(n, Relaxed);
+                    slots.push(slot);
+                }
+            }
+        }
+        Ok(slots)
+    }
+
+    fn record_routing(m: &Model, li: usize, pos: usize, experts: &[i32]) {
+        if let Some(trace) = &m.routing_trace {
+            trace.lock().unwrap().push(RoutingRecord {
+                layer: li,
+                pos,
+                experts: experts.iter().map(|&x| x as u32).collect(),
+            });
+        }
+    }
+
+    /// MoE block of one token: x += Σ routed + shared.
+    fn moe_decode(&self, pool: &mut ExpertPool, ws: &Workspace, m: &Model, li: usize, pos: usize) -> crate::Result<()> {
+        let c = &m.config;
+        let dev = &*self.dev;
+        let dl = &self.layers[li];
+        let (h, k, e) = (c.hidden_size, m.experts_per_token(), c.num_experts);
+        let normed = ws.normed.ptr();
+        self.gemv(&dl.router, normed, ws.rlogits.ptr())?;
+        self.ops.router_topk(dev, ws.rlogits.ptr(), e, k, c.norm_topk_prob, ws.ids.ptr(), ws.wts.ptr(), 1)?;
+        self.gemv(&dl.shared_gate, normed, ws.sg.ptr())?;
+        // The one host synchronization of the layer: which experts?
+        let ids = ws.ids.read_i32_n(k)?;
+        pool.in_use.clear();
+        Self::record_routing(m, li, pos, &ids);
+        if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= e) {
+            return Err(CudaError(format!("router produced expert id {bad} (non-finite activations?)")).into());
+        }
+        pool.map.set_clock(self.stats.tokens.load(Relaxed) as f64);
+        let imax2 = 2 * c.moe_intermediate.max(c.shared_intermediate);
+        let gu = |j: usize| ws.gu.ptr() + (j * imax2 * 4) as u64;
+        let ys = |j: usize| ws.ys.ptr() + (j * h * 4) as u64;
+        let layout = pool.layouts[li];
+        let expert_items = |base: u64, j: usize, first: &mut Vec<BatchItem>, second: &mut Vec<BatchItem>| {
+            let [g, u, d] = layout.mats;
+            let inter = g.rows;
+            first.push(BatchItem { m: g.view(base), x: normed, y: gu(j), swiglu: false });
+            first.push(BatchItem { m: u.view(base), x: normed, y: gu(j) + (inter * 4) as u64, swiglu: false });
+            second.push(BatchItem { m: d.view(base), x: gu(j), y: ys(j), swiglu: true });
+        };
+        // Shared expert and the experts already on the GPU first.
+        let (mut first, mut second) = (Vec::new(), Vec::new());
+        let sh = &dl.shared;
+        first.push(BatchItem { m: sh.gate.view(), x: normed, y: gu(k), swiglu: false });
+        first.push(BatchItem { m: sh.up.view(), x: normed, y: gu(k) + (sh.gate.rows * 4) as u64, swiglu: false });
+        second.push(BatchItem { m: sh.down.view(), x: gu(k), y: ys(k), swiglu: true });
+        let mut misses = Vec::new();
+        for (j, &x) in ids.iter().enumerate() {
+            match pool.lookup(li, x as usize) {
+                Some(slot) => {
+                    pool.in_use.insert(slot);
+                    expert_items(pool.base(slot), j, &mut first, &mut second);
+                }
+                None => misses.push(j),
+            }
+        }
+        self.stats.pool_hits.fetch_add((k - misses.len()) as u64, Relaxed);
+        self.stats.pool_misses.fetch_add(misses.len() as u64, Relaxed);
+        self.gemv.gemv_batch(dev, &first)?;
+        self.gemv.gemv_batch(dev, &second)?;
+        if !misses.is_empty() {
+            let chosen: HashSet<u32> = ids.iter().map(|&x| x as u32).collect();
+            let protect = |key: ExpertKey| key.0 == li as u32 && chosen.contains(&key.1);
+            let miss_ids: Vec<usize> = misses.iter().map(|&j| ids[j] as usize).collect();
+            let slots = self.load_missing(pool, m, li, &miss_ids, &protect)?;
+            for (&j, &slot) in misses.iter().zip(&slots) {
+                pool.in_use.insert(slot);
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                expert_items(pool.base(slot), j, &mut a, &mut b);
+                self.gemv.gemv_batch(dev, &a)?;
+                self.gemv.gemv_batch(dev, &b)?;
+            }
+        }
+        self.ops.moe_combine(dev, ws.x.ptr(), ws.ys.ptr(), ws.wts.ptr(), ws.sg.ptr(), k, h)?;
+        Ok(())
+    }
+
+    /// MoE block of t > 1 tokens: the shared expert over all of them, then each routed expert
+    /// over its tokens (gathered, multi-token GEMMs, scattered back with the routing weights).
+    #[allow(clippy::too_many_arguments)]
+    fn moe_prefill(
+        &self,
+        pool: &mut ExpertPool,
+        ws: &Workspace,
+        m: &Model,
+        li: usize,
+        t: usize,
+        pos0: usize,
+    ) -> crate::Result<()> {
+        let c = &m.config;
+        let dev = &*self.dev;
+        let dl = &self.layers[li];
+        let (h, k, e) = (c.hidden_size, m.experts_per_token(), c.num_experts);
+        let normed = ws.normed.ptr();
+        self.mm(&dl.router, normed, ws.rlogits.ptr(), t)?;
+        self.ops.router_topk(dev, ws.rlogits.ptr(), e, k, c.norm_topk_prob, ws.ids.ptr(), ws.wts.ptr(), t)?;
+        self.mm(&dl.shared_gate, normed, ws.sg.ptr(), t)?;
+        // Shared expert.
+        let sh = &dl.shared;
+        let si = sh.gate.rows;
+        self.mm(&sh.gate, normed, ws.g.ptr(), t)?;
+        self.mm(&sh.up, normed, ws.u.ptr(), t)?;
+        self.ops.swiglu(dev, ws.g.ptr(), ws.u.ptr(), ws.act.ptr(), t * si)?;
+        self.mm(&sh.down, ws.act.ptr(), ws.yd.ptr(), t)?;
+        self.ops.add_gated_rows(dev, ws.x.ptr(), ws.yd.ptr(), ws.sg.ptr(), h, t)?;
+
+        let ids = ws.ids.read_i32_n(t * k)?;
+        let wts = ws.wts.read_f32_n(t * k)?;
+        pool.in_use.clear();
+        if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= e) {
+            return Err(CudaError(format!("router produced expert id {bad} (non-finite activations?)")).into());
+        }
+        for ti in 0..t {
+            Self::record_routing(m, li, pos0 + ti, &ids[ti * k..(ti + 1) * k]);
+        }
+        pool.map.set_clock(self.stats.tokens.load(Relaxed) as f64 + t as f64);
+        // Tokens per expert, experts in index order.
+        let mut per: Vec<Vec<(i32, f32)>> = vec![Vec::new(); e];
+        for (i, (&x, &w)) in ids.iter().zip(&wts).enumerate() {
+            per[x as usize].push(((i / k) as i32, w));
+        }
+        let chosen: Vec<usize> = (0..e).filter(|&x| !per[x].is_empty()).collect();
+        let mut idx: Vec<u8> = Vec::with_capacity(t * k * 4);
+        let mut wrow: Vec<u8> = Vec::with_capacity(t * k * 4);
+        let mut offsets = Vec::with_capacity(chosen.len());
+        for &x in &chosen {
+            offsets.push(idx.len() / 4);
+            for &(ti, w) in &per[x] {
+                idx.extend_from_slice(&ti.to_le_bytes());
+                wrow.extend_from_slice(&w.to_le_bytes());
+            }
+        }
+        ws.idx.copy_from_host(&idx)?;
+        ws.wrow.copy_from_host(&wrow)?;
+        let layout = pool.layouts[li];
+        let [gl, ul, dm] = layout.mats;
+        let inter = gl.rows;
+        // At most this many experts of the layer are pinned in the pool at once.
+        let group = (pool.nslots - 1).clamp(1, 32);
+        for (gi, grp) in chosen.chunks(group).enumerate() {
+            let mut slots: Vec<Option<usize>> = grp.iter().map(|&x| pool.lookup(li, x)).collect();
+            let hits = slots.iter().filter(|s| s.is_some()).count();
+            self.stats.pool_hits.fetch_add(hits as u64, Relaxed);
+            self.stats.pool_misses.fetch_add((grp.len() - hits) as u64, Relaxed);
+            let miss: Vec<usize> = grp.iter().zip(&slots).filter(|(_, s)| s.is_none()).map(|(&x, _)| x).collect();
+            if !miss.is_empty() {
+                let members: HashSet<u32> = grp.iter().map(|&x| x as u32).collect();
+                let protect = |key: ExpertKey| key.0 == li as u32 && members.contains(&key.1);
+                let loaded = self.load_missing(pool, m, li, &miss, &protect)?;
+                let mut it = loaded.into_iter();
+                for s in slots.iter_mut().filter(|s| s.is_none()) {
+                    *s = it.next();
+                }
+            }
+            for (j, (&x, slot)) in grp.iter().zip(&slots).enumerate() {
+                let slot = slot.expect("loaded above");
+                pool.in_use.insert(slot);
+                let base = pool.base(slot);
+                let n = per[x].len();
+                let off = offsets[gi * group + j];
+                let idx_p = ws.idx.ptr() + (off * 4) as u64;
+                let w_p = ws.wrow.ptr() + (off * 4) as u64;
+                self.ops.gather_rows(dev, normed, idx_p, ws.xg.ptr(), h, n)?;
+                self.gemv.gemm(dev, &gl.view(base), ws.xg.ptr(), ws.g.ptr(), n)?;
+                self.gemv.gemm(dev, &ul.view(base), ws.xg.ptr(), ws.u.ptr(), n)?;
+                self.ops.swiglu(dev, ws.g.ptr(), ws.u.ptr(), ws.act.ptr(), n * inter)?;
+                self.gemv.gemm(dev, &dm.view(base), ws.act.ptr(), ws.yd.ptr(), n)?;
+                self.ops.scatter_add_rows(dev, ws.x.ptr(), ws.yd.ptr(), idx_p, w_p, h, n)?;
+            }
+        }
+        Ok(())
+    }
+}
