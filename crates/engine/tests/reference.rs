@@ -2,8 +2,9 @@
 //! (made and evaluated by scripts/make_model_fixtures.py with transformers on CPU, f32) must match
 //! in the batched-prefill path, the cached-decode path, and greedy continuations. The same test
 //! body runs on every backend available: the CPU always, and with the `cuda` feature each model
-//! also on the GPU (twice: every expert cached on the GPU, and a cache of k+1 experts so that
-//! nearly every step evicts and copies).
+//! also on the GPU (twice: every expert cached on the GPU with prefill through cuBLAS, and a
+//! cache of k+1 experts, so that nearly every step evicts and copies, with prefill in 4-token
+//! passes through the multi-token GEMV kernel).
 
 use flashmoe::{LogitsFor, Model};
 use serde_json::Value;
@@ -27,7 +28,13 @@ fn backends() -> Vec<(&'static str, Box<dyn Fn(&mut Model)>)> {
         use flashmoe::cuda::model::{GpuCache, GpuOptions};
         match flashmoe::cuda::CudaDevice::open(0) {
             Ok(_) => {
-                v.push(("cuda", Box::new(|m: &mut Model| m.use_gpu(&GpuOptions::default()).expect("GPU model"))));
+                // Prefill through cuBLAS SGEMM (from 2 tokens on), every expert cached.
+                v.push((
+                    "cuda",
+                    Box::new(|m: &mut Model| {
+                        m.use_gpu(&GpuOptions { blas_min_tokens: 2, ..Default::default() }).expect("GPU model")
+                    }),
+                ));
                 v.push((
                     "cuda-small-cache",
                     Box::new(|m: &mut Model| {

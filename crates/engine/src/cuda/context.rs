@@ -237,6 +237,10 @@ impl CudaDevice {
 /// An instantiated CUDA graph.
 pub struct Graph(cudarc::driver::CudaGraph);
 
+// SAFETY: the graph handles may be used from any thread of the owning context; the GPU model
+// keeps its graph behind a mutex, so it is never launched from two threads at once.
+unsafe impl Send for Graph {}
+
 impl Graph {
     /// Enqueues one replay on the stream it was captured from.
     pub fn launch(&self) -> Result<()> {

@@ -212,6 +212,53 @@ struct GemvBatch {
     p: [GemvProblem; MAX_BATCH],
 }
 
+/// Byte offsets of one matrix inside an expert slot (`MatOff` in gemv.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MatOff {
+    pub w: u64,
+    pub s: u64,
+    pub b: u64,
+    pub rows: i32,
+    pub cols: i32,
+}
+
+/// A matrix inside an expert slot: format, shape and byte offsets of weights, scales, biases.
+#[derive(Clone, Copy, Debug)]
+pub struct MatOffsets {
+    pub format: DevFormat,
+    pub rows: usize,
+    pub cols: usize,
+    pub w: u64,
+    pub s: u64,
+    pub b: u64,
+}
+
+/// Arguments of the device-resolved expert GEMV (`ExpertsArgs` in gemv.cu): routed expert j's
+/// slot is `table[ids[j]]` (0: not on the GPU, skipped), the shared expert is problem k.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExpertsArgs {
+    pub ids: u64,
+    pub table: u64,
+    pub x: u64,
+    pub y: u64,
+    pub x_stride: i64,
+    pub y_stride: i64,
+    pub mat: [MatOff; 2],
+    pub shared: [GemvProblem; 2],
+    pub k: i32,
+    pub nmat: i32,
+    pub swiglu: i32,
+}
+
+impl GemvProblem {
+    /// `y = m·x` (or of silu(gate)·up when `swiglu`) as a batch problem.
+    pub fn new(m: &MatView, x: u64, y: u64, swiglu: bool) -> Self {
+        GemvProblem { w: m.w, s: m.s, b: m.b, x, y, rows: m.rows as i32, cols: m.cols as i32, swiglu: swiglu as i32 }
+    }
+}
+
 /// A GEMV of a batch: `y = m·x`, or `y = m·(silu(g)⊙u)` with x = [g; u] when `swiglu`.
 #[derive(Clone, Copy, Debug)]
 pub struct BatchItem {
@@ -267,8 +314,18 @@ impl AffineVariant {
 /// The variant 4-bit matrices use by default.
 const DEFAULT_4BIT: AffineVariant = AffineVariant::Fadd;
 
-/// (bits, group, rows per warp, shared-memory bytes, variant) of a shared-x affine launch.
-type OccupancyKey = (u32, usize, usize, usize, AffineVariant);
+/// (bits, group, rows per warp, shared-memory bytes, variant, block) of a shared-x affine launch.
+type OccupancyKey = (u32, usize, usize, usize, AffineVariant, u32);
+
+/// Threads per block of the single-matrix affine GEMV: 128, or 256 with FLASHMOE_GEMV_BLOCK=256
+/// (an experiment knob: a bigger block stages x once for twice the rows).
+fn gemv_block() -> u32 {
+    static B: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *B.get_or_init(|| match std::env::var("FLASHMOE_GEMV_BLOCK").as_deref() {
+        Ok("256") => 256,
+        _ => BLOCK,
+    })
+}
 
 /// The loaded GEMV module.
 pub struct GemvKernels {
@@ -285,10 +342,21 @@ pub struct GemvKernels {
     batch_affine: HashMap<(u32, usize, usize), CudaFunction>,
     batch_f32: CudaFunction,
     batch_bf16: CudaFunction,
+    experts_affine: HashMap<(u32, usize, usize), CudaFunction>,
+    experts_f32: CudaFunction,
+    experts_bf16: CudaFunction,
+    table_set: CudaFunction,
     /// Multi-token GEMM (prefill) by bits; dense f32/bf16.
     gemm_affine: HashMap<u32, CudaFunction>,
     gemm_f32: CudaFunction,
     gemm_bf16: CudaFunction,
+    grouped_affine: HashMap<u32, CudaFunction>,
+    grouped_f32: CudaFunction,
+    grouped_bf16: CudaFunction,
+    /// The same with x staged in shared memory, by bits (0 = f32, 16 = bf16).
+    grouped_sx: HashMap<u32, CudaFunction>,
+    /// Largest dynamic shared memory a block may opt in to.
+    smem_optin: usize,
     read_stream: CudaFunction,
     fill_u32: CudaFunction,
     fill_bf16: CudaFunction,
@@ -324,26 +392,58 @@ impl GemvKernels {
             }
         }
         let mut batch_affine = HashMap::new();
+        let mut experts_affine = HashMap::new();
         for bits in [2u32, 4, 8] {
             for gs in [32usize, 64, 128] {
                 for rw in [1usize, 2] {
                     batch_affine
                         .insert((bits, gs, rw), dev.function(&m, &format!("affine_gemv_batch_b{bits}_g{gs}_r{rw}"))?);
+                    experts_affine
+                        .insert((bits, gs, rw), dev.function(&m, &format!("affine_gemv_experts_b{bits}_g{gs}_r{rw}"))?);
                 }
             }
         }
         let fw = dev.module(kernels::FORWARD)?;
         let mut gemm_affine = HashMap::new();
+        let mut grouped_affine = HashMap::new();
         for bits in [2u32, 4, 8] {
             gemm_affine.insert(bits, dev.function(&fw, &format!("gemm_affine_b{bits}"))?);
+            grouped_affine.insert(bits, dev.function(&fw, &format!("gemm_grouped_affine_b{bits}"))?);
+        }
+        let smem_optin = dev
+            .ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| CudaError(format!("shared memory limit: {e:?}")))?
+            .max(48 << 10) as usize;
+        let mut grouped_sx = HashMap::new();
+        for (key, name) in [
+            (2u32, "gemm_grouped_sx_affine_b2"),
+            (4, "gemm_grouped_sx_affine_b4"),
+            (8, "gemm_grouped_sx_affine_b8"),
+            (0, "gemm_grouped_sx_f32"),
+            (16, "gemm_grouped_sx_bf16"),
+        ] {
+            let f = dev.function(&fw, name)?;
+            f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_optin as i32)
+                .map_err(|e| CudaError(format!("{name}: shared memory opt-in: {e:?}")))?;
+            grouped_sx.insert(key, f);
         }
         Ok(GemvKernels {
             batch_affine,
             batch_f32: dev.function(&m, "dense_gemv_batch_f32")?,
             batch_bf16: dev.function(&m, "dense_gemv_batch_bf16")?,
+            experts_affine,
+            experts_f32: dev.function(&m, "dense_gemv_experts_f32")?,
+            experts_bf16: dev.function(&m, "dense_gemv_experts_bf16")?,
+            table_set: dev.function(&m, "table_set")?,
             gemm_affine,
             gemm_f32: dev.function(&fw, "gemm_f32")?,
             gemm_bf16: dev.function(&fw, "gemm_bf16")?,
+            grouped_affine,
+            grouped_sx,
+            smem_optin,
+            grouped_f32: dev.function(&fw, "gemm_grouped_f32")?,
+            grouped_bf16: dev.function(&fw, "gemm_grouped_bf16")?,
             affine,
             affine_v4,
             occupancy: Mutex::new(HashMap::new()),
@@ -490,16 +590,17 @@ impl GemvKernels {
         };
         let f = self.func(m.format, rw, x_global, variant)?;
         let warps = m.rows.div_ceil(rw);
-        let mut grid = (warps * 32).div_ceil(BLOCK as usize);
+        let block = if matches!(m.format, DevFormat::Affine { .. }) { gemv_block() } else { BLOCK };
+        let mut grid = (warps * 32).div_ceil(block as usize);
         if let (DevFormat::Affine { bits, group_size }, false) = (m.format, x_global) {
             // Persistent grid: x is staged once per block, so launch only what stays resident.
-            let key = (bits, group_size, rw, smem, variant);
+            let key = (bits, group_size, rw, smem, variant, block);
             let mut occ = self.occupancy.lock().map_err(|_| CudaError::new("occupancy cache poisoned"))?;
             let per_sm = match occ.get(&key) {
                 Some(&n) => n,
                 None => {
                     let n = f
-                        .occupancy_max_active_blocks_per_multiprocessor(BLOCK, smem, None)
+                        .occupancy_max_active_blocks_per_multiprocessor(block, smem, None)
                         .map_err(|e| CudaError(format!("occupancy query: {e:?}")))?
                         .max(1);
                     occ.insert(key, n);
@@ -526,7 +627,7 @@ impl GemvKernels {
                 ];
                 // SAFETY: arguments match affine_gemv_*: (w, scales, biases, x, y, rows, cols);
                 // sizes were checked at upload and above.
-                unsafe { dev.launch(f, grid, BLOCK, smem, &mut args) }
+                unsafe { dev.launch(f, grid, block, smem, &mut args) }
             }
             _ => {
                 let mut args: [*mut c_void; 5] = [
@@ -558,6 +659,80 @@ impl GemvKernels {
             }
         }
         Ok(())
+    }
+
+    /// Stream-ordered `table[i] = v` (the GPU's expert slot table).
+    pub fn table_set(&self, dev: &CudaDevice, table: u64, i: usize, v: u64) -> Result<()> {
+        let (mut p, mut i, mut v) = (table, i as i64, v);
+        let mut args: [*mut c_void; 3] =
+            [(&mut p as *mut u64).cast(), (&mut i as *mut i64).cast(), (&mut v as *mut u64).cast()];
+        // SAFETY: (u64* table, long long index, u64 value); the caller keeps i inside the table.
+        unsafe { dev.launch(&self.table_set, 1, 1, 0, &mut args) }
+    }
+
+    /// Launches the device-resolved expert GEMV over `k` routed experts and the shared one, for
+    /// matrices of `format` (routed and shared must share it). `max_rows`/`max_cols` bound every
+    /// problem's shape.
+    pub fn experts(
+        &self,
+        dev: &CudaDevice,
+        format: DevFormat,
+        args: &ExpertsArgs,
+        max_rows: usize,
+        max_cols: usize,
+    ) -> Result<()> {
+        let np = ((args.k + 1) * args.nmat) as usize;
+        let warps = (BLOCK / 32) as usize;
+        let (f, smem, grid_x) = match format {
+            DevFormat::Affine { bits, group_size } => {
+                let smem = Self::x_smem_bytes(bits, max_cols);
+                if smem > MAX_X_SMEM {
+                    return Err(CudaError(format!("expert GEMV: {max_cols} inputs do not fit in shared memory")));
+                }
+                let rw = if max_rows * np / 2 >= dev.sm_count * 8 { 2 } else { 1 };
+                let f = self
+                    .experts_affine
+                    .get(&(bits, group_size, rw))
+                    .ok_or_else(|| CudaError(format!("no expert kernel for {bits} bits, group {group_size}")))?;
+                // The variant slot of the key only has to differ from the batch kernels' (Fadd).
+                let per_sm =
+                    self.occupancy_of(f, (bits, group_size, rw, smem, AffineVariant::Prefetch, BLOCK), smem)?;
+                let tiles = max_rows.div_ceil(warps * rw);
+                let resident = (dev.sm_count * per_sm as usize).div_ceil(np);
+                (f, smem as u32, tiles.min(resident).max(1))
+            }
+            DevFormat::F32 => (&self.experts_f32, 0, max_rows.div_ceil(warps).min(dev.sm_count * 16)),
+            DevFormat::Bf16 => (&self.experts_bf16, 0, max_rows.div_ceil(warps).min(dev.sm_count * 16)),
+        };
+        let mut a = *args;
+        let mut ptrs: [*mut c_void; 1] = [(&mut a as *mut ExpertsArgs).cast()];
+        // SAFETY: the kernel takes one ExpertsArgs by value (same repr(C) layout); the table holds
+        // slot addresses (or 0) and the offsets stay inside a slot.
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                f.cu_function(),
+                (grid_x as u32, np as u32, 1),
+                (BLOCK, 1, 1),
+                smem,
+                dev.stream.cu_stream(),
+                &mut ptrs,
+            )
+        }
+        .map_err(|e| CudaError(format!("cuLaunchKernel (expert GEMV): {e:?}")))
+    }
+
+    /// Resident blocks per SM of `f` with `smem` bytes of dynamic shared memory (cached by `key`).
+    fn occupancy_of(&self, f: &CudaFunction, key: OccupancyKey, smem: usize) -> Result<u32> {
+        let mut occ = self.occupancy.lock().map_err(|_| CudaError::new("occupancy cache poisoned"))?;
+        if let Some(&n) = occ.get(&key) {
+            return Ok(n);
+        }
+        let n = f
+            .occupancy_max_active_blocks_per_multiprocessor(BLOCK, smem, None)
+            .map_err(|e| CudaError(format!("occupancy query: {e:?}")))?
+            .max(1);
+        occ.insert(key, n);
+        Ok(n)
     }
 
     fn launch_batch(&self, dev: &CudaDevice, format: DevFormat, items: &[&BatchItem]) -> Result<()> {
@@ -592,7 +767,7 @@ impl GemvKernels {
                     .batch_affine
                     .get(&(bits, group_size, rw))
                     .ok_or_else(|| CudaError(format!("no batched kernel for {bits} bits, group {group_size}")))?;
-                let key = (bits, group_size, rw, smem, AffineVariant::Fadd);
+                let key = (bits, group_size, rw, smem, AffineVariant::Fadd, BLOCK);
                 let per_sm = {
                     let mut occ = self.occupancy.lock().map_err(|_| CudaError::new("occupancy cache poisoned"))?;
                     match occ.get(&key) {
@@ -670,6 +845,75 @@ impl GemvKernels {
             )
         }
         .map_err(|e| CudaError(format!("cuLaunchKernel (GEMM): {e:?}")))
+    }
+
+    /// Grouped prefill GEMM over routed experts (see `gemm_grouped` in forward.cu): `nitems` work
+    /// items at `items` (expert, first pair, pairs), matrix `m` at byte offsets inside the slot
+    /// `table[expert]`; pair p reads `x` row `xrow[p]` (or p when `xrow` is 0), writes `out` row p.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_grouped(
+        &self,
+        dev: &CudaDevice,
+        m: &MatOffsets,
+        table: u64,
+        items: u64,
+        nitems: usize,
+        xrow: u64,
+        x: u64,
+        out: u64,
+    ) -> Result<()> {
+        if nitems == 0 || m.rows == 0 {
+            return Ok(());
+        }
+        // Staged x (8 inputs, padded chunks) when it fits the shared memory a block may have.
+        let (vpc, pad, key, gs) = match m.format {
+            DevFormat::Affine { bits, group_size } => (128 / bits as usize, 4, bits, group_size as i32),
+            DevFormat::F32 => (4, 0, 0, 0),
+            DevFormat::Bf16 => (8, 0, 16, 0),
+        };
+        let smem = 8 * (m.cols / vpc) * (vpc + pad) * 4;
+        let staged = smem <= self.smem_optin;
+        let f = if staged {
+            self.grouped_sx.get(&key).ok_or_else(|| CudaError::new("no staged grouped GEMM"))?
+        } else {
+            match m.format {
+                DevFormat::Affine { bits, .. } => self
+                    .grouped_affine
+                    .get(&bits)
+                    .ok_or_else(|| CudaError(format!("no grouped GEMM for {bits} bits")))?,
+                DevFormat::F32 => &self.grouped_f32,
+                DevFormat::Bf16 => &self.grouped_bf16,
+            }
+        };
+        let mut mat = MatOff { w: m.w, s: m.s, b: m.b, rows: m.rows as i32, cols: m.cols as i32 };
+        let (mut table, mut gs, mut items, mut xrow, mut x, mut out) = (table, gs, items, xrow, x, out);
+        let mut args: [*mut c_void; 7] = [
+            (&mut table as *mut u64).cast(),
+            (&mut mat as *mut MatOff).cast(),
+            (&mut gs as *mut i32).cast(),
+            (&mut items as *mut u64).cast(),
+            (&mut xrow as *mut u64).cast(),
+            (&mut x as *mut u64).cast(),
+            (&mut out as *mut u64).cast(),
+        ];
+        let (grid, smem) = if staged {
+            ((m.rows.div_ceil(128) as u32, nitems as u32, 1), smem as u32)
+        } else {
+            (((m.rows * 32).div_ceil(256) as u32, nitems as u32, 1), 0)
+        };
+        // SAFETY: arguments match gemm_grouped_* (table, GemmMat by value — same layout as
+        // MatOff —, gs, items, xrow, x, out); the caller sized every buffer for its pairs.
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                f.cu_function(),
+                grid,
+                (256, 1, 1),
+                smem,
+                dev.stream.cu_stream(),
+                &mut args,
+            )
+        }
+        .map_err(|e| CudaError(format!("cuLaunchKernel (grouped GEMM): {e:?}")))
     }
 
     /// Reads every 16-byte word of `buf` once (the read-only bandwidth probe); `scratch` must hold

@@ -38,6 +38,9 @@ pub struct GpuOptions {
     pub prefill_chunk: usize,
     /// Context the auto cache size leaves room for (KV cache).
     pub reserve_context: usize,
+    /// Prefill passes of at least this many tokens run the non-expert matrices through
+    /// dequantize + cuBLAS SGEMM; shorter ones through the multi-token GEMV kernel.
+    pub blas_min_tokens: usize,
     pub cache_policy: CachePolicy,
 }
 
@@ -46,8 +49,9 @@ impl Default for GpuOptions {
         GpuOptions {
             ordinal: 0,
             cache: GpuCache::Auto,
-            prefill_chunk: 256,
+            prefill_chunk: 512,
             reserve_context: 8192,
+            blas_min_tokens: BLAS_MIN_TOKENS,
             cache_policy: CachePolicy::LfuAging { half_life: 32.0 },
         }
     }
@@ -189,6 +193,17 @@ struct MatLayout {
 }
 
 impl MatLayout {
+    fn offsets(&self) -> super::gemv::MatOffsets {
+        super::gemv::MatOffsets {
+            format: self.format,
+            rows: self.rows,
+            cols: self.cols,
+            w: self.w as u64,
+            s: self.s as u64,
+            b: self.b as u64,
+        }
+    }
+
     fn view(&self, base: u64) -> MatView {
         let affine = matches!(self.format, DevFormat::Affine { .. });
         MatView {
@@ -315,6 +330,10 @@ struct Staging {
 /// the copy path from the host tier.
 struct ExpertPool {
     mem: DevBuf,
+    /// [layer · experts] u64: the slot address of each expert on the GPU, 0 when it is not
+    /// (read by the expert kernels, so a decode step needs no host round trip for hits).
+    table: DevBuf,
+    num_experts: usize,
     slot_bytes: usize,
     nslots: usize,
     map: ExpertCache<Slot>,
@@ -338,13 +357,19 @@ impl ExpertPool {
         self.map.get((layer as u32, e as u32)).map(|s| s.index)
     }
 
-    /// A slot for `key`, evicting an expert `protected` does not name. Waits for the GPU when
-    /// the victim's slot may still be read by launched kernels.
-    fn claim(&mut self, dev: &CudaDevice, key: ExpertKey, protected: &dyn Fn(ExpertKey) -> bool) -> Result<usize> {
-        let index = match self.free.pop() {
-            Some(i) => i,
+    /// A slot for `key`, evicting an expert `protected` does not name (returned, so its table
+    /// entry can be cleared). Waits for the GPU when the victim's slot may still be read by
+    /// launched kernels.
+    fn claim(
+        &mut self,
+        dev: &CudaDevice,
+        key: ExpertKey,
+        protected: &dyn Fn(ExpertKey) -> bool,
+    ) -> Result<(usize, Option<ExpertKey>)> {
+        let (index, victim) = match self.free.pop() {
+            Some(i) => (i, None),
             None => {
-                let (_, victim) = self
+                let (vkey, victim) = self
                     .map
                     .evict_lowest(protected)
                     .ok_or_else(|| CudaError::new("GPU expert cache: every slot is in use by this step"))?;
@@ -352,11 +377,20 @@ impl ExpertPool {
                     dev.synchronize()?;
                     self.in_use.clear();
                 }
-                victim.index
+                (victim.index, Some(vkey))
             }
         };
         self.map.insert(key, Slot { index, bytes: self.slot_bytes as u64 });
-        Ok(index)
+        Ok((index, victim))
+    }
+
+    /// Every expert of the model is on the GPU: nothing can miss, so decode needs no host sync.
+    fn all_resident(&self) -> bool {
+        self.map.len() == self.layouts.len() * self.num_experts
+    }
+
+    fn table_index(&self, key: ExpertKey) -> usize {
+        key.0 as usize * self.num_experts + key.1 as usize
     }
 
     /// Copies `pieces` (host byte ranges at slot offsets) into `slot` through a staging buffer on
@@ -450,11 +484,48 @@ impl Clone for DevSeqState {
 }
 
 // ---------------------------------------------------------------------------------------------
+// cuBLAS (prefill GEMMs of the non-expert matrices).
+
+/// A cuBLAS handle on the device's stream. SGEMM in its default math mode: FP32 arithmetic (no
+/// TF32), so prefill keeps the CPU backend's precision.
+struct Blas(cudarc::cublas::sys::cublasHandle_t);
+
+// SAFETY: the handle is used only under the GPU model's mutex, one thread at a time.
+unsafe impl Send for Blas {}
+unsafe impl Sync for Blas {}
+
+impl Blas {
+    fn new(dev: &CudaDevice) -> Option<Blas> {
+        // SAFETY: only tries to dlopen libcublas.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return None;
+        }
+        let h = cudarc::cublas::result::create_handle().ok()?;
+        // SAFETY: a fresh handle and the device's live stream.
+        unsafe { cudarc::cublas::result::set_stream(h, dev.stream.cu_stream() as _) }.ok()?;
+        Some(Blas(h))
+    }
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once.
+        let _ = unsafe { cudarc::cublas::result::destroy_handle(self.0) };
+    }
+}
+
+/// Prefill passes of at least this many tokens use dequantize + cuBLAS SGEMM for the non-expert
+/// matrices (fewer tokens: the multi-token GEMV kernel, which reads weights once per 8 tokens).
+const BLAS_MIN_TOKENS: usize = 16;
+
+/// f32 scratch for dequantized weights (a matrix larger than this goes through in row blocks).
+const DEQ_FLOATS: usize = 64 << 20;
+
+// ---------------------------------------------------------------------------------------------
 // Workspace.
 
 /// Activations of one pass of up to `cap` tokens.
 struct Workspace {
-    cap: usize,
     x: DevBuf,
     normed: DevBuf,
     mixed: DevBuf,
@@ -476,22 +547,33 @@ struct Workspace {
     gu: DevBuf,
     ys: DevBuf,
     sg: DevBuf,
-    xg: DevBuf,
+    /// Prefill: gate, up, activation [pairs, inter]; expert outputs [pairs, hidden] (pairs are
+    /// (token, expert) choices sorted by expert; the shared expert uses the first t rows).
     g: DevBuf,
     u: DevBuf,
     act: DevBuf,
     yd: DevBuf,
-    idx: DevBuf,
-    wrow: DevBuf,
+    /// Prefill pair bookkeeping: token of each pair, pair of each (token, rank), work items.
+    xrow: DevBuf,
+    pair_of: DevBuf,
+    items: DevBuf,
+    /// [pos0, token ids...] (i32): the position lives in device memory so a captured decode
+    /// graph replays at any position.
     tok: DevBuf,
+    /// [layers, k] (i32): the experts each layer chose for the current decode token.
+    ids_all: DevBuf,
     logits: DevBuf,
+    /// Dequantized weights for cuBLAS (prefill).
+    deq: DevBuf,
+    /// Grid reductions of the decode norms: block partials, then a counter kept at zero.
+    red: DevBuf,
 }
 
 /// Splits of the key range for single-token attention (more blocks for long contexts).
 const MAX_SPLITS: usize = 32;
 
 impl Workspace {
-    fn new(dev: &CudaDevice, m: &Model, cap: usize) -> Result<Self> {
+    fn new(dev: &CudaDevice, m: &Model, cap: usize, deq_floats: usize) -> Result<Self> {
         let c = &m.config;
         let f = |n: usize| dev.alloc(n.max(1) * 4);
         let h = c.hidden_size;
@@ -500,7 +582,6 @@ impl Workspace {
         let k = m.experts_per_token();
         let imax = c.moe_intermediate.max(c.shared_intermediate);
         Ok(Workspace {
-            cap,
             x: f(cap * h)?,
             normed: f(cap * h)?,
             mixed: f(cap * h)?,
@@ -522,24 +603,56 @@ impl Workspace {
             gu: f((k + 1) * 2 * imax)?,
             ys: f((k + 1) * h)?,
             sg: f(cap)?,
-            xg: f(cap * h)?,
-            g: f(cap * imax)?,
-            u: f(cap * imax)?,
-            act: f(cap * imax)?,
-            yd: f(cap * h)?,
-            idx: f(cap * k)?,
-            wrow: f(cap * k)?,
-            tok: f(cap)?,
+            g: f(cap * k.max(1) * imax)?,
+            u: f(cap * k.max(1) * imax)?,
+            act: f(cap * k.max(1) * imax)?,
+            yd: f(cap * k.max(1) * h)?,
+            xrow: f(cap * k)?,
+            pair_of: f(cap * k)?,
+            items: f(cap * k * 4)?,
+            tok: f(cap + 1)?,
+            ids_all: f(c.num_layers * k)?,
             logits: f(c.vocab_size)?,
+            deq: f(deq_floats)?,
+            red: {
+                let r = dev.alloc(super::ops::RED_COUNTER + 16)?;
+                r.fill_bytes(0)?;
+                r
+            },
         })
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 
+/// What a captured decode graph baked in: the state buffers it reads and writes, and whether it
+/// ends with the lm_head.
+#[derive(Clone, Debug, PartialEq)]
+struct GraphKey {
+    buffers: Vec<(u64, usize)>,
+    logits: bool,
+}
+
+impl GraphKey {
+    fn of(d: &DevSeqState, logits: bool) -> Self {
+        let buffers = d
+            .layers
+            .iter()
+            .map(|l| match l {
+                DevLayerState::Attention { k, cap, .. } => (k.ptr(), *cap),
+                DevLayerState::DeltaNet { rec, .. } => (rec.ptr(), 0),
+            })
+            .collect();
+        GraphKey { buffers, logits }
+    }
+}
+
 struct Inner {
     pool: ExpertPool,
     ws: Workspace,
+    graph: Option<(GraphKey, super::Graph)>,
+    /// Decode steps run without a graph since the last capture (the first one warms up).
+    eager_steps: usize,
 }
 
 /// A model's weights and expert pool on one GPU, and the forward pass there.
@@ -562,6 +675,11 @@ pub struct GpuModel {
     /// One expert's slot size (bytes moved per miss).
     pub slot_bytes: usize,
     prefill_chunk: usize,
+    /// Capture decode steps in CUDA graphs when every expert is resident (FLASHMOE_CUDA_GRAPHS=0
+    /// turns it off, for comparisons).
+    use_graphs: bool,
+    blas: Option<Blas>,
+    blas_min_tokens: usize,
 }
 
 fn f32_buf(dev: &CudaDevice, v: &[f32]) -> Result<DevBuf> {
@@ -581,10 +699,25 @@ impl GpuModel {
                 c.head_dim
             )));
         }
-        if !c.linear_value_dim.is_multiple_of(32) || c.linear_value_dim > 1024 || c.conv_kernel > 8 {
+        if !c.linear_value_dim.is_multiple_of(32)
+            || c.linear_value_dim > 1024
+            || !c.linear_key_dim.is_multiple_of(8)
+            || c.linear_key_dim > 256
+            || c.conv_kernel > 8
+        {
             return Err(CudaError(format!(
-                "GPU GatedDeltaNet needs value_dim a multiple of 32 up to 1024 and conv kernel ≤ 8, got {} / {}",
-                c.linear_value_dim, c.conv_kernel
+                "GPU GatedDeltaNet needs value_dim a multiple of 32 up to 1024, key_dim a multiple of 8 up to 256 and conv kernel ≤ 8, got {} / {} / {}",
+                c.linear_value_dim, c.linear_key_dim, c.conv_kernel
+            )));
+        }
+        if c.hidden_size > 4096 * 256 {
+            return Err(CudaError(format!("GPU norms take hidden sizes up to {}, got {}", 4096 * 256, c.hidden_size)));
+        }
+        if c.num_experts > 1024 || m.experts_per_token() > 32 {
+            return Err(CudaError(format!(
+                "GPU router takes up to 1024 experts and 32 per token, got {} / {}",
+                c.num_experts,
+                m.experts_per_token()
             )));
         }
         let w = &m.weights;
@@ -646,7 +779,18 @@ impl GpuModel {
         let slot_bytes = layouts.iter().map(|l| l.bytes).max().unwrap_or(SLOT_ALIGN).next_multiple_of(SLOT_ALIGN);
         let k = m.experts_per_token();
         let prefill_chunk = opts.prefill_chunk.max(1);
-        let ws = Workspace::new(&dev, m, prefill_chunk)?;
+        let blas = if prefill_chunk >= opts.blas_min_tokens { Blas::new(&dev) } else { None };
+        let mut largest = lm_head.rows.min(DEQ_FLOATS / lm_head.cols.max(1)) * lm_head.cols;
+        for l in &layers {
+            let mats: Vec<&DevMatrix> = match &l.mixer {
+                DevMixer::Attention { q, k, v, o, .. } => vec![q, k, v, o],
+                DevMixer::DeltaNet { qkv, z, b, a, out, .. } => vec![qkv, z, b, a, out],
+            };
+            for d in mats.into_iter().chain([&l.shared.gate, &l.shared.up, &l.shared.down]) {
+                largest = largest.max(d.rows.min(DEQ_FLOATS / d.cols.max(1)) * d.cols);
+            }
+        }
+        let ws = Workspace::new(&dev, m, prefill_chunk, if blas.is_some() { largest } else { 0 })?;
         let total_experts = c.num_layers * c.num_experts;
         let staging_n = (k + 1).max(8);
         let wanted = match opts.cache {
@@ -686,8 +830,12 @@ impl GpuModel {
                 in_flight: false,
             });
         }
+        let table = dev.alloc(c.num_layers * c.num_experts * 8)?;
+        table.fill_bytes(0)?;
         let pool = ExpertPool {
             mem,
+            table,
+            num_experts: c.num_experts,
             slot_bytes,
             nslots,
             map: ExpertCache::with_policy((nslots * slot_bytes) as u64, opts.cache_policy),
@@ -726,7 +874,10 @@ impl GpuModel {
             pool_slots: nslots,
             slot_bytes,
             prefill_chunk,
-            inner: Mutex::new(Inner { pool, ws }),
+            inner: Mutex::new(Inner { pool, ws, graph: None, eager_steps: 0 }),
+            blas,
+            blas_min_tokens: opts.blas_min_tokens.max(2),
+            use_graphs: std::env::var("FLASHMOE_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             dev,
         })
     }
@@ -847,9 +998,72 @@ impl GpuModel {
         self.gemv.gemv_raw(&self.dev, &m.view(), x, y, None, false, AffineVariant::default_for(m.format))
     }
 
-    /// `y = m·x` for t tokens (GEMV when t = 1).
-    fn mm(&self, m: &DevMatrix, x: u64, y: u64, t: usize) -> Result<()> {
-        if t == 1 { self.gemv(m, x, y) } else { self.gemv.gemm(&self.dev, &m.view(), x, y, t) }
+    /// `y = m·x` for t tokens: GEMV for one, dequantize + cuBLAS SGEMM for many (when cuBLAS
+    /// loaded), the multi-token GEMV kernel in between.
+    fn mm(&self, ws: &Workspace, m: &DevMatrix, x: u64, y: u64, t: usize) -> Result<()> {
+        if t == 1 {
+            return self.gemv(m, x, y);
+        }
+        let Some(blas) = self.blas.as_ref().filter(|_| t >= self.blas_min_tokens) else {
+            return self.gemv.gemm(&self.dev, &m.view(), x, y, t);
+        };
+        use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        let (rows, cols) = (m.rows, m.cols);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // Row-major Y[t, rows] = X[t, cols]·Wᵀ is column-major Y[rows, t] = Wᵀ[rows, cols]·X[cols, t].
+        let sgemm = |a: u64, r0: usize, n: usize| -> Result<()> {
+            // SAFETY: a holds n·cols f32 (row-major rows r0..r0+n of W), x t·cols, y t·rows;
+            // the handle runs on the device's stream.
+            unsafe {
+                cudarc::cublas::result::sgemm(
+                    blas.0,
+                    CUBLAS_OP_T,
+                    CUBLAS_OP_N,
+                    n as i32,
+                    t as i32,
+                    cols as i32,
+                    &alpha,
+                    a as *const f32,
+                    cols as i32,
+                    x as *const f32,
+                    cols as i32,
+                    &beta,
+                    (y + (r0 * 4) as u64) as *mut f32,
+                    rows as i32,
+                )
+            }
+            .map_err(|e| CudaError(format!("cublasSgemm: {e:?}")))
+        };
+        let v = m.view();
+        let (fmt, q) = match m.format {
+            DevFormat::F32 => return sgemm(v.w, 0, rows),
+            DevFormat::Affine { bits, group_size } => (0, (bits, group_size)),
+            DevFormat::Bf16 => (2, (16, 1)),
+        };
+        let block = (ws.deq.len() / 4 / cols.max(1)).max(1);
+        let mut r0 = 0;
+        while r0 < rows {
+            let n = block.min(rows - r0);
+            self.ops.dequant_rows(&self.dev, (v.w, v.s, v.b), fmt, q, r0, n, cols, ws.deq.ptr())?;
+            sgemm(ws.deq.ptr(), r0, n)?;
+            r0 += n;
+        }
+        Ok(())
+    }
+
+    /// Several GEMVs of one input in one launch when their formats agree (else one each).
+    fn gemv_many(&self, x: u64, outs: &[(&DevMatrix, u64)]) -> Result<()> {
+        let items: Vec<BatchItem> =
+            outs.iter().map(|(m, y)| BatchItem { m: m.view(), x, y: *y, swiglu: false }).collect();
+        let fits = items.iter().all(|it| match it.m.format {
+            DevFormat::Affine { bits, .. } => GemvKernels::x_smem_bytes(bits, it.m.cols) <= 48 << 10,
+            _ => true,
+        });
+        if fits {
+            self.gemv.gemv_batch(&self.dev, &items)
+        } else {
+            outs.iter().try_for_each(|(m, y)| self.gemv(m, x, *y))
+        }
     }
 
     /// Runs `tokens` through the model on the GPU (the caller validated ids and context).
@@ -913,6 +1127,28 @@ impl GpuModel {
         Ok(())
     }
 
+    /// Grows the attention caches to hold `need` positions (never inside a graph capture).
+    fn ensure_capacity(&self, m: &Model, d: &mut DevSeqState, pos0: usize, need: usize) -> Result<()> {
+        let row = m.config.num_kv_heads * m.config.head_dim * 4;
+        for ls in d.layers.iter_mut() {
+            if let DevLayerState::Attention { k: kc, v: vc, cap } = ls
+                && need > *cap
+            {
+                let ncap = need.next_power_of_two().max(256).min(m.max_context().max(need));
+                let nk = self.dev.alloc(ncap * row)?;
+                let nv = self.dev.alloc(ncap * row)?;
+                if pos0 > 0 {
+                    self.dev.copy_dtod(kc, &nk, pos0 * row)?;
+                    self.dev.copy_dtod(vc, &nv, pos0 * row)?;
+                }
+                *kc = nk;
+                *vc = nv;
+                *cap = ncap;
+            }
+        }
+        Ok(())
+    }
+
     fn forward_chunk(
         &self,
         inner: &mut Inner,
@@ -922,50 +1158,116 @@ impl GpuModel {
         want: LogitsFor,
     ) -> crate::Result<Vec<f32>> {
         let c = &m.config;
-        let (t, h) = (tokens.len(), c.hidden_size);
-        let dev = &*self.dev;
+        let (t, v, k) = (tokens.len(), c.vocab_size, m.experts_per_token());
         let pos0 = state.pos;
-        let ids: Vec<u8> = tokens.iter().flat_map(|&x| (x as i32).to_le_bytes()).collect();
-        let Inner { pool, ws } = inner;
+        let dstate = state.dev.as_mut().expect("ensured by the caller");
+        self.ensure_capacity(m, dstate, pos0, pos0 + t)?;
+        let Inner { pool, ws, graph, eager_steps } = inner;
         let ws = &*ws;
-        ws.tok.copy_from_host(&ids)?;
-        debug_assert!(t <= ws.cap);
+        let head: Vec<u8> =
+            std::iter::once(pos0 as i32).chain(tokens.iter().map(|&x| x as i32)).flat_map(i32::to_le_bytes).collect();
+        ws.tok.copy_from_host(&head)?;
+        let resident = pool.all_resident();
+        let all_out = if want == LogitsFor::All { Some(self.dev.alloc(t * v * 4)?) } else { None };
+        let logits_ptr = match (&all_out, want) {
+            (Some(b), _) => b.ptr(),
+            (None, LogitsFor::Last) => ws.logits.ptr(),
+            _ => 0,
+        };
+        if t == 1 && resident && self.use_graphs {
+            let key = GraphKey::of(dstate, want == LogitsFor::Last);
+            if graph.as_ref().is_some_and(|(k, _)| *k != key) {
+                *graph = None;
+                *eager_steps = 0;
+            }
+            if graph.is_none() && *eager_steps >= 1 {
+                let g = self.dev.capture(|| {
+                    self.enqueue(pool, ws, m, dstate, 1, pos0, want, logits_ptr, true)
+                        .map_err(|e| CudaError(e.to_string()))
+                })?;
+                *graph = Some((key, g));
+            }
+            match graph {
+                Some((_, g)) => g.launch()?,
+                None => {
+                    self.enqueue(pool, ws, m, dstate, 1, pos0, want, logits_ptr, true)?;
+                    *eager_steps += 1;
+                }
+            }
+        } else {
+            self.enqueue(pool, ws, m, dstate, t, pos0, want, logits_ptr, resident)?;
+        }
+        if resident && t == 1 {
+            self.stats.pool_hits.fetch_add((k * c.num_layers) as u64, Relaxed);
+            if m.routing_trace.is_some() {
+                let ids = ws.ids_all.read_i32_n(c.num_layers * k)?;
+                for li in 0..c.num_layers {
+                    Self::record_routing(m, li, pos0, &ids[li * k..(li + 1) * k]);
+                }
+            }
+        }
+        state.pos += t;
+        self.stats.tokens.fetch_add(t as u64, Relaxed);
+        Ok(match (want, all_out) {
+            (LogitsFor::None, _) => {
+                self.dev.synchronize()?;
+                Vec::new()
+            }
+            (LogitsFor::Last, _) => ws.logits.read_f32_n(v)?,
+            (LogitsFor::All, Some(out)) => out.read_f32_n(t * v)?,
+            (LogitsFor::All, None) => unreachable!("allocated above"),
+        })
+    }
+
+    /// Enqueues one pass of `t` tokens: embedding, every layer, and (per `want`) the final norm
+    /// and lm_head into `logits`. With `resident` (every expert on the GPU) and t = 1 it never
+    /// waits for the GPU, so it can be captured in a graph.
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue(
+        &self,
+        pool: &mut ExpertPool,
+        ws: &Workspace,
+        m: &Model,
+        dstate: &mut DevSeqState,
+        t: usize,
+        pos0: usize,
+        want: LogitsFor,
+        logits: u64,
+        resident: bool,
+    ) -> crate::Result<()> {
+        let c = &m.config;
+        let h = c.hidden_size;
+        let dev = &*self.dev;
+        let eps = c.rms_norm_eps;
         let (x, normed, mixed) = (ws.x.ptr(), ws.normed.ptr(), ws.mixed.ptr());
+        let pos_ptr = ws.tok.ptr();
+        let ids_ptr = ws.tok.ptr() + 4;
         match self.embed.format {
             DevFormat::Affine { bits, group_size } => {
                 let v = self.embed.view();
-                self.ops.embed_affine(dev, v.w, v.s, v.b, ws.tok.ptr(), x, t, h, bits, group_size)?
+                self.ops.embed_affine(dev, v.w, v.s, v.b, ids_ptr, x, t, h, bits, group_size)?
             }
-            DevFormat::F32 => self.ops.embed_dense(dev, self.embed.w.ptr(), 0, ws.tok.ptr(), x, t, h)?,
-            DevFormat::Bf16 => self.ops.embed_dense(dev, self.embed.w.ptr(), 1, ws.tok.ptr(), x, t, h)?,
+            DevFormat::F32 => self.ops.embed_dense(dev, self.embed.w.ptr(), 0, ids_ptr, x, t, h)?,
+            DevFormat::Bf16 => self.ops.embed_dense(dev, self.embed.w.ptr(), 1, ids_ptr, x, t, h)?,
         }
-        let dstate = state.dev.as_mut().expect("ensured by the caller");
         for (li, dl) in self.layers.iter().enumerate() {
-            let eps = c.rms_norm_eps;
-            self.ops.rms_norm(dev, x, dl.input_norm.ptr(), normed, t, h, eps)?;
+            // Decode: the previous layer's MoE combine already wrote this layer's normed input.
+            if t > 1 || li == 0 {
+                self.ops.rms_norm(dev, x, dl.input_norm.ptr(), normed, t, h, eps)?;
+            }
             match (&dl.mixer, &mut dstate.layers[li]) {
                 (
                     DevMixer::Attention { q, k, v, o, q_norm, k_norm },
                     DevLayerState::Attention { k: kc, v: vc, cap },
                 ) => {
                     let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
-                    let need = pos0 + t;
-                    if need > *cap {
-                        let row = nkv * d * 4;
-                        let ncap = need.next_power_of_two().max(256).min(m.max_context().max(need));
-                        let nk = dev.alloc(ncap * row)?;
-                        let nv = dev.alloc(ncap * row)?;
-                        if pos0 > 0 {
-                            dev.copy_dtod(kc, &nk, pos0 * row)?;
-                            dev.copy_dtod(vc, &nv, pos0 * row)?;
-                        }
-                        *kc = nk;
-                        *vc = nv;
-                        *cap = ncap;
+                    if t == 1 {
+                        self.gemv_many(normed, &[(q, ws.proj.ptr()), (k, ws.k.ptr()), (v, ws.v.ptr())])?;
+                    } else {
+                        self.mm(ws, q, normed, ws.proj.ptr(), t)?;
+                        self.mm(ws, k, normed, ws.k.ptr(), t)?;
+                        self.mm(ws, v, normed, ws.v.ptr(), t)?;
                     }
-                    self.mm(q, normed, ws.proj.ptr(), t)?;
-                    self.mm(k, normed, ws.k.ptr(), t)?;
-                    self.mm(v, normed, ws.v.ptr(), t)?;
                     let half = c.rotary_dims() / 2;
                     self.ops.attn_prep(
                         dev,
@@ -981,10 +1283,12 @@ impl GpuModel {
                         vc.ptr(),
                         t,
                         (nh, nkv, d, half),
-                        pos0,
+                        pos_ptr,
                         eps,
                     )?;
-                    let splits = if t == 1 { (pos0 + 1).div_ceil(256).clamp(1, MAX_SPLITS) } else { 1 };
+                    // One token: split the key range by the cache capacity (fixed between cache
+                    // growths, so graphs stay valid); prefill rows have parallelism enough.
+                    let splits = if t == 1 { (*cap / 256).clamp(1, MAX_SPLITS) } else { 1 };
                     self.ops.attention(
                         dev,
                         ws.q.ptr(),
@@ -995,19 +1299,24 @@ impl GpuModel {
                         ws.attn.ptr(),
                         t,
                         (nh, nkv, d),
-                        pos0,
+                        pos_ptr,
                         splits,
                     )?;
-                    self.mm(o, ws.attn.ptr(), mixed, t)?;
+                    self.mm(ws, o, ws.attn.ptr(), mixed, t)?;
                 }
                 (
                     DevMixer::DeltaNet { qkv, z, b, a, out, conv, dt_bias, neg_a, norm },
                     DevLayerState::DeltaNet { conv: cs, rec },
                 ) => {
-                    self.mm(qkv, normed, ws.proj.ptr(), t)?;
-                    self.mm(z, normed, ws.z.ptr(), t)?;
-                    self.mm(b, normed, ws.b.ptr(), t)?;
-                    self.mm(a, normed, ws.a.ptr(), t)?;
+                    if t == 1 {
+                        let outs = [(qkv, ws.proj.ptr()), (z, ws.z.ptr()), (b, ws.b.ptr()), (a, ws.a.ptr())];
+                        self.gemv_many(normed, &outs)?;
+                    } else {
+                        self.mm(ws, qkv, normed, ws.proj.ptr(), t)?;
+                        self.mm(ws, z, normed, ws.z.ptr(), t)?;
+                        self.mm(ws, b, normed, ws.b.ptr(), t)?;
+                        self.mm(ws, a, normed, ws.a.ptr(), t)?;
+                    }
                     self.ops.dn_conv(
                         dev,
                         ws.proj.ptr(),
@@ -1033,45 +1342,47 @@ impl GpuModel {
                         (c.linear_key_heads, c.linear_value_heads, c.linear_key_dim, c.linear_value_dim),
                         eps,
                     )?;
-                    self.mm(out, ws.dn_y.ptr(), mixed, t)?;
+                    self.mm(ws, out, ws.dn_y.ptr(), mixed, t)?;
                 }
                 _ => return Err(CudaError::new("layer state does not match layer kind").into()),
             }
-            self.ops.add_inplace(dev, x, mixed, t * h)?;
-            self.ops.rms_norm(dev, x, dl.post_norm.ptr(), normed, t, h, eps)?;
             if t == 1 {
-                self.moe_decode(pool, ws, m, li, pos0)?;
+                self.ops.add_rms_norm_row(dev, x, mixed, dl.post_norm.ptr(), normed, h, eps, ws.red.ptr())?;
+            } else {
+                self.ops.add_rms_norm(dev, x, mixed, dl.post_norm.ptr(), normed, t, h, eps)?;
+            }
+            if t == 1 {
+                // The combine also applies the next norm: the next layer's input norm, or after
+                // the last layer the final norm (when logits are wanted).
+                let next = match self.layers.get(li + 1) {
+                    Some(n) => Some((n.input_norm.ptr(), normed)),
+                    None if want != LogitsFor::None => Some((self.final_norm.ptr(), normed)),
+                    None => None,
+                };
+                self.moe_decode(pool, ws, m, li, pos0, resident, next)?;
             } else {
                 self.moe_prefill(pool, ws, m, li, t, pos0)?;
             }
         }
-        state.pos += t;
-        self.stats.tokens.fetch_add(t as u64, Relaxed);
-        let v = c.vocab_size;
-        let eps = c.rms_norm_eps;
-        let logits = match want {
-            LogitsFor::None => {
-                dev.synchronize()?;
-                Vec::new()
-            }
+        match want {
+            LogitsFor::None => {}
             LogitsFor::Last => {
-                let last = x + ((t - 1) * h * 4) as u64;
-                self.ops.rms_norm(dev, last, self.final_norm.ptr(), normed, 1, h, eps)?;
-                self.gemv(&self.lm_head, normed, ws.logits.ptr())?;
-                ws.logits.read_f32_n(v)?
+                if t > 1 {
+                    let last = x + ((t - 1) * h * 4) as u64;
+                    self.ops.rms_norm(dev, last, self.final_norm.ptr(), normed, 1, h, eps)?;
+                }
+                self.gemv(&self.lm_head, normed, logits)?;
             }
             LogitsFor::All => {
                 self.ops.rms_norm(dev, x, self.final_norm.ptr(), normed, t, h, eps)?;
-                let out = dev.alloc(t * v * 4)?;
-                self.mm(&self.lm_head, normed, out.ptr(), t)?;
-                out.read_f32_n(t * v)?
+                self.mm(ws, &self.lm_head, normed, logits, t)?;
             }
-        };
-        Ok(logits)
+        }
+        Ok(())
     }
 
     /// Reads experts `ids` of layer `li` from the host tier and copies each into a claimed pool
-    /// slot (the compute stream waits for each copy). Returns their slots in order.
+    /// slot (the compute stream waits for each copy) and the slot table. Returns their slots.
     fn load_missing(
         &self,
         pool: &mut ExpertPool,
@@ -1080,19 +1391,28 @@ impl GpuModel {
         ids: &[usize],
         protected: &dyn Fn(ExpertKey) -> bool,
     ) -> crate::Result<Vec<usize>> {
-        let mut slots = Vec::with_capacity(ids.len());
         let layout = pool.layouts[li];
+        let place =
+            |pool: &mut ExpertPool, e: usize, l: ExpertLayout, pieces: &[(usize, &[u8])]| -> crate::Result<usize> {
+                if l != layout {
+                    return Err(CudaError(format!("layer {li} expert {e} differs in shape from expert 0")).into());
+                }
+                let key = (li as u32, e as u32);
+                let (slot, victim) = pool.claim(&self.dev, key, protected)?;
+                if let Some(vk) = victim {
+                    self.gemv.table_set(&self.dev, pool.table.ptr(), pool.table_index(vk), 0)?;
+                }
+                let n = pool.fill(&self.dev, slot, l.bytes, pieces)?;
+                self.gemv.table_set(&self.dev, pool.table.ptr(), pool.table_index(key), pool.base(slot))?;
+                self.stats.h2d_bytes.fetch_add(n, Relaxed);
+                Ok(slot)
+            };
+        let mut slots = Vec::with_capacity(ids.len());
         match &m.weights.layers[li].moe.experts {
             ExpertSet::Resident(v) => {
                 for &e in ids {
                     let (l, pieces) = expert_layout(&v[e])?;
-                    if l != layout {
-                        return Err(CudaError(format!("layer {li} expert {e} differs in shape from expert 0")).into());
-                    }
-                    let slot = pool.claim(&self.dev, (li as u32, e as u32), protected)?;
-                    let n = pool.fill(&self.dev, slot, l.bytes, &pieces)?;
-                    self.stats.h2d_bytes.fetch_add(n, Relaxed);
-                    slots.push(slot);
+                    slots.push(place(pool, e, l, &pieces)?);
                 }
             }
             ExpertSet::Streamed { store, layer } => {
@@ -1100,13 +1420,7 @@ impl GpuModel {
                 for (&e, buf) in ids.iter().zip(bufs) {
                     let ew = store.expert_weights(*layer, buf)?;
                     let (l, pieces) = expert_layout(&ew)?;
-                    if l != layout {
-                        return Err(CudaError(format!("layer {li} expert {e} differs in shape from expert 0")).into());
-                    }
-                    let slot = pool.claim(&self.dev, (li as u32, e as u32), protected)?;
-                    let n = pool.fill(&self.dev, slot, l.bytes, &pieces)?;
-                    self.stats.h2d_bytes.fetch_add(n, Relaxed);
-                    slots.push(slot);
+                    slots.push(place(pool, e, l, &pieces)?);
                 }
             }
         }
@@ -1123,74 +1437,152 @@ impl GpuModel {
         }
     }
 
-    /// MoE block of one token: x += Σ routed + shared.
-    fn moe_decode(&self, pool: &mut ExpertPool, ws: &Workspace, m: &Model, li: usize, pos: usize) -> crate::Result<()> {
+    /// One phase of the device-resolved expert GEMV: matrices `mats` (gate and up, or down) of
+    /// the k routed experts whose ids are at `ids`, plus the shared expert's `shared` GEMVs (in
+    /// the same launch when their format matches, else on their own).
+    #[allow(clippy::too_many_arguments)]
+    fn expert_phase(
+        &self,
+        ids: u64,
+        table: u64,
+        mats: &[MatLayout],
+        shared: &[BatchItem],
+        (x, x_stride): (u64, usize),
+        (y, y_stride): (u64, usize),
+        swiglu: bool,
+        k: usize,
+    ) -> Result<()> {
+        use super::gemv::{ExpertsArgs, GemvProblem, MatOff};
+        if mats.len() == 2 && mats[0].format != mats[1].format {
+            // Different formats cannot share a launch: one per matrix (`up` writes after gate).
+            self.expert_phase(ids, table, &mats[..1], &shared[..1], (x, x_stride), (y, y_stride), swiglu, k)?;
+            let y_up = y + (mats[0].rows * 4) as u64;
+            return self.expert_phase(ids, table, &mats[1..], &shared[1..], (x, x_stride), (y_up, y_stride), swiglu, k);
+        }
+        let format = mats[0].format;
+        let fused = shared.len() == mats.len() && shared.iter().all(|s| s.m.format == format);
+        let mut args = ExpertsArgs {
+            ids,
+            table,
+            x,
+            y,
+            x_stride: x_stride as i64,
+            y_stride: y_stride as i64,
+            k: k as i32,
+            nmat: mats.len() as i32,
+            swiglu: swiglu as i32,
+            ..Default::default()
+        };
+        let (mut max_rows, mut max_cols) = (0, 0);
+        for (o, l) in args.mat.iter_mut().zip(mats) {
+            *o = MatOff { w: l.w as u64, s: l.s as u64, b: l.b as u64, rows: l.rows as i32, cols: l.cols as i32 };
+            max_rows = max_rows.max(l.rows);
+            max_cols = max_cols.max(l.cols);
+        }
+        if fused {
+            for (p, it) in args.shared.iter_mut().zip(shared) {
+                *p = GemvProblem::new(&it.m, it.x, it.y, it.swiglu);
+                max_rows = max_rows.max(it.m.rows);
+                max_cols = max_cols.max(it.m.cols);
+            }
+        } else {
+            self.gemv.gemv_batch(&self.dev, shared)?;
+        }
+        self.gemv.experts(&self.dev, format, &args, max_rows, max_cols)
+    }
+
+    /// MoE block of one token: x += Σ routed + shared. Experts on the GPU are found by the
+    /// kernels themselves (slot table); unless every expert is resident, the host then reads
+    /// the ids, copies in the missing experts and runs them.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_decode(
+        &self,
+        pool: &mut ExpertPool,
+        ws: &Workspace,
+        m: &Model,
+        li: usize,
+        pos: usize,
+        resident: bool,
+        next_norm: Option<(u64, u64)>,
+    ) -> crate::Result<()> {
         let c = &m.config;
         let dev = &*self.dev;
         let dl = &self.layers[li];
         let (h, k, e) = (c.hidden_size, m.experts_per_token(), c.num_experts);
         let normed = ws.normed.ptr();
-        self.gemv(&dl.router, normed, ws.rlogits.ptr())?;
-        self.ops.router_topk(dev, ws.rlogits.ptr(), e, k, c.norm_topk_prob, ws.ids.ptr(), ws.wts.ptr(), 1)?;
-        self.gemv(&dl.shared_gate, normed, ws.sg.ptr())?;
-        // The one host synchronization of the layer: which experts?
-        let ids = ws.ids.read_i32_n(k)?;
-        pool.in_use.clear();
-        Self::record_routing(m, li, pos, &ids);
-        if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= e) {
-            return Err(CudaError(format!("router produced expert id {bad} (non-finite activations?)")).into());
-        }
-        pool.map.set_clock(self.stats.tokens.load(Relaxed) as f64);
+        let ids_ptr = ws.ids_all.ptr() + (li * k * 4) as u64;
+        self.gemv_many(normed, &[(&dl.router, ws.rlogits.ptr()), (&dl.shared_gate, ws.sg.ptr())])?;
+        self.ops.router_topk(dev, ws.rlogits.ptr(), e, k, c.norm_topk_prob, ids_ptr, ws.wts.ptr(), 1)?;
         let imax2 = 2 * c.moe_intermediate.max(c.shared_intermediate);
         let gu = |j: usize| ws.gu.ptr() + (j * imax2 * 4) as u64;
         let ys = |j: usize| ws.ys.ptr() + (j * h * 4) as u64;
         let layout = pool.layouts[li];
-        let expert_items = |base: u64, j: usize, first: &mut Vec<BatchItem>, second: &mut Vec<BatchItem>| {
-            let [g, u, d] = layout.mats;
-            let inter = g.rows;
-            first.push(BatchItem { m: g.view(base), x: normed, y: gu(j), swiglu: false });
-            first.push(BatchItem { m: u.view(base), x: normed, y: gu(j) + (inter * 4) as u64, swiglu: false });
-            second.push(BatchItem { m: d.view(base), x: gu(j), y: ys(j), swiglu: true });
-        };
-        // Shared expert and the experts already on the GPU first.
-        let (mut first, mut second) = (Vec::new(), Vec::new());
+        let [gl, ul, dm] = layout.mats;
         let sh = &dl.shared;
-        first.push(BatchItem { m: sh.gate.view(), x: normed, y: gu(k), swiglu: false });
-        first.push(BatchItem { m: sh.up.view(), x: normed, y: gu(k) + (sh.gate.rows * 4) as u64, swiglu: false });
-        second.push(BatchItem { m: sh.down.view(), x: gu(k), y: ys(k), swiglu: true });
-        let mut misses = Vec::new();
-        for (j, &x) in ids.iter().enumerate() {
-            match pool.lookup(li, x as usize) {
-                Some(slot) => {
-                    pool.in_use.insert(slot);
-                    expert_items(pool.base(slot), j, &mut first, &mut second);
+        let table = pool.table.ptr() + (li * e * 8) as u64;
+        let shared1 = [
+            BatchItem { m: sh.gate.view(), x: normed, y: gu(k), swiglu: false },
+            BatchItem { m: sh.up.view(), x: normed, y: gu(k) + (sh.gate.rows * 4) as u64, swiglu: false },
+        ];
+        let shared2 = [BatchItem { m: sh.down.view(), x: gu(k), y: ys(k), swiglu: true }];
+        self.expert_phase(ids_ptr, table, &[gl, ul], &shared1, (normed, 0), (gu(0), imax2), false, k)?;
+        self.expert_phase(ids_ptr, table, &[dm], &shared2, (gu(0), imax2), (ys(0), h), true, k)?;
+        if !resident {
+            // The one host synchronization of the layer: which experts, and are they here?
+            let ids = ws.ids_all.read_i32_n((li + 1) * k)?.split_off(li * k);
+            pool.in_use.clear();
+            Self::record_routing(m, li, pos, &ids);
+            if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= e) {
+                return Err(CudaError(format!("router produced expert id {bad} (non-finite activations?)")).into());
+            }
+            pool.map.set_clock(self.stats.tokens.load(Relaxed) as f64);
+            let mut misses = Vec::new();
+            for (j, &x) in ids.iter().enumerate() {
+                match pool.lookup(li, x as usize) {
+                    Some(slot) => {
+                        pool.in_use.insert(slot);
+                    }
+                    None => misses.push(j),
                 }
-                None => misses.push(j),
+            }
+            self.stats.pool_hits.fetch_add((k - misses.len()) as u64, Relaxed);
+            self.stats.pool_misses.fetch_add(misses.len() as u64, Relaxed);
+            if !misses.is_empty() {
+                let chosen: HashSet<u32> = ids.iter().map(|&x| x as u32).collect();
+                let protect = |key: ExpertKey| key.0 == li as u32 && chosen.contains(&key.1);
+                let miss_ids: Vec<usize> = misses.iter().map(|&j| ids[j] as usize).collect();
+                let slots = self.load_missing(pool, m, li, &miss_ids, &protect)?;
+                for (&j, &slot) in misses.iter().zip(&slots) {
+                    pool.in_use.insert(slot);
+                    let base = pool.base(slot);
+                    let first = [
+                        BatchItem { m: gl.view(base), x: normed, y: gu(j), swiglu: false },
+                        BatchItem { m: ul.view(base), x: normed, y: gu(j) + (gl.rows * 4) as u64, swiglu: false },
+                    ];
+                    self.gemv.gemv_batch(dev, &first)?;
+                    self.gemv.gemv_batch(dev, &[BatchItem { m: dm.view(base), x: gu(j), y: ys(j), swiglu: true }])?;
+                }
             }
         }
-        self.stats.pool_hits.fetch_add((k - misses.len()) as u64, Relaxed);
-        self.stats.pool_misses.fetch_add(misses.len() as u64, Relaxed);
-        self.gemv.gemv_batch(dev, &first)?;
-        self.gemv.gemv_batch(dev, &second)?;
-        if !misses.is_empty() {
-            let chosen: HashSet<u32> = ids.iter().map(|&x| x as u32).collect();
-            let protect = |key: ExpertKey| key.0 == li as u32 && chosen.contains(&key.1);
-            let miss_ids: Vec<usize> = misses.iter().map(|&j| ids[j] as usize).collect();
-            let slots = self.load_missing(pool, m, li, &miss_ids, &protect)?;
-            for (&j, &slot) in misses.iter().zip(&slots) {
-                pool.in_use.insert(slot);
-                let (mut a, mut b) = (Vec::new(), Vec::new());
-                expert_items(pool.base(slot), j, &mut a, &mut b);
-                self.gemv.gemv_batch(dev, &a)?;
-                self.gemv.gemv_batch(dev, &b)?;
-            }
-        }
-        self.ops.moe_combine(dev, ws.x.ptr(), ws.ys.ptr(), ws.wts.ptr(), ws.sg.ptr(), k, h)?;
+        self.ops.moe_combine(
+            dev,
+            ws.x.ptr(),
+            ws.ys.ptr(),
+            ws.wts.ptr(),
+            ws.sg.ptr(),
+            k,
+            h,
+            next_norm,
+            c.rms_norm_eps,
+            ws.red.ptr(),
+        )?;
         Ok(())
     }
 
-    /// MoE block of t > 1 tokens: the shared expert over all of them, then each routed expert
-    /// over its tokens (gathered, multi-token GEMMs, scattered back with the routing weights).
+    /// MoE block of t > 1 tokens: the shared expert over all of them (GEMMs), then the routed
+    /// experts with grouped GEMMs: every (token, expert) pair of the pass, sorted by expert, in
+    /// three launches (gate, up, down) per group of experts that fits the GPU cache, and one
+    /// deterministic combine.
     #[allow(clippy::too_many_arguments)]
     fn moe_prefill(
         &self,
@@ -1206,20 +1598,18 @@ impl GpuModel {
         let dl = &self.layers[li];
         let (h, k, e) = (c.hidden_size, m.experts_per_token(), c.num_experts);
         let normed = ws.normed.ptr();
-        self.mm(&dl.router, normed, ws.rlogits.ptr(), t)?;
+        self.mm(ws, &dl.router, normed, ws.rlogits.ptr(), t)?;
         self.ops.router_topk(dev, ws.rlogits.ptr(), e, k, c.norm_topk_prob, ws.ids.ptr(), ws.wts.ptr(), t)?;
-        self.mm(&dl.shared_gate, normed, ws.sg.ptr(), t)?;
-        // Shared expert.
+        self.mm(ws, &dl.shared_gate, normed, ws.sg.ptr(), t)?;
         let sh = &dl.shared;
         let si = sh.gate.rows;
-        self.mm(&sh.gate, normed, ws.g.ptr(), t)?;
-        self.mm(&sh.up, normed, ws.u.ptr(), t)?;
+        self.mm(ws, &sh.gate, normed, ws.g.ptr(), t)?;
+        self.mm(ws, &sh.up, normed, ws.u.ptr(), t)?;
         self.ops.swiglu(dev, ws.g.ptr(), ws.u.ptr(), ws.act.ptr(), t * si)?;
-        self.mm(&sh.down, ws.act.ptr(), ws.yd.ptr(), t)?;
+        self.mm(ws, &sh.down, ws.act.ptr(), ws.yd.ptr(), t)?;
         self.ops.add_gated_rows(dev, ws.x.ptr(), ws.yd.ptr(), ws.sg.ptr(), h, t)?;
 
         let ids = ws.ids.read_i32_n(t * k)?;
-        let wts = ws.wts.read_f32_n(t * k)?;
         pool.in_use.clear();
         if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= e) {
             return Err(CudaError(format!("router produced expert id {bad} (non-finite activations?)")).into());
@@ -1228,60 +1618,76 @@ impl GpuModel {
             Self::record_routing(m, li, pos0 + ti, &ids[ti * k..(ti + 1) * k]);
         }
         pool.map.set_clock(self.stats.tokens.load(Relaxed) as f64 + t as f64);
-        // Tokens per expert, experts in index order.
-        let mut per: Vec<Vec<(i32, f32)>> = vec![Vec::new(); e];
-        for (i, (&x, &w)) in ids.iter().zip(&wts).enumerate() {
-            per[x as usize].push(((i / k) as i32, w));
+        // Pairs sorted by expert: pair p reads token xrow[p]; token t's j-th choice is pair_of[t·k+j].
+        let mut per: Vec<Vec<usize>> = vec![Vec::new(); e];
+        for (i, &x) in ids.iter().enumerate() {
+            per[x as usize].push(i);
         }
         let chosen: Vec<usize> = (0..e).filter(|&x| !per[x].is_empty()).collect();
-        let mut idx: Vec<u8> = Vec::with_capacity(t * k * 4);
-        let mut wrow: Vec<u8> = Vec::with_capacity(t * k * 4);
-        let mut offsets = Vec::with_capacity(chosen.len());
+        let mut xrow = vec![0i32; t * k];
+        let mut pair_of = vec![0i32; t * k];
+        let mut first_pair = vec![0usize; e + 1];
+        let mut p = 0;
         for &x in &chosen {
-            offsets.push(idx.len() / 4);
-            for &(ti, w) in &per[x] {
-                idx.extend_from_slice(&ti.to_le_bytes());
-                wrow.extend_from_slice(&w.to_le_bytes());
+            first_pair[x] = p;
+            for &i in &per[x] {
+                xrow[p] = (i / k) as i32;
+                pair_of[i] = p as i32;
+                p += 1;
             }
         }
-        ws.idx.copy_from_host(&idx)?;
-        ws.wrow.copy_from_host(&wrow)?;
+        let bytes = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        ws.xrow.copy_from_host(&bytes(&xrow))?;
+        ws.pair_of.copy_from_host(&bytes(&pair_of))?;
         let layout = pool.layouts[li];
         let [gl, ul, dm] = layout.mats;
         let inter = gl.rows;
-        // At most this many experts of the layer are pinned in the pool at once.
-        let group = (pool.nslots - 1).clamp(1, 32);
-        for (gi, grp) in chosen.chunks(group).enumerate() {
-            let mut slots: Vec<Option<usize>> = grp.iter().map(|&x| pool.lookup(li, x)).collect();
-            let hits = slots.iter().filter(|s| s.is_some()).count();
-            self.stats.pool_hits.fetch_add(hits as u64, Relaxed);
-            self.stats.pool_misses.fetch_add((grp.len() - hits) as u64, Relaxed);
-            let miss: Vec<usize> = grp.iter().zip(&slots).filter(|(_, s)| s.is_none()).map(|(&x, _)| x).collect();
+        let table = pool.table.ptr() + (li * e * 8) as u64;
+        // Experts of a group are all on the GPU at once; one group when the cache holds them.
+        let group = (pool.nslots - 1).max(1);
+        for grp in chosen.chunks(group) {
+            let mut miss = Vec::new();
+            for &x in grp {
+                match pool.lookup(li, x) {
+                    Some(slot) => {
+                        pool.in_use.insert(slot);
+                    }
+                    None => miss.push(x),
+                }
+            }
+            self.stats.pool_hits.fetch_add((grp.len() - miss.len()) as u64, Relaxed);
+            self.stats.pool_misses.fetch_add(miss.len() as u64, Relaxed);
             if !miss.is_empty() {
                 let members: HashSet<u32> = grp.iter().map(|&x| x as u32).collect();
                 let protect = |key: ExpertKey| key.0 == li as u32 && members.contains(&key.1);
-                let loaded = self.load_missing(pool, m, li, &miss, &protect)?;
-                let mut it = loaded.into_iter();
-                for s in slots.iter_mut().filter(|s| s.is_none()) {
-                    *s = it.next();
+                for chunk in miss.chunks(32) {
+                    for slot in self.load_missing(pool, m, li, chunk, &protect)? {
+                        pool.in_use.insert(slot);
+                    }
                 }
             }
-            for (j, (&x, slot)) in grp.iter().zip(&slots).enumerate() {
-                let slot = slot.expect("loaded above");
-                pool.in_use.insert(slot);
-                let base = pool.base(slot);
-                let n = per[x].len();
-                let off = offsets[gi * group + j];
-                let idx_p = ws.idx.ptr() + (off * 4) as u64;
-                let w_p = ws.wrow.ptr() + (off * 4) as u64;
-                self.ops.gather_rows(dev, normed, idx_p, ws.xg.ptr(), h, n)?;
-                self.gemv.gemm(dev, &gl.view(base), ws.xg.ptr(), ws.g.ptr(), n)?;
-                self.gemv.gemm(dev, &ul.view(base), ws.xg.ptr(), ws.u.ptr(), n)?;
-                self.ops.swiglu(dev, ws.g.ptr(), ws.u.ptr(), ws.act.ptr(), n * inter)?;
-                self.gemv.gemm(dev, &dm.view(base), ws.act.ptr(), ws.yd.ptr(), n)?;
-                self.ops.scatter_add_rows(dev, ws.x.ptr(), ws.yd.ptr(), idx_p, w_p, h, n)?;
+            // Work items: up to 8 pairs of one expert each.
+            let mut items: Vec<i32> = Vec::new();
+            for &x in grp {
+                let (p0, n) = (first_pair[x], per[x].len());
+                for s0 in (0..n).step_by(8) {
+                    items.extend_from_slice(&[x as i32, (p0 + s0) as i32, (n - s0).min(8) as i32, 0]);
+                }
             }
+            ws.items.copy_from_host(&bytes(&items))?;
+            let nitems = items.len() / 4;
+            let (pa, pb) =
+                (first_pair[grp[0]], first_pair[*grp.last().expect("non-empty")] + per[grp[grp.len() - 1]].len());
+            let g = |v: &MatLayout, x: u64, xrow: u64, out: u64| {
+                self.gemv.gemm_grouped(dev, &v.offsets(), table, ws.items.ptr(), nitems, xrow, x, out)
+            };
+            g(&gl, normed, ws.xrow.ptr(), ws.g.ptr())?;
+            g(&ul, normed, ws.xrow.ptr(), ws.u.ptr())?;
+            let off = (pa * inter * 4) as u64;
+            self.ops.swiglu(dev, ws.g.ptr() + off, ws.u.ptr() + off, ws.act.ptr() + off, (pb - pa) * inter)?;
+            g(&dm, ws.act.ptr(), 0, ws.yd.ptr())?;
         }
+        self.ops.moe_prefill_combine(dev, ws.x.ptr(), ws.yd.ptr(), ws.pair_of.ptr(), ws.wts.ptr(), k, h, t)?;
         Ok(())
     }
 }

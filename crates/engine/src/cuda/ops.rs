@@ -43,12 +43,13 @@ macro_rules! kargs {
 
 pub(crate) struct ForwardKernels {
     rms_norm: CudaFunction,
-    add_inplace: CudaFunction,
+    add_rms_norm: CudaFunction,
+    add_rms_norm_grid: CudaFunction,
+    dequant_rows: CudaFunction,
     swiglu: CudaFunction,
     moe_combine: CudaFunction,
     add_gated_rows: CudaFunction,
-    gather_rows: CudaFunction,
-    scatter_add_rows: CudaFunction,
+    moe_prefill_combine: CudaFunction,
     embed_affine: CudaFunction,
     embed_dense: CudaFunction,
     attn_prep: CudaFunction,
@@ -56,8 +57,12 @@ pub(crate) struct ForwardKernels {
     attn_merge: CudaFunction,
     dn_conv: CudaFunction,
     dn_recurrent: CudaFunction,
+    dn_gated_norm: CudaFunction,
     router_topk: CudaFunction,
 }
+
+/// Byte offset of the counter in the grid-reduction area (after room for 4096 block partials).
+pub(crate) const RED_COUNTER: usize = 4096 * 4;
 
 /// Blocks for a grid-stride element-wise kernel over n elements.
 fn blocks_for(dev: &CudaDevice, n: usize) -> u32 {
@@ -70,12 +75,13 @@ impl ForwardKernels {
         let f = |n: &str| dev.function(&m, n);
         Ok(ForwardKernels {
             rms_norm: f("rms_norm")?,
-            add_inplace: f("add_inplace")?,
+            add_rms_norm: f("add_rms_norm")?,
+            add_rms_norm_grid: f("add_rms_norm_grid")?,
+            dequant_rows: f("dequant_rows")?,
             swiglu: f("swiglu")?,
             moe_combine: f("moe_combine")?,
             add_gated_rows: f("add_gated_rows")?,
-            gather_rows: f("gather_rows")?,
-            scatter_add_rows: f("scatter_add_rows")?,
+            moe_prefill_combine: f("moe_prefill_combine")?,
             embed_affine: f("embed_affine")?,
             embed_dense: f("embed_dense")?,
             attn_prep: f("attn_prep")?,
@@ -83,6 +89,7 @@ impl ForwardKernels {
             attn_merge: f("attn_merge")?,
             dn_conv: f("dn_conv")?,
             dn_recurrent: f("dn_recurrent")?,
+            dn_gated_norm: f("dn_gated_norm")?,
             router_topk: f("router_topk")?,
         })
     }
@@ -123,17 +130,56 @@ impl ForwardKernels {
     /// `out[r] = rmsnorm(x[r])·w` for `rows` rows of `d`.
     #[allow(clippy::too_many_arguments)]
     pub fn rms_norm(&self, dev: &CudaDevice, x: u64, w: u64, out: u64, rows: usize, d: usize, eps: f32) -> Result<()> {
-        Self::launch(dev, &self.rms_norm, (rows as u32, 1, 1), 256, 0, kargs![x, w, out, d, eps])
+        Self::launch(dev, &self.rms_norm, (rows as u32, 1, 1), 1024, 0, kargs![x, w, out, d, eps])
     }
 
-    pub fn add_inplace(&self, dev: &CudaDevice, x: u64, y: u64, n: usize) -> Result<()> {
+    /// `x += y; out = rmsnorm(x)·w` for `rows` rows of `d`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_rms_norm(
+        &self,
+        dev: &CudaDevice,
+        x: u64,
+        y: u64,
+        w: u64,
+        out: u64,
+        rows: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        Self::launch(dev, &self.add_rms_norm, (rows as u32, 1, 1), 1024, 0, kargs![x, y, w, out, d, eps])
+    }
+
+    /// Rows `row0 .. row0+nrows` of an affine (fmt 0) or bf16 (fmt 2) matrix as f32 into `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn dequant_rows(
+        &self,
+        dev: &CudaDevice,
+        (w, s, b): (u64, u64, u64),
+        fmt: i32,
+        (bits, gs): (u32, usize),
+        row0: usize,
+        nrows: usize,
+        cols: usize,
+        out: u64,
+    ) -> Result<()> {
         Self::launch(
             dev,
-            &self.add_inplace,
-            (blocks_for(dev, n), 1, 1),
+            &self.dequant_rows,
+            (blocks_for(dev, nrows * cols), 1, 1),
             256,
             0,
-            vec![KArg::P(x), KArg::P(y), KArg::L(n as i64)],
+            vec![
+                KArg::P(w),
+                KArg::P(s),
+                KArg::P(b),
+                KArg::I(fmt),
+                KArg::I(bits as i32),
+                KArg::I(gs as i32),
+                KArg::L(row0 as i64),
+                KArg::L(nrows as i64),
+                KArg::I(cols as i32),
+                KArg::P(out),
+            ],
         )
     }
 
@@ -149,10 +195,57 @@ impl ForwardKernels {
         )
     }
 
-    /// Decode: `x += Σ_e w[e]·ys[e] + sigmoid(sg)·ys[k]`.
+    /// Decode: `x += Σ_e w[e]·ys[e] + sigmoid(sg)·ys[k]`; then, when `norm` is Some((w, out)),
+    /// `out = rmsnorm(x)·w` (the next layer's input norm or the final norm). `red` is the
+    /// workspace's grid-reduction area (partials, then a zeroed counter at [`RED_COUNTER`]).
     #[allow(clippy::too_many_arguments)]
-    pub fn moe_combine(&self, dev: &CudaDevice, x: u64, ys: u64, wts: u64, sg: u64, k: usize, h: usize) -> Result<()> {
-        Self::launch(dev, &self.moe_combine, (blocks_for(dev, h), 1, 1), 256, 0, kargs![x, ys, wts, sg, k, h])
+    pub fn moe_combine(
+        &self,
+        dev: &CudaDevice,
+        x: u64,
+        ys: u64,
+        wts: u64,
+        sg: u64,
+        k: usize,
+        h: usize,
+        norm: Option<(u64, u64)>,
+        eps: f32,
+        red: u64,
+    ) -> Result<()> {
+        let (nw, out) = norm.unwrap_or((0, 0));
+        let grid = h.div_ceil(256) as u32;
+        Self::launch(
+            dev,
+            &self.moe_combine,
+            (grid, 1, 1),
+            256,
+            0,
+            kargs![x, ys, wts, sg, k, h, nw, out, eps, red, red + RED_COUNTER as u64],
+        )
+    }
+
+    /// One row: `x += y; out = rmsnorm(x)·w`, over ⌈d/256⌉ blocks (decode).
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_rms_norm_row(
+        &self,
+        dev: &CudaDevice,
+        x: u64,
+        y: u64,
+        w: u64,
+        out: u64,
+        d: usize,
+        eps: f32,
+        red: u64,
+    ) -> Result<()> {
+        let grid = d.div_ceil(256) as u32;
+        Self::launch(
+            dev,
+            &self.add_rms_norm_grid,
+            (grid, 1, 1),
+            256,
+            0,
+            kargs![x, y, w, out, d, eps, red, red + RED_COUNTER as u64],
+        )
     }
 
     /// `x[t] += sigmoid(sg[t])·y[t]`.
@@ -160,28 +253,26 @@ impl ForwardKernels {
         Self::launch(dev, &self.add_gated_rows, (blocks_for(dev, h * rows), 1, 1), 256, 0, kargs![x, y, sg, h, rows])
     }
 
-    pub fn gather_rows(&self, dev: &CudaDevice, src: u64, idx: u64, dst: u64, h: usize, rows: usize) -> Result<()> {
-        Self::launch(dev, &self.gather_rows, (blocks_for(dev, h * rows), 1, 1), 256, 0, kargs![src, idx, dst, h, rows])
-    }
-
+    /// Prefill: `x[t] += Σ_j w[t·k+j]·yd[pair_of[t·k+j]]`.
     #[allow(clippy::too_many_arguments)]
-    pub fn scatter_add_rows(
+    pub fn moe_prefill_combine(
         &self,
         dev: &CudaDevice,
-        dst: u64,
-        src: u64,
-        idx: u64,
+        x: u64,
+        yd: u64,
+        pair_of: u64,
         w: u64,
+        k: usize,
         h: usize,
-        rows: usize,
+        t: usize,
     ) -> Result<()> {
         Self::launch(
             dev,
-            &self.scatter_add_rows,
-            (blocks_for(dev, h * rows), 1, 1),
+            &self.moe_prefill_combine,
+            (blocks_for(dev, h * t), 1, 1),
             256,
             0,
-            kargs![dst, src, idx, w, h, rows],
+            kargs![x, yd, pair_of, w, k, h, t],
         )
     }
 
@@ -240,7 +331,7 @@ impl ForwardKernels {
         vcache: u64,
         t: usize,
         (nh, nkv, d, half): (usize, usize, usize, usize),
-        pos0: usize,
+        pos0: u64,
         eps: f32,
     ) -> Result<()> {
         Self::launch(
@@ -253,7 +344,8 @@ impl ForwardKernels {
         )
     }
 
-    /// Split attention (see attn_partial): part holds t·nh·splits·(d+2) f32.
+    /// Split attention (see attn_partial): part holds t·nh·splits·(d+2) f32. `pos0` points at the
+    /// position of the first token (device memory, so graphs replay at any position).
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -266,11 +358,9 @@ impl ForwardKernels {
         out: u64,
         t: usize,
         (nh, nkv, d): (usize, usize, usize),
-        pos0: usize,
+        pos0: u64,
         splits: usize,
     ) -> Result<()> {
-        let longest = pos0 + t;
-        let chunk = longest.div_ceil(splits);
         let scale = 1.0 / (d as f32).sqrt();
         Self::launch(
             dev,
@@ -278,7 +368,7 @@ impl ForwardKernels {
             (nh as u32, t as u32, splits as u32),
             128,
             0,
-            kargs![q, kcache, vcache, part, nh, nkv, d, pos0, splits, chunk, scale],
+            kargs![q, kcache, vcache, part, nh, nkv, d, pos0, t, scale],
         )?;
         Self::launch(dev, &self.attn_merge, (nh as u32, t as u32, 1), 128, 0, kargs![part, gate, out, nh, d, splits])
     }
@@ -325,10 +415,18 @@ impl ForwardKernels {
         Self::launch(
             dev,
             &self.dn_recurrent,
-            (hv as u32, 1, 1),
-            dv as u32,
-            (2 * dk * 4) as u32,
-            kargs![conv_out, z, b, a, neg_a, dt_bias, normw, state, y, t, hk, hv, dk, dv, eps],
+            (hv as u32, (dv / 32) as u32, 1),
+            256,
+            0,
+            kargs![conv_out, b, a, neg_a, dt_bias, state, y, t, hk, hv, dk, dv],
+        )?;
+        Self::launch(
+            dev,
+            &self.dn_gated_norm,
+            (hv as u32, t as u32, 1),
+            dv.min(1024) as u32,
+            0,
+            kargs![y, z, normw, hv, dv, eps],
         )
     }
 
@@ -345,14 +443,6 @@ impl ForwardKernels {
         wts: u64,
         t: usize,
     ) -> Result<()> {
-        let block = 256u32.max((k as u32).div_ceil(32) * 32);
-        Self::launch(
-            dev,
-            &self.router_topk,
-            (t as u32, 1, 1),
-            block,
-            (e * 4) as u32,
-            kargs![logits, e, k, norm as i32, ids, wts],
-        )
+        Self::launch(dev, &self.router_topk, (t as u32, 1, 1), 32, 0, kargs![logits, e, k, norm as i32, ids, wts])
     }
 }

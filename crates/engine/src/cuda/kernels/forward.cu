@@ -43,6 +43,29 @@ __device__ float block_sum(float v) {
     return total;
 }
 
+// Sum of v over the whole grid, deterministically: each block stores its block sum, and the last
+// block to finish (found with a counter) adds the partials in a fixed order. Returns true, with
+// the total, in that last block only; it also resets the counter for the next launch.
+__device__ bool grid_sum_last(float v, float* partials, unsigned* counter, float* total) {
+    __shared__ bool is_last;
+    __threadfence();  // this thread's writes (x) before the block's arrival is counted
+    const float s = block_sum(v);
+    if (threadIdx.x == 0) {
+        partials[blockIdx.x] = s;
+        __threadfence();
+        is_last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!is_last) return false;
+    __threadfence();
+    float t = 0.f;
+    for (int i = threadIdx.x; i < gridDim.x; i += blockDim.x) t += __ldcg(partials + i);
+    t = block_sum(t);
+    if (threadIdx.x == 0) *counter = 0u;
+    *total = t;
+    return true;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Element-wise and row kernels.
 
@@ -58,9 +81,22 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     for (int i = threadIdx.x; i < d; i += blockDim.x) orow[i] = xr[i] * inv * w[i];
 }
 
-extern "C" __global__ void add_inplace(float* __restrict__ x, const float* __restrict__ y, long long n) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-        x[i] += y[i];
+// x[r] += y[r]; out[r] = rmsnorm(x[r])·w (the residual add after the mixer, fused with the
+// post-attention norm). One block per row.
+extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __restrict__ y,
+                                        const float* __restrict__ w, float* __restrict__ out, int d, float eps) {
+    float* xr = x + (long long)blockIdx.x * d;
+    const float* yr = y + (long long)blockIdx.x * d;
+    float* orow = out + (long long)blockIdx.x * d;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        const float v = xr[i] + yr[i];
+        xr[i] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss);
+    const float inv = 1.f / sqrtf(ss / d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) orow[i] = xr[i] * inv * w[i];
 }
 
 // act[i] = silu(g[i]) · u[i].
@@ -71,14 +107,66 @@ extern "C" __global__ void swiglu(const float* __restrict__ g, const float* __re
 }
 
 // Decode MoE output: x[i] += Σ_e w[e]·ys[e, i] + sigmoid(sg[0])·ys[k, i], where row k of ys is the
-// shared expert (routed sum first, then the shared expert, as HF adds them).
+// shared expert (routed sum first, then the shared expert, as HF adds them). When `nw` is not
+// null, also out = rmsnorm(x)·nw (the next layer's input norm, or the final norm), by the last
+// block (grid_sum_last). Block b handles elements b·blockDim .. .
 extern "C" __global__ void moe_combine(float* __restrict__ x, const float* __restrict__ ys,
-                                       const float* __restrict__ wts, const float* __restrict__ sg, int k, int h) {
+                                       const float* __restrict__ wts, const float* __restrict__ sg, int k, int h,
+                                       const float* __restrict__ nw, float* __restrict__ out, float eps,
+                                       float* partials, unsigned* counter) {
     const float s = sigmoidf_(sg[0]);
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < h; i += gridDim.x * blockDim.x) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    float ss = 0.f;
+    if (i < h) {
         float r = 0.f;
         for (int e = 0; e < k; e++) r += wts[e] * ys[(long long)e * h + i];
-        x[i] += r + s * ys[(long long)k * h + i];
+        const float v = x[i] + (r + s * ys[(long long)k * h + i]);
+        x[i] = v;
+        ss = v * v;
+    }
+    if (nw == nullptr) return;
+    float total;
+    if (!grid_sum_last(ss, partials, counter, &total)) return;
+    const float inv = 1.f / sqrtf(total / h + eps);
+    for (int j = threadIdx.x; j < h; j += blockDim.x) out[j] = __ldcg(x + j) * inv * nw[j];
+}
+
+// One row (decode): x += y; out = rmsnorm(x)·w, spread over the grid (see grid_sum_last).
+extern "C" __global__ void add_rms_norm_grid(float* __restrict__ x, const float* __restrict__ y,
+                                             const float* __restrict__ w, float* __restrict__ out, int d, float eps,
+                                             float* partials, unsigned* counter) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    float ss = 0.f;
+    if (i < d) {
+        const float v = x[i] + y[i];
+        x[i] = v;
+        ss = v * v;
+    }
+    float total;
+    if (!grid_sum_last(ss, partials, counter, &total)) return;
+    const float inv = 1.f / sqrtf(total / d + eps);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) out[j] = __ldcg(x + j) * inv * w[j];
+}
+
+// Rows row0 .. row0+nrows-1 of a matrix as f32 ([nrows, cols]), for the cuBLAS prefill GEMM.
+// fmt 0: affine (bits, gs), 2: bf16.
+extern "C" __global__ void dequant_rows(const u32* __restrict__ w, const u16* __restrict__ s,
+                                        const u16* __restrict__ b, int fmt, int bits, int gs, long long row0,
+                                        long long nrows, int cols, float* __restrict__ out) {
+    const long long n = nrows * cols;
+    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (long long)gridDim.x * blockDim.x) {
+        const long long r = row0 + j / cols;
+        const int c = (int)(j % cols);
+        float v;
+        if (fmt == 0) {
+            const long long bit = (long long)c * bits;
+            const u32 q = (w[r * (cols * bits / 32) + (bit >> 5)] >> (bit & 31)) & ((1u << bits) - 1u);
+            const long long g = r * (cols / gs) + c / gs;
+            v = (float)q * bf16f(s[g]) + bf16f(b[g]);
+        } else {
+            v = bf16f(reinterpret_cast<const u16*>(w)[r * cols + c]);
+        }
+        out[j] = v;
     }
 }
 
@@ -88,26 +176,6 @@ extern "C" __global__ void add_gated_rows(float* __restrict__ x, const float* __
     const long long n = (long long)rows * h;
     for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (long long)gridDim.x * blockDim.x)
         x[j] += sigmoidf_(sg[j / h]) * y[j];
-}
-
-// dst[r] = src[idx[r]] (rows of h floats).
-extern "C" __global__ void gather_rows(const float* __restrict__ src, const int* __restrict__ idx,
-                                       float* __restrict__ dst, int h, int rows) {
-    const long long n = (long long)rows * h;
-    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (long long)gridDim.x * blockDim.x)
-        dst[j] = src[(long long)idx[j / h] * h + j % h];
-}
-
-// dst[idx[r]] += w[r] · src[r]. The rows of one call go to distinct tokens (one expert's tokens),
-// so there is no write conflict.
-extern "C" __global__ void scatter_add_rows(float* __restrict__ dst, const float* __restrict__ src,
-                                            const int* __restrict__ idx, const float* __restrict__ w, int h,
-                                            int rows) {
-    const long long n = (long long)rows * h;
-    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (long long)gridDim.x * blockDim.x) {
-        const long long r = j / h;
-        dst[(long long)idx[r] * h + j % h] += w[r] * src[j];
-    }
 }
 
 // Embedding rows of an MLX affine matrix: out[t] = dequant(row ids[t]). One block per token.
@@ -150,10 +218,10 @@ extern "C" __global__ void attn_prep(const float* __restrict__ qg, const float* 
                                      const float* __restrict__ k_norm, const float* __restrict__ inv_freq,
                                      float* __restrict__ q_out, float* __restrict__ gate_out,
                                      float* __restrict__ kcache, float* __restrict__ vcache, int nh, int nkv, int d,
-                                     int half, int pos0, float eps) {
+                                     int half, const int* __restrict__ pos0p, float eps) {
     extern __shared__ float buf[];  // d floats
     const int t = blockIdx.y, j = blockIdx.x;
-    const long long pos = pos0 + t;
+    const long long pos = *pos0p + t;
     const float* src;
     const float* nw;
     float* dst;
@@ -197,11 +265,16 @@ extern "C" __global__ void __launch_bounds__(128) attn_partial(const float* __re
                                                               const float* __restrict__ kcache,
                                                               const float* __restrict__ vcache,
                                                               float* __restrict__ part, int nh, int nkv, int d,
-                                                              int pos0, int splits, int chunk, float scale) {
-    const int j = blockIdx.x, t = blockIdx.y, z = blockIdx.z;
+                                                              const int* __restrict__ pos0p, int ntok, float scale) {
+    // The key range of the longest row (pos0 + ntok) is cut into gridDim.z splits; positions past a
+    // row's causal limit are skipped. The position comes from device memory so a captured graph
+    // replays at any position.
+    const int j = blockIdx.x, t = blockIdx.y, z = blockIdx.z, splits = gridDim.z;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int kvh = j / (nh / nkv);
+    const int pos0 = *pos0p;
     const int len = pos0 + t + 1;
+    const int chunk = (pos0 + ntok + splits - 1) / splits;
     const int s0 = z * chunk, s1 = min(len, s0 + chunk);
     const int nv = d / 32;
     const float* qh = q + ((long long)t * nh + j) * d;
@@ -315,25 +388,40 @@ extern "C" __global__ void dn_conv(const float* __restrict__ qkv, float* __restr
     for (int j = 0; j < kc - 1; j++) state[(long long)j * conv_dim + ch] = win[j];
 }
 
-// The gated delta rule for one value head (blockIdx.x) over T tokens in order, thread j owning
-// column j of the f32 state S[dk, dv] (blockDim.x == dv, a multiple of 32). Per token:
-// S ← decay·S; m = Sᵀk; δ = β(v − m); S ← S + k δᵀ; o = Sᵀq; y = RMSNorm(o)·w·silu(z).
-// q and k (the head's key head) are L2-normalized here (q also scaled by 1/√dk).
-extern "C" __global__ void dn_recurrent(const float* __restrict__ conv_out, const float* __restrict__ z,
-                                        const float* __restrict__ bb, const float* __restrict__ aa,
-                                        const float* __restrict__ neg_a, const float* __restrict__ dt_bias,
-                                        const float* __restrict__ normw, float* __restrict__ state,
-                                        float* __restrict__ y, int T, int hk, int hv, int dk, int dv, float eps) {
-    extern __shared__ float qk[];  // q[dk], k[dk]
-    const int h = blockIdx.x, j = threadIdx.x;
+// The gated delta rule over T tokens in order. Block (h, c) owns value head h's state columns
+// 32c .. 32c+31 (S is [dk, dv] f32); its 8 warps split the dk rows, so each lane keeps dk/8
+// values of one column in registers for all T tokens: the state is read once and written once
+// per call. Per token: S ← decay·S; m = Sᵀk; δ = β(v − m); S ← S + k δᵀ; o = Sᵀq, with q and k
+// (the head's key head) L2-normalized here (q also scaled by 1/√dk). o goes to y un-normalized;
+// dn_gated_norm applies RMSNorm(o)·w·silu(z) per head. Requires dk % 8 == 0, dk ≤ 256,
+// dv % 32 == 0.
+#define DN_MAXR 32
+extern "C" __global__ void __launch_bounds__(256) dn_recurrent(const float* __restrict__ conv_out,
+                                                              const float* __restrict__ bb,
+                                                              const float* __restrict__ aa,
+                                                              const float* __restrict__ neg_a,
+                                                              const float* __restrict__ dt_bias,
+                                                              float* __restrict__ state, float* __restrict__ y,
+                                                              int T, int hk, int hv, int dk, int dv) {
+    __shared__ float qk[2 * 256];
+    __shared__ float red[8][32];
+    __shared__ float bcast[32];
+    const int h = blockIdx.x;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int j = blockIdx.y * 32 + lane;
     const int r = hv / hk, kh = h / r;
     const int key_dim = hk * dk, conv_dim = 2 * key_dim + hv * dv;
+    const int nr = dk / 8, i0 = w * nr;
     float* S = state + (long long)h * dk * dv;
+    float s[DN_MAXR];
+#pragma unroll
+    for (int x = 0; x < DN_MAXR; x++)
+        if (x < nr) s[x] = S[(long long)(i0 + x) * dv + j];
     const float qscale = 1.f / sqrtf((float)dk);
     for (int t = 0; t < T; t++) {
         const float* row = conv_out + (long long)t * conv_dim;
         float sq = 0.f, sk = 0.f;
-        for (int i = j; i < dk; i += blockDim.x) {
+        for (int i = threadIdx.x; i < dk; i += blockDim.x) {
             const float a = row[kh * dk + i], b = row[key_dim + kh * dk + i];
             qk[i] = a;
             qk[dk + i] = b;
@@ -343,107 +431,122 @@ extern "C" __global__ void dn_recurrent(const float* __restrict__ conv_out, cons
         sq = block_sum(sq);
         sk = block_sum(sk);
         const float iq = qscale / sqrtf(sq + 1e-6f), ik = 1.f / sqrtf(sk + 1e-6f);
-        for (int i = j; i < dk; i += blockDim.x) {
-            qk[i] *= iq;
-            qk[dk + i] *= ik;
-        }
-        __syncthreads();
         const float a = aa[(long long)t * hv + h] + dt_bias[h];
         const float sp = a > 20.f ? a : log1pf(expf(a));
         const float decay = expf(neg_a[h] * sp);
         const float beta = sigmoidf_(bb[(long long)t * hv + h]);
         float m = 0.f;
-        for (int i = 0; i < dk; i++) {
-            const float s = S[(long long)i * dv + j] * decay;
-            S[(long long)i * dv + j] = s;
-            m += s * qk[dk + i];
+#pragma unroll
+        for (int x = 0; x < DN_MAXR; x++)
+            if (x < nr) {
+                s[x] *= decay;
+                m += s[x] * (qk[dk + i0 + x] * ik);
+            }
+        red[w][lane] = m;
+        __syncthreads();
+        if (w == 0) {
+            float tot = 0.f;
+            for (int x = 0; x < 8; x++) tot += red[x][lane];
+            bcast[lane] = beta * (row[2 * key_dim + h * dv + j] - tot);
         }
-        const float delta = beta * (row[2 * key_dim + h * dv + j] - m);
+        __syncthreads();
+        const float delta = bcast[lane];
         float o = 0.f;
-        for (int i = 0; i < dk; i++) {
-            const float s = S[(long long)i * dv + j] + qk[dk + i] * delta;
-            S[(long long)i * dv + j] = s;
-            o += s * qk[i];
+#pragma unroll
+        for (int x = 0; x < DN_MAXR; x++)
+            if (x < nr) {
+                s[x] += (qk[dk + i0 + x] * ik) * delta;
+                o += s[x] * (qk[i0 + x] * iq);
+            }
+        __syncthreads();
+        red[w][lane] = o;
+        __syncthreads();
+        if (w == 0) {
+            float tot = 0.f;
+            for (int x = 0; x < 8; x++) tot += red[x][lane];
+            y[(long long)t * hv * dv + (long long)h * dv + j] = tot;
         }
-        const float ss = block_sum(o * o);
-        const float inv = 1.f / sqrtf(ss / dv + eps);
-        const long long yi = (long long)t * hv * dv + (long long)h * dv + j;
-        y[yi] = o * inv * normw[j] * siluf_(z[yi]);
         __syncthreads();
     }
+#pragma unroll
+    for (int x = 0; x < DN_MAXR; x++)
+        if (x < nr) S[(long long)(i0 + x) * dv + j] = s[x];
+}
+
+// y[t, h] ← RMSNorm(y[t, h])·w·silu(z[t, h]) per value head (the gated norm of GatedDeltaNet).
+// One block per (head, token).
+extern "C" __global__ void dn_gated_norm(float* __restrict__ y, const float* __restrict__ z,
+                                         const float* __restrict__ normw, int hv, int dv, float eps) {
+    const long long base = ((long long)blockIdx.y * hv + blockIdx.x) * dv;
+    float ss = 0.f;
+    for (int j = threadIdx.x; j < dv; j += blockDim.x) ss += y[base + j] * y[base + j];
+    ss = block_sum(ss);
+    const float inv = 1.f / sqrtf(ss / dv + eps);
+    for (int j = threadIdx.x; j < dv; j += blockDim.x) y[base + j] = y[base + j] * inv * normw[j] * siluf_(z[base + j]);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Router: softmax over e logits, top-k (ties to the lower index), weights renormalized over the
-// k when `norm`. One block per token; probabilities staged in shared memory (e floats).
+// k when `norm`. One warp per token, probabilities in registers (e ≤ 1024, k ≤ 32).
 extern "C" __global__ void router_topk(const float* __restrict__ logits, int e, int k, int norm,
                                        int* __restrict__ ids, float* __restrict__ wts) {
-    extern __shared__ float p[];
-    __shared__ float bv[32];
-    __shared__ int bi[32];
-    __shared__ float chosen_sum;
-    const float* l = logits + (long long)blockIdx.x * e;
+    const int lane = threadIdx.x & 31;
+    const long long tok = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const float* l = logits + tok * e;
+    float p[32];
     float mx = -INFINITY;
-    for (int i = threadIdx.x; i < e; i += blockDim.x) mx = fmaxf(mx, l[i]);
-    mx = warp_max(mx);
-    __shared__ float wmax[32];
-    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    if (lane == 0) wmax[w] = mx;
-    __syncthreads();
-    mx = -INFINITY;
-    for (int i = 0; i < nw; i++) mx = fmaxf(mx, wmax[i]);
-    float s = 0.f;
-    for (int i = threadIdx.x; i < e; i += blockDim.x) {
-        const float v = expf(l[i] - mx);
-        p[i] = v;
-        s += v;
+#pragma unroll
+    for (int x = 0; x < 32; x++) {
+        const int i = x * 32 + lane;
+        p[x] = i < e ? l[i] : -INFINITY;
+        mx = fmaxf(mx, p[x]);
     }
-    s = block_sum(s);
-    for (int i = threadIdx.x; i < e; i += blockDim.x) p[i] /= s;
-    if (threadIdx.x == 0) chosen_sum = 0.f;
-    __syncthreads();
+    mx = warp_max(mx);
+    float sum = 0.f;
+#pragma unroll
+    for (int x = 0; x < 32; x++) {
+        const int i = x * 32 + lane;
+        p[x] = i < e ? expf(p[x] - mx) : 0.f;
+        sum += p[x];
+    }
+    sum = warp_sum(sum);
+    const float inv = 1.f / sum;
+#pragma unroll
+    for (int x = 0; x < 32; x++) p[x] = (x * 32 + lane) < e ? p[x] * inv : -1.f;
+    float chosen = 0.f, mine = 0.f;
+    int myid = 0;
     for (int r = 0; r < k; r++) {
-        float best = -1.f;
-        int bidx = 0x7fffffff;
-        for (int i = threadIdx.x; i < e; i += blockDim.x) {
-            const float v = p[i];
-            if (v > best || (v == best && i < bidx)) {
-                best = v;
-                bidx = i;
+        float best = -2.f;
+        int bi = 0x7fffffff;
+#pragma unroll
+        for (int x = 0; x < 32; x++)
+            if (p[x] > best) {  // strictly greater: the lowest index wins ties within a lane
+                best = p[x];
+                bi = x * 32 + lane;
             }
-        }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
             const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-            const int oi = __shfl_xor_sync(0xffffffffu, bidx, o);
-            if (ov > best || (ov == best && oi < bidx)) {
+            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > best || (ov == best && oi < bi)) {
                 best = ov;
-                bidx = oi;
+                bi = oi;
             }
         }
-        if (lane == 0) {
-            bv[w] = best;
-            bi[w] = bidx;
+        chosen += best;
+        if (lane == r) {
+            mine = best;
+            myid = bi;
         }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            float b = bv[0];
-            int x = bi[0];
-            for (int i = 1; i < nw; i++)
-                if (bv[i] > b || (bv[i] == b && bi[i] < x)) {
-                    b = bv[i];
-                    x = bi[i];
-                }
-            ids[(long long)blockIdx.x * k + r] = x;
-            wts[(long long)blockIdx.x * k + r] = b;
-            chosen_sum += b;
-            p[x] = -2.f;  // below every probability: never chosen again
+        if ((bi & 31) == lane) {
+#pragma unroll
+            for (int x = 0; x < 32; x++)
+                if (x == (bi >> 5)) p[x] = -2.f;
         }
-        __syncthreads();
     }
-    if (threadIdx.x < k) {
-        const float d = norm ? chosen_sum : 1.f;
-        wts[(long long)blockIdx.x * k + threadIdx.x] /= d;
+    if (lane < k) {
+        ids[tok * k + lane] = myid;
+        wts[tok * k + lane] = mine / (norm ? chosen : 1.f);
     }
 }
 
@@ -453,54 +556,58 @@ extern "C" __global__ void router_topk(const float* __restrict__ logits, int e, 
 // registers and used for the TT tokens, so weights are read T/TT times instead of T times.
 // x is read through L1 (all warps of a block share it).
 #define TT 8
+
+// Dequantizes 16-byte chunk c of a row into wv (FMT 0: affine with BITS and group gs, row scales
+// sr/biases br; 1: f32; 2: bf16).
+template <int FMT, int BITS, int VPC>
+__device__ __forceinline__ void chunk_values(const uint4 q, const u16* __restrict__ sr, const u16* __restrict__ br,
+                                             int gs, int c, float* wv) {
+    const u32 words[4] = {q.x, q.y, q.z, q.w};
+    if constexpr (FMT == 0) {
+        constexpr int VPW = 32 / BITS;
+        constexpr u32 MASK = BITS == 8 ? 0xffu : ((1u << BITS) - 1u);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            // A word never straddles groups (groups are ≥ 32 codes); a chunk may (2 bits, g32).
+            const int g = (c * VPC + k * VPW) / gs;
+            const float s = bf16f(sr[g]), b = bf16f(br[g]);
+#pragma unroll
+            for (int v = 0; v < VPW; v++) wv[k * VPW + v] = (float)((words[k] >> (v * BITS)) & MASK) * s + b;
+        }
+    } else if constexpr (FMT == 1) {
+#pragma unroll
+        for (int k = 0; k < 4; k++) wv[k] = __uint_as_float(words[k]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            wv[2 * k] = __uint_as_float(words[k] << 16);
+            wv[2 * k + 1] = __uint_as_float(words[k] & 0xffff0000u);
+        }
+    }
+}
+
+// One warp computes row `row` of W for nt ≤ TT inputs: xs[tt] points at input tt (cols f32),
+// the results go to y[tt · ystride + row].
 template <int FMT, int BITS>
-__device__ __forceinline__ void gemm_rows(const uint4* __restrict__ w, const u16* __restrict__ sc,
-                                          const u16* __restrict__ bi, int gs, const float* __restrict__ x,
-                                          float* __restrict__ y, int rows, int cols, int T) {
-    // FMT 0: affine (BITS), 1: f32, 2: bf16.
+__device__ __forceinline__ void gemm_row(const uint4* __restrict__ w, const u16* __restrict__ sc,
+                                         const u16* __restrict__ bi, int gs, const float* const* xs, int nt,
+                                         float* __restrict__ y, long long ystride, long long row, int rows, int cols) {
     constexpr int VPC = FMT == 0 ? 128 / BITS : (FMT == 1 ? 4 : 8);
     const int lane = threadIdx.x & 31;
-    const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    if (row >= rows) return;
-    const int t0 = blockIdx.y * TT;
-    const int nt = min(TT, T - t0);
     const int nch = cols / VPC;
     const uint4* wr = w + row * nch;
+    const u16* sr = FMT == 0 ? sc + row * (cols / gs) : nullptr;
+    const u16* br = FMT == 0 ? bi + row * (cols / gs) : nullptr;
     float acc[TT];
 #pragma unroll
     for (int i = 0; i < TT; i++) acc[i] = 0.f;
     for (int c = lane; c < nch; c += 32) {
-        const uint4 q = wr[c];
         float wv[VPC];
-        if constexpr (FMT == 0) {
-            const u32 words[4] = {q.x, q.y, q.z, q.w};
-            constexpr int VPW = 32 / BITS;
-            constexpr u32 MASK = BITS == 8 ? 0xffu : ((1u << BITS) - 1u);
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                // A word never straddles groups (groups are ≥ 32 codes); a chunk may (2 bits, g32).
-                const long long g = row * (cols / gs) + (c * VPC + k * VPW) / gs;
-                const float s = bf16f(sc[g]), b = bf16f(bi[g]);
-#pragma unroll
-                for (int v = 0; v < VPW; v++) wv[k * VPW + v] = (float)((words[k] >> (v * BITS)) & MASK) * s + b;
-            }
-        } else if constexpr (FMT == 1) {
-            wv[0] = __uint_as_float(q.x);
-            wv[1] = __uint_as_float(q.y);
-            wv[2] = __uint_as_float(q.z);
-            wv[3] = __uint_as_float(q.w);
-        } else {
-            const u32 words[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                wv[2 * k] = __uint_as_float(words[k] << 16);
-                wv[2 * k + 1] = __uint_as_float(words[k] & 0xffff0000u);
-            }
-        }
+        chunk_values<FMT, BITS, VPC>(wr[c], sr, br, gs, c, wv);
 #pragma unroll
         for (int tt = 0; tt < TT; tt++) {
             if (tt < nt) {
-                const float4* xp = reinterpret_cast<const float4*>(x + (long long)(t0 + tt) * cols + (long long)c * VPC);
+                const float4* xp = reinterpret_cast<const float4*>(xs[tt] + (long long)c * VPC);
                 float a = acc[tt];
 #pragma unroll
                 for (int v = 0; v < VPC / 4; v++) {
@@ -517,7 +624,119 @@ __device__ __forceinline__ void gemm_rows(const uint4* __restrict__ w, const u16
 #pragma unroll
     for (int tt = 0; tt < TT; tt++) {
         const float v = warp_sum(acc[tt]);
-        if (lane == 0 && tt < nt) y[(long long)(t0 + tt) * rows + row] = v;
+        if (lane == 0 && tt < nt) y[tt * ystride + row] = v;
+    }
+}
+
+// Multi-token GEMM for prefill: y[t, r] = W[r]·x[t] for T tokens. One warp per row and TT tokens
+// (blockIdx.y picks the token tile): each 16-byte chunk of the row is dequantized once into
+// registers and used for the TT tokens, so weights are read T/TT times instead of T times.
+template <int FMT, int BITS>
+__device__ __forceinline__ void gemm_rows(const uint4* __restrict__ w, const u16* __restrict__ sc,
+                                          const u16* __restrict__ bi, int gs, const float* __restrict__ x,
+                                          float* __restrict__ y, int rows, int cols, int T) {
+    const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (row >= rows) return;
+    const int t0 = blockIdx.y * TT;
+    const int nt = min(TT, T - t0);
+    const float* xs[TT];
+#pragma unroll
+    for (int tt = 0; tt < TT; tt++) xs[tt] = x + (long long)(t0 + (tt < nt ? tt : 0)) * cols;
+    gemm_row<FMT, BITS>(w, sc, bi, gs, xs, nt, y + (long long)t0 * rows, rows, row, rows, cols);
+}
+
+// Grouped GEMM over the routed experts of a prefill pass: work item blockIdx.y is
+// items[i] = (expert, first pair, pairs ≤ TT) of one expert; pair p reads input row
+// x[xrow ? xrow[p] : p] and writes out[p]. The expert's matrix is at table[expert] + offsets.
+// One launch covers every expert of the layer (or of a group of them that fits the GPU cache).
+struct GemmMat {
+    unsigned long long w, s, b;  // byte offsets inside the slot
+    int rows, cols;
+};
+template <int FMT, int BITS>
+__device__ __forceinline__ void gemm_grouped(const unsigned long long* __restrict__ table, GemmMat m, int gs,
+                                             const int4* __restrict__ items, const int* __restrict__ xrow,
+                                             const float* __restrict__ x, float* __restrict__ out) {
+    const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (row >= m.rows) return;
+    const int4 it = items[blockIdx.y];
+    const unsigned long long base = table[it.x];
+    const float* xs[TT];
+#pragma unroll
+    for (int tt = 0; tt < TT; tt++) {
+        const int p = it.y + (tt < it.z ? tt : 0);
+        xs[tt] = x + (long long)(xrow ? xrow[p] : p) * m.cols;
+    }
+    gemm_row<FMT, BITS>(reinterpret_cast<const uint4*>(base + m.w), reinterpret_cast<const u16*>(base + m.s),
+                        reinterpret_cast<const u16*>(base + m.b), gs, xs, it.z, out + (long long)it.y * m.rows,
+                        m.rows, row, m.rows, m.cols);
+}
+
+// The same with the item's inputs staged in shared memory (padded by 16 bytes per chunk of
+// codes, so a warp's 16-byte reads fall in distinct banks) and GROUPED_ROWS rows per block: the
+// x traffic is one staging per block instead of one read per weight chunk. Needs
+// TT·(cols/VPC)·XS·4 bytes of dynamic shared memory (opt-in above 48 KiB).
+#define GROUPED_ROWS 128
+template <int FMT, int BITS>
+__device__ __forceinline__ void gemm_grouped_sx(const unsigned long long* __restrict__ table, GemmMat m, int gs,
+                                                const int4* __restrict__ items, const int* __restrict__ xrow,
+                                                const float* __restrict__ x, float* __restrict__ out) {
+    constexpr int VPC = FMT == 0 ? 128 / BITS : (FMT == 1 ? 4 : 8);
+    constexpr int XS = FMT == 0 ? VPC + 4 : VPC;
+    extern __shared__ float4 gsx4[];
+    float* sx = reinterpret_cast<float*>(gsx4);
+    const int4 it = items[blockIdx.y];
+    const int n = it.z;
+    const int nch = m.cols / VPC;
+    const int tstride = nch * XS;
+    for (int tt = 0; tt < n; tt++) {
+        const int p = it.y + tt;
+        const float4* src = reinterpret_cast<const float4*>(x + (long long)(xrow ? xrow[p] : p) * m.cols);
+        for (int i = threadIdx.x; i < m.cols / 4; i += blockDim.x) {
+            const int e = 4 * i;
+            reinterpret_cast<float4*>(sx + tt * tstride + (e / VPC) * XS + (e % VPC))[0] = __ldg(src + i);
+        }
+    }
+    __syncthreads();
+    const unsigned long long base = table[it.x];
+    const uint4* w = reinterpret_cast<const uint4*>(base + m.w);
+    const u16* sc = reinterpret_cast<const u16*>(base + m.s);
+    const u16* bi = reinterpret_cast<const u16*>(base + m.b);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const long long r0 = (long long)blockIdx.x * GROUPED_ROWS;
+    const long long r1 = min((long long)m.rows, r0 + GROUPED_ROWS);
+    for (long long row = r0 + warp; row < r1; row += nw) {
+        const uint4* wr = w + row * nch;
+        const u16* sr = FMT == 0 ? sc + row * (m.cols / gs) : nullptr;
+        const u16* br = FMT == 0 ? bi + row * (m.cols / gs) : nullptr;
+        float acc[TT];
+#pragma unroll
+        for (int i = 0; i < TT; i++) acc[i] = 0.f;
+        for (int c = lane; c < nch; c += 32) {
+            float wv[VPC];
+            chunk_values<FMT, BITS, VPC>(wr[c], sr, br, gs, c, wv);
+#pragma unroll
+            for (int tt = 0; tt < TT; tt++) {
+                if (tt < n) {
+                    const float4* xp = reinterpret_cast<const float4*>(sx + tt * tstride + c * XS);
+                    float a = acc[tt];
+#pragma unroll
+                    for (int v = 0; v < VPC / 4; v++) {
+                        const float4 xv = xp[v];
+                        a = fmaf(wv[4 * v], xv.x, a);
+                        a = fmaf(wv[4 * v + 1], xv.y, a);
+                        a = fmaf(wv[4 * v + 2], xv.z, a);
+                        a = fmaf(wv[4 * v + 3], xv.w, a);
+                    }
+                    acc[tt] = a;
+                }
+            }
+        }
+#pragma unroll
+        for (int tt = 0; tt < TT; tt++) {
+            const float v = warp_sum(acc[tt]);
+            if (lane == 0 && tt < n) out[(long long)(it.y + tt) * m.rows + row] = v;
+        }
     }
 }
 
@@ -526,6 +745,16 @@ __device__ __forceinline__ void gemm_rows(const uint4* __restrict__ w, const u16
         const uint4* __restrict__ w, const u16* __restrict__ s, const u16* __restrict__ b, int gs,             \
         const float* __restrict__ x, float* __restrict__ y, int rows, int cols, int T) {                      \
         gemm_rows<0, B>(w, s, b, gs, x, y, rows, cols, T);                                                    \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) gemm_grouped_affine_b##B(                             \
+        const unsigned long long* __restrict__ table, GemmMat m, int gs, const int4* __restrict__ items,        \
+        const int* __restrict__ xrow, const float* __restrict__ x, float* __restrict__ out) {                 \
+        gemm_grouped<0, B>(table, m, gs, items, xrow, x, out);                                                \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) gemm_grouped_sx_affine_b##B(                          \
+        const unsigned long long* __restrict__ table, GemmMat m, int gs, const int4* __restrict__ items,        \
+        const int* __restrict__ xrow, const float* __restrict__ x, float* __restrict__ out) {                 \
+        gemm_grouped_sx<0, B>(table, m, gs, items, xrow, x, out);                                             \
     }
 GEMM_AFFINE(2)
 GEMM_AFFINE(4)
@@ -543,4 +772,43 @@ extern "C" __global__ void __launch_bounds__(256) gemm_bf16(const uint4* __restr
                                                             const float* __restrict__ x, float* __restrict__ y,
                                                             int rows, int cols, int T) {
     gemm_rows<2, 16>(w, s, b, gs, x, y, rows, cols, T);
+}
+
+extern "C" __global__ void __launch_bounds__(256) gemm_grouped_f32(
+    const unsigned long long* __restrict__ table, GemmMat m, int gs, const int4* __restrict__ items,
+    const int* __restrict__ xrow, const float* __restrict__ x, float* __restrict__ out) {
+    gemm_grouped<1, 32>(table, m, gs, items, xrow, x, out);
+}
+
+extern "C" __global__ void __launch_bounds__(256) gemm_grouped_sx_f32(
+    const unsigned long long* __restrict__ table, GemmMat m, int gs, const int4* __restrict__ items,
+    const int* __restrict__ xrow, const float* __restrict__ x, float* __restrict__ out) {
+    gemm_grouped_sx<1, 32>(table, m, gs, items, xrow, x, out);
+}
+
+extern "C" __global__ void __launch_bounds__(256) gemm_grouped_sx_bf16(
+    const unsigned long long* __restrict__ table, GemmMat m, int gs, const int4* __restrict__ items,
+    const int* __restrict__ xrow, const float* __restrict__ x, float* __restrict__ out) {
+    gemm_grouped_sx<2, 16>(table, m, gs, items, xrow, x, out);
+}
+
+extern "C" __global__ void __launch_bounds__(256) gemm_grouped_bf16(
+    const unsigned long long* __restrict__ table, GemmMat m, int gs, const int4* __restrict__ items,
+    const int* __restrict__ xrow, const float* __restrict__ x, float* __restrict__ out) {
+    gemm_grouped<2, 16>(table, m, gs, items, xrow, x, out);
+}
+
+// Prefill MoE output: x[t] += Σ_j w[t·k+j] · yd[pair_of[t·k+j]] over the token's k experts in
+// rank order (deterministic: no atomics).
+extern "C" __global__ void moe_prefill_combine(float* __restrict__ x, const float* __restrict__ yd,
+                                               const int* __restrict__ pair_of, const float* __restrict__ w, int k,
+                                               int h, int T) {
+    const long long n = (long long)T * h;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const long long t = i / h;
+        const int c = (int)(i % h);
+        float r = 0.f;
+        for (int j = 0; j < k; j++) r += w[t * k + j] * yd[(long long)pair_of[t * k + j] * h + c];
+        x[i] += r;
+    }
 }

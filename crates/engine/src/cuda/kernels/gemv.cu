@@ -265,12 +265,12 @@ __device__ __forceinline__ void affine_gemv_sx(const uint4* __restrict__ w, cons
 }
 
 #define AFFINE(B, G, R)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(128) affine_gemv_b##B##_g##G##_r##R(                        \
+    extern "C" __global__ void __launch_bounds__(256) affine_gemv_b##B##_g##G##_r##R(                        \
         const uint4* __restrict__ w, const u16* __restrict__ s, const u16* __restrict__ b,                       \
         const float* __restrict__ x, float* __restrict__ y, int rows, int cols) {                               \
         affine_gemv_sx<B, G, R, 0>(w, s, b, x, y, rows, cols);                                                     \
     }                                                                                                           \
-    extern "C" __global__ void __launch_bounds__(128) affine_gemv_gx_b##B##_g##G##_r##R(                     \
+    extern "C" __global__ void __launch_bounds__(256) affine_gemv_gx_b##B##_g##G##_r##R(                     \
         const uint4* __restrict__ w, const u16* __restrict__ s, const u16* __restrict__ b,                       \
         const float* __restrict__ x, float* __restrict__ y, int rows, int cols) {                               \
         affine_gemv_gx<B, G, R, 0>(w, s, b, x, y, rows, cols);                                                     \
@@ -430,9 +430,13 @@ struct GemvBatch {
 
 // Affine, x staged in shared memory (the caller sizes it for the largest cols of the batch).
 template <int BITS, int GS, int RW>
-__device__ __forceinline__ void affine_gemv_batch(const GemvBatch& batch) {
+__device__ __forceinline__ void affine_gemv_problem(const GemvProblem& pr) {
     constexpr int VPC = 128 / BITS;
-    const GemvProblem& pr = batch.p[blockIdx.y];
+    const int warps = blockDim.x >> 5;
+    const long long ntiles = ((long long)pr.rows + (long long)warps * RW - 1) / ((long long)warps * RW);
+    // Blocks beyond this problem's tiles (a batch's grid fits its largest problem) leave before
+    // staging x.
+    if (blockIdx.x >= ntiles) return;
     extern __shared__ float4 xsm4[];
     float* xsm = reinterpret_cast<float*>(xsm4);
     const float4* x4 = reinterpret_cast<const float4*>(pr.x);
@@ -443,9 +447,7 @@ __device__ __forceinline__ void affine_gemv_batch(const GemvBatch& batch) {
         reinterpret_cast<float4*>(xsm + (e / VPC) * (VPC + 4) + (e % VPC))[0] = v;
     }
     __syncthreads();
-    const int warps = blockDim.x >> 5;
     const int wib = threadIdx.x >> 5;
-    const long long ntiles = ((long long)pr.rows + (long long)warps * RW - 1) / ((long long)warps * RW);
     for (long long t = blockIdx.x; t < ntiles; t += gridDim.x) {
         const long long row0 = (t * warps + wib) * RW;
         if (row0 < pr.rows)
@@ -453,9 +455,53 @@ __device__ __forceinline__ void affine_gemv_batch(const GemvBatch& batch) {
     }
 }
 
+// Decode's experts with the expert pointers resolved on the GPU: blockIdx.y = j·nmat + which
+// for routed expert j < k (its id read from ids[j], its pool slot from table[id]; a block whose
+// expert is not on the GPU does nothing, and the host computes that expert after copying it in)
+// and k·nmat + which for the shared expert (shared[which]). Matrix `which` of routed expert j
+// reads x + j·x_stride and writes y + j·y_stride + which·mat[0].rows.
+struct MatOff {
+    u64 w, s, b;  // byte offsets inside the slot
+    int rows, cols;
+};
+struct ExpertsArgs {
+    const int* ids;
+    const u64* table;
+    const float* x;
+    float* y;
+    long long x_stride, y_stride;  // floats
+    MatOff mat[2];
+    GemvProblem shared[2];
+    int k, nmat, swiglu;
+};
+
+__device__ __forceinline__ bool expert_problem(const ExpertsArgs& a, GemvProblem& pr) {
+    const int j = blockIdx.y / a.nmat, which = blockIdx.y % a.nmat;
+    if (j == a.k) {
+        pr = a.shared[which];
+        return true;
+    }
+    const u64 base = a.table[a.ids[j]];
+    if (base == 0) return false;
+    const MatOff& m = a.mat[which];
+    pr.w = reinterpret_cast<const uint4*>(base + m.w);
+    pr.s = reinterpret_cast<const u16*>(base + m.s);
+    pr.b = reinterpret_cast<const u16*>(base + m.b);
+    pr.x = a.x + j * a.x_stride;
+    pr.y = a.y + j * a.y_stride + which * a.mat[0].rows;
+    pr.rows = m.rows;
+    pr.cols = m.cols;
+    pr.swiglu = a.swiglu;
+    return true;
+}
+
 #define AFFINE_BATCH(B, G, R)                                                                                \
     extern "C" __global__ void __launch_bounds__(128) affine_gemv_batch_b##B##_g##G##_r##R(GemvBatch batch) { \
-        affine_gemv_batch<B, G, R>(batch);                                                                    \
+        affine_gemv_problem<B, G, R>(batch.p[blockIdx.y]);                                                    \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(128) affine_gemv_experts_b##B##_g##G##_r##R(ExpertsArgs a) { \
+        GemvProblem pr;                                                                                       \
+        if (expert_problem(a, pr)) affine_gemv_problem<B, G, R>(pr);                                          \
     }
 #define AFFINE_BATCH_RW(B, G) AFFINE_BATCH(B, G, 1) AFFINE_BATCH(B, G, 2)
 #define AFFINE_BATCH_G(B) AFFINE_BATCH_RW(B, 32) AFFINE_BATCH_RW(B, 64) AFFINE_BATCH_RW(B, 128)
@@ -465,8 +511,7 @@ AFFINE_BATCH_G(8)
 
 // Dense (T = 0 f32, 1 bf16): one warp per row, grid-stride over rows.
 template <int T>
-__device__ __forceinline__ void dense_gemv_batch(const GemvBatch& batch) {
-    const GemvProblem& pr = batch.p[blockIdx.y];
+__device__ __forceinline__ void dense_gemv_problem(const GemvProblem& pr) {
     const int warps = blockDim.x >> 5;
     for (long long r0 = (long long)blockIdx.x * warps; r0 < pr.rows; r0 += (long long)gridDim.x * warps) {
         const long long row = r0 + (threadIdx.x >> 5);
@@ -508,5 +553,20 @@ __device__ __forceinline__ void dense_gemv_batch(const GemvBatch& batch) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) dense_gemv_batch_f32(GemvBatch batch) { dense_gemv_batch<0>(batch); }
-extern "C" __global__ void __launch_bounds__(128) dense_gemv_batch_bf16(GemvBatch batch) { dense_gemv_batch<1>(batch); }
+extern "C" __global__ void __launch_bounds__(128) dense_gemv_batch_f32(GemvBatch batch) {
+    dense_gemv_problem<0>(batch.p[blockIdx.y]);
+}
+extern "C" __global__ void __launch_bounds__(128) dense_gemv_batch_bf16(GemvBatch batch) {
+    dense_gemv_problem<1>(batch.p[blockIdx.y]);
+}
+extern "C" __global__ void __launch_bounds__(128) dense_gemv_experts_f32(ExpertsArgs a) {
+    GemvProblem pr;
+    if (expert_problem(a, pr)) dense_gemv_problem<0>(pr);
+}
+extern "C" __global__ void __launch_bounds__(128) dense_gemv_experts_bf16(ExpertsArgs a) {
+    GemvProblem pr;
+    if (expert_problem(a, pr)) dense_gemv_problem<1>(pr);
+}
+
+// table[i] = v (stream-ordered update of the expert slot table).
+extern "C" __global__ void table_set(u64* table, long long i, u64 v) { table[i] = v; }
