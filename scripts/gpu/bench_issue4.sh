@@ -21,7 +21,7 @@ stream) # a 24 GB GPU + 64 GB RAM box scaled to 12 of 60 layers: 4.8 GB GPU cach
         flashmoe bench decode --model "$M" --device cuda --gpu-cache 4.8G --ram-cache 10G --io direct --routing $r --tokens 48 --prefill 4 --warmup 48 --repeats 2 2>&1 | grep -E "device:|disk bandwidth|bench decode|gpu:|roofline|tier floor|over"
     done ;;
 prefill) # prompt processing against decode
-    for n in 512 4096; do
+    for n in 64 512 4096; do
         flashmoe bench decode --model "$M" --device cuda --routing model --tokens 16 --prefill $n --warmup 2 --disk-bw 3 2>&1 | grep -E "bench decode"
     done ;;
 cpu) # the CPU backend on the same machine (16 cores), experts from the page cache after warm-up
