@@ -396,6 +396,9 @@ fn run(mut a: RunArgs) -> Result<()> {
         );
     }
     if a.timing {
+        if engine.model.device_name() != "cpu" {
+            eprintln!("[flashmoe] --timing: the per-layer breakdown is measured by the CPU backend only");
+        }
         engine.model.enable_timing();
     }
     engine.model.prefetch = a.prefetch;
@@ -469,6 +472,19 @@ fn run(mut a: RunArgs) -> Result<()> {
         format!("{io} | prefetch accuracy {:.0}% ({used}/{issued} reads used)", 100.0 * h as f64 / t.max(1) as f64)
     } else {
         io
+    };
+    #[cfg(feature = "cuda")]
+    let io = match &m.gpu {
+        // GPU expert cache over the whole run (prefill + decode): hit rate and bytes copied in.
+        Some(g) => {
+            let s = g.snapshot();
+            format!(
+                "{io} | GPU expert cache hit {:.0}%, host→GPU {}/token",
+                100.0 * s.hit_rate(),
+                fmt_bytes(s.h2d_bytes / s.tokens.max(1))
+            )
+        }
+        None => io,
     };
     let stop = match stats.stop {
         StopReason::Stop => "stop token",
