@@ -450,6 +450,19 @@ pub struct DevSeqState {
     broken: Option<String>,
 }
 
+impl DevSeqState {
+    /// GPU bytes held (the server's prefix cache budgets cached states by this).
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                DevLayerState::Attention { k, v, .. } => k.len() + v.len(),
+                DevLayerState::DeltaNet { conv, rec } => conv.len() + rec.len(),
+            })
+            .sum()
+    }
+}
+
 impl Clone for DevSeqState {
     fn clone(&self) -> Self {
         let copy = || -> Result<Vec<DevLayerState>> {
@@ -1195,7 +1208,8 @@ impl GpuModel {
             (None, LogitsFor::Last) => ws.logits.ptr(),
             _ => 0,
         };
-        if t == 1 && resident && self.use_graphs {
+        // Graphs bake in buffer addresses: not for `All`, whose output buffer is per call.
+        if t == 1 && resident && self.use_graphs && want != LogitsFor::All {
             let key = GraphKey::of(dstate, want == LogitsFor::Last);
             if graph.as_ref().is_some_and(|(k, _)| *k != key) {
                 *graph = None;

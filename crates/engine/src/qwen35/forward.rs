@@ -67,8 +67,12 @@ pub struct SequenceState {
 }
 
 impl SequenceState {
-    /// Bytes held by caches and states.
+    /// Bytes held by caches and states (on the GPU when the state lives there).
     pub fn bytes(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.dev {
+            return d.bytes();
+        }
         self.layers
             .iter()
             .map(|l| match l {
