@@ -203,6 +203,15 @@ pub struct GemvProblem {
     swiglu: i32,
 }
 
+/// The two kernel families that take a batch of problems by value.
+#[derive(Clone, Copy)]
+enum BatchFamily {
+    /// `GemvBatch`: pointers built on the host.
+    Problems,
+    /// `ExpertsArgs`: routed experts found through the GPU's slot table.
+    Experts,
+}
+
 /// Problems per batched launch (`MAXP` in gemv.cu).
 pub const MAX_BATCH: usize = 24;
 
@@ -314,8 +323,8 @@ impl AffineVariant {
 /// The variant 4-bit matrices use by default.
 const DEFAULT_4BIT: AffineVariant = AffineVariant::Fadd;
 
-/// (bits, group, rows per warp, shared-memory bytes, variant, block) of a shared-x affine launch.
-type OccupancyKey = (u32, usize, usize, usize, AffineVariant, u32);
+/// (kernel handle, dynamic shared-memory bytes, block size) of a persistent-grid launch.
+type OccupancyKey = (usize, usize, u32);
 
 /// Threads per block of the single-matrix affine GEMV: 128, or 256 with FLASHMOE_GEMV_BLOCK=256
 /// (an experiment knob: a bigger block stages x once for twice the rows).
@@ -333,8 +342,7 @@ pub struct GemvKernels {
     affine: HashMap<(u32, usize, usize), (CudaFunction, CudaFunction)>,
     /// 4-bit kernels of the other variants by (variant, group, rows per warp).
     affine_v4: HashMap<(AffineVariant, usize, usize), (CudaFunction, CudaFunction)>,
-    /// Resident blocks per SM of a shared-x kernel, by (bits, group, rows per warp, smem bytes,
-    /// variant).
+    /// Resident blocks per SM of a shared-x kernel, by (kernel, smem bytes, block size).
     occupancy: Mutex<HashMap<OccupancyKey, u32>>,
     f32: CudaFunction,
     bf16: CudaFunction,
@@ -592,21 +600,9 @@ impl GemvKernels {
         let warps = m.rows.div_ceil(rw);
         let block = if matches!(m.format, DevFormat::Affine { .. }) { gemv_block() } else { BLOCK };
         let mut grid = (warps * 32).div_ceil(block as usize);
-        if let (DevFormat::Affine { bits, group_size }, false) = (m.format, x_global) {
+        if matches!(m.format, DevFormat::Affine { .. }) && !x_global {
             // Persistent grid: x is staged once per block, so launch only what stays resident.
-            let key = (bits, group_size, rw, smem, variant, block);
-            let mut occ = self.occupancy.lock().map_err(|_| CudaError::new("occupancy cache poisoned"))?;
-            let per_sm = match occ.get(&key) {
-                Some(&n) => n,
-                None => {
-                    let n = f
-                        .occupancy_max_active_blocks_per_multiprocessor(block, smem, None)
-                        .map_err(|e| CudaError(format!("occupancy query: {e:?}")))?
-                        .max(1);
-                    occ.insert(key, n);
-                    n
-                }
-            };
+            let per_sm = self.occupancy_of(f, smem, block)?;
             grid = grid.min(dev.sm_count * per_sm as usize);
         }
         let grid = u32::try_from(grid).map_err(|_| CudaError::new("gemv grid too large"))?;
@@ -682,116 +678,72 @@ impl GemvKernels {
         max_cols: usize,
     ) -> Result<()> {
         let np = ((args.k + 1) * args.nmat) as usize;
-        let warps = (BLOCK / 32) as usize;
-        let (f, smem, grid_x) = match format {
-            DevFormat::Affine { bits, group_size } => {
-                let smem = Self::x_smem_bytes(bits, max_cols);
-                if smem > MAX_X_SMEM {
-                    return Err(CudaError(format!("expert GEMV: {max_cols} inputs do not fit in shared memory")));
-                }
-                let rw = if max_rows * np / 2 >= dev.sm_count * 8 { 2 } else { 1 };
-                let f = self
-                    .experts_affine
-                    .get(&(bits, group_size, rw))
-                    .ok_or_else(|| CudaError(format!("no expert kernel for {bits} bits, group {group_size}")))?;
-                // The variant slot of the key only has to differ from the batch kernels' (Fadd).
-                let per_sm =
-                    self.occupancy_of(f, (bits, group_size, rw, smem, AffineVariant::Prefetch, BLOCK), smem)?;
-                let tiles = max_rows.div_ceil(warps * rw);
-                let resident = (dev.sm_count * per_sm as usize).div_ceil(np);
-                (f, smem as u32, tiles.min(resident).max(1))
-            }
-            DevFormat::F32 => (&self.experts_f32, 0, max_rows.div_ceil(warps).min(dev.sm_count * 16)),
-            DevFormat::Bf16 => (&self.experts_bf16, 0, max_rows.div_ceil(warps).min(dev.sm_count * 16)),
-        };
         let mut a = *args;
-        let mut ptrs: [*mut c_void; 1] = [(&mut a as *mut ExpertsArgs).cast()];
+        let arg: *mut c_void = (&mut a as *mut ExpertsArgs).cast();
         // SAFETY: the kernel takes one ExpertsArgs by value (same repr(C) layout); the table holds
         // slot addresses (or 0) and the offsets stay inside a slot.
-        unsafe {
-            cudarc::driver::result::launch_kernel(
-                f.cu_function(),
-                (grid_x as u32, np as u32, 1),
-                (BLOCK, 1, 1),
-                smem,
-                dev.stream.cu_stream(),
-                &mut ptrs,
-            )
-        }
-        .map_err(|e| CudaError(format!("cuLaunchKernel (expert GEMV): {e:?}")))
+        unsafe { self.launch_problems(dev, BatchFamily::Experts, format, np, max_rows, max_cols, arg) }
     }
 
-    /// Resident blocks per SM of `f` with `smem` bytes of dynamic shared memory (cached by `key`).
-    fn occupancy_of(&self, f: &CudaFunction, key: OccupancyKey, smem: usize) -> Result<u32> {
+    /// Resident blocks per SM of `f` with `smem` bytes of dynamic shared memory and `block`
+    /// threads (cached).
+    fn occupancy_of(&self, f: &CudaFunction, smem: usize, block: u32) -> Result<u32> {
+        let key = (f.cu_function() as usize, smem, block);
         let mut occ = self.occupancy.lock().map_err(|_| CudaError::new("occupancy cache poisoned"))?;
         if let Some(&n) = occ.get(&key) {
             return Ok(n);
         }
         let n = f
-            .occupancy_max_active_blocks_per_multiprocessor(BLOCK, smem, None)
+            .occupancy_max_active_blocks_per_multiprocessor(block, smem, None)
             .map_err(|e| CudaError(format!("occupancy query: {e:?}")))?
             .max(1);
         occ.insert(key, n);
         Ok(n)
     }
 
-    fn launch_batch(&self, dev: &CudaDevice, format: DevFormat, items: &[&BatchItem]) -> Result<()> {
-        let mut batch = GemvBatch { p: [GemvProblem::default(); MAX_BATCH] };
-        for (p, it) in batch.p.iter_mut().zip(items) {
-            *p = GemvProblem {
-                w: it.m.w,
-                s: it.m.s,
-                b: it.m.b,
-                x: it.x,
-                y: it.y,
-                rows: it.m.rows as i32,
-                cols: it.m.cols as i32,
-                swiglu: it.swiglu as i32,
-            };
-        }
-        let max_rows = items.iter().map(|it| it.m.rows).max().unwrap_or(0);
-        let max_cols = items.iter().map(|it| it.m.cols).max().unwrap_or(0);
-        if max_rows == 0 {
-            return Ok(());
-        }
-        let np = items.len();
+    /// Launches a batched-GEMV family over `np` problems (grid y) of `format`, bounded by
+    /// `max_rows` × `max_cols`: affine kernels stage x in shared memory on a persistent grid;
+    /// dense ones read x from global memory.
+    ///
+    /// # Safety
+    /// `arg` must point at the family's one by-value kernel argument (`GemvBatch` or
+    /// `ExpertsArgs`), whose pointers cover every problem.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn launch_problems(
+        &self,
+        dev: &CudaDevice,
+        family: BatchFamily,
+        format: DevFormat,
+        np: usize,
+        max_rows: usize,
+        max_cols: usize,
+        arg: *mut c_void,
+    ) -> Result<()> {
+        let (affine, f32k, bf16k, what) = match family {
+            BatchFamily::Problems => (&self.batch_affine, &self.batch_f32, &self.batch_bf16, "batched GEMV"),
+            BatchFamily::Experts => (&self.experts_affine, &self.experts_f32, &self.experts_bf16, "expert GEMV"),
+        };
         let warps = (BLOCK / 32) as usize;
         let (f, smem, grid_x) = match format {
             DevFormat::Affine { bits, group_size } => {
                 let smem = Self::x_smem_bytes(bits, max_cols);
                 if smem > MAX_X_SMEM {
-                    return Err(CudaError(format!("batched GEMV: {max_cols} inputs do not fit in shared memory")));
+                    return Err(CudaError(format!("{what}: {max_cols} inputs do not fit in shared memory")));
                 }
                 let rw = if max_rows * np / 2 >= dev.sm_count * 8 { 2 } else { 1 };
-                let f = self
-                    .batch_affine
+                let f = affine
                     .get(&(bits, group_size, rw))
-                    .ok_or_else(|| CudaError(format!("no batched kernel for {bits} bits, group {group_size}")))?;
-                let key = (bits, group_size, rw, smem, AffineVariant::Fadd, BLOCK);
-                let per_sm = {
-                    let mut occ = self.occupancy.lock().map_err(|_| CudaError::new("occupancy cache poisoned"))?;
-                    match occ.get(&key) {
-                        Some(&n) => n,
-                        None => {
-                            let n = f
-                                .occupancy_max_active_blocks_per_multiprocessor(BLOCK, smem, None)
-                                .map_err(|e| CudaError(format!("occupancy query: {e:?}")))?
-                                .max(1);
-                            occ.insert(key, n);
-                            n
-                        }
-                    }
-                };
+                    .ok_or_else(|| CudaError(format!("no {what} kernel for {bits} bits, group {group_size}")))?;
+                let per_sm = self.occupancy_of(f, smem, BLOCK)?;
                 let tiles = max_rows.div_ceil(warps * rw);
                 let resident = (dev.sm_count * per_sm as usize).div_ceil(np);
                 (f, smem as u32, tiles.min(resident).max(1))
             }
-            DevFormat::F32 => (&self.batch_f32, 0, max_rows.div_ceil(warps).min(dev.sm_count * 16)),
-            DevFormat::Bf16 => (&self.batch_bf16, 0, max_rows.div_ceil(warps).min(dev.sm_count * 16)),
+            DevFormat::F32 => (f32k, 0, max_rows.div_ceil(warps).min(dev.sm_count * 16)),
+            DevFormat::Bf16 => (bf16k, 0, max_rows.div_ceil(warps).min(dev.sm_count * 16)),
         };
-        let mut args: [*mut c_void; 1] = [(&mut batch as *mut GemvBatch).cast()];
-        // SAFETY: the kernel takes one GemvBatch by value (same repr(C) layout); the caller
-        // guarantees every pointer covers its problem.
+        let mut args: [*mut c_void; 1] = [arg];
+        // SAFETY: the caller passes the family's argument (see above).
         unsafe {
             cudarc::driver::result::launch_kernel(
                 f.cu_function(),
@@ -802,7 +754,23 @@ impl GemvKernels {
                 &mut args,
             )
         }
-        .map_err(|e| CudaError(format!("cuLaunchKernel (batched GEMV): {e:?}")))
+        .map_err(|e| CudaError(format!("cuLaunchKernel ({what}): {e:?}")))
+    }
+
+    fn launch_batch(&self, dev: &CudaDevice, format: DevFormat, items: &[&BatchItem]) -> Result<()> {
+        let mut batch = GemvBatch { p: [GemvProblem::default(); MAX_BATCH] };
+        for (p, it) in batch.p.iter_mut().zip(items) {
+            *p = GemvProblem::new(&it.m, it.x, it.y, it.swiglu);
+        }
+        let max_rows = items.iter().map(|it| it.m.rows).max().unwrap_or(0);
+        let max_cols = items.iter().map(|it| it.m.cols).max().unwrap_or(0);
+        if max_rows == 0 {
+            return Ok(());
+        }
+        let arg: *mut c_void = (&mut batch as *mut GemvBatch).cast();
+        // SAFETY: the kernel takes one GemvBatch by value (same repr(C) layout); the caller
+        // guarantees every pointer covers its problem.
+        unsafe { self.launch_problems(dev, BatchFamily::Problems, format, items.len(), max_rows, max_cols, arg) }
     }
 
     /// `y[t] = m·x[t]` for `t` tokens (x is [t, cols], y [t, rows]): the prefill GEMM. Weights are
