@@ -354,10 +354,6 @@ pub struct GemvKernels {
     experts_f32: CudaFunction,
     experts_bf16: CudaFunction,
     table_set: CudaFunction,
-    /// Multi-token GEMM (prefill) by bits; dense f32/bf16.
-    gemm_affine: HashMap<u32, CudaFunction>,
-    gemm_f32: CudaFunction,
-    gemm_bf16: CudaFunction,
     grouped_affine: HashMap<u32, CudaFunction>,
     grouped_f32: CudaFunction,
     grouped_bf16: CudaFunction,
@@ -412,10 +408,8 @@ impl GemvKernels {
             }
         }
         let fw = dev.module(kernels::FORWARD)?;
-        let mut gemm_affine = HashMap::new();
         let mut grouped_affine = HashMap::new();
         for bits in [2u32, 4, 8] {
-            gemm_affine.insert(bits, dev.function(&fw, &format!("gemm_affine_b{bits}"))?);
             grouped_affine.insert(bits, dev.function(&fw, &format!("gemm_grouped_affine_b{bits}"))?);
         }
         let smem_optin = dev
@@ -444,9 +438,6 @@ impl GemvKernels {
             experts_f32: dev.function(&m, "dense_gemv_experts_f32")?,
             experts_bf16: dev.function(&m, "dense_gemv_experts_bf16")?,
             table_set: dev.function(&m, "table_set")?,
-            gemm_affine,
-            gemm_f32: dev.function(&fw, "gemm_f32")?,
-            gemm_bf16: dev.function(&fw, "gemm_bf16")?,
             grouped_affine,
             grouped_sx,
             smem_optin,
@@ -776,43 +767,9 @@ impl GemvKernels {
     /// `y[t] = m·x[t]` for `t` tokens (x is [t, cols], y [t, rows]): the prefill GEMM. Weights are
     /// read once per 8 tokens. Sizes are not checked.
     pub fn gemm(&self, dev: &CudaDevice, m: &MatView, x: u64, y: u64, t: usize) -> Result<()> {
-        if m.rows == 0 || t == 0 {
-            return Ok(());
-        }
-        let (f, gs) = match m.format {
-            DevFormat::Affine { bits, group_size } => (
-                self.gemm_affine.get(&bits).ok_or_else(|| CudaError(format!("no GEMM for {bits} bits")))?,
-                group_size as i32,
-            ),
-            DevFormat::F32 => (&self.gemm_f32, 0),
-            DevFormat::Bf16 => (&self.gemm_bf16, 0),
-        };
-        let (mut pw, mut ps, mut pb, mut px, mut py) = (m.w, m.s, m.b, x, y);
-        let (mut gs, mut rows, mut cols, mut tt) = (gs, m.rows as i32, m.cols as i32, t as i32);
-        let mut args: [*mut c_void; 9] = [
-            (&mut pw as *mut u64).cast(),
-            (&mut ps as *mut u64).cast(),
-            (&mut pb as *mut u64).cast(),
-            (&mut gs as *mut i32).cast(),
-            (&mut px as *mut u64).cast(),
-            (&mut py as *mut u64).cast(),
-            (&mut rows as *mut i32).cast(),
-            (&mut cols as *mut i32).cast(),
-            (&mut tt as *mut i32).cast(),
-        ];
-        let grid = ((m.rows * 32).div_ceil(256) as u32, t.div_ceil(8) as u32, 1);
-        // SAFETY: arguments match gemm_* (w, s, b, gs, x, y, rows, cols, T).
-        unsafe {
-            cudarc::driver::result::launch_kernel(
-                f.cu_function(),
-                grid,
-                (256, 1, 1),
-                0,
-                dev.stream.cu_stream(),
-                &mut args,
-            )
-        }
-        .map_err(|e| CudaError(format!("cuLaunchKernel (GEMM): {e:?}")))
+        // The grouped kernel with no slot table and no item list: absolute addresses, tiles of 8.
+        let off = MatOffsets { format: m.format, rows: m.rows, cols: m.cols, w: m.w, s: m.s, b: m.b };
+        self.launch_grouped(dev, &off, 0, 0, t.div_ceil(8), t, 0, x, y)
     }
 
     /// Grouped prefill GEMM over routed experts (see `gemm_grouped` in forward.cu): `nitems` work
@@ -826,6 +783,24 @@ impl GemvKernels {
         table: u64,
         items: u64,
         nitems: usize,
+        xrow: u64,
+        x: u64,
+        out: u64,
+    ) -> Result<()> {
+        self.launch_grouped(dev, m, table, items, nitems, 0, xrow, x, out)
+    }
+
+    /// [`Self::gemm_grouped`], or with `items` 0 a plain GEMM over `ntok` inputs (`table` 0,
+    /// absolute addresses in `m`).
+    #[allow(clippy::too_many_arguments)]
+    fn launch_grouped(
+        &self,
+        dev: &CudaDevice,
+        m: &MatOffsets,
+        table: u64,
+        items: u64,
+        nitems: usize,
+        ntok: usize,
         xrow: u64,
         x: u64,
         out: u64,
@@ -855,7 +830,8 @@ impl GemvKernels {
         };
         let mut mat = MatOff { w: m.w, s: m.s, b: m.b, rows: m.rows as i32, cols: m.cols as i32 };
         let (mut table, mut gs, mut items, mut xrow, mut x, mut out) = (table, gs, items, xrow, x, out);
-        let mut args: [*mut c_void; 7] = [
+        let mut ntok = ntok as i32;
+        let mut args: [*mut c_void; 8] = [
             (&mut table as *mut u64).cast(),
             (&mut mat as *mut MatOff).cast(),
             (&mut gs as *mut i32).cast(),
@@ -863,6 +839,7 @@ impl GemvKernels {
             (&mut xrow as *mut u64).cast(),
             (&mut x as *mut u64).cast(),
             (&mut out as *mut u64).cast(),
+            (&mut ntok as *mut i32).cast(),
         ];
         let (grid, smem) = if staged {
             ((m.rows.div_ceil(128) as u32, nitems as u32, 1), smem as u32)
@@ -870,7 +847,7 @@ impl GemvKernels {
             (((m.rows * 32).div_ceil(256) as u32, nitems as u32, 1), 0)
         };
         // SAFETY: arguments match gemm_grouped_* (table, GemmMat by value — same layout as
-        // MatOff —, gs, items, xrow, x, out); the caller sized every buffer for its pairs.
+        // MatOff —, gs, items, xrow, x, out, ntok); the caller sized every buffer for its pairs.
         unsafe {
             cudarc::driver::result::launch_kernel(
                 f.cu_function(),

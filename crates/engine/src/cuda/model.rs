@@ -581,10 +581,6 @@ struct Workspace {
     deq: DevBuf,
     /// Grid reductions of the decode norms: block partials, then a counter kept at zero.
     red: DevBuf,
-    /// One zero u64 (the "slot table" of plain matrices run through the grouped kernel) and
-    /// its work items.
-    zero: DevBuf,
-    mm_items: DevBuf,
 }
 
 /// Splits of the key range for single-token attention (more blocks for long contexts).
@@ -637,12 +633,6 @@ impl Workspace {
                 r.fill_bytes(0)?;
                 r
             },
-            zero: {
-                let z = dev.alloc(8)?;
-                z.fill_bytes(0)?;
-                z
-            },
-            mm_items: f(cap.div_ceil(8) * 4)?,
         })
     }
 }
@@ -1029,17 +1019,7 @@ impl GpuModel {
             return self.gemv(m, x, y);
         }
         let Some(blas) = self.blas.as_ref().filter(|_| t >= self.blas_min_tokens) else {
-            // The grouped kernel with one "expert" whose slot address is 0 (ws.zero) and whose
-            // offsets are the matrix's own addresses; items of 8 tokens, inputs in order.
-            let v = m.view();
-            let items: Vec<u8> = (0..t)
-                .step_by(8)
-                .flat_map(|t0| [0i32, t0 as i32, (t - t0).min(8) as i32, 0])
-                .flat_map(i32::to_le_bytes)
-                .collect();
-            ws.mm_items.copy_from_host(&items)?;
-            let off = super::gemv::MatOffsets { format: v.format, rows: v.rows, cols: v.cols, w: v.w, s: v.s, b: v.b };
-            return self.gemv.gemm_grouped(&self.dev, &off, ws.zero.ptr(), ws.mm_items.ptr(), t.div_ceil(8), 0, x, y);
+            return self.gemv.gemm(&self.dev, &m.view(), x, y, t);
         };
         use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
         let (rows, cols) = (m.rows, m.cols);

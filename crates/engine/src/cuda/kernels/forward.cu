@@ -551,10 +551,9 @@ extern "C" __global__ void router_topk(const float* __restrict__ logits, int e, 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Multi-token GEMM for prefill: y[t, r] = W[r]·x[t] for T tokens. One warp per row and TT tokens
-// (blockIdx.y picks the token tile): each 16-byte chunk of the row is dequantized once into
-// registers and used for the TT tokens, so weights are read T/TT times instead of T times.
-// x is read through L1 (all warps of a block share it).
+// Multi-token GEMM for prefill: y[t, r] = W[r]·x[t]. One warp per row and up to TT inputs: each
+// 16-byte chunk of the row is dequantized once into registers and used for the TT inputs, so
+// weights are read once per TT inputs.
 #define TT 8
 
 // Dequantizes 16-byte chunk c of a row into wv (FMT 0: affine with BITS and group gs, row scales
@@ -586,12 +585,13 @@ __device__ __forceinline__ void chunk_values(const uint4 q, const u16* __restric
     }
 }
 
-// One warp computes row `row` of W for nt ≤ TT inputs: xs[tt] points at input tt (cols f32),
-// the results go to y[tt · ystride + row].
-template <int FMT, int BITS>
+// One warp computes row `row` of W for nt ≤ TT inputs: the values of chunk c of input tt are at
+// xs[tt] + c·XS (XS = VPC for rows in global memory, read with __ldg when LDG; VPC + 4 for the
+// padded shared-memory copy); the results go to y[tt · ystride + row].
+template <int FMT, int BITS, int XS, bool LDG>
 __device__ __forceinline__ void gemm_row(const uint4* __restrict__ w, const u16* __restrict__ sc,
                                          const u16* __restrict__ bi, int gs, const float* const* xs, int nt,
-                                         float* __restrict__ y, long long ystride, long long row, int rows, int cols) {
+                                         float* __restrict__ y, long long ystride, long long row, int cols) {
     constexpr int VPC = FMT == 0 ? 128 / BITS : (FMT == 1 ? 4 : 8);
     const int lane = threadIdx.x & 31;
     const int nch = cols / VPC;
@@ -607,11 +607,11 @@ __device__ __forceinline__ void gemm_row(const uint4* __restrict__ w, const u16*
 #pragma unroll
         for (int tt = 0; tt < TT; tt++) {
             if (tt < nt) {
-                const float4* xp = reinterpret_cast<const float4*>(xs[tt] + (long long)c * VPC);
+                const float4* xp = reinterpret_cast<const float4*>(xs[tt] + (long long)c * XS);
                 float a = acc[tt];
 #pragma unroll
                 for (int v = 0; v < VPC / 4; v++) {
-                    const float4 xv = __ldg(xp + v);
+                    const float4 xv = LDG ? __ldg(xp + v) : xp[v];
                     a = fmaf(wv[4 * v], xv.x, a);
                     a = fmaf(wv[4 * v + 1], xv.y, a);
                     a = fmaf(wv[4 * v + 2], xv.z, a);
@@ -628,48 +628,40 @@ __device__ __forceinline__ void gemm_row(const uint4* __restrict__ w, const u16*
     }
 }
 
-// Multi-token GEMM for prefill: y[t, r] = W[r]·x[t] for T tokens. One warp per row and TT tokens
-// (blockIdx.y picks the token tile): each 16-byte chunk of the row is dequantized once into
-// registers and used for the TT tokens, so weights are read T/TT times instead of T times.
-template <int FMT, int BITS>
-__device__ __forceinline__ void gemm_rows(const uint4* __restrict__ w, const u16* __restrict__ sc,
-                                          const u16* __restrict__ bi, int gs, const float* __restrict__ x,
-                                          float* __restrict__ y, int rows, int cols, int T) {
-    const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    if (row >= rows) return;
-    const int t0 = blockIdx.y * TT;
-    const int nt = min(TT, T - t0);
-    const float* xs[TT];
-#pragma unroll
-    for (int tt = 0; tt < TT; tt++) xs[tt] = x + (long long)(t0 + (tt < nt ? tt : 0)) * cols;
-    gemm_row<FMT, BITS>(w, sc, bi, gs, xs, nt, y + (long long)t0 * rows, rows, row, rows, cols);
-}
-
 // Grouped GEMM over the routed experts of a prefill pass: work item blockIdx.y is
 // items[i] = (expert, first pair, pairs ≤ TT) of one expert; pair p reads input row
 // x[xrow ? xrow[p] : p] and writes out[p]. The expert's matrix is at table[expert] + offsets.
 // One launch covers every expert of the layer (or of a group of them that fits the GPU cache).
+// A plain matrix over ntok inputs is the same with items and table null: item y is the y-th tile
+// of TT inputs and the offsets are the matrix's own addresses.
 struct GemmMat {
-    unsigned long long w, s, b;  // byte offsets inside the slot
+    unsigned long long w, s, b;  // byte offsets inside the slot (absolute when table is null)
     int rows, cols;
 };
+
+__device__ __forceinline__ int4 grouped_item(const int4* __restrict__ items, int ntok) {
+    if (items) return items[blockIdx.y];
+    const int t0 = blockIdx.y * TT;
+    return make_int4(0, t0, min(TT, ntok - t0), 0);
+}
 template <int FMT, int BITS>
 __device__ __forceinline__ void gemm_grouped(const unsigned long long* __restrict__ table, GemmMat m, int gs,
                                              const int4* __restrict__ items, const int* __restrict__ xrow,
-                                             const float* __restrict__ x, float* __restrict__ out) {
+                                             const float* __restrict__ x, float* __restrict__ out, int ntok) {
+    constexpr int VPC = FMT == 0 ? 128 / BITS : (FMT == 1 ? 4 : 8);
     const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (row >= m.rows) return;
-    const int4 it = items[blockIdx.y];
-    const unsigned long long base = table[it.x];
+    const int4 it = grouped_item(items, ntok);
+    const unsigned long long base = table ? table[it.x] : 0ull;
     const float* xs[TT];
 #pragma unroll
     for (int tt = 0; tt < TT; tt++) {
         const int p = it.y + (tt < it.z ? tt : 0);
         xs[tt] = x + (long long)(xrow ? xrow[p] : p) * m.cols;
     }
-    gemm_row<FMT, BITS>(reinterpret_cast<const uint4*>(base + m.w), reinterpret_cast<const u16*>(base + m.s),
-                        reinterpret_cast<const u16*>(base + m.b), gs, xs, it.z, out + (long long)it.y * m.rows,
-                        m.rows, row, m.rows, m.cols);
+    gemm_row<FMT, BITS, VPC, true>(reinterpret_cast<const uint4*>(base + m.w),
+                                   reinterpret_cast<const u16*>(base + m.s), reinterpret_cast<const u16*>(base + m.b),
+                                   gs, xs, it.z, out + (long long)it.y * m.rows, m.rows, row, m.cols);
 }
 
 // The same with the item's inputs staged in shared memory (padded by 16 bytes per chunk of
@@ -680,12 +672,12 @@ __device__ __forceinline__ void gemm_grouped(const unsigned long long* __restric
 template <int FMT, int BITS>
 __device__ __forceinline__ void gemm_grouped_sx(const unsigned long long* __restrict__ table, GemmMat m, int gs,
                                                 const int4* __restrict__ items, const int* __restrict__ xrow,
-                                                const float* __restrict__ x, float* __restrict__ out) {
+                                                const float* __restrict__ x, float* __restrict__ out, int ntok) {
     constexpr int VPC = FMT == 0 ? 128 / BITS : (FMT == 1 ? 4 : 8);
     constexpr int XS = FMT == 0 ? VPC + 4 : VPC;
     extern __shared__ float4 gsx4[];
     float* sx = reinterpret_cast<float*>(gsx4);
-    const int4 it = items[blockIdx.y];
+    const int4 it = grouped_item(items, ntok);
     const int n = it.z;
     const int nch = m.cols / VPC;
     const int tstride = nch * XS;
@@ -698,105 +690,34 @@ __device__ __forceinline__ void gemm_grouped_sx(const unsigned long long* __rest
         }
     }
     __syncthreads();
-    const unsigned long long base = table[it.x];
-    const uint4* w = reinterpret_cast<const uint4*>(base + m.w);
-    const u16* sc = reinterpret_cast<const u16*>(base + m.s);
-    const u16* bi = reinterpret_cast<const u16*>(base + m.b);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const unsigned long long base = table ? table[it.x] : 0ull;
+    const float* xs[TT];
+#pragma unroll
+    for (int tt = 0; tt < TT; tt++) xs[tt] = sx + tt * tstride;
     const long long r0 = (long long)blockIdx.x * GROUPED_ROWS;
     const long long r1 = min((long long)m.rows, r0 + GROUPED_ROWS);
-    for (long long row = r0 + warp; row < r1; row += nw) {
-        const uint4* wr = w + row * nch;
-        const u16* sr = FMT == 0 ? sc + row * (m.cols / gs) : nullptr;
-        const u16* br = FMT == 0 ? bi + row * (m.cols / gs) : nullptr;
-        float acc[TT];
-#pragma unroll
-        for (int i = 0; i < TT; i++) acc[i] = 0.f;
-        for (int c = lane; c < nch; c += 32) {
-            float wv[VPC];
-            chunk_values<FMT, BITS, VPC>(wr[c], sr, br, gs, c, wv);
-#pragma unroll
-            for (int tt = 0; tt < TT; tt++) {
-                if (tt < n) {
-                    const float4* xp = reinterpret_cast<const float4*>(sx + tt * tstride + c * XS);
-                    float a = acc[tt];
-#pragma unroll
-                    for (int v = 0; v < VPC / 4; v++) {
-                        const float4 xv = xp[v];
-                        a = fmaf(wv[4 * v], xv.x, a);
-                        a = fmaf(wv[4 * v + 1], xv.y, a);
-                        a = fmaf(wv[4 * v + 2], xv.z, a);
-                        a = fmaf(wv[4 * v + 3], xv.w, a);
-                    }
-                    acc[tt] = a;
-                }
-            }
-        }
-#pragma unroll
-        for (int tt = 0; tt < TT; tt++) {
-            const float v = warp_sum(acc[tt]);
-            if (lane == 0 && tt < n) out[(long long)(it.y + tt) * m.rows + row] = v;
-        }
+    for (long long row = r0 + (threadIdx.x >> 5); row < r1; row += blockDim.x >> 5)
+        gemm_row<FMT, BITS, XS, false>(reinterpret_cast<const uint4*>(base + m.w),
+                                       reinterpret_cast<const u16*>(base + m.s),
+                                       reinterpret_cast<const u16*>(base + m.b), gs, xs, n,
+                                       out + (long long)it.y * m.rows, m.rows, row, m.cols);
+}
+
+#define GROUPED_ARGS                                                                                         \
+    const unsigned long long *__restrict__ table, GemmMat m, int gs, const int4 *__restrict__ items,          \
+        const int *__restrict__ xrow, const float *__restrict__ x, float *__restrict__ out, int ntok
+#define GROUPED(NAME, FMT, BITS)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) gemm_grouped_##NAME(GROUPED_ARGS) {                    \
+        gemm_grouped<FMT, BITS>(table, m, gs, items, xrow, x, out, ntok);                                    \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(256) gemm_grouped_sx_##NAME(GROUPED_ARGS) {                 \
+        gemm_grouped_sx<FMT, BITS>(table, m, gs, items, xrow, x, out, ntok);                                 \
     }
-}
-
-#define GEMM_AFFINE(B)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(256) gemm_affine_b##B(                                     \
-        const uint4* __restrict__ w, const u16* __restrict__ s, const u16* __restrict__ b, int gs,             \
-        const float* __restrict__ x, float* __restrict__ y, int rows, int cols, int T) {                      \
-        gemm_rows<0, B>(w, s, b, gs, x, y, rows, cols, T);                                                    \
-    }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(256) gemm_grouped_affine_b##B(                             \
-        const unsigned long long* __restrict__ table, GemmMat m, int gs, const int4* __restrict__ items,        \
-        const int* __restrict__ xrow, const float* __restrict__ x, float* __restrict__ out) {                 \
-        gemm_grouped<0, B>(table, m, gs, items, xrow, x, out);                                                \
-    }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(256) gemm_grouped_sx_affine_b##B(                          \
-        const unsigned long long* __restrict__ table, GemmMat m, int gs, const int4* __restrict__ items,        \
-        const int* __restrict__ xrow, const float* __restrict__ x, float* __restrict__ out) {                 \
-        gemm_grouped_sx<0, B>(table, m, gs, items, xrow, x, out);                                             \
-    }
-GEMM_AFFINE(2)
-GEMM_AFFINE(4)
-GEMM_AFFINE(8)
-
-extern "C" __global__ void __launch_bounds__(256) gemm_f32(const uint4* __restrict__ w, const u16* __restrict__ s,
-                                                           const u16* __restrict__ b, int gs,
-                                                           const float* __restrict__ x, float* __restrict__ y,
-                                                           int rows, int cols, int T) {
-    gemm_rows<1, 32>(w, s, b, gs, x, y, rows, cols, T);
-}
-
-extern "C" __global__ void __launch_bounds__(256) gemm_bf16(const uint4* __restrict__ w, const u16* __restrict__ s,
-                                                            const u16* __restrict__ b, int gs,
-                                                            const float* __restrict__ x, float* __restrict__ y,
-                                                            int rows, int cols, int T) {
-    gemm_rows<2, 16>(w, s, b, gs, x, y, rows, cols, T);
-}
-
-extern "C" __global__ void __launch_bounds__(256) gemm_grouped_f32(
-    const unsigned long long* __restrict__ table, GemmMat m, int gs, const int4* __restrict__ items,
-    const int* __restrict__ xrow, const float* __restrict__ x, float* __restrict__ out) {
-    gemm_grouped<1, 32>(table, m, gs, items, xrow, x, out);
-}
-
-extern "C" __global__ void __launch_bounds__(256) gemm_grouped_sx_f32(
-    const unsigned long long* __restrict__ table, GemmMat m, int gs, const int4* __restrict__ items,
-    const int* __restrict__ xrow, const float* __restrict__ x, float* __restrict__ out) {
-    gemm_grouped_sx<1, 32>(table, m, gs, items, xrow, x, out);
-}
-
-extern "C" __global__ void __launch_bounds__(256) gemm_grouped_sx_bf16(
-    const unsigned long long* __restrict__ table, GemmMat m, int gs, const int4* __restrict__ items,
-    const int* __restrict__ xrow, const float* __restrict__ x, float* __restrict__ out) {
-    gemm_grouped_sx<2, 16>(table, m, gs, items, xrow, x, out);
-}
-
-extern "C" __global__ void __launch_bounds__(256) gemm_grouped_bf16(
-    const unsigned long long* __restrict__ table, GemmMat m, int gs, const int4* __restrict__ items,
-    const int* __restrict__ xrow, const float* __restrict__ x, float* __restrict__ out) {
-    gemm_grouped<2, 16>(table, m, gs, items, xrow, x, out);
-}
+GROUPED(affine_b2, 0, 2)
+GROUPED(affine_b4, 0, 4)
+GROUPED(affine_b8, 0, 8)
+GROUPED(f32, 1, 32)
+GROUPED(bf16, 2, 16)
 
 // Prefill MoE output: x[t] += Σ_j w[t·k+j] · yd[pair_of[t·k+j]] over the token's k experts in
 // rank order (deterministic: no atomics).
