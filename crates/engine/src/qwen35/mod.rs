@@ -33,11 +33,35 @@ pub struct LoadOptions {
     pub store: StoreOptions,
     /// Where the forward pass runs (default: the CPU).
     pub device: crate::device::DeviceOptions,
+    /// Routed experts per token; None = the model's own top-k (exact). Fewer is lossy.
+    pub experts_per_token: Option<usize>,
+    /// Longest sequence accepted (prompt + generated); None = the config's
+    /// max_position_embeddings.
+    pub max_context: Option<usize>,
+    /// Most streamed expert buffers alive at once per layer (the memory plan sets it to k);
+    /// None = 32.
+    pub fetch_chunk: Option<usize>,
+    /// Read layer l+1's likely experts during layer l (streamed experts, decode).
+    pub prefetch: bool,
+    /// Accumulate per-layer times (`Model::timing_snapshot`).
+    pub timing: bool,
+    /// Record every routing decision (`Model::take_routing_trace`).
+    pub trace_routing: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { stream_experts: true, store: StoreOptions::default(), device: Default::default() }
+        LoadOptions {
+            stream_experts: true,
+            store: StoreOptions::default(),
+            device: Default::default(),
+            experts_per_token: None,
+            max_context: None,
+            fetch_chunk: None,
+            prefetch: false,
+            timing: false,
+            trace_routing: false,
+        }
     }
 }
 pub use weights::{ModelWeights, SourceFormat};
@@ -81,6 +105,22 @@ impl Model {
 
     pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let mut m = Self::load_on_cpu(dir, opts)?;
+        if let Some(k) = opts.experts_per_token {
+            m.set_experts_per_token(k)?;
+        }
+        if let Some(n) = opts.max_context {
+            m.set_max_context(n);
+        }
+        if let Some(n) = opts.fetch_chunk {
+            m.fetch_chunk = n.max(1);
+        }
+        m.prefetch = opts.prefetch;
+        if opts.timing {
+            m.enable_timing();
+        }
+        if opts.trace_routing {
+            m.routing_trace = Some(Default::default());
+        }
         m.device_note = m.place(&opts.device)?;
         Ok(m)
     }
@@ -149,6 +189,24 @@ impl Model {
         let g = crate::cuda::model::GpuModel::new(self, opts)?;
         self.gpu = Some(g);
         Ok(())
+    }
+
+    /// The routing decisions recorded since the last call (empty unless `trace_routing`).
+    pub fn take_routing_trace(&self) -> Vec<RoutingRecord> {
+        self.routing_trace.as_ref().map(|t| std::mem::take(&mut *t.lock().unwrap())).unwrap_or_default()
+    }
+
+    /// One line: where the forward pass runs and, on a GPU, its weights and expert cache; on
+    /// the CPU, why `--device auto` stayed there when it did.
+    pub fn device_description(&self) -> String {
+        if let Some(note) = &self.device_note {
+            return format!("cpu ({note})");
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.describe(self);
+        }
+        "cpu".into()
     }
 
     /// "cpu", or the GPU's one-line description.
