@@ -4,24 +4,11 @@
 //! packed model. The folder name carries a hash of the embedded bytes, so a new build with a
 //! different model never reuses a stale copy.
 
+use crate::convert::{ConvertOptions, Target, convert};
 use crate::error::{Error, Result};
-use crate::packed::convert::{ConvertOptions, Target, convert};
 use std::path::PathBuf;
 
-/// Where flashmoe keeps derived files: $FLASHMOE_HOME, else $XDG_CACHE_HOME/flashmoe, else
-/// ~/.cache/flashmoe.
-pub fn cache_root() -> PathBuf {
-    if let Some(p) = std::env::var_os("FLASHMOE_HOME") {
-        return PathBuf::from(p);
-    }
-    if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(p).join("flashmoe");
-    }
-    match std::env::var_os("HOME") {
-        Some(h) => PathBuf::from(h).join(".cache").join("flashmoe"),
-        None => std::env::temp_dir().join("flashmoe"),
-    }
-}
+pub use crate::paths::cache_root;
 
 /// Returns the packed folder of the embedded model `name` made of `files`, creating it on first
 /// use.

@@ -3,16 +3,18 @@
 //! (manifest last), so an interrupted run never leaves a directory that looks finished, and
 //! re-running simply starts over.
 
-use super::quant::{dequantize_row, quantize_row};
-use super::*;
 use crate::config::ModelConfig;
-use crate::qwen35::weights::{ExpertWeights, Mixer, ModelWeights};
+use crate::error::{Error, Result};
+use crate::experts::ExpertWeights;
+use crate::models::qwen35::{Mixer, ModelWeights};
+use crate::packed::quant::{dequantize_row, quantize_row};
+use crate::packed::*;
 use crate::weights::Linear;
 use flashmoe_kernels::{FloatType, MatData};
 use half::bf16;
 use rayon::prelude::*;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// What to store a group of matrices as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -350,7 +352,7 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn Con
         return Err(Error::input(format!("--group-size {}: must be 32, 64 or 128", opts.group_size)));
     }
     let config = ModelConfig::load(src)?;
-    let store = TensorStore::open(src)?;
+    let store = crate::packed::open_any(src)?;
     let weights = ModelWeights::load(&store, &config)?;
     let config_path = src.join("config.json");
     let mut config_json: serde_json::Value =

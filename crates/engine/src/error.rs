@@ -17,16 +17,12 @@ pub enum Error {
     Input(String),
     #[error("{0}")]
     Text(#[from] flashmoe_text::TextError),
-    /// A GPU (driver, compiler, memory) failure.
+    /// A device (GPU driver, compiler, memory) failure described in words.
     #[error("GPU: {0}")]
     Device(String),
-}
-
-#[cfg(feature = "cuda")]
-impl From<crate::cuda::CudaError> for Error {
-    fn from(e: crate::cuda::CudaError) -> Self {
-        Error::Device(e.0)
-    }
+    /// A backend's own error, kept as the source (the backend converts its errors into this).
+    #[error("GPU: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,27 +1,39 @@
 //! flashmoe engine: exact inference for the Qwen3.5-MoE family and Qwen3-Next.
 //!
-//! Layers: `config` (config.json) → `weights` (mapped safetensors, typed matrix views) →
-//! `qwen35` (model weights and forward pass) → `generate` (prompting, sampling loop, stats).
-//! Compute kernels live in the `flashmoe-kernels` crate, text handling in `flashmoe-text`.
+//! Layers, bottom up (no module imports one above it; `scripts/check_module_cycles.py` checks):
+//! - `error`, `units`, `config` (config.json → ModelConfig);
+//! - `weights` (mapped safetensors, typed matrix views), `packed` (our format: manifest, open,
+//!   verify), `experts` (expert storage: store, RAM tier, buffers, expert views);
+//! - `layers` (the op vocabulary: weight structs generic over where tensors live, pass spec,
+//!   hooks), `backend` (the `Backend` trait; `cpu`; `cuda` with the `cuda` feature);
+//! - `models` (families: `qwen35` = config → weights → its layer loop over the backend ops);
+//! - `runtime` (Model = family on a backend + options + hooks; SequenceState; the generation
+//!   loop; sessions with prefix reuse; perplexity), `memory` (the memory plan), `convert`
+//!   (checkpoint → packed), `builtin` (the embedded model's cache folder).
+//!
+//! Compute kernels live in the `flashmoe-kernels` crate, text handling in `flashmoe-text`; tools
+//! (benchmarks, synthetic models, routing simulators) in `flashmoe-tools`.
 
-pub mod bench;
+pub mod backend;
 pub mod builtin;
 pub mod config;
-#[cfg(feature = "cuda")]
-pub mod cuda;
-pub mod device;
+pub mod convert;
 pub mod error;
-pub mod eval;
 pub mod experts;
-pub mod generate;
+pub mod layers;
 pub mod memory;
+pub mod models;
 pub mod packed;
-pub mod qwen35;
+pub mod paths;
 pub mod routing;
-pub mod session;
-pub mod synth;
+pub mod runtime;
+pub mod units;
 pub mod weights;
 
+pub use backend::{DeviceChoice, DeviceOptions, GpuCache};
 pub use config::ModelConfig;
 pub use error::{Error, Result};
-pub use qwen35::{LogitsFor, Model, SequenceState};
+pub use layers::{LayerTimes, LogitsFor, RoutingRecord};
+pub use runtime::generate::{Engine, GenerateOptions};
+pub use runtime::session::{Channel, Finish, GenerateRequest, Generation, PrefixCache, Session};
+pub use runtime::{LoadOptions, Model, SequenceState};

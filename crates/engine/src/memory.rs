@@ -34,22 +34,7 @@ pub fn current_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Parses sizes like `8G`, `512M`, `1.5GiB`, `1048576`.
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let v: f64 = num.parse().map_err(|_| format!("`{s}`: expected a size like 8G or 512M"))?;
-    let mult = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1u64,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        u => return Err(format!("`{s}`: unknown unit `{u}`")),
-    };
-    Ok((v * mult as f64) as u64)
-}
+pub use crate::units::parse_size;
 
 pub fn state_bytes(cfg: &ModelConfig, context_tokens: usize) -> u64 {
     cfg.layer_kinds
@@ -85,8 +70,8 @@ pub fn plan(
         )
     } else {
         // HF/MLX folder: experts are read in place; everything else stays mapped and resident.
-        let store = crate::weights::TensorStore::open(dir)?;
-        let w = crate::qwen35::ModelWeights::load(&store, &cfg)?;
+        let store = crate::packed::open_any(dir)?;
+        let w = crate::models::qwen35::ModelWeights::load(&store, &cfg)?;
         let max_expert = w
             .layers
             .iter()

@@ -2,8 +2,6 @@
 //! the CPU exists (asking for CUDA is a clear error); with it, `auto` takes the GPU when one
 //! opens and the model fits, and falls back to the CPU with a note otherwise.
 
-use crate::error::{Error, Result};
-
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DeviceChoice {
     #[default]
@@ -45,7 +43,32 @@ impl std::str::FromStr for GpuCache {
         if s == "auto" {
             return Ok(GpuCache::Auto);
         }
-        crate::memory::parse_size(s).map(GpuCache::Bytes).map_err(|e| format!("{e} (or auto)"))
+        crate::units::parse_size(s).map(GpuCache::Bytes).map_err(|e| format!("{e} (or auto)"))
+    }
+}
+
+/// GPU settings below the user-facing flags (tests and benchmarks set them).
+#[derive(Clone, Copy, Debug)]
+pub struct GpuTuning {
+    /// Most tokens per prefill pass (bounds the workspace).
+    pub prefill_chunk: usize,
+    /// Context the auto cache size leaves room for (KV cache).
+    pub reserve_context: usize,
+    /// Prefill passes of at least this many tokens run the non-expert matrices through
+    /// dequantize + cuBLAS SGEMM; shorter ones through the multi-token GEMV kernel.
+    pub blas_min_tokens: usize,
+    /// Capture decode steps in CUDA graphs when every expert is resident.
+    pub graphs: bool,
+}
+
+impl Default for GpuTuning {
+    fn default() -> Self {
+        GpuTuning {
+            prefill_chunk: 512,
+            reserve_context: 8192,
+            blas_min_tokens: 64,
+            graphs: std::env::var("FLASHMOE_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+        }
     }
 }
 
@@ -53,37 +76,7 @@ impl std::str::FromStr for GpuCache {
 pub struct DeviceOptions {
     pub device: DeviceChoice,
     pub gpu_cache: GpuCache,
-}
-
-impl crate::Model {
-    /// Moves the model to the device `o` names. Returns a note when `auto` stayed on the CPU.
-    pub fn place(&mut self, o: &DeviceOptions) -> Result<Option<String>> {
-        match o.device {
-            DeviceChoice::Cpu => Ok(None),
-            #[cfg(not(feature = "cuda"))]
-            DeviceChoice::Auto => Ok(None),
-            #[cfg(not(feature = "cuda"))]
-            DeviceChoice::Cuda(_) => Err(Error::Device(
-                "this flashmoe was built without CUDA support (cargo feature `cuda`); use --device cpu".into(),
-            )),
-            #[cfg(feature = "cuda")]
-            DeviceChoice::Auto => {
-                if let Err(e) = crate::cuda::CudaDevice::open(0) {
-                    return Ok(Some(format!("no usable GPU ({e}); running on the CPU")));
-                }
-                let opts = crate::cuda::model::GpuOptions { cache: o.gpu_cache, ..Default::default() };
-                match self.use_gpu(&opts) {
-                    Ok(()) => Ok(None),
-                    Err(e) => Ok(Some(format!("the GPU could not take this model ({e}); running on the CPU"))),
-                }
-            }
-            #[cfg(feature = "cuda")]
-            DeviceChoice::Cuda(n) => {
-                let opts = crate::cuda::model::GpuOptions { ordinal: n, cache: o.gpu_cache, ..Default::default() };
-                self.use_gpu(&opts).map(|()| None).map_err(|e| Error::Device(format!("cuda:{n}: {e}")))
-            }
-        }
-    }
+    pub gpu: GpuTuning,
 }
 
 #[cfg(test)]
@@ -99,17 +92,5 @@ mod tests {
         assert_eq!("auto".parse::<GpuCache>().unwrap(), GpuCache::Auto);
         assert_eq!("2G".parse::<GpuCache>().unwrap(), GpuCache::Bytes(2 << 30));
         assert!("lots".parse::<GpuCache>().is_err());
-    }
-
-    #[test]
-    fn auto_never_fails_and_cuda_is_a_clear_error_without_a_gpu() {
-        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen35-moe-tiny");
-        let mut m = crate::Model::load(&dir).unwrap();
-        let auto = m.place(&DeviceOptions { device: DeviceChoice::Auto, ..Default::default() });
-        assert!(auto.is_ok(), "{auto:?}");
-        if m.device_name() == "cpu" {
-            let e = m.place(&DeviceOptions { device: DeviceChoice::Cuda(0), ..Default::default() }).unwrap_err();
-            assert!(e.to_string().contains("cuda") || e.to_string().contains("CUDA"), "{e}");
-        }
     }
 }

@@ -1,8 +1,11 @@
-//! Expert storage, independent of compute: aligned buffers, the RAM cache tier, and the store
-//! that reads experts from the packed per-layer files.
+//! Expert storage, independent of compute: aligned buffers, the RAM cache tier, the store that
+//! reads experts from the packed per-layer files (or in place from safetensors), and the expert
+//! views compute receives.
 
 pub mod buffer;
 pub mod cache;
 pub mod store;
+pub mod weights;
 
 pub use store::{ExpertStore, IoChoice, IoMode, IoSnapshot, StoreOptions};
+pub use weights::{ExpertSet, ExpertWeights};

@@ -5,10 +5,10 @@
 
 use super::buffer::{AlignedBuf, BufPool};
 use super::cache::{CachePolicy, ExpertCache};
+use super::weights::ExpertWeights;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::packed::{Manifest, TensorEntry, parse_dtype};
-use crate::qwen35::weights::ExpertWeights;
 use crate::weights::Linear;
 use crate::weights::store::{Bytes, RawTensor};
 use rayon::prelude::*;

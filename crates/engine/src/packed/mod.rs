@@ -14,7 +14,6 @@
 //! `mlp.experts.{e}.…`), norms are stored as effective multipliers, and quantized matrices use the
 //! MLX affine layout, so the same loader and kernels serve HF, MLX and packed models.
 
-pub mod convert;
 pub mod quant;
 pub mod verify;
 
@@ -151,6 +150,11 @@ fn raw(path: &Path, map: &Arc<Mmap>, name: String, e: &TensorEntry, base: u64) -
 }
 
 /// Opens a packed model as a tensor store (everything memory-mapped).
+/// Any model folder's tensors: a packed model's, or the safetensors files of an HF/MLX folder.
+pub fn open_any(dir: &Path) -> Result<TensorStore> {
+    if dir.join(MANIFEST).exists() { open_store(dir) } else { TensorStore::open_safetensors(dir) }
+}
+
 pub fn open_store(dir: &Path) -> Result<TensorStore> {
     open_with(dir, &Manifest::load(dir)?, true)
 }

@@ -2,8 +2,9 @@
 //! tokenized once and cut into non-overlapping windows, each run from an empty state as one
 //! batched prefill; ppl = exp(mean next-token NLL over all predictions inside the windows).
 
+use super::model::Model;
 use crate::error::{Error, Result};
-use crate::qwen35::{LogitsFor, Model};
+use crate::layers::LogitsFor;
 
 #[derive(Clone, Debug)]
 pub struct PerplexityReport {

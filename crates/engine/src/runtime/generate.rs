@@ -1,14 +1,12 @@
-//! Text in, text out: an `Engine` bundles a model with its tokenizer and chat template and runs
-//! the prefill + decode loop with sampling, streaming decoded text to a callback and measuring
-//! what the summary line reports.
+//! Text in, text out: an `Engine` bundles a model with its tokenizer and chat template; its
+//! `generate` is the session loop ([`super::session`]) without state reuse.
 
+use super::model::{LoadOptions, Model};
+use super::session::{self, Channel, GenerateRequest, Generation, PrefixCache};
 use crate::error::{Error, Result};
-use crate::experts::IoSnapshot;
-use crate::qwen35::{LoadOptions, LogitsFor, Model};
-use flashmoe_text::{ChatTemplate, Sampler, SamplingParams, TextTokenizer};
+use flashmoe_text::{ChatTemplate, SamplingParams, TextTokenizer};
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 pub struct Engine {
     pub model: Model,
@@ -24,46 +22,6 @@ pub struct Engine {
 pub struct GenerateOptions {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StopReason {
-    /// A stop token was produced.
-    Stop,
-    /// `max_tokens` reached.
-    Length,
-    /// The context is full.
-    Context,
-    /// The callback asked to stop.
-    Cancelled,
-}
-
-#[derive(Clone, Debug)]
-pub struct GenerationStats {
-    pub prompt_tokens: usize,
-    pub generated_tokens: usize,
-    pub prefill_secs: f64,
-    /// Time of the decode steps (every generated token after the first, which comes from the
-    /// prefill's logits).
-    pub decode_secs: f64,
-    pub decode_steps: usize,
-    pub stop: StopReason,
-    /// Expert I/O during the prefill and during decode (streamed models only).
-    pub io_prefill: Option<IoSnapshot>,
-    pub io_decode: Option<IoSnapshot>,
-}
-
-impl GenerationStats {
-    pub fn prefill_tok_s(&self) -> f64 {
-        rate(self.prompt_tokens, self.prefill_secs)
-    }
-    pub fn decode_tok_s(&self) -> f64 {
-        rate(self.decode_steps, self.decode_secs)
-    }
-}
-
-fn rate(n: usize, secs: f64) -> f64 {
-    if secs > 0.0 { n as f64 / secs } else { 0.0 }
 }
 
 impl Engine {
@@ -108,71 +66,20 @@ impl Engine {
     }
 
     /// Prefills `prompt` and generates up to `max_tokens`, calling `on_text` with each decoded
-    /// piece of text (return false to stop).
+    /// piece of text (return false to stop). Thinking tags are plain text here.
     pub fn generate(
         &self,
         prompt: &[u32],
         opts: &GenerateOptions,
         mut on_text: impl FnMut(&str) -> bool,
-    ) -> Result<GenerationStats> {
-        if prompt.is_empty() {
-            return Err(Error::input("the prompt is empty (0 tokens)"));
-        }
-        let mut state = self.model.new_state();
-        let mut sampler = Sampler::new(opts.sampling.clone());
-        let mut stream = self.tokenizer.stream_decoder(true);
-        let io = |m: &Model| m.expert_store.as_ref().map(|s| s.snapshot());
-        let io0 = io(&self.model);
-        let t0 = Instant::now();
-        let mut logits = self.model.forward(prompt, &mut state, LogitsFor::Last)?;
-        let prefill_secs = t0.elapsed().as_secs_f64();
-        let io1 = io(&self.model);
-        // Timing and per-token I/O describe decode alone.
-        self.model.reset_timing();
-        let mut stats = GenerationStats {
-            prompt_tokens: prompt.len(),
-            generated_tokens: 0,
-            prefill_secs,
-            decode_secs: 0.0,
-            decode_steps: 0,
-            stop: StopReason::Length,
-            io_prefill: io1.zip(io0).map(|(b, a)| b.since(&a)),
-            io_decode: None,
+    ) -> Result<Generation> {
+        let req = GenerateRequest {
+            prompt: prompt.to_vec(),
+            max_tokens: opts.max_tokens,
+            sampling: opts.sampling.clone(),
+            ..Default::default()
         };
-        let mut generated: Vec<u32> = Vec::new();
-        let mut context: Vec<u32> = prompt.to_vec();
-        let t1 = Instant::now();
-        while stats.generated_tokens < opts.max_tokens {
-            let id = sampler.sample(&mut logits, &context, &generated);
-            stats.generated_tokens += 1;
-            if self.stop_ids.contains(&id) {
-                stats.stop = StopReason::Stop;
-                break;
-            }
-            generated.push(id);
-            context.push(id);
-            let piece = stream.push(id)?;
-            if !piece.is_empty() && !on_text(&piece) {
-                stats.stop = StopReason::Cancelled;
-                break;
-            }
-            if stats.generated_tokens >= opts.max_tokens {
-                break;
-            }
-            if state.pos >= self.model.max_context() {
-                stats.stop = StopReason::Context;
-                break;
-            }
-            logits = self.model.forward(&[id], &mut state, LogitsFor::Last)?;
-            stats.decode_steps += 1;
-        }
-        stats.decode_secs = t1.elapsed().as_secs_f64();
-        stats.io_decode = io(&self.model).zip(io1).map(|(b, a)| b.since(&a));
-        let tail = stream.finish()?;
-        if !tail.is_empty() {
-            on_text(&tail);
-        }
-        Ok(stats)
+        session::generate(self, &mut PrefixCache::new(0), &req, || true, |_: Channel, text: &str| on_text(text))
     }
 }
 

@@ -1,29 +1,22 @@
-//! The Qwen3.5-MoE family (35B-A3B, 122B-A10B, 397B-A17B) and Qwen3-Next-80B-A3B: one module,
-//! config → weights → forward. Both families share the layer structure (GatedDeltaNet and gated
-//! attention layers, each followed by a sparse MoE with a shared expert); Qwen3-Next differs only
-//! in checkpoint layout, which `weights` normalises.
+//! `Model`: a model family placed on a backend, with the options fixed at load (experts per
+//! token, context length, fetch size, prefetch, timing, routing trace) and the hooks that collect
+//! what every backend reports. Read-only while it runs: a sequence's caches live in a
+//! [`SequenceState`] the caller owns.
 
-pub mod forward;
-pub mod weights;
-
-use crate::config::{LayerKind, ModelConfig};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{AnyState, Bandwidths, DeviceChoice, DeviceOptions, TierInfo};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::experts::{ExpertStore, StoreOptions};
-use crate::packed;
-use crate::weights::TensorStore;
-pub use forward::{LayerState, LayerTimes, LogitsFor, SequenceState};
+use crate::layers::{Hooks, LayerTimes, LogitsFor, PassSpec, RoutingRecord};
+use crate::models::{self, HostModel, PlacedModel, SourceOptions};
+use crate::weights::Linear;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// One routing decision: the experts chosen for the token at `pos` in `layer`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RoutingRecord {
-    pub layer: usize,
-    pub pos: usize,
-    pub experts: Vec<u32>,
-}
-
-/// How to open a model.
+/// How to open a model. Everything that changes how the model runs is set here, before load.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
     /// Fetch routed experts through the expert store (positioned reads + RAM cache + I/O
@@ -32,14 +25,14 @@ pub struct LoadOptions {
     pub stream_experts: bool,
     pub store: StoreOptions,
     /// Where the forward pass runs (default: the CPU).
-    pub device: crate::device::DeviceOptions,
+    pub device: DeviceOptions,
     /// Routed experts per token; None = the model's own top-k (exact). Fewer is lossy.
     pub experts_per_token: Option<usize>,
     /// Longest sequence accepted (prompt + generated); None = the config's
     /// max_position_embeddings.
     pub max_context: Option<usize>,
-    /// Most streamed expert buffers alive at once per layer (the memory plan sets it to k);
-    /// None = 32.
+    /// Most streamed expert buffers alive at once per layer, on every backend (the memory plan
+    /// sets it to k); None = 32.
     pub fetch_chunk: Option<usize>,
     /// Read layer l+1's likely experts during layer l (streamed experts, decode).
     pub prefetch: bool,
@@ -64,168 +57,190 @@ impl Default for LoadOptions {
         }
     }
 }
-pub use weights::{ModelWeights, SourceFormat};
+
+/// Everything a sequence carries between calls: its position and its caches on the backend
+/// that made it.
+pub struct SequenceState {
+    /// Number of tokens already processed (the position of the next token).
+    pub pos: usize,
+    caches: Box<dyn AnyState>,
+}
+
+impl Clone for SequenceState {
+    fn clone(&self) -> Self {
+        SequenceState { pos: self.pos, caches: self.caches.duplicate_box() }
+    }
+}
+
+impl SequenceState {
+    /// Bytes held by caches and states (on the device that holds them).
+    pub fn bytes(&self) -> usize {
+        self.caches.bytes()
+    }
+}
+
+/// What the runtime collects from the backends: the routing trace, per-layer times, prefetch
+/// guesses and their accuracy.
+struct RuntimeHooks {
+    trace: Option<Mutex<Vec<RoutingRecord>>>,
+    timings: Option<Mutex<Vec<LayerTimes>>>,
+    prefetch: bool,
+    guesses: Mutex<Vec<Option<Vec<usize>>>>,
+    prefetch_hits: AtomicU64,
+    prefetch_total: AtomicU64,
+}
+
+impl Hooks for RuntimeHooks {
+    fn wants_routing(&self) -> bool {
+        self.trace.is_some() || self.prefetch
+    }
+
+    fn routing(&self, layer: usize, pos: usize, experts: &[u32]) {
+        if self.prefetch
+            && let Some(guess) =
+                self.guesses.lock().unwrap_or_else(|p| p.into_inner()).get_mut(layer).and_then(Option::take)
+        {
+            let hits = experts.iter().filter(|&&x| guess.contains(&(x as usize))).count();
+            self.prefetch_hits.fetch_add(hits as u64, Relaxed);
+            self.prefetch_total.fetch_add(experts.len() as u64, Relaxed);
+        }
+        if let Some(t) = &self.trace {
+            t.lock().unwrap_or_else(|p| p.into_inner()).push(RoutingRecord { layer, pos, experts: experts.to_vec() });
+        }
+    }
+
+    fn wants_timing(&self) -> bool {
+        self.timings.is_some()
+    }
+
+    fn layer_times(&self, layer: usize, t: &LayerTimes) {
+        if let Some(all) = &self.timings
+            && let Some(slot) = all.lock().unwrap_or_else(|p| p.into_inner()).get_mut(layer)
+        {
+            slot.add(t);
+        }
+    }
+
+    fn wants_prefetch(&self) -> bool {
+        self.prefetch
+    }
+
+    fn prefetch_guess(&self, layer: usize, experts: &[usize]) {
+        if let Some(g) = self.guesses.lock().unwrap_or_else(|p| p.into_inner()).get_mut(layer) {
+            *g = Some(experts.to_vec());
+        }
+    }
+}
 
 pub struct Model {
     pub config: ModelConfig,
-    pub weights: ModelWeights,
+    placed: Box<dyn PlacedModel>,
+    expert_store: Option<Arc<ExpertStore>>,
     /// Routed experts per token. Defaults to the model's own top-k (exact); lower is lossy.
     experts_per_token: usize,
     /// Longest sequence this instance accepts (prompt + generated).
     max_context: usize,
-    pub(crate) inv_freq: Vec<f32>,
-    /// When set, the chosen experts of every token and layer are appended here (layer-major
-    /// within a token).
-    /// When set, every routing decision is appended here as (layer, position, experts).
-    pub routing_trace: Option<Mutex<Vec<RoutingRecord>>>,
-    /// The expert store of a streamed (packed) model.
-    pub expert_store: Option<Arc<ExpertStore>>,
-    /// Most streamed expert buffers alive at once per layer (bounds prefill memory).
-    pub fetch_chunk: usize,
-    /// Speculatively read layer l+1's likely experts during layer l (streamed models, decode).
-    pub prefetch: bool,
-    pub(crate) prefetch_guess: Mutex<Vec<Option<Vec<usize>>>>,
-    /// Of the experts a layer used, how many the prefetch guessed (accuracy = hits / total).
-    pub prefetch_hits: std::sync::atomic::AtomicU64,
-    pub prefetch_total: std::sync::atomic::AtomicU64,
-    /// Per-layer time accumulators, when timing is on (`enable_timing`).
-    pub timings: Option<Mutex<Vec<LayerTimes>>>,
+    fetch_chunk: usize,
+    hooks: RuntimeHooks,
     /// Why `--device auto` stayed on the CPU, when it did.
-    pub device_note: Option<String>,
-    /// When set, `forward` runs on this GPU (see [`Model::use_gpu`]).
-    #[cfg(feature = "cuda")]
-    pub gpu: Option<crate::cuda::model::GpuModel>,
+    device_note: Option<String>,
 }
 
 impl Model {
-    /// Loads a model folder with default options (a packed model streams its experts).
+    /// Loads a model folder with default options (experts stream, on the CPU).
     pub fn load(dir: &Path) -> Result<Self> {
         Self::load_with(dir, &LoadOptions::default())
     }
 
     pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        let mut m = Self::load_on_cpu(dir, opts)?;
-        if let Some(k) = opts.experts_per_token {
-            m.set_experts_per_token(k)?;
-        }
-        if let Some(n) = opts.max_context {
-            m.set_max_context(n);
-        }
-        if let Some(n) = opts.fetch_chunk {
-            m.fetch_chunk = n.max(1);
-        }
-        m.prefetch = opts.prefetch;
-        if opts.timing {
-            m.enable_timing();
-        }
-        if opts.trace_routing {
-            m.routing_trace = Some(Default::default());
-        }
-        m.device_note = m.place(&opts.device)?;
-        Ok(m)
-    }
-
-    fn load_on_cpu(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        let config = ModelConfig::load(dir)?;
-        if opts.stream_experts && dir.join(packed::MANIFEST).exists() {
-            let manifest = packed::Manifest::load(dir)?;
-            let store = packed::open_store_without_experts(dir, &manifest)?;
-            let experts = Arc::new(ExpertStore::open(dir, &manifest, &config, &opts.store)?);
-            let weights = ModelWeights::load_with_experts(&store, &config, Some(experts.clone()))?;
-            let mut m = Self::from_parts(config, weights);
-            m.expert_store = Some(experts);
-            return Ok(m);
-        }
-        let store = TensorStore::open(dir)?;
-        let mut weights = ModelWeights::load(&store, &config)?;
-        let mut expert_store = None;
-        if opts.stream_experts {
-            // HF/MLX folder: experts are read in place from the checkpoint files through the
-            // expert store, so they get the same accounting, caching and budget as packed ones.
-            let lists: Vec<&[weights::ExpertWeights]> =
-                weights.layers.iter().map(|l| l.moe.experts.resident().expect("loaded resident")).collect();
-            let es = Arc::new(ExpertStore::open_scattered(&store, &lists, &config, &opts.store)?);
-            for (i, l) in weights.layers.iter_mut().enumerate() {
-                l.moe.experts = weights::ExpertSet::Streamed { store: es.clone(), layer: i };
-            }
-            expert_store = Some(es);
-        }
-        let mut m = Self::from_parts(config, weights);
-        m.expert_store = expert_store;
-        Ok(m)
-    }
-
-    pub fn from_parts(config: ModelConfig, weights: ModelWeights) -> Self {
-        let num_layers = config.num_layers;
-        let rot = config.rotary_dims();
-        // HF: inv_freq = 1 / theta^(2i/rot), computed in f32.
-        let inv_freq =
-            (0..rot / 2).map(|i| 1.0f32 / (config.rope_theta as f32).powf((2 * i) as f32 / rot as f32)).collect();
-        Model {
-            experts_per_token: config.experts_per_token,
-            max_context: config.max_position_embeddings,
-            inv_freq,
+        let host =
+            models::load_host(dir, &SourceOptions { stream_experts: opts.stream_experts, store: opts.store.clone() })?;
+        let config = host.config().clone();
+        let k = opts.experts_per_token.unwrap_or(config.experts_per_token);
+        check_experts_per_token(k, &config)?;
+        let max_context = opts.max_context.unwrap_or(config.max_position_embeddings);
+        let (placed, device_note) = place(&host, &opts.device, k, max_context)?;
+        let n = config.num_layers;
+        Ok(Model {
+            expert_store: host.expert_store().cloned(),
+            placed,
+            experts_per_token: k,
+            max_context,
+            fetch_chunk: opts.fetch_chunk.unwrap_or(32).max(1),
+            hooks: RuntimeHooks {
+                trace: opts.trace_routing.then(Default::default),
+                timings: opts.timing.then(|| Mutex::new(vec![LayerTimes::default(); n])),
+                prefetch: opts.prefetch,
+                guesses: Mutex::new(vec![None; n]),
+                prefetch_hits: AtomicU64::new(0),
+                prefetch_total: AtomicU64::new(0),
+            },
+            device_note,
             config,
-            weights,
-            routing_trace: None,
-            expert_store: None,
-            timings: None,
-            fetch_chunk: 32,
-            prefetch: false,
-            prefetch_guess: Mutex::new(vec![None; num_layers]),
-            prefetch_hits: Default::default(),
-            prefetch_total: Default::default(),
-            device_note: None,
-            #[cfg(feature = "cuda")]
-            gpu: None,
-        }
+        })
     }
 
-    /// Moves the forward pass to a GPU: uploads the non-expert weights and sets up the GPU expert
-    /// cache. States made before this call are uploaded on their next use.
-    #[cfg(feature = "cuda")]
-    pub fn use_gpu(&mut self, opts: &crate::cuda::model::GpuOptions) -> Result<()> {
-        self.gpu = None;
-        let g = crate::cuda::model::GpuModel::new(self, opts)?;
-        self.gpu = Some(g);
-        Ok(())
+    /// The family's host weight tree, when it is of type `W` (e.g. `models::qwen35::ModelWeights`).
+    pub fn host_weights<W: 'static>(&self) -> Option<&W> {
+        self.placed.host_weights().downcast_ref::<W>()
     }
 
-    /// The routing decisions recorded since the last call (empty unless `trace_routing`).
-    pub fn take_routing_trace(&self) -> Vec<RoutingRecord> {
-        self.routing_trace.as_ref().map(|t| std::mem::take(&mut *t.lock().unwrap())).unwrap_or_default()
+    /// The expert store, when routed experts stream.
+    pub fn expert_store(&self) -> Option<&Arc<ExpertStore>> {
+        self.expert_store.as_ref()
+    }
+
+    /// Bytes of everything but the routed experts, and of the routed experts.
+    pub fn weight_bytes(&self) -> (usize, usize) {
+        self.placed.weight_bytes()
     }
 
     /// One line: where the forward pass runs and, on a GPU, its weights and expert cache; on
     /// the CPU, why `--device auto` stayed there when it did.
     pub fn device_description(&self) -> String {
-        if let Some(note) = &self.device_note {
-            return format!("cpu ({note})");
+        match &self.device_note {
+            Some(note) => format!("cpu ({note})"),
+            None => self.placed.describe(),
         }
-        #[cfg(feature = "cuda")]
-        if let Some(g) = &self.gpu {
-            return g.describe(self);
-        }
-        "cpu".into()
     }
 
-    /// "cpu", or the GPU's one-line description.
+    /// "cpu", or the device's one-line description.
     pub fn device_name(&self) -> String {
-        #[cfg(feature = "cuda")]
-        if let Some(g) = &self.gpu {
-            return g.dev.describe();
-        }
-        "cpu".into()
+        self.placed.describe()
+    }
+
+    /// Why `--device auto` stayed on the CPU, when it did.
+    pub fn device_note(&self) -> Option<&str> {
+        self.device_note.as_deref()
+    }
+
+    /// The backend's own expert tier (a GPU's expert cache), when it has one.
+    pub fn tier(&self) -> Option<TierInfo> {
+        self.placed.tier()
+    }
+
+    /// Fills the backend's expert tier in (layer, expert) order until it is full.
+    pub fn preload_experts(&self) -> Result<usize> {
+        self.placed.preload_experts(self.fetch_chunk)
+    }
+
+    pub fn measure_bandwidths(&self) -> Result<Option<Bandwidths>> {
+        self.placed.measure_bandwidths()
+    }
+
+    /// Bytes a decode step at position `pos` moves with every expert in place.
+    pub fn decode_bytes_per_token(&self, pos: usize) -> f64 {
+        self.placed.decode_bytes_per_token(pos, self.experts_per_token)
+    }
+
+    /// Replaces layer `layer`'s router on the backend (benchmarks that draw routing at random).
+    pub fn set_router(&mut self, layer: usize, router: &Linear) -> Result<()> {
+        self.placed.set_router(layer, router)
     }
 
     /// Uses `k` routed experts per token instead of the model's own number (lossy when smaller).
     pub fn set_experts_per_token(&mut self, k: usize) -> Result<()> {
-        if k == 0 || k > self.config.num_experts {
-            return Err(Error::input(format!(
-                "--experts {k}: must be between 1 and the model's {} experts",
-                self.config.num_experts
-            )));
-        }
+        check_experts_per_token(k, &self.config)?;
         self.experts_per_token = k;
         Ok(())
     }
@@ -239,22 +254,6 @@ impl Model {
         self.experts_per_token == self.config.experts_per_token
     }
 
-    /// Starts (or restarts) per-layer timing.
-    pub fn enable_timing(&mut self) {
-        self.timings = Some(Mutex::new(vec![LayerTimes::default(); self.config.num_layers]));
-    }
-
-    /// Clears the timing accumulators (e.g. after the prefill, to time decode alone).
-    pub fn reset_timing(&self) {
-        if let Some(t) = &self.timings {
-            t.lock().unwrap().iter_mut().for_each(|x| *x = LayerTimes::default());
-        }
-    }
-
-    pub fn timing_snapshot(&self) -> Option<Vec<LayerTimes>> {
-        self.timings.as_ref().map(|t| t.lock().unwrap().clone())
-    }
-
     pub fn set_max_context(&mut self, n: usize) {
         self.max_context = n;
     }
@@ -263,25 +262,44 @@ impl Model {
         self.max_context
     }
 
-    pub fn new_state(&self) -> SequenceState {
-        let c = &self.config;
-        let layers = c
-            .layer_kinds
-            .iter()
-            .map(|k| match k {
-                LayerKind::FullAttention => LayerState::Attention { keys: Vec::new(), values: Vec::new() },
-                LayerKind::LinearAttention => LayerState::DeltaNet {
-                    conv: vec![0.0; c.conv_kernel.saturating_sub(1) * c.conv_dim()],
-                    recurrent: vec![0.0; c.linear_value_heads * c.linear_key_dim * c.linear_value_dim],
-                },
-            })
-            .collect();
-        SequenceState {
-            pos: 0,
-            layers,
-            #[cfg(feature = "cuda")]
-            dev: None,
+    /// Most streamed expert buffers alive at once per layer.
+    pub fn fetch_chunk(&self) -> usize {
+        self.fetch_chunk
+    }
+
+    /// Clears the timing accumulators (e.g. after the prefill, to time decode alone).
+    pub fn reset_timing(&self) {
+        if let Some(t) = &self.hooks.timings {
+            t.lock().unwrap_or_else(|p| p.into_inner()).iter_mut().for_each(|x| *x = LayerTimes::default());
         }
+    }
+
+    /// Per-layer times accumulated since load or the last reset (None unless `timing`).
+    pub fn timing_snapshot(&self) -> Option<Vec<LayerTimes>> {
+        self.hooks.timings.as_ref().map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// The routing decisions recorded since the last call (empty unless `trace_routing`).
+    pub fn take_routing_trace(&self) -> Vec<RoutingRecord> {
+        self.hooks
+            .trace
+            .as_ref()
+            .map(|t| std::mem::take(&mut *t.lock().unwrap_or_else(|p| p.into_inner())))
+            .unwrap_or_default()
+    }
+
+    /// Of the experts the layers used, how many the prefetch guessed: (hits, total).
+    pub fn prefetch_accuracy(&self) -> (u64, u64) {
+        (self.hooks.prefetch_hits.load(Relaxed), self.hooks.prefetch_total.load(Relaxed))
+    }
+
+    pub fn new_state(&self) -> SequenceState {
+        self.try_new_state().unwrap_or_else(|e| SequenceState { pos: 0, caches: Box::new(BrokenState(e.to_string())) })
+    }
+
+    /// A fresh sequence state on this model's backend.
+    pub fn try_new_state(&self) -> Result<SequenceState> {
+        Ok(SequenceState { pos: 0, caches: self.placed.new_state()? })
     }
 
     /// Runs `tokens` (consecutive positions starting at `state.pos`) through the model as one
@@ -290,6 +308,9 @@ impl Model {
         let c = &self.config;
         if tokens.is_empty() {
             return Ok(Vec::new());
+        }
+        if let Some(BrokenState(why)) = state.caches.as_any_mut().downcast_ref::<BrokenState>() {
+            return Err(Error::input(format!("this sequence state could not be made: {why}")));
         }
         if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
             return Err(Error::input(format!(
@@ -306,27 +327,104 @@ impl Model {
                 self.max_context
             )));
         }
-        #[cfg(feature = "cuda")]
-        if let Some(g) = &self.gpu {
-            return g.forward(self, tokens, state, want);
-        }
-        let (t, h) = (tokens.len(), c.hidden_size);
-        let mut x = vec![0.0f32; t * h];
-        for (i, &id) in tokens.iter().enumerate() {
-            self.weights.embed.row(id as usize, &mut x[i * h..(i + 1) * h]);
-        }
-        for (li, ls) in state.layers.iter_mut().enumerate() {
-            self.layer_forward(li, &mut x, t, state.pos, ls)?;
-        }
-        state.pos += t;
-        let rows: &[f32] = match want {
-            LogitsFor::None => return Ok(Vec::new()),
-            LogitsFor::All => &x,
-            LogitsFor::Last => &x[(t - 1) * h..],
+        let spec = PassSpec {
+            cfg: c,
+            tokens,
+            pos0: state.pos,
+            want,
+            experts_per_token: self.experts_per_token,
+            fetch_chunk: self.fetch_chunk,
+            hooks: &self.hooks,
         };
-        let n = rows.len() / h;
-        let mut normed = vec![0.0f32; rows.len()];
-        forward::rms_norm_rows(rows, &self.weights.final_norm, c.rms_norm_eps, &mut normed);
-        Ok(self.weights.lm_head.apply(&normed, n))
+        let logits = self.placed.forward(&spec, &mut *state.caches)?;
+        state.pos += tokens.len();
+        Ok(logits)
+    }
+}
+
+fn check_experts_per_token(k: usize, c: &ModelConfig) -> Result<()> {
+    if k == 0 || k > c.num_experts {
+        return Err(Error::input(format!(
+            "--experts {k}: must be between 1 and the model's {} experts",
+            c.num_experts
+        )));
+    }
+    Ok(())
+}
+
+/// The state `new_state` returns when the backend could not make one (GPU memory): every use
+/// is an error naming why.
+struct BrokenState(String);
+
+impl crate::backend::BackendState for BrokenState {
+    fn duplicate(&self) -> Self {
+        BrokenState(self.0.clone())
+    }
+    fn bytes(&self) -> usize {
+        0
+    }
+}
+
+/// Puts the host model on the device `o` names. Returns a note when `auto` stayed on the CPU.
+#[allow(unused_variables)]
+fn place(
+    host: &HostModel,
+    o: &DeviceOptions,
+    experts_per_token: usize,
+    max_context: usize,
+) -> Result<(Box<dyn PlacedModel>, Option<String>)> {
+    let cpu = || models::place(host, CpuBackend);
+    match o.device {
+        DeviceChoice::Cpu => Ok((cpu()?, None)),
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Auto => Ok((cpu()?, None)),
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda(_) => Err(Error::Device(
+            "this flashmoe was built without CUDA support (cargo feature `cuda`); use --device cpu".into(),
+        )),
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Auto => {
+            use crate::backend::cuda::CudaBackend;
+            let backend = match CudaBackend::open(0, o, experts_per_token, max_context) {
+                Ok(b) => b,
+                Err(e) => return Ok((cpu()?, Some(format!("no usable GPU ({e}); running on the CPU")))),
+            };
+            match models::place(host, backend) {
+                Ok(m) => Ok((m, None)),
+                Err(e) => Ok((cpu()?, Some(format!("the GPU could not take this model ({e}); running on the CPU")))),
+            }
+        }
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(n) => {
+            use crate::backend::cuda::CudaBackend;
+            let on_gpu = || -> Result<Box<dyn PlacedModel>> {
+                models::place(host, CudaBackend::open(n, o, experts_per_token, max_context)?)
+            };
+            on_gpu().map(|m| (m, None)).map_err(|e| Error::Device(format!("cuda:{n}: {e}")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_never_fails_and_cuda_is_a_clear_error_without_a_gpu() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen35-moe-tiny");
+        let auto = LoadOptions {
+            device: DeviceOptions { device: DeviceChoice::Auto, ..Default::default() },
+            ..Default::default()
+        };
+        let m = Model::load_with(&dir, &auto);
+        assert!(m.is_ok(), "{:?}", m.err());
+        if m.unwrap().device_name() == "cpu" {
+            let cuda = LoadOptions {
+                device: DeviceOptions { device: DeviceChoice::Cuda(0), ..Default::default() },
+                ..Default::default()
+            };
+            let e = Model::load_with(&dir, &cuda).err().expect("no GPU here");
+            assert!(e.to_string().contains("cuda") || e.to_string().contains("CUDA"), "{e}");
+        }
     }
 }

@@ -13,10 +13,11 @@
 //!   new prompt resumes from the snapshot with the longest token prefix of it and prefills only the
 //!   rest.
 
+use super::generate::Engine;
+use super::model::{Model, SequenceState};
 use crate::error::{Error, Result};
 use crate::experts::IoSnapshot;
-use crate::generate::Engine;
-use crate::qwen35::{LogitsFor, Model, SequenceState};
+use crate::layers::LogitsFor;
 use flashmoe_text::{Sampler, SamplingParams, StreamDecoder, TextTokenizer};
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -202,7 +203,7 @@ pub enum Finish {
     Cancelled,
 }
 
-/// The outcome of [`Session::generate`].
+/// The outcome of a generation ([`Session::generate`], [`Engine::generate`]).
 #[derive(Clone, Debug)]
 pub struct Generation {
     /// Generated ids fed to the model or pending (the stop token excluded).
@@ -256,168 +257,181 @@ impl<'e> Session<'e> {
     pub fn generate(
         &mut self,
         req: &GenerateRequest,
-        mut keep_going: impl FnMut() -> bool,
-        mut on_piece: impl FnMut(Channel, &str) -> bool,
+        keep_going: impl FnMut() -> bool,
+        on_piece: impl FnMut(Channel, &str) -> bool,
     ) -> Result<Generation> {
-        let engine = self.engine;
-        let model = &engine.model;
-        let prompt = &req.prompt;
-        if prompt.is_empty() {
-            return Err(Error::input("the prompt is empty (0 tokens)"));
-        }
-        if prompt.len() > model.max_context() {
-            return Err(Error::input(format!(
-                "the prompt has {} tokens, more than the context length of {} tokens",
-                prompt.len(),
-                model.max_context()
-            )));
-        }
-        let io = |m: &Model| m.expert_store.as_ref().map(|s| s.snapshot());
-        let mut g = Generation {
-            tokens: Vec::new(),
-            content: String::new(),
-            reasoning: String::new(),
-            finish: Finish::Length,
-            prompt_tokens: prompt.len(),
-            reused_tokens: 0,
-            prefilled_tokens: 0,
-            completion_tokens: 0,
-            prefill_secs: 0.0,
-            decode_secs: 0.0,
-            decode_steps: 0,
-            think_budget_hit: false,
-            io_prefill: None,
-            io_decode: None,
-        };
+        generate(self.engine, &mut self.cache, req, keep_going, on_piece)
+    }
+}
 
-        // Prefill: resume from the longest snapshot, run the rest in chunks.
-        let io0 = io(model);
-        let t0 = Instant::now();
-        let (mut state, mut logits) = match self.cache.lookup(prompt) {
-            Some(r) => {
-                g.reused_tokens = r.tokens;
-                (r.state, r.logits)
-            }
-            None => (model.new_state(), Vec::new()),
-        };
-        let mut done = g.reused_tokens;
-        while done < prompt.len() {
-            if !keep_going() {
-                g.finish = Finish::Cancelled;
-                g.prefill_secs = t0.elapsed().as_secs_f64();
-                g.prefilled_tokens = done - g.reused_tokens;
-                return Ok(g);
-            }
-            let end = (done + PREFILL_CHUNK).min(prompt.len());
-            let want = if end == prompt.len() { LogitsFor::Last } else { LogitsFor::None };
-            logits = model.forward(&prompt[done..end], &mut state, want)?;
-            done = end;
-        }
-        g.prefilled_tokens = prompt.len() - g.reused_tokens;
-        g.prefill_secs = t0.elapsed().as_secs_f64();
-        let io1 = io(model);
-        g.io_prefill = io1.zip(io0).map(|(b, a)| b.since(&a));
-        if g.prefilled_tokens > 0 {
-            self.cache.insert(prompt, &state, &logits);
-        }
+/// The generation loop (the only one: the CLI, the server and the chat client all run it).
+/// Resumes from `cache`'s best snapshot of the prompt, prefills the rest in chunks, samples and
+/// decodes, and stores snapshots at the end of the prompt and of the reply.
+pub(crate) fn generate(
+    engine: &Engine,
+    cache: &mut PrefixCache,
+    req: &GenerateRequest,
+    mut keep_going: impl FnMut() -> bool,
+    mut on_piece: impl FnMut(Channel, &str) -> bool,
+) -> Result<Generation> {
+    let model = &engine.model;
+    let prompt = &req.prompt;
+    if prompt.is_empty() {
+        return Err(Error::input("the prompt is empty (0 tokens)"));
+    }
+    if prompt.len() > model.max_context() {
+        return Err(Error::input(format!(
+            "the prompt has {} tokens, more than the context length of {} tokens",
+            prompt.len(),
+            model.max_context()
+        )));
+    }
+    let io = |m: &Model| m.expert_store().map(|s| s.snapshot());
+    let mut g = Generation {
+        tokens: Vec::new(),
+        content: String::new(),
+        reasoning: String::new(),
+        finish: Finish::Length,
+        prompt_tokens: prompt.len(),
+        reused_tokens: 0,
+        prefilled_tokens: 0,
+        completion_tokens: 0,
+        prefill_secs: 0.0,
+        decode_secs: 0.0,
+        decode_steps: 0,
+        think_budget_hit: false,
+        io_prefill: None,
+        io_decode: None,
+    };
 
-        // Decode.
-        let tok = &engine.tokenizer;
-        let think_open = tok.token_to_id("<think>").filter(|_| req.split_reasoning);
-        let think_close = tok.token_to_id("</think>").filter(|_| req.split_reasoning);
-        let mut channel = match (think_open, think_close) {
-            (Some(o), Some(c)) if prompt_ends_in_thinking(prompt, o, c, tok.token_to_id("<|im_start|>")) => {
-                Channel::Reasoning
-            }
-            _ => Channel::Content,
-        };
-        let close_tokens = match think_close {
-            Some(_) => engine.encode(THINK_CLOSE_TEXT)?,
-            None => Vec::new(),
-        };
-        let mut stop_ids = engine.stop_ids.clone();
-        stop_ids.extend(&req.extra_stop_ids);
-        let mut forced: VecDeque<u32> = VecDeque::new();
-        if let Some(f) = &req.forced {
-            forced.extend(f);
-            forced.push_back(
-                stop_ids.first().copied().ok_or_else(|| {
-                    Error::input("a scripted reply needs a stop token, and the model has no stop ids")
-                })?,
-            );
+    // Prefill: resume from the longest snapshot, run the rest in chunks.
+    let io0 = io(model);
+    let t0 = Instant::now();
+    let (mut state, mut logits) = match cache.lookup(prompt) {
+        Some(r) => {
+            g.reused_tokens = r.tokens;
+            (r.state, r.logits)
         }
-        let scripted = req.forced.is_some();
-        let mut out = Output::new(tok, &req.stop_strings, channel == Channel::Reasoning);
-        let mut sampler = Sampler::new(req.sampling.clone());
-        let mut context: Vec<u32> = prompt.clone();
-        let mut fed: Vec<u32> = prompt.clone();
-        let mut think_tokens = 0usize;
-        model.reset_timing();
-        let t1 = Instant::now();
-        'decode: while g.completion_tokens < req.max_tokens {
-            let id = match forced.pop_front() {
-                Some(id) => id,
-                None if scripted => {
-                    g.finish = Finish::Stop;
-                    break;
-                }
-                None => sampler.sample(&mut logits, &context, &g.tokens),
-            };
-            g.completion_tokens += 1;
-            if stop_ids.contains(&id) {
+        None => (model.new_state(), Vec::new()),
+    };
+    let mut done = g.reused_tokens;
+    while done < prompt.len() {
+        if !keep_going() {
+            g.finish = Finish::Cancelled;
+            g.prefill_secs = t0.elapsed().as_secs_f64();
+            g.prefilled_tokens = done - g.reused_tokens;
+            return Ok(g);
+        }
+        let end = (done + PREFILL_CHUNK).min(prompt.len());
+        let want = if end == prompt.len() { LogitsFor::Last } else { LogitsFor::None };
+        logits = model.forward(&prompt[done..end], &mut state, want)?;
+        done = end;
+    }
+    g.prefilled_tokens = prompt.len() - g.reused_tokens;
+    g.prefill_secs = t0.elapsed().as_secs_f64();
+    let io1 = io(model);
+    g.io_prefill = io1.zip(io0).map(|(b, a)| b.since(&a));
+    if g.prefilled_tokens > 0 {
+        cache.insert(prompt, &state, &logits);
+    }
+
+    // Decode.
+    let tok = &engine.tokenizer;
+    let think_open = tok.token_to_id("<think>").filter(|_| req.split_reasoning);
+    let think_close = tok.token_to_id("</think>").filter(|_| req.split_reasoning);
+    let mut channel = match (think_open, think_close) {
+        (Some(o), Some(c)) if prompt_ends_in_thinking(prompt, o, c, tok.token_to_id("<|im_start|>")) => {
+            Channel::Reasoning
+        }
+        _ => Channel::Content,
+    };
+    let close_tokens = match think_close {
+        Some(_) => engine.encode(THINK_CLOSE_TEXT)?,
+        None => Vec::new(),
+    };
+    let mut stop_ids = engine.stop_ids.clone();
+    stop_ids.extend(&req.extra_stop_ids);
+    let mut forced: VecDeque<u32> = VecDeque::new();
+    if let Some(f) = &req.forced {
+        forced.extend(f);
+        forced.push_back(
+            stop_ids
+                .first()
+                .copied()
+                .ok_or_else(|| Error::input("a scripted reply needs a stop token, and the model has no stop ids"))?,
+        );
+    }
+    let scripted = req.forced.is_some();
+    let mut out = Output::new(tok, &req.stop_strings, channel == Channel::Reasoning);
+    let mut sampler = Sampler::new(req.sampling.clone());
+    let mut context: Vec<u32> = prompt.clone();
+    let mut fed: Vec<u32> = prompt.clone();
+    let mut think_tokens = 0usize;
+    model.reset_timing();
+    let t1 = Instant::now();
+    'decode: while g.completion_tokens < req.max_tokens {
+        let id = match forced.pop_front() {
+            Some(id) => id,
+            None if scripted => {
                 g.finish = Finish::Stop;
                 break;
             }
-            g.tokens.push(id);
-            context.push(id);
-            if Some(id) == think_open && channel == Channel::Content {
-                out.switch(&mut g, &mut on_piece, Channel::Reasoning)?;
-                channel = Channel::Reasoning;
-                think_tokens = 0;
-            } else if Some(id) == think_close && channel == Channel::Reasoning {
-                out.switch(&mut g, &mut on_piece, Channel::Content)?;
-                channel = Channel::Content;
-            } else {
-                if channel == Channel::Reasoning {
-                    think_tokens += 1;
-                }
-                if !out.push(&mut g, &mut on_piece, channel, id)? {
-                    break 'decode;
-                }
-            }
-            if channel == Channel::Reasoning
-                && !scripted
-                && forced.is_empty()
-                && req.think_budget.is_some_and(|b| think_tokens >= b)
-                && !close_tokens.is_empty()
-            {
-                g.think_budget_hit = true;
-                forced.extend(&close_tokens);
-            }
-            if g.completion_tokens >= req.max_tokens {
-                g.finish = Finish::Length;
-                break;
-            }
-            if state.pos >= model.max_context() {
-                g.finish = Finish::Context;
-                break;
-            }
-            if !keep_going() {
-                g.finish = Finish::Cancelled;
-                break;
-            }
-            logits = model.forward(&[id], &mut state, LogitsFor::Last)?;
-            fed.push(id);
-            g.decode_steps += 1;
+            None => sampler.sample(&mut logits, &context, &g.tokens),
+        };
+        g.completion_tokens += 1;
+        if stop_ids.contains(&id) {
+            g.finish = Finish::Stop;
+            break;
         }
-        g.decode_secs = t1.elapsed().as_secs_f64();
-        g.io_decode = io(model).zip(io1).map(|(b, a)| b.since(&a));
-        out.finish(&mut g, &mut on_piece, channel)?;
-        if fed.len() > prompt.len() && !logits.is_empty() {
-            self.cache.insert(&fed, &state, &logits);
+        g.tokens.push(id);
+        context.push(id);
+        if Some(id) == think_open && channel == Channel::Content {
+            out.switch(&mut g, &mut on_piece, Channel::Reasoning)?;
+            channel = Channel::Reasoning;
+            think_tokens = 0;
+        } else if Some(id) == think_close && channel == Channel::Reasoning {
+            out.switch(&mut g, &mut on_piece, Channel::Content)?;
+            channel = Channel::Content;
+        } else {
+            if channel == Channel::Reasoning {
+                think_tokens += 1;
+            }
+            if !out.push(&mut g, &mut on_piece, channel, id)? {
+                break 'decode;
+            }
         }
-        Ok(g)
+        if channel == Channel::Reasoning
+            && !scripted
+            && forced.is_empty()
+            && req.think_budget.is_some_and(|b| think_tokens >= b)
+            && !close_tokens.is_empty()
+        {
+            g.think_budget_hit = true;
+            forced.extend(&close_tokens);
+        }
+        if g.completion_tokens >= req.max_tokens {
+            g.finish = Finish::Length;
+            break;
+        }
+        if state.pos >= model.max_context() {
+            g.finish = Finish::Context;
+            break;
+        }
+        if !keep_going() {
+            g.finish = Finish::Cancelled;
+            break;
+        }
+        logits = model.forward(&[id], &mut state, LogitsFor::Last)?;
+        fed.push(id);
+        g.decode_steps += 1;
     }
+    g.decode_secs = t1.elapsed().as_secs_f64();
+    g.io_decode = io(model).zip(io1).map(|(b, a)| b.since(&a));
+    out.finish(&mut g, &mut on_piece, channel)?;
+    if fed.len() > prompt.len() && !logits.is_empty() {
+        cache.insert(&fed, &state, &logits);
+    }
+    Ok(g)
 }
 
 /// True when the prompt leaves the model inside a thinking block: the last `<think>` after the

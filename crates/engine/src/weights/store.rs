@@ -114,12 +114,11 @@ pub struct TensorStore {
 }
 
 impl TensorStore {
-    pub fn open(dir: &Path) -> Result<Self> {
+    /// The safetensors files of `dir` (one file, or shards named by model.safetensors.index.json).
+    /// A packed model folder is opened by `packed::open_any`.
+    pub fn open_safetensors(dir: &Path) -> Result<Self> {
         if !dir.exists() {
             return Err(Error::NotFound(dir.to_path_buf()));
-        }
-        if dir.join(crate::packed::MANIFEST).exists() {
-            return crate::packed::open_store(dir);
         }
         let files = Self::list_files(dir)?;
         let mut tensors = HashMap::new();

@@ -1,15 +1,18 @@
-//! The Qwen3.5-MoE / Qwen3-Next forward pass on the GPU.
+//! The CUDA backend: the ops of the layer graph on one GPU.
 //!
-//! Non-expert weights are uploaded once ([`GpuModel::new`]). Routed experts live in a pool of
-//! fixed-size slots in GPU memory ([`ExpertPool`]), filled on demand from the host tier (the
-//! expert store: its RAM cache, then the SSD) through pinned staging buffers on a copy stream.
-//! The sequence state (KV caches, conv windows, delta-rule states) stays on the GPU.
+//! Non-expert weights are uploaded once (the family's weight tree mapped to [`Device`]
+//! tensors). Routed experts live in a pool of fixed-size slots in GPU memory ([`ExpertPool`]),
+//! filled on demand from the host tier (the expert store: its RAM cache, then the SSD) through
+//! pinned staging buffers on a copy stream. The sequence state (KV caches, conv windows,
+//! delta-rule states) stays on the GPU.
 //!
 //! A decode step synchronizes with the host once per layer, to learn the routed expert ids; the
 //! shared expert and the experts already in the pool are launched before the host looks at the
 //! misses, so the GPU computes them while the misses are read and copied, and each missed
 //! expert's compute waits only for its own copy (expert i's copy overlaps expert i−1's compute).
-//! Prefill runs up to `prefill_chunk` tokens per pass with multi-token GEMMs.
+//! With every expert resident a step never waits for the host and is recorded once in a CUDA
+//! graph and replayed ([`Backend::run`]). Prefill runs up to `prefill_chunk` tokens per pass
+//! with multi-token GEMMs.
 //!
 //! Numerics: f32 activations and accumulation everywhere, like the CPU backend (no bf16 or TF32
 //! arithmetic); results differ from the CPU by summation order only.
@@ -17,78 +20,46 @@
 use super::context::{CudaDevice, CudaError, DevBuf, Result};
 use super::gemv::{AffineVariant, BatchItem, DevFormat, DevMatrix, GemvKernels, MatView};
 use super::ops::ForwardKernels;
+use crate::backend::{Backend, BackendState, Bandwidths, DeviceOptions, GpuCache, Phase, TierCounters, TierInfo};
+use crate::config::{LayerKind, ModelConfig};
 use crate::experts::cache::{CachePolicy, CacheValue, ExpertCache, ExpertKey};
-use crate::qwen35::weights::{ExpertSet, ExpertWeights, Mixer};
-use crate::qwen35::{LayerState, LogitsFor, Model, RoutingRecord, SequenceState};
+use crate::experts::{ExpertSet, ExpertStore, ExpertWeights};
+use crate::layers::{
+    AttentionWeights, Convert, DeltaNetWeights, Host, LayerTimes, LogitsFor, MoeWeights, PassSpec, Tensors,
+};
 use crate::weights::Linear;
 use cudarc::driver::{CudaEvent, CudaStream};
 use flashmoe_kernels::{FloatType, MatData, MatRef};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-
-pub use crate::device::GpuCache;
-
-/// How to put a model on the GPU.
-#[derive(Clone, Debug)]
-pub struct GpuOptions {
-    pub ordinal: usize,
-    pub cache: GpuCache,
-    /// Most tokens per prefill pass (bounds the workspace).
-    pub prefill_chunk: usize,
-    /// Context the auto cache size leaves room for (KV cache).
-    pub reserve_context: usize,
-    /// Prefill passes of at least this many tokens run the non-expert matrices through
-    /// dequantize + cuBLAS SGEMM; shorter ones through the multi-token GEMV kernel.
-    pub blas_min_tokens: usize,
-    pub cache_policy: CachePolicy,
-}
-
-impl Default for GpuOptions {
-    fn default() -> Self {
-        GpuOptions {
-            ordinal: 0,
-            cache: GpuCache::Auto,
-            prefill_chunk: 512,
-            reserve_context: 8192,
-            blas_min_tokens: BLAS_MIN_TOKENS,
-            cache_policy: CachePolicy::LfuAging { half_life: 32.0 },
-        }
-    }
-}
+use std::time::Instant;
 
 /// Counters since the model was put on the GPU.
 #[derive(Default, Debug)]
-pub struct GpuStats {
-    pub pool_hits: AtomicU64,
-    pub pool_misses: AtomicU64,
+struct GpuStats {
+    pool_hits: AtomicU64,
+    pool_misses: AtomicU64,
     /// Host-to-GPU expert bytes.
-    pub h2d_bytes: AtomicU64,
-    pub tokens: AtomicU64,
+    h2d_bytes: AtomicU64,
+    tokens: AtomicU64,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct GpuSnapshot {
-    pub pool_hits: u64,
-    pub pool_misses: u64,
-    pub h2d_bytes: u64,
-    pub tokens: u64,
+/// Tensors on the GPU: matrices in their stored format, f32 vectors, and a layer's routed
+/// experts as the host set they are copied from plus their slot layout.
+pub struct Device;
+
+impl Tensors for Device {
+    type Mat = DevMatrix;
+    type Vec = DevBuf;
+    type Experts = DevExperts;
 }
 
-impl GpuSnapshot {
-    pub fn since(&self, before: &GpuSnapshot) -> GpuSnapshot {
-        GpuSnapshot {
-            pool_hits: self.pool_hits - before.pool_hits,
-            pool_misses: self.pool_misses - before.pool_misses,
-            h2d_bytes: self.h2d_bytes - before.h2d_bytes,
-            tokens: self.tokens - before.tokens,
-        }
-    }
-
-    pub fn hit_rate(&self) -> f64 {
-        let n = self.pool_hits + self.pool_misses;
-        if n == 0 { 1.0 } else { self.pool_hits as f64 / n as f64 }
-    }
+/// A layer's routed experts, seen from the GPU: where misses are read from, and where gate, up
+/// and down sit inside a pool slot.
+pub struct DevExperts {
+    host: ExpertSet,
+    layout: ExpertLayout,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -128,54 +99,6 @@ fn upload_linear(dev: &CudaDevice, l: &Linear) -> Result<DevMatrix> {
         MatData::Float { dtype, .. } => MatData::Float { dtype, data: &parts[0] },
     };
     DevMatrix::upload(dev, &MatRef { data: joined, rows: l.rows(), cols: l.cols() })
-}
-
-struct DevExpert {
-    gate: DevMatrix,
-    up: DevMatrix,
-    down: DevMatrix,
-}
-
-impl DevExpert {
-    fn upload(dev: &CudaDevice, e: &ExpertWeights) -> Result<Self> {
-        Ok(DevExpert {
-            gate: upload_linear(dev, &e.gate)?,
-            up: upload_linear(dev, &e.up)?,
-            down: upload_linear(dev, &e.down)?,
-        })
-    }
-}
-
-#[allow(clippy::large_enum_variant)] // one per layer, built once
-enum DevMixer {
-    Attention {
-        q: DevMatrix,
-        k: DevMatrix,
-        v: DevMatrix,
-        o: DevMatrix,
-        q_norm: DevBuf,
-        k_norm: DevBuf,
-    },
-    DeltaNet {
-        qkv: DevMatrix,
-        z: DevMatrix,
-        b: DevMatrix,
-        a: DevMatrix,
-        out: DevMatrix,
-        conv: DevBuf,
-        dt_bias: DevBuf,
-        neg_a: DevBuf,
-        norm: DevBuf,
-    },
-}
-
-struct DevLayer {
-    input_norm: DevBuf,
-    post_norm: DevBuf,
-    mixer: DevMixer,
-    router: DevMatrix,
-    shared: DevExpert,
-    shared_gate: DevMatrix,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -527,11 +450,6 @@ impl Drop for Blas {
     }
 }
 
-/// Prefill passes of at least this many tokens use dequantize + cuBLAS SGEMM for the non-expert
-/// matrices (dequantizing costs about 8 bytes of traffic per weight); fewer tokens go through the
-/// staged multi-token kernel, which reads the quantized weights once per 8 tokens.
-const BLAS_MIN_TOKENS: usize = 64;
-
 /// f32 scratch for dequantized weights (a matrix larger than this goes through in row blocks).
 const DEQ_FLOATS: usize = 64 << 20;
 
@@ -556,6 +474,8 @@ struct Workspace {
     dn_y: DevBuf,
     part: DevBuf,
     rlogits: DevBuf,
+    /// Decode prefetch: the next layer's router applied to this layer's post-attention state.
+    plogits: DevBuf,
     ids: DevBuf,
     wts: DevBuf,
     gu: DevBuf,
@@ -587,13 +507,11 @@ struct Workspace {
 const MAX_SPLITS: usize = 32;
 
 impl Workspace {
-    fn new(dev: &CudaDevice, m: &Model, cap: usize, deq_floats: usize) -> Result<Self> {
-        let c = &m.config;
+    fn new(dev: &CudaDevice, c: &ModelConfig, k: usize, cap: usize, deq_floats: usize) -> Result<Self> {
         let f = |n: usize| dev.alloc(n.max(1) * 4);
         let h = c.hidden_size;
         let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let hvdv = c.linear_value_heads * c.linear_value_dim;
-        let k = m.experts_per_token();
         let imax = c.moe_intermediate.max(c.shared_intermediate);
         Ok(Workspace {
             x: f(cap * h)?,
@@ -612,6 +530,7 @@ impl Workspace {
             dn_y: f(cap * hvdv)?,
             part: f(cap.max(MAX_SPLITS) * nh * (d + 2))?,
             rlogits: f(cap * c.num_experts)?,
+            plogits: f(c.num_experts)?,
             ids: f(cap * k)?,
             wts: f(cap * k)?,
             gu: f((k + 1) * 2 * imax)?,
@@ -661,6 +580,16 @@ impl GraphKey {
     }
 }
 
+impl BackendState for DevSeqState {
+    fn duplicate(&self) -> Self {
+        self.clone()
+    }
+    fn bytes(&self) -> usize {
+        DevSeqState::bytes(self)
+    }
+}
+
+/// Everything the passes share: the expert pool, the workspace, the recorded decode graph.
 struct Inner {
     pool: ExpertPool,
     ws: Workspace,
@@ -669,44 +598,71 @@ struct Inner {
     eager_steps: usize,
 }
 
-/// A model's weights and expert pool on one GPU, and the forward pass there.
-pub struct GpuModel {
+/// One GPU running the layer graph.
+pub struct CudaBackend {
     pub dev: Arc<CudaDevice>,
     gemv: GemvKernels,
     ops: ForwardKernels,
-    embed: DevMatrix,
-    final_norm: DevBuf,
-    lm_head: DevMatrix,
-    inv_freq: DevBuf,
-    layers: Vec<DevLayer>,
-    inner: Mutex<Inner>,
-    pub stats: GpuStats,
-    /// Bytes of resident (non-expert) weights on the GPU.
-    pub weight_bytes: u64,
-    /// Bytes of the expert pool and how many experts it holds.
-    pub pool_bytes: u64,
-    pub pool_slots: usize,
-    /// One expert's slot size (bytes moved per miss).
-    pub slot_bytes: usize,
-    prefill_chunk: usize,
-    /// Capture decode steps in CUDA graphs when every expert is resident (FLASHMOE_CUDA_GRAPHS=0
-    /// turns it off, for comparisons).
-    use_graphs: bool,
+    opts: DeviceOptions,
+    /// Routed experts per token the workspace holds (the loaded model's k).
+    max_k: usize,
+    max_context: usize,
     blas: Option<Blas>,
-    blas_min_tokens: usize,
+    /// Bytes of resident (non-expert) weights uploaded.
+    weight_bytes: AtomicU64,
+    /// Floats of the largest matrix block prefill dequantizes for cuBLAS.
+    largest_matrix: AtomicU64,
+    /// Set by `prepare`: the pool, the workspace, the graph.
+    inner: Option<Mutex<Inner>>,
+    stats: GpuStats,
+    total_experts: usize,
 }
 
-fn f32_buf(dev: &CudaDevice, v: &[f32]) -> Result<DevBuf> {
-    dev.upload_f32(v)
+/// One pass on the GPU: the workspace's activations, the pool, the sequence's GPU state.
+pub struct CudaPass<'p> {
+    spec: &'p PassSpec<'p>,
+    pool: &'p mut ExpertPool,
+    ws: &'p Workspace,
+    state: &'p mut DevSeqState,
+    t: usize,
+    /// Every expert is in the pool: the step never waits for the host.
+    resident: bool,
+    /// Where the logits go (0 when none are wanted).
+    logits: u64,
+    /// Decode prefetch launched for (layer, its store, the store's layer): read at the next
+    /// host synchronization.
+    prefetch: Option<(usize, Arc<ExpertStore>, usize)>,
+    /// Per-layer times when the hooks want them (marks synchronize the GPU).
+    times: Vec<LayerTimes>,
+    marked: Instant,
 }
 
-impl GpuModel {
-    /// Uploads `m`'s non-expert weights to GPU `opts.ordinal` and sets up the expert pool.
-    pub fn new(m: &Model, opts: &GpuOptions) -> Result<Self> {
-        let dev = Arc::new(CudaDevice::open(opts.ordinal)?);
+impl CudaBackend {
+    /// Opens GPU `ordinal` and compiles (or loads) the kernels. The pool and workspace are sized
+    /// in `prepare`, once the weights are on the GPU.
+    pub fn open(ordinal: usize, opts: &DeviceOptions, max_k: usize, max_context: usize) -> Result<Self> {
+        let dev = Arc::new(CudaDevice::open(ordinal)?);
         let gemv = GemvKernels::load(&dev)?;
         let ops = ForwardKernels::load(&dev)?;
-        let c = &m.config;
+        let prefill_chunk = opts.gpu.prefill_chunk.max(1);
+        let blas = if prefill_chunk >= opts.gpu.blas_min_tokens { Blas::new(&dev) } else { None };
+        Ok(CudaBackend {
+            dev,
+            gemv,
+            ops,
+            opts: opts.clone(),
+            max_k,
+            max_context,
+            blas,
+            weight_bytes: AtomicU64::new(0),
+            largest_matrix: AtomicU64::new(0),
+            inner: None,
+            stats: GpuStats::default(),
+            total_experts: 0,
+        })
+    }
+
+    fn check_geometry(&self, c: &ModelConfig) -> Result<()> {
         if !c.head_dim.is_multiple_of(32) || c.head_dim > 512 {
             return Err(CudaError(format!(
                 "GPU attention needs head_dim a multiple of 32 up to 512, got {}",
@@ -727,285 +683,21 @@ impl GpuModel {
         if c.hidden_size > 4096 * 256 {
             return Err(CudaError(format!("GPU norms take hidden sizes up to {}, got {}", 4096 * 256, c.hidden_size)));
         }
-        if c.num_experts > 1024 || m.experts_per_token() > 32 {
+        if c.num_experts > 1024 || self.max_k > 32 {
             return Err(CudaError(format!(
                 "GPU router takes up to 1024 experts and 32 per token, got {} / {}",
-                c.num_experts,
-                m.experts_per_token()
+                c.num_experts, self.max_k
             )));
         }
-        let w = &m.weights;
-        let mut layers = Vec::with_capacity(w.layers.len());
-        for lw in &w.layers {
-            let mixer = match &lw.mixer {
-                Mixer::Attention(a) => DevMixer::Attention {
-                    q: upload_linear(&dev, &a.q_proj)?,
-                    k: upload_linear(&dev, &a.k_proj)?,
-                    v: upload_linear(&dev, &a.v_proj)?,
-                    o: upload_linear(&dev, &a.o_proj)?,
-                    q_norm: f32_buf(&dev, &a.q_norm)?,
-                    k_norm: f32_buf(&dev, &a.k_norm)?,
-                },
-                Mixer::DeltaNet(d) => DevMixer::DeltaNet {
-                    qkv: upload_linear(&dev, &d.in_qkv)?,
-                    z: upload_linear(&dev, &d.in_z)?,
-                    b: upload_linear(&dev, &d.in_b)?,
-                    a: upload_linear(&dev, &d.in_a)?,
-                    out: upload_linear(&dev, &d.out_proj)?,
-                    conv: f32_buf(&dev, &d.conv)?,
-                    dt_bias: f32_buf(&dev, &d.dt_bias)?,
-                    neg_a: f32_buf(&dev, &d.neg_a)?,
-                    norm: f32_buf(&dev, &d.norm)?,
-                },
-            };
-            layers.push(DevLayer {
-                input_norm: f32_buf(&dev, &lw.input_norm)?,
-                post_norm: f32_buf(&dev, &lw.post_attention_norm)?,
-                mixer,
-                router: upload_linear(&dev, &lw.moe.router)?,
-                shared: DevExpert::upload(&dev, &lw.moe.shared)?,
-                shared_gate: upload_linear(&dev, &lw.moe.shared_gate)?,
-            });
-        }
-        let embed = upload_linear(&dev, &w.embed)?;
-        let lm_head = upload_linear(&dev, &w.lm_head)?;
-        let final_norm = f32_buf(&dev, &w.final_norm)?;
-        let inv_freq = f32_buf(&dev, &m.inv_freq)?;
-        dev.synchronize()?;
-
-        // Expert layouts: one per layer, from a real expert (every expert of a layer has the
-        // same shapes and formats).
-        let mut layouts = Vec::with_capacity(w.layers.len());
-        for (li, lw) in w.layers.iter().enumerate() {
-            let layout = match &lw.moe.experts {
-                ExpertSet::Resident(v) => {
-                    expert_layout(v.first().ok_or_else(|| CudaError::new("a layer has no experts"))?)?.0
-                }
-                ExpertSet::Streamed { store, layer } => {
-                    let bufs = store.fetch(*layer, &[0]).map_err(|e| CudaError(e.to_string()))?;
-                    let ew = store.expert_weights(*layer, bufs[0].clone()).map_err(|e| CudaError(e.to_string()))?;
-                    expert_layout(&ew)?.0
-                }
-            };
-            let _ = li;
-            layouts.push(layout);
-        }
-        let slot_bytes = layouts.iter().map(|l| l.bytes).max().unwrap_or(SLOT_ALIGN).next_multiple_of(SLOT_ALIGN);
-        let k = m.experts_per_token();
-        let prefill_chunk = opts.prefill_chunk.max(1);
-        let blas = if prefill_chunk >= opts.blas_min_tokens { Blas::new(&dev) } else { None };
-        let mut largest = lm_head.rows.min(DEQ_FLOATS / lm_head.cols.max(1)) * lm_head.cols;
-        for l in &layers {
-            let mats: Vec<&DevMatrix> = match &l.mixer {
-                DevMixer::Attention { q, k, v, o, .. } => vec![q, k, v, o],
-                DevMixer::DeltaNet { qkv, z, b, a, out, .. } => vec![qkv, z, b, a, out],
-            };
-            for d in mats.into_iter().chain([&l.shared.gate, &l.shared.up, &l.shared.down]) {
-                largest = largest.max(d.rows.min(DEQ_FLOATS / d.cols.max(1)) * d.cols);
-            }
-        }
-        let ws = Workspace::new(&dev, m, prefill_chunk, if blas.is_some() { largest } else { 0 })?;
-        let total_experts = c.num_layers * c.num_experts;
-        let staging_n = (k + 1).max(8);
-        let wanted = match opts.cache {
-            GpuCache::Bytes(b) => b as usize / slot_bytes,
-            GpuCache::Experts(n) => n,
-            GpuCache::Auto => {
-                let (free, _) =
-                    cudarc::driver::result::mem_get_info().map_err(|e| CudaError(format!("cuMemGetInfo: {e:?}")))?;
-                let kv_per_token =
-                    c.layer_kinds.iter().filter(|k| **k == crate::config::LayerKind::FullAttention).count()
-                        * 2
-                        * c.num_kv_heads
-                        * c.head_dim
-                        * 4;
-                let dn_state = c.layer_kinds.len()
-                    * (c.linear_value_heads * c.linear_key_dim * c.linear_value_dim + 4 * c.conv_dim())
-                    * 4;
-                let reserve =
-                    kv_per_token * opts.reserve_context.min(m.max_context()) + dn_state + (1 << 30) + free / 50;
-                free.saturating_sub(reserve) / slot_bytes
-            }
-        };
-        let nslots = wanted.min(total_experts);
-        if nslots < k + 1 {
-            return Err(CudaError(format!(
-                "the GPU expert cache holds {nslots} experts of {} MiB; a token needs at least {} (use --device cpu, or a larger --gpu-cache)",
-                slot_bytes >> 20,
-                k + 1
-            )));
-        }
-        let mem = dev.alloc(nslots * slot_bytes)?;
-        let mut staging = Vec::with_capacity(staging_n);
-        for _ in 0..staging_n {
-            staging.push(Staging {
-                buf: Pinned::new(slot_bytes)?,
-                done: dev.ctx.new_event(None).map_err(|e| CudaError(format!("cuEventCreate: {e:?}")))?,
-                in_flight: false,
-            });
-        }
-        let table = dev.alloc(c.num_layers * c.num_experts * 8)?;
-        table.fill_bytes(0)?;
-        let pool = ExpertPool {
-            mem,
-            table,
-            num_experts: c.num_experts,
-            slot_bytes,
-            nslots,
-            map: ExpertCache::with_policy((nslots * slot_bytes) as u64, opts.cache_policy),
-            free: (0..nslots).rev().collect(),
-            layouts,
-            staging,
-            next_staging: 0,
-            copy_stream: dev.ctx.new_stream().map_err(|e| CudaError(format!("cuStreamCreate: {e:?}")))?,
-            in_use: HashSet::new(),
-        };
-        let mut weight_bytes = (embed.bytes() + lm_head.bytes()) as u64;
-        for l in &layers {
-            weight_bytes += (l.router.bytes()
-                + l.shared_gate.bytes()
-                + l.shared.gate.bytes()
-                + l.shared.up.bytes()
-                + l.shared.down.bytes()) as u64;
-            weight_bytes += match &l.mixer {
-                DevMixer::Attention { q, k, v, o, .. } => q.bytes() + k.bytes() + v.bytes() + o.bytes(),
-                DevMixer::DeltaNet { qkv, z, b, a, out, .. } => {
-                    qkv.bytes() + z.bytes() + b.bytes() + a.bytes() + out.bytes()
-                }
-            } as u64;
-        }
-        Ok(GpuModel {
-            gemv,
-            ops,
-            embed,
-            final_norm,
-            lm_head,
-            inv_freq,
-            layers,
-            stats: GpuStats::default(),
-            weight_bytes,
-            pool_bytes: (nslots * slot_bytes) as u64,
-            pool_slots: nslots,
-            slot_bytes,
-            prefill_chunk,
-            inner: Mutex::new(Inner { pool, ws, graph: None, eager_steps: 0 }),
-            blas,
-            blas_min_tokens: opts.blas_min_tokens.max(2),
-            use_graphs: std::env::var("FLASHMOE_CUDA_GRAPHS").map_or(true, |v| v != "0"),
-            dev,
-        })
-    }
-
-    pub fn snapshot(&self) -> GpuSnapshot {
-        GpuSnapshot {
-            pool_hits: self.stats.pool_hits.load(Relaxed),
-            pool_misses: self.stats.pool_misses.load(Relaxed),
-            h2d_bytes: self.stats.h2d_bytes.load(Relaxed),
-            tokens: self.stats.tokens.load(Relaxed),
-        }
-    }
-
-    /// One line for the CLI: device, resident weights, expert pool.
-    pub fn describe(&self, m: &Model) -> String {
-        let total = m.config.num_layers * m.config.num_experts;
-        format!(
-            "{} | weights {} MiB | expert cache {} MiB = {} of {} experts ({:.0}%)",
-            self.dev.describe(),
-            self.weight_bytes >> 20,
-            self.pool_bytes >> 20,
-            self.pool_slots,
-            total,
-            100.0 * self.pool_slots as f64 / total.max(1) as f64
-        )
-    }
-
-    /// Loads experts into the pool in (layer, expert) order until it is full (benchmarks of the
-    /// all-resident case, or warming the cache).
-    pub fn preload(&self, m: &Model) -> crate::Result<usize> {
-        let mut inner = self.inner.lock().map_err(|_| CudaError::new("GPU model lock poisoned"))?;
-        let c = &m.config;
-        let mut n = 0;
-        'outer: for li in 0..c.num_layers {
-            let ids: Vec<usize> = (0..c.num_experts).collect();
-            for chunk in ids.chunks(32) {
-                if inner.pool.free.len() < chunk.len() {
-                    break 'outer;
-                }
-                self.load_missing(&mut inner.pool, m, li, chunk, &|_| true)?;
-                n += chunk.len();
-            }
-        }
-        self.dev.synchronize()?;
-        Ok(n)
-    }
-
-    /// Replaces layer `li`'s router on the GPU (benchmarks that re-draw routers per token).
-    pub fn set_router(&mut self, li: usize, router: &Linear) -> Result<()> {
-        self.layers[li].router = upload_linear(&self.dev, router)?;
         Ok(())
     }
 
-    /// Bytes a decode step at position `pos` must move with every expert resident: every
-    /// non-expert matrix except the embedding (one row of it), k routed experts per layer, the
-    /// delta-rule states and conv windows (read and written once), the KV cache (read).
-    pub fn decode_bytes_per_token(&self, m: &Model, pos: usize) -> f64 {
-        let c = &m.config;
-        let k = m.experts_per_token();
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let experts: usize =
-            inner.pool.layouts.iter().map(|l| l.mats.iter().map(|x| x.view(0).bytes()).sum::<usize>()).sum();
-        let embed_row = self.embed.bytes() / c.vocab_size.max(1);
-        let weights = self.weight_bytes as usize - self.embed.bytes() + embed_row;
-        let mut state = 0usize;
-        for kind in &c.layer_kinds {
-            state += match kind {
-                crate::config::LayerKind::FullAttention => 2 * (pos + 1) * c.num_kv_heads * c.head_dim * 4,
-                crate::config::LayerKind::LinearAttention => {
-                    2 * (c.linear_value_heads * c.linear_key_dim * c.linear_value_dim
-                        + c.conv_kernel.saturating_sub(1) * c.conv_dim())
-                        * 4
-                }
-            };
-        }
-        (weights + k * experts + state) as f64
-    }
-
-    /// Device-to-device copy bandwidth, read + write bytes per second (best of 5 copies of
-    /// 256 MiB).
-    pub fn measure_d2d_bandwidth(&self) -> Result<f64> {
-        let n = 256 << 20;
-        let (a, b) = (self.dev.alloc(n)?, self.dev.alloc(n)?);
-        a.fill_bytes(1)?;
-        let timer = self.dev.timer()?;
-        let mut best = f64::MAX;
-        for _ in 0..5 {
-            timer.start()?;
-            self.dev.copy_dtod(&a, &b, n)?;
-            timer.stop()?;
-            best = best.min(timer.ms()?);
-        }
-        Ok(2.0 * n as f64 / (best * 1e-3))
-    }
-
-    /// Pinned host-to-device bandwidth, bytes per second (best of 5 copies of 64 MiB).
-    pub fn measure_h2d_bandwidth(&self) -> Result<f64> {
-        let n = 64 << 20;
-        let mut host = Pinned::new(n)?;
-        host.as_mut_slice().fill(1);
-        let dst = self.dev.alloc(n)?;
-        let timer = self.dev.timer()?;
-        let mut best = f64::MAX;
-        for _ in 0..5 {
-            timer.start()?;
-            // SAFETY: pinned source and device destination of n bytes; synchronized by ms().
-            unsafe {
-                cudarc::driver::result::memcpy_htod_async(dst.ptr(), host.as_mut_slice(), self.dev.stream.cu_stream())
-            }
-            .map_err(|e| CudaError(format!("cuMemcpyHtoDAsync: {e:?}")))?;
-            timer.stop()?;
-            best = best.min(timer.ms()?);
-        }
-        Ok(n as f64 / (best * 1e-3))
+    fn inner(&self) -> Result<std::sync::MutexGuard<'_, Inner>> {
+        self.inner
+            .as_ref()
+            .ok_or_else(|| CudaError::new("the GPU backend was used before its weights were placed"))?
+            .lock()
+            .map_err(|_| CudaError::new("GPU model lock poisoned"))
     }
 
     fn gemv(&self, m: &DevMatrix, x: u64, y: u64) -> Result<()> {
@@ -1018,7 +710,7 @@ impl GpuModel {
         if t == 1 {
             return self.gemv(m, x, y);
         }
-        let Some(blas) = self.blas.as_ref().filter(|_| t >= self.blas_min_tokens) else {
+        let Some(blas) = self.blas.as_ref().filter(|_| t >= self.opts.gpu.blas_min_tokens.max(2)) else {
             return self.gemv.gemm(&self.dev, &m.view(), x, y, t);
         };
         use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
@@ -1080,75 +772,52 @@ impl GpuModel {
         }
     }
 
-    /// Runs `tokens` through the model on the GPU (the caller validated ids and context).
-    pub fn forward(
-        &self,
-        m: &Model,
-        tokens: &[u32],
-        state: &mut SequenceState,
-        want: LogitsFor,
-    ) -> crate::Result<Vec<f32>> {
-        let mut inner = self.inner.lock().map_err(|_| CudaError::new("GPU model lock poisoned"))?;
-        self.ensure_state(m, state)?;
-        let vocab = m.config.vocab_size;
-        let mut out = Vec::new();
-        let n = tokens.len();
-        let mut done = 0;
-        while done < n {
-            let t = (n - done).min(self.prefill_chunk);
-            let last_chunk = done + t == n;
-            let want_here = match want {
-                LogitsFor::All => LogitsFor::All,
-                LogitsFor::Last if last_chunk => LogitsFor::Last,
-                _ => LogitsFor::None,
-            };
-            let logits = self.forward_chunk(&mut inner, m, &tokens[done..done + t], state, want_here)?;
-            out.extend(logits);
-            done += t;
+    /// Device-to-device copy bandwidth, read + write bytes per second (best of 5 copies of
+    /// 256 MiB).
+    pub fn measure_d2d_bandwidth(&self) -> Result<f64> {
+        let n = 256 << 20;
+        let (a, b) = (self.dev.alloc(n)?, self.dev.alloc(n)?);
+        a.fill_bytes(1)?;
+        let timer = self.dev.timer()?;
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            timer.start()?;
+            self.dev.copy_dtod(&a, &b, n)?;
+            timer.stop()?;
+            best = best.min(timer.ms()?);
         }
-        debug_assert!(want != LogitsFor::Last || out.len() == vocab);
-        Ok(out)
+        Ok(2.0 * n as f64 / (best * 1e-3))
     }
 
-    /// Makes `state.dev` the authoritative GPU copy (uploading the host state when needed).
-    fn ensure_state(&self, m: &Model, state: &mut SequenceState) -> Result<()> {
-        if let Some(d) = &state.dev {
-            if let Some(why) = &d.broken {
-                return Err(CudaError(why.clone()));
+    /// Pinned host-to-device bandwidth, bytes per second (best of 5 copies of 64 MiB).
+    pub fn measure_h2d_bandwidth(&self) -> Result<f64> {
+        let n = 64 << 20;
+        let mut host = Pinned::new(n)?;
+        host.as_mut_slice().fill(1);
+        let dst = self.dev.alloc(n)?;
+        let timer = self.dev.timer()?;
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            timer.start()?;
+            // SAFETY: pinned source and device destination of n bytes; synchronized by ms().
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(dst.ptr(), host.as_mut_slice(), self.dev.stream.cu_stream())
             }
-            return Ok(());
+            .map_err(|e| CudaError(format!("cuMemcpyHtoDAsync: {e:?}")))?;
+            timer.stop()?;
+            best = best.min(timer.ms()?);
         }
-        let c = &m.config;
-        let mut layers = Vec::with_capacity(state.layers.len());
-        for ls in &state.layers {
-            layers.push(match ls {
-                LayerState::Attention { keys, values } => {
-                    let row = c.num_kv_heads * c.head_dim;
-                    let cap = (state.pos.max(1)).next_power_of_two().max(256).min(m.max_context().max(1));
-                    let cap = cap.max(state.pos);
-                    let mut k = self.dev.alloc(cap * row * 4)?;
-                    let mut v = self.dev.alloc(cap * row * 4)?;
-                    k.write(super::context::f32_bytes(&keys[..state.pos * row]))?;
-                    v.write(super::context::f32_bytes(&values[..state.pos * row]))?;
-                    DevLayerState::Attention { k, v, cap }
-                }
-                LayerState::DeltaNet { conv, recurrent } => {
-                    DevLayerState::DeltaNet { conv: self.dev.upload_f32(conv)?, rec: self.dev.upload_f32(recurrent)? }
-                }
-            });
-        }
-        state.dev = Some(DevSeqState { dev: self.dev.clone(), layers, broken: None });
-        Ok(())
+        Ok(n as f64 / (best * 1e-3))
     }
 
     /// Grows the attention caches to hold `need` positions (never inside a graph capture).
-    fn ensure_capacity(&self, m: &Model, d: &mut DevSeqState, pos0: usize, need: usize) -> Result<()> {
-        let row = m.config.num_kv_heads * m.config.head_dim * 4;
+    fn ensure_capacity(&self, c: &ModelConfig, d: &mut DevSeqState, pos0: usize, need: usize) -> Result<()> {
+        let row = c.num_kv_heads * c.head_dim * 4;
         for ls in d.layers.iter_mut() {
             if let DevLayerState::Attention { k: kc, v: vc, cap } = ls
                 && need > *cap
             {
-                let ncap = need.next_power_of_two().max(256).min(m.max_context().max(need));
+                let ncap = need.next_power_of_two().max(256).min(self.max_context.max(need));
                 let nk = self.dev.alloc(ncap * row)?;
                 let nv = self.dev.alloc(ncap * row)?;
                 if pos0 > 0 {
@@ -1163,250 +832,17 @@ impl GpuModel {
         Ok(())
     }
 
-    fn forward_chunk(
-        &self,
-        inner: &mut Inner,
-        m: &Model,
-        tokens: &[u32],
-        state: &mut SequenceState,
-        want: LogitsFor,
-    ) -> crate::Result<Vec<f32>> {
-        let c = &m.config;
-        let (t, v, k) = (tokens.len(), c.vocab_size, m.experts_per_token());
-        let pos0 = state.pos;
-        let dstate = state.dev.as_mut().expect("ensured by the caller");
-        self.ensure_capacity(m, dstate, pos0, pos0 + t)?;
-        let Inner { pool, ws, graph, eager_steps } = inner;
-        let ws = &*ws;
-        let head: Vec<u8> =
-            std::iter::once(pos0 as i32).chain(tokens.iter().map(|&x| x as i32)).flat_map(i32::to_le_bytes).collect();
-        ws.tok.copy_from_host(&head)?;
-        let resident = pool.all_resident();
-        let all_out = if want == LogitsFor::All { Some(self.dev.alloc(t * v * 4)?) } else { None };
-        let logits_ptr = match (&all_out, want) {
-            (Some(b), _) => b.ptr(),
-            (None, LogitsFor::Last) => ws.logits.ptr(),
-            _ => 0,
-        };
-        // Graphs bake in buffer addresses: not for `All`, whose output buffer is per call.
-        if t == 1 && resident && self.use_graphs && want != LogitsFor::All {
-            let key = GraphKey::of(dstate, want == LogitsFor::Last);
-            if graph.as_ref().is_some_and(|(k, _)| *k != key) {
-                *graph = None;
-                *eager_steps = 0;
-            }
-            if graph.is_none() && *eager_steps >= 1 {
-                let g = self.dev.capture(|| {
-                    self.enqueue(pool, ws, m, dstate, 1, pos0, want, logits_ptr, true)
-                        .map_err(|e| CudaError(e.to_string()))
-                })?;
-                *graph = Some((key, g));
-            }
-            match graph {
-                Some((_, g)) => g.launch()?,
-                None => {
-                    self.enqueue(pool, ws, m, dstate, 1, pos0, want, logits_ptr, true)?;
-                    *eager_steps += 1;
-                }
-            }
-        } else {
-            self.enqueue(pool, ws, m, dstate, t, pos0, want, logits_ptr, resident)?;
-        }
-        if resident && t == 1 {
-            self.stats.pool_hits.fetch_add((k * c.num_layers) as u64, Relaxed);
-            if m.routing_trace.is_some() {
-                let ids = ws.ids_all.read_i32_n(c.num_layers * k)?;
-                for li in 0..c.num_layers {
-                    Self::record_routing(m, li, pos0, &ids[li * k..(li + 1) * k]);
-                }
-            }
-        }
-        state.pos += t;
-        self.stats.tokens.fetch_add(t as u64, Relaxed);
-        Ok(match (want, all_out) {
-            (LogitsFor::None, _) => {
-                self.dev.synchronize()?;
-                Vec::new()
-            }
-            (LogitsFor::Last, _) => ws.logits.read_f32_n(v)?,
-            (LogitsFor::All, Some(out)) => out.read_f32_n(t * v)?,
-            (LogitsFor::All, None) => unreachable!("allocated above"),
-        })
-    }
-
-    /// Enqueues one pass of `t` tokens: embedding, every layer, and (per `want`) the final norm
-    /// and lm_head into `logits`. With `resident` (every expert on the GPU) and t = 1 it never
-    /// waits for the GPU, so it can be captured in a graph.
-    #[allow(clippy::too_many_arguments)]
-    fn enqueue(
-        &self,
-        pool: &mut ExpertPool,
-        ws: &Workspace,
-        m: &Model,
-        dstate: &mut DevSeqState,
-        t: usize,
-        pos0: usize,
-        want: LogitsFor,
-        logits: u64,
-        resident: bool,
-    ) -> crate::Result<()> {
-        let c = &m.config;
-        let h = c.hidden_size;
-        let dev = &*self.dev;
-        let eps = c.rms_norm_eps;
-        let (x, normed, mixed) = (ws.x.ptr(), ws.normed.ptr(), ws.mixed.ptr());
-        let pos_ptr = ws.tok.ptr();
-        let ids_ptr = ws.tok.ptr() + 4;
-        match self.embed.format {
-            DevFormat::Affine { bits, group_size } => {
-                let v = self.embed.view();
-                self.ops.embed_affine(dev, v.w, v.s, v.b, ids_ptr, x, t, h, bits, group_size)?
-            }
-            DevFormat::F32 => self.ops.embed_dense(dev, self.embed.w.ptr(), 0, ids_ptr, x, t, h)?,
-            DevFormat::Bf16 => self.ops.embed_dense(dev, self.embed.w.ptr(), 1, ids_ptr, x, t, h)?,
-        }
-        for (li, dl) in self.layers.iter().enumerate() {
-            // Decode: the previous layer's MoE combine already wrote this layer's normed input.
-            if t > 1 || li == 0 {
-                self.ops.rms_norm(dev, x, dl.input_norm.ptr(), normed, t, h, eps)?;
-            }
-            match (&dl.mixer, &mut dstate.layers[li]) {
-                (
-                    DevMixer::Attention { q, k, v, o, q_norm, k_norm },
-                    DevLayerState::Attention { k: kc, v: vc, cap },
-                ) => {
-                    let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
-                    if t == 1 {
-                        self.gemv_many(normed, &[(q, ws.proj.ptr()), (k, ws.k.ptr()), (v, ws.v.ptr())])?;
-                    } else {
-                        self.mm(ws, q, normed, ws.proj.ptr(), t)?;
-                        self.mm(ws, k, normed, ws.k.ptr(), t)?;
-                        self.mm(ws, v, normed, ws.v.ptr(), t)?;
-                    }
-                    let half = c.rotary_dims() / 2;
-                    self.ops.attn_prep(
-                        dev,
-                        ws.proj.ptr(),
-                        ws.k.ptr(),
-                        ws.v.ptr(),
-                        q_norm.ptr(),
-                        k_norm.ptr(),
-                        self.inv_freq.ptr(),
-                        ws.q.ptr(),
-                        ws.gate.ptr(),
-                        kc.ptr(),
-                        vc.ptr(),
-                        t,
-                        (nh, nkv, d, half),
-                        pos_ptr,
-                        eps,
-                    )?;
-                    // One token: split the key range by the cache capacity (fixed between cache
-                    // growths, so graphs stay valid); prefill rows have parallelism enough.
-                    let splits = if t == 1 { (*cap / 256).clamp(1, MAX_SPLITS) } else { 1 };
-                    self.ops.attention(
-                        dev,
-                        ws.q.ptr(),
-                        kc.ptr(),
-                        vc.ptr(),
-                        ws.part.ptr(),
-                        ws.gate.ptr(),
-                        ws.attn.ptr(),
-                        t,
-                        (nh, nkv, d),
-                        pos_ptr,
-                        splits,
-                    )?;
-                    self.mm(ws, o, ws.attn.ptr(), mixed, t)?;
-                }
-                (
-                    DevMixer::DeltaNet { qkv, z, b, a, out, conv, dt_bias, neg_a, norm },
-                    DevLayerState::DeltaNet { conv: cs, rec },
-                ) => {
-                    if t == 1 {
-                        let outs = [(qkv, ws.proj.ptr()), (z, ws.z.ptr()), (b, ws.b.ptr()), (a, ws.a.ptr())];
-                        self.gemv_many(normed, &outs)?;
-                    } else {
-                        self.mm(ws, qkv, normed, ws.proj.ptr(), t)?;
-                        self.mm(ws, z, normed, ws.z.ptr(), t)?;
-                        self.mm(ws, b, normed, ws.b.ptr(), t)?;
-                        self.mm(ws, a, normed, ws.a.ptr(), t)?;
-                    }
-                    self.ops.dn_conv(
-                        dev,
-                        ws.proj.ptr(),
-                        cs.ptr(),
-                        conv.ptr(),
-                        ws.conv_out.ptr(),
-                        t,
-                        c.conv_dim(),
-                        c.conv_kernel,
-                    )?;
-                    self.ops.dn_recurrent(
-                        dev,
-                        ws.conv_out.ptr(),
-                        ws.z.ptr(),
-                        ws.b.ptr(),
-                        ws.a.ptr(),
-                        neg_a.ptr(),
-                        dt_bias.ptr(),
-                        norm.ptr(),
-                        rec.ptr(),
-                        ws.dn_y.ptr(),
-                        t,
-                        (c.linear_key_heads, c.linear_value_heads, c.linear_key_dim, c.linear_value_dim),
-                        eps,
-                    )?;
-                    self.mm(ws, out, ws.dn_y.ptr(), mixed, t)?;
-                }
-                _ => return Err(CudaError::new("layer state does not match layer kind").into()),
-            }
-            if t == 1 {
-                self.ops.add_rms_norm_row(dev, x, mixed, dl.post_norm.ptr(), normed, h, eps, ws.red.ptr())?;
-            } else {
-                self.ops.add_rms_norm(dev, x, mixed, dl.post_norm.ptr(), normed, t, h, eps)?;
-            }
-            if t == 1 {
-                // The combine also applies the next norm: the next layer's input norm, or after
-                // the last layer the final norm (when logits are wanted).
-                let next = match self.layers.get(li + 1) {
-                    Some(n) => Some((n.input_norm.ptr(), normed)),
-                    None if want != LogitsFor::None => Some((self.final_norm.ptr(), normed)),
-                    None => None,
-                };
-                self.moe_decode(pool, ws, m, li, pos0, resident, next)?;
-            } else {
-                self.moe_prefill(pool, ws, m, li, t, pos0)?;
-            }
-        }
-        match want {
-            LogitsFor::None => {}
-            LogitsFor::Last => {
-                if t > 1 {
-                    let last = x + ((t - 1) * h * 4) as u64;
-                    self.ops.rms_norm(dev, last, self.final_norm.ptr(), normed, 1, h, eps)?;
-                }
-                self.gemv(&self.lm_head, normed, logits)?;
-            }
-            LogitsFor::All => {
-                self.ops.rms_norm(dev, x, self.final_norm.ptr(), normed, t, h, eps)?;
-                self.mm(ws, &self.lm_head, normed, logits, t)?;
-            }
-        }
-        Ok(())
-    }
-
     /// Reads experts `ids` of layer `li` from the host tier and copies each into a claimed pool
     /// slot (the compute stream waits for each copy) and the slot table. Returns their slots.
     fn load_missing(
         &self,
         pool: &mut ExpertPool,
-        m: &Model,
+        experts: &DevExperts,
         li: usize,
         ids: &[usize],
         protected: &dyn Fn(ExpertKey) -> bool,
     ) -> crate::Result<Vec<usize>> {
-        let layout = pool.layouts[li];
+        let layout = experts.layout;
         let place =
             |pool: &mut ExpertPool, e: usize, l: ExpertLayout, pieces: &[(usize, &[u8])]| -> crate::Result<usize> {
                 if l != layout {
@@ -1423,7 +859,7 @@ impl GpuModel {
                 Ok(slot)
             };
         let mut slots = Vec::with_capacity(ids.len());
-        match &m.weights.layers[li].moe.experts {
+        match &experts.host {
             ExpertSet::Resident(v) => {
                 for &e in ids {
                     let (l, pieces) = expert_layout(&v[e])?;
@@ -1442,13 +878,10 @@ impl GpuModel {
         Ok(slots)
     }
 
-    fn record_routing(m: &Model, li: usize, pos: usize, experts: &[i32]) {
-        if let Some(trace) = &m.routing_trace {
-            trace.lock().unwrap().push(RoutingRecord {
-                layer: li,
-                pos,
-                experts: experts.iter().map(|&x| x as u32).collect(),
-            });
+    fn record_routing(p: &CudaPass<'_>, li: usize, pos: usize, experts: &[i32]) {
+        if p.spec.hooks.wants_routing() {
+            let ids: Vec<u32> = experts.iter().map(|&x| x as u32).collect();
+            p.spec.hooks.routing(li, pos, &ids);
         }
     }
 
@@ -1512,18 +945,15 @@ impl GpuModel {
     #[allow(clippy::too_many_arguments)]
     fn moe_decode(
         &self,
-        pool: &mut ExpertPool,
-        ws: &Workspace,
-        m: &Model,
+        p: &mut CudaPass<'_>,
         li: usize,
-        pos: usize,
-        resident: bool,
+        dl: &MoeWeights<Device>,
         next_norm: Option<(u64, u64)>,
     ) -> crate::Result<()> {
-        let c = &m.config;
+        let c = p.spec.cfg;
+        let (ws, pos, resident) = (p.ws, p.spec.pos0, p.resident);
         let dev = &*self.dev;
-        let dl = &self.layers[li];
-        let (h, k, e) = (c.hidden_size, m.experts_per_token(), c.num_experts);
+        let (h, k, e) = (c.hidden_size, p.spec.experts_per_token, c.num_experts);
         let normed = ws.normed.ptr();
         let ids_ptr = ws.ids_all.ptr() + (li * k * 4) as u64;
         self.gemv_many(normed, &[(&dl.router, ws.rlogits.ptr()), (&dl.shared_gate, ws.sg.ptr())])?;
@@ -1531,10 +961,10 @@ impl GpuModel {
         let imax2 = 2 * c.moe_intermediate.max(c.shared_intermediate);
         let gu = |j: usize| ws.gu.ptr() + (j * imax2 * 4) as u64;
         let ys = |j: usize| ws.ys.ptr() + (j * h * 4) as u64;
-        let layout = pool.layouts[li];
+        let layout = dl.experts.layout;
         let [gl, ul, dm] = layout.mats;
         let sh = &dl.shared;
-        let table = pool.table.ptr() + (li * e * 8) as u64;
+        let table = p.pool.table.ptr() + (li * e * 8) as u64;
         let shared1 = [
             BatchItem { m: sh.gate.view(), x: normed, y: gu(k), swiglu: false },
             BatchItem { m: sh.up.view(), x: normed, y: gu(k) + (sh.gate.rows * 4) as u64, swiglu: false },
@@ -1545,8 +975,10 @@ impl GpuModel {
         if !resident {
             // The one host synchronization of the layer: which experts, and are they here?
             let ids = ws.ids_all.read_i32_n((li + 1) * k)?.split_off(li * k);
+            self.start_prefetch(p)?;
+            Self::record_routing(p, li, pos, &ids);
+            let pool = &mut *p.pool;
             pool.in_use.clear();
-            Self::record_routing(m, li, pos, &ids);
             if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= e) {
                 return Err(CudaError(format!("router produced expert id {bad} (non-finite activations?)")).into());
             }
@@ -1566,7 +998,11 @@ impl GpuModel {
                 let chosen: HashSet<u32> = ids.iter().map(|&x| x as u32).collect();
                 let protect = |key: ExpertKey| key.0 == li as u32 && chosen.contains(&key.1);
                 let miss_ids: Vec<usize> = misses.iter().map(|&j| ids[j] as usize).collect();
-                let slots = self.load_missing(pool, m, li, &miss_ids, &protect)?;
+                let t_io = Instant::now();
+                let slots = self.load_missing(pool, &dl.experts, li, &miss_ids, &protect)?;
+                if let Some(t) = p.times.get_mut(li) {
+                    t.io_wait += t_io.elapsed().as_secs_f64();
+                }
                 for (&j, &slot) in misses.iter().zip(&slots) {
                     pool.in_use.insert(slot);
                     let base = pool.base(slot);
@@ -1599,19 +1035,12 @@ impl GpuModel {
     /// three launches (gate, up, down) per group of experts that fits the GPU cache, and one
     /// deterministic combine.
     #[allow(clippy::too_many_arguments)]
-    fn moe_prefill(
-        &self,
-        pool: &mut ExpertPool,
-        ws: &Workspace,
-        m: &Model,
-        li: usize,
-        t: usize,
-        pos0: usize,
-    ) -> crate::Result<()> {
-        let c = &m.config;
+    fn moe_prefill(&self, p: &mut CudaPass<'_>, li: usize, dl: &MoeWeights<Device>) -> crate::Result<()> {
+        let c = p.spec.cfg;
+        let fetch_chunk = p.spec.fetch_chunk.max(1);
+        let (ws, t, pos0) = (p.ws, p.t, p.spec.pos0);
         let dev = &*self.dev;
-        let dl = &self.layers[li];
-        let (h, k, e) = (c.hidden_size, m.experts_per_token(), c.num_experts);
+        let (h, k, e) = (c.hidden_size, p.spec.experts_per_token, c.num_experts);
         let normed = ws.normed.ptr();
         self.mm(ws, &dl.router, normed, ws.rlogits.ptr(), t)?;
         self.ops.router_topk(dev, ws.rlogits.ptr(), e, k, c.norm_topk_prob, ws.ids.ptr(), ws.wts.ptr(), t)?;
@@ -1625,13 +1054,14 @@ impl GpuModel {
         self.ops.add_gated_rows(dev, ws.x.ptr(), ws.yd.ptr(), ws.sg.ptr(), h, t)?;
 
         let ids = ws.ids.read_i32_n(t * k)?;
-        pool.in_use.clear();
+        p.pool.in_use.clear();
         if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= e) {
             return Err(CudaError(format!("router produced expert id {bad} (non-finite activations?)")).into());
         }
         for ti in 0..t {
-            Self::record_routing(m, li, pos0 + ti, &ids[ti * k..(ti + 1) * k]);
+            Self::record_routing(p, li, pos0 + ti, &ids[ti * k..(ti + 1) * k]);
         }
+        let pool = &mut *p.pool;
         pool.map.set_clock(self.stats.tokens.load(Relaxed) as f64 + t as f64);
         // Pairs sorted by expert: pair p reads token xrow[p]; token t's j-th choice is pair_of[t·k+j].
         let mut per: Vec<Vec<usize>> = vec![Vec::new(); e];
@@ -1654,7 +1084,7 @@ impl GpuModel {
         let bytes = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         ws.xrow.copy_from_host(&bytes(&xrow))?;
         ws.pair_of.copy_from_host(&bytes(&pair_of))?;
-        let layout = pool.layouts[li];
+        let layout = dl.experts.layout;
         let [gl, ul, dm] = layout.mats;
         let inter = gl.rows;
         let table = pool.table.ptr() + (li * e * 8) as u64;
@@ -1675,8 +1105,8 @@ impl GpuModel {
             if !miss.is_empty() {
                 let members: HashSet<u32> = grp.iter().map(|&x| x as u32).collect();
                 let protect = |key: ExpertKey| key.0 == li as u32 && members.contains(&key.1);
-                for chunk in miss.chunks(32) {
-                    for slot in self.load_missing(pool, m, li, chunk, &protect)? {
+                for chunk in miss.chunks(fetch_chunk) {
+                    for slot in self.load_missing(pool, &dl.experts, li, chunk, &protect)? {
                         pool.in_use.insert(slot);
                     }
                 }
@@ -1704,5 +1134,519 @@ impl GpuModel {
         }
         self.ops.moe_prefill_combine(dev, ws.x.ptr(), ws.yd.ptr(), ws.pair_of.ptr(), ws.wts.ptr(), k, h, t)?;
         Ok(())
+    }
+
+    /// Reads the prefetch guess launched for the next layer (the GPU is idle up to here: the
+    /// caller just read the expert ids) and starts reading those experts into the RAM tier.
+    fn start_prefetch(&self, p: &mut CudaPass<'_>) -> Result<()> {
+        let Some((layer, store, store_layer)) = p.prefetch.take() else { return Ok(()) };
+        let logits = p.ws.plogits.read_f32_n(p.spec.cfg.num_experts)?;
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        idx.truncate(p.spec.experts_per_token);
+        store.prefetch(store_layer, &idx);
+        p.spec.hooks.prefetch_guess(layer, &idx);
+        Ok(())
+    }
+
+    /// Reports and clears the per-layer times of a pass.
+    fn report_times(spec: &PassSpec<'_>, times: &[LayerTimes]) {
+        for (li, t) in times.iter().enumerate() {
+            spec.hooks.layer_times(li, t);
+        }
+    }
+}
+
+/// Host tensors → GPU tensors (the non-expert weights are uploaded; routed experts get their
+/// slot layout, read from one real expert of the layer).
+struct Upload<'a>(&'a CudaBackend);
+
+impl Convert<Host, Device> for Upload<'_> {
+    fn mat(&self, m: &Linear) -> crate::Result<DevMatrix> {
+        let d = upload_linear(&self.0.dev, m)?;
+        self.0.weight_bytes.fetch_add(d.bytes() as u64, Relaxed);
+        let block = d.rows.min(DEQ_FLOATS / d.cols.max(1)) * d.cols;
+        self.0.largest_matrix.fetch_max(block as u64, Relaxed);
+        Ok(d)
+    }
+
+    fn vec(&self, v: &Vec<f32>) -> crate::Result<DevBuf> {
+        Ok(self.0.dev.upload_f32(v)?)
+    }
+
+    fn experts(&self, layer: usize, e: &ExpertSet) -> crate::Result<DevExperts> {
+        // Every expert of a layer has the same shapes and formats: expert 0 gives the layout.
+        let layout = match e {
+            ExpertSet::Resident(v) => {
+                expert_layout(v.first().ok_or_else(|| CudaError(format!("layer {layer} has no experts")))?)?.0
+            }
+            ExpertSet::Streamed { store, layer: sl } => {
+                let bufs = store.fetch(*sl, &[0])?;
+                let buf = bufs.into_iter().next().ok_or_else(|| CudaError::new("expert fetch returned nothing"))?;
+                expert_layout(&store.expert_weights(*sl, buf)?)?.0
+            }
+        };
+        Ok(DevExperts { host: e.clone(), layout })
+    }
+}
+
+impl Backend for CudaBackend {
+    type T = Device;
+    type State = DevSeqState;
+    type Pass<'p> = CudaPass<'p>;
+
+    fn describe(&self) -> String {
+        self.dev.describe()
+    }
+
+    fn upload(&self) -> impl Convert<Host, Device> + '_ {
+        Upload(self)
+    }
+
+    fn prepare(&mut self, c: &ModelConfig, experts: &[&DevExperts]) -> crate::Result<()> {
+        self.check_geometry(c)?;
+        self.dev.synchronize()?;
+        let layouts: Vec<ExpertLayout> = experts.iter().map(|e| e.layout).collect();
+        let slot_bytes = layouts.iter().map(|l| l.bytes).max().unwrap_or(SLOT_ALIGN).next_multiple_of(SLOT_ALIGN);
+        let k = self.max_k;
+        let prefill_chunk = self.opts.gpu.prefill_chunk.max(1);
+        // The largest block of dequantized rows a prefill GEMM needs (the scratch for cuBLAS).
+        let deq = if self.blas.is_some() { self.largest_matrix.load(Relaxed) as usize } else { 0 };
+        let ws = Workspace::new(&self.dev, c, k, prefill_chunk, deq)?;
+        let total_experts = c.num_layers * c.num_experts;
+        let staging_n = (k + 1).max(8);
+        let wanted = match self.opts.gpu_cache {
+            GpuCache::Bytes(b) => b as usize / slot_bytes,
+            GpuCache::Experts(n) => n,
+            GpuCache::Auto => {
+                let (free, _) =
+                    cudarc::driver::result::mem_get_info().map_err(|e| CudaError(format!("cuMemGetInfo: {e:?}")))?;
+                let kv_per_token = c.layer_kinds.iter().filter(|k| **k == LayerKind::FullAttention).count()
+                    * 2
+                    * c.num_kv_heads
+                    * c.head_dim
+                    * 4;
+                let dn_state = c.layer_kinds.len()
+                    * (c.linear_value_heads * c.linear_key_dim * c.linear_value_dim + 4 * c.conv_dim())
+                    * 4;
+                let reserve = kv_per_token * self.opts.gpu.reserve_context.min(self.max_context)
+                    + dn_state
+                    + (1 << 30)
+                    + free / 50;
+                free.saturating_sub(reserve) / slot_bytes
+            }
+        };
+        let nslots = wanted.min(total_experts);
+        if nslots < k + 1 {
+            return Err(CudaError(format!(
+                "the GPU expert cache holds {nslots} experts of {} MiB; a token needs at least {} (use --device cpu, or a larger --gpu-cache)",
+                slot_bytes >> 20,
+                k + 1
+            ))
+            .into());
+        }
+        let mem = self.dev.alloc(nslots * slot_bytes)?;
+        let mut staging = Vec::with_capacity(staging_n);
+        for _ in 0..staging_n {
+            staging.push(Staging {
+                buf: Pinned::new(slot_bytes)?,
+                done: self.dev.ctx.new_event(None).map_err(|e| CudaError(format!("cuEventCreate: {e:?}")))?,
+                in_flight: false,
+            });
+        }
+        let table = self.dev.alloc(c.num_layers * c.num_experts * 8)?;
+        table.fill_bytes(0)?;
+        let pool = ExpertPool {
+            mem,
+            table,
+            num_experts: c.num_experts,
+            slot_bytes,
+            nslots,
+            map: ExpertCache::with_policy((nslots * slot_bytes) as u64, CachePolicy::LfuAging { half_life: 32.0 }),
+            free: (0..nslots).rev().collect(),
+            layouts,
+            staging,
+            next_staging: 0,
+            copy_stream: self.dev.ctx.new_stream().map_err(|e| CudaError(format!("cuStreamCreate: {e:?}")))?,
+            in_use: HashSet::new(),
+        };
+        self.total_experts = total_experts;
+        self.inner = Some(Mutex::new(Inner { pool, ws, graph: None, eager_steps: 0 }));
+        Ok(())
+    }
+
+    fn new_state(&self, c: &ModelConfig) -> crate::Result<DevSeqState> {
+        let row = c.num_kv_heads * c.head_dim * 4;
+        let mut layers = Vec::with_capacity(c.layer_kinds.len());
+        for kind in &c.layer_kinds {
+            layers.push(match kind {
+                LayerKind::FullAttention => {
+                    let cap = 256usize.min(self.max_context.max(1));
+                    DevLayerState::Attention { k: self.dev.alloc(cap * row)?, v: self.dev.alloc(cap * row)?, cap }
+                }
+                LayerKind::LinearAttention => {
+                    let conv = self.dev.alloc(c.conv_kernel.saturating_sub(1) * c.conv_dim() * 4)?;
+                    let rec = self.dev.alloc(c.linear_value_heads * c.linear_key_dim * c.linear_value_dim * 4)?;
+                    conv.fill_bytes(0)?;
+                    rec.fill_bytes(0)?;
+                    DevLayerState::DeltaNet { conv, rec }
+                }
+            });
+        }
+        Ok(DevSeqState { dev: self.dev.clone(), layers, broken: None })
+    }
+
+    fn run(
+        &self,
+        spec: &PassSpec<'_>,
+        state: &mut DevSeqState,
+        graph: &mut dyn for<'p> FnMut(&mut CudaPass<'p>) -> crate::Result<()>,
+    ) -> crate::Result<Vec<f32>> {
+        if let Some(why) = &state.broken {
+            return Err(CudaError(why.clone()).into());
+        }
+        let c = spec.cfg;
+        let k = spec.experts_per_token;
+        if k > self.max_k {
+            return Err(CudaError(format!(
+                "{k} experts per token: the GPU workspace was sized for {} (set it before load)",
+                self.max_k
+            ))
+            .into());
+        }
+        let mut inner = self.inner()?;
+        let Inner { pool, ws, graph: recorded, eager_steps } = &mut *inner;
+        let ws = &*ws;
+        let (n, v) = (spec.tokens.len(), c.vocab_size);
+        let timing = spec.hooks.wants_timing();
+        let mut out = Vec::new();
+        let mut times = if timing { vec![LayerTimes::default(); c.num_layers] } else { Vec::new() };
+        let mut done = 0;
+        // Passes of at most `prefill_chunk` tokens (the workspace's size).
+        while done < n {
+            let t = (n - done).min(self.opts.gpu.prefill_chunk.max(1));
+            let last_chunk = done + t == n;
+            let want = match spec.want {
+                LogitsFor::All => LogitsFor::All,
+                LogitsFor::Last if last_chunk => LogitsFor::Last,
+                _ => LogitsFor::None,
+            };
+            let sub = PassSpec { tokens: &spec.tokens[done..done + t], pos0: spec.pos0 + done, want, ..*spec };
+            let pos0 = sub.pos0;
+            self.ensure_capacity(c, state, pos0, pos0 + t)?;
+            let head: Vec<u8> = std::iter::once(pos0 as i32)
+                .chain(sub.tokens.iter().map(|&x| x as i32))
+                .flat_map(i32::to_le_bytes)
+                .collect();
+            ws.tok.copy_from_host(&head)?;
+            let resident = pool.all_resident();
+            let all_out = if want == LogitsFor::All { Some(self.dev.alloc(t * v * 4)?) } else { None };
+            let logits = match (&all_out, want) {
+                (Some(b), _) => b.ptr(),
+                (None, LogitsFor::Last) => ws.logits.ptr(),
+                _ => 0,
+            };
+            let mut pass = |pool: &mut ExpertPool, state: &mut DevSeqState, times: &mut Vec<LayerTimes>| {
+                let mut p = CudaPass {
+                    spec: &sub,
+                    pool,
+                    ws,
+                    state,
+                    t,
+                    resident,
+                    logits,
+                    prefetch: None,
+                    times: std::mem::take(times),
+                    marked: Instant::now(),
+                };
+                let r = graph(&mut p);
+                *times = p.times;
+                r
+            };
+            // Graphs bake in buffer addresses: not for `All`, whose output buffer is per call;
+            // not when timing (marks synchronize).
+            if t == 1 && resident && self.opts.gpu.graphs && want != LogitsFor::All && !timing {
+                let key = GraphKey::of(state, want == LogitsFor::Last);
+                if recorded.as_ref().is_some_and(|(k, _)| *k != key) {
+                    *recorded = None;
+                    *eager_steps = 0;
+                }
+                if recorded.is_none() && *eager_steps >= 1 {
+                    let g = self
+                        .dev
+                        .capture(|| pass(&mut *pool, &mut *state, &mut times).map_err(|e| CudaError(e.to_string())))?;
+                    *recorded = Some((key, g));
+                }
+                match recorded {
+                    Some((_, g)) => g.launch()?,
+                    None => {
+                        pass(&mut *pool, &mut *state, &mut times)?;
+                        *eager_steps += 1;
+                    }
+                }
+            } else {
+                pass(&mut *pool, &mut *state, &mut times)?;
+            }
+            if resident && t == 1 {
+                self.stats.pool_hits.fetch_add((k * c.num_layers) as u64, Relaxed);
+                if spec.hooks.wants_routing() {
+                    let ids = ws.ids_all.read_i32_n(c.num_layers * k)?;
+                    for li in 0..c.num_layers {
+                        let layer: Vec<u32> = ids[li * k..(li + 1) * k].iter().map(|&x| x as u32).collect();
+                        spec.hooks.routing(li, pos0, &layer);
+                    }
+                }
+            }
+            self.stats.tokens.fetch_add(t as u64, Relaxed);
+            match (want, all_out) {
+                (LogitsFor::None, _) => self.dev.synchronize()?,
+                (LogitsFor::Last, _) => out = ws.logits.read_f32_n(v)?,
+                (LogitsFor::All, Some(b)) => out.extend(b.read_f32_n(t * v)?),
+                (LogitsFor::All, None) => unreachable!("allocated above"),
+            }
+            done += t;
+        }
+        Self::report_times(spec, &times);
+        Ok(out)
+    }
+
+    fn embed(&self, p: &mut CudaPass<'_>, table: &DevMatrix) -> crate::Result<()> {
+        let (dev, ws, t, h) = (&*self.dev, p.ws, p.t, p.spec.cfg.hidden_size);
+        let (ids_ptr, x) = (ws.tok.ptr() + 4, ws.x.ptr());
+        match table.format {
+            DevFormat::Affine { bits, group_size } => {
+                let v = table.view();
+                self.ops.embed_affine(dev, v.w, v.s, v.b, ids_ptr, x, t, h, bits, group_size)?
+            }
+            DevFormat::F32 => self.ops.embed_dense(dev, table.w.ptr(), 0, ids_ptr, x, t, h)?,
+            DevFormat::Bf16 => self.ops.embed_dense(dev, table.w.ptr(), 1, ids_ptr, x, t, h)?,
+        }
+        Ok(())
+    }
+
+    fn rms_norm(&self, p: &mut CudaPass<'_>, w: &DevBuf) -> crate::Result<()> {
+        let c = p.spec.cfg;
+        self.ops.rms_norm(&self.dev, p.ws.x.ptr(), w.ptr(), p.ws.normed.ptr(), p.t, c.hidden_size, c.rms_norm_eps)?;
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        p: &mut CudaPass<'_>,
+        layer: usize,
+        w: &AttentionWeights<Device>,
+        inv_freq: &DevBuf,
+    ) -> crate::Result<()> {
+        let (c, ws, t, dev) = (p.spec.cfg, p.ws, p.t, &*self.dev);
+        let DevLayerState::Attention { k: kc, v: vc, cap } = &p.state.layers[layer] else {
+            return Err(CudaError::new("layer state does not match layer kind").into());
+        };
+        let normed = ws.normed.ptr();
+        let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        if t == 1 {
+            self.gemv_many(normed, &[(&w.q_proj, ws.proj.ptr()), (&w.k_proj, ws.k.ptr()), (&w.v_proj, ws.v.ptr())])?;
+        } else {
+            self.mm(ws, &w.q_proj, normed, ws.proj.ptr(), t)?;
+            self.mm(ws, &w.k_proj, normed, ws.k.ptr(), t)?;
+            self.mm(ws, &w.v_proj, normed, ws.v.ptr(), t)?;
+        }
+        let half = c.rotary_dims() / 2;
+        let pos_ptr = ws.tok.ptr();
+        self.ops.attn_prep(
+            dev,
+            ws.proj.ptr(),
+            ws.k.ptr(),
+            ws.v.ptr(),
+            w.q_norm.ptr(),
+            w.k_norm.ptr(),
+            inv_freq.ptr(),
+            ws.q.ptr(),
+            ws.gate.ptr(),
+            kc.ptr(),
+            vc.ptr(),
+            t,
+            (nh, nkv, d, half),
+            pos_ptr,
+            c.rms_norm_eps,
+        )?;
+        // One token: split the key range by the cache capacity (fixed between cache growths, so
+        // graphs stay valid); prefill rows have parallelism enough.
+        let splits = if t == 1 { (*cap / 256).clamp(1, MAX_SPLITS) } else { 1 };
+        self.ops.attention(
+            dev,
+            ws.q.ptr(),
+            kc.ptr(),
+            vc.ptr(),
+            ws.part.ptr(),
+            ws.gate.ptr(),
+            ws.attn.ptr(),
+            t,
+            (nh, nkv, d),
+            pos_ptr,
+            splits,
+        )?;
+        self.mm(ws, &w.o_proj, ws.attn.ptr(), ws.mixed.ptr(), t)?;
+        Ok(())
+    }
+
+    fn delta_net(&self, p: &mut CudaPass<'_>, layer: usize, w: &DeltaNetWeights<Device>) -> crate::Result<()> {
+        let (c, ws, t, dev) = (p.spec.cfg, p.ws, p.t, &*self.dev);
+        let DevLayerState::DeltaNet { conv: cs, rec } = &p.state.layers[layer] else {
+            return Err(CudaError::new("layer state does not match layer kind").into());
+        };
+        let normed = ws.normed.ptr();
+        if t == 1 {
+            let outs =
+                [(&w.in_qkv, ws.proj.ptr()), (&w.in_z, ws.z.ptr()), (&w.in_b, ws.b.ptr()), (&w.in_a, ws.a.ptr())];
+            self.gemv_many(normed, &outs)?;
+        } else {
+            self.mm(ws, &w.in_qkv, normed, ws.proj.ptr(), t)?;
+            self.mm(ws, &w.in_z, normed, ws.z.ptr(), t)?;
+            self.mm(ws, &w.in_b, normed, ws.b.ptr(), t)?;
+            self.mm(ws, &w.in_a, normed, ws.a.ptr(), t)?;
+        }
+        self.ops.dn_conv(
+            dev,
+            ws.proj.ptr(),
+            cs.ptr(),
+            w.conv.ptr(),
+            ws.conv_out.ptr(),
+            t,
+            c.conv_dim(),
+            c.conv_kernel,
+        )?;
+        self.ops.dn_recurrent(
+            dev,
+            ws.conv_out.ptr(),
+            ws.z.ptr(),
+            ws.b.ptr(),
+            ws.a.ptr(),
+            w.neg_a.ptr(),
+            w.dt_bias.ptr(),
+            w.norm.ptr(),
+            rec.ptr(),
+            ws.dn_y.ptr(),
+            t,
+            (c.linear_key_heads, c.linear_value_heads, c.linear_key_dim, c.linear_value_dim),
+            c.rms_norm_eps,
+        )?;
+        self.mm(ws, &w.out_proj, ws.dn_y.ptr(), ws.mixed.ptr(), t)?;
+        Ok(())
+    }
+
+    fn add_rms_norm(&self, p: &mut CudaPass<'_>, w: &DevBuf) -> crate::Result<()> {
+        let (c, ws, t, dev) = (p.spec.cfg, p.ws, p.t, &*self.dev);
+        let (x, mixed, normed, h, eps) = (ws.x.ptr(), ws.mixed.ptr(), ws.normed.ptr(), c.hidden_size, c.rms_norm_eps);
+        if t == 1 {
+            self.ops.add_rms_norm_row(dev, x, mixed, w.ptr(), normed, h, eps, ws.red.ptr())?;
+        } else {
+            self.ops.add_rms_norm(dev, x, mixed, w.ptr(), normed, t, h, eps)?;
+        }
+        Ok(())
+    }
+
+    fn prefetch(&self, p: &mut CudaPass<'_>, layer: usize, w: &MoeWeights<Device>) -> crate::Result<()> {
+        // Only a step that waits for the host anyway can act on a guess.
+        let ExpertSet::Streamed { store, layer: sl } = &w.experts.host else { return Ok(()) };
+        if p.resident || p.t != 1 {
+            return Ok(());
+        }
+        self.gemv(&w.router, p.ws.normed.ptr(), p.ws.plogits.ptr())?;
+        p.prefetch = Some((layer, store.clone(), *sl));
+        Ok(())
+    }
+
+    fn moe(
+        &self,
+        p: &mut CudaPass<'_>,
+        layer: usize,
+        w: &MoeWeights<Device>,
+        next_norm: Option<&DevBuf>,
+    ) -> crate::Result<()> {
+        if p.t == 1 {
+            let next = next_norm.map(|n| (n.ptr(), p.ws.normed.ptr()));
+            return self.moe_decode(p, layer, w, next);
+        }
+        self.moe_prefill(p, layer, w)?;
+        if let Some(n) = next_norm {
+            self.rms_norm(p, n)?;
+        }
+        Ok(())
+    }
+
+    fn logits(&self, p: &mut CudaPass<'_>, lm_head: &DevMatrix) -> crate::Result<()> {
+        let (ws, t, h) = (p.ws, p.t, p.spec.cfg.hidden_size);
+        match p.spec.want {
+            LogitsFor::None => {}
+            LogitsFor::Last => self.gemv(lm_head, ws.normed.ptr() + ((t - 1) * h * 4) as u64, p.logits)?,
+            LogitsFor::All => self.mm(ws, lm_head, ws.normed.ptr(), p.logits, t)?,
+        }
+        Ok(())
+    }
+
+    fn mark(&self, p: &mut CudaPass<'_>, layer: usize, phase: Phase) {
+        // Timing synchronizes at every mark, so each phase's GPU time is attributed to it (it
+        // costs the overlap between phases; `--timing` says so).
+        let _ = self.dev.synchronize();
+        let now = Instant::now();
+        let secs = now.duration_since(p.marked).as_secs_f64();
+        p.marked = now;
+        let Some(t) = p.times.get_mut(layer) else { return };
+        match phase {
+            Phase::LayerStart => {}
+            Phase::Mixed => t.mixer += secs,
+            // The MoE op measured its own waits for copies; the rest of the phase is compute.
+            Phase::LayerEnd => t.experts += (secs - t.io_wait).max(0.0),
+        }
+    }
+
+    fn tier(&self) -> Option<TierInfo> {
+        let inner = self.inner.as_ref()?.lock().unwrap_or_else(|p| p.into_inner());
+        let (slots, slot_bytes) = (inner.pool.nslots, inner.pool.slot_bytes);
+        let total = self.total_experts;
+        let description = format!(
+            "{} | weights {} MiB | expert cache {} MiB = {} of {} experts ({:.0}%)",
+            self.dev.describe(),
+            self.weight_bytes.load(Relaxed) >> 20,
+            (slots * slot_bytes) >> 20,
+            slots,
+            total,
+            100.0 * slots as f64 / total.max(1) as f64
+        );
+        Some(TierInfo {
+            description,
+            device: self.dev.describe(),
+            slots,
+            slot_bytes,
+            total_experts: total,
+            counters: TierCounters {
+                hits: self.stats.pool_hits.load(Relaxed),
+                misses: self.stats.pool_misses.load(Relaxed),
+                h2d_bytes: self.stats.h2d_bytes.load(Relaxed),
+                tokens: self.stats.tokens.load(Relaxed),
+            },
+        })
+    }
+
+    fn preload_experts(&self, experts: &[&DevExperts], fetch_chunk: usize) -> crate::Result<usize> {
+        let mut inner = self.inner()?;
+        let mut n = 0;
+        'outer: for (li, set) in experts.iter().enumerate() {
+            let num = inner.pool.num_experts;
+            let ids: Vec<usize> = (0..num).collect();
+            for chunk in ids.chunks(fetch_chunk.max(1)) {
+                if inner.pool.free.len() < chunk.len() {
+                    break 'outer;
+                }
+                self.load_missing(&mut inner.pool, set, li, chunk, &|_| true)?;
+                n += chunk.len();
+            }
+        }
+        self.dev.synchronize()?;
+        Ok(n)
+    }
+
+    fn measure_bandwidths(&self) -> crate::Result<Option<Bandwidths>> {
+        Ok(Some(Bandwidths { d2d: self.measure_d2d_bandwidth()?, h2d: self.measure_h2d_bandwidth()? }))
     }
 }

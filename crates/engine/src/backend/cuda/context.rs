@@ -273,7 +273,7 @@ impl Timer {
 
 /// Where compiled kernels are cached.
 pub fn cache_dir() -> PathBuf {
-    crate::builtin::cache_root().join("cuda")
+    crate::paths::cache_root().join("cuda")
 }
 
 fn nvrtc_version() -> Result<(i32, i32)> {

@@ -9,18 +9,27 @@
 //!   a token's experts in one launch) and the multi-token GEMM of prefill.
 //! - `ops`: launchers of the other forward kernels (norms, RoPE, attention, GatedDeltaNet,
 //!   router top-k, MoE glue, embedding).
-//! - [`model`]: the forward pass on the GPU, its sequence state and the GPU expert pool.
+//! - [`backend`]: [`CudaBackend`], the layer-graph ops on the GPU, its sequence state and the GPU
+//!   expert pool.
 
+pub mod backend;
 pub mod context;
 pub mod gemv;
 mod kernels;
-pub mod model;
 mod ops;
 
+pub use backend::{CudaBackend, CudaPass, DevExperts, DevSeqState, Device};
 pub use context::{CudaDevice, CudaError, DevBuf, Graph, Result, Timer};
 pub use gemv::{AffineVariant, BatchItem, DevFormat, DevMatrix, GemvKernels, MatView};
 
 use cudarc::driver::CudaContext;
+
+/// CUDA errors reach the engine's error type whole (kept as its source).
+impl From<CudaError> for crate::error::Error {
+    fn from(e: CudaError) -> Self {
+        crate::error::Error::Backend(Box::new(e))
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct GpuInfo {

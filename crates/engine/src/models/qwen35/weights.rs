@@ -5,7 +5,8 @@
 
 use crate::config::{LayerKind, ModelConfig};
 use crate::error::{Error, Result};
-use crate::experts::ExpertStore;
+use crate::experts::{ExpertSet, ExpertStore, ExpertWeights};
+use crate::layers::{AttentionWeights, Convert, DeltaNetWeights, Host, MlpWeights, MoeWeights, Tensors};
 use crate::weights::{Linear, RawTensor, TensorStore};
 use std::sync::Arc;
 
@@ -19,95 +20,55 @@ pub enum SourceFormat {
     Packed,
 }
 
-pub struct AttentionWeights {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub o_proj: Linear,
-    /// Effective multipliers (1+w already applied for HF sources).
-    pub q_norm: Vec<f32>,
-    pub k_norm: Vec<f32>,
+/// A layer's token mixer.
+pub enum Mixer<T: Tensors = Host> {
+    Attention(AttentionWeights<T>),
+    DeltaNet(DeltaNetWeights<T>),
 }
 
-pub struct DeltaNetWeights {
-    /// Output [q (key_dim); k (key_dim); v (value_dim)], the conv channel order.
-    pub in_qkv: Linear,
-    pub in_z: Linear,
-    pub in_b: Linear,
-    pub in_a: Linear,
-    pub out_proj: Linear,
-    /// Depthwise kernel, [conv_dim, Kc] flat; tap Kc-1 multiplies the current token.
-    pub conv: Vec<f32>,
-    pub dt_bias: Vec<f32>,
-    pub a_log: Vec<f32>,
-    /// −exp(A_log), precomputed in f32 as HF does.
-    pub neg_a: Vec<f32>,
-    /// Gated-norm weight (plain, never zero-centred).
-    pub norm: Vec<f32>,
+pub struct LayerWeights<T: Tensors = Host> {
+    pub input_norm: T::Vec,
+    pub post_attention_norm: T::Vec,
+    pub mixer: Mixer<T>,
+    pub moe: MoeWeights<T>,
 }
 
-pub enum Mixer {
-    Attention(AttentionWeights),
-    DeltaNet(DeltaNetWeights),
-}
-
-pub struct ExpertWeights {
-    pub gate: Linear,
-    pub up: Linear,
-    pub down: Linear,
-}
-
-impl ExpertWeights {
-    pub fn bytes(&self) -> usize {
-        self.gate.bytes() + self.up.bytes() + self.down.bytes()
-    }
-}
-
-/// Where a layer's routed experts come from.
-pub enum ExpertSet {
-    /// Views into mapped checkpoint files (HF/MLX folders, or packed files mapped whole).
-    Resident(Vec<ExpertWeights>),
-    /// Fetched per token from the expert store (packed models).
-    Streamed { store: Arc<ExpertStore>, layer: usize },
-}
-
-impl ExpertSet {
-    pub fn bytes(&self) -> usize {
-        match self {
-            ExpertSet::Resident(v) => v.iter().map(ExpertWeights::bytes).sum(),
-            ExpertSet::Streamed { store, layer } => store.layer_bytes(*layer) as usize,
-        }
-    }
-
-    /// The resident experts (None when streamed).
-    pub fn resident(&self) -> Option<&[ExpertWeights]> {
-        match self {
-            ExpertSet::Resident(v) => Some(v),
-            ExpertSet::Streamed { .. } => None,
-        }
-    }
-}
-
-pub struct MoeWeights {
-    pub router: Linear,
-    pub experts: ExpertSet,
-    pub shared: ExpertWeights,
-    pub shared_gate: Linear,
-}
-
-pub struct LayerWeights {
-    pub input_norm: Vec<f32>,
-    pub post_attention_norm: Vec<f32>,
-    pub mixer: Mixer,
-    pub moe: MoeWeights,
-}
-
-pub struct ModelWeights {
+/// The whole weight tree, generic over where its tensors live: [`Host`] as loaded from a
+/// checkpoint, or a backend's device tensors after [`ModelWeights::map`].
+pub struct ModelWeights<T: Tensors = Host> {
     pub format: SourceFormat,
-    pub embed: Linear,
-    pub layers: Vec<LayerWeights>,
-    pub final_norm: Vec<f32>,
-    pub lm_head: Linear,
+    pub embed: T::Mat,
+    pub layers: Vec<LayerWeights<T>>,
+    pub final_norm: T::Vec,
+    pub lm_head: T::Mat,
+    /// RoPE inverse frequencies, 1 / theta^(2i/rot) in f32 as HF computes them.
+    pub inv_freq: T::Vec,
+}
+
+impl<From: Tensors> ModelWeights<From> {
+    /// The same tree with every tensor converted (a backend's upload).
+    pub fn map<To: Tensors>(&self, c: &impl Convert<From, To>) -> Result<ModelWeights<To>> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (i, l) in self.layers.iter().enumerate() {
+            layers.push(LayerWeights {
+                input_norm: c.vec(&l.input_norm)?,
+                post_attention_norm: c.vec(&l.post_attention_norm)?,
+                mixer: match &l.mixer {
+                    Mixer::Attention(a) => Mixer::Attention(a.map(c)?),
+                    Mixer::DeltaNet(d) => Mixer::DeltaNet(d.map(c)?),
+                },
+                moe: l.moe.map(i, c)?,
+            });
+        }
+        Ok(ModelWeights {
+            format: self.format,
+            embed: c.mat(&self.embed)?,
+            layers,
+            final_norm: c.vec(&self.final_norm)?,
+            lm_head: c.mat(&self.lm_head)?,
+            inv_freq: c.vec(&self.inv_freq)?,
+        })
+    }
 }
 
 struct Loader<'a> {
@@ -117,7 +78,7 @@ struct Loader<'a> {
     experts: Option<Arc<ExpertStore>>,
 }
 
-impl ModelWeights {
+impl ModelWeights<Host> {
     pub fn load(store: &TensorStore, cfg: &ModelConfig) -> Result<Self> {
         Self::load_with_experts(store, cfg, None)
     }
@@ -175,7 +136,10 @@ impl ModelWeights {
             layers.push(l.layer(&format!("{root}layers.{i}."), cfg.layer_kinds[i])?);
         }
         let final_norm = l.norm(&format!("{root}norm"), h, true)?;
-        Ok(ModelWeights { format, embed, layers, final_norm, lm_head })
+        let rot = cfg.rotary_dims();
+        let inv_freq =
+            (0..rot / 2).map(|i| 1.0f32 / (cfg.rope_theta as f32).powf((2 * i) as f32 / rot as f32)).collect();
+        Ok(ModelWeights { format, embed, layers, final_norm, lm_head, inv_freq })
     }
 
     /// Bytes of everything but the routed experts (what stays resident when experts stream).
@@ -188,7 +152,11 @@ impl ModelWeights {
                     d.in_qkv.bytes() + d.in_z.bytes() + d.in_a.bytes() + d.in_b.bytes() + d.out_proj.bytes()
                 }
             };
-            n += l.moe.router.bytes() + l.moe.shared.bytes() + l.moe.shared_gate.bytes();
+            n += l.moe.router.bytes()
+                + l.moe.shared.gate.bytes()
+                + l.moe.shared.up.bytes()
+                + l.moe.shared.down.bytes()
+                + l.moe.shared_gate.bytes();
         }
         n
     }
@@ -285,7 +253,7 @@ impl Loader<'_> {
         Ok(w)
     }
 
-    fn layer(&self, p: &str, kind: LayerKind) -> Result<LayerWeights> {
+    fn layer(&self, p: &str, kind: LayerKind) -> Result<LayerWeights<Host>> {
         let c = self.cfg;
         let h = c.hidden_size;
         let mixer = match kind {
@@ -311,7 +279,7 @@ impl Loader<'_> {
         })
     }
 
-    fn delta_net(&self, a: &str) -> Result<DeltaNetWeights> {
+    fn delta_net(&self, a: &str) -> Result<DeltaNetWeights<Host>> {
         let c = self.cfg;
         let h = c.hidden_size;
         let (hk, hv, dk, dv) = (c.linear_key_heads, c.linear_value_heads, c.linear_key_dim, c.linear_value_dim);
@@ -368,7 +336,7 @@ impl Loader<'_> {
         })
     }
 
-    fn moe(&self, m: &str) -> Result<MoeWeights> {
+    fn moe(&self, m: &str) -> Result<MoeWeights<Host>> {
         let c = self.cfg;
         let (h, e, i, is) = (c.hidden_size, c.num_experts, c.moe_intermediate, c.shared_intermediate);
         let experts = if let Some(store) = &self.experts {
@@ -428,7 +396,7 @@ impl Loader<'_> {
         Ok(MoeWeights {
             router: self.linear(&format!("{m}gate"), &[e, h])?,
             experts,
-            shared: ExpertWeights {
+            shared: MlpWeights {
                 gate: self.linear(&format!("{s}gate_proj"), &[is, h])?,
                 up: self.linear(&format!("{s}up_proj"), &[is, h])?,
                 down: self.linear(&format!("{s}down_proj"), &[h, is])?,

@@ -1,0 +1,191 @@
+//! Backends: where the ops of a layer run. A model family writes its layer loop once against
+//! [`Backend`]; the CPU backend ([`cpu`]) and, with the `cuda` feature, the CUDA backend
+//! ([`cuda`]) implement it. Ops sit where the GPU path fuses work (norms fused with the residual
+//! add and with the MoE combine; the whole MoE of a layer as one op; the pass as one step that a
+//! backend may record and replay), so the generic loop costs a backend nothing.
+//!
+//! A third backend is one folder implementing this trait (the `checking` backend in the engine's
+//! tests is one: it runs the CPU ops and compares every activation against an f64 reference).
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::layers::{AttentionWeights, Convert, DeltaNetWeights, Host, MoeWeights, PassSpec, Tensors};
+
+pub use device::{DeviceChoice, DeviceOptions, GpuCache, GpuTuning};
+
+/// Where one layer's time went, marked by the layer loop when timing is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Before the mixer (the layer's input norm is already applied).
+    LayerStart,
+    /// After the mixer, before the residual add and the MoE.
+    Mixed,
+    /// After the MoE and the next norm.
+    LayerEnd,
+}
+
+/// A sequence's caches on a backend (KV caches, conv windows, delta-rule states).
+pub trait BackendState: Send + 'static {
+    /// A copy that continues exactly as the original would (the server's prefix cache).
+    fn duplicate(&self) -> Self
+    where
+        Self: Sized;
+    /// Bytes held (on the device that holds them).
+    fn bytes(&self) -> usize;
+}
+
+/// Counters of a backend's own expert tier (a GPU's expert cache), since load.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TierCounters {
+    pub hits: u64,
+    pub misses: u64,
+    /// Host-to-device expert bytes.
+    pub h2d_bytes: u64,
+    pub tokens: u64,
+}
+
+impl TierCounters {
+    pub fn since(&self, before: &TierCounters) -> TierCounters {
+        TierCounters {
+            hits: self.hits - before.hits,
+            misses: self.misses - before.misses,
+            h2d_bytes: self.h2d_bytes - before.h2d_bytes,
+            tokens: self.tokens - before.tokens,
+        }
+    }
+
+    pub fn hit_rate(&self) -> f64 {
+        let n = self.hits + self.misses;
+        if n == 0 { 1.0 } else { self.hits as f64 / n as f64 }
+    }
+}
+
+/// What a backend with its own expert tier reports about it.
+#[derive(Clone, Debug)]
+pub struct TierInfo {
+    /// One line: device, resident weights, expert cache.
+    pub description: String,
+    pub device: String,
+    pub slots: usize,
+    pub slot_bytes: usize,
+    pub total_experts: usize,
+    pub counters: TierCounters,
+}
+
+/// Bandwidths a backend measured on its device, bytes per second.
+#[derive(Clone, Copy, Debug)]
+pub struct Bandwidths {
+    /// Device-to-device copy, read + write.
+    pub d2d: f64,
+    /// Pinned host to device.
+    pub h2d: f64,
+}
+
+/// The ops of one layer graph. Activations live in the backend's [`Backend::Pass`]: `x` (the
+/// residual stream), `normed` (the input of the next op) and `mixed` (the mixer's output), each
+/// [t, hidden] for the t tokens of the pass.
+pub trait Backend: Send + Sync + Sized + 'static {
+    /// Where this backend's weights live.
+    type T: Tensors;
+    /// A sequence's caches.
+    type State: BackendState;
+    /// One pass's activations, with the sequence state it updates.
+    type Pass<'p>;
+
+    /// "cpu", or the device's one-line description.
+    fn describe(&self) -> String;
+
+    /// Uploads host tensors (the CPU backend keeps the host views).
+    fn upload(&self) -> impl Convert<Host, Self::T> + '_;
+
+    /// Called once after the weights were uploaded, with each layer's routed experts: size the
+    /// caches and workspaces that depend on them.
+    fn prepare(&mut self, _cfg: &ModelConfig, _experts: &[&<Self::T as Tensors>::Experts]) -> Result<()> {
+        Ok(())
+    }
+
+    fn new_state(&self, cfg: &ModelConfig) -> Result<Self::State>;
+
+    /// Runs one pass of `spec.tokens` over `state`: sets up the activations, calls `graph` (the
+    /// family's layer loop, made of the ops below) — or replays a recording of an earlier call
+    /// with the same shape — and returns the logits `spec.want` asks for ([n, vocab]).
+    fn run(
+        &self,
+        spec: &PassSpec<'_>,
+        state: &mut Self::State,
+        graph: &mut dyn for<'p> FnMut(&mut Self::Pass<'p>) -> Result<()>,
+    ) -> Result<Vec<f32>>;
+
+    /// x = rows `tokens` of `table`.
+    fn embed(&self, p: &mut Self::Pass<'_>, table: &<Self::T as Tensors>::Mat) -> Result<()>;
+    /// normed = RMSNorm(x)·w.
+    fn rms_norm(&self, p: &mut Self::Pass<'_>, w: &<Self::T as Tensors>::Vec) -> Result<()>;
+    /// mixed = gated attention over normed, appending to layer `layer`'s KV cache.
+    fn attention(
+        &self,
+        p: &mut Self::Pass<'_>,
+        layer: usize,
+        w: &AttentionWeights<Self::T>,
+        inv_freq: &<Self::T as Tensors>::Vec,
+    ) -> Result<()>;
+    /// mixed = GatedDeltaNet over normed, advancing layer `layer`'s conv and recurrent state.
+    fn delta_net(&self, p: &mut Self::Pass<'_>, layer: usize, w: &DeltaNetWeights<Self::T>) -> Result<()>;
+    /// x += mixed; normed = RMSNorm(x)·w.
+    fn add_rms_norm(&self, p: &mut Self::Pass<'_>, w: &<Self::T as Tensors>::Vec) -> Result<()>;
+    /// Decode only: guess layer `layer`'s experts from normed (its router applied to the
+    /// current layer's post-attention state) and start fetching them.
+    fn prefetch(&self, _p: &mut Self::Pass<'_>, _layer: usize, _w: &MoeWeights<Self::T>) -> Result<()> {
+        Ok(())
+    }
+    /// x += MoE(normed) (routed top-k + gated shared expert); then, when `next_norm` is given,
+    /// normed = RMSNorm(x)·next_norm (the next layer's input norm, or the final norm).
+    fn moe(
+        &self,
+        p: &mut Self::Pass<'_>,
+        layer: usize,
+        w: &MoeWeights<Self::T>,
+        next_norm: Option<&<Self::T as Tensors>::Vec>,
+    ) -> Result<()>;
+    /// Logits of the rows `want` names: lm_head·normed (normed holds the final norm of x).
+    fn logits(&self, p: &mut Self::Pass<'_>, lm_head: &<Self::T as Tensors>::Mat) -> Result<()>;
+    /// Timing marks (called only when the hooks want timing).
+    fn mark(&self, _p: &mut Self::Pass<'_>, _layer: usize, _phase: Phase) {}
+
+    /// The backend's own expert tier, when it has one.
+    fn tier(&self) -> Option<TierInfo> {
+        None
+    }
+    /// Fills the backend's expert tier in (layer, expert) order until it is full; returns how
+    /// many experts it holds. `experts` gives each layer's host expert set.
+    fn preload_experts(&self, _experts: &[&<Self::T as Tensors>::Experts], _fetch_chunk: usize) -> Result<usize> {
+        Ok(0)
+    }
+    /// Bandwidths measured on the device (None on the CPU).
+    fn measure_bandwidths(&self) -> Result<Option<Bandwidths>> {
+        Ok(None)
+    }
+}
+
+/// A backend's sequence state with its type erased (what the runtime's `SequenceState` holds).
+pub trait AnyState: Send {
+    fn duplicate_box(&self) -> Box<dyn AnyState>;
+    fn bytes(&self) -> usize;
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+}
+
+impl<S: BackendState> AnyState for S {
+    fn duplicate_box(&self) -> Box<dyn AnyState> {
+        Box::new(self.duplicate())
+    }
+    fn bytes(&self) -> usize {
+        BackendState::bytes(self)
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}

@@ -1,0 +1,81 @@
+//! Model families. A family is a folder: config → weights (checkpoint names → a weight tree of
+//! host tensors) → forward (its layer loop, written once over the [`Backend`] ops). The runtime
+//! talks to a placed model through [`PlacedModel`] and to the families through [`load_host`] and
+//! [`place`]; a second family is one more folder and one more arm in those two functions.
+
+pub mod qwen35;
+
+use crate::backend::{AnyState, Backend, Bandwidths, TierInfo};
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::experts::ExpertStore;
+use crate::layers::PassSpec;
+use crate::weights::Linear;
+use std::path::Path;
+use std::sync::Arc;
+
+/// How to read a checkpoint.
+#[derive(Clone, Debug)]
+pub struct SourceOptions {
+    /// Fetch routed experts through the expert store (positioned reads + RAM cache + I/O
+    /// accounting) rather than through the file mappings.
+    pub stream_experts: bool,
+    pub store: crate::experts::StoreOptions,
+}
+
+/// A checkpoint loaded into host memory (views into its mapped files), before placement.
+pub enum HostModel {
+    Qwen35(qwen35::Qwen35Host),
+}
+
+impl HostModel {
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            HostModel::Qwen35(m) => &m.config,
+        }
+    }
+
+    /// The expert store, when routed experts stream.
+    pub fn expert_store(&self) -> Option<&Arc<ExpertStore>> {
+        match self {
+            HostModel::Qwen35(m) => m.expert_store.as_ref(),
+        }
+    }
+}
+
+/// Reads `dir` (HF/MLX safetensors folder or packed model) with the family its config names.
+pub fn load_host(dir: &Path, opts: &SourceOptions) -> Result<HostModel> {
+    let config = ModelConfig::load(dir)?;
+    // Every architecture config.rs accepts (Qwen3.5-MoE, Qwen3-Next) is this one family.
+    Ok(HostModel::Qwen35(qwen35::Qwen35Host::load(dir, config, opts)?))
+}
+
+/// Puts a host model on `backend` (uploads what the backend keeps on its device).
+pub fn place<B: Backend>(host: &HostModel, backend: B) -> Result<Box<dyn PlacedModel>> {
+    match host {
+        HostModel::Qwen35(m) => Ok(Box::new(qwen35::Qwen35::place(m, backend)?)),
+    }
+}
+
+/// A model on a backend, as the runtime sees it: states, passes, and what it reports.
+pub trait PlacedModel: Send + Sync {
+    fn config(&self) -> &ModelConfig;
+    /// "cpu", or the device's one-line description (weights, expert cache).
+    fn describe(&self) -> String;
+    fn new_state(&self) -> Result<Box<dyn AnyState>>;
+    /// One pass of `spec.tokens` (validated by the caller) over `state`.
+    fn forward(&self, spec: &PassSpec<'_>, state: &mut dyn AnyState) -> Result<Vec<f32>>;
+    /// The host weight tree (downcast to the family's type: `qwen35::ModelWeights`).
+    fn host_weights(&self) -> &dyn std::any::Any;
+    /// Bytes of everything but the routed experts, and of the routed experts.
+    fn weight_bytes(&self) -> (usize, usize);
+    /// Replaces layer `layer`'s router (benchmarks that draw routing at random).
+    fn set_router(&mut self, layer: usize, router: &Linear) -> Result<()>;
+    fn tier(&self) -> Option<TierInfo>;
+    /// Fills the backend's expert tier (if it has one) hottest-first… in (layer, expert) order.
+    fn preload_experts(&self, fetch_chunk: usize) -> Result<usize>;
+    fn measure_bandwidths(&self) -> Result<Option<Bandwidths>>;
+    /// Bytes a decode step at position `pos` moves with every expert in place: every
+    /// non-expert matrix but one embedding row, k routed experts per layer, the states.
+    fn decode_bytes_per_token(&self, pos: usize, k: usize) -> f64;
+}
