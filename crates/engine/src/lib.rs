@@ -30,10 +30,14 @@ pub mod runtime;
 pub mod units;
 pub mod weights;
 
-pub use backend::{DeviceChoice, DeviceOptions, GpuCache};
+#[cfg(feature = "cuda")]
+pub use backend::cuda;
+pub use backend::{DeviceChoice, DeviceOptions, GpuCache, device};
 pub use config::ModelConfig;
 pub use error::{Error, Result};
 pub use layers::{LayerTimes, LogitsFor, RoutingRecord};
+pub use models::qwen35;
 pub use runtime::generate::{Engine, GenerateOptions};
 pub use runtime::session::{Channel, Finish, GenerateRequest, Generation, PrefixCache, Session};
 pub use runtime::{LoadOptions, Model, SequenceState};
+pub use runtime::{eval, generate, session};

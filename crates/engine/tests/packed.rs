@@ -2,7 +2,7 @@
 //! reports its error, `verify` catches a flipped byte, an interrupted convert leaves nothing that
 //! looks complete, and damaged packed files give clear errors.
 
-use flashmoe::packed::convert::{ConvertOptions, ConvertProgress, Target, convert};
+use flashmoe::convert::{ConvertOptions, ConvertProgress, Target, convert};
 use flashmoe::packed::verify::verify;
 use flashmoe::{LogitsFor, Model};
 use std::path::{Path, PathBuf};
@@ -41,27 +41,24 @@ fn keep_conversion_gives_identical_logits() {
         let want = logits(&fixture(name));
         assert_eq!(want, logits(&dst), "{name}: packed logits differ from the source");
         // Streaming one expert buffer at a time, with a RAM cache, and mapped: all identical.
-        let mut m = Model::load_with(
+        let m = Model::load_with(
             &dst,
-            &flashmoe::qwen35::LoadOptions {
+            &flashmoe::LoadOptions {
                 store: flashmoe::experts::StoreOptions { ram_cache_bytes: 1 << 20, ..Default::default() },
+                fetch_chunk: Some(1),
+                prefetch: true,
                 ..Default::default()
             },
         )
         .unwrap();
-        m.fetch_chunk = 1;
-        assert_eq!(want, logits_of(&m), "{name}: chunked streaming differs");
-        m.prefetch = true;
+        assert_eq!(want, logits_of(&m), "{name}: chunked streaming with prefetch differs");
         assert_eq!(want, logits_of(&m), "{name}: second pass (RAM cache hits) differs");
-        let io = m.expert_store.as_ref().unwrap().snapshot();
+        let io = m.expert_store().unwrap().snapshot();
         assert!(io.ram_hits > 0 && io.disk_reads > 0, "{io:?}");
         // Prefetch guessed during the decode steps; its accuracy is a fraction.
-        let (h, t) = (
-            m.prefetch_hits.load(std::sync::atomic::Ordering::Relaxed),
-            m.prefetch_total.load(std::sync::atomic::Ordering::Relaxed),
-        );
+        let (h, t) = m.prefetch_accuracy();
         assert!(t > 0 && h <= t, "{h}/{t}");
-        let mapped = flashmoe::qwen35::LoadOptions { stream_experts: false, ..Default::default() };
+        let mapped = flashmoe::LoadOptions { stream_experts: false, ..Default::default() };
         assert_eq!(want, logits_of(&Model::load_with(&dst, &mapped).unwrap()), "{name}: mapped packed differs");
         let v = verify(&dst).unwrap();
         let m = Model::load(&dst).unwrap();
@@ -112,9 +109,10 @@ fn requantization_reports_rmse_per_layer_and_projection() {
     assert_eq!((r.from.as_str(), r.to.as_str()), ("f32", "4-bit/g32"));
     let r = rep.rmse.iter().find(|r| r.projection == "linear_attn.in_proj_qkv").unwrap();
     assert_eq!(r.to, "8-bit/g32");
-    let mapped = flashmoe::qwen35::LoadOptions { stream_experts: false, ..Default::default() };
+    let mapped = flashmoe::LoadOptions { stream_experts: false, ..Default::default() };
     let m = Model::load_with(&dst, &mapped).unwrap();
-    assert!(m.weights.layers[0].moe.experts.resident().unwrap()[0].down.is_quantized());
+    let w = m.host_weights::<flashmoe::qwen35::ModelWeights>().unwrap();
+    assert!(w.layers[0].moe.experts.resident().unwrap()[0].down.is_quantized());
 }
 
 fn flip_byte(path: &Path, at: usize) {
@@ -220,7 +218,7 @@ fn damaged_packed_models_give_clear_errors() {
     let e = load_err(&dst);
     assert!(e.contains("layer_000.bin: holds 8 experts but config.json says 16"), "{e}");
     // Mapped (not streamed), the same mismatch is caught at the missing tensor.
-    let mapped = flashmoe::qwen35::LoadOptions { stream_experts: false, ..Default::default() };
+    let mapped = flashmoe::LoadOptions { stream_experts: false, ..Default::default() };
     let e = Model::load_with(&dst, &mapped).err().unwrap().to_string();
     assert!(e.contains("experts.8.gate_proj.weight") && e.contains("not found"), "{e}");
 }

@@ -6,7 +6,10 @@
 //! cache of k+1 experts, so that nearly every step evicts and copies, with prefill in 4-token
 //! passes through the multi-token GEMV kernel).
 
-use flashmoe::{LogitsFor, Model};
+mod checking;
+
+use flashmoe::qwen35::{ModelWeights, SourceFormat};
+use flashmoe::{LoadOptions, LogitsFor, Model};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -18,36 +21,54 @@ fn models_dir() -> PathBuf {
     }
 }
 
-/// The backends this build and machine offer, as (name, how to move a loaded model there).
-#[allow(clippy::type_complexity)]
-fn backends() -> Vec<(&'static str, Box<dyn Fn(&mut Model)>)> {
+/// How to load a model on one backend.
+type Loader = Box<dyn Fn(&std::path::Path, LoadOptions) -> Model>;
+
+/// The backends this build and machine offer, as (name, loader).
+fn backends() -> Vec<(&'static str, Loader)> {
+    let plain = |o: LoadOptions| -> Loader {
+        Box::new(move |dir, base| Model::load_with(dir, &merge(&o, base, dir)).expect("model"))
+    };
     #[allow(unused_mut)]
-    let mut v: Vec<(&'static str, Box<dyn Fn(&mut Model)>)> = vec![("cpu", Box::new(|_: &mut Model| {}))];
+    let mut v: Vec<(&'static str, Loader)> = vec![
+        ("cpu", plain(LoadOptions::default())),
+        // A third backend from outside the engine: the CPU ops, every activation checked.
+        (
+            "checking",
+            Box::new(|dir, base| Model::load_on(dir, &base, checking::CheckingBackend::default()).expect("model")),
+        ),
+    ];
     #[cfg(feature = "cuda")]
     {
-        use flashmoe::cuda::model::{GpuCache, GpuOptions};
+        use flashmoe::backend::{DeviceChoice, DeviceOptions, GpuCache, GpuTuning};
         match flashmoe::cuda::CudaDevice::open(0) {
             Ok(_) => {
                 // Prefill through cuBLAS SGEMM (from 2 tokens on), every expert cached.
-                v.push((
-                    "cuda",
-                    Box::new(|m: &mut Model| {
-                        m.use_gpu(&GpuOptions { blas_min_tokens: 2, ..Default::default() }).expect("GPU model")
-                    }),
-                ));
-                v.push((
-                    "cuda-small-cache",
-                    Box::new(|m: &mut Model| {
-                        let k = m.experts_per_token();
-                        let o = GpuOptions { cache: GpuCache::Experts(k + 1), prefill_chunk: 4, ..Default::default() };
-                        m.use_gpu(&o).expect("GPU model")
-                    }),
-                ));
+                let gpu = GpuTuning { blas_min_tokens: 2, ..Default::default() };
+                let device = DeviceOptions { device: DeviceChoice::Cuda(0), gpu, ..Default::default() };
+                v.push(("cuda", plain(LoadOptions { device, ..Default::default() })));
+                // A cache of k+1 experts (nearly every step evicts and copies), prefill in
+                // 4-token passes through the multi-token GEMV kernel.
+                let gpu = GpuTuning { prefill_chunk: 4, ..Default::default() };
+                let cache = GpuCache::Experts(usize::MAX); // replaced by k+1 in `merge`
+                let device = DeviceOptions { device: DeviceChoice::Cuda(0), gpu_cache: cache, gpu };
+                v.push(("cuda-small-cache", plain(LoadOptions { device, ..Default::default() })));
             }
             Err(e) => eprintln!("no GPU backend: {e}"),
         }
     }
     v
+}
+
+/// The backend's options with the test's own (expert streaming) on top. A GPU cache of
+/// `usize::MAX` experts means k+1 of the model at `dir`.
+fn merge(backend: &LoadOptions, test: LoadOptions, dir: &std::path::Path) -> LoadOptions {
+    let mut device = backend.device.clone();
+    if device.gpu_cache == flashmoe::GpuCache::Experts(usize::MAX) {
+        let k = flashmoe::ModelConfig::load(dir).expect("config").experts_per_token;
+        device.gpu_cache = flashmoe::GpuCache::Experts(k + 1);
+    }
+    LoadOptions { device, ..test }
 }
 
 struct Reference {
@@ -114,22 +135,18 @@ fn argmax(x: &[f32]) -> u32 {
 }
 
 fn check_model(name: &str, tol: f32) {
-    for (backend, to_backend) in backends() {
+    for (backend, load) in backends() {
         eprintln!("{name}: backend {backend}");
-        check_model_on(name, tol, &*to_backend);
+        check_model_on(name, tol, &*load);
     }
 }
 
-fn check_model_on(name: &str, tol: f32, to_backend: &dyn Fn(&mut Model)) {
+fn check_model_on(name: &str, tol: f32, load: &dyn Fn(&std::path::Path, LoadOptions) -> Model) {
     // By default the experts are read in place from the safetensors files through the expert
     // store; mapped access must give the very same logits.
-    let mut model = Model::load(&models_dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-    to_backend(&mut model);
-    let model = model;
-    assert!(model.expert_store.is_some(), "{name}: experts should stream");
-    let mapped = flashmoe::qwen35::LoadOptions { stream_experts: false, ..Default::default() };
-    let mut m2 = Model::load_with(&models_dir().join(name), &mapped).unwrap();
-    to_backend(&mut m2);
+    let model = load(&models_dir().join(name), LoadOptions::default());
+    assert!(model.expert_store().is_some(), "{name}: experts should stream");
+    let m2 = load(&models_dir().join(name), LoadOptions { stream_experts: false, ..Default::default() });
     let ids = reference(name).prompt;
     let (mut s1, mut s2) = (model.new_state(), m2.new_state());
     assert_eq!(
@@ -137,7 +154,7 @@ fn check_model_on(name: &str, tol: f32, to_backend: &dyn Fn(&mut Model)) {
         m2.forward(&ids, &mut s2, LogitsFor::All).unwrap(),
         "{name}: streamed and mapped experts differ"
     );
-    let io = model.expert_store.as_ref().unwrap().snapshot();
+    let io = model.expert_store().unwrap().snapshot();
     assert!(io.disk_reads > 0 && io.disk_bytes > 0, "{io:?}");
     let r = reference(name);
     let v = model.config.vocab_size;
@@ -214,15 +231,17 @@ fn qwen35_moe_mlx_affine_4bit() {
 
 #[test]
 fn mlx_checkpoint_is_detected_and_quantized() {
-    let mapped = flashmoe::qwen35::LoadOptions { stream_experts: false, ..Default::default() };
-    let m = Model::load_with(&models_dir().join("qwen35-moe-tiny-mlx4"), &mapped).unwrap();
-    assert_eq!(m.weights.format, flashmoe::qwen35::SourceFormat::Mlx);
-    assert!(m.weights.lm_head.is_quantized());
-    assert!(m.weights.layers[0].moe.experts.resident().unwrap()[0].gate.is_quantized());
-    let hf = Model::load_with(&models_dir().join("qwen35-moe-tiny"), &mapped).unwrap();
-    assert_eq!(hf.weights.format, flashmoe::qwen35::SourceFormat::HuggingFace);
+    let mapped = LoadOptions { stream_experts: false, ..Default::default() };
+    let mlx = Model::load_with(&models_dir().join("qwen35-moe-tiny-mlx4"), &mapped).unwrap();
+    let m = mlx.host_weights::<ModelWeights>().unwrap();
+    assert_eq!(m.format, SourceFormat::Mlx);
+    assert!(m.lm_head.is_quantized());
+    assert!(m.layers[0].moe.experts.resident().unwrap()[0].gate.is_quantized());
+    let hf_model = Model::load_with(&models_dir().join("qwen35-moe-tiny"), &mapped).unwrap();
+    let hf = hf_model.host_weights::<ModelWeights>().unwrap();
+    assert_eq!(hf.format, SourceFormat::HuggingFace);
     // 4-bit weights with bf16 scales are well under a third of the f32 bytes.
-    assert!(m.weights.expert_bytes() * 3 < hf.weights.expert_bytes());
+    assert!(m.expert_bytes() * 3 < hf.expert_bytes());
 }
 
 #[test]

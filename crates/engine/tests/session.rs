@@ -43,7 +43,8 @@ fn cold_generation_matches_engine_generate() {
     let mut s = Session::new(&e, 0);
     let g = run(&mut s, &GenerateRequest { split_reasoning: false, ..greedy(p, 24) });
     assert_eq!(g.content, text);
-    assert_eq!(g.completion_tokens, stats.generated_tokens);
+    assert_eq!(g.completion_tokens, stats.completion_tokens);
+    assert_eq!(g.tokens, stats.tokens);
 }
 
 /// A second turn that extends the first (prompt + reply + next user message) resumes from the

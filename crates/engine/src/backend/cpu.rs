@@ -73,6 +73,32 @@ pub struct CpuPass<'p> {
     marked: Instant,
 }
 
+impl CpuPass<'_> {
+    pub fn spec(&self) -> &PassSpec<'_> {
+        self.spec
+    }
+    /// Tokens in this pass.
+    pub fn tokens(&self) -> usize {
+        self.t
+    }
+    /// The residual stream, [t, hidden].
+    pub fn x(&self) -> &[f32] {
+        &self.x
+    }
+    /// The next op's input, [t, hidden].
+    pub fn normed(&self) -> &[f32] {
+        &self.normed
+    }
+    /// The last mixer's output, [t, hidden].
+    pub fn mixed(&self) -> &[f32] {
+        &self.mixed
+    }
+    /// The logits computed so far.
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+}
+
 /// Host tensors stay where they are: the CPU computes on the mapped views.
 pub struct KeepOnHost;
 

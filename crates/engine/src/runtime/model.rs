@@ -4,7 +4,7 @@
 //! [`SequenceState`] the caller owns.
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{AnyState, Bandwidths, DeviceChoice, DeviceOptions, TierInfo};
+use crate::backend::{AnyState, Backend, Bandwidths, DeviceChoice, DeviceOptions, TierInfo};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::experts::{ExpertStore, StoreOptions};
@@ -153,19 +153,37 @@ impl Model {
     }
 
     pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        let host =
-            models::load_host(dir, &SourceOptions { stream_experts: opts.stream_experts, store: opts.store.clone() })?;
+        let host = load_host(dir, opts)?;
+        let k = opts.experts_per_token.unwrap_or(host.config().experts_per_token);
+        check_experts_per_token(k, host.config())?;
+        let max_context = opts.max_context.unwrap_or(host.config().max_position_embeddings);
+        let (placed, device_note) = place(&host, &opts.device, k, max_context)?;
+        Self::assemble(&host, placed, device_note, opts)
+    }
+
+    /// Loads `dir` onto a backend the caller made (`opts.device` is not used): how a backend
+    /// that lives outside the engine runs the model.
+    pub fn load_on<B: Backend>(dir: &Path, opts: &LoadOptions, backend: B) -> Result<Self> {
+        let host = load_host(dir, opts)?;
+        let placed = models::place(&host, backend)?;
+        Self::assemble(&host, placed, None, opts)
+    }
+
+    fn assemble(
+        host: &HostModel,
+        placed: Box<dyn PlacedModel>,
+        device_note: Option<String>,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         let config = host.config().clone();
         let k = opts.experts_per_token.unwrap_or(config.experts_per_token);
         check_experts_per_token(k, &config)?;
-        let max_context = opts.max_context.unwrap_or(config.max_position_embeddings);
-        let (placed, device_note) = place(&host, &opts.device, k, max_context)?;
         let n = config.num_layers;
         Ok(Model {
             expert_store: host.expert_store().cloned(),
             placed,
             experts_per_token: k,
-            max_context,
+            max_context: opts.max_context.unwrap_or(config.max_position_embeddings),
             fetch_chunk: opts.fetch_chunk.unwrap_or(32).max(1),
             hooks: RuntimeHooks {
                 trace: opts.trace_routing.then(Default::default),
@@ -340,6 +358,10 @@ impl Model {
         state.pos += tokens.len();
         Ok(logits)
     }
+}
+
+fn load_host(dir: &Path, opts: &LoadOptions) -> Result<HostModel> {
+    models::load_host(dir, &SourceOptions { stream_experts: opts.stream_experts, store: opts.store.clone() })
 }
 
 fn check_experts_per_token(k: usize, c: &ModelConfig) -> Result<()> {
