@@ -27,7 +27,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use flashmoe::generate::Engine;
-use flashmoe::qwen35::LoadOptions;
+use flashmoe::LoadOptions;
 use flashmoe_text::toolcall::{ToolFormat, detect_format};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -167,18 +167,16 @@ pub fn spawn(cfg: ServerConfig) -> Result<RunningServer> {
 
 /// Loads the model, starts the engine worker and binds the listener.
 async fn prepare(cfg: ServerConfig) -> Result<(tokio::net::TcpListener, Router)> {
-    let mut engine = Engine::load_with(&cfg.model_dir, &cfg.load)
-        .with_context(|| format!("loading the model {}", cfg.model_dir.display()))?;
-    match &engine.model.device_note {
-        Some(note) => tracing::info!("device: cpu ({note})"),
-        None => tracing::info!("device: {}", engine.model.device_name()),
-    }
+    let mut load = cfg.load.clone();
     if let Some(n) = cfg.max_context {
         if n == 0 {
             bail!("--max-context must be at least 1");
         }
-        engine.model.set_max_context(n);
+        load.max_context = Some(n);
     }
+    let engine = Engine::load_with(&cfg.model_dir, &load)
+        .with_context(|| format!("loading the model {}", cfg.model_dir.display()))?;
+    tracing::info!("device: {}", engine.model.device_description());
     let script = match &cfg.scripted_replies {
         Some(p) => Some(worker::Script::load(p)?),
         None => None,

@@ -198,7 +198,7 @@ impl Metrics {
         );
         metric("state_cache_entries", "gauge", "Saved states.", one(t.cache_entries as f64));
         drop(t);
-        if let Some(store) = &engine.model.expert_store {
+        if let Some(store) = engine.model.expert_store() {
             let s = store.snapshot();
             metric(
                 "expert_cache_hits_total",
