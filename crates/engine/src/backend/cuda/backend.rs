@@ -1372,9 +1372,7 @@ impl Backend for CudaBackend {
                     *eager_steps = 0;
                 }
                 if recorded.is_none() && *eager_steps >= 1 {
-                    let g = self
-                        .dev
-                        .capture(|| pass(&mut *pool, &mut *state, &mut times).map_err(|e| CudaError(e.to_string())))?;
+                    let g = self.dev.capture(|| pass(&mut *pool, &mut *state, &mut times))?;
                     *recorded = Some((key, g));
                 }
                 match recorded {

@@ -208,7 +208,11 @@ impl CudaDevice {
 
     /// Records the work `f` enqueues on the device's stream into a CUDA graph (nothing runs
     /// until [`Graph::launch`]).
-    pub fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<Graph> {
+    /// The body's own error type is kept (a failure inside it is returned as it was).
+    pub fn capture<E: From<CudaError>>(
+        &self,
+        f: impl FnOnce() -> std::result::Result<(), E>,
+    ) -> std::result::Result<Graph, E> {
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
         self.stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
@@ -216,7 +220,7 @@ impl CudaDevice {
         let body = f();
         let g = self.stream.end_capture(CUgraphInstantiate_flags(0)).ctx("cuStreamEndCapture");
         body?;
-        g?.map(Graph).ok_or_else(|| CudaError::new("stream capture produced no graph"))
+        Ok(g?.map(Graph).ok_or_else(|| CudaError::new("stream capture produced no graph"))?)
     }
 
     /// A pair of timing events on the device's stream.
