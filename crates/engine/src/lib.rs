@@ -4,7 +4,6 @@
 //! `qwen35` (model weights and forward pass) → `generate` (prompting, sampling loop, stats).
 //! Compute kernels live in the `flashmoe-kernels` crate, text handling in `flashmoe-text`.
 
-pub mod bench;
 pub mod builtin;
 pub mod config;
 #[cfg(feature = "cuda")]
@@ -19,7 +18,6 @@ pub mod packed;
 pub mod qwen35;
 pub mod routing;
 pub mod session;
-pub mod synth;
 pub mod weights;
 
 pub use config::ModelConfig;

@@ -2,7 +2,7 @@
 //! or Qwen3-Next geometry (or only its first N layers), for benchmarks of expert streaming without
 //! downloading hundreds of gigabytes.
 //!
-//! The output is exactly the packed format of [`crate::packed`] (manifest, config.json,
+//! The output is exactly the packed format of [`flashmoe::packed`] (manifest, config.json,
 //! weights.bin, experts/layer_NNN.bin, written under `DST.partial` and renamed when complete), so
 //! `verify` and `Model::load` accept it. Quantized matrices are generated directly as random
 //! codes (uniform over the 2^bits levels) with one bf16 scale and bias per row chosen so the
@@ -39,13 +39,15 @@
 //! do. Only the count distribution is shaped: consecutive-token overlap of a random model stays
 //! near K/E (measure it with `--trace-routing` and `routing-stats`).
 
-use crate::error::{Error, Result};
-use crate::packed::convert::ConvertProgress;
-use crate::packed::{
+use crate::routing_stats::{self as routing, ProfileLayer};
+use flashmoe::ModelConfig;
+use flashmoe::config::LayerKind;
+use flashmoe::error::{Error, Result};
+use flashmoe::packed::convert::ConvertProgress;
+use flashmoe::packed::{
     ALIGN, COPIED_FILES, ExpertFile, FORMAT_NAME, FORMAT_VERSION, Manifest, QuantInfo, TensorEntry, WEIGHTS_FILE,
     align_up, expert_file_name, xxh3_hex,
 };
-use crate::routing::{self, ProfileLayer};
 use half::bf16;
 use rayon::prelude::*;
 use serde_json::{Value, json};
@@ -68,9 +70,10 @@ pub enum Geometry {
     Tiny,
 }
 
-/// Every dimension a synth model needs (spec §1.2).
+/// The numbers a geometry's config.json is written from (spec §1.2). Nothing else reads them:
+/// the generator reads the [`ModelConfig`] parsed from that config.json.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Dims {
+struct Spec {
     /// Qwen3-Next (flat `qwen3_next` config, plain RoPE) rather than Qwen3.5-MoE.
     pub next: bool,
     pub hidden: usize,
@@ -113,8 +116,8 @@ impl Geometry {
         }
     }
 
-    pub fn dims(&self) -> Dims {
-        let qwen35 = |hidden, layers, heads, lvh, experts, top_k, inter| Dims {
+    fn spec(&self) -> Spec {
+        let qwen35 = |hidden, layers, heads, lvh, experts, top_k, inter| Spec {
             next: false,
             hidden,
             layers,
@@ -140,7 +143,7 @@ impl Geometry {
             Geometry::Qwen35_397bA17b => qwen35(4096, 60, 32, 64, 512, 10, 1024),
             Geometry::Qwen35_122bA10b => qwen35(3072, 48, 32, 64, 256, 8, 1024),
             Geometry::Qwen35_35bA3b => qwen35(2048, 40, 16, 32, 256, 8, 512),
-            Geometry::Qwen3Next80bA3b => Dims {
+            Geometry::Qwen3Next80bA3b => Spec {
                 next: true,
                 vocab: 151_936,
                 mrope_section: None,
@@ -148,7 +151,7 @@ impl Geometry {
                 bos: Some(151_643),
                 ..qwen35(2048, 48, 16, 32, 512, 10, 512)
             },
-            Geometry::Tiny => Dims {
+            Geometry::Tiny => Spec {
                 next: false,
                 hidden: 64,
                 layers: 8,
@@ -175,7 +178,18 @@ impl Geometry {
 
     /// The model config (only the first `layers` layers when given).
     pub fn config_json(&self, layers: Option<usize>) -> Value {
-        self.dims().config_json(layers)
+        self.spec().config_json(layers)
+    }
+
+    /// The model config parsed (only the first `layers` layers when given): what the generator
+    /// reads its dimensions from.
+    pub fn config(&self, layers: Option<usize>) -> Result<ModelConfig> {
+        ModelConfig::from_value(&self.config_json(layers), Path::new("config.json"))
+    }
+
+    /// Number of layers of the whole geometry.
+    pub fn num_layers(&self) -> usize {
+        self.spec().layers
     }
 }
 
@@ -195,32 +209,17 @@ impl std::fmt::Display for Geometry {
     }
 }
 
-impl Dims {
+impl Spec {
     /// Layer i is full attention every 4th layer (3, 7, 11, …), as in the real models.
-    pub fn is_full_attention(i: usize) -> bool {
+    fn is_full_attention(i: usize) -> bool {
         (i + 1).is_multiple_of(4)
-    }
-    pub fn key_dim(&self) -> usize {
-        self.linear_key_heads * self.linear_key_dim
-    }
-    pub fn value_dim(&self) -> usize {
-        self.linear_value_heads * self.linear_value_dim
-    }
-    pub fn conv_dim(&self) -> usize {
-        2 * self.key_dim() + self.value_dim()
-    }
-
-    /// Bytes of data in one expert blob and its 4 KiB-aligned stride, at `bits` / `group`.
-    pub fn expert_blob(&self, bits: u32, group: usize) -> (u64, u64) {
-        let l = blob_layout(self, bits, group);
-        (l.blob_bytes, l.stride)
     }
 
     /// A complete `qwen3_5_moe_text` (or `qwen3_next`) config for the first `layers` layers.
-    pub fn config_json(&self, layers: Option<usize>) -> Value {
+    fn config_json(&self, layers: Option<usize>) -> Value {
         let n = layers.unwrap_or(self.layers);
         let layer_types: Vec<&str> =
-            (0..n).map(|i| if Dims::is_full_attention(i) { "full_attention" } else { "linear_attention" }).collect();
+            (0..n).map(|i| if Spec::is_full_attention(i) { "full_attention" } else { "linear_attention" }).collect();
         let mut rope = json!({
             "rope_type": "default",
             "rope_theta": self.rope_theta,
@@ -478,8 +477,14 @@ impl Item {
     }
 }
 
-fn plan(d: &Dims, layers: usize, bits: u32) -> Vec<Item> {
-    let h = d.hidden;
+/// Bytes of data in one expert blob and its 4 KiB-aligned stride, at `bits` / `group`.
+pub fn expert_blob(c: &ModelConfig, bits: u32, group: usize) -> (u64, u64) {
+    let l = blob_layout(c, bits, group);
+    (l.blob_bytes, l.stride)
+}
+
+fn plan(d: &ModelConfig, bits: u32) -> Vec<Item> {
+    let h = d.hidden_size;
     let lin = |base: String, rows: usize, cols: usize, bits: u32| Item::Linear {
         base,
         rows,
@@ -491,17 +496,24 @@ fn plan(d: &Dims, layers: usize, bits: u32) -> Vec<Item> {
     let vec = |name: String, shape: Vec<usize>, init| Item::Vector { name, shape, init };
     let gate_bits = bits.max(8);
     let mut items = vec![
-        Item::Linear { base: "model.embed_tokens".into(), rows: d.vocab, cols: h, bits, std: 1.0, router_layer: None },
-        lin("lm_head".into(), d.vocab, h, bits),
+        Item::Linear {
+            base: "model.embed_tokens".into(),
+            rows: d.vocab_size,
+            cols: h,
+            bits,
+            std: 1.0,
+            router_layer: None,
+        },
+        lin("lm_head".into(), d.vocab_size, h, bits),
         vec("model.norm.weight".into(), vec![h], VecInit::Norm),
     ];
-    for i in 0..layers {
+    for i in 0..d.num_layers {
         let p = format!("model.layers.{i}.");
         items.push(vec(format!("{p}input_layernorm.weight"), vec![h], VecInit::Norm));
         items.push(vec(format!("{p}post_attention_layernorm.weight"), vec![h], VecInit::Norm));
-        if Dims::is_full_attention(i) {
+        if d.layer_kinds[i] == LayerKind::FullAttention {
             let a = format!("{p}self_attn.");
-            let (nh, nkv, hd) = (d.heads, d.kv_heads, d.head_dim);
+            let (nh, nkv, hd) = (d.num_heads, d.num_kv_heads, d.head_dim);
             items.push(lin(format!("{a}q_proj"), 2 * nh * hd, h, bits));
             items.push(lin(format!("{a}k_proj"), nkv * hd, h, bits));
             items.push(lin(format!("{a}v_proj"), nkv * hd, h, bits));
@@ -524,7 +536,7 @@ fn plan(d: &Dims, layers: usize, bits: u32) -> Vec<Item> {
         let m = format!("{p}mlp.");
         items.push(Item::Linear {
             base: format!("{m}gate"),
-            rows: d.experts,
+            rows: d.num_experts,
             cols: h,
             bits: gate_bits,
             std: 1.0 / (h as f64).sqrt(),
@@ -551,8 +563,8 @@ struct BlobLayout {
     stride: u64,
 }
 
-fn blob_layout(d: &Dims, bits: u32, group: usize) -> BlobLayout {
-    let (h, i) = (d.hidden, d.moe_intermediate);
+fn blob_layout(d: &ModelConfig, bits: u32, group: usize) -> BlobLayout {
+    let (h, i) = (d.hidden_size, d.moe_intermediate);
     let mut components = Vec::new();
     let mut fills = Vec::new();
     let mut pos = 0usize;
@@ -881,14 +893,15 @@ fn calibrate_router(
     seed: u64,
     layer: usize,
     codes: &[u8],
-    d: &Dims,
+    d: &ModelConfig,
     bits: u32,
     std: f64,
     target: &ProfileLayer,
     sim_tokens: usize,
 ) -> (Vec<f32>, f64, f64, f64) {
-    let e = d.experts;
-    let sim = RouterSim::new(codes, bits, e, d.hidden, d.top_k, sim_tokens, &[seed, TAG_SIM, layer as u64]);
+    let e = d.num_experts;
+    let sim =
+        RouterSim::new(codes, bits, e, d.hidden_size, d.experts_per_token, sim_tokens, &[seed, TAG_SIM, layer as u64]);
     let mut rng = Rng::keyed(&[seed, TAG_SPREAD, layer as u64]);
     let mut u: Vec<f64> = (0..e).map(|_| rng.normal()).collect();
     let mean = u.iter().sum::<f64>() / e as f64;
@@ -952,7 +965,7 @@ fn tokenizer_max_id(path: &Path) -> Result<u64> {
 /// Writes a random-weight packed model; see the module docs.
 pub fn synth(opts: &SynthOptions, progress: &dyn ConvertProgress) -> Result<SynthReport> {
     let t0 = Instant::now();
-    let mut d = opts.geometry.dims();
+    let mut d = opts.geometry.spec();
     if let Some(v) = opts.vocab {
         d.vocab = v;
     }
@@ -979,7 +992,11 @@ pub fn synth(opts: &SynthOptions, progress: &dyn ConvertProgress) -> Result<Synt
     if d.vocab == 0 || d.experts == 0 || d.top_k == 0 || d.top_k > d.experts {
         return Err(Error::input(format!("need vocab ≥ 1 and 1 ≤ top-k ({}) ≤ experts ({})", d.top_k, d.experts)));
     }
-    let items = plan(&d, layers, opts.bits);
+    // Everything below reads the dimensions from the config the model is written with.
+    let config_json = d.config_json(Some(layers));
+    let full_layers = d.layers;
+    let d = ModelConfig::from_value(&config_json, Path::new("config.json"))?;
+    let items = plan(&d, opts.bits);
     for it in &items {
         if let Item::Linear { base, cols, .. } = it
             && !cols.is_multiple_of(group)
@@ -1006,10 +1023,10 @@ pub fn synth(opts: &SynthOptions, progress: &dyn ConvertProgress) -> Result<Synt
             return Err(Error::NotFound(tj));
         }
         let max = tokenizer_max_id(&tj)?;
-        if max >= d.vocab as u64 {
+        if max >= d.vocab_size as u64 {
             return Err(Error::file(
                 &tj,
-                format!("has token ids up to {max}, beyond the model's vocabulary of {}", d.vocab),
+                format!("has token ids up to {max}, beyond the model's vocabulary of {}", d.vocab_size),
             ));
         }
     }
@@ -1028,7 +1045,7 @@ pub fn synth(opts: &SynthOptions, progress: &dyn ConvertProgress) -> Result<Synt
         .map_err(|e| Error::file(&partial, format!("cannot create: {e}")))?;
 
     let layout = blob_layout(&d, opts.expert_bits, group);
-    let expert_bytes = layout.stride * (d.experts * layers) as u64;
+    let expert_bytes = layout.stride * (d.num_experts * layers) as u64;
     let non_expert_estimate: u64 = items.iter().map(|i| i.bytes(group)).sum();
     progress.start(non_expert_estimate + expert_bytes);
 
@@ -1051,7 +1068,7 @@ pub fn synth(opts: &SynthOptions, progress: &dyn ConvertProgress) -> Result<Synt
                         let shape = (*rows, *cols, *bits, group, *std);
                         let factors = match (router_layer, &profile) {
                             (Some(l), Some(prof)) => {
-                                let pl = routing::profile_layer_for(*l, d.layers, prof.len());
+                                let pl = routing::profile_layer_for(*l, full_layers, prof.len());
                                 // The same codes put_linear will write.
                                 let mut codes = vec![0u8; rows * cols * *bits as usize / 8];
                                 let wname = format!("{base}.weight");
@@ -1092,9 +1109,9 @@ pub fn synth(opts: &SynthOptions, progress: &dyn ConvertProgress) -> Result<Synt
             for l in 0..layers {
                 let rel = expert_file_name(l);
                 out.send(Msg::Open(partial.join(&rel)))?;
-                let mut sums = Vec::with_capacity(d.experts);
-                for b0 in (0..d.experts).step_by(per_batch) {
-                    let n = per_batch.min(d.experts - b0);
+                let mut sums = Vec::with_capacity(d.num_experts);
+                for b0 in (0..d.num_experts).step_by(per_batch) {
+                    let n = per_batch.min(d.num_experts - b0);
                     let mut buf = out.buffer();
                     buf.resize(n * stride, 0);
                     let hashes: Vec<String> = buf
@@ -1108,7 +1125,7 @@ pub fn synth(opts: &SynthOptions, progress: &dyn ConvertProgress) -> Result<Synt
                 expert_files.push(ExpertFile {
                     layer: l,
                     file: rel,
-                    num_experts: d.experts,
+                    num_experts: d.num_experts,
                     stride: layout.stride,
                     blob_bytes: layout.blob_bytes,
                     components: layout.components.clone(),
@@ -1139,7 +1156,7 @@ pub fn synth(opts: &SynthOptions, progress: &dyn ConvertProgress) -> Result<Synt
             }
         }
     }
-    let mut config = d.config_json(Some(layers));
+    let mut config = config_json;
     config["flashmoe_synth"] = json!({
         "geometry": opts.geometry.name(),
         "seed": opts.seed,
@@ -1167,7 +1184,7 @@ pub fn synth(opts: &SynthOptions, progress: &dyn ConvertProgress) -> Result<Synt
         experts: expert_files,
         copied_files: copied.clone(),
     };
-    crate::packed::convert::finish_output(&partial, dst, &manifest)?;
+    flashmoe::packed::convert::finish_output(&partial, dst, &manifest)?;
     let seconds = t0.elapsed().as_secs_f64();
     let total = non_expert_bytes + expert_bytes;
     Ok(SynthReport {

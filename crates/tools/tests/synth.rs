@@ -5,8 +5,8 @@
 use flashmoe::packed::Manifest;
 use flashmoe::packed::convert::{ConvertOptions, Target, convert};
 use flashmoe::packed::verify::verify;
-use flashmoe::synth::{Geometry, SynthOptions, synth};
 use flashmoe::{LogitsFor, Model, ModelConfig};
+use flashmoe_tools::synth::{Geometry, SynthOptions, synth};
 use std::path::{Path, PathBuf};
 
 fn repo(p: &str) -> PathBuf {
@@ -166,7 +166,7 @@ fn routing_like_matches_profile_gini_in_simulation() {
     };
     let rep = synth(&o, &()).unwrap();
     assert_eq!(rep.routing.len(), 4);
-    let prof = flashmoe::routing::load_profile(&prof_path).unwrap();
+    let prof = flashmoe_tools::routing_stats::load_profile(&prof_path).unwrap();
     for f in &rep.routing {
         // The profile is deeper than the model: layer l is shaped like profile layer l.
         assert_eq!(f.profile_layer, f.layer);
@@ -229,7 +229,7 @@ fn real_geometry_configs_have_the_spec_dimensions() {
         (Geometry::Qwen35_122bA10b, 5_308_416),
         (Geometry::Qwen35_35bA3b, 1_769_472),
     ] {
-        let (blob, stride) = g.dims().expert_blob(4, 64);
+        let (blob, stride) = flashmoe_tools::synth::expert_blob(&g.config(None).unwrap(), 4, 64);
         assert_eq!(blob, bytes, "{g}");
         assert_eq!(stride % 4096, 0);
     }

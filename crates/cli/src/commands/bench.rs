@@ -1,13 +1,14 @@
 //! `flashmoe bench`: experts-only reads (+ compute), end-to-end decode with its floor, and
-//! RAM-cache sweeps (CSV + SVG plot). The measuring lives in `flashmoe::bench`; this file parses
+//! RAM-cache sweeps (CSV + SVG plot). The measuring lives in `flashmoe_tools::bench`; this file parses
 //! flags and prints.
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
-use flashmoe::bench::{self, DecodeBenchOptions, DecodeReport, ExpertBenchOptions, Routing, Spread, SweepPoint};
 use flashmoe::experts::cache::CachePolicy;
 use flashmoe::experts::{IoChoice, StoreOptions};
 use flashmoe::memory::{fmt as fmt_bytes, parse_size};
+use flashmoe::qwen35::LoadOptions;
+use flashmoe_tools::bench::{self, DecodeBenchOptions, DecodeReport, ExpertBenchOptions, Routing, Spread, SweepPoint};
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
@@ -93,7 +94,7 @@ struct DecodeCommon {
     #[arg(long, default_value_t = 1)]
     seed: u64,
     #[command(flatten)]
-    device: crate::DeviceArgs,
+    device: crate::args::DeviceArgs,
 }
 
 #[derive(Args)]
@@ -218,9 +219,9 @@ fn disk_bandwidth(c: &DecodeCommon) -> Result<(f64, String)> {
 fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64) -> Result<DecodeReport> {
     let store =
         StoreOptions { io, ram_cache_bytes: cache, io_threads: c.io_threads.max(1), cache_policy: c.cache_policy };
-    let mut model = bench::load_streamed(&c.model, &store, &c.device.options())?;
-    crate::print_device(&model);
-    model.prefetch = c.prefetch;
+    let load = LoadOptions { store, device: c.device.options(), prefetch: c.prefetch, ..Default::default() };
+    let mut model = bench::load_streamed(&c.model, &load)?;
+    crate::util::print_device(&model);
     let opts = DecodeBenchOptions {
         tokens: c.tokens.max(1),
         prefill: c.prefill,

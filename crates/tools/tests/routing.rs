@@ -1,11 +1,9 @@
 //! Routing traces and statistics: gini and coverage, hand-checked cache simulations, trace
 //! round trips, profile reading, and stats on a generated trace with known structure.
 
-use flashmoe::routing::{
-    CachePolicy, Capacity, Trace, TraceHeader, TraceToken, TraceWriter, gini, load_profile, read_trace, simulate_cache,
-    stats, top_coverage,
-};
-use flashmoe::synth::Rng;
+use flashmoe::routing::{Trace, TraceHeader, TraceToken, TraceWriter, read_trace};
+use flashmoe_tools::routing_stats::{CachePolicy, Capacity, gini, load_profile, simulate_cache, stats, top_coverage};
+use flashmoe_tools::synth::Rng;
 use std::path::PathBuf;
 
 fn repo(p: &str) -> PathBuf {

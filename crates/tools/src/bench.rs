@@ -5,15 +5,15 @@
 //! Everything here is deterministic for a seed (its own small generator, so results do not move
 //! with a dependency's version).
 
-use crate::config::ModelConfig;
-use crate::error::{Error, Result};
-use crate::experts::buffer::AlignedBuf;
-use crate::experts::{ExpertStore, IoChoice, IoMode, IoSnapshot, StoreOptions};
-use crate::packed::Manifest;
-use crate::qwen35::weights::ExpertWeights;
-use crate::qwen35::{LoadOptions, LogitsFor, Model};
-use crate::weights::Linear;
-use crate::weights::store::{ByteSource, Bytes, RawTensor};
+use flashmoe::config::ModelConfig;
+use flashmoe::error::{Error, Result};
+use flashmoe::experts::buffer::AlignedBuf;
+use flashmoe::experts::{ExpertStore, IoChoice, IoMode, IoSnapshot, StoreOptions};
+use flashmoe::packed::Manifest;
+use flashmoe::qwen35::weights::ExpertWeights;
+use flashmoe::qwen35::{LoadOptions, LogitsFor, Model};
+use flashmoe::weights::Linear;
+use flashmoe::weights::store::{ByteSource, Bytes, RawTensor};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -239,6 +239,7 @@ pub const PASS_COMPUTE: &str = "read + compute, engine order";
 pub const PASS_PIPELINED: &str = "read + compute, next layer read during compute";
 
 /// gate/up/SwiGLU/down of one expert on one input (what the MoE block does per routed expert).
+// ENGINE-API: an expert's matrices (`qwen35::weights::ExpertWeights`, `Linear::apply`).
 pub fn expert_compute(w: &ExpertWeights, x: &[f32]) -> Vec<f32> {
     let mut g = w.gate.apply(x, 1);
     let u = w.up.apply(x, 1);
@@ -250,7 +251,7 @@ pub fn expert_compute(w: &ExpertWeights, x: &[f32]) -> Vec<f32> {
 
 pub fn open_store(dir: &Path, opts: &StoreOptions) -> Result<(ExpertStore, ModelConfig)> {
     let cfg = ModelConfig::load(dir)?;
-    if !dir.join(crate::packed::MANIFEST).exists() {
+    if !dir.join(flashmoe::packed::MANIFEST).exists() {
         return Err(Error::input(format!(
             "{} is not a packed model (no manifest.json): bench needs one, run `flashmoe convert {} OUT` or `flashmoe synth`",
             dir.display(),
@@ -278,7 +279,7 @@ pub fn bench_experts(
     let files = expert_files(dir)?;
     let trace = match &opts.trace {
         Some(p) => {
-            let t = crate::routing::read_trace(p)?;
+            let t = flashmoe::routing::read_trace(p)?;
             if t.header.num_experts != cfg.num_experts {
                 return Err(Error::file(
                     p,
@@ -431,6 +432,7 @@ pub fn bench_experts(
     })
 }
 
+// ENGINE-API: an expert's weights over a fetched buffer (`ExpertStore::expert_weights`).
 fn compute_layer(store: &ExpertStore, layer: usize, bufs: &[Arc<AlignedBuf>], x: &[f32]) -> Result<Vec<f32>> {
     let mut acc = vec![0.0f32; x.len()];
     for b in bufs {
@@ -631,6 +633,8 @@ impl ByteSource for OwnedBytes {
 /// A router whose top-k is a fresh uniform random subset for any nonzero input: only column `c`
 /// is nonzero, holding i.i.d. values, so the logits are x[c]·g (top-k or bottom-k of g by the
 /// sign of x[c]: a uniform subset either way). Rebuilt before every step.
+// ENGINE-API: builds a float `Linear` from an in-memory `RawTensor` (`weights::store::Bytes`,
+// `ByteSource`, `Linear::float`).
 fn uniform_router(rows: usize, cols: usize, col: usize, rng: &mut Rng) -> Result<Linear> {
     let mut data = vec![0u8; rows * cols * 2];
     for r in 0..rows {
@@ -649,6 +653,8 @@ fn uniform_router(rows: usize, cols: usize, col: usize, rng: &mut Rng) -> Result
     Linear::float(&t, rows, cols)
 }
 
+// ENGINE-API: replaces every layer's router weights (`ModelWeights::layers[l].moe.router`, and
+// `GpuModel::set_router` on a GPU).
 fn set_uniform_routers(model: &mut Model, rng: &mut Rng) -> Result<()> {
     let (e, h) = (model.config.num_experts, model.config.hidden_size);
     for l in model.weights.layers.iter_mut() {
@@ -665,9 +671,9 @@ fn set_uniform_routers(model: &mut Model, rng: &mut Rng) -> Result<()> {
 }
 
 /// Loads a packed model streaming its experts with `store` options, on `device`.
-pub fn load_streamed(dir: &Path, store: &StoreOptions, device: &crate::device::DeviceOptions) -> Result<Model> {
-    let model =
-        Model::load_with(dir, &LoadOptions { stream_experts: true, store: store.clone(), device: device.clone() })?;
+// ENGINE-API: reads `Model::expert_store` to check the experts stream.
+pub fn load_streamed(dir: &Path, opts: &LoadOptions) -> Result<Model> {
+    let model = Model::load_with(dir, &LoadOptions { stream_experts: true, ..opts.clone() })?;
     if model.expert_store.is_none() {
         return Err(Error::input(format!(
             "{} is not a packed model: bench decode streams experts from a packed model (`flashmoe convert` or `flashmoe synth`)",
@@ -679,10 +685,8 @@ pub fn load_streamed(dir: &Path, store: &StoreOptions, device: &crate::device::D
 
 /// Decodes random token ids: a short prefill, `warmup` steps, then `tokens` measured T=1 steps.
 pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions) -> Result<DecodeReport> {
-    let store = model
-        .expert_store
-        .clone()
-        .ok_or_else(|| Error::input("bench decode needs a packed model whose experts stream"))?;
+    let store =
+        expert_store(model).ok_or_else(|| Error::input("bench decode needs a packed model whose experts stream"))?;
     let cfg = model.config.clone();
     let mut rng = Rng::new(opts.seed);
     let k = model.experts_per_token();
@@ -691,21 +695,10 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions) -> Result<Deco
         (store.ram_cache_budget().div_ceil(per_token.max(1)) as usize) + 2
     });
     let total = opts.prefill.max(1) + warmup + opts.tokens;
-    if total > model.max_context() {
-        model.set_max_context(total);
-    }
+    prepare_decode(model, total);
     reset_peak_rss();
-    model.enable_timing();
     #[cfg(feature = "cuda")]
-    let mut preloaded = false;
-    #[cfg(feature = "cuda")]
-    if let Some(g) = &model.gpu
-        && g.pool_slots == cfg.num_layers * cfg.num_experts
-    {
-        // Everything fits: measure the all-resident case, not first-touch copies.
-        g.preload(model)?;
-        preloaded = true;
-    }
+    let preloaded = gpu::preload_if_all_fit(model)?;
     let mut state = model.new_state();
     let tok = |rng: &mut Rng| rng.below(cfg.vocab_size) as u32;
     let prompt: Vec<u32> = (0..opts.prefill.max(1)).map(|_| tok(&mut rng)).collect();
@@ -713,7 +706,7 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions) -> Result<Deco
         set_uniform_routers(model, &mut rng)?;
     }
     #[cfg(feature = "cuda")]
-    if model.gpu.is_some() {
+    if gpu::on_gpu(model) {
         // Load the GPU's lazily loaded libraries and kernels (cuBLAS) outside the timed prefill.
         let mut scratch = model.new_state();
         model.forward(&prompt, &mut scratch, LogitsFor::Last)?;
@@ -731,7 +724,7 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions) -> Result<Deco
     model.reset_timing();
     let before = store.snapshot();
     #[cfg(feature = "cuda")]
-    let gpu_before = model.gpu.as_ref().map(|g| g.snapshot());
+    let gpu_before = gpu::snapshot(model);
     let mut step_secs = Vec::with_capacity(opts.tokens);
     for _ in 0..opts.tokens {
         let id = tok(&mut rng);
@@ -744,25 +737,14 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions) -> Result<Deco
     }
     let io = store.snapshot().since(&before);
     let io_wait_secs = model.timing_snapshot().map_or(io.wait_secs, |v| v.iter().map(|t| t.io_wait).sum());
-    model.timings = None;
-    #[allow(unused_mut)]
-    let mut gpu = None;
+    finish_decode(model);
+    #[cfg(not(feature = "cuda"))]
+    let gpu = None;
     #[cfg(feature = "cuda")]
-    if let (Some(g), Some(b)) = (&model.gpu, gpu_before) {
-        let d = g.snapshot().since(&b);
-        gpu = Some(GpuDecodeInfo {
-            device: g.dev.describe(),
-            pool_slots: g.pool_slots,
-            total_experts: cfg.num_layers * cfg.num_experts,
-            preloaded,
-            pool_hits: d.pool_hits,
-            pool_misses: d.pool_misses,
-            h2d_bytes: d.h2d_bytes,
-            bytes_per_token: g.decode_bytes_per_token(model, state.pos),
-            d2d_bw: g.measure_d2d_bandwidth()?,
-            h2d_bw: g.measure_h2d_bandwidth()?,
-        });
-    }
+    let gpu = match gpu_before {
+        Some(b) => gpu::decode_info(model, &b, preloaded, state.pos)?,
+        None => None,
+    };
     Ok(DecodeReport {
         prefill_tokens: prompt.len(),
         prefill_secs,
@@ -776,12 +758,86 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions) -> Result<Deco
         ram_cache_bytes: store.ram_cache_budget(),
         expert_bytes: store.total_expert_bytes(),
         io_wait_secs,
-        peak_rss: crate::generate::peak_rss_bytes(),
+        peak_rss: flashmoe::generate::peak_rss_bytes(),
         routing: opts.routing,
         experts_per_token: k,
         num_experts: cfg.num_experts,
         gpu,
     })
+}
+
+// ENGINE-API: the model's expert store (`Model::expert_store`).
+fn expert_store(model: &Model) -> Option<Arc<ExpertStore>> {
+    model.expert_store.clone()
+}
+
+// ENGINE-API: a long enough context for the whole run, and per-layer timing on
+// (`Model::set_max_context`, `Model::enable_timing`), set on a loaded model.
+fn prepare_decode(model: &mut Model, total_tokens: usize) {
+    if total_tokens > model.max_context() {
+        model.set_max_context(total_tokens);
+    }
+    model.enable_timing();
+}
+
+// ENGINE-API: timing off again (`Model::timings`).
+fn finish_decode(model: &mut Model) {
+    model.timings = None;
+}
+
+/// What bench decode reads from the GPU backend.
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::GpuDecodeInfo;
+    use flashmoe::Model;
+    use flashmoe::error::Result;
+
+    pub type Snapshot = flashmoe::cuda::model::GpuSnapshot;
+
+    // ENGINE-API: whether the model runs on a GPU (`Model::gpu`).
+    pub fn on_gpu(model: &Model) -> bool {
+        model.gpu.is_some()
+    }
+
+    // ENGINE-API: preloads every expert when the GPU pool holds them all (`GpuModel::pool_slots`,
+    // `GpuModel::preload`); whether it did.
+    pub fn preload_if_all_fit(model: &Model) -> Result<bool> {
+        let c = &model.config;
+        if let Some(g) = &model.gpu
+            && g.pool_slots == c.num_layers * c.num_experts
+        {
+            // Everything fits: measure the all-resident case, not first-touch copies.
+            g.preload(model)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    // ENGINE-API: the GPU expert-cache counters (`GpuModel::snapshot`).
+    pub fn snapshot(model: &Model) -> Option<Snapshot> {
+        model.gpu.as_ref().map(|g| g.snapshot())
+    }
+
+    // ENGINE-API: the GPU figures of a decode run: cache counters since `before`, bytes moved
+    // per token (`GpuModel::decode_bytes_per_token`) and the measured copy bandwidths
+    // (`GpuModel::measure_d2d_bandwidth`, `measure_h2d_bandwidth`).
+    pub fn decode_info(model: &Model, before: &Snapshot, preloaded: bool, pos: usize) -> Result<Option<GpuDecodeInfo>> {
+        let Some(g) = &model.gpu else { return Ok(None) };
+        let c = &model.config;
+        let d = g.snapshot().since(before);
+        Ok(Some(GpuDecodeInfo {
+            device: g.dev.describe(),
+            pool_slots: g.pool_slots,
+            total_experts: c.num_layers * c.num_experts,
+            preloaded,
+            pool_hits: d.pool_hits,
+            pool_misses: d.pool_misses,
+            h2d_bytes: d.h2d_bytes,
+            bytes_per_token: g.decode_bytes_per_token(model, pos),
+            d2d_bw: g.measure_d2d_bandwidth()?,
+            h2d_bw: g.measure_h2d_bandwidth()?,
+        }))
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
