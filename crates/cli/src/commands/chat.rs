@@ -75,7 +75,12 @@ pub fn run(a: ChatArgs) -> Result<()> {
                 words.extend(["--api-key".to_string(), k.clone()]);
             }
             let parsed = <serve::ServeOnly as clap::Parser>::try_parse_from(&words)
-                .map_err(|e| anyhow::anyhow!("--serve-args: {}", e.to_string().lines().next().unwrap_or("")))?;
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "--serve-args: {} (it takes the server's own flags; engine, store and device flags such as --ram-cache go to `chat` itself)",
+                        e.to_string().lines().next().unwrap_or("")
+                    )
+                })?;
             let mut cfg = serve::config(dir, parsed.args, &a.engine, &a.store, &a.device)?;
             cfg.quiet = true;
             eprintln!("[flashmoe] loading {} …", dir.display());
