@@ -85,14 +85,13 @@ struct DecodeCommon {
     /// random reads of whole experts, io-threads in flight.
     #[arg(long)]
     disk_bw: Option<f64>,
-    /// Start layer l+1's likely reads during layer l (see `run --prefetch`).
-    #[arg(long)]
-    prefetch: bool,
     /// RAM cache eviction policy: lru, lfu (LFU with aging, half-life 32 tokens) or lfu:N.
     #[arg(long, default_value = "lfu")]
     cache_policy: CachePolicy,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    #[command(flatten)]
+    engine: crate::args::EngineArgs,
     #[command(flatten)]
     device: crate::args::DeviceArgs,
 }
@@ -219,7 +218,10 @@ fn disk_bandwidth(c: &DecodeCommon) -> Result<(f64, String)> {
 fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64) -> Result<DecodeReport> {
     let store =
         StoreOptions { io, ram_cache_bytes: cache, io_threads: c.io_threads.max(1), cache_policy: c.cache_policy };
-    let load = LoadOptions { store, device: c.device.options(), prefetch: c.prefetch, ..Default::default() };
+    // The store flags of bench keep their own defaults (O_DIRECT, no RAM cache, sizes as a share
+    // of the experts); the engine and device groups are the ones every command takes.
+    let mut load = LoadOptions { store, device: c.device.options(), ..Default::default() };
+    c.engine.apply(&mut load);
     let mut model = bench::load_streamed(&c.model, &load)?;
     crate::util::print_device(&model);
     let opts = DecodeBenchOptions {
