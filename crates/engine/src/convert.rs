@@ -540,7 +540,7 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn Con
 /// Completes a packed output written under `partial`: the manifest goes in last (a folder without
 /// it is not a packed model), then the folder is renamed to `dst`, replacing an old `dst` only
 /// once the new one is complete.
-pub(crate) fn finish_output(partial: &Path, dst: &Path, manifest: &Manifest) -> Result<()> {
+pub fn finish_output(partial: &Path, dst: &Path, manifest: &Manifest) -> Result<()> {
     let mpath = partial.join(MANIFEST);
     let mf = std::fs::File::create(&mpath).map_err(io_err(&mpath))?;
     serde_json::to_writer(BufWriter::new(&mf), manifest).map_err(|e| Error::file(&mpath, e.to_string()))?;

@@ -44,8 +44,6 @@ pub struct ServerConfig {
     pub port: u16,
     /// Required as `Authorization: Bearer KEY` or `x-api-key: KEY` on /v1/* when set.
     pub api_key: Option<String>,
-    /// Longest prompt + reply (default: the model's max_position_embeddings).
-    pub max_context: Option<usize>,
     /// Bytes of sequence-state snapshots kept for reuse (0 = off).
     pub state_cache_bytes: usize,
     /// Name reported by /v1/models and expected in requests (default: the model folder's name).
@@ -66,7 +64,6 @@ impl ServerConfig {
             host: "127.0.0.1".into(),
             port: 8000,
             api_key: None,
-            max_context: None,
             state_cache_bytes: 1 << 30,
             model_name: None,
             scripted_replies: None,
@@ -167,14 +164,12 @@ pub fn spawn(cfg: ServerConfig) -> Result<RunningServer> {
 
 /// Loads the model, starts the engine worker and binds the listener.
 async fn prepare(cfg: ServerConfig) -> Result<(tokio::net::TcpListener, Router)> {
-    let mut load = cfg.load.clone();
-    if let Some(n) = cfg.max_context {
-        if n == 0 {
-            bail!("--max-context must be at least 1");
-        }
-        load.max_context = Some(n);
+    // The longest prompt + reply is `cfg.load.max_context` (default: the model's
+    // max_position_embeddings).
+    if cfg.load.max_context == Some(0) {
+        bail!("--max-context must be at least 1");
     }
-    let engine = Engine::load_with(&cfg.model_dir, &load)
+    let engine = Engine::load_with(&cfg.model_dir, &cfg.load)
         .with_context(|| format!("loading the model {}", cfg.model_dir.display()))?;
     tracing::info!("device: {}", engine.model.device_description());
     let script = match &cfg.scripted_replies {

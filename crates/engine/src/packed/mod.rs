@@ -198,15 +198,15 @@ fn open_with(dir: &Path, m: &Manifest, map_experts: bool) -> Result<TensorStore>
     Ok(TensorStore::from_parts(dir, files, tensors))
 }
 
-pub(crate) fn xxh3_hex(bytes: &[u8]) -> String {
+pub fn xxh3_hex(bytes: &[u8]) -> String {
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
 }
 
-pub(crate) fn expert_file_name(layer: usize) -> String {
+pub fn expert_file_name(layer: usize) -> String {
     format!("experts/layer_{layer:03}.bin")
 }
 
-pub(crate) fn align_up(n: u64, a: u64) -> u64 {
+pub fn align_up(n: u64, a: u64) -> u64 {
     n.div_ceil(a) * a
 }
 

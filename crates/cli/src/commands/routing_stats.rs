@@ -3,8 +3,9 @@
 
 use anyhow::Result;
 use clap::Args;
-use flashmoe::routing::{
-    CachePolicy, Capacity, ProfileLayer, load_profile, profile_layer_for, read_trace, simulate_cache, stats,
+use flashmoe::routing::read_trace;
+use flashmoe_tools::routing_stats::{
+    CachePolicy, Capacity, ProfileLayer, load_profile, profile_layer_for, simulate_cache, stats,
 };
 use serde_json::json;
 use std::path::PathBuf;
@@ -81,7 +82,7 @@ pub fn run(a: RoutingStatsArgs) -> Result<()> {
         head += &format!(" {:>7}", format!("lru{c}"));
     }
     println!("{head}");
-    let row = |label: String, l: &flashmoe::routing::LayerStats, p: Option<(f64, Option<f64>)>| {
+    let row = |label: String, l: &flashmoe_tools::routing_stats::LayerStats, p: Option<(f64, Option<f64>)>| {
         let mut line = format!("{label:>5} {:>6.3} {:>6.3} {:>7.3}", l.gini, l.top20, l.overlap);
         if let Some((g, t)) = p {
             line += &format!(" {:>9.3} {:>10}", g, t.map_or("-".to_string(), |t| format!("{t:.3}")));

@@ -1,13 +1,14 @@
 //! `flashmoe bench`: experts-only reads (+ compute), end-to-end decode with its floor, and
-//! RAM-cache sweeps (CSV + SVG plot). The measuring lives in `flashmoe::bench`; this file parses
+//! RAM-cache sweeps (CSV + SVG plot). The measuring lives in `flashmoe_tools::bench`; this file parses
 //! flags and prints.
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
-use flashmoe::bench::{self, DecodeBenchOptions, DecodeReport, ExpertBenchOptions, Routing, Spread, SweepPoint};
+use flashmoe::LoadOptions;
 use flashmoe::experts::cache::CachePolicy;
 use flashmoe::experts::{IoChoice, StoreOptions};
 use flashmoe::memory::{fmt as fmt_bytes, parse_size};
+use flashmoe_tools::bench::{self, DecodeBenchOptions, DecodeReport, ExpertBenchOptions, Routing, Spread, SweepPoint};
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
@@ -84,16 +85,15 @@ struct DecodeCommon {
     /// random reads of whole experts, io-threads in flight.
     #[arg(long)]
     disk_bw: Option<f64>,
-    /// Start layer l+1's likely reads during layer l (see `run --prefetch`).
-    #[arg(long)]
-    prefetch: bool,
     /// RAM cache eviction policy: lru, lfu (LFU with aging, half-life 32 tokens) or lfu:N.
     #[arg(long, default_value = "lfu")]
     cache_policy: CachePolicy,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     #[command(flatten)]
-    device: crate::DeviceArgs,
+    engine: crate::args::EngineArgs,
+    #[command(flatten)]
+    device: crate::args::DeviceArgs,
 }
 
 #[derive(Args)]
@@ -218,9 +218,12 @@ fn disk_bandwidth(c: &DecodeCommon) -> Result<(f64, String)> {
 fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64) -> Result<DecodeReport> {
     let store =
         StoreOptions { io, ram_cache_bytes: cache, io_threads: c.io_threads.max(1), cache_policy: c.cache_policy };
-    let mut model = bench::load_streamed(&c.model, &store, &c.device.options())?;
-    crate::print_device(&model);
-    model.prefetch = c.prefetch;
+    // The store flags of bench keep their own defaults (O_DIRECT, no RAM cache, sizes as a share
+    // of the experts); the engine and device groups are the ones every command takes.
+    let mut load = LoadOptions { store, device: c.device.options(), ..Default::default() };
+    c.engine.apply(&mut load);
+    let mut model = bench::load_streamed(&c.model, &load)?;
+    crate::util::print_device(&model);
     let opts = DecodeBenchOptions {
         tokens: c.tokens.max(1),
         prefill: c.prefill,

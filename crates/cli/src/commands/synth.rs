@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use flashmoe::synth::{Geometry, SynthOptions};
+use flashmoe_tools::synth::{Geometry, SynthOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
@@ -52,7 +52,7 @@ pub struct SynthArgs {
     pub force: bool,
 }
 
-use crate::Bar;
+use crate::util::Bar;
 
 pub fn run(a: SynthArgs) -> Result<()> {
     let opts = SynthOptions {
@@ -77,7 +77,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
         )
         .expect("valid template"),
     ));
-    let rep = flashmoe::synth::synth(&opts, &bar)?;
+    let rep = flashmoe_tools::synth::synth(&opts, &bar)?;
     bar.0.finish_and_clear();
     if !rep.routing.is_empty() {
         eprintln!(
@@ -97,7 +97,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
             );
         }
         let n = rep.routing.len() as f64;
-        let mean = |g: &dyn Fn(&flashmoe::synth::RoutingFit) -> f64| rep.routing.iter().map(g).sum::<f64>() / n;
+        let mean = |g: &dyn Fn(&flashmoe_tools::synth::RoutingFit) -> f64| rep.routing.iter().map(g).sum::<f64>() / n;
         let t20: Vec<f64> = rep.routing.iter().filter_map(|f| f.target_top20).collect();
         eprintln!(
             "{:>5} {:>7}  {:>11.3} {:>11.3}  {:>12} {:>12.3}",
@@ -124,4 +124,4 @@ pub fn run(a: SynthArgs) -> Result<()> {
     Ok(())
 }
 
-use crate::fmt_bytes;
+use crate::util::fmt_bytes;

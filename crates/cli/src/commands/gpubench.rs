@@ -10,9 +10,9 @@
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
-use flashmoe::bench::Spread;
 use flashmoe::cuda::gemv::AFFINE_VARIANTS;
 use flashmoe::cuda::{AffineVariant, CudaDevice, DevBuf, DevFormat, DevMatrix, GemvKernels, parse_device};
+use flashmoe_tools::bench::Spread;
 use serde_json::json;
 use std::path::PathBuf;
 

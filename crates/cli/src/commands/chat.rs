@@ -1,5 +1,7 @@
 //! `flashmoe chat`: the interactive terminal client (crate `flashmoe-chat`).
 
+use crate::args::{DeviceArgs, EngineArgs, StoreArgs};
+use crate::commands::serve;
 use anyhow::{Context, Result};
 use clap::Args;
 use flashmoe_chat::tools::ToolLimits;
@@ -47,7 +49,14 @@ pub struct ChatArgs {
     /// Bytes of tool output returned to the model.
     #[arg(long, default_value_t = 16 * 1024)]
     tool_output_cap: usize,
-    /// Extra arguments for the private server of --model (e.g. "--scripted-replies F").
+    // The engine options of --model's private server: the same flags as `serve` and `run`.
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Extra server flags for the private server of --model (e.g. "--scripted-replies F").
     #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
     serve_args: Vec<String>,
 }
@@ -59,15 +68,20 @@ pub fn run(a: ChatArgs) -> Result<()> {
         (Some(u), _) => u.clone(),
         (None, Some(dir)) => {
             // The engine runs in this process: a private server on 127.0.0.1 and a free port.
-            let mut words: Vec<String> = vec!["serve".into(), "--model".into(), dir.display().to_string()];
+            let mut words: Vec<String> = vec!["serve".into()];
             words.extend(["--host".into(), "127.0.0.1".into(), "--port".into(), "0".into()]);
             words.extend(a.serve_args.iter().filter(|s| !s.is_empty()).cloned());
             if let Some(k) = &a.api_key {
                 words.extend(["--api-key".to_string(), k.clone()]);
             }
-            let parsed = <crate::serve_cmd::ServeOnly as clap::Parser>::try_parse_from(&words)
-                .map_err(|e| anyhow::anyhow!("--serve-args: {}", e.to_string().lines().next().unwrap_or("")))?;
-            let mut cfg = crate::serve_cmd::config(parsed.args)?;
+            let parsed = <serve::ServeOnly as clap::Parser>::try_parse_from(&words)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "--serve-args: {} (it takes the server's own flags; engine, store and device flags such as --ram-cache go to `chat` itself)",
+                        e.to_string().lines().next().unwrap_or("")
+                    )
+                })?;
+            let mut cfg = serve::config(dir, parsed.args, &a.engine, &a.store, &a.device)?;
             cfg.quiet = true;
             eprintln!("[flashmoe] loading {} …", dir.display());
             let s = flashmoe_server::spawn(cfg)?;

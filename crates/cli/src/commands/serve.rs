@@ -1,17 +1,29 @@
 //! `flashmoe serve`: the OpenAI- and Anthropic-compatible HTTP server (crate flashmoe-server).
 
+use crate::args::{self, DeviceArgs, EngineArgs, Plan, StoreArgs};
 use anyhow::{Result, anyhow};
-use flashmoe::experts::IoChoice;
-use flashmoe::experts::cache::CachePolicy;
 use flashmoe::memory::parse_size;
 use flashmoe_server::ServerConfig;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
     /// Model folder (HF/MLX safetensors or packed).
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+/// The server's own flags (also what `chat --model … --serve-args "…"` takes).
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServerArgs {
     /// Address to listen on (loopback by default: expose it deliberately).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -20,10 +32,6 @@ pub struct ServeArgs {
     /// Require this key (`Authorization: Bearer KEY` or `x-api-key: KEY`) on /v1/*.
     #[arg(long)]
     api_key: Option<String>,
-    /// Longest prompt + reply in tokens (default: the model's max_position_embeddings). Longer
-    /// prompts get a 400.
-    #[arg(long)]
-    max_context: Option<usize>,
     /// Memory for saved conversation states (e.g. 1G, 512M; 0 = no reuse). A request that
     /// extends an earlier conversation resumes from the longest saved prefix.
     #[arg(long, default_value = "1G")]
@@ -39,50 +47,41 @@ pub struct ServeArgs {
     /// (used when the last message contains TEXT).
     #[arg(long)]
     scripted_replies: Option<PathBuf>,
-    /// RAM expert cache of a packed model (e.g. 4G).
-    #[arg(long)]
-    ram_cache: Option<String>,
-    /// Expert reads: page, direct or auto.
-    #[arg(long, default_value = "auto")]
-    io: IoChoice,
-    #[arg(long, default_value_t = 8)]
-    io_threads: usize,
-    /// RAM cache eviction: lfu, lfu:N or lru.
-    #[arg(long, default_value = "lfu")]
-    cache_policy: CachePolicy,
-    #[command(flatten)]
-    device: crate::DeviceArgs,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    flashmoe_server::serve(config(a)?)
+    flashmoe_server::serve(config(&a.model, a.server, &a.engine, &a.store, &a.device)?)
 }
 
+/// Context the memory plan of `--memory-budget` is sized for when `--max-context` is not given.
+const PLAN_CONTEXT: usize = 8192;
+
 /// The server configuration these flags describe.
-pub fn config(a: ServeArgs) -> Result<ServerConfig> {
-    let mut cfg = ServerConfig::new(a.model);
+pub fn config(
+    model: &Path,
+    a: ServerArgs,
+    engine: &EngineArgs,
+    store: &StoreArgs,
+    device: &DeviceArgs,
+) -> Result<ServerConfig> {
+    let mut cfg = ServerConfig::new(model.to_path_buf());
     cfg.host = a.host;
     cfg.port = a.port;
     cfg.api_key = a.api_key.filter(|k| !k.is_empty());
-    cfg.max_context = a.max_context;
     cfg.state_cache_bytes = parse_size(&a.state_cache).map_err(|e| anyhow!("--state-cache {e}"))? as usize;
     cfg.model_name = a.model_name;
     cfg.think_budget = a.think_budget;
     cfg.scripted_replies = a.scripted_replies;
-    cfg.load.store.io = a.io;
-    cfg.load.store.io_threads = a.io_threads;
-    cfg.load.store.cache_policy = a.cache_policy;
-    cfg.load.device = a.device.options();
-    if let Some(r) = &a.ram_cache {
-        cfg.load.store.ram_cache_bytes = parse_size(r).map_err(|e| anyhow!("--ram-cache {e}"))?;
-    }
+    let context = engine.max_context.unwrap_or(PLAN_CONTEXT);
+    let plan = Plan { context_tokens: context, batch_tokens: context };
+    cfg.load = args::load_options(model, store, device, engine, plan)?;
     Ok(cfg)
 }
 
-/// `ServeArgs` parsed from a word list (for `chat --model … --serve-args "…"`).
+/// `ServerArgs` parsed from a word list (`chat --model … --serve-args "…"`).
 #[derive(clap::Parser)]
 #[command(name = "serve")]
 pub struct ServeOnly {
     #[command(flatten)]
-    pub args: ServeArgs,
+    pub args: ServerArgs,
 }

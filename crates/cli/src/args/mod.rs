@@ -1,0 +1,35 @@
+//! Flag groups shared by the commands that load a model (`#[command(flatten)]`), so that every
+//! such command takes the same flags with the same defaults, and the one `LoadOptions` they
+//! describe is built in one place.
+
+pub mod device;
+pub mod engine;
+pub mod model;
+pub mod sampling;
+pub mod store;
+
+pub use device::DeviceArgs;
+pub use engine::{EngineArgs, TraceArgs};
+pub use model::{ModelArgs, ModelDir};
+pub use sampling::SamplingArgs;
+pub use store::{Plan, StoreArgs};
+
+use anyhow::Result;
+use flashmoe::LoadOptions;
+use std::path::Path;
+
+/// The load options of a command that loads a model: the store (and the memory plan, printed
+/// when a budget is set), the device and the engine options. `context_tokens` and `batch_tokens`
+/// size the memory plan.
+pub fn load_options(
+    dir: &Path,
+    store: &StoreArgs,
+    device: &DeviceArgs,
+    engine: &EngineArgs,
+    plan: Plan,
+) -> Result<LoadOptions> {
+    let mut opts = store.load_options(dir, plan)?;
+    opts.device = device.options();
+    engine.apply(&mut opts);
+    Ok(opts)
+}

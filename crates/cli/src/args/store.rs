@@ -1,0 +1,76 @@
+//! `--io --ram-cache --memory-budget --io-threads --cache-policy`: how a model's experts are read
+//! and cached, and the memory plan of `--memory-budget`.
+
+use crate::util::fmt_bytes;
+use anyhow::{Result, anyhow, bail};
+use clap::Args;
+use flashmoe::LoadOptions;
+use flashmoe::experts::IoChoice;
+use flashmoe::memory::parse_size;
+use std::path::Path;
+
+/// How a model's experts are read and cached.
+#[derive(Args, Clone, Debug)]
+pub struct StoreArgs {
+    /// Expert reads: through the page cache, O_DIRECT, or auto (measured at start).
+    #[arg(long, default_value = "auto")]
+    pub io: IoChoice,
+    /// RAM expert cache (e.g. 4G). Default: what --memory-budget leaves, else none (in page mode
+    /// the OS page cache is the RAM tier).
+    #[arg(long)]
+    pub ram_cache: Option<String>,
+    /// Bound on resident memory (e.g. 16G): weights + state + buffers + RAM expert cache.
+    #[arg(long)]
+    pub memory_budget: Option<String>,
+    /// Expert reads in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub io_threads: usize,
+    /// RAM cache eviction: lfu (with aging, half-life 32 tokens; the default, chosen by replaying
+    /// routing traces, docs/performance.md), lfu:N (half-life N tokens) or lru.
+    #[arg(long, default_value = "lfu")]
+    pub cache_policy: flashmoe::experts::cache::CachePolicy,
+}
+
+/// What the memory plan of `--memory-budget` is sized for.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    /// Longest sequence (prompt + reply) the state must hold.
+    pub context_tokens: usize,
+    /// Largest batch (prompt) processed at once.
+    pub batch_tokens: usize,
+}
+
+impl StoreArgs {
+    /// Load options with these store settings (and, under a budget, the fetch chunk), after
+    /// printing the memory plan when a budget is set.
+    pub fn load_options(&self, dir: &Path, plan: Plan) -> Result<LoadOptions> {
+        let mut opts = LoadOptions::default();
+        opts.store.io = self.io;
+        opts.store.io_threads = self.io_threads;
+        opts.store.cache_policy = self.cache_policy;
+        if let Some(b) = &self.memory_budget {
+            let budget = parse_size(b).map_err(|e| anyhow!("--memory-budget {e}"))?;
+            // Under a budget, fetch one token's worth of experts at a time.
+            let chunk = flashmoe::ModelConfig::load(dir)?.experts_per_token;
+            opts.fetch_chunk = Some(chunk);
+            let plan =
+                flashmoe::memory::plan(dir, budget, plan.context_tokens, chunk, plan.batch_tokens, self.io_threads)?;
+            eprintln!("[flashmoe] plan: {}", plan.describe());
+            opts.store.ram_cache_bytes = plan.ram_cache;
+            if let Some(r) = &self.ram_cache {
+                let r = parse_size(r).map_err(|e| anyhow!("--ram-cache {e}"))?;
+                if r > plan.ram_cache {
+                    bail!(
+                        "--ram-cache {} does not fit the memory budget (room for {})",
+                        fmt_bytes(r),
+                        fmt_bytes(plan.ram_cache)
+                    );
+                }
+                opts.store.ram_cache_bytes = r;
+            }
+        } else if let Some(r) = &self.ram_cache {
+            opts.store.ram_cache_bytes = parse_size(r).map_err(|e| anyhow!("--ram-cache {e}"))?;
+        }
+        Ok(opts)
+    }
+}

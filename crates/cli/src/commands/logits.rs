@@ -1,0 +1,79 @@
+//! `flashmoe logits`: the logits the model gives for a list of token ids.
+
+use crate::args::{self, DeviceArgs, EngineArgs, ModelDir, Plan, StoreArgs};
+use crate::util::print_device;
+use anyhow::{Result, anyhow, bail};
+use clap::Args;
+use flashmoe::{LogitsFor, Model};
+use serde_json::json;
+use std::io::{BufWriter, Write};
+
+#[derive(Args)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelDir,
+    /// Comma-separated token ids.
+    #[arg(long)]
+    ids: String,
+    /// Feed the ids one at a time through the caches instead of one batched prefill.
+    #[arg(long)]
+    decode: bool,
+    /// Print {"ids": [...], "logits": [[...], ...]} (otherwise a short human-readable summary).
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    let ids = s
+        .split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse::<u32>().map_err(|_| anyhow!("--ids: `{x}` is not a token id (non-negative integer)")))
+        .collect::<Result<Vec<_>>>()?;
+    if ids.is_empty() {
+        bail!("--ids: no token ids given");
+    }
+    Ok(ids)
+}
+
+pub fn run(a: LogitsArgs) -> Result<()> {
+    let ids = parse_ids(&a.ids)?;
+    let dir = &a.model.model;
+    let plan = Plan { context_tokens: ids.len(), batch_tokens: if a.decode { 1 } else { ids.len() } };
+    let opts = args::load_options(dir, &a.store, &a.device, &a.engine, plan)?;
+    let model = Model::load_with(dir, &opts)?;
+    print_device(&model);
+    let v = model.config.vocab_size;
+    let mut state = model.new_state();
+    let rows = if a.decode {
+        let mut all = Vec::with_capacity(ids.len() * v);
+        for &id in &ids {
+            all.extend(model.forward(&[id], &mut state, LogitsFor::Last)?);
+        }
+        all
+    } else {
+        model.forward(&ids, &mut state, LogitsFor::All)?
+    };
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    if a.json {
+        let logits: Vec<&[f32]> = rows.chunks(v).collect();
+        serde_json::to_writer(&mut out, &json!({"ids": ids, "logits": logits}))?;
+        writeln!(out)?;
+    } else {
+        for (i, row) in rows.chunks(v).enumerate() {
+            let mut top: Vec<usize> = (0..v).collect();
+            top.sort_by(|&x, &y| row[y].total_cmp(&row[x]));
+            let best: Vec<String> = top[..5.min(v)].iter().map(|&t| format!("{t}:{:.4}", row[t])).collect();
+            writeln!(out, "pos {i} id {}: top {}", ids[i], best.join(" "))?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}

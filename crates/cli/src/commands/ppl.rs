@@ -1,0 +1,94 @@
+//! `flashmoe ppl`: perplexity of a model over a text file.
+
+use crate::args::{self, DeviceArgs, EngineArgs, ModelDir, Plan, StoreArgs, TraceArgs};
+use crate::util::{print_device, write_trace};
+use anyhow::{Result, anyhow};
+use clap::Args;
+use flashmoe::generate::Engine;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct PplArgs {
+    #[command(flatten)]
+    model: ModelDir,
+    /// Plain-text file.
+    #[arg(long)]
+    file: PathBuf,
+    #[arg(long, default_value_t = 512)]
+    window: usize,
+    /// Use only the first N tokens of the file.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    // Trace positions are numbered across windows.
+    #[command(flatten)]
+    trace: TraceArgs,
+}
+
+pub fn run(a: PplArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.file).map_err(|e| anyhow!("{}: {e}", a.file.display()))?;
+    let dir = &a.model.model;
+    let plan = Plan { context_tokens: a.window, batch_tokens: a.window };
+    let mut opts = args::load_options(dir, &a.store, &a.device, &a.engine, plan)?;
+    a.trace.apply(&mut opts);
+    let engine = Engine::load_with(dir, &opts)?;
+    print_device(&engine.model);
+    let mut ids = engine.encode(&text)?;
+    if let Some(n) = a.max_tokens {
+        ids.truncate(n);
+    }
+    let bar = ProgressBar::new(ids.len() as u64).with_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} tokens {per_sec} ETA {eta}")
+            .expect("valid template"),
+    );
+    let t0 = std::time::Instant::now();
+    let mut records: Vec<(usize, usize, Vec<u32>)> = Vec::new();
+    let m = &engine.model;
+    let tracing = a.trace.trace_routing.is_some();
+    let rep = flashmoe::eval::perplexity(m, &ids, a.window, |done| {
+        bar.set_position(done as u64);
+        // Window-relative positions become positions in the file.
+        if tracing {
+            let offset = done.saturating_sub(a.window);
+            records.extend(m.take_routing_trace().into_iter().map(|r| (r.layer, r.pos + offset, r.experts)));
+        }
+    })?;
+    bar.finish_and_clear();
+    if let Some(path) = &a.trace.trace_routing {
+        write_trace(path, m, &records)?;
+    }
+    let experts = format!(
+        "{}/{} ({})",
+        m.experts_per_token(),
+        m.config.num_experts,
+        if m.routing_is_exact() { "exact" } else { "reduced, lossy" }
+    );
+    if a.json {
+        println!(
+            "{}",
+            json!({"ppl": rep.ppl, "nll": rep.nll, "tokens": rep.tokens, "predictions": rep.predictions,
+                   "window": a.window, "experts_per_token": m.experts_per_token(), "exact_routing": m.routing_is_exact()})
+        );
+    } else {
+        println!(
+            "perplexity {:.4} (nll {:.5}) over {} predictions in {} windows of {} tokens | experts {experts} | {:.1} s",
+            rep.ppl,
+            rep.nll,
+            rep.predictions,
+            rep.windows,
+            a.window,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! `flashmoe run`: generate text from a prompt and print a summary line.
+
+use crate::args::{self, DeviceArgs, EngineArgs, ModelArgs, Plan, SamplingArgs, StoreArgs, TraceArgs};
+use crate::util::{fmt_bytes, print_device, print_timing, write_trace};
+use anyhow::Result;
+use clap::Args;
+use flashmoe::generate::{Engine, GenerateOptions, peak_rss_bytes};
+use flashmoe::session::Finish;
+use serde_json::{Value as Json, json};
+use std::io::Write;
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Feed the prompt as-is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// System message for the chat template.
+    #[arg(long)]
+    system: Option<String>,
+    /// Render the template with enable_thinking=false.
+    #[arg(long)]
+    no_think: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Print a per-layer time breakdown averaged over the decode tokens.
+    #[arg(long)]
+    timing: bool,
+    #[command(flatten)]
+    trace: TraceArgs,
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let model_dir = a.model.dir()?;
+    let model_path = model_dir.as_path();
+    // The plan needs a context size before the prompt is tokenized: the prompt text's bytes bound
+    // its token count.
+    let context = a
+        .engine
+        .max_context
+        .unwrap_or(0)
+        .max(a.prompt.len() + a.system.as_ref().map_or(0, |s| s.len()) + 64 + a.max_tokens);
+    let plan = Plan { context_tokens: context, batch_tokens: a.prompt.len() + 64 };
+    let mut opts = args::load_options(model_path, &a.store, &a.device, &a.engine, plan)?;
+    opts.timing = a.timing;
+    a.trace.apply(&mut opts);
+    let engine = Engine::load_with(model_path, &opts)?;
+    print_device(&engine.model);
+    if let Some(store) = engine.model.expert_store() {
+        eprintln!(
+            "[flashmoe] experts: {} on disk, streamed; io {}; RAM cache {} ({})",
+            fmt_bytes(store.total_expert_bytes()),
+            store.mode_note,
+            fmt_bytes(store.ram_cache_budget()),
+            store.cache_policy().name()
+        );
+    }
+    if a.timing && engine.model.tier().is_some() {
+        eprintln!(
+            "[flashmoe] --timing: the GPU synchronizes at every layer phase to time it (no graphs, less overlap)"
+        );
+    }
+    let prompt_text = if a.raw {
+        a.prompt.clone()
+    } else {
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(json!({"role": "system", "content": s}));
+        }
+        messages.push(json!({"role": "user", "content": a.prompt}));
+        engine.render_chat(&Json::Array(messages), None, if a.no_think { Some(false) } else { None })?
+    };
+    let ids = engine.encode(&prompt_text)?;
+    let opts = GenerateOptions { max_tokens: a.max_tokens, sampling: a.sampling.params() };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let stats = engine.generate(&ids, &opts, |piece| {
+        // A closed pipe (e.g. `| head`) stops generation instead of failing.
+        out.write_all(piece.as_bytes()).and_then(|_| out.flush()).is_ok()
+    })?;
+    let _ = writeln!(out);
+    drop(out);
+    let m = &engine.model;
+    if let Some(path) = &a.trace.trace_routing {
+        let records: Vec<(usize, usize, Vec<u32>)> =
+            m.take_routing_trace().into_iter().map(|r| (r.layer, r.pos, r.experts)).collect();
+        write_trace(path, m, &records)?;
+    }
+    if let Some(times) = m.timing_snapshot() {
+        print_timing(&times, stats.decode_steps, m);
+    }
+    let io = match (m.expert_store(), &stats.io_decode) {
+        (Some(store), Some(d)) => format!(
+            " | disk {}/token | RAM cache hit {:.0}% | io {}",
+            fmt_bytes(d.disk_bytes / stats.decode_steps.max(1) as u64),
+            100.0 * d.ram_hit_rate(),
+            store.mode().name()
+        ),
+        _ => " | experts mapped from the checkpoint (page cache)".to_string(),
+    };
+    let io = if a.engine.prefetch {
+        let (h, t) = m.prefetch_accuracy();
+        let used = stats.io_decode.map_or(0, |d| d.prefetch_used);
+        let issued = stats.io_decode.map_or(0, |d| d.prefetch_issued);
+        format!("{io} | prefetch accuracy {:.0}% ({used}/{issued} reads used)", 100.0 * h as f64 / t.max(1) as f64)
+    } else {
+        io
+    };
+    let io = match m.tier() {
+        // GPU expert cache over the whole run (prefill + decode): hit rate and bytes copied in.
+        Some(t) => {
+            let s = t.counters;
+            format!(
+                "{io} | GPU expert cache hit {:.0}%, host→GPU {}/token",
+                100.0 * s.hit_rate(),
+                fmt_bytes(s.h2d_bytes / s.tokens.max(1))
+            )
+        }
+        None => io,
+    };
+    let stop = match stats.finish {
+        Finish::Stop | Finish::StopString(_) => "stop token",
+        Finish::Length => "max tokens",
+        Finish::Context => "context full",
+        Finish::Cancelled => "output closed",
+    };
+    eprintln!(
+        "[flashmoe] prompt {} tok | prefill {:.1} tok/s | decode {:.2} tok/s ({} tok, {}) | peak RSS {} | experts {}/{} per token ({}){io}",
+        stats.prompt_tokens,
+        stats.prefill_tok_s(),
+        stats.decode_tok_s(),
+        stats.completion_tokens,
+        stop,
+        peak_rss_bytes().map_or("n/a".into(), fmt_bytes),
+        m.experts_per_token(),
+        m.config.num_experts,
+        if m.routing_is_exact() {
+            "exact".to_string()
+        } else {
+            format!("REDUCED from the model's {}: lossy", m.config.experts_per_token)
+        },
+    );
+    Ok(())
+}
