@@ -4,30 +4,39 @@
 # GPU figures of docs/performance.md with this build (`flashmoe`) and the build before the
 # refactor (`flashmoe-base`, packed beside it) alternated on the same synthetic model, and the
 # hooks (--timing, --trace-routing, --prefetch) on the GPU.
-#   tar xJf .carry/bin.tar.xz -C .carry/bin; PATH=$PWD/.carry/bin:$PATH scripts/gpu/ab_check.sh OUT
+#   tar xJf .carry/bin.tar.xz -C .carry/bin; PATH=$PWD/.carry/bin:$PATH scripts/gpu/ab_check.sh OUT [1|2]
+# Part 1: parity, end-to-end, resident decode; part 2: prefill, streaming, hooks (each fits one
+# 10-minute device call; part 2 reuses part 1's synthetic model while the machine is warm).
 set -uo pipefail
 OUT=${1:-/tmp/ab}
+PART=${2:-all}
 mkdir -p "$OUT"
 M=/tmp/m12
 P=testdata/routing/qwen3.5-397b-expert-activation-profile.json
 step() { echo; echo "== $* ($(date +%T))"; }
 
+if [ "$PART" != 2 ]; then
 step parity
 BIN=.carry/bin bash scripts/gpu/parity.sh "$OUT/parity" 2>&1 | tail -n 60
 
 step end-to-end
 bash scripts/gpu/e2e.sh "$OUT/e2e" 2>&1 | tail -n 20
+fi
 
 step synth
 [ -f "$M/manifest.json" ] || flashmoe synth --geometry qwen3.5-397b-a17b --layers 12 --routing-like $P --out "$M" >/dev/null 2>&1
 du -sh "$M"
 
+if [ "$PART" != 2 ]; then
 step "resident decode, alternated (new, base) x3"
 for i in 1 2 3; do
     for b in flashmoe flashmoe-base; do
         echo "[$b]"; $b bench decode --model "$M" --device cuda --routing model --tokens 128 --prefill 16 --warmup 8 --seed $i --disk-bw 3 2>&1 | grep -E "bench decode|roofline"
     done
 done
+
+fi
+[ "$PART" = 1 ] && exit 0
 
 step "prefill 512 / 4096, alternated"
 for n in 512 4096; do
