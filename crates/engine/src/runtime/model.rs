@@ -4,6 +4,7 @@
 //! [`SequenceState`] the caller owns.
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{self, CudaBackend};
 use crate::backend::{AnyState, Backend, Bandwidths, DeviceChoice, DeviceOptions, TierInfo};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -388,7 +389,6 @@ impl crate::backend::BackendState for BrokenState {
 }
 
 /// Puts the host model on the device `o` names. Returns a note when `auto` stayed on the CPU.
-#[allow(unused_variables)]
 fn place(
     host: &HostModel,
     o: &DeviceOptions,
@@ -396,18 +396,12 @@ fn place(
     max_context: usize,
 ) -> Result<(Box<dyn PlacedModel>, Option<String>)> {
     let cpu = || models::place(host, CpuBackend);
+    let open = |n: usize| CudaBackend::open(n, o, experts_per_token, max_context);
     match o.device {
         DeviceChoice::Cpu => Ok((cpu()?, None)),
-        #[cfg(not(feature = "cuda"))]
-        DeviceChoice::Auto => Ok((cpu()?, None)),
-        #[cfg(not(feature = "cuda"))]
-        DeviceChoice::Cuda(_) => Err(Error::Device(
-            "this flashmoe was built without CUDA support (cargo feature `cuda`); use --device cpu".into(),
-        )),
-        #[cfg(feature = "cuda")]
+        DeviceChoice::Auto if !cuda::COMPILED => Ok((cpu()?, None)),
         DeviceChoice::Auto => {
-            use crate::backend::cuda::CudaBackend;
-            let backend = match CudaBackend::open(0, o, experts_per_token, max_context) {
+            let backend = match open(0) {
                 Ok(b) => b,
                 Err(e) => return Ok((cpu()?, Some(format!("no usable GPU ({e}); running on the CPU")))),
             };
@@ -416,12 +410,9 @@ fn place(
                 Err(e) => Ok((cpu()?, Some(format!("the GPU could not take this model ({e}); running on the CPU")))),
             }
         }
-        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(n) if !cuda::COMPILED => Err(open(n).err().unwrap_or_else(|| Error::input("no CUDA"))),
         DeviceChoice::Cuda(n) => {
-            use crate::backend::cuda::CudaBackend;
-            let on_gpu = || -> Result<Box<dyn PlacedModel>> {
-                models::place(host, CudaBackend::open(n, o, experts_per_token, max_context)?)
-            };
+            let on_gpu = || -> Result<Box<dyn PlacedModel>> { models::place(host, open(n)?) };
             on_gpu().map(|m| (m, None)).map_err(|e| Error::Device(format!("cuda:{n}: {e}")))
         }
     }

@@ -640,7 +640,7 @@ pub struct CudaPass<'p> {
 impl CudaBackend {
     /// Opens GPU `ordinal` and compiles (or loads) the kernels. The pool and workspace are sized
     /// in `prepare`, once the weights are on the GPU.
-    pub fn open(ordinal: usize, opts: &DeviceOptions, max_k: usize, max_context: usize) -> Result<Self> {
+    pub fn open(ordinal: usize, opts: &DeviceOptions, max_k: usize, max_context: usize) -> crate::Result<Self> {
         let dev = Arc::new(CudaDevice::open(ordinal)?);
         let gemv = GemvKernels::load(&dev)?;
         let ops = ForwardKernels::load(&dev)?;

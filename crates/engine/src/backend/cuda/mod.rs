@@ -19,6 +19,9 @@ mod kernels;
 mod ops;
 
 pub use backend::{CudaBackend, CudaPass, DevExperts, DevSeqState, Device};
+
+/// True: this build has the CUDA backend.
+pub const COMPILED: bool = true;
 pub use context::{CudaDevice, CudaError, DevBuf, Graph, Result, Timer};
 pub use gemv::{AffineVariant, BatchItem, DevFormat, DevMatrix, GemvKernels, MatView};
 
