@@ -72,7 +72,7 @@ pub trait PlacedModel: Send + Sync {
     /// Replaces layer `layer`'s router (benchmarks that draw routing at random).
     fn set_router(&mut self, layer: usize, router: &Linear) -> Result<()>;
     fn tier(&self) -> Option<TierInfo>;
-    /// Fills the backend's expert tier (if it has one) hottest-first… in (layer, expert) order.
+    /// Fills the backend's expert tier (if it has one) in (layer, expert) order until it is full.
     fn preload_experts(&self, fetch_chunk: usize) -> Result<usize>;
     fn measure_bandwidths(&self) -> Result<Option<Bandwidths>>;
     /// Bytes a decode step at position `pos` moves with every expert in place: every
