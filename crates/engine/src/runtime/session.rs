@@ -281,7 +281,7 @@ pub(crate) fn generate(
     }
     if prompt.len() > model.max_context() {
         return Err(Error::input(format!(
-            "the prompt has {} tokens, more than the context length of {} tokens",
+            "the prompt has {} tokens, which exceed the context length of {} tokens",
             prompt.len(),
             model.max_context()
         )));
