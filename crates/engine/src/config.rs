@@ -324,8 +324,12 @@ impl ModelConfig {
                 format!("head_dim × factor = {rot} must be an even integer ≤ head_dim"),
             );
         }
-        if self.rope_theta <= 0.0 {
-            return bad("rope_theta", "must be positive".into());
+        if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
+            return bad("rope_theta", format!("{} must be a positive finite number", self.rope_theta));
+        }
+        // eps ≤ 0 lets a zero row divide by zero: NaN everywhere after it.
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
+            return bad("rms_norm_eps", format!("{} must be a positive finite number", self.rms_norm_eps));
         }
         Ok(())
     }

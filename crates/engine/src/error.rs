@@ -17,6 +17,9 @@ pub enum Error {
     Input(String),
     #[error("{0}")]
     Text(#[from] flashmoe_text::TextError),
+    /// NaN or Inf where a finite number must be (activations, logits): named by layer.
+    #[error("{0}")]
+    NonFinite(String),
     /// A device (GPU driver, compiler, memory) failure described in words.
     #[error("GPU: {0}")]
     Device(String),

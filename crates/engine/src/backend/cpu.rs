@@ -230,6 +230,17 @@ impl Backend for CpuBackend {
         for (xv, m) in p.x.iter_mut().zip(&out) {
             *xv += m;
         }
+        // A NaN or Inf in the weights (or an overflow) would otherwise run on as fluent garbage;
+        // the residual stream carries it from wherever it appeared, so one check per layer
+        // names the first layer that produced it.
+        if let Some(i) = p.x.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite(format!(
+                "layer {layer}: non-finite activation ({} at token {} of the pass, element {}) by the end of the layer: the checkpoint holds NaN/Inf weights or the activations overflowed",
+                p.x[i],
+                i / p.spec.cfg.hidden_size,
+                i % p.spec.cfg.hidden_size
+            )));
+        }
         if let Some(n) = next_norm {
             rms_norm_rows(&p.x, n, p.spec.cfg.rms_norm_eps, &mut p.normed);
         }

@@ -356,6 +356,15 @@ impl Model {
             hooks: &self.hooks,
         };
         let logits = self.placed.forward(&spec, &mut *state.caches)?;
+        // Every backend: logits are finite or the pass is an error (never fluent garbage).
+        if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite(format!(
+                "non-finite logit ({} for token id {} of output row {}): the checkpoint holds NaN/Inf weights or the activations overflowed",
+                logits[i],
+                i % c.vocab_size,
+                i / c.vocab_size
+            )));
+        }
         state.pos += tokens.len();
         Ok(logits)
     }

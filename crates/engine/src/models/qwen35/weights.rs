@@ -131,6 +131,22 @@ impl ModelWeights<Host> {
                 })?;
             l.linear(head, &[v, h])?
         };
+        // A checkpoint with more layers than config.json names would otherwise run fewer, quietly.
+        let layer_prefix = format!("{root}layers.");
+        let deepest =
+            store.names().filter_map(|n| n.strip_prefix(&layer_prefix)?.split('.').next()?.parse::<usize>().ok()).max();
+        if let Some(d) = deepest
+            && d >= cfg.num_layers
+        {
+            return Err(Error::file(
+                &store.dir,
+                format!(
+                    "the checkpoint has tensors of layer {d} but config.json's num_hidden_layers is {} ({})",
+                    cfg.num_layers,
+                    store.describe_location()
+                ),
+            ));
+        }
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             layers.push(l.layer(&format!("{root}layers.{i}."), cfg.layer_kinds[i])?);
