@@ -353,3 +353,21 @@ fn convert_verify_and_run_a_packed_model() {
     let e = fails(&["convert", s(&src), s(&dst)]);
     assert!(e.contains("already exists"), "{e}");
 }
+
+#[test]
+fn sampling_flags_are_validated_like_the_server() {
+    for (flag, value) in [
+        ("--temperature", "NaN"),
+        ("--temperature", "-1"),
+        ("--top-p", "1.5"),
+        ("--min-p", "inf"),
+        ("--repetition-penalty", "11"),
+        ("--presence-penalty", "-3"),
+    ] {
+        let arg = format!("{flag}={value}");
+        let o = flashmoe(&["run", "--prompt", "hi", "--max-tokens", "1", &arg]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{flag} {value}: {err}");
+        assert!(err.contains(flag) && (err.contains("must be between") || err.contains("not a number")), "{err}");
+    }
+}
