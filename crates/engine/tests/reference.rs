@@ -40,7 +40,7 @@ fn backends() -> Vec<(&'static str, Loader)> {
     ];
     #[cfg(feature = "cuda")]
     {
-        use flashmoe::backend::{DeviceChoice, DeviceOptions, GpuCache, GpuTuning};
+        use flashmoe::backend::{DeviceChoice, DeviceOptions, GpuCache, GpuTuning, Hybrid};
         match flashmoe::cuda::CudaDevice::open(0) {
             Ok(_) => {
                 // Prefill through cuBLAS SGEMM (from 2 tokens on), every expert cached.
@@ -52,7 +52,16 @@ fn backends() -> Vec<(&'static str, Loader)> {
                 let gpu = GpuTuning { prefill_chunk: 4, ..Default::default() };
                 let cache = GpuCache::Experts(usize::MAX); // replaced by k+1 in `merge`
                 let device = DeviceOptions { device: DeviceChoice::Cuda(0), gpu_cache: cache, gpu };
-                v.push(("cuda-small-cache", plain(LoadOptions { device, ..Default::default() })));
+                v.push(("cuda-small-cache", plain(LoadOptions { device: device.clone(), ..Default::default() })));
+                // Hybrid decode: every miss computed by the CPU; then misses split between the
+                // CPU (RAM-tier hits) and copies to the GPU (disk reads).
+                for (name, hybrid, ram) in
+                    [("cuda-hybrid-cpu", Hybrid::Cpu, 0), ("cuda-hybrid-auto", Hybrid::Auto, 64 << 20)]
+                {
+                    let device = DeviceOptions { gpu: GpuTuning { hybrid, ..device.gpu }, ..device.clone() };
+                    let store = flashmoe::experts::StoreOptions { ram_cache_bytes: ram, ..Default::default() };
+                    v.push((name, plain(LoadOptions { device, store, ..Default::default() })));
+                }
             }
             Err(e) => eprintln!("no GPU backend: {e}"),
         }
@@ -68,7 +77,9 @@ fn merge(backend: &LoadOptions, test: LoadOptions, dir: &std::path::Path) -> Loa
         let k = flashmoe::ModelConfig::load(dir).expect("config").experts_per_token;
         device.gpu_cache = flashmoe::GpuCache::Experts(k + 1);
     }
-    LoadOptions { device, ..test }
+    // A backend that sets a RAM tier keeps it (the hybrid runs need one).
+    let store = if backend.store.ram_cache_bytes > 0 { backend.store.clone() } else { test.store.clone() };
+    LoadOptions { device, store, ..test }
 }
 
 struct Reference {

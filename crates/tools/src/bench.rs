@@ -564,6 +564,8 @@ pub struct GpuDecodeInfo {
     pub pool_hits: u64,
     pub pool_misses: u64,
     pub h2d_bytes: u64,
+    /// Misses the CPU computed instead of copying them (hybrid decode).
+    pub cpu_experts: u64,
     /// Bytes the GPU must read (and state it must write) per decode token with every expert
     /// resident: non-expert weights, k routed experts per layer, recurrent states, KV cache.
     pub bytes_per_token: f64,
@@ -778,6 +780,7 @@ fn decode_info(model: &Model, before: &TierCounters, preloaded: bool, pos: usize
         pool_hits: d.hits,
         pool_misses: d.misses,
         h2d_bytes: d.h2d_bytes,
+        cpu_experts: d.cpu_experts,
         bytes_per_token: model.decode_bytes_per_token(pos),
         d2d_bw: bw.d2d,
         h2d_bw: bw.h2d,

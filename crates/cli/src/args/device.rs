@@ -12,10 +12,16 @@ pub struct DeviceArgs {
     /// workspace and 8K tokens of state, minus a margin.
     #[arg(long, default_value = "auto")]
     pub gpu_cache: flashmoe::device::GpuCache,
+    /// Decode with a GPU: where experts the GPU cache misses are computed. off: copied to the
+    /// GPU; auto: those the RAM tier holds are computed by the CPU in place (no copy), disk
+    /// reads go to the GPU; cpu: every miss on the CPU.
+    #[arg(long, default_value = "off")]
+    pub hybrid: flashmoe::backend::Hybrid,
 }
 
 impl DeviceArgs {
     pub fn options(&self) -> flashmoe::device::DeviceOptions {
-        flashmoe::device::DeviceOptions { device: self.device, gpu_cache: self.gpu_cache, ..Default::default() }
+        let gpu = flashmoe::backend::GpuTuning { hybrid: self.hybrid, ..Default::default() };
+        flashmoe::device::DeviceOptions { device: self.device, gpu_cache: self.gpu_cache, gpu }
     }
 }

@@ -282,12 +282,13 @@ fn print_gpu(r: &DecodeReport, g: &bench::GpuDecodeInfo, disk_bw: f64) {
     let (t_mem, t_disk, t_pcie) = (g.bytes_per_token / g.d2d_bw, r.disk_bytes_per_token() / disk_bw, h2d / g.h2d_bw);
     let step = r.decode_secs / n;
     eprintln!(
-        "[flashmoe] gpu: expert cache {}/{} experts{} | hit {:.1}% | host→GPU {}/token | RAM hit {:.0}% | disk {}/token",
+        "[flashmoe] gpu: expert cache {}/{} experts{} | hit {:.1}% | host→GPU {}/token | CPU-computed experts {:.1}/token | RAM hit {:.0}% | disk {}/token",
         g.pool_slots,
         g.total_experts,
         if g.preloaded { " (all preloaded)" } else { "" },
         100.0 * g.hit_rate(),
         fmt_bytes(h2d as u64),
+        g.cpu_experts as f64 / n,
         100.0 * r.io.ram_hit_rate(),
         fmt_bytes(r.disk_bytes_per_token() as u64),
     );

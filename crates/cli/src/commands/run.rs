@@ -121,8 +121,13 @@ pub fn run(a: RunArgs) -> Result<()> {
         // GPU expert cache over the whole run (prefill + decode): hit rate and bytes copied in.
         Some(t) => {
             let s = t.counters;
+            let cpu = if s.cpu_experts > 0 {
+                format!(", CPU computed {:.1} experts/token", s.cpu_experts as f64 / s.tokens.max(1) as f64)
+            } else {
+                String::new()
+            };
             format!(
-                "{io} | GPU expert cache hit {:.0}%, host→GPU {}/token",
+                "{io} | GPU expert cache hit {:.0}%, host→GPU {}/token{cpu}",
                 100.0 * s.hit_rate(),
                 fmt_bytes(s.h2d_bytes / s.tokens.max(1))
             )

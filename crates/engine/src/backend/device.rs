@@ -47,6 +47,31 @@ impl std::str::FromStr for GpuCache {
     }
 }
 
+/// Where a decode step computes the routed experts the GPU cache does not hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Hybrid {
+    /// Copy every miss to the GPU (through pinned staging) and compute it there.
+    #[default]
+    Off,
+    /// Misses the RAM tier holds are computed by the CPU in place (no copy; only the layer's
+    /// input and the expert's output cross PCIe); misses read from disk are copied to the GPU.
+    Auto,
+    /// Every miss is computed by the CPU (read from disk into the RAM tier first when needed).
+    Cpu,
+}
+
+impl std::str::FromStr for Hybrid {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "off" => Ok(Hybrid::Off),
+            "auto" => Ok(Hybrid::Auto),
+            "cpu" => Ok(Hybrid::Cpu),
+            o => Err(format!("`{o}`: expected off, auto or cpu")),
+        }
+    }
+}
+
 /// GPU settings below the user-facing flags (tests and benchmarks set them).
 #[derive(Clone, Copy, Debug)]
 pub struct GpuTuning {
@@ -59,6 +84,8 @@ pub struct GpuTuning {
     pub blas_min_tokens: usize,
     /// Capture decode steps in CUDA graphs when every expert is resident.
     pub graphs: bool,
+    /// Where decode computes GPU-cache misses.
+    pub hybrid: Hybrid,
 }
 
 impl Default for GpuTuning {
@@ -68,6 +95,7 @@ impl Default for GpuTuning {
             reserve_context: 8192,
             blas_min_tokens: 64,
             graphs: std::env::var("FLASHMOE_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            hybrid: Hybrid::Off,
         }
     }
 }
@@ -92,5 +120,9 @@ mod tests {
         assert_eq!("auto".parse::<GpuCache>().unwrap(), GpuCache::Auto);
         assert_eq!("2G".parse::<GpuCache>().unwrap(), GpuCache::Bytes(2 << 30));
         assert!("lots".parse::<GpuCache>().is_err());
+        assert_eq!("auto".parse::<Hybrid>().unwrap(), Hybrid::Auto);
+        assert_eq!("cpu".parse::<Hybrid>().unwrap(), Hybrid::Cpu);
+        assert_eq!("off".parse::<Hybrid>().unwrap(), Hybrid::Off);
+        assert!("gpu".parse::<Hybrid>().is_err());
     }
 }

@@ -20,7 +20,7 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::layers::{AttentionWeights, Convert, DeltaNetWeights, Host, MoeWeights, PassSpec, Tensors};
 
-pub use device::{DeviceChoice, DeviceOptions, GpuCache, GpuTuning};
+pub use device::{DeviceChoice, DeviceOptions, GpuCache, GpuTuning, Hybrid};
 
 /// Where one layer's time went, marked by the layer loop when timing is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +51,8 @@ pub struct TierCounters {
     /// Host-to-device expert bytes.
     pub h2d_bytes: u64,
     pub tokens: u64,
+    /// Misses computed by the CPU instead (hybrid decode).
+    pub cpu_experts: u64,
 }
 
 impl TierCounters {
@@ -60,6 +62,7 @@ impl TierCounters {
             misses: self.misses - before.misses,
             h2d_bytes: self.h2d_bytes - before.h2d_bytes,
             tokens: self.tokens - before.tokens,
+            cpu_experts: self.cpu_experts - before.cpu_experts,
         }
     }
 

@@ -455,6 +455,11 @@ impl ExpertStore {
         Ok(buf)
     }
 
+    /// Whether the RAM tier holds expert `e` of `layer` (not counted as a use).
+    pub fn in_ram(&self, layer: usize, e: usize) -> bool {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).contains((layer as u32, e as u32))
+    }
+
     /// The buffers of experts `ids` of `layer`, from the RAM cache or read in parallel.
     pub fn fetch(&self, layer: usize, ids: &[usize]) -> Result<Vec<Arc<AlignedBuf>>> {
         let t = Instant::now();

@@ -20,7 +20,9 @@
 use super::context::{CudaDevice, CudaError, DevBuf, Result};
 use super::gemv::{AffineVariant, BatchItem, DevFormat, DevMatrix, GemvKernels, MatView};
 use super::ops::ForwardKernels;
-use crate::backend::{Backend, BackendState, Bandwidths, DeviceOptions, GpuCache, Phase, TierCounters, TierInfo};
+use crate::backend::{
+    Backend, BackendState, Bandwidths, DeviceOptions, GpuCache, Hybrid, Phase, TierCounters, TierInfo,
+};
 use crate::config::{LayerKind, ModelConfig};
 use crate::experts::cache::{CachePolicy, CacheValue, ExpertCache, ExpertKey};
 use crate::experts::{ExpertSet, ExpertStore, ExpertWeights};
@@ -43,6 +45,8 @@ struct GpuStats {
     /// Host-to-GPU expert bytes.
     h2d_bytes: AtomicU64,
     tokens: AtomicU64,
+    /// GPU-cache misses computed by the CPU (hybrid decode).
+    cpu_experts: AtomicU64,
 }
 
 /// Tensors on the GPU: matrices in their stored format, f32 vectors, and a layer's routed
@@ -997,21 +1001,45 @@ impl CudaBackend {
             if !misses.is_empty() {
                 let chosen: HashSet<u32> = ids.iter().map(|&x| x as u32).collect();
                 let protect = |key: ExpertKey| key.0 == li as u32 && chosen.contains(&key.1);
-                let miss_ids: Vec<usize> = misses.iter().map(|&j| ids[j] as usize).collect();
-                let t_io = Instant::now();
-                let slots = self.load_missing(pool, &dl.experts, li, &miss_ids, &protect)?;
-                if let Some(t) = p.times.get_mut(li) {
-                    t.io_wait += t_io.elapsed().as_secs_f64();
+                // Which misses the CPU computes in place (hybrid), which are copied to the GPU.
+                let (on_cpu, to_gpu): (Vec<usize>, Vec<usize>) =
+                    misses.iter().partition(|&&j| match (self.opts.gpu.hybrid, &dl.experts.host) {
+                        (Hybrid::Off, _) => false,
+                        (Hybrid::Cpu, _) => true,
+                        // Mapped checkpoint experts are read in place from memory too.
+                        (Hybrid::Auto, ExpertSet::Resident(_)) => true,
+                        (Hybrid::Auto, ExpertSet::Streamed { store, layer }) => store.in_ram(*layer, ids[j] as usize),
+                    });
+                // The CPU needs the layer's MoE input: read it now, before the copies are queued
+                // (this waits only for the hits and the shared expert launched above).
+                let x = if on_cpu.is_empty() { Vec::new() } else { ws.normed.read_f32_n(h)? };
+                if !to_gpu.is_empty() {
+                    let miss_ids: Vec<usize> = to_gpu.iter().map(|&j| ids[j] as usize).collect();
+                    let t_io = Instant::now();
+                    let slots = self.load_missing(pool, &dl.experts, li, &miss_ids, &protect)?;
+                    if let Some(t) = p.times.get_mut(li) {
+                        t.io_wait += t_io.elapsed().as_secs_f64();
+                    }
+                    for (&j, &slot) in to_gpu.iter().zip(&slots) {
+                        pool.in_use.insert(slot);
+                        let base = pool.base(slot);
+                        let first = [
+                            BatchItem { m: gl.view(base), x: normed, y: gu(j), swiglu: false },
+                            BatchItem { m: ul.view(base), x: normed, y: gu(j) + (gl.rows * 4) as u64, swiglu: false },
+                        ];
+                        self.gemv.gemv_batch(dev, &first)?;
+                        self.gemv
+                            .gemv_batch(dev, &[BatchItem { m: dm.view(base), x: gu(j), y: ys(j), swiglu: true }])?;
+                    }
                 }
-                for (&j, &slot) in misses.iter().zip(&slots) {
-                    pool.in_use.insert(slot);
-                    let base = pool.base(slot);
-                    let first = [
-                        BatchItem { m: gl.view(base), x: normed, y: gu(j), swiglu: false },
-                        BatchItem { m: ul.view(base), x: normed, y: gu(j) + (gl.rows * 4) as u64, swiglu: false },
-                    ];
-                    self.gemv.gemv_batch(dev, &first)?;
-                    self.gemv.gemv_batch(dev, &[BatchItem { m: dm.view(base), x: gu(j), y: ys(j), swiglu: true }])?;
+                if !on_cpu.is_empty() {
+                    // While the GPU copies and computes its share, the CPU computes these from
+                    // the RAM tier (zero-copy views); only their outputs cross PCIe.
+                    let outs = self.cpu_experts(&dl.experts.host, &on_cpu, &ids, &x)?;
+                    for (j, y) in outs {
+                        ws.ys.copy_from_host_at(j * h * 4, super::context::f32_bytes(&y))?;
+                    }
+                    self.stats.cpu_experts.fetch_add(on_cpu.len() as u64, Relaxed);
                 }
             }
         }
@@ -1134,6 +1162,31 @@ impl CudaBackend {
         }
         self.ops.moe_prefill_combine(dev, ws.x.ptr(), ws.yd.ptr(), ws.pair_of.ptr(), ws.wts.ptr(), k, h, t)?;
         Ok(())
+    }
+
+    /// Routed experts `ids[j]` for j in `which`, computed by the CPU backend's kernels on the
+    /// layer input `x` (RAM-tier buffers or mapped checkpoint views, no copy), in parallel.
+    fn cpu_experts(
+        &self,
+        host: &ExpertSet,
+        which: &[usize],
+        ids: &[i32],
+        x: &[f32],
+    ) -> crate::Result<Vec<(usize, Vec<f32>)>> {
+        use rayon::prelude::*;
+        let weights: Vec<(usize, ExpertWeights)> = match host {
+            ExpertSet::Resident(v) => which.iter().map(|&j| (j, v[ids[j] as usize].clone())).collect(),
+            ExpertSet::Streamed { store, layer } => {
+                let e_ids: Vec<usize> = which.iter().map(|&j| ids[j] as usize).collect();
+                let bufs = store.fetch(*layer, &e_ids)?;
+                let mut out = Vec::with_capacity(which.len());
+                for (&j, b) in which.iter().zip(bufs) {
+                    out.push((j, store.expert_weights(*layer, b)?));
+                }
+                out
+            }
+        };
+        Ok(weights.par_iter().map(|(j, ew)| (*j, crate::backend::cpu::expert_forward(ew, x, 1))).collect())
     }
 
     /// Reads the prefetch guess launched for the next layer (the GPU is idle up to here: the
@@ -1622,6 +1675,7 @@ impl Backend for CudaBackend {
                 misses: self.stats.pool_misses.load(Relaxed),
                 h2d_bytes: self.stats.h2d_bytes.load(Relaxed),
                 tokens: self.stats.tokens.load(Relaxed),
+                cpu_experts: self.stats.cpu_experts.load(Relaxed),
             },
         })
     }

@@ -370,6 +370,21 @@ impl DevBuf {
 
     /// Copies `data` into the start of the buffer and waits for the copy (no `&mut`: the
     /// buffer's address is what kernels see, and the copy is ordered on the stream).
+    /// Copies `data` to byte offset `at` (stream-ordered after earlier work; synchronizes).
+    pub fn copy_from_host_at(&self, at: usize, data: &[u8]) -> Result<()> {
+        if at.checked_add(data.len()).is_none_or(|end| end > self.len) {
+            return Err(CudaError(format!("write of {} bytes at {at} into a buffer of {}", data.len(), self.len)));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: the destination range is inside this live allocation; `data` outlives the copy
+        // because the stream is synchronized before returning.
+        unsafe { result::memcpy_htod_async(self.ptr() + at as u64, data, self.stream.cu_stream()) }
+            .ctx("cuMemcpyHtoDAsync")?;
+        self.stream.synchronize().ctx("stream synchronize")
+    }
+
     pub fn copy_from_host(&self, data: &[u8]) -> Result<()> {
         if data.len() > self.len {
             return Err(CudaError(format!("write of {} bytes into a buffer of {}", data.len(), self.len)));
