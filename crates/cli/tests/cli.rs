@@ -371,3 +371,26 @@ fn sampling_flags_are_validated_like_the_server() {
         assert!(err.contains(flag) && (err.contains("must be between") || err.contains("not a number")), "{err}");
     }
 }
+
+#[test]
+fn absurd_sizes_and_thread_counts_are_refused_not_wrapped() {
+    let dir = models_dir().join("qwen35-moe-tiny");
+    // A token count near 2^64 under a memory budget: the plan saturates and says it cannot fit.
+    let e = fails(&[
+        "run",
+        "--model",
+        s(&dir),
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "18446744073709551615",
+        "--memory-budget",
+        "1G",
+    ]);
+    assert!(e.contains("memory budget") && e.contains("too small"), "{e}");
+    // Reads in flight are bounded (a huge value would try to start that many threads).
+    let o = flashmoe(&["run", "--model", s(&dir), "--prompt", "hi", "--io-threads", "100000000"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--io-threads") && err.contains("1..=1024"), "{err}");
+}

@@ -36,18 +36,22 @@ pub fn current_rss_bytes() -> u64 {
 
 pub use crate::units::parse_size;
 
+/// Saturating: an absurd context gives u64::MAX (which no budget fits), never a wrapped small
+/// number.
 pub fn state_bytes(cfg: &ModelConfig, context_tokens: usize) -> u64 {
     cfg.layer_kinds
         .iter()
         .map(|k| match k {
-            LayerKind::FullAttention => (2 * cfg.num_kv_heads * cfg.head_dim * 4 * context_tokens) as u64,
+            LayerKind::FullAttention => {
+                ((2 * cfg.num_kv_heads * cfg.head_dim * 4) as u64).saturating_mul(context_tokens as u64)
+            }
             LayerKind::LinearAttention => {
                 let rec = cfg.linear_value_heads * cfg.linear_key_dim * cfg.linear_value_dim;
                 let conv = cfg.conv_kernel.saturating_sub(1) * cfg.conv_dim();
                 ((rec + conv) * 4) as u64
             }
         })
-        .sum()
+        .fold(0u64, u64::saturating_add)
 }
 
 /// Plans a model under `budget` bytes. `fetch_chunk` is the most expert buffers fetched at
@@ -86,13 +90,15 @@ pub fn plan(
         + 4 * c.moe_intermediate.max(c.shared_intermediate) * 3;
     // Two chunks are alive at once (the one computing and the one being read), plus the store's
     // free list of recycled read buffers (2 × I/O threads).
-    let buffers = (2 * fetch_chunk as u64 + 2 * io_threads as u64) * max_stride
-        + (batch_tokens * act_per_token) as u64
-        + (c.vocab_size * 4 * 2) as u64
-        + (16 << 20);
+    let buffers = (2 * fetch_chunk as u64)
+        .saturating_add(2 * io_threads as u64)
+        .saturating_mul(max_stride)
+        .saturating_add((batch_tokens as u64).saturating_mul(act_per_token as u64))
+        .saturating_add((c.vocab_size * 4 * 2) as u64)
+        .saturating_add(16 << 20);
     let state = state_bytes(c, context_tokens);
     let baseline = current_rss_bytes();
-    let fixed = non_expert + state + buffers + baseline;
+    let fixed = non_expert.saturating_add(state).saturating_add(buffers).saturating_add(baseline);
     if fixed > budget {
         return Err(Error::input(format!(
             "memory budget {} is too small for {}: non-expert weights {} + state for {context_tokens} tokens {} + buffers {} + process {} = {} before any expert cache",

@@ -23,7 +23,7 @@ pub struct StoreArgs {
     #[arg(long)]
     pub memory_budget: Option<String>,
     /// Expert reads in flight at once.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     pub io_threads: usize,
     /// RAM cache eviction: lfu (with aging, half-life 32 tokens; the default, chosen by replaying
     /// routing traces, docs/performance.md), lfu:N (half-life N tokens) or lru.

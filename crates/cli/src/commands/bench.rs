@@ -51,7 +51,7 @@ struct ExpertsArgs {
     #[arg(long, default_value = "page")]
     io: IoChoice,
     /// Reads in flight at once.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     io_threads: usize,
     /// Do not empty the page cache before cold passes.
     #[arg(long)]
@@ -79,7 +79,7 @@ struct DecodeCommon {
     #[arg(long, default_value = "uniform")]
     routing: Routing,
     /// Reads in flight at once.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     io_threads: usize,
     /// Disk bandwidth for the floor, GB/s (e.g. fio's). Default: measured here with O_DIRECT
     /// random reads of whole experts, io-threads in flight.

@@ -46,12 +46,14 @@ pub fn run(a: RunArgs) -> Result<()> {
     let model_path = model_dir.as_path();
     // The plan needs a context size before the prompt is tokenized: the prompt text's bytes bound
     // its token count.
-    let context = a
-        .engine
-        .max_context
-        .unwrap_or(0)
-        .max(a.prompt.len() + a.system.as_ref().map_or(0, |s| s.len()) + 64 + a.max_tokens);
-    let plan = Plan { context_tokens: context, batch_tokens: a.prompt.len() + 64 };
+    let context = a.engine.max_context.unwrap_or(0).max(
+        a.prompt
+            .len()
+            .saturating_add(a.system.as_ref().map_or(0, |s| s.len()))
+            .saturating_add(64)
+            .saturating_add(a.max_tokens),
+    );
+    let plan = Plan { context_tokens: context, batch_tokens: a.prompt.len().saturating_add(64) };
     let mut opts = args::load_options(model_path, &a.store, &a.device, &a.engine, plan)?;
     opts.timing = a.timing;
     a.trace.apply(&mut opts);
