@@ -8,7 +8,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::experts::ExpertSet;
+use crate::experts::{ExpertSet, ExpertStore};
 use crate::weights::Linear;
 
 /// Where the tensors of a weight tree live.
@@ -229,4 +229,22 @@ pub fn route_top_k(logits: &[f32], k: usize, normalize: bool, idx: &mut Vec<usiz
     let norm = if normalize { top.iter().map(|&x| p[x]).sum::<f32>() } else { 1.0 };
     let w = top.iter().map(|&x| p[x] / norm).collect();
     (top, w)
+}
+
+/// Decode prefetch, shared by every backend: from layer `layer`'s router logits (applied to the
+/// previous layer's post-attention state) guess its k experts — the k largest logits, ties to the
+/// lower index — start reading them into the RAM tier and tell the hooks.
+pub fn start_prefetch(
+    hooks: &dyn Hooks,
+    layer: usize,
+    logits: &[f32],
+    k: usize,
+    store: &std::sync::Arc<ExpertStore>,
+    store_layer: usize,
+) {
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    store.prefetch(store_layer, &idx);
+    hooks.prefetch_guess(layer, &idx);
 }

@@ -10,6 +10,7 @@ use crate::experts::buffer::AlignedBuf;
 use crate::experts::{ExpertSet, ExpertWeights};
 use crate::layers::{
     AttentionWeights, Convert, DeltaNetWeights, Host, LayerTimes, LogitsFor, MoeWeights, PassSpec, route_top_k,
+    start_prefetch,
 };
 use crate::weights::Linear;
 use rayon::prelude::*;
@@ -217,11 +218,7 @@ impl Backend for CpuBackend {
         // layer l's post-attention state guesses l+1's experts.
         let ExpertSet::Streamed { store, layer: sl } = &w.experts else { return Ok(()) };
         let logits = w.router.apply(&p.normed, 1);
-        let mut idx: Vec<usize> = (0..logits.len()).collect();
-        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-        idx.truncate(p.spec.experts_per_token);
-        store.prefetch(*sl, &idx);
-        p.spec.hooks.prefetch_guess(layer, &idx);
+        start_prefetch(p.spec.hooks, layer, &logits, p.spec.experts_per_token, store, *sl);
         Ok(())
     }
 

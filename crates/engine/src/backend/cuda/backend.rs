@@ -1194,11 +1194,7 @@ impl CudaBackend {
     fn start_prefetch(&self, p: &mut CudaPass<'_>) -> Result<()> {
         let Some((layer, store, store_layer)) = p.prefetch.take() else { return Ok(()) };
         let logits = p.ws.plogits.read_f32_n(p.spec.cfg.num_experts)?;
-        let mut idx: Vec<usize> = (0..logits.len()).collect();
-        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-        idx.truncate(p.spec.experts_per_token);
-        store.prefetch(store_layer, &idx);
-        p.spec.hooks.prefetch_guess(layer, &idx);
+        crate::layers::start_prefetch(p.spec.hooks, layer, &logits, p.spec.experts_per_token, &store, store_layer);
         Ok(())
     }
 
