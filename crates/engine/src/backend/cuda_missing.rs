@@ -34,20 +34,6 @@ impl CudaBackend {
     }
 }
 
-struct NoUpload;
-
-impl Convert<Host, Host> for NoUpload {
-    fn mat(&self, m: &Linear) -> Result<Linear> {
-        Ok(m.clone())
-    }
-    fn vec(&self, v: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(v.clone())
-    }
-    fn experts(&self, _layer: usize, e: &crate::experts::ExpertSet) -> Result<crate::experts::ExpertSet> {
-        Ok(e.clone())
-    }
-}
-
 impl Backend for CudaBackend {
     type T = Host;
     type State = NoState;
@@ -57,7 +43,7 @@ impl Backend for CudaBackend {
         match *self {}
     }
     fn upload(&self) -> impl Convert<Host, Host> + '_ {
-        NoUpload
+        super::cpu::KeepOnHost
     }
     fn new_state(&self, _cfg: &ModelConfig) -> Result<NoState> {
         match *self {}

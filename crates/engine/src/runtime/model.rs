@@ -155,19 +155,18 @@ impl Model {
 
     pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let host = load_host(dir, opts)?;
-        let k = opts.experts_per_token.unwrap_or(host.config().experts_per_token);
-        check_experts_per_token(k, host.config())?;
-        let max_context = opts.max_context.unwrap_or(host.config().max_position_embeddings);
+        let (k, max_context) = run_limits(host.config(), opts)?;
         let (placed, device_note) = place(&host, &opts.device, k, max_context)?;
-        Self::assemble(&host, placed, device_note, opts)
+        Ok(Self::assemble(&host, placed, device_note, opts, k, max_context))
     }
 
     /// Loads `dir` onto a backend the caller made (`opts.device` is not used): how a backend
     /// that lives outside the engine runs the model.
     pub fn load_on<B: Backend>(dir: &Path, opts: &LoadOptions, backend: B) -> Result<Self> {
         let host = load_host(dir, opts)?;
+        let (k, max_context) = run_limits(host.config(), opts)?;
         let placed = models::place(&host, backend)?;
-        Self::assemble(&host, placed, None, opts)
+        Ok(Self::assemble(&host, placed, None, opts, k, max_context))
     }
 
     fn assemble(
@@ -175,16 +174,16 @@ impl Model {
         placed: Box<dyn PlacedModel>,
         device_note: Option<String>,
         opts: &LoadOptions,
-    ) -> Result<Self> {
+        experts_per_token: usize,
+        max_context: usize,
+    ) -> Self {
         let config = host.config().clone();
-        let k = opts.experts_per_token.unwrap_or(config.experts_per_token);
-        check_experts_per_token(k, &config)?;
         let n = config.num_layers;
-        Ok(Model {
+        Model {
             expert_store: host.expert_store().cloned(),
             placed,
-            experts_per_token: k,
-            max_context: opts.max_context.unwrap_or(config.max_position_embeddings),
+            experts_per_token,
+            max_context,
             fetch_chunk: opts.fetch_chunk.unwrap_or(32).max(1),
             hooks: RuntimeHooks {
                 trace: opts.trace_routing.then(Default::default),
@@ -196,7 +195,7 @@ impl Model {
             },
             device_note,
             config,
-        })
+        }
     }
 
     /// The family's host weight tree, when it is of type `W` (e.g. `models::qwen35::ModelWeights`).
@@ -372,6 +371,13 @@ impl Model {
 
 fn load_host(dir: &Path, opts: &LoadOptions) -> Result<HostModel> {
     models::load_host(dir, &SourceOptions { stream_experts: opts.stream_experts, store: opts.store.clone() })
+}
+
+/// Routed experts per token (checked) and the longest sequence, from the options or the config.
+fn run_limits(c: &ModelConfig, opts: &LoadOptions) -> Result<(usize, usize)> {
+    let k = opts.experts_per_token.unwrap_or(c.experts_per_token);
+    check_experts_per_token(k, c)?;
+    Ok((k, opts.max_context.unwrap_or(c.max_position_embeddings)))
 }
 
 fn check_experts_per_token(k: usize, c: &ModelConfig) -> Result<()> {
