@@ -365,14 +365,7 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn Con
         o.remove("quantization_config");
     }
 
-    let name = dst.file_name().ok_or_else(|| Error::file(dst, "destination has no folder name"))?;
-    let partial = dst.with_file_name(format!("{}.partial", name.to_string_lossy()));
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial)
-            .map_err(|e| Error::file(&partial, format!("cannot remove a previous partial output: {e}")))?;
-    }
-    std::fs::create_dir_all(partial.join("experts"))
-        .map_err(|e| Error::file(&partial, format!("cannot create: {e}")))?;
+    let partial = start_output(dst)?;
     progress.start((weights.non_expert_bytes() + weights.expert_bytes()) as u64);
 
     let mut ctx = Ctx { rmse: Vec::new(), progress, cancelled: false };
@@ -535,6 +528,20 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn Con
     };
     finish_output(&partial, dst, &manifest)?;
     Ok(ConvertReport { dst: dst.to_path_buf(), non_expert_bytes, expert_bytes, rmse: ctx.rmse })
+}
+
+/// Starts a packed output for `dst`: an empty `DST.partial` folder (a leftover one from an
+/// interrupted run is removed) with its `experts/` folder. [`finish_output`] completes it.
+pub fn start_output(dst: &Path) -> Result<PathBuf> {
+    let name = dst.file_name().ok_or_else(|| Error::file(dst, "destination has no folder name"))?;
+    let partial = dst.with_file_name(format!("{}.partial", name.to_string_lossy()));
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial)
+            .map_err(|e| Error::file(&partial, format!("cannot remove a previous partial output: {e}")))?;
+    }
+    std::fs::create_dir_all(partial.join("experts"))
+        .map_err(|e| Error::file(&partial, format!("cannot create: {e}")))?;
+    Ok(partial)
 }
 
 /// Completes a packed output written under `partial`: the manifest goes in last (a folder without

@@ -1035,14 +1035,7 @@ pub fn synth(opts: &SynthOptions, progress: &dyn ConvertProgress) -> Result<Synt
     if dst.exists() && !opts.force {
         return Err(Error::file(dst, "already exists (pass --force to replace it)"));
     }
-    let name = dst.file_name().ok_or_else(|| Error::file(dst, "destination has no folder name"))?;
-    let partial = dst.with_file_name(format!("{}.partial", name.to_string_lossy()));
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial)
-            .map_err(|e| Error::file(&partial, format!("cannot remove a previous partial output: {e}")))?;
-    }
-    std::fs::create_dir_all(partial.join("experts"))
-        .map_err(|e| Error::file(&partial, format!("cannot create: {e}")))?;
+    let partial = flashmoe::convert::start_output(dst)?;
 
     let layout = blob_layout(&d, opts.expert_bits, group);
     let expert_bytes = layout.stride * (d.num_experts * layers) as u64;
