@@ -227,11 +227,6 @@ impl Model {
         self.placed.describe()
     }
 
-    /// Why `--device auto` stayed on the CPU, when it did.
-    pub fn device_note(&self) -> Option<&str> {
-        self.device_note.as_deref()
-    }
-
     /// The backend's own expert tier (a GPU's expert cache), when it has one.
     pub fn tier(&self) -> Option<TierInfo> {
         self.placed.tier()

@@ -1198,7 +1198,7 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Reports and clears the per-layer times of a pass.
+    /// Reports the per-layer times of a pass to the hooks.
     fn report_times(spec: &PassSpec<'_>, times: &[LayerTimes]) {
         for (li, t) in times.iter().enumerate() {
             spec.hooks.layer_times(li, t);
