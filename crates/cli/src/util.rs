@@ -34,6 +34,14 @@ impl ConvertProgress for Bar {
 /// Prints where the model runs (and why `auto` stayed on the CPU, when it did).
 pub fn print_device(m: &Model) {
     eprintln!("[flashmoe] device: {}", m.device_description());
+    if let Some(p) = m.prewarm_info() {
+        eprintln!(
+            "[flashmoe] pre-warm (background): {} experts ranked by {}, hottest {} to the GPU, then the RAM tier",
+            p.ranked,
+            p.source.display(),
+            p.to_backend
+        );
+    }
 }
 
 /// The per-layer time table of `--timing`, averaged over `steps` decode tokens.

@@ -551,6 +551,8 @@ pub struct DecodeReport {
     pub num_experts: usize,
     /// GPU figures over the measured steps, when the model ran on a GPU.
     pub gpu: Option<GpuDecodeInfo>,
+    /// Experts the pre-warm read (GPU and RAM tiers), since load.
+    pub prewarmed: u64,
 }
 
 /// What a GPU decode moved and the limits it is held against.
@@ -566,6 +568,10 @@ pub struct GpuDecodeInfo {
     pub h2d_bytes: u64,
     /// Misses the CPU computed instead of copying them (hybrid decode).
     pub cpu_experts: u64,
+    /// Evicted experts copied back to the RAM tier (exclusive tiers), GPU-to-host bytes.
+    pub d2h_bytes: u64,
+    /// Experts the pre-warm placed on the GPU, since load.
+    pub prewarmed: u64,
     /// Bytes the GPU must read (and state it must write) per decode token with every expert
     /// resident: non-expert weights, k routed experts per layer, recurrent states, KV cache.
     pub bytes_per_token: f64,
@@ -694,8 +700,9 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions) -> Result<Deco
         (store.ram_cache_budget().div_ceil(per_token.max(1)) as usize) + 2
     });
     let total = opts.prefill.max(1) + warmup + opts.tokens;
-    if total > model.max_context() {
-        model.set_max_context(total);
+    // Room for a warm-up that waits for a pre-warm to end.
+    if total + 4096 > model.max_context() {
+        model.set_max_context(total + 4096);
     }
     reset_peak_rss();
     // Everything fits in the backend's tier: measure the all-resident case, not first-touch copies.
@@ -720,13 +727,19 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions) -> Result<Deco
     let t0 = Instant::now();
     model.forward(&prompt, &mut state, LogitsFor::Last)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
-    for _ in 0..warmup {
+    // Warm up for `warmup` steps and, while a pre-warm is still filling the tiers, until it
+    // ends (the measured steps see the tiers it leaves).
+    let mut warmup = warmup;
+    let mut step = 0;
+    while step < warmup || (model.prewarm_running() && state.pos + opts.tokens + 1 < model.max_context()) {
         let id = tok(&mut rng);
         if opts.routing == Routing::Uniform {
             set_uniform_routers(model, &mut rng)?;
         }
         model.forward(&[id], &mut state, LogitsFor::Last)?;
+        step += 1;
     }
+    warmup = warmup.max(step);
     model.reset_timing();
     let before = store.snapshot();
     let tier_before = model.tier().map(|t| t.counters);
@@ -764,6 +777,7 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions) -> Result<Deco
         experts_per_token: k,
         num_experts: cfg.num_experts,
         gpu,
+        prewarmed: store.snapshot().prewarmed,
     })
 }
 
@@ -781,6 +795,8 @@ fn decode_info(model: &Model, before: &TierCounters, preloaded: bool, pos: usize
         pool_misses: d.misses,
         h2d_bytes: d.h2d_bytes,
         cpu_experts: d.cpu_experts,
+        d2h_bytes: d.d2h_bytes,
+        prewarmed: t.counters.prewarmed,
         bytes_per_token: model.decode_bytes_per_token(pos),
         d2d_bw: bw.d2d,
         h2d_bw: bw.h2d,

@@ -17,11 +17,20 @@ pub struct DeviceArgs {
     /// reads go to the GPU; cpu: every miss on the CPU.
     #[arg(long, default_value = "off")]
     pub hybrid: flashmoe::backend::Hybrid,
+    /// GPU and RAM expert tiers: exclusive (an expert lives in one of them; GPU evictions are
+    /// copied back to RAM, usable capacity = GPU + RAM) or inclusive (RAM keeps a copy of what
+    /// it reads for the GPU).
+    #[arg(long, default_value = "exclusive", value_parser = ["exclusive", "inclusive"])]
+    pub tiers: String,
 }
 
 impl DeviceArgs {
     pub fn options(&self) -> flashmoe::device::DeviceOptions {
-        let gpu = flashmoe::backend::GpuTuning { hybrid: self.hybrid, ..Default::default() };
+        let gpu = flashmoe::backend::GpuTuning {
+            hybrid: self.hybrid,
+            exclusive: self.tiers == "exclusive",
+            ..Default::default()
+        };
         flashmoe::device::DeviceOptions { device: self.device, gpu_cache: self.gpu_cache, gpu }
     }
 }

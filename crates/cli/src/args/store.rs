@@ -29,6 +29,11 @@ pub struct StoreArgs {
     /// routing traces, docs/performance.md), lfu:N (half-life N tokens) or lru.
     #[arg(long, default_value = "lfu")]
     pub cache_policy: flashmoe::experts::cache::CachePolicy,
+    /// Pre-warm the expert tiers in the background, hottest first, from a routing profile:
+    /// auto (the counts earlier runs of this model saved in the cache folder; this run's are
+    /// added at exit), off, or a profile file written by flashmoe.
+    #[arg(long, default_value = "auto")]
+    pub routing_profile: flashmoe::runtime::ProfileSource,
 }
 
 /// What the memory plan of `--memory-budget` is sized for.
@@ -48,6 +53,7 @@ impl StoreArgs {
         opts.store.io = self.io;
         opts.store.io_threads = self.io_threads;
         opts.store.cache_policy = self.cache_policy;
+        opts.routing_profile = self.routing_profile.clone();
         if let Some(b) = &self.memory_budget {
             let budget = parse_size(b).map_err(|e| anyhow!("--memory-budget {e}"))?;
             // Under a budget, fetch one token's worth of experts at a time.

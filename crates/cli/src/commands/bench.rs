@@ -88,6 +88,11 @@ struct DecodeCommon {
     /// RAM cache eviction policy: lru, lfu (LFU with aging, half-life 32 tokens) or lfu:N.
     #[arg(long, default_value = "lfu")]
     cache_policy: CachePolicy,
+    /// Pre-warm the tiers from a routing profile: off (the default here, so runs do not depend
+    /// on earlier ones), auto (the one saved for this model; this run's counts are added), or
+    /// a file.
+    #[arg(long, default_value = "off")]
+    routing_profile: flashmoe::runtime::ProfileSource,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     #[command(flatten)]
@@ -220,7 +225,12 @@ fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64) -> Result<DecodeRepor
         StoreOptions { io, ram_cache_bytes: cache, io_threads: c.io_threads.max(1), cache_policy: c.cache_policy };
     // The store flags of bench keep their own defaults (O_DIRECT, no RAM cache, sizes as a share
     // of the experts); the engine and device groups are the ones every command takes.
-    let mut load = LoadOptions { store, device: c.device.options(), ..Default::default() };
+    let mut load = LoadOptions {
+        store,
+        device: c.device.options(),
+        routing_profile: c.routing_profile.clone(),
+        ..Default::default()
+    };
     c.engine.apply(&mut load);
     let mut model = bench::load_streamed(&c.model, &load)?;
     crate::util::print_device(&model);
@@ -238,7 +248,7 @@ fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64) -> Result<DecodeRepor
 fn print_decode(r: &DecodeReport, disk_bw: f64, bw_note: &str, policy: &str) {
     let st = Spread::of(&r.step_secs);
     eprintln!(
-        "[flashmoe] bench decode | prefill {} tok in {:.3} s ({:.1} tok/s) | decode {:.2} tok/s ({} tok after {} warm-up, step ms min/med/max {:.0}/{:.0}/{:.0}) | peak RSS {} | experts {}/{} per token ({} routing) | disk {}/token | RAM cache {} ({policy}) hit {:.0}% | io {}",
+        "[flashmoe] bench decode | prefill {} tok in {:.3} s ({:.1} tok/s) | decode {:.2} tok/s ({} tok after {} warm-up, step ms min/med/max {:.0}/{:.0}/{:.0}) | peak RSS {} | experts {}/{} per token ({} routing) | disk {}/token | RAM cache {} ({policy}) hit {:.0}% | pre-warmed {} | io {}",
         r.prefill_tokens,
         r.prefill_secs,
         r.prefill_tokens as f64 / r.prefill_secs.max(1e-12),
@@ -255,6 +265,7 @@ fn print_decode(r: &DecodeReport, disk_bw: f64, bw_note: &str, policy: &str) {
         fmt_bytes(r.disk_bytes_per_token() as u64),
         fmt_bytes(r.ram_cache_bytes),
         100.0 * r.io.ram_hit_rate(),
+        r.prewarmed,
         r.io_mode.name()
     );
     if let Some(g) = &r.gpu {
@@ -282,15 +293,18 @@ fn print_gpu(r: &DecodeReport, g: &bench::GpuDecodeInfo, disk_bw: f64) {
     let (t_mem, t_disk, t_pcie) = (g.bytes_per_token / g.d2d_bw, r.disk_bytes_per_token() / disk_bw, h2d / g.h2d_bw);
     let step = r.decode_secs / n;
     eprintln!(
-        "[flashmoe] gpu: expert cache {}/{} experts{} | hit {:.1}% | host→GPU {}/token | CPU-computed experts {:.1}/token | RAM hit {:.0}% | disk {}/token",
+        "[flashmoe] gpu: expert cache {}/{} experts{} | hit {:.1}% | host→GPU {}/token | GPU→RAM {}/token | CPU-computed experts {:.1}/token | RAM hit {:.0}% | disk {}/token | pre-warmed {} on GPU, {} read",
         g.pool_slots,
         g.total_experts,
         if g.preloaded { " (all preloaded)" } else { "" },
         100.0 * g.hit_rate(),
         fmt_bytes(h2d as u64),
+        fmt_bytes((g.d2h_bytes as f64 / n) as u64),
         g.cpu_experts as f64 / n,
         100.0 * r.io.ram_hit_rate(),
         fmt_bytes(r.disk_bytes_per_token() as u64),
+        g.prewarmed,
+        r.prewarmed,
     );
     eprintln!(
         "[flashmoe] roofline: {}/token ÷ {:.0} GB/s (D2D copy, read+write) = {:.3} ms → {:.1} tok/s; achieved {:.3} ms/token = {:.0}% of the roofline",

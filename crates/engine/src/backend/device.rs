@@ -86,6 +86,11 @@ pub struct GpuTuning {
     pub graphs: bool,
     /// Where decode computes GPU-cache misses.
     pub hybrid: Hybrid,
+    /// Exclusive tiers: an expert lives on the GPU or in the RAM tier, not both. Experts the
+    /// GPU loads leave the RAM tier (disk reads for the GPU bypass it) and experts the GPU
+    /// evicts are copied back into it. Off: the RAM tier keeps a copy of everything it reads
+    /// (inclusive, the older behaviour).
+    pub exclusive: bool,
 }
 
 impl Default for GpuTuning {
@@ -96,6 +101,7 @@ impl Default for GpuTuning {
             blas_min_tokens: 64,
             graphs: std::env::var("FLASHMOE_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             hybrid: Hybrid::Off,
+            exclusive: true,
         }
     }
 }

@@ -53,6 +53,10 @@ pub struct TierCounters {
     pub tokens: u64,
     /// Misses computed by the CPU instead (hybrid decode).
     pub cpu_experts: u64,
+    /// Device-to-host bytes of evicted experts copied back to the RAM tier (exclusive tiers).
+    pub d2h_bytes: u64,
+    /// Experts a pre-warm placed in the tier.
+    pub prewarmed: u64,
 }
 
 impl TierCounters {
@@ -63,6 +67,8 @@ impl TierCounters {
             h2d_bytes: self.h2d_bytes - before.h2d_bytes,
             tokens: self.tokens - before.tokens,
             cpu_experts: self.cpu_experts - before.cpu_experts,
+            d2h_bytes: self.d2h_bytes - before.d2h_bytes,
+            prewarmed: self.prewarmed - before.prewarmed,
         }
     }
 
@@ -173,6 +179,20 @@ pub trait Backend: Send + Sync + Sized + 'static {
         Ok(0)
     }
     /// Bandwidths measured on the device (None on the CPU).
+    /// Free room, in experts, in the backend's own expert tier for a pre-warm (0: none).
+    fn prewarm_room(&self) -> usize {
+        0
+    }
+
+    /// Takes pre-warmed experts (read from `store`) from `rx` between passes, until its tier is
+    /// full. Only called when `prewarm_room` is not 0.
+    fn accept_prewarm(
+        &self,
+        _rx: std::sync::mpsc::Receiver<(crate::experts::cache::ExpertKey, std::sync::Arc<crate::experts::buffer::AlignedBuf>)>,
+        _store: std::sync::Arc<crate::experts::ExpertStore>,
+    ) {
+    }
+
     fn measure_bandwidths(&self) -> Result<Option<Bandwidths>> {
         Ok(None)
     }

@@ -150,6 +150,15 @@ impl<V: CacheValue> ExpertCache<V> {
         let _ = self.insert_protecting(key, buf, |_| false);
     }
 
+    /// Removes `key` (it moves to another tier), keeping its use history. Counts as a use.
+    pub fn remove(&mut self, key: ExpertKey) -> Option<V> {
+        let (v, score) = self.entries.remove(&key)?;
+        self.order.remove(&(score, key));
+        self.used -= v.bytes();
+        self.touch(key);
+        Some(v)
+    }
+
     /// Removes and returns the lowest-scored entry that `protected` does not name.
     pub fn evict_lowest(&mut self, protected: impl Fn(ExpertKey) -> bool) -> Option<(ExpertKey, V)> {
         let (score, key) = *self.order.iter().find(|(_, k)| !protected(*k))?;

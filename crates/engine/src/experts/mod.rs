@@ -4,8 +4,10 @@
 
 pub mod buffer;
 pub mod cache;
+pub mod profile;
 pub mod store;
 pub mod weights;
 
+pub use profile::RoutingProfile;
 pub use store::{ExpertStore, IoChoice, IoMode, IoSnapshot, StoreOptions};
 pub use weights::{ExpertSet, ExpertWeights};

@@ -89,6 +89,12 @@ pub struct IoStats {
     /// Speculative reads started by `prefetch`, and how many of them a fetch then used.
     pub prefetch_issued: AtomicU64,
     pub prefetch_used: AtomicU64,
+    /// Experts moved out of the RAM tier to the GPU (exclusive tiers), and experts the GPU
+    /// evicted into it.
+    pub ram_taken: AtomicU64,
+    pub ram_admitted: AtomicU64,
+    /// Experts the background pre-warm read into the tiers.
+    pub prewarmed: AtomicU64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -101,6 +107,9 @@ pub struct IoSnapshot {
     pub wait_secs: f64,
     pub prefetch_issued: u64,
     pub prefetch_used: u64,
+    pub ram_taken: u64,
+    pub ram_admitted: u64,
+    pub prewarmed: u64,
 }
 
 impl IoSnapshot {
@@ -114,6 +123,9 @@ impl IoSnapshot {
             wait_secs: self.wait_secs - before.wait_secs,
             prefetch_issued: self.prefetch_issued - before.prefetch_issued,
             prefetch_used: self.prefetch_used - before.prefetch_used,
+            ram_taken: self.ram_taken - before.ram_taken,
+            ram_admitted: self.ram_admitted - before.ram_admitted,
+            prewarmed: self.prewarmed - before.prewarmed,
         }
     }
     pub fn ram_hit_rate(&self) -> f64 {
@@ -179,6 +191,11 @@ pub struct ExpertStore {
     pub stats: IoStats,
     hidden: usize,
     intermediate: usize,
+    /// Routed uses per (layer, expert) since open: `uses[layer · num_experts + expert]`.
+    uses: Vec<AtomicU64>,
+    num_experts: usize,
+    /// Set to end a running pre-warm early (the model is going away).
+    prewarm_stop: std::sync::atomic::AtomicBool,
 }
 
 impl ExpertStore {
@@ -333,6 +350,9 @@ impl ExpertStore {
             stats: IoStats::default(),
             hidden: cfg.hidden_size,
             intermediate: cfg.moe_intermediate,
+            uses: (0..cfg.num_layers * cfg.num_experts).map(|_| AtomicU64::new(0)).collect(),
+            num_experts: cfg.num_experts,
+            prewarm_stop: Default::default(),
         };
         // Build one expert from a zero buffer now, so layout problems surface at load time.
         for l in 0..store.layers.len() {
@@ -462,19 +482,77 @@ impl ExpertStore {
 
     /// The buffers of experts `ids` of `layer`, from the RAM cache or read in parallel.
     pub fn fetch(&self, layer: usize, ids: &[usize]) -> Result<Vec<Arc<AlignedBuf>>> {
+        self.fetch_into(layer, ids, false).map(|v| v.into_iter().map(|(b, _)| b).collect())
+    }
+
+    /// For a tier above this one (a GPU cache) in an exclusive hierarchy: the buffers of experts
+    /// `ids`, each with whether it came from the RAM tier. Experts found in RAM leave it (their
+    /// new home is the caller's tier); experts read from disk are not added to it.
+    pub fn take(&self, layer: usize, ids: &[usize]) -> Result<Vec<(Arc<AlignedBuf>, bool)>> {
+        self.fetch_into(layer, ids, true)
+    }
+
+    /// Counts routed uses of experts `ids` of `layer` that reached this store's owner without a
+    /// fetch (hits in a GPU tier), so the routing profile sees every use.
+    pub fn note_uses(&self, layer: usize, ids: impl IntoIterator<Item = usize>) {
+        for e in ids {
+            if let Some(u) = self.uses.get(layer * self.num_experts + e) {
+                u.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Routed uses counted since the store opened.
+    pub fn profile(&self) -> super::RoutingProfile {
+        let n = self.num_experts.max(1);
+        super::RoutingProfile { counts: self.uses.chunks(n).map(|c| c.iter().map(|u| u.load(Relaxed)).collect()).collect() }
+    }
+
+    /// Puts an expert the tier above evicted into the RAM tier (exclusive hierarchy: it is not
+    /// here yet). Returns whether the RAM tier kept it.
+    pub fn admit(&self, layer: usize, e: usize, buf: AlignedBuf) -> bool {
+        let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if c.budget() == 0 {
+            return false;
+        }
+        c.insert((layer as u32, e as u32), Arc::new(buf));
+        let kept = c.contains((layer as u32, e as u32));
+        if kept {
+            self.stats.ram_admitted.fetch_add(1, Relaxed);
+        }
+        kept
+    }
+
+    /// A fresh buffer the size of one expert of `layer` (for `admit`).
+    pub fn expert_buffer(&self, layer: usize) -> AlignedBuf {
+        AlignedBuf::zeroed(self.layers[layer].stride as usize)
+    }
+
+    /// Byte ranges of expert data inside a buffer of `layer` (the blob without padding).
+    pub fn blob_bytes(&self, layer: usize) -> usize {
+        self.layers[layer].blob_bytes as usize
+    }
+
+    fn fetch_into(&self, layer: usize, ids: &[usize], take: bool) -> Result<Vec<(Arc<AlignedBuf>, bool)>> {
+        self.note_uses(layer, ids.iter().copied());
         let t = Instant::now();
-        let mut out: Vec<Option<Arc<AlignedBuf>>> = vec![None; ids.len()];
+        let mut out: Vec<Option<(Arc<AlignedBuf>, bool)>> = vec![None; ids.len()];
         let mut missing = Vec::new();
         {
             let mut c = self.cache.lock().unwrap();
             let n = self.fetches.fetch_add(1, Relaxed) + 1;
             c.set_clock(n as f64 / self.layers.len().max(1) as f64);
             for (j, &e) in ids.iter().enumerate() {
-                match c.get((layer as u32, e as u32)) {
-                    Some(b) => out[j] = Some(b),
+                let key = (layer as u32, e as u32);
+                let found = if take { c.remove(key) } else { c.get(key) };
+                match found {
+                    Some(b) => out[j] = Some((b, true)),
                     None => missing.push(j),
                 }
             }
+        }
+        if take {
+            self.stats.ram_taken.fetch_add((ids.len() - missing.len()) as u64, Relaxed);
         }
         self.stats.ram_hits.fetch_add((ids.len() - missing.len()) as u64, Relaxed);
         self.stats.ram_misses.fetch_add(missing.len() as u64, Relaxed);
@@ -494,8 +572,10 @@ impl ExpertStore {
         for (j, slot) in prefetched {
             let b = slot.wait().map_err(Error::Input)?;
             self.stats.prefetch_used.fetch_add(1, Relaxed);
-            self.cache.lock().unwrap().insert((layer as u32, ids[j] as u32), b.clone());
-            out[j] = Some(b);
+            if !take {
+                self.cache.lock().unwrap().insert((layer as u32, ids[j] as u32), b.clone());
+            }
+            out[j] = Some((b, false));
         }
         if !missing.is_empty() {
             let read: Vec<Result<AlignedBuf>> =
@@ -503,12 +583,102 @@ impl ExpertStore {
             let mut c = self.cache.lock().unwrap();
             for (&j, r) in missing.iter().zip(read) {
                 let b = Arc::new(r?);
-                c.insert((layer as u32, ids[j] as u32), b.clone());
-                out[j] = Some(b);
+                if !take {
+                    c.insert((layer as u32, ids[j] as u32), b.clone());
+                }
+                out[j] = Some((b, false));
             }
         }
         self.stats.wait_nanos.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
         Ok(out.into_iter().map(|b| b.expect("filled above")).collect())
+    }
+
+    /// Fills the tiers in the background, hottest first (`keys`, from a routing profile): the
+    /// first `to_upper` experts go to the tier above through `upper` (a bounded channel the GPU
+    /// drains between steps), the rest into the RAM tier until it is full. Reads are batched
+    /// and issued in file order within a batch; a pre-warm never evicts anything, so it cannot
+    /// push out what the run itself brought in. Returns at once.
+    pub fn start_prewarm(
+        self: &Arc<Self>,
+        keys: Vec<(u32, u32)>,
+        upper: Option<std::sync::mpsc::SyncSender<((u32, u32), Arc<AlignedBuf>)>>,
+        to_upper: usize,
+    ) -> std::thread::JoinHandle<()> {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("flashmoe-prewarm".into())
+            .spawn(move || me.prewarm(keys, upper, to_upper))
+            .expect("spawning a thread")
+    }
+
+    /// Ends a running pre-warm after its current batch.
+    pub fn stop_prewarm(&self) {
+        self.prewarm_stop.store(true, Relaxed);
+    }
+
+    fn prewarm(
+        &self,
+        keys: Vec<(u32, u32)>,
+        upper: Option<std::sync::mpsc::SyncSender<((u32, u32), Arc<AlignedBuf>)>>,
+        to_upper: usize,
+    ) {
+        let batch = self.pool.current_num_threads().max(1) * 2;
+        let (up_keys, ram_keys) = keys.split_at(if upper.is_some() { to_upper.min(keys.len()) } else { 0 });
+        let valid = |&(l, e): &(u32, u32)| (l as usize) < self.layers.len() && (e as usize) < self.num_experts;
+        // Experts for the tier above: read (not cached here) and handed over in order.
+        if let Some(tx) = upper {
+            for chunk in up_keys.iter().copied().filter(valid).collect::<Vec<_>>().chunks(batch) {
+                if self.prewarm_stop.load(Relaxed) {
+                    return;
+                }
+                let mut sorted = chunk.to_vec();
+                sorted.sort_unstable();
+                let read: Vec<_> = self.pool.install(|| {
+                    sorted.par_iter().map(|&(l, e)| (l, e, self.read(self.mode, l as usize, e as usize))).collect()
+                });
+                for (l, e, r) in read {
+                    let Ok(b) = r else { return };
+                    self.stats.prewarmed.fetch_add(1, Relaxed);
+                    if tx.send(((l, e), Arc::new(b))).is_err() {
+                        // The upper tier is full or gone: the rest belongs to RAM anyway.
+                        break;
+                    }
+                }
+            }
+        }
+        let stride = self.layers.iter().map(|l| l.stride).max().unwrap_or(0);
+        for chunk in ram_keys.iter().copied().filter(valid).collect::<Vec<_>>().chunks(batch) {
+            if self.prewarm_stop.load(Relaxed) {
+                return;
+            }
+            let todo: Vec<(u32, u32)> = {
+                let c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                let room = (c.budget() - c.used().min(c.budget())) / stride.max(1);
+                let p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                let mut t: Vec<_> = chunk.iter().copied().filter(|k| !c.contains(*k) && !p.contains_key(k)).collect();
+                if room == 0 {
+                    return;
+                }
+                t.truncate(room as usize);
+                t.sort_unstable();
+                t
+            };
+            let read: Vec<_> = self.pool.install(|| {
+                todo.par_iter().map(|&(l, e)| (l, e, self.read(self.mode, l as usize, e as usize))).collect()
+            });
+            let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            for (l, e, r) in read {
+                let Ok(b) = r else { return };
+                if c.contains((l, e)) {
+                    continue;
+                }
+                // Never evict: a pre-warm must not push out what the run brought in.
+                if c.insert_protecting((l, e), Arc::new(b), |_| true).is_err() {
+                    return;
+                }
+                self.stats.prewarmed.fetch_add(1, Relaxed);
+            }
+        }
     }
 
     /// Starts reading experts `ids` of `layer` in the background (a guess of what the next
@@ -544,6 +714,9 @@ impl ExpertStore {
             wait_secs: s.wait_nanos.load(Relaxed) as f64 * 1e-9,
             prefetch_issued: s.prefetch_issued.load(Relaxed),
             prefetch_used: s.prefetch_used.load(Relaxed),
+            ram_taken: s.ram_taken.load(Relaxed),
+            ram_admitted: s.ram_admitted.load(Relaxed),
+            prewarmed: s.prewarmed.load(Relaxed),
         }
     }
 

@@ -57,6 +57,12 @@ pub fn place<B: Backend>(host: &HostModel, backend: B) -> Result<Box<dyn PlacedM
     }
 }
 
+/// Experts read ahead by a pre-warm, on their way to a backend's tier.
+pub type PrewarmRx = std::sync::mpsc::Receiver<(
+    crate::experts::cache::ExpertKey,
+    std::sync::Arc<crate::experts::buffer::AlignedBuf>,
+)>;
+
 /// A model on a backend, as the runtime sees it: states, passes, and what it reports.
 pub trait PlacedModel: Send + Sync {
     fn config(&self) -> &ModelConfig;
@@ -75,6 +81,10 @@ pub trait PlacedModel: Send + Sync {
     /// Fills the backend's expert tier (if it has one) in (layer, expert) order until it is full.
     fn preload_experts(&self, fetch_chunk: usize) -> Result<usize>;
     fn measure_bandwidths(&self) -> Result<Option<Bandwidths>>;
+    /// Free room, in experts, in the backend's own expert tier (see `Backend::prewarm_room`).
+    fn prewarm_room(&self) -> usize;
+    /// Hands the backend the feed of a pre-warm (see `Backend::accept_prewarm`).
+    fn accept_prewarm(&self, rx: PrewarmRx, store: std::sync::Arc<crate::experts::ExpertStore>);
     /// Bytes a decode step at position `pos` moves with every expert in place: every
     /// non-expert matrix but one embedding row, k routed experts per layer, the states.
     fn decode_bytes_per_token(&self, pos: usize, k: usize) -> f64;

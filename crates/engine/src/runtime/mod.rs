@@ -6,4 +6,4 @@ pub mod generate;
 pub mod model;
 pub mod session;
 
-pub use model::{LoadOptions, Model, SequenceState};
+pub use model::{LoadOptions, Model, PrewarmInfo, ProfileSource, SequenceState};

@@ -8,7 +8,7 @@ use crate::backend::cuda::{self, CudaBackend};
 use crate::backend::{AnyState, Backend, Bandwidths, DeviceChoice, DeviceOptions, TierInfo};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::experts::{ExpertStore, StoreOptions};
+use crate::experts::{ExpertStore, RoutingProfile, StoreOptions};
 use crate::layers::{Hooks, LayerTimes, LogitsFor, PassSpec, RoutingRecord};
 use crate::models::{self, HostModel, PlacedModel, SourceOptions};
 use crate::weights::Linear;
@@ -41,6 +41,44 @@ pub struct LoadOptions {
     pub timing: bool,
     /// Record every routing decision (`Model::take_routing_trace`).
     pub trace_routing: bool,
+    /// Which routing profile pre-warms the expert tiers, and where this run's counts go.
+    pub routing_profile: ProfileSource,
+}
+
+/// Where the routing profile of a run comes from (`--routing-profile`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum ProfileSource {
+    /// No pre-warm, nothing saved.
+    #[default]
+    Off,
+    /// The profile earlier runs saved for this model in the cache folder (if any) pre-warms the
+    /// tiers; this run's counts are added to it when the model is dropped.
+    Auto,
+    /// This file pre-warms the tiers (it is not written).
+    File(std::path::PathBuf),
+}
+
+impl std::str::FromStr for ProfileSource {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s {
+            "off" => ProfileSource::Off,
+            "auto" => ProfileSource::Auto,
+            "" => return Err("expected auto, off or a file".into()),
+            f => ProfileSource::File(f.into()),
+        })
+    }
+}
+
+/// What the pre-warm was given: where the profile came from and how many experts it ranks.
+#[derive(Clone, Debug)]
+pub struct PrewarmInfo {
+    pub source: std::path::PathBuf,
+    /// Experts with a non-zero count (the pre-warm loads them hottest first until the tiers
+    /// are full).
+    pub ranked: usize,
+    /// Of those, how many go to the backend's own tier (the GPU) before the RAM tier.
+    pub to_backend: usize,
 }
 
 impl Default for LoadOptions {
@@ -55,6 +93,7 @@ impl Default for LoadOptions {
             prefetch: false,
             timing: false,
             trace_routing: false,
+            routing_profile: ProfileSource::Off,
         }
     }
 }
@@ -145,6 +184,21 @@ pub struct Model {
     hooks: RuntimeHooks,
     /// Why `--device auto` stayed on the CPU, when it did.
     device_note: Option<String>,
+    /// Where this run's routing counts are added when the model is dropped.
+    profile_out: Option<std::path::PathBuf>,
+    prewarm: Option<PrewarmInfo>,
+    prewarm_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        if let Some(store) = &self.expert_store {
+            store.stop_prewarm();
+        }
+        if let Err(e) = self.save_routing_profile() {
+            tracing::warn!("routing profile not saved: {e}");
+        }
+    }
 }
 
 impl Model {
@@ -157,7 +211,9 @@ impl Model {
         let host = load_host(dir, opts)?;
         let (k, max_context) = run_limits(host.config(), opts)?;
         let (placed, device_note) = place(&host, &opts.device, k, max_context)?;
-        Ok(Self::assemble(&host, placed, device_note, opts, k, max_context))
+        let mut m = Self::assemble(&host, placed, device_note, opts, k, max_context);
+        m.start_prewarm(dir, &opts.routing_profile)?;
+        Ok(m)
     }
 
     /// Loads `dir` onto a backend the caller made (`opts.device` is not used): how a backend
@@ -166,7 +222,74 @@ impl Model {
         let host = load_host(dir, opts)?;
         let (k, max_context) = run_limits(host.config(), opts)?;
         let placed = models::place(&host, backend)?;
-        Ok(Self::assemble(&host, placed, None, opts, k, max_context))
+        let mut m = Self::assemble(&host, placed, None, opts, k, max_context);
+        m.start_prewarm(dir, &opts.routing_profile)?;
+        Ok(m)
+    }
+
+    /// Starts filling the expert tiers from a routing profile in the background (hottest
+    /// first: the backend's own tier, then the RAM tier), and sets where this run's counts go.
+    /// A saved profile that no longer fits the model is ignored with a warning; a file the user
+    /// named must fit.
+    fn start_prewarm(&mut self, dir: &Path, source: &ProfileSource) -> Result<()> {
+        let Some(store) = self.expert_store.clone() else { return Ok(()) };
+        let c = &self.config;
+        let path = match source {
+            ProfileSource::Off => return Ok(()),
+            ProfileSource::Auto => {
+                let p = RoutingProfile::default_path(dir);
+                self.profile_out = Some(p.clone());
+                p
+            }
+            ProfileSource::File(f) => f.clone(),
+        };
+        let profile = match RoutingProfile::load(&path, c.num_layers, c.num_experts) {
+            Ok(p) => p,
+            Err(e) if *source == ProfileSource::Auto => {
+                if path.exists() {
+                    tracing::warn!("ignoring the saved routing profile: {e}");
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let keys = profile.hottest();
+        let room = self.placed.prewarm_room();
+        let feed = if room > 0 {
+            let (tx, rx) = std::sync::mpsc::sync_channel(self.fetch_chunk.max(8));
+            self.placed.accept_prewarm(rx, store.clone());
+            Some(tx)
+        } else {
+            None
+        };
+        self.prewarm = Some(PrewarmInfo { source: path, ranked: keys.len(), to_backend: room.min(keys.len()) });
+        self.prewarm_thread = Some(store.start_prewarm(keys, feed, room));
+        Ok(())
+    }
+
+    /// Whether the background pre-warm is still reading experts.
+    pub fn prewarm_running(&self) -> bool {
+        self.prewarm_thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// What the pre-warm was given, when one started.
+    pub fn prewarm_info(&self) -> Option<&PrewarmInfo> {
+        self.prewarm.as_ref()
+    }
+
+    /// Adds this run's routing counts to the saved profile (`ProfileSource::Auto`). Returns the
+    /// file written, if any. A saved profile of another geometry is replaced.
+    pub fn save_routing_profile(&self) -> Result<Option<std::path::PathBuf>> {
+        let (Some(path), Some(store)) = (&self.profile_out, &self.expert_store) else { return Ok(None) };
+        let mut counts = store.profile();
+        if counts.total() == 0 {
+            return Ok(None);
+        }
+        if let Ok(old) = RoutingProfile::load(path, self.config.num_layers, self.config.num_experts) {
+            counts.merge(&old);
+        }
+        counts.save(path)?;
+        Ok(Some(path.clone()))
     }
 
     fn assemble(
@@ -195,6 +318,9 @@ impl Model {
             },
             device_note,
             config,
+            profile_out: None,
+            prewarm: None,
+            prewarm_thread: None,
         }
     }
 

@@ -24,6 +24,8 @@ use crate::backend::{
     Backend, BackendState, Bandwidths, DeviceOptions, GpuCache, Hybrid, Phase, TierCounters, TierInfo,
 };
 use crate::config::{LayerKind, ModelConfig};
+use crate::experts::buffer::AlignedBuf;
+use crate::weights::store::ByteSource;
 use crate::experts::cache::{CachePolicy, CacheValue, ExpertCache, ExpertKey};
 use crate::experts::{ExpertSet, ExpertStore, ExpertWeights};
 use crate::layers::{
@@ -47,7 +49,14 @@ struct GpuStats {
     tokens: AtomicU64,
     /// GPU-cache misses computed by the CPU (hybrid decode).
     cpu_experts: AtomicU64,
+    /// GPU-to-host bytes of evicted experts copied back into the RAM tier (exclusive tiers).
+    d2h_bytes: AtomicU64,
+    /// Experts the background pre-warm placed in the pool.
+    prewarmed: AtomicU64,
 }
+
+/// Hand-over of pre-warmed experts from the store's reader thread to the pool.
+type PrewarmFeed = (std::sync::mpsc::Receiver<(ExpertKey, Arc<AlignedBuf>)>, Arc<ExpertStore>);
 
 /// Tensors on the GPU: matrices in their stored format, f32 vectors, and a layer's routed
 /// experts as the host set they are copied from plus their slot layout.
@@ -272,6 +281,12 @@ struct ExpertPool {
     /// Slots read by kernels launched since the host last waited for the GPU: refilling one of
     /// them first waits for the GPU.
     in_use: HashSet<usize>,
+    /// Per layer, where each byte range of a slot sits in the RAM tier's expert buffer
+    /// (slot offset, buffer offset, length): how an evicted expert is copied back (exclusive
+    /// tiers). Learnt from the first expert of the layer loaded from the store.
+    demote_map: Vec<Option<Vec<(usize, usize, usize)>>>,
+    /// Pinned landing buffer for those copies.
+    d2h_stage: Option<Pinned>,
 }
 
 impl ExpertPool {
@@ -620,6 +635,8 @@ pub struct CudaBackend {
     inner: Option<Mutex<Inner>>,
     stats: GpuStats,
     total_experts: usize,
+    /// Experts a pre-warm reads for the pool, taken between passes.
+    prewarm: Mutex<Option<PrewarmFeed>>,
 }
 
 /// One pass on the GPU: the workspace's activations, the pool, the sequence's GPU state.
@@ -663,6 +680,7 @@ impl CudaBackend {
             inner: None,
             stats: GpuStats::default(),
             total_experts: 0,
+            prewarm: Mutex::new(None),
         })
     }
 
@@ -847,39 +865,124 @@ impl CudaBackend {
         protected: &dyn Fn(ExpertKey) -> bool,
     ) -> crate::Result<Vec<usize>> {
         let layout = experts.layout;
-        let place =
-            |pool: &mut ExpertPool, e: usize, l: ExpertLayout, pieces: &[(usize, &[u8])]| -> crate::Result<usize> {
-                if l != layout {
-                    return Err(CudaError(format!("layer {li} expert {e} differs in shape from expert 0")).into());
-                }
-                let key = (li as u32, e as u32);
-                let (slot, victim) = pool.claim(&self.dev, key, protected)?;
-                if let Some(vk) = victim {
-                    self.gemv.table_set(&self.dev, pool.table.ptr(), pool.table_index(vk), 0)?;
-                }
-                let n = pool.fill(&self.dev, slot, l.bytes, pieces)?;
-                self.gemv.table_set(&self.dev, pool.table.ptr(), pool.table_index(key), pool.base(slot))?;
-                self.stats.h2d_bytes.fetch_add(n, Relaxed);
-                Ok(slot)
-            };
+        let store = match &experts.host {
+            ExpertSet::Streamed { store, .. } if self.opts.gpu.exclusive => Some(&**store),
+            _ => None,
+        };
         let mut slots = Vec::with_capacity(ids.len());
         match &experts.host {
             ExpertSet::Resident(v) => {
                 for &e in ids {
                     let (l, pieces) = expert_layout(&v[e])?;
-                    slots.push(place(pool, e, l, &pieces)?);
+                    slots.push(self.place(pool, (li, e), layout, l, &pieces, protected, None)?);
                 }
             }
-            ExpertSet::Streamed { store, layer } => {
-                let bufs = store.fetch(*layer, ids)?;
+            ExpertSet::Streamed { store: s, layer } => {
+                let bufs: Vec<Arc<AlignedBuf>> = if store.is_some() {
+                    s.take(*layer, ids)?.into_iter().map(|(b, _)| b).collect()
+                } else {
+                    s.fetch(*layer, ids)?
+                };
                 for (&e, buf) in ids.iter().zip(bufs) {
-                    let ew = store.expert_weights(*layer, buf)?;
+                    let base = ByteSource::bytes(&*buf).as_ptr() as usize;
+                    let ew = s.expert_weights(*layer, buf)?;
                     let (l, pieces) = expert_layout(&ew)?;
-                    slots.push(place(pool, e, l, &pieces)?);
+                    if store.is_some() && pool.demote_map[li].is_none() {
+                        pool.demote_map[li] =
+                            Some(pieces.iter().map(|&(off, p)| (off, p.as_ptr() as usize - base, p.len())).collect());
+                    }
+                    slots.push(self.place(pool, (li, e), layout, l, &pieces, protected, store)?);
                 }
             }
         }
         Ok(slots)
+    }
+
+    /// Claims a slot for expert `e` of layer `li` and copies `pieces` into it. The expert the
+    /// claim evicts goes back to the RAM tier first when `demote_to` is given (exclusive tiers).
+    #[allow(clippy::too_many_arguments)]
+    fn place(
+        &self,
+        pool: &mut ExpertPool,
+        (li, e): (usize, usize),
+        layout: ExpertLayout,
+        l: ExpertLayout,
+        pieces: &[(usize, &[u8])],
+        protected: &dyn Fn(ExpertKey) -> bool,
+        demote_to: Option<&ExpertStore>,
+    ) -> crate::Result<usize> {
+        if l != layout {
+            return Err(CudaError(format!("layer {li} expert {e} differs in shape from expert 0")).into());
+        }
+        let key = (li as u32, e as u32);
+        let (slot, victim) = pool.claim(&self.dev, key, protected)?;
+        if let Some(vk) = victim {
+            self.gemv.table_set(&self.dev, pool.table.ptr(), pool.table_index(vk), 0)?;
+            if let Some(store) = demote_to {
+                self.demote(pool, store, vk, slot)?;
+            }
+        }
+        let n = pool.fill(&self.dev, slot, l.bytes, pieces)?;
+        self.gemv.table_set(&self.dev, pool.table.ptr(), pool.table_index(key), pool.base(slot))?;
+        self.stats.h2d_bytes.fetch_add(n, Relaxed);
+        Ok(slot)
+    }
+
+    /// Copies the expert `key` in `slot` (just evicted, not yet overwritten) back into the RAM
+    /// tier: GPU → pinned buffer on the copy stream (after the copies that filled it), then
+    /// into a store buffer at the blob offsets the store's views expect.
+    fn demote(&self, pool: &mut ExpertPool, store: &ExpertStore, key: ExpertKey, slot: usize) -> Result<()> {
+        let layer = key.0 as usize;
+        if store.ram_cache_budget() == 0 {
+            return Ok(());
+        }
+        let Some(Some(map)) = pool.demote_map.get(layer) else { return Ok(()) };
+        let bytes = map.iter().map(|&(so, _, len)| so + len).max().unwrap_or(0);
+        if pool.d2h_stage.is_none() {
+            pool.d2h_stage = Some(Pinned::new(pool.slot_bytes)?);
+        }
+        let src = pool.base(slot);
+        let stage = pool.d2h_stage.as_mut().expect("set above").as_mut_slice();
+        // SAFETY: `src` is inside the pool allocation (bytes ≤ slot size); the pinned buffer is
+        // only read after the copy stream is synchronized below.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(&mut stage[..bytes], src, pool.copy_stream.cu_stream())
+        }
+        .map_err(|e| CudaError(format!("cuMemcpyDtoHAsync: {e:?}")))?;
+        pool.copy_stream.synchronize().map_err(|e| CudaError(format!("copy stream synchronize: {e:?}")))?;
+        let mut buf = store.expert_buffer(layer);
+        let dst = buf.as_mut_slice();
+        for &(so, bo, len) in map {
+            dst[bo..bo + len].copy_from_slice(&stage[so..so + len]);
+        }
+        store.admit(layer, key.1 as usize, buf);
+        self.stats.d2h_bytes.fetch_add(bytes as u64, Relaxed);
+        Ok(())
+    }
+
+    /// Moves experts the pre-warm thread has read into free pool slots, at most `limit` per
+    /// call (a step is delayed by at most that many copies). Stops the feed when the pool is
+    /// full.
+    fn drain_prewarm(&self, pool: &mut ExpertPool, limit: usize) -> crate::Result<()> {
+        let mut feed = self.prewarm.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((rx, store)) = feed.as_ref() else { return Ok(()) };
+        let mut moved = 0;
+        while moved < limit {
+            if pool.free.is_empty() {
+                *feed = None;
+                return Ok(());
+            }
+            let Ok(((l, e), buf)) = rx.try_recv() else { break };
+            if pool.map.contains((l, e)) || l as usize >= pool.layouts.len() {
+                continue;
+            }
+            let ew = store.expert_weights(l as usize, buf)?;
+            let (lay, pieces) = expert_layout(&ew)?;
+            self.place(pool, (l as usize, e as usize), pool.layouts[l as usize], lay, &pieces, &|_| true, None)?;
+            self.stats.prewarmed.fetch_add(1, Relaxed);
+            moved += 1;
+        }
+        Ok(())
     }
 
     fn record_routing(p: &CudaPass<'_>, li: usize, pos: usize, experts: &[i32]) {
@@ -998,6 +1101,10 @@ impl CudaBackend {
             }
             self.stats.pool_hits.fetch_add((k - misses.len()) as u64, Relaxed);
             self.stats.pool_misses.fetch_add(misses.len() as u64, Relaxed);
+            if let ExpertSet::Streamed { store, layer } = &dl.experts.host {
+                let hits = ids.iter().enumerate().filter(|(j, _)| !misses.contains(j)).map(|(_, &x)| x as usize);
+                store.note_uses(*layer, hits);
+            }
             if !misses.is_empty() {
                 let chosen: HashSet<u32> = ids.iter().map(|&x| x as u32).collect();
                 let protect = |key: ExpertKey| key.0 == li as u32 && chosen.contains(&key.1);
@@ -1130,6 +1237,9 @@ impl CudaBackend {
             }
             self.stats.pool_hits.fetch_add((grp.len() - miss.len()) as u64, Relaxed);
             self.stats.pool_misses.fetch_add(miss.len() as u64, Relaxed);
+            if let ExpertSet::Streamed { store, layer } = &dl.experts.host {
+                store.note_uses(*layer, grp.iter().copied().filter(|x| !miss.contains(x)));
+            }
             if !miss.is_empty() {
                 let members: HashSet<u32> = grp.iter().map(|&x| x as u32).collect();
                 let protect = |key: ExpertKey| key.0 == li as u32 && members.contains(&key.1);
@@ -1318,6 +1428,8 @@ impl Backend for CudaBackend {
             next_staging: 0,
             copy_stream: self.dev.ctx.new_stream().map_err(|e| CudaError(format!("cuStreamCreate: {e:?}")))?,
             in_use: HashSet::new(),
+            demote_map: vec![None; c.num_layers],
+            d2h_stage: None,
         };
         self.total_experts = total_experts;
         self.inner = Some(Mutex::new(Inner { pool, ws, graph: None, eager_steps: 0 }));
@@ -1366,6 +1478,8 @@ impl Backend for CudaBackend {
         let mut inner = self.inner()?;
         let Inner { pool, ws, graph: recorded, eager_steps } = &mut *inner;
         let ws = &*ws;
+        // A bounded share of the pre-warm per call, so no step waits long for it.
+        self.drain_prewarm(pool, 4 * (k + 1))?;
         let (n, v) = (spec.tokens.len(), c.vocab_size);
         let timing = spec.hooks.wants_timing();
         let mut out = Vec::new();
@@ -1672,6 +1786,8 @@ impl Backend for CudaBackend {
                 h2d_bytes: self.stats.h2d_bytes.load(Relaxed),
                 tokens: self.stats.tokens.load(Relaxed),
                 cpu_experts: self.stats.cpu_experts.load(Relaxed),
+                d2h_bytes: self.stats.d2h_bytes.load(Relaxed),
+                prewarmed: self.stats.prewarmed.load(Relaxed),
             },
         })
     }
@@ -1692,6 +1808,14 @@ impl Backend for CudaBackend {
         }
         self.dev.synchronize()?;
         Ok(n)
+    }
+
+    fn prewarm_room(&self) -> usize {
+        self.inner().map(|i| i.pool.free.len()).unwrap_or(0)
+    }
+
+    fn accept_prewarm(&self, rx: std::sync::mpsc::Receiver<(ExpertKey, Arc<AlignedBuf>)>, store: Arc<ExpertStore>) {
+        *self.prewarm.lock().unwrap_or_else(|p| p.into_inner()) = Some((rx, store));
     }
 
     fn measure_bandwidths(&self) -> crate::Result<Option<Bandwidths>> {

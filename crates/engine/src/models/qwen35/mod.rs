@@ -126,6 +126,14 @@ impl<B: Backend> PlacedModel for Qwen35<B> {
         self.backend.measure_bandwidths()
     }
 
+    fn prewarm_room(&self) -> usize {
+        self.backend.prewarm_room()
+    }
+
+    fn accept_prewarm(&self, rx: crate::models::PrewarmRx, store: std::sync::Arc<crate::experts::ExpertStore>) {
+        self.backend.accept_prewarm(rx, store)
+    }
+
     fn decode_bytes_per_token(&self, pos: usize, k: usize) -> f64 {
         let c = &self.config;
         let w = &self.host;

@@ -1,0 +1,140 @@
+//! Expert tiers: the routing profile a run records, the background pre-warm that fills the RAM
+//! tier hottest first from it (never evicting), the exclusive hand-over to an upper tier
+//! (`take` / `admit`), and that none of it changes a logit.
+
+use flashmoe::convert::{ConvertOptions, Target, convert};
+use flashmoe::experts::{RoutingProfile, StoreOptions};
+use flashmoe::runtime::ProfileSource;
+use flashmoe::{LoadOptions, LogitsFor, Model};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const IDS: [u32; 9] = [1, 5, 77, 300, 12, 260, 3, 199, 42];
+
+fn packed_tiny(tmp: &Path) -> PathBuf {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen35-moe-tiny");
+    let dst = tmp.join("packed");
+    let keep = ConvertOptions { expert: Target::Keep, other: Target::Keep, ..ConvertOptions::default() };
+    convert(&src, &dst, &keep, &()).unwrap();
+    dst
+}
+
+fn logits_of(m: &Model) -> Vec<f32> {
+    let mut st = m.new_state();
+    let mut out = m.forward(&IDS[..5], &mut st, LogitsFor::All).unwrap();
+    for &id in &IDS[5..] {
+        out.extend(m.forward(&[id], &mut st, LogitsFor::Last).unwrap());
+    }
+    out
+}
+
+fn load(dir: &Path, ram_experts: u64, profile: ProfileSource) -> Model {
+    let stride = {
+        let m = Model::load(dir).unwrap();
+        m.expert_store().unwrap().expert_stride(0)
+    };
+    let opts = LoadOptions {
+        store: StoreOptions { ram_cache_bytes: ram_experts * stride, ..Default::default() },
+        routing_profile: profile,
+        ..Default::default()
+    };
+    Model::load_with(dir, &opts).unwrap()
+}
+
+fn wait_prewarm(m: &Model) {
+    let t = Instant::now();
+    while m.prewarm_running() {
+        assert!(t.elapsed() < Duration::from_secs(60), "pre-warm did not end");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn recorded_profile_prewarms_the_ram_tier_hottest_first_without_changing_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = packed_tiny(tmp.path());
+    let m0 = load(&dir, 0, ProfileSource::Off);
+    let reference = logits_of(&m0);
+    let c = m0.config.clone();
+    let store = m0.expert_store().unwrap();
+    let profile = store.profile();
+    // Every layer routed k experts for each of the 4 decode tokens, plus the prefill's.
+    for (l, counts) in profile.counts.iter().enumerate() {
+        let sum: u64 = counts.iter().sum();
+        assert!(sum >= 4 * c.experts_per_token as u64, "layer {l}: {sum} uses counted");
+        assert_eq!(counts.len(), c.num_experts);
+    }
+    let file = tmp.path().join("profile.json");
+    profile.save(&file).unwrap();
+    assert_eq!(RoutingProfile::load(&file, c.num_layers, c.num_experts).unwrap(), profile);
+    drop(m0);
+
+    let room = 5u64;
+    let hottest = profile.hottest();
+    assert!(hottest.len() as u64 > room, "the tiny run must use more experts than the tier holds");
+    let m = load(&dir, room, ProfileSource::File(file.clone()));
+    assert_eq!(m.prewarm_info().unwrap().ranked, hottest.len());
+    wait_prewarm(&m);
+    let store = m.expert_store().unwrap();
+    for (i, &(l, e)) in hottest.iter().enumerate() {
+        assert_eq!(store.in_ram(l as usize, e as usize), (i as u64) < room, "expert {e} of layer {l} (rank {i})");
+    }
+    assert_eq!(store.snapshot().prewarmed, room);
+    assert_eq!(store.snapshot().disk_reads, room, "only the pre-warm has read so far");
+    // The run starts with hits, and computes the same bits.
+    assert_eq!(logits_of(&m), reference);
+    assert!(store.snapshot().ram_hits > 0);
+}
+
+#[test]
+fn prewarm_never_evicts_what_the_run_brought_in() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = packed_tiny(tmp.path());
+    let m = load(&dir, 3, ProfileSource::Off);
+    let store = m.expert_store().unwrap().clone();
+    store.fetch(0, &[7, 6, 5]).unwrap();
+    let keys: Vec<(u32, u32)> = (0..4).map(|e| (1, e)).collect();
+    store.start_prewarm(keys, None, 0).join().unwrap();
+    assert!((5..8).all(|e| store.in_ram(0, e)), "the run's experts stayed");
+    assert!((0..4).all(|e| !store.in_ram(1, e)), "a full tier takes no pre-warm");
+    assert_eq!(store.snapshot().prewarmed, 0);
+}
+
+#[test]
+fn take_and_admit_keep_an_expert_in_one_tier() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = packed_tiny(tmp.path());
+    let m = load(&dir, 4, ProfileSource::Off);
+    let store = m.expert_store().unwrap();
+    store.fetch(0, &[1]).unwrap();
+    assert!(store.in_ram(0, 1));
+    let reads = store.snapshot().disk_reads;
+    // From RAM: it leaves the RAM tier. From disk: read, and not added.
+    let got = store.take(0, &[1, 2]).unwrap();
+    assert_eq!(got.iter().map(|(_, from_ram)| *from_ram).collect::<Vec<_>>(), [true, false]);
+    assert!(!store.in_ram(0, 1) && !store.in_ram(0, 2));
+    assert_eq!(store.snapshot().disk_reads, reads + 1);
+    assert_eq!(store.snapshot().ram_taken, 1);
+    // Evicted from the tier above: back into RAM, with the same bytes a fresh read gives.
+    let mut buf = store.expert_buffer(0);
+    let n = store.blob_bytes(0);
+    buf.as_mut_slice()[..n].copy_from_slice(&flashmoe::weights::store::ByteSource::bytes(&*got[0].0)[..n]);
+    assert!(store.admit(0, 1, buf));
+    assert!(store.in_ram(0, 1));
+    let again = store.fetch(0, &[1]).unwrap();
+    assert_eq!(store.snapshot().disk_reads, reads + 1, "served from RAM");
+    let a = flashmoe::weights::store::ByteSource::bytes(&*again[0]);
+    let b = flashmoe::weights::store::ByteSource::bytes(&*got[0].0);
+    assert_eq!(a[..n], b[..n]);
+}
+
+#[test]
+fn a_saved_profile_of_another_model_is_a_clear_error_when_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = packed_tiny(tmp.path());
+    let file = tmp.path().join("other.json");
+    RoutingProfile { counts: vec![vec![1; 3]; 2] }.save(&file).unwrap();
+    let opts = LoadOptions { routing_profile: ProfileSource::File(file), ..Default::default() };
+    let err = Model::load_with(&dir, &opts).err().expect("refused").to_string();
+    assert!(err.contains("experts; the model has") || err.contains("has layer"), "{err}");
+}
