@@ -3,14 +3,15 @@
 # compressed, into .carry/bin.tar.xz (the device tool carries at most 64 MiB with the tree).
 set -euo pipefail
 cargo build --release -p flashmoe-cli --features cuda
-tests=$(cargo test -p flashmoe --features cuda --no-run 2>&1 | grep -o 'target/debug/deps/\(reference\|flashmoe\)-[0-9a-f]*' | sort -u)
+tests=$(cargo test -p flashmoe --features cuda --no-run 2>&1 | grep -o 'target/debug/deps/\(reference\|tiers\|flashmoe\)-[0-9a-f]*' | sort -u)
 rm -rf .carry/bin && mkdir -p .carry/bin
 strip -o .carry/bin/flashmoe target/release/flashmoe
 for t in $tests; do
     case $t in
     *reference-*) strip -o .carry/bin/reference "$t" ;;
+    *tiers-*) strip -o .carry/bin/tiers "$t" ;;
     *flashmoe-*) strip -o .carry/bin/enginelib "$t" ;;
     esac
 done
-tar cJf .carry/bin.tar.xz -C .carry/bin .
+tar cf - -C .carry/bin . | xz -9 -T1 >.carry/bin.tar.xz
 ls -la .carry/bin.tar.xz

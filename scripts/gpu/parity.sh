@@ -17,6 +17,8 @@ status=0
 tail -n 45 "$OUT/selftest.txt"
 FLASHMOE_TESTDATA=$PWD/testdata "$BIN/reference" --test-threads 1 --nocapture >"$OUT/reference.txt" 2>&1 || status=1
 grep -E "backend|vs|test |result|panicked|error" "$OUT/reference.txt" | head -n 120
+FLASHMOE_TESTDATA=$PWD/testdata "$BIN/tiers" --test-threads 1 --nocapture >"$OUT/tiers.txt" 2>&1 || status=1
+grep -E "test |result|panicked|Off:|Auto:" "$OUT/tiers.txt"
 "$BIN/enginelib" --test-threads 2 >"$OUT/enginelib.txt" 2>&1 || status=1
 tail -n 5 "$OUT/enginelib.txt"
 echo "parity status: $status"

@@ -55,10 +55,16 @@ fn backends() -> Vec<(&'static str, Loader)> {
                 v.push(("cuda-small-cache", plain(LoadOptions { device: device.clone(), ..Default::default() })));
                 // Hybrid decode: every miss computed by the CPU; then misses split between the
                 // CPU (RAM-tier hits) and copies to the GPU (disk reads).
-                for (name, hybrid, ram) in
-                    [("cuda-hybrid-cpu", Hybrid::Cpu, 0), ("cuda-hybrid-auto", Hybrid::Auto, 64 << 20)]
-                {
-                    let device = DeviceOptions { gpu: GpuTuning { hybrid, ..device.gpu }, ..device.clone() };
+                // Exclusive tiers with every miss copied: experts move RAM → GPU and evicted ones
+                // are copied back GPU → RAM (and later up again); and the inclusive tiers.
+                for (name, hybrid, ram, exclusive) in [
+                    ("cuda-hybrid-cpu", Hybrid::Cpu, 0, true),
+                    ("cuda-hybrid-auto", Hybrid::Auto, 64 << 20, true),
+                    ("cuda-exclusive", Hybrid::Off, 64 << 20, true),
+                    ("cuda-inclusive", Hybrid::Off, 64 << 20, false),
+                ] {
+                    let gpu = GpuTuning { hybrid, exclusive, ..device.gpu };
+                    let device = DeviceOptions { gpu, ..device.clone() };
                     let store = flashmoe::experts::StoreOptions { ram_cache_bytes: ram, ..Default::default() };
                     v.push((name, plain(LoadOptions { device, store, ..Default::default() })));
                 }

@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 const IDS: [u32; 9] = [1, 5, 77, 300, 12, 260, 3, 199, 42];
 
 fn packed_tiny(tmp: &Path) -> PathBuf {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen35-moe-tiny");
+    // FLASHMOE_TESTDATA: where the fixtures are when this binary runs on another machine.
+    let testdata = std::env::var_os("FLASHMOE_TESTDATA")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata"), PathBuf::from);
+    let src = testdata.join("models/qwen35-moe-tiny");
     let dst = tmp.join("packed");
     let keep = ConvertOptions { expert: Target::Keep, other: Target::Keep, ..ConvertOptions::default() };
     convert(&src, &dst, &keep, &()).unwrap();
@@ -137,4 +140,59 @@ fn a_saved_profile_of_another_model_is_a_clear_error_when_named() {
     let opts = LoadOptions { routing_profile: ProfileSource::File(file), ..Default::default() };
     let err = Model::load_with(&dir, &opts).err().expect("refused").to_string();
     assert!(err.contains("experts; the model has") || err.contains("has layer"), "{err}");
+}
+
+/// On a GPU: a pre-warm hands the hottest experts to the GPU cache between steps, the rest to
+/// the RAM tier; exclusive tiers move experts between them; logits stay within the GPU
+/// tolerance of the CPU's.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_prewarm_and_exclusive_tiers_keep_logits() {
+    use flashmoe::backend::{DeviceChoice, DeviceOptions, GpuCache, GpuTuning, Hybrid};
+    if let Err(e) = flashmoe::cuda::CudaDevice::open(0) {
+        eprintln!("skipped: no GPU ({e})");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = packed_tiny(tmp.path());
+    let m0 = load(&dir, 0, ProfileSource::Off);
+    let reference = logits_of(&m0);
+    let file = tmp.path().join("profile.json");
+    m0.expert_store().unwrap().profile().save(&file).unwrap();
+    let k = m0.config.experts_per_token;
+    let stride = m0.expert_store().unwrap().expert_stride(0);
+    drop(m0);
+    for hybrid in [Hybrid::Off, Hybrid::Auto] {
+        let gpu = GpuTuning { hybrid, exclusive: true, ..Default::default() };
+        let device = DeviceOptions { device: DeviceChoice::Cuda(0), gpu_cache: GpuCache::Experts(2 * k + 1), gpu };
+        let opts = LoadOptions {
+            store: StoreOptions { ram_cache_bytes: 6 * stride, ..Default::default() },
+            routing_profile: ProfileSource::File(file.clone()),
+            device,
+            ..Default::default()
+        };
+        let m = Model::load_with(&dir, &opts).unwrap();
+        assert_eq!(m.prewarm_info().unwrap().to_backend, 2 * k + 1);
+        // Steps drain the hand-over; run a few until the pre-warm ends.
+        let t = Instant::now();
+        while m.prewarm_running() {
+            assert!(t.elapsed() < Duration::from_secs(60));
+            let mut st = m.new_state();
+            m.forward(&IDS[..1], &mut st, LogitsFor::Last).unwrap();
+        }
+        let mut st = m.new_state();
+        m.forward(&IDS[..1], &mut st, LogitsFor::Last).unwrap();
+        let tier = m.tier().unwrap().counters;
+        assert!(tier.prewarmed > 0, "{hybrid:?}: the GPU took pre-warmed experts");
+        let got = logits_of(&m);
+        let max = reference.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let err = got.iter().zip(&reference).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(err <= 1e-3 * max, "{hybrid:?}: max |Δlogit| {err} vs max |logit| {max}");
+        let io = m.expert_store().unwrap().snapshot();
+        eprintln!("{hybrid:?}: {tier:?} | {io:?}");
+        if hybrid == Hybrid::Off {
+            assert!(tier.d2h_bytes > 0 && io.ram_admitted > 0, "evicted experts went back to RAM");
+            assert!(io.ram_taken > 0, "RAM hits moved up to the GPU");
+        }
+    }
 }
