@@ -79,11 +79,24 @@ fn recorded_profile_prewarms_the_ram_tier_hottest_first_without_changing_logits(
     assert_eq!(m.prewarm_info().unwrap().ranked, hottest.len());
     wait_prewarm(&m);
     let store = m.expert_store().unwrap();
-    for (i, &(l, e)) in hottest.iter().enumerate() {
-        assert_eq!(store.in_ram(l as usize, e as usize), (i as u64) < room, "expert {e} of layer {l} (rank {i})");
+    // The `room` hottest (ties at the boundary broken either way).
+    let count = |(l, e): (u32, u32)| profile.counts[l as usize][e as usize];
+    let boundary = count(hottest[room as usize - 1]);
+    let held: Vec<(u32, u32)> =
+        hottest.iter().copied().filter(|&(l, e)| store.in_ram(l as usize, e as usize)).collect();
+    assert_eq!(held.len() as u64, room);
+    for &k in &hottest {
+        if count(k) > boundary {
+            assert!(held.contains(&k), "{k:?} (used {} times) is hotter than the boundary {boundary}", count(k));
+        }
+        if held.contains(&k) {
+            assert!(count(k) >= boundary, "{k:?} (used {} times) is colder than the boundary {boundary}", count(k));
+        }
     }
     assert_eq!(store.snapshot().prewarmed, room);
-    assert_eq!(store.snapshot().disk_reads, room, "only the pre-warm has read so far");
+    // It read a batch (16 here) and kept the hottest; nothing else has read or hit yet.
+    let io = store.snapshot();
+    assert!(io.disk_reads >= room && io.ram_hits + io.ram_misses == 0, "{io:?}");
     // The run starts with hits, and computes the same bits.
     assert_eq!(logits_of(&m), reference);
     assert!(store.snapshot().ram_hits > 0);
@@ -96,7 +109,8 @@ fn prewarm_never_evicts_what_the_run_brought_in() {
     let m = load(&dir, 3, ProfileSource::Off);
     let store = m.expert_store().unwrap().clone();
     store.fetch(0, &[7, 6, 5]).unwrap();
-    let keys: Vec<(u32, u32)> = (0..4).map(|e| (1, e)).collect();
+    // Never used in the profile: they cannot displace what the run uses.
+    let keys: Vec<((u32, u32), f64)> = (0..4).map(|e| ((1, e), 0.0)).collect();
     store.start_prewarm(keys, None, 0).join().unwrap();
     assert!((5..8).all(|e| store.in_ram(0, e)), "the run's experts stayed");
     assert!((0..4).all(|e| !store.in_ram(1, e)), "a full tier takes no pre-warm");
@@ -162,9 +176,12 @@ fn gpu_prewarm_and_exclusive_tiers_keep_logits() {
     let k = m0.config.experts_per_token;
     let stride = m0.expert_store().unwrap().expert_stride(0);
     drop(m0);
+    // 20 of the tiny model's 64 experts on the GPU: the hand-over channel (32) holds them all.
+    let slots = 20;
+    assert!(slots > 2 * k);
     for hybrid in [Hybrid::Off, Hybrid::Auto] {
         let gpu = GpuTuning { hybrid, exclusive: true, ..Default::default() };
-        let device = DeviceOptions { device: DeviceChoice::Cuda(0), gpu_cache: GpuCache::Experts(2 * k + 1), gpu };
+        let device = DeviceOptions { device: DeviceChoice::Cuda(0), gpu_cache: GpuCache::Experts(slots), gpu };
         let opts = LoadOptions {
             store: StoreOptions { ram_cache_bytes: 6 * stride, ..Default::default() },
             routing_profile: ProfileSource::File(file.clone()),
@@ -172,18 +189,21 @@ fn gpu_prewarm_and_exclusive_tiers_keep_logits() {
             ..Default::default()
         };
         let m = Model::load_with(&dir, &opts).unwrap();
-        assert_eq!(m.prewarm_info().unwrap().to_backend, 2 * k + 1);
-        // Steps drain the hand-over; run a few until the pre-warm ends.
+        assert_eq!(m.prewarm_info().unwrap().to_backend, slots);
+        // Let the reader queue the GPU's share before the first step (a step's own misses
+        // would otherwise take the free slots first; a pre-warm only fills free slots).
         let t = Instant::now();
-        while m.prewarm_running() {
+        while m.expert_store().unwrap().snapshot().prewarmed < slots as u64 && m.prewarm_running() {
             assert!(t.elapsed() < Duration::from_secs(60));
-            let mut st = m.new_state();
-            m.forward(&IDS[..1], &mut st, LogitsFor::Last).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
         }
         let mut st = m.new_state();
         m.forward(&IDS[..1], &mut st, LogitsFor::Last).unwrap();
+        wait_prewarm(&m);
         let tier = m.tier().unwrap().counters;
-        assert!(tier.prewarmed > 0, "{hybrid:?}: the GPU took pre-warmed experts");
+        // The first step takes 4·(k+1) of them before its own misses claim free slots.
+        let first = (4 * (k + 1)).min(slots) as u64;
+        assert!(tier.prewarmed >= first, "{hybrid:?}: the GPU took {} pre-warmed experts", tier.prewarmed);
         let got = logits_of(&m);
         let max = reference.iter().fold(0f32, |a, x| a.max(x.abs()));
         let err = got.iter().zip(&reference).fold(0f32, |a, (x, y)| a.max((x - y).abs()));

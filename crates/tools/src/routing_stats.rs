@@ -780,7 +780,10 @@ impl TierSim {
                         }
                     } else {
                         self.c.disk_reads += 1;
-                        if self.gpu_admit_exclusive(k, s, step) {
+                        // Hybrid (as the engine): a disk read takes a free GPU slot, never
+                        // evicts a GPU expert; with the GPU full it goes to RAM and the CPU.
+                        let gpu_takes = self.policy == TierPolicy::Exclusive || self.gpu.len() < self.gpu.cap;
+                        if gpu_takes && self.gpu_admit_exclusive(k, s, step) {
                             self.c.h2d += 1;
                         } else {
                             // No room on the GPU (no GPU tier, or every slot used by this step):
@@ -821,8 +824,10 @@ fn hot_keys(acc: &TierAccesses, from: usize, to: usize) -> Vec<u32> {
 ///   not in the step) is demoted to RAM (a device-to-host copy; RAM drops its lowest to make
 ///   room). One LFU history per expert orders both tiers; a demotion is not a use. A zero-size
 ///   GPU leaves everything in RAM and copies every use to the GPU.
-/// - `ExclusiveCpu`: as `Exclusive` but a RAM hit stays in RAM and is computed by the CPU
-///   (and so is a disk read the GPU has no room for, e.g. with a zero-size GPU).
+/// - `ExclusiveCpu` (the engine's `--hybrid auto`): as `Exclusive` but a RAM hit stays in RAM
+///   and is computed by the CPU, and a disk read takes a GPU slot only while one is free: once
+///   the GPU is full, disk reads go to the RAM tier (which evicts its lowest) and the CPU, so
+///   the GPU keeps what it holds and nothing is copied back.
 pub fn replay_tiers(
     acc: &TierAccesses,
     policy: TierPolicy,

@@ -98,6 +98,8 @@ struct DecodeCommon {
     #[command(flatten)]
     engine: crate::args::EngineArgs,
     #[command(flatten)]
+    trace: crate::args::TraceArgs,
+    #[command(flatten)]
     device: crate::args::DeviceArgs,
 }
 
@@ -232,6 +234,7 @@ fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64) -> Result<DecodeRepor
         ..Default::default()
     };
     c.engine.apply(&mut load);
+    c.trace.apply(&mut load);
     let mut model = bench::load_streamed(&c.model, &load)?;
     crate::util::print_device(&model);
     let opts = DecodeBenchOptions {
@@ -241,7 +244,12 @@ fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64) -> Result<DecodeRepor
         seed: c.seed,
         routing: c.routing,
     };
-    Ok(bench::bench_decode(&mut model, &opts)?)
+    let report = bench::bench_decode(&mut model, &opts)?;
+    if let Some(path) = &c.trace.trace_routing {
+        let records: Vec<_> = model.take_routing_trace().into_iter().map(|r| (r.layer, r.pos, r.experts)).collect();
+        crate::util::write_trace(path, &model, &records)?;
+    }
+    Ok(report)
 }
 
 /// The `run`-style summary line, plus the floor.

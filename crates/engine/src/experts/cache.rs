@@ -150,6 +150,55 @@ impl<V: CacheValue> ExpertCache<V> {
         let _ = self.insert_protecting(key, buf, |_| false);
     }
 
+    /// Inserts `key` as if it had been used at `rate` uses per token for a long time (LFU: its
+    /// decayed count starts at the steady state of that rate, `rate · half_life / ln 2`),
+    /// evicting only entries that score lower. How a pre-warm from a routing profile places an
+    /// expert: a hot one is not pushed out by the first one-off miss, and a cold one does not
+    /// push out what the run uses. LRU: inserted only into free room. Returns the value when it
+    /// did not go in.
+    pub fn insert_seeded(&mut self, key: ExpertKey, value: V, rate: f64) -> std::result::Result<(), V> {
+        let CachePolicy::LfuAging { half_life } = self.policy else {
+            return self.insert_protecting(key, value, |_| true).map(|_| ());
+        };
+        let size = value.bytes();
+        if size > self.budget || self.entries.contains_key(&key) {
+            return Err(value);
+        }
+        let uses = (rate * half_life / std::f64::consts::LN_2).max(1.0);
+        let mut l = self.clock / half_life + uses.log2();
+        if let Some(&old) = self.lfu_log.get(&key) {
+            let m = old.max(l);
+            l = m + ((old - m).exp2() + (l - m).exp2()).log2();
+        }
+        let score = l.max(0.0).to_bits();
+        let mut victims = Vec::new();
+        let mut freed = 0;
+        for &(s, k) in &self.order {
+            if self.used - freed + size <= self.budget {
+                break;
+            }
+            if s >= score {
+                return Err(value);
+            }
+            victims.push((s, k));
+            freed += self.entries[&k].0.bytes();
+        }
+        if self.used - freed + size > self.budget {
+            return Err(value);
+        }
+        for (s, k) in victims {
+            self.order.remove(&(s, k));
+            if let Some((v, _)) = self.entries.remove(&k) {
+                self.used -= v.bytes();
+            }
+        }
+        self.lfu_log.insert(key, l);
+        self.order.insert((score, key));
+        self.entries.insert(key, (value, score));
+        self.used += size;
+        Ok(())
+    }
+
     /// Removes `key` (it moves to another tier), keeping its use history. Counts as a use.
     pub fn remove(&mut self, key: ExpertKey) -> Option<V> {
         let (v, score) = self.entries.remove(&key)?;
@@ -254,6 +303,20 @@ mod tests {
         c.get((0, 3));
         c.insert((0, 4), b()); // evicts 1, whose four uses are ~48 half-lives old
         assert!(!c.contains((0, 1)) && c.contains((0, 3)) && c.contains((0, 4)));
+    }
+
+    #[test]
+    fn seeded_entries_outrank_one_off_uses_and_evict_only_lower_scores() {
+        let mut c = ExpertCache::with_policy(200, CachePolicy::LfuAging { half_life: 32.0 });
+        c.insert((0, 1), b()); // one use
+        assert!(c.insert_seeded((0, 2), b(), 0.5).is_ok()); // ≈ 23 uses: fits in free room
+        assert!(c.insert_seeded((0, 3), b(), 0.25).is_ok()); // evicts (0, 1), not (0, 2)
+        assert!(!c.contains((0, 1)) && c.contains((0, 2)) && c.contains((0, 3)));
+        // A colder seed cannot push out hotter entries.
+        assert!(c.insert_seeded((0, 4), b(), 0.01).is_err());
+        // A one-off miss evicts the colder of the two seeded entries.
+        c.insert((0, 5), b());
+        assert!(c.contains((0, 2)) && !c.contains((0, 3)) && c.contains((0, 5)));
     }
 
     #[test]

@@ -52,6 +52,26 @@ impl RoutingProfile {
         keys
     }
 
+    /// Every (layer, expert): the used ones as in `hottest`, then the never-used ones in
+    /// (layer, expert) order (a pre-warm fills the room the profile cannot rank with them).
+    pub fn ranking(&self) -> Vec<(u32, u32)> {
+        let mut keys = self.hottest();
+        for (l, c) in self.counts.iter().enumerate() {
+            keys.extend(c.iter().enumerate().filter(|(_, n)| **n == 0).map(|(e, _)| (l as u32, e as u32)));
+        }
+        keys
+    }
+
+    /// `ranking` with each expert's uses per token (`k` experts per token: the profile covers
+    /// about Σ counts of a layer ÷ k tokens).
+    pub fn ranking_with_rates(&self, k: usize) -> Vec<((u32, u32), f64)> {
+        let tokens = self.counts.iter().map(|c| c.iter().sum::<u64>()).max().unwrap_or(0) as f64 / k.max(1) as f64;
+        self.ranking()
+            .into_iter()
+            .map(|(l, e)| ((l, e), self.counts[l as usize][e as usize] as f64 / tokens.max(1.0)))
+            .collect()
+    }
+
     /// Reads a profile and checks it against the model's geometry.
     pub fn load(path: &Path, num_layers: usize, num_experts: usize) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -155,6 +175,7 @@ mod tests {
     fn round_trip_and_order() {
         let p = RoutingProfile { counts: vec![vec![0, 5, 1], vec![5, 0, 9]] };
         assert_eq!(p.hottest(), vec![(1, 2), (0, 1), (1, 0), (0, 2)]);
+        assert_eq!(p.ranking(), vec![(1, 2), (0, 1), (1, 0), (0, 2), (0, 0), (1, 1)]);
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("p.json");
         p.save(&f).unwrap();

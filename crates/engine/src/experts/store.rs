@@ -505,7 +505,9 @@ impl ExpertStore {
     /// Routed uses counted since the store opened.
     pub fn profile(&self) -> super::RoutingProfile {
         let n = self.num_experts.max(1);
-        super::RoutingProfile { counts: self.uses.chunks(n).map(|c| c.iter().map(|u| u.load(Relaxed)).collect()).collect() }
+        super::RoutingProfile {
+            counts: self.uses.chunks(n).map(|c| c.iter().map(|u| u.load(Relaxed)).collect()).collect(),
+        }
     }
 
     /// Puts an expert the tier above evicted into the RAM tier (exclusive hierarchy: it is not
@@ -523,9 +525,9 @@ impl ExpertStore {
         kept
     }
 
-    /// A fresh buffer the size of one expert of `layer` (for `admit`).
+    /// A buffer the size of one expert of `layer` (for `admit`), recycled when one is free.
     pub fn expert_buffer(&self, layer: usize) -> AlignedBuf {
-        AlignedBuf::zeroed(self.layers[layer].stride as usize)
+        self.bufs.get(self.layers[layer].stride as usize)
     }
 
     /// Byte ranges of expert data inside a buffer of `layer` (the blob without padding).
@@ -600,7 +602,7 @@ impl ExpertStore {
     /// push out what the run itself brought in. Returns at once.
     pub fn start_prewarm(
         self: &Arc<Self>,
-        keys: Vec<(u32, u32)>,
+        keys: Vec<((u32, u32), f64)>,
         upper: Option<std::sync::mpsc::SyncSender<((u32, u32), Arc<AlignedBuf>)>>,
         to_upper: usize,
     ) -> std::thread::JoinHandle<()> {
@@ -618,20 +620,21 @@ impl ExpertStore {
 
     fn prewarm(
         &self,
-        keys: Vec<(u32, u32)>,
+        keys: Vec<((u32, u32), f64)>,
         upper: Option<std::sync::mpsc::SyncSender<((u32, u32), Arc<AlignedBuf>)>>,
         to_upper: usize,
     ) {
         let batch = self.pool.current_num_threads().max(1) * 2;
         let (up_keys, ram_keys) = keys.split_at(if upper.is_some() { to_upper.min(keys.len()) } else { 0 });
-        let valid = |&(l, e): &(u32, u32)| (l as usize) < self.layers.len() && (e as usize) < self.num_experts;
+        let valid =
+            |&((l, e), _): &((u32, u32), f64)| (l as usize) < self.layers.len() && (e as usize) < self.num_experts;
         // Experts for the tier above: read (not cached here) and handed over in order.
         if let Some(tx) = upper {
             for chunk in up_keys.iter().copied().filter(valid).collect::<Vec<_>>().chunks(batch) {
                 if self.prewarm_stop.load(Relaxed) {
                     return;
                 }
-                let mut sorted = chunk.to_vec();
+                let mut sorted: Vec<(u32, u32)> = chunk.iter().map(|&(k, _)| k).collect();
                 sorted.sort_unstable();
                 let read: Vec<_> = self.pool.install(|| {
                     sorted.par_iter().map(|&(l, e)| (l, e, self.read(self.mode, l as usize, e as usize))).collect()
@@ -646,37 +649,47 @@ impl ExpertStore {
                 }
             }
         }
-        let stride = self.layers.iter().map(|l| l.stride).max().unwrap_or(0);
+        if self.ram_cache_budget() == 0 {
+            return;
+        }
         for chunk in ram_keys.iter().copied().filter(valid).collect::<Vec<_>>().chunks(batch) {
             if self.prewarm_stop.load(Relaxed) {
                 return;
             }
-            let todo: Vec<(u32, u32)> = {
+            let mut todo: Vec<((u32, u32), f64)> = {
                 let c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-                let room = (c.budget() - c.used().min(c.budget())) / stride.max(1);
                 let p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                let mut t: Vec<_> = chunk.iter().copied().filter(|k| !c.contains(*k) && !p.contains_key(k)).collect();
-                if room == 0 {
-                    return;
-                }
-                t.truncate(room as usize);
-                t.sort_unstable();
-                t
+                chunk.iter().copied().filter(|(k, _)| !c.contains(*k) && !p.contains_key(k)).collect()
             };
-            let read: Vec<_> = self.pool.install(|| {
-                todo.par_iter().map(|&(l, e)| (l, e, self.read(self.mode, l as usize, e as usize))).collect()
+            if todo.is_empty() {
+                continue;
+            }
+            todo.sort_unstable_by_key(|&(k, _)| k);
+            let mut read: Vec<_> = self.pool.install(|| {
+                todo.par_iter()
+                    .map(|&((l, e), rate)| ((l, e), rate, self.read(self.mode, l as usize, e as usize)))
+                    .collect()
             });
+            // Read in file order, placed hottest first (so none displaces another of its batch).
+            read.sort_by(|a, b| b.1.total_cmp(&a.1));
             let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            for (l, e, r) in read {
+            let mut placed = 0;
+            for (key, rate, r) in read {
                 let Ok(b) = r else { return };
-                if c.contains((l, e)) {
+                if c.contains(key) {
                     continue;
                 }
-                // Never evict: a pre-warm must not push out what the run brought in.
-                if c.insert_protecting((l, e), Arc::new(b), |_| true).is_err() {
-                    return;
+                // Scored at the expert's profiled rate: it only displaces entries that score
+                // lower (cold ones, one-off misses), never what the run uses more.
+                if c.insert_seeded(key, Arc::new(b), rate).is_ok() {
+                    placed += 1;
+                    self.stats.prewarmed.fetch_add(1, Relaxed);
                 }
-                self.stats.prewarmed.fetch_add(1, Relaxed);
+            }
+            // Keys come hottest first: a batch that placed nothing means the tier is full of
+            // experts at least as hot as the rest.
+            if placed == 0 {
+                return;
             }
         }
     }

@@ -58,10 +58,8 @@ pub fn place<B: Backend>(host: &HostModel, backend: B) -> Result<Box<dyn PlacedM
 }
 
 /// Experts read ahead by a pre-warm, on their way to a backend's tier.
-pub type PrewarmRx = std::sync::mpsc::Receiver<(
-    crate::experts::cache::ExpertKey,
-    std::sync::Arc<crate::experts::buffer::AlignedBuf>,
-)>;
+pub type PrewarmRx =
+    std::sync::mpsc::Receiver<(crate::experts::cache::ExpertKey, std::sync::Arc<crate::experts::buffer::AlignedBuf>)>;
 
 /// A model on a backend, as the runtime sees it: states, passes, and what it reports.
 pub trait PlacedModel: Send + Sync {

@@ -253,7 +253,8 @@ impl Model {
             }
             Err(e) => return Err(e),
         };
-        let keys = profile.hottest();
+        let ranked = profile.hottest().len();
+        let keys = profile.ranking_with_rates(self.experts_per_token);
         let room = self.placed.prewarm_room();
         let feed = if room > 0 {
             let (tx, rx) = std::sync::mpsc::sync_channel(self.fetch_chunk.max(8));
@@ -262,7 +263,7 @@ impl Model {
         } else {
             None
         };
-        self.prewarm = Some(PrewarmInfo { source: path, ranked: keys.len(), to_backend: room.min(keys.len()) });
+        self.prewarm = Some(PrewarmInfo { source: path, ranked, to_backend: room.min(keys.len()) });
         self.prewarm_thread = Some(store.start_prewarm(keys, feed, room));
         Ok(())
     }

@@ -25,13 +25,13 @@ use crate::backend::{
 };
 use crate::config::{LayerKind, ModelConfig};
 use crate::experts::buffer::AlignedBuf;
-use crate::weights::store::ByteSource;
 use crate::experts::cache::{CachePolicy, CacheValue, ExpertCache, ExpertKey};
 use crate::experts::{ExpertSet, ExpertStore, ExpertWeights};
 use crate::layers::{
     AttentionWeights, Convert, DeltaNetWeights, Host, LayerTimes, LogitsFor, MoeWeights, PassSpec, Tensors,
 };
 use crate::weights::Linear;
+use crate::weights::store::ByteSource;
 use cudarc::driver::{CudaEvent, CudaStream};
 use flashmoe_kernels::{FloatType, MatData, MatRef};
 use std::collections::HashSet;
@@ -945,16 +945,23 @@ impl CudaBackend {
         let stage = pool.d2h_stage.as_mut().expect("set above").as_mut_slice();
         // SAFETY: `src` is inside the pool allocation (bytes ≤ slot size); the pinned buffer is
         // only read after the copy stream is synchronized below.
-        unsafe {
-            cudarc::driver::result::memcpy_dtoh_async(&mut stage[..bytes], src, pool.copy_stream.cu_stream())
-        }
-        .map_err(|e| CudaError(format!("cuMemcpyDtoHAsync: {e:?}")))?;
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut stage[..bytes], src, pool.copy_stream.cu_stream()) }
+            .map_err(|e| CudaError(format!("cuMemcpyDtoHAsync: {e:?}")))?;
         pool.copy_stream.synchronize().map_err(|e| CudaError(format!("copy stream synchronize: {e:?}")))?;
         let mut buf = store.expert_buffer(layer);
-        let dst = buf.as_mut_slice();
-        for &(so, bo, len) in map {
-            dst[bo..bo + len].copy_from_slice(&stage[so..so + len]);
-        }
+        let dst = buf.as_mut_slice().as_mut_ptr() as usize;
+        let src = stage.as_ptr() as usize;
+        // Parallel 1 MiB copies: one memcpy stream is slower than the copy back.
+        let chunks: Vec<(usize, usize, usize)> = map
+            .iter()
+            .flat_map(|&(so, bo, len)| (0..len).step_by(1 << 20).map(move |o| (so + o, bo + o, (len - o).min(1 << 20))))
+            .collect();
+        use rayon::prelude::*;
+        chunks.par_iter().for_each(|&(so, bo, len)| {
+            // SAFETY: the map's ranges lie inside the slot (≤ `bytes`, copied above) and inside
+            // the store's expert buffer (offsets taken from its own views), and never overlap.
+            unsafe { std::ptr::copy_nonoverlapping((src as *const u8).add(so), (dst as *mut u8).add(bo), len) };
+        });
         store.admit(layer, key.1 as usize, buf);
         self.stats.d2h_bytes.fetch_add(bytes as u64, Relaxed);
         Ok(())
@@ -972,7 +979,15 @@ impl CudaBackend {
                 *feed = None;
                 return Ok(());
             }
-            let Ok(((l, e), buf)) = rx.try_recv() else { break };
+            let ((l, e), buf) = match rx.try_recv() {
+                Ok(item) => item,
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                // The reader has handed over the GPU's share: on-demand loads may fill the rest.
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    *feed = None;
+                    return Ok(());
+                }
+            };
             if pool.map.contains((l, e)) || l as usize >= pool.layouts.len() {
                 continue;
             }
@@ -1109,13 +1124,32 @@ impl CudaBackend {
                 let chosen: HashSet<u32> = ids.iter().map(|&x| x as u32).collect();
                 let protect = |key: ExpertKey| key.0 == li as u32 && chosen.contains(&key.1);
                 // Which misses the CPU computes in place (hybrid), which are copied to the GPU.
+                // Auto with exclusive tiers: a disk read fills a free GPU slot while there is
+                // one; once the GPU is full its contents (the pre-warmed hottest experts) stay,
+                // and disk reads go to the RAM tier and the CPU: evicting a GPU expert would
+                // cost a copy back to RAM and usually push out a hotter one than the newcomer.
+                // While a pre-warm is handing the hottest experts to the GPU, its free slots are
+                // theirs: a step's own disk reads would otherwise take them first-come.
+                let feeding = self.prewarm.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+                let mut free = if feeding { 0 } else { pool.free.len() };
+                let exclusive = self.opts.gpu.exclusive;
                 let (on_cpu, to_gpu): (Vec<usize>, Vec<usize>) =
                     misses.iter().partition(|&&j| match (self.opts.gpu.hybrid, &dl.experts.host) {
                         (Hybrid::Off, _) => false,
                         (Hybrid::Cpu, _) => true,
                         // Mapped checkpoint experts are read in place from memory too.
                         (Hybrid::Auto, ExpertSet::Resident(_)) => true,
-                        (Hybrid::Auto, ExpertSet::Streamed { store, layer }) => store.in_ram(*layer, ids[j] as usize),
+                        (Hybrid::Auto, ExpertSet::Streamed { store, layer }) => {
+                            if store.in_ram(*layer, ids[j] as usize) {
+                                true
+                            } else if free > 0 || !exclusive {
+                                // (Inclusive tiers: every disk read goes to the GPU, as before.)
+                                free = free.saturating_sub(1);
+                                false
+                            } else {
+                                true
+                            }
+                        }
                     });
                 // The CPU needs the layer's MoE input: read it now, before the copies are queued
                 // (this waits only for the hits and the shared expert launched above).
