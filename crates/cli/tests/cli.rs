@@ -394,3 +394,38 @@ fn absurd_sizes_and_thread_counts_are_refused_not_wrapped() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("--io-threads") && err.contains("1..=1024"), "{err}");
 }
+
+#[test]
+fn routing_profile_is_saved_per_model_and_prewarms_the_next_run_without_changing_text() {
+    let dir = models_dir().join("qwen35-moe-tiny");
+    let home = tempfile::tempdir().unwrap();
+    let run = |profile: &str| {
+        Command::new(env!("CARGO_BIN_EXE_flashmoe"))
+            .env("FLASHMOE_HOME", home.path())
+            .args(["run", "--model", s(&dir), "--prompt", "Hello there", "--max-tokens", "8", "--raw"])
+            .args(["--temperature", "0", "--ram-cache", "1M", "--routing-profile", profile])
+            .output()
+            .unwrap()
+    };
+    let saved = home.path().join("routing-profiles");
+    let off = run("off");
+    assert!(off.status.success(), "{}", stderr(&off));
+    assert!(!saved.exists(), "--routing-profile off writes nothing");
+    let first = run("auto");
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(!stderr(&first).contains("pre-warm"), "nothing saved yet: {}", stderr(&first));
+    let files: Vec<_> = std::fs::read_dir(&saved).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&files[0]).unwrap()).unwrap();
+    let counts = v["0"]["counts"].as_array().unwrap();
+    assert_eq!(counts.len(), 8);
+    assert!(counts.iter().map(|c| c.as_u64().unwrap()).sum::<u64>() >= 2 * 8, "layer 0 counted every routed use");
+    let second = run("auto");
+    assert!(stderr(&second).contains("pre-warm (background): "), "{}", stderr(&second));
+    assert_eq!(second.stdout, first.stdout, "same greedy text with the tiers pre-warmed");
+    assert_eq!(off.stdout, first.stdout);
+    // A file that is not a flashmoe profile is a clear error, not a silent cold start.
+    let bad = run(s(&dir.join("config.json")));
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("config.json"), "{}", stderr(&bad));
+}

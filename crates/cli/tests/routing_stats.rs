@@ -62,7 +62,7 @@ fn two_tier_replay_json_and_table() {
     assert_eq!(row(0, "inclusive")["disk_bytes"], 3000);
     assert_eq!(row(0, "exclusive")["disk_bytes"], 500);
     assert_eq!(row(0, "exclusive")["pcie_bytes"], 5600);
-    assert_eq!(row(0, "exclusive+cpu")["pcie_bytes"], 600);
+    assert_eq!(row(0, "exclusive+cpu")["pcie_bytes"], 400);
     assert_eq!(row(0, "inclusive")["disk_vs_optimum"], 6.0);
     assert_eq!(row(0, "optimum (Belady)")["disk_bytes"], 500);
     assert!(row(0, "optimum (Belady)")["pcie_bytes"].is_null());

@@ -1110,8 +1110,26 @@ pub fn tier_report(acc: &TierAccesses, sizes: TierSizes, half_life: f64) -> Tier
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::synth::Rng;
     use flashmoe::routing::{TraceHeader, TraceToken};
+
+    /// splitmix64: a seeded source of uniforms for test traces.
+    struct Rng(u64);
+
+    impl Rng {
+        fn new(seed: u64) -> Self {
+            Rng(seed)
+        }
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn uniform(&mut self) -> f64 {
+            (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
 
     fn random_trace(tokens: usize, layers: usize, experts: usize, k: usize, seed: u64) -> Trace {
         let mut rng = Rng::new(seed);

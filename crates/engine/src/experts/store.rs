@@ -157,6 +157,10 @@ struct LayerFile {
     components: Vec<TensorEntry>,
 }
 
+/// Where a pre-warm hands the experts of the tier above (the GPU) over: (layer, expert) and
+/// its buffer.
+pub type UpperFeed = std::sync::mpsc::SyncSender<((u32, u32), Arc<AlignedBuf>)>;
+
 /// An expert read started ahead of need (`prefetch`), filled in by an I/O thread.
 #[derive(Default)]
 struct Slot {
@@ -603,7 +607,7 @@ impl ExpertStore {
     pub fn start_prewarm(
         self: &Arc<Self>,
         keys: Vec<((u32, u32), f64)>,
-        upper: Option<std::sync::mpsc::SyncSender<((u32, u32), Arc<AlignedBuf>)>>,
+        upper: Option<UpperFeed>,
         to_upper: usize,
     ) -> std::thread::JoinHandle<()> {
         let me = self.clone();
@@ -618,12 +622,7 @@ impl ExpertStore {
         self.prewarm_stop.store(true, Relaxed);
     }
 
-    fn prewarm(
-        &self,
-        keys: Vec<((u32, u32), f64)>,
-        upper: Option<std::sync::mpsc::SyncSender<((u32, u32), Arc<AlignedBuf>)>>,
-        to_upper: usize,
-    ) {
+    fn prewarm(&self, keys: Vec<((u32, u32), f64)>, upper: Option<UpperFeed>, to_upper: usize) {
         let batch = self.pool.current_num_threads().max(1) * 2;
         let (up_keys, ram_keys) = keys.split_at(if upper.is_some() { to_upper.min(keys.len()) } else { 0 });
         let valid =
