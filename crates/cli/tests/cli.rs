@@ -429,3 +429,20 @@ fn routing_profile_is_saved_per_model_and_prewarms_the_next_run_without_changing
     assert!(!bad.status.success());
     assert!(stderr(&bad).contains("config.json"), "{}", stderr(&bad));
 }
+
+#[test]
+fn io_mmap_computes_on_the_mapped_files_with_the_same_text() {
+    let dir = models_dir().join("qwen35-moe-tiny");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", "--model", s(&dir), "--prompt", "Hello there", "--max-tokens", "8", "--raw"];
+        args.extend(["--temperature", "0", "--routing-profile", "off"]);
+        args.extend(extra);
+        flashmoe(&args)
+    };
+    let page = run(&["--io", "page"]);
+    let mmap = run(&["--io", "mmap"]);
+    assert!(page.status.success() && mmap.status.success(), "{}", stderr(&mmap));
+    assert_eq!(page.stdout, mmap.stdout);
+    let err = fails(&["run", "--model", s(&dir), "--prompt", "x", "--io", "mmap", "--ram-cache", "1M"]);
+    assert!(err.contains("--io mmap") && err.contains("--ram-cache"), "{err}");
+}

@@ -12,7 +12,9 @@ use std::path::Path;
 /// How a model's experts are read and cached.
 #[derive(Args, Clone, Debug)]
 pub struct StoreArgs {
-    /// Expert reads: through the page cache, O_DIRECT, or auto (measured at start).
+    /// Expert reads: through the page cache, O_DIRECT, auto (measured at start), or mmap (no
+    /// reads: compute on the mapped files, the page cache being the only RAM tier; no
+    /// --ram-cache, no routing profile).
     #[arg(long, default_value = "auto")]
     pub io: IoChoice,
     /// RAM expert cache (e.g. 4G). Default: what --memory-budget leaves, else none (in page mode
@@ -54,6 +56,13 @@ impl StoreArgs {
         opts.store.io_threads = self.io_threads;
         opts.store.cache_policy = self.cache_policy;
         opts.routing_profile = self.routing_profile.clone();
+        if self.io == IoChoice::Mmap {
+            if self.ram_cache.is_some() || self.memory_budget.is_some() {
+                bail!("--io mmap reads experts in place (the page cache is the RAM tier): it takes no --ram-cache or --memory-budget");
+            }
+            opts.stream_experts = false;
+            return Ok(opts);
+        }
         if let Some(b) = &self.memory_budget {
             let budget = parse_size(b).map_err(|e| anyhow!("--memory-budget {e}"))?;
             // Under a budget, fetch one token's worth of experts at a time.

@@ -42,6 +42,10 @@ pub enum IoChoice {
     Direct,
     /// Measure both on a few experts at start and keep the faster.
     Auto,
+    /// No reads at all: compute on views of the mapped expert files (the page cache is the RAM
+    /// tier; no copy per token, no RAM tier of our own, no routing counts). The model loader
+    /// handles it (`LoadOptions::stream_experts` off); a store opened with it reads as `Page`.
+    Mmap,
 }
 
 impl std::str::FromStr for IoChoice {
@@ -51,7 +55,8 @@ impl std::str::FromStr for IoChoice {
             "page" => Ok(IoChoice::Page),
             "direct" => Ok(IoChoice::Direct),
             "auto" => Ok(IoChoice::Auto),
-            o => Err(format!("`{o}`: expected page, direct or auto")),
+            "mmap" => Ok(IoChoice::Mmap),
+            o => Err(format!("`{o}`: expected page, direct, mmap or auto")),
         }
     }
 }
@@ -364,7 +369,7 @@ impl ExpertStore {
         }
         let direct_ok = store.layers.iter().all(|l| l.direct.is_some());
         store.mode_note = match opts.io {
-            IoChoice::Page => "page (requested)".into(),
+            IoChoice::Page | IoChoice::Mmap => "page (requested)".into(),
             IoChoice::Direct if direct_ok => {
                 store.mode = IoMode::Direct;
                 "direct (requested)".into()
