@@ -340,14 +340,7 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn Con
     if !src.exists() {
         return Err(Error::NotFound(src.to_path_buf()));
     }
-    if let (Ok(a), Ok(b)) = (src.canonicalize(), dst.canonicalize())
-        && a == b
-    {
-        return Err(Error::file(dst, "destination is the source folder"));
-    }
-    if dst.exists() && !opts.force {
-        return Err(Error::file(dst, "already exists (pass --force to replace it)"));
-    }
+    check_replaceable(dst, Some(src), opts.force)?;
     if ![32, 64, 128].contains(&opts.group_size) {
         return Err(Error::input(format!("--group-size {}: must be 32, 64 or 128", opts.group_size)));
     }
@@ -532,6 +525,40 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn Con
 
 /// Starts a packed output for `dst`: an empty `DST.partial` folder (a leftover one from an
 /// interrupted run is removed) with its `experts/` folder. [`finish_output`] completes it.
+/// Whether writing a packed model to `dst` may replace what is there: nothing there; or, with
+/// `force`, a folder holding a packed model's manifest that is neither the source nor a folder
+/// containing it. `--force` never deletes anything that is not a flashmoe output.
+pub fn check_replaceable(dst: &Path, src: Option<&Path>, force: bool) -> Result<()> {
+    if !dst.exists() {
+        return Ok(());
+    }
+    if let (Some(src), Ok(d)) = (src, dst.canonicalize())
+        && let Ok(s) = src.canonicalize()
+    {
+        if s == d {
+            return Err(Error::file(dst, "destination is the source folder"));
+        }
+        if s.starts_with(&d) {
+            return Err(Error::file(
+                dst,
+                format!("contains the source {}: replacing it would delete the source", s.display()),
+            ));
+        }
+    }
+    if !force {
+        return Err(Error::file(dst, "already exists (pass --force to replace it)"));
+    }
+    if !dst.is_dir() || !dst.join(MANIFEST).is_file() {
+        return Err(Error::file(
+            dst,
+            format!(
+                "exists and is not a flashmoe packed model (no {MANIFEST}); --force only replaces a flashmoe output, so remove it yourself if it should go"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub fn start_output(dst: &Path) -> Result<PathBuf> {
     let name = dst.file_name().ok_or_else(|| Error::file(dst, "destination has no folder name"))?;
     let partial = dst.with_file_name(format!("{}.partial", name.to_string_lossy()));

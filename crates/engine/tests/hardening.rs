@@ -81,3 +81,41 @@ fn config_with_fewer_layers_than_the_checkpoint_is_refused() {
     let e = Model::load(&dir).err().expect("refused").to_string();
     assert!(e.contains("layer 7") && e.contains("num_hidden_layers is 4"), "{e}");
 }
+
+/// `convert --force` never deletes the source or anything that is not a flashmoe output.
+#[test]
+fn convert_force_replaces_only_flashmoe_outputs() {
+    use flashmoe::convert::{ConvertOptions, Target, convert};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("models");
+    let src = root.join("tiny");
+    copy_flat(&src);
+    let keep = ConvertOptions { expert: Target::Keep, other: Target::Keep, force: true, ..ConvertOptions::default() };
+    // The folder that holds the source: refused, the source and its sibling stay.
+    std::fs::write(root.join("sibling.txt"), "keep me").unwrap();
+    let err = convert(&src, &root, &keep, &()).unwrap_err().to_string();
+    assert!(err.contains("would delete the source"), "{err}");
+    assert!(src.join("config.json").exists() && root.join("sibling.txt").exists());
+    // The source itself.
+    let err = convert(&src, &src, &keep, &()).unwrap_err().to_string();
+    assert!(err.contains("is the source folder"), "{err}");
+    // A folder of someone else's files.
+    let other = tmp.path().join("photos");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("a.jpg"), "x").unwrap();
+    let err = convert(&src, &other, &keep, &()).unwrap_err().to_string();
+    assert!(err.contains("not a flashmoe packed model"), "{err}");
+    assert!(other.join("a.jpg").exists());
+    // A file.
+    let file = tmp.path().join("notes.txt");
+    std::fs::write(&file, "x").unwrap();
+    assert!(convert(&src, &file, &keep, &()).is_err());
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
+    // A flashmoe output is replaced; without --force it is refused.
+    let out = tmp.path().join("packed");
+    convert(&src, &out, &keep, &()).unwrap();
+    convert(&src, &out, &keep, &()).unwrap();
+    let no_force = ConvertOptions { force: false, ..keep };
+    let err = convert(&src, &out, &no_force, &()).unwrap_err().to_string();
+    assert!(err.contains("already exists"), "{err}");
+}

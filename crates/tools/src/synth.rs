@@ -1032,9 +1032,7 @@ pub fn synth(opts: &SynthOptions, progress: &dyn ConvertProgress) -> Result<Synt
     }
 
     let dst = &opts.out;
-    if dst.exists() && !opts.force {
-        return Err(Error::file(dst, "already exists (pass --force to replace it)"));
-    }
+    flashmoe::convert::check_replaceable(dst, None, opts.force)?;
     let partial = flashmoe::convert::start_output(dst)?;
 
     let layout = blob_layout(&d, opts.expert_bits, group);

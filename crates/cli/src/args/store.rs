@@ -58,7 +58,9 @@ impl StoreArgs {
         opts.routing_profile = self.routing_profile.clone();
         if self.io == IoChoice::Mmap {
             if self.ram_cache.is_some() || self.memory_budget.is_some() {
-                bail!("--io mmap reads experts in place (the page cache is the RAM tier): it takes no --ram-cache or --memory-budget");
+                bail!(
+                    "--io mmap reads experts in place (the page cache is the RAM tier): it takes no --ram-cache or --memory-budget"
+                );
             }
             opts.stream_experts = false;
             return Ok(opts);
