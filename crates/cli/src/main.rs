@@ -60,6 +60,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The engine's warnings (a damaged cache rebuilt, a saved profile ignored) go to stderr;
+    // RUST_LOG raises or lowers the level.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).without_time().try_init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run::run(a),

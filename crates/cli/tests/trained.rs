@@ -115,3 +115,44 @@ fn held_out_perplexity_matches_transformers_and_is_low() {
     assert!(ppl < 35.0, "{ppl}");
     assert_eq!(got["predictions"], 4088);
 }
+
+/// Several first runs at once on an empty cache all succeed with the same text (one builds the
+/// packed copy, the others wait for it), and a damaged cached copy is rebuilt, not a failure of
+/// every later run.
+#[test]
+fn concurrent_first_runs_and_a_damaged_cache() {
+    let home = tempfile::tempdir().unwrap();
+    let args = ["run", "--prompt", "The history of", "--raw", "--max-tokens", "12", "--temperature", "0"];
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_flashmoe"))
+            .args(args)
+            .env("FLASHMOE_HOME", home.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let children: Vec<_> = (0..3).map(|_| spawn()).collect();
+    let outs: Vec<_> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    for o in &outs {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(o.stdout, outs[0].stdout);
+    }
+    // Flip a byte in the middle of the cached copy's first expert file.
+    let models = home.path().join("models");
+    let dir = std::fs::read_dir(&models)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir() && p.join("manifest.json").exists())
+        .expect("a cached packed model");
+    let experts = dir.join("experts");
+    let file = std::fs::read_dir(&experts).unwrap().map(|e| e.unwrap().path()).min().unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    std::fs::write(&file, &bytes).unwrap();
+    let o = flashmoe(&args, home.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.stdout, outs[0].stdout, "rebuilt from the embedded files, same text");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("damaged"), "{}", String::from_utf8_lossy(&o.stderr));
+}

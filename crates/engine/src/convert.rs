@@ -523,8 +523,6 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn Con
     Ok(ConvertReport { dst: dst.to_path_buf(), non_expert_bytes, expert_bytes, rmse: ctx.rmse })
 }
 
-/// Starts a packed output for `dst`: an empty `DST.partial` folder (a leftover one from an
-/// interrupted run is removed) with its `experts/` folder. [`finish_output`] completes it.
 /// Whether writing a packed model to `dst` may replace what is there: nothing there; or, with
 /// `force`, a folder holding a packed model's manifest that is neither the source nor a folder
 /// containing it. `--force` never deletes anything that is not a flashmoe output.
@@ -559,22 +557,84 @@ pub fn check_replaceable(dst: &Path, src: Option<&Path>, force: bool) -> Result<
     Ok(())
 }
 
-pub fn start_output(dst: &Path) -> Result<PathBuf> {
+/// A packed output being written: `DST.partial`, locked by this process (a lock on
+/// `DST.partial/.lock` held until the value is dropped) so that a second writer of the same
+/// destination stops with a clear error instead of deleting this one's files.
+pub struct PartialOutput {
+    path: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl std::ops::Deref for PartialOutput {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+const PARTIAL_LOCK: &str = ".lock";
+
+/// Takes an exclusive `flock` on `file` without waiting. Ok(false) when another process holds it.
+pub fn try_lock(file: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    loop {
+        // SAFETY: flock on a file descriptor this process owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Starts a packed output for `dst`: an empty, locked `DST.partial` folder with its `experts/`
+/// folder. A leftover one from an interrupted run (its lock free) is removed; one another process
+/// is writing is an error. [`finish_output`] completes it.
+pub fn start_output(dst: &Path) -> Result<PartialOutput> {
     let name = dst.file_name().ok_or_else(|| Error::file(dst, "destination has no folder name"))?;
     let partial = dst.with_file_name(format!("{}.partial", name.to_string_lossy()));
+    let busy = || {
+        Error::file(
+            dst,
+            format!("another flashmoe process is writing it ({} is locked); wait for it", partial.display()),
+        )
+    };
     if partial.exists() {
+        if let Ok(f) = std::fs::File::open(partial.join(PARTIAL_LOCK))
+            && !try_lock(&f).map_err(|e| Error::io(partial.join(PARTIAL_LOCK), e))?
+        {
+            return Err(busy());
+        }
         std::fs::remove_dir_all(&partial)
             .map_err(|e| Error::file(&partial, format!("cannot remove a previous partial output: {e}")))?;
     }
     std::fs::create_dir_all(partial.join("experts"))
         .map_err(|e| Error::file(&partial, format!("cannot create: {e}")))?;
-    Ok(partial)
+    let lock_path = partial.join(PARTIAL_LOCK);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io(&lock_path, e))?;
+    // Two writers that both found no partial folder: the second to lock stops here.
+    if !try_lock(&lock).map_err(|e| Error::io(&lock_path, e))? {
+        return Err(busy());
+    }
+    Ok(PartialOutput { path: partial, _lock: lock })
 }
 
 /// Completes a packed output written under `partial`: the manifest goes in last (a folder without
 /// it is not a packed model), then the folder is renamed to `dst`, replacing an old `dst` only
 /// once the new one is complete.
 pub fn finish_output(partial: &Path, dst: &Path, manifest: &Manifest) -> Result<()> {
+    // The lock file is not part of the model (the lock itself stays held until the caller drops
+    // its `PartialOutput`).
+    let _ = std::fs::remove_file(partial.join(PARTIAL_LOCK));
     let mpath = partial.join(MANIFEST);
     let mf = std::fs::File::create(&mpath).map_err(io_err(&mpath))?;
     serde_json::to_writer(BufWriter::new(&mf), manifest).map_err(|e| Error::file(&mpath, e.to_string()))?;

@@ -222,3 +222,21 @@ fn damaged_packed_models_give_clear_errors() {
     let e = Model::load_with(&dst, &mapped).err().unwrap().to_string();
     assert!(e.contains("experts.8.gate_proj.weight") && e.contains("not found"), "{e}");
 }
+
+#[test]
+fn a_second_writer_of_the_same_destination_stops_instead_of_deleting_the_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("out");
+    let first = flashmoe::convert::start_output(&dst).unwrap();
+    std::fs::write(first.join("weights.bin"), b"in progress").unwrap();
+    let err = flashmoe::convert::start_output(&dst).err().expect("refused").to_string();
+    assert!(err.contains("another flashmoe process is writing"), "{err}");
+    let err = convert(&fixture("qwen35-moe-tiny"), &dst, &keep(), &()).unwrap_err().to_string();
+    assert!(err.contains("another flashmoe process is writing"), "{err}");
+    assert_eq!(std::fs::read(first.join("weights.bin")).unwrap(), b"in progress");
+    // Once the writer is gone its leftover is an interrupted run: removed, and the convert runs.
+    drop(first);
+    convert(&fixture("qwen35-moe-tiny"), &dst, &keep(), &()).unwrap();
+    verify(&dst).unwrap();
+    assert!(!dst.join(".lock").exists(), "the lock file is not part of the model");
+}

@@ -253,9 +253,13 @@ impl Model {
             }
             Err(e) => return Err(e),
         };
+        let room = self.placed.prewarm_room();
+        if room == 0 && store.ram_cache_budget() == 0 {
+            // No tier of our own to fill (the page cache is the only one).
+            return Ok(());
+        }
         let ranked = profile.hottest().len();
         let keys = profile.ranking_with_rates(self.experts_per_token);
-        let room = self.placed.prewarm_room();
         let feed = if room > 0 {
             let (tx, rx) = std::sync::mpsc::sync_channel(self.fetch_chunk.max(8));
             self.placed.accept_prewarm(rx, store.clone());
