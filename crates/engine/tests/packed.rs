@@ -240,3 +240,31 @@ fn a_second_writer_of_the_same_destination_stops_instead_of_deleting_the_first()
     verify(&dst).unwrap();
     assert!(!dst.join(".lock").exists(), "the lock file is not part of the model");
 }
+
+#[test]
+fn a_damaged_expert_is_an_error_on_its_first_read_unless_told_not_to_check() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("out");
+    convert(&fixture("qwen35-moe-tiny"), &dst, &keep(), &()).unwrap();
+    let reference = logits(&dst);
+    // Flip one byte inside every expert blob of layer 0 (whichever the router picks is damaged).
+    let man = flashmoe::packed::Manifest::load(&dst).unwrap();
+    let ef = &man.experts[0];
+    let path = dst.join(&ef.file);
+    let mut bytes = std::fs::read(&path).unwrap();
+    for e in 0..ef.num_experts {
+        bytes[e * ef.stride as usize + 100] ^= 0x40;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let m = Model::load(&dst).unwrap();
+    let mut st = m.new_state();
+    let err = m.forward(&IDS[..3], &mut st, LogitsFor::Last).unwrap_err().to_string();
+    assert!(err.contains("of layer 0") && err.contains("fails its checksum"), "{err}");
+    // Unchecked, the damaged bytes are computed on (different logits, no error).
+    let opts = flashmoe::LoadOptions {
+        store: flashmoe::experts::StoreOptions { verify: false, ..Default::default() },
+        ..Default::default()
+    };
+    let unchecked = logits_of(&Model::load_with(&dst, &opts).unwrap());
+    assert_ne!(unchecked, reference);
+}

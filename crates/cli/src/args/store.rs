@@ -36,6 +36,10 @@ pub struct StoreArgs {
     /// added at exit), off, or a profile file written by flashmoe.
     #[arg(long, default_value = "auto")]
     pub routing_profile: flashmoe::runtime::ProfileSource,
+    /// Do not check each expert against its manifest checksum on its first read from disk (the
+    /// check is one xxh3 pass per expert per run, on the I/O threads).
+    #[arg(long)]
+    pub no_verify: bool,
 }
 
 /// What the memory plan of `--memory-budget` is sized for.
@@ -55,6 +59,7 @@ impl StoreArgs {
         opts.store.io = self.io;
         opts.store.io_threads = self.io_threads;
         opts.store.cache_policy = self.cache_policy;
+        opts.store.verify = !self.no_verify;
         opts.routing_profile = self.routing_profile.clone();
         if self.io == IoChoice::Mmap {
             if self.ram_cache.is_some() || self.memory_budget.is_some() {

@@ -223,8 +223,13 @@ fn disk_bandwidth(c: &DecodeCommon) -> Result<(f64, String)> {
 }
 
 fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64) -> Result<DecodeReport> {
-    let store =
-        StoreOptions { io, ram_cache_bytes: cache, io_threads: c.io_threads.max(1), cache_policy: c.cache_policy };
+    let store = StoreOptions {
+        io,
+        ram_cache_bytes: cache,
+        io_threads: c.io_threads.max(1),
+        cache_policy: c.cache_policy,
+        verify: true,
+    };
     // The store flags of bench keep their own defaults (O_DIRECT, no RAM cache, sizes as a share
     // of the experts); the engine and device groups are the ones every command takes.
     let mut load = LoadOptions {

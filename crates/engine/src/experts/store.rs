@@ -68,6 +68,9 @@ pub struct StoreOptions {
     /// Reads in flight at once.
     pub io_threads: usize,
     pub cache_policy: CachePolicy,
+    /// Check each expert of a packed model against its manifest checksum the first time it is
+    /// read from disk (a damaged file is an error naming the expert, not fluent wrong text).
+    pub verify: bool,
 }
 
 impl Default for StoreOptions {
@@ -77,6 +80,7 @@ impl Default for StoreOptions {
             ram_cache_bytes: 0,
             io_threads: 8,
             cache_policy: CachePolicy::LfuAging { half_life: 32.0 },
+            verify: true,
         }
     }
 }
@@ -160,6 +164,10 @@ struct LayerFile {
     blob_bytes: u64,
     num_experts: usize,
     components: Vec<TensorEntry>,
+    /// Packed models: xxh3-64 of each expert's whole stride (the manifest's), and whether it has
+    /// been checked since open.
+    sums: Vec<u64>,
+    checked: Vec<std::sync::atomic::AtomicBool>,
 }
 
 /// Where a pre-warm hands the experts of the tier above (the GPU) over: (layer, expert) and
@@ -235,6 +243,23 @@ impl ExpertStore {
                     format!("holds {} experts but config.json says {}", ef.num_experts, cfg.num_experts),
                 ));
             }
+            let sums = if opts.verify {
+                if ef.xxh3.len() != ef.num_experts {
+                    return Err(Error::file(
+                        dir.join(crate::packed::MANIFEST),
+                        format!("layer {i} lists {} checksums for {} experts", ef.xxh3.len(), ef.num_experts),
+                    ));
+                }
+                ef.xxh3
+                    .iter()
+                    .map(|h| u64::from_str_radix(h, 16))
+                    .collect::<std::result::Result<Vec<u64>, _>>()
+                    .map_err(|_| {
+                        Error::file(dir.join(crate::packed::MANIFEST), format!("layer {i}: malformed expert checksum"))
+                    })?
+            } else {
+                Vec::new()
+            };
             // O_DIRECT is refused by some filesystems (tmpfs); then direct mode is unavailable.
             let direct = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path).ok();
             layers.push(LayerFile {
@@ -246,6 +271,8 @@ impl ExpertStore {
                 blob_bytes: ef.blob_bytes,
                 num_experts: ef.num_experts,
                 components: ef.components.clone(),
+                checked: (0..sums.len()).map(|_| Default::default()).collect(),
+                sums,
             });
         }
         if layers.len() != cfg.num_layers {
@@ -323,6 +350,8 @@ impl ExpertStore {
                 blob_bytes: blob as u64,
                 num_experts: list.len(),
                 components,
+                sums: Vec::new(),
+                checked: Vec::new(),
             });
         }
         let mut store = Self::finish(layers, sources, cfg, &StoreOptions { io: IoChoice::Page, ..opts.clone() })?;
@@ -470,14 +499,31 @@ impl ExpertStore {
         }
         let off = e as u64 * lf.stride;
         let page = lf.page.as_ref().expect("packed layers have a file");
+        // The first read of an expert is checked against its checksum, which covers the whole
+        // stride (padding included).
+        let check = lf.sums.get(e).filter(|_| !lf.checked[e].load(Relaxed));
         let (file, len) = match (mode, &lf.direct) {
             (IoMode::Direct, Some(f)) => (f, lf.stride as usize),
+            _ if check.is_some() => (page, lf.stride as usize),
             // Buffered reads need not read the zero padding.
             _ => (page, lf.blob_bytes as usize),
         };
         file.read_exact_at(&mut buf.as_mut_slice()[..len], off).map_err(|err| {
             Error::file(&lf.path, format!("reading expert {e} (bytes {off}..{}): {err}", off + len as u64))
         })?;
+        if let Some(&want) = check {
+            let got = xxhash_rust::xxh3::xxh3_64(&buf.as_mut_slice()[..lf.stride as usize]);
+            if got != want {
+                return Err(Error::file(
+                    &lf.path,
+                    format!(
+                        "expert {e} of layer {layer} (bytes {off}..{}) fails its checksum: the file is damaged (`flashmoe verify` checks the whole model; --no-verify skips this check)",
+                        off + lf.stride
+                    ),
+                ));
+            }
+            lf.checked[e].store(true, Relaxed);
+        }
         self.stats.read_nanos.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
         self.stats.disk_bytes.fetch_add(len as u64, Relaxed);
         self.stats.disk_reads.fetch_add(1, Relaxed);
