@@ -22,14 +22,7 @@ pub fn materialize(name: &str, files: &[(&str, &[u8])]) -> Result<PathBuf> {
     let dir = root.join(format!("{name}-{:016x}", h.digest()));
     std::fs::create_dir_all(&root).map_err(|e| Error::file(&root, format!("cannot create the cache folder: {e}")))?;
     // One process builds at a time; the others wait here and then use its result.
-    let lock_path = root.join(format!(".{name}.lock"));
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| Error::io(&lock_path, e))?;
-    lock_exclusive(&lock).map_err(|e| Error::io(&lock_path, e))?;
+    let _lock = crate::convert::lock_file(&root.join(format!(".{name}.lock")), true)?;
     if dir.join(crate::packed::MANIFEST).exists() {
         // Small enough to check every time (checksums of every tensor and expert): a damaged
         // cache is rebuilt instead of failing every run until deleted by hand.
@@ -53,19 +46,4 @@ pub fn materialize(name: &str, files: &[(&str, &[u8])]) -> Result<PathBuf> {
     let r = convert(&src, &dir, &opts, &());
     let _ = std::fs::remove_dir_all(&src);
     r.map(|_| dir)
-}
-
-/// Takes an exclusive `flock` on `file`, waiting for it.
-fn lock_exclusive(file: &std::fs::File) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    loop {
-        // SAFETY: flock on a file descriptor this process owns.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
-        }
-    }
 }

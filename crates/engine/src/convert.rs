@@ -574,19 +574,28 @@ impl std::ops::Deref for PartialOutput {
 
 const PARTIAL_LOCK: &str = ".lock";
 
-/// Takes an exclusive `flock` on `file` without waiting. Ok(false) when another process holds it.
-pub fn try_lock(file: &std::fs::File) -> std::io::Result<bool> {
+/// Opens (creating it if needed) the lock file `path` and takes an exclusive `flock` on it,
+/// waiting for it when `wait`, else `None` when another process holds it. The lock lasts as
+/// long as the returned file is open.
+pub fn lock_file(path: &Path, wait: bool) -> Result<Option<std::fs::File>> {
     use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    let how = if wait { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
     loop {
         // SAFETY: flock on a file descriptor this process owns.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(true);
+        if unsafe { libc::flock(file.as_raw_fd(), how) } == 0 {
+            return Ok(Some(file));
         }
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EINTR) => continue,
-            Some(libc::EWOULDBLOCK) => return Ok(false),
-            _ => return Err(e),
+            Some(libc::EWOULDBLOCK) if !wait => return Ok(None),
+            _ => return Err(Error::io(path, e)),
         }
     }
 }
@@ -603,10 +612,8 @@ pub fn start_output(dst: &Path) -> Result<PartialOutput> {
             format!("another flashmoe process is writing it ({} is locked); wait for it", partial.display()),
         )
     };
-    if partial.exists() {
-        if let Ok(f) = std::fs::File::open(partial.join(PARTIAL_LOCK))
-            && !try_lock(&f).map_err(|e| Error::io(partial.join(PARTIAL_LOCK), e))?
-        {
+    if partial.is_dir() {
+        if lock_file(&partial.join(PARTIAL_LOCK), false)?.is_none() {
             return Err(busy());
         }
         std::fs::remove_dir_all(&partial)
@@ -614,17 +621,8 @@ pub fn start_output(dst: &Path) -> Result<PartialOutput> {
     }
     std::fs::create_dir_all(partial.join("experts"))
         .map_err(|e| Error::file(&partial, format!("cannot create: {e}")))?;
-    let lock_path = partial.join(PARTIAL_LOCK);
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| Error::io(&lock_path, e))?;
     // Two writers that both found no partial folder: the second to lock stops here.
-    if !try_lock(&lock).map_err(|e| Error::io(&lock_path, e))? {
-        return Err(busy());
-    }
+    let lock = lock_file(&partial.join(PARTIAL_LOCK), false)?.ok_or_else(busy)?;
     Ok(PartialOutput { path: partial, _lock: lock })
 }
 

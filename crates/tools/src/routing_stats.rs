@@ -14,30 +14,8 @@ use serde::Serialize;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::path::Path;
 
-/// Gini coefficient of non-negative counts: 0 when all are equal, (n−1)/n when one holds all.
-pub fn gini(counts: &[u64]) -> f64 {
-    let n = counts.len();
-    let total: u64 = counts.iter().sum();
-    if n == 0 || total == 0 {
-        return 0.0;
-    }
-    let mut c = counts.to_vec();
-    c.sort_unstable();
-    let weighted: f64 = c.iter().enumerate().map(|(i, &x)| (i as f64 + 1.0) * x as f64).sum();
-    2.0 * weighted / (n as f64 * total as f64) - (n as f64 + 1.0) / n as f64
-}
-
-/// Share of all activations that go to the most used `frac` of experts (at least one expert).
-pub fn top_coverage(counts: &[u64], frac: f64) -> f64 {
-    let total: u64 = counts.iter().sum();
-    if total == 0 {
-        return 0.0;
-    }
-    let mut c = counts.to_vec();
-    c.sort_unstable_by(|a, b| b.cmp(a));
-    let m = ((counts.len() as f64 * frac).floor() as usize).max(1);
-    c[..m].iter().sum::<u64>() as f64 / total as f64
-}
+// The statistics a saved routing profile carries too: one definition, in the engine.
+pub use flashmoe::experts::profile::{gini, top_coverage};
 
 /// LRU cache sizes reported by [`stats`] (capped at the number of experts).
 pub const LRU_CAPACITIES: [usize; 6] = [8, 16, 32, 64, 128, 256];

@@ -143,20 +143,21 @@ impl RoutingProfile {
     }
 }
 
-/// Gini coefficient of the counts: 0 when all are equal.
-fn gini(counts: &[u64]) -> f64 {
-    let (n, total) = (counts.len() as f64, counts.iter().sum::<u64>() as f64);
-    if counts.is_empty() || total == 0.0 {
+/// Gini coefficient of non-negative counts: 0 when all are equal, (n−1)/n when one holds all.
+pub fn gini(counts: &[u64]) -> f64 {
+    let n = counts.len();
+    let total: u64 = counts.iter().sum();
+    if n == 0 || total == 0 {
         return 0.0;
     }
     let mut c = counts.to_vec();
     c.sort_unstable();
     let weighted: f64 = c.iter().enumerate().map(|(i, &x)| (i as f64 + 1.0) * x as f64).sum();
-    2.0 * weighted / (n * total) - (n + 1.0) / n
+    2.0 * weighted / (n as f64 * total as f64) - (n as f64 + 1.0) / n as f64
 }
 
-/// Share of uses that go to the most used `frac` of experts.
-fn top_coverage(counts: &[u64], frac: f64) -> f64 {
+/// Share of all activations that go to the most used `frac` of experts (at least one expert).
+pub fn top_coverage(counts: &[u64], frac: f64) -> f64 {
     let total: u64 = counts.iter().sum();
     if total == 0 {
         return 0.0;

@@ -652,9 +652,10 @@ impl ExpertStore {
 
     /// Fills the tiers in the background, hottest first (`keys`, from a routing profile): the
     /// first `to_upper` experts go to the tier above through `upper` (a bounded channel the GPU
-    /// drains between steps), the rest into the RAM tier until it is full. Reads are batched
-    /// and issued in file order within a batch; a pre-warm never evicts anything, so it cannot
-    /// push out what the run itself brought in. Returns at once.
+    /// drains between steps), the rest into the RAM tier, each scored at its profiled rate
+    /// (`keys`' second field, uses per token) so it displaces only entries that score lower,
+    /// never what the run uses more. Reads are batched and issued in file order within a batch.
+    /// Returns at once.
     pub fn start_prewarm(
         self: &Arc<Self>,
         keys: Vec<((u32, u32), f64)>,
