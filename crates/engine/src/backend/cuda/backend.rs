@@ -865,10 +865,6 @@ impl CudaBackend {
         protected: &dyn Fn(ExpertKey) -> bool,
     ) -> crate::Result<Vec<usize>> {
         let layout = experts.layout;
-        let store = match &experts.host {
-            ExpertSet::Streamed { store, .. } if self.opts.gpu.exclusive => Some(&**store),
-            _ => None,
-        };
         let mut slots = Vec::with_capacity(ids.len());
         match &experts.host {
             ExpertSet::Resident(v) => {
@@ -877,21 +873,24 @@ impl CudaBackend {
                     slots.push(self.place(pool, (li, e), layout, l, &pieces, protected, None)?);
                 }
             }
-            ExpertSet::Streamed { store: s, layer } => {
-                let bufs: Vec<Arc<AlignedBuf>> = if store.is_some() {
-                    s.take(*layer, ids)?.into_iter().map(|(b, _)| b).collect()
+            ExpertSet::Streamed { store, layer } => {
+                // Exclusive tiers: the experts leave the RAM tier, and what the GPU evicts for
+                // them goes back to it.
+                let demote_to = self.opts.gpu.exclusive.then_some(&**store);
+                let bufs: Vec<Arc<AlignedBuf>> = if demote_to.is_some() {
+                    store.take(*layer, ids)?.into_iter().map(|(b, _)| b).collect()
                 } else {
-                    s.fetch(*layer, ids)?
+                    store.fetch(*layer, ids)?
                 };
                 for (&e, buf) in ids.iter().zip(bufs) {
                     let base = ByteSource::bytes(&*buf).as_ptr() as usize;
-                    let ew = s.expert_weights(*layer, buf)?;
+                    let ew = store.expert_weights(*layer, buf)?;
                     let (l, pieces) = expert_layout(&ew)?;
-                    if store.is_some() && pool.demote_map[li].is_none() {
+                    if demote_to.is_some() && pool.demote_map[li].is_none() {
                         pool.demote_map[li] =
                             Some(pieces.iter().map(|&(off, p)| (off, p.as_ptr() as usize - base, p.len())).collect());
                     }
-                    slots.push(self.place(pool, (li, e), layout, l, &pieces, protected, store)?);
+                    slots.push(self.place(pool, (li, e), layout, l, &pieces, protected, demote_to)?);
                 }
             }
         }
