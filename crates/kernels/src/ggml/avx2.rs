@@ -1,0 +1,224 @@
+//! AVX2 + FMA + F16C dot products for the types of the common Q4_K_M / Q8_0
+//! mixes: Q8_0, Q4_0, Q4_K, Q5_K, Q6_K. Each block is decoded into
+//! registers (bytes widened to i32 lanes, codes masked out, converted to
+//! f32) and multiplied into f32 accumulators against x; the block or
+//! sub-block scale is applied once per partial sum where the format allows.
+
+use std::arch::x86_64::*;
+
+use super::GgmlType;
+use super::blocks::k4_scales;
+
+/// The dot product of a checked row for the types that have a kernel here,
+/// `None` for the rest.
+///
+/// # Safety
+/// AVX2/FMA/F16C must be available; `row` must hold `x.len()` elements of
+/// type `ty` (a whole number of blocks).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot(ty: GgmlType, row: &[u8], x: &[f32]) -> Option<f32> {
+    let nb = x.len() / ty.block_size();
+    debug_assert_eq!(row.len(), nb * ty.type_size());
+    let (r, xp) = (row.as_ptr(), x.as_ptr());
+    // SAFETY: per the contract, each kernel reads nb blocks of row and
+    // nb * block_size floats of x.
+    unsafe {
+        let acc = match ty {
+            GgmlType::Q8_0 => q8_0(r, xp, nb),
+            GgmlType::Q4_0 => q4_0(r, xp, nb),
+            GgmlType::Q4_K => q4_k(r, xp, nb),
+            GgmlType::Q5_K => q5_k(r, xp, nb),
+            GgmlType::Q6_K => q6_k(r, xp, nb),
+            _ => return None,
+        };
+        Some(hsum(acc))
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// The little-endian f16 at `p`, widened.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: the caller guarantees two readable bytes.
+    let bits = u16::from_le_bytes(unsafe { p.cast::<[u8; 2]>().read_unaligned() });
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// Eight bytes at `p`, zero-extended to i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn u8x8(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees eight readable bytes.
+    _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(p.cast()) })
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn x8(p: *const f32) -> __m256 {
+    // SAFETY: the caller guarantees eight readable floats.
+    unsafe { _mm256_loadu_ps(p) }
+}
+
+/// Q8_0: 2-byte f16 scale, 32 signed bytes; w = q·d.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0(r: *const u8, x: *const f32, nb: usize) -> __m256 {
+    let mut acc = _mm256_setzero_ps();
+    for i in 0..nb {
+        // SAFETY: block i spans r[34i..34i+34], x[32i..32i+32].
+        unsafe {
+            let (b, xb) = (r.add(i * 34), x.add(i * 32));
+            let mut s0 = _mm256_setzero_ps();
+            let mut s1 = _mm256_setzero_ps();
+            for k in (0..4).step_by(2) {
+                let q0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(b.add(2 + 8 * k).cast()));
+                let q1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(b.add(2 + 8 * k + 8).cast()));
+                s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), x8(xb.add(8 * k)), s0);
+                s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), x8(xb.add(8 * k + 8)), s1);
+            }
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b)), _mm256_add_ps(s0, s1), acc);
+        }
+    }
+    acc
+}
+
+/// Q4_0: f16 scale, 16 bytes; element j is the low nibble of byte j and
+/// element j+16 the high nibble; w = (q - 8)·d.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0(r: *const u8, x: *const f32, nb: usize) -> __m256 {
+    let (mask, eight) = (_mm256_set1_epi32(0xF), _mm256_set1_epi32(8));
+    let mut acc = _mm256_setzero_ps();
+    for i in 0..nb {
+        // SAFETY: block i spans r[18i..18i+18], x[32i..32i+32].
+        unsafe {
+            let (b, xb) = (r.add(i * 18), x.add(i * 32));
+            let mut s0 = _mm256_setzero_ps();
+            let mut s1 = _mm256_setzero_ps();
+            for k in 0..2 {
+                let v = u8x8(b.add(2 + 8 * k));
+                let lo = _mm256_sub_epi32(_mm256_and_si256(v, mask), eight);
+                let hi = _mm256_sub_epi32(_mm256_srli_epi32::<4>(v), eight);
+                s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), x8(xb.add(8 * k)), s0);
+                s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), x8(xb.add(16 + 8 * k)), s1);
+            }
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b)), _mm256_add_ps(s0, s1), acc);
+        }
+    }
+    acc
+}
+
+/// Shared body of Q4_K and Q5_K: super-blocks of 8 sub-blocks of 32, each
+/// with its 6-bit scale and min; w = d·sc·q - dmin·m. `qh` is the block's
+/// fifth-bit plane (Q5_K) or null (Q4_K).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k4_block(b: *const u8, qh: *const u8, qs: *const u8, xb: *const f32, acc: &mut [__m256; 2]) {
+    let (mask, one) = (_mm256_set1_epi32(0xF), _mm256_set1_epi32(1));
+    // SAFETY: the caller passes a whole block and its 256 floats of x.
+    unsafe {
+        let (d, dmin) = (f16_at(b), f16_at(b.add(2)));
+        let (sc, mn) = k4_scales(std::slice::from_raw_parts(b.add(4), 12));
+        // 32-byte chunk c holds sub-block 2c in its low nibbles and 2c+1 in its high ones.
+        for c in 0..4 {
+            let (s_lo, s_hi) = (2 * c, 2 * c + 1);
+            let a_lo = _mm256_set1_ps(d * sc[s_lo] as f32);
+            let m_lo = _mm256_set1_ps(dmin * mn[s_lo] as f32);
+            let a_hi = _mm256_set1_ps(d * sc[s_hi] as f32);
+            let m_hi = _mm256_set1_ps(dmin * mn[s_hi] as f32);
+            for k in 0..4 {
+                let v = u8x8(qs.add(c * 32 + 8 * k));
+                let mut lo = _mm256_and_si256(v, mask);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi32::<4>(v), mask);
+                if !qh.is_null() {
+                    // Bit s of qh[l] is the fifth bit of element 32s + l.
+                    let h = u8x8(qh.add(8 * k));
+                    let h_lo = _mm256_and_si256(_mm256_srl_epi32(h, _mm_cvtsi32_si128(s_lo as i32)), one);
+                    let h_hi = _mm256_and_si256(_mm256_srl_epi32(h, _mm_cvtsi32_si128(s_hi as i32)), one);
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi32::<4>(h_lo));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi32::<4>(h_hi));
+                }
+                let w_lo = _mm256_fmsub_ps(_mm256_cvtepi32_ps(lo), a_lo, m_lo);
+                let w_hi = _mm256_fmsub_ps(_mm256_cvtepi32_ps(hi), a_hi, m_hi);
+                acc[0] = _mm256_fmadd_ps(w_lo, x8(xb.add(c * 64 + 8 * k)), acc[0]);
+                acc[1] = _mm256_fmadd_ps(w_hi, x8(xb.add(c * 64 + 32 + 8 * k)), acc[1]);
+            }
+        }
+    }
+}
+
+/// Q4_K: f16 d, f16 dmin, 12 bytes of scales/mins, 128 bytes of nibbles.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k(r: *const u8, x: *const f32, nb: usize) -> __m256 {
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for i in 0..nb {
+        // SAFETY: block i spans r[144i..144i+144], x[256i..256i+256].
+        unsafe {
+            let b = r.add(i * 144);
+            k4_block(b, std::ptr::null(), b.add(16), x.add(i * 256), &mut acc);
+        }
+    }
+    _mm256_add_ps(acc[0], acc[1])
+}
+
+/// Q5_K: as Q4_K plus 32 bytes of fifth bits before the nibbles.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_k(r: *const u8, x: *const f32, nb: usize) -> __m256 {
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for i in 0..nb {
+        // SAFETY: block i spans r[176i..176i+176], x[256i..256i+256].
+        unsafe {
+            let b = r.add(i * 176);
+            k4_block(b, b.add(16), b.add(48), x.add(i * 256), &mut acc);
+        }
+    }
+    _mm256_add_ps(acc[0], acc[1])
+}
+
+/// Q6_K: 128 bytes of low nibbles, 64 bytes of 2-bit high parts, 16 signed
+/// 8-bit scales (one per 16 elements), f16 d; w = d·sc·(q - 32).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k(r: *const u8, x: *const f32, nb: usize) -> __m256 {
+    let (mask4, mask2, bias) = (_mm256_set1_epi32(0xF), _mm256_set1_epi32(3), _mm256_set1_epi32(32));
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for i in 0..nb {
+        // SAFETY: block i spans r[210i..210i+210], x[256i..256i+256].
+        unsafe {
+            let b = r.add(i * 210);
+            let (ql, qh, sc) = (b, b.add(128), b.add(192));
+            let d = f16_at(b.add(208));
+            let xb = x.add(i * 256);
+            // Half h of 128 elements, quarter t of 32: low nibble from
+            // ql[64h + 32(t%2) + l] (shift 4·(t/2)), high bits from
+            // qh[32h + l] (shift 2t).
+            for h in 0..2 {
+                for t in 0..4 {
+                    let lshift = _mm_cvtsi32_si128(4 * (t as i32 / 2));
+                    let hshift = _mm_cvtsi32_si128(2 * t as i32);
+                    for half in 0..2 {
+                        let mut s = _mm256_setzero_ps();
+                        for k in 2 * half..2 * half + 2 {
+                            let l = _mm256_and_si256(
+                                _mm256_srl_epi32(u8x8(ql.add(h * 64 + (t % 2) * 32 + 8 * k)), lshift),
+                                mask4,
+                            );
+                            let hb = _mm256_and_si256(_mm256_srl_epi32(u8x8(qh.add(h * 32 + 8 * k)), hshift), mask2);
+                            let q = _mm256_sub_epi32(_mm256_or_si256(l, _mm256_slli_epi32::<4>(hb)), bias);
+                            s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), x8(xb.add(h * 128 + t * 32 + 8 * k)), s);
+                        }
+                        let scale = d * (*sc.add(h * 8 + t * 2 + half) as i8) as f32;
+                        acc[half] = _mm256_fmadd_ps(_mm256_set1_ps(scale), s, acc[half]);
+                    }
+                }
+            }
+        }
+    }
+    _mm256_add_ps(acc[0], acc[1])
+}
