@@ -202,7 +202,7 @@ unsafe fn q6_k(r: *const u8, x: *const f32, nb: usize) -> __m256 {
                 for t in 0..4 {
                     let lshift = _mm_cvtsi32_si128(4 * (t as i32 / 2));
                     let hshift = _mm_cvtsi32_si128(2 * t as i32);
-                    for half in 0..2 {
+                    for (half, acc_half) in acc.iter_mut().enumerate() {
                         let mut s = _mm256_setzero_ps();
                         for k in 2 * half..2 * half + 2 {
                             let l = _mm256_and_si256(
@@ -214,7 +214,7 @@ unsafe fn q6_k(r: *const u8, x: *const f32, nb: usize) -> __m256 {
                             s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), x8(xb.add(h * 128 + t * 32 + 8 * k)), s);
                         }
                         let scale = d * (*sc.add(h * 8 + t * 2 + half) as i8) as f32;
-                        acc[half] = _mm256_fmadd_ps(_mm256_set1_ps(scale), s, acc[half]);
+                        *acc_half = _mm256_fmadd_ps(_mm256_set1_ps(scale), s, *acc_half);
                     }
                 }
             }

@@ -10,6 +10,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod blocks;
 
 use rayon::prelude::*;
@@ -282,6 +284,14 @@ fn dot_unchecked(level: SimdLevel, ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
         let m = MatRef::float(ft, row, 1, x.len()).expect("row length checked by check_row");
         crate::matvec_at(level, &m, x, &mut y);
         return y[0];
+    }
+    #[cfg(target_arch = "x86_64")]
+    if level == SimdLevel::Avx512 {
+        // SAFETY: the caller checked that the CPU has AVX-512F (and the
+        // AVX2 set); `row` holds x.len() elements of `ty`.
+        if let Some(v) = unsafe { avx512::dot(ty, row, x) } {
+            return v;
+        }
     }
     #[cfg(target_arch = "x86_64")]
     if level != SimdLevel::Scalar {
