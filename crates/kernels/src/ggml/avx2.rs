@@ -1,5 +1,6 @@
 //! AVX2 + FMA + F16C dot products for the types of the common Q4_K_M / Q8_0
-//! mixes: Q8_0, Q4_0, Q4_K, Q5_K, Q6_K. Each block is decoded into
+//! mixes (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) and of the low-bit mixes (Q2_K,
+//! Q3_K, IQ4_NL, IQ4_XS). Each block is decoded into
 //! registers (bytes widened to i32 lanes, codes masked out, converted to
 //! f32) and multiplied into f32 accumulators against x; the block or
 //! sub-block scale is applied once per partial sum where the format allows.
@@ -7,7 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::GgmlType;
-use super::blocks::k4_scales;
+use super::blocks::{KVALUES_IQ4NL, iq4_xs_scales, k4_scales};
 
 /// The dot product of a checked row for the types that have a kernel here,
 /// `None` for the rest.
@@ -29,6 +30,10 @@ pub(super) unsafe fn dot(ty: GgmlType, row: &[u8], x: &[f32]) -> Option<f32> {
             GgmlType::Q4_K => q4_k(r, xp, nb),
             GgmlType::Q5_K => q5_k(r, xp, nb),
             GgmlType::Q6_K => q6_k(r, xp, nb),
+            GgmlType::Q2_K => q2_k(r, xp, nb),
+            GgmlType::Q3_K => q3_k(r, xp, nb),
+            GgmlType::IQ4_NL => iq4_nl(r, xp, nb),
+            GgmlType::IQ4_XS => iq4_xs(r, xp, nb),
             _ => return None,
         };
         Some(hsum(acc))
@@ -221,4 +226,132 @@ unsafe fn q6_k(r: *const u8, x: *const f32, nb: usize) -> __m256 {
         }
     }
     _mm256_add_ps(acc[0], acc[1])
+}
+
+/// Q2_K: 16 bytes of 4-bit (scale, min) pairs, 64 bytes of 2-bit codes, f16
+/// d and dmin. Element 128h + 32s + l is bits 2s..2s+2 of qs[32h + l];
+/// its sub-block of 16 has w = d·(sc & 15)·q - dmin·(sc >> 4).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q2_k(r: *const u8, x: *const f32, nb: usize) -> __m256 {
+    let three = _mm256_set1_epi32(3);
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for i in 0..nb {
+        // SAFETY: block i spans r[84i..84i+84], x[256i..256i+256].
+        unsafe {
+            let b = r.add(i * 84);
+            let (sc, qs) = (b, b.add(16));
+            let (d, dmin) = (f16_at(b.add(80)), f16_at(b.add(82)));
+            let xb = x.add(i * 256);
+            for h in 0..2 {
+                for s in 0..4 {
+                    let shift = _mm_cvtsi32_si128(2 * s as i32);
+                    for (half, acc_half) in acc.iter_mut().enumerate() {
+                        let scm = *sc.add(h * 8 + s * 2 + half);
+                        let a = _mm256_set1_ps(d * (scm & 0xF) as f32);
+                        let m = _mm256_set1_ps(dmin * (scm >> 4) as f32);
+                        for k in 2 * half..2 * half + 2 {
+                            let q = _mm256_and_si256(_mm256_srl_epi32(u8x8(qs.add(h * 32 + 8 * k)), shift), three);
+                            let w = _mm256_fmsub_ps(_mm256_cvtepi32_ps(q), a, m);
+                            *acc_half = _mm256_fmadd_ps(w, x8(xb.add(h * 128 + s * 32 + 8 * k)), *acc_half);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    _mm256_add_ps(acc[0], acc[1])
+}
+
+/// Q3_K: 32 bytes of high bits, 64 bytes of 2-bit low parts, 12 bytes of
+/// 6-bit scales, f16 d. Element e = 128h + 32s + l has low bits 2s..2s+2 of
+/// qs[32h + l] and high bit e/32 of hmask[l]; q = (low | high << 2) - 4.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q3_k(r: *const u8, x: *const f32, nb: usize) -> __m256 {
+    let (three, one, four) = (_mm256_set1_epi32(3), _mm256_set1_epi32(1), _mm256_set1_epi32(4));
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for i in 0..nb {
+        // SAFETY: block i spans r[110i..110i+110], x[256i..256i+256].
+        unsafe {
+            let b = r.add(i * 110);
+            let (hmask, qs, sc) = (b, b.add(32), std::slice::from_raw_parts(b.add(96), 12));
+            let d = f16_at(b.add(108));
+            let xb = x.add(i * 256);
+            for h in 0..2 {
+                for s in 0..4 {
+                    let lshift = _mm_cvtsi32_si128(2 * s as i32);
+                    let hshift = _mm_cvtsi32_si128((4 * h + s) as i32);
+                    for (half, acc_half) in acc.iter_mut().enumerate() {
+                        let j = h * 8 + s * 2 + half;
+                        let low = if j < 8 { sc[j] & 0xF } else { sc[j - 8] >> 4 };
+                        let high = (sc[8 + j % 4] >> (2 * (j / 4))) & 3;
+                        let a = _mm256_set1_ps(d * ((low | high << 4) as i32 - 32) as f32);
+                        let mut sum = _mm256_setzero_ps();
+                        for k in 2 * half..2 * half + 2 {
+                            let lo = _mm256_and_si256(_mm256_srl_epi32(u8x8(qs.add(h * 32 + 8 * k)), lshift), three);
+                            let hi = _mm256_and_si256(_mm256_srl_epi32(u8x8(hmask.add(8 * k)), hshift), one);
+                            let q = _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32::<2>(hi)), four);
+                            sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), x8(xb.add(h * 128 + s * 32 + 8 * k)), sum);
+                        }
+                        *acc_half = _mm256_fmadd_ps(a, sum, *acc_half);
+                    }
+                }
+            }
+        }
+    }
+    _mm256_add_ps(acc[0], acc[1])
+}
+
+/// Σ kvalue(q)·x over 32 elements whose 4-bit codes are the 16 bytes at
+/// `qs` (low nibbles: elements 0..16, high: 16..32): the code-to-value table
+/// is one byte shuffle.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn iq4_32(qs: *const u8, xb: *const f32) -> __m256 {
+    // SAFETY: the caller guarantees 16 bytes at qs and 32 floats at xb.
+    unsafe {
+        let table = _mm_loadu_si128(KVALUES_IQ4NL.as_ptr().cast());
+        let v = _mm_loadu_si128(qs.cast());
+        let mask = _mm_set1_epi8(0xF);
+        let lo = _mm_shuffle_epi8(table, _mm_and_si128(v, mask));
+        let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16::<4>(v), mask));
+        let mut s0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), x8(xb));
+        let mut s1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(lo))), x8(xb.add(8)));
+        s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), x8(xb.add(16)), s0);
+        s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(hi))), x8(xb.add(24)), s1);
+        _mm256_add_ps(s0, s1)
+    }
+}
+
+/// IQ4_NL: f16 d, 16 bytes of non-linear 4-bit codes; w = d·kvalue(q).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn iq4_nl(r: *const u8, x: *const f32, nb: usize) -> __m256 {
+    let mut acc = _mm256_setzero_ps();
+    for i in 0..nb {
+        // SAFETY: block i spans r[18i..18i+18], x[32i..32i+32].
+        unsafe {
+            let b = r.add(i * 18);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b)), iq4_32(b.add(2), x.add(i * 32)), acc);
+        }
+    }
+    acc
+}
+
+/// IQ4_XS: f16 d, 6-bit sub-block scales (2 + 4 bytes), then eight runs of
+/// 16 bytes laid out as IQ4_NL blocks; w = d·(ls - 32)·kvalue(q).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn iq4_xs(r: *const u8, x: *const f32, nb: usize) -> __m256 {
+    let mut acc = _mm256_setzero_ps();
+    for i in 0..nb {
+        // SAFETY: block i spans r[136i..136i+136], x[256i..256i+256].
+        unsafe {
+            let b = r.add(i * 136);
+            let d = f16_at(b);
+            let ls = iq4_xs_scales(std::slice::from_raw_parts(b, 8));
+            for (ib, &l) in ls.iter().enumerate() {
+                let s = iq4_32(b.add(8 + 16 * ib), x.add(i * 256 + 32 * ib));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * l as f32), s, acc);
+            }
+        }
+    }
+    acc
 }
