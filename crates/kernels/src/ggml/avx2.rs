@@ -1,6 +1,6 @@
 //! AVX2 + FMA + F16C dot products for the types of the common Q4_K_M / Q8_0
-//! mixes (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) and of the low-bit mixes (Q2_K,
-//! Q3_K, IQ4_NL, IQ4_XS). Each block is decoded into
+//! mixes (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K), of the low-bit mixes (Q2_K, Q3_K,
+//! IQ4_NL, IQ4_XS) and the older Q4_1, Q5_0, Q5_1. Each block is decoded into
 //! registers (bytes widened to i32 lanes, codes masked out, converted to
 //! f32) and multiplied into f32 accumulators against x; the block or
 //! sub-block scale is applied once per partial sum where the format allows.
@@ -34,6 +34,9 @@ pub(super) unsafe fn dot(ty: GgmlType, row: &[u8], x: &[f32]) -> Option<f32> {
             GgmlType::Q3_K => q3_k(r, xp, nb),
             GgmlType::IQ4_NL => iq4_nl(r, xp, nb),
             GgmlType::IQ4_XS => iq4_xs(r, xp, nb),
+            GgmlType::Q4_1 => q4_1(r, xp, nb),
+            GgmlType::Q5_0 => q5_0(r, xp, nb),
+            GgmlType::Q5_1 => q5_1(r, xp, nb),
             _ => return None,
         };
         Some(hsum(acc))
@@ -351,6 +354,98 @@ unsafe fn iq4_xs(r: *const u8, x: *const f32, nb: usize) -> __m256 {
                 let s = iq4_32(b.add(8 + 16 * ib), x.add(i * 256 + 32 * ib));
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(d * l as f32), s, acc);
             }
+        }
+    }
+    acc
+}
+
+/// For a 32-element block of 4-bit codes at `qs` (low nibbles: elements
+/// 0..16, high: 16..32), with bit j of `qh` as the fifth bit of element j
+/// when `FIVE`: (Σ (q - SUB)·x, Σ x), the second only when `SUMX`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nib32<const FIVE: bool, const SUB: i32, const SUMX: bool>(
+    qs: *const u8,
+    qh: u32,
+    xb: *const f32,
+) -> (__m256, __m256) {
+    let (mask, one, sub) = (_mm256_set1_epi32(0xF), _mm256_set1_epi32(1), _mm256_set1_epi32(SUB));
+    let hv = _mm256_set1_epi32(qh as i32);
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let (mut sq, mut sx) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for k in 0..2 {
+        // SAFETY: the caller guarantees 16 bytes at qs and 32 floats at xb.
+        let (v, x_lo, x_hi) = unsafe { (u8x8(qs.add(8 * k)), x8(xb.add(8 * k)), x8(xb.add(16 + 8 * k))) };
+        let mut lo = _mm256_and_si256(v, mask);
+        let mut hi = _mm256_srli_epi32::<4>(v);
+        if FIVE {
+            let j_lo = _mm256_add_epi32(lanes, _mm256_set1_epi32(8 * k as i32));
+            let j_hi = _mm256_add_epi32(j_lo, _mm256_set1_epi32(16));
+            lo = _mm256_or_si256(lo, _mm256_slli_epi32::<4>(_mm256_and_si256(_mm256_srlv_epi32(hv, j_lo), one)));
+            hi = _mm256_or_si256(hi, _mm256_slli_epi32::<4>(_mm256_and_si256(_mm256_srlv_epi32(hv, j_hi), one)));
+        }
+        if SUB != 0 {
+            lo = _mm256_sub_epi32(lo, sub);
+            hi = _mm256_sub_epi32(hi, sub);
+        }
+        sq = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), x_lo, sq);
+        sq = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), x_hi, sq);
+        if SUMX {
+            sx = _mm256_add_ps(sx, _mm256_add_ps(x_lo, x_hi));
+        }
+    }
+    (sq, sx)
+}
+
+/// The little-endian u32 at `p`.
+#[inline]
+unsafe fn u32_at(p: *const u8) -> u32 {
+    // SAFETY: the caller guarantees four readable bytes.
+    u32::from_le_bytes(unsafe { p.cast::<[u8; 4]>().read_unaligned() })
+}
+
+/// Q4_1: f16 d, f16 m, 16 bytes of nibbles; w = d·q + m.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_1(r: *const u8, x: *const f32, nb: usize) -> __m256 {
+    let mut acc = _mm256_setzero_ps();
+    for i in 0..nb {
+        // SAFETY: block i spans r[20i..20i+20], x[32i..32i+32].
+        unsafe {
+            let b = r.add(i * 20);
+            let (sq, sx) = nib32::<false, 0, true>(b.add(4), 0, x.add(i * 32));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b)), sq, acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b.add(2))), sx, acc);
+        }
+    }
+    acc
+}
+
+/// Q5_0: f16 d, u32 of fifth bits, 16 bytes of nibbles; w = d·(q - 16).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_0(r: *const u8, x: *const f32, nb: usize) -> __m256 {
+    let mut acc = _mm256_setzero_ps();
+    for i in 0..nb {
+        // SAFETY: block i spans r[22i..22i+22], x[32i..32i+32].
+        unsafe {
+            let b = r.add(i * 22);
+            let (sq, _) = nib32::<true, 16, false>(b.add(6), u32_at(b.add(2)), x.add(i * 32));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b)), sq, acc);
+        }
+    }
+    acc
+}
+
+/// Q5_1: f16 d, f16 m, u32 of fifth bits, 16 bytes of nibbles; w = d·q + m.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_1(r: *const u8, x: *const f32, nb: usize) -> __m256 {
+    let mut acc = _mm256_setzero_ps();
+    for i in 0..nb {
+        // SAFETY: block i spans r[24i..24i+24], x[32i..32i+32].
+        unsafe {
+            let b = r.add(i * 24);
+            let (sq, sx) = nib32::<true, 0, true>(b.add(8), u32_at(b.add(4)), x.add(i * 32));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b)), sq, acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b.add(2))), sx, acc);
         }
     }
     acc
