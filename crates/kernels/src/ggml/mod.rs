@@ -103,6 +103,15 @@ const TABLE: [(GgmlType, u32, usize, usize); 32] = {
     ]
 };
 
+// `GgmlType::entry` indexes TABLE by discriminant: keep the two in one order.
+const _: () = {
+    let mut i = 0;
+    while i < TABLE.len() {
+        assert!(TABLE[i].0 as usize == i, "TABLE order differs from GgmlType order");
+        i += 1;
+    }
+};
+
 impl GgmlType {
     /// Every known type, in id order.
     pub const ALL: [GgmlType; 32] = {
