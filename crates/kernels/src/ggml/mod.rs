@@ -359,7 +359,7 @@ pub fn matvec_at(level: SimdLevel, ty: GgmlType, data: &[u8], x: &[f32], y: &mut
             *yr = dot_unchecked(level, ty, &data[r * rb..(r + 1) * rb], x);
         }
     };
-    if rows * cols >= PAR_MIN_ELEMS && rows >= 2 && rayon::current_num_threads() > 1 {
+    if rows.saturating_mul(cols) >= PAR_MIN_ELEMS && rows >= 2 && rayon::current_num_threads() > 1 {
         let block = rows.div_ceil(rayon::current_num_threads() * 4).max(1);
         y.par_chunks_mut(block).enumerate().for_each(|(i, ys)| rows_dot(i * block, ys));
     } else {
