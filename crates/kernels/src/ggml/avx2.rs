@@ -144,7 +144,7 @@ unsafe fn k4_block(b: *const u8, qh: *const u8, qs: *const u8, xb: *const f32, a
             for k in 0..4 {
                 let v = u8x8(qs.add(c * 32 + 8 * k));
                 let mut lo = _mm256_and_si256(v, mask);
-                let mut hi = _mm256_and_si256(_mm256_srli_epi32::<4>(v), mask);
+                let mut hi = _mm256_srli_epi32::<4>(v); // v holds zero-extended bytes: no mask needed
                 if !qh.is_null() {
                     // Bit s of qh[l] is the fifth bit of element 32s + l.
                     let h = u8x8(qh.add(8 * k));

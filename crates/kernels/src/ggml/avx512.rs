@@ -113,7 +113,7 @@ unsafe fn k4_block(b: *const u8, qh: *const u8, qs: *const u8, xb: *const f32, a
             for k in 0..2 {
                 let v = u8x16(qs.add(c * 32 + 16 * k));
                 let mut lo = _mm512_and_si512(v, mask);
-                let mut hi = _mm512_and_si512(_mm512_srli_epi32::<4>(v), mask);
+                let mut hi = _mm512_srli_epi32::<4>(v); // v holds zero-extended bytes: no mask needed
                 if !qh.is_null() {
                     let h = u8x16(qh.add(16 * k));
                     let h_lo = _mm512_and_si512(_mm512_srl_epi32(h, _mm_cvtsi32_si128(s_lo as i32)), one);
