@@ -10,6 +10,7 @@ mod avx2;
 mod avx512;
 pub mod cpu_features;
 mod elem;
+pub mod ggml;
 mod scalar;
 
 use std::cell::RefCell;

@@ -1,0 +1,192 @@
+//! AVX-512F versions of the kernels in `avx2.rs` (same types, same block
+//! decoding, 16 lanes: one 16-byte load widens to a full vector of codes).
+
+use std::arch::x86_64::*;
+
+use super::GgmlType;
+use super::blocks::k4_scales;
+
+/// The dot product of a checked row for the types that have a kernel here,
+/// `None` for the rest.
+///
+/// # Safety
+/// AVX-512F, AVX2, FMA and F16C must be available; `row` must hold
+/// `x.len()` elements of type `ty` (a whole number of blocks).
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub(super) unsafe fn dot(ty: GgmlType, row: &[u8], x: &[f32]) -> Option<f32> {
+    let nb = x.len() / ty.block_size();
+    debug_assert_eq!(row.len(), nb * ty.type_size());
+    let (r, xp) = (row.as_ptr(), x.as_ptr());
+    // SAFETY: per the contract, each kernel reads nb blocks of row and
+    // nb * block_size floats of x.
+    unsafe {
+        let acc = match ty {
+            GgmlType::Q8_0 => q8_0(r, xp, nb),
+            GgmlType::Q4_0 => q4_0(r, xp, nb),
+            GgmlType::Q4_K => q4_k(r, xp, nb),
+            GgmlType::Q5_K => q5_k(r, xp, nb),
+            GgmlType::Q6_K => q6_k(r, xp, nb),
+            _ => return None,
+        };
+        Some(_mm512_reduce_add_ps(acc))
+    }
+}
+
+/// The little-endian f16 at `p`, widened.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: the caller guarantees two readable bytes.
+    let bits = u16::from_le_bytes(unsafe { p.cast::<[u8; 2]>().read_unaligned() });
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// Sixteen bytes at `p`, zero-extended to i32 lanes.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn u8x16(p: *const u8) -> __m512i {
+    // SAFETY: the caller guarantees sixteen readable bytes.
+    _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(p.cast()) })
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn x16(p: *const f32) -> __m512 {
+    // SAFETY: the caller guarantees sixteen readable floats.
+    unsafe { _mm512_loadu_ps(p) }
+}
+
+/// Q8_0: f16 scale, 32 signed bytes; w = q·d.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn q8_0(r: *const u8, x: *const f32, nb: usize) -> __m512 {
+    let mut acc = _mm512_setzero_ps();
+    for i in 0..nb {
+        // SAFETY: block i spans r[34i..34i+34], x[32i..32i+32].
+        unsafe {
+            let (b, xb) = (r.add(i * 34), x.add(i * 32));
+            let q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(2).cast()));
+            let q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(18).cast()));
+            let s = _mm512_mul_ps(_mm512_cvtepi32_ps(q0), x16(xb));
+            let s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q1), x16(xb.add(16)), s);
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(f16_at(b)), s, acc);
+        }
+    }
+    acc
+}
+
+/// Q4_0: f16 scale, 16 bytes (low nibbles: elements 0..16, high: 16..32);
+/// w = (q - 8)·d.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn q4_0(r: *const u8, x: *const f32, nb: usize) -> __m512 {
+    let (mask, eight) = (_mm512_set1_epi32(0xF), _mm512_set1_epi32(8));
+    let mut acc = _mm512_setzero_ps();
+    for i in 0..nb {
+        // SAFETY: block i spans r[18i..18i+18], x[32i..32i+32].
+        unsafe {
+            let (b, xb) = (r.add(i * 18), x.add(i * 32));
+            let v = u8x16(b.add(2));
+            let lo = _mm512_sub_epi32(_mm512_and_si512(v, mask), eight);
+            let hi = _mm512_sub_epi32(_mm512_srli_epi32::<4>(v), eight);
+            let s = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), x16(xb));
+            let s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), x16(xb.add(16)), s);
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(f16_at(b)), s, acc);
+        }
+    }
+    acc
+}
+
+/// Shared body of Q4_K and Q5_K (see `avx2::k4_block`); `qh` is null for Q4_K.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn k4_block(b: *const u8, qh: *const u8, qs: *const u8, xb: *const f32, acc: &mut [__m512; 2]) {
+    let (mask, one) = (_mm512_set1_epi32(0xF), _mm512_set1_epi32(1));
+    // SAFETY: the caller passes a whole block and its 256 floats of x.
+    unsafe {
+        let (d, dmin) = (f16_at(b), f16_at(b.add(2)));
+        let (sc, mn) = k4_scales(std::slice::from_raw_parts(b.add(4), 12));
+        for c in 0..4 {
+            let (s_lo, s_hi) = (2 * c, 2 * c + 1);
+            let a_lo = _mm512_set1_ps(d * sc[s_lo] as f32);
+            let m_lo = _mm512_set1_ps(dmin * mn[s_lo] as f32);
+            let a_hi = _mm512_set1_ps(d * sc[s_hi] as f32);
+            let m_hi = _mm512_set1_ps(dmin * mn[s_hi] as f32);
+            for k in 0..2 {
+                let v = u8x16(qs.add(c * 32 + 16 * k));
+                let mut lo = _mm512_and_si512(v, mask);
+                let mut hi = _mm512_srli_epi32::<4>(v); // v holds zero-extended bytes: no mask needed
+                if !qh.is_null() {
+                    let h = u8x16(qh.add(16 * k));
+                    let h_lo = _mm512_and_si512(_mm512_srl_epi32(h, _mm_cvtsi32_si128(s_lo as i32)), one);
+                    let h_hi = _mm512_and_si512(_mm512_srl_epi32(h, _mm_cvtsi32_si128(s_hi as i32)), one);
+                    lo = _mm512_or_si512(lo, _mm512_slli_epi32::<4>(h_lo));
+                    hi = _mm512_or_si512(hi, _mm512_slli_epi32::<4>(h_hi));
+                }
+                let w_lo = _mm512_fmsub_ps(_mm512_cvtepi32_ps(lo), a_lo, m_lo);
+                let w_hi = _mm512_fmsub_ps(_mm512_cvtepi32_ps(hi), a_hi, m_hi);
+                acc[0] = _mm512_fmadd_ps(w_lo, x16(xb.add(c * 64 + 16 * k)), acc[0]);
+                acc[1] = _mm512_fmadd_ps(w_hi, x16(xb.add(c * 64 + 32 + 16 * k)), acc[1]);
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn q4_k(r: *const u8, x: *const f32, nb: usize) -> __m512 {
+    let mut acc = [_mm512_setzero_ps(); 2];
+    for i in 0..nb {
+        // SAFETY: block i spans r[144i..144i+144], x[256i..256i+256].
+        unsafe {
+            let b = r.add(i * 144);
+            k4_block(b, std::ptr::null(), b.add(16), x.add(i * 256), &mut acc);
+        }
+    }
+    _mm512_add_ps(acc[0], acc[1])
+}
+
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn q5_k(r: *const u8, x: *const f32, nb: usize) -> __m512 {
+    let mut acc = [_mm512_setzero_ps(); 2];
+    for i in 0..nb {
+        // SAFETY: block i spans r[176i..176i+176], x[256i..256i+256].
+        unsafe {
+            let b = r.add(i * 176);
+            k4_block(b, b.add(16), b.add(48), x.add(i * 256), &mut acc);
+        }
+    }
+    _mm512_add_ps(acc[0], acc[1])
+}
+
+/// Q6_K (layout in `avx2::q6_k`): 16 elements share one 8-bit scale, so one
+/// vector of codes is scaled once.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn q6_k(r: *const u8, x: *const f32, nb: usize) -> __m512 {
+    let (mask4, mask2, bias) = (_mm512_set1_epi32(0xF), _mm512_set1_epi32(3), _mm512_set1_epi32(32));
+    let mut acc = [_mm512_setzero_ps(); 2];
+    for i in 0..nb {
+        // SAFETY: block i spans r[210i..210i+210], x[256i..256i+256].
+        unsafe {
+            let b = r.add(i * 210);
+            let (ql, qh, sc) = (b, b.add(128), b.add(192));
+            let d = f16_at(b.add(208));
+            let xb = x.add(i * 256);
+            for h in 0..2 {
+                for t in 0..4 {
+                    let lshift = _mm_cvtsi32_si128(4 * (t as i32 / 2));
+                    let hshift = _mm_cvtsi32_si128(2 * t as i32);
+                    for (half, acc_half) in acc.iter_mut().enumerate() {
+                        let l = _mm512_and_si512(
+                            _mm512_srl_epi32(u8x16(ql.add(h * 64 + (t % 2) * 32 + 16 * half)), lshift),
+                            mask4,
+                        );
+                        let hb = _mm512_and_si512(_mm512_srl_epi32(u8x16(qh.add(h * 32 + 16 * half)), hshift), mask2);
+                        let q = _mm512_sub_epi32(_mm512_or_si512(l, _mm512_slli_epi32::<4>(hb)), bias);
+                        let scale = d * (*sc.add(h * 8 + t * 2 + half) as i8) as f32;
+                        let w = _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(scale));
+                        *acc_half = _mm512_fmadd_ps(w, x16(xb.add(h * 128 + t * 32 + 16 * half)), *acc_half);
+                    }
+                }
+            }
+        }
+    }
+    _mm512_add_ps(acc[0], acc[1])
+}
