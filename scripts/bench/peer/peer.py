@@ -397,7 +397,9 @@ def timed(cmd, env=None) -> tuple[str, int]:
 
 
 def llama_run(a, gguf: Path, test: str) -> tuple[float, int]:
-    cuda = a.regime != "cpu"
+    # CPU regime: the CPU build, or the CUDA build with no device (`-dev none`), so that no
+    # batched matmul is offloaded to a GPU behind the user's back.
+    cuda = a.regime != "cpu" or not (build_dir(False) / "bin" / "llama-bench").exists()
     args = [tool("llama-bench", cuda), "-m", gguf, "-r", "1", "-o", "json", "-t", str(a.threads)]
     args += ["-p", str(a.pp), "-n", "0"] if test == "pp" else ["-p", "0", "-n", str(a.tg)]
     if a.regime == "gpu":
@@ -405,7 +407,7 @@ def llama_run(a, gguf: Path, test: str) -> tuple[float, int]:
     elif a.regime == "gpu-ram":
         args += ["-ngl", "99", "-ot", "exps=CPU"]
     else:
-        args += ["-ngl", "0"]
+        args += ["-ngl", "0"] + (["-dev", "none"] if cuda else [])
     out, rss = timed(args)
     js = json.loads(out[out.index("["):out.rindex("]") + 1])
     return float(js[0]["avg_ts"]), rss
