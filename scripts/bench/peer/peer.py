@@ -383,10 +383,10 @@ def packed_bytes_per_token(d: Path) -> tuple[int, int]:
 # bench
 
 
-def timed(cmd, env=None) -> tuple[str, int]:
-    """Runs cmd; returns (stdout + stderr, peak RSS in bytes of the child)."""
+def timed(cmd, env=None, stderr=subprocess.STDOUT) -> tuple[str, int]:
+    """Runs cmd; returns (stdout, with stderr unless told otherwise; peak RSS in bytes of the child)."""
     log("$ " + " ".join(str(c) for c in cmd))
-    p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=stderr, env=env)
     out = p.stdout.read().decode(errors="replace")
     _, status, ru = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
@@ -503,12 +503,13 @@ def cmd_logits(a) -> None:
     ids = a.ids
     worst = 0.0
     for mode in ("prefill", "decode"):
-        out, _ = timed([tool("peer-logits", False), gguf, mode, ids])
+        cuda = not (build_dir(False) / "bin" / "peer-logits").exists()
+        out, _ = timed([tool("peer-logits", cuda), gguf, mode, ids], stderr=subprocess.DEVNULL)
         ref = np.array(json.loads(out[out.index("{"):])["logits"], dtype=np.float64)
         fm_args = [flashmoe(), "logits", "--model", hf, "--ids", ids, "--json", "--device", "cpu"]
         if mode == "decode":
             fm_args.append("--decode")
-        out, _ = timed(fm_args)
+        out, _ = timed(fm_args, stderr=subprocess.DEVNULL)
         ours = np.array(json.loads(out[out.index("{"):])["logits"], dtype=np.float64)
         if ours.shape != ref.shape:
             sys.exit(f"{mode}: shapes differ: flashmoe {ours.shape}, llama.cpp {ref.shape}")
