@@ -35,12 +35,18 @@ impl ConvertProgress for Bar {
 pub fn print_device(m: &Model) {
     eprintln!("[flashmoe] device: {}", m.device_description());
     if let Some(p) = m.prewarm_info() {
-        eprintln!(
-            "[flashmoe] pre-warm (background): {} experts ranked by {}, hottest {} to the GPU, then the RAM tier",
-            p.ranked,
-            p.source.display(),
-            p.to_backend
-        );
+        match &p.source {
+            Some(profile) => eprintln!(
+                "[flashmoe] pre-warm (background): {} experts ranked by {}, hottest {} to the GPU, then the RAM tier",
+                p.ranked,
+                profile.display(),
+                p.to_backend
+            ),
+            None => eprintln!(
+                "[flashmoe] pre-warm (background): all {} experts fit the GPU and RAM tiers: {} to the GPU, the rest to the RAM tier (no routing profile yet)",
+                p.ranked, p.to_backend
+            ),
+        }
     }
 }
 

@@ -216,3 +216,38 @@ fn gpu_prewarm_and_exclusive_tiers_keep_logits() {
         }
     }
 }
+
+#[test]
+fn without_a_profile_tiers_that_hold_every_expert_are_filled_at_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The profile this run saves at exit goes to the temporary cache folder, not the user's.
+    // SAFETY: no other test of this binary reads or writes the environment.
+    unsafe { std::env::set_var("FLASHMOE_HOME", tmp.path().join("home")) };
+    let dir = packed_tiny(tmp.path());
+    let reference = logits_of(&load(&dir, 0, ProfileSource::Off));
+    let c = Model::load(&dir).unwrap().config.clone();
+    let all = (c.num_layers * c.num_experts) as u64;
+
+    // One expert short of the whole set: no ranking to choose by, so nothing is loaded.
+    let m = load(&dir, all - 1, ProfileSource::Auto);
+    assert!(m.prewarm_info().is_none());
+    drop(m);
+    let _ = std::fs::remove_dir_all(tmp.path().join("home"));
+
+    let m = load(&dir, all, ProfileSource::Auto);
+    let info = m.prewarm_info().expect("a pre-warm of every expert");
+    assert_eq!((info.source.as_deref(), info.ranked), (None, all as usize));
+    wait_prewarm(&m);
+    let store = m.expert_store().unwrap();
+    for l in 0..c.num_layers {
+        for e in 0..c.num_experts {
+            assert!(store.in_ram(l, e), "expert {e} of layer {l} not loaded");
+        }
+    }
+    let before = store.snapshot();
+    assert_eq!(before.prewarmed, all);
+    assert_eq!(logits_of(&m), reference);
+    let after = store.snapshot();
+    assert_eq!(after.disk_reads, before.disk_reads, "the run read experts from disk after a full pre-warm");
+    assert_eq!(after.ram_misses, 0);
+}

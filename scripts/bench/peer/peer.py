@@ -417,7 +417,7 @@ BENCH_LINE = re.compile(r"prefill (\d+) tok in [\d.]+ s \(([\d.]+) tok/s\) \| de
 
 
 def flashmoe_run(a, packed: Path, test: str) -> tuple[float, int]:
-    args = [flashmoe(), "bench", "decode", "--model", packed, "--routing", "model", "--routing-profile", "off"]
+    args = [flashmoe(), "bench", "decode", "--model", packed, "--routing", "model"]
     if test == "pp":
         args += ["--prefill", str(a.pp), "--tokens", "2", "--warmup", "0"]
     else:
@@ -425,13 +425,18 @@ def flashmoe_run(a, packed: Path, test: str) -> tuple[float, int]:
     if a.regime == "gpu":
         args += ["--device", "cuda", "--io", "page"]
     elif a.regime == "gpu-ram":
+        # The RAM tier holds every expert, so flashmoe loads them all before it measures (as
+        # llama.cpp's mapped file is in the page cache): `auto` with no saved profile.
         args += ["--device", "cuda", "--gpu-cache", gpu_cache_size(packed, a.fm_gpu_cache), "--ram-cache", "100%",
-                 "--io", "page", "--hybrid", "auto"]
+                 "--io", "page", "--hybrid", "auto", "--routing-profile", "auto"]
     else:
         args += ["--device", "cpu", "--io", a.fm_cpu_io]
         if a.fm_cpu_io != "mmap":
-            args += ["--ram-cache", "100%"]
-    env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
+            args += ["--ram-cache", "100%", "--routing-profile", "auto"]
+    # A fresh cache folder per run: no routing profile from an earlier run changes this one.
+    fm_home = home() / "flashmoe-home"
+    shutil.rmtree(fm_home, ignore_errors=True)
+    env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), FLASHMOE_HOME=str(fm_home))
     out, rss = timed(args, env)
     m = BENCH_LINE.search(out)
     if not m:

@@ -73,7 +73,9 @@ impl std::str::FromStr for ProfileSource {
 /// What the pre-warm was given: where the profile came from and how many experts it ranks.
 #[derive(Clone, Debug)]
 pub struct PrewarmInfo {
-    pub source: std::path::PathBuf,
+    /// The routing profile that ranked the experts; `None`: no profile yet, but GPU + RAM
+    /// tiers hold every expert, so all of them are loaded in file order.
+    pub source: Option<std::path::PathBuf>,
     /// Experts with a non-zero count (the pre-warm loads them hottest first until the tiers
     /// are full).
     pub ranked: usize,
@@ -243,21 +245,30 @@ impl Model {
             }
             ProfileSource::File(f) => f.clone(),
         };
-        let profile = match RoutingProfile::load(&path, c.num_layers, c.num_experts) {
-            Ok(p) => p,
+        let loaded = RoutingProfile::load(&path, c.num_layers, c.num_experts);
+        let room = self.placed.prewarm_room();
+        if room == 0 && store.ram_cache_budget() == 0 {
+            // No tier of our own to fill (the page cache is the only one); a named profile
+            // that does not fit this model is still an error.
+            return loaded.map(|_| ()).or_else(|e| if *source == ProfileSource::Auto { Ok(()) } else { Err(e) });
+        }
+        let (profile, ranked_by) = match loaded {
+            Ok(p) => (p, Some(path)),
             Err(e) if *source == ProfileSource::Auto => {
                 if path.exists() {
                     tracing::warn!("ignoring the saved routing profile: {e}");
                 }
-                return Ok(());
+                // No ranking yet. When the tiers hold every expert, the order does not matter:
+                // load them all now rather than paying a disk read on each one's first use.
+                let total = store.total_expert_bytes();
+                let experts = (c.num_layers * c.num_experts).max(1) as u64;
+                if store.ram_cache_budget().saturating_add(room as u64 * (total / experts)) < total {
+                    return Ok(());
+                }
+                (RoutingProfile { counts: vec![vec![1; c.num_experts]; c.num_layers] }, None)
             }
             Err(e) => return Err(e),
         };
-        let room = self.placed.prewarm_room();
-        if room == 0 && store.ram_cache_budget() == 0 {
-            // No tier of our own to fill (the page cache is the only one).
-            return Ok(());
-        }
         let ranked = profile.hottest().len();
         let keys = profile.ranking_with_rates(self.experts_per_token);
         let feed = if room > 0 {
@@ -267,7 +278,7 @@ impl Model {
         } else {
             None
         };
-        self.prewarm = Some(PrewarmInfo { source: path, ranked, to_backend: room.min(keys.len()) });
+        self.prewarm = Some(PrewarmInfo { source: ranked_by, ranked, to_backend: room.min(keys.len()) });
         self.prewarm_thread = Some(store.start_prewarm(keys, feed, room));
         Ok(())
     }
