@@ -12,6 +12,7 @@ use serde_json::{Value as Json, json};
 use crate::client::{Client, Piece};
 use crate::markdown::Markdown;
 use crate::store::{self, Conversation};
+use crate::terminal::sanitize;
 use crate::tools::{self, REFUSED, ToolLimits};
 
 /// Settings of a chat session.
@@ -82,7 +83,10 @@ struct Ui {
 
 impl Ui {
     fn paint(&self, code: &str, text: &str) -> String {
-        if self.color { format!("\x1b[{code}m{text}\x1b[0m") } else { text.to_string() }
+        // Everything shown goes through here or through `sanitize` below: text from the model,
+        // its tools or the server never reaches the terminal with its control characters.
+        let text = sanitize(text);
+        if self.color { format!("\x1b[{code}m{text}\x1b[0m") } else { text.into_owned() }
     }
     fn dim(&self, t: &str) -> String {
         self.paint("2", t)
@@ -308,7 +312,7 @@ impl Session {
                         }
                     }
                     wrote_reasoning = true;
-                    let _ = write!(out, "{t}");
+                    let _ = write!(out, "{}", sanitize(t));
                 }
                 Piece::Reasoning(_) => {}
                 Piece::Content(t) => {
@@ -317,7 +321,7 @@ impl Session {
                         let _ = write!(out, "{}\n\n", if color { "\x1b[0m" } else { "" });
                     }
                     wrote_content = true;
-                    let _ = write!(out, "{}", md.push(t));
+                    let _ = write!(out, "{}", md.push(&sanitize(t)));
                 }
                 Piece::ToolCall { .. } => {}
             }
@@ -354,7 +358,7 @@ impl Session {
             let content = m["content"].as_str().unwrap_or("");
             match m["role"].as_str().unwrap_or("") {
                 "system" => self.ui.note(&format!("system: {content}")),
-                "user" => println!("{} {}", self.ui.paint("1;32", ">"), content),
+                "user" => println!("{} {}", self.ui.paint("1;32", ">"), sanitize(content)),
                 "assistant" => {
                     if self.opts.show_thinking
                         && let Some(r) = m["reasoning_content"].as_str()
@@ -362,7 +366,7 @@ impl Session {
                         println!("{}", self.ui.dim(r.trim()));
                     }
                     if !content.trim().is_empty() {
-                        println!("{}", Markdown::render(content.trim(), self.ui.color));
+                        println!("{}", Markdown::render(&sanitize(content.trim()), self.ui.color));
                     }
                     for c in m["tool_calls"].as_array().into_iter().flatten() {
                         let f = &c["function"];
@@ -371,7 +375,7 @@ impl Session {
                         println!(
                             "{} {}",
                             self.ui.paint("33", "⚙"),
-                            tools::describe(f["name"].as_str().unwrap_or("?"), &args)
+                            sanitize(&tools::describe(f["name"].as_str().unwrap_or("?"), &args))
                         );
                     }
                 }

@@ -6,6 +6,7 @@
 //! * [`tools`]: the `bash` and `read_file` tools (timeouts, output caps).
 //! * [`store`]: conversations saved as JSONL under the data directory, resumable.
 //! * [`markdown`]: a streaming markdown → ANSI renderer.
+//! * [`terminal`]: untrusted text (model output, tool output) made safe to print.
 //! * [`local`]: `--model`: a private `flashmoe serve` child on a free local port.
 //! * [`app`]: the interactive loop (line editing, history, slash commands, approvals).
 
@@ -14,6 +15,7 @@ pub mod client;
 pub mod markdown;
 pub mod sse;
 pub mod store;
+pub mod terminal;
 pub mod tools;
 
 pub use app::{Options, run};
