@@ -32,18 +32,17 @@ pub fn run(a: InfoArgs) -> Result<()> {
     println!("other bytes  {}", fmt_bytes(w.non_expert_bytes() as u64));
     println!("quantized    {}", if w.lm_head.is_quantized() { "yes (MLX affine)" } else { "no" });
     println!("context      {} tokens (max_position_embeddings)", c.max_position_embeddings);
-    // One line per kind of matrix; layer 0 stands for all (conversion treats layers alike).
-    let formats = |name: &str, items: Vec<String>| {
+    // Each kind of matrix once: every layer's is listed, equal formats merged (conversion
+    // treats layers alike, so this is usually one format per kind).
+    let merged = |items: Vec<String>| {
         let mut seen: Vec<String> = Vec::new();
         for i in items {
             if !seen.contains(&i) {
                 seen.push(i);
             }
         }
-        println!("{name:<12} {}", seen.join(", "));
+        seen.join(" + ")
     };
-    formats("dtype embed", vec![w.embed.format_name()]);
-    formats("dtype head", vec![w.lm_head.format_name()]);
     let mut mixers = Vec::new();
     let mut routers = Vec::new();
     let mut shared = Vec::new();
@@ -59,9 +58,9 @@ pub fn run(a: InfoArgs) -> Result<()> {
             experts.push(e.gate.format_name());
         }
     }
-    formats("dtype mixers", mixers);
-    formats("dtype router", routers);
-    formats("dtype shared", shared);
-    formats("dtype experts", experts);
+    println!("dtype        routed experts {}", merged(experts));
+    println!("             embed {}; lm_head {}", w.embed.format_name(), w.lm_head.format_name());
+    println!("             attention/GatedDeltaNet {}; router {}", merged(mixers), merged(routers));
+    println!("             shared expert {}", merged(shared));
     Ok(())
 }
