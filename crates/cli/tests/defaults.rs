@@ -316,3 +316,33 @@ fn chat_without_a_server_says_how_to_start_one() {
         "{err}"
     );
 }
+
+#[test]
+fn chat_keeps_conversations_in_flashmoe_home() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    let script = tmp.path().join("script.json");
+    std::fs::write(&script, r#"["Scripted fallback reply."]"#).unwrap();
+    let serve_args = format!("--scripted-replies {}", script.display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flashmoe"))
+        .args(["chat", "--model", s(&models_dir().join("qwen35-moe-tiny")), "--serve-args", &serve_args])
+        .env_remove("FLASHMOE_DATA")
+        .env("FLASHMOE_HOME", &home)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Not a terminal: the line editor reads lines; end of input ends the chat.
+    child.stdin.take().unwrap().write_all(b"hello\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let files: Vec<PathBuf> =
+        std::fs::read_dir(home.join("conversations")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let messages: Vec<Value> =
+        std::fs::read_to_string(&files[0]).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let pairs: Vec<(&str, &str)> =
+        messages.iter().map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap_or(""))).collect();
+    assert_eq!(pairs, [("user", "hello"), ("assistant", "Scripted fallback reply.")]);
+}
