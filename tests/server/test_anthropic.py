@@ -23,7 +23,8 @@ def client(server):
 
 def test_messages_non_stream_and_stream(trained):
     c = client(trained)
-    kw = dict(model=trained.model, max_tokens=6, system="You are terse.",
+    # Greedy, to compare the two: the model's own defaults (generation_config.json) sample.
+    kw = dict(model=trained.model, max_tokens=6, extra_body={"temperature": 0}, system="You are terse.",
               messages=[{"role": "user", "content": "Where are logs kept?"}])
     m = c.messages.create(**kw)
     assert m.type == "message" and m.role == "assistant"

@@ -1,11 +1,13 @@
 """The official `openai` package against `flashmoe serve`."""
 
 import json
+import os
+import subprocess
 
 import openai
 import pytest
 
-from conftest import API_KEY, PARIS_ANSWER, TRAINED, tokenize_chat
+from conftest import API_KEY, BIN, PARIS_ANSWER, TRAINED, tokenize_chat
 
 WEATHER_TOOL = {
     "type": "function",
@@ -49,9 +51,11 @@ def test_chat_non_stream_usage_matches_tokenize(trained):
 def test_chat_stream_equals_non_stream(trained):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is apt?"}]
     c = client(trained)
-    full = c.chat.completions.create(model=trained.model, messages=messages, max_tokens=6)
+    # Greedy: the model's own defaults (generation_config.json) sample.
+    full = c.chat.completions.create(model=trained.model, messages=messages, max_tokens=6, temperature=0)
     stream = c.chat.completions.create(
-        model=trained.model, messages=messages, max_tokens=6, stream=True, stream_options={"include_usage": True}
+        model=trained.model, messages=messages, max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True},
     )
     text, finish, usage = "", None, None
     for chunk in stream:
@@ -85,12 +89,42 @@ def test_stop_string_and_seed(tiny):
 
 def test_completions(trained):
     c = client(trained)
-    r = c.completions.create(model=trained.model, prompt="The package manager", max_tokens=5)
+    r = c.completions.create(model=trained.model, prompt="The package manager", max_tokens=5, temperature=0)
     assert r.choices[0].text
     assert r.usage.completion_tokens <= 5
     s = "".join(ch.choices[0].text for ch in c.completions.create(
-        model=trained.model, prompt="The package manager", max_tokens=5, stream=True) if ch.choices)
+        model=trained.model, prompt="The package manager", max_tokens=5, temperature=0, stream=True) if ch.choices)
     assert s == r.choices[0].text
+
+
+def run_cli(tmp_path, *args):
+    """`flashmoe run` on the trained model (its own FLASHMOE_HOME): (stdout, summary line)."""
+    env = {**os.environ, "FLASHMOE_HOME": str(tmp_path)}
+    p = subprocess.run([str(BIN), "run", "--model", str(TRAINED), *args], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    return p.stdout, p.stderr.strip().splitlines()[-1]
+
+
+def test_sampling_defaults_from_generation_config(trained, tmp_path):
+    """A request that sets no sampling field samples as the model's generation_config.json says:
+    with the same seed, the same text as `flashmoe run`, whose summary names those values."""
+    cfg = json.loads((TRAINED / "generation_config.json").read_text())
+    q = "What is apt?"
+    c = client(trained)
+    r = c.chat.completions.create(model=trained.model, messages=[{"role": "user", "content": q}], max_tokens=16, seed=5)
+    out, summary = run_cli(tmp_path, "--prompt", q, "--max-tokens", "16", "--seed", "5")
+    want = (f"sampler temp {cfg['temperature']} top-p {cfg['top_p']} top-k {cfg['top_k']} "
+            f"repetition-penalty {cfg['repetition_penalty']} seed 5 (generation_config.json)")
+    assert want in summary, summary
+    assert r.choices[0].message.content == out.removesuffix("\n")
+    # Explicit fields override: temperature 0 is greedy on both sides.
+    g = c.chat.completions.create(model=trained.model, messages=[{"role": "user", "content": q}], max_tokens=16,
+                                  temperature=0)
+    out, summary = run_cli(tmp_path, "--prompt", q, "--max-tokens", "16", "--temperature", "0")
+    # (the file's repetition penalty still applies, as in vLLM)
+    assert f"sampler greedy repetition-penalty {cfg['repetition_penalty']} (generation_config.json and flags)" in summary, summary
+    assert g.choices[0].message.content == out.removesuffix("\n")
 
 
 def test_tool_call_round_trip(scripted):

@@ -83,6 +83,20 @@ def test_over_context_is_400(small_context):
     assert r.json()["usage"]["total_tokens"] <= 64 + 1
 
 
+def test_no_max_tokens_is_bounded_and_finish_reason_says_why(small_context):
+    """Without max_tokens the reply gets min(4096, what the context leaves) (README, Commands):
+    here the 64-token context bounds it, and a reply cut there reports `length`."""
+    s = small_context
+    for content in ["Tell me everything.", "hi", "What is the weather in Paris?"]:
+        r = s.post("/v1/chat/completions", chat(s.model, content))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        total = body["usage"]["total_tokens"]
+        assert total <= 64, body["usage"]
+        finish = body["choices"][0]["finish_reason"]
+        assert finish == ("length" if total == 64 else "stop"), (finish, body["usage"])
+
+
 def test_thousand_malformed_requests_then_a_good_one(tiny):
     bad = [
         ("{", None),

@@ -118,6 +118,22 @@ impl Reply {
     }
 }
 
+/// The error of a request that reached no server; when nothing listens there, how to start one.
+fn unreachable(base: &str, e: ureq::Error) -> anyhow::Error {
+    let refused = match &e {
+        ureq::Error::Io(io) => io.kind() == std::io::ErrorKind::ConnectionRefused,
+        ureq::Error::ConnectionFailed => true,
+        _ => false,
+    };
+    if refused {
+        anyhow!(
+            "no server at {base} (connection refused): start one with `flashmoe serve --model DIR` in another terminal, or let chat run the model itself with `flashmoe chat --model DIR`"
+        )
+    } else {
+        anyhow!("cannot reach {base}: {e}")
+    }
+}
+
 /// Client of one OpenAI-compatible server.
 pub struct Client {
     agent: ureq::Agent,
@@ -162,7 +178,7 @@ impl Client {
         if let Some(a) = self.auth() {
             req = req.header("Authorization", a);
         }
-        let resp = req.call().map_err(|e| anyhow!("cannot reach {}: {e}", self.base))?;
+        let resp = req.call().map_err(|e| unreachable(&self.base, e))?;
         let status = resp.status().as_u16();
         let text = resp.into_body().read_to_string().unwrap_or_default();
         if status != 200 {
@@ -184,7 +200,7 @@ impl Client {
         if let Some(a) = self.auth() {
             req = req.header("Authorization", a);
         }
-        let resp = req.send(body.to_string()).map_err(|e| anyhow!("cannot reach {}: {e}", self.base))?;
+        let resp = req.send(body.to_string()).map_err(|e| unreachable(&self.base, e))?;
         let status = resp.status().as_u16();
         if status != 200 {
             let text = resp.into_body().read_to_string().unwrap_or_default();

@@ -1,7 +1,7 @@
 //! Conversations on disk: `DATA/conversations/ID.jsonl`, one OpenAI-style message per line
 //! (`role`, `content`, and `reasoning_content` / `tool_calls` / `tool_call_id` where present),
-//! appended as the conversation goes. DATA is `$FLASHMOE_DATA` if set, else
-//! `dirs::data_dir()/flashmoe`.
+//! appended as the conversation goes. DATA is `$FLASHMOE_DATA` if set, else `$FLASHMOE_HOME` (the
+//! folder the engine caches in), else `dirs::data_dir()/flashmoe`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -10,10 +10,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde_json::Value as Json;
 
-/// The data directory of flashmoe (`$FLASHMOE_DATA`, else the platform's data dir + `flashmoe`).
+/// The data directory of flashmoe (`$FLASHMOE_DATA`, else `$FLASHMOE_HOME`, else the platform's
+/// data dir + `flashmoe`): one variable moves everything flashmoe writes.
 pub fn data_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("FLASHMOE_DATA").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d);
+    for var in ["FLASHMOE_DATA", "FLASHMOE_HOME"] {
+        if let Some(d) = std::env::var_os(var).filter(|d| !d.is_empty()) {
+            return PathBuf::from(d);
+        }
     }
     dirs::data_dir().unwrap_or_else(std::env::temp_dir).join("flashmoe")
 }

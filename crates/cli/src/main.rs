@@ -21,6 +21,10 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// CPU compute threads (the rayon pool of the kernels, conversion and statistics; expert
+    /// reads have their own, --io-threads). Default: one per CPU core.
+    #[arg(long, global = true, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -66,6 +70,14 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).without_time().try_init();
     let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        // Before any command work, so that the first parallel loop finds this pool and not the
+        // default one.
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+            eprintln!("error: --threads {n}: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match cli.command {
         Command::Run(a) => run::run(a),
         Command::Logits(a) => logits::run(a),

@@ -33,7 +33,7 @@ impl ConvertProgress for Bar {
 
 /// Prints where the model runs (and why `auto` stayed on the CPU, when it did).
 pub fn print_device(m: &Model) {
-    eprintln!("[flashmoe] device: {}", m.device_description());
+    eprintln!("[flashmoe] device: {} | {} CPU compute threads", m.device_description(), rayon::current_num_threads());
     if let Some(p) = m.prewarm_info() {
         match &p.source {
             Some(profile) => eprintln!(

@@ -41,11 +41,11 @@ fn two_tier_replay_json_and_table() {
         "--policies",
         "--json",
         "--gpu-cache",
-        "400,100",
+        "400B,100B",
         "--ram-cache",
-        "400",
+        "400B",
         "--expert-bytes",
-        "100",
+        "100B",
         "--half-life",
         "0.01",
     ]);
@@ -79,7 +79,7 @@ fn two_tier_replay_json_and_table() {
         "--ram-cache",
         "1K",
         "--expert-bytes",
-        "100",
+        "100B",
     ]);
     assert!(o.status.success());
     let text = String::from_utf8(o.stdout).unwrap();
@@ -115,7 +115,7 @@ fn two_tier_flags_are_checked() {
     assert!(e.contains("--policies"), "{e}");
     // Out-of-range experts: a clear error naming the line.
     std::fs::write(&trace, "{\"flashmoe_routing_trace\": 1, \"num_layers\": 1, \"num_experts\": 4, \"top_k\": 1}\n{\"pos\":0,\"experts\":[[9]]}\n").unwrap();
-    let e = fails(&["routing-stats", t, "--policies", "--gpu-cache", "1K", "--expert-bytes", "100"]);
+    let e = fails(&["routing-stats", t, "--policies", "--gpu-cache", "1K", "--expert-bytes", "100B"]);
     assert!(e.contains("line 2") && e.contains("expert 9 out of range"), "{e}");
 }
 

@@ -156,7 +156,9 @@ mod tests {
         assert_eq!(super::parse_size("8G").unwrap(), 8 << 30);
         assert_eq!(super::parse_size("512MiB").unwrap(), 512 << 20);
         assert_eq!(super::parse_size("1.5g").unwrap(), 3 << 29);
-        assert_eq!(super::parse_size("4096").unwrap(), 4096);
+        assert_eq!(super::parse_size("4096B").unwrap(), 4096);
+        assert_eq!(super::parse_size("0").unwrap(), 0);
+        assert!(super::parse_size("4").unwrap_err().contains("write 4G"));
         assert!(super::parse_size("lots").is_err());
         assert!(super::parse_size("3X").is_err());
     }

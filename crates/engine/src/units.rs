@@ -1,13 +1,16 @@
 //! Sizes as users type them (8G, 512MiB, 1.5g).
 
-/// Parses sizes like `8G`, `512M`, `1.5GiB`, `1048576`.
+/// Parses sizes like `8G`, `512M`, `1.5GiB`, `4096B`, `0`. A number without a unit is refused
+/// (0 aside): `--ram-cache 4` meant 4G far more often than 4 bytes.
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let v: f64 = num.parse().map_err(|_| format!("`{s}`: expected a size like 8G or 512M"))?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1u64,
+        "" if v == 0.0 => 1u64,
+        "" => return Err(format!("`{s}` has no unit: write {num}G, {num}M or {num}K ({num}B for bytes)")),
+        "b" => 1u64,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,

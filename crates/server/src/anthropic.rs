@@ -191,11 +191,12 @@ fn prepare(s: &AppState, o: &Map<String, Json>) -> ApiResult<(Prepared, bool)> {
         },
     };
     let prompt = render(s, &messages, tools.as_ref().map(|t| &t.0), enable_thinking, None)?;
-    let d = SamplingParams::default();
+    // Fields the request leaves out take the model's defaults (generation_config.json).
+    let d = s.engine.default_sampling.clone();
     let sampling = SamplingParams {
         temperature: f.f64_in("temperature", 0.0, 1.0)?.map_or(d.temperature, |x| x as f32),
         top_p: f.f64_in("top_p", 0.0, 1.0)?.map_or(d.top_p, |x| x as f32),
-        top_k: f.u64("top_k")?.map_or(0, |x| x as usize),
+        top_k: f.u64("top_k")?.map_or(d.top_k, |x| x as usize),
         ..d
     };
     let job = GenerateRequest {

@@ -9,6 +9,12 @@
 //! next forward step. Conversation state is reused through the session's prefix cache
 //! (`--state-cache`).
 //!
+//! Defaults of a request: sampling fields it leaves out take the model's generation_config.json
+//! values (`Engine::default_sampling`; greedy without one); a chat completion without
+//! `max_tokens` may use min(4096, what the context leaves) tokens (`openai::DEFAULT_MAX_TOKENS`),
+//! legacy completions 16 (`/v1/messages` requires it, as Anthropic's API); a reply cut by either
+//! bound reports `length` (`max_tokens` on `/v1/messages`).
+//!
 //! Test harness: with `scripted_replies` set (`--scripted-replies FILE`), every generation still
 //! prefills the real prompt, but the tokens it emits are a scripted reply's instead of sampled
 //! ones; see [`worker::Script`]. `/health` and the log say so.

@@ -145,15 +145,22 @@ fn check_context(s: &AppState, n: usize) -> ApiResult<()> {
     Ok(())
 }
 
-/// Tokens the reply may use: what the request asks, at most what the context leaves.
+/// Reply tokens of a chat completion that sets no `max_tokens`: a bound on a reply that never
+/// emits a stop token (which would otherwise run until the context is full), large enough for
+/// a long answer with its thinking. The reply ends with finish_reason `length` when it is reached.
+pub const DEFAULT_MAX_TOKENS: usize = 4096;
+
+/// Tokens the reply may use: what the request asks (else [`DEFAULT_MAX_TOKENS`]), at most what
+/// the context leaves.
 pub(crate) fn reply_budget(s: &AppState, prompt_len: usize, asked: Option<usize>) -> usize {
     let room = s.max_context - prompt_len;
-    asked.map_or(room, |a| a.min(room))
+    asked.unwrap_or(DEFAULT_MAX_TOKENS).min(room)
 }
 
-/// Sampling fields shared by the OpenAI endpoints (and their common extensions).
-fn sampling(f: &Fields) -> ApiResult<SamplingParams> {
-    let d = SamplingParams::default();
+/// Sampling fields shared by the OpenAI endpoints (and their common extensions); a field the
+/// request leaves out takes the model's default (its generation_config.json, else greedy).
+fn sampling(s: &AppState, f: &Fields) -> ApiResult<SamplingParams> {
+    let d = s.engine.default_sampling.clone();
     Ok(SamplingParams {
         temperature: f.f64_in("temperature", 0.0, 2.0)?.map_or(d.temperature, |x| x as f32),
         top_p: f.f64_in("top_p", 0.0, 1.0)?.map_or(d.top_p, |x| x as f32),
@@ -162,7 +169,7 @@ fn sampling(f: &Fields) -> ApiResult<SamplingParams> {
         repetition_penalty: f.f64_in("repetition_penalty", 0.0, 10.0)?.map_or(d.repetition_penalty, |x| x as f32),
         presence_penalty: f.f64_in("presence_penalty", -2.0, 2.0)?.map_or(d.presence_penalty, |x| x as f32),
         frequency_penalty: f.f64_in("frequency_penalty", -2.0, 2.0)?.map_or(d.frequency_penalty, |x| x as f32),
-        seed: f.seed("seed")?,
+        seed: f.seed("seed")?.or(d.seed),
     })
 }
 
@@ -301,7 +308,7 @@ fn prepare_chat(s: &AppState, o: &Map<String, Json>) -> ApiResult<(Prepared, boo
     let job = GenerateRequest {
         max_tokens: reply_budget(s, prompt.len(), asked),
         prompt,
-        sampling: sampling(&f)?,
+        sampling: sampling(s, &f)?,
         stop_strings: stop,
         think_budget: f.u64("think_budget")?.map(|v| v as usize).or(s.think_budget),
         split_reasoning: true,
@@ -481,7 +488,7 @@ async fn completion(s: Shared, body: &[u8]) -> ApiResult<Response> {
     let job = GenerateRequest {
         max_tokens: reply_budget(&s, prompt.len(), Some(asked)),
         prompt,
-        sampling: sampling(&f)?,
+        sampling: sampling(&s, &f)?,
         stop_strings: f.strings("stop")?,
         split_reasoning: false,
         ..Default::default()

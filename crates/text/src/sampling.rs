@@ -51,6 +51,85 @@ impl SamplingParams {
     }
 }
 
+impl SamplingParams {
+    /// The sampling defaults a model ships in its `generation_config.json` (already parsed), the
+    /// way vLLM applies them: temperature, top_p, top_k, min_p, repetition_penalty and
+    /// presence_penalty replace the neutral values; fields the file lacks stay neutral
+    /// (temperature 1 when the file samples). `do_sample: false` means greedy, as in transformers;
+    /// a file with no `do_sample` samples when it sets a temperature or a filter (vLLM), and is
+    /// greedy otherwise (transformers' default). Values of the wrong type or out of range are an
+    /// error naming the field.
+    pub fn from_generation_config(v: &serde_json::Value) -> std::result::Result<Self, String> {
+        let num = |key: &str, lo: f64, hi: f64| -> std::result::Result<Option<f32>, String> {
+            match v.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(x) => match x.as_f64() {
+                    Some(f) if (lo..=hi).contains(&f) => Ok(Some(f as f32)),
+                    _ => Err(format!("`{key}` must be a number between {lo} and {hi}, got {x}")),
+                },
+            }
+        };
+        let temperature = num("temperature", 0.0, 100.0)?;
+        let top_p = num("top_p", 0.0, 1.0)?;
+        let min_p = num("min_p", 0.0, 1.0)?;
+        let repetition_penalty = num("repetition_penalty", 0.0, 100.0)?;
+        let presence_penalty = num("presence_penalty", -2.0, 2.0)?;
+        let top_k = match v.get("top_k") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(x) => Some(x.as_u64().ok_or_else(|| format!("`top_k` must be a non-negative integer, got {x}"))?),
+        };
+        let do_sample = match v.get("do_sample") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(x) => Some(x.as_bool().ok_or_else(|| format!("`do_sample` must be true or false, got {x}"))?),
+        };
+        let sets_sampling = temperature.is_some() || top_p.is_some() || top_k.is_some() || min_p.is_some();
+        let neutral = Self::default();
+        let samples = do_sample.unwrap_or(sets_sampling);
+        Ok(Self {
+            temperature: if samples { temperature.unwrap_or(1.0) } else { 0.0 },
+            top_k: top_k.map_or(neutral.top_k, |k| usize::try_from(k).unwrap_or(usize::MAX)),
+            top_p: top_p.unwrap_or(neutral.top_p),
+            min_p: min_p.unwrap_or(neutral.min_p),
+            repetition_penalty: repetition_penalty.unwrap_or(neutral.repetition_penalty),
+            presence_penalty: presence_penalty.unwrap_or(neutral.presence_penalty),
+            ..neutral
+        })
+    }
+
+    /// A short description for summary lines: `greedy`, or the temperature and every filter and
+    /// penalty that is on, e.g. `temp 0.7 top-p 0.8 top-k 20`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.is_greedy() {
+            parts.push("greedy".to_string());
+        } else {
+            parts.push(format!("temp {}", self.temperature));
+            if self.top_p < 1.0 {
+                parts.push(format!("top-p {}", self.top_p));
+            }
+            if self.top_k > 0 {
+                parts.push(format!("top-k {}", self.top_k));
+            }
+            if self.min_p > 0.0 {
+                parts.push(format!("min-p {}", self.min_p));
+            }
+        }
+        if self.repetition_penalty != 1.0 {
+            parts.push(format!("repetition-penalty {}", self.repetition_penalty));
+        }
+        if self.presence_penalty != 0.0 {
+            parts.push(format!("presence-penalty {}", self.presence_penalty));
+        }
+        if self.frequency_penalty != 0.0 {
+            parts.push(format!("frequency-penalty {}", self.frequency_penalty));
+        }
+        if let (Some(seed), false) = (self.seed, self.is_greedy()) {
+            parts.push(format!("seed {seed}"));
+        }
+        parts.join(" ")
+    }
+}
+
 /// Stateful sampler: the RNG plus scratch buffers sized to the vocabulary.
 pub struct Sampler {
     params: SamplingParams,

@@ -208,3 +208,39 @@ fn top_k_exact_on_large_vocab_with_ties() {
         assert_eq!(got, order[..k], "k={k}");
     }
 }
+
+/// The sampling defaults of a real model's generation_config.json (Qwen3.5, testdata/generation)
+/// reach `SamplingParams`; absent fields stay neutral.
+#[test]
+fn qwen35_generation_config_defaults() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/generation/qwen3.5-generation_config.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let p = SamplingParams::from_generation_config(&v).unwrap();
+    assert_eq!((p.temperature, p.top_k, p.top_p), (0.6, 20, 0.95));
+    assert_eq!((p.min_p, p.repetition_penalty, p.presence_penalty, p.seed), (0.0, 1.0, 0.0, None));
+    assert!(!p.is_greedy());
+    assert_eq!(p.describe(), "temp 0.6 top-p 0.95 top-k 20");
+}
+
+#[test]
+fn generation_config_do_sample_and_absent_fields() {
+    let parse = |s: &str| SamplingParams::from_generation_config(&serde_json::from_str(s).unwrap());
+    // do_sample false: greedy whatever the temperature (transformers).
+    let p = parse(r#"{"do_sample": false, "temperature": 0.7, "top_k": 20}"#).unwrap();
+    assert!(p.is_greedy());
+    assert_eq!(p.describe(), "greedy");
+    // No do_sample but sampling values: sample with them (vLLM).
+    let p = parse(r#"{"temperature": 0.7, "top_p": 0.8}"#).unwrap();
+    assert_eq!((p.temperature, p.top_p, p.top_k), (0.7, 0.8, 0));
+    // do_sample true without a temperature: transformers' 1.0.
+    let p = parse(r#"{"do_sample": true, "min_p": 0.05, "repetition_penalty": 1.1, "presence_penalty": 1.5}"#).unwrap();
+    assert_eq!((p.temperature, p.min_p, p.repetition_penalty, p.presence_penalty), (1.0, 0.05, 1.1, 1.5));
+    // Only stop ids: greedy (transformers' default do_sample false).
+    assert!(parse(r#"{"eos_token_id": [1, 2]}"#).unwrap().is_greedy());
+    // Wrong types and ranges name the field.
+    assert!(parse(r#"{"temperature": "hot"}"#).unwrap_err().contains("`temperature`"));
+    assert!(parse(r#"{"top_p": 1.5}"#).unwrap_err().contains("`top_p`"));
+    assert!(parse(r#"{"top_k": -1}"#).unwrap_err().contains("`top_k`"));
+    assert!(parse(r#"{"do_sample": "yes"}"#).unwrap_err().contains("`do_sample`"));
+}

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 #[derive(Args, Clone, Debug, Default)]
 pub struct EngineArgs {
-    /// Routed experts per token. Default: the model's own number (exact). Fewer is lossy.
+    /// Routed experts per token. Default: the model's own number (exact). Fewer is lossy; more is
+    /// refused.
     #[arg(long)]
     pub experts: Option<usize>,
     /// Longest prompt + reply in tokens (default: the model's max_position_embeddings). Longer

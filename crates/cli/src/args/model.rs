@@ -23,12 +23,13 @@ pub struct ModelDir {
 /// The small Qwen3.5-MoE model trained for flashmoe (models/qwen35-moe-tiny-trained), embedded
 /// so that `run` works with nothing downloaded.
 const BUILTIN_NAME: &str = "qwen35-moe-tiny-trained";
-const BUILTIN_FILES: [(&str, &[u8]); 5] = [
+const BUILTIN_FILES: [(&str, &[u8]); 6] = [
     ("config.json", include_bytes!("../../../../models/qwen35-moe-tiny-trained/config.json")),
     ("model.safetensors", include_bytes!("../../../../models/qwen35-moe-tiny-trained/model.safetensors")),
     ("tokenizer.json", include_bytes!("../../../../models/qwen35-moe-tiny-trained/tokenizer.json")),
     ("tokenizer_config.json", include_bytes!("../../../../models/qwen35-moe-tiny-trained/tokenizer_config.json")),
     ("chat_template.jinja", include_bytes!("../../../../models/qwen35-moe-tiny-trained/chat_template.jinja")),
+    ("generation_config.json", include_bytes!("../../../../models/qwen35-moe-tiny-trained/generation_config.json")),
 ];
 
 impl ModelArgs {

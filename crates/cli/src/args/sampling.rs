@@ -13,40 +13,66 @@ fn in_range(lo: f32, hi: f32) -> impl Fn(&str) -> Result<f32, String> + Clone + 
     }
 }
 
-#[derive(Args, Clone, Debug)]
+/// Each flag overrides the model's own default (its generation_config.json; greedy without one).
+#[derive(Args, Clone, Debug, Default)]
 pub struct SamplingArgs {
-    /// 0 = greedy (the default: deterministic). 0 to 2.
-    #[arg(long, default_value_t = 0.0, value_parser = in_range(0.0, 2.0))]
-    pub temperature: f32,
-    /// 0 to 1.
-    #[arg(long, default_value_t = 1.0, value_parser = in_range(0.0, 1.0))]
-    pub top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// 0 to 1.
-    #[arg(long, default_value_t = 0.0, value_parser = in_range(0.0, 1.0))]
-    pub min_p: f32,
-    /// 0 to 10.
-    #[arg(long, default_value_t = 1.0, value_parser = in_range(0.0, 10.0))]
-    pub repetition_penalty: f32,
-    /// -2 to 2.
-    #[arg(long, default_value_t = 0.0, value_parser = in_range(-2.0, 2.0), allow_negative_numbers = true)]
-    pub presence_penalty: f32,
+    /// 0 = greedy (deterministic). 0 to 2. Default: the model's generation_config.json.
+    #[arg(long, value_parser = in_range(0.0, 2.0))]
+    pub temperature: Option<f32>,
+    /// 0 to 1 (1 = off). Default: the model's generation_config.json.
+    #[arg(long, value_parser = in_range(0.0, 1.0))]
+    pub top_p: Option<f32>,
+    /// 0 = off. Default: the model's generation_config.json.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// 0 to 1 (0 = off). Default: the model's generation_config.json.
+    #[arg(long, value_parser = in_range(0.0, 1.0))]
+    pub min_p: Option<f32>,
+    /// 0 to 10 (1 = off). Default: the model's generation_config.json.
+    #[arg(long, value_parser = in_range(0.0, 10.0))]
+    pub repetition_penalty: Option<f32>,
+    /// -2 to 2 (0 = off). Default: the model's generation_config.json.
+    #[arg(long, value_parser = in_range(-2.0, 2.0), allow_negative_numbers = true)]
+    pub presence_penalty: Option<f32>,
+    /// Seed of the sampler's random numbers: the same seed gives the same text. Default: random.
     #[arg(long)]
     pub seed: Option<u64>,
 }
 
 impl SamplingArgs {
-    pub fn params(&self) -> SamplingParams {
+    /// The model's defaults with every flag given put over them.
+    pub fn params(&self, defaults: &SamplingParams) -> SamplingParams {
+        let d = defaults;
         SamplingParams {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repetition_penalty: self.repetition_penalty,
-            presence_penalty: self.presence_penalty,
-            seed: self.seed,
-            ..SamplingParams::default()
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_k: self.top_k.unwrap_or(d.top_k),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            repetition_penalty: self.repetition_penalty.unwrap_or(d.repetition_penalty),
+            presence_penalty: self.presence_penalty.unwrap_or(d.presence_penalty),
+            seed: self.seed.or(d.seed),
+            ..d.clone()
         }
+    }
+
+    /// True when any sampling value was given on the command line (the seed aside).
+    fn any_given(&self) -> bool {
+        self.temperature.is_some()
+            || self.top_p.is_some()
+            || self.top_k.is_some()
+            || self.min_p.is_some()
+            || self.repetition_penalty.is_some()
+            || self.presence_penalty.is_some()
+    }
+
+    /// `sampler …` for summary lines: what the sampler does and where its settings came from.
+    pub fn describe(&self, params: &SamplingParams, from_generation_config: bool) -> String {
+        let source = match (from_generation_config, self.any_given()) {
+            (true, false) => "generation_config.json",
+            (true, true) => "generation_config.json and flags",
+            (false, true) => "flags",
+            (false, false) => "no generation_config.json",
+        };
+        format!("sampler {} ({source})", params.describe())
     }
 }

@@ -38,9 +38,10 @@ pub struct ChatArgs {
     /// Do not show the model's thinking (toggle with /think).
     #[arg(long)]
     hide_thinking: bool,
-    /// Most tokens per reply.
+    /// Most tokens per reply (default: the server's, min(4096, what the context leaves)).
     #[arg(long)]
     max_tokens: Option<usize>,
+    /// Sampling temperature (default: the model's generation_config.json; 0 = greedy).
     #[arg(long)]
     temperature: Option<f64>,
     /// Seconds a `bash` tool call may run.

@@ -5,6 +5,7 @@ use crate::util::print_device;
 use anyhow::{Result, anyhow, bail};
 use clap::Args;
 use flashmoe::{LogitsFor, Model};
+use flashmoe_text::TextTokenizer;
 use serde_json::json;
 use std::io::{BufWriter, Write};
 
@@ -21,6 +22,10 @@ pub struct LogitsArgs {
     /// Print {"ids": [...], "logits": [[...], ...]} (otherwise a short human-readable summary).
     #[arg(long)]
     json: bool,
+    /// Show token strings (the model's tokenizer.json): next to each id and top token, and in
+    /// --json as "tokens" (the input ids').
+    #[arg(long)]
+    show_text: bool,
     #[command(flatten)]
     engine: EngineArgs,
     #[command(flatten)]
@@ -60,18 +65,28 @@ pub fn run(a: LogitsArgs) -> Result<()> {
     } else {
         model.forward(&ids, &mut state, LogitsFor::All)?
     };
+    let tokenizer = if a.show_text { Some(TextTokenizer::load(dir.join("tokenizer.json"))?) } else { None };
+    let text = |id: u32| match &tokenizer {
+        Some(t) => format!(" {:?}", t.id_to_token(id).unwrap_or_default()),
+        None => String::new(),
+    };
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     if a.json {
         let logits: Vec<&[f32]> = rows.chunks(v).collect();
-        serde_json::to_writer(&mut out, &json!({"ids": ids, "logits": logits}))?;
+        let mut doc = json!({"ids": ids, "logits": logits});
+        if let Some(t) = &tokenizer {
+            doc["tokens"] = json!(crate::commands::tokenize::token_strings(t, &ids));
+        }
+        serde_json::to_writer(&mut out, &doc)?;
         writeln!(out)?;
     } else {
         for (i, row) in rows.chunks(v).enumerate() {
             let mut top: Vec<usize> = (0..v).collect();
             top.sort_by(|&x, &y| row[y].total_cmp(&row[x]));
-            let best: Vec<String> = top[..5.min(v)].iter().map(|&t| format!("{t}:{:.4}", row[t])).collect();
-            writeln!(out, "pos {i} id {}: top {}", ids[i], best.join(" "))?;
+            let best: Vec<String> =
+                top[..5.min(v)].iter().map(|&t| format!("{t}{}:{:.4}", text(t as u32), row[t])).collect();
+            writeln!(out, "pos {i} id {}{}: top {}", ids[i], text(ids[i]), best.join(" "))?;
         }
     }
     out.flush()?;

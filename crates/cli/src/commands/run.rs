@@ -13,10 +13,12 @@ use std::io::Write;
 pub struct RunArgs {
     #[command(flatten)]
     model: ModelArgs,
-    #[arg(long)]
+    /// The prompt; `-` reads it from stdin.
+    #[arg(long, short = 'p', allow_hyphen_values = true)]
     prompt: String,
-    #[arg(long, default_value_t = 256)]
-    max_tokens: usize,
+    /// Most new tokens (default 512).
+    #[arg(long)]
+    max_tokens: Option<usize>,
     /// Feed the prompt as-is, without the chat template.
     #[arg(long)]
     raw: bool,
@@ -41,7 +43,15 @@ pub struct RunArgs {
     trace: TraceArgs,
 }
 
-pub fn run(a: RunArgs) -> Result<()> {
+/// `run`'s output cap when `--max-tokens` is not given: enough for a paragraph or a short
+/// answer, and a bound on a reply that never emits a stop token.
+pub const DEFAULT_MAX_TOKENS: usize = 512;
+
+pub fn run(mut a: RunArgs) -> Result<()> {
+    if a.prompt == "-" {
+        a.prompt = read_stdin_prompt()?;
+    }
+    let max_tokens = a.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
     let model_dir = a.model.dir()?;
     let model_path = model_dir.as_path();
     // The plan needs a context size before the prompt is tokenized: the prompt text's bytes bound
@@ -51,7 +61,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             .len()
             .saturating_add(a.system.as_ref().map_or(0, |s| s.len()))
             .saturating_add(64)
-            .saturating_add(a.max_tokens),
+            .saturating_add(max_tokens),
     );
     let plan = Plan { context_tokens: context, batch_tokens: a.prompt.len().saturating_add(64) };
     let mut opts = args::load_options(model_path, &a.store, &a.device, &a.engine, plan)?;
@@ -84,7 +94,9 @@ pub fn run(a: RunArgs) -> Result<()> {
         engine.render_chat(&Json::Array(messages), None, if a.no_think { Some(false) } else { None })?
     };
     let ids = engine.encode(&prompt_text)?;
-    let opts = GenerateOptions { max_tokens: a.max_tokens, sampling: a.sampling.params() };
+    let sampling = a.sampling.params(&engine.default_sampling);
+    let sampler = a.sampling.describe(&sampling, engine.sampling_from_generation_config);
+    let opts = GenerateOptions { max_tokens, sampling };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let stats = engine.generate(&ids, &opts, |piece| {
@@ -137,13 +149,16 @@ pub fn run(a: RunArgs) -> Result<()> {
         None => io,
     };
     let stop = match stats.finish {
-        Finish::Stop | Finish::StopString(_) => "stop token",
-        Finish::Length => "max tokens",
-        Finish::Context => "context full",
-        Finish::Cancelled => "output closed",
+        Finish::Stop | Finish::StopString(_) => "stop token".to_string(),
+        Finish::Length if a.max_tokens.is_none() => {
+            format!("default max tokens {DEFAULT_MAX_TOKENS}, --max-tokens N for more")
+        }
+        Finish::Length => "max tokens".to_string(),
+        Finish::Context => "context full".to_string(),
+        Finish::Cancelled => "output closed".to_string(),
     };
     eprintln!(
-        "[flashmoe] prompt {} tok | prefill {:.1} tok/s | decode {:.2} tok/s ({} tok, {}) | peak RSS {} | experts {}/{} per token ({}){io}",
+        "[flashmoe] prompt {} tok | prefill {:.1} tok/s | decode {:.2} tok/s ({} tok, {}) | {sampler} | peak RSS {} | experts {}/{} per token ({}){io}",
         stats.prompt_tokens,
         stats.prefill_tok_s(),
         stats.decode_tok_s(),
@@ -159,4 +174,16 @@ pub fn run(a: RunArgs) -> Result<()> {
         },
     );
     Ok(())
+}
+
+/// `--prompt -`: the whole of stdin, without its final newline (what `echo` and here-strings add).
+fn read_stdin_prompt() -> Result<String> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+        .map_err(|e| anyhow::anyhow!("--prompt -: cannot read the prompt from stdin: {e}"))?;
+    let text = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text).to_string();
+    if text.is_empty() {
+        anyhow::bail!("--prompt -: stdin was empty (pipe the prompt in, e.g. `echo hi | flashmoe run --prompt -`)");
+    }
+    Ok(text)
 }

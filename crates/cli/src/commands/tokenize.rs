@@ -14,9 +14,13 @@ pub struct TokenizeArgs {
     /// A tokenizer.json file.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// Print a JSON array of ids.
+    /// Print a JSON array of ids (with --show-text: {"ids": [...], "tokens": [...]}).
     #[arg(long)]
     json: bool,
+    /// Show each token's vocabulary string next to its id (as HF tokenizers' `Encoding.tokens`;
+    /// byte-level BPE writes a leading space as `Ġ`).
+    #[arg(long)]
+    show_text: bool,
     /// Read an OpenAI-style {"messages": [...], "tools": [...]} from stdin and print the prompt
     /// rendered by the model's chat template.
     #[arg(long)]
@@ -64,10 +68,24 @@ pub fn run(a: TokenizeArgs) -> Result<()> {
     }
     let tok = TextTokenizer::load(&tok_path)?;
     let ids = tok.encode(a.text.as_deref().unwrap_or_default(), false)?;
-    if a.json {
+    if a.show_text {
+        let tokens = token_strings(&tok, &ids);
+        if a.json {
+            println!("{}", serde_json::json!({"ids": ids, "tokens": tokens}));
+        } else {
+            for (id, t) in ids.iter().zip(&tokens) {
+                println!("{id}\t{t}");
+            }
+        }
+    } else if a.json {
         println!("{}", serde_json::to_string(&ids)?);
     } else {
         println!("{}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" "));
     }
     Ok(())
+}
+
+/// The vocabulary string of each id (empty for an id the vocabulary lacks).
+pub fn token_strings(tok: &TextTokenizer, ids: &[u32]) -> Vec<String> {
+    ids.iter().map(|&id| tok.id_to_token(id).unwrap_or_default()).collect()
 }

@@ -1,9 +1,9 @@
 //! `flashmoe verify`: a packed model's sizes and checksums.
 
 use crate::util::fmt_bytes;
-use anyhow::Result;
+use anyhow::{Result, bail};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct VerifyArgs {
@@ -11,7 +11,30 @@ pub struct VerifyArgs {
 }
 
 pub fn run(a: VerifyArgs) -> Result<()> {
+    if a.dir.is_dir() && !a.dir.join(flashmoe::packed::MANIFEST).exists() {
+        bail!(
+            "{} is {}, not a packed model; verify checks packed models made by `flashmoe convert`",
+            a.dir.display(),
+            what_folder(&a.dir)
+        );
+    }
     let rep = flashmoe::packed::verify::verify(&a.dir)?;
     println!("ok: {} tensors, {} experts, {} checked", rep.tensors, rep.experts, fmt_bytes(rep.bytes));
     Ok(())
+}
+
+/// What a folder without a packed manifest holds, as far as its file names and config tell.
+fn what_folder(dir: &Path) -> &'static str {
+    let has_safetensors = std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".safetensors")))
+        .unwrap_or(false);
+    if !has_safetensors {
+        return "a folder without a manifest.json or safetensors files";
+    }
+    // MLX checkpoints carry their quantization in config.json (the same test the loader uses).
+    let quantized = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v.get("quantization").is_some());
+    if quantized { "an MLX safetensors checkpoint" } else { "a Hugging Face safetensors checkpoint" }
 }

@@ -16,6 +16,11 @@ pub struct Engine {
     /// Token ids that end a generation: the config's EOS ids, generation_config.json's, and the
     /// tokenizer's `<|im_end|>` / `<|endoftext|>` when present.
     pub stop_ids: Vec<u32>,
+    /// Sampling when a request or the command line sets nothing: the model's
+    /// generation_config.json ([`SamplingParams::from_generation_config`]), greedy without one.
+    pub default_sampling: SamplingParams,
+    /// Whether `default_sampling` came from a generation_config.json (for summary lines).
+    pub sampling_from_generation_config: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -39,9 +44,13 @@ impl Engine {
         let template = ChatTemplate::from_model_dir(dir)?;
         let mut stop_ids = model.config.eos_token_ids.clone();
         let gen_cfg = dir.join("generation_config.json");
+        let mut default_sampling = SamplingParams::default();
+        let mut sampling_from_generation_config = false;
         if let Ok(text) = std::fs::read_to_string(&gen_cfg) {
             let v: Json =
                 serde_json::from_str(&text).map_err(|e| Error::file(&gen_cfg, format!("malformed JSON: {e}")))?;
+            default_sampling = SamplingParams::from_generation_config(&v).map_err(|e| Error::file(&gen_cfg, e))?;
+            sampling_from_generation_config = true;
             match v.get("eos_token_id") {
                 Some(Json::Number(n)) => stop_ids.extend(n.as_u64().map(|x| x as u32)),
                 Some(Json::Array(a)) => stop_ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32))),
@@ -53,7 +62,15 @@ impl Engine {
         }
         stop_ids.sort_unstable();
         stop_ids.dedup();
-        Ok(Engine { model, tokenizer, template, model_dir: dir.to_path_buf(), stop_ids })
+        Ok(Engine {
+            model,
+            tokenizer,
+            template,
+            model_dir: dir.to_path_buf(),
+            stop_ids,
+            default_sampling,
+            sampling_from_generation_config,
+        })
     }
 
     /// Renders OpenAI-style messages with the model's own chat template.

@@ -518,10 +518,12 @@ fn run_limits(c: &ModelConfig, opts: &LoadOptions) -> Result<(usize, usize)> {
 }
 
 fn check_experts_per_token(k: usize, c: &ModelConfig) -> Result<()> {
-    if k == 0 || k > c.num_experts {
+    // More experts than the router was trained with is not a mode of the model: the routing
+    // weights would be renormalised over experts it never chose. Fewer is the lossy speed-up.
+    if k == 0 || k > c.experts_per_token {
         return Err(Error::input(format!(
-            "--experts {k}: must be between 1 and the model's {} experts",
-            c.num_experts
+            "--experts {k}: must be between 1 and the model's {} experts per token (fewer is lossy; more is not supported)",
+            c.experts_per_token
         )));
     }
     Ok(())

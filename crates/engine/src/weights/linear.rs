@@ -51,6 +51,14 @@ pub struct Linear {
     cols: usize,
 }
 
+fn float_name(t: FloatType) -> &'static str {
+    match t {
+        FloatType::F32 => "f32",
+        FloatType::BF16 => "bf16",
+        FloatType::F16 => "f16",
+    }
+}
+
 pub fn float_type(t: &RawTensor) -> Result<FloatType> {
     match t.dtype {
         Dtype::F32 => Ok(FloatType::F32),
@@ -176,6 +184,24 @@ impl Linear {
     /// Bytes a full pass over this matrix reads (weights + scales + biases).
     pub fn bytes(&self) -> usize {
         self.parts.iter().map(|p| p.mat(self.cols).bytes()).sum()
+    }
+
+    /// How the matrix is stored: `bf16`, `f32`, `f16`, or e.g. `4-bit affine (group 64, bf16
+    /// scales)`; the formats of the parts joined with `+` when they differ.
+    pub fn format_name(&self) -> String {
+        let mut names: Vec<String> = Vec::new();
+        for p in &self.parts {
+            let name = match &p.source {
+                Source::Float { dtype, .. } => float_name(*dtype).to_string(),
+                Source::Affine { bits, group_size, sb_dtype, .. } => {
+                    format!("{bits}-bit affine (group {group_size}, {} scales)", float_name(*sb_dtype))
+                }
+            };
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names.join(" + ")
     }
 
     pub fn is_quantized(&self) -> bool {
