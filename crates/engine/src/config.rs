@@ -273,7 +273,7 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let p = &self.path;
         let bad = |field: &str, msg: String| Err(Error::config(p, format!("field `{field}`: {msg}")));
         for (name, v) in [

@@ -20,6 +20,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod experts;
+pub mod gguf;
 pub mod layers;
 pub mod memory;
 pub mod models;
