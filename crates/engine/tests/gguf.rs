@@ -317,3 +317,28 @@ fn tokenizer_from_gguf_vocab_matches_tokenizer_json() {
     let tmpl = parts.get("tokenizer.chat_template").and_then(Value::as_str);
     assert_eq!(tmpl, Some("{{ messages[0]['content'] }}"));
 }
+
+/// Absurd hyperparameters in a model's metadata are refused before anything is sized by them.
+#[test]
+fn absurd_metadata_counts_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = std::fs::read(testdata("gguf/qwen35moe-tiny.gguf")).unwrap();
+    let key = b"qwen35moe.block_count";
+    // The key's bytes, then its value type (u32) and the u32 value.
+    let at = original.windows(key.len()).position(|w| w == key).unwrap() + key.len() + 4;
+    assert_eq!(u32::from_le_bytes(original[at..at + 4].try_into().unwrap()), 5, "4 layers + 1 MTP as written");
+    for (value, want) in [
+        (u32::MAX, "GGUF key `qwen35moe.block_count`: 4294967295 is absurdly large"),
+        (1000, "GGUF key `qwen35moe.block_count`: 1000 blocks, but the file has only 80 tensors"),
+        (1, "GGUF key `qwen35moe.nextn_predict_layers`: 1 MTP blocks leave no layers of 1"),
+        (6, "tensor `blk.4.nextn.eh_proj.weight` (FILE): unexpected in a GatedDeltaNet layer of qwen3_5_moe"),
+    ] {
+        let mut bytes = original.clone();
+        bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        let path = dir.path().join("m.gguf");
+        std::fs::write(&path, &bytes).unwrap();
+        let e = GgufModel::open(&path).unwrap_err().to_string();
+        let want = want.replace("FILE", &path.display().to_string());
+        assert!(e.contains(&want), "block_count {value}: {e}");
+    }
+}

@@ -32,6 +32,8 @@ use std::path::Path;
 /// The architectures we run, as `general.architecture` names them.
 pub const ARCHITECTURES: [&str; 2] = ["qwen35moe", "qwen3next"];
 
+const MAX_HYPERPARAMETER: usize = 1 << 24;
+
 /// What the metadata says beyond the config.
 #[derive(Clone, Debug)]
 pub struct ModelFacts {
@@ -62,7 +64,7 @@ impl Meta<'_> {
         let key = self.key(suffix);
         let Some(v) = self.parts.get(&key) else { return Ok(None) };
         if let Some(i) = v.as_int() {
-            return usize::try_from(i).map(Some).map_err(|_| self.err(&key, format!("{i} is not a count")));
+            return self.count(&key, i).map(Some);
         }
         if let Some(items) = v.as_array().and_then(|a| a.ints()) {
             let mut found: Option<i128> = None;
@@ -72,12 +74,18 @@ impl Meta<'_> {
                 }
                 found = Some(x);
             }
-            return match found {
-                Some(x) => usize::try_from(x).map(Some).map_err(|_| self.err(&key, format!("{x} is not a count"))),
-                None => Ok(None),
-            };
+            return found.map(|x| self.count(&key, x)).transpose();
         }
         Err(self.err(&key, format!("expected an integer, found {} ({})", v.brief(), v.type_name())))
+    }
+    /// Hyperparameters of real models are far below 2^24; refusing larger ones keeps every
+    /// product of two of them (matrix sizes) far from overflow.
+    fn count(&self, key: &str, i: i128) -> Result<usize> {
+        match usize::try_from(i) {
+            Ok(n) if n <= MAX_HYPERPARAMETER => Ok(n),
+            Ok(_) => Err(self.err(key, format!("{i} is absurdly large"))),
+            Err(_) => Err(self.err(key, format!("{i} is not a count"))),
+        }
     }
     fn usize(&self, suffix: &str) -> Result<usize> {
         self.opt_usize(suffix)?
@@ -129,6 +137,14 @@ pub fn model_config(parts: &GgufParts) -> Result<(ModelConfig, ModelFacts)> {
     let num_layers = blocks.checked_sub(mtp_layers).filter(|&n| n > 0).ok_or_else(|| {
         m.err(&m.key("nextn_predict_layers"), format!("{mtp_layers} MTP blocks leave no layers of {blocks}"))
     })?;
+    // Every layer has a dozen tensors; a block count beyond the tensor count is a broken header
+    // (and would size per-layer tables by it).
+    if blocks > parts.tensor_count() {
+        return Err(m.err(
+            &m.key("block_count"),
+            format!("{blocks} blocks, but the file has only {} tensors", parts.tensor_count()),
+        ));
+    }
     let interval = m.opt_usize("full_attention_interval")?.unwrap_or(4);
     if interval == 0 {
         return Err(m.err(&m.key("full_attention_interval"), "must be at least 1"));

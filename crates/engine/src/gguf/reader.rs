@@ -23,6 +23,19 @@ pub const DEFAULT_ALIGNMENT: u64 = 32;
 const MAX_ARRAY_DEPTH: u32 = 8;
 /// ggml's GGML_MAX_DIMS.
 const MAX_DIMS: u32 = 4;
+/// Vectors sized by a count from the file start at most this big and grow as items are actually
+/// read: a count that passes the bytes-left check can still be far larger than what a hostile
+/// file really holds, and each item costs more in memory than its smallest encoding on disk.
+const MAX_PREALLOC: usize = 1 << 16;
+
+/// Reads `n` items with `read`, allocating only for items actually read.
+fn read_n<T>(n: usize, mut read: impl FnMut() -> Result<T>) -> Result<Vec<T>> {
+    let mut v = Vec::with_capacity(n.min(MAX_PREALLOC));
+    for _ in 0..n {
+        v.push(read()?);
+    }
+    Ok(v)
+}
 
 /// One metadata value. Arrays are typed so a long array costs its own size, not one enum per item.
 #[derive(Clone, Debug, PartialEq)]
@@ -317,8 +330,8 @@ impl Header {
         c.fits(n_kv, 13, "metadata count")?;
         c.fits(n_tensors, 32, "tensor count")?;
 
-        let mut metadata = Vec::with_capacity(n_kv as usize);
-        let mut keys = HashMap::with_capacity(n_kv as usize);
+        let mut metadata = Vec::with_capacity((n_kv as usize).min(MAX_PREALLOC));
+        let mut keys = HashMap::with_capacity((n_kv as usize).min(MAX_PREALLOC));
         for _ in 0..n_kv {
             let at = c.pos;
             let key = c.string("metadata key")?;
@@ -344,7 +357,7 @@ impl Header {
             },
         };
 
-        let mut infos = Vec::with_capacity(n_tensors as usize);
+        let mut infos = Vec::with_capacity((n_tensors as usize).min(MAX_PREALLOC));
         for _ in 0..n_tensors {
             let name = c.string("tensor name")?;
             let n_dims = c.u32("tensor n_dims")?;
@@ -354,6 +367,10 @@ impl Header {
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
                 dims.push(c.u64("tensor dimension")?);
+            }
+            // An empty dimension would let the others be anything (the size stays 0).
+            if dims.contains(&0) {
+                return Err(c.err(format!("tensor `{name}` has a dimension of 0: {dims:?}")));
             }
             let type_id = c.u32("tensor type")?;
             let offset = c.u64("tensor offset")?;
@@ -541,9 +558,12 @@ impl Cursor<'_> {
             4 => plain!(U32, u32),
             5 => plain!(I32, i32),
             6 => plain!(F32, f32),
-            7 => Array::Bool((0..n).map(|_| self.boolean(key)).collect::<Result<_>>()?),
-            8 => Array::String((0..n).map(|_| self.string(&format!("string item of `{key}`"))).collect::<Result<_>>()?),
-            9 => Array::Array((0..n).map(|_| self.array_value(depth + 1, key)).collect::<Result<_>>()?),
+            7 => Array::Bool(read_n(n, || self.boolean(key))?),
+            8 => {
+                let what = format!("string item of `{key}`");
+                Array::String(read_n(n, || self.string(&what))?)
+            }
+            9 => Array::Array(read_n(n, || self.array_value(depth + 1, key))?),
             10 => plain!(U64, u64),
             11 => plain!(I64, i64),
             12 => plain!(F64, f64),
