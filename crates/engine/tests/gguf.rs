@@ -272,14 +272,16 @@ fn unknown_architecture_is_named() {
     assert!(e.contains("GGUF architecture `llama35xx` is not supported (supported: qwen35moe, qwen3next)"), "{e}");
 }
 
-/// The Qwen3.5 tokenizer written into a GGUF by gguf-py (as llama.cpp's converter does) and read
-/// back by us encodes exactly like its tokenizer.json.
-#[test]
-fn tokenizer_from_gguf_vocab_matches_tokenizer_json() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("vocab.gguf");
+/// Writes `tokenizer_json` into a vocab-only GGUF with gguf-py, as llama.cpp's converter does.
+fn vocab_gguf(dir: &Path, tokenizer_json: &str, config: Option<&str>) -> PathBuf {
+    let out = dir.join("vocab.gguf");
     let script = testdata("../scripts/fixtures/gguf_files.py");
-    let run = std::process::Command::new("python3").arg(&script).arg("--tokenizer").arg(&out).output();
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(&script).arg("--tokenizer").arg(&out).arg("--tokenizer-json").arg(testdata(tokenizer_json));
+    if let Some(c) = config {
+        cmd.arg("--tokenizer-config").arg(testdata(c));
+    }
+    let run = cmd.output();
     let ok = run.as_ref().is_ok_and(|o| o.status.success());
     assert!(
         ok,
@@ -287,35 +289,58 @@ fn tokenizer_from_gguf_vocab_matches_tokenizer_json() {
         script.display(),
         run.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_else(|e| e.to_string())
     );
-    let parts = GgufParts::open(&out).unwrap();
-    let ours = flashmoe::gguf::tokenizer_from_metadata(&parts).unwrap();
-    let mut json = Vec::new();
-    let gz = std::fs::File::open(testdata("text/qwen3.5-tokenizer.json.gz")).unwrap();
-    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(gz), &mut json).unwrap();
-    let reference = flashmoe_text::TextTokenizer::from_bytes(&json).unwrap();
-    let texts = [
-        "Hello, world! The history of the Roman Empire spans centuries.",
-        "  leading spaces,\ttabs\t\tand\n\n\nnewlines   \n  ",
-        "日本語のテキストと中文文本，한국어 텍스트.",
-        "Ünïcödé façade naïve café — “quotes” … ½ ∑ √ ∞",
-        "fn main() {\n    let x: Vec<u32> = (0..10).map(|i| i * 2).collect();\n    println!(\"{x:?}\");\n}\n",
-        "def f(a, b):\n\treturn a ** 2 + b // 3  # comment\n",
-        "Numbers: 1234567890, 3.14159, -42, 1e-6, 0x1F",
-        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n4<|im_end|>",
-        "Emoji 👍🏽 and combining: e\u{301} a\u{308} नमस्ते مرحبا שלום Привет",
-        "I'm, you're, they'll, we'd, it's, can't — CAN'T I'M",
-        "                                                                 many spaces",
-    ];
-    for t in texts {
-        let a = ours.encode(t, false).unwrap();
-        let b = reference.encode(t, false).unwrap();
-        assert_eq!(a, b, "ids differ for {t:?}");
-        assert_eq!(ours.decode(&a, false).unwrap(), reference.decode(&b, false).unwrap(), "{t:?}");
+    out
+}
+
+const TEXTS: [&str; 11] = [
+    "Hello, world! The history of the Roman Empire spans centuries.",
+    "  leading spaces,\ttabs\t\tand\n\n\nnewlines   \n  ",
+    "日本語のテキストと中文文本，한국어 텍스트.",
+    "Ünïcödé façade naïve café — “quotes” … ½ ∑ √ ∞",
+    "fn main() {\n    let x: Vec<u32> = (0..10).map(|i| i * 2).collect();\n    println!(\"{x:?}\");\n}\n",
+    "def f(a, b):\n\treturn a ** 2 + b // 3  # comment\n",
+    "Numbers: 1234567890, 3.14159, -42, 1e-6, 0x1F",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n4<|im_end|>",
+    "Emoji 👍🏽 and combining: e\u{301} a\u{308} नमस्ते مرحبا שלום Привет",
+    "I'm, you're, they'll, we'd, it's, can't — CAN'T I'M",
+    "                                                                 many spaces",
+];
+
+/// The real Qwen3.5 (pre `qwen35`) and Qwen3 (pre `qwen2`, non-special added tokens such as
+/// `<think>`) tokenizers, written into GGUFs by gguf-py and read back by us, encode and decode
+/// exactly like their tokenizer.json.
+#[test]
+fn tokenizer_from_gguf_vocab_matches_tokenizer_json() {
+    for (json_gz, config, im_end) in [
+        ("text/qwen3.5-tokenizer.json.gz", None, 248046),
+        ("text/qwen3-tokenizer.json.gz", Some("text/qwen3-tokenizer_config.json"), 151645),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = GgufParts::open(&vocab_gguf(dir.path(), json_gz, config)).unwrap();
+        let ours = flashmoe::gguf::tokenizer_from_metadata(&parts).unwrap();
+        let mut json = Vec::new();
+        let gz = std::fs::File::open(testdata(json_gz)).unwrap();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(gz), &mut json).unwrap();
+        let reference = flashmoe_text::TextTokenizer::from_bytes(&json).unwrap();
+        for t in TEXTS {
+            let a = ours.encode(t, false).unwrap();
+            let b = reference.encode(t, false).unwrap();
+            assert_eq!(a, b, "{json_gz}: ids differ for {t:?}");
+            for skip in [false, true] {
+                assert_eq!(ours.decode(&a, skip).unwrap(), reference.decode(&b, skip).unwrap(), "{json_gz}: {t:?}");
+            }
+        }
+        assert_eq!(ours.token_to_id("<|im_end|>"), Some(im_end));
+        assert!(ours.is_special(im_end));
+        let template = parts.get("tokenizer.chat_template").and_then(Value::as_str).unwrap();
+        match config {
+            None => assert_eq!(template, "{{ messages[0]['content'] }}"),
+            Some(c) => {
+                let cfg: Json = serde_json::from_str(&std::fs::read_to_string(testdata(c)).unwrap()).unwrap();
+                assert_eq!(template, cfg["chat_template"].as_str().unwrap());
+            }
+        }
     }
-    assert_eq!(ours.token_to_id("<|im_end|>"), Some(248046));
-    assert!(ours.is_special(248046));
-    let tmpl = parts.get("tokenizer.chat_template").and_then(Value::as_str);
-    assert_eq!(tmpl, Some("{{ messages[0]['content'] }}"));
 }
 
 /// Absurd hyperparameters in a model's metadata are refused before anything is sized by them.
