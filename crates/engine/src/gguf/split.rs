@@ -159,3 +159,20 @@ impl GgufParts {
         self.index.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_names() {
+        let p = |s: &str| split_name(Path::new(s));
+        assert_eq!(p("/m/Qwen3.5-397B-Q4_K_M-00002-of-00006.gguf"), Some(("Qwen3.5-397B-Q4_K_M".into(), 2, 6)));
+        assert_eq!(p("a-00001-of-00001.gguf"), Some(("a".into(), 1, 1)));
+        assert_eq!(p("model.gguf"), None);
+        assert_eq!(p("m-0001-of-0002.gguf"), None, "five digits each");
+        assert_eq!(p("m-00001-of-00002.bin"), None);
+        assert_eq!(p("-00001-of-00002.gguf"), Some((String::new(), 1, 2)));
+        assert_eq!(p("x-0000a-of-00002.gguf"), None);
+    }
+}

@@ -116,3 +116,19 @@ pub fn file_type_name(id: u32) -> Option<&'static str> {
         _ => return None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_sizes() {
+        let q4k = GgmlType::from_id(12).unwrap();
+        assert_eq!(q4k.name, "Q4_K");
+        assert_eq!(q4k.row_bytes(4096), Some(16 * 144));
+        assert_eq!(q4k.row_bytes(100), None, "not a whole block");
+        assert_eq!(GgmlType::from_id(30).unwrap().row_bytes(3), Some(6));
+        assert!(GgmlType::from_id(4).is_none(), "Q4_2 was removed");
+        assert!(TYPES.windows(2).all(|w| w[0].id < w[1].id));
+    }
+}
