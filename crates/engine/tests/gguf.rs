@@ -367,3 +367,23 @@ fn absurd_metadata_counts_are_refused() {
         assert!(e.contains(&want), "block_count {value}: {e}");
     }
 }
+
+/// A tokenizer.json beside the .gguf is the tokenizer; without one and without a vocabulary in
+/// the metadata, the error says both are missing.
+#[test]
+fn tokenizer_json_beside_the_file_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.gguf");
+    std::fs::copy(testdata("gguf/qwen35moe-tiny.gguf"), &model).unwrap();
+    let m = GgufModel::open(&model).unwrap();
+    let e = m.tokenizer().unwrap_err().to_string();
+    assert!(e.contains("no `tokenizer.ggml.model` in the metadata and no tokenizer.json beside the file"), "{e}");
+    let mut json = Vec::new();
+    let gz = std::fs::File::open(testdata("text/qwen3-tokenizer.json.gz")).unwrap();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(gz), &mut json).unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), &json).unwrap();
+    let tok = m.tokenizer().unwrap();
+    let reference = flashmoe_text::TextTokenizer::from_bytes(&json).unwrap();
+    assert_eq!(tok.vocab_size(), reference.vocab_size());
+    assert_eq!(tok.encode(TEXTS[0], false).unwrap(), reference.encode(TEXTS[0], false).unwrap());
+}
