@@ -41,3 +41,16 @@ fn info_on_a_hostile_gguf_is_one_error_line() {
         "{e}"
     );
 }
+
+#[test]
+fn running_a_gguf_says_it_cannot_yet() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/gguf/qwen35moe-tiny.gguf");
+    let out = Command::new(env!("CARGO_BIN_EXE_flashmoe"))
+        .args(["run", "--prompt", "hi", "--max-tokens", "1", "--model"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8(out.stderr).unwrap();
+    assert!(e.contains("qwen35moe-tiny.gguf: GGUF models cannot run yet"), "{e}");
+}
