@@ -19,6 +19,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
+# Before the Rust tests: crates/engine/tests/gguf.rs runs gguf-py.
+bash scripts/ci_python_deps.sh
+
 echo "== cargo test --workspace"
 cargo test --workspace
 
@@ -26,7 +29,6 @@ echo "== building the binary the end-to-end suites drive"
 cargo build -p flashmoe-cli
 
 echo "== server: official openai / anthropic clients"
-bash scripts/ci_python_deps.sh
 python3 -m pytest tests/server -q -p no:cacheprovider
 
 echo "== terminal chat in tmux"

@@ -86,6 +86,14 @@ impl ModelConfig {
     }
 
     pub fn load(dir: &Path) -> Result<Self> {
+        // Every loader comes through here first, so a GGUF file gets a clear word instead of
+        // "FILE/config.json: Not a directory".
+        if dir.is_file() && dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            return Err(Error::config(
+                dir,
+                "GGUF models cannot run yet (`flashmoe info --model FILE.gguf` reads them); give a safetensors or packed folder",
+            ));
+        }
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         let root: Value =
@@ -273,7 +281,7 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let p = &self.path;
         let bad = |field: &str, msg: String| Err(Error::config(p, format!("field `{field}`: {msg}")));
         for (name, v) in [

@@ -3,7 +3,8 @@
 //! Layers, bottom up (no module imports one above it; `scripts/check_module_cycles.py` checks):
 //! - `error`, `units`, `config` (config.json → ModelConfig);
 //! - `weights` (mapped safetensors, typed matrix views), `packed` (our format: manifest, open,
-//!   verify), `experts` (expert storage: store, RAM tier, buffers, expert views);
+//!   verify), `gguf` (llama.cpp's format: parser, splits, metadata → config, tensor map and
+//!   expert ranges), `experts` (expert storage: store, RAM tier, buffers, expert views);
 //! - `layers` (the op vocabulary: weight structs generic over where tensors live, pass spec,
 //!   hooks), `backend` (the `Backend` trait; `cpu`; `cuda` with the `cuda` feature);
 //! - `models` (families: `qwen35` = config → weights → its layer loop over the backend ops);
@@ -20,6 +21,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod experts;
+pub mod gguf;
 pub mod layers;
 pub mod memory;
 pub mod models;

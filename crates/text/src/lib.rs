@@ -7,6 +7,7 @@
 
 pub mod chat;
 mod error;
+mod gguf_vocab;
 mod pyfmt;
 pub mod sampling;
 mod time;
@@ -15,5 +16,6 @@ pub mod toolcall;
 
 pub use chat::{CHATML_TEMPLATE, ChatMessage, ChatRequest, ChatTemplate, normalize_messages};
 pub use error::{Result, TextError};
+pub use gguf_vocab::GgufVocab;
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{StreamDecoder, TextTokenizer};

@@ -40,12 +40,17 @@ impl TextTokenizer {
     fn from_bytes_named(bytes: &[u8], origin: &str) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| TextError::InvalidTokenizer { origin: origin.to_string(), message: e.to_string() })?;
+        Ok(Self::from_inner(inner))
+    }
+
+    /// Wraps a built `tokenizers::Tokenizer` (from a file, or assembled from a GGUF vocabulary).
+    pub(crate) fn from_inner(inner: tokenizers::Tokenizer) -> Self {
         // `get_vocab_size(true)` adds the two counts, which overcounts when added tokens are also in
         // the model vocabulary; the embedding-relevant number is the highest id + 1.
         let vocab_size = inner.get_vocab(true).values().copied().max().map_or(0, |m| m as usize + 1);
         let special_ids =
             inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
-        Ok(Self { inner, vocab_size, special_ids })
+        Self { inner, vocab_size, special_ids }
     }
 
     /// Encodes text. Special/added tokens written in the text (e.g. `<|im_start|>`) are matched as

@@ -1,4 +1,5 @@
-//! `flashmoe info`: a model folder's architecture, layers, weight formats and sizes.
+//! `flashmoe info`: a model folder's (or GGUF file's) architecture, layers, weight formats and
+//! sizes.
 
 use crate::args::ModelDir;
 use crate::util::fmt_bytes;
@@ -13,6 +14,9 @@ pub struct InfoArgs {
 }
 
 pub fn run(a: InfoArgs) -> Result<()> {
+    if flashmoe::gguf::is_gguf(&a.model.model) {
+        return gguf_info(&a.model.model);
+    }
     // Experts mapped in place rather than streamed: their matrices are then there to describe.
     let opts = flashmoe::LoadOptions { stream_experts: false, ..Default::default() };
     let model = Model::load_with(&a.model.model, &opts)?;
@@ -62,5 +66,89 @@ pub fn run(a: InfoArgs) -> Result<()> {
     println!("             embed {}; lm_head {}", w.embed.format_name(), w.lm_head.format_name());
     println!("             attention/GatedDeltaNet {}; router {}", merged(mixers), merged(routers));
     println!("             shared expert {}", merged(shared));
+    Ok(())
+}
+
+/// A GGUF model: what the metadata says, the tensor types, the routed experts' bytes, the parts.
+fn gguf_info(path: &std::path::Path) -> Result<()> {
+    use flashmoe::gguf::{GgufModel, types::file_type_name};
+    use std::collections::BTreeMap;
+    let m = GgufModel::open(path)?;
+    let c = &m.config;
+    let full = c.layer_kinds.iter().filter(|k| **k == flashmoe::config::LayerKind::FullAttention).count();
+    let file_type = m.facts.file_type.map(|t| file_type_name(t).map_or(format!("type {t}"), str::to_string));
+    println!(
+        "model        {} (GGUF architecture `{}`){}",
+        c.family.name(),
+        m.facts.architecture,
+        m.facts.name.as_ref().map_or(String::new(), |n| format!(": {n}"))
+    );
+    println!("file type    {}", file_type.as_deref().unwrap_or("not given"));
+    println!(
+        "layers       {} ({} GatedDeltaNet + {} full attention){}",
+        c.num_layers,
+        c.num_layers - full,
+        full,
+        if m.facts.mtp_layers > 0 { format!(" + {} MTP", m.facts.mtp_layers) } else { String::new() }
+    );
+    println!("hidden       {}  vocab {}  context {}", c.hidden_size, c.vocab_size, c.max_position_embeddings);
+    println!(
+        "attention    {} heads ({} KV), head dim {}, rotary {}, theta {}",
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.rotary_dims(),
+        c.rope_theta
+    );
+    println!(
+        "deltanet     {} key heads × {}, {} value heads × {}, conv {}",
+        c.linear_key_heads, c.linear_key_dim, c.linear_value_heads, c.linear_value_dim, c.conv_kernel
+    );
+    println!(
+        "experts      {} routed, top-{} + 1 shared, intermediate {} (shared {})",
+        c.num_experts, c.experts_per_token, c.moe_intermediate, c.shared_intermediate
+    );
+    let mut types: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
+    for (_, t) in m.parts.tensors() {
+        let e = types.entry(t.ggml_type.name).or_default();
+        e.0 += 1;
+        e.1 += t.len;
+    }
+    let hist: Vec<String> =
+        types.iter().map(|(name, (n, bytes))| format!("{name} {n} ({})", fmt_bytes(*bytes))).collect();
+    println!("tensors      {}: {}", m.parts.tensor_count(), hist.join(", "));
+    let per_layer: Vec<u64> = m.tensors.experts.iter().map(|e| e.bytes_per_expert()).collect();
+    let total: u64 = per_layer.iter().map(|b| b * c.num_experts as u64).sum();
+    let (lo, hi) = (per_layer.iter().min().copied().unwrap_or(0), per_layer.iter().max().copied().unwrap_or(0));
+    let each = if lo == hi { fmt_bytes(lo) } else { format!("{} to {}", fmt_bytes(lo), fmt_bytes(hi)) };
+    println!(
+        "expert bytes {} per expert, {} per layer, {} in all",
+        each,
+        fmt_bytes(hi * c.num_experts as u64),
+        fmt_bytes(total)
+    );
+    for (i, p) in m.parts.parts.iter().enumerate() {
+        println!(
+            "part {}/{}     {} ({} tensors, {})",
+            i + 1,
+            m.parts.parts.len(),
+            p.path.display(),
+            p.header.tensors.len(),
+            fmt_bytes(p.header.file_len)
+        );
+    }
+    let beside = path.parent().unwrap_or(std::path::Path::new(".")).join("tokenizer.json");
+    let tokenizer = if beside.is_file() {
+        "tokenizer.json beside the file".to_string()
+    } else {
+        match m.parts.get("tokenizer.ggml.model").and_then(|v| v.as_str()) {
+            Some(model) => format!(
+                "in the file ({model}, pre `{}`)",
+                m.parts.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default")
+            ),
+            None => "none".into(),
+        }
+    };
+    println!("tokenizer    {tokenizer}; chat template {}", if m.chat_template().is_some() { "yes" } else { "no" });
     Ok(())
 }

@@ -1,0 +1,56 @@
+//! `flashmoe info --model FILE.gguf` on the gguf-py fixtures (scripts/fixtures/gguf_files.py):
+//! the summary shows what the script wrote, and a hostile file ends in one error line.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn info(file: &str) -> std::process::Output {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/gguf").join(file);
+    Command::new(env!("CARGO_BIN_EXE_flashmoe")).args(["info", "--model"]).arg(path).output().unwrap()
+}
+
+#[test]
+fn info_summarises_a_gguf_model() {
+    let out = info("qwen35moe-tiny.gguf");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = String::from_utf8(out.stdout).unwrap();
+    assert!(s.contains("GGUF architecture `qwen35moe`): Qwen3.5 tiny test"), "{s}");
+    assert!(s.contains("file type    Q4_K_M"), "{s}");
+    assert!(s.contains("layers       4 (3 GatedDeltaNet + 1 full attention) + 1 MTP"), "{s}");
+    // The script wrote 6 F16, 34 F32, 13 Q4_K, 4 Q5_K, 2 Q6_K and 21 Q8_0 tensors.
+    assert!(s.contains("tensors      80: F16 6 "), "{s}");
+    assert!(s.contains("Q4_K 13 ") && s.contains("Q5_K 4 ") && s.contains("Q6_K 2 ") && s.contains("Q8_0 21 "), "{s}");
+    // Per expert: gate and up Q4_K (32 rows × 144 B), down Q8_0 (256 rows × 34 B) = 17,920 B.
+    assert!(s.contains("expert bytes 17.5 KiB per expert"), "{s}");
+
+    let out = info("qwen3next-tiny-00001-of-00002.gguf");
+    let s = String::from_utf8(out.stdout).unwrap();
+    assert!(s.contains("part 2/2") && s.contains("(31 tensors"), "{s}");
+}
+
+#[test]
+fn info_on_a_hostile_gguf_is_one_error_line() {
+    let out = info("string-2e60.gguf");
+    assert!(!out.status.success());
+    let e = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+    assert!(
+        e.contains(
+            "string-2e60.gguf: GGUF: value of `test.string` (string) at byte 274 has length 1152921504606846976"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn running_a_gguf_says_it_cannot_yet() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/gguf/qwen35moe-tiny.gguf");
+    let out = Command::new(env!("CARGO_BIN_EXE_flashmoe"))
+        .args(["run", "--prompt", "hi", "--max-tokens", "1", "--model"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8(out.stderr).unwrap();
+    assert!(e.contains("qwen35moe-tiny.gguf: GGUF models cannot run yet"), "{e}");
+}
