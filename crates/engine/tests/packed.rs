@@ -2,7 +2,8 @@
 //! reports its error, `verify` catches a flipped byte, an interrupted convert leaves nothing that
 //! looks complete, and damaged packed files give clear errors.
 
-use flashmoe::convert::{ConvertOptions, ConvertProgress, Target, convert};
+use flashmoe::Progress;
+use flashmoe::convert::{ConvertOptions, Target, convert};
 use flashmoe::packed::verify::verify;
 use flashmoe::{LogitsFor, Model};
 use std::path::{Path, PathBuf};
@@ -143,8 +144,8 @@ fn verify_names_the_first_bad_expert_or_tensor() {
 /// Stops the conversion after a given number of source bytes, like an interrupted process.
 struct StopAfter(u64, AtomicU64);
 
-impl ConvertProgress for StopAfter {
-    fn advance(&self, bytes: u64) -> bool {
+impl Progress for StopAfter {
+    fn inc(&self, bytes: u64) -> bool {
         self.1.fetch_add(bytes, Ordering::SeqCst) + bytes < self.0
     }
 }
