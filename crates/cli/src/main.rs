@@ -21,6 +21,9 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// No progress bars (they are drawn on stderr only when it is a terminal anyway).
+    #[arg(long, global = true)]
+    quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -60,12 +63,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // The engine's warnings (a damaged cache rebuilt, a saved profile ignored) go to stderr;
-    // RUST_LOG raises or lowers the level.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).without_time().try_init();
     let cli = Cli::parse();
+    init_logging(matches!(cli.command, Command::Serve(_)));
+    util::set_quiet(cli.quiet);
     let result = match cli.command {
         Command::Run(a) => run::run(a),
         Command::Logits(a) => logits::run(a),
@@ -81,7 +81,10 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve::run(a),
         Command::Chat(a) => chat::run(a),
         #[cfg(feature = "cuda")]
-        Command::Selftest(a) => selftest::run(a),
+        Command::Selftest(mut a) => {
+            a.quiet = cli.quiet;
+            selftest::run(a)
+        }
         #[cfg(feature = "cuda")]
         Command::Gpubench(a) => gpubench::run(a),
     };
@@ -94,4 +97,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Log lines on stderr through `tracing`: the engine's warnings (a damaged cache rebuilt, a saved
+/// profile ignored) for every command, and for `serve` its own start-up block and request lines
+/// (level info, with timestamps). RUST_LOG replaces these defaults.
+fn init_logging(serving: bool) {
+    use std::io::IsTerminal;
+    let default = if serving { "warn,flashmoe_server=info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colours only on a terminal: a log file or a pipe gets plain `key=value` text.
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = if serving { fmt.try_init() } else { fmt.without_time().try_init() };
 }

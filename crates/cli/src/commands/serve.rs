@@ -74,7 +74,10 @@ pub fn config(
     cfg.scripted_replies = a.scripted_replies;
     let context = engine.max_context.unwrap_or(PLAN_CONTEXT);
     let plan = Plan { context_tokens: context, batch_tokens: context };
-    cfg.load = args::load_options(model, store, device, engine, plan)?;
+    // The plan goes into the server's start-up block (logged) instead of a line of its own.
+    let (load, memory_plan) = args::load_options_and_plan(model, store, device, engine, plan)?;
+    cfg.load = load;
+    cfg.memory_plan = memory_plan.map(|p| p.describe());
     Ok(cfg)
 }
 
