@@ -34,12 +34,16 @@ pub struct Bar(pub ProgressBar);
 impl Bar {
     /// A bar counting bytes, with rate and ETA (convert, synth).
     pub fn bytes() -> Bar {
-        Self::with_template("{prefix} {spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}")
+        Self::with_template(
+            "{prefix} {spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+        )
     }
 
     /// A bar counting `unit`s (tokens, steps, experts).
     pub fn counts(unit: &str) -> Bar {
-        Self::with_template(&format!("{{prefix}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit} ETA {{eta}} {{msg}}"))
+        Self::with_template(&format!(
+            "{{prefix}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit} ETA {{eta}} {{msg}}"
+        ))
     }
 
     fn with_template(template: &str) -> Bar {

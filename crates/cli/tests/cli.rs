@@ -451,7 +451,8 @@ fn io_mmap_computes_on_the_mapped_files_with_the_same_text() {
 /// returns what the terminal received.
 fn on_a_terminal(args: &[&str]) -> String {
     let quote = |a: &str| format!("'{}'", a.replace('\'', r"'\''"));
-    let cmd: Vec<String> = std::iter::once(env!("CARGO_BIN_EXE_flashmoe")).chain(args.iter().copied()).map(quote).collect();
+    let cmd: Vec<String> =
+        std::iter::once(env!("CARGO_BIN_EXE_flashmoe")).chain(args.iter().copied()).map(quote).collect();
     let o = Command::new("script")
         .args(["-qfec", &cmd.join(" "), "/dev/null"])
         .output()

@@ -62,7 +62,6 @@ impl Default for ConvertOptions {
     }
 }
 
-
 /// Root-mean-square error that requantization added to one projection of one layer.
 #[derive(Clone, Debug)]
 pub struct RmseRow {

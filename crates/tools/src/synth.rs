@@ -41,8 +41,8 @@
 
 use crate::routing_stats::{self as routing, ProfileLayer};
 use flashmoe::ModelConfig;
-use flashmoe::config::LayerKind;
 use flashmoe::Progress;
+use flashmoe::config::LayerKind;
 use flashmoe::error::{Error, Result};
 use flashmoe::packed::{
     ALIGN, COPIED_FILES, ExpertFile, FORMAT_NAME, FORMAT_VERSION, Manifest, QuantInfo, TensorEntry, WEIGHTS_FILE,

@@ -1,12 +1,12 @@
 //! `flashmoe ppl`: perplexity of a model over a text file.
 
 use crate::args::{self, DeviceArgs, EngineArgs, ModelDir, Plan, StoreArgs, TraceArgs};
+use crate::util::Bar;
 use crate::util::{print_device, write_trace};
 use anyhow::{Result, anyhow};
 use clap::Args;
-use flashmoe::generate::Engine;
-use crate::util::Bar;
 use flashmoe::Progress;
+use flashmoe::generate::Engine;
 use serde_json::json;
 use std::path::PathBuf;
 
