@@ -54,9 +54,10 @@ impl Bar {
 
 impl Progress for Bar {
     fn start(&self, total: u64, label: &str) {
+        // The label first: setting the length draws.
+        self.0.set_prefix(label.to_string());
         self.0.set_length(total);
         self.0.set_position(0);
-        self.0.set_prefix(label.to_string());
         self.0.reset_eta();
     }
     fn inc(&self, n: u64) -> bool {

@@ -29,5 +29,23 @@ pub fn run(a: InfoArgs) -> Result<()> {
     println!("expert bytes {}", fmt_bytes(w.expert_bytes() as u64));
     println!("other bytes  {}", fmt_bytes(w.non_expert_bytes() as u64));
     println!("quantized    {}", if w.lm_head.is_quantized() { "yes (MLX affine)" } else { "no" });
+    // What `--io auto` (the default) does with this folder on this machine, without a RAM tier.
+    let io = if w.format != flashmoe::qwen35::SourceFormat::Packed {
+        "page (experts read in place from the safetensors files; O_DIRECT needs `flashmoe convert`)".to_string()
+    } else {
+        let facts = flashmoe::experts::AutoIoFacts {
+            expert_bytes: w.expert_bytes() as u64,
+            ram_cache_bytes: 0,
+            available_ram: flashmoe::experts::available_ram_bytes(),
+        };
+        match flashmoe::experts::auto_io_fit(&facts) {
+            Ok(reason) => format!("page ({reason})"),
+            Err(why) => format!(
+                "measured at load ({why}): O_DIRECT when {}× faster than page reads",
+                flashmoe::experts::AUTO_DIRECT_MARGIN
+            ),
+        }
+    };
+    println!("io auto      {io}");
     Ok(())
 }

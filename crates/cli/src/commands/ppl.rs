@@ -60,7 +60,7 @@ pub fn run(a: PplArgs) -> Result<()> {
     let rep = flashmoe::eval::perplexity(m, &ids, a.window, |done| {
         window += 1;
         bar.0.set_position(done.min(ids.len()) as u64);
-        bar.message(&format!("window {window}/{windows}"));
+        bar.message(&format!("{window}/{windows} windows done"));
         // Window-relative positions become positions in the file.
         if tracing {
             let offset = done.saturating_sub(a.window);

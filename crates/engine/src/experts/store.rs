@@ -170,34 +170,37 @@ pub const AUTO_IO_ROUNDS: usize = 3;
 /// cache keeps, and on a loaded machine one noisy sample must not decide.
 pub const AUTO_DIRECT_MARGIN: f64 = 1.25;
 
+/// The half of the `--io auto` rule that needs no measurement: `Ok(reason)` when the experts fit
+/// in the RAM left next to our own RAM tier (page mode, then), else `Err(why not)`.
+pub fn auto_io_fit(facts: &AutoIoFacts) -> std::result::Result<String, String> {
+    let fmt = crate::units::fmt_bytes;
+    let Some(room) = facts.available_ram.map(|a| a.saturating_sub(facts.ram_cache_bytes)) else {
+        return Err("available RAM unknown".to_string());
+    };
+    if facts.expert_bytes > room {
+        return Err(format!("the experts ({}) exceed available RAM ({})", fmt(facts.expert_bytes), fmt(room)));
+    }
+    let tier = if facts.ram_cache_bytes > 0 {
+        format!(" beside the {} RAM tier", fmt(facts.ram_cache_bytes))
+    } else {
+        String::new()
+    };
+    Ok(format!(
+        "the experts ({}) fit in available RAM ({}){tier}, so the page cache keeps them after their first read",
+        fmt(facts.expert_bytes),
+        fmt(room)
+    ))
+}
+
 /// The `--io auto` rule. When every expert fits in the RAM left next to our own RAM tier, the
 /// page cache keeps them after their first read and page mode serves repeats from memory, which
 /// O_DIRECT never does: page, without measuring. Otherwise `measure` is called and O_DIRECT wins
 /// only when its median rate beats the page median by `AUTO_DIRECT_MARGIN`. Returns the mode and
 /// the reason, one line (`page (auto: …)`).
 pub fn choose_auto_io(facts: &AutoIoFacts, measure: impl FnOnce() -> IoSamples) -> (IoMode, String) {
-    let fmt = crate::units::fmt_bytes;
-    let room = facts.available_ram.map(|a| a.saturating_sub(facts.ram_cache_bytes));
-    if let Some(room) = room
-        && facts.expert_bytes <= room
-    {
-        let tier = if facts.ram_cache_bytes > 0 {
-            format!(" beside the {} RAM tier", fmt(facts.ram_cache_bytes))
-        } else {
-            String::new()
-        };
-        return (
-            IoMode::Page,
-            format!(
-                "page (auto: the experts ({}) fit in available RAM ({}){tier}, so the page cache keeps them after their first read)",
-                fmt(facts.expert_bytes),
-                fmt(room)
-            ),
-        );
-    }
-    let why = match room {
-        Some(room) => format!("the experts ({}) exceed available RAM ({})", fmt(facts.expert_bytes), fmt(room)),
-        None => "available RAM unknown".to_string(),
+    let why = match auto_io_fit(facts) {
+        Ok(reason) => return (IoMode::Page, format!("page (auto: {reason})")),
+        Err(why) => why,
     };
     let s = measure();
     let (page, direct) = (median(&s.page), median(&s.direct));
