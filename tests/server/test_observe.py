@@ -124,3 +124,22 @@ def test_one_log_line_per_request_with_the_usage_the_api_returned(server):
         if int(x["completion_tokens"]) > 1:
             assert float(x["decode_tok_s"]) > 0
         assert float(x["secs"]) > 0
+
+
+def test_json_logs(request, packed, tmp_path_factory):
+    s = Server("observe-json", packed, tmp_path_factory.mktemp("observe-json"), "--log-format", "json")
+    request.addfinalizer(s.stop)
+    oa = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    r = oa.chat.completions.create(model=s.model, messages=[{"role": "user", "content": "Hello"}], max_tokens=4)
+    # Every line of stderr is one JSON object.
+    events = [json.loads(line) for line in log_text(s).splitlines()]
+    assert all(e["level"] in ("INFO", "WARN") and e["target"].startswith("flashmoe") for e in events), events
+    messages = [e["message"] for e in events]
+    assert any(m.startswith(f"model {packed.name}: qwen3_5_moe") for m in messages), messages
+    assert f"listening on http://127.0.0.1:{s.port}" in messages
+    (done,) = [e for e in events if e["message"] == "done"]
+    assert done["endpoint"] == "/v1/chat/completions" and done["request"] == 1
+    assert done["prompt_tokens"] == r.usage.prompt_tokens
+    assert done["completion_tokens"] == r.usage.completion_tokens
+    assert done["finish"] == {"length": "length", "stop": "stop"}[r.choices[0].finish_reason]
+    assert isinstance(done["decode_tok_s"], float) and done["secs"] > 0

@@ -64,7 +64,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(matches!(cli.command, Command::Serve(_)));
+    let serving = match &cli.command {
+        Command::Serve(a) => Some(a.log_format()),
+        _ => None,
+    };
+    init_logging(serving);
     util::set_quiet(cli.quiet);
     let result = match cli.command {
         Command::Run(a) => run::run(a),
@@ -100,11 +104,12 @@ fn main() -> ExitCode {
 }
 
 /// Log lines on stderr through `tracing`: the engine's warnings (a damaged cache rebuilt, a saved
-/// profile ignored) for every command, and for `serve` its own start-up block and request lines
-/// (level info, with timestamps). RUST_LOG replaces these defaults.
-fn init_logging(serving: bool) {
+/// profile ignored) for every command, and for `serve` (`Some(format)`) its own start-up block
+/// and request lines (level info, with timestamps; `--log-format json`: one JSON object per line
+/// with the fields at the top level). RUST_LOG replaces these defaults.
+fn init_logging(serving: Option<serve::LogFormat>) {
     use std::io::IsTerminal;
-    let default = if serving { "warn,flashmoe_server=info" } else { "warn" };
+    let default = if serving.is_some() { "warn,flashmoe_server=info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Colours only on a terminal: a log file or a pipe gets plain `key=value` text.
@@ -112,5 +117,9 @@ fn init_logging(serving: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    let _ = if serving { fmt.try_init() } else { fmt.without_time().try_init() };
+    let _ = match serving {
+        Some(serve::LogFormat::Json) => fmt.json().flatten_event(true).try_init(),
+        Some(serve::LogFormat::Text) => fmt.try_init(),
+        None => fmt.without_time().try_init(),
+    };
 }

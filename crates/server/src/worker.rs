@@ -198,10 +198,16 @@ fn log_request(request: u64, endpoint: &str, g: &Generation, secs: f64) {
         prompt_tokens = g.prompt_tokens,
         completion_tokens = g.completion_tokens,
         reused_tokens = g.reused_tokens,
-        prefill_tok_s = format_args!("{:.1}", g.prefill_tok_s()),
-        decode_tok_s = format_args!("{:.2}", g.decode_tok_s()),
+        prefill_tok_s = round_to(g.prefill_tok_s(), 1),
+        decode_tok_s = round_to(g.decode_tok_s(), 2),
         finish = %finish,
-        secs = format_args!("{secs:.3}"),
+        secs = round_to(secs, 3),
         "done"
     );
+}
+
+/// `x` rounded to `digits` decimals: numbers (also in JSON logs) without float noise.
+fn round_to(x: f64, digits: i32) -> f64 {
+    let p = 10f64.powi(digits);
+    (x * p).round() / p
 }

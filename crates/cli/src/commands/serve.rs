@@ -19,6 +19,21 @@ pub struct ServeArgs {
     store: StoreArgs,
     #[command(flatten)]
     device: DeviceArgs,
+    /// Log lines on stderr as text, or as one JSON object per line (for log collectors).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl ServeArgs {
+    pub fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
 }
 
 /// The server's own flags (also what `chat --model … --serve-args "…"` takes).
@@ -50,7 +65,10 @@ pub struct ServerArgs {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    flashmoe_server::serve(config(&a.model, a.server, &a.engine, &a.store, &a.device)?)
+    let mut cfg = config(&a.model, a.server, &a.engine, &a.store, &a.device)?;
+    // JSON logs: every stderr line is a JSON object (the "listening on" log line says it all).
+    cfg.quiet = a.log_format == LogFormat::Json;
+    flashmoe_server::serve(cfg)
 }
 
 /// Context the memory plan of `--memory-budget` is sized for when `--max-context` is not given.
