@@ -1,7 +1,7 @@
 //! Helpers shared by the commands: byte sizes, progress bars, the per-layer timing table.
 
 use flashmoe::{Model, Progress};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressFinish, ProgressStyle};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
@@ -48,7 +48,10 @@ impl Bar {
 
     fn with_template(template: &str) -> Bar {
         let style = ProgressStyle::with_template(template).expect("valid template");
-        Bar(ProgressBar::with_draw_target(Some(0), draw_target()).with_style(style))
+        // Dropped unfinished (an error, or a phase that never started): cleared, not left behind.
+        Bar(ProgressBar::with_draw_target(Some(0), draw_target())
+            .with_style(style)
+            .with_finish(ProgressFinish::AndClear))
     }
 }
 

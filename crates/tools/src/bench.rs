@@ -688,7 +688,7 @@ pub fn load_streamed(dir: &Path, opts: &LoadOptions) -> Result<Model> {
 
 /// Decodes random token ids: a short prefill, `warmup` steps, then `tokens` measured T=1 steps.
 /// `progress` hears the background pre-warm while the warm-up waits for it (phase `pre-warm`:
-/// experts placed, of those the tiers can hold).
+/// experts read, of those it goes through).
 pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions, progress: &dyn Progress) -> Result<DecodeReport> {
     let store = model
         .expert_store()
@@ -733,15 +733,10 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions, progress: &dyn
     // ends (the measured steps see the tiers it leaves).
     let mut warmup = warmup;
     let mut step = 0;
-    let prewarm_base = store.snapshot().prewarmed;
     let mut prewarm_shown = 0;
     let showing_prewarm = model.prewarm_running();
     if let Some(p) = model.prewarm_info().filter(|_| showing_prewarm) {
-        // The tiers' room in experts: the backend's share plus the RAM tier at the mean stride.
-        let n = (cfg.num_layers * cfg.num_experts).max(1) as u64;
-        let mean_stride = (store.total_expert_bytes() / n).max(1);
-        let ram_room = (store.ram_cache_budget() / mean_stride) as usize;
-        progress.start(p.ranked.min(p.to_backend + ram_room) as u64, "pre-warm");
+        progress.start(p.to_read as u64, "pre-warm");
     }
     while step < warmup || (model.prewarm_running() && state.pos + opts.tokens + 1 < model.max_context()) {
         let id = tok(&mut rng);
@@ -751,7 +746,8 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions, progress: &dyn
         model.forward(&[id], &mut state, LogitsFor::Last)?;
         step += 1;
         if showing_prewarm {
-            let placed = store.snapshot().prewarmed - prewarm_base;
+            // The store counts pre-warm reads since load: the pre-warm's own total.
+            let placed = store.snapshot().prewarmed;
             progress.inc(placed - prewarm_shown);
             prewarm_shown = placed;
             progress.message(&format!("warm-up step {step}"));

@@ -79,6 +79,8 @@ pub struct PrewarmInfo {
     pub ranked: usize,
     /// Of those, how many go to the backend's own tier (the GPU) before the RAM tier.
     pub to_backend: usize,
+    /// Experts the pre-warm goes through, hottest first (it skips those a tier already holds).
+    pub to_read: usize,
 }
 
 impl Default for LoadOptions {
@@ -267,7 +269,8 @@ impl Model {
         } else {
             None
         };
-        self.prewarm = Some(PrewarmInfo { source: path, ranked, to_backend: room.min(keys.len()) });
+        self.prewarm =
+            Some(PrewarmInfo { source: path, ranked, to_backend: room.min(keys.len()), to_read: keys.len() });
         self.prewarm_thread = Some(store.start_prewarm(keys, feed, room));
         Ok(())
     }
