@@ -25,6 +25,9 @@ struct Cli {
     /// reads have their own, --io-threads). Default: one per CPU core.
     #[arg(long, global = true, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
     threads: Option<usize>,
+    /// No progress bars (they are drawn on stderr only when it is a terminal anyway).
+    #[arg(long, global = true)]
+    quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -64,11 +67,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // The engine's warnings (a damaged cache rebuilt, a saved profile ignored) go to stderr;
-    // RUST_LOG raises or lowers the level.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).without_time().try_init();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         // Before any command work, so that the first parallel loop finds this pool and not the
@@ -78,6 +76,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let serving = match &cli.command {
+        Command::Serve(a) => Some(a.log_format()),
+        _ => None,
+    };
+    init_logging(serving);
+    util::set_quiet(cli.quiet);
     let result = match cli.command {
         Command::Run(a) => run::run(a),
         Command::Logits(a) => logits::run(a),
@@ -93,7 +97,10 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve::run(a),
         Command::Chat(a) => chat::run(a),
         #[cfg(feature = "cuda")]
-        Command::Selftest(a) => selftest::run(a),
+        Command::Selftest(mut a) => {
+            a.quiet = cli.quiet;
+            selftest::run(a)
+        }
         #[cfg(feature = "cuda")]
         Command::Gpubench(a) => gpubench::run(a),
     };
@@ -106,4 +113,25 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Log lines on stderr through `tracing`: the engine's warnings (a damaged cache rebuilt, a saved
+/// profile ignored) for every command, and for `serve` (`Some(format)`) its own start-up block
+/// and request lines (level info, with timestamps; `--log-format json`: one JSON object per line
+/// with the fields at the top level). RUST_LOG replaces these defaults.
+fn init_logging(serving: Option<serve::LogFormat>) {
+    use std::io::IsTerminal;
+    let default = if serving.is_some() { "warn,flashmoe_server=info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colours only on a terminal: a log file or a pipe gets plain `key=value` text.
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = match serving {
+        Some(serve::LogFormat::Json) => fmt.json().flatten_event(true).try_init(),
+        Some(serve::LogFormat::Text) => fmt.try_init(),
+        None => fmt.without_time().try_init(),
+    };
 }

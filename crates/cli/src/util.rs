@@ -1,52 +1,112 @@
 //! Helpers shared by the commands: byte sizes, progress bars, the per-layer timing table.
 
-use flashmoe::Model;
-use flashmoe::convert::ConvertProgress;
-use indicatif::{ProgressBar, ProgressStyle};
+use flashmoe::{Model, Progress};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressFinish, ProgressStyle};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Duration;
 
 pub fn fmt_bytes(b: u64) -> String {
     flashmoe::memory::fmt(b)
 }
 
-/// A progress bar for `convert` and `synth`.
+/// `--quiet` (global): no progress bars.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Relaxed);
+}
+
+/// Progress is drawn only for a person watching: stderr is a terminal and `--quiet` is off.
+/// Logs, pipes and tests see the same output as without progress.
+pub fn progress_visible() -> bool {
+    !QUIET.load(Relaxed) && std::io::stderr().is_terminal()
+}
+
+fn draw_target() -> ProgressDrawTarget {
+    if progress_visible() { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() }
+}
+
+/// A progress bar on stderr (hidden unless `progress_visible`): what the CLI gives the engine's
+/// long work as its `Progress`.
 pub struct Bar(pub ProgressBar);
 
 impl Bar {
-    /// A byte-counting bar with this indicatif template.
-    pub fn bytes(template: &str) -> Bar {
-        Bar(ProgressBar::new(0).with_style(ProgressStyle::with_template(template).expect("valid template")))
+    /// A bar counting bytes, with rate and ETA (convert, synth).
+    pub fn bytes() -> Bar {
+        Self::with_template(
+            "{prefix} {spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+        )
+    }
+
+    /// A bar counting `unit`s (tokens, steps, experts).
+    pub fn counts(unit: &str) -> Bar {
+        Self::with_template(&format!(
+            "{{prefix}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit} ETA {{eta}} {{msg}}"
+        ))
+    }
+
+    fn with_template(template: &str) -> Bar {
+        let style = ProgressStyle::with_template(template).expect("valid template");
+        // Dropped unfinished (an error, or a phase that never started): cleared, not left behind.
+        Bar(ProgressBar::with_draw_target(Some(0), draw_target())
+            .with_style(style)
+            .with_finish(ProgressFinish::AndClear))
     }
 }
 
-impl ConvertProgress for Bar {
-    fn start(&self, bytes: u64) {
-        self.0.set_length(bytes);
+impl Progress for Bar {
+    fn start(&self, total: u64, label: &str) {
+        // The label first: setting the length draws.
+        self.0.set_prefix(label.to_string());
+        self.0.set_length(total);
+        self.0.set_position(0);
+        self.0.reset_eta();
     }
-    fn advance(&self, bytes: u64) -> bool {
-        self.0.inc(bytes);
+    fn inc(&self, n: u64) -> bool {
+        self.0.inc(n);
         true
     }
     fn message(&self, msg: &str) {
         self.0.set_message(msg.to_string());
     }
+    fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+/// Runs `load` (opening a model) and, when it takes more than a second, shows a spinner with the
+/// elapsed time on stderr until it returns (only where progress is visible).
+pub fn loading<T>(what: &std::path::Path, load: impl FnOnce() -> T) -> T {
+    if !progress_visible() {
+        return load();
+    }
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let label = format!("loading {}", what.display());
+    let spinner = std::thread::spawn(move || {
+        // Dropping `done` (the load returned) ends the wait early: no spinner for a quick load.
+        if wait.recv_timeout(Duration::from_secs(1)) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            return;
+        }
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
+            .with_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("valid template"))
+            .with_message(label)
+            .with_elapsed(Duration::from_secs(1));
+        bar.enable_steady_tick(Duration::from_millis(120));
+        let _ = wait.recv();
+        bar.finish_and_clear();
+    });
+    let out = load();
+    drop(done);
+    let _ = spinner.join();
+    out
 }
 
 /// Prints where the model runs (and why `auto` stayed on the CPU, when it did).
 pub fn print_device(m: &Model) {
     eprintln!("[flashmoe] device: {} | {} CPU compute threads", m.device_description(), rayon::current_num_threads());
     if let Some(p) = m.prewarm_info() {
-        match &p.source {
-            Some(profile) => eprintln!(
-                "[flashmoe] pre-warm (background): {} experts ranked by {}, hottest {} to the GPU, then the RAM tier",
-                p.ranked,
-                profile.display(),
-                p.to_backend
-            ),
-            None => eprintln!(
-                "[flashmoe] pre-warm (background): all {} experts fit the GPU and RAM tiers: {} to the GPU, the rest to the RAM tier (no routing profile yet)",
-                p.ranked, p.to_backend
-            ),
-        }
+        eprintln!("[flashmoe] pre-warm (background): {}", p.describe());
     }
 }
 

@@ -446,3 +446,44 @@ fn io_mmap_computes_on_the_mapped_files_with_the_same_text() {
     let err = fails(&["run", "--model", s(&dir), "--prompt", "x", "--io", "mmap", "--ram-cache", "1M"]);
     assert!(err.contains("--io mmap") && err.contains("--ram-cache"), "{err}");
 }
+
+/// Runs `flashmoe ARGS` with stdout and stderr on a pseudo-terminal (script(1), util-linux) and
+/// returns what the terminal received.
+fn on_a_terminal(args: &[&str]) -> String {
+    let quote = |a: &str| format!("'{}'", a.replace('\'', r"'\''"));
+    let cmd: Vec<String> =
+        std::iter::once(env!("CARGO_BIN_EXE_flashmoe")).chain(args.iter().copied()).map(quote).collect();
+    let o = Command::new("script")
+        .args(["-qfec", &cmd.join(" "), "/dev/null"])
+        .output()
+        .expect("script(1) from util-linux runs commands on a pseudo-terminal");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn convert_shows_progress_on_a_terminal_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = models_dir().join("qwen35-moe-tiny");
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let layers = config["text_config"]["num_hidden_layers"].as_u64().unwrap();
+    // A pipe: the report only, exactly as without progress bars (no carriage returns, no
+    // escape sequences, no bar text).
+    let piped = tmp.path().join("piped");
+    let o = flashmoe(&["convert", s(&src), s(&piped)]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.starts_with("requantization error (RMSE"), "{err}");
+    assert!(!err.contains('\r') && !err.contains('\x1b') && !err.contains("layer 1/"), "{err}");
+    assert!(err.lines().last().unwrap().starts_with(&format!("wrote {}", piped.display())), "{err}");
+    // A terminal: the bar (label, bytes of the total, the layer being converted), then cleared
+    // before the same report.
+    let tty = on_a_terminal(&["convert", s(&src), s(&tmp.path().join("tty"))]);
+    assert!(tty.contains("convert ") && tty.contains(" MiB/"), "{tty}");
+    assert!((1..=layers).any(|i| tty.contains(&format!("layer {i}/{layers}"))), "{tty}");
+    assert!(tty.contains("\x1b[2K") && tty.contains("requantization error (RMSE"), "{tty}");
+    // --quiet: no bar on a terminal either.
+    let quiet = on_a_terminal(&["convert", "--quiet", s(&src), s(&tmp.path().join("quiet"))]);
+    assert!(!quiet.contains("layer 1/") && !quiet.contains("\x1b[2K"), "{quiet}");
+    assert!(quiet.contains("requantization error (RMSE"), "{quiet}");
+}

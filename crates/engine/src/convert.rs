@@ -9,6 +9,7 @@ use crate::experts::ExpertWeights;
 use crate::models::qwen35::{Mixer, ModelWeights};
 use crate::packed::quant::{dequantize_row, quantize_row};
 use crate::packed::*;
+use crate::progress::Progress;
 use crate::weights::Linear;
 use flashmoe_kernels::{FloatType, MatData};
 use half::bf16;
@@ -60,18 +61,6 @@ impl Default for ConvertOptions {
         ConvertOptions { expert: Target::Auto(4), other: Target::Auto(8), group_size: 64, force: false }
     }
 }
-
-/// Progress reporting (and cancellation: return false to stop; the partial output stays behind
-/// under its `.partial` name and the destination is untouched).
-pub trait ConvertProgress: Sync {
-    fn start(&self, _source_bytes: u64) {}
-    fn advance(&self, _source_bytes: u64) -> bool {
-        true
-    }
-    fn message(&self, _msg: &str) {}
-}
-
-impl ConvertProgress for () {}
 
 /// Root-mean-square error that requantization added to one projection of one layer.
 #[derive(Clone, Debug)]
@@ -306,7 +295,7 @@ impl WeightsWriter {
 
 struct Ctx<'a> {
     rmse: Vec<RmseRow>,
-    progress: &'a dyn ConvertProgress,
+    progress: &'a dyn Progress,
     cancelled: bool,
 }
 
@@ -324,7 +313,7 @@ impl Ctx<'_> {
         }
     }
     fn advance(&mut self, bytes: usize) -> Result<()> {
-        if !self.progress.advance(bytes as u64) {
+        if !self.progress.inc(bytes as u64) {
             self.cancelled = true;
             return Err(Error::input("conversion cancelled"));
         }
@@ -336,7 +325,16 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |e| Error::file(path, format!("write failed: {e}"))
 }
 
-pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn ConvertProgress) -> Result<ConvertReport> {
+/// Converts `src` into a packed model at `dst`. `progress` hears the source bytes as they are
+/// written (one phase, labelled `convert`), a `layer i/N` message as each layer starts, and may
+/// cancel (the partial output stays behind under its `.partial` name; `dst` is untouched).
+pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn Progress) -> Result<ConvertReport> {
+    let result = convert_inner(src, dst, opts, progress);
+    progress.finish();
+    result
+}
+
+fn convert_inner(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn Progress) -> Result<ConvertReport> {
     if !src.exists() {
         return Err(Error::NotFound(src.to_path_buf()));
     }
@@ -359,7 +357,7 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn Con
     }
 
     let partial = start_output(dst)?;
-    progress.start((weights.non_expert_bytes() + weights.expert_bytes()) as u64);
+    progress.start((weights.non_expert_bytes() + weights.expert_bytes()) as u64, "convert");
 
     let mut ctx = Ctx { rmse: Vec::new(), progress, cancelled: false };
     let wpath = partial.join(WEIGHTS_FILE);
@@ -405,6 +403,7 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn Con
     let mut expert_files = Vec::new();
     let mut expert_bytes = 0u64;
     for (i, l) in weights.layers.iter().enumerate() {
+        progress.message(&format!("layer {}/{}", i + 1, weights.layers.len()));
         let p = format!("model.layers.{i}.");
         ww.put_vec(&format!("{p}input_layernorm.weight"), &l.input_norm, vec![c.hidden_size])
             .map_err(io_err(&wpath))?;

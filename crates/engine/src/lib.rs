@@ -1,7 +1,8 @@
 //! flashmoe engine: exact inference for the Qwen3.5-MoE family and Qwen3-Next.
 //!
 //! Layers, bottom up (no module imports one above it; `scripts/check_module_cycles.py` checks):
-//! - `error`, `units`, `config` (config.json → ModelConfig);
+//! - `error`, `units`, `config` (config.json → ModelConfig), `progress` (the trait long work
+//!   reports through);
 //! - `weights` (mapped safetensors, typed matrix views), `packed` (our format: manifest, open,
 //!   verify), `gguf` (llama.cpp's format: parser, splits, metadata → config, tensor map and
 //!   expert ranges), `experts` (expert storage: store, RAM tier, buffers, expert views);
@@ -27,6 +28,7 @@ pub mod memory;
 pub mod models;
 pub mod packed;
 pub mod paths;
+pub mod progress;
 pub mod routing;
 pub mod runtime;
 pub mod units;
@@ -39,6 +41,7 @@ pub use config::ModelConfig;
 pub use error::{Error, Result};
 pub use layers::{LayerTimes, LogitsFor, RoutingRecord};
 pub use models::qwen35;
+pub use progress::Progress;
 pub use runtime::generate::{Engine, GenerateOptions};
 pub use runtime::session::{Channel, Finish, GenerateRequest, Generation, PrefixCache, Session};
 pub use runtime::{LoadOptions, Model, SequenceState};

@@ -34,7 +34,7 @@ pub fn current_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-pub use crate::units::parse_size;
+pub use crate::units::{fmt_bytes as fmt, parse_size};
 
 /// Saturating: an absurd context gives u64::MAX (which no budget fits), never a wrapped small
 /// number.
@@ -136,17 +136,6 @@ impl MemoryPlan {
             fmt(self.experts_on_disk)
         )
     }
-}
-
-pub fn fmt(b: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 { format!("{b} B") } else { format!("{v:.1} {}", U[i]) }
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! reports its error, `verify` catches a flipped byte, an interrupted convert leaves nothing that
 //! looks complete, and damaged packed files give clear errors.
 
-use flashmoe::convert::{ConvertOptions, ConvertProgress, Target, convert};
+use flashmoe::Progress;
+use flashmoe::convert::{ConvertOptions, Target, convert};
 use flashmoe::packed::verify::verify;
 use flashmoe::{LogitsFor, Model};
 use std::path::{Path, PathBuf};
@@ -143,8 +144,8 @@ fn verify_names_the_first_bad_expert_or_tensor() {
 /// Stops the conversion after a given number of source bytes, like an interrupted process.
 struct StopAfter(u64, AtomicU64);
 
-impl ConvertProgress for StopAfter {
-    fn advance(&self, bytes: u64) -> bool {
+impl Progress for StopAfter {
+    fn inc(&self, bytes: u64) -> bool {
         self.1.fetch_add(bytes, Ordering::SeqCst) + bytes < self.0
     }
 }
@@ -267,4 +268,70 @@ fn a_damaged_expert_is_an_error_on_its_first_read_unless_told_not_to_check() {
     };
     let unchecked = logits_of(&Model::load_with(&dst, &opts).unwrap());
     assert_ne!(unchecked, reference);
+}
+
+/// Records what `convert` reports.
+#[derive(Default)]
+struct Recorder {
+    starts: std::sync::Mutex<Vec<(u64, String)>>,
+    done: AtomicU64,
+    messages: std::sync::Mutex<Vec<String>>,
+    finished: AtomicU64,
+}
+
+impl Progress for Recorder {
+    fn start(&self, total: u64, label: &str) {
+        self.starts.lock().unwrap().push((total, label.to_string()));
+    }
+    fn inc(&self, n: u64) -> bool {
+        self.done.fetch_add(n, Ordering::SeqCst);
+        true
+    }
+    fn message(&self, msg: &str) {
+        self.messages.lock().unwrap().push(msg.to_string());
+    }
+    fn finish(&self) {
+        self.finished.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Sum of the tensor bytes a safetensors folder holds (its headers' data offsets).
+fn safetensors_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            let bytes = std::fs::read(&p).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            total += st.tensors().iter().map(|(_, t)| t.data().len() as u64).sum::<u64>();
+        }
+    }
+    total
+}
+
+#[test]
+fn convert_reports_every_layer_and_every_byte_it_announced() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["qwen35-moe-tiny", "qwen3-next-tiny"] {
+        let src = fixture(name);
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+        // Qwen3.5 nests the text model's settings in `text_config`.
+        let text = config.get("text_config").unwrap_or(&config);
+        let layers = text["num_hidden_layers"].as_u64().unwrap();
+        let rec = Recorder::default();
+        convert(&src, &tmp.path().join(name), &ConvertOptions::default(), &rec).unwrap();
+        let starts = rec.starts.lock().unwrap().clone();
+        assert_eq!(starts.len(), 1, "{name}: one phase");
+        let (total, label) = &starts[0];
+        assert_eq!(label, "convert");
+        // The bar ends full: the bytes reported add up to the total announced, which is the
+        // source's matrices (the checkpoint's tensors less its norm and gate vectors).
+        assert_eq!(rec.done.load(Ordering::SeqCst), *total, "{name}");
+        let source = safetensors_bytes(&src);
+        assert!(*total <= source && *total as f64 > 0.9 * source as f64, "{name}: {total} of {source}");
+        let want: Vec<String> = (1..=layers).map(|i| format!("layer {i}/{layers}")).collect();
+        assert_eq!(*rec.messages.lock().unwrap(), want, "{name}");
+        assert_eq!(rec.finished.load(Ordering::SeqCst), 1, "{name}");
+    }
 }

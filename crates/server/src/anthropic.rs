@@ -233,7 +233,7 @@ async fn handle(s: Shared, body: &[u8]) -> ApiResult<Response> {
     let o = parse_body(body)?;
     let (p, stream) = prepare(&s, &o)?;
     let prompt_tokens = p.job.prompt.len();
-    let ticket = submit(&s, &p)?;
+    let ticket = submit(&s, &p, "/v1/messages")?;
     let mut relay = Relay::new(&s, p.tools.clone());
     let id = new_id("msg_");
     let model = s.model_name.clone();

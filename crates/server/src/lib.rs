@@ -60,6 +60,8 @@ pub struct ServerConfig {
     pub think_budget: Option<usize>,
     /// Do not print the "serving …" line (an in-process server inside another program).
     pub quiet: bool,
+    /// The memory plan of `--memory-budget`, described (logged in the start-up block).
+    pub memory_plan: Option<String>,
 }
 
 impl ServerConfig {
@@ -75,6 +77,7 @@ impl ServerConfig {
             scripted_replies: None,
             think_budget: None,
             quiet: false,
+            memory_plan: None,
         }
     }
 }
@@ -91,6 +94,11 @@ pub(crate) struct AppState {
     pub queue: worker::Queue,
     pub metrics: Arc<Metrics>,
     pub created: u64,
+    /// Where the forward pass runs (`Model::device_description`).
+    pub device: String,
+    /// How routed experts are read: `page`, `direct` or `mmap`, and why.
+    pub io_mode: &'static str,
+    pub io_reason: String,
 }
 
 pub(crate) type Shared = Arc<AppState>;
@@ -175,9 +183,11 @@ async fn prepare(cfg: ServerConfig) -> Result<(tokio::net::TcpListener, Router)>
     if cfg.load.max_context == Some(0) {
         bail!("--max-context must be at least 1");
     }
+    tracing::info!("loading {}", cfg.model_dir.display());
+    let t0 = std::time::Instant::now();
     let engine = Engine::load_with(&cfg.model_dir, &cfg.load)
         .with_context(|| format!("loading the model {}", cfg.model_dir.display()))?;
-    tracing::info!("device: {}", engine.model.device_description());
+    let load_secs = t0.elapsed().as_secs_f64();
     let script = match &cfg.scripted_replies {
         Some(p) => Some(worker::Script::load(p)?),
         None => None,
@@ -190,9 +200,15 @@ async fn prepare(cfg: ServerConfig) -> Result<(tokio::net::TcpListener, Router)>
             .file_name()
             .map_or("flashmoe".into(), |n| n.to_string_lossy().into_owned())
     });
+    let (io_mode, io_reason) = match engine.model.expert_store() {
+        Some(store) => (store.mode().name(), store.mode_note.clone()),
+        None => ("mmap", "experts computed in place from the mapped files; the page cache is the RAM tier".into()),
+    };
+    log_startup(&engine, &cfg, &model_name, load_secs, &io_reason);
     let engine = Arc::new(engine);
     let metrics = Arc::new(Metrics::default());
     let queue = worker::start(engine.clone(), cfg.state_cache_bytes, script, metrics.clone())?;
+    let engine_device = engine.model.device_description();
     let state = Arc::new(AppState {
         tool_format: detect_format(engine.template.source()),
         max_context: engine.model.max_context(),
@@ -204,6 +220,9 @@ async fn prepare(cfg: ServerConfig) -> Result<(tokio::net::TcpListener, Router)>
         queue,
         metrics,
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        device: engine_device,
+        io_mode,
+        io_reason,
     });
     let addr: SocketAddr = format!("{}:{}", cfg.host, cfg.port)
         .parse()
@@ -215,6 +234,7 @@ async fn prepare(cfg: ServerConfig) -> Result<(tokio::net::TcpListener, Router)>
         })
         .map_err(|_| anyhow::anyhow!("--host {}: not an address", cfg.host))?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    tracing::info!("listening on http://{}", listener.local_addr()?);
     if !cfg.quiet {
         eprintln!(
             "[flashmoe] serving {} on http://{}{}{}",
@@ -225,6 +245,63 @@ async fn prepare(cfg: ServerConfig) -> Result<(tokio::net::TcpListener, Router)>
         );
     }
     Ok((listener, router(state)))
+}
+
+/// The start-up block (log level info): what was loaded, where it runs, how experts are read and
+/// why, and what memory goes where.
+fn log_startup(engine: &Engine, cfg: &ServerConfig, name: &str, load_secs: f64, io_reason: &str) {
+    let m = &engine.model;
+    let c = &m.config;
+    let fmt = flashmoe::memory::fmt;
+    let format = m.host_weights::<flashmoe::qwen35::ModelWeights>().map_or("unknown".to_string(), |w| {
+        match w.format {
+            flashmoe::qwen35::SourceFormat::HuggingFace => "Hugging Face safetensors",
+            flashmoe::qwen35::SourceFormat::Mlx => "MLX safetensors",
+            flashmoe::qwen35::SourceFormat::Packed => "packed (flashmoe convert)",
+        }
+        .to_string()
+    });
+    tracing::info!(
+        "model {name}: {} from {} ({format}), {} layers, {} experts, top-{}{}, loaded in {load_secs:.2} s",
+        c.family.name(),
+        cfg.model_dir.display(),
+        c.num_layers,
+        c.num_experts,
+        m.experts_per_token(),
+        if m.routing_is_exact() { " (exact)" } else { " (REDUCED: lossy)" }
+    );
+    tracing::info!("device: {}", m.device_description());
+    if let Some(t) = m.tier() {
+        tracing::info!(
+            "GPU expert tier: {} of {} experts ({} each)",
+            t.slots,
+            t.total_experts,
+            fmt(t.slot_bytes as u64)
+        );
+    }
+    let (non_expert, experts) = m.weight_bytes();
+    match m.expert_store() {
+        Some(store) => tracing::info!(
+            "experts: {} on disk, streamed; RAM tier {} ({}); io {io_reason}",
+            fmt(store.total_expert_bytes()),
+            fmt(store.ram_cache_budget()),
+            store.cache_policy().name()
+        ),
+        None => tracing::info!("experts: {} mapped in place; io mmap ({io_reason})", fmt(experts as u64)),
+    }
+    if let Some(p) = m.prewarm_info() {
+        tracing::info!("pre-warm (background): {}", p.describe());
+    }
+    tracing::info!(
+        "memory: non-expert weights {}, conversation-state cache up to {}, context up to {} tokens, resident now {}",
+        fmt(non_expert as u64),
+        fmt(cfg.state_cache_bytes as u64),
+        m.max_context(),
+        fmt(flashmoe::memory::current_rss_bytes())
+    );
+    if let Some(plan) = &cfg.memory_plan {
+        tracing::info!("memory plan: {plan}");
+    }
 }
 
 fn router(state: Shared) -> Router {
@@ -286,9 +363,15 @@ async fn not_found(req: Request) -> Response {
 }
 
 async fn health(State(s): State<Shared>) -> Response {
+    // The listener is bound only once the model is loaded and the worker runs: answering at all
+    // means ready.
     axum::Json(serde_json::json!({
         "status": "ok",
+        "ready": true,
         "model": s.model_name,
+        "device": s.device,
+        "io": {"mode": s.io_mode, "reason": s.io_reason},
+        "generating": s.metrics.active(),
         "scripted": s.scripted,
         "generation": if s.scripted { "scripted replies (test harness)" } else { "sampled" },
         "queue_length": s.metrics.queue_length(),

@@ -58,6 +58,11 @@ impl Metrics {
         self.active.store(on as i64, Relaxed);
     }
 
+    /// Whether the worker is running a generation now.
+    pub fn active(&self) -> bool {
+        self.active.load(Relaxed) > 0
+    }
+
     pub fn cancelled(&self) {
         self.cancelled.fetch_add(1, Relaxed);
     }

@@ -317,8 +317,8 @@ fn prepare_chat(s: &AppState, o: &Map<String, Json>) -> ApiResult<(Prepared, boo
     Ok((Prepared { job, tools, script_key: last_text(&messages) }, stream, include_usage))
 }
 
-pub(crate) fn submit(s: &AppState, p: &Prepared) -> ApiResult<Ticket> {
-    s.queue.submit(p.job.clone(), p.script_key.clone()).map_err(|e| ApiError::internal(e.to_string()))
+pub(crate) fn submit(s: &AppState, p: &Prepared, endpoint: &'static str) -> ApiResult<Ticket> {
+    s.queue.submit(p.job.clone(), p.script_key.clone(), endpoint).map_err(|e| ApiError::internal(e.to_string()))
 }
 
 fn usage(g: &Generation) -> Json {
@@ -348,7 +348,7 @@ pub async fn chat_completions(State(s): State<Shared>, body: Bytes) -> Response 
 async fn chat(s: Shared, body: &[u8]) -> ApiResult<Response> {
     let o = parse_body(body)?;
     let (p, stream, include_usage) = prepare_chat(&s, &o)?;
-    let ticket = submit(&s, &p)?;
+    let ticket = submit(&s, &p, "/v1/chat/completions")?;
     let mut relay = Relay::new(&s, p.tools.clone());
     let id = new_id("chatcmpl-");
     let created = now_secs();
@@ -498,7 +498,7 @@ async fn completion(s: Shared, body: &[u8]) -> ApiResult<Response> {
         _ => String::new(),
     };
     let p = Prepared { job, tools: None, script_key };
-    let ticket = submit(&s, &p)?;
+    let ticket = submit(&s, &p, "/v1/completions")?;
     let mut relay = Relay::new(&s, None);
     let id = new_id("cmpl-");
     let created = now_secs();

@@ -6,7 +6,7 @@
 use crate::metrics::Metrics;
 use anyhow::{Context, Result, bail};
 use flashmoe::generate::Engine;
-use flashmoe::session::{Channel, GenerateRequest, Generation, Session};
+use flashmoe::session::{Channel, Finish, GenerateRequest, Generation, Session};
 use serde_json::Value as Json;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +27,8 @@ pub struct Job {
     pub req: GenerateRequest,
     /// Text the scripted replies are matched against (the last message's text).
     pub script_key: String,
+    /// The route that queued it (for the request log).
+    pub endpoint: &'static str,
     pub cancel: Arc<AtomicBool>,
     tx: UnboundedSender<Ev>,
 }
@@ -50,10 +52,10 @@ impl Drop for Ticket {
 }
 
 impl Queue {
-    pub fn submit(&self, req: GenerateRequest, script_key: String) -> Result<Ticket> {
+    pub fn submit(&self, req: GenerateRequest, script_key: String, endpoint: &'static str) -> Result<Ticket> {
         let (tx, rx) = unbounded_channel();
         let cancel = Arc::new(AtomicBool::new(false));
-        let job = Job { req, script_key, cancel: cancel.clone(), tx };
+        let job = Job { req, script_key, endpoint, cancel: cancel.clone(), tx };
         self.metrics.queued(1);
         if self.tx.lock().unwrap().send(job).is_err() {
             self.metrics.queued(-1);
@@ -131,11 +133,14 @@ pub fn start(engine: Arc<Engine>, cache_bytes: usize, script: Option<Script>, me
 fn run(engine: &Engine, cache_bytes: usize, mut script: Option<Script>, rx: mpsc::Receiver<Job>, m: &Metrics) {
     let mut session = Session::new(engine, cache_bytes);
     m.set_cache(session.cache.stats(), session.cache.bytes(), session.cache.len(), cache_bytes);
+    let mut request = 0u64;
     while let Ok(mut job) = rx.recv() {
         m.queued(-1);
+        request += 1;
         let gone = |j: &Job| j.tx.is_closed() || j.cancel.load(Ordering::Relaxed);
         if gone(&job) {
             m.cancelled();
+            tracing::info!(request, endpoint = %job.endpoint, "cancelled while queued (client gone)");
             continue;
         }
         let _ = job.tx.send(Ev::Started);
@@ -150,6 +155,7 @@ fn run(engine: &Engine, cache_bytes: usize, mut script: Option<Script>, rx: mpsc
             }
         }
         m.set_active(true);
+        let t0 = std::time::Instant::now();
         let tx = &job.tx;
         let cancel = &job.cancel;
         let result = session.generate(
@@ -163,12 +169,45 @@ fn run(engine: &Engine, cache_bytes: usize, mut script: Option<Script>, rx: mpsc
         match result {
             Ok(g) => {
                 m.record(&g);
+                log_request(request, job.endpoint, &g, t0.elapsed().as_secs_f64());
                 let _ = job.tx.send(Ev::Done(Box::new(g)));
             }
             Err(e) => {
                 m.failed();
+                tracing::warn!(request, endpoint = %job.endpoint, "failed: {e}");
                 let _ = job.tx.send(Ev::Failed(e.to_string()));
             }
         }
     }
+}
+
+/// One log line per finished generation (level info): tokens in and out as the API's usage
+/// reports them, how much of the prompt came from a saved conversation state, speeds, why it
+/// ended.
+fn log_request(request: u64, endpoint: &str, g: &Generation, secs: f64) {
+    let finish = match &g.finish {
+        Finish::Stop => "stop",
+        Finish::StopString(_) => "stop_string",
+        Finish::Length => "length",
+        Finish::Context => "context",
+        Finish::Cancelled => "cancelled",
+    };
+    tracing::info!(
+        request,
+        endpoint = %endpoint,
+        prompt_tokens = g.prompt_tokens,
+        completion_tokens = g.completion_tokens,
+        reused_tokens = g.reused_tokens,
+        prefill_tok_s = round_to(g.prefill_tok_s(), 1),
+        decode_tok_s = round_to(g.decode_tok_s(), 2),
+        finish = %finish,
+        secs = round_to(secs, 3),
+        "done"
+    );
+}
+
+/// `x` rounded to `digits` decimals: numbers (also in JSON logs) without float noise.
+fn round_to(x: f64, digits: i32) -> f64 {
+    let p = 10f64.powi(digits);
+    (x * p).round() / p
 }

@@ -14,7 +14,7 @@ use flashmoe::experts::{ExpertStore, IoChoice, IoMode, IoSnapshot, StoreOptions}
 use flashmoe::packed::Manifest;
 use flashmoe::weights::Linear;
 use flashmoe::weights::store::{ByteSource, Bytes, RawTensor};
-use flashmoe::{LoadOptions, LogitsFor, Model};
+use flashmoe::{LoadOptions, LogitsFor, Model, Progress};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -687,7 +687,9 @@ pub fn load_streamed(dir: &Path, opts: &LoadOptions) -> Result<Model> {
 }
 
 /// Decodes random token ids: a short prefill, `warmup` steps, then `tokens` measured T=1 steps.
-pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions) -> Result<DecodeReport> {
+/// `progress` hears the background pre-warm while the warm-up waits for it (phase `pre-warm`:
+/// experts read, of those it goes through).
+pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions, progress: &dyn Progress) -> Result<DecodeReport> {
     let store = model
         .expert_store()
         .cloned()
@@ -731,6 +733,11 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions) -> Result<Deco
     // ends (the measured steps see the tiers it leaves).
     let mut warmup = warmup;
     let mut step = 0;
+    let mut prewarm_shown = 0;
+    let showing_prewarm = model.prewarm_running();
+    if let Some(p) = model.prewarm_info().filter(|_| showing_prewarm) {
+        progress.start(p.to_read as u64, "pre-warm");
+    }
     while step < warmup || (model.prewarm_running() && state.pos + opts.tokens + 1 < model.max_context()) {
         let id = tok(&mut rng);
         if opts.routing == Routing::Uniform {
@@ -738,6 +745,16 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions) -> Result<Deco
         }
         model.forward(&[id], &mut state, LogitsFor::Last)?;
         step += 1;
+        if showing_prewarm {
+            // The store counts pre-warm reads since load: the pre-warm's own total.
+            let placed = store.snapshot().prewarmed;
+            progress.inc(placed - prewarm_shown);
+            prewarm_shown = placed;
+            progress.message(&format!("warm-up step {step}"));
+        }
+    }
+    if showing_prewarm {
+        progress.finish();
     }
     warmup = warmup.max(step);
     model.reset_timing();

@@ -41,8 +41,8 @@
 
 use crate::routing_stats::{self as routing, ProfileLayer};
 use flashmoe::ModelConfig;
+use flashmoe::Progress;
 use flashmoe::config::LayerKind;
-use flashmoe::convert::ConvertProgress;
 use flashmoe::error::{Error, Result};
 use flashmoe::packed::{
     ALIGN, COPIED_FILES, ExpertFile, FORMAT_NAME, FORMAT_VERSION, Manifest, QuantInfo, TensorEntry, WEIGHTS_FILE,
@@ -638,7 +638,7 @@ impl Out<'_> {
 fn writer(
     rx: mpsc::Receiver<Msg>,
     back: mpsc::Sender<Vec<u8>>,
-    progress: &dyn ConvertProgress,
+    progress: &dyn Progress,
     cancelled: &AtomicBool,
 ) -> Result<()> {
     let mut cur: Option<(std::fs::File, PathBuf)> = None;
@@ -658,7 +658,7 @@ fn writer(
             Msg::Data(buf) => {
                 let (f, p) = cur.as_mut().expect("a file is open before data");
                 f.write_all(&buf).map_err(|e| Error::file(&*p, format!("write failed: {e}")))?;
-                if !progress.advance(buf.len() as u64) {
+                if !progress.inc(buf.len() as u64) {
                     cancelled.store(true, Ordering::SeqCst);
                 }
                 let _ = back.send(buf);
@@ -963,7 +963,15 @@ fn tokenizer_max_id(path: &Path) -> Result<u64> {
 }
 
 /// Writes a random-weight packed model; see the module docs.
-pub fn synth(opts: &SynthOptions, progress: &dyn ConvertProgress) -> Result<SynthReport> {
+/// `progress` hears the bytes written (one phase, labelled `synth`), a `layer i/N` message as
+/// each layer's experts start, and may cancel.
+pub fn synth(opts: &SynthOptions, progress: &dyn Progress) -> Result<SynthReport> {
+    let result = synth_inner(opts, progress);
+    progress.finish();
+    result
+}
+
+fn synth_inner(opts: &SynthOptions, progress: &dyn Progress) -> Result<SynthReport> {
     let t0 = Instant::now();
     let mut d = opts.geometry.spec();
     if let Some(v) = opts.vocab {
@@ -1038,7 +1046,7 @@ pub fn synth(opts: &SynthOptions, progress: &dyn ConvertProgress) -> Result<Synt
     let layout = blob_layout(&d, opts.expert_bits, group);
     let expert_bytes = layout.stride * (d.num_experts * layers) as u64;
     let non_expert_estimate: u64 = items.iter().map(|i| i.bytes(group)).sum();
-    progress.start(non_expert_estimate + expert_bytes);
+    progress.start(non_expert_estimate + expert_bytes, "synth");
 
     let seed = opts.seed;
     let cancelled = AtomicBool::new(false);
@@ -1098,6 +1106,7 @@ pub fn synth(opts: &SynthOptions, progress: &dyn ConvertProgress) -> Result<Synt
             let stride = layout.stride as usize;
             let per_batch = ((64usize << 20) / stride).max(1);
             for l in 0..layers {
+                progress.message(&format!("layer {}/{layers}", l + 1));
                 let rel = expert_file_name(l);
                 out.send(Msg::Open(partial.join(&rel)))?;
                 let mut sums = Vec::with_capacity(d.num_experts);

@@ -16,6 +16,7 @@ pub use store::{Plan, StoreArgs};
 
 use anyhow::Result;
 use flashmoe::LoadOptions;
+use flashmoe::memory::MemoryPlan;
 use std::path::Path;
 
 /// The load options of a command that loads a model: the store (and the memory plan, printed
@@ -28,8 +29,23 @@ pub fn load_options(
     engine: &EngineArgs,
     plan: Plan,
 ) -> Result<LoadOptions> {
-    let mut opts = store.load_options(dir, plan)?;
+    let (opts, memory_plan) = load_options_and_plan(dir, store, device, engine, plan)?;
+    if let Some(p) = memory_plan {
+        eprintln!("[flashmoe] plan: {}", p.describe());
+    }
+    Ok(opts)
+}
+
+/// `load_options` without printing: the options and the memory plan, when a budget is set.
+pub fn load_options_and_plan(
+    dir: &Path,
+    store: &StoreArgs,
+    device: &DeviceArgs,
+    engine: &EngineArgs,
+    plan: Plan,
+) -> Result<(LoadOptions, Option<MemoryPlan>)> {
+    let (mut opts, memory_plan) = store.load_options(dir, plan)?;
     opts.device = device.options();
     engine.apply(&mut opts);
-    Ok(opts)
+    Ok((opts, memory_plan))
 }

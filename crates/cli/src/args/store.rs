@@ -6,7 +6,7 @@ use anyhow::{Result, anyhow, bail};
 use clap::Args;
 use flashmoe::LoadOptions;
 use flashmoe::experts::IoChoice;
-use flashmoe::memory::parse_size;
+use flashmoe::memory::{MemoryPlan, parse_size};
 use std::path::Path;
 
 /// How a model's experts are read and cached.
@@ -52,9 +52,9 @@ pub struct Plan {
 }
 
 impl StoreArgs {
-    /// Load options with these store settings (and, under a budget, the fetch chunk), after
-    /// printing the memory plan when a budget is set.
-    pub fn load_options(&self, dir: &Path, plan: Plan) -> Result<LoadOptions> {
+    /// Load options with these store settings (and, under a budget, the fetch chunk), and the
+    /// memory plan when a budget is set.
+    pub fn load_options(&self, dir: &Path, plan: Plan) -> Result<(LoadOptions, Option<MemoryPlan>)> {
         let mut opts = LoadOptions::default();
         opts.store.io = self.io;
         opts.store.io_threads = self.io_threads;
@@ -68,8 +68,9 @@ impl StoreArgs {
                 );
             }
             opts.stream_experts = false;
-            return Ok(opts);
+            return Ok((opts, None));
         }
+        let mut memory_plan = None;
         if let Some(b) = &self.memory_budget {
             let budget = parse_size(b).map_err(|e| anyhow!("--memory-budget {e}"))?;
             // Under a budget, fetch one token's worth of experts at a time.
@@ -77,7 +78,6 @@ impl StoreArgs {
             opts.fetch_chunk = Some(chunk);
             let plan =
                 flashmoe::memory::plan(dir, budget, plan.context_tokens, chunk, plan.batch_tokens, self.io_threads)?;
-            eprintln!("[flashmoe] plan: {}", plan.describe());
             opts.store.ram_cache_bytes = plan.ram_cache;
             if let Some(r) = &self.ram_cache {
                 let r = parse_size(r).map_err(|e| anyhow!("--ram-cache {e}"))?;
@@ -90,9 +90,10 @@ impl StoreArgs {
                 }
                 opts.store.ram_cache_bytes = r;
             }
+            memory_plan = Some(plan);
         } else if let Some(r) = &self.ram_cache {
             opts.store.ram_cache_bytes = parse_size(r).map_err(|e| anyhow!("--ram-cache {e}"))?;
         }
-        Ok(opts)
+        Ok((opts, memory_plan))
     }
 }

@@ -240,7 +240,7 @@ fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64) -> Result<DecodeRepor
     };
     c.engine.apply(&mut load);
     c.trace.apply(&mut load);
-    let mut model = bench::load_streamed(&c.model, &load)?;
+    let mut model = crate::util::loading(&c.model, || bench::load_streamed(&c.model, &load))?;
     crate::util::print_device(&model);
     let opts = DecodeBenchOptions {
         tokens: c.tokens.max(1),
@@ -249,7 +249,7 @@ fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64) -> Result<DecodeRepor
         seed: c.seed,
         routing: c.routing,
     };
-    let report = bench::bench_decode(&mut model, &opts)?;
+    let report = bench::bench_decode(&mut model, &opts, &crate::util::Bar::counts("experts"))?;
     if let Some(path) = &c.trace.trace_routing {
         let records: Vec<_> = model.take_routing_trace().into_iter().map(|r| (r.layer, r.pos, r.experts)).collect();
         crate::util::write_trace(path, &model, &records)?;

@@ -84,6 +84,10 @@ pub fn run(a: ChatArgs) -> Result<()> {
                 })?;
             let mut cfg = serve::config(dir, parsed.args, &a.engine, &a.store, &a.device)?;
             cfg.quiet = true;
+            // The in-process server logs only warnings: the plan is printed here, as `run` does.
+            if let Some(plan) = &cfg.memory_plan {
+                eprintln!("[flashmoe] plan: {plan}");
+            }
             eprintln!("[flashmoe] loading {} …", dir.display());
             let s = flashmoe_server::spawn(cfg)?;
             let u = format!("http://{}", s.addr);

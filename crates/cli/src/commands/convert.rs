@@ -37,10 +37,9 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         }
         opts.other = t;
     }
-    let bar = Bar::bytes("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}");
+    let bar = Bar::bytes();
     let t0 = std::time::Instant::now();
     let rep = flashmoe::convert::convert(&a.src, &a.dst, &opts, &bar)?;
-    bar.0.finish_and_clear();
     if !rep.rmse.is_empty() {
         eprintln!("requantization error (RMSE against the source values, and the source RMS for scale):");
         eprintln!("{:>6}  {:<28} {:>12} {:>12}  {:>10} {:>10}", "layer", "projection", "from", "to", "rmse", "rms");

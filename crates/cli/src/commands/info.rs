@@ -66,6 +66,24 @@ pub fn run(a: InfoArgs) -> Result<()> {
     println!("             embed {}; lm_head {}", w.embed.format_name(), w.lm_head.format_name());
     println!("             attention/GatedDeltaNet {}; router {}", merged(mixers), merged(routers));
     println!("             shared expert {}", merged(shared));
+    // What `--io auto` (the default) does with this folder on this machine, without a RAM tier.
+    let io = if w.format != flashmoe::qwen35::SourceFormat::Packed {
+        "page (experts read in place from the safetensors files; O_DIRECT needs `flashmoe convert`)".to_string()
+    } else {
+        let facts = flashmoe::experts::AutoIoFacts {
+            expert_bytes: w.expert_bytes() as u64,
+            ram_cache_bytes: 0,
+            available_ram: flashmoe::experts::available_ram_bytes(),
+        };
+        match flashmoe::experts::auto_io_fit(&facts) {
+            Ok(reason) => format!("page ({reason})"),
+            Err(why) => format!(
+                "measured at load ({why}): O_DIRECT when {}× faster than page reads",
+                flashmoe::experts::AUTO_DIRECT_MARGIN
+            ),
+        }
+    };
+    println!("io auto      {io}");
     Ok(())
 }
 

@@ -1,11 +1,12 @@
 //! `flashmoe ppl`: perplexity of a model over a text file.
 
 use crate::args::{self, DeviceArgs, EngineArgs, ModelDir, Plan, StoreArgs, TraceArgs};
+use crate::util::Bar;
 use crate::util::{print_device, write_trace};
 use anyhow::{Result, anyhow};
 use clap::Args;
+use flashmoe::Progress;
 use flashmoe::generate::Engine;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -41,29 +42,33 @@ pub fn run(a: PplArgs) -> Result<()> {
     let plan = Plan { context_tokens: a.window, batch_tokens: a.window };
     let mut opts = args::load_options(dir, &a.store, &a.device, &a.engine, plan)?;
     a.trace.apply(&mut opts);
-    let engine = Engine::load_with(dir, &opts)?;
+    let engine = crate::util::loading(dir, || Engine::load_with(dir, &opts))?;
     print_device(&engine.model);
     let mut ids = engine.encode(&text)?;
     if let Some(n) = a.max_tokens {
         ids.truncate(n);
     }
-    let bar = ProgressBar::new(ids.len() as u64).with_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} tokens {per_sec} ETA {eta}")
-            .expect("valid template"),
-    );
+    // Windows the engine runs: full ones, and a last partial one when it has a prediction.
+    let windows = ids.len() / a.window.max(1) + usize::from(ids.len() % a.window.max(1) >= 2);
+    let bar = Bar::counts("tokens");
+    bar.start(ids.len() as u64, "ppl");
     let t0 = std::time::Instant::now();
     let mut records: Vec<(usize, usize, Vec<u32>)> = Vec::new();
     let m = &engine.model;
     let tracing = a.trace.trace_routing.is_some();
+    let mut window = 0;
     let rep = flashmoe::eval::perplexity(m, &ids, a.window, |done| {
-        bar.set_position(done as u64);
+        window += 1;
+        bar.0.set_position(done.min(ids.len()) as u64);
+        bar.message(&format!("{window}/{windows} windows done"));
         // Window-relative positions become positions in the file.
         if tracing {
             let offset = done.saturating_sub(a.window);
             records.extend(m.take_routing_trace().into_iter().map(|r| (r.layer, r.pos + offset, r.experts)));
         }
-    })?;
-    bar.finish_and_clear();
+    });
+    bar.finish();
+    let rep = rep?;
     if let Some(path) = &a.trace.trace_routing {
         write_trace(path, m, &records)?;
     }

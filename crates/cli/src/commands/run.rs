@@ -67,7 +67,7 @@ pub fn run(mut a: RunArgs) -> Result<()> {
     let mut opts = args::load_options(model_path, &a.store, &a.device, &a.engine, plan)?;
     opts.timing = a.timing;
     a.trace.apply(&mut opts);
-    let engine = Engine::load_with(model_path, &opts)?;
+    let engine = crate::util::loading(model_path, || Engine::load_with(model_path, &opts))?;
     print_device(&engine.model);
     if let Some(store) = engine.model.expert_store() {
         eprintln!(

@@ -20,8 +20,8 @@ pub struct SelftestArgs {
     pub tolerance: f64,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Print only failures and the summary.
-    #[arg(long)]
+    /// Print only failures and the summary: the global `--quiet`, set by main.
+    #[arg(skip)]
     pub quiet: bool,
 }
 

@@ -19,6 +19,21 @@ pub struct ServeArgs {
     store: StoreArgs,
     #[command(flatten)]
     device: DeviceArgs,
+    /// Log lines on stderr as text, or as one JSON object per line (for log collectors).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl ServeArgs {
+    pub fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
 }
 
 /// The server's own flags (also what `chat --model … --serve-args "…"` takes).
@@ -50,7 +65,10 @@ pub struct ServerArgs {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    flashmoe_server::serve(config(&a.model, a.server, &a.engine, &a.store, &a.device)?)
+    let mut cfg = config(&a.model, a.server, &a.engine, &a.store, &a.device)?;
+    // JSON logs: every stderr line is a JSON object (the "listening on" log line says it all).
+    cfg.quiet = a.log_format == LogFormat::Json;
+    flashmoe_server::serve(cfg)
 }
 
 /// Context the memory plan of `--memory-budget` is sized for when `--max-context` is not given.
@@ -74,7 +92,10 @@ pub fn config(
     cfg.scripted_replies = a.scripted_replies;
     let context = engine.max_context.unwrap_or(PLAN_CONTEXT);
     let plan = Plan { context_tokens: context, batch_tokens: context };
-    cfg.load = args::load_options(model, store, device, engine, plan)?;
+    // The plan goes into the server's start-up block (logged) instead of a line of its own.
+    let (load, memory_plan) = args::load_options_and_plan(model, store, device, engine, plan)?;
+    cfg.load = load;
+    cfg.memory_plan = memory_plan.map(|p| p.describe());
     Ok(cfg)
 }
 

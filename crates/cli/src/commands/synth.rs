@@ -3,7 +3,6 @@
 use anyhow::Result;
 use clap::Args;
 use flashmoe_tools::synth::{Geometry, SynthOptions};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -71,14 +70,8 @@ pub fn run(a: SynthArgs) -> Result<()> {
         out: a.out,
         force: a.force,
     };
-    let bar = Bar(ProgressBar::new(0).with_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
-        )
-        .expect("valid template"),
-    ));
+    let bar = Bar::bytes();
     let rep = flashmoe_tools::synth::synth(&opts, &bar)?;
-    bar.0.finish_and_clear();
     if !rep.routing.is_empty() {
         eprintln!(
             "routing shaped like {} (simulated top-k on {} Gaussian router inputs per layer):",

@@ -9,5 +9,8 @@ pub mod store;
 pub mod weights;
 
 pub use profile::RoutingProfile;
-pub use store::{ExpertStore, IoChoice, IoMode, IoSnapshot, StoreOptions};
+pub use store::{
+    AUTO_DIRECT_MARGIN, AutoIoFacts, ExpertStore, IoChoice, IoMode, IoSamples, IoSnapshot, StoreOptions, auto_io_fit,
+    available_ram_bytes, choose_auto_io,
+};
 pub use weights::{ExpertSet, ExpertWeights};

@@ -40,7 +40,8 @@ impl IoMode {
 pub enum IoChoice {
     Page,
     Direct,
-    /// Measure both on a few experts at start and keep the faster.
+    /// Page when the experts fit in available RAM; otherwise measure both on a few experts at
+    /// start and take O_DIRECT only when it is clearly faster (`choose_auto_io`).
     Auto,
     /// No reads at all: compute on views of the mapped expert files (the page cache is the RAM
     /// tier; no copy per token, no RAM tier of our own, no routing counts). The model loader
@@ -141,6 +142,100 @@ impl IoSnapshot {
         let n = self.ram_hits + self.ram_misses;
         if n == 0 { 0.0 } else { self.ram_hits as f64 / n as f64 }
     }
+}
+
+/// What `--io auto` decides from (besides a measurement).
+#[derive(Clone, Copy, Debug)]
+pub struct AutoIoFacts {
+    /// Bytes of all the routed experts on disk.
+    pub expert_bytes: u64,
+    /// The budget of our own RAM tier: memory the page cache will not have.
+    pub ram_cache_bytes: u64,
+    /// Memory the kernel says is available for new use (`MemAvailable`), when known.
+    pub available_ram: Option<u64>,
+}
+
+/// Read rates (bytes/s) of cold-expert samples in each mode.
+#[derive(Clone, Debug, Default)]
+pub struct IoSamples {
+    pub page: Vec<f64>,
+    pub direct: Vec<f64>,
+}
+
+/// Samples per mode that `--io auto` measures when the experts do not fit in RAM.
+pub const AUTO_IO_ROUNDS: usize = 3;
+
+/// How much faster than page reads O_DIRECT must measure (median against median) for `auto` to
+/// pick it: the sample reads cold experts only, while page reads also get the repeats the page
+/// cache keeps, and on a loaded machine one noisy sample must not decide.
+pub const AUTO_DIRECT_MARGIN: f64 = 1.25;
+
+/// The half of the `--io auto` rule that needs no measurement: `Ok(reason)` when the experts fit
+/// in the RAM left next to our own RAM tier (page mode, then), else `Err(why not)`.
+pub fn auto_io_fit(facts: &AutoIoFacts) -> std::result::Result<String, String> {
+    let fmt = crate::units::fmt_bytes;
+    let Some(room) = facts.available_ram.map(|a| a.saturating_sub(facts.ram_cache_bytes)) else {
+        return Err("available RAM unknown".to_string());
+    };
+    if facts.expert_bytes > room {
+        return Err(format!("the experts ({}) exceed available RAM ({})", fmt(facts.expert_bytes), fmt(room)));
+    }
+    let tier = if facts.ram_cache_bytes > 0 {
+        format!(" beside the {} RAM tier", fmt(facts.ram_cache_bytes))
+    } else {
+        String::new()
+    };
+    Ok(format!(
+        "the experts ({}) fit in available RAM ({}){tier}, so the page cache keeps them after their first read",
+        fmt(facts.expert_bytes),
+        fmt(room)
+    ))
+}
+
+/// The `--io auto` rule. When every expert fits in the RAM left next to our own RAM tier, the
+/// page cache keeps them after their first read and page mode serves repeats from memory, which
+/// O_DIRECT never does: page, without measuring. Otherwise `measure` is called and O_DIRECT wins
+/// only when its median rate beats the page median by `AUTO_DIRECT_MARGIN`. Returns the mode and
+/// the reason, one line (`page (auto: …)`).
+pub fn choose_auto_io(facts: &AutoIoFacts, measure: impl FnOnce() -> IoSamples) -> (IoMode, String) {
+    let why = match auto_io_fit(facts) {
+        Ok(reason) => return (IoMode::Page, format!("page (auto: {reason})")),
+        Err(why) => why,
+    };
+    let s = measure();
+    let (page, direct) = (median(&s.page), median(&s.direct));
+    let mode = if direct >= AUTO_DIRECT_MARGIN * page { IoMode::Direct } else { IoMode::Page };
+    let verdict = if mode == IoMode::Direct { "at least" } else { "less than" };
+    (
+        mode,
+        format!(
+            "{} (auto: {why}; median of {} cold samples: direct {:.2} GB/s, page {:.2} GB/s, {verdict} the {AUTO_DIRECT_MARGIN}× direct needs)",
+            mode.name(),
+            s.page.len().min(s.direct.len()),
+            direct / 1e9,
+            page / 1e9
+        ),
+    )
+}
+
+/// Median of a few rates (0 for none): unlike the best or the mean, one sample slowed or sped
+/// up by other load on the machine does not move it.
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 }
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes: memory new work can use without swapping (free
+/// memory plus reclaimable page cache). `None` where the file is absent (not Linux).
+pub fn available_ram_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
 }
 
 /// One contiguous piece of an expert scattered over safetensors files: `len` bytes at `offset`
@@ -408,16 +503,14 @@ impl ExpertStore {
             }
             IoChoice::Auto if !direct_ok => "page (auto: O_DIRECT unsupported here)".into(),
             IoChoice::Auto => {
-                let (page, direct) = store.measure_modes();
-                if direct > page {
-                    store.mode = IoMode::Direct;
-                }
-                format!(
-                    "{} (auto: page {:.2} GB/s, direct {:.2} GB/s on a sample)",
-                    store.mode.name(),
-                    page / 1e9,
-                    direct / 1e9
-                )
+                let facts = AutoIoFacts {
+                    expert_bytes: store.total_expert_bytes(),
+                    ram_cache_bytes: opts.ram_cache_bytes,
+                    available_ram: available_ram_bytes(),
+                };
+                let (mode, note) = choose_auto_io(&facts, || store.measure_modes());
+                store.mode = mode;
+                note
             }
         };
         Ok(store)
@@ -454,14 +547,15 @@ impl ExpertStore {
         self.layers.iter().map(|l| l.stride * l.num_experts as u64).sum()
     }
 
-    /// Reads a sample of experts in each mode (different experts for each, to compare cold
-    /// reads fairly) and returns bytes/s for (page, direct).
-    fn measure_modes(&self) -> (f64, f64) {
+    /// Reads samples of experts in each mode, alternating page and direct for
+    /// `AUTO_IO_ROUNDS` rounds (different experts each time, so every sample is a cold read),
+    /// and returns the bytes/s of each sample.
+    fn measure_modes(&self) -> IoSamples {
         let l = self.layers.len() / 2;
         let n = self.layers[l].num_experts;
-        // About 8 MiB per sample (at least 8 reads) so timer noise does not decide; four samples
-        // of disjoint experts, alternating modes, best of two per mode.
-        let hi = (n / 4).max(1) as u64;
+        let samples = 2 * AUTO_IO_ROUNDS;
+        // About 8 MiB per sample (at least 8 reads) so timer noise does not decide.
+        let hi = (n / samples).max(1) as u64;
         let k = ((8u64 << 20) / self.layers[l].stride.max(1)).clamp(8.min(hi), hi) as usize;
         let rate = |mode: IoMode, first: usize| {
             let ids: Vec<usize> = (0..k).map(|j| (first + j * 7919) % n).collect();
@@ -471,11 +565,12 @@ impl ExpertStore {
                 .install(|| ids.par_iter().map(|&e| self.read(mode, l, e).map(|b| b.len() as u64).unwrap_or(0)).sum());
             bytes as f64 / t.elapsed().as_secs_f64().max(1e-9)
         };
-        let page = rate(IoMode::Page, 0);
-        let direct = rate(IoMode::Direct, n / 4);
-        let page = page.max(rate(IoMode::Page, n / 2));
-        let direct = direct.max(rate(IoMode::Direct, 3 * n / 4));
-        (page, direct)
+        let mut out = IoSamples::default();
+        for r in 0..AUTO_IO_ROUNDS {
+            out.page.push(rate(IoMode::Page, (2 * r) * n / samples));
+            out.direct.push(rate(IoMode::Direct, (2 * r + 1) * n / samples));
+        }
+        out
     }
 
     fn read(&self, mode: IoMode, layer: usize, e: usize) -> Result<AlignedBuf> {
@@ -824,5 +919,71 @@ impl ExpertStore {
         };
         let (h, i) = (self.hidden, self.intermediate);
         Ok(ExpertWeights { gate: proj("gate_proj", i, h)?, up: proj("up_proj", i, h)?, down: proj("down_proj", h, i)? })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn samples(page: &[f64], direct: &[f64]) -> IoSamples {
+        IoSamples { page: page.to_vec(), direct: direct.to_vec() }
+    }
+
+    #[test]
+    fn auto_io_takes_the_page_cache_when_the_experts_fit_in_ram_without_measuring() {
+        let facts = AutoIoFacts { expert_bytes: 3 * GIB, ram_cache_bytes: GIB, available_ram: Some(20 * GIB) };
+        let (mode, why) = choose_auto_io(&facts, || panic!("no measurement when the experts fit"));
+        assert_eq!(mode, IoMode::Page);
+        assert_eq!(
+            why,
+            "page (auto: the experts (3.0 GiB) fit in available RAM (19.0 GiB) beside the 1.0 GiB RAM tier, so the page cache keeps them after their first read)"
+        );
+    }
+
+    #[test]
+    fn auto_io_counts_the_ram_tier_against_available_ram() {
+        // 10 GiB of experts, 12 GiB available, but our RAM tier takes 4 of them.
+        let facts = AutoIoFacts { expert_bytes: 10 * GIB, ram_cache_bytes: 4 * GIB, available_ram: Some(12 * GIB) };
+        let (mode, why) = choose_auto_io(&facts, || samples(&[1e9, 1e9, 1e9], &[3e9, 3e9, 3e9]));
+        assert_eq!(mode, IoMode::Direct);
+        assert!(why.starts_with("direct (auto: the experts (10.0 GiB) exceed available RAM (8.0 GiB);"), "{why}");
+        assert!(why.contains("direct 3.00 GB/s, page 1.00 GB/s"), "{why}");
+    }
+
+    #[test]
+    fn auto_io_needs_a_clear_median_win_for_o_direct() {
+        let facts = AutoIoFacts { expert_bytes: 100 * GIB, ram_cache_bytes: 0, available_ram: Some(8 * GIB) };
+        // One fast direct sample (a quiet moment on a loaded machine) does not decide.
+        let (mode, why) = choose_auto_io(&facts, || samples(&[1.0e9, 1.1e9, 0.9e9], &[5e9, 1.0e9, 1.1e9]));
+        assert_eq!(mode, IoMode::Page, "{why}");
+        assert!(why.contains("direct 1.10 GB/s, page 1.00 GB/s, less than the 1.25× direct needs"), "{why}");
+        // 20% faster is within the margin; 30% is not.
+        assert_eq!(choose_auto_io(&facts, || samples(&[1e9; 3], &[1.2e9; 3])).0, IoMode::Page);
+        assert_eq!(choose_auto_io(&facts, || samples(&[1e9; 3], &[1.3e9; 3])).0, IoMode::Direct);
+    }
+
+    #[test]
+    fn auto_io_measures_when_available_ram_is_unknown() {
+        let facts = AutoIoFacts { expert_bytes: GIB, ram_cache_bytes: 0, available_ram: None };
+        let (mode, why) = choose_auto_io(&facts, || samples(&[1e9; 3], &[2e9; 3]));
+        assert_eq!(mode, IoMode::Direct);
+        assert!(why.contains("available RAM unknown"), "{why}");
+    }
+
+    #[test]
+    fn available_ram_matches_proc_meminfo() {
+        // /proc/meminfo, read here independently of the parser, in kB.
+        let text = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let kb: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        let got = available_ram_bytes().unwrap();
+        // The value moves between the two reads; within 256 MiB.
+        assert!(got.abs_diff(kb * 1024) < 256 << 20, "{got} vs {} kB", kb);
     }
 }

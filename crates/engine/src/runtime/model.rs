@@ -81,6 +81,26 @@ pub struct PrewarmInfo {
     pub ranked: usize,
     /// Of those, how many go to the backend's own tier (the GPU) before the RAM tier.
     pub to_backend: usize,
+    /// Experts the pre-warm goes through, hottest first (it skips those a tier already holds).
+    pub to_read: usize,
+}
+
+impl PrewarmInfo {
+    /// One line for start-up output: what is loaded, in which order, into which tier.
+    pub fn describe(&self) -> String {
+        match &self.source {
+            Some(profile) => format!(
+                "{} experts ranked by {}, hottest {} to the GPU, then the RAM tier",
+                self.ranked,
+                profile.display(),
+                self.to_backend
+            ),
+            None => format!(
+                "all {} experts fit the GPU and RAM tiers: {} to the GPU, the rest to the RAM tier (no routing profile yet)",
+                self.ranked, self.to_backend
+            ),
+        }
+    }
 }
 
 impl Default for LoadOptions {
@@ -278,7 +298,8 @@ impl Model {
         } else {
             None
         };
-        self.prewarm = Some(PrewarmInfo { source: ranked_by, ranked, to_backend: room.min(keys.len()) });
+        self.prewarm =
+            Some(PrewarmInfo { source: ranked_by, ranked, to_backend: room.min(keys.len()), to_read: keys.len() });
         self.prewarm_thread = Some(store.start_prewarm(keys, feed, room));
         Ok(())
     }
