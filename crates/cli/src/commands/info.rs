@@ -13,7 +13,7 @@ pub struct InfoArgs {
 }
 
 pub fn run(a: InfoArgs) -> Result<()> {
-    let model = Model::load(&a.model.model)?;
+    let model = Model::load(&a.model.dir()?)?;
     let w = model
         .host_weights::<flashmoe::qwen35::ModelWeights>()
         .ok_or_else(|| anyhow::anyhow!("info knows the Qwen3.5-MoE family's weights only"))?;
