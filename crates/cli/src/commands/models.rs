@@ -102,7 +102,7 @@ pub fn run(a: ModelsArgs) -> Result<()> {
     let (builtin_dir, embedded) = builtin_folder();
     let unpacked = builtin_dir.join(flashmoe::packed::MANIFEST).exists();
     let (footprint, fits) =
-        if unpacked { judge(&builtin_dir, &m) } else { (None, "experts in RAM (19.8M parameters)".into()) };
+        if unpacked { judge(&builtin_dir, &m) } else { (None, "cannot tell until unpacked (first use)".into()) };
     entries.push(Entry {
         name: hub::BUILTIN.into(),
         source: "builtin",
