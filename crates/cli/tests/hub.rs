@@ -111,6 +111,11 @@ fn hub_names_resolve_in_the_hugging_face_cache() {
     let (_, err) = ok(&o);
     assert!(err.contains(&format!("snapshots/{OLD_SHA}")), "{err}");
 
+    // `convert` takes the same names.
+    let packed = tmp.path().join("packed");
+    ok(&flashmoe(tmp.path(), &["convert", "flashmoe-test/tiny@v0.1", packed.to_str().unwrap()]));
+    ok(&flashmoe(tmp.path(), &["verify", packed.to_str().unwrap()]));
+
     // Not in the cache: how to get it, and where we looked.
     let e = error_line(&flashmoe(tmp.path(), &["run", "--model", "nobody/nothing", "--prompt", "a"]));
     assert!(e.contains("flashmoe pull nobody/nothing"), "{e}");

@@ -37,7 +37,8 @@ pub struct HubCache {
 
 impl HubCache {
     /// The cache `huggingface_hub` uses: $HF_HUB_CACHE, else $HF_HOME/hub, else
-    /// $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub.
+    /// $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub. (hf-hub's own
+    /// `Cache::from_env` knows HF_HOME only, and panics without a home folder.)
     pub fn from_env() -> HubCache {
         let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
         let (path, chosen_by) = if let Some(p) = var("HF_HUB_CACHE") {

@@ -62,6 +62,11 @@ pub fn resolve(reference: &str) -> Result<Resolved> {
     }
 }
 
+/// `resolve` as a clap value parser: the path to load.
+pub fn resolved_path(reference: &str) -> std::result::Result<PathBuf, String> {
+    resolve(reference).map(|r| r.path).map_err(|e| format!("{e:#}"))
+}
+
 impl ModelArgs {
     /// The model `--model` names, or the built-in one.
     pub fn resolve(&self) -> Result<Resolved> {

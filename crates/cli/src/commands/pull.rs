@@ -70,15 +70,30 @@ pub fn run(a: PullArgs) -> Result<()> {
     let cache_repo = hub.cache.repo(Repo::with_revision(repo.clone(), RepoType::Model, revision.clone()));
     let snapshot = cache_repo.pointer_path(&info.sha);
     let show_bars = std::io::stderr().is_terminal();
-    let (mut fetched, mut bytes, mut present) = (0usize, 0u64, 0usize);
+    // What is missing, and whether it fits on the disk before anything is written.
+    let mut todo = Vec::new();
     for f in &files {
-        if snapshot.join(f).is_file() {
-            present += 1;
-            continue;
+        if !snapshot.join(f).is_file() {
+            let meta = api.metadata(&remote.url(f)).map_err(explain)?;
+            todo.push((f, meta.size() as u64));
         }
-        let meta = api.metadata(&remote.url(f)).map_err(explain)?;
+    }
+    let present = files.len() - todo.len();
+    let need: u64 = todo.iter().map(|t| t.1).sum();
+    if let Some(free) = flashmoe::paths::free_space(hub.path())
+        && need > free
+    {
+        bail!(
+            "{repo}@{revision}: {} to download but {} free at {}",
+            fmt_bytes(need),
+            fmt_bytes(free),
+            hub.path().display()
+        );
+    }
+    let (mut fetched, mut bytes) = (0usize, 0u64);
+    for (f, size) in todo {
         if !show_bars {
-            eprintln!("[flashmoe] downloading {f} ({})", fmt_bytes(meta.size() as u64));
+            eprintln!("[flashmoe] downloading {f} ({})", fmt_bytes(size));
         }
         let path = if show_bars {
             remote.download_with_progress(f, ProgressBar::new(0))
@@ -89,13 +104,13 @@ pub fn run(a: PullArgs) -> Result<()> {
         // The crate renames the finished `.part` without checking its length: a short body must
         // not pass for the file.
         let got = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        if got != meta.size() as u64 {
+        if got != size {
             let blob = path.canonicalize().ok();
             let _ = std::fs::remove_file(&path);
             if let Some(b) = blob {
                 let _ = std::fs::remove_file(b);
             }
-            bail!("{f}: received {got} bytes of {} (connection cut?); run `flashmoe pull` again", meta.size());
+            bail!("{f}: received {got} bytes of {size} (connection cut?); run `flashmoe pull` again");
         }
         fetched += 1;
         bytes += got;
@@ -144,6 +159,12 @@ fn explain(e: ApiError, repo: &str, revision: &str, endpoint: &str) -> anyhow::E
             404 => anyhow!("{repo}@{revision}: not found on {endpoint} (HTTP 404); check the name and the revision"),
             _ => anyhow!("{repo}@{revision} on {endpoint}: HTTP {code}"),
         };
+    }
+    if let ApiError::LockAcquisition(p) = &e {
+        return anyhow!(
+            "{}: another download of this file is running (flashmoe pull or huggingface_hub); wait for it",
+            p.display()
+        );
     }
     anyhow!("{repo}@{revision} from {endpoint}: {e}")
 }
