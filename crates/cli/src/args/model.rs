@@ -28,7 +28,7 @@ pub struct ModelDir {
 
 /// The small Qwen3.5-MoE model trained for flashmoe (models/qwen35-moe-tiny-trained), embedded
 /// so that `run` works with nothing downloaded.
-const BUILTIN_NAME: &str = "qwen35-moe-tiny-trained";
+pub const BUILTIN_NAME: &str = "qwen35-moe-tiny-trained";
 const BUILTIN_FILES: [(&str, &[u8]); 5] = [
     ("config.json", include_bytes!("../../../../models/qwen35-moe-tiny-trained/config.json")),
     ("model.safetensors", include_bytes!("../../../../models/qwen35-moe-tiny-trained/model.safetensors")),

@@ -2,7 +2,7 @@
 //! model repo of the Hugging Face cache — with format, size and how each would run here (the
 //! memory plan with this machine's RAM and GPU).
 
-use crate::args::model::builtin_folder;
+use crate::args::model::{BUILTIN_NAME, builtin_folder};
 use crate::util::fmt_bytes;
 use anyhow::Result;
 use clap::Args;
@@ -136,7 +136,7 @@ pub fn run(a: ModelsArgs) -> Result<()> {
             format: "flashmoe packed".into(),
             size_on_disk: dir_size(&d),
             footprint,
-            fits: if name.starts_with("qwen35-moe-tiny-trained-") {
+            fits: if name.starts_with(&format!("{BUILTIN_NAME}-")) {
                 format!("{fits}; an older build's built-in model (safe to delete)")
             } else {
                 fits
