@@ -247,6 +247,43 @@ pub fn fmt(b: u64) -> String {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn fit_follows_the_plan_from_gpu_to_ram_to_disk() {
+        use super::{FIT_CONTEXT, Fit, fit, plan};
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen35-moe-tiny");
+        assert_eq!(fit(&dir, 1 << 40, Some(1 << 40)).unwrap(), Fit::AllOnGpu);
+        assert_eq!(fit(&dir, 1 << 40, None).unwrap(), Fit::ExpertsInRam);
+        assert_eq!(fit(&dir, 1 << 40, Some(1 << 10)).unwrap(), Fit::ExpertsInRam);
+        // Budgets around the resident part: not fitting, then experts partly cached (streamed),
+        // then all cached. The process's own size is part of the plan and moves a little between
+        // calls, so the boundaries are found by a sweep rather than computed.
+        let k = crate::ModelConfig::load(&dir).unwrap().experts_per_token;
+        let p = plan(&dir, 1 << 40, FIT_CONTEXT, k, 512, 8).unwrap();
+        let resident = p.non_expert + p.state + p.buffers + p.baseline;
+        let step = 64 << 10;
+        let mut seen = Vec::new();
+        let mut budget = resident.saturating_sub(8 << 20);
+        while budget < resident + p.experts_on_disk + (8 << 20) {
+            let f = fit(&dir, budget, None).unwrap();
+            if let Fit::Streamed { ram_cache, experts } = &f {
+                assert_eq!(*experts, p.experts_on_disk);
+                assert!(*ram_cache < *experts, "{ram_cache} of {experts}");
+            }
+            let class = match f {
+                Fit::DoesNotFit(_) => 0,
+                Fit::Streamed { .. } => 1,
+                Fit::ExpertsInRam => 2,
+                Fit::AllOnGpu => 3,
+            };
+            if seen.last() != Some(&class) {
+                seen.push(class);
+            }
+            budget += step;
+        }
+        assert_eq!(seen, [0, 1, 2], "classes by growing budget");
+        assert!(matches!(fit(&dir, 1 << 20, None).unwrap(), Fit::DoesNotFit(m) if m.contains("too small")));
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(super::parse_size("8G").unwrap(), 8 << 30);
         assert_eq!(super::parse_size("512MiB").unwrap(), 512 << 20);
