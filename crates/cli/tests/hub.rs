@@ -436,6 +436,11 @@ fn pull_downloads_into_the_cache_resumes_a_cut_download_and_then_runs() {
         .collect();
     assert_eq!(part.len(), 1, "{part:?}");
     let partial = std::fs::metadata(&part[0]).unwrap().len();
+    // `models` says the download was interrupted and how to finish it.
+    let (out, _) = ok(&flashmoe(tmp.path(), &["models", "--json"]));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let notes: Vec<&str> = v["skipped"].as_array().unwrap().iter().map(|s| s["reason"].as_str().unwrap()).collect();
+    assert!(notes.iter().any(|n| n.contains("interrupted") && n.contains("flashmoe pull flashmoe-test/tiny")), "{out}");
     let full = files.iter().find(|(n, _)| n == big).unwrap().1.len() as u64;
     assert!(partial > 0 && partial < full, "{partial} of {full}");
 

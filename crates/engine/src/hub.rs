@@ -436,6 +436,9 @@ pub struct CachedRepo {
     /// `scan_cache_dir` reports as `size_on_disk`).
     pub size_on_disk: u64,
     pub snapshots: Vec<CachedSnapshot>,
+    /// Downloads left unfinished in `blobs/` (`.part`: hf-hub, flashmoe; `.incomplete`:
+    /// huggingface_hub).
+    pub partial_blobs: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -502,7 +505,11 @@ pub fn scan(hub: &HubCache) -> (Vec<CachedRepo>, Vec<(PathBuf, String)>) {
             skipped.push((dir.clone(), "no snapshot (an interrupted download?)".into()));
             continue;
         }
-        repos.push(CachedRepo { repo, dir, size_on_disk, snapshots });
+        let partial_blobs = list_names(&dir.join("blobs"))
+            .into_iter()
+            .filter(|n| n.ends_with(".part") || n.ends_with(".incomplete"))
+            .collect();
+        repos.push(CachedRepo { repo, dir, size_on_disk, snapshots, partial_blobs });
     }
     (repos, skipped)
 }

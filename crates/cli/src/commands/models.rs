@@ -149,6 +149,18 @@ pub fn run(a: ModelsArgs) -> Result<()> {
     let (repos, hf_skipped) = hub::scan(&hf);
     skipped.extend(hf_skipped.into_iter().map(|(p, why)| (p.display().to_string(), why)));
     for r in repos {
+        if !r.partial_blobs.is_empty() {
+            skipped.push((
+                r.dir.join("blobs").display().to_string(),
+                format!(
+                    "{}: {} interrupted download(s) ({}); `flashmoe pull {}` resumes",
+                    r.repo,
+                    r.partial_blobs.len(),
+                    r.partial_blobs.join(", "),
+                    r.repo
+                ),
+            ));
+        }
         for s in &r.snapshots {
             let revision = if s.refs.is_empty() { s.commit.clone() } else { s.refs.join(",") };
             let at = if s.refs.iter().any(|x| x == "main") { String::new() } else { format!("@{revision}") };
