@@ -31,5 +31,8 @@ cargo build -p flashmoe-cli
 echo "== server: official openai / anthropic clients"
 python3 -m pytest tests/server -q -p no:cacheprovider
 
+echo "== Hugging Face cache: flashmoe pull / --model OWNER/NAME against huggingface_hub"
+python3 -m pytest tests/hub -q -p no:cacheprovider
+
 echo "== terminal chat in tmux"
 python3 tests/chat/chat_tmux_test.py

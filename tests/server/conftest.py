@@ -46,18 +46,20 @@ def free_port():
 
 class Server:
     def __init__(self, name, model, tmp, *args, api_key=None):
+        """`model` None: no --model (the built-in model, unpacked under `tmp`)."""
         if not BIN.exists():
             pytest.fail(f"{BIN} not found: build it first with `cargo build -p flashmoe-cli` (CI does)")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.model = model.name
+        self.model = model.name if model else "builtin"
         self.api_key = api_key
         self.log_path = tmp / f"{name}.log"
-        cmd = [str(BIN), "serve", "--model", str(model), "--port", str(self.port), *args]
+        cmd = [str(BIN), "serve", *(["--model", str(model)] if model else []), "--port", str(self.port), *args]
         if api_key:
             cmd += ["--api-key", api_key]
+        env = {**os.environ, "FLASHMOE_HOME": str(tmp / "flashmoe-home")}
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=tmp)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=tmp, env=env)
         deadline = time.time() + 60
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -132,6 +134,12 @@ def scripted(request, tmp_root):
     path = tmp_root / "script.json"
     path.write_text(json.dumps(SCRIPT))
     return _server(request, tmp_root, "scripted", TINY, tmp_root, "--scripted-replies", str(path))
+
+
+@pytest.fixture(scope="session")
+def builtin_any(request, tmp_root):
+    """No --model (the built-in model), answering to any model name."""
+    return _server(request, tmp_root, "builtin-any", None, tmp_root, "--accept-any-model")
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,16 @@ def test_models(trained):
     assert client(trained).models.retrieve(trained.model).id == trained.model
 
 
+def test_served_names(trained, builtin_any):
+    # A folder serves under its name; the built-in model as `builtin` (no hash of its cache folder).
+    assert trained.model == "qwen35-moe-tiny-trained"
+    assert [m.id for m in client(builtin_any).models.list().data] == ["builtin"]
+    # --accept-any-model: a client that hard-codes another name is answered (by `builtin`).
+    r = client(builtin_any).chat.completions.create(model="gpt-4o", messages=[PARIS_Q], max_tokens=2)
+    assert r.model == "builtin" and r.choices[0].message.content is not None
+    assert client(builtin_any).models.retrieve("gpt-4o").id == "builtin"
+
+
 def test_chat_non_stream_usage_matches_tokenize(trained):
     messages = [{"role": "user", "content": "What is a package manager?"}]
     r = client(trained).chat.completions.create(model=trained.model, messages=messages, max_tokens=6)

@@ -38,6 +38,11 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Tokenize text (or, with --chat, render a chat request read from stdin).
     Tokenize(tokenize::TokenizeArgs),
+    /// List the models on this machine (built-in, flashmoe's cache, the Hugging Face cache): format,
+    /// size, and whether and how each fits this machine's RAM and GPU.
+    Models(models::ModelsArgs),
+    /// Download a model repo from the Hugging Face Hub into the Hugging Face cache (resumable).
+    Pull(pull::PullArgs),
     /// Describe a model folder: architecture, layers, weight formats and sizes.
     Info(info::InfoArgs),
     /// Convert an HF / MLX / packed checkpoint into a packed model directory (experts one blob each).
@@ -86,6 +91,8 @@ fn main() -> ExitCode {
         Command::Run(a) => run::run(a),
         Command::Logits(a) => logits::run(a),
         Command::Tokenize(a) => tokenize::run(a),
+        Command::Models(a) => models::run(a),
+        Command::Pull(a) => pull::run(a),
         Command::Info(a) => info::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Verify(a) => verify::run(a),

@@ -10,16 +10,21 @@ use std::path::PathBuf;
 
 pub use crate::paths::cache_root;
 
-/// Returns the packed folder of the embedded model `name` made of `files`, creating it on first
-/// use.
-pub fn materialize(name: &str, files: &[(&str, &[u8])]) -> Result<PathBuf> {
+/// The packed folder of the embedded model `name` made of `files` (which may not exist yet).
+pub fn folder(name: &str, files: &[(&str, &[u8])]) -> PathBuf {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for (n, b) in files {
         h.update(n.as_bytes());
         h.update(b);
     }
+    cache_root().join("models").join(format!("{name}-{:016x}", h.digest()))
+}
+
+/// Returns the packed folder of the embedded model `name` made of `files`, creating it on first
+/// use.
+pub fn materialize(name: &str, files: &[(&str, &[u8])]) -> Result<PathBuf> {
+    let dir = folder(name, files);
     let root = cache_root().join("models");
-    let dir = root.join(format!("{name}-{:016x}", h.digest()));
     std::fs::create_dir_all(&root).map_err(|e| Error::file(&root, format!("cannot create the cache folder: {e}")))?;
     // One process builds at a time; the others wait here and then use its result.
     let _lock = crate::convert::lock_file(&root.join(format!(".{name}.lock")), true)?;

@@ -11,7 +11,8 @@
 //! - `models` (families: `qwen35` = config → weights → its layer loop over the backend ops);
 //! - `runtime` (Model = family on a backend + options + hooks; SequenceState; the generation
 //!   loop; sessions with prefix reuse; perplexity), `memory` (the memory plan), `convert`
-//!   (checkpoint → packed), `builtin` (the embedded model's cache folder).
+//!   (checkpoint → packed), `builtin` (the embedded model's cache folder), `hub` (model
+//!   references: paths, `builtin`, Hub repos in the Hugging Face cache).
 //!
 //! Compute kernels live in the `flashmoe-kernels` crate, text handling in `flashmoe-text`; tools
 //! (benchmarks, synthetic models, routing simulators) in `flashmoe-tools`.
@@ -23,6 +24,7 @@ pub mod convert;
 pub mod error;
 pub mod experts;
 pub mod gguf;
+pub mod hub;
 pub mod layers;
 pub mod memory;
 pub mod models;

@@ -54,6 +54,107 @@ pub fn state_bytes(cfg: &ModelConfig, context_tokens: usize) -> u64 {
         .fold(0u64, u64::saturating_add)
 }
 
+/// What a model folder holds: bytes of non-expert weights and of routed experts as stored.
+#[derive(Clone, Debug)]
+pub struct Footprint {
+    pub config: ModelConfig,
+    pub non_expert: u64,
+    /// All routed experts.
+    pub experts: u64,
+    /// The largest single expert, rounded up to a page (the read buffer size).
+    pub max_expert: u64,
+}
+
+/// Reads a model folder's footprint (packed manifest, or the HF/MLX weights mapped, not read).
+pub fn footprint(dir: &Path) -> Result<Footprint> {
+    let config = ModelConfig::load(dir)?;
+    let (non_expert, max_expert, experts) = if dir.join(crate::packed::MANIFEST).exists() {
+        let m = Manifest::load(dir)?;
+        (
+            m.tensors.iter().map(|t| t.nbytes).sum::<u64>(),
+            m.experts.iter().map(|e| e.stride).max().unwrap_or(0),
+            m.experts.iter().map(|e| e.stride * e.num_experts as u64).sum::<u64>(),
+        )
+    } else {
+        // HF/MLX folder: experts are read in place; everything else stays mapped and resident.
+        let store = crate::packed::open_any(dir)?;
+        let w = crate::models::qwen35::ModelWeights::load(&store, &config)?;
+        let max_expert = w
+            .layers
+            .iter()
+            .filter_map(|l| l.moe.experts.resident().and_then(|v| v.first()).map(|e| e.bytes() as u64))
+            .max()
+            .unwrap_or(0);
+        (w.non_expert_bytes() as u64, max_expert.next_multiple_of(4096), w.expert_bytes() as u64)
+    };
+    Ok(Footprint { config, non_expert, experts, max_expert })
+}
+
+/// How a model would run on a machine with `ram` bytes of memory and, optionally, a GPU of
+/// `gpu` bytes: the memory plan with the whole RAM as the budget.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fit {
+    /// Weights, experts and state fit in GPU memory.
+    AllOnGpu,
+    /// Non-expert weights on the GPU (or in RAM without one) and every expert in the RAM tier.
+    ExpertsInRam,
+    /// Experts streamed from disk; the RAM tier holds `ram_cache` of `experts` bytes.
+    Streamed { ram_cache: u64, experts: u64 },
+    /// Not even the resident part fits; the plan's message says by how much.
+    DoesNotFit(String),
+}
+
+impl Fit {
+    pub fn describe(&self) -> String {
+        match self {
+            Fit::AllOnGpu => "all in GPU memory".into(),
+            Fit::ExpertsInRam => "experts in RAM".into(),
+            Fit::Streamed { ram_cache, experts } => format!(
+                "experts streamed from disk (RAM caches {}, {:.0}%)",
+                fmt(*ram_cache),
+                100.0 * *ram_cache as f64 / (*experts).max(1) as f64
+            ),
+            Fit::DoesNotFit(why) => format!("does not fit: {why}"),
+        }
+    }
+}
+
+/// Context the fit of a listed model is judged for.
+pub const FIT_CONTEXT: usize = 8192;
+
+/// How the model in `dir` would run with `ram` bytes of RAM and a GPU of `gpu` bytes (the plan
+/// of `--memory-budget` with the whole RAM as budget, for `FIT_CONTEXT` tokens).
+pub fn fit(dir: &Path, ram: u64, gpu: Option<u64>) -> Result<Fit> {
+    let f = footprint(dir)?;
+    let state = state_bytes(&f.config, FIT_CONTEXT);
+    // A tenth of the GPU for the workspace, activations and the driver.
+    if let Some(g) = gpu
+        && f.non_expert.saturating_add(f.experts).saturating_add(state) <= g - g / 10
+    {
+        return Ok(Fit::AllOnGpu);
+    }
+    let k = f.config.experts_per_token;
+    match plan_footprint(&f, dir, ram, FIT_CONTEXT, k, 512, 8) {
+        Ok(p) if p.ram_cache >= p.experts_on_disk => Ok(Fit::ExpertsInRam),
+        Ok(p) => Ok(Fit::Streamed { ram_cache: p.ram_cache, experts: p.experts_on_disk }),
+        Err(Error::Input(msg)) => Ok(Fit::DoesNotFit(msg)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Total RAM of this machine (MemTotal), when /proc/meminfo says.
+pub fn total_ram_bytes() -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
+}
+
 /// Plans a model under `budget` bytes. `fetch_chunk` is the most expert buffers fetched at
 /// once; `batch_tokens` the largest batch (prompt) processed at once.
 pub fn plan(
@@ -64,27 +165,21 @@ pub fn plan(
     batch_tokens: usize,
     io_threads: usize,
 ) -> Result<MemoryPlan> {
-    let cfg = ModelConfig::load(dir)?;
-    let (non_expert, max_stride, experts_on_disk) = if dir.join(crate::packed::MANIFEST).exists() {
-        let m = Manifest::load(dir)?;
-        (
-            m.tensors.iter().map(|t| t.nbytes).sum::<u64>(),
-            m.experts.iter().map(|e| e.stride).max().unwrap_or(0),
-            m.experts.iter().map(|e| e.stride * e.num_experts as u64).sum::<u64>(),
-        )
-    } else {
-        // HF/MLX folder: experts are read in place; everything else stays mapped and resident.
-        let store = crate::packed::open_any(dir)?;
-        let w = crate::models::qwen35::ModelWeights::load(&store, &cfg)?;
-        let max_expert = w
-            .layers
-            .iter()
-            .filter_map(|l| l.moe.experts.resident().and_then(|v| v.first()).map(|e| e.bytes() as u64))
-            .max()
-            .unwrap_or(0);
-        (w.non_expert_bytes() as u64, max_expert.next_multiple_of(4096), w.expert_bytes() as u64)
-    };
-    let c = &cfg;
+    plan_footprint(&footprint(dir)?, dir, budget, context_tokens, fetch_chunk, batch_tokens, io_threads)
+}
+
+/// `plan` for a footprint already read (`dir` names the model in the error).
+pub fn plan_footprint(
+    f: &Footprint,
+    dir: &Path,
+    budget: u64,
+    context_tokens: usize,
+    fetch_chunk: usize,
+    batch_tokens: usize,
+    io_threads: usize,
+) -> Result<MemoryPlan> {
+    let (non_expert, max_stride, experts_on_disk) = (f.non_expert, f.max_expert, f.experts);
+    let c = &f.config;
     // Widest per-token activations: projections, expert hidden, logits of one row.
     let act_per_token = 4 * (c.hidden_size * 4 + 2 * c.num_heads * c.head_dim + c.conv_dim() * 2 + c.value_dim() * 2)
         + 4 * c.moe_intermediate.max(c.shared_intermediate) * 3;
@@ -140,6 +235,43 @@ impl MemoryPlan {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn fit_follows_the_plan_from_gpu_to_ram_to_disk() {
+        use super::{FIT_CONTEXT, Fit, fit, plan};
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen35-moe-tiny");
+        assert_eq!(fit(&dir, 1 << 40, Some(1 << 40)).unwrap(), Fit::AllOnGpu);
+        assert_eq!(fit(&dir, 1 << 40, None).unwrap(), Fit::ExpertsInRam);
+        assert_eq!(fit(&dir, 1 << 40, Some(1 << 10)).unwrap(), Fit::ExpertsInRam);
+        // Budgets around the resident part: not fitting, then experts partly cached (streamed),
+        // then all cached. The process's own size is part of the plan and moves a little between
+        // calls, so the boundaries are found by a sweep rather than computed.
+        let k = crate::ModelConfig::load(&dir).unwrap().experts_per_token;
+        let p = plan(&dir, 1 << 40, FIT_CONTEXT, k, 512, 8).unwrap();
+        let resident = p.non_expert + p.state + p.buffers + p.baseline;
+        let step = 64 << 10;
+        let mut seen = Vec::new();
+        let mut budget = resident.saturating_sub(8 << 20);
+        while budget < resident + p.experts_on_disk + (8 << 20) {
+            let f = fit(&dir, budget, None).unwrap();
+            if let Fit::Streamed { ram_cache, experts } = &f {
+                assert_eq!(*experts, p.experts_on_disk);
+                assert!(*ram_cache < *experts, "{ram_cache} of {experts}");
+            }
+            let class = match f {
+                Fit::DoesNotFit(_) => 0,
+                Fit::Streamed { .. } => 1,
+                Fit::ExpertsInRam => 2,
+                Fit::AllOnGpu => 3,
+            };
+            if seen.last() != Some(&class) {
+                seen.push(class);
+            }
+            budget += step;
+        }
+        assert_eq!(seen, [0, 1, 2], "classes by growing budget");
+        assert!(matches!(fit(&dir, 1 << 20, None).unwrap(), Fit::DoesNotFit(m) if m.contains("too small")));
+    }
+
     #[test]
     fn sizes() {
         assert_eq!(super::parse_size("8G").unwrap(), 8 << 30);

@@ -16,3 +16,21 @@ pub fn cache_root() -> PathBuf {
         None => std::env::temp_dir().join("flashmoe"),
     }
 }
+
+/// Bytes free for an unprivileged user on the file system that holds `path` (or, when `path`
+/// does not exist yet, its nearest existing ancestor). None when the system does not say.
+pub fn free_space(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let existing = path.ancestors().find(|p| p.exists())?;
+    let c = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` a buffer of the right type; statvfs only
+    // writes into it, and it is read only when the call succeeded.
+    let st = unsafe {
+        if libc::statvfs(c.as_ptr(), st.as_mut_ptr()) != 0 {
+            return None;
+        }
+        st.assume_init()
+    };
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}

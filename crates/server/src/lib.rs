@@ -54,6 +54,9 @@ pub struct ServerConfig {
     pub state_cache_bytes: usize,
     /// Name reported by /v1/models and expected in requests (default: the model folder's name).
     pub model_name: Option<String>,
+    /// Answer requests naming any model (clients that hard-code a name); otherwise an unknown
+    /// name is a 404 `model_not_found`.
+    pub accept_any_model: bool,
     /// JSON file of scripted replies (test harness).
     pub scripted_replies: Option<PathBuf>,
     /// Think budget applied when a request sets none.
@@ -74,6 +77,7 @@ impl ServerConfig {
             api_key: None,
             state_cache_bytes: 1 << 30,
             model_name: None,
+            accept_any_model: false,
             scripted_replies: None,
             think_budget: None,
             quiet: false,
@@ -86,6 +90,7 @@ impl ServerConfig {
 pub(crate) struct AppState {
     pub engine: Arc<Engine>,
     pub model_name: String,
+    pub accept_any_model: bool,
     pub api_key: Option<String>,
     pub max_context: usize,
     pub tool_format: ToolFormat,
@@ -214,6 +219,7 @@ async fn prepare(cfg: ServerConfig) -> Result<(tokio::net::TcpListener, Router)>
         max_context: engine.model.max_context(),
         engine,
         model_name,
+        accept_any_model: cfg.accept_any_model,
         api_key: cfg.api_key.clone(),
         think_budget: cfg.think_budget,
         scripted,

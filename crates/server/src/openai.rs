@@ -96,7 +96,7 @@ pub(crate) async fn collect(mut ticket: Ticket, relay: &mut Relay) -> ApiResult<
 
 pub(crate) fn check_model(s: &AppState, f: &Fields) -> ApiResult<()> {
     let model = f.req_str("model")?;
-    if model != s.model_name {
+    if model != s.model_name && !s.accept_any_model {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("The model `{model}` does not exist; this server serves `{}`.", s.model_name),
@@ -565,7 +565,7 @@ pub async fn models(State(s): State<Shared>) -> Response {
 }
 
 pub async fn model(State(s): State<Shared>, Path(id): Path<String>) -> Response {
-    if id != s.model_name {
+    if id != s.model_name && !s.accept_any_model {
         return ApiError::new(StatusCode::NOT_FOUND, format!("The model `{id}` does not exist."))
             .param("model")
             .code("model_not_found")

@@ -1,28 +1,34 @@
-//! `--model`: the model folder, optional where the built-in model stands in.
+//! `--model`: a model folder or file, `builtin`, or a Hub repo (`OWNER/NAME[@REV][:QUANT]`) in the
+//! Hugging Face cache; optional where the built-in model stands in.
 
 use anyhow::Result;
 use clap::Args;
+use flashmoe::hub::{self, BUILTIN, HubCache, ModelRef, Resolved};
 use std::path::PathBuf;
+
+/// What `--model` accepts, for the help text.
+const MODEL_HELP: &str = "Model: a folder (HF/MLX safetensors or packed), a .gguf file, `builtin`, or a Hub repo \
+OWNER/NAME[@REVISION][:QUANT] from the Hugging Face cache (`flashmoe pull` downloads one)";
 
 /// `--model`, optional: without it the built-in small trained model is used.
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// Model folder (HF/MLX safetensors or packed). Default: the built-in small trained model.
+    /// Model: a folder (HF/MLX safetensors or packed), a .gguf file, `builtin`, or a Hub repo
+    /// OWNER/NAME[@REVISION][:QUANT] from the Hugging Face cache. Default: builtin.
     #[arg(long)]
-    pub model: Option<PathBuf>,
+    pub model: Option<String>,
 }
 
 /// `--model`, required.
 #[derive(Args, Clone, Debug)]
 pub struct ModelDir {
-    /// Model folder (HF/MLX safetensors or packed).
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(long, help = MODEL_HELP)]
+    pub model: String,
 }
 
 /// The small Qwen3.5-MoE model trained for flashmoe (models/qwen35-moe-tiny-trained), embedded
 /// so that `run` works with nothing downloaded.
-const BUILTIN_NAME: &str = "qwen35-moe-tiny-trained";
+pub const BUILTIN_NAME: &str = "qwen35-moe-tiny-trained";
 const BUILTIN_FILES: [(&str, &[u8]); 6] = [
     ("config.json", include_bytes!("../../../../models/qwen35-moe-tiny-trained/config.json")),
     ("model.safetensors", include_bytes!("../../../../models/qwen35-moe-tiny-trained/model.safetensors")),
@@ -32,17 +38,55 @@ const BUILTIN_FILES: [(&str, &[u8]); 6] = [
     ("generation_config.json", include_bytes!("../../../../models/qwen35-moe-tiny-trained/generation_config.json")),
 ];
 
-impl ModelArgs {
-    /// The model folder: `--model`, or the built-in model written out (once) to a cache folder.
-    pub fn dir(&self) -> Result<PathBuf> {
-        if let Some(m) = &self.model {
-            return Ok(m.clone());
+/// Where the built-in model is (or will be) unpacked, and the bytes embedded.
+pub fn builtin_folder() -> (PathBuf, u64) {
+    (flashmoe::builtin::folder(BUILTIN_NAME, &BUILTIN_FILES), BUILTIN_FILES.iter().map(|(_, b)| b.len() as u64).sum())
+}
+
+/// Resolves a `--model` value to the folder or file to load and the model's name.
+pub fn resolve(reference: &str) -> Result<Resolved> {
+    match ModelRef::parse(reference) {
+        ModelRef::Builtin => {
+            let dir = flashmoe::builtin::materialize(BUILTIN_NAME, &BUILTIN_FILES)?;
+            eprintln!(
+                "[flashmoe] model: built-in {BUILTIN_NAME} (19.8M parameters, trained on Debian documentation; packed at {})",
+                dir.display()
+            );
+            Ok(Resolved { path: dir, name: BUILTIN.into() })
         }
-        let dir = flashmoe::builtin::materialize(BUILTIN_NAME, &BUILTIN_FILES)?;
-        eprintln!(
-            "[flashmoe] model: built-in {BUILTIN_NAME} (19.8M parameters, trained on Debian documentation; packed at {})",
-            dir.display()
-        );
-        Ok(dir)
+        ModelRef::Path(p) => Ok(hub::resolve_path(&p)?),
+        ModelRef::Hub { repo, revision, quant } => {
+            let r = hub::resolve_hub(&HubCache::from_env(), &repo, revision.as_deref(), quant.as_deref())?;
+            eprintln!("[flashmoe] model: {} ({})", r.name, r.path.display());
+            Ok(r)
+        }
+    }
+}
+
+/// `resolve` as a clap value parser: the path to load.
+pub fn resolved_path(reference: &str) -> std::result::Result<PathBuf, String> {
+    resolve(reference).map(|r| r.path).map_err(|e| format!("{e:#}"))
+}
+
+impl ModelArgs {
+    /// The model `--model` names, or the built-in one.
+    pub fn resolve(&self) -> Result<Resolved> {
+        resolve(self.model.as_deref().unwrap_or(BUILTIN))
+    }
+
+    /// The folder (or file) to load.
+    pub fn dir(&self) -> Result<PathBuf> {
+        self.resolve().map(|r| r.path)
+    }
+}
+
+impl ModelDir {
+    pub fn resolve(&self) -> Result<Resolved> {
+        resolve(&self.model)
+    }
+
+    /// The folder (or file) to load.
+    pub fn dir(&self) -> Result<PathBuf> {
+        self.resolve().map(|r| r.path)
     }
 }

@@ -31,8 +31,8 @@ enum What {
 
 #[derive(Args)]
 struct ExpertsArgs {
-    /// Packed model folder.
-    #[arg(long)]
+    /// Packed model: a folder, `builtin`, or a Hub repo in the Hugging Face cache.
+    #[arg(long, value_parser = crate::args::model::resolved_path)]
     model: PathBuf,
     /// Experts per layer per token (default: the model's top-k).
     #[arg(long)]
@@ -63,8 +63,8 @@ struct ExpertsArgs {
 
 #[derive(Args, Clone)]
 struct DecodeCommon {
-    /// Packed model folder.
-    #[arg(long)]
+    /// Packed model: a folder, `builtin`, or a Hub repo in the Hugging Face cache.
+    #[arg(long, value_parser = crate::args::model::resolved_path)]
     model: PathBuf,
     /// Measured decode steps.
     #[arg(long, default_value_t = 32)]

@@ -11,12 +11,15 @@ use std::time::Duration;
 
 #[derive(Args)]
 pub struct ChatArgs {
-    /// Server to talk to (OpenAI-compatible; default http://127.0.0.1:8000, or $FLASHMOE_URL).
+    /// Server to talk to (OpenAI-compatible; default $FLASHMOE_URL when set, else the engine in
+    /// this process with --model).
     #[arg(long, conflicts_with = "model")]
     url: Option<String>,
-    /// Model folder: run the engine in this process behind a private server (127.0.0.1, a free port).
+    /// Model to run in this process behind a private server (127.0.0.1, a free port): a folder,
+    /// a .gguf file, `builtin` or a Hub repo OWNER/NAME[@REVISION][:QUANT]. Default: builtin
+    /// (unless $FLASHMOE_URL names a server).
     #[arg(long)]
-    model: Option<PathBuf>,
+    model: Option<String>,
     /// Continue a saved conversation (ids are shown at start and exit; /resume lists them).
     #[arg(long)]
     resume: Option<String>,
@@ -65,9 +68,12 @@ pub struct ChatArgs {
 pub fn run(a: ChatArgs) -> Result<()> {
     let data_dir = store::data_dir();
     let mut local = None;
-    let url = match (&a.url, &a.model) {
-        (Some(u), _) => u.clone(),
-        (None, Some(dir)) => {
+    let env_url = std::env::var("FLASHMOE_URL").ok().filter(|u| !u.is_empty());
+    let url = match (&a.url, &a.model, env_url) {
+        (Some(u), _, _) => u.clone(),
+        (None, None, Some(u)) => u,
+        (None, model, _) => {
+            let reference = model.as_deref().unwrap_or(flashmoe::hub::BUILTIN);
             // The engine runs in this process: a private server on 127.0.0.1 and a free port.
             let mut words: Vec<String> = vec!["serve".into()];
             words.extend(["--host".into(), "127.0.0.1".into(), "--port".into(), "0".into()]);
@@ -82,19 +88,19 @@ pub fn run(a: ChatArgs) -> Result<()> {
                         e.to_string().lines().next().unwrap_or("")
                     )
                 })?;
-            let mut cfg = serve::config(dir, parsed.args, &a.engine, &a.store, &a.device)?;
+            let resolved = crate::args::model::resolve(reference)?;
+            let mut cfg = serve::config(&resolved, parsed.args, &a.engine, &a.store, &a.device)?;
             cfg.quiet = true;
             // The in-process server logs only warnings: the plan is printed here, as `run` does.
             if let Some(plan) = &cfg.memory_plan {
                 eprintln!("[flashmoe] plan: {plan}");
             }
-            eprintln!("[flashmoe] loading {} …", dir.display());
+            eprintln!("[flashmoe] loading {} …", resolved.name);
             let s = flashmoe_server::spawn(cfg)?;
             let u = format!("http://{}", s.addr);
             local = Some(s);
             u
         }
-        (None, None) => std::env::var("FLASHMOE_URL").unwrap_or_else(|_| "http://127.0.0.1:8000".into()),
     };
     let system = match &a.system_file {
         Some(p) => {

@@ -8,8 +8,9 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct ConvertArgs {
-    /// Source model folder (HF safetensors, MLX, or packed).
-    src: PathBuf,
+    /// Source model: a folder (HF safetensors, MLX, or packed), `builtin`, or a Hub repo
+    /// OWNER/NAME[@REVISION] from the Hugging Face cache.
+    src: String,
     /// Destination folder (written as DST.partial, renamed when complete).
     dst: PathBuf,
     /// Routed experts: 2, 4, 8, bf16, f16, f32 or keep. Default: keep quantized experts, quantize float ones to 4 bits.
@@ -39,7 +40,8 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     }
     let bar = Bar::bytes();
     let t0 = std::time::Instant::now();
-    let rep = flashmoe::convert::convert(&a.src, &a.dst, &opts, &bar)?;
+    let src = crate::args::model::resolve(&a.src)?.path;
+    let rep = flashmoe::convert::convert(&src, &a.dst, &opts, &bar)?;
     if !rep.rmse.is_empty() {
         eprintln!("requantization error (RMSE against the source values, and the source RMS for scale):");
         eprintln!("{:>6}  {:<28} {:>12} {:>12}  {:>10} {:>10}", "layer", "projection", "from", "to", "rmse", "rms");

@@ -14,12 +14,13 @@ pub struct InfoArgs {
 }
 
 pub fn run(a: InfoArgs) -> Result<()> {
-    if flashmoe::gguf::is_gguf(&a.model.model) {
-        return gguf_info(&a.model.model);
+    let dir = a.model.dir()?;
+    if flashmoe::gguf::is_gguf(&dir) {
+        return gguf_info(&dir);
     }
     // Experts mapped in place rather than streamed: their matrices are then there to describe.
     let opts = flashmoe::LoadOptions { stream_experts: false, ..Default::default() };
-    let model = Model::load_with(&a.model.model, &opts)?;
+    let model = Model::load_with(&dir, &opts)?;
     let w = model
         .host_weights::<flashmoe::qwen35::ModelWeights>()
         .ok_or_else(|| anyhow::anyhow!("info knows the Qwen3.5-MoE family's weights only"))?;

@@ -8,7 +8,9 @@ pub mod devices;
 pub mod gpubench;
 pub mod info;
 pub mod logits;
+pub mod models;
 pub mod ppl;
+pub mod pull;
 pub mod routing_stats;
 pub mod run;
 #[cfg(feature = "cuda")]

@@ -38,7 +38,7 @@ pub struct PplArgs {
 
 pub fn run(a: PplArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.file).map_err(|e| anyhow!("{}: {e}", a.file.display()))?;
-    let dir = &a.model.model;
+    let dir = &a.model.dir()?;
     let plan = Plan { context_tokens: a.window, batch_tokens: a.window };
     let mut opts = args::load_options(dir, &a.store, &a.device, &a.engine, plan)?;
     a.trace.apply(&mut opts);

@@ -1,16 +1,16 @@
 //! `flashmoe serve`: the OpenAI- and Anthropic-compatible HTTP server (crate flashmoe-server).
 
-use crate::args::{self, DeviceArgs, EngineArgs, Plan, StoreArgs};
+use crate::args::{self, DeviceArgs, EngineArgs, ModelArgs, Plan, StoreArgs};
 use anyhow::{Result, anyhow};
+use flashmoe::hub::Resolved;
 use flashmoe::memory::parse_size;
 use flashmoe_server::ServerConfig;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
-    /// Model folder (HF/MLX safetensors or packed).
-    #[arg(long)]
-    model: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
     #[command(flatten)]
     server: ServerArgs,
     #[command(flatten)]
@@ -51,9 +51,14 @@ pub struct ServerArgs {
     /// extends an earlier conversation resumes from the longest saved prefix.
     #[arg(long, default_value = "1G")]
     state_cache: String,
-    /// Model name reported by /v1/models and expected in requests (default: the folder's name).
+    /// Model name reported by /v1/models and expected in requests (default: `builtin`, the
+    /// Hub repo, or the folder's name).
+    #[arg(long, alias = "model-name")]
+    served_model_name: Option<String>,
+    /// Answer requests whatever model name they ask for (for clients that hard-code one);
+    /// by default an unknown name is a 404 `model_not_found`, as OpenAI answers.
     #[arg(long)]
-    model_name: Option<String>,
+    accept_any_model: bool,
     /// Close thinking after N tokens (`</think>` inserted) when a request sets no budget.
     #[arg(long)]
     think_budget: Option<usize>,
@@ -65,7 +70,8 @@ pub struct ServerArgs {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    let mut cfg = config(&a.model, a.server, &a.engine, &a.store, &a.device)?;
+    let model = a.model.resolve()?;
+    let mut cfg = config(&model, a.server, &a.engine, &a.store, &a.device)?;
     // JSON logs: every stderr line is a JSON object (the "listening on" log line says it all).
     cfg.quiet = a.log_format == LogFormat::Json;
     flashmoe_server::serve(cfg)
@@ -76,24 +82,25 @@ const PLAN_CONTEXT: usize = 8192;
 
 /// The server configuration these flags describe.
 pub fn config(
-    model: &Path,
+    model: &Resolved,
     a: ServerArgs,
     engine: &EngineArgs,
     store: &StoreArgs,
     device: &DeviceArgs,
 ) -> Result<ServerConfig> {
-    let mut cfg = ServerConfig::new(model.to_path_buf());
+    let mut cfg = ServerConfig::new(model.path.clone());
     cfg.host = a.host;
     cfg.port = a.port;
     cfg.api_key = a.api_key.filter(|k| !k.is_empty());
     cfg.state_cache_bytes = parse_size(&a.state_cache).map_err(|e| anyhow!("--state-cache {e}"))? as usize;
-    cfg.model_name = a.model_name;
+    cfg.model_name = Some(a.served_model_name.unwrap_or_else(|| model.name.clone()));
+    cfg.accept_any_model = a.accept_any_model;
     cfg.think_budget = a.think_budget;
     cfg.scripted_replies = a.scripted_replies;
     let context = engine.max_context.unwrap_or(PLAN_CONTEXT);
     let plan = Plan { context_tokens: context, batch_tokens: context };
     // The plan goes into the server's start-up block (logged) instead of a line of its own.
-    let (load, memory_plan) = args::load_options_and_plan(model, store, device, engine, plan)?;
+    let (load, memory_plan) = args::load_options_and_plan(&model.path, store, device, engine, plan)?;
     cfg.load = load;
     cfg.memory_plan = memory_plan.map(|p| p.describe());
     Ok(cfg)

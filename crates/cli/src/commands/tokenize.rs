@@ -9,8 +9,10 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct TokenizeArgs {
+    /// Model whose tokenizer (and chat template) to use: a folder, `builtin` or a Hub repo
+    /// OWNER/NAME[@REVISION] from the Hugging Face cache.
     #[arg(long, conflicts_with = "tokenizer", required_unless_present = "tokenizer")]
-    model: Option<PathBuf>,
+    model: Option<String>,
     /// A tokenizer.json file.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
@@ -34,7 +36,8 @@ pub struct TokenizeArgs {
 }
 
 pub fn run(a: TokenizeArgs) -> Result<()> {
-    let tok_path = match (&a.model, &a.tokenizer) {
+    let model_dir = a.model.as_deref().map(crate::args::model::resolve).transpose()?.map(|r| r.path);
+    let tok_path = match (&model_dir, &a.tokenizer) {
         (Some(m), _) => m.join("tokenizer.json"),
         (None, Some(t)) => t.clone(),
         (None, None) => bail!("give --model DIR or --tokenizer FILE"),
@@ -44,7 +47,7 @@ pub fn run(a: TokenizeArgs) -> Result<()> {
         std::io::stdin().read_to_string(&mut input).context("reading the chat request from stdin")?;
         let req: Json = serde_json::from_str(&input).map_err(|e| anyhow!("stdin: malformed JSON: {e}"))?;
         let messages = req.get("messages").ok_or_else(|| anyhow!("stdin: missing field `messages`"))?;
-        let template = match &a.model {
+        let template = match &model_dir {
             Some(m) => ChatTemplate::from_model_dir(m)?,
             None => {
                 let cfg = tok_path.with_file_name("tokenizer_config.json");

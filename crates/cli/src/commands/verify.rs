@@ -3,22 +3,24 @@
 use crate::util::fmt_bytes;
 use anyhow::{Result, bail};
 use clap::Args;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[derive(Args)]
 pub struct VerifyArgs {
-    dir: PathBuf,
+    /// Packed model: a folder, or `builtin`.
+    dir: String,
 }
 
 pub fn run(a: VerifyArgs) -> Result<()> {
-    if a.dir.is_dir() && !a.dir.join(flashmoe::packed::MANIFEST).exists() {
+    let dir = crate::args::model::resolve(&a.dir)?.path;
+    if dir.is_dir() && !dir.join(flashmoe::packed::MANIFEST).exists() {
         bail!(
             "{} is {}, not a packed model; verify checks packed models made by `flashmoe convert`",
-            a.dir.display(),
-            what_folder(&a.dir)
+            dir.display(),
+            what_folder(&dir)
         );
     }
-    let rep = flashmoe::packed::verify::verify(&a.dir)?;
+    let rep = flashmoe::packed::verify::verify(&dir)?;
     println!("ok: {} tensors, {} experts, {} checked", rep.tensors, rep.experts, fmt_bytes(rep.bytes));
     Ok(())
 }
