@@ -57,7 +57,7 @@ fn check_file(h: &Header, want: &Json) {
     assert_eq!(h.tensors.len(), tensors.len());
     for (t, w) in h.tensors.iter().zip(tensors) {
         assert_eq!(t.name, w["name"].as_str().unwrap());
-        assert_eq!(t.ggml_type.id as u64, w["type"].as_u64().unwrap(), "{}", t.name);
+        assert_eq!(t.ggml_type.id() as u64, w["type"].as_u64().unwrap(), "{}", t.name);
         let dims: Vec<u64> = w["dims"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect();
         assert_eq!(t.dims, dims, "{}", t.name);
         assert_eq!((t.start, t.end()), (w["start"].as_u64().unwrap(), w["end"].as_u64().unwrap()), "{}", t.name);

@@ -129,7 +129,7 @@ fn gguf_info(path: &std::path::Path) -> Result<()> {
     );
     let mut types: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
     for (_, t) in m.parts.tensors() {
-        let e = types.entry(t.ggml_type.name).or_default();
+        let e = types.entry(t.ggml_type.name()).or_default();
         e.0 += 1;
         e.1 += t.len;
     }

@@ -272,7 +272,7 @@ impl TensorInfo {
     }
     /// Bytes of one row (dims[0] elements).
     pub fn row_bytes(&self) -> u64 {
-        self.ggml_type.row_bytes(self.dims[0]).expect("checked when parsed")
+        self.ggml_type.row_bytes(self.dims[0] as usize).expect("checked when parsed") as u64
     }
     /// The shape in PyTorch order ([.., rows, row length]), as our weight tree writes shapes.
     pub fn torch_shape(&self) -> Vec<u64> {
@@ -388,15 +388,16 @@ impl Header {
         let mut names = HashMap::with_capacity(infos.len());
         for (name, dims, type_id, offset) in infos {
             let ggml_type = GgmlType::from_id(type_id)
-                .ok_or_else(|| c.err(format!("tensor `{name}` has unknown GGML type id {type_id}")))?;
+                .map_err(|_| c.err(format!("tensor `{name}` has unknown GGML type id {type_id}")))?;
             let shape = dims.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
-            let bad = |msg: String| c.err(format!("tensor `{name}` ({} [{shape}]): {msg}", ggml_type.name));
-            let row = ggml_type.row_bytes(dims[0]).ok_or_else(|| {
+            let bad = |msg: String| c.err(format!("tensor `{name}` ({} [{shape}]): {msg}", ggml_type.name()));
+            let row = usize::try_from(dims[0]).ok().and_then(|d| ggml_type.row_bytes(d).ok()).ok_or_else(|| {
                 bad(format!(
                     "a row of {} elements is not a whole number of {}-element blocks",
-                    dims[0], ggml_type.block_elems
+                    dims[0],
+                    ggml_type.block_size()
                 ))
-            })?;
+            })? as u64;
             let len = dims[1..]
                 .iter()
                 .try_fold(row, |acc, &d| acc.checked_mul(d))

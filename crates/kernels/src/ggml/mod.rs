@@ -60,12 +60,16 @@ pub enum GgmlType {
     TQ1_0,
     TQ2_0,
     MXFP4,
+    NVFP4,
+    Q1_0,
 }
 
 /// (type, GGUF id, elements per block, bytes per block). Sizes follow
 /// `GGML_QUANT_SIZES` in gguf-py 0.17.1 (MXFP4 from ggml.h: 1 byte E8M0
-/// scale + 16 bytes of 4-bit codes).
-const TABLE: [(GgmlType, u32, usize, usize); 32] = {
+/// scale + 16 bytes of 4-bit codes; NVFP4 and Q1_0 from gguf-py 0.19.0).
+/// The one table of GGML types in the workspace: the GGUF reader checks
+/// tensor sizes with it too.
+const TABLE: [(GgmlType, u32, usize, usize); 34] = {
     use GgmlType::*;
     [
         (F32, 0, 1, 4),
@@ -100,6 +104,8 @@ const TABLE: [(GgmlType, u32, usize, usize); 32] = {
         (TQ1_0, 34, QK_K, 2 + 4 * 13),
         (TQ2_0, 35, QK_K, 2 + 64),
         (MXFP4, 39, 32, 1 + 16),
+        (NVFP4, 40, 64, 36),
+        (Q1_0, 41, 128, 18),
     ]
 };
 
@@ -114,8 +120,8 @@ const _: () = {
 
 impl GgmlType {
     /// Every known type, in id order.
-    pub const ALL: [GgmlType; 32] = {
-        let mut all = [GgmlType::F32; 32];
+    pub const ALL: [GgmlType; 34] = {
+        let mut all = [GgmlType::F32; 34];
         let mut i = 0;
         while i < TABLE.len() {
             all[i] = TABLE[i].0;
@@ -184,6 +190,8 @@ impl GgmlType {
             TQ1_0 => "TQ1_0",
             TQ2_0 => "TQ2_0",
             MXFP4 => "MXFP4",
+            NVFP4 => "NVFP4",
+            Q1_0 => "Q1_0",
         }
     }
 
