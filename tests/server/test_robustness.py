@@ -210,3 +210,23 @@ def test_state_reuse_matches_cold_run(tiny, tiny_cold):
     skipped = after["flashmoe_prefill_tokens_total"] - before["flashmoe_prefill_tokens_total"]
     assert skipped == warm["usage"]["prompt_tokens"] - reused
     assert tiny_cold.metrics()["flashmoe_state_cache_hits_total"] == 0
+
+
+def test_foreign_host_or_origin_is_refused(tiny):
+    """DNS rebinding and cross-site requests: a web page addressing the loopback server through
+    its own name (Host) or from its own origin (Origin) is refused; clients naming the server as
+    localhost / 127.0.0.1, and clients that send no Origin, are served."""
+    body = chat(tiny.model, max_tokens=2)
+    url = tiny.url + "/v1/chat/completions"
+    r = requests.post(url, json=body, headers={"Host": "attacker.example:%d" % tiny.port}, timeout=60)
+    e = err(r, 403, code="forbidden_host")
+    assert "attacker.example" in e["message"] and "--allowed-host" in e["message"]
+    r = requests.post(url, data=json.dumps(body), headers={"Origin": "http://attacker.example",
+                      "Content-Type": "text/plain"}, timeout=60)
+    err(r, 403, code="forbidden_host")
+    assert requests.get(tiny.url + "/health", headers={"Host": "attacker.example"}, timeout=10).status_code == 403
+    for host in ("localhost:%d" % tiny.port, "127.0.0.1:%d" % tiny.port):
+        r = requests.post(url, json=body, headers={"Host": host}, timeout=60)
+        assert r.status_code == 200, r.text
+    r = requests.post(url, json=body, headers={"Origin": "http://localhost:3000"}, timeout=60)
+    assert r.status_code == 200, r.text

@@ -65,6 +65,10 @@ pub struct ServerConfig {
     pub quiet: bool,
     /// The memory plan of `--memory-budget`, described (logged in the start-up block).
     pub memory_plan: Option<String>,
+    /// Host names requests may address (the `Host` header, and the `Origin` of a browser
+    /// request) besides the loopback names a loopback-bound server always answers to; `*`
+    /// turns the check off. See [`HostGuard`].
+    pub allowed_hosts: Vec<String>,
 }
 
 impl ServerConfig {
@@ -82,6 +86,7 @@ impl ServerConfig {
             think_budget: None,
             quiet: false,
             memory_plan: None,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -104,6 +109,7 @@ pub(crate) struct AppState {
     /// How routed experts are read: `page`, `direct` or `mmap`, and why.
     pub io_mode: &'static str,
     pub io_reason: String,
+    pub host_guard: HostGuard,
 }
 
 pub(crate) type Shared = Arc<AppState>;
@@ -214,6 +220,19 @@ async fn prepare(cfg: ServerConfig) -> Result<(tokio::net::TcpListener, Router)>
     let metrics = Arc::new(Metrics::default());
     let queue = worker::start(engine.clone(), cfg.state_cache_bytes, script, metrics.clone())?;
     let engine_device = engine.model.device_description();
+    let addr: SocketAddr = format!("{}:{}", cfg.host, cfg.port)
+        .parse()
+        .or_else(|_| {
+            std::net::ToSocketAddrs::to_socket_addrs(&(cfg.host.as_str(), cfg.port))
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or(())
+        })
+        .map_err(|_| anyhow::anyhow!("--host {}: not an address", cfg.host))?;
+    let host_guard = HostGuard::new(addr.ip().is_loopback(), &cfg.allowed_hosts);
+    if let Some(names) = host_guard.names() {
+        tracing::info!("answering to host names {} (--allowed-host adds more)", names.join(", "));
+    }
     let state = Arc::new(AppState {
         tool_format: detect_format(engine.template.source()),
         max_context: engine.model.max_context(),
@@ -229,17 +248,10 @@ async fn prepare(cfg: ServerConfig) -> Result<(tokio::net::TcpListener, Router)>
         device: engine_device,
         io_mode,
         io_reason,
+        host_guard,
     });
-    let addr: SocketAddr = format!("{}:{}", cfg.host, cfg.port)
-        .parse()
-        .or_else(|_| {
-            std::net::ToSocketAddrs::to_socket_addrs(&(cfg.host.as_str(), cfg.port))
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or(())
-        })
-        .map_err(|_| anyhow::anyhow!("--host {}: not an address", cfg.host))?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+
     tracing::info!("listening on http://{}", listener.local_addr()?);
     if !cfg.quiet {
         eprintln!(
@@ -323,8 +335,95 @@ fn router(state: Shared) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), guard_hosts))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
+}
+
+/// Which host names the server answers to. A server on a loopback address is reachable only
+/// from this machine, but a web page in the user's browser can still reach it: by a request
+/// from its own origin (cross-site POSTs need no CORS permission to be *sent*), or by DNS
+/// rebinding (its own name re-pointed at 127.0.0.1, so the browser treats the server as
+/// same-origin). Both carry a foreign name, in `Origin` or in `Host`; checking them stops both
+/// (as llama.cpp's and Jupyter's servers do). Clients that are not browsers send no `Origin`
+/// and address the server by the name they were given, so they are unaffected.
+#[derive(Clone, Debug)]
+pub struct HostGuard {
+    /// Lower-case names without port; None: any name (a server bound to another address,
+    /// exposed on purpose, with no --allowed-host; or `--allowed-host '*'`).
+    allowed: Option<Vec<String>>,
+}
+
+impl HostGuard {
+    pub fn new(loopback: bool, extra: &[String]) -> Self {
+        if extra.iter().any(|h| h == "*") || (!loopback && extra.is_empty()) {
+            return HostGuard { allowed: None };
+        }
+        let mut names: Vec<String> =
+            if loopback { ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec() } else { Vec::new() };
+        names.extend(extra.iter().map(|h| h.trim().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase()));
+        HostGuard { allowed: Some(names) }
+    }
+
+    /// The names accepted, or None when any is.
+    pub fn names(&self) -> Option<&[String]> {
+        self.allowed.as_deref()
+    }
+
+    /// Whether `authority` (`name`, `name:port`, `[v6]:port`) names this server.
+    pub fn allows(&self, authority: &str) -> bool {
+        let Some(names) = &self.allowed else { return true };
+        let a = authority.trim();
+        let host = if let Some(rest) = a.strip_prefix('[') {
+            rest.split(']').next().unwrap_or("")
+        } else if a.matches(':').count() > 1 {
+            a // a bare IPv6 address
+        } else {
+            a.split(':').next().unwrap_or("")
+        };
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        // RFC 6761: every name under .localhost is the loopback host.
+        let loopback_alias = host.ends_with(".localhost") && names.iter().any(|n| n == "localhost");
+        loopback_alias || names.iter().any(|n| *n == host)
+    }
+
+    /// Whether an `Origin` header value (`scheme://authority`, or `null`) is one of ours.
+    pub fn allows_origin(&self, origin: &str) -> bool {
+        if self.allowed.is_none() {
+            return true;
+        }
+        match origin.trim().split_once("://") {
+            Some((_, authority)) => self.allows(authority.trim_end_matches('/')),
+            None => false, // `null` (sandboxed frames, file:// pages) or garbage
+        }
+    }
+}
+
+/// Refuses requests addressed to a name the server does not answer to ([`HostGuard`]).
+async fn guard_hosts(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    let h = req.headers();
+    let header_text = |name: header::HeaderName| h.get(name).map(|v| v.to_str().unwrap_or("\u{fffd}").to_string());
+    let refused = match (header_text(header::HOST), header_text(header::ORIGIN)) {
+        (Some(host), _) if !s.host_guard.allows(&host) => Some(("Host", host)),
+        (_, Some(origin)) if !s.host_guard.allows_origin(&origin) => Some(("Origin", origin)),
+        _ => None,
+    };
+    if let Some((what, value)) = refused {
+        let names = s.host_guard.names().unwrap_or_default().join(", ");
+        tracing::warn!("refused a request with {what} `{value}`");
+        return api::ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{what} `{value}` is not a name this server answers to ({names}); a web page cannot use \
+                 a local server through another name (DNS rebinding, cross-site requests). Add a name \
+                 with `flashmoe serve --allowed-host NAME`, or `--allowed-host '*'` to accept any"
+            ),
+        )
+        .code("forbidden_host")
+        .flavor(api::Flavor::of_path(req.uri().path()))
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// API key check for /v1/*: `Authorization: Bearer KEY` (OpenAI) or `x-api-key: KEY` (Anthropic).
@@ -389,4 +488,39 @@ async fn health(State(s): State<Shared>) -> Response {
 async fn metrics_text(State(s): State<Shared>) -> Response {
     let body = s.metrics.render(&s.engine);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+}
+
+#[cfg(test)]
+mod host_guard_tests {
+    use super::HostGuard;
+
+    #[test]
+    fn loopback_server_answers_to_loopback_names_only() {
+        let g = HostGuard::new(true, &[]);
+        for ok in
+            ["localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000", "::1", "LOCALHOST:1", "app.localhost:80"]
+        {
+            assert!(g.allows(ok), "{ok}");
+        }
+        for bad in ["evil.com:8000", "127.0.0.1.evil.com", "localhost.evil.com:8000", "10.0.0.1:8000", ""] {
+            assert!(!g.allows(bad), "{bad}");
+        }
+        assert!(g.allows_origin("http://localhost:3000"));
+        assert!(g.allows_origin("https://127.0.0.1"));
+        assert!(!g.allows_origin("http://evil.com"));
+        assert!(!g.allows_origin("null"));
+    }
+
+    #[test]
+    fn extra_names_and_star() {
+        let g = HostGuard::new(true, &["MyBox.lan".into(), "[fd00::2]".into()]);
+        assert!(g.allows("mybox.lan:8000") && g.allows("[fd00::2]:8000") && g.allows("localhost"));
+        assert!(!g.allows("other.lan"));
+        let any = HostGuard::new(true, &["*".into()]);
+        assert!(any.allows("evil.com") && any.allows_origin("null") && any.names().is_none());
+        // Bound to a LAN address on purpose: any name unless names are given.
+        assert!(HostGuard::new(false, &[]).allows("192.168.1.5:8000"));
+        let named = HostGuard::new(false, &["gpu-box".into()]);
+        assert!(named.allows("gpu-box:8000") && !named.allows("localhost"));
+    }
 }

@@ -59,6 +59,12 @@ pub struct ServerArgs {
     /// by default an unknown name is a 404 `model_not_found`, as OpenAI answers.
     #[arg(long)]
     accept_any_model: bool,
+    /// Also answer to this host name (repeatable). A server on a loopback address answers only
+    /// to localhost, 127.0.0.1 and ::1 in `Host` and in a browser's `Origin`, so that web pages
+    /// cannot reach it through DNS rebinding or cross-site requests; `*` accepts any name. On
+    /// another address, with no --allowed-host, any name is accepted.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    allowed_hosts: Vec<String>,
     /// Close thinking after N tokens (`</think>` inserted) when a request sets no budget.
     #[arg(long)]
     think_budget: Option<usize>,
@@ -95,6 +101,7 @@ pub fn config(
     cfg.state_cache_bytes = parse_size(&a.state_cache).map_err(|e| anyhow!("--state-cache {e}"))? as usize;
     cfg.model_name = Some(a.served_model_name.unwrap_or_else(|| model.name.clone()));
     cfg.accept_any_model = a.accept_any_model;
+    cfg.allowed_hosts = a.allowed_hosts;
     cfg.think_budget = a.think_budget;
     cfg.scripted_replies = a.scripted_replies;
     let context = engine.max_context.unwrap_or(PLAN_CONTEXT);
