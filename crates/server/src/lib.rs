@@ -384,7 +384,7 @@ impl HostGuard {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         // RFC 6761: every name under .localhost is the loopback host.
         let loopback_alias = host.ends_with(".localhost") && names.iter().any(|n| n == "localhost");
-        loopback_alias || names.iter().any(|n| *n == host)
+        loopback_alias || names.contains(&host)
     }
 
     /// Whether an `Origin` header value (`scheme://authority`, or `null`) is one of ours.
