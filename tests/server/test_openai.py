@@ -7,7 +7,7 @@ import subprocess
 import openai
 import pytest
 
-from conftest import API_KEY, BIN, PARIS_ANSWER, TRAINED, tokenize_chat
+from conftest import API_KEY, BIN, PARIS_ANSWER, TINY, TRAINED, tokenize_chat
 
 WEATHER_TOOL = {
     "type": "function",
@@ -215,3 +215,73 @@ def test_sdk_errors(trained):
     with pytest.raises(openai.BadRequestError):
         client(trained).chat.completions.create(model=trained.model, messages=[], max_tokens=2)
     assert API_KEY
+
+
+def test_unsupported_parameters_are_400_not_silence(tiny):
+    """Fields the server cannot honour yet are refused by name, never ignored."""
+    c = client(tiny)
+    cases = [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 3}, "logprobs"),
+        ({"tools": [WEATHER_TOOL], "tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+    ]
+    for extra, param in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model=tiny.model, messages=[PARIS_Q], max_tokens=2, **extra)
+        assert e.value.body["param"] == param and e.value.body["code"] == "unsupported_value", (extra, e.value.body)
+    # What is supported still works: a text response_format, logprobs false, tool_choice auto.
+    r = c.chat.completions.create(model=tiny.model, messages=[PARIS_Q], max_tokens=2,
+                                  response_format={"type": "text"}, logprobs=False,
+                                  tools=[WEATHER_TOOL], tool_choice="auto")
+    assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")
+
+
+def test_logit_bias_steers_greedy_decoding(tiny):
+    c = client(tiny)
+
+    def gen(n, bias=None):
+        r = c.completions.create(model=tiny.model, prompt="The weather in Paris", max_tokens=n, temperature=0,
+                                 **({"logit_bias": bias} if bias else {}))
+        return r.choices[0].text
+
+    plain = gen(3)
+    # +100 on one token: greedy decoding emits it at every step.
+    forced = gen(1, {"17": 100})
+    assert gen(4, {"17": 100}) == forced * 4
+    # -100 on the token greedy decoding picked first: something else comes first.
+    first = c.completions.create(model=tiny.model, prompt="The weather in Paris", max_tokens=1, temperature=0)
+    banned_text = first.choices[0].text
+    ids = json.loads(subprocess.run(
+        [str(BIN), "tokenize", "--model", str(TINY), "--json", "The weather in Paris" + banned_text],
+        capture_output=True, text=True, check=True).stdout)
+    prompt_ids = json.loads(subprocess.run(
+        [str(BIN), "tokenize", "--model", str(TINY), "--json", "The weather in Paris"],
+        capture_output=True, text=True, check=True).stdout)
+    assert ids[:len(prompt_ids)] == prompt_ids
+    banned = ids[len(prompt_ids)]
+    assert not gen(3, {str(banned): -100}).startswith(banned_text) or banned_text == ""
+    assert plain.startswith(banned_text)
+    with pytest.raises(openai.BadRequestError) as e:
+        gen(1, {"999999999": 5})
+    assert e.value.body["param"] == "logit_bias"
+
+
+def test_tool_call_cut_by_max_tokens_is_never_a_valid_call(scripted):
+    """Cut anywhere, a reply holds either the complete call or no call; finish_reason says why."""
+    c = client(scripted)
+    full = c.chat.completions.create(model=scripted.model, messages=[PARIS_Q, ROME_Q], tools=[WEATHER_TOOL])
+    assert full.choices[0].finish_reason == "tool_calls"
+    n = full.usage.completion_tokens
+    seen_cut_call = False
+    for limit in range(1, n):
+        r = c.chat.completions.create(model=scripted.model, messages=[PARIS_Q, ROME_Q], tools=[WEATHER_TOOL],
+                                      max_tokens=limit)
+        ch = r.choices[0]
+        assert ch.finish_reason == "length", (limit, ch)
+        for call in ch.message.tool_calls or []:
+            assert json.loads(call.function.arguments) == {"city": "Rome", "days": 3}, (limit, call)
+        seen_cut_call |= not ch.message.tool_calls
+    assert seen_cut_call

@@ -3,8 +3,8 @@
 //! The request is converted to OpenAI-style messages for the chat template: `system` (string or
 //! text blocks) → a system message; `tool_use` blocks → the assistant's `tool_calls`; `thinking`
 //! blocks → `reasoning_content`; `tool_result` blocks → `tool` messages; `tools` with
-//! `input_schema` → function tools. `tool_choice` `none` drops the tools; `auto`, `any` and
-//! `tool` are treated as `auto`. `thinking: {type: "enabled", budget_tokens: N}` turns thinking on
+//! `input_schema` → function tools. `tool_choice` `none` drops the tools, `auto` lets the model
+//! decide; `any` and `tool` (a forced call) are a 400 until constrained decoding exists. `thinking: {type: "enabled", budget_tokens: N}` turns thinking on
 //! with a think budget of N; `{type: "disabled"}` turns it off.
 
 use crate::api::{ApiError, ApiResult, Fields, Flavor, kind, missing, new_id, parse_body};
@@ -173,7 +173,10 @@ fn prepare(s: &AppState, o: &Map<String, Json>) -> ApiResult<(Prepared, bool)> {
     let tool_choice_none = match f.object("tool_choice")? {
         Some(tc) => match tc.get("type").and_then(Json::as_str) {
             Some("none") => true,
-            Some("auto" | "any" | "tool") => false,
+            Some("auto") => false,
+            Some(kind @ ("any" | "tool")) => {
+                return Err(crate::openai::needs_constraints("tool_choice", &format!("type `{kind}`")));
+            }
             _ => return Err(ApiError::bad("tool_choice.type: expected auto, any, tool or none").param("tool_choice")),
         },
         None => false,

@@ -1,8 +1,10 @@
 //! OpenAI-compatible endpoints: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
 //!
 //! `tool_choice`: `"none"` renders the prompt without the tools and parses no tool calls;
-//! `"auto"`, `"required"` and a named function are all treated as `"auto"` (the model decides;
-//! nothing forces a call).
+//! `"auto"` lets the model decide. `"required"`, a named function and `response_format` JSON
+//! modes need constrained decoding, and `logprobs` is not computed yet: each is a 400, never
+//! silently ignored. `logit_bias` is honoured. A tool call the token limit cuts short is not
+//! returned as a call (non-streaming; a stream has already sent its start, and ends `length`).
 
 use crate::api::{ApiError, ApiResult, Fields, missing, new_id, now_secs, parse_body};
 use crate::worker::{Ev, Ticket};
@@ -59,6 +61,10 @@ pub(crate) struct Collected {
     pub reasoning: String,
     /// (id, name, arguments JSON text)
     pub calls: Vec<(String, String, String)>,
+    /// Indices of the calls whose end tag was generated.
+    ended: Vec<usize>,
+    /// Calls the token limit cut short: dropped from `calls` (their arguments are incomplete).
+    pub truncated_calls: usize,
 }
 
 impl Collected {
@@ -72,7 +78,7 @@ impl Collected {
                     c.2.push_str(&delta_json);
                 }
             }
-            Event::ToolCallEnd { .. } => {}
+            Event::ToolCallEnd { index } => self.ended.push(index),
         }
     }
 }
@@ -85,7 +91,19 @@ pub(crate) async fn collect(mut ticket: Ticket, relay: &mut Relay) -> ApiResult<
             Ev::Started => {}
             Ev::Piece(ch, t) => relay.piece(ch, t).into_iter().for_each(|e| c.add(e)),
             Ev::Done(g) => {
+                // Calls the parser closes only now, at the end of the output, were cut short when
+                // the token limit ended it: never hand those out as valid calls.
+                let closed_in_output = c.ended.clone();
                 relay.finish().into_iter().for_each(|e| c.add(e));
+                if matches!(g.finish, Finish::Length | Finish::Context) {
+                    let mut index = 0;
+                    let before = c.calls.len();
+                    c.calls.retain(|_| {
+                        index += 1;
+                        closed_in_output.contains(&(index - 1))
+                    });
+                    c.truncated_calls = before - c.calls.len();
+                }
                 return Ok((c, g));
             }
             Ev::Failed(m) => return Err(ApiError::internal(m)),
@@ -170,7 +188,58 @@ fn sampling(s: &AppState, f: &Fields) -> ApiResult<SamplingParams> {
         presence_penalty: f.f64_in("presence_penalty", -2.0, 2.0)?.map_or(d.presence_penalty, |x| x as f32),
         frequency_penalty: f.f64_in("frequency_penalty", -2.0, 2.0)?.map_or(d.frequency_penalty, |x| x as f32),
         seed: f.seed("seed")?.or(d.seed),
+        logit_bias: logit_bias(s, f)?,
     })
+}
+
+/// A request asking for output the sampler cannot guarantee yet (a forced tool call, JSON
+/// output): refused rather than answered as if the field were absent.
+pub(crate) fn needs_constraints(param: &str, what: &str) -> ApiError {
+    ApiError::bad(format!(
+        "'{param}': {what} needs grammar-constrained decoding, which this server does not have yet; \
+         leave it out (or use \"auto\") and the model decides."
+    ))
+    .param(param)
+    .code("unsupported_value")
+}
+
+/// Fields this server does not honour: a clear 400 each, never silence.
+fn reject_unsupported(f: &Fields) -> ApiResult<()> {
+    match f.get("response_format") {
+        None | Some(Json::Null) => {}
+        Some(Json::Object(o)) if o.get("type").and_then(Json::as_str) == Some("text") => {}
+        Some(Json::Object(o)) => {
+            let kind = o.get("type").and_then(Json::as_str).unwrap_or("?");
+            return Err(needs_constraints("response_format", &format!("type `{kind}`")));
+        }
+        Some(_) => return Err(ApiError::bad("'response_format' must be an object.").param("response_format")),
+    }
+    if f.bool("logprobs")? == Some(true) || f.get("top_logprobs").is_some_and(|v| !v.is_null()) {
+        return Err(ApiError::bad("'logprobs' and 'top_logprobs' are not supported yet.")
+            .param("logprobs")
+            .code("unsupported_value"));
+    }
+    Ok(())
+}
+
+/// OpenAI `logit_bias`: {"token id": bias in [-100, 100]}, added to the logits before sampling.
+fn logit_bias(s: &AppState, f: &Fields) -> ApiResult<Vec<(u32, f32)>> {
+    let Some(map) = f.object("logit_bias")? else { return Ok(Vec::new()) };
+    let vocab = s.engine.model.config.vocab_size;
+    let mut out = Vec::with_capacity(map.len());
+    for (k, v) in map {
+        let bad = |why: &str| ApiError::bad(format!("Invalid 'logit_bias' entry `{k}`: {why}.")).param("logit_bias");
+        let id: u32 = k.parse().map_err(|_| bad("keys are token ids"))?;
+        if id as usize >= vocab {
+            return Err(bad(&format!("the vocabulary has {vocab} tokens")));
+        }
+        let b = v
+            .as_f64()
+            .filter(|b| (-100.0..=100.0).contains(b))
+            .ok_or_else(|| bad("a bias is a number in [-100, 100]"))?;
+        out.push((id, b as f32));
+    }
+    Ok(out)
 }
 
 fn check_n(f: &Fields) -> ApiResult<()> {
@@ -276,10 +345,12 @@ fn prepare_chat(s: &AppState, o: &Map<String, Json>) -> ApiResult<(Prepared, boo
         }
         None => false,
     };
+    reject_unsupported(&f)?;
     let tool_choice_none = match f.get("tool_choice") {
         None => false,
-        Some(Json::String(c)) if matches!(c.as_str(), "none" | "auto" | "required") => c == "none",
-        Some(Json::Object(_)) => false,
+        Some(Json::String(c)) if matches!(c.as_str(), "none" | "auto") => c == "none",
+        Some(Json::String(c)) if c == "required" => return Err(needs_constraints("tool_choice", "\"required\"")),
+        Some(Json::Object(_)) => return Err(needs_constraints("tool_choice", "a named function")),
         Some(v) => {
             return Err(ApiError::bad(format!(
                 "Invalid value for 'tool_choice': {v} (expected \"none\", \"auto\", \"required\" or a function)."

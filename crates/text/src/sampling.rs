@@ -27,6 +27,9 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// RNG seed; `None` seeds from the OS.
     pub seed: Option<u64>,
+    /// OpenAI `logit_bias`: (token id, value) added to that token's logit after the penalties,
+    /// before temperature (so greedy decoding sees it too). Ids past the vocabulary are ignored.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -40,6 +43,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -169,6 +173,7 @@ impl Sampler {
             return 0;
         }
         self.apply_penalties(logits, context, generated);
+        self.apply_bias(logits);
         if self.params.is_greedy() {
             return argmax(logits);
         }
@@ -195,12 +200,22 @@ impl Sampler {
             return Vec::new();
         }
         self.apply_penalties(logits, context, generated);
+        self.apply_bias(logits);
         if self.params.is_greedy() || !self.filter(logits) {
             return vec![(argmax(logits), 1.0)];
         }
         let total: f64 = self.cand.iter().map(|&(_, w)| f64::from(w)).sum();
         self.cand.sort_unstable_by(desc);
         self.cand.iter().map(|&(id, w)| (id, (f64::from(w) / total) as f32)).collect()
+    }
+
+    /// `logit_bias`: added after the penalties (OpenAI applies it to the logits before sampling).
+    fn apply_bias(&self, logits: &mut [f32]) {
+        for &(id, b) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += b;
+            }
+        }
     }
 
     /// Repetition penalty over distinct context tokens, then presence/frequency over generated

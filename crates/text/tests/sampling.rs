@@ -244,3 +244,29 @@ fn generation_config_do_sample_and_absent_fields() {
     assert!(parse(r#"{"top_k": -1}"#).unwrap_err().contains("`top_k`"));
     assert!(parse(r#"{"do_sample": "yes"}"#).unwrap_err().contains("`do_sample`"));
 }
+
+#[test]
+fn logit_bias_is_added_after_penalties_and_reaches_greedy() {
+    // Greedy picks 2; +3 on token 0 makes it the top (1.0 + 3 > 3.5); -100 on it removes it.
+    let logits = [1.0f32, 0.5, 3.5, -2.0];
+    let mut greedy = Sampler::new(SamplingParams { logit_bias: vec![(0, 3.0)], ..Default::default() });
+    assert_eq!(greedy.sample(&mut logits.clone(), &[], &[]), 0);
+    let mut banned = Sampler::new(SamplingParams { logit_bias: vec![(2, -100.0)], ..Default::default() });
+    assert_eq!(banned.sample(&mut logits.clone(), &[], &[]), 0);
+    // An id past the vocabulary is ignored, not a panic.
+    let mut past = Sampler::new(SamplingParams { logit_bias: vec![(99, 5.0)], ..Default::default() });
+    assert_eq!(past.sample(&mut logits.clone(), &[], &[]), 2);
+    // Sampled: a -100 bias leaves the token a probability of about e^-100, i.e. none.
+    let mut sampled = Sampler::new(SamplingParams {
+        temperature: 1.0,
+        seed: Some(7),
+        logit_bias: vec![(2, -100.0)],
+        ..Default::default()
+    });
+    let probs = sampled.probabilities(&mut logits.clone(), &[], &[]);
+    assert!(probs.iter().all(|&(id, p)| id != 2 || p < 1e-30), "{probs:?}");
+    // After the repetition penalty (3.5 / 2 = 1.75 for a repeated token 2), +0.8 on token 0 wins.
+    let mut both =
+        Sampler::new(SamplingParams { repetition_penalty: 2.0, logit_bias: vec![(0, 0.8)], ..Default::default() });
+    assert_eq!(both.sample(&mut logits.clone(), &[2], &[2]), 0);
+}
