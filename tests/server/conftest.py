@@ -80,7 +80,7 @@ class Server:
         return requests.post(self.url + path, json=body, headers=self.headers(), timeout=120, **kw)
 
     def metrics(self):
-        text = requests.get(self.url + "/metrics", timeout=10).text
+        text = requests.get(self.url + "/metrics", headers=self.headers(), timeout=10).text
         out = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):

@@ -29,10 +29,18 @@ def chat(model, content="Hello", **kw):
 
 def test_error_kinds(tiny):
     url = tiny.url + "/v1/chat/completions"
-    e = err(requests.post(url, data="{not json", timeout=10), 400, code="invalid_json")
+    e = err(requests.post(url, data="{not json", headers={"Content-Type": "application/json"}, timeout=10), 400, code="invalid_json")
     assert e["type"] == "invalid_request_error"
-    err(requests.post(url, data="[1, 2]", timeout=10), 400, code="invalid_json")
-    err(requests.post(url, data="", timeout=10), 400, code="invalid_json")
+    err(requests.post(url, data="[1, 2]", headers={"Content-Type": "application/json"}, timeout=10), 400, code="invalid_json")
+    err(requests.post(url, data="", headers={"Content-Type": "application/json"}, timeout=10), 400, code="invalid_json")
+    # A body that does not say it is JSON (what a web page can send without asking) is refused.
+    body = json.dumps(chat(tiny.model, max_tokens=1))
+    for ct in (None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        r = requests.post(url, data=body, headers={"Content-Type": ct} if ct else {}, timeout=10)
+        e = err(r, 415, code="unsupported_media_type")
+        assert "application/json" in e["message"]
+    r = requests.post(url, data=body, headers={"Content-Type": "application/json; charset=utf-8"}, timeout=10)
+    assert r.status_code == 200, r.text
     err(tiny.post("/v1/chat/completions", {"model": tiny.model}), 400, param="messages")
     err(tiny.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}), 400, param="model")
     err(tiny.post("/v1/chat/completions", {"model": tiny.model, "messages": "hi"}), 400, code="invalid_type", param="messages")
@@ -63,8 +71,10 @@ def test_bad_api_key(trained):
                       "messages": [{"role": "user", "content": "x"}]}, headers={"x-api-key": "nope"}, timeout=10)
     assert r.status_code == 401
     assert r.json() == {"type": "error", "error": {"type": "authentication_error", "message": r.json()["error"]["message"]}}
-    # /health and /metrics stay open; the right key works in either header.
+    # /health stays open; /metrics needs the key too; the right key works in either header.
     assert requests.get(trained.url + "/health", timeout=10).status_code == 200
+    assert requests.get(trained.url + "/metrics", timeout=10).status_code == 401
+    assert requests.get(trained.url + "/metrics", headers={"x-api-key": API_KEY}, timeout=10).status_code == 200
     r = requests.get(trained.url + "/v1/models", headers={"x-api-key": API_KEY}, timeout=10)
     assert r.status_code == 200
 
@@ -110,7 +120,7 @@ def test_thousand_malformed_requests_then_a_good_one(tiny):
     with requests.Session() as http:
         for i in range(1000):
             data, js = bad[i % len(bad)]
-            r = http.post(url, data=data, json=js, timeout=10)
+            r = http.post(url, data=data, json=js, headers={"Content-Type": "application/json"}, timeout=10)
             assert r.status_code == 400, (i, r.text)
             assert "error" in r.json()
     r = tiny.post("/v1/chat/completions", chat(tiny.model, "Still there?", max_tokens=3))

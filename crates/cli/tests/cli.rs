@@ -487,3 +487,13 @@ fn convert_shows_progress_on_a_terminal_only() {
     assert!(!quiet.contains("layer 1/") && !quiet.contains("\x1b[2K"), "{quiet}");
     assert!(quiet.contains("requantization error (RMSE"), "{quiet}");
 }
+
+#[test]
+fn serve_refuses_an_empty_api_key() {
+    // `--api-key ""` (an unset variable in a script) must not silently mean "no key".
+    let model = models_dir().join("qwen35-moe-tiny");
+    let e = fails(&["serve", "--model", s(&model), "--api-key", "", "--port", "0"]);
+    assert!(e.contains("--api-key is empty"), "{e}");
+    let e = fails(&["serve", "--model", s(&model), "--api-key", "  ", "--port", "0"]);
+    assert!(e.contains("--api-key is empty"), "{e}");
+}

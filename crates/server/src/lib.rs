@@ -329,11 +329,12 @@ fn router(state: Shared) -> Router {
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/models", get(openai::models))
         .route("/v1/models/{id}", get(openai::model))
+        // With a key, the counters are private too (they show what others are doing).
+        .route("/metrics", get(metrics_text))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(v1)
         .route("/health", get(health))
-        .route("/metrics", get(metrics_text))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), guard_hosts))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
@@ -399,7 +400,13 @@ impl HostGuard {
     }
 }
 
-/// Refuses requests addressed to a name the server does not answer to ([`HostGuard`]).
+/// A random API key (143 bits from the OS-seeded CSPRNG) for a private in-process server.
+pub fn random_api_key() -> String {
+    api::new_id("fm-")
+}
+
+/// Refuses requests addressed to a name the server does not answer to ([`HostGuard`]), and POST
+/// bodies that do not say they are JSON.
 async fn guard_hosts(State(s): State<Shared>, req: Request, next: Next) -> Response {
     let h = req.headers();
     let header_text = |name: header::HeaderName| h.get(name).map(|v| v.to_str().unwrap_or("\u{fffd}").to_string());
@@ -408,6 +415,25 @@ async fn guard_hosts(State(s): State<Shared>, req: Request, next: Next) -> Respo
         (_, Some(origin)) if !s.host_guard.allows_origin(&origin) => Some(("Origin", origin)),
         _ => None,
     };
+    // A POST body must say it is JSON: a web page can send `text/plain` or form bodies to any
+    // address without asking (no CORS preflight), but not `application/json`.
+    if req.method() == axum::http::Method::POST && refused.is_none() {
+        let ct = header_text(header::CONTENT_TYPE).unwrap_or_default();
+        let media = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        if media != "application/json" {
+            let got = if ct.is_empty() { "no Content-Type".to_string() } else { format!("Content-Type `{ct}`") };
+            return api::ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "request bodies are JSON: send `Content-Type: application/json` (got {got}; with curl, \
+                     add -H 'Content-Type: application/json')"
+                ),
+            )
+            .code("unsupported_media_type")
+            .flavor(api::Flavor::of_path(req.uri().path()))
+            .into_response();
+        }
+    }
     if let Some((what, value)) = refused {
         let names = s.host_guard.names().unwrap_or_default().join(", ");
         tracing::warn!("refused a request with {what} `{value}`");

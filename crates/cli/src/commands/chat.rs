@@ -68,6 +68,7 @@ pub struct ChatArgs {
 pub fn run(a: ChatArgs) -> Result<()> {
     let data_dir = store::data_dir();
     let mut local = None;
+    let mut private_key = None;
     let env_url = std::env::var("FLASHMOE_URL").ok().filter(|u| !u.is_empty());
     let url = match (&a.url, &a.model, env_url) {
         (Some(u), _, _) => u.clone(),
@@ -78,9 +79,11 @@ pub fn run(a: ChatArgs) -> Result<()> {
             let mut words: Vec<String> = vec!["serve".into()];
             words.extend(["--host".into(), "127.0.0.1".into(), "--port".into(), "0".into()]);
             words.extend(a.serve_args.iter().filter(|s| !s.is_empty()).cloned());
-            if let Some(k) = &a.api_key {
-                words.extend(["--api-key".to_string(), k.clone()]);
-            }
+            // Keyed even when the user gave none: other users of this machine can reach
+            // 127.0.0.1 too, and should not use (or read the prefix cache of) this session.
+            let key = a.api_key.clone().unwrap_or_else(flashmoe_server::random_api_key);
+            words.extend(["--api-key".to_string(), key.clone()]);
+            private_key = Some(key);
             let parsed = <serve::ServeOnly as clap::Parser>::try_parse_from(&words)
                 .map_err(|e| {
                     anyhow::anyhow!(
@@ -109,7 +112,9 @@ pub fn run(a: ChatArgs) -> Result<()> {
         None => None,
     };
     let mut o = Options::new(&url);
-    o.api_key = a.api_key.clone().or_else(|| std::env::var("FLASHMOE_API_KEY").ok().filter(|k| !k.is_empty()));
+    o.api_key = private_key
+        .or_else(|| a.api_key.clone())
+        .or_else(|| std::env::var("FLASHMOE_API_KEY").ok().filter(|k| !k.is_empty()));
     o.resume = a.resume;
     o.system = system;
     o.no_think = a.no_think;

@@ -1,7 +1,7 @@
 //! `flashmoe serve`: the OpenAI- and Anthropic-compatible HTTP server (crate flashmoe-server).
 
 use crate::args::{self, DeviceArgs, EngineArgs, ModelArgs, Plan, StoreArgs};
-use anyhow::{Result, anyhow};
+use anyhow::{Result, anyhow, bail};
 use flashmoe::hub::Resolved;
 use flashmoe::memory::parse_size;
 use flashmoe_server::ServerConfig;
@@ -97,7 +97,10 @@ pub fn config(
     let mut cfg = ServerConfig::new(model.path.clone());
     cfg.host = a.host;
     cfg.port = a.port;
-    cfg.api_key = a.api_key.filter(|k| !k.is_empty());
+    cfg.api_key = match a.api_key {
+        Some(k) if k.trim().is_empty() => bail!("--api-key is empty: give a key, or leave the flag out for no key"),
+        k => k,
+    };
     cfg.state_cache_bytes = parse_size(&a.state_cache).map_err(|e| anyhow!("--state-cache {e}"))? as usize;
     cfg.model_name = Some(a.served_model_name.unwrap_or_else(|| model.name.clone()));
     cfg.accept_any_model = a.accept_any_model;
