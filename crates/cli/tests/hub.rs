@@ -87,7 +87,11 @@ fn as_refs(v: &[(String, Vec<u8>)]) -> Vec<(&str, Vec<u8>)> {
 }
 
 fn run_text(tmp: &Path, model: &str) -> String {
-    let o = flashmoe(tmp, &["run", "--model", model, "--prompt", "Hello", "--raw", "--max-tokens", "6"]);
+    // Greedy: the texts of two runs are compared (the built-in model samples by default).
+    let o = flashmoe(
+        tmp,
+        &["run", "--model", model, "--prompt", "Hello", "--raw", "--max-tokens", "6", "--temperature", "0"],
+    );
     ok(&o).0
 }
 
@@ -288,7 +292,7 @@ fn models_lists_the_caches_with_formats_and_sizes() {
 fn builtin_is_a_model_name_everywhere() {
     let tmp = tempfile::tempdir().unwrap();
     let default = run_text(tmp.path(), "builtin");
-    let o = flashmoe(tmp.path(), &["run", "--prompt", "Hello", "--raw", "--max-tokens", "6"]);
+    let o = flashmoe(tmp.path(), &["run", "--prompt", "Hello", "--raw", "--max-tokens", "6", "--temperature", "0"]);
     assert_eq!(ok(&o).0, default);
     let (out, _) = ok(&flashmoe(tmp.path(), &["info", "--model", "builtin"]));
     assert!(out.contains("experts"), "{out}");
