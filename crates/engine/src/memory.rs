@@ -125,6 +125,12 @@ pub const FIT_CONTEXT: usize = 8192;
 /// How the model in `dir` would run with `ram` bytes of RAM and a GPU of `gpu` bytes (the plan
 /// of `--memory-budget` with the whole RAM as budget, for `FIT_CONTEXT` tokens).
 pub fn fit(dir: &Path, ram: u64, gpu: Option<u64>) -> Result<Fit> {
+    fit_at(dir, ram, gpu, current_rss_bytes())
+}
+
+/// `fit` for a process of `baseline` bytes (tests fix it: the live RSS moves as other threads
+/// load libraries).
+fn fit_at(dir: &Path, ram: u64, gpu: Option<u64>, baseline: u64) -> Result<Fit> {
     let f = footprint(dir)?;
     let state = state_bytes(&f.config, FIT_CONTEXT);
     // A tenth of the GPU for the workspace, activations and the driver.
@@ -134,7 +140,7 @@ pub fn fit(dir: &Path, ram: u64, gpu: Option<u64>) -> Result<Fit> {
         return Ok(Fit::AllOnGpu);
     }
     let k = f.config.experts_per_token;
-    match plan_footprint(&f, dir, ram, FIT_CONTEXT, k, 512, 8) {
+    match plan_at(&f, dir, ram, FIT_CONTEXT, k, 512, 8, baseline) {
         Ok(p) if p.ram_cache >= p.experts_on_disk => Ok(Fit::ExpertsInRam),
         Ok(p) => Ok(Fit::Streamed { ram_cache: p.ram_cache, experts: p.experts_on_disk }),
         Err(Error::Input(msg)) => Ok(Fit::DoesNotFit(msg)),
@@ -178,6 +184,21 @@ pub fn plan_footprint(
     batch_tokens: usize,
     io_threads: usize,
 ) -> Result<MemoryPlan> {
+    plan_at(f, dir, budget, context_tokens, fetch_chunk, batch_tokens, io_threads, current_rss_bytes())
+}
+
+/// The plan for a process that already holds `baseline` bytes.
+#[allow(clippy::too_many_arguments)]
+fn plan_at(
+    f: &Footprint,
+    dir: &Path,
+    budget: u64,
+    context_tokens: usize,
+    fetch_chunk: usize,
+    batch_tokens: usize,
+    io_threads: usize,
+    baseline: u64,
+) -> Result<MemoryPlan> {
     let (non_expert, max_stride, experts_on_disk) = (f.non_expert, f.max_expert, f.experts);
     let c = &f.config;
     // Widest per-token activations: projections, expert hidden, logits of one row.
@@ -192,7 +213,6 @@ pub fn plan_footprint(
         .saturating_add((c.vocab_size * 4 * 2) as u64)
         .saturating_add(16 << 20);
     let state = state_bytes(c, context_tokens);
-    let baseline = current_rss_bytes();
     let fixed = non_expert.saturating_add(state).saturating_add(buffers).saturating_add(baseline);
     if fixed > budget {
         return Err(Error::input(format!(
@@ -237,22 +257,23 @@ impl MemoryPlan {
 mod tests {
     #[test]
     fn fit_follows_the_plan_from_gpu_to_ram_to_disk() {
-        use super::{FIT_CONTEXT, Fit, fit, plan};
+        use super::{FIT_CONTEXT, Fit, fit, fit_at, footprint, plan_at};
         let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen35-moe-tiny");
         assert_eq!(fit(&dir, 1 << 40, Some(1 << 40)).unwrap(), Fit::AllOnGpu);
         assert_eq!(fit(&dir, 1 << 40, None).unwrap(), Fit::ExpertsInRam);
         assert_eq!(fit(&dir, 1 << 40, Some(1 << 10)).unwrap(), Fit::ExpertsInRam);
         // Budgets around the resident part: not fitting, then experts partly cached (streamed),
-        // then all cached. The process's own size is part of the plan and moves a little between
-        // calls, so the boundaries are found by a sweep rather than computed.
+        // then all cached. The process's size is fixed here: the live RSS jumps when another
+        // test thread loads a library (the CUDA driver did, on the GPU machine).
+        let baseline = 100 << 20;
         let k = crate::ModelConfig::load(&dir).unwrap().experts_per_token;
-        let p = plan(&dir, 1 << 40, FIT_CONTEXT, k, 512, 8).unwrap();
+        let p = plan_at(&footprint(&dir).unwrap(), &dir, 1 << 40, FIT_CONTEXT, k, 512, 8, baseline).unwrap();
         let resident = p.non_expert + p.state + p.buffers + p.baseline;
         let step = 64 << 10;
         let mut seen = Vec::new();
         let mut budget = resident.saturating_sub(8 << 20);
         while budget < resident + p.experts_on_disk + (8 << 20) {
-            let f = fit(&dir, budget, None).unwrap();
+            let f = fit_at(&dir, budget, None, baseline).unwrap();
             if let Fit::Streamed { ram_cache, experts } = &f {
                 assert_eq!(*experts, p.experts_on_disk);
                 assert!(*ram_cache < *experts, "{ram_cache} of {experts}");
