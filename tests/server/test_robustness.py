@@ -50,6 +50,15 @@ def test_error_kinds(tiny):
     err(tiny.post("/v1/chat/completions", chat(tiny.model, temperature=7)), 400, param="temperature")
     err(tiny.post("/v1/chat/completions", chat(tiny.model, stream="yes")), 400, param="stream")
     err(tiny.post("/v1/chat/completions", chat(tiny.model, stop=[1])), 400, param="stop")
+    # Stop strings are checked against every token: bounded in number and size, none empty.
+    err(tiny.post("/v1/chat/completions", chat(tiny.model, stop=["x%d" % i for i in range(17)])), 400, param="stop")
+    err(tiny.post("/v1/chat/completions", chat(tiny.model, stop=["y" * 513])), 400, param="stop")
+    err(tiny.post("/v1/chat/completions", chat(tiny.model, stop=[""])), 400, param="stop")
+    r = tiny.post("/v1/messages", {"model": tiny.model, "max_tokens": 2, "stop_sequences": ["z" * 10**6],
+                                   "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and "stop_sequences" in r.json()["error"]["message"], r.text
+    r = tiny.post("/v1/chat/completions", chat(tiny.model, max_tokens=2, stop=["s%d" % i for i in range(16)]))
+    assert r.status_code == 200, r.text
     err(tiny.post("/v1/chat/completions", {"model": tiny.model, "messages": [{"role": "wizard", "content": "x"}]}),
         400, param="messages[0].role")
     err(tiny.post("/v1/chat/completions", {"model": tiny.model, "messages": [{"role": "user"}]}),

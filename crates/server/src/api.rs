@@ -218,18 +218,37 @@ impl<'a> Fields<'a> {
         }
     }
     /// A string or an array of strings (OpenAI `stop`, Anthropic `stop_sequences`).
+    /// Bounded (at most [`MAX_STOP_STRINGS`] of at most [`MAX_STOP_BYTES`] bytes, none empty):
+    /// every generated token is checked against each, so megabytes of them would slow every
+    /// request on the one engine thread.
     pub fn strings(&self, k: &str) -> ApiResult<Vec<String>> {
-        match self.get(k) {
-            None => Ok(Vec::new()),
-            Some(Json::String(s)) => Ok(vec![s.clone()]),
+        let list: Vec<String> = match self.get(k) {
+            None | Some(Json::Null) => return Ok(Vec::new()),
+            Some(Json::String(s)) => vec![s.clone()],
             Some(Json::Array(a)) => a
                 .iter()
                 .map(|x| x.as_str().map(str::to_string).ok_or_else(|| wrong(k, "an array of strings", x)))
-                .collect(),
-            Some(v) => Err(wrong(k, "a string or an array of strings", v)),
+                .collect::<ApiResult<_>>()?,
+            Some(v) => return Err(wrong(k, "a string or an array of strings", v)),
+        };
+        if list.len() > MAX_STOP_STRINGS {
+            return Err(
+                ApiError::bad(format!("'{k}': at most {MAX_STOP_STRINGS} strings, got {}.", list.len())).param(k)
+            );
         }
+        if let Some(s) = list.iter().find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+            let why =
+                if s.is_empty() { "an empty string".to_string() } else { format!("a string of {} bytes", s.len()) };
+            return Err(ApiError::bad(format!("'{k}': {why}; each must be 1 to {MAX_STOP_BYTES} bytes.")).param(k));
+        }
+        Ok(list)
     }
 }
+
+/// Most stop strings a request may give (OpenAI allows 4).
+pub const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 512;
 
 /// A random id with a prefix (`chatcmpl-…`, `msg_…`).
 pub fn new_id(prefix: &str) -> String {
