@@ -110,6 +110,7 @@ fn describe(m: &MatData) -> String {
     match m {
         MatData::Float { dtype, .. } => ft_name(*dtype).to_lowercase(),
         MatData::Affine { bits, group_size, .. } => format!("{bits}-bit/g{group_size}"),
+        MatData::Ggml { ty, .. } => ty.name().to_string(),
     }
 }
 
@@ -119,8 +120,10 @@ fn encode(lin: &Linear, target: Target, group: usize) -> Result<Encoded> {
     let from = describe(&mats[0].data);
     let source_affine = match mats[0].data {
         MatData::Affine { bits, group_size, .. } => Some((bits, group_size)),
-        MatData::Float { .. } => None,
+        MatData::Float { .. } | MatData::Ggml { .. } => None,
     };
+    // GGML blocks have no packed equivalent: they are re-encoded (f32, or the target's affine).
+    let is_ggml = matches!(mats[0].data, MatData::Ggml { .. });
     let same_format = mats.iter().all(|m| describe(&m.data) == from);
     let target = match target {
         Target::Auto(b) => match source_affine {
@@ -138,7 +141,8 @@ fn encode(lin: &Linear, target: Target, group: usize) -> Result<Encoded> {
         },
         t => t,
     };
-    let target = if target == Target::Keep && !same_format { Target::Float(FloatType::F32) } else { target };
+    let target =
+        if target == Target::Keep && (!same_format || is_ggml) { Target::Float(FloatType::F32) } else { target };
     match target {
         Target::Keep => {
             let mut comps = Vec::new();
@@ -178,6 +182,7 @@ fn encode(lin: &Linear, target: Target, group: usize) -> Result<Encoded> {
                     });
                     Some(QuantInfo { bits, group_size })
                 }
+                MatData::Ggml { .. } => unreachable!("GGML sources are re-encoded above"),
             };
             Ok(Encoded { comps, quant, desc_to: from.clone(), desc_from: from, err: None })
         }

@@ -59,6 +59,19 @@ pub struct DeltaNetWeights<T: Tensors> {
     pub neg_a: T::Vec,
     /// Gated-norm weight (plain, never zero-centred).
     pub norm: T::Vec,
+    /// Order of the value heads (and of every tensor indexed by them: the v rows of `in_qkv`,
+    /// `in_z`, `in_b`, `in_a`, `dt_bias`, `neg_a`, the v conv channels, `out_proj`'s columns and
+    /// the recurrent state). False: HF's grouped order, value head h reads key head h / (Hv/Hk).
+    /// True: tiled, value head h reads key head h mod Hk — llama.cpp's converter reorders
+    /// Qwen3.5 GGUFs so (spec §2.4), and running in that order needs no copy of any weight.
+    pub value_heads_tiled: bool,
+}
+
+impl<T: Tensors> DeltaNetWeights<T> {
+    /// The key head value head `h` reads, given the layer's key and value head counts.
+    pub fn key_head(&self, h: usize, key_heads: usize, value_heads: usize) -> usize {
+        if self.value_heads_tiled { h % key_heads } else { h / (value_heads / key_heads) }
+    }
 }
 
 /// A dense SwiGLU MLP: the shared expert (routed experts live in `T::Experts`).
@@ -102,6 +115,7 @@ impl<From: Tensors> DeltaNetWeights<From> {
             a_log: c.vec(&self.a_log)?,
             neg_a: c.vec(&self.neg_a)?,
             norm: c.vec(&self.norm)?,
+            value_heads_tiled: self.value_heads_tiled,
         })
     }
 }

@@ -80,7 +80,11 @@ fn backends() -> Vec<(&'static str, Loader)> {
 fn merge(backend: &LoadOptions, test: LoadOptions, dir: &std::path::Path) -> LoadOptions {
     let mut device = backend.device.clone();
     if device.gpu_cache == flashmoe::GpuCache::Experts(usize::MAX) {
-        let k = flashmoe::ModelConfig::load(dir).expect("config").experts_per_token;
+        let k = if flashmoe::gguf::is_gguf(dir) {
+            flashmoe::gguf::GgufModel::open(dir).expect("GGUF").config.experts_per_token
+        } else {
+            flashmoe::ModelConfig::load(dir).expect("config").experts_per_token
+        };
         device.gpu_cache = flashmoe::GpuCache::Experts(k + 1);
     }
     // A backend that sets a RAM tier keeps it (the hybrid runs need one).
@@ -152,19 +156,31 @@ fn argmax(x: &[f32]) -> u32 {
 }
 
 fn check_model(name: &str, tol: f32) {
+    check_source(&models_dir().join(name), name, tol);
+}
+
+/// The model at `path` (a folder or a GGUF file) against the transformers reference of the
+/// fixture folder `reference_name`, on every backend.
+fn check_source(path: &std::path::Path, reference_name: &str, tol: f32) {
     for (backend, load) in backends() {
-        eprintln!("{name}: backend {backend}");
-        check_model_on(name, tol, &*load);
+        eprintln!("{}: backend {backend}", path.display());
+        check_model_on(path, reference_name, tol, &*load);
     }
 }
 
-fn check_model_on(name: &str, tol: f32, load: &dyn Fn(&std::path::Path, LoadOptions) -> Model) {
-    // By default the experts are read in place from the safetensors files through the expert
+fn check_model_on(
+    path: &std::path::Path,
+    reference_name: &str,
+    tol: f32,
+    load: &dyn Fn(&std::path::Path, LoadOptions) -> Model,
+) {
+    let name = path.file_name().unwrap().to_str().unwrap();
+    // By default the experts are read in place from the checkpoint files through the expert
     // store; mapped access must give the very same logits.
-    let model = load(&models_dir().join(name), LoadOptions::default());
+    let model = load(path, LoadOptions::default());
     assert!(model.expert_store().is_some(), "{name}: experts should stream");
-    let m2 = load(&models_dir().join(name), LoadOptions { stream_experts: false, ..Default::default() });
-    let ids = reference(name).prompt;
+    let m2 = load(path, LoadOptions { stream_experts: false, ..Default::default() });
+    let ids = reference(reference_name).prompt;
     let (mut s1, mut s2) = (model.new_state(), m2.new_state());
     assert_eq!(
         model.forward(&ids, &mut s1, LogitsFor::All).unwrap(),
@@ -173,7 +189,7 @@ fn check_model_on(name: &str, tol: f32, load: &dyn Fn(&std::path::Path, LoadOpti
     );
     let io = model.expert_store().unwrap().snapshot();
     assert!(io.disk_reads > 0 && io.disk_bytes > 0, "{io:?}");
-    let r = reference(name);
+    let r = reference(reference_name);
     let v = model.config.vocab_size;
 
     // 1. One batched prefill over the whole prompt.
@@ -239,6 +255,23 @@ fn qwen35_moe_hf_flat_per_expert() {
 #[test]
 fn qwen3_next_hf_grouped_projections() {
     check_model("qwen3-next-tiny", 1e-4);
+}
+
+/// llama.cpp's GGUFs (its own converter, f32, scripts/fixtures/gguf_models.py) of the same
+/// checkpoints: the converter's layout changes (1 + w norms, −exp(A_log), Qwen3.5's tiled value
+/// heads, [Kc, C] conv kernels, stacked experts, per-layer kinds) are all undone or followed.
+fn gguf_models_dir() -> PathBuf {
+    models_dir().join("../gguf/models")
+}
+
+#[test]
+fn qwen35_moe_gguf_f32_from_llama_cpp_converter() {
+    check_source(&gguf_models_dir().join("qwen35moe-tiny-F32.gguf"), "qwen35-moe-tiny", 1e-4);
+}
+
+#[test]
+fn qwen3_next_gguf_f32_from_llama_cpp_converter() {
+    check_source(&gguf_models_dir().join("qwen3next-tiny-F32.gguf"), "qwen3-next-tiny", 1e-4);
 }
 
 #[test]

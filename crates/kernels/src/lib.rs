@@ -56,6 +56,9 @@ pub enum MatData<'a> {
         biases: &'a [u8],
         sb_dtype: FloatType,
     },
+    /// GGML block-quantized rows, as a GGUF file stores them: row-major, each row
+    /// `ty.row_bytes(cols)` bytes (see [`ggml::GgmlType`]).
+    Ggml { ty: ggml::GgmlType, data: &'a [u8] },
 }
 
 /// A borrowed, validated `[rows, cols]` weight matrix.
@@ -138,6 +141,20 @@ impl<'a> MatRef<'a> {
         Ok(MatRef { data: MatData::Affine { bits, group_size, weight, scales, biases, sb_dtype }, rows, cols })
     }
 
+    /// A GGML block-quantized matrix (a GGUF tensor): checks that the type has kernels, that
+    /// `cols` is a whole number of blocks and the exact byte length.
+    pub fn ggml(ty: ggml::GgmlType, data: &'a [u8], rows: usize, cols: usize) -> Result<Self, KernelError> {
+        ty.check_supported()?;
+        let want = checked_len("GGML matrix", &[rows, ty.row_bytes(cols)?])?;
+        if data.len() != want {
+            return Err(KernelError::BadShape(format!(
+                "{ty} matrix [{rows}, {cols}] needs {want} bytes, got {}",
+                data.len()
+            )));
+        }
+        Ok(MatRef { data: MatData::Ggml { ty, data }, rows, cols })
+    }
+
     /// View of rows `start..start + len`. Panics when out of range.
     pub fn rows_slice(&self, start: usize, len: usize) -> MatRef<'a> {
         assert!(
@@ -162,6 +179,10 @@ impl<'a> MatRef<'a> {
                     sb_dtype,
                 }
             }
+            MatData::Ggml { ty, data } => {
+                let rb = ty.row_bytes(self.cols).expect("validated at construction");
+                MatData::Ggml { ty, data: &data[start * rb..(start + len) * rb] }
+            }
         };
         MatRef { data, rows: len, cols: self.cols }
     }
@@ -169,7 +190,7 @@ impl<'a> MatRef<'a> {
     /// Bytes one full pass over the matrix reads.
     pub fn bytes(&self) -> usize {
         match self.data {
-            MatData::Float { data, .. } => data.len(),
+            MatData::Float { data, .. } | MatData::Ggml { data, .. } => data.len(),
             MatData::Affine { weight, scales, biases, .. } => weight.len() + scales.len() + biases.len(),
         }
     }
@@ -315,6 +336,9 @@ pub fn matvec_at(level: SimdLevel, m: &MatRef, x: &[f32], y: &mut [f32]) {
                     });
                 });
             });
+        }
+        MatData::Ggml { ty, data } => {
+            ggml::matvec_at(level, ty, data, x, y).expect("validated at construction");
         }
     }
 }
@@ -525,5 +549,9 @@ pub fn dequant_row_at(level: SimdLevel, m: &MatRef, row: usize, out: &mut [f32])
                 _ => unreachable!("bits validated at construction"),
             }
         }),
+        MatData::Ggml { ty, data } => {
+            let rb = ty.row_bytes(cols).expect("validated at construction");
+            ggml::dequantize_row(ty, &data[row * rb..(row + 1) * rb], out).expect("validated at construction");
+        }
     }
 }

@@ -276,6 +276,7 @@ fn log_startup(engine: &Engine, cfg: &ServerConfig, name: &str, load_secs: f64, 
             flashmoe::qwen35::SourceFormat::HuggingFace => "Hugging Face safetensors",
             flashmoe::qwen35::SourceFormat::Mlx => "MLX safetensors",
             flashmoe::qwen35::SourceFormat::Packed => "packed (flashmoe convert)",
+            flashmoe::qwen35::SourceFormat::Gguf => "GGUF",
         }
         .to_string()
     });

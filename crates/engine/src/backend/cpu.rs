@@ -438,7 +438,6 @@ fn delta_net(
 ) -> Vec<f32> {
     let (hk, hv, dk, dv) = (c.linear_key_heads, c.linear_value_heads, c.linear_key_dim, c.linear_value_dim);
     let (key_dim, conv_dim, kc) = (c.key_dim(), c.conv_dim(), c.conv_kernel);
-    let r = hv / hk;
     let eps = c.rms_norm_eps;
     let qkv = w.in_qkv.apply(hs, t);
     let z = w.in_z.apply(hs, t);
@@ -478,8 +477,9 @@ fn delta_net(
             let g = w.neg_a[h] * softplus(at[h] + w.dt_bias[h]);
             let decay = g.exp();
             let beta = sigmoid(bt[h]);
-            let kh = &ks[(h / r) * dk..][..dk];
-            let qh = &qs[(h / r) * dk..][..dk];
+            let key_head = w.key_head(h, hk, hv);
+            let kh = &ks[key_head * dk..][..dk];
+            let qh = &qs[key_head * dk..][..dk];
             let vh = &vs[h * dv..][..dv];
             // Decay first, then read m = Sᵀk from the decayed state.
             let mut m = vec![0.0f32; dv];

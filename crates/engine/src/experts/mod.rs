@@ -10,7 +10,7 @@ pub mod weights;
 
 pub use profile::RoutingProfile;
 pub use store::{
-    AUTO_DIRECT_MARGIN, AutoIoFacts, ExpertStore, IoChoice, IoMode, IoSamples, IoSnapshot, StoreOptions, auto_io_fit,
-    available_ram_bytes, choose_auto_io,
+    AUTO_DIRECT_MARGIN, AutoIoFacts, ExpertStore, IoChoice, IoMode, IoSamples, IoSnapshot, ScatteredFiles,
+    StoreOptions, auto_io_fit, available_ram_bytes, choose_auto_io,
 };
 pub use weights::{ExpertSet, ExpertWeights};

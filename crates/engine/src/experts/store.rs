@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::packed::{Manifest, TensorEntry, parse_dtype};
 use crate::weights::Linear;
 use crate::weights::store::{Bytes, RawTensor};
+use flashmoe_kernels::ggml::GgmlType;
 use rayon::prelude::*;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -84,6 +85,17 @@ impl Default for StoreOptions {
             verify: true,
         }
     }
+}
+
+/// The files a scattered store reads experts from in place (a safetensors folder's shards, or a
+/// GGUF model's parts), and how to tell which file a mapped byte range belongs to.
+pub struct ScatteredFiles<'a> {
+    /// The model folder (or GGUF file), for messages.
+    pub dir: &'a Path,
+    pub paths: &'a [PathBuf],
+    pub file_of: &'a dyn Fn(&Bytes) -> Option<usize>,
+    /// "safetensors" or "GGUF", for the I/O mode note.
+    pub kind: &'a str,
 }
 
 /// Counters since the store was opened (read them before and after to get a window).
@@ -379,17 +391,17 @@ impl ExpertStore {
         Self::finish(layers, Vec::new(), cfg, opts)
     }
 
-    /// A store over the experts of an HF/MLX safetensors folder: each expert is read as the few
-    /// byte ranges it occupies in the checkpoint files (no conversion needed; page-cache reads,
-    /// since those ranges are not block-aligned).
+    /// A store over the experts of an HF/MLX safetensors folder or a GGUF model: each expert is
+    /// read as the few byte ranges it occupies in the checkpoint files (no conversion needed;
+    /// page-cache reads, since those ranges are not block-aligned).
     pub fn open_scattered(
-        ts: &crate::weights::TensorStore,
+        files: &ScatteredFiles<'_>,
         experts: &[&[ExpertWeights]],
         cfg: &ModelConfig,
         opts: &StoreOptions,
     ) -> Result<Self> {
         let mut sources = Vec::new();
-        for path in &ts.files {
+        for path in files.paths {
             sources.push((path.clone(), File::open(path).map_err(|e| Error::io(path, e))?));
         }
         let mut layers = Vec::new();
@@ -406,7 +418,7 @@ impl ExpertStore {
                         Error::input(format!("layer {l} expert {e} {proj}: not one stored row range; cannot stream"))
                     })?;
                     for (suffix, dtype, shape, bytes) in stored {
-                        let file = ts.file_index_of(&bytes).ok_or_else(|| {
+                        let file = (files.file_of)(&bytes).ok_or_else(|| {
                             Error::input(format!("layer {l} expert {e} {proj}: bytes are not from a checkpoint file"))
                         })?;
                         dst = dst.next_multiple_of(64);
@@ -437,7 +449,7 @@ impl ExpertStore {
                 all.push(pieces);
             }
             layers.push(LayerFile {
-                path: ts.dir.clone(),
+                path: files.dir.to_path_buf(),
                 page: None,
                 direct: None,
                 pieces: Some(all),
@@ -452,7 +464,7 @@ impl ExpertStore {
         let mut store = Self::finish(layers, sources, cfg, &StoreOptions { io: IoChoice::Page, ..opts.clone() })?;
         store.mode_note = match opts.io {
             IoChoice::Direct => "page (O_DIRECT needs a packed model: `flashmoe convert`)".into(),
-            _ => "page (experts read in place from the safetensors files)".into(),
+            _ => format!("page (experts read in place from the {} files)", files.kind),
         };
         Ok(store)
     }
@@ -901,6 +913,18 @@ impl ExpertStore {
             }))
         };
         let proj = |p: &str, rows: usize, cols: usize| -> Result<Linear> {
+            // A GGUF expert: one component in a GGML block type.
+            let wname = format!("{p}.weight");
+            if let Some(c) = lf.components.iter().find(|c| c.name == wname)
+                && let Some(ty) =
+                    GgmlType::ALL.into_iter().find(|t| t.name() == c.dtype && parse_dtype(&c.dtype).is_none())
+            {
+                if c.offset + c.nbytes > lf.blob_bytes {
+                    return Err(Error::file(&lf.path, format!("component `{wname}` lies outside the expert blob")));
+                }
+                let bytes = Bytes::new(buf.clone(), c.offset as usize, c.nbytes as usize);
+                return Linear::ggml(ty, bytes, rows, cols, &format!("layers.{layer}.experts.{wname}"));
+            }
             let w = tensor(&format!("{p}.weight"))?
                 .ok_or_else(|| Error::file(&lf.path, format!("expert blob has no `{p}.weight`")))?;
             match (tensor(&format!("{p}.scales"))?, tensor(&format!("{p}.biases"))?) {

@@ -18,7 +18,7 @@
 //! | linear_num_key_heads | `{arch}.ssm.group_count` |
 //! | linear_num_value_heads | `{arch}.ssm.time_step_rank` |
 //! | linear_value_head_dim | `{arch}.ssm.inner_size` / time_step_rank |
-//! | full_attention_interval | `{arch}.full_attention_interval` (layer i is full attention iff (i+1) % interval == 0) |
+//! | layer_types | `{arch}.attention.recurrent_layers` (one bool per layer, true = GatedDeltaNet) when present, else `{arch}.full_attention_interval` (layer i is full attention iff (i+1) % interval == 0) |
 //! | max_position_embeddings | `{arch}.context_length` |
 //! | vocab_size | rows of `token_embd.weight` (the converter pads the token list to it) |
 //! | tie_word_embeddings | no `output.weight` tensor |
@@ -145,13 +145,34 @@ pub fn model_config(parts: &GgufParts) -> Result<(ModelConfig, ModelFacts)> {
             format!("{blocks} blocks, but the file has only {} tensors", parts.tensor_count()),
         ));
     }
-    let interval = m.opt_usize("full_attention_interval")?.unwrap_or(4);
-    if interval == 0 {
-        return Err(m.err(&m.key("full_attention_interval"), "must be at least 1"));
-    }
-    let layer_kinds = (0..num_layers)
-        .map(|i| if (i + 1) % interval == 0 { LayerKind::FullAttention } else { LayerKind::LinearAttention })
-        .collect();
+    // The converter writes the per-layer kinds when the checkpoint names them (`layer_types`),
+    // which need not follow the interval; the interval is the older form.
+    let recurrent_key = m.key("attention.recurrent_layers");
+    let layer_kinds: Vec<LayerKind> = match parts.get(&recurrent_key) {
+        Some(v) => {
+            let flags = v
+                .as_array()
+                .and_then(|a| a.bools())
+                .ok_or_else(|| m.err(&recurrent_key, format!("is {}, expected an array of bools", v.type_name())))?;
+            // One entry per block; MTP blocks (after the main layers) may be listed too.
+            if flags.len() != num_layers && flags.len() != blocks {
+                return Err(m.err(&recurrent_key, format!("has {} entries for {num_layers} layers", flags.len())));
+            }
+            flags[..num_layers]
+                .iter()
+                .map(|&r| if r { LayerKind::LinearAttention } else { LayerKind::FullAttention })
+                .collect()
+        }
+        None => {
+            let interval = m.opt_usize("full_attention_interval")?.unwrap_or(4);
+            if interval == 0 {
+                return Err(m.err(&m.key("full_attention_interval"), "must be at least 1"));
+            }
+            (0..num_layers)
+                .map(|i| if (i + 1) % interval == 0 { LayerKind::FullAttention } else { LayerKind::LinearAttention })
+                .collect()
+        }
+    };
 
     let hidden_size = m.usize("embedding_length")?;
     let num_heads = m.usize("attention.head_count")?;

@@ -54,11 +54,16 @@ impl GgufModel {
     /// The tokenizer: a `tokenizer.json` beside the file when there is one (it is the model's own
     /// definition), else the vocabulary in the metadata.
     pub fn tokenizer(&self) -> Result<TextTokenizer> {
-        let beside = self.parts.path().parent().unwrap_or(Path::new(".")).join("tokenizer.json");
+        Self::tokenizer_of(&self.parts)
+    }
+
+    /// [`GgufModel::tokenizer`] of opened parts (no tensor map needed).
+    pub fn tokenizer_of(parts: &GgufParts) -> Result<TextTokenizer> {
+        let beside = parts.path().parent().unwrap_or(Path::new(".")).join("tokenizer.json");
         if beside.is_file() {
             return Ok(TextTokenizer::load(&beside)?);
         }
-        tokenizer_from_metadata(&self.parts)
+        tokenizer_from_metadata(parts)
     }
 
     /// `tokenizer.chat_template`, when the file has one.

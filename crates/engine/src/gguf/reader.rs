@@ -246,6 +246,13 @@ impl Array {
             _ => None,
         }
     }
+
+    pub fn bools(&self) -> Option<&[bool]> {
+        match self {
+            Array::Bool(v) => Some(v),
+            _ => None,
+        }
+    }
 }
 
 /// One tensor as the header describes it, with its place in the file checked.

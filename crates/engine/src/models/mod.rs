@@ -43,8 +43,14 @@ impl HostModel {
     }
 }
 
-/// Reads `dir` (HF/MLX safetensors folder or packed model) with the family its config names.
+/// Reads `dir` (HF/MLX safetensors folder, packed model, or a GGUF file) with the family its
+/// config names.
 pub fn load_host(dir: &Path, opts: &SourceOptions) -> Result<HostModel> {
+    if crate::gguf::is_gguf(dir) {
+        // Both GGUF architectures we accept (qwen35moe, qwen3next) are this one family.
+        let model = crate::gguf::GgufModel::open(dir)?;
+        return Ok(HostModel::Qwen35(qwen35::Qwen35Host::load_gguf(&model, opts)?));
+    }
     let config = ModelConfig::load(dir)?;
     // Every architecture config.rs accepts (Qwen3.5-MoE, Qwen3-Next) is this one family.
     Ok(HostModel::Qwen35(qwen35::Qwen35Host::load(dir, config, opts)?))

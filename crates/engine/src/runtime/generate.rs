@@ -36,27 +36,42 @@ impl Engine {
 
     pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Self> {
         let model = Model::load_with(dir, opts)?;
-        let tok_path = dir.join("tokenizer.json");
-        if !tok_path.exists() {
-            return Err(Error::NotFound(tok_path));
-        }
-        let tokenizer = TextTokenizer::load(&tok_path)?;
-        let template = ChatTemplate::from_model_dir(dir)?;
         let mut stop_ids = model.config.eos_token_ids.clone();
-        let gen_cfg = dir.join("generation_config.json");
         let mut default_sampling = SamplingParams::default();
         let mut sampling_from_generation_config = false;
-        if let Ok(text) = std::fs::read_to_string(&gen_cfg) {
-            let v: Json =
-                serde_json::from_str(&text).map_err(|e| Error::file(&gen_cfg, format!("malformed JSON: {e}")))?;
-            default_sampling = SamplingParams::from_generation_config(&v).map_err(|e| Error::file(&gen_cfg, e))?;
-            sampling_from_generation_config = true;
-            match v.get("eos_token_id") {
-                Some(Json::Number(n)) => stop_ids.extend(n.as_u64().map(|x| x as u32)),
-                Some(Json::Array(a)) => stop_ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32))),
-                _ => {}
+        let (tokenizer, template) = if crate::gguf::is_gguf(dir) {
+            // Everything but the weights comes from the file's metadata (a tokenizer.json beside
+            // it wins: it is the model's own definition).
+            let parts = crate::gguf::GgufParts::open(dir)?;
+            let tokenizer = crate::gguf::GgufModel::tokenizer_of(&parts)?;
+            let template = gguf_chat_template(&parts, &tokenizer)?;
+            if let Some(v) = gguf_sampling(&parts) {
+                default_sampling = SamplingParams::from_generation_config(&v)
+                    .map_err(|e| Error::file(dir, format!("GGUF general.sampling.*: {e}")))?;
+                sampling_from_generation_config = true;
             }
-        }
+            (tokenizer, template)
+        } else {
+            let tok_path = dir.join("tokenizer.json");
+            if !tok_path.exists() {
+                return Err(Error::NotFound(tok_path));
+            }
+            let tokenizer = TextTokenizer::load(&tok_path)?;
+            let template = ChatTemplate::from_model_dir(dir)?;
+            let gen_cfg = dir.join("generation_config.json");
+            if let Ok(text) = std::fs::read_to_string(&gen_cfg) {
+                let v: Json =
+                    serde_json::from_str(&text).map_err(|e| Error::file(&gen_cfg, format!("malformed JSON: {e}")))?;
+                default_sampling = SamplingParams::from_generation_config(&v).map_err(|e| Error::file(&gen_cfg, e))?;
+                sampling_from_generation_config = true;
+                match v.get("eos_token_id") {
+                    Some(Json::Number(n)) => stop_ids.extend(n.as_u64().map(|x| x as u32)),
+                    Some(Json::Array(a)) => stop_ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32))),
+                    _ => {}
+                }
+            }
+            (tokenizer, template)
+        };
         for s in ["<|im_end|>", "<|endoftext|>"] {
             stop_ids.extend(tokenizer.token_to_id(s));
         }
@@ -98,6 +113,51 @@ impl Engine {
         };
         session::generate(self, &mut PrefixCache::new(0), &req, || true, |_: Channel, text: &str| on_text(text))
     }
+}
+
+/// The chat template a GGUF carries (`tokenizer.chat_template`), with its BOS/EOS token texts as
+/// the template's special tokens; ChatML when it has none.
+fn gguf_chat_template(parts: &crate::gguf::GgufParts, tok: &TextTokenizer) -> Result<ChatTemplate> {
+    let mut tpl = match parts.get("tokenizer.chat_template").and_then(crate::gguf::Value::as_str) {
+        Some(src) => ChatTemplate::from_source(src)?,
+        None => ChatTemplate::chatml(),
+    };
+    let mut special = serde_json::Map::new();
+    for (key, meta) in [("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id")] {
+        let text = parts
+            .get(meta)
+            .and_then(crate::gguf::Value::as_int)
+            .and_then(|id| u32::try_from(id).ok())
+            .and_then(|id| tok.id_to_token(id));
+        if let Some(t) = text {
+            special.insert(key.into(), Json::String(t));
+        }
+    }
+    tpl.set_special_tokens_from_config(&Json::Object(special));
+    Ok(tpl)
+}
+
+/// `general.sampling.*` (the sampler settings a GGUF's author recommends) in
+/// generation_config.json's terms, when the file has any.
+fn gguf_sampling(parts: &crate::gguf::GgufParts) -> Option<Json> {
+    let mut v = serde_json::Map::new();
+    for (meta, key) in [
+        ("general.sampling.temp", "temperature"),
+        ("general.sampling.top_p", "top_p"),
+        ("general.sampling.top_k", "top_k"),
+        ("general.sampling.min_p", "min_p"),
+        ("general.sampling.penalty_repeat", "repetition_penalty"),
+    ] {
+        if let Some(x) = parts.get(meta) {
+            // top_k is an integer; the others are floats (a converter may write either).
+            let n = match key {
+                "top_k" => Json::from(u64::try_from(x.as_int()?).ok()?),
+                _ => Json::from(x.as_f64()?),
+            };
+            v.insert(key.into(), n);
+        }
+    }
+    (!v.is_empty()).then_some(Json::Object(v))
 }
 
 /// Peak resident set size of this process in bytes (VmHWM), where the OS reports it.

@@ -1,17 +1,34 @@
 //! `Linear`: a weight matrix y = W·x that lives in the mapped checkpoint (f32/bf16/f16 or MLX
 //! affine-quantized), possibly assembled from row ranges of one or more tensors. Row ranges are how
 //! we take one expert out of a stacked [E, out, in] tensor and how Qwen3-Next's key-head-grouped
-//! `in_proj_qkvz` is regrouped without copying it.
+//! `in_proj_qkvz` is regrouped without copying it. GGUF tensors in a GGML block-quant type are
+//! the third kind of source.
 
 use super::store::{Bytes, RawTensor};
 use crate::error::Result;
+use flashmoe_kernels::ggml::GgmlType;
 use flashmoe_kernels::{FloatType, MatRef};
 use safetensors::Dtype;
 
 #[derive(Clone, Debug)]
 enum Source {
-    Float { dtype: FloatType, data: Bytes },
-    Affine { bits: u32, group_size: usize, weight: Bytes, scales: Bytes, biases: Bytes, sb_dtype: FloatType },
+    Float {
+        dtype: FloatType,
+        data: Bytes,
+    },
+    Affine {
+        bits: u32,
+        group_size: usize,
+        weight: Bytes,
+        scales: Bytes,
+        biases: Bytes,
+        sb_dtype: FloatType,
+    },
+    /// GGML block-quantized rows (a GGUF tensor), `ty.row_bytes(cols)` bytes per row.
+    Ggml {
+        ty: GgmlType,
+        data: Bytes,
+    },
 }
 
 /// A contiguous row range of one stored matrix.
@@ -38,9 +55,31 @@ impl Part {
                 self.total_rows,
                 cols,
             ),
+            Source::Ggml { ty, data } => MatRef::ggml(*ty, data.as_slice(), self.total_rows, cols),
         }
         .expect("matrix sizes were validated when the Linear was built");
         full.rows_slice(self.row_start, self.rows)
+    }
+}
+
+impl Part {
+    /// Checks the stored bytes against the shape, so that `mat()` cannot fail later.
+    fn validate(&self, cols: usize) -> std::result::Result<(), flashmoe_kernels::KernelError> {
+        match &self.source {
+            Source::Float { dtype, data } => MatRef::float(*dtype, data.as_slice(), self.total_rows, cols).map(|_| ()),
+            Source::Affine { bits, group_size, weight, scales, biases, sb_dtype } => MatRef::affine(
+                *bits,
+                *group_size,
+                weight.as_slice(),
+                scales.as_slice(),
+                biases.as_slice(),
+                *sb_dtype,
+                self.total_rows,
+                cols,
+            )
+            .map(|_| ()),
+            Source::Ggml { ty, data } => MatRef::ggml(*ty, data.as_slice(), self.total_rows, cols).map(|_| ()),
+        }
     }
 }
 
@@ -115,29 +154,30 @@ impl Linear {
         Ok(l)
     }
 
+    /// A GGUF tensor of `ty` holding a [rows, cols] matrix (GGUF dims [cols, rows, ...], leading
+    /// dims folded into rows). The plain float types become float matrices; block-quantized
+    /// types need kernels for `ty` (an error names the type otherwise).
+    pub fn ggml(ty: GgmlType, data: Bytes, rows: usize, cols: usize, name: &str) -> Result<Self> {
+        let source = match ty {
+            GgmlType::F32 => Source::Float { dtype: FloatType::F32, data },
+            GgmlType::F16 => Source::Float { dtype: FloatType::F16, data },
+            GgmlType::BF16 => Source::Float { dtype: FloatType::BF16, data },
+            _ => Source::Ggml { ty, data },
+        };
+        let l = Self::single(source, rows, cols);
+        for p in &l.parts {
+            p.validate(cols).map_err(|e| crate::error::Error::input(format!("GGUF tensor `{name}`: {e}")))?;
+        }
+        Ok(l)
+    }
+
     fn single(source: Source, rows: usize, cols: usize) -> Self {
         Linear { parts: vec![Part { source, total_rows: rows, row_start: 0, rows }], rows, cols }
     }
 
     fn check(&self, t: &RawTensor) -> Result<()> {
         for p in &self.parts {
-            let r = match &p.source {
-                Source::Float { dtype, data } => {
-                    MatRef::float(*dtype, data.as_slice(), p.total_rows, self.cols).map(|_| ())
-                }
-                Source::Affine { bits, group_size, weight, scales, biases, sb_dtype } => MatRef::affine(
-                    *bits,
-                    *group_size,
-                    weight.as_slice(),
-                    scales.as_slice(),
-                    biases.as_slice(),
-                    *sb_dtype,
-                    p.total_rows,
-                    self.cols,
-                )
-                .map(|_| ()),
-            };
-            r.map_err(|e| t.err(e.to_string()))?;
+            p.validate(self.cols).map_err(|e| t.err(e.to_string()))?;
         }
         Ok(())
     }
@@ -196,6 +236,7 @@ impl Linear {
                 Source::Affine { bits, group_size, sb_dtype, .. } => {
                     format!("{bits}-bit affine (group {group_size}, {} scales)", float_name(*sb_dtype))
                 }
+                Source::Ggml { ty, .. } => ty.name().to_string(),
             };
             if !names.contains(&name) {
                 names.push(name);
@@ -205,7 +246,7 @@ impl Linear {
     }
 
     pub fn is_quantized(&self) -> bool {
-        self.parts.iter().any(|p| matches!(p.source, Source::Affine { .. }))
+        self.parts.iter().any(|p| matches!(p.source, Source::Affine { .. } | Source::Ggml { .. }))
     }
 
     /// y = W·x for `n` inputs: x is [n, cols], y is [n, rows]. Each weight row is read once per call.
@@ -268,6 +309,10 @@ impl Linear {
                     ("scales", name(*sb_dtype), vec![n, groups], scales.slice(r0 * sb, n * sb)),
                     ("biases", name(*sb_dtype), vec![n, groups], biases.slice(r0 * sb, n * sb)),
                 ]
+            }
+            Source::Ggml { ty, data } => {
+                let rb = ty.row_bytes(cols).expect("validated at construction");
+                vec![("weight", ty.name(), vec![n, cols], data.slice(r0 * rb, n * rb))]
             }
         })
     }

@@ -101,6 +101,7 @@ fn upload_linear(dev: &CudaDevice, l: &Linear) -> Result<DevMatrix> {
                 }
             }
             MatData::Float { data, .. } => parts[0].extend_from_slice(data),
+            MatData::Ggml { ty, .. } => return Err(super::context::ggml_on_gpu(ty).into()),
         }
         first.get_or_insert(m.data);
     }
@@ -110,6 +111,7 @@ fn upload_linear(dev: &CudaDevice, l: &Linear) -> Result<DevMatrix> {
         }
         MatData::Float { dtype: FloatType::F16, .. } => MatData::Float { dtype: FloatType::F32, data: &parts[0] },
         MatData::Float { dtype, .. } => MatData::Float { dtype, data: &parts[0] },
+        MatData::Ggml { ty, .. } => return Err(super::context::ggml_on_gpu(ty).into()),
     };
     DevMatrix::upload(dev, &MatRef { data: joined, rows: l.rows(), cols: l.cols() })
 }
@@ -180,6 +182,7 @@ fn mat_pieces<'a>(l: &'a Linear, what: &str) -> Result<(MatLayout, [&'a [u8]; 3]
         MatData::Float { dtype: FloatType::F16, .. } => {
             return Err(CudaError::new("GPU experts do not take f16 weights (convert the model to bf16 or 4-bit)"));
         }
+        MatData::Ggml { ty, .. } => return Err(super::context::ggml_on_gpu(ty)),
     };
     format.check(m.rows, m.cols)?;
     Ok((MatLayout { format, rows: m.rows, cols: m.cols, w: 0, s: 0, b: 0 }, pieces))
@@ -1722,6 +1725,7 @@ impl Backend for CudaBackend {
             ws.dn_y.ptr(),
             t,
             (c.linear_key_heads, c.linear_value_heads, c.linear_key_dim, c.linear_value_dim),
+            w.value_heads_tiled,
             c.rms_norm_eps,
         )?;
         self.mm(ws, &w.out_proj, ws.dn_y.ptr(), ws.mixed.ptr(), t)?;

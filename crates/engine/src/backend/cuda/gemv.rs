@@ -109,6 +109,7 @@ impl DevMatrix {
                 format.check(m.rows, m.cols)?;
                 Ok(DevMatrix { format, rows: m.rows, cols: m.cols, w: dev.upload(data)?, scales: None, biases: None })
             }
+            MatData::Ggml { ty, .. } => Err(super::context::ggml_on_gpu(ty)),
         }
     }
 

@@ -410,15 +410,17 @@ impl ForwardKernels {
         y: u64,
         t: usize,
         (hk, hv, dk, dv): (usize, usize, usize, usize),
+        value_heads_tiled: bool,
         eps: f32,
     ) -> Result<()> {
+        let tiled = value_heads_tiled as i32;
         Self::launch(
             dev,
             &self.dn_recurrent,
             (hv as u32, (dv / 32) as u32, 1),
             256,
             0,
-            kargs![conv_out, b, a, neg_a, dt_bias, state, y, t, hk, hv, dk, dv],
+            kargs![conv_out, b, a, neg_a, dt_bias, state, y, t, hk, hv, dk, dv, tiled],
         )?;
         Self::launch(
             dev,

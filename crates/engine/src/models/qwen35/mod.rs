@@ -4,6 +4,7 @@
 //! layout, which `weights` normalises.
 
 pub mod forward;
+pub mod gguf;
 pub mod weights;
 
 pub use weights::{LayerWeights, Mixer, ModelWeights, SourceFormat};
@@ -12,10 +13,12 @@ use super::{PlacedModel, SourceOptions};
 use crate::backend::{AnyState, Backend, Bandwidths, TierInfo};
 use crate::config::{LayerKind, ModelConfig};
 use crate::error::{Error, Result};
-use crate::experts::{ExpertSet, ExpertStore, ExpertWeights};
+use crate::experts::{ExpertSet, ExpertStore, ExpertWeights, ScatteredFiles};
+use crate::gguf::GgufModel;
 use crate::layers::{Convert, Host, PassSpec, Tensors};
 use crate::packed;
 use crate::weights::Linear;
+use crate::weights::store::Bytes;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -42,23 +45,57 @@ impl Qwen35Host {
         if opts.stream_experts {
             // HF/MLX folder: experts are read in place from the checkpoint files through the
             // expert store, so they get the same accounting, caching and budget as packed ones.
-            let mut lists: Vec<&[ExpertWeights]> = Vec::with_capacity(weights.layers.len());
-            for (i, l) in weights.layers.iter().enumerate() {
-                lists.push(
-                    l.moe
-                        .experts
-                        .resident()
-                        .ok_or_else(|| Error::input(format!("layer {i}: experts are neither resident nor streamed")))?,
-                );
-            }
-            let es = Arc::new(ExpertStore::open_scattered(&store, &lists, &config, &opts.store)?);
-            for (i, l) in weights.layers.iter_mut().enumerate() {
-                l.moe.experts = ExpertSet::Streamed { store: es.clone(), layer: i };
-            }
-            expert_store = Some(es);
+            let files = ScatteredFiles {
+                dir,
+                paths: &store.files,
+                file_of: &|b: &Bytes| store.file_index_of(b),
+                kind: "safetensors",
+            };
+            expert_store = Some(stream_resident_experts(&mut weights, &files, &config, opts)?);
         }
         Ok(Qwen35Host { config, weights: Arc::new(weights), expert_store })
     }
+}
+
+impl Qwen35Host {
+    /// A GGUF model (any part of a split). With `stream_experts`, experts are read in place from
+    /// the file's byte ranges through the expert store; otherwise they are views of the mapping.
+    pub fn load_gguf(model: &GgufModel, opts: &SourceOptions) -> Result<Self> {
+        let config = model.config.clone();
+        let mut weights = ModelWeights::load_gguf(model)?;
+        let mut expert_store = None;
+        if opts.stream_experts {
+            let paths: Vec<_> = model.parts.parts.iter().map(|p| p.path.clone()).collect();
+            let owners: Vec<*const u8> = model.parts.parts.iter().map(|p| p.range(0, 0).owner_addr()).collect();
+            let file_of = |b: &Bytes| owners.iter().position(|&o| o == b.owner_addr());
+            let files = ScatteredFiles { dir: model.parts.path(), paths: &paths, file_of: &file_of, kind: "GGUF" };
+            expert_store = Some(stream_resident_experts(&mut weights, &files, &config, opts)?);
+        }
+        Ok(Qwen35Host { config, weights: Arc::new(weights), expert_store })
+    }
+}
+
+/// Moves every layer's resident experts behind one expert store reading them in place.
+fn stream_resident_experts(
+    weights: &mut ModelWeights<Host>,
+    files: &ScatteredFiles<'_>,
+    config: &ModelConfig,
+    opts: &SourceOptions,
+) -> Result<Arc<ExpertStore>> {
+    let mut lists: Vec<&[ExpertWeights]> = Vec::with_capacity(weights.layers.len());
+    for (i, l) in weights.layers.iter().enumerate() {
+        lists.push(
+            l.moe
+                .experts
+                .resident()
+                .ok_or_else(|| Error::input(format!("layer {i}: experts are neither resident nor streamed")))?,
+        );
+    }
+    let es = Arc::new(ExpertStore::open_scattered(files, &lists, config, &opts.store)?);
+    for (i, l) in weights.layers.iter_mut().enumerate() {
+        l.moe.experts = ExpertSet::Streamed { store: es.clone(), layer: i };
+    }
+    Ok(es)
 }
 
 /// This family on backend `B`: the backend's copy of the weights, and the host tree it came from

@@ -18,6 +18,8 @@ pub enum SourceFormat {
     Mlx,
     /// Our packed format (`flashmoe convert`): norms are stored as effective multipliers.
     Packed,
+    /// A GGUF file (llama.cpp's converter): norms stored as 1 + w, block-quantized matrices.
+    Gguf,
 }
 
 /// A layer's token mixer.
@@ -349,6 +351,7 @@ impl Loader<'_> {
             neg_a: a_log.iter().map(|x| -x.exp()).collect(),
             a_log,
             norm: self.norm(&format!("{a}norm"), dv, false)?,
+            value_heads_tiled: false,
         })
     }
 

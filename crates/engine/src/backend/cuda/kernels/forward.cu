@@ -394,7 +394,7 @@ extern "C" __global__ void dn_conv(const float* __restrict__ qkv, float* __restr
 // per call. Per token: S ← decay·S; m = Sᵀk; δ = β(v − m); S ← S + k δᵀ; o = Sᵀq, with q and k
 // (the head's key head) L2-normalized here (q also scaled by 1/√dk). o goes to y un-normalized;
 // dn_gated_norm applies RMSNorm(o)·w·silu(z) per head. Requires dk % 8 == 0, dk ≤ 256,
-// dv % 32 == 0.
+// dv % 32 == 0. `tiled` picks the value-head order (DeltaNetWeights::value_heads_tiled).
 #define DN_MAXR 32
 extern "C" __global__ void __launch_bounds__(256) dn_recurrent(const float* __restrict__ conv_out,
                                                               const float* __restrict__ bb,
@@ -402,14 +402,17 @@ extern "C" __global__ void __launch_bounds__(256) dn_recurrent(const float* __re
                                                               const float* __restrict__ neg_a,
                                                               const float* __restrict__ dt_bias,
                                                               float* __restrict__ state, float* __restrict__ y,
-                                                              int T, int hk, int hv, int dk, int dv) {
+                                                              int T, int hk, int hv, int dk, int dv,
+                                                              int tiled) {
     __shared__ float qk[2 * 256];
     __shared__ float red[8][32];
     __shared__ float bcast[32];
     const int h = blockIdx.x;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int j = blockIdx.y * 32 + lane;
-    const int r = hv / hk, kh = h / r;
+    // Grouped value heads (HF) read key head h / (hv/hk); tiled ones (llama.cpp's Qwen3.5 GGUFs)
+    // read h mod hk.
+    const int kh = tiled ? h % hk : h / (hv / hk);
     const int key_dim = hk * dk, conv_dim = 2 * key_dim + hv * dv;
     const int nr = dk / 8, i0 = w * nr;
     float* S = state + (long long)h * dk * dv;
