@@ -42,15 +42,32 @@ fn info_on_a_hostile_gguf_is_one_error_line() {
     );
 }
 
-#[test]
-fn running_a_gguf_says_it_cannot_yet() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/gguf/qwen35moe-tiny.gguf");
-    let out = Command::new(env!("CARGO_BIN_EXE_flashmoe"))
-        .args(["run", "--prompt", "hi", "--max-tokens", "1", "--model"])
+fn run_gguf(rel: &str) -> std::process::Output {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/gguf").join(rel);
+    Command::new(env!("CARGO_BIN_EXE_flashmoe"))
+        .args(["run", "--prompt", "hi", "--max-tokens", "6", "--temperature", "0", "--model"])
         .arg(&path)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn running_a_gguf_of_llama_cpp_quants_generates() {
+    // llama.cpp's converter + llama-quantize Q4_K_M (scripts/fixtures/gguf_models.py).
+    let out = run_gguf("models/qwen35moe-k256-Q4_K_M.gguf");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{e}");
+    assert!(e.contains("io page (experts read in place from the GGUF files)"), "{e}");
+    assert!(e.contains("decode") && e.contains("(6 tok, max tokens)"), "{e}");
+    assert!(e.contains("sampler greedy (flags)"), "{e}");
+}
+
+#[test]
+fn a_gguf_with_impossible_values_is_one_error_line() {
+    // Random bytes where llama.cpp's converter writes −exp(A_log): a positive value is no model.
+    let out = run_gguf("qwen35moe-tiny.gguf");
     assert!(!out.status.success());
     let e = String::from_utf8(out.stderr).unwrap();
-    assert!(e.contains("qwen35moe-tiny.gguf: GGUF models cannot run yet"), "{e}");
+    assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+    assert!(e.contains("tensor `blk.0.ssm_a`") && e.contains("−exp(A_log) is always negative"), "{e}");
 }

@@ -63,31 +63,49 @@ pub struct Footprint {
     pub experts: u64,
     /// The largest single expert, rounded up to a page (the read buffer size).
     pub max_expert: u64,
+    /// Weights only the CPU computes with (GGUF block types: no GPU kernels yet).
+    pub cpu_only: bool,
 }
 
-/// Reads a model folder's footprint (packed manifest, or the HF/MLX weights mapped, not read).
+/// Reads a model's footprint (packed manifest, or the HF/MLX/GGUF weights mapped, not read).
 pub fn footprint(dir: &Path) -> Result<Footprint> {
-    let config = ModelConfig::load(dir)?;
-    let (non_expert, max_expert, experts) = if dir.join(crate::packed::MANIFEST).exists() {
-        let m = Manifest::load(dir)?;
-        (
-            m.tensors.iter().map(|t| t.nbytes).sum::<u64>(),
-            m.experts.iter().map(|e| e.stride).max().unwrap_or(0),
-            m.experts.iter().map(|e| e.stride * e.num_experts as u64).sum::<u64>(),
-        )
-    } else {
-        // HF/MLX folder: experts are read in place; everything else stays mapped and resident.
-        let store = crate::packed::open_any(dir)?;
-        let w = crate::models::qwen35::ModelWeights::load(&store, &config)?;
+    let resident_footprint = |config: ModelConfig, w: &crate::models::qwen35::ModelWeights| {
         let max_expert = w
             .layers
             .iter()
             .filter_map(|l| l.moe.experts.resident().and_then(|v| v.first()).map(|e| e.bytes() as u64))
             .max()
             .unwrap_or(0);
-        (w.non_expert_bytes() as u64, max_expert.next_multiple_of(4096), w.expert_bytes() as u64)
+        Footprint {
+            config,
+            non_expert: w.non_expert_bytes() as u64,
+            experts: w.expert_bytes() as u64,
+            max_expert: max_expert.next_multiple_of(4096),
+            cpu_only: false,
+        }
     };
-    Ok(Footprint { config, non_expert, experts, max_expert })
+    if crate::gguf::is_gguf(dir) {
+        // GGUF: experts are read in place from the file, like an HF folder's.
+        let model = crate::gguf::GgufModel::open(dir)?;
+        let w = crate::models::qwen35::ModelWeights::load_gguf(&model)?;
+        let gpu_types = [crate::gguf::GgmlType::F32, crate::gguf::GgmlType::BF16];
+        let cpu_only = model.parts.tensors().any(|(_, t)| !gpu_types.contains(&t.ggml_type));
+        return Ok(Footprint { cpu_only, ..resident_footprint(model.config.clone(), &w) });
+    }
+    let config = ModelConfig::load(dir)?;
+    if dir.join(crate::packed::MANIFEST).exists() {
+        let m = Manifest::load(dir)?;
+        let (non_expert, max_expert, experts) = (
+            m.tensors.iter().map(|t| t.nbytes).sum::<u64>(),
+            m.experts.iter().map(|e| e.stride).max().unwrap_or(0),
+            m.experts.iter().map(|e| e.stride * e.num_experts as u64).sum::<u64>(),
+        );
+        return Ok(Footprint { config, non_expert, experts, max_expert, cpu_only: false });
+    }
+    // HF/MLX folder: experts are read in place; everything else stays mapped and resident.
+    let store = crate::packed::open_any(dir)?;
+    let w = crate::models::qwen35::ModelWeights::load(&store, &config)?;
+    Ok(resident_footprint(config, &w))
 }
 
 /// How a model would run on a machine with `ram` bytes of memory and, optionally, a GPU of
@@ -132,6 +150,7 @@ pub fn fit(dir: &Path, ram: u64, gpu: Option<u64>) -> Result<Fit> {
 /// load libraries).
 fn fit_at(dir: &Path, ram: u64, gpu: Option<u64>, baseline: u64) -> Result<Fit> {
     let f = footprint(dir)?;
+    let gpu = if f.cpu_only { None } else { gpu };
     let state = state_bytes(&f.config, FIT_CONTEXT);
     // A tenth of the GPU for the workspace, activations and the driver.
     if let Some(g) = gpu

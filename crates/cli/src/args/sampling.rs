@@ -66,12 +66,13 @@ impl SamplingArgs {
     }
 
     /// `sampler …` for summary lines: what the sampler does and where its settings came from.
-    pub fn describe(&self, params: &SamplingParams, from_generation_config: bool) -> String {
-        let source = match (from_generation_config, self.any_given()) {
-            (true, false) => "generation_config.json",
-            (true, true) => "generation_config.json and flags",
-            (false, true) => "flags",
-            (false, false) => "no generation_config.json",
+    /// `model_source` names where a model keeps its defaults ("generation_config.json").
+    pub fn describe(&self, params: &SamplingParams, from_model: bool, model_source: &str) -> String {
+        let source = match (from_model, self.any_given()) {
+            (true, false) => model_source.to_string(),
+            (true, true) => format!("{model_source} and flags"),
+            (false, true) => "flags".into(),
+            (false, false) => format!("no {model_source}"),
         };
         format!("sampler {} ({source})", params.describe())
     }

@@ -177,8 +177,11 @@ pub fn run(a: ModelsArgs) -> Result<()> {
                     let size: u64 =
                         g.files.iter().map(|f| std::fs::metadata(s.path.join(f)).map_or(0, |m| m.len())).sum();
                     let quant = g.quant.clone().unwrap_or_else(|| g.stem.clone());
-                    let (path, fits) = match g.first_part(&s.path) {
-                        Ok(p) => (p.display().to_string(), "cannot tell: GGUF footprints are not read yet".into()),
+                    let (path, footprint, fits) = match g.first_part(&s.path) {
+                        Ok(p) => {
+                            let (footprint, fits) = judge(&p, &m);
+                            (p.display().to_string(), footprint, fits)
+                        }
                         Err(e) => {
                             skipped.push((s.path.join(&g.stem).display().to_string(), format!("{}: {e}", r.repo)));
                             continue;
@@ -191,7 +194,7 @@ pub fn run(a: ModelsArgs) -> Result<()> {
                         path,
                         format: format!("GGUF {quant}"),
                         size_on_disk: size,
-                        footprint: None,
+                        footprint,
                         fits,
                     });
                 }

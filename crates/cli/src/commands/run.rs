@@ -95,7 +95,7 @@ pub fn run(mut a: RunArgs) -> Result<()> {
     };
     let ids = engine.encode(&prompt_text)?;
     let sampling = a.sampling.params(&engine.default_sampling);
-    let sampler = a.sampling.describe(&sampling, engine.sampling_from_generation_config);
+    let sampler = a.sampling.describe(&sampling, engine.sampling_from_generation_config, engine.sampling_source);
     let opts = GenerateOptions { max_tokens, sampling };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

@@ -19,8 +19,11 @@ pub struct Engine {
     /// Sampling when a request or the command line sets nothing: the model's
     /// generation_config.json ([`SamplingParams::from_generation_config`]), greedy without one.
     pub default_sampling: SamplingParams,
-    /// Whether `default_sampling` came from a generation_config.json (for summary lines).
+    /// Whether `default_sampling` came from the model (generation_config.json, or a GGUF's
+    /// `general.sampling.*`), for summary lines.
     pub sampling_from_generation_config: bool,
+    /// Where the model's sampling defaults live: "generation_config.json" or "GGUF general.sampling".
+    pub sampling_source: &'static str,
 }
 
 #[derive(Clone, Debug)]
@@ -82,6 +85,7 @@ impl Engine {
             tokenizer,
             template,
             model_dir: dir.to_path_buf(),
+            sampling_source: if crate::gguf::is_gguf(dir) { "GGUF general.sampling" } else { "generation_config.json" },
             stop_ids,
             default_sampling,
             sampling_from_generation_config,
