@@ -2,7 +2,9 @@
 # Builds the binaries the GPU machine runs (it has no cargo) and packs them, stripped and
 # compressed, into .carry/bin.tar.xz (the device tool carries at most 64 MiB with the tree).
 set -euo pipefail
-cargo build --release -p flashmoe-cli --features cuda
+# Without the embedded built-in model (15 MB): the tree carried with it holds the model's folder
+# (--model models/qwen35-moe-tiny-trained), and tree + binaries must stay under 64 MiB.
+cargo build --release -p flashmoe-cli --no-default-features --features cuda
 tests=$(cargo test -p flashmoe --features cuda --no-run 2>&1 | grep -o 'target/debug/deps/\(reference\|tiers\|flashmoe\)-[0-9a-f]*' | sort -u)
 rm -rf .carry/bin && mkdir -p .carry/bin
 strip -o .carry/bin/flashmoe target/release/flashmoe

@@ -86,12 +86,12 @@ impl ModelConfig {
     }
 
     pub fn load(dir: &Path) -> Result<Self> {
-        // Every loader comes through here first, so a GGUF file gets a clear word instead of
-        // "FILE/config.json: Not a directory".
+        // Folder-only paths (convert, bench) come through here, so a GGUF file gets a clear word
+        // instead of "FILE/config.json: Not a directory"; `models::load_config` reads both.
         if dir.is_file() && dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
             return Err(Error::config(
                 dir,
-                "GGUF models cannot run yet (`flashmoe info --model FILE.gguf` reads them); give a safetensors or packed folder",
+                "is a GGUF file; this needs a model folder (safetensors or packed). GGUF files run as they are (`flashmoe run/serve/chat/logits --model FILE.gguf`)",
             ));
         }
         let path = dir.join("config.json");

@@ -464,6 +464,9 @@ def cmd_bench(a) -> None:
     ggufs = [d / f"model-{q}.gguf" for q in a.quants.split(",")]
     rows = [("flashmoe packed affine 4-bit g64", packed, packed_bytes_per_token(packed), flashmoe_run)]
     rows += [(f"llama.cpp {g.stem.split('-', 1)[1]}", g, gguf_bytes_per_token(g), llama_run) for g in ggufs]
+    if a.fm_gguf:
+        # flashmoe on the very files llama.cpp runs (GGUF block types: CPU kernels only so far).
+        rows += [(f"flashmoe {g.stem.split('-', 1)[1]}", g, gguf_bytes_per_token(g), flashmoe_run) for g in ggufs]
     res = {name: {"tg": [], "pp": [], "rss": 0} for name, *_ in rows}
     for rep in range(a.reps):
         for test in ("tg", "pp"):
@@ -484,12 +487,13 @@ def cmd_bench(a) -> None:
         r = res[name]
         pp = spread(r["pp"]) if r["pp"] else "—"
         print(f"| {name} | {bpt / 2**20:.0f} MiB | {spread(r['tg'])} | {pp} | {r['rss'] / 2**30:.2f} GiB |")
-    for name, *_ in rows[1:]:
-        r = res[name]
-        ratio_tg = statistics.median(base["tg"]) / statistics.median(r["tg"])
-        line = f"flashmoe / {name}: decode {ratio_tg:.2f}×"
-        if r["pp"]:
-            line += f", prefill {statistics.median(base['pp']) / statistics.median(r['pp']):.2f}×"
+    pairs = [(rows[0][0], name) for name, *_ in rows[1:] if name.startswith("llama.cpp")]
+    pairs += [(name, "llama.cpp" + name[len("flashmoe"):]) for name, *_ in rows[1:] if name.startswith("flashmoe")]
+    for ours, theirs in pairs:
+        b, r = res[ours], res[theirs]
+        line = f"{ours} / {theirs}: decode {statistics.median(b['tg']) / statistics.median(r['tg']):.2f}×"
+        if r["pp"] and b["pp"]:
+            line += f", prefill {statistics.median(b['pp']) / statistics.median(r['pp']):.2f}×"
         print(line)
 
 
@@ -558,6 +562,7 @@ def main() -> None:
     s.add_argument("--pp", type=int, default=512)
     s.add_argument("--fm-gpu-cache", default="10%", help="flashmoe --gpu-cache in the gpu-ram regime")
     s.add_argument("--fm-cpu-io", default="mmap", choices=["mmap", "page"], help="flashmoe --io on the CPU")
+    s.add_argument("--fm-gguf", action="store_true", help="also run flashmoe on the GGUF files (cpu regime)")
     s.set_defaults(fn=cmd_bench)
     s = sub.add_parser("logits")
     s.add_argument("--dir", required=True)

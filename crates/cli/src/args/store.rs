@@ -74,7 +74,7 @@ impl StoreArgs {
         if let Some(b) = &self.memory_budget {
             let budget = parse_size(b).map_err(|e| anyhow!("--memory-budget {e}"))?;
             // Under a budget, fetch one token's worth of experts at a time.
-            let chunk = flashmoe::ModelConfig::load(dir)?.experts_per_token;
+            let chunk = flashmoe::models::load_config(dir)?.experts_per_token;
             opts.fetch_chunk = Some(chunk);
             let plan =
                 flashmoe::memory::plan(dir, budget, plan.context_tokens, chunk, plan.batch_tokens, self.io_threads)?;

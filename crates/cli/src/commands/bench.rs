@@ -207,7 +207,15 @@ fn cache_size(s: &str, expert_bytes: u64) -> Result<u64> {
     parse_size(t).map_err(|e| anyhow!("--ram-cache {e}"))
 }
 
+fn is_packed(dir: &Path) -> bool {
+    dir.join(flashmoe::packed::MANIFEST).exists()
+}
+
 fn expert_bytes(dir: &Path) -> Result<u64> {
+    if !is_packed(dir) {
+        // A GGUF file or an HF folder: experts are read in place.
+        return Ok(flashmoe::memory::footprint(dir)?.experts);
+    }
     let m = flashmoe::packed::Manifest::load(dir)?;
     Ok(m.experts.iter().map(|e| e.stride * e.num_experts as u64).sum())
 }
@@ -215,6 +223,11 @@ fn expert_bytes(dir: &Path) -> Result<u64> {
 fn disk_bandwidth(c: &DecodeCommon) -> Result<(f64, String)> {
     if let Some(g) = c.disk_bw {
         return Ok((g * 1e9, format!("{g:.3} GB/s (--disk-bw)")));
+    }
+    if !is_packed(&c.model) {
+        // The O_DIRECT measurement reads a packed model's expert files; without one the floor
+        // leaves the disk out.
+        return Ok((f64::INFINITY, "not measured (not a packed model; --disk-bw sets it)".into()));
     }
     let target = expert_bytes(&c.model)?.min(2 << 30);
     let bw = bench::measure_read_bandwidth(&c.model, IoChoice::Direct, c.io_threads.max(1), target, c.seed ^ 0xd15c)

@@ -43,6 +43,14 @@ impl HostModel {
     }
 }
 
+/// The config of a model folder (config.json) or of a GGUF file (its metadata).
+pub fn load_config(path: &Path) -> Result<ModelConfig> {
+    if crate::gguf::is_gguf(path) {
+        return Ok(crate::gguf::GgufModel::open(path)?.config);
+    }
+    ModelConfig::load(path)
+}
+
 /// Reads `dir` (HF/MLX safetensors folder, packed model, or a GGUF file) with the family its
 /// config names.
 pub fn load_host(dir: &Path, opts: &SourceOptions) -> Result<HostModel> {
