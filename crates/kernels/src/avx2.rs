@@ -240,7 +240,16 @@ pub(crate) unsafe fn affine_matvec<E: Elem, const B: u32>(
                 while g + 8 <= ng {
                     let sv = load8::<E>(sr.add(g * E::SIZE));
                     for j in 0..8 {
-                        let (a0, a1) = group_dot_pair::<B>(wr, xq, g + j, cpg);
+                        // One chunk per group (4-bit g64, the common case) without the
+                        // chunk loop: g is a multiple of 8, so the prefetch parity is known.
+                        let (a0, a1) = if cpg == 1 {
+                            if j % 2 == 0 {
+                                prefetch(wr.wrapping_add((g + j) * 32 + PREFETCH_DIST));
+                            }
+                            chunk_dot_pair::<B>(wr.add((g + j) * 32), xq.add((g + j) * 8 * epw))
+                        } else {
+                            group_dot_pair::<B>(wr, xq, g + j, cpg)
+                        };
                         let sg = _mm256_permutevar8x32_ps(sv, _mm256_set1_epi32(j as i32));
                         racc = _mm256_fmadd_ps(a0, sg, racc);
                         racc1 = _mm256_fmadd_ps(a1, sg, racc1);

@@ -405,3 +405,32 @@ fn matmul_batch_mixed_jobs() {
         }
     }
 }
+
+/// matmul with token counts around its 2-input tiles and beyond, row counts around its 4-row
+/// tiles, column counts around the 8-wide vectors, against the f64 reference on every SIMD level.
+#[test]
+fn matmul_blocked_shapes() {
+    let mut rng = StdRng::seed_from_u64(8);
+    let mats = [
+        TestMat::affine(&mut rng, 4, 64, FloatType::BF16, 13, 576, 1),
+        TestMat::affine(&mut rng, 4, 32, FloatType::F16, 21, 96, 2),
+        TestMat::float(&mut rng, FloatType::F32, 11, 37, 3),
+        TestMat::float(&mut rng, FloatType::BF16, 9, 263, 0),
+    ];
+    for tm in &mats {
+        for n in [2usize, 4, 14, 15, 16, 17, 31, 46] {
+            let xs = rand_x(&mut rng, n * tm.cols);
+            for level in levels() {
+                let mut ys = vec![f32::NAN; n * tm.rows];
+                matmul_at(level, &tm.mat(), &xs, n, &mut ys);
+                for t in 0..n {
+                    tm.check(
+                        &xs[t * tm.cols..(t + 1) * tm.cols],
+                        &ys[t * tm.rows..(t + 1) * tm.rows],
+                        &format!("{}x{} n={n} t={t} {level:?}", tm.rows, tm.cols),
+                    );
+                }
+            }
+        }
+    }
+}
