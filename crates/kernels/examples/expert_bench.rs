@@ -134,7 +134,7 @@ fn main() {
     for &nt in &threads {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(nt).build().unwrap();
         pool.install(|| {
-            println!("threads {nt}, {} (SIMD {})", "4-bit affine g64 bf16", flashmoe_kernels::simd_level());
+            println!("threads {nt}, 4-bit affine g64 bf16 (SIMD {})", flashmoe_kernels::simd_level());
             let mut y = vec![0f32; HIDDEN];
             report(
                 "matvec gate/up 2048->512",
