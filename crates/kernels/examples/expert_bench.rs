@@ -6,7 +6,8 @@
 //!   matrix its own parallel region (`per-matrix`), and as two batches over all 8 experts
 //!   (`batched`: gate+up of all, then down of all);
 //! - a prefill layer: the same 8 experts with 16 tokens each (512 tokens × 8 / 256 experts);
-//! - the non-expert decode shapes (attention / GatedDeltaNet projections, shared expert).
+//! - a dense prefill (2048→8192 over 256 tokens) and the non-expert decode shapes (attention /
+//!   GatedDeltaNet projections, shared expert).
 //!
 //! Weights cycle through distinct copies (≥ 3× the L3 cache) so that they come from DRAM, as
 //! they do when decoding. GB/s = weight + scale + bias bytes read per second.
@@ -232,6 +233,17 @@ fn main() {
                 (TOP_K * n) as f64 / per_matrix.1,
                 (TOP_K * n) as f64 / batched.1
             );
+
+            // Non-expert prefill: one dense 2048→8192 matrix (in_qkv / q_proj) over 256 tokens.
+            {
+                let (rows, cols, n) = (8192, HIDDEN, 256);
+                let mat = Mat::random(rows, cols, 999);
+                let xn: Vec<f32> = (0..n * cols).map(|i| ((i * 31) % 97) as f32 / 48.0 - 1.0).collect();
+                let mut yn = vec![0f32; n * rows];
+                let tm = time(3, |_| matmul(&mat.r(), black_box(&xn), n, &mut yn));
+                report(&format!("prefill dense 2048->8192 x {n} tok"), mat.bytes(), tm);
+                println!("  prefill dense: {:.1} G FMA/s (median)", (rows * cols * n) as f64 / tm.1 / 1e9);
+            }
 
             // Non-expert decode shapes (one matrix, cycled through copies of the same size).
             for (name, rows, cols) in [
