@@ -716,3 +716,93 @@ fn l2_normalize(x: &mut [f32], scale: f32) {
         *v = *v * inv * scale;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{MlpJob, mlps_forward};
+    use crate::weights::Linear;
+    use crate::weights::store::{ByteSource, Bytes, RawTensor};
+    use safetensors::Dtype;
+    use std::sync::Arc;
+
+    struct Owned(Vec<u8>);
+    impl ByteSource for Owned {
+        fn bytes(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    /// An f32 [rows, cols] Linear of deterministic pseudo-random values, and the values.
+    fn linear(rows: usize, cols: usize, seed: u64) -> (Linear, Vec<f32>) {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let vals: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 * 0.2 - 0.1
+            })
+            .collect();
+        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let len = bytes.len();
+        let t = RawTensor {
+            name: format!("w{seed}"),
+            dtype: Dtype::F32,
+            shape: vec![rows, cols],
+            bytes: Bytes::new(Arc::new(Owned(bytes)), 0, len),
+            file: "test".into(),
+        };
+        (Linear::float(&t, rows, cols).unwrap(), vals)
+    }
+
+    fn matvec_f64(w: &[f32], cols: usize, x: &[f64]) -> Vec<f64> {
+        w.chunks_exact(cols).map(|r| r.iter().zip(x).map(|(&a, &b)| a as f64 * b).sum()).collect()
+    }
+
+    /// Several MLPs in one batch (one input and three, a gate made of two stored row ranges, as
+    /// `concat_rows` builds) against an f64 recomputation of down·(silu(gate·x) ⊙ up·x).
+    #[test]
+    fn mlps_forward_matches_f64() {
+        let (h, i) = (256, 96);
+        let (g1a, v1a) = linear(40, h, 1);
+        let (g1b, v1b) = linear(i - 40, h, 2);
+        let gate1 = Linear::concat_rows(&[g1a, g1b]);
+        let gate1_vals: Vec<f32> = v1a.into_iter().chain(v1b).collect();
+        let (up1, vu1) = linear(i, h, 3);
+        let (down1, vd1) = linear(h, i, 4);
+        let (gate2, vg2) = linear(i, h, 5);
+        let (up2, vu2) = linear(i, h, 6);
+        let (down2, vd2) = linear(h, i, 7);
+        let xs: Vec<f32> = (0..3 * h).map(|k| ((k * 37) % 101) as f32 / 50.0 - 1.0).collect();
+        let cases = [
+            (&gate1, &gate1_vals, &up1, &vu1, &down1, &vd1, 1usize),
+            (&gate1, &gate1_vals, &up1, &vu1, &down1, &vd1, 3),
+            (&gate2, &vg2, &up2, &vu2, &down2, &vd2, 3),
+            (&gate2, &vg2, &up2, &vu2, &down2, &vd2, 1),
+        ];
+        let jobs: Vec<MlpJob> = cases
+            .iter()
+            .map(|&(g, _, u, _, d, _, n)| MlpJob { gate: g, up: u, down: d, xs: &xs[..n * h], n })
+            .collect();
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let outs = pool.install(|| mlps_forward(&jobs));
+            for (c, (&(_, vg, _, vu, _, vd, n), out)) in cases.iter().zip(&outs).enumerate() {
+                assert_eq!(out.len(), n * h);
+                for t in 0..n {
+                    let x: Vec<f64> = xs[t * h..(t + 1) * h].iter().map(|&v| v as f64).collect();
+                    let g = matvec_f64(vg, h, &x);
+                    let u = matvec_f64(vu, h, &x);
+                    let a: Vec<f64> = g.iter().zip(&u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
+                    let want = matvec_f64(vd, i, &a);
+                    for (r, (&got, &w)) in out[t * h..(t + 1) * h].iter().zip(&want).enumerate() {
+                        assert!(
+                            (got as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                            "case {c} t {t} row {r}: {got} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
