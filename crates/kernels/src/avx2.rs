@@ -109,10 +109,12 @@ pub(crate) unsafe fn float_row<E: Elem>(row: &[u8], out: &mut [f32]) {
 
 /// Σ_k q_k·x'_k for one aligned 8-word chunk, where x' is the chunk's slice
 /// of the permuted input (see `permute_x`): lane i of step k uses code k of
-/// word i, extracted by a single AND and left at its bit position.
+/// word i, extracted by a single AND and left at its bit position. Returned
+/// as two partial sums (even and odd k) so that the caller can scale each
+/// into its own accumulator instead of spending an add on joining them.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn chunk_dot<const B: u32>(wp: *const u8, xp: *const f32) -> __m256 {
+unsafe fn chunk_dot_pair<const B: u32>(wp: *const u8, xp: *const f32) -> (__m256, __m256) {
     let epw = (32 / B) as usize;
     let mask = (1u32 << B) - 1;
     unsafe {
@@ -133,7 +135,40 @@ unsafe fn chunk_dot<const B: u32>(wp: *const u8, xp: *const f32) -> __m256 {
                 a1 = _mm256_fmadd_ps(t, xv, a1);
             }
         }
-        _mm256_add_ps(a0, a1)
+        (a0, a1)
+    }
+}
+
+/// [`chunk_dot_pair`] joined into one vector.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn chunk_dot<const B: u32>(wp: *const u8, xp: *const f32) -> __m256 {
+    // SAFETY: same contract as chunk_dot_pair.
+    let (a0, a1) = unsafe { chunk_dot_pair::<B>(wp, xp) };
+    _mm256_add_ps(a0, a1)
+}
+
+/// The two partial sums of group `g` of a row (`cpg` whole chunks per group),
+/// prefetching the weight stream once per 64-byte line.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_dot_pair<const B: u32>(wr: *const u8, xq: *const f32, g: usize, cpg: usize) -> (__m256, __m256) {
+    let epw = (32 / B) as usize;
+    unsafe {
+        let c0 = g * cpg;
+        if c0.is_multiple_of(2) {
+            prefetch(wr.wrapping_add(c0 * 32 + PREFETCH_DIST));
+        }
+        let (mut a0, mut a1) = chunk_dot_pair::<B>(wr.add(c0 * 32), xq.add(c0 * 8 * epw));
+        for c in c0 + 1..c0 + cpg {
+            if c.is_multiple_of(2) {
+                prefetch(wr.wrapping_add(c * 32 + PREFETCH_DIST));
+            }
+            let (d0, d1) = chunk_dot_pair::<B>(wr.add(c * 32), xq.add(c * 8 * epw));
+            a0 = _mm256_add_ps(a0, d0);
+            a1 = _mm256_add_ps(a1, d1);
+        }
+        (a0, a1)
     }
 }
 
@@ -195,16 +230,40 @@ pub(crate) unsafe fn affine_matvec<E: Elem, const B: u32>(
             let br = b.as_ptr().add(r * ng * E::SIZE);
             let mut racc = _mm256_setzero_ps();
             if wpg.is_multiple_of(8) {
-                // Whole chunks per group: sum the group, then scale once.
+                // Whole chunks per group. Each group's two partial sums go into two row
+                // accumulators (no add to join them), and the group scales are widened eight
+                // at a time and broadcast by a lane permute instead of being read one by one
+                // as scalars: about 15% fewer instructions per group at 4-bit g64.
                 let cpg = wpg / 8;
-                for g in 0..ng {
-                    let mut acc = _mm256_setzero_ps();
-                    for c in g * cpg..(g + 1) * cpg {
-                        prefetch(wr.wrapping_add(c * 32 + PREFETCH_DIST));
-                        acc = _mm256_add_ps(acc, chunk_dot::<B>(wr.add(c * 32), xq.add(c * 8 * epw)));
+                let mut racc1 = _mm256_setzero_ps();
+                let mut g = 0;
+                while g + 8 <= ng {
+                    let sv = load8::<E>(sr.add(g * E::SIZE));
+                    for j in 0..8 {
+                        // One chunk per group (4-bit g64, the common case) without the
+                        // chunk loop: g is a multiple of 8, so the prefetch parity is known.
+                        let (a0, a1) = if cpg == 1 {
+                            if j % 2 == 0 {
+                                prefetch(wr.wrapping_add((g + j) * 32 + PREFETCH_DIST));
+                            }
+                            chunk_dot_pair::<B>(wr.add((g + j) * 32), xq.add((g + j) * 8 * epw))
+                        } else {
+                            group_dot_pair::<B>(wr, xq, g + j, cpg)
+                        };
+                        let sg = _mm256_permutevar8x32_ps(sv, _mm256_set1_epi32(j as i32));
+                        racc = _mm256_fmadd_ps(a0, sg, racc);
+                        racc1 = _mm256_fmadd_ps(a1, sg, racc1);
                     }
-                    racc = _mm256_fmadd_ps(acc, _mm256_set1_ps(E::get_raw(sr, g)), racc);
+                    g += 8;
                 }
+                while g < ng {
+                    let (a0, a1) = group_dot_pair::<B>(wr, xq, g, cpg);
+                    let sg = _mm256_set1_ps(E::get_raw(sr, g));
+                    racc = _mm256_fmadd_ps(a0, sg, racc);
+                    racc1 = _mm256_fmadd_ps(a1, sg, racc1);
+                    g += 1;
+                }
+                racc = _mm256_add_ps(racc, racc1);
             } else {
                 // Each 4-word half of a chunk lies within one group, but the
                 // two halves may belong to different groups.

@@ -2,7 +2,9 @@
 //! independently of the library code.
 
 use flashmoe_kernels::cpu_features::SimdLevel;
-use flashmoe_kernels::{FloatType, KernelError, MatRef, dequant_row_at, matmul, matmul_at, matvec, matvec_at};
+use flashmoe_kernels::{
+    FloatType, KernelError, MatJob, MatRef, dequant_row_at, matmul, matmul_at, matmul_batch_at, matvec, matvec_at,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -335,4 +337,100 @@ fn construction_errors() {
 fn simd_level_reported() {
     let name = flashmoe_kernels::simd_level();
     assert!(SimdLevel::ALL.iter().any(|l| l.name() == name), "{name}");
+}
+
+#[test]
+fn affine_group_blocks_and_remainders() {
+    // The AVX2 path for whole-chunk groups widens scales eight groups at a time: 11 and 19
+    // groups exercise full blocks plus 3 left-over groups, 1 group the left-overs alone.
+    let mut rng = StdRng::seed_from_u64(6);
+    for (bits, gs) in [(4u32, 64usize), (2, 128), (8, 32), (4, 128)] {
+        for ng in [1usize, 8, 11, 19] {
+            for sbt in SB_TYPES {
+                let tm = TestMat::affine(&mut rng, bits, gs, sbt, 5, ng * gs, 1);
+                exercise(&tm, &mut rng, &format!("affine b{bits} gs{gs} {sbt:?} groups {ng}"));
+            }
+        }
+    }
+}
+
+/// A batch of mixed products (affine of every width, float, one input and several, jobs
+/// sharing an input, an empty matrix) on 1 and 3 threads: every output against the f64
+/// reference, and equal to what `matvec`/`matmul` give for that job alone.
+#[test]
+fn matmul_batch_mixed_jobs() {
+    let mut rng = StdRng::seed_from_u64(7);
+    // (matrix, tokens, input id): jobs with the same input id share one x slice.
+    let mats = [
+        (TestMat::affine(&mut rng, 4, 64, FloatType::BF16, 512, 2048, 0), 1, 0),
+        (TestMat::affine(&mut rng, 4, 64, FloatType::BF16, 512, 2048, 1), 1, 0),
+        (TestMat::affine(&mut rng, 4, 64, FloatType::BF16, 2048, 512, 2), 1, 1),
+        (TestMat::affine(&mut rng, 2, 64, FloatType::F16, 77, 2048, 3), 1, 0),
+        (TestMat::affine(&mut rng, 8, 32, FloatType::F32, 130, 2048, 0), 1, 0),
+        (TestMat::affine(&mut rng, 4, 32, FloatType::BF16, 9, 96, 1), 1, 2),
+        (TestMat::float(&mut rng, FloatType::BF16, 300, 2048, 1), 1, 0),
+        (TestMat::affine(&mut rng, 4, 64, FloatType::BF16, 255, 512, 2), 6, 3),
+        (TestMat::float(&mut rng, FloatType::F32, 61, 512, 0), 6, 3),
+        (TestMat::affine(&mut rng, 4, 64, FloatType::BF16, 0, 512, 0), 1, 1),
+    ];
+    let inputs: Vec<Vec<f32>> =
+        vec![rand_x(&mut rng, 2048), rand_x(&mut rng, 512), rand_x(&mut rng, 96), rand_x(&mut rng, 6 * 512)];
+    for threads in [1usize, 3] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for level in levels() {
+            let mut ys: Vec<Vec<f32>> = mats.iter().map(|(tm, n, _)| vec![f32::NAN; n * tm.rows]).collect();
+            let mut jobs: Vec<MatJob> = mats
+                .iter()
+                .zip(ys.iter_mut())
+                .map(|((tm, n, xi), y)| MatJob { m: tm.mat(), x: &inputs[*xi], n: *n, y })
+                .collect();
+            pool.install(|| matmul_batch_at(level, &mut jobs));
+            drop(jobs);
+            for (k, ((tm, n, xi), y)) in mats.iter().zip(&ys).enumerate() {
+                let x = &inputs[*xi];
+                for t in 0..*n {
+                    tm.check(
+                        &x[t * tm.cols..(t + 1) * tm.cols],
+                        &y[t * tm.rows..(t + 1) * tm.rows],
+                        &format!("batch job {k} {level:?} threads {threads} t={t}"),
+                    );
+                }
+                let mut alone = vec![f32::NAN; n * tm.rows];
+                matmul_at(level, &tm.mat(), x, *n, &mut alone);
+                assert!(
+                    alone.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "batch job {k} {level:?} threads {threads}: differs from the same product alone"
+                );
+            }
+        }
+    }
+}
+
+/// matmul with token counts around its 2-input tiles and beyond, row counts around its 4-row
+/// tiles, column counts around the 8-wide vectors, against the f64 reference on every SIMD level.
+#[test]
+fn matmul_blocked_shapes() {
+    let mut rng = StdRng::seed_from_u64(8);
+    let mats = [
+        TestMat::affine(&mut rng, 4, 64, FloatType::BF16, 13, 576, 1),
+        TestMat::affine(&mut rng, 4, 32, FloatType::F16, 21, 96, 2),
+        TestMat::float(&mut rng, FloatType::F32, 11, 37, 3),
+        TestMat::float(&mut rng, FloatType::BF16, 9, 263, 0),
+    ];
+    for tm in &mats {
+        for n in [2usize, 4, 14, 15, 16, 17, 31, 46] {
+            let xs = rand_x(&mut rng, n * tm.cols);
+            for level in levels() {
+                let mut ys = vec![f32::NAN; n * tm.rows];
+                matmul_at(level, &tm.mat(), &xs, n, &mut ys);
+                for t in 0..n {
+                    tm.check(
+                        &xs[t * tm.cols..(t + 1) * tm.cols],
+                        &ys[t * tm.rows..(t + 1) * tm.rows],
+                        &format!("{}x{} n={n} t={t} {level:?}", tm.rows, tm.cols),
+                    );
+                }
+            }
+        }
+    }
 }

@@ -322,6 +322,30 @@ impl Linear {
         self.parts.iter().map(|p| p.mat(self.cols)).collect()
     }
 
+    /// Adds `y = W·x` for `n` inputs to a kernel batch (`flashmoe_kernels::matmul_batch`), one
+    /// job per stored row range. A matrix of several row ranges and several inputs (its output
+    /// rows interleave in `y`) is computed here instead, at once.
+    pub fn push_jobs<'a>(
+        &'a self,
+        x: &'a [f32],
+        n: usize,
+        y: &'a mut [f32],
+        jobs: &mut Vec<flashmoe_kernels::MatJob<'a>>,
+    ) {
+        assert_eq!(x.len(), n * self.cols);
+        assert_eq!(y.len(), n * self.rows);
+        if self.parts.len() > 1 && n > 1 {
+            self.forward(x, n, y);
+            return;
+        }
+        let mut rest = y;
+        for p in &self.parts {
+            let (yp, tail) = rest.split_at_mut(n * p.rows);
+            jobs.push(flashmoe_kernels::MatJob { m: p.mat(self.cols), x, n, y: yp });
+            rest = tail;
+        }
+    }
+
     /// Convenience: allocates the output.
     pub fn apply(&self, x: &[f32], n: usize) -> Vec<f32> {
         let mut y = vec![0.0; n * self.rows];

@@ -1319,7 +1319,6 @@ impl CudaBackend {
         ids: &[i32],
         x: &[f32],
     ) -> crate::Result<Vec<(usize, Vec<f32>)>> {
-        use rayon::prelude::*;
         let weights: Vec<(usize, ExpertWeights)> = match host {
             ExpertSet::Resident(v) => which.iter().map(|&j| (j, v[ids[j] as usize].clone())).collect(),
             ExpertSet::Streamed { store, layer } => {
@@ -1332,7 +1331,14 @@ impl CudaBackend {
                 out
             }
         };
-        Ok(weights.par_iter().map(|(j, ew)| (*j, crate::backend::cpu::expert_forward(ew, x, 1))).collect())
+        // One kernel batch for all of them (two parallel regions), not a parallel loop of
+        // experts each splitting its own matrices.
+        let jobs: Vec<crate::backend::cpu::MlpJob> = weights
+            .iter()
+            .map(|(_, ew)| crate::backend::cpu::MlpJob { gate: &ew.gate, up: &ew.up, down: &ew.down, xs: x, n: 1 })
+            .collect();
+        let outs = crate::backend::cpu::mlps_forward(&jobs);
+        Ok(weights.iter().map(|(j, _)| *j).zip(outs).collect())
     }
 
     /// Reads the prefetch guess launched for the next layer (the GPU is idle up to here: the
