@@ -4,9 +4,10 @@
 use super::model::{LoadOptions, Model};
 use super::session::{self, Channel, GenerateRequest, Generation, PrefixCache};
 use crate::error::{Error, Result};
-use flashmoe_text::{ChatTemplate, SamplingParams, TextTokenizer};
+use flashmoe_text::{ChatTemplate, Grammars, SamplingParams, TextTokenizer};
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 pub struct Engine {
     pub model: Model,
@@ -21,6 +22,9 @@ pub struct Engine {
     pub default_sampling: SamplingParams,
     /// Whether `default_sampling` came from a generation_config.json (for summary lines).
     pub sampling_from_generation_config: bool,
+    /// The grammar compiler over this tokenizer, built on first use (constrained decoding,
+    /// token bytes for logprobs); the error is kept when it cannot be built.
+    grammars: OnceLock<std::result::Result<Grammars, String>>,
 }
 
 #[derive(Clone, Debug)]
@@ -70,7 +74,17 @@ impl Engine {
             stop_ids,
             default_sampling,
             sampling_from_generation_config,
+            grammars: OnceLock::new(),
         })
+    }
+
+    /// The grammar compiler for this model's tokenizer (built once, about a second for a
+    /// 248k vocabulary).
+    pub fn grammars(&self) -> Result<&Grammars> {
+        self.grammars
+            .get_or_init(|| Grammars::new(&self.tokenizer, self.model.config.vocab_size, &self.stop_ids))
+            .as_ref()
+            .map_err(|e| Error::input(format!("constrained decoding is unavailable for this tokenizer: {e}")))
     }
 
     /// Renders OpenAI-style messages with the model's own chat template.
@@ -96,7 +110,7 @@ impl Engine {
             sampling: opts.sampling.clone(),
             ..Default::default()
         };
-        session::generate(self, &mut PrefixCache::new(0), &req, || true, |_: Channel, text: &str| on_text(text))
+        session::generate(self, &mut PrefixCache::new(0), &req, || true, |_: Channel, text: &str| on_text(text), |_| {})
     }
 }
 
