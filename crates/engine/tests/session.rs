@@ -266,9 +266,8 @@ fn logprobs_are_the_log_softmax_of_the_raw_logits_at_each_step() {
     let sampling = flashmoe_text::SamplingParams { repetition_penalty: 1.3, ..Default::default() };
     let req = GenerateRequest { logprobs: Some(3), sampling, ..greedy(p.clone(), 6) };
     let mut streamed = Vec::new();
-    let g = Session::new(&e, 0)
-        .generate_with_logprobs(&req, || true, |_, _| true, |lp| streamed.push(lp.clone()))
-        .unwrap();
+    let g =
+        Session::new(&e, 0).generate_with_logprobs(&req, || true, |_, _| true, |lp| streamed.push(lp.clone())).unwrap();
     assert_eq!(g.logprobs, streamed);
     assert_eq!(g.logprobs.len(), g.tokens.len());
     // Reference: one batched prefill of prompt + reply, log-softmax in f64 per position.
@@ -288,5 +287,7 @@ fn logprobs_are_the_log_softmax_of_the_raw_logits_at_each_step() {
         assert_eq!(lp.top[0].0 as usize, best);
         assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
     }
-    assert!(Session::new(&e, 0).generate(&GenerateRequest { logprobs: Some(21), ..req }, || true, |_, _| true).is_err());
+    assert!(
+        Session::new(&e, 0).generate(&GenerateRequest { logprobs: Some(21), ..req }, || true, |_, _| true).is_err()
+    );
 }

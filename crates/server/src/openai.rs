@@ -252,10 +252,13 @@ fn response_format(s: &AppState, f: &Fields) -> ApiResult<Option<Constraint>> {
         Some("text") => return Ok(None),
         Some("json_object") => GrammarSpec::JsonObject,
         Some("json_schema") => {
-            let js = o.get("json_schema").and_then(Json::as_object).ok_or_else(|| missing("response_format.json_schema"))?;
+            let js =
+                o.get("json_schema").and_then(Json::as_object).ok_or_else(|| missing("response_format.json_schema"))?;
             if let Some(strict) = js.get("strict").filter(|v| !v.is_null() && !v.is_boolean()) {
-                return Err(ApiError::bad(format!("'response_format.json_schema.strict' must be a boolean, got {strict}."))
-                    .param("response_format.json_schema.strict"));
+                return Err(ApiError::bad(format!(
+                    "'response_format.json_schema.strict' must be a boolean, got {strict}."
+                ))
+                .param("response_format.json_schema.strict"));
             }
             match js.get("schema") {
                 None | Some(Json::Null) => GrammarSpec::JsonSchema(Json::Bool(true)),
@@ -497,8 +500,10 @@ fn prepare_chat(s: &AppState, o: &Map<String, Json>) -> ApiResult<(Prepared, boo
     let mut constraint = response_format(s, &f)?;
     if forced {
         if constraint.is_some() {
-            return Err(ApiError::bad("A forced tool call ('tool_choice') and a JSON 'response_format' cannot be combined.")
-                .param("response_format"));
+            return Err(ApiError::bad(
+                "A forced tool call ('tool_choice') and a JSON 'response_format' cannot be combined.",
+            )
+            .param("response_format"));
         }
         // A named function is one call to it (as OpenAI does); "required" allows parallel calls
         // unless `parallel_tool_calls` is false.

@@ -16,8 +16,8 @@ mod time;
 pub mod tokenizer;
 pub mod toolcall;
 
-pub use constraint::{Constraint, GrammarSpec, Grammars};
 pub use chat::{CHATML_TEMPLATE, ChatMessage, ChatRequest, ChatTemplate, normalize_messages};
+pub use constraint::{Constraint, GrammarSpec, Grammars};
 pub use error::{Result, TextError};
 pub use gguf_vocab::GgufVocab;
 pub use sampling::{Sampler, SamplingParams, TokenLogprob, token_logprob};

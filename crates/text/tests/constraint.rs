@@ -7,7 +7,7 @@ mod common;
 
 use common::load_tokenizer;
 use flashmoe_text::constraint::tool_call_grammar;
-use flashmoe_text::toolcall::{ToolFormat, ToolCallParser, collect};
+use flashmoe_text::toolcall::{ToolCallParser, ToolFormat, collect};
 use flashmoe_text::{Constraint, GrammarSpec, Grammars, TextTokenizer, token_logprob};
 use serde_json::{Value as Json, json};
 use std::sync::OnceLock;
@@ -48,7 +48,10 @@ fn weather_tools() -> Vec<(String, Json)> {
                 "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
                 "required": ["city", "days"]}),
         ),
-        ("get_time".into(), json!({"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]})),
+        (
+            "get_time".into(),
+            json!({"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}),
+        ),
     ]
 }
 
@@ -139,7 +142,11 @@ fn forced_qwen_xml_tool_call_restricts_names_parameters_and_values() {
     assert!(first_blocked(tok, &mut c, "<tool_call>\n<function=get_weather>\n").is_some());
     let mut c = g.compile(&only).unwrap();
     assert_eq!(
-        first_blocked(tok, &mut c, "<tool_call>\n<function=get_time>\n<parameter=zone>\nCET\n</parameter>\n</function>\n</tool_call>"),
+        first_blocked(
+            tok,
+            &mut c,
+            "<tool_call>\n<function=get_time>\n<parameter=zone>\nCET\n</parameter>\n</function>\n</tool_call>"
+        ),
         None
     );
 }
@@ -148,7 +155,8 @@ fn forced_qwen_xml_tool_call_restricts_names_parameters_and_values() {
 fn forced_hermes_tool_call_validates_arguments() {
     let (tok, g) = (load_tokenizer("qwen3"), grammars("qwen3"));
     let spec = GrammarSpec::Lark(tool_call_grammar(ToolFormat::HermesJson, &weather_tools(), true).unwrap());
-    let good = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\", \"days\": 4}}\n</tool_call>";
+    let good =
+        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\", \"days\": 4}}\n</tool_call>";
     let mut c = g.compile(&spec).unwrap();
     assert_eq!(first_blocked(tok, &mut c, good), None);
     assert!(c.is_accepting());
