@@ -189,9 +189,9 @@ impl Constraint {
 /// The Lark grammar of a reply that is one or more tool calls, in the model's own format, each
 /// calling one of `tools` ((name, parameters schema); a forced function: just that one).
 ///
-/// * [`ToolFormat::HermesJson`]: `<tool_call>\n{"name": NAME, "arguments": ARGS}\n</tool_call>`,
+/// * Hermes JSON ([`ToolFormat::HermesJson`]): `<tool_call>\n{"name": NAME, "arguments": ARGS}\n</tool_call>`,
 ///   ARGS valid against that function's schema.
-/// * [`ToolFormat::QwenXml`]: `<tool_call>\n<function=NAME>\n<parameter=P>\nVALUE\n</parameter>\n…
+/// * Qwen XML ([`ToolFormat::QwenXml`]): `<tool_call>\n<function=NAME>\n<parameter=P>\nVALUE\n</parameter>\n…
 ///   </function>\n</tool_call>`: the parameters in the schema's order, the required ones always,
 ///   the others optional, no unknown ones; a string parameter's VALUE is raw text (one of the
 ///   values when it has an `enum`), any other parameter's VALUE is JSON valid against its schema.

@@ -17,7 +17,8 @@
 //! * Logprobs ([`GenerateRequest::logprobs`]): each generated token's log-probability under the
 //!   model's raw distribution (log-softmax of the logits before penalties, bias, temperature and
 //!   mask), with the top alternatives, in [`Generation::logprobs`] and through
-//!   [`Session::generate_with_logprobs`]'s callback as they are produced.
+//!   [`Session::generate_with_logprobs`]'s callback as they are produced. Tokens that were not
+//!   sampled (scripted replies, the `</think>` the think budget inserts) have no entry.
 //! * [`PrefixCache`]: snapshots of the sequence state taken at turn boundaries (end of the prompt,
 //!   end of the generation), keyed by the exact tokens they cover and bounded in bytes (LRU). A
 //!   GatedDeltaNet state cannot be rewound, so only an exact snapshot point can be resumed from: a
