@@ -35,7 +35,7 @@ fn cold_generation_matches_engine_generate() {
     let p = prompt(&e, json!([{"role": "user", "content": "Hello there"}]));
     let mut text = String::new();
     let stats = e
-        .generate(&p, &GenerateOptions { max_tokens: 24, sampling: Default::default() }, |t| {
+        .generate(&p, &GenerateOptions { max_tokens: 24, sampling: Default::default(), constraint: None }, |t| {
             text.push_str(t);
             true
         })

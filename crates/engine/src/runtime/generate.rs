@@ -4,7 +4,7 @@
 use super::model::{LoadOptions, Model};
 use super::session::{self, Channel, GenerateRequest, Generation, PrefixCache};
 use crate::error::{Error, Result};
-use flashmoe_text::{ChatTemplate, Grammars, SamplingParams, TextTokenizer};
+use flashmoe_text::{ChatTemplate, Constraint, Grammars, SamplingParams, TextTokenizer};
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -31,6 +31,9 @@ pub struct Engine {
 pub struct GenerateOptions {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
+    /// A grammar the reply must match ([`Engine::grammars`]); thinking, if the prompt opens it,
+    /// stays free and is passed to `on_text` without its tags.
+    pub constraint: Option<Constraint>,
 }
 
 impl Engine {
@@ -108,6 +111,9 @@ impl Engine {
             prompt: prompt.to_vec(),
             max_tokens: opts.max_tokens,
             sampling: opts.sampling.clone(),
+            // The constraint starts after `</think>`: the loop must see the thinking block.
+            split_reasoning: opts.constraint.is_some(),
+            constraint: opts.constraint.clone(),
             ..Default::default()
         };
         session::generate(self, &mut PrefixCache::new(0), &req, || true, |_: Channel, text: &str| on_text(text), |_| {})
