@@ -89,9 +89,11 @@ def test_json_object_reply_parses(tiny):
             assert ch.finish_reason == "length" and ch.message.content.startswith("{"), ch.message.content
 
 
-def test_constraint_starts_after_thinking(tiny):
-    """With thinking on (the Qwen3 template opens no block; the model may), the answer after it is
-    constrained; a think budget closes a long thinking block so the answer can follow."""
+def test_thinking_on_and_a_think_budget_keep_the_constraint(tiny):
+    """Thinking on and a think budget: the reply still validates. (Qwen3's template opens no
+    `<think>` block, and the grammar lets the model open none, so the answer is constrained from
+    its first token; a prompt that does open the block is covered by the engine's
+    `the_constraint_starts_after_thinking` test.)"""
     rf = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": FORECAST_SCHEMA}}
     r = client(tiny).chat.completions.create(
         model=tiny.model, messages=ASK, response_format=rf, max_tokens=200, temperature=0,
