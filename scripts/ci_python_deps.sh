@@ -2,7 +2,8 @@
 # Python packages of the test suite, pinned so CI runs are reproducible: the official OpenAI and
 # Anthropic SDKs drive `flashmoe serve` the way users' tools do (tests/server); huggingface_hub
 # reads the cache `flashmoe pull` writes and writes the one flashmoe reads (tests/hub); gguf-py
-# (with numpy) writes the GGUF tokenizer fixture of crates/engine/tests/gguf.rs.
+# (with numpy) writes the GGUF tokenizer fixture of crates/engine/tests/gguf.rs; jsonschema
+# validates the server's constrained JSON and tool-call arguments (tests/server/test_structured.py).
 set -euo pipefail
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore \
   "openai==3.57.0" \
@@ -11,4 +12,5 @@ python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore 
   "requests==2.34.2" \
   "huggingface_hub==2.4.0" \
   "gguf==0.19.0" \
-  "numpy==2.4.6"
+  "numpy==2.4.6" \
+  "jsonschema==4.26.0"

@@ -104,11 +104,3 @@ def test_errors_anthropic_shape(trained):
     assert r.json()["type"] == "error"
     assert r.json()["error"]["type"] == "invalid_request_error"
     assert "max_tokens" in r.json()["error"]["message"]
-
-
-def test_forced_tool_choice_is_400(scripted):
-    for choice in ({"type": "any"}, {"type": "tool", "name": "get_weather"}):
-        with pytest.raises(anthropic.BadRequestError) as e:
-            client(scripted).messages.create(model=scripted.model, max_tokens=4, messages=[PARIS_Q],
-                                             tools=[WEATHER_TOOL], tool_choice=choice)
-        assert "constrained decoding" in str(e.value)

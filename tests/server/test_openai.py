@@ -217,26 +217,15 @@ def test_sdk_errors(trained):
     assert API_KEY
 
 
-def test_unsupported_parameters_are_400_not_silence(tiny):
-    """Fields the server cannot honour yet are refused by name, never ignored."""
+def test_neutral_values_of_the_structured_fields(tiny):
+    """A text response_format, logprobs false and tool_choice auto change nothing (the constrained
+    modes and logprobs themselves: test_structured.py)."""
     c = client(tiny)
-    cases = [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
-        ({"logprobs": True}, "logprobs"),
-        ({"logprobs": True, "top_logprobs": 3}, "logprobs"),
-        ({"tools": [WEATHER_TOOL], "tool_choice": "required"}, "tool_choice"),
-        ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
-    ]
-    for extra, param in cases:
-        with pytest.raises(openai.BadRequestError) as e:
-            c.chat.completions.create(model=tiny.model, messages=[PARIS_Q], max_tokens=2, **extra)
-        assert e.value.body["param"] == param and e.value.body["code"] == "unsupported_value", (extra, e.value.body)
-    # What is supported still works: a text response_format, logprobs false, tool_choice auto.
     r = c.chat.completions.create(model=tiny.model, messages=[PARIS_Q], max_tokens=2,
                                   response_format={"type": "text"}, logprobs=False,
                                   tools=[WEATHER_TOOL], tool_choice="auto")
     assert r.choices[0].finish_reason in ("length", "stop", "tool_calls")
+    assert r.choices[0].logprobs is None
 
 
 def test_logit_bias_steers_greedy_decoding(tiny):

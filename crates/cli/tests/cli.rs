@@ -112,6 +112,50 @@ fn run_streams_text_and_prints_summary() {
 }
 
 #[test]
+fn run_json_schema_constrains_the_reply() {
+    let dir = models_dir().join("qwen35-moe-tiny");
+    let (_tmp, root) = scratch();
+    let schema = root.join("schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["city", "days"], "additionalProperties": false}"#,
+    )
+    .unwrap();
+    for seed in ["1", "2"] {
+        let o = flashmoe(&[
+            "run",
+            "--model",
+            s(&dir),
+            "--prompt",
+            "weather?",
+            "--max-tokens",
+            "100",
+            "--temperature",
+            "1",
+            "--seed",
+            seed,
+            "--json-schema",
+            s(&schema),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        // The random model's reply, read by serde_json: an object of exactly the schema's shape.
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {:?}", o.stdout));
+        assert!(["Paris", "Rome"].contains(&v["city"].as_str().unwrap()), "{v}");
+        assert!((1..=9).contains(&v["days"].as_u64().unwrap()), "{v}");
+        assert_eq!(v.as_object().unwrap().len(), 2);
+    }
+    let o = flashmoe(&["run", "--model", s(&dir), "--prompt", "x", "--max-tokens", "60", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with('{'));
+    std::fs::write(&schema, r#"{"type": "integer", "minimum": 5, "maximum": 1}"#).unwrap();
+    let err = fails(&["run", "--model", s(&dir), "--prompt", "x", "--json-schema", s(&schema)]);
+    assert!(err.contains("schema.json: cannot constrain the reply"), "{err}");
+    std::fs::write(&schema, "{").unwrap();
+    let err = fails(&["run", "--model", s(&dir), "--prompt", "x", "--json-schema", s(&schema)]);
+    assert!(err.contains("not valid JSON"), "{err}");
+}
+
+#[test]
 fn run_is_deterministic_when_greedy_and_with_a_seed() {
     let dir = models_dir().join("qwen35-moe-tiny");
     let args = [

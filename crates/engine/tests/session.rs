@@ -35,7 +35,7 @@ fn cold_generation_matches_engine_generate() {
     let p = prompt(&e, json!([{"role": "user", "content": "Hello there"}]));
     let mut text = String::new();
     let stats = e
-        .generate(&p, &GenerateOptions { max_tokens: 24, sampling: Default::default() }, |t| {
+        .generate(&p, &GenerateOptions { max_tokens: 24, sampling: Default::default(), constraint: None }, |t| {
             text.push_str(t);
             true
         })
@@ -206,4 +206,88 @@ fn stop_strings_cut_text_and_cancel_stops_within_one_token() {
         .unwrap();
     assert_eq!(g.finish, Finish::Cancelled);
     assert_eq!(g.decode_steps, 3);
+}
+
+/// The JSON schema of the constrained-generation tests: every value bounded, so even the tiny
+/// random model finishes the object in a few dozen tokens.
+fn bounded_schema() -> serde_json::Value {
+    json!({"type": "object", "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Rome"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 9},
+        "ok": {"type": "boolean"}},
+        "required": ["city", "days", "ok"], "additionalProperties": false})
+}
+
+fn check_bounded(content: &str) {
+    let v: serde_json::Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{content:?}: {e}"));
+    assert!(["Paris", "Rome"].contains(&v["city"].as_str().unwrap()), "{v}");
+    assert!((1..=9).contains(&v["days"].as_u64().unwrap()), "{v}");
+    assert!(v["ok"].is_boolean(), "{v}");
+    assert_eq!(v.as_object().unwrap().len(), 3, "{v}");
+}
+
+#[test]
+fn a_grammar_constraint_shapes_sampled_replies_and_ends_them() {
+    use flashmoe_text::GrammarSpec;
+    let e = tiny();
+    let p = prompt(&e, json!([{"role": "user", "content": "weather?"}]));
+    let mut s = Session::new(&e, 0);
+    for seed in 0..3 {
+        let constraint = Some(e.grammars().unwrap().compile(&GrammarSpec::JsonSchema(bounded_schema())).unwrap());
+        let sampling = flashmoe_text::SamplingParams { temperature: 1.0, seed: Some(seed), ..Default::default() };
+        let req = GenerateRequest { constraint, sampling, ..greedy(p.clone(), 200) };
+        let g = run(&mut s, &req);
+        // Ended by the grammar (or a stop token where it allows one), not by the limit.
+        assert_eq!(g.finish, Finish::Stop, "{:?}", g.content);
+        check_bounded(&g.content);
+        assert_eq!(g.constraint_steps, g.tokens.len() + usize::from(g.completion_tokens > g.tokens.len()));
+    }
+}
+
+#[test]
+fn the_constraint_starts_after_thinking() {
+    use flashmoe_text::GrammarSpec;
+    let e = tiny();
+    let mut p = prompt(&e, json!([{"role": "user", "content": "think"}]));
+    p.extend(e.encode("<think>\n").unwrap());
+    let constraint = Some(e.grammars().unwrap().compile(&GrammarSpec::JsonSchema(bounded_schema())).unwrap());
+    let req = GenerateRequest { constraint, think_budget: Some(4), ..greedy(p, 200) };
+    let g = run(&mut Session::new(&e, 0), &req);
+    assert!(g.think_budget_hit, "{:?}", g.reasoning);
+    assert_eq!(g.finish, Finish::Stop);
+    check_bounded(&g.content);
+}
+
+#[test]
+fn logprobs_are_the_log_softmax_of_the_raw_logits_at_each_step() {
+    let e = trained();
+    let p = prompt(&e, json!([{"role": "user", "content": "What is apt?"}]));
+    // A repetition penalty changes what is picked, not what is reported.
+    let sampling = flashmoe_text::SamplingParams { repetition_penalty: 1.3, ..Default::default() };
+    let req = GenerateRequest { logprobs: Some(3), sampling, ..greedy(p.clone(), 6) };
+    let mut streamed = Vec::new();
+    let g =
+        Session::new(&e, 0).generate_with_logprobs(&req, || true, |_, _| true, |lp| streamed.push(lp.clone())).unwrap();
+    assert_eq!(g.logprobs, streamed);
+    assert_eq!(g.logprobs.len(), g.tokens.len());
+    // Reference: one batched prefill of prompt + reply, log-softmax in f64 per position.
+    let mut all = p.clone();
+    all.extend(&g.tokens);
+    let mut state = e.model.new_state();
+    let logits = e.model.forward(&all, &mut state, flashmoe::layers::LogitsFor::All).unwrap();
+    let v = e.model.config.vocab_size;
+    for (i, lp) in g.logprobs.iter().enumerate() {
+        let row = &logits[(p.len() - 1 + i) * v..(p.len() + i) * v];
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+        assert_eq!(lp.id, g.tokens[i]);
+        assert!((lp.logprob as f64 - (row[lp.id as usize] as f64 - lse)).abs() < 1e-3, "{i}");
+        assert_eq!(lp.top.len(), 3);
+        let best = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        assert_eq!(lp.top[0].0 as usize, best);
+        assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+    }
+    assert!(
+        Session::new(&e, 0).generate(&GenerateRequest { logprobs: Some(21), ..req }, || true, |_, _| true).is_err()
+    );
 }

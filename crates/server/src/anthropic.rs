@@ -4,11 +4,15 @@
 //! text blocks) → a system message; `tool_use` blocks → the assistant's `tool_calls`; `thinking`
 //! blocks → `reasoning_content`; `tool_result` blocks → `tool` messages; `tools` with
 //! `input_schema` → function tools. `tool_choice` `none` drops the tools, `auto` lets the model
-//! decide; `any` and `tool` (a forced call) are a 400 until constrained decoding exists. `thinking: {type: "enabled", budget_tokens: N}` turns thinking on
-//! with a think budget of N; `{type: "disabled"}` turns it off.
+//! decide; `any` and `tool` (`name`) constrain the reply to tool calls (any offered tool, or
+//! that one) in the model's own format, arguments valid against `input_schema` (llguidance;
+//! the constraint starts after the thinking block). `thinking: {type: "enabled", budget_tokens: N}`
+//! turns thinking on with a think budget of N; `{type: "disabled"}` turns it off.
 
 use crate::api::{ApiError, ApiResult, Fields, Flavor, kind, missing, new_id, parse_body};
-use crate::openai::{KEEP_ALIVE, Prepared, Relay, check_model, collect, last_text, render, reply_budget, submit};
+use crate::openai::{
+    KEEP_ALIVE, Prepared, Relay, check_model, collect, forced_tool_call, last_text, render, reply_budget, submit,
+};
 use crate::worker::Ev;
 use crate::{AppState, Shared};
 use axum::body::Bytes;
@@ -170,20 +174,38 @@ fn prepare(s: &AppState, o: &Map<String, Json>) -> ApiResult<(Prepared, bool)> {
     let msgs = f.array("messages")?.ok_or_else(|| missing("messages"))?;
     let messages = Json::Array(convert_messages(f.get("system"), msgs)?);
     let stream = f.bool("stream")?.unwrap_or(false);
-    let tool_choice_none = match f.object("tool_choice")? {
+    // (none, forced, the forced tool's name)
+    let parallel = match f.object("tool_choice")? {
+        Some(tc) => !Fields(tc).bool("disable_parallel_tool_use")?.unwrap_or(false),
+        None => true,
+    };
+    let (tool_choice_none, forced, named) = match f.object("tool_choice")? {
         Some(tc) => match tc.get("type").and_then(Json::as_str) {
-            Some("none") => true,
-            Some("auto") => false,
-            Some(kind @ ("any" | "tool")) => {
-                return Err(crate::openai::needs_constraints("tool_choice", &format!("type `{kind}`")));
+            Some("none") => (true, false, None),
+            Some("auto") => (false, false, None),
+            Some("any") => (false, true, None),
+            Some("tool") => {
+                let name = tc.get("name").and_then(Json::as_str).ok_or_else(|| missing("tool_choice.name"))?;
+                (false, true, Some(name.to_string()))
             }
             _ => return Err(ApiError::bad("tool_choice.type: expected auto, any, tool or none").param("tool_choice")),
         },
-        None => false,
+        None => (false, false, None),
     };
     let tools = match f.array("tools")? {
         Some(t) if !t.is_empty() && !tool_choice_none => Some(convert_tools(t)?),
         _ => None,
+    };
+    let constraint = match forced {
+        // `tool` is one call to that tool; `any` allows parallel calls unless disabled.
+        true => Some(forced_tool_call(
+            s,
+            tools.as_ref().map(|t| &t.1),
+            named.as_deref(),
+            parallel && named.is_none(),
+            "tool_choice",
+        )?),
+        false => None,
     };
     let (enable_thinking, budget) = match f.object("thinking")? {
         None => (None, None),
@@ -209,6 +231,7 @@ fn prepare(s: &AppState, o: &Map<String, Json>) -> ApiResult<(Prepared, bool)> {
         stop_strings: f.strings("stop_sequences")?,
         think_budget: budget.or(s.think_budget),
         split_reasoning: true,
+        constraint,
         ..Default::default()
     };
     Ok((Prepared { job, tools: tools.map(|t| t.1), script_key: last_text(&messages) }, stream))
@@ -275,7 +298,7 @@ async fn handle(s: Shared, body: &[u8]) -> ApiResult<Response> {
         loop {
             let Some(e) = ticket.rx.recv().await else { break };
             let (events, done) = match e {
-                Ev::Started => continue,
+                Ev::Started | Ev::Logprob(_) => continue,
                 Ev::Piece(ch, t) => (relay.piece(ch, t), None),
                 Ev::Done(g) => (relay.finish(), Some(g)),
                 Ev::Failed(m) => {

@@ -217,6 +217,14 @@ async fn prepare(cfg: ServerConfig) -> Result<(tokio::net::TcpListener, Router)>
     };
     log_startup(&engine, &cfg, &model_name, load_secs, &io_reason);
     let engine = Arc::new(engine);
+    // Build the grammar compiler's token trie now, off the request path: the first request with
+    // a response_format, a forced tool call or logprobs then does not wait for it.
+    let warm = engine.clone();
+    let _ = std::thread::Builder::new().name("flashmoe-grammars".into()).spawn(move || {
+        if let Err(e) = warm.grammars() {
+            tracing::warn!("constrained decoding unavailable: {e}");
+        }
+    });
     let metrics = Arc::new(Metrics::default());
     let queue = worker::start(engine.clone(), cfg.state_cache_bytes, script, metrics.clone())?;
     let engine_device = engine.model.device_description();

@@ -1,10 +1,18 @@
 //! OpenAI-compatible endpoints: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
 //!
 //! `tool_choice`: `"none"` renders the prompt without the tools and parses no tool calls;
-//! `"auto"` lets the model decide. `"required"`, a named function and `response_format` JSON
-//! modes need constrained decoding, and `logprobs` is not computed yet: each is a 400, never
-//! silently ignored. `logit_bias` is honoured. A tool call the token limit cuts short is not
-//! returned as a call (non-streaming; a stream has already sent its start, and ends `length`).
+//! `"auto"` lets the model decide; `"required"` and a named function constrain the reply
+//! (llguidance, [`flashmoe_text::constraint`]) to tool calls in the model's own format, to the
+//! offered functions (or the named one), with arguments valid against their schemas.
+//! `response_format` `json_object` and `json_schema` constrain the reply to a JSON object / to
+//! the schema (`strict` true or false alike: the schema is enforced); a schema llguidance
+//! cannot compile is a 400 naming the problem. The constraint starts after the thinking block.
+//! `logprobs` / `top_logprobs` (0..20; completions: `logprobs` 0..20) report each generated
+//! token's log-probability under the model's raw distribution (log-softmax of the logits before
+//! penalties, bias, temperature and the grammar mask), thinking tokens included, streamed or not;
+//! vLLM's `return_tokens_as_token_ids` names tokens `token_id:ID`. `logit_bias` is honoured.
+//! A tool call the token limit cuts short is not returned as a call (non-streaming; a stream has
+//! already sent its start, and ends `length`).
 
 use crate::api::{ApiError, ApiResult, Fields, missing, new_id, now_secs, parse_body};
 use crate::worker::{Ev, Ticket};
@@ -14,9 +22,10 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use flashmoe::session::{Channel, Finish, GenerateRequest, Generation};
-use flashmoe_text::SamplingParams;
+use flashmoe::session::{Channel, Finish, GenerateRequest, Generation, MAX_TOP_LOGPROBS};
+use flashmoe_text::constraint::tool_call_grammar;
 use flashmoe_text::toolcall::{Event, ToolCallParser};
+use flashmoe_text::{Constraint, GrammarSpec, SamplingParams, TokenLogprob};
 use serde_json::{Map, Value as Json, json};
 use std::convert::Infallible;
 use std::time::Duration;
@@ -90,6 +99,8 @@ pub(crate) async fn collect(mut ticket: Ticket, relay: &mut Relay) -> ApiResult<
         match ev {
             Ev::Started => {}
             Ev::Piece(ch, t) => relay.piece(ch, t).into_iter().for_each(|e| c.add(e)),
+            // The whole list is in the Generation.
+            Ev::Logprob(_) => {}
             Ev::Done(g) => {
                 // Calls the parser closes only now, at the end of the output, were cut short when
                 // the token limit ended it: never hand those out as valid calls.
@@ -192,34 +203,149 @@ fn sampling(s: &AppState, f: &Fields) -> ApiResult<SamplingParams> {
     })
 }
 
-/// A request asking for output the sampler cannot guarantee yet (a forced tool call, JSON
-/// output): refused rather than answered as if the field were absent.
-pub(crate) fn needs_constraints(param: &str, what: &str) -> ApiError {
-    ApiError::bad(format!(
-        "'{param}': {what} needs grammar-constrained decoding, which this server does not have yet; \
-         leave it out (or use \"auto\") and the model decides."
-    ))
-    .param(param)
-    .code("unsupported_value")
+/// Compiles a grammar for one request; what llguidance cannot compile is a 400 on `param`.
+pub(crate) fn compile(s: &AppState, spec: &GrammarSpec, param: &str, what: &str) -> ApiResult<Constraint> {
+    let grammars = s.engine.grammars().map_err(|e| ApiError::internal(e.to_string()))?;
+    grammars.compile(spec).map_err(|e| {
+        ApiError::bad(format!("Invalid '{param}': {what} cannot be used for constrained decoding: {e}"))
+            .param(param)
+            .code("invalid_value")
+    })
 }
 
-/// Fields this server does not honour: a clear 400 each, never silence.
-fn reject_unsupported(f: &Fields) -> ApiResult<()> {
-    match f.get("response_format") {
-        None | Some(Json::Null) => {}
-        Some(Json::Object(o)) if o.get("type").and_then(Json::as_str) == Some("text") => {}
-        Some(Json::Object(o)) => {
-            let kind = o.get("type").and_then(Json::as_str).unwrap_or("?");
-            return Err(needs_constraints("response_format", &format!("type `{kind}`")));
+/// A reply forced to be tool calls: to `only` when named (it must be one of `tools`), else to
+/// any of `tools`; several calls when `parallel`, else exactly one. `param` names the field
+/// that asked (for errors).
+pub(crate) fn forced_tool_call(
+    s: &AppState,
+    tools: Option<&Vec<(String, Json)>>,
+    only: Option<&str>,
+    parallel: bool,
+    param: &str,
+) -> ApiResult<Constraint> {
+    let tools = tools.filter(|t| !t.is_empty()).ok_or_else(|| {
+        ApiError::bad(format!("'{param}' forces a tool call, but the request offers no tools.")).param(param)
+    })?;
+    let chosen: Vec<(String, Json)> = match only {
+        Some(name) => {
+            let t = tools.iter().find(|(n, _)| n == name).ok_or_else(|| {
+                ApiError::bad(format!("'{param}' names the function `{name}`, which is not among the tools offered."))
+                    .param(param)
+            })?;
+            vec![t.clone()]
         }
+        None => tools.clone(),
+    };
+    let grammar = tool_call_grammar(s.tool_format, &chosen, parallel).map_err(|e| ApiError::bad(e).param(param))?;
+    compile(s, &GrammarSpec::Lark(grammar), param, "the tools' parameter schemas")
+}
+
+/// OpenAI `response_format`: `text` (or absent) → none; `json_object` → any JSON object;
+/// `json_schema` → that schema (a missing `schema` means any JSON value).
+fn response_format(s: &AppState, f: &Fields) -> ApiResult<Option<Constraint>> {
+    let o = match f.get("response_format") {
+        None | Some(Json::Null) => return Ok(None),
+        Some(Json::Object(o)) => o,
         Some(_) => return Err(ApiError::bad("'response_format' must be an object.").param("response_format")),
+    };
+    let spec = match o.get("type").and_then(Json::as_str) {
+        Some("text") => return Ok(None),
+        Some("json_object") => GrammarSpec::JsonObject,
+        Some("json_schema") => {
+            let js =
+                o.get("json_schema").and_then(Json::as_object).ok_or_else(|| missing("response_format.json_schema"))?;
+            if let Some(strict) = js.get("strict").filter(|v| !v.is_null() && !v.is_boolean()) {
+                return Err(ApiError::bad(format!(
+                    "'response_format.json_schema.strict' must be a boolean, got {strict}."
+                ))
+                .param("response_format.json_schema.strict"));
+            }
+            match js.get("schema") {
+                None | Some(Json::Null) => GrammarSpec::JsonSchema(Json::Bool(true)),
+                Some(schema @ (Json::Object(_) | Json::Bool(_))) => GrammarSpec::JsonSchema(schema.clone()),
+                Some(_) => {
+                    return Err(ApiError::bad("'response_format.json_schema.schema' must be a JSON schema object.")
+                        .param("response_format.json_schema.schema"));
+                }
+            }
+        }
+        other => {
+            return Err(ApiError::bad(format!(
+                "Invalid 'response_format.type': {} (expected text, json_object or json_schema).",
+                other.map_or("missing".to_string(), |t| format!("`{t}`"))
+            ))
+            .param("response_format.type"));
+        }
+    };
+    let param = match spec {
+        GrammarSpec::JsonSchema(_) => "response_format.json_schema.schema",
+        _ => "response_format",
+    };
+    compile(s, &spec, param, "this JSON schema").map(Some)
+}
+
+/// Chat `logprobs` (bool) and `top_logprobs` (0..20, needs `logprobs`): the count of
+/// alternatives per token, `None` when no logprobs are asked.
+fn chat_logprobs(f: &Fields) -> ApiResult<Option<usize>> {
+    let top = match f.get("top_logprobs") {
+        None | Some(Json::Null) => None,
+        Some(v) => Some(v.as_u64().filter(|&n| n as usize <= MAX_TOP_LOGPROBS).ok_or_else(|| {
+            ApiError::bad(format!("Invalid 'top_logprobs': {v} (expected an integer from 0 to {MAX_TOP_LOGPROBS})."))
+                .param("top_logprobs")
+        })? as usize),
+    };
+    match (f.bool("logprobs")?.unwrap_or(false), top) {
+        (true, top) => Ok(Some(top.unwrap_or(0))),
+        (false, Some(_)) => Err(ApiError::bad("'top_logprobs' needs 'logprobs' set to true.").param("top_logprobs")),
+        (false, None) => Ok(None),
     }
-    if f.bool("logprobs")? == Some(true) || f.get("top_logprobs").is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::bad("'logprobs' and 'top_logprobs' are not supported yet.")
-            .param("logprobs")
-            .code("unsupported_value"));
+}
+
+/// How tokens are named in logprobs: their text (bytes shown lossily), or vLLM's
+/// `token_id:ID` when the request sets `return_tokens_as_token_ids`.
+#[derive(Clone)]
+pub(crate) struct TokenNames {
+    s: Shared,
+    as_ids: bool,
+}
+
+impl TokenNames {
+    fn bytes(&self, id: u32) -> Vec<u8> {
+        self.s.engine.grammars().map(|g| g.token_bytes(id)).unwrap_or_default()
     }
-    Ok(())
+    fn name(&self, id: u32) -> String {
+        if self.as_ids { format!("token_id:{id}") } else { String::from_utf8_lossy(&self.bytes(id)).into_owned() }
+    }
+    /// One entry of a chat `logprobs.content` list.
+    fn chat_entry(&self, lp: &TokenLogprob) -> Json {
+        let one = |id: u32, logprob: f32| json!({"token": self.name(id), "logprob": logprob, "bytes": self.bytes(id)});
+        let mut e = one(lp.id, lp.logprob);
+        e["top_logprobs"] = lp.top.iter().map(|&(id, l)| one(id, l)).collect();
+        e
+    }
+    fn chat(&self, lps: &[TokenLogprob]) -> Json {
+        json!({"content": lps.iter().map(|l| self.chat_entry(l)).collect::<Vec<_>>(), "refusal": null})
+    }
+    /// The legacy completions shape; `offset` is the text offset of the first token.
+    fn completion(&self, lps: &[TokenLogprob], mut offset: usize) -> Json {
+        let mut tokens = Vec::new();
+        let mut token_logprobs = Vec::new();
+        let mut top = Vec::new();
+        let mut text_offset = Vec::new();
+        for lp in lps {
+            tokens.push(Json::String(self.name(lp.id)));
+            token_logprobs.push(json!(lp.logprob));
+            let alts: Map<String, Json> = lp.top.iter().map(|&(id, l)| (self.name(id), json!(l))).collect();
+            top.push(Json::Object(alts));
+            text_offset.push(json!(offset));
+            offset += String::from_utf8_lossy(&self.bytes(lp.id)).len();
+        }
+        json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": text_offset})
+    }
+}
+
+fn token_names(s: &Shared, f: &Fields) -> ApiResult<TokenNames> {
+    Ok(TokenNames { s: s.clone(), as_ids: f.bool("return_tokens_as_token_ids")?.unwrap_or(false) })
 }
 
 /// OpenAI `logit_bias`: {"token id": bias in [-100, 100]}, added to the logits before sampling.
@@ -345,12 +471,23 @@ fn prepare_chat(s: &AppState, o: &Map<String, Json>) -> ApiResult<(Prepared, boo
         }
         None => false,
     };
-    reject_unsupported(&f)?;
-    let tool_choice_none = match f.get("tool_choice") {
-        None => false,
-        Some(Json::String(c)) if matches!(c.as_str(), "none" | "auto") => c == "none",
-        Some(Json::String(c)) if c == "required" => return Err(needs_constraints("tool_choice", "\"required\"")),
-        Some(Json::Object(_)) => return Err(needs_constraints("tool_choice", "a named function")),
+    // (forced, named function) from tool_choice.
+    let (tool_choice_none, forced, named) = match f.get("tool_choice") {
+        None | Some(Json::Null) => (false, false, None),
+        Some(Json::String(c)) if matches!(c.as_str(), "none" | "auto") => (c == "none", false, None),
+        Some(Json::String(c)) if c == "required" => (false, true, None),
+        Some(Json::Object(tc)) => {
+            let name = tc.get("function").and_then(|f| f.get("name")).and_then(Json::as_str);
+            match (tc.get("type").and_then(Json::as_str), name) {
+                (Some("function"), Some(n)) => (false, true, Some(n.to_string())),
+                _ => {
+                    return Err(ApiError::bad(
+                        "Invalid 'tool_choice': a named choice is {\"type\": \"function\", \"function\": {\"name\": NAME}}.",
+                    )
+                    .param("tool_choice"));
+                }
+            }
+        }
         Some(v) => {
             return Err(ApiError::bad(format!(
                 "Invalid value for 'tool_choice': {v} (expected \"none\", \"auto\", \"required\" or a function)."
@@ -360,6 +497,20 @@ fn prepare_chat(s: &AppState, o: &Map<String, Json>) -> ApiResult<(Prepared, boo
     };
     let tools_json = f.array("tools")?.filter(|t| !t.is_empty() && !tool_choice_none);
     let tools = tools_json.map(|t| check_tools(t, "tools")).transpose()?;
+    let mut constraint = response_format(s, &f)?;
+    if forced {
+        if constraint.is_some() {
+            return Err(ApiError::bad(
+                "A forced tool call ('tool_choice') and a JSON 'response_format' cannot be combined.",
+            )
+            .param("response_format"));
+        }
+        // A named function is one call to it (as OpenAI does); "required" allows parallel calls
+        // unless `parallel_tool_calls` is false.
+        let parallel = named.is_none() && f.bool("parallel_tool_calls")?.unwrap_or(true);
+        constraint = Some(forced_tool_call(s, tools.as_ref(), named.as_deref(), parallel, "tool_choice")?);
+    }
+    let logprobs = chat_logprobs(&f)?;
     let kwargs = f.object("chat_template_kwargs")?;
     let enable_thinking = match kwargs.and_then(|k| k.get("enable_thinking")) {
         Some(v) => Some(v.as_bool().ok_or_else(|| {
@@ -383,6 +534,8 @@ fn prepare_chat(s: &AppState, o: &Map<String, Json>) -> ApiResult<(Prepared, boo
         stop_strings: stop,
         think_budget: f.u64("think_budget")?.map(|v| v as usize).or(s.think_budget),
         split_reasoning: true,
+        constraint,
+        logprobs,
         ..Default::default()
     };
     Ok((Prepared { job, tools, script_key: last_text(&messages) }, stream, include_usage))
@@ -419,6 +572,8 @@ pub async fn chat_completions(State(s): State<Shared>, body: Bytes) -> Response 
 async fn chat(s: Shared, body: &[u8]) -> ApiResult<Response> {
     let o = parse_body(body)?;
     let (p, stream, include_usage) = prepare_chat(&s, &o)?;
+    let names = token_names(&s, &Fields(&o))?;
+    let with_logprobs = p.job.logprobs.is_some();
     let ticket = submit(&s, &p, "/v1/chat/completions")?;
     let mut relay = Relay::new(&s, p.tools.clone());
     let id = new_id("chatcmpl-");
@@ -441,25 +596,26 @@ async fn chat(s: Shared, body: &[u8]) -> ApiResult<Response> {
                 .collect();
             msg.insert("tool_calls".into(), Json::Array(calls));
         }
+        let logprobs = if with_logprobs { names.chat(&g.logprobs) } else { Json::Null };
         return Ok(axum::Json(json!({
             "id": id,
             "object": "chat.completion",
             "created": created,
             "model": model,
             "system_fingerprint": "flashmoe",
-            "choices": [{"index": 0, "message": msg, "logprobs": null, "finish_reason": finish_reason(&g, !c.calls.is_empty())}],
+            "choices": [{"index": 0, "message": msg, "logprobs": logprobs, "finish_reason": finish_reason(&g, !c.calls.is_empty())}],
             "usage": usage(&g),
         }))
         .into_response());
     }
-    let chunk = move |delta: Json, finish: Option<&str>| {
+    let chunk = move |delta: Json, logprobs: Json, finish: Option<&str>| {
         let mut c = json!({
             "id": id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
             "system_fingerprint": "flashmoe",
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
         });
         if include_usage {
             c["usage"] = Json::Null;
@@ -469,12 +625,18 @@ async fn chat(s: Shared, body: &[u8]) -> ApiResult<Response> {
     let stream = async_stream::stream! {
         let mut ticket = ticket;
         let data = |v: Json| Ok::<_, Infallible>(SseEvent::default().data(v.to_string()));
-        yield data(chunk(json!({"role": "assistant", "content": ""}), None));
+        yield data(chunk(json!({"role": "assistant", "content": ""}), Json::Null, None));
         let mut called = false;
+        // Logprobs of tokens whose text has not been sent yet: they ride on the next chunk.
+        let mut pending: Vec<TokenLogprob> = Vec::new();
         loop {
             let Some(ev) = ticket.rx.recv().await else { break };
             let (events, done) = match ev {
                 Ev::Started => continue,
+                Ev::Logprob(lp) => {
+                    pending.push(lp);
+                    continue;
+                }
                 Ev::Piece(ch, t) => (relay.piece(ch, t), None),
                 Ev::Done(g) => (relay.finish(), Some(g)),
                 Ev::Failed(m) => {
@@ -493,16 +655,21 @@ async fn chat(s: Shared, body: &[u8]) -> ApiResult<Response> {
                     Event::ToolCallArgs { index, delta_json } => json!({"tool_calls": [{"index": index, "function": {"arguments": delta_json}}]}),
                     Event::ToolCallEnd { .. } => continue,
                 };
-                yield data(chunk(delta, None));
+                let lps = if with_logprobs { names.chat(&std::mem::take(&mut pending)) } else { Json::Null };
+                yield data(chunk(delta, lps, None));
             }
             if let Some(g) = done {
-                let mut last = chunk(json!({}), Some(finish_reason(&g, called)));
+                if with_logprobs && !pending.is_empty() {
+                    // Tokens that produced no text of their own (held back, or cut by a stop string).
+                    yield data(chunk(json!({}), names.chat(&std::mem::take(&mut pending)), None));
+                }
+                let mut last = chunk(json!({}), Json::Null, Some(finish_reason(&g, called)));
                 if include_usage {
                     last["usage"] = Json::Null;
                 }
                 yield data(last);
                 if include_usage {
-                    let mut u = chunk(json!({}), None);
+                    let mut u = chunk(json!({}), Json::Null, None);
                     u["choices"] = json!([]);
                     u["usage"] = usage(&g);
                     yield data(u);
@@ -556,12 +723,22 @@ async fn completion(s: Shared, body: &[u8]) -> ApiResult<Response> {
     };
     // The legacy endpoint's default is 16 tokens.
     let asked = f.count("max_tokens")?.unwrap_or(16);
+    // Legacy `logprobs`: the number of alternatives per token (OpenAI allows 5; vLLM, as here, 20).
+    let logprobs = match f.get("logprobs") {
+        None | Some(Json::Null) => None,
+        Some(v) => Some(v.as_u64().filter(|&n| n as usize <= MAX_TOP_LOGPROBS).ok_or_else(|| {
+            ApiError::bad(format!("Invalid 'logprobs': {v} (expected an integer from 0 to {MAX_TOP_LOGPROBS})."))
+                .param("logprobs")
+        })? as usize),
+    };
+    let names = token_names(&s, &f)?;
     let job = GenerateRequest {
         max_tokens: reply_budget(&s, prompt.len(), Some(asked)),
         prompt,
         sampling: sampling(&s, &f)?,
         stop_strings: f.strings("stop")?,
         split_reasoning: false,
+        logprobs,
         ..Default::default()
     };
     let script_key = match f.get("prompt") {
@@ -582,28 +759,41 @@ async fn completion(s: Shared, body: &[u8]) -> ApiResult<Response> {
             "object": "text_completion",
             "created": created,
             "model": model,
-            "choices": [{"text": c.content, "index": 0, "logprobs": null, "finish_reason": finish(&g)}],
+            "choices": [{"text": c.content, "index": 0, "logprobs": logprobs.map(|_| names.completion(&g.logprobs, 0)), "finish_reason": finish(&g)}],
             "usage": usage(&g),
         }))
         .into_response());
     }
-    let chunk = move |text: &str, fin: Option<&str>| {
+    let chunk = move |text: &str, logprobs: Json, fin: Option<&str>| {
         json!({
             "id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": fin}],
+            "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": fin}],
         })
     };
     let stream = async_stream::stream! {
         let mut ticket = ticket;
         let data = |v: Json| Ok::<_, Infallible>(SseEvent::default().data(v.to_string()));
+        // Logprobs of tokens whose text has not been sent yet, and the text offset reached.
+        let mut pending: Vec<TokenLogprob> = Vec::new();
+        let mut offset = 0usize;
+        let take = |pending: &mut Vec<TokenLogprob>, offset: usize| match logprobs {
+            Some(_) => names.completion(&std::mem::take(pending), offset),
+            None => Json::Null,
+        };
         while let Some(ev) = ticket.rx.recv().await {
             match ev {
                 Ev::Started => {}
-                Ev::Piece(_, t) => yield data(chunk(&t, None)),
+                Ev::Logprob(lp) => pending.push(lp),
+                Ev::Piece(_, t) => {
+                    let lps = take(&mut pending, offset);
+                    offset += t.len();
+                    yield data(chunk(&t, lps, None));
+                }
                 Ev::Done(g) => {
-                    yield data(chunk("", Some(finish(&g))));
+                    let lps = if pending.is_empty() { Json::Null } else { take(&mut pending, offset) };
+                    yield data(chunk("", lps, Some(finish(&g))));
                     if include_usage {
-                        let mut u = chunk("", None);
+                        let mut u = chunk("", Json::Null, None);
                         u["choices"] = json!([]);
                         u["usage"] = usage(&g);
                         yield data(u);

@@ -7,6 +7,7 @@ use crate::metrics::Metrics;
 use anyhow::{Context, Result, bail};
 use flashmoe::generate::Engine;
 use flashmoe::session::{Channel, Finish, GenerateRequest, Generation, Session};
+use flashmoe_text::TokenLogprob;
 use serde_json::Value as Json;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +20,8 @@ pub enum Ev {
     /// The job left the queue; the prefill starts.
     Started,
     Piece(Channel, String),
+    /// A generated token's logprob (when asked), sent before the token's text.
+    Logprob(TokenLogprob),
     Done(Box<Generation>),
     Failed(String),
 }
@@ -158,10 +161,13 @@ fn run(engine: &Engine, cache_bytes: usize, mut script: Option<Script>, rx: mpsc
         let t0 = std::time::Instant::now();
         let tx = &job.tx;
         let cancel = &job.cancel;
-        let result = session.generate(
+        let result = session.generate_with_logprobs(
             &job.req,
             || !(tx.is_closed() || cancel.load(Ordering::Relaxed)),
             |ch, text| tx.send(Ev::Piece(ch, text.to_string())).is_ok(),
+            |lp| {
+                let _ = tx.send(Ev::Logprob(lp.clone()));
+            },
         );
         m.set_active(false);
         let c = &session.cache;
@@ -201,9 +207,15 @@ fn log_request(request: u64, endpoint: &str, g: &Generation, secs: f64) {
         prefill_tok_s = round_to(g.prefill_tok_s(), 1),
         decode_tok_s = round_to(g.decode_tok_s(), 2),
         finish = %finish,
+        constraint_ms_per_token = round_to(constraint_ms_per_token(g), 3),
         secs = round_to(secs, 3),
         "done"
     );
+}
+
+/// Milliseconds per generated token spent in the grammar constraint (0 without one).
+fn constraint_ms_per_token(g: &Generation) -> f64 {
+    if g.constraint_steps == 0 { 0.0 } else { g.constraint_secs * 1e3 / g.constraint_steps as f64 }
 }
 
 /// `x` rounded to `digits` decimals: numbers (also in JSON logs) without float noise.

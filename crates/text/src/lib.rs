@@ -4,8 +4,10 @@
 //!   UTF-8-safe detokenization.
 //! * [`ChatTemplate`]: renders OpenAI-style messages exactly as transformers' `apply_chat_template`.
 //! * [`Sampler`] / [`SamplingParams`]: penalties, temperature, top-k, top-p, min-p.
+//! * [`constraint`]: grammar-constrained decoding (JSON, JSON schema, forced tool calls) with llguidance.
 
 pub mod chat;
+pub mod constraint;
 mod error;
 mod gguf_vocab;
 mod pyfmt;
@@ -15,7 +17,8 @@ pub mod tokenizer;
 pub mod toolcall;
 
 pub use chat::{CHATML_TEMPLATE, ChatMessage, ChatRequest, ChatTemplate, normalize_messages};
+pub use constraint::{Constraint, GrammarSpec, Grammars};
 pub use error::{Result, TextError};
 pub use gguf_vocab::GgufVocab;
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::{Sampler, SamplingParams, TokenLogprob, token_logprob};
 pub use tokenizer::{StreamDecoder, TextTokenizer};

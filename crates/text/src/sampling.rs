@@ -370,3 +370,46 @@ pub fn argmax(logits: &[f32]) -> u32 {
     }
     best as u32
 }
+
+/// A generated token's log-probability and the most likely alternatives at its position, under
+/// the model's own distribution: log-softmax of the raw logits, before penalties, `logit_bias`,
+/// temperature, filters and any grammar mask (what OpenAI's `logprobs` report).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    /// The `top_n` most likely tokens as (id, logprob), most likely first (ties by id).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// [`TokenLogprob`] of token `id` from one position's raw `logits`. The normaliser is summed in
+/// f64; NaN logits count as -inf.
+pub fn token_logprob(logits: &[f32], id: u32, top_n: usize) -> TokenLogprob {
+    let clean = |l: f32| if l.is_nan() { f32::NEG_INFINITY } else { l };
+    let max = logits.iter().copied().map(clean).fold(f32::NEG_INFINITY, f32::max);
+    let lse = if max == f32::NEG_INFINITY {
+        0.0
+    } else {
+        let m = f64::from(max);
+        m + logits.iter().map(|&l| (f64::from(clean(l)) - m).exp()).sum::<f64>().ln()
+    };
+    let lp = |l: f32| (f64::from(clean(l)) - lse) as f32;
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(top_n + 1);
+    if top_n > 0 {
+        // One pass keeping the best `top_n` in a short sorted list (top_n ≤ 20 in the APIs).
+        for (i, &l) in logits.iter().enumerate() {
+            let l = clean(l);
+            if top.len() == top_n && l <= top[top_n - 1].1 {
+                continue;
+            }
+            let at = top.partition_point(|&(_, v)| v >= l);
+            top.insert(at, (i as u32, l));
+            top.truncate(top_n);
+        }
+    }
+    TokenLogprob {
+        id,
+        logprob: logits.get(id as usize).map_or(f32::NEG_INFINITY, |&l| lp(l)),
+        top: top.into_iter().map(|(i, l)| (i, lp(l))).collect(),
+    }
+}

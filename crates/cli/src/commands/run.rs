@@ -2,10 +2,11 @@
 
 use crate::args::{self, DeviceArgs, EngineArgs, ModelArgs, Plan, SamplingArgs, StoreArgs, TraceArgs};
 use crate::util::{fmt_bytes, print_device, print_timing, write_trace};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use flashmoe::generate::{Engine, GenerateOptions, peak_rss_bytes};
 use flashmoe::session::Finish;
+use flashmoe_text::GrammarSpec;
 use serde_json::{Value as Json, json};
 use std::io::Write;
 
@@ -28,6 +29,13 @@ pub struct RunArgs {
     /// Render the template with enable_thinking=false.
     #[arg(long)]
     no_think: bool,
+    /// Constrain the reply to JSON valid against the JSON schema in FILE (llguidance; after any
+    /// thinking block). The reply ends when the JSON is complete.
+    #[arg(long, value_name = "FILE", conflicts_with = "json")]
+    json_schema: Option<std::path::PathBuf>,
+    /// Constrain the reply to a JSON object.
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     sampling: SamplingArgs,
     #[command(flatten)]
@@ -96,7 +104,26 @@ pub fn run(mut a: RunArgs) -> Result<()> {
     let ids = engine.encode(&prompt_text)?;
     let sampling = a.sampling.params(&engine.default_sampling);
     let sampler = a.sampling.describe(&sampling, engine.sampling_from_generation_config, engine.sampling_source);
-    let opts = GenerateOptions { max_tokens, sampling };
+    let spec = match (&a.json_schema, a.json) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let schema: Json =
+                serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+            Some((GrammarSpec::JsonSchema(schema), path.display().to_string()))
+        }
+        (None, true) => Some((GrammarSpec::JsonObject, "--json".to_string())),
+        (None, false) => None,
+    };
+    let constraint = match spec {
+        Some((spec, origin)) => Some(
+            engine
+                .grammars()?
+                .compile(&spec)
+                .map_err(|e| anyhow::anyhow!("{origin}: cannot constrain the reply: {e}"))?,
+        ),
+        None => None,
+    };
+    let opts = GenerateOptions { max_tokens, sampling, constraint };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let stats = engine.generate(&ids, &opts, |piece| {

@@ -4,9 +4,10 @@
 use super::model::{LoadOptions, Model};
 use super::session::{self, Channel, GenerateRequest, Generation, PrefixCache};
 use crate::error::{Error, Result};
-use flashmoe_text::{ChatTemplate, SamplingParams, TextTokenizer};
+use flashmoe_text::{ChatTemplate, Constraint, Grammars, SamplingParams, TextTokenizer};
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 pub struct Engine {
     pub model: Model,
@@ -24,12 +25,18 @@ pub struct Engine {
     pub sampling_from_generation_config: bool,
     /// Where the model's sampling defaults live: "generation_config.json" or "GGUF general.sampling".
     pub sampling_source: &'static str,
+    /// The grammar compiler over this tokenizer, built on first use (constrained decoding,
+    /// token bytes for logprobs); the error is kept when it cannot be built.
+    grammars: OnceLock<std::result::Result<Grammars, String>>,
 }
 
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
+    /// A grammar the reply must match ([`Engine::grammars`]); thinking, if the prompt opens it,
+    /// stays free and is passed to `on_text` without its tags.
+    pub constraint: Option<Constraint>,
 }
 
 impl Engine {
@@ -89,7 +96,17 @@ impl Engine {
             stop_ids,
             default_sampling,
             sampling_from_generation_config,
+            grammars: OnceLock::new(),
         })
+    }
+
+    /// The grammar compiler for this model's tokenizer (built once, about a second for a
+    /// 248k vocabulary).
+    pub fn grammars(&self) -> Result<&Grammars> {
+        self.grammars
+            .get_or_init(|| Grammars::new(&self.tokenizer, self.model.config.vocab_size, &self.stop_ids))
+            .as_ref()
+            .map_err(|e| Error::input(format!("constrained decoding is unavailable for this tokenizer: {e}")))
     }
 
     /// Renders OpenAI-style messages with the model's own chat template.
@@ -113,9 +130,12 @@ impl Engine {
             prompt: prompt.to_vec(),
             max_tokens: opts.max_tokens,
             sampling: opts.sampling.clone(),
+            // The constraint starts after `</think>`: the loop must see the thinking block.
+            split_reasoning: opts.constraint.is_some(),
+            constraint: opts.constraint.clone(),
             ..Default::default()
         };
-        session::generate(self, &mut PrefixCache::new(0), &req, || true, |_: Channel, text: &str| on_text(text))
+        session::generate(self, &mut PrefixCache::new(0), &req, || true, |_: Channel, text: &str| on_text(text), |_| {})
     }
 }
 

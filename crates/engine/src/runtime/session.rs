@@ -7,6 +7,18 @@
 //!   cancellation check before every forward step (so a dropped client frees the engine within
 //!   one token), forced tokens (scripted replies for deterministic tests), and thinking text
 //!   reported on its own channel.
+//! * A grammar constraint ([`GenerateRequest::constraint`], llguidance): before each sampling
+//!   step of the answer the tokens the grammar forbids are masked to -inf (penalties,
+//!   temperature and filters then act on the allowed ones), the picked token advances the
+//!   grammar, and the reply ends (`Finish::Stop`) when the grammar is complete. Thinking is not
+//!   constrained: inside `<think>` only the stop tokens are masked (the model must close the
+//!   block; the think budget bounds it), and the constraint starts after `</think>`. Scripted
+//!   (forced) replies bypass it.
+//! * Logprobs ([`GenerateRequest::logprobs`]): each generated token's log-probability under the
+//!   model's raw distribution (log-softmax of the logits before penalties, bias, temperature and
+//!   mask), with the top alternatives, in [`Generation::logprobs`] and through
+//!   [`Session::generate_with_logprobs`]'s callback as they are produced. Tokens that were not
+//!   sampled (scripted replies, the `</think>` the think budget inserts) have no entry.
 //! * [`PrefixCache`]: snapshots of the sequence state taken at turn boundaries (end of the prompt,
 //!   end of the generation), keyed by the exact tokens they cover and bounded in bytes (LRU). A
 //!   GatedDeltaNet state cannot be rewound, so only an exact snapshot point can be resumed from: a
@@ -18,7 +30,7 @@ use super::model::{Model, SequenceState};
 use crate::error::{Error, Result};
 use crate::experts::IoSnapshot;
 use crate::layers::LogitsFor;
-use flashmoe_text::{Sampler, SamplingParams, StreamDecoder, TextTokenizer};
+use flashmoe_text::{Constraint, Sampler, SamplingParams, StreamDecoder, TextTokenizer, TokenLogprob, token_logprob};
 use std::collections::VecDeque;
 use std::time::Instant;
 
@@ -27,6 +39,13 @@ pub const PREFILL_CHUNK: usize = 512;
 
 /// Text inserted when the think budget runs out.
 pub const THINK_CLOSE_TEXT: &str = "\n</think>\n\n";
+
+/// Text inserted when the think budget runs out under a grammar constraint: the answer's first
+/// token must be one the grammar allows, so no newlines are forced after the tag.
+pub const THINK_CLOSE_TEXT_CONSTRAINED: &str = "\n</think>";
+
+/// Most alternatives a request may ask per token (OpenAI's `top_logprobs` bound).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// Counters of a [`PrefixCache`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -179,6 +198,11 @@ pub struct GenerateRequest {
     /// Report text inside `<think>…</think>` as [`Channel::Reasoning`] (the tags themselves are
     /// not emitted). When false, everything is plain text, tags included.
     pub split_reasoning: bool,
+    /// The grammar the answer must match (compiled by [`flashmoe_text::Grammars`]).
+    pub constraint: Option<Constraint>,
+    /// Report each generated token's logprob with this many alternatives (at most
+    /// [`MAX_TOP_LOGPROBS`]); `None` = no logprobs.
+    pub logprobs: Option<usize>,
 }
 
 /// Which part of the reply a piece of text belongs to.
@@ -226,6 +250,11 @@ pub struct Generation {
     pub think_budget_hit: bool,
     pub io_prefill: Option<IoSnapshot>,
     pub io_decode: Option<IoSnapshot>,
+    /// One entry per generated token (stop token excluded) when the request asked for logprobs.
+    pub logprobs: Vec<TokenLogprob>,
+    /// Seconds spent in the grammar constraint (masks and advancing), and masks computed.
+    pub constraint_secs: f64,
+    pub constraint_steps: usize,
 }
 
 impl Generation {
@@ -260,7 +289,19 @@ impl<'e> Session<'e> {
         keep_going: impl FnMut() -> bool,
         on_piece: impl FnMut(Channel, &str) -> bool,
     ) -> Result<Generation> {
-        generate(self.engine, &mut self.cache, req, keep_going, on_piece)
+        generate(self.engine, &mut self.cache, req, keep_going, on_piece, |_| {})
+    }
+
+    /// [`Session::generate`], with `on_logprob` called for each generated token when the request
+    /// asks for logprobs (before the token's text reaches `on_piece`).
+    pub fn generate_with_logprobs(
+        &mut self,
+        req: &GenerateRequest,
+        keep_going: impl FnMut() -> bool,
+        on_piece: impl FnMut(Channel, &str) -> bool,
+        on_logprob: impl FnMut(&TokenLogprob),
+    ) -> Result<Generation> {
+        generate(self.engine, &mut self.cache, req, keep_going, on_piece, on_logprob)
     }
 }
 
@@ -273,6 +314,7 @@ pub(crate) fn generate(
     req: &GenerateRequest,
     mut keep_going: impl FnMut() -> bool,
     mut on_piece: impl FnMut(Channel, &str) -> bool,
+    mut on_logprob: impl FnMut(&TokenLogprob),
 ) -> Result<Generation> {
     let model = &engine.model;
     let prompt = &req.prompt;
@@ -302,7 +344,13 @@ pub(crate) fn generate(
         think_budget_hit: false,
         io_prefill: None,
         io_decode: None,
+        logprobs: Vec::new(),
+        constraint_secs: 0.0,
+        constraint_steps: 0,
     };
+    if req.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+        return Err(Error::input(format!("at most {MAX_TOP_LOGPROBS} top logprobs per token can be asked")));
+    }
 
     // Prefill: resume from the longest snapshot, run the rest in chunks.
     let io0 = io(model);
@@ -345,7 +393,9 @@ pub(crate) fn generate(
         }
         _ => Channel::Content,
     };
+    let mut constraint = req.constraint.clone();
     let close_tokens = match think_close {
+        Some(_) if constraint.is_some() => engine.encode(THINK_CLOSE_TEXT_CONSTRAINED)?,
         Some(_) => engine.encode(THINK_CLOSE_TEXT)?,
         None => Vec::new(),
     };
@@ -376,12 +426,39 @@ pub(crate) fn generate(
                 g.finish = Finish::Stop;
                 break;
             }
-            None => sampler.sample(&mut logits, &context, &g.tokens),
+            None => {
+                let raw = req.logprobs.map(|_| logits.clone());
+                match constraint.as_mut() {
+                    Some(c) if channel == Channel::Content => c.mask_logits(&mut logits).map_err(Error::input)?,
+                    // Thinking is free, but must end before the reply does.
+                    Some(_) => {
+                        for &s in &stop_ids {
+                            if let Some(l) = logits.get_mut(s as usize) {
+                                *l = f32::NEG_INFINITY;
+                            }
+                        }
+                    }
+                    None => {}
+                }
+                let id = sampler.sample(&mut logits, &context, &g.tokens);
+                if let (Some(raw), Some(n)) = (raw, req.logprobs)
+                    && !stop_ids.contains(&id)
+                {
+                    let lp = token_logprob(&raw, id, n);
+                    on_logprob(&lp);
+                    g.logprobs.push(lp);
+                }
+                id
+            }
         };
         g.completion_tokens += 1;
         if stop_ids.contains(&id) {
             g.finish = Finish::Stop;
             break;
+        }
+        let constrained_token = !scripted && channel == Channel::Content && Some(id) != think_open;
+        if let Some(c) = constraint.as_mut().filter(|_| constrained_token) {
+            c.accept(id).map_err(Error::input)?;
         }
         g.tokens.push(id);
         context.push(id);
@@ -399,6 +476,10 @@ pub(crate) fn generate(
             if !out.push(&mut g, &mut on_piece, channel, id)? {
                 break 'decode;
             }
+        }
+        if constrained_token && constraint.as_ref().is_some_and(|c| c.is_finished()) {
+            g.finish = Finish::Stop;
+            break;
         }
         if channel == Channel::Reasoning
             && !scripted
@@ -426,6 +507,9 @@ pub(crate) fn generate(
         g.decode_steps += 1;
     }
     g.decode_secs = t1.elapsed().as_secs_f64();
+    if let Some(c) = &constraint {
+        (g.constraint_secs, g.constraint_steps) = c.cost();
+    }
     g.io_decode = io(model).zip(io1).map(|(b, a)| b.since(&a));
     out.finish(&mut g, &mut on_piece, channel)?;
     if fed.len() > prompt.len() && !logits.is_empty() {
