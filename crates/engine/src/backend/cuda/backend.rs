@@ -101,7 +101,7 @@ fn upload_linear(dev: &CudaDevice, l: &Linear) -> Result<DevMatrix> {
                 }
             }
             MatData::Float { data, .. } => parts[0].extend_from_slice(data),
-            MatData::Ggml { ty, .. } => return Err(super::context::ggml_on_gpu(ty).into()),
+            MatData::Ggml { ty, .. } => return Err(super::context::ggml_on_gpu(ty)),
         }
         first.get_or_insert(m.data);
     }
@@ -111,7 +111,7 @@ fn upload_linear(dev: &CudaDevice, l: &Linear) -> Result<DevMatrix> {
         }
         MatData::Float { dtype: FloatType::F16, .. } => MatData::Float { dtype: FloatType::F32, data: &parts[0] },
         MatData::Float { dtype, .. } => MatData::Float { dtype, data: &parts[0] },
-        MatData::Ggml { ty, .. } => return Err(super::context::ggml_on_gpu(ty).into()),
+        MatData::Ggml { ty, .. } => return Err(super::context::ggml_on_gpu(ty)),
     };
     DevMatrix::upload(dev, &MatRef { data: joined, rows: l.rows(), cols: l.cols() })
 }
