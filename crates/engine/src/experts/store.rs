@@ -894,6 +894,13 @@ impl ExpertStore {
     /// Matrix views over one fetched expert buffer.
     pub fn expert_weights(&self, layer: usize, buf: Arc<AlignedBuf>) -> Result<ExpertWeights> {
         let lf = &self.layers[layer];
+        // A component's bytes in the buffer, checked to lie inside the blob.
+        let component_bytes = |c: &TensorEntry| -> Result<Bytes> {
+            if c.offset + c.nbytes > lf.blob_bytes {
+                return Err(Error::file(&lf.path, format!("component `{}` lies outside the expert blob", c.name)));
+            }
+            Ok(Bytes::new(buf.clone(), c.offset as usize, c.nbytes as usize))
+        };
         let tensor = |name: &str| -> Result<Option<RawTensor>> {
             let Some(c) = lf.components.iter().find(|c| c.name == name) else {
                 return Ok(None);
@@ -901,14 +908,11 @@ impl ExpertStore {
             let dtype = parse_dtype(&c.dtype).ok_or_else(|| {
                 Error::file(&lf.path, format!("component `{name}` has unsupported dtype `{}`", c.dtype))
             })?;
-            if c.offset + c.nbytes > lf.blob_bytes {
-                return Err(Error::file(&lf.path, format!("component `{name}` lies outside the expert blob")));
-            }
             Ok(Some(RawTensor {
                 name: format!("layers.{layer}.experts.{name}"),
                 dtype,
                 shape: c.shape.clone(),
-                bytes: Bytes::new(buf.clone(), c.offset as usize, c.nbytes as usize),
+                bytes: component_bytes(c)?,
                 file: lf.path.clone(),
             }))
         };
@@ -919,11 +923,7 @@ impl ExpertStore {
                 && let Some(ty) =
                     GgmlType::ALL.into_iter().find(|t| t.name() == c.dtype && parse_dtype(&c.dtype).is_none())
             {
-                if c.offset + c.nbytes > lf.blob_bytes {
-                    return Err(Error::file(&lf.path, format!("component `{wname}` lies outside the expert blob")));
-                }
-                let bytes = Bytes::new(buf.clone(), c.offset as usize, c.nbytes as usize);
-                return Linear::ggml(ty, bytes, rows, cols, &format!("layers.{layer}.experts.{wname}"));
+                return Linear::ggml(ty, component_bytes(c)?, rows, cols, &format!("layers.{layer}.experts.{wname}"));
             }
             let w = tensor(&format!("{p}.weight"))?
                 .ok_or_else(|| Error::file(&lf.path, format!("expert blob has no `{p}.weight`")))?;

@@ -42,8 +42,9 @@ struct Part {
 }
 
 impl Part {
-    fn mat(&self, cols: usize) -> MatRef<'_> {
-        let full = match &self.source {
+    /// The whole stored matrix this part is a row range of.
+    fn full(&self, cols: usize) -> std::result::Result<MatRef<'_>, flashmoe_kernels::KernelError> {
+        match &self.source {
             Source::Float { dtype, data } => MatRef::float(*dtype, data.as_slice(), self.total_rows, cols),
             Source::Affine { bits, group_size, weight, scales, biases, sb_dtype } => MatRef::affine(
                 *bits,
@@ -57,29 +58,16 @@ impl Part {
             ),
             Source::Ggml { ty, data } => MatRef::ggml(*ty, data.as_slice(), self.total_rows, cols),
         }
-        .expect("matrix sizes were validated when the Linear was built");
+    }
+
+    fn mat(&self, cols: usize) -> MatRef<'_> {
+        let full = self.full(cols).expect("matrix sizes were validated when the Linear was built");
         full.rows_slice(self.row_start, self.rows)
     }
-}
 
-impl Part {
     /// Checks the stored bytes against the shape, so that `mat()` cannot fail later.
     fn validate(&self, cols: usize) -> std::result::Result<(), flashmoe_kernels::KernelError> {
-        match &self.source {
-            Source::Float { dtype, data } => MatRef::float(*dtype, data.as_slice(), self.total_rows, cols).map(|_| ()),
-            Source::Affine { bits, group_size, weight, scales, biases, sb_dtype } => MatRef::affine(
-                *bits,
-                *group_size,
-                weight.as_slice(),
-                scales.as_slice(),
-                biases.as_slice(),
-                *sb_dtype,
-                self.total_rows,
-                cols,
-            )
-            .map(|_| ()),
-            Source::Ggml { ty, data } => MatRef::ggml(*ty, data.as_slice(), self.total_rows, cols).map(|_| ()),
-        }
+        self.full(cols).map(|_| ())
     }
 }
 
