@@ -6,7 +6,9 @@
 # 1. every GPU kernel against the CPU kernels on random inputs (flashmoe selftest);
 # 2. the full forward pass against the transformers fixtures on every backend (cpu, cuda with
 #    every expert cached, cuda with a k+1-expert cache and 4-token prefill chunks);
-# 3. the engine's unit tests with the GPU present.
+# 3. GGUF block types (Q8_0, Q4_K_M made by llama.cpp) against gguf-py's dequantization of the
+#    same files and against llama.cpp's logits, on every backend (gguf-py from .carry/pylib);
+# 4. the engine's unit tests with the GPU present.
 set -uo pipefail
 BIN=${BIN:-.carry/bin}
 OUT=${1:-${OUT:-/tmp/flashmoe-parity}}
@@ -19,6 +21,9 @@ FLASHMOE_TESTDATA=$PWD/testdata "$BIN/reference" --test-threads 1 --nocapture >"
 grep -E "backend|vs|test |result|panicked|error" "$OUT/reference.txt" | head -n 120
 FLASHMOE_TESTDATA=$PWD/testdata "$BIN/tiers" --test-threads 1 --nocapture >"$OUT/tiers.txt" 2>&1 || status=1
 grep -E "test |result|panicked|Off:|Auto:" "$OUT/tiers.txt"
+PYTHONPATH=$PWD/.carry/pylib${PYTHONPATH:+:$PYTHONPATH} FLASHMOE_TESTDATA=$PWD/testdata "$BIN/ggufmodels" --test-threads 1 \
+    --nocapture >"$OUT/ggufmodels.txt" 2>&1 || status=1
+grep -E " on |test |result|panicked" "$OUT/ggufmodels.txt"
 "$BIN/enginelib" --test-threads 2 >"$OUT/enginelib.txt" 2>&1 || status=1
 tail -n 5 "$OUT/enginelib.txt"
 echo "parity status: $status"

@@ -63,8 +63,6 @@ pub struct Footprint {
     pub experts: u64,
     /// The largest single expert, rounded up to a page (the read buffer size).
     pub max_expert: u64,
-    /// Weights only the CPU computes with (GGUF block types: no GPU kernels yet).
-    pub cpu_only: bool,
 }
 
 /// Reads a model's footprint (packed manifest, or the HF/MLX/GGUF weights mapped, not read).
@@ -81,16 +79,13 @@ pub fn footprint(dir: &Path) -> Result<Footprint> {
             non_expert: w.non_expert_bytes() as u64,
             experts: w.expert_bytes() as u64,
             max_expert: max_expert.next_multiple_of(4096),
-            cpu_only: false,
         }
     };
     if crate::gguf::is_gguf(dir) {
         // GGUF: experts are read in place from the file, like an HF folder's.
         let model = crate::gguf::GgufModel::open(dir)?;
         let w = crate::models::qwen35::ModelWeights::load_gguf(&model)?;
-        let gpu_types = [crate::gguf::GgmlType::F32, crate::gguf::GgmlType::BF16];
-        let cpu_only = model.parts.tensors().any(|(_, t)| !gpu_types.contains(&t.ggml_type));
-        return Ok(Footprint { cpu_only, ..resident_footprint(model.config.clone(), &w) });
+        return Ok(resident_footprint(model.config.clone(), &w));
     }
     let config = ModelConfig::load(dir)?;
     if dir.join(crate::packed::MANIFEST).exists() {
@@ -100,7 +95,7 @@ pub fn footprint(dir: &Path) -> Result<Footprint> {
             m.experts.iter().map(|e| e.stride).max().unwrap_or(0),
             m.experts.iter().map(|e| e.stride * e.num_experts as u64).sum::<u64>(),
         );
-        return Ok(Footprint { config, non_expert, experts, max_expert, cpu_only: false });
+        return Ok(Footprint { config, non_expert, experts, max_expert });
     }
     // HF/MLX folder: experts are read in place; everything else stays mapped and resident.
     let store = crate::packed::open_any(dir)?;
@@ -150,7 +145,6 @@ pub fn fit(dir: &Path, ram: u64, gpu: Option<u64>) -> Result<Fit> {
 /// load libraries).
 fn fit_at(dir: &Path, ram: u64, gpu: Option<u64>, baseline: u64) -> Result<Fit> {
     let f = footprint(dir)?;
-    let gpu = if f.cpu_only { None } else { gpu };
     let state = state_bytes(&f.config, FIT_CONTEXT);
     // A tenth of the GPU for the workspace, activations and the driver.
     if let Some(g) = gpu

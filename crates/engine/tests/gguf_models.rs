@@ -7,6 +7,11 @@
 //! - the Q4_K_M file against llama.cpp's own logits on it;
 //! - the tokenizer and chat template read from the GGUF metadata against transformers'
 //!   encodings and `apply_chat_template` renderings (testdata/models/tokenizer_check.json).
+//!
+//! The model checks run on every backend available: the CPU, and with the `cuda` feature the GPU
+//! (the GGML kernels of kernels/ggml.cu) with every expert cached and prefill through cuBLAS on
+//! dequantized tiles, and with a cache of k+1 experts (nearly every step evicts and copies) and
+//! prefill in 4-token passes through the grouped GEMM kernel.
 
 use flashmoe::{Engine, LoadOptions, LogitsFor, Model};
 use serde_json::Value;
@@ -40,6 +45,32 @@ fn dequantized(src: &Path, dir: &Path) -> PathBuf {
 
 fn load(path: &Path, stream_experts: bool) -> Model {
     Model::load_with(path, &LoadOptions { stream_experts, ..Default::default() }).expect("model")
+}
+
+/// The backends this build and machine offer: (name, options, tolerance against the f32
+/// reference run on the CPU).
+fn backends(path: &Path) -> Vec<(&'static str, LoadOptions, f32)> {
+    #[allow(unused_mut)]
+    let mut v = vec![("cpu", LoadOptions::default(), 2e-5)];
+    #[cfg(feature = "cuda")]
+    {
+        use flashmoe::backend::{DeviceChoice, DeviceOptions, GpuCache, GpuTuning};
+        match flashmoe::cuda::CudaDevice::open(0) {
+            Ok(_) => {
+                let k = flashmoe::gguf::GgufModel::open(path).expect("GGUF").config.experts_per_token;
+                let gpu = GpuTuning { blas_min_tokens: 2, ..Default::default() };
+                let device = DeviceOptions { device: DeviceChoice::Cuda(0), gpu, ..Default::default() };
+                // The GPU sums in another order than the CPU: f32 rounding, a little more of it.
+                v.push(("cuda", LoadOptions { device, ..Default::default() }, 1e-4));
+                let gpu = GpuTuning { prefill_chunk: 4, ..Default::default() };
+                let device = DeviceOptions { device: DeviceChoice::Cuda(0), gpu_cache: GpuCache::Experts(k + 1), gpu };
+                v.push(("cuda-small-cache", LoadOptions { device, ..Default::default() }, 1e-4));
+            }
+            Err(e) => eprintln!("no GPU backend: {e}"),
+        }
+    }
+    let _ = path;
+    v
 }
 
 /// Logits of `ids`: one batched prefill, and token by token through the caches.
@@ -89,14 +120,21 @@ fn check_against_dequantized(file: &str) {
     let reference = load(&dequantized(&src, tmp.path()), false);
     let ids = ids_of(&llama_reference(file));
     let (want_prefill, want_decode) = logits(&reference, &ids);
-    for stream in [false, true] {
-        let m = load(&src, stream);
-        let (prefill, decode) = logits(&m, &ids);
-        let (ep, ed) = (rel_err(&prefill, &want_prefill), rel_err(&decode, &want_decode));
-        eprintln!("{file} (experts streamed: {stream}): vs gguf-py dequantized: prefill {ep:.2e}, decode {ed:.2e}");
-        // Prefill dequantizes rows as gguf-py does (then f32 dots); decode dots the blocks
-        // directly with per-block scaling: f32 rounding either way.
-        assert!(ep <= 1e-5 && ed <= 1e-5, "{file}: prefill {ep:.2e}, decode {ed:.2e} (tolerance 1e-5)");
+    for (backend, opts, tol) in backends(&src) {
+        for stream_experts in [false, true] {
+            let m = Model::load_with(&src, &LoadOptions { stream_experts, ..opts.clone() }).expect("model");
+            let (prefill, decode) = logits(&m, &ids);
+            let (ep, ed) = (rel_err(&prefill, &want_prefill), rel_err(&decode, &want_decode));
+            eprintln!(
+                "{file} on {backend} (experts streamed: {stream_experts}): vs gguf-py dequantized: prefill {ep:.2e}, decode {ed:.2e}"
+            );
+            // Prefill dequantizes rows as gguf-py does (then f32 dots); decode dots the blocks
+            // directly with per-block scaling: f32 rounding either way.
+            assert!(
+                ep <= tol && ed <= tol,
+                "{file} on {backend}: prefill {ep:.2e}, decode {ed:.2e} (tolerance {tol:.0e})"
+            );
+        }
     }
 }
 
@@ -120,20 +158,25 @@ fn q4_k_m_gguf_computes_like_its_gguf_py_dequantization() {
 fn q4_k_m_gguf_agrees_with_llama_cpp() {
     let file = "qwen35moe-k256-Q4_K_M.gguf";
     let r = llama_reference(file);
-    let m = load(&gguf(file), true);
-    let v = m.config.vocab_size;
-    let (prefill, decode) = logits(&m, &ids_of(&r));
-    for (mode, ours) in [("prefill", prefill), ("decode", decode)] {
-        let theirs = flat(&r[mode]);
-        let e = rel_err(&ours, &theirs);
-        let (a, b) = (argmaxes(&ours, v), argmaxes(&theirs, v));
-        let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
-        eprintln!("{file} {mode}: vs llama.cpp {e:.3e} of max |logit|, argmax equal at {same}/{}", a.len());
-        // llama.cpp multiplies Q4_K/Q6_K blocks by activations it first rounds to 8 bits
-        // (Q8_K); flashmoe keeps them in f32. On this random model that moves logits by up to
-        // ~9% of the largest (docs/quality.md); a layout error moves them by ~100%.
-        assert!(e <= 0.15, "{file} {mode}: {e:.3e}");
-        assert!(same + 1 >= a.len(), "{file} {mode}: argmax {a:?} vs llama.cpp {b:?}");
+    for (backend, opts, _) in backends(&gguf(file)) {
+        let m = Model::load_with(&gguf(file), &LoadOptions { stream_experts: true, ..opts }).expect("model");
+        let v = m.config.vocab_size;
+        let (prefill, decode) = logits(&m, &ids_of(&r));
+        for (mode, ours) in [("prefill", prefill), ("decode", decode)] {
+            let theirs = flat(&r[mode]);
+            let e = rel_err(&ours, &theirs);
+            let (a, b) = (argmaxes(&ours, v), argmaxes(&theirs, v));
+            let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+            eprintln!(
+                "{file} {mode} on {backend}: vs llama.cpp {e:.3e} of max |logit|, argmax equal at {same}/{}",
+                a.len()
+            );
+            // llama.cpp multiplies Q4_K/Q6_K blocks by activations it first rounds to 8 bits
+            // (Q8_K); flashmoe keeps them in f32. On this random model that moves logits by up
+            // to ~9% of the largest (docs/quality.md); a layout error moves them by ~100%.
+            assert!(e <= 0.15, "{file} {mode} on {backend}: {e:.3e}");
+            assert!(same + 1 >= a.len(), "{file} {mode} on {backend}: argmax {a:?} vs llama.cpp {b:?}");
+        }
     }
 }
 

@@ -449,6 +449,12 @@ def gpu_cache_size(packed: Path, spec: str) -> str:
     """`--gpu-cache` for flashmoe: a size as given, or a share of the model's expert bytes."""
     if not spec.endswith("%"):
         return spec
+    if packed.suffix == ".gguf":
+        sys.path.insert(0, str(src_dir() / "gguf-py"))
+        from gguf import GGUFReader  # noqa: E402
+
+        experts = sum(int(t.n_bytes) for t in GGUFReader(str(packed)).tensors if "_exps" in t.name)
+        return f"{int(experts * float(spec[:-1]) / 100) >> 20}M"
     m = json.loads((packed / "manifest.json").read_text())
     experts = sum(layer["num_experts"] * layer["stride"] for layer in m["experts"])
     return f"{int(experts * float(spec[:-1]) / 100) >> 20}M"
@@ -465,7 +471,7 @@ def cmd_bench(a) -> None:
     rows = [("flashmoe packed affine 4-bit g64", packed, packed_bytes_per_token(packed), flashmoe_run)]
     rows += [(f"llama.cpp {g.stem.split('-', 1)[1]}", g, gguf_bytes_per_token(g), llama_run) for g in ggufs]
     if a.fm_gguf:
-        # flashmoe on the very files llama.cpp runs (GGUF block types: CPU kernels only so far).
+        # flashmoe on the very files llama.cpp runs.
         rows += [(f"flashmoe {g.stem.split('-', 1)[1]}", g, gguf_bytes_per_token(g), flashmoe_run) for g in ggufs]
     res = {name: {"tg": [], "pp": [], "rss": 0} for name, *_ in rows}
     for rep in range(a.reps):
@@ -562,7 +568,7 @@ def main() -> None:
     s.add_argument("--pp", type=int, default=512)
     s.add_argument("--fm-gpu-cache", default="10%", help="flashmoe --gpu-cache in the gpu-ram regime")
     s.add_argument("--fm-cpu-io", default="mmap", choices=["mmap", "page"], help="flashmoe --io on the CPU")
-    s.add_argument("--fm-gguf", action="store_true", help="also run flashmoe on the GGUF files (cpu regime)")
+    s.add_argument("--fm-gguf", action="store_true", help="also run flashmoe on the GGUF files")
     s.set_defaults(fn=cmd_bench)
     s = sub.add_parser("logits")
     s.add_argument("--dir", required=True)

@@ -5,8 +5,9 @@
 
 use anyhow::{Result, anyhow, bail};
 use clap::Args;
-use flashmoe::cuda::gemv::AFFINE_VARIANTS;
+use flashmoe::cuda::gemv::{AFFINE_VARIANTS, GGML_GPU_TYPES};
 use flashmoe::cuda::{AffineVariant, CudaDevice, DevFormat, DevMatrix, GemvKernels, gemv::ROWS_PER_WARP, parse_device};
+use flashmoe_kernels::ggml::GgmlType;
 use flashmoe_kernels::{FloatType, MatRef, matvec};
 use std::time::Instant;
 
@@ -49,6 +50,31 @@ impl Rng {
     fn bf16s(&mut self, n: usize, lo: f32, hi: f32) -> Vec<u8> {
         (0..n).flat_map(|_| ((self.f32(lo, hi).to_bits() >> 16) as u16).to_le_bytes()).collect()
     }
+}
+
+/// Byte offsets of the f16 scale fields (d, and m/dmin where the type has one) in a block of `ty`.
+fn ggml_f16_fields(ty: GgmlType) -> &'static [usize] {
+    use GgmlType::*;
+    match ty {
+        Q4_1 | Q5_1 | Q4_K | Q5_K => &[0, 2],
+        Q2_K => &[80, 82],
+        Q3_K => &[108],
+        Q6_K => &[208],
+        _ => &[0],
+    }
+}
+
+/// Random blocks of `ty` for a `[rows, cols]` matrix: random codes and sub-block scales, f16
+/// scales in ±0.05 (random bits would include infinities and NaNs).
+fn ggml_random(rng: &mut Rng, ty: GgmlType, rows: usize, cols: usize) -> Result<Vec<u8>> {
+    let mut w = rng.bytes(rows * ty.row_bytes(cols)?);
+    for block in w.chunks_exact_mut(ty.type_size()) {
+        for &o in ggml_f16_fields(ty) {
+            let v = half::f16::from_f32(rng.f32(-0.05, 0.05));
+            block[o..o + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    Ok(w)
 }
 
 /// max|got − want| / max|want|, NaN when any output is not finite (unwritten outputs are NaN).
@@ -99,6 +125,7 @@ pub fn run(a: SelftestArgs) -> Result<()> {
     }
     formats.push(DevFormat::Bf16);
     formats.push(DevFormat::F32);
+    formats.extend(GGML_GPU_TYPES.map(DevFormat::Ggml));
     if !a.quiet {
         println!("{:<10} {:>3} {:>6} {:>6} {:>11}  result", "kernel", "rpw", "rows", "cols", "rel err");
     }
@@ -126,6 +153,10 @@ pub fn run(a: SelftestArgs) -> Result<()> {
                 DevFormat::F32 => {
                     w = (0..rows * cols).flat_map(|_| rng.f32(-1.0, 1.0).to_le_bytes()).collect();
                     MatRef::float(FloatType::F32, &w, rows, cols)?
+                }
+                DevFormat::Ggml(ty) => {
+                    w = ggml_random(&mut rng, ty, rows, cols)?;
+                    MatRef::ggml(ty, &w, rows, cols)?
                 }
             };
             let dm = DevMatrix::upload(&dev, &m)?;
@@ -208,6 +239,22 @@ pub fn run(a: SelftestArgs) -> Result<()> {
             k.gemm(&dev, &view, dx.ptr(), dy.ptr(), t)?;
             keep.push(dx);
             checks.push((format!("gemm/{}", format.name()), want, dy));
+            if let DevFormat::Ggml(ty) = format {
+                // Rows as f32 (the cuBLAS prefill's tiles and the embedding lookup): rows
+                // 1, 0 and the last, looked up by id.
+                let ids = [1.min(rows - 1) as i32, 0, (rows - 1) as i32];
+                let mut want = vec![0f32; ids.len() * cols];
+                for (&r, out) in ids.iter().zip(want.chunks_exact_mut(cols)) {
+                    let rb = ty.row_bytes(cols)?;
+                    flashmoe_kernels::ggml::dequantize_row(ty, &w[r as usize * rb..(r as usize + 1) * rb], out)?;
+                }
+                let dids = dev.upload(&ids.iter().flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>())?;
+                let dy = dev.alloc(want.len() * 4)?;
+                dy.fill_bytes(0xFF)?;
+                k.ggml_rows(&dev, ty, view.w, dids.ptr(), 0, ids.len(), cols, dy.ptr())?;
+                keep.push(dids);
+                checks.push((format!("rows/{}", format.name()), want, dy));
+            }
             for (name, want, dy) in checks {
                 let got = dy.read_f32()?;
                 let rel = rel_err(&got, &want);

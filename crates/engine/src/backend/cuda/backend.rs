@@ -18,7 +18,7 @@
 //! arithmetic); results differ from the CPU by summation order only.
 
 use super::context::{CudaDevice, CudaError, DevBuf, Result};
-use super::gemv::{AffineVariant, BatchItem, DevFormat, DevMatrix, GemvKernels, MatView};
+use super::gemv::{AffineVariant, BatchItem, DevFormat, DevMatrix, GemvKernels, MatView, float_of_ggml};
 use super::ops::ForwardKernels;
 use crate::backend::{
     Backend, BackendState, Bandwidths, DeviceOptions, GpuCache, Hybrid, Phase, TierCounters, TierInfo,
@@ -79,9 +79,17 @@ pub struct DevExperts {
 // Weights.
 
 /// Host matrix → device matrix. Matrices made of several row ranges (Qwen3-Next's regrouped
-/// projections) are concatenated; f16 is widened to f32 (the GPU kernels take f32, bf16, affine).
+/// projections) are concatenated; f16 is widened to f32 (the GPU kernels take f32, bf16, affine
+/// and GGML block types); GGUF float tensors become float matrices.
 fn upload_linear(dev: &CudaDevice, l: &Linear) -> Result<DevMatrix> {
-    let mats = l.mats();
+    let mats: Vec<MatRef> = l
+        .mats()
+        .into_iter()
+        .map(|m| match m.data {
+            MatData::Ggml { ty, data } => MatRef { data: float_of_ggml(ty, data).unwrap_or(m.data), ..m },
+            _ => m,
+        })
+        .collect();
     if mats.len() == 1 && !matches!(mats[0].data, MatData::Float { dtype: FloatType::F16, .. }) {
         return DevMatrix::upload(dev, &mats[0]);
     }
@@ -100,8 +108,20 @@ fn upload_linear(dev: &CudaDevice, l: &Linear) -> Result<DevMatrix> {
                     parts[0].extend_from_slice(&v.to_le_bytes());
                 }
             }
-            MatData::Float { data, .. } => parts[0].extend_from_slice(data),
-            MatData::Ggml { ty, .. } => return Err(super::context::ggml_on_gpu(ty)),
+            MatData::Float { data, .. } | MatData::Ggml { data, .. } => parts[0].extend_from_slice(data),
+        }
+        let same_kind = match (first, m.data) {
+            (None, _) => true,
+            (Some(MatData::Ggml { ty: a, .. }), MatData::Ggml { ty: b, .. }) => a == b,
+            (Some(MatData::Float { dtype: a, .. }), MatData::Float { dtype: b, .. }) => a == b,
+            (
+                Some(MatData::Affine { bits: a, group_size: ga, .. }),
+                MatData::Affine { bits: b, group_size: gb, .. },
+            ) => (a, ga) == (b, gb),
+            _ => false,
+        };
+        if !same_kind {
+            return Err(CudaError::new("a matrix assembled from tensors of different types"));
         }
         first.get_or_insert(m.data);
     }
@@ -111,7 +131,7 @@ fn upload_linear(dev: &CudaDevice, l: &Linear) -> Result<DevMatrix> {
         }
         MatData::Float { dtype: FloatType::F16, .. } => MatData::Float { dtype: FloatType::F32, data: &parts[0] },
         MatData::Float { dtype, .. } => MatData::Float { dtype, data: &parts[0] },
-        MatData::Ggml { ty, .. } => return Err(super::context::ggml_on_gpu(ty)),
+        MatData::Ggml { ty, .. } => MatData::Ggml { ty, data: &parts[0] },
     };
     DevMatrix::upload(dev, &MatRef { data: joined, rows: l.rows(), cols: l.cols() })
 }
@@ -182,7 +202,12 @@ fn mat_pieces<'a>(l: &'a Linear, what: &str) -> Result<(MatLayout, [&'a [u8]; 3]
         MatData::Float { dtype: FloatType::F16, .. } => {
             return Err(CudaError::new("GPU experts do not take f16 weights (convert the model to bf16 or 4-bit)"));
         }
-        MatData::Ggml { ty, .. } => return Err(super::context::ggml_on_gpu(ty)),
+        MatData::Ggml { ty, data } => match float_of_ggml(ty, data) {
+            Some(MatData::Float { dtype: FloatType::F32, data }) => (DevFormat::F32, [data, &[][..], &[][..]]),
+            Some(MatData::Float { dtype: FloatType::BF16, data }) => (DevFormat::Bf16, [data, &[][..], &[][..]]),
+            Some(_) => return Err(CudaError::new("GPU experts do not take f16 weights (GGUF F16 experts)")),
+            None => (DevFormat::Ggml(ty), [data, &[][..], &[][..]]),
+        },
     };
     format.check(m.rows, m.cols)?;
     Ok((MatLayout { format, rows: m.rows, cols: m.cols, w: 0, s: 0, b: 0 }, pieces))
@@ -766,16 +791,26 @@ impl CudaBackend {
             .map_err(|e| CudaError(format!("cublasSgemm: {e:?}")))
         };
         let v = m.view();
-        let (fmt, q) = match m.format {
-            DevFormat::F32 => return sgemm(v.w, 0, rows),
-            DevFormat::Affine { bits, group_size } => (0, (bits, group_size)),
-            DevFormat::Bf16 => (2, (16, 1)),
+        // Tiles of rows dequantized to f32 in the workspace, then multiplied.
+        let dequant = |r0: usize, n: usize| -> Result<()> {
+            let out = ws.deq.ptr();
+            match m.format {
+                DevFormat::F32 => Ok(()),
+                DevFormat::Affine { bits, group_size } => {
+                    self.ops.dequant_rows(&self.dev, (v.w, v.s, v.b), 0, (bits, group_size), r0, n, cols, out)
+                }
+                DevFormat::Bf16 => self.ops.dequant_rows(&self.dev, (v.w, v.s, v.b), 2, (16, 1), r0, n, cols, out),
+                DevFormat::Ggml(ty) => self.gemv.ggml_rows(&self.dev, ty, v.w, 0, r0, n, cols, out),
+            }
         };
+        if m.format == DevFormat::F32 {
+            return sgemm(v.w, 0, rows);
+        }
         let block = (ws.deq.len() / 4 / cols.max(1)).max(1);
         let mut r0 = 0;
         while r0 < rows {
             let n = block.min(rows - r0);
-            self.ops.dequant_rows(&self.dev, (v.w, v.s, v.b), fmt, q, r0, n, cols, ws.deq.ptr())?;
+            dequant(r0, n)?;
             sgemm(ws.deq.ptr(), r0, n)?;
             r0 += n;
         }
@@ -1623,6 +1658,7 @@ impl Backend for CudaBackend {
             }
             DevFormat::F32 => self.ops.embed_dense(dev, table.w.ptr(), 0, ids_ptr, x, t, h)?,
             DevFormat::Bf16 => self.ops.embed_dense(dev, table.w.ptr(), 1, ids_ptr, x, t, h)?,
+            DevFormat::Ggml(ty) => self.gemv.ggml_rows(dev, ty, table.w.ptr(), ids_ptr, 0, t, h, x)?,
         }
         Ok(())
     }

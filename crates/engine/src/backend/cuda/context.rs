@@ -428,10 +428,3 @@ impl DevBuf {
         unsafe { result::memset_d8_async(self.ptr(), b, self.len, self.stream.cu_stream()) }.ctx("cuMemsetD8")
     }
 }
-
-/// GGUF block-quantized weights have CPU kernels only so far.
-pub(crate) fn ggml_on_gpu(ty: flashmoe_kernels::ggml::GgmlType) -> CudaError {
-    CudaError(format!(
-        "{ty} weights (GGUF) have no GPU kernels yet; run this model with --device cpu, or convert its Hugging Face checkpoint with `flashmoe convert`"
-    ))
-}

@@ -6,6 +6,7 @@ use super::context::{CudaDevice, CudaError, DevBuf, Result};
 use super::kernels;
 use cudarc::driver::CudaFunction;
 use cudarc::driver::sys::CUfunction_attribute;
+use flashmoe_kernels::ggml::GgmlType;
 use flashmoe_kernels::{FloatType, MatData, MatRef};
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -27,7 +28,19 @@ pub enum DevFormat {
     },
     Bf16,
     F32,
+    /// A GGML block type of a GGUF file (one of [`GGML_GPU_TYPES`]), rows of whole blocks.
+    Ggml(GgmlType),
 }
+
+/// Rows per warp of the GGML GEMV kernels (`GGML_RW` in ggml.cu).
+const GGML_ROWS_PER_WARP: usize = 2;
+
+/// The GGML block types the GPU kernels take (`kernels/ggml.cu`); F32, BF16 and F16 GGUF tensors
+/// become [`DevFormat::F32`] / [`DevFormat::Bf16`] matrices instead.
+pub const GGML_GPU_TYPES: [GgmlType; 12] = {
+    use GgmlType::*;
+    [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS]
+};
 
 impl DevFormat {
     pub fn name(&self) -> String {
@@ -35,6 +48,17 @@ impl DevFormat {
             DevFormat::Affine { bits, group_size } => format!("q{bits}g{group_size}"),
             DevFormat::Bf16 => "bf16".into(),
             DevFormat::F32 => "f32".into(),
+            DevFormat::Ggml(ty) => ty.to_string(),
+        }
+    }
+
+    /// Bytes of one row of `cols` values.
+    pub fn row_bytes(&self, cols: usize) -> usize {
+        match *self {
+            DevFormat::Affine { bits, group_size } => cols * bits as usize / 8 + 4 * (cols / group_size),
+            DevFormat::Bf16 => cols * 2,
+            DevFormat::F32 => cols * 4,
+            DevFormat::Ggml(ty) => ty.row_bytes(cols).unwrap_or(0),
         }
     }
 
@@ -58,6 +82,13 @@ impl DevFormat {
             }
             DevFormat::Bf16 => (8, "bf16 values"),
             DevFormat::F32 => (4, "f32 values"),
+            DevFormat::Ggml(ty) => {
+                if !GGML_GPU_TYPES.contains(&ty) {
+                    return Err(CudaError(format!("{ty} weights (GGUF) have no GPU kernels")));
+                }
+                // Whole blocks per row (every block type holds 32 or 256 values).
+                (ty.block_size(), "values (whole blocks)")
+            }
         };
         if !cols.is_multiple_of(unit) {
             return Err(CudaError(format!(
@@ -67,6 +98,17 @@ impl DevFormat {
         }
         Ok(())
     }
+}
+
+/// The float matrix a GGUF F32/BF16/F16 tensor is (None for block types).
+pub(crate) fn float_of_ggml(ty: GgmlType, data: &[u8]) -> Option<MatData<'_>> {
+    let dtype = match ty {
+        GgmlType::F32 => FloatType::F32,
+        GgmlType::BF16 => FloatType::BF16,
+        GgmlType::F16 => FloatType::F16,
+        _ => return None,
+    };
+    Some(MatData::Float { dtype, data })
 }
 
 /// A matrix in device memory.
@@ -109,7 +151,21 @@ impl DevMatrix {
                 format.check(m.rows, m.cols)?;
                 Ok(DevMatrix { format, rows: m.rows, cols: m.cols, w: dev.upload(data)?, scales: None, biases: None })
             }
-            MatData::Ggml { ty, .. } => Err(super::context::ggml_on_gpu(ty)),
+            MatData::Ggml { ty, data } => match float_of_ggml(ty, data) {
+                Some(float) => Self::upload(dev, &MatRef { data: float, ..*m }),
+                None => {
+                    let format = DevFormat::Ggml(ty);
+                    format.check(m.rows, m.cols)?;
+                    Ok(DevMatrix {
+                        format,
+                        rows: m.rows,
+                        cols: m.cols,
+                        w: dev.upload(data)?,
+                        scales: None,
+                        biases: None,
+                    })
+                }
+            },
         }
     }
 
@@ -143,6 +199,9 @@ impl DevMatrix {
                 let w = dev.alloc(rows * cols * 4)?;
                 k.fill_f32(dev, &w, seed)?;
                 Ok(DevMatrix { format, rows, cols, w, scales: None, biases: None })
+            }
+            DevFormat::Ggml(ty) => {
+                Err(CudaError(format!("no random {ty} matrices (their scales would be random f16)")))
             }
         }
     }
@@ -179,13 +238,7 @@ pub struct MatView {
 
 impl MatView {
     pub fn bytes(&self) -> usize {
-        match self.format {
-            DevFormat::Affine { bits, group_size } => {
-                self.rows * self.cols * bits as usize / 8 + 4 * self.rows * (self.cols / group_size)
-            }
-            DevFormat::Bf16 => self.rows * self.cols * 2,
-            DevFormat::F32 => self.rows * self.cols * 4,
-        }
+        self.rows * self.format.row_bytes(self.cols)
     }
 }
 
@@ -337,8 +390,22 @@ fn gemv_block() -> u32 {
     })
 }
 
+/// The kernels of one GGML block type (`kernels/ggml.cu`).
+struct GgmlKernels {
+    /// Batched GEMV (`GemvBatch`), also used for a single GEMV.
+    batch: CudaFunction,
+    /// Device-resolved expert GEMV (`ExpertsArgs`).
+    experts: CudaFunction,
+    /// Grouped prefill GEMM (the arguments of forward.cu's `gemm_grouped_*`).
+    grouped: CudaFunction,
+    /// Rows (or looked-up rows) as f32.
+    rows: CudaFunction,
+}
+
 /// The loaded GEMV module.
 pub struct GemvKernels {
+    /// GGML block types, by type.
+    ggml: HashMap<GgmlType, GgmlKernels>,
     /// (bits, group, rows per warp) → (x in shared memory, x in global memory) kernels.
     affine: HashMap<(u32, usize, usize), (CudaFunction, CudaFunction)>,
     /// 4-bit kernels of the other variants by (variant, group, rows per warp).
@@ -418,6 +485,16 @@ impl GemvKernels {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(|e| CudaError(format!("shared memory limit: {e:?}")))?
             .max(48 << 10) as usize;
+        let gm = dev.module(kernels::GGML)?;
+        let mut ggml = HashMap::new();
+        for ty in GGML_GPU_TYPES {
+            let n = ty.to_string().to_ascii_lowercase();
+            let f = |kind: &str| dev.function(&gm, &format!("ggml_{kind}_{n}"));
+            ggml.insert(
+                ty,
+                GgmlKernels { batch: f("batch")?, experts: f("experts")?, grouped: f("grouped")?, rows: f("rows")? },
+            );
+        }
         let mut grouped_sx = HashMap::new();
         for (key, name) in [
             (2u32, "gemm_grouped_sx_affine_b2"),
@@ -432,6 +509,7 @@ impl GemvKernels {
             grouped_sx.insert(key, f);
         }
         Ok(GemvKernels {
+            ggml,
             batch_affine,
             batch_f32: dev.function(&m, "dense_gemv_batch_f32")?,
             batch_bf16: dev.function(&m, "dense_gemv_batch_bf16")?,
@@ -500,7 +578,47 @@ impl GemvKernels {
             }
             DevFormat::Bf16 => Ok(&self.bf16),
             DevFormat::F32 => Ok(&self.f32),
+            DevFormat::Ggml(ty) => Ok(&self.ggml_kernels(ty)?.batch),
         }
+    }
+
+    fn ggml_kernels(&self, ty: GgmlType) -> Result<&GgmlKernels> {
+        self.ggml.get(&ty).ok_or_else(|| CudaError(format!("{ty} weights (GGUF) have no GPU kernels")))
+    }
+
+    /// `out[i] = row (ids[i] when ids is not 0, else row0 + i)` of a GGML matrix as f32, for
+    /// `nrows` rows of `cols` values: the embedding lookup and the cuBLAS prefill's tiles.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ggml_rows(
+        &self,
+        dev: &CudaDevice,
+        ty: GgmlType,
+        w: u64,
+        ids: u64,
+        row0: usize,
+        nrows: usize,
+        cols: usize,
+        out: u64,
+    ) -> Result<()> {
+        if nrows == 0 {
+            return Ok(());
+        }
+        let f = &self.ggml_kernels(ty)?.rows;
+        let units = nrows * (cols / 32);
+        let grid = u32::try_from(units.div_ceil(256).min(dev.sm_count * 32)).unwrap_or(u32::MAX);
+        let (mut w, mut ids, mut row0, mut nrows, mut cols, mut out) =
+            (w, ids, row0 as i64, nrows as i64, cols as i32, out);
+        let mut args: [*mut c_void; 6] = [
+            (&mut w as *mut u64).cast(),
+            (&mut ids as *mut u64).cast(),
+            (&mut row0 as *mut i64).cast(),
+            (&mut nrows as *mut i64).cast(),
+            (&mut cols as *mut i32).cast(),
+            (&mut out as *mut u64).cast(),
+        ];
+        // SAFETY: arguments match ggml_rows_* (w, ids, row0, nrows, cols, out); the caller sizes out
+        // for nrows·cols f32 and keeps the rows inside the matrix.
+        unsafe { dev.launch(f, grid, 256, 0, &mut args) }
     }
 
     /// Enqueues `y = m·x` on the device's stream. `x` holds `cols` f32, `y` `rows` f32.
@@ -578,6 +696,9 @@ impl GemvKernels {
     ) -> Result<()> {
         if m.rows == 0 {
             return Ok(());
+        }
+        if let DevFormat::Ggml(_) = m.format {
+            return self.gemv_batch(dev, &[BatchItem { m: *m, x, y, swiglu: false }]);
         }
         let (rw, smem, x_global) = match m.format {
             DevFormat::Affine { bits, .. } => {
@@ -733,6 +854,14 @@ impl GemvKernels {
             }
             DevFormat::F32 => (f32k, 0, max_rows.div_ceil(warps).min(dev.sm_count * 16)),
             DevFormat::Bf16 => (bf16k, 0, max_rows.div_ceil(warps).min(dev.sm_count * 16)),
+            DevFormat::Ggml(ty) => {
+                let g = self.ggml_kernels(ty)?;
+                let f = match family {
+                    BatchFamily::Problems => &g.batch,
+                    BatchFamily::Experts => &g.experts,
+                };
+                (f, 0, max_rows.div_ceil(warps * GGML_ROWS_PER_WARP).min(dev.sm_count * 16))
+            }
         };
         let mut args: [*mut c_void; 1] = [arg];
         // SAFETY: the caller passes the family's argument (see above).
@@ -814,20 +943,19 @@ impl GemvKernels {
             DevFormat::Affine { bits, group_size } => (128 / bits as usize, 4, bits, group_size as i32),
             DevFormat::F32 => (4, 0, 0, 0),
             DevFormat::Bf16 => (8, 0, 16, 0),
+            DevFormat::Ggml(_) => (32, 0, 0, 0),
         };
         let smem = 8 * (m.cols / vpc) * (vpc + pad) * 4;
-        let staged = smem <= self.smem_optin;
-        let f = if staged {
-            self.grouped_sx.get(&key).ok_or_else(|| CudaError::new("no staged grouped GEMM"))?
-        } else {
-            match m.format {
-                DevFormat::Affine { bits, .. } => self
-                    .grouped_affine
-                    .get(&bits)
-                    .ok_or_else(|| CudaError(format!("no grouped GEMM for {bits} bits")))?,
-                DevFormat::F32 => &self.grouped_f32,
-                DevFormat::Bf16 => &self.grouped_bf16,
+        // GGML blocks have no staged variant: their inputs are read from global memory.
+        let staged = smem <= self.smem_optin && !matches!(m.format, DevFormat::Ggml(_));
+        let f = match m.format {
+            DevFormat::Ggml(ty) => &self.ggml_kernels(ty)?.grouped,
+            _ if staged => self.grouped_sx.get(&key).ok_or_else(|| CudaError::new("no staged grouped GEMM"))?,
+            DevFormat::Affine { bits, .. } => {
+                self.grouped_affine.get(&bits).ok_or_else(|| CudaError(format!("no grouped GEMM for {bits} bits")))?
             }
+            DevFormat::F32 => &self.grouped_f32,
+            DevFormat::Bf16 => &self.grouped_bf16,
         };
         let mut mat = MatOff { w: m.w, s: m.s, b: m.b, rows: m.rows as i32, cols: m.cols as i32 };
         let (mut table, mut gs, mut items, mut xrow, mut x, mut out) = (table, gs, items, xrow, x, out);

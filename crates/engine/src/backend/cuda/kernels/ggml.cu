@@ -1,0 +1,370 @@
+// GGML block types (llama.cpp's GGUF quantizations) on the GPU: decode GEMV (batched problems and
+// the device-resolved expert GEMV), the grouped prefill GEMM, and rows dequantized to f32 (the
+// cuBLAS prefill GEMM and the embedding lookup). x and y are f32, accumulation is f32; weights stay
+// in the file's blocks.
+//
+// Every supported type is read in units of 32 consecutive elements: a 32-element block (Q4_0,
+// Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) or one eighth of a 256-element super-block (Q2_K … Q6_K,
+// IQ4_XS). `quad_values<T>` decodes four consecutive values of a unit with the same arithmetic as
+// ggml's dequantize_row_* (and gguf-py, and the CPU kernels in crates/kernels/src/ggml/blocks.rs);
+// T is the type's GGUF id. Blocks are 18 to 210 bytes, so a block is only 2-byte aligned: loads are
+// 16-bit (two per 32-bit word).
+//
+// Compiled at run time by NVRTC; no headers. The argument structs repeat gemv.cu's / forward.cu's
+// layouts (GemvProblem, ExpertsArgs, GemmMat), which the Rust side shares with both.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+typedef unsigned long long u64;
+
+__device__ __forceinline__ float f16f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ u32 ld16(const u8* p) { return __ldg(reinterpret_cast<const u16*>(p)); }
+// Four bytes at a 2-byte aligned address.
+__device__ __forceinline__ u32 ld32(const u8* p) { return ld16(p) | (ld16(p + 2) << 16); }
+__device__ __forceinline__ u32 ld8(const u8* p) { return __ldg(p); }
+
+__device__ const signed char KVALUES_IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                                  1,    13,   25,  38,  53,  69,  89,  113};
+
+// Elements per block and bytes per block of type T (GGUF ids).
+template <int T>
+struct Blk;
+template <> struct Blk<2> { static constexpr int QK = 32, TS = 18; };    // Q4_0
+template <> struct Blk<3> { static constexpr int QK = 32, TS = 20; };    // Q4_1
+template <> struct Blk<6> { static constexpr int QK = 32, TS = 22; };    // Q5_0
+template <> struct Blk<7> { static constexpr int QK = 32, TS = 24; };    // Q5_1
+template <> struct Blk<8> { static constexpr int QK = 32, TS = 34; };    // Q8_0
+template <> struct Blk<10> { static constexpr int QK = 256, TS = 84; };  // Q2_K
+template <> struct Blk<11> { static constexpr int QK = 256, TS = 110; }; // Q3_K
+template <> struct Blk<12> { static constexpr int QK = 256, TS = 144; }; // Q4_K
+template <> struct Blk<13> { static constexpr int QK = 256, TS = 176; }; // Q5_K
+template <> struct Blk<14> { static constexpr int QK = 256, TS = 210; }; // Q6_K
+template <> struct Blk<20> { static constexpr int QK = 32, TS = 18; };   // IQ4_NL
+template <> struct Blk<23> { static constexpr int QK = 256, TS = 136; }; // IQ4_XS
+
+// The (scale, min) pair `j` of a Q4_K/Q5_K super-block (`get_scale_min_k4` in ggml): six bits each,
+// packed in the 12 bytes at s.
+__device__ __forceinline__ void k4_scale_min(const u8* s, int j, u32& sc, u32& mn) {
+    if (j < 4) {
+        sc = ld8(s + j) & 63;
+        mn = ld8(s + j + 4) & 63;
+    } else {
+        sc = (ld8(s + j + 4) & 15) | ((ld8(s + j - 4) >> 6) << 4);
+        mn = (ld8(s + j + 4) >> 4) | ((ld8(s + j) >> 6) << 4);
+    }
+}
+
+// Decodes values 4q .. 4q+3 (q < 8) of unit u of a row (row = the row's first block) into w.
+// A warp's 32 lanes take 4 units × 8 quads: consecutive lanes, consecutive values, so the warp's
+// float4 reads of x are contiguous (a lane per whole unit would read x 128 bytes apart: one
+// L1 wavefront per lane).
+template <int T>
+__device__ __forceinline__ void quad_values(const u8* __restrict__ row, int u, int q, float* w) {
+    constexpr int QK = Blk<T>::QK, TS = Blk<T>::TS;
+    const u8* b = row + (long long)(u / (QK / 32)) * TS;
+    const int sub = u % (QK / 32);
+    const int l = 4 * q;       // first value inside the unit
+    const int hi = q >> 2;     // second half of the unit (high nibbles / second scale)
+    if constexpr (T == 2 || T == 3 || T == 20) {  // Q4_0, Q4_1, IQ4_NL: value j in byte j % 16
+        const float d = f16f(ld16(b));
+        const float m = T == 3 ? f16f(ld16(b + 2)) : 0.f;
+        const u32 c4 = ld32(b + (T == 3 ? 4 : 2) + (l & 15)) >> (4 * hi);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const u32 c = (c4 >> (8 * k)) & 15;
+            if constexpr (T == 2) w[k] = d * (float)((int)c - 8);
+            else if constexpr (T == 3) w[k] = d * (float)c + m;
+            else w[k] = d * (float)KVALUES_IQ4NL[c];
+        }
+    } else if constexpr (T == 6 || T == 7) {  // Q5_0, Q5_1: fifth bit of value j at bit j of qh
+        const float d = f16f(ld16(b));
+        const float m = T == 7 ? f16f(ld16(b + 2)) : 0.f;
+        const u32 qh = ld32(b + (T == 7 ? 4 : 2)) >> l;
+        const u32 c4 = ld32(b + (T == 7 ? 8 : 6) + (l & 15)) >> (4 * hi);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const u32 c = ((c4 >> (8 * k)) & 15) | (((qh >> k) & 1) << 4);
+            if constexpr (T == 6) w[k] = d * (float)((int)c - 16);
+            else w[k] = d * (float)c + m;
+        }
+    } else if constexpr (T == 8) {  // Q8_0
+        const float d = f16f(ld16(b));
+        const u32 c4 = ld32(b + 2 + l);
+#pragma unroll
+        for (int k = 0; k < 4; k++) w[k] = (float)(signed char)((c4 >> (8 * k)) & 0xFF) * d;
+    } else if constexpr (T == 10) {  // Q2_K: scale byte per 16 values (low nibble scale, high min)
+        const float d = f16f(ld16(b + 80)), dmin = f16f(ld16(b + 82));
+        const u32 s = ld8(b + 2 * sub + hi);
+        const float dl = d * (float)(s & 15), ml = dmin * (float)(s >> 4);
+        const u32 c4 = ld32(b + 16 + (sub >> 2) * 32 + l) >> (2 * (sub & 3));
+#pragma unroll
+        for (int k = 0; k < 4; k++) w[k] = dl * (float)((c4 >> (8 * k)) & 3) - ml;
+    } else if constexpr (T == 11) {  // Q3_K: 2 low bits in qs, inverted high bit in hmask
+        const float d = f16f(ld16(b + 108));
+        const u8* sc = b + 96;
+        const int i = 2 * sub + hi;
+        const u32 low = i < 8 ? ld8(sc + i) & 15 : ld8(sc + i - 8) >> 4;
+        const u32 high = (ld8(sc + 8 + i % 4) >> (2 * (i / 4))) & 3;
+        const float dl = d * (float)((int)(low | (high << 4)) - 32);
+        const u32 c4 = ld32(b + 32 + (sub >> 2) * 32 + l) >> (2 * (sub & 3));
+        const u32 h4 = ld32(b + l) >> sub;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const int c = (int)((c4 >> (8 * k)) & 3) - (((h4 >> (8 * k)) & 1) ? 0 : 4);
+            w[k] = dl * (float)c;
+        }
+    } else if constexpr (T == 12 || T == 13) {  // Q4_K, Q5_K: sub-block sub, nibble sub & 1
+        const float d = f16f(ld16(b)), dmin = f16f(ld16(b + 2));
+        u32 sc, mn;
+        k4_scale_min(b + 4, sub, sc, mn);
+        const float dl = d * (float)sc, ml = dmin * (float)mn;
+        const u32 c4 = ld32(b + (T == 12 ? 16 : 48) + (sub >> 1) * 32 + l) >> (4 * (sub & 1));
+        u32 h4 = 0;
+        if constexpr (T == 13) h4 = ld32(b + 16 + l) >> sub;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            u32 c = (c4 >> (8 * k)) & 15;
+            if constexpr (T == 13) c |= ((h4 >> (8 * k)) & 1) << 4;
+            w[k] = dl * (float)c - ml;
+        }
+    } else if constexpr (T == 14) {  // Q6_K: half h = sub/4, quarter t = sub%4
+        const int h = sub >> 2, t = sub & 3;
+        const float d = f16f(ld16(b + 208));
+        const float dl = d * (float)(signed char)ld8(b + 192 + 2 * sub + hi);
+        const u32 lo4 = ld32(b + h * 64 + (t & 1) * 32 + l) >> (4 * (t >> 1));
+        const u32 hi4 = ld32(b + 128 + h * 32 + l) >> (2 * t);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const int c = (int)(((lo4 >> (8 * k)) & 15) | (((hi4 >> (8 * k)) & 3) << 4)) - 32;
+            w[k] = dl * (float)c;
+        }
+    } else if constexpr (T == 23) {  // IQ4_XS: 6-bit sub-block scale, non-linear codebook
+        const float d = f16f(ld16(b));
+        const u32 sh = ld16(b + 2);
+        const u32 ls = ((ld8(b + 4 + sub / 2) >> (4 * (sub % 2))) & 15) | (((sh >> (2 * sub)) & 3) << 4);
+        const float dl = d * (float)((int)ls - 32);
+        const u32 c4 = ld32(b + 8 + sub * 16 + (l & 15)) >> (4 * hi);
+#pragma unroll
+        for (int k = 0; k < 4; k++) w[k] = dl * (float)KVALUES_IQ4NL[(c4 >> (8 * k)) & 15];
+    }
+}
+
+template <int T>
+__device__ __forceinline__ long long row_bytes(int cols) {
+    return (long long)(cols / Blk<T>::QK) * Blk<T>::TS;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float silu_(float g) { return g / (1.f + expf(-g)); }
+
+// ---------------------------------------------------------------------------------------------
+// Decode GEMV: one warp per GGML_RW rows, lane l takes values 4l .. 4l+3 of every 128 (so the
+// warp reads 4 consecutive units of each row and 512 contiguous bytes of x per step), grid-stride
+// over row tiles. Layouts as in gemv.cu.
+#define MAXP 24
+struct GemvProblem {
+    const u8* w;
+    const u16* s;  // unused (affine only)
+    const u16* b;
+    const float* x;
+    float* y;
+    int rows;
+    int cols;
+    int swiglu;  // x is [gate (cols); up (cols)]; the input is silu(gate)·up
+};
+struct GemvBatch {
+    GemvProblem p[MAXP];
+};
+struct MatOff {
+    u64 w, s, b;
+    int rows, cols;
+};
+struct ExpertsArgs {
+    const int* ids;
+    const u64* table;
+    const float* x;
+    float* y;
+    long long x_stride, y_stride;
+    MatOff mat[2];
+    GemvProblem shared[2];
+    int k, nmat, swiglu;
+};
+
+// RW rows per warp share each x float4 (read once, used for every row).
+template <int T, int RW>
+__device__ __forceinline__ void ggml_gemv_problem(const GemvProblem& pr) {
+    const int warps = blockDim.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const long long rb = row_bytes<T>(pr.cols);
+    const long long ntiles = ((long long)pr.rows + RW - 1) / RW;
+    for (long long t = (long long)blockIdx.x * warps + (threadIdx.x >> 5); t < ntiles; t += (long long)gridDim.x * warps) {
+        const long long row0 = t * RW;
+        float acc[RW];
+#pragma unroll
+        for (int i = 0; i < RW; i++) acc[i] = 0.f;
+        // Value v = 128·step + 4·lane: unit v/32, quad lane % 8.
+        for (int v = 4 * lane; v < pr.cols; v += 128) {
+            float4 xv = __ldg(reinterpret_cast<const float4*>(pr.x + v));
+            if (pr.swiglu) {
+                const float4 g = __ldg(reinterpret_cast<const float4*>(pr.x + pr.cols + v));
+                xv = make_float4(silu_(xv.x) * g.x, silu_(xv.y) * g.y, silu_(xv.z) * g.z, silu_(xv.w) * g.w);
+            }
+#pragma unroll
+            for (int i = 0; i < RW; i++) {
+                const long long r = row0 + i < pr.rows ? row0 + i : pr.rows - 1;
+                float w[4];
+                quad_values<T>(pr.w + r * rb, v >> 5, (v >> 2) & 7, w);
+                float a = acc[i];
+                a = fmaf(w[0], xv.x, a);
+                a = fmaf(w[1], xv.y, a);
+                a = fmaf(w[2], xv.z, a);
+                a = fmaf(w[3], xv.w, a);
+                acc[i] = a;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < RW; i++) {
+            const float sum = warp_sum(acc[i]);
+            if (lane == 0 && row0 + i < pr.rows) pr.y[row0 + i] = sum;
+        }
+    }
+}
+
+__device__ __forceinline__ bool expert_problem(const ExpertsArgs& a, GemvProblem& pr) {
+    const int j = blockIdx.y / a.nmat, which = blockIdx.y % a.nmat;
+    if (j == a.k) {
+        pr = a.shared[which];
+        return true;
+    }
+    const u64 base = a.table[a.ids[j]];
+    if (base == 0) return false;
+    const MatOff& m = a.mat[which];
+    pr.w = reinterpret_cast<const u8*>(base + m.w);
+    pr.s = nullptr;
+    pr.b = nullptr;
+    pr.x = a.x + j * a.x_stride;
+    pr.y = a.y + j * a.y_stride + which * a.mat[0].rows;
+    pr.rows = m.rows;
+    pr.cols = m.cols;
+    pr.swiglu = a.swiglu;
+    return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill: the grouped GEMM of forward.cu (work items of ≤ TT inputs of one expert, or tiles of a
+// plain matrix when items is null), each unit decoded once for the item's inputs.
+#define TT 8
+struct GemmMat {
+    u64 w, s, b;
+    int rows, cols;
+};
+
+template <int T>
+__device__ __forceinline__ void ggml_gemm_grouped(const u64* __restrict__ table, GemmMat m,
+                                                  const int4* __restrict__ items, const int* __restrict__ xrow,
+                                                  const float* __restrict__ x, float* __restrict__ out, int ntok) {
+    const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (row >= m.rows) return;
+    int4 it;
+    if (items) {
+        it = items[blockIdx.y];
+    } else {
+        const int t0 = blockIdx.y * TT;
+        it = make_int4(0, t0, min(TT, ntok - t0), 0);
+    }
+    const u64 base = table ? table[it.x] : 0ull;
+    const float* xs[TT];
+#pragma unroll
+    for (int tt = 0; tt < TT; tt++) {
+        const int p = it.y + (tt < it.z ? tt : 0);
+        xs[tt] = x + (long long)(xrow ? xrow[p] : p) * m.cols;
+    }
+    const int lane = threadIdx.x & 31;
+    const u8* wr = reinterpret_cast<const u8*>(base + m.w) + row * row_bytes<T>(m.cols);
+    float acc[TT];
+#pragma unroll
+    for (int i = 0; i < TT; i++) acc[i] = 0.f;
+    for (int v = 4 * lane; v < m.cols; v += 128) {
+        float w[4];
+        quad_values<T>(wr, v >> 5, (v >> 2) & 7, w);
+#pragma unroll
+        for (int tt = 0; tt < TT; tt++) {
+            if (tt < it.z) {
+                const float4 xv = __ldg(reinterpret_cast<const float4*>(xs[tt] + v));
+                float a = acc[tt];
+                a = fmaf(w[0], xv.x, a);
+                a = fmaf(w[1], xv.y, a);
+                a = fmaf(w[2], xv.z, a);
+                a = fmaf(w[3], xv.w, a);
+                acc[tt] = a;
+            }
+        }
+    }
+    float* y = out + (long long)it.y * m.rows;
+#pragma unroll
+    for (int tt = 0; tt < TT; tt++) {
+        const float v = warp_sum(acc[tt]);
+        if (lane == 0 && tt < it.z) y[(long long)tt * m.rows + row] = v;
+    }
+}
+
+// Rows of a matrix as f32: out[i] = row (ids ? ids[i] : row0 + i), i < nrows. One thread per
+// four values. The cuBLAS prefill GEMM dequantizes tiles of rows with it; the embedding looks up tokens.
+template <int T>
+__device__ __forceinline__ void ggml_rows(const u8* __restrict__ w, const int* __restrict__ ids, long long row0,
+                                          long long nrows, int cols, float* __restrict__ out) {
+    const int nq = cols / 4;
+    const long long rb = row_bytes<T>(cols);
+    const long long n = nrows * nq;
+    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (long long)gridDim.x * blockDim.x) {
+        const long long i = j / nq;
+        const int v = 4 * (int)(j % nq);
+        const long long r = ids ? (long long)ids[i] : row0 + i;
+        float q[4];
+        quad_values<T>(w + r * rb, v >> 5, (v >> 2) & 7, q);
+        reinterpret_cast<float4*>(out + i * cols + v)[0] = make_float4(q[0], q[1], q[2], q[3]);
+    }
+}
+
+// Rows per warp of the GEMV kernels (the launch divides the rows by it).
+#define GGML_RW 2
+#define GGML_KERNELS(NAME, T)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) ggml_batch_##NAME(GemvBatch batch) {                    \
+        ggml_gemv_problem<T, GGML_RW>(batch.p[blockIdx.y]);                                                   \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) ggml_experts_##NAME(ExpertsArgs a) {                    \
+        GemvProblem pr;                                                                                        \
+        if (expert_problem(a, pr)) ggml_gemv_problem<T, GGML_RW>(pr);                                          \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                                          \
+        ggml_grouped_##NAME(const u64* __restrict__ table, GemmMat m, int gs, const int4* __restrict__ items,  \
+                            const int* __restrict__ xrow, const float* __restrict__ x, float* __restrict__ out, \
+                            int ntok) {                                                                        \
+        ggml_gemm_grouped<T>(table, m, items, xrow, x, out, ntok);                                             \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) ggml_rows_##NAME(                                        \
+        const u8* __restrict__ w, const int* __restrict__ ids, long long row0, long long nrows, int cols,      \
+        float* __restrict__ out) {                                                                             \
+        ggml_rows<T>(w, ids, row0, nrows, cols, out);                                                          \
+    }
+GGML_KERNELS(q4_0, 2)
+GGML_KERNELS(q4_1, 3)
+GGML_KERNELS(q5_0, 6)
+GGML_KERNELS(q5_1, 7)
+GGML_KERNELS(q8_0, 8)
+GGML_KERNELS(q2_k, 10)
+GGML_KERNELS(q3_k, 11)
+GGML_KERNELS(q4_k, 12)
+GGML_KERNELS(q5_k, 13)
+GGML_KERNELS(q6_k, 14)
+GGML_KERNELS(iq4_nl, 20)
+GGML_KERNELS(iq4_xs, 23)
