@@ -44,6 +44,9 @@ pub struct GemvBenchArgs {
     /// Repetitions (each many calls) per configuration.
     #[arg(long, default_value_t = 7)]
     pub reps: usize,
+    /// GGML block types to time too (e.g. Q4_0,Q4_K,Q6_K,Q8_0), on random bytes.
+    #[arg(long, value_delimiter = ',')]
+    pub ggml: Vec<String>,
     /// Skip the bf16 / f32 dense GEMVs.
     #[arg(long)]
     pub no_dense: bool,
@@ -148,6 +151,13 @@ fn gemv(a: GemvBenchArgs) -> Result<()> {
         formats.push(DevFormat::Bf16);
         formats.push(DevFormat::F32);
     }
+    for name in &a.ggml {
+        let ty = flashmoe_kernels::ggml::GgmlType::ALL
+            .into_iter()
+            .find(|t| t.to_string().eq_ignore_ascii_case(name))
+            .ok_or_else(|| anyhow::anyhow!("unknown GGML type {name:?}"))?;
+        formats.push(DevFormat::Ggml(ty));
+    }
     for rw in &a.rows_per_warp {
         if !flashmoe::cuda::gemv::ROWS_PER_WARP.contains(rw) {
             bail!("--rows-per-warp takes 1, 2 or 4, not {rw}");
@@ -189,7 +199,10 @@ fn gemv(a: GemvBenchArgs) -> Result<()> {
             let calls = ((2usize << 30).div_ceil(bytes).max(20)).div_ceil(ncopies) * ncopies;
             let default_rw = GemvKernels::default_rows_per_warp(&dev, rows);
             let affine = matches!(format, DevFormat::Affine { .. });
-            let rws: Vec<usize> = if affine { a.rows_per_warp.clone() } else { vec![1] };
+            let rws: Vec<usize> = match format {
+                DevFormat::Affine { .. } | DevFormat::Ggml(_) => a.rows_per_warp.clone(),
+                _ => vec![1],
+            };
             // Affine: x staged in shared memory (the default) and, for comparison, read from global.
             let x_paths: Vec<bool> = match format {
                 DevFormat::Affine { bits, .. } => {

@@ -32,7 +32,7 @@ pub enum DevFormat {
     Ggml(GgmlType),
 }
 
-/// Rows per warp of the GGML GEMV kernels (`GGML_RW` in ggml.cu).
+/// Rows per warp of the GGML GEMV kernels by default (the expert GEMV's `GGML_RW` in ggml.cu).
 const GGML_ROWS_PER_WARP: usize = 2;
 
 /// The GGML block types the GPU kernels take (`kernels/ggml.cu`); F32, BF16 and F16 GGUF tensors
@@ -201,7 +201,12 @@ impl DevMatrix {
                 Ok(DevMatrix { format, rows, cols, w, scales: None, biases: None })
             }
             DevFormat::Ggml(ty) => {
-                Err(CudaError(format!("no random {ty} matrices (their scales would be random f16)")))
+                // Random bytes (benchmarks only: f16 scales may be infinities or NaNs, which
+                // cost the kernels nothing extra).
+                let bytes = rows * ty.row_bytes(cols).map_err(|e| CudaError(e.to_string()))?;
+                let w = dev.alloc(bytes.next_multiple_of(4))?;
+                k.fill_u32(dev, &w, seed)?;
+                Ok(DevMatrix { format, rows, cols, w, scales: None, biases: None })
             }
         }
     }
@@ -392,8 +397,9 @@ fn gemv_block() -> u32 {
 
 /// The kernels of one GGML block type (`kernels/ggml.cu`).
 struct GgmlKernels {
-    /// Batched GEMV (`GemvBatch`), also used for a single GEMV.
-    batch: CudaFunction,
+    /// Batched GEMV (`GemvBatch`), also used for a single GEMV, with 1, 2 and 4 rows per warp
+    /// ([`ROWS_PER_WARP`] order).
+    batch: [CudaFunction; 3],
     /// Device-resolved expert GEMV (`ExpertsArgs`).
     experts: CudaFunction,
     /// Grouped prefill GEMM (the arguments of forward.cu's `gemm_grouped_*`).
@@ -490,10 +496,8 @@ impl GemvKernels {
         for ty in GGML_GPU_TYPES {
             let n = ty.to_string().to_ascii_lowercase();
             let f = |kind: &str| dev.function(&gm, &format!("ggml_{kind}_{n}"));
-            ggml.insert(
-                ty,
-                GgmlKernels { batch: f("batch")?, experts: f("experts")?, grouped: f("grouped")?, rows: f("rows")? },
-            );
+            let batch = [f("batch_r1")?, f("batch_r2")?, f("batch_r4")?];
+            ggml.insert(ty, GgmlKernels { batch, experts: f("experts")?, grouped: f("grouped")?, rows: f("rows")? });
         }
         let mut grouped_sx = HashMap::new();
         for (key, name) in [
@@ -578,7 +582,13 @@ impl GemvKernels {
             }
             DevFormat::Bf16 => Ok(&self.bf16),
             DevFormat::F32 => Ok(&self.f32),
-            DevFormat::Ggml(ty) => Ok(&self.ggml_kernels(ty)?.batch),
+            DevFormat::Ggml(ty) => {
+                let i = ROWS_PER_WARP
+                    .iter()
+                    .position(|&r| r == rw)
+                    .ok_or_else(|| CudaError(format!("no {ty} GEMV with {rw} rows per warp")))?;
+                Ok(&self.ggml_kernels(ty)?.batch[i])
+            }
         }
     }
 
@@ -698,7 +708,16 @@ impl GemvKernels {
             return Ok(());
         }
         if let DevFormat::Ggml(_) = m.format {
-            return self.gemv_batch(dev, &[BatchItem { m: *m, x, y, swiglu: false }]);
+            // One problem of the batched kernel with the chosen rows per warp.
+            let rw = rows_per_warp.unwrap_or(GGML_ROWS_PER_WARP);
+            let f = self.func(m.format, rw, true, variant)?;
+            let mut batch = GemvBatch { p: [GemvProblem::default(); MAX_BATCH] };
+            batch.p[0] = GemvProblem::new(m, x, y, false);
+            let grid = m.rows.div_ceil((BLOCK as usize / 32) * rw).min(dev.sm_count * 16);
+            let mut args: [*mut c_void; 1] = [(&mut batch as *mut GemvBatch).cast()];
+            // SAFETY: the kernel takes one GemvBatch by value (same repr(C) layout); problem 0
+            // is this GEMV, whose sizes the caller checked.
+            return unsafe { dev.launch(f, grid as u32, BLOCK, 0, &mut args) };
         }
         let (rw, smem, x_global) = match m.format {
             DevFormat::Affine { bits, .. } => {
@@ -857,7 +876,7 @@ impl GemvKernels {
             DevFormat::Ggml(ty) => {
                 let g = self.ggml_kernels(ty)?;
                 let f = match family {
-                    BatchFamily::Problems => &g.batch,
+                    BatchFamily::Problems => &g.batch[1],
                     BatchFamily::Experts => &g.experts,
                 };
                 (f, 0, max_rows.div_ceil(warps * GGML_ROWS_PER_WARP).min(dev.sm_count * 16))

@@ -28,8 +28,16 @@ __device__ __forceinline__ u32 ld16(const u8* p) { return __ldg(reinterpret_cast
 __device__ __forceinline__ u32 ld32(const u8* p) { return ld16(p) | (ld16(p + 2) << 16); }
 __device__ __forceinline__ u32 ld8(const u8* p) { return __ldg(p); }
 
-__device__ const signed char KVALUES_IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
-                                                  1,    13,   25,  38,  53,  69,  89,  113};
+__device__ const float KVALUES_IQ4NL[16] = {-127.f, -104.f, -83.f, -65.f, -49.f, -35.f, -22.f, -10.f,
+                                            1.f,    13.f,   25.f,  38.f,  53.f,  69.f,  89.f,  113.f};
+
+// c − OFF as a float, for a code c < 2^23: OR-ing c into the mantissa of 2^23 gives 2^23 + c
+// exactly, and one FADD removes 2^23 + OFF (exact: small integers). This replaces an int→float
+// conversion, which runs at a fraction of the FMA rate, with two full-rate instructions.
+template <int OFF>
+__device__ __forceinline__ float code_f(u32 c) {
+    return __uint_as_float(0x4B000000u | c) - (8388608.f + (float)OFF);
+}
 
 // Elements per block and bytes per block of type T (GGUF ids).
 template <int T>
@@ -77,9 +85,9 @@ __device__ __forceinline__ void quad_values(const u8* __restrict__ row, int u, i
 #pragma unroll
         for (int k = 0; k < 4; k++) {
             const u32 c = (c4 >> (8 * k)) & 15;
-            if constexpr (T == 2) w[k] = d * (float)((int)c - 8);
-            else if constexpr (T == 3) w[k] = d * (float)c + m;
-            else w[k] = d * (float)KVALUES_IQ4NL[c];
+            if constexpr (T == 2) w[k] = d * code_f<8>(c);
+            else if constexpr (T == 3) w[k] = d * code_f<0>(c) + m;
+            else w[k] = d * KVALUES_IQ4NL[c];
         }
     } else if constexpr (T == 6 || T == 7) {  // Q5_0, Q5_1: fifth bit of value j at bit j of qh
         const float d = f16f(ld16(b));
@@ -89,40 +97,41 @@ __device__ __forceinline__ void quad_values(const u8* __restrict__ row, int u, i
 #pragma unroll
         for (int k = 0; k < 4; k++) {
             const u32 c = ((c4 >> (8 * k)) & 15) | (((qh >> k) & 1) << 4);
-            if constexpr (T == 6) w[k] = d * (float)((int)c - 16);
-            else w[k] = d * (float)c + m;
+            if constexpr (T == 6) w[k] = d * code_f<16>(c);
+            else w[k] = d * code_f<0>(c) + m;
         }
     } else if constexpr (T == 8) {  // Q8_0
         const float d = f16f(ld16(b));
         const u32 c4 = ld32(b + 2 + l);
 #pragma unroll
-        for (int k = 0; k < 4; k++) w[k] = (float)(signed char)((c4 >> (8 * k)) & 0xFF) * d;
+        // The signed byte b is (b ^ 0x80) − 128.
+        for (int k = 0; k < 4; k++) w[k] = code_f<128>(((c4 >> (8 * k)) & 0xFF) ^ 0x80) * d;
     } else if constexpr (T == 10) {  // Q2_K: scale byte per 16 values (low nibble scale, high min)
         const float d = f16f(ld16(b + 80)), dmin = f16f(ld16(b + 82));
         const u32 s = ld8(b + 2 * sub + hi);
-        const float dl = d * (float)(s & 15), ml = dmin * (float)(s >> 4);
+        const float dl = d * code_f<0>(s & 15), ml = dmin * code_f<0>(s >> 4);
         const u32 c4 = ld32(b + 16 + (sub >> 2) * 32 + l) >> (2 * (sub & 3));
 #pragma unroll
-        for (int k = 0; k < 4; k++) w[k] = dl * (float)((c4 >> (8 * k)) & 3) - ml;
+        for (int k = 0; k < 4; k++) w[k] = dl * code_f<0>((c4 >> (8 * k)) & 3) - ml;
     } else if constexpr (T == 11) {  // Q3_K: 2 low bits in qs, inverted high bit in hmask
         const float d = f16f(ld16(b + 108));
         const u8* sc = b + 96;
         const int i = 2 * sub + hi;
         const u32 low = i < 8 ? ld8(sc + i) & 15 : ld8(sc + i - 8) >> 4;
         const u32 high = (ld8(sc + 8 + i % 4) >> (2 * (i / 4))) & 3;
-        const float dl = d * (float)((int)(low | (high << 4)) - 32);
+        const float dl = d * code_f<32>(low | (high << 4));
         const u32 c4 = ld32(b + 32 + (sub >> 2) * 32 + l) >> (2 * (sub & 3));
         const u32 h4 = ld32(b + l) >> sub;
 #pragma unroll
         for (int k = 0; k < 4; k++) {
-            const int c = (int)((c4 >> (8 * k)) & 3) - (((h4 >> (8 * k)) & 1) ? 0 : 4);
-            w[k] = dl * (float)c;
+            // low − 4 + 4·high: the high bit is stored inverted.
+            w[k] = dl * code_f<4>(((c4 >> (8 * k)) & 3) | (((h4 >> (8 * k)) & 1) << 2));
         }
     } else if constexpr (T == 12 || T == 13) {  // Q4_K, Q5_K: sub-block sub, nibble sub & 1
         const float d = f16f(ld16(b)), dmin = f16f(ld16(b + 2));
         u32 sc, mn;
         k4_scale_min(b + 4, sub, sc, mn);
-        const float dl = d * (float)sc, ml = dmin * (float)mn;
+        const float dl = d * code_f<0>(sc), ml = dmin * code_f<0>(mn);
         const u32 c4 = ld32(b + (T == 12 ? 16 : 48) + (sub >> 1) * 32 + l) >> (4 * (sub & 1));
         u32 h4 = 0;
         if constexpr (T == 13) h4 = ld32(b + 16 + l) >> sub;
@@ -130,27 +139,26 @@ __device__ __forceinline__ void quad_values(const u8* __restrict__ row, int u, i
         for (int k = 0; k < 4; k++) {
             u32 c = (c4 >> (8 * k)) & 15;
             if constexpr (T == 13) c |= ((h4 >> (8 * k)) & 1) << 4;
-            w[k] = dl * (float)c - ml;
+            w[k] = dl * code_f<0>(c) - ml;
         }
     } else if constexpr (T == 14) {  // Q6_K: half h = sub/4, quarter t = sub%4
         const int h = sub >> 2, t = sub & 3;
         const float d = f16f(ld16(b + 208));
-        const float dl = d * (float)(signed char)ld8(b + 192 + 2 * sub + hi);
+        const float dl = d * code_f<128>(ld8(b + 192 + 2 * sub + hi) ^ 0x80);
         const u32 lo4 = ld32(b + h * 64 + (t & 1) * 32 + l) >> (4 * (t >> 1));
         const u32 hi4 = ld32(b + 128 + h * 32 + l) >> (2 * t);
 #pragma unroll
         for (int k = 0; k < 4; k++) {
-            const int c = (int)(((lo4 >> (8 * k)) & 15) | (((hi4 >> (8 * k)) & 3) << 4)) - 32;
-            w[k] = dl * (float)c;
+            w[k] = dl * code_f<32>(((lo4 >> (8 * k)) & 15) | (((hi4 >> (8 * k)) & 3) << 4));
         }
     } else if constexpr (T == 23) {  // IQ4_XS: 6-bit sub-block scale, non-linear codebook
         const float d = f16f(ld16(b));
         const u32 sh = ld16(b + 2);
         const u32 ls = ((ld8(b + 4 + sub / 2) >> (4 * (sub % 2))) & 15) | (((sh >> (2 * sub)) & 3) << 4);
-        const float dl = d * (float)((int)ls - 32);
+        const float dl = d * code_f<32>(ls);
         const u32 c4 = ld32(b + 8 + sub * 16 + (l & 15)) >> (4 * hi);
 #pragma unroll
-        for (int k = 0; k < 4; k++) w[k] = dl * (float)KVALUES_IQ4NL[(c4 >> (8 * k)) & 15];
+        for (int k = 0; k < 4; k++) w[k] = dl * KVALUES_IQ4NL[(c4 >> (8 * k)) & 15];
     }
 }
 
@@ -200,6 +208,7 @@ struct ExpertsArgs {
 };
 
 // RW rows per warp share each x float4 (read once, used for every row).
+#define GGML_U 4
 template <int T, int RW>
 __device__ __forceinline__ void ggml_gemv_problem(const GemvProblem& pr) {
     const int warps = blockDim.x >> 5;
@@ -211,25 +220,41 @@ __device__ __forceinline__ void ggml_gemv_problem(const GemvProblem& pr) {
         float acc[RW];
 #pragma unroll
         for (int i = 0; i < RW; i++) acc[i] = 0.f;
-        // Value v = 128·step + 4·lane: unit v/32, quad lane % 8.
-        for (int v = 4 * lane; v < pr.cols; v += 128) {
-            float4 xv = __ldg(reinterpret_cast<const float4*>(pr.x + v));
-            if (pr.swiglu) {
-                const float4 g = __ldg(reinterpret_cast<const float4*>(pr.x + pr.cols + v));
-                xv = make_float4(silu_(xv.x) * g.x, silu_(xv.y) * g.y, silu_(xv.z) * g.z, silu_(xv.w) * g.w);
+        const u8* rowp[RW];
+#pragma unroll
+        for (int i = 0; i < RW; i++) rowp[i] = pr.w + (row0 + i < pr.rows ? row0 + i : pr.rows - 1) * rb;
+        // Value v = 128·step + 4·lane: unit v/32, quad lane % 8. GGML_U steps per iteration,
+        // branch-free (a step past the row repeats the first with x zeroed), so that the loads of
+        // all GGML_U·RW quads are in flight together: one step's few bytes per lane cannot cover
+        // the memory latency.
+        for (int v0 = 4 * lane; v0 < pr.cols; v0 += 128 * GGML_U) {
+            float w[GGML_U][RW][4];
+            float4 xv[GGML_U];
+#pragma unroll
+            for (int s = 0; s < GGML_U; s++) {
+                const int v = v0 + 128 * s;
+                const bool in = v < pr.cols;
+                const int vc = in ? v : v0;
+#pragma unroll
+                for (int i = 0; i < RW; i++) quad_values<T>(rowp[i], vc >> 5, (vc >> 2) & 7, w[s][i]);
+                float4 t = __ldg(reinterpret_cast<const float4*>(pr.x + vc));
+                if (pr.swiglu) {
+                    const float4 g = __ldg(reinterpret_cast<const float4*>(pr.x + pr.cols + vc));
+                    t = make_float4(silu_(t.x) * g.x, silu_(t.y) * g.y, silu_(t.z) * g.z, silu_(t.w) * g.w);
+                }
+                xv[s] = in ? t : make_float4(0.f, 0.f, 0.f, 0.f);
             }
 #pragma unroll
-            for (int i = 0; i < RW; i++) {
-                const long long r = row0 + i < pr.rows ? row0 + i : pr.rows - 1;
-                float w[4];
-                quad_values<T>(pr.w + r * rb, v >> 5, (v >> 2) & 7, w);
-                float a = acc[i];
-                a = fmaf(w[0], xv.x, a);
-                a = fmaf(w[1], xv.y, a);
-                a = fmaf(w[2], xv.z, a);
-                a = fmaf(w[3], xv.w, a);
-                acc[i] = a;
-            }
+            for (int s = 0; s < GGML_U; s++)
+#pragma unroll
+                for (int i = 0; i < RW; i++) {
+                    float a = acc[i];
+                    a = fmaf(w[s][i][0], xv[s].x, a);
+                    a = fmaf(w[s][i][1], xv[s].y, a);
+                    a = fmaf(w[s][i][2], xv[s].z, a);
+                    a = fmaf(w[s][i][3], xv[s].w, a);
+                    acc[i] = a;
+                }
         }
 #pragma unroll
         for (int i = 0; i < RW; i++) {
@@ -335,11 +360,18 @@ __device__ __forceinline__ void ggml_rows(const u8* __restrict__ w, const int* _
     }
 }
 
-// Rows per warp of the GEMV kernels (the launch divides the rows by it).
+// Rows per warp of the expert GEMV (the batched GEMV comes with 1, 2 and 4; the launch divides
+// the rows by it).
 #define GGML_RW 2
 #define GGML_KERNELS(NAME, T)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) ggml_batch_##NAME(GemvBatch batch) {                    \
-        ggml_gemv_problem<T, GGML_RW>(batch.p[blockIdx.y]);                                                   \
+    extern "C" __global__ void __launch_bounds__(128) ggml_batch_r1_##NAME(GemvBatch batch) {                 \
+        ggml_gemv_problem<T, 1>(batch.p[blockIdx.y]);                                                         \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) ggml_batch_r2_##NAME(GemvBatch batch) {                 \
+        ggml_gemv_problem<T, 2>(batch.p[blockIdx.y]);                                                         \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) ggml_batch_r4_##NAME(GemvBatch batch) {                 \
+        ggml_gemv_problem<T, 4>(batch.p[blockIdx.y]);                                                         \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(128) ggml_experts_##NAME(ExpertsArgs a) {                    \
         GemvProblem pr;                                                                                        \
