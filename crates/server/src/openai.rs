@@ -136,8 +136,8 @@ pub(crate) fn check_model(s: &AppState, f: &Fields) -> ApiResult<()> {
     Ok(())
 }
 
-/// Renders messages with the model's template and tokenizes; a prompt that leaves no room in the
-/// context is a 400.
+/// Renders messages with the model's template and tokenizes (special-token strings in content are
+/// plain text: a message cannot forge a turn); a prompt that leaves no room in the context is a 400.
 pub(crate) fn render(
     s: &AppState,
     messages: &Json,
@@ -145,11 +145,12 @@ pub(crate) fn render(
     enable_thinking: Option<bool>,
     kwargs: Option<&Map<String, Json>>,
 ) -> ApiResult<Vec<u32>> {
-    let text =
-        s.engine.template.render(messages, tools, true, enable_thinking, kwargs).map_err(|e| {
-            ApiError::bad(format!("The chat template could not render the request: {e}")).param("messages")
-        })?;
-    tokenize(s, &text)
+    let ids = s
+        .engine
+        .encode_chat(messages, tools, enable_thinking, kwargs)
+        .map_err(|e| ApiError::bad(format!("The chat template could not render the request: {e}")).param("messages"))?;
+    check_context(s, ids.len())?;
+    Ok(ids)
 }
 
 pub(crate) fn tokenize(s: &AppState, text: &str) -> ApiResult<Vec<u32>> {
