@@ -7,7 +7,12 @@
 //! HTTP handlers render and tokenize the prompt, queue a job and relay the worker's pieces (SSE
 //! when streaming). A job whose client went away (its receiver dropped) is cancelled before the
 //! next forward step. Conversation state is reused through the session's prefix cache
-//! (`--state-cache`).
+//! (`--state-cache`), per client: a snapshot serves only requests with the same API key and the
+//! same `user` / `metadata.user_id` ([`api::Client`]); without keys one local user is assumed.
+//!
+//! Connections are served by hyper directly (not `axum::serve`, which sets no timer): at most
+//! `--max-connections` at once, hyper's header read timeout (idle keep-alive connections
+//! included) and tower-http's request body timeout.
 //!
 //! Defaults of a request: sampling fields it leaves out take the model's generation_config.json
 //! values (`Engine::default_sampling`; greedy without one); a chat completion without
