@@ -18,6 +18,10 @@ pub struct TextTokenizer {
     /// The special tokens' strings, longest first (so the longest match wins), for
     /// [`TextTokenizer::mark_content`] and [`TextTokenizer::encode_chat_prompt`].
     special_strings: Vec<(String, u32)>,
+    /// Which bytes start a special token's string, and the longest string's length: most
+    /// positions of a text are ruled out without comparing strings.
+    special_first_bytes: [bool; 256],
+    longest_special: usize,
     /// A copy of `inner` that encodes special-token strings as plain text (`tokenizers`'
     /// `encode_special_tokens`, Python's `split_special_tokens=True`); built when first needed.
     plain: std::sync::OnceLock<tokenizers::Tokenizer>,
@@ -69,7 +73,20 @@ impl TextTokenizer {
         let special_ids = specials.iter().map(|(id, _)| *id).collect();
         let mut special_strings: Vec<(String, u32)> = specials.into_iter().map(|(id, s)| (s, id)).collect();
         special_strings.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
-        Self { inner, vocab_size, special_ids, special_strings, plain: std::sync::OnceLock::new() }
+        let mut special_first_bytes = [false; 256];
+        for (t, _) in &special_strings {
+            special_first_bytes[t.as_bytes()[0] as usize] = true;
+        }
+        let longest_special = special_strings.first().map_or(0, |(t, _)| t.len());
+        Self {
+            inner,
+            vocab_size,
+            special_ids,
+            special_strings,
+            special_first_bytes,
+            longest_special,
+            plain: std::sync::OnceLock::new(),
+        }
     }
 
     /// Encodes text. Special/added tokens written in the text (e.g. `<|im_start|>`) are matched as
@@ -102,7 +119,10 @@ impl TextTokenizer {
                 rest = &rest[t.len()..];
                 continue;
             }
-            if self.special_strings.iter().any(|(t, _)| t.len() > rest.len() && t.starts_with(rest)) {
+            if rest.len() < self.longest_special
+                && self.special_first_bytes[rest.as_bytes()[0] as usize]
+                && self.special_strings.iter().any(|(t, _)| t.len() > rest.len() && t.starts_with(rest))
+            {
                 out.push(CONTENT_MARK);
                 out.push_str(rest);
                 break;
@@ -115,6 +135,9 @@ impl TextTokenizer {
 
     /// The special token whose string starts `text` (the longest), if any.
     fn special_at(&self, text: &str) -> Option<(&str, u32)> {
+        if !text.as_bytes().first().is_some_and(|&b| self.special_first_bytes[b as usize]) {
+            return None;
+        }
         self.special_strings.iter().find(|(t, _)| text.starts_with(t.as_str())).map(|(t, id)| (t.as_str(), *id))
     }
 
