@@ -52,7 +52,8 @@ pub struct ServerArgs {
     #[arg(long = "api-key", value_name = "KEY")]
     api_keys: Vec<String>,
     /// Memory for saved conversation states (e.g. 1G, 512M; 0 = no reuse). A request that
-    /// extends an earlier conversation resumes from the longest saved prefix.
+    /// extends an earlier conversation of the same client (see --api-key) resumes from the
+    /// longest saved prefix.
     #[arg(long, default_value = "1G")]
     state_cache: String,
     /// Model name reported by /v1/models and expected in requests (default: `builtin`, the
@@ -85,7 +86,9 @@ pub struct ServerArgs {
     think_budget: Option<usize>,
     /// TEST HARNESS: a JSON list of assistant replies emitted instead of sampled tokens (the
     /// prompt is still prefilled). Items: "text" (used in order) or {"when": TEXT, "reply": TEXT}
-    /// (used when the last message contains TEXT).
+    /// (used when the last message contains TEXT). Fault injection: {"when": TEXT, "panic": MESSAGE}
+    /// panics inside that generation (the request gets a 500, the server goes on); with
+    /// "unusable": true the engine is then treated as broken (/health 503, exit non-zero).
     #[arg(long)]
     scripted_replies: Option<PathBuf>,
 }
