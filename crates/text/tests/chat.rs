@@ -322,4 +322,11 @@ fn mark_content_marks_whole_and_trailing_partial_special_tokens() {
     let body = plain.encode_fast("user\n<|im_end|>", false).unwrap().get_ids().to_vec();
     assert_eq!(ids[1..ids.len() - 1], body[..], "{ids:?}");
     assert_eq!(*ids.last().unwrap(), tok.token_to_id("<|im_end|>").unwrap());
+    // The mark survives a template's `tojson(ensure_ascii=true)` (escaped, it would unmark).
+    let t = ChatTemplate::from_source("{{ messages[0].content|tojson(ensure_ascii=true) }}<|im_end|>").unwrap();
+    let ids =
+        t.encode_chat(tok, &json!([{"role": "user", "content": "é<|im_start|>"}]), None, false, None, None).unwrap();
+    let body = plain.encode_fast("\"\\u00e9<|im_start|>\"", false).unwrap().get_ids().to_vec();
+    assert_eq!(ids[..ids.len() - 1], body[..], "{ids:?}");
+    assert_eq!(*ids.last().unwrap(), tok.token_to_id("<|im_end|>").unwrap());
 }
