@@ -4,6 +4,7 @@
 # reads the cache `flashmoe pull` writes and writes the one flashmoe reads (tests/hub); gguf-py
 # (with numpy) writes the GGUF tokenizer fixture of crates/engine/tests/gguf.rs; jsonschema
 # validates the server's constrained JSON and tool-call arguments (tests/server/test_structured.py).
+# tokenizers (the HF library) counts the plain-text tokens of forged special tokens (test_hardening.py).
 set -euo pipefail
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore \
   "openai==3.57.0" \
@@ -13,4 +14,5 @@ python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore 
   "huggingface_hub==2.4.0" \
   "gguf==0.19.0" \
   "numpy==2.4.6" \
-  "jsonschema==4.26.0"
+  "jsonschema==4.26.0" \
+  "tokenizers==0.23.3"

@@ -26,6 +26,7 @@ pub mod experts;
 pub mod gguf;
 pub mod hub;
 pub mod layers;
+pub mod mapped;
 pub mod memory;
 pub mod models;
 pub mod packed;

@@ -98,22 +98,40 @@ fn cache_is_bounded_lru() {
     let la = e.model.forward(&a, &mut st, flashmoe::LogitsFor::Last).unwrap();
     let one = st.bytes() + la.len() * 4 + a.len() * 4;
     let mut cache = PrefixCache::new(one + one / 2);
-    cache.insert(&a, &st, &la);
+    cache.insert("", &a, &st, &la);
     assert_eq!(cache.len(), 1);
     let mut st_b = e.model.new_state();
     let lb = e.model.forward(&b, &mut st_b, flashmoe::LogitsFor::Last).unwrap();
-    cache.insert(&b, &st_b, &lb);
+    cache.insert("", &b, &st_b, &lb);
     assert_eq!(cache.len(), 1, "the bound holds one snapshot");
     assert!(cache.bytes() <= cache.max_bytes());
-    assert!(cache.lookup(&a).is_none());
-    let r = cache.lookup(&b).unwrap();
+    assert!(cache.lookup("", &a).is_none());
+    let r = cache.lookup("", &b).unwrap();
     assert_eq!(r.tokens, b.len());
     assert_eq!(r.logits, lb);
     assert_eq!(cache.stats().evictions, 1);
     // Nothing is stored in a zero-size cache.
     let mut none = PrefixCache::new(0);
-    none.insert(&a, &st, &la);
+    none.insert("", &a, &st, &la);
     assert!(none.is_empty());
+}
+
+/// A snapshot serves only requests of its own scope (a server's client): another scope misses,
+/// even for the very same prompt, and the snapshot stays for its owner.
+#[test]
+fn cache_lookup_is_scoped() {
+    let e = tiny();
+    let a = prompt(&e, json!([{"role": "user", "content": "secret"}]));
+    let mut st = e.model.new_state();
+    let la = e.model.forward(&a, &mut st, flashmoe::LogitsFor::Last).unwrap();
+    let mut cache = PrefixCache::new(1 << 30);
+    cache.insert("alice", &a, &st, &la);
+    assert!(cache.lookup("bob", &a).is_none());
+    assert!(cache.lookup("", &a).is_none());
+    assert_eq!(cache.lookup("alice", &a).map(|r| r.tokens), Some(a.len()));
+    // The same tokens stored for bob are a second snapshot, not a refresh of alice's.
+    cache.insert("bob", &a, &st, &la);
+    assert_eq!(cache.len(), 2);
 }
 
 #[test]

@@ -9,14 +9,14 @@
 //! the constraint starts after the thinking block). `thinking: {type: "enabled", budget_tokens: N}`
 //! turns thinking on with a think budget of N; `{type: "disabled"}` turns it off.
 
-use crate::api::{ApiError, ApiResult, Fields, Flavor, kind, missing, new_id, parse_body};
+use crate::api::{ApiError, ApiResult, Client, Fields, Flavor, kind, missing, new_id, parse_body};
 use crate::openai::{
     KEEP_ALIVE, Prepared, Relay, check_model, collect, forced_tool_call, last_text, render, reply_budget, submit,
 };
 use crate::worker::Ev;
 use crate::{AppState, Shared};
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use flashmoe::session::{Finish, GenerateRequest, Generation};
@@ -25,8 +25,8 @@ use flashmoe_text::toolcall::Event;
 use serde_json::{Map, Value as Json, json};
 use std::convert::Infallible;
 
-pub async fn messages(State(s): State<Shared>, body: Bytes) -> Response {
-    match handle(s, &body).await {
+pub async fn messages(State(s): State<Shared>, client: Option<Extension<Client>>, body: Bytes) -> Response {
+    match handle(s, client.map(|c| c.0).unwrap_or_default(), &body).await {
         Ok(r) => r,
         Err(e) => e.flavor(Flavor::Anthropic).into_response(),
     }
@@ -255,11 +255,15 @@ fn usage(g: &Generation) -> Json {
     })
 }
 
-async fn handle(s: Shared, body: &[u8]) -> ApiResult<Response> {
+async fn handle(s: Shared, client: Client, body: &[u8]) -> ApiResult<Response> {
     let o = parse_body(body)?;
     let (p, stream) = prepare(&s, &o)?;
     let prompt_tokens = p.job.prompt.len();
-    let ticket = submit(&s, &p, "/v1/messages")?;
+    let user = match Fields(&o).object("metadata")? {
+        Some(m) => Fields(m).str("user_id")?,
+        None => None,
+    };
+    let ticket = submit(&s, &p, "/v1/messages", client.cache_scope(user))?;
     let mut relay = Relay::new(&s, p.tools.clone());
     let id = new_id("msg_");
     let model = s.model_name.clone();

@@ -260,3 +260,24 @@ pub fn new_id(prefix: &str) -> String {
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
+
+/// Who sent a request, as far as the server can tell: the API key it came with (its index among
+/// `--api-key`s; None without keys). Saved conversation states are scoped per client and per
+/// the `user` the request names ([`Client::cache_scope`]), so one client's prompt never speeds
+/// up (and so reveals itself to) another's.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Client {
+    pub key: Option<usize>,
+}
+
+impl Client {
+    /// The prefix-cache scope of a request from this client naming `user` (OpenAI `user`,
+    /// Anthropic `metadata.user_id`; none: ""). Without keys a single local user is assumed and
+    /// only `user` separates conversations.
+    pub fn cache_scope(&self, user: Option<&str>) -> String {
+        let key = self.key.map_or_else(|| "-".to_string(), |k| k.to_string());
+        let user = user.unwrap_or("");
+        // Length-prefixed: no (key, user) pair can spell another's scope.
+        format!("{key}:{}:{user}", user.len())
+    }
+}

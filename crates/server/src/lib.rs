@@ -7,7 +7,12 @@
 //! HTTP handlers render and tokenize the prompt, queue a job and relay the worker's pieces (SSE
 //! when streaming). A job whose client went away (its receiver dropped) is cancelled before the
 //! next forward step. Conversation state is reused through the session's prefix cache
-//! (`--state-cache`).
+//! (`--state-cache`), per client: a snapshot serves only requests with the same API key and the
+//! same `user` / `metadata.user_id` ([`api::Client`]); without keys one local user is assumed.
+//!
+//! Connections are served by hyper directly (not `axum::serve`, which sets no timer): at most
+//! `--max-connections` at once, hyper's header read timeout (idle keep-alive connections
+//! included) and tower-http's request body timeout.
 //!
 //! Defaults of a request: sampling fields it leaves out take the model's generation_config.json
 //! values (`Engine::default_sampling`; greedy without one); a chat completion without
@@ -48,8 +53,10 @@ pub struct ServerConfig {
     pub load: LoadOptions,
     pub host: String,
     pub port: u16,
-    /// Required as `Authorization: Bearer KEY` or `x-api-key: KEY` on /v1/* when set.
-    pub api_key: Option<String>,
+    /// Keys accepted as `Authorization: Bearer KEY` or `x-api-key: KEY` on /v1/* (none: no
+    /// key needed). Each key is a client of its own: saved conversation states are never shared
+    /// between keys (see [`api::Client`]).
+    pub api_keys: Vec<String>,
     /// Bytes of sequence-state snapshots kept for reuse (0 = off).
     pub state_cache_bytes: usize,
     /// Name reported by /v1/models and expected in requests (default: the model folder's name).
@@ -69,7 +76,22 @@ pub struct ServerConfig {
     /// request) besides the loopback names a loopback-bound server always answers to; `*`
     /// turns the check off. See [`HostGuard`].
     pub allowed_hosts: Vec<String>,
+    /// Open connections served at once; more wait in the kernel's accept queue (they hold no
+    /// descriptor of this process until a slot frees).
+    pub max_connections: usize,
+    /// A connection that has not sent a whole request head within this time (idle keep-alive
+    /// connections included) is closed.
+    pub header_timeout: std::time::Duration,
+    /// A request whose body sends no data for this long fails (its connection is closed).
+    pub body_timeout: std::time::Duration,
 }
+
+/// Default of [`ServerConfig::max_connections`]: well below the usual 1024-descriptor limit,
+/// which the model files and the expert store share.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Default of [`ServerConfig::header_timeout`] and [`ServerConfig::body_timeout`] (hyper's own
+/// header-read default).
+pub const DEFAULT_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl ServerConfig {
     pub fn new(model_dir: PathBuf) -> Self {
@@ -78,7 +100,7 @@ impl ServerConfig {
             load: LoadOptions::default(),
             host: "127.0.0.1".into(),
             port: 8000,
-            api_key: None,
+            api_keys: Vec::new(),
             state_cache_bytes: 1 << 30,
             model_name: None,
             accept_any_model: false,
@@ -87,6 +109,9 @@ impl ServerConfig {
             quiet: false,
             memory_plan: None,
             allowed_hosts: Vec::new(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout: DEFAULT_IO_TIMEOUT,
+            body_timeout: DEFAULT_IO_TIMEOUT,
         }
     }
 }
@@ -96,7 +121,7 @@ pub(crate) struct AppState {
     pub engine: Arc<Engine>,
     pub model_name: String,
     pub accept_any_model: bool,
-    pub api_key: Option<String>,
+    pub api_keys: Vec<String>,
     pub max_context: usize,
     pub tool_format: ToolFormat,
     pub think_budget: Option<usize>,
@@ -110,25 +135,99 @@ pub(crate) struct AppState {
     pub io_mode: &'static str,
     pub io_reason: String,
     pub host_guard: HostGuard,
+    pub health: Arc<worker::WorkerHealth>,
 }
 
 pub(crate) type Shared = Arc<AppState>;
 
+/// The listener with what serving it needs.
+struct Prepared {
+    listener: tokio::net::TcpListener,
+    app: Router,
+    health: Arc<worker::WorkerHealth>,
+    limits: Limits,
+}
+
+#[derive(Clone, Copy)]
+struct Limits {
+    max_connections: usize,
+    header_timeout: std::time::Duration,
+    body_timeout: std::time::Duration,
+}
+
+/// Longest wait for open connections to finish once the server stops.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves HTTP/1 connections until `stop` resolves or the engine becomes unusable: at most
+/// `max_connections` at once (the accept loop waits for a free slot), each with hyper's header
+/// read timeout (which also closes idle keep-alive connections) and tower-http's body timeout.
+async fn run_server(p: Prepared, stop: impl std::future::Future<Output = ()>) -> Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let Prepared { listener, app, health, limits } = p;
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    let service = hyper_util::service::TowerToHyperService::new(tower_http::timeout::RequestBodyTimeout::new(
+        app,
+        limits.body_timeout,
+    ));
+    let engine_failed = health.shutdown.notified();
+    tokio::pin!(stop, engine_failed);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.context("connection slots closed")?,
+            _ = &mut stop => break,
+            _ = &mut engine_failed => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors (EMFILE) or a connection reset before accept: wait a
+                    // little instead of spinning, then go on.
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+            _ = &mut engine_failed => break,
+        };
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service.clone()));
+        tokio::spawn(async move {
+            // Errors here are the client's (a reset, a header timeout): nothing to report.
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(SHUTDOWN_GRACE) => {}
+    }
+    match health.failure() {
+        Some(why) => bail!("the engine is unusable: {why}"),
+        None => Ok(()),
+    }
+}
+
 /// Loads the model, starts the worker and serves until interrupted.
 pub fn serve(cfg: ServerConfig) -> Result<()> {
+    // A model file truncated under the running server: one line naming the cause, not a silent
+    // death by SIGBUS.
+    flashmoe::mapped::install_sigbus_handler("the server");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
-        let (listener, app) = prepare(cfg).await?;
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-            .context("serving")
+        let prepared = prepare(cfg).await?;
+        run_server(prepared, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
     })
 }
 
@@ -167,19 +266,21 @@ pub fn spawn(cfg: ServerConfig) -> Result<RunningServer> {
                 }
             };
             rt.block_on(async move {
-                let (listener, app) = match prepare(cfg).await {
+                let prepared = match prepare(cfg).await {
                     Ok(x) => x,
                     Err(e) => {
                         let _ = tx_addr.send(Err(e));
                         return;
                     }
                 };
-                let _ = tx_addr.send(listener.local_addr().context("local address"));
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = stopped.await;
-                    })
-                    .await;
+                let _ = tx_addr.send(prepared.listener.local_addr().context("local address"));
+                if let Err(e) = run_server(prepared, async {
+                    let _ = stopped.await;
+                })
+                .await
+                {
+                    tracing::error!("{e:#}");
+                }
             });
         })
         .context("starting the server thread")?;
@@ -188,7 +289,7 @@ pub fn spawn(cfg: ServerConfig) -> Result<RunningServer> {
 }
 
 /// Loads the model, starts the engine worker and binds the listener.
-async fn prepare(cfg: ServerConfig) -> Result<(tokio::net::TcpListener, Router)> {
+async fn prepare(cfg: ServerConfig) -> Result<Prepared> {
     // The longest prompt + reply is `cfg.load.max_context` (default: the model's
     // max_position_embeddings).
     if cfg.load.max_context == Some(0) {
@@ -226,7 +327,8 @@ async fn prepare(cfg: ServerConfig) -> Result<(tokio::net::TcpListener, Router)>
         }
     });
     let metrics = Arc::new(Metrics::default());
-    let queue = worker::start(engine.clone(), cfg.state_cache_bytes, script, metrics.clone())?;
+    let health = Arc::new(worker::WorkerHealth::default());
+    let queue = worker::start(engine.clone(), cfg.state_cache_bytes, script, metrics.clone(), health.clone())?;
     let engine_device = engine.model.device_description();
     let addr: SocketAddr = format!("{}:{}", cfg.host, cfg.port)
         .parse()
@@ -247,7 +349,7 @@ async fn prepare(cfg: ServerConfig) -> Result<(tokio::net::TcpListener, Router)>
         engine,
         model_name,
         accept_any_model: cfg.accept_any_model,
-        api_key: cfg.api_key.clone(),
+        api_keys: cfg.api_keys.clone(),
         think_budget: cfg.think_budget,
         scripted,
         queue,
@@ -257,6 +359,7 @@ async fn prepare(cfg: ServerConfig) -> Result<(tokio::net::TcpListener, Router)>
         io_mode,
         io_reason,
         host_guard,
+        health: health.clone(),
     });
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
 
@@ -266,11 +369,16 @@ async fn prepare(cfg: ServerConfig) -> Result<(tokio::net::TcpListener, Router)>
             "[flashmoe] serving {} on http://{}{}{}",
             state.model_name,
             listener.local_addr()?,
-            if state.api_key.is_some() { " (API key required)" } else { "" },
+            if state.api_keys.is_empty() { "" } else { " (API key required)" },
             if scripted { " — SCRIPTED REPLIES (test harness): output is not sampled from the model" } else { "" }
         );
     }
-    Ok((listener, router(state)))
+    let limits = Limits {
+        max_connections: cfg.max_connections,
+        header_timeout: cfg.header_timeout,
+        body_timeout: cfg.body_timeout,
+    };
+    Ok(Prepared { listener, app: router(state), health, limits })
 }
 
 /// The start-up block (log level info): what was loaded, where it runs, how experts are read and
@@ -461,9 +569,11 @@ async fn guard_hosts(State(s): State<Shared>, req: Request, next: Next) -> Respo
     next.run(req).await
 }
 
-/// API key check for /v1/*: `Authorization: Bearer KEY` (OpenAI) or `x-api-key: KEY` (Anthropic).
-async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
-    if let Some(key) = &s.api_key {
+/// API key check for /v1/*: `Authorization: Bearer KEY` (OpenAI) or `x-api-key: KEY` (Anthropic),
+/// any of the `--api-key`s. The handlers get which one as an [`api::Client`].
+async fn auth(State(s): State<Shared>, mut req: Request, next: Next) -> Response {
+    let mut client = api::Client::default();
+    if !s.api_keys.is_empty() {
         let h = req.headers();
         let bearer = h
             .get(header::AUTHORIZATION)
@@ -471,19 +581,23 @@ async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim);
         let x = h.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim);
-        if bearer != Some(key.as_str()) && x != Some(key.as_str()) {
-            let given = bearer.is_some() || x.is_some();
-            let msg = if given {
-                "Incorrect API key provided."
-            } else {
-                "Missing API key: send `Authorization: Bearer KEY`."
-            };
-            return api::ApiError::new(StatusCode::UNAUTHORIZED, msg)
-                .code("invalid_api_key")
-                .flavor(api::Flavor::of_path(req.uri().path()))
-                .into_response();
+        match s.api_keys.iter().position(|k| bearer == Some(k.as_str()) || x == Some(k.as_str())) {
+            Some(i) => client.key = Some(i),
+            None => {
+                let given = bearer.is_some() || x.is_some();
+                let msg = if given {
+                    "Incorrect API key provided."
+                } else {
+                    "Missing API key: send `Authorization: Bearer KEY`."
+                };
+                return api::ApiError::new(StatusCode::UNAUTHORIZED, msg)
+                    .code("invalid_api_key")
+                    .flavor(api::Flavor::of_path(req.uri().path()))
+                    .into_response();
+            }
         }
     }
+    req.extensions_mut().insert(client);
     next.run(req).await
 }
 
@@ -503,6 +617,10 @@ async fn not_found(req: Request) -> Response {
 }
 
 async fn health(State(s): State<Shared>) -> Response {
+    if let Some(why) = s.health.failure() {
+        let body = serde_json::json!({"status": "error", "ready": false, "model": s.model_name, "error": why});
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    }
     // The listener is bound only once the model is loaded and the worker runs: answering at all
     // means ready.
     axum::Json(serde_json::json!({

@@ -14,11 +14,11 @@
 //! A tool call the token limit cuts short is not returned as a call (non-streaming; a stream has
 //! already sent its start, and ends `length`).
 
-use crate::api::{ApiError, ApiResult, Fields, missing, new_id, now_secs, parse_body};
+use crate::api::{ApiError, ApiResult, Client, Fields, missing, new_id, now_secs, parse_body};
 use crate::worker::{Ev, Ticket};
 use crate::{AppState, Shared};
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -136,8 +136,8 @@ pub(crate) fn check_model(s: &AppState, f: &Fields) -> ApiResult<()> {
     Ok(())
 }
 
-/// Renders messages with the model's template and tokenizes; a prompt that leaves no room in the
-/// context is a 400.
+/// Renders messages with the model's template and tokenizes (special-token strings in content are
+/// plain text: a message cannot forge a turn); a prompt that leaves no room in the context is a 400.
 pub(crate) fn render(
     s: &AppState,
     messages: &Json,
@@ -145,11 +145,12 @@ pub(crate) fn render(
     enable_thinking: Option<bool>,
     kwargs: Option<&Map<String, Json>>,
 ) -> ApiResult<Vec<u32>> {
-    let text =
-        s.engine.template.render(messages, tools, true, enable_thinking, kwargs).map_err(|e| {
-            ApiError::bad(format!("The chat template could not render the request: {e}")).param("messages")
-        })?;
-    tokenize(s, &text)
+    let ids = s
+        .engine
+        .encode_chat(messages, tools, enable_thinking, kwargs)
+        .map_err(|e| ApiError::bad(format!("The chat template could not render the request: {e}")).param("messages"))?;
+    check_context(s, ids.len())?;
+    Ok(ids)
 }
 
 pub(crate) fn tokenize(s: &AppState, text: &str) -> ApiResult<Vec<u32>> {
@@ -541,8 +542,10 @@ fn prepare_chat(s: &AppState, o: &Map<String, Json>) -> ApiResult<(Prepared, boo
     Ok((Prepared { job, tools, script_key: last_text(&messages) }, stream, include_usage))
 }
 
-pub(crate) fn submit(s: &AppState, p: &Prepared, endpoint: &'static str) -> ApiResult<Ticket> {
-    s.queue.submit(p.job.clone(), p.script_key.clone(), endpoint).map_err(|e| ApiError::internal(e.to_string()))
+/// Queues a job, its saved states scoped to `scope` ([`Client::cache_scope`]).
+pub(crate) fn submit(s: &AppState, p: &Prepared, endpoint: &'static str, scope: String) -> ApiResult<Ticket> {
+    let job = GenerateRequest { cache_scope: scope, ..p.job.clone() };
+    s.queue.submit(job, p.script_key.clone(), endpoint).map_err(|e| ApiError::internal(e.to_string()))
 }
 
 fn usage(g: &Generation) -> Json {
@@ -562,19 +565,20 @@ fn finish_reason(g: &Generation, called: bool) -> &'static str {
     }
 }
 
-pub async fn chat_completions(State(s): State<Shared>, body: Bytes) -> Response {
-    match chat(s, &body).await {
+pub async fn chat_completions(State(s): State<Shared>, client: Option<Extension<Client>>, body: Bytes) -> Response {
+    match chat(s, client.map(|c| c.0).unwrap_or_default(), &body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn chat(s: Shared, body: &[u8]) -> ApiResult<Response> {
+async fn chat(s: Shared, client: Client, body: &[u8]) -> ApiResult<Response> {
     let o = parse_body(body)?;
     let (p, stream, include_usage) = prepare_chat(&s, &o)?;
     let names = token_names(&s, &Fields(&o))?;
     let with_logprobs = p.job.logprobs.is_some();
-    let ticket = submit(&s, &p, "/v1/chat/completions")?;
+    let scope = client.cache_scope(Fields(&o).str("user")?);
+    let ticket = submit(&s, &p, "/v1/chat/completions", scope)?;
     let mut relay = Relay::new(&s, p.tools.clone());
     let id = new_id("chatcmpl-");
     let created = now_secs();
@@ -682,14 +686,14 @@ async fn chat(s: Shared, body: &[u8]) -> ApiResult<Response> {
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response())
 }
 
-pub async fn completions(State(s): State<Shared>, body: Bytes) -> Response {
-    match completion(s, &body).await {
+pub async fn completions(State(s): State<Shared>, client: Option<Extension<Client>>, body: Bytes) -> Response {
+    match completion(s, client.map(|c| c.0).unwrap_or_default(), &body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn completion(s: Shared, body: &[u8]) -> ApiResult<Response> {
+async fn completion(s: Shared, client: Client, body: &[u8]) -> ApiResult<Response> {
     let o = parse_body(body)?;
     let f = Fields(&o);
     check_model(&s, &f)?;
@@ -746,7 +750,7 @@ async fn completion(s: Shared, body: &[u8]) -> ApiResult<Response> {
         _ => String::new(),
     };
     let p = Prepared { job, tools: None, script_key };
-    let ticket = submit(&s, &p, "/v1/completions")?;
+    let ticket = submit(&s, &p, "/v1/completions", client.cache_scope(f.str("user")?))?;
     let mut relay = Relay::new(&s, None);
     let id = new_id("cmpl-");
     let created = now_secs();

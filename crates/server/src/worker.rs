@@ -2,6 +2,12 @@
 //! [`Session`](flashmoe::session::Session) (state reuse included) and sends the pieces back over a
 //! channel per job. A job stops before its next forward step once its receiver is gone (the
 //! client disconnected) or its cancel flag is set.
+//!
+//! A panic inside a job (a bug in the engine) is caught: that request is answered with a 500
+//! naming the panic, the session's saved states are dropped (they may be half-written), a one-token
+//! probe checks the engine still computes, and the worker goes on. If the probe fails the engine
+//! is unusable: [`WorkerHealth`] says so (`/health` answers 503), every queued and later job fails
+//! at once, and the server shuts down so that the process exits non-zero.
 
 use crate::metrics::Metrics;
 use anyhow::{Context, Result, bail};
@@ -9,6 +15,7 @@ use flashmoe::generate::Engine;
 use flashmoe::session::{Channel, Finish, GenerateRequest, Generation, Session};
 use flashmoe_text::TokenLogprob;
 use serde_json::Value as Json;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
@@ -68,15 +75,48 @@ impl Queue {
     }
 }
 
+/// Whether the engine still works, shared by the worker and the HTTP side.
+#[derive(Default)]
+pub struct WorkerHealth {
+    /// Why the engine is unusable (set once, never cleared).
+    failed: std::sync::OnceLock<String>,
+    /// Wakes the server's shutdown when `failed` is set.
+    pub shutdown: tokio::sync::Notify,
+}
+
+impl WorkerHealth {
+    /// None while the engine works; else why it does not.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
+    }
+
+    fn fail(&self, why: String) {
+        let _ = self.failed.set(why);
+        // notify_one stores a permit: the shutdown future wakes even if it is not polled yet.
+        self.shutdown.notify_one();
+    }
+}
+
 /// Scripted replies (test harness, `--scripted-replies FILE`): a JSON list whose items are either
 /// a string (used in order, cycling, by requests no `when` entry matches) or
 /// `{"when": TEXT, "reply": TEXT}` (used whenever the request's last message contains `when`).
 /// The prompt is still prefilled through the engine; the reply's tokens (then a stop token) are
 /// emitted and fed instead of sampled ones.
+///
+/// Fault injection (tests of the worker's recovery): `{"when": TEXT, "panic": MESSAGE}` panics
+/// inside the generation, at its first piece of text; `"unusable": true` besides makes the probe
+/// that follows fail, as if the panic had left the engine broken.
 pub struct Script {
-    keyed: Vec<(String, String)>,
-    ordered: Vec<String>,
+    keyed: Vec<(String, Reply)>,
+    ordered: Vec<Reply>,
     next: usize,
+}
+
+#[derive(Clone)]
+struct Reply {
+    text: String,
+    panic: Option<String>,
+    unusable: bool,
 }
 
 impl Script {
@@ -91,13 +131,20 @@ impl Script {
         let mut s = Script { keyed: Vec::new(), ordered: Vec::new(), next: 0 };
         for (i, item) in list.iter().enumerate() {
             match item {
-                Json::String(r) => s.ordered.push(r.clone()),
+                Json::String(r) => s.ordered.push(Reply { text: r.clone(), panic: None, unusable: false }),
                 Json::Object(o) => {
-                    let reply =
-                        o.get("reply").and_then(Json::as_str).with_context(|| format!("item {i}: no `reply`"))?;
+                    let panic = o.get("panic").and_then(Json::as_str).map(str::to_string);
+                    let text = match o.get("reply").and_then(Json::as_str) {
+                        Some(r) => r.to_string(),
+                        // A panic needs some text to reach its first piece.
+                        None if panic.is_some() => "…".to_string(),
+                        None => bail!("item {i}: no `reply`"),
+                    };
+                    let unusable = o.get("unusable").and_then(Json::as_bool).unwrap_or(false);
+                    let reply = Reply { text, panic, unusable };
                     match o.get("when").and_then(Json::as_str) {
-                        Some(w) => s.keyed.push((w.to_string(), reply.to_string())),
-                        None => s.ordered.push(reply.to_string()),
+                        Some(w) => s.keyed.push((w.to_string(), reply)),
+                        None => s.ordered.push(reply),
                     }
                 }
                 _ => bail!("item {i}: expected a string or {{\"when\", \"reply\"}}"),
@@ -109,12 +156,12 @@ impl Script {
         Ok(s)
     }
 
-    fn pick(&mut self, key: &str) -> String {
+    fn pick(&mut self, key: &str) -> Reply {
         if let Some((_, r)) = self.keyed.iter().find(|(w, _)| key.contains(w.as_str())) {
             return r.clone();
         }
         if self.ordered.is_empty() {
-            return String::new();
+            return Reply { text: String::new(), panic: None, unusable: false };
         }
         let r = self.ordered[self.next % self.ordered.len()].clone();
         self.next += 1;
@@ -123,23 +170,64 @@ impl Script {
 }
 
 /// Starts the worker thread.
-pub fn start(engine: Arc<Engine>, cache_bytes: usize, script: Option<Script>, metrics: Arc<Metrics>) -> Result<Queue> {
+pub fn start(
+    engine: Arc<Engine>,
+    cache_bytes: usize,
+    script: Option<Script>,
+    metrics: Arc<Metrics>,
+    health: Arc<WorkerHealth>,
+) -> Result<Queue> {
     let (tx, rx) = mpsc::channel::<Job>();
     let m = metrics.clone();
     std::thread::Builder::new()
         .name("flashmoe-engine".into())
-        .spawn(move || run(&engine, cache_bytes, script, rx, &m))
+        .spawn(move || run(&engine, cache_bytes, script, rx, &m, &health))
         .context("starting the engine thread")?;
     Ok(Queue { tx: std::sync::Mutex::new(tx), metrics })
 }
 
-fn run(engine: &Engine, cache_bytes: usize, mut script: Option<Script>, rx: mpsc::Receiver<Job>, m: &Metrics) {
+/// The text of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Whether the engine still computes: one token through a fresh state, finite logits.
+fn probe(engine: &Engine) -> std::result::Result<(), String> {
+    let run = || {
+        let token = engine.stop_ids.first().copied().unwrap_or(0);
+        let mut state = engine.model.new_state();
+        engine.model.forward(&[token], &mut state, flashmoe::LogitsFor::Last)
+    };
+    match catch_unwind(AssertUnwindSafe(run)) {
+        Ok(Ok(logits)) if !logits.is_empty() && logits.iter().all(|x| x.is_finite()) => Ok(()),
+        Ok(Ok(_)) => Err("the probe's logits are not finite".into()),
+        Ok(Err(e)) => Err(format!("the probe failed: {e}")),
+        Err(p) => Err(format!("the probe panicked: {}", panic_message(p.as_ref()))),
+    }
+}
+
+fn run(
+    engine: &Engine,
+    cache_bytes: usize,
+    mut script: Option<Script>,
+    rx: mpsc::Receiver<Job>,
+    m: &Metrics,
+    health: &WorkerHealth,
+) {
     let mut session = Session::new(engine, cache_bytes);
     m.set_cache(session.cache.stats(), session.cache.bytes(), session.cache.len(), cache_bytes);
     let mut request = 0u64;
     while let Ok(mut job) = rx.recv() {
         m.queued(-1);
         request += 1;
+        if let Some(why) = health.failure() {
+            let _ = job.tx.send(Ev::Failed(format!("the engine is unusable ({why}); the server is shutting down")));
+            continue;
+        }
         let gone = |j: &Job| j.tx.is_closed() || j.cancel.load(Ordering::Relaxed);
         if gone(&job) {
             m.cancelled();
@@ -147,9 +235,12 @@ fn run(engine: &Engine, cache_bytes: usize, mut script: Option<Script>, rx: mpsc
             continue;
         }
         let _ = job.tx.send(Ev::Started);
+        let mut injected: Option<Reply> = None;
         if let Some(s) = script.as_mut() {
             let reply = s.pick(&job.script_key);
-            match engine.encode(&reply) {
+            let encoded = engine.encode(&reply.text);
+            injected = Some(reply).filter(|r| r.panic.is_some());
+            match encoded {
                 Ok(ids) => job.req.forced = Some(ids),
                 Err(e) => {
                     let _ = job.tx.send(Ev::Failed(format!("tokenizing the scripted reply: {e}")));
@@ -161,15 +252,53 @@ fn run(engine: &Engine, cache_bytes: usize, mut script: Option<Script>, rx: mpsc
         let t0 = std::time::Instant::now();
         let tx = &job.tx;
         let cancel = &job.cancel;
-        let result = session.generate_with_logprobs(
-            &job.req,
-            || !(tx.is_closed() || cancel.load(Ordering::Relaxed)),
-            |ch, text| tx.send(Ev::Piece(ch, text.to_string())).is_ok(),
-            |lp| {
-                let _ = tx.send(Ev::Logprob(lp.clone()));
-            },
-        );
+        let injected_panic = injected.as_ref().and_then(|r| r.panic.clone());
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            session.generate_with_logprobs(
+                &job.req,
+                || !(tx.is_closed() || cancel.load(Ordering::Relaxed)),
+                |ch, text| {
+                    if let Some(msg) = &injected_panic {
+                        panic!("{msg}");
+                    }
+                    tx.send(Ev::Piece(ch, text.to_string())).is_ok()
+                },
+                |lp| {
+                    let _ = tx.send(Ev::Logprob(lp.clone()));
+                },
+            )
+        }));
         m.set_active(false);
+        let result = match outcome {
+            Ok(r) => r,
+            Err(payload) => {
+                let msg = panic_message(payload.as_ref());
+                m.failed();
+                tracing::error!(request, endpoint = %job.endpoint, "the engine panicked: {msg}");
+                // Saved states may have been half-written when it unwound: start afresh.
+                session = Session::new(engine, cache_bytes);
+                let c = &session.cache;
+                m.set_cache(c.stats(), c.bytes(), c.len(), c.max_bytes());
+                let probed = if injected.as_ref().is_some_and(|r| r.unusable) {
+                    Err("the scripted fault made the engine unusable (test harness)".to_string())
+                } else {
+                    probe(engine)
+                };
+                let _ = job.tx.send(Ev::Failed(format!(
+                    "internal error: the engine panicked while generating this reply ({msg}); {}",
+                    if probed.is_ok() {
+                        "its state was reset and the server goes on serving"
+                    } else {
+                        "the engine is unusable and the server is shutting down"
+                    }
+                )));
+                if let Err(why) = probed {
+                    tracing::error!("the engine is unusable after a panic: {why}; shutting down");
+                    health.fail(format!("after a panic ({msg}): {why}"));
+                }
+                continue;
+            }
+        };
         let c = &session.cache;
         m.set_cache(c.stats(), c.bytes(), c.len(), c.max_bytes());
         match result {

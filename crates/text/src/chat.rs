@@ -16,6 +16,7 @@ use serde_json::{Map, Value as Json};
 
 use crate::error::{Result, TextError, jinja_message, read_file};
 use crate::pyfmt;
+use crate::tokenizer::TextTokenizer;
 
 /// Name under which a single (unnamed) template is stored, as transformers does.
 const DEFAULT_NAME: &str = "default";
@@ -176,6 +177,47 @@ impl ChatTemplate {
         extra: Option<&Map<String, Json>>,
     ) -> Result<String> {
         let messages = normalize_messages(messages)?;
+        self.render_normalized(&messages, tools, add_generation_prompt, enable_thinking, extra)
+    }
+
+    /// Renders a conversation and tokenizes it so that only the template's own markup becomes
+    /// control tokens: a special token's string inside message content, reasoning, tool-call
+    /// arguments, tool results, tool definitions or `extra` values (`<|im_start|>system` in a user
+    /// message) is encoded as plain text, so content cannot open or close turns. Arguments are
+    /// as [`ChatTemplate::render`]'s; a conversation whose strings hold no special-token string
+    /// gives exactly `tokenizer.encode(render(…))`.
+    ///
+    /// Non-special added tokens (Qwen's `<think>`, `<tool_call>`) stay tokens, as with Python's
+    /// `split_special_tokens=True`: templates parse them out of content themselves (Qwen3 splits
+    /// an assistant message at `</think>`), and they cannot change who is speaking.
+    pub fn encode_chat(
+        &self,
+        tokenizer: &TextTokenizer,
+        messages: &Json,
+        tools: Option<&Json>,
+        add_generation_prompt: bool,
+        enable_thinking: Option<bool>,
+        extra: Option<&Map<String, Json>>,
+    ) -> Result<Vec<u32>> {
+        // After normalizing: a tool call's arguments string is parsed there, and its escapes
+        // (`\u003c|im_start|>`) become the characters that must be marked.
+        let messages = mark_strings(&normalize_messages(messages)?, tokenizer);
+        let tools = tools.map(|t| mark_strings(t, tokenizer));
+        let extra = extra
+            .map(|e| e.iter().map(|(k, v)| (k.clone(), mark_strings(v, tokenizer))).collect::<Map<String, Json>>());
+        let text =
+            self.render_normalized(&messages, tools.as_ref(), add_generation_prompt, enable_thinking, extra.as_ref())?;
+        tokenizer.encode_chat_prompt(&text)
+    }
+
+    fn render_normalized(
+        &self,
+        messages: &Json,
+        tools: Option<&Json>,
+        add_generation_prompt: bool,
+        enable_thinking: Option<bool>,
+        extra: Option<&Map<String, Json>>,
+    ) -> Result<String> {
         if let Some(t) = tools
             && !(t.is_array() || t.is_null())
         {
@@ -193,7 +235,7 @@ impl ChatTemplate {
                 ctx.push((k.to_string(), v));
             }
         };
-        set(&mut ctx, "messages", json_to_value(&messages));
+        set(&mut ctx, "messages", json_to_value(messages));
         set(&mut ctx, "tools", tools.map_or(Value::from(()), json_to_value));
         set(&mut ctx, "documents", Value::from(()));
         set(&mut ctx, "add_generation_prompt", Value::from(add_generation_prompt));
@@ -438,6 +480,19 @@ fn parse_arguments(call: &mut Json) {
         && let Ok(parsed @ Json::Object(_)) = serde_json::from_str::<Json>(s)
     {
         f.insert("arguments".into(), parsed);
+    }
+}
+
+/// Every string of `v` (object keys included) passed through
+/// [`TextTokenizer::mark_content`].
+fn mark_strings(v: &Json, tokenizer: &TextTokenizer) -> Json {
+    match v {
+        Json::String(s) => Json::String(tokenizer.mark_content(s)),
+        Json::Array(a) => Json::Array(a.iter().map(|x| mark_strings(x, tokenizer)).collect()),
+        Json::Object(o) => {
+            Json::Object(o.iter().map(|(k, x)| (tokenizer.mark_content(k), mark_strings(x, tokenizer))).collect())
+        }
+        other => other.clone(),
     }
 }
 

@@ -204,7 +204,8 @@ pub(crate) fn float_repr(f: f64) -> String {
 }
 
 /// JSON string escaping as Python's json module does it (lowercase hex, `\u00XX` for other
-/// control characters, DEL and non-ASCII kept unless `ensure_ascii`).
+/// control characters, DEL and non-ASCII kept unless `ensure_ascii`, which keeps only
+/// [`CONTENT_MARK`](crate::tokenizer::CONTENT_MARK)).
 fn write_json_string(out: &mut String, s: &str, ensure_ascii: bool) {
     out.push('"');
     for c in s.chars() {
@@ -219,7 +220,9 @@ fn write_json_string(out: &mut String, s: &str, ensure_ascii: bool) {
             c if (c as u32) < 0x20 => {
                 let _ = write!(out, "\\u{:04x}", c as u32);
             }
-            c if ensure_ascii && !c.is_ascii() => {
+            // The content mark stays a character: escaped, it would no longer mark the special
+            // token after it (and no client text holds one: mark_content replaced those).
+            c if ensure_ascii && !c.is_ascii() && c != crate::tokenizer::CONTENT_MARK => {
                 let mut buf = [0u16; 2];
                 for unit in c.encode_utf16(&mut buf) {
                     let _ = write!(out, "\\u{unit:04x}");

@@ -15,7 +15,23 @@ pub struct TextTokenizer {
     vocab_size: usize,
     /// Ids of special added tokens, cached for [`TextTokenizer::is_special`].
     special_ids: std::collections::HashSet<u32>,
+    /// The special tokens' strings, longest first (so the longest match wins), for
+    /// [`TextTokenizer::mark_content`] and [`TextTokenizer::encode_chat_prompt`].
+    special_strings: Vec<(String, u32)>,
+    /// Which bytes start a special token's string, and the longest string's length: most
+    /// positions of a text are ruled out without comparing strings.
+    special_first_bytes: [bool; 256],
+    longest_special: usize,
+    /// A copy of `inner` that encodes special-token strings as plain text (`tokenizers`'
+    /// `encode_special_tokens`, Python's `split_special_tokens=True`); built when first needed.
+    plain: std::sync::OnceLock<tokenizers::Tokenizer>,
 }
+
+/// Put by [`TextTokenizer::mark_content`] before a special token's string in message content, so
+/// that [`TextTokenizer::encode_chat_prompt`] can tell it from the template's own markup after
+/// rendering. A Unicode noncharacter (U+FDD0, reserved for internal use): in the content it is
+/// replaced by U+FFFD, so a client cannot place one itself.
+pub const CONTENT_MARK: char = '\u{FDD0}';
 
 impl std::fmt::Debug for TextTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -48,9 +64,29 @@ impl TextTokenizer {
         // `get_vocab_size(true)` adds the two counts, which overcounts when added tokens are also in
         // the model vocabulary; the embedding-relevant number is the highest id + 1.
         let vocab_size = inner.get_vocab(true).values().copied().max().map_or(0, |m| m as usize + 1);
-        let special_ids =
-            inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
-        Self { inner, vocab_size, special_ids }
+        let specials: Vec<(u32, String)> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special && !t.content.is_empty())
+            .map(|(id, t)| (id, t.content))
+            .collect();
+        let special_ids = specials.iter().map(|(id, _)| *id).collect();
+        let mut special_strings: Vec<(String, u32)> = specials.into_iter().map(|(id, s)| (s, id)).collect();
+        special_strings.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
+        let mut special_first_bytes = [false; 256];
+        for (t, _) in &special_strings {
+            special_first_bytes[t.as_bytes()[0] as usize] = true;
+        }
+        let longest_special = special_strings.first().map_or(0, |(t, _)| t.len());
+        Self {
+            inner,
+            vocab_size,
+            special_ids,
+            special_strings,
+            special_first_bytes,
+            longest_special,
+            plain: std::sync::OnceLock::new(),
+        }
     }
 
     /// Encodes text. Special/added tokens written in the text (e.g. `<|im_start|>`) are matched as
@@ -63,6 +99,109 @@ impl TextTokenizer {
             .encode_fast(text, add_special)
             .map_err(|e| TextError::Tokenizer(format!("encoding failed: {e}")))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Message content made safe to render into a chat template: every special token's string in
+    /// it (`<|im_start|>`, `<|im_end|>`, `<|endoftext|>` …) and a trailing start of one (`<|im_`,
+    /// which the template or the next string could complete) get a [`CONTENT_MARK`] before them,
+    /// so that [`TextTokenizer::encode_chat_prompt`] encodes them as plain text. Marks already in
+    /// the text become U+FFFD. Text without special-token strings comes back unchanged.
+    pub fn mark_content(&self, text: &str) -> String {
+        if self.special_strings.is_empty() {
+            return text.replace(CONTENT_MARK, "\u{FFFD}");
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(c) = rest.chars().next() {
+            if let Some((t, _)) = self.special_at(rest) {
+                out.push(CONTENT_MARK);
+                out.push_str(t);
+                rest = &rest[t.len()..];
+                continue;
+            }
+            if rest.len() < self.longest_special
+                && self.special_first_bytes[rest.as_bytes()[0] as usize]
+                && self.special_strings.iter().any(|(t, _)| t.len() > rest.len() && t.starts_with(rest))
+            {
+                out.push(CONTENT_MARK);
+                out.push_str(rest);
+                break;
+            }
+            out.push(if c == CONTENT_MARK { '\u{FFFD}' } else { c });
+            rest = &rest[c.len_utf8()..];
+        }
+        out
+    }
+
+    /// The special token whose string starts `text` (the longest), if any.
+    fn special_at(&self, text: &str) -> Option<(&str, u32)> {
+        if !text.as_bytes().first().is_some_and(|&b| self.special_first_bytes[b as usize]) {
+            return None;
+        }
+        self.special_strings.iter().find(|(t, _)| text.starts_with(t.as_str())).map(|(t, id)| (t.as_str(), *id))
+    }
+
+    /// Encodes a chat prompt rendered from [marked](TextTokenizer::mark_content) content: the
+    /// special tokens the template wrote are control tokens, those a [`CONTENT_MARK`] precedes
+    /// (they came from content) are encoded as plain text, as Python's
+    /// `tokenizer(text, split_special_tokens=True)` encodes them, and the marks are dropped. The
+    /// text between the template's special tokens is encoded as one piece, exactly as
+    /// [`TextTokenizer::encode`] would; a prompt with no mark encodes exactly as `encode` does.
+    pub fn encode_chat_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        if !text.contains(CONTENT_MARK) {
+            return self.encode(text, false);
+        }
+        let mut ids = Vec::new();
+        // Text between two of the template's special tokens, and whether content put a
+        // special-token string in it.
+        let mut run = String::new();
+        let mut run_has_forged = false;
+        let mut marked = false;
+        let mut rest = text;
+        while let Some(c) = rest.chars().next() {
+            if c == CONTENT_MARK {
+                marked = true;
+                rest = &rest[c.len_utf8()..];
+                continue;
+            }
+            if let Some((t, id)) = self.special_at(rest) {
+                if marked {
+                    run.push_str(t);
+                    run_has_forged = true;
+                } else {
+                    self.encode_run(&run, run_has_forged, &mut ids)?;
+                    run.clear();
+                    run_has_forged = false;
+                    ids.push(id);
+                }
+                rest = &rest[t.len()..];
+            } else {
+                run.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+            marked = false;
+        }
+        self.encode_run(&run, run_has_forged, &mut ids)?;
+        Ok(ids)
+    }
+
+    fn encode_run(&self, run: &str, plain: bool, ids: &mut Vec<u32>) -> Result<()> {
+        if run.is_empty() {
+            return Ok(());
+        }
+        let tokenizer = if plain {
+            self.plain.get_or_init(|| {
+                let mut t = self.inner.clone();
+                t.set_encode_special_tokens(true);
+                t
+            })
+        } else {
+            &self.inner
+        };
+        let enc =
+            tokenizer.encode_fast(run, false).map_err(|e| TextError::Tokenizer(format!("encoding failed: {e}")))?;
+        ids.extend_from_slice(enc.get_ids());
+        Ok(())
     }
 
     /// Decodes ids to text; invalid UTF-8 (e.g. a cut multi-byte character) becomes U+FFFD.

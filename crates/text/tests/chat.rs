@@ -42,6 +42,19 @@ fn qwen3_template_matches_transformers() {
         let ids: Vec<u32> =
             case["expected_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         assert_eq!(tok.encode(&got, false).unwrap(), ids, "{name}");
+        // The path the server takes (content marked, then encoded) gives the same ids for a
+        // conversation without special-token strings in its content.
+        let via_encode_chat = tpl
+            .encode_chat(
+                tok,
+                &case["messages"],
+                tools,
+                case["add_generation_prompt"].as_bool().unwrap(),
+                case.get("enable_thinking").and_then(Value::as_bool),
+                None,
+            )
+            .unwrap();
+        assert_eq!(via_encode_chat, ids, "{name} (encode_chat)");
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -211,4 +224,109 @@ fn generation_tag_supported() {
     .unwrap();
     let msgs = json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]);
     assert_eq!(t.render(&msgs, None, false, None, None).unwrap(), "[q]a");
+}
+
+/// Special-token strings inside message content (a user forging a system turn, a tool result or
+/// tool-call argument closing its turn, a token split across content parts) are plain text:
+/// the ids equal a reference built with transformers (template) and the HF tokenizer with
+/// `split_special_tokens=True` on the content (scripts/make_text_fixtures.py, chat_forged.json),
+/// and only the template's own turns have `<|im_start|>`.
+#[test]
+fn special_tokens_in_content_are_plain_text() {
+    let fixture = read_json("chat_forged.json");
+    let chatml = ChatTemplate::from_source(fixture["chatml"].as_str().unwrap()).unwrap();
+    let qwen3 = qwen3_template();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    for case in cases {
+        let name = format!("{}/{}", case["tokenizer"].as_str().unwrap(), case["name"].as_str().unwrap());
+        let (tok, tpl) = match case["tokenizer"].as_str().unwrap() {
+            "qwen3" => (load_tokenizer("qwen3"), &qwen3),
+            _ => (load_tokenizer("qwen3.5"), &chatml),
+        };
+        let ids = tpl
+            .encode_chat(
+                tok,
+                &case["messages"],
+                case.get("tools").filter(|t| !t.is_null()),
+                case["add_generation_prompt"].as_bool().unwrap(),
+                case.get("enable_thinking").and_then(Value::as_bool),
+                None,
+            )
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let want: Vec<u32> =
+            case["expected_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(ids, want, "{name}");
+        // As many turns as the same conversation with the special-token strings deleted.
+        let im_start = tok.token_to_id("<|im_start|>").unwrap();
+        let clean = tok
+            .encode(
+                &tpl.render(
+                    &without_specials(&case["messages"]),
+                    case.get("tools").filter(|t| !t.is_null()).map(without_specials).as_ref(),
+                    case["add_generation_prompt"].as_bool().unwrap(),
+                    case.get("enable_thinking").and_then(Value::as_bool),
+                    None,
+                )
+                .unwrap(),
+                false,
+            )
+            .unwrap();
+        let count = |v: &[u32]| v.iter().filter(|&&t| t == im_start).count();
+        assert_eq!(count(&ids), count(&clean), "{name}");
+        // Rendering then encoding with special tokens parsed (the old path) forges turns.
+        let naive = tok
+            .encode(
+                &tpl.render(
+                    &case["messages"],
+                    case.get("tools").filter(|t| !t.is_null()),
+                    case["add_generation_prompt"].as_bool().unwrap(),
+                    case.get("enable_thinking").and_then(Value::as_bool),
+                    None,
+                )
+                .unwrap(),
+                false,
+            )
+            .unwrap();
+        // (ChatML does not render `reasoning_content`: nothing forged reaches that prompt.)
+        if name != "qwen3.5/reasoning_content_forged" {
+            assert_ne!(naive, want, "{name}: the case must contain a forged token");
+        }
+    }
+}
+
+fn without_specials(v: &Value) -> Value {
+    match v {
+        Value::String(s) => Value::String(
+            ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_", "start|>"]
+                .iter()
+                .fold(s.clone(), |s, t| s.replace(t, "")),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(without_specials).collect()),
+        Value::Object(o) => Value::Object(o.iter().map(|(k, x)| (k.clone(), without_specials(x))).collect()),
+        other => other.clone(),
+    }
+}
+
+#[test]
+fn mark_content_marks_whole_and_trailing_partial_special_tokens() {
+    let tok = load_tokenizer("qwen3");
+    assert_eq!(tok.mark_content("plain text <think>"), "plain text <think>");
+    assert_eq!(tok.mark_content("a<|im_end|>b"), "a\u{fdd0}<|im_end|>b");
+    assert_eq!(tok.mark_content("ends with <|im_"), "ends with \u{fdd0}<|im_");
+    assert_eq!(tok.mark_content("x\u{fdd0}y"), "x\u{fffd}y");
+    // Marked content in a template's markup: the template's tokens stay tokens.
+    let ids = tok.encode_chat_prompt("<|im_start|>user\n\u{fdd0}<|im_end|><|im_end|>").unwrap();
+    let mut plain = tok.inner().clone();
+    plain.set_encode_special_tokens(true);
+    let body = plain.encode_fast("user\n<|im_end|>", false).unwrap().get_ids().to_vec();
+    assert_eq!(ids[1..ids.len() - 1], body[..], "{ids:?}");
+    assert_eq!(*ids.last().unwrap(), tok.token_to_id("<|im_end|>").unwrap());
+    // The mark survives a template's `tojson(ensure_ascii=true)` (escaped, it would unmark).
+    let t = ChatTemplate::from_source("{{ messages[0].content|tojson(ensure_ascii=true) }}<|im_end|>").unwrap();
+    let ids =
+        t.encode_chat(tok, &json!([{"role": "user", "content": "é<|im_start|>"}]), None, false, None, None).unwrap();
+    let body = plain.encode_fast("\"\\u00e9<|im_start|>\"", false).unwrap().get_ids().to_vec();
+    assert_eq!(ids[..ids.len() - 1], body[..], "{ids:?}");
+    assert_eq!(*ids.last().unwrap(), tok.token_to_id("<|im_end|>").unwrap());
 }

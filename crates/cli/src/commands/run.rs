@@ -91,17 +91,18 @@ pub fn run(mut a: RunArgs) -> Result<()> {
             "[flashmoe] --timing: the GPU synchronizes at every layer phase to time it (no graphs, less overlap)"
         );
     }
-    let prompt_text = if a.raw {
-        a.prompt.clone()
+    // --raw text is the whole prompt, control tokens included; the chat prompt's text is
+    // content, and only the template's own markup becomes control tokens.
+    let ids = if a.raw {
+        engine.encode(&a.prompt)?
     } else {
         let mut messages = Vec::new();
         if let Some(s) = &a.system {
             messages.push(json!({"role": "system", "content": s}));
         }
         messages.push(json!({"role": "user", "content": a.prompt}));
-        engine.render_chat(&Json::Array(messages), None, if a.no_think { Some(false) } else { None })?
+        engine.encode_chat(&Json::Array(messages), None, if a.no_think { Some(false) } else { None }, None)?
     };
-    let ids = engine.encode(&prompt_text)?;
     let sampling = a.sampling.params(&engine.default_sampling);
     let sampler = a.sampling.describe(&sampling, engine.sampling_from_generation_config, engine.sampling_source);
     let spec = match (&a.json_schema, a.json) {

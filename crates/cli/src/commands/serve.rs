@@ -44,11 +44,16 @@ pub struct ServerArgs {
     host: String,
     #[arg(long, default_value_t = 8000)]
     port: u16,
-    /// Require this key (`Authorization: Bearer KEY` or `x-api-key: KEY`) on /v1/*.
-    #[arg(long)]
-    api_key: Option<String>,
+    /// Require a key (`Authorization: Bearer KEY` or `x-api-key: KEY`) on /v1/* and /metrics;
+    /// repeat for several clients. Saved conversation states are kept per key and per the
+    /// request's `user` (OpenAI) / `metadata.user_id` (Anthropic): one client's prompt never
+    /// speeds up, or shows in the `cached_tokens` of, another's. Without a key a single local
+    /// user is assumed and only `user` separates conversations.
+    #[arg(long = "api-key", value_name = "KEY")]
+    api_keys: Vec<String>,
     /// Memory for saved conversation states (e.g. 1G, 512M; 0 = no reuse). A request that
-    /// extends an earlier conversation resumes from the longest saved prefix.
+    /// extends an earlier conversation of the same client (see --api-key) resumes from the
+    /// longest saved prefix.
     #[arg(long, default_value = "1G")]
     state_cache: String,
     /// Model name reported by /v1/models and expected in requests (default: `builtin`, the
@@ -65,12 +70,25 @@ pub struct ServerArgs {
     /// another address, with no --allowed-host, any name is accepted.
     #[arg(long = "allowed-host", value_name = "NAME")]
     allowed_hosts: Vec<String>,
+    /// Connections served at once; further ones wait to be accepted (so idle or slow clients
+    /// cannot use up the process's file descriptors).
+    #[arg(long, default_value_t = flashmoe_server::DEFAULT_MAX_CONNECTIONS, value_name = "N")]
+    max_connections: usize,
+    /// Close a connection that has not sent a whole request head within this time, idle
+    /// keep-alive connections included (e.g. 30s, 500ms).
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    header_timeout: String,
+    /// Fail a request whose body sends no data for this long.
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    body_timeout: String,
     /// Close thinking after N tokens (`</think>` inserted) when a request sets no budget.
     #[arg(long)]
     think_budget: Option<usize>,
     /// TEST HARNESS: a JSON list of assistant replies emitted instead of sampled tokens (the
     /// prompt is still prefilled). Items: "text" (used in order) or {"when": TEXT, "reply": TEXT}
-    /// (used when the last message contains TEXT).
+    /// (used when the last message contains TEXT). Fault injection: {"when": TEXT, "panic": MESSAGE}
+    /// panics inside that generation (the request gets a 500, the server goes on); with
+    /// "unusable": true the engine is then treated as broken (/health 503, exit non-zero).
     #[arg(long)]
     scripted_replies: Option<PathBuf>,
 }
@@ -97,15 +115,21 @@ pub fn config(
     let mut cfg = ServerConfig::new(model.path.clone());
     cfg.host = a.host;
     cfg.port = a.port;
-    cfg.api_key = match a.api_key {
-        Some(k) if k.trim().is_empty() => bail!("--api-key is empty: give a key, or leave the flag out for no key"),
-        k => k,
-    };
+    if a.api_keys.iter().any(|k| k.trim().is_empty()) {
+        bail!("--api-key is empty: give a key, or leave the flag out for no key");
+    }
+    cfg.api_keys = a.api_keys;
     cfg.state_cache_bytes = parse_size(&a.state_cache).map_err(|e| anyhow!("--state-cache {e}"))? as usize;
     cfg.model_name = Some(a.served_model_name.unwrap_or_else(|| model.name.clone()));
     cfg.accept_any_model = a.accept_any_model;
     cfg.allowed_hosts = a.allowed_hosts;
     cfg.think_budget = a.think_budget;
+    if a.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
+    cfg.max_connections = a.max_connections;
+    cfg.header_timeout = parse_duration("--header-timeout", &a.header_timeout)?;
+    cfg.body_timeout = parse_duration("--body-timeout", &a.body_timeout)?;
     cfg.scripted_replies = a.scripted_replies;
     let context = engine.max_context.unwrap_or(PLAN_CONTEXT);
     let plan = Plan { context_tokens: context, batch_tokens: context };
@@ -114,6 +138,26 @@ pub fn config(
     cfg.load = load;
     cfg.memory_plan = memory_plan.map(|p| p.describe());
     Ok(cfg)
+}
+
+/// A duration flag: a number with `ms`, `s` or `m` (`30s`, `500ms`, `2m`), more than zero.
+fn parse_duration(flag: &str, text: &str) -> Result<std::time::Duration> {
+    let t = text.trim();
+    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        bail!("{flag} {text}: give a unit, e.g. 30s, 500ms or 2m");
+    };
+    let secs =
+        num.trim().parse::<f64>().map_err(|_| anyhow!("{flag} {text}: not a duration (e.g. 30s, 500ms)"))? * scale;
+    if !(secs > 0.0 && secs <= 86_400.0) {
+        bail!("{flag} {text}: must be more than 0 and at most a day");
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 /// `ServerArgs` parsed from a word list (`chat --model … --serve-args "…"`).

@@ -60,12 +60,13 @@ pub fn run(a: TokenizeArgs) -> Result<()> {
         let thinking =
             req.get("enable_thinking").and_then(Json::as_bool).or(if a.no_think { Some(false) } else { None });
         let add_gen = req.get("add_generation_prompt").and_then(Json::as_bool).unwrap_or(true);
-        let text = template.render(messages, req.get("tools"), add_gen, thinking, None)?;
         if a.json {
+            // As the server tokenizes a chat: special-token strings in content are plain text.
             let tok = TextTokenizer::load(&tok_path)?;
-            println!("{}", serde_json::to_string(&tok.encode(&text, false)?)?);
+            let ids = template.encode_chat(&tok, messages, req.get("tools"), add_gen, thinking, None)?;
+            println!("{}", serde_json::to_string(&ids)?);
         } else {
-            print!("{text}");
+            print!("{}", template.render(messages, req.get("tools"), add_gen, thinking, None)?);
         }
         return Ok(());
     }

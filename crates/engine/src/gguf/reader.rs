@@ -603,6 +603,7 @@ impl GgufFile {
         // SAFETY: the mapping is read-only. Like every mmap-based loader we rely on the file not
         // being truncated while the model is in use.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::file(path, format!("cannot map file: {e}")))?;
+        crate::mapped::register(path, map.len() as u64);
         let header = Header::parse(&map[..], path)?;
         Ok(GgufFile { path: path.to_path_buf(), header, map: Arc::new(map) })
     }

@@ -118,6 +118,7 @@ fn map_file(path: &Path) -> Result<Arc<Mmap>> {
     let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: read-only mapping of a file we do not modify while mapped.
     let m = unsafe { Mmap::map(&f) }.map_err(|e| Error::file(path, format!("cannot map file: {e}")))?;
+    crate::mapped::register(path, m.len() as u64);
     Ok(Arc::new(m))
 }
 

@@ -114,6 +114,20 @@ impl Engine {
         Ok(self.template.render(messages, tools, true, enable_thinking, None)?)
     }
 
+    /// Renders OpenAI-style messages with the model's own chat template (generation prompt
+    /// appended) and tokenizes them; special-token strings inside the messages' content are
+    /// plain text, only the template's markup is control tokens
+    /// ([`ChatTemplate::encode_chat`](flashmoe_text::ChatTemplate::encode_chat)).
+    pub fn encode_chat(
+        &self,
+        messages: &Json,
+        tools: Option<&Json>,
+        enable_thinking: Option<bool>,
+        extra: Option<&serde_json::Map<String, Json>>,
+    ) -> Result<Vec<u32>> {
+        Ok(self.template.encode_chat(&self.tokenizer, messages, tools, true, enable_thinking, extra)?)
+    }
+
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self.tokenizer.encode(text, false)?)
     }

@@ -20,7 +20,8 @@
 //!   [`Session::generate_with_logprobs`]'s callback as they are produced. Tokens that were not
 //!   sampled (scripted replies, the `</think>` the think budget inserts) have no entry.
 //! * [`PrefixCache`]: snapshots of the sequence state taken at turn boundaries (end of the prompt,
-//!   end of the generation), keyed by the exact tokens they cover and bounded in bytes (LRU). A
+//!   end of the generation), keyed by the request's scope (whose conversation: a server's client)
+//!   and the exact tokens they cover, bounded in bytes (LRU). A
 //!   GatedDeltaNet state cannot be rewound, so only an exact snapshot point can be resumed from: a
 //!   new prompt resumes from the snapshot with the longest token prefix of it and prefills only the
 //!   rest.
@@ -63,6 +64,9 @@ pub struct CacheStats {
 }
 
 struct Snapshot {
+    /// Whose conversation this is ([`GenerateRequest::cache_scope`]): only requests of the
+    /// same scope resume from it.
+    scope: String,
     tokens: Vec<u32>,
     state: SequenceState,
     /// Logits for the position after `tokens` (what the next token is sampled from).
@@ -121,14 +125,15 @@ impl PrefixCache {
         self.bytes = 0;
     }
 
-    /// The snapshot covering the longest prefix of `prompt` (a copy of its state), counting a hit
-    /// or a miss. The whole prompt may match: the stored logits then give the first token.
-    pub fn lookup(&mut self, prompt: &[u32]) -> Option<Resume> {
+    /// The snapshot of `scope` covering the longest prefix of `prompt` (a copy of its state),
+    /// counting a hit or a miss. The whole prompt may match: the stored logits then give the
+    /// first token. Snapshots of other scopes are never used (nor is their presence visible).
+    pub fn lookup(&mut self, scope: &str, prompt: &[u32]) -> Option<Resume> {
         self.clock += 1;
         let best = self
             .entries
             .iter_mut()
-            .filter(|e| !e.tokens.is_empty() && prompt.starts_with(&e.tokens))
+            .filter(|e| e.scope == scope && !e.tokens.is_empty() && prompt.starts_with(&e.tokens))
             .max_by_key(|e| e.tokens.len());
         match best {
             Some(e) => {
@@ -146,18 +151,18 @@ impl PrefixCache {
 
     /// Stores a snapshot of `state` (which covers exactly `tokens`), evicting the least recently
     /// used ones to stay within the bound. A snapshot larger than the whole bound is not stored.
-    pub fn insert(&mut self, tokens: &[u32], state: &SequenceState, logits: &[f32]) {
+    pub fn insert(&mut self, scope: &str, tokens: &[u32], state: &SequenceState, logits: &[f32]) {
         debug_assert_eq!(tokens.len(), state.pos);
         if tokens.is_empty() || self.max_bytes == 0 {
             return;
         }
         self.clock += 1;
-        if let Some(e) = self.entries.iter_mut().find(|e| e.tokens == tokens) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.scope == scope && e.tokens == tokens) {
             e.last_used = self.clock;
             return;
         }
         let state = state.clone();
-        let bytes = state.bytes() + logits.len() * 4 + tokens.len() * 4;
+        let bytes = state.bytes() + logits.len() * 4 + tokens.len() * 4 + scope.len();
         if bytes > self.max_bytes {
             return;
         }
@@ -170,6 +175,7 @@ impl PrefixCache {
         self.bytes += bytes;
         self.stats.inserts += 1;
         self.entries.push(Snapshot {
+            scope: scope.to_string(),
             tokens: tokens.to_vec(),
             state,
             logits: logits.to_vec(),
@@ -203,6 +209,10 @@ pub struct GenerateRequest {
     /// Report each generated token's logprob with this many alternatives (at most
     /// [`MAX_TOP_LOGPROBS`]); `None` = no logprobs.
     pub logprobs: Option<usize>,
+    /// Who the conversation belongs to (a server: the client's API key and user): the prefix
+    /// cache resumes only from snapshots stored under the same scope, so one client's saved
+    /// state (and the speed-up it gives) never serves, or reveals, another's prompt.
+    pub cache_scope: String,
 }
 
 /// Which part of the reply a piece of text belongs to.
@@ -355,7 +365,7 @@ pub(crate) fn generate(
     // Prefill: resume from the longest snapshot, run the rest in chunks.
     let io0 = io(model);
     let t0 = Instant::now();
-    let (mut state, mut logits) = match cache.lookup(prompt) {
+    let (mut state, mut logits) = match cache.lookup(&req.cache_scope, prompt) {
         Some(r) => {
             g.reused_tokens = r.tokens;
             (r.state, r.logits)
@@ -380,7 +390,7 @@ pub(crate) fn generate(
     let io1 = io(model);
     g.io_prefill = io1.zip(io0).map(|(b, a)| b.since(&a));
     if g.prefilled_tokens > 0 {
-        cache.insert(prompt, &state, &logits);
+        cache.insert(&req.cache_scope, prompt, &state, &logits);
     }
 
     // Decode.
@@ -513,7 +523,7 @@ pub(crate) fn generate(
     g.io_decode = io(model).zip(io1).map(|(b, a)| b.since(&a));
     out.finish(&mut g, &mut on_piece, channel)?;
     if fed.len() > prompt.len() && !logits.is_empty() {
-        cache.insert(&fed, &state, &logits);
+        cache.insert(&req.cache_scope, &fed, &state, &logits);
     }
     Ok(g)
 }

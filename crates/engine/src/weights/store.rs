@@ -128,6 +128,7 @@ impl TensorStore {
             // SAFETY: the mapping is read-only. Like every mmap-based loader we rely on the file not
             // being truncated while the model is in use.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::file(path, format!("cannot map file: {e}")))?;
+            crate::mapped::register(path, map.len() as u64);
             let map = Arc::new(map);
             maps.push(map.clone());
             let (header_len, meta) = SafeTensors::read_metadata(&map[..])
