@@ -10,8 +10,9 @@
 //!
 //! The model checks run on every backend available: the CPU, and with the `cuda` feature the GPU
 //! (the GGML kernels of kernels/ggml.cu) with every expert cached and prefill through cuBLAS on
-//! dequantized tiles, and with a cache of k+1 experts (nearly every step evicts and copies) and
-//! prefill in 4-token passes through the grouped GEMM kernel.
+//! dequantized tiles, with a cache of k+1 experts (nearly every step evicts and copies) and
+//! prefill in 4-token passes through the grouped GEMM kernel, and the same with the misses the
+//! RAM tier holds computed by the CPU (hybrid decode).
 
 use flashmoe::{Engine, LoadOptions, LogitsFor, Model};
 use serde_json::Value;
@@ -64,7 +65,13 @@ fn backends(path: &Path) -> Vec<(&'static str, LoadOptions, f32)> {
                 v.push(("cuda", LoadOptions { device, ..Default::default() }, 1e-4));
                 let gpu = GpuTuning { prefill_chunk: 4, ..Default::default() };
                 let device = DeviceOptions { device: DeviceChoice::Cuda(0), gpu_cache: GpuCache::Experts(k + 1), gpu };
-                v.push(("cuda-small-cache", LoadOptions { device, ..Default::default() }, 1e-4));
+                v.push(("cuda-small-cache", LoadOptions { device: device.clone(), ..Default::default() }, 1e-4));
+                // Hybrid decode: the GPU-cache misses the RAM tier holds are computed by the CPU on
+                // the GGML blocks, next to the GPU's.
+                let gpu = GpuTuning { hybrid: flashmoe::backend::Hybrid::Cpu, exclusive: true, ..device.gpu };
+                let store = flashmoe::experts::StoreOptions { ram_cache_bytes: 64 << 20, ..Default::default() };
+                let device = DeviceOptions { gpu, ..device };
+                v.push(("cuda-hybrid-cpu", LoadOptions { device, store, ..Default::default() }, 1e-4));
             }
             Err(e) => eprintln!("no GPU backend: {e}"),
         }
