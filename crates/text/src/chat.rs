@@ -257,7 +257,8 @@ impl ChatTemplate {
         let mut out = BoundedOutput { buf: Vec::new(), limit: MAX_RENDER_BYTES };
         tpl.render_captured_to(Value::from_pairs(ctx), &mut out).map_err(err)?;
         // minijinja writes only `str`s, so the bytes are UTF-8.
-        String::from_utf8(out.buf).map_err(|e| TextError::TemplateRender { origin: self.origin.clone(), message: e.to_string() })
+        String::from_utf8(out.buf)
+            .map_err(|e| TextError::TemplateRender { origin: self.origin.clone(), message: e.to_string() })
     }
 
     /// Renders a [`ChatRequest`].
