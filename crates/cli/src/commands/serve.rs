@@ -108,7 +108,7 @@ pub fn config(
     cfg.think_budget = a.think_budget;
     cfg.scripted_replies = a.scripted_replies;
     let context = engine.max_context.unwrap_or(PLAN_CONTEXT);
-    let plan = Plan { context_tokens: context, batch_tokens: context };
+    let plan = Plan { context_tokens: context, batch_tokens: context, logits_rows: 1 };
     // The plan goes into the server's start-up block (logged) instead of a line of its own.
     let (load, memory_plan) = args::load_options_and_plan(&model.path, store, device, engine, plan)?;
     cfg.load = load;

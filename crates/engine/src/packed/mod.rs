@@ -267,7 +267,7 @@ pub fn check_resident(store: &TensorStore, m: &Manifest) -> Result<()> {
     m.tensors.par_iter().try_for_each(|e| {
         let Some(want) = &e.xxh3 else { return Ok(()) };
         let t = store.get(&e.name).ok_or_else(|| Error::file(store.dir.join(&m.weights_file), format!("tensor `{}` missing", e.name)))?;
-        if &xxh3_hex(t.bytes.as_slice()) != want {
+        if xxh3_hex(t.bytes.as_slice()) != *want {
             return Err(Error::file(
                 &t.file,
                 format!(
