@@ -105,7 +105,7 @@ fn absurd_config_sizes_are_refused_before_any_allocation() {
             c["text_config"].as_object_mut().unwrap().remove("layer_types");
         }
         let t0 = Instant::now();
-        let e = ModelConfig::from_value(&c, path).err().expect("refused").to_string();
+        let e = ModelConfig::from_value(&c, path).expect_err("refused").to_string();
         assert!(e.contains(field) && e.contains("supported"), "{field}: {e}");
         assert!(t0.elapsed() < Duration::from_secs(1), "{field}: took {:?}", t0.elapsed());
     }
@@ -113,7 +113,7 @@ fn absurd_config_sizes_are_refused_before_any_allocation() {
     let mut c = cfg.clone();
     c["text_config"]["eos_token_id"] = (1u64 << 32 | 7).into();
     c["eos_token_id"] = (1u64 << 32 | 7).into();
-    let e = ModelConfig::from_value(&c, path).err().expect("refused").to_string();
+    let e = ModelConfig::from_value(&c, path).expect_err("refused").to_string();
     assert!(e.contains("eos_token_id"), "{e}");
 }
 
@@ -129,7 +129,8 @@ fn manifest_offsets_sizes_and_names_are_checked() {
     let path = out.join("manifest.json");
     Manifest::parse(&text, &path).expect("the converter's own manifest parses");
     let base: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         ("stride × experts overflows", Box::new(|m| m["experts"][0]["stride"] = (1u64 << 62).into()), "too large"),
         ("unaligned stride", Box::new(|m| m["experts"][0]["stride"] = 4097.into()), "multiple of 4096"),
         ("blob beyond stride", Box::new(|m| m["experts"][0]["blob_bytes"] = (1u64 << 40).into()), "exceeds its stride"),

@@ -97,11 +97,11 @@ impl Manifest {
         let m: Manifest =
             serde_json::from_str(text).map_err(|e| Error::file(path, format!("malformed manifest: {e}")))?;
         if m.format != FORMAT_NAME {
-            return Err(Error::file(&path, format!("not a flashmoe packed model (format `{}`)", m.format)));
+            return Err(Error::file(path, format!("not a flashmoe packed model (format `{}`)", m.format)));
         }
         if m.version != FORMAT_VERSION {
             return Err(Error::file(
-                &path,
+                path,
                 format!(
                     "packed format version {} is not supported (this build reads version {FORMAT_VERSION})",
                     m.version
