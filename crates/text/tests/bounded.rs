@@ -78,6 +78,16 @@ sys.stdout.write(t.render(messages=json.load(open(sys.argv[2])), add_generation_
     assert_eq!(ours, String::from_utf8(o.stdout).unwrap());
 }
 
+/// Found by the `chat_template` fuzz target: `{%}` (opening and closing delimiters sharing the
+/// `%`) made the `{% generation %}` rewrite slice backwards (a panic on a model's template).
+#[test]
+fn overlapping_tag_delimiters_are_a_syntax_error_not_a_panic() {
+    for src in ["{%}", "{% generation %}x{%}", "a {%} generation"] {
+        let e = ChatTemplate::from_source(src).expect_err("not a valid template").to_string();
+        assert!(e.contains("invalid chat template"), "{src}: {e}");
+    }
+}
+
 #[test]
 fn a_fifo_or_device_as_a_text_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();
