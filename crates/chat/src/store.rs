@@ -5,6 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -97,9 +98,11 @@ impl Conversation {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
+        // Owner-only (0600), like the rewrite: transcripts hold what the user typed and tools read.
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&self.path)
             .with_context(|| format!("opening {}", self.path.display()))?;
         f.write_all(format!("{line}\n").as_bytes()).with_context(|| format!("writing {}", self.path.display()))?;
@@ -135,7 +138,13 @@ impl Conversation {
             text.push_str(&serde_json::to_string(m)?);
             text.push('\n');
         }
-        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        // Owner-only (0600): transcripts hold what the user typed and what tools read.
+        let write = || -> std::io::Result<()> {
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+            f.write_all(text.as_bytes())
+        };
+        write().with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &self.path)?;
         Ok(())
     }
@@ -205,6 +214,9 @@ mod tests {
         assert_eq!(back.messages, c.messages);
         assert_eq!(back.system(), Some("be brief"));
         assert_eq!(back.messages.len(), 4);
+        // Owner-only, after appends and after a rewrite.
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&c.path).unwrap().permissions().mode() & 0o777, 0o600);
         // A torn last line is ignored.
         std::fs::OpenOptions::new().append(true).open(&c.path).unwrap().write_all(b"{\"role\": \"us").unwrap();
         assert_eq!(Conversation::load(&data, &c.id).unwrap().messages.len(), 4);

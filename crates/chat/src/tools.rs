@@ -174,6 +174,13 @@ fn kill_group(pid: u32) {
 
 /// Reads a file (lossy UTF-8), capped.
 pub fn read_file(path: &str, limits: &ToolLimits) -> String {
+    // Opening a FIFO would block the chat until some writer appears; a device has no end.
+    if let Ok(m) = std::fs::metadata(path)
+        && !m.is_file()
+    {
+        let what = if m.is_dir() { "a directory" } else { "not a regular file (a FIFO, socket or device)" };
+        return format!("error: cannot read {path}: it is {what}");
+    }
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) => return format!("error: cannot open {path}: {e}"),

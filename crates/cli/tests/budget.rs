@@ -65,3 +65,57 @@ fn experts_four_times_the_budget_stream_with_identical_output_and_bounded_rss() 
         assert!(864.0 >= 4.0 * budget_mib);
     }
 }
+
+/// `ppl` holds a whole window of logits (window × vocab × 4 bytes) besides what `run` holds:
+/// the plan counts it, so peak RSS stays under the budget with the RAM cache filled (it went
+/// over by the window's logits before).
+#[test]
+fn ppl_stays_under_the_budget_with_its_logits_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("synth35");
+    let tok = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen35-moe-tiny");
+    // 512 experts of 1.7 MiB (864 MiB) and a 32k vocabulary: a 512-token window of logits is 64 MiB.
+    let o = flashmoe(&[
+        "synth",
+        "--geometry",
+        "qwen3.5-35b-a3b",
+        "--layers",
+        "1",
+        "--vocab",
+        "32768",
+        "--experts",
+        "512",
+        "--tokenizer-from",
+        tok.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = tmp.path().join("text.txt");
+    let words: Vec<String> = (0..1500).map(|i| format!("word{} and", i % 97)).collect();
+    std::fs::write(&text, words.join(" ")).unwrap();
+    let budget_mib = 400.0;
+    let o = flashmoe(&[
+        "ppl",
+        "--model",
+        dir.to_str().unwrap(),
+        "--file",
+        text.to_str().unwrap(),
+        "--window",
+        "512",
+        "--max-tokens",
+        "1024",
+        "--io",
+        "page",
+        "--memory-budget",
+        "400M",
+        "--io-threads",
+        "4",
+    ]);
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{err}");
+    let rss = peak_rss_mib(&out);
+    eprintln!("ppl: peak RSS {rss:.1} MiB under a {budget_mib} MiB budget: {out}{err}");
+    assert!(err.contains("[flashmoe] plan: budget 400.0 MiB"), "{err}");
+    assert!(rss <= budget_mib, "peak RSS {rss} MiB exceeds the budget: {out}");
+}

@@ -24,6 +24,13 @@ impl Family {
     }
 }
 
+/// Bounds on config values (see `validate`): a real model is orders of magnitude below each.
+pub const MAX_LAYERS: usize = 1 << 12;
+pub const MAX_DIM: usize = 1 << 18;
+pub const MAX_HEADS: usize = 1 << 12;
+pub const MAX_EXPERTS: usize = 1 << 14;
+pub const MAX_VOCAB: usize = 1 << 24;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LayerKind {
     /// GatedDeltaNet ("linear_attention").
@@ -95,7 +102,7 @@ impl ModelConfig {
             ));
         }
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let text = flashmoe_text::file::read_text(&path).map_err(|e| Error::io(&path, e))?;
         let root: Value =
             serde_json::from_str(&text).map_err(|e| Error::config(&path, format!("malformed JSON: {e}")))?;
         Self::from_value(&root, &path)
@@ -157,6 +164,10 @@ impl ModelConfig {
 
         let hidden_size = f.usize("hidden_size")?;
         let num_layers = f.usize("num_hidden_layers")?;
+        // Checked here too, before the per-layer list below is allocated.
+        if num_layers > MAX_LAYERS {
+            return Err(f.err("num_hidden_layers", format!("{num_layers} is more than the {MAX_LAYERS} supported")));
+        }
         let layer_kinds = match f.obj.get("layer_types") {
             Some(Value::Array(a)) => {
                 let mut kinds = Vec::with_capacity(a.len());
@@ -235,12 +246,18 @@ impl ModelConfig {
         let experts_per_token = f.usize("num_experts_per_tok")?;
         let eos_token_ids = match f.get("eos_token_id") {
             Some(Value::Number(n)) => {
-                vec![n.as_u64().ok_or_else(|| f.err("eos_token_id", "must be a non-negative integer"))? as u32]
+                vec![
+                    n.as_u64()
+                        .and_then(|x| u32::try_from(x).ok())
+                        .ok_or_else(|| f.err("eos_token_id", "must be an integer in 0..2^32"))?,
+                ]
             }
             Some(Value::Array(a)) => a
                 .iter()
                 .map(|v| {
-                    v.as_u64().map(|x| x as u32).ok_or_else(|| f.err("eos_token_id", "must hold non-negative integers"))
+                    v.as_u64()
+                        .and_then(|x| u32::try_from(x).ok())
+                        .ok_or_else(|| f.err("eos_token_id", "must hold integers in 0..2^32"))
                 })
                 .collect::<Result<_>>()?,
             _ => vec![],
@@ -302,6 +319,29 @@ impl ModelConfig {
         ] {
             if v == 0 {
                 return bad(name, "must be at least 1".into());
+            }
+        }
+        // Upper bounds, far above any real model, so that every size derived from these (rows ×
+        // columns × bytes of one matrix, cache and buffer sizes) fits in 64 bits and absurd
+        // values are refused here instead of as an allocation failure later.
+        for (name, v, max) in [
+            ("hidden_size", self.hidden_size, MAX_DIM),
+            ("num_hidden_layers", self.num_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_heads, MAX_HEADS),
+            ("num_key_value_heads", self.num_kv_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, MAX_DIM),
+            ("linear_num_key_heads", self.linear_key_heads, MAX_HEADS),
+            ("linear_num_value_heads", self.linear_value_heads, MAX_HEADS),
+            ("linear_key_head_dim", self.linear_key_dim, MAX_DIM),
+            ("linear_value_head_dim", self.linear_value_dim, MAX_DIM),
+            ("linear_conv_kernel_dim", self.conv_kernel, MAX_HEADS),
+            ("num_experts", self.num_experts, MAX_EXPERTS),
+            ("moe_intermediate_size", self.moe_intermediate, MAX_DIM),
+            ("shared_expert_intermediate_size", self.shared_intermediate, MAX_DIM),
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+        ] {
+            if v > max {
+                return bad(name, format!("{v} is more than the {max} supported"));
             }
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {

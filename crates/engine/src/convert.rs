@@ -352,7 +352,7 @@ fn convert_inner(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn P
     let weights = ModelWeights::load(&store, &config)?;
     let config_path = src.join("config.json");
     let mut config_json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?)
+        serde_json::from_str(&flashmoe_text::file::read_text(&config_path).map_err(|e| Error::io(&config_path, e))?)
             .map_err(|e| Error::file(&config_path, format!("malformed JSON: {e}")))?;
     if let Some(o) = config_json.as_object_mut() {
         // Quantization is described per tensor in the manifest; the source's module-path

@@ -210,7 +210,7 @@ pub fn snapshot_dir(hub: &HubCache, repo: &str, revision: Option<&str>) -> Resul
     }
     let cache_repo = hub.cache.repo(Repo::with_revision(repo.to_string(), RepoType::Model, rev.to_string()));
     let ref_file = dir.join("refs").join(rev);
-    let commit = match std::fs::read_to_string(&ref_file) {
+    let commit = match flashmoe_text::file::read_text(&ref_file) {
         Ok(c) => c.trim().to_string(),
         // A commit hash given as the revision names its snapshot directly.
         Err(_) if dir.join("snapshots").join(rev).is_dir() => rev.to_string(),
@@ -519,7 +519,7 @@ pub fn folder_format(dir: &Path) -> String {
     if dir.join(crate::packed::MANIFEST).exists() {
         return "flashmoe packed".into();
     }
-    let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else {
+    let Ok(text) = flashmoe_text::file::read_text(&dir.join("config.json")) else {
         return "unknown (no config.json)".into();
     };
     let Ok(cfg) = serde_json::from_str::<serde_json::Value>(&text) else {
@@ -544,7 +544,7 @@ fn collect_refs(refs_dir: &Path) -> Vec<(String, String)> {
     collect_files(refs_dir, refs_dir, &mut files, 0);
     files
         .into_iter()
-        .filter_map(|r| std::fs::read_to_string(refs_dir.join(&r)).ok().map(|c| (r, c.trim().to_string())))
+        .filter_map(|r| flashmoe_text::file::read_text(&refs_dir.join(&r)).ok().map(|c| (r, c.trim().to_string())))
         .collect()
 }
 

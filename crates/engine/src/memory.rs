@@ -153,7 +153,7 @@ fn fit_at(dir: &Path, ram: u64, gpu: Option<u64>, baseline: u64) -> Result<Fit> 
         return Ok(Fit::AllOnGpu);
     }
     let k = f.config.experts_per_token;
-    match plan_at(&f, dir, ram, FIT_CONTEXT, k, 512, 8, baseline) {
+    match plan_at(&f, dir, ram, FIT_CONTEXT, k, 512, 1, 8, baseline) {
         Ok(p) if p.ram_cache >= p.experts_on_disk => Ok(Fit::ExpertsInRam),
         Ok(p) => Ok(Fit::Streamed { ram_cache: p.ram_cache, experts: p.experts_on_disk }),
         Err(Error::Input(msg)) => Ok(Fit::DoesNotFit(msg)),
@@ -182,12 +182,14 @@ pub fn plan(
     context_tokens: usize,
     fetch_chunk: usize,
     batch_tokens: usize,
+    logits_rows: usize,
     io_threads: usize,
 ) -> Result<MemoryPlan> {
-    plan_footprint(&footprint(dir)?, dir, budget, context_tokens, fetch_chunk, batch_tokens, io_threads)
+    plan_footprint(&footprint(dir)?, dir, budget, context_tokens, fetch_chunk, batch_tokens, logits_rows, io_threads)
 }
 
 /// `plan` for a footprint already read (`dir` names the model in the error).
+#[allow(clippy::too_many_arguments)]
 pub fn plan_footprint(
     f: &Footprint,
     dir: &Path,
@@ -195,9 +197,10 @@ pub fn plan_footprint(
     context_tokens: usize,
     fetch_chunk: usize,
     batch_tokens: usize,
+    logits_rows: usize,
     io_threads: usize,
 ) -> Result<MemoryPlan> {
-    plan_at(f, dir, budget, context_tokens, fetch_chunk, batch_tokens, io_threads, current_rss_bytes())
+    plan_at(f, dir, budget, context_tokens, fetch_chunk, batch_tokens, logits_rows, io_threads, current_rss_bytes())
 }
 
 /// The plan for a process that already holds `baseline` bytes.
@@ -209,6 +212,7 @@ fn plan_at(
     context_tokens: usize,
     fetch_chunk: usize,
     batch_tokens: usize,
+    logits_rows: usize,
     io_threads: usize,
     baseline: u64,
 ) -> Result<MemoryPlan> {
@@ -223,7 +227,9 @@ fn plan_at(
         .saturating_add(2 * io_threads as u64)
         .saturating_mul(max_stride)
         .saturating_add((batch_tokens as u64).saturating_mul(act_per_token as u64))
-        .saturating_add((c.vocab_size * 4 * 2) as u64)
+        // The logits a command holds at once: one row for generation (two: the sampler's copy),
+        // a whole window for `ppl` and `logits` (`LogitsFor::All`).
+        .saturating_add((logits_rows.max(2) as u64).saturating_mul(c.vocab_size as u64 * 4))
         .saturating_add(16 << 20);
     let state = state_bytes(c, context_tokens);
     let fixed = non_expert.saturating_add(state).saturating_add(buffers).saturating_add(baseline);
@@ -280,7 +286,7 @@ mod tests {
         // test thread loads a library (the CUDA driver did, on the GPU machine).
         let baseline = 100 << 20;
         let k = crate::ModelConfig::load(&dir).unwrap().experts_per_token;
-        let p = plan_at(&footprint(&dir).unwrap(), &dir, 1 << 40, FIT_CONTEXT, k, 512, 8, baseline).unwrap();
+        let p = plan_at(&footprint(&dir).unwrap(), &dir, 1 << 40, FIT_CONTEXT, k, 512, 1, 8, baseline).unwrap();
         let resident = p.non_expert + p.state + p.buffers + p.baseline;
         let step = 64 << 10;
         let mut seen = Vec::new();

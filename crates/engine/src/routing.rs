@@ -130,7 +130,7 @@ impl Drop for TraceWriter {
 
 /// Reads a trace written by [`TraceWriter`], checking every line against the header.
 pub fn read_trace(path: &Path) -> Result<Trace> {
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let f = flashmoe_text::file::open_regular(path).map_err(|e| Error::io(path, e))?;
     let mut lines = BufReader::new(f).lines();
     let bad = |n: usize, msg: String| Error::file(path, format!("line {n}: {msg}"));
     let first = match lines.next() {

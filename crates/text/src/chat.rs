@@ -23,6 +23,32 @@ const DEFAULT_NAME: &str = "default";
 /// transformers picks this named template when tools are passed.
 const TOOL_USE_NAME: &str = "tool_use";
 
+/// Template instructions one rendering may execute (minijinja fuel). The real Qwen templates
+/// spend a few hundred per message, so this allows conversations far longer than any context
+/// while a template (or input) that loops without end fails in about a second.
+pub const RENDER_FUEL: u64 = 20_000_000;
+/// Most bytes one rendering may produce: far more than any context holds as text.
+pub const MAX_RENDER_BYTES: usize = 64 << 20;
+
+/// A rendering's output, refused past `limit` bytes (minijinja stops at the write error).
+struct BoundedOutput {
+    buf: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > self.limit {
+            return Err(std::io::Error::other(format!("the rendered prompt exceeds {} bytes", self.limit)));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Built-in fallback for models that ship no template: plain Qwen-style ChatML.
 ///
 /// `enable_thinking` is deliberately ignored: the fallback is used for unknown models, and
@@ -67,11 +93,13 @@ impl ChatTemplate {
     pub fn from_model_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let config_path = dir.join("tokenizer_config.json");
-        let config = if config_path.is_file() { Some(read_json(&config_path)?) } else { None };
+        let config = if config_path.exists() { Some(read_json(&config_path)?) } else { None };
 
         let jinja_path = dir.join("chat_template.jinja");
         let json_path = dir.join("chat_template.json");
-        let mut tpl = if jinja_path.is_file() {
+        // `exists`, not `is_file`: a FIFO or device in the template's place is an error, not a
+        // silent fall back to another template.
+        let mut tpl = if jinja_path.exists() {
             let src = String::from_utf8(read_file(&jinja_path)?).map_err(|e| TextError::TemplateSyntax {
                 origin: jinja_path.display().to_string(),
                 message: format!("not UTF-8: {e}"),
@@ -268,7 +296,11 @@ impl ChatTemplate {
         };
         let err = |e: Error| TextError::TemplateRender { origin: self.origin.clone(), message: jinja_message(&e) };
         let tpl = self.env.get_template(name).map_err(err)?;
-        tpl.render(Value::from_pairs(ctx)).map_err(err)
+        let mut out = BoundedOutput { buf: Vec::new(), limit: MAX_RENDER_BYTES };
+        tpl.render_captured_to(Value::from_pairs(ctx), &mut out).map_err(err)?;
+        // minijinja writes only `str`s, so the bytes are UTF-8.
+        String::from_utf8(out.buf)
+            .map_err(|e| TextError::TemplateRender { origin: self.origin.clone(), message: e.to_string() })
     }
 
     /// Renders a [`ChatRequest`].
@@ -523,7 +555,7 @@ fn read_json(path: &Path) -> Result<Json> {
 }
 
 fn read_json_opt(path: &Path) -> Result<Json> {
-    if path.is_file() { read_json(path) } else { Ok(Json::Null) }
+    if path.exists() { read_json(path) } else { Ok(Json::Null) }
 }
 
 /// transformers' `{% generation %}…{% endgeneration %}` (AssistantTracker) only marks spans and
@@ -538,7 +570,8 @@ fn rewrite_generation_tags(src: &str) -> String {
     while let Some(pos) = rest.find("{%") {
         out.push_str(&rest[..pos]);
         let tag = &rest[pos..];
-        let Some(end) = tag.find("%}") else {
+        // The closing `%}` comes after the opening `{%` (in `{%}` they overlap).
+        let Some(end) = tag[2..].find("%}").map(|e| e + 2) else {
             out.push_str(tag);
             return out;
         };
@@ -579,6 +612,7 @@ fn new_environment() -> Environment<'static> {
         .build()
         .expect("default delimiters are valid");
     env.set_syntax(syntax);
+    env.set_fuel(Some(RENDER_FUEL));
     env.set_unknown_method_callback(python_methods);
     env.set_formatter(|out, _state, value| {
         // Safe strings and plain strings print as-is (autoescape is off); others as Python str().

@@ -50,7 +50,7 @@ pub type Result<T, E = TextError> = std::result::Result<T, E>;
 
 /// Reads a whole file, turning "not found" into [`TextError::FileNotFound`].
 pub(crate) fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| {
+    crate::file::read_regular(path, crate::file::MAX_READ_BYTES).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
             TextError::FileNotFound { path: path.to_path_buf() }
         } else {

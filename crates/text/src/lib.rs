@@ -4,11 +4,13 @@
 //!   UTF-8-safe detokenization.
 //! * [`ChatTemplate`]: renders OpenAI-style messages exactly as transformers' `apply_chat_template`.
 //! * [`Sampler`] / [`SamplingParams`]: penalties, temperature, top-k, top-p, min-p.
+//! * [`file`]: opening a model folder's files (regular files only, bounded reads).
 //! * [`constraint`]: grammar-constrained decoding (JSON, JSON schema, forced tool calls) with llguidance.
 
 pub mod chat;
 pub mod constraint;
 mod error;
+pub mod file;
 mod gguf_vocab;
 mod pyfmt;
 pub mod sampling;

@@ -350,7 +350,7 @@ impl ToolCallParser {
                 }
                 if self.block_functions > 0 {
                     // Junk between `</function>` and `</tool_call>`: dropped (the calls are out).
-                    let next = self.buf[1..].find('<').map_or(self.buf.len(), |p| p + 1);
+                    let next = after_first_char_to('<', &self.buf);
                     self.buf.drain(..next);
                     return true;
                 }
@@ -401,7 +401,7 @@ impl ToolCallParser {
                     return false;
                 }
                 // Stray text inside the function: skipped up to the next tag.
-                let next = self.buf[1..].find('<').map_or(self.buf.len(), |p| p + 1);
+                let next = after_first_char_to('<', &self.buf);
                 self.buf.drain(..next);
                 true
             }
@@ -548,6 +548,13 @@ fn schema_types(schema: &Json) -> Vec<String> {
         out.push("string".into());
     }
     out
+}
+
+/// Where the next `c` after the first character of `buf` starts (the end of `buf` if none):
+/// what skipping stray text up to the next tag drains. The first character may be multi-byte.
+fn after_first_char_to(c: char, buf: &str) -> usize {
+    let first = buf.chars().next().map_or(0, char::len_utf8);
+    buf[first..].find(c).map_or(buf.len(), |p| p + first)
 }
 
 /// Converts an XML parameter value to JSON by its schema (see the module docs).

@@ -427,3 +427,20 @@ fn qwen35_xml_template_round_trip() {
         assert_eq!(reasoning, m["reasoning_content"].as_str().unwrap());
     }
 }
+
+/// Found by the `tool_calls` fuzz target: stray text inside a call that starts with a
+/// multi-byte character was sliced inside that character (a panic in the server's relay).
+#[test]
+fn stray_multibyte_text_inside_a_call_is_skipped_not_a_panic() {
+    for text in [
+        "<tool_call>\n<function=f>\nݒ<parameter=a>\n1\n</parameter>\n</function>\n</tool_call>",
+        "<tool_call>\n<function=f>\n</function>ݒ junk</tool_call>",
+    ] {
+        for events in
+            [events_whole(ToolFormat::QwenXml, false, None, text), events_chars(ToolFormat::QwenXml, false, None, text)]
+        {
+            let (_, _, calls) = collect(events);
+            assert_eq!(calls.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["f"], "{text:?}");
+        }
+    }
+}

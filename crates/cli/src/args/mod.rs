@@ -19,6 +19,13 @@ use flashmoe::LoadOptions;
 use flashmoe::memory::MemoryPlan;
 use std::path::Path;
 
+/// A flag that must be a positive finite number (a half-life, a bandwidth): NaN, infinities, 0
+/// and negative values are refused by clap with this message.
+pub fn positive_number(s: &str) -> std::result::Result<f64, String> {
+    let x: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if x > 0.0 && x.is_finite() { Ok(x) } else { Err(format!("must be a positive finite number, got {s}")) }
+}
+
 /// The load options of a command that loads a model: the store (and the memory plan, printed
 /// when a budget is set), the device and the engine options. `context_tokens` and `batch_tokens`
 /// size the memory plan.

@@ -13,23 +13,32 @@ fn in_range(lo: f32, hi: f32) -> impl Fn(&str) -> Result<f32, String> + Clone + 
     }
 }
 
+/// A number in (0, hi]: 0 has no meaning for these (a repetition penalty of 0 would divide by
+/// zero and the sampler ignores it; a top-p of 0 keeps nothing, as vLLM refuses it).
+fn positive_up_to(hi: f32) -> impl Fn(&str) -> Result<f32, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        let x: f32 = s.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
+        if x > 0.0 && x <= hi { Ok(x) } else { Err(format!("must be between 0 (excluded) and {hi}, got {s}")) }
+    }
+}
+
 /// Each flag overrides the model's own default (its generation_config.json; greedy without one).
 #[derive(Args, Clone, Debug, Default)]
 pub struct SamplingArgs {
     /// 0 = greedy (deterministic). 0 to 2. Default: the model's generation_config.json.
     #[arg(long, value_parser = in_range(0.0, 2.0))]
     pub temperature: Option<f32>,
-    /// 0 to 1 (1 = off). Default: the model's generation_config.json.
-    #[arg(long, value_parser = in_range(0.0, 1.0))]
+    /// Above 0, at most 1 (1 = off). Default: the model's generation_config.json.
+    #[arg(long, value_parser = positive_up_to(1.0))]
     pub top_p: Option<f32>,
     /// 0 = off. Default: the model's generation_config.json.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=u32::MAX as u64))]
     pub top_k: Option<usize>,
     /// 0 to 1 (0 = off). Default: the model's generation_config.json.
     #[arg(long, value_parser = in_range(0.0, 1.0))]
     pub min_p: Option<f32>,
-    /// 0 to 10 (1 = off). Default: the model's generation_config.json.
-    #[arg(long, value_parser = in_range(0.0, 10.0))]
+    /// Above 0, at most 10 (1 = off). Default: the model's generation_config.json.
+    #[arg(long, value_parser = positive_up_to(10.0))]
     pub repetition_penalty: Option<f32>,
     /// -2 to 2 (0 = off). Default: the model's generation_config.json.
     #[arg(long, value_parser = in_range(-2.0, 2.0), allow_negative_numbers = true)]

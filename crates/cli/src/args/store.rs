@@ -49,6 +49,8 @@ pub struct Plan {
     pub context_tokens: usize,
     /// Largest batch (prompt) processed at once.
     pub batch_tokens: usize,
+    /// Rows of logits held at once: 1 when generating, the window for `ppl`, every id for `logits`.
+    pub logits_rows: usize,
 }
 
 impl StoreArgs {
@@ -76,8 +78,15 @@ impl StoreArgs {
             // Under a budget, fetch one token's worth of experts at a time.
             let chunk = flashmoe::models::load_config(dir)?.experts_per_token;
             opts.fetch_chunk = Some(chunk);
-            let plan =
-                flashmoe::memory::plan(dir, budget, plan.context_tokens, chunk, plan.batch_tokens, self.io_threads)?;
+            let plan = flashmoe::memory::plan(
+                dir,
+                budget,
+                plan.context_tokens,
+                chunk,
+                plan.batch_tokens,
+                plan.logits_rows,
+                self.io_threads,
+            )?;
             opts.store.ram_cache_bytes = plan.ram_cache;
             if let Some(r) = &self.ram_cache {
                 let r = parse_size(r).map_err(|e| anyhow!("--ram-cache {e}"))?;

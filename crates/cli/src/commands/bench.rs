@@ -83,7 +83,7 @@ struct DecodeCommon {
     io_threads: usize,
     /// Disk bandwidth for the floor, GB/s (e.g. fio's). Default: measured here with O_DIRECT
     /// random reads of whole experts, io-threads in flight.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::positive_number)]
     disk_bw: Option<f64>,
     /// RAM cache eviction policy: lru, lfu (LFU with aging, half-life 32 tokens) or lfu:N.
     #[arg(long, default_value = "lfu")]

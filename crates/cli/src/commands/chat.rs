@@ -44,11 +44,11 @@ pub struct ChatArgs {
     /// Most tokens per reply (default: the server's, min(4096, what the context leaves)).
     #[arg(long)]
     max_tokens: Option<usize>,
-    /// Sampling temperature (default: the model's generation_config.json; 0 = greedy).
-    #[arg(long)]
+    /// Sampling temperature, 0 to 2 (default: the model's generation_config.json; 0 = greedy).
+    #[arg(long, value_parser = temperature)]
     temperature: Option<f64>,
-    /// Seconds a `bash` tool call may run.
-    #[arg(long, default_value_t = 60.0)]
+    /// Seconds a `bash` tool call may run (0.1 to 86400).
+    #[arg(long, default_value_t = 60.0, value_parser = tool_timeout)]
     tool_timeout: f64,
     /// Bytes of tool output returned to the model.
     #[arg(long, default_value_t = 16 * 1024)]
@@ -106,9 +106,9 @@ pub fn run(a: ChatArgs) -> Result<()> {
         }
     };
     let system = match &a.system_file {
-        Some(p) => {
-            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim().to_string())
-        }
+        Some(p) => Some(
+            flashmoe_text::file::read_text(p).with_context(|| format!("reading {}", p.display()))?.trim().to_string(),
+        ),
         None => None,
     };
     let mut o = Options::new(&url);
@@ -129,4 +129,17 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let r = flashmoe_chat::run(o);
     drop(local);
     r
+}
+
+/// `--temperature`: the range the server accepts (NaN and infinities refused).
+fn temperature(s: &str) -> std::result::Result<f64, String> {
+    let x: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if (0.0..=2.0).contains(&x) { Ok(x) } else { Err(format!("must be between 0 and 2, got {s}")) }
+}
+
+/// `--tool-timeout`: a finite number of seconds (an infinite one would panic the timer and let a
+/// tool call hang the chat for ever).
+fn tool_timeout(s: &str) -> std::result::Result<f64, String> {
+    let x: f64 = s.trim().parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if (0.1..=86_400.0).contains(&x) { Ok(x) } else { Err(format!("must be between 0.1 and 86400 seconds, got {s}")) }
 }

@@ -17,7 +17,8 @@ pub struct PplArgs {
     /// Plain-text file.
     #[arg(long)]
     file: PathBuf,
-    #[arg(long, default_value_t = 512)]
+    /// Tokens per window (2 at least: a window predicts its tokens after the first).
+    #[arg(long, default_value_t = 512, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=1 << 20))]
     window: usize,
     /// Use only the first N tokens of the file.
     #[arg(long)]
@@ -37,9 +38,9 @@ pub struct PplArgs {
 }
 
 pub fn run(a: PplArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.file).map_err(|e| anyhow!("{}: {e}", a.file.display()))?;
+    let text = flashmoe_text::file::read_text(&a.file).map_err(|e| anyhow!("{}: {e}", a.file.display()))?;
     let dir = &a.model.dir()?;
-    let plan = Plan { context_tokens: a.window, batch_tokens: a.window };
+    let plan = Plan { context_tokens: a.window, batch_tokens: a.window, logits_rows: a.window };
     let mut opts = args::load_options(dir, &a.store, &a.device, &a.engine, plan)?;
     a.trace.apply(&mut opts);
     let engine = crate::util::loading(dir, || Engine::load_with(dir, &opts))?;
@@ -78,21 +79,25 @@ pub fn run(a: PplArgs) -> Result<()> {
         m.config.num_experts,
         if m.routing_is_exact() { "exact" } else { "reduced, lossy" }
     );
+    // Peak RSS: what --memory-budget bounds (the plan counts the window's logits).
+    let peak = flashmoe::generate::peak_rss_bytes();
     if a.json {
         println!(
             "{}",
             json!({"ppl": rep.ppl, "nll": rep.nll, "tokens": rep.tokens, "predictions": rep.predictions,
-                   "window": a.window, "experts_per_token": m.experts_per_token(), "exact_routing": m.routing_is_exact()})
+                   "window": a.window, "experts_per_token": m.experts_per_token(), "exact_routing": m.routing_is_exact(),
+                   "peak_rss_bytes": peak})
         );
     } else {
         println!(
-            "perplexity {:.4} (nll {:.5}) over {} predictions in {} windows of {} tokens | experts {experts} | {:.1} s",
+            "perplexity {:.4} (nll {:.5}) over {} predictions in {} windows of {} tokens | experts {experts} | {:.1} s | peak RSS {}",
             rep.ppl,
             rep.nll,
             rep.predictions,
             rep.windows,
             a.window,
-            t0.elapsed().as_secs_f64()
+            t0.elapsed().as_secs_f64(),
+            peak.map_or("n/a".into(), flashmoe::units::fmt_bytes)
         );
     }
     Ok(())

@@ -29,7 +29,7 @@ pub struct RoutingStatsArgs {
     #[arg(long)]
     pub policies: bool,
     /// Half-life, in tokens, of the LFU-with-aging counts.
-    #[arg(long, default_value_t = 32.0)]
+    #[arg(long, default_value_t = 32.0, value_parser = crate::args::positive_number)]
     pub half_life: f64,
     /// GPU expert cache size(s) for the two-tier replay (with --policies), e.g. 14G or 4.8G,14G.
     /// Every GPU size is paired with every --ram-cache size (cross product). Default 0.

@@ -71,7 +71,7 @@ pub fn run(mut a: RunArgs) -> Result<()> {
             .saturating_add(64)
             .saturating_add(max_tokens),
     );
-    let plan = Plan { context_tokens: context, batch_tokens: a.prompt.len().saturating_add(64) };
+    let plan = Plan { context_tokens: context, batch_tokens: a.prompt.len().saturating_add(64), logits_rows: 1 };
     let mut opts = args::load_options(model_path, &a.store, &a.device, &a.engine, plan)?;
     opts.timing = a.timing;
     a.trace.apply(&mut opts);
@@ -107,7 +107,7 @@ pub fn run(mut a: RunArgs) -> Result<()> {
     let sampler = a.sampling.describe(&sampling, engine.sampling_from_generation_config, engine.sampling_source);
     let spec = match (&a.json_schema, a.json) {
         (Some(path), _) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = flashmoe_text::file::read_text(path).with_context(|| format!("reading {}", path.display()))?;
             let schema: Json =
                 serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
             Some((GrammarSpec::JsonSchema(schema), path.display().to_string()))

@@ -132,7 +132,7 @@ pub fn config(
     cfg.body_timeout = parse_duration("--body-timeout", &a.body_timeout)?;
     cfg.scripted_replies = a.scripted_replies;
     let context = engine.max_context.unwrap_or(PLAN_CONTEXT);
-    let plan = Plan { context_tokens: context, batch_tokens: context };
+    let plan = Plan { context_tokens: context, batch_tokens: context, logits_rows: 1 };
     // The plan goes into the server's start-up block (logged) instead of a line of its own.
     let (load, memory_plan) = args::load_options_and_plan(&model.path, store, device, engine, plan)?;
     cfg.load = load;

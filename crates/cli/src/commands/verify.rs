@@ -34,7 +34,7 @@ fn what_folder(dir: &Path) -> &'static str {
         return "a folder without a manifest.json or safetensors files";
     }
     // MLX checkpoints carry their quantization in config.json (the same test the loader uses).
-    let quantized = std::fs::read_to_string(dir.join("config.json"))
+    let quantized = flashmoe_text::file::read_text(&dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .is_some_and(|v| v.get("quantization").is_some());

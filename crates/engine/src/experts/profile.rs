@@ -74,7 +74,7 @@ impl RoutingProfile {
 
     /// Reads a profile and checks it against the model's geometry.
     pub fn load(path: &Path, num_layers: usize, num_experts: usize) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = flashmoe_text::file::read_text(path).map_err(|e| Error::io(path, e))?;
         let v: Value = serde_json::from_str(&text).map_err(|e| Error::file(path, format!("malformed JSON: {e}")))?;
         let obj = v.as_object().ok_or_else(|| Error::file(path, "expected an object keyed by layer index"))?;
         let mut counts = vec![Vec::new(); num_layers];

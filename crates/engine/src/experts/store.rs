@@ -333,7 +333,7 @@ impl ExpertStore {
                 ));
             }
             let path = dir.join(&ef.file);
-            let page = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let page = flashmoe_text::file::open_regular(&path).map_err(|e| Error::io(&path, e))?;
             let len = page.metadata().map_err(|e| Error::io(&path, e))?.len();
             if len != ef.stride * ef.num_experts as u64 {
                 return Err(Error::file(
@@ -402,7 +402,7 @@ impl ExpertStore {
     ) -> Result<Self> {
         let mut sources = Vec::new();
         for path in files.paths {
-            sources.push((path.clone(), File::open(path).map_err(|e| Error::io(path, e))?));
+            sources.push((path.clone(), flashmoe_text::file::open_regular(path).map_err(|e| Error::io(path, e))?));
         }
         let mut layers = Vec::new();
         for (l, list) in experts.iter().enumerate() {

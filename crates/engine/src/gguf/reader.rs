@@ -13,7 +13,6 @@ use crate::error::{Error, Result};
 use crate::weights::store::{ByteSource, Bytes};
 use memmap2::Mmap;
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -595,7 +594,7 @@ impl std::fmt::Debug for GgufFile {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<GgufFile> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = flashmoe_text::file::open_regular(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len < 4 {
             return Err(Error::file(path, format!("GGUF: not a GGUF file: only {len} bytes")));

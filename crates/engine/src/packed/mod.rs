@@ -85,23 +85,78 @@ pub struct Manifest {
 impl Manifest {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let text = flashmoe_text::file::read_text(&path).map_err(|e| Error::io(&path, e))?;
+        Self::parse(&text, &path)
+    }
+
+    /// Parses a manifest and checks what every reader of it relies on: each size and offset
+    /// (and their sums and products) fits in 64 bits and stays inside its blob, strides are
+    /// 4 KiB multiples, there is one checksum per expert, and every file it names lies inside
+    /// the model folder. `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
         let m: Manifest =
-            serde_json::from_str(&text).map_err(|e| Error::file(&path, format!("malformed manifest: {e}")))?;
+            serde_json::from_str(text).map_err(|e| Error::file(path, format!("malformed manifest: {e}")))?;
         if m.format != FORMAT_NAME {
-            return Err(Error::file(&path, format!("not a flashmoe packed model (format `{}`)", m.format)));
+            return Err(Error::file(path, format!("not a flashmoe packed model (format `{}`)", m.format)));
         }
         if m.version != FORMAT_VERSION {
             return Err(Error::file(
-                &path,
+                path,
                 format!(
                     "packed format version {} is not supported (this build reads version {FORMAT_VERSION})",
                     m.version
                 ),
             ));
         }
+        m.check_layout(path)?;
         Ok(m)
     }
+
+    fn check_layout(&self, path: &Path) -> Result<()> {
+        let bad = |msg: String| Err(Error::file(path, msg));
+        for name in
+            std::iter::once(&self.weights_file).chain(self.experts.iter().map(|e| &e.file)).chain(&self.copied_files)
+        {
+            if !is_inside_folder(name) {
+                return bad(format!("names the file `{name}`, which is not a relative path inside the model folder"));
+            }
+        }
+        for t in &self.tensors {
+            if t.offset.checked_add(t.nbytes).is_none() {
+                return bad(format!("tensor `{}`: offset {} + {} bytes overflows", t.name, t.offset, t.nbytes));
+            }
+        }
+        for (i, ef) in self.experts.iter().enumerate() {
+            let what = format!("expert file {} (entry {i})", ef.file);
+            if ef.stride == 0 || !ef.stride.is_multiple_of(ALIGN as u64) {
+                return bad(format!("{what}: stride {} is not a positive multiple of {ALIGN}", ef.stride));
+            }
+            if ef.stride.checked_mul(ef.num_experts as u64).is_none_or(|n| n > isize::MAX as u64) {
+                return bad(format!("{what}: {} experts × stride {} is too large", ef.num_experts, ef.stride));
+            }
+            if ef.blob_bytes > ef.stride {
+                return bad(format!("{what}: blob of {} bytes exceeds its stride {}", ef.blob_bytes, ef.stride));
+            }
+            if ef.xxh3.len() != ef.num_experts {
+                return bad(format!("{what}: {} checksums for {} experts", ef.xxh3.len(), ef.num_experts));
+            }
+            for c in &ef.components {
+                if c.offset.checked_add(c.nbytes).is_none_or(|end| end > ef.blob_bytes) {
+                    return bad(format!(
+                        "{what}: component `{}` (bytes {}+{}) lies outside the {}-byte blob",
+                        c.name, c.offset, c.nbytes, ef.blob_bytes
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A file name a manifest may use: relative, without `..`, so `dir.join(name)` stays in `dir`.
+fn is_inside_folder(name: &str) -> bool {
+    use std::path::Component;
+    !name.is_empty() && Path::new(name).components().all(|c| matches!(c, Component::Normal(_)))
 }
 
 pub fn parse_dtype(s: &str) -> Option<Dtype> {
@@ -115,7 +170,7 @@ pub fn parse_dtype(s: &str) -> Option<Dtype> {
 }
 
 fn map_file(path: &Path) -> Result<Arc<Mmap>> {
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let f = flashmoe_text::file::open_regular(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: read-only mapping of a file we do not modify while mapped.
     let m = unsafe { Mmap::map(&f) }.map_err(|e| Error::file(path, format!("cannot map file: {e}")))?;
     crate::mapped::register(path, m.len() as u64);
@@ -125,17 +180,22 @@ fn map_file(path: &Path) -> Result<Arc<Mmap>> {
 fn raw(path: &Path, map: &Arc<Mmap>, name: String, e: &TensorEntry, base: u64) -> Result<RawTensor> {
     let dtype = parse_dtype(&e.dtype)
         .ok_or_else(|| Error::file(path, format!("tensor `{name}` has unsupported dtype `{}`", e.dtype)))?;
-    let start = base + e.offset;
-    let end = start + e.nbytes;
-    if end as usize > map.len() {
+    let end = base.checked_add(e.offset).and_then(|s| s.checked_add(e.nbytes));
+    let Some(end) = end.filter(|&end| end <= map.len() as u64) else {
         return Err(Error::file(
             path,
-            format!("tensor `{name}` ends at byte {end} but the file has {} bytes (truncated?)", map.len()),
+            format!(
+                "tensor `{name}` ends at byte {} but the file has {} bytes (truncated?)",
+                base as u128 + e.offset as u128 + e.nbytes as u128,
+                map.len()
+            ),
         ));
-    }
-    let numel: usize = e.shape.iter().product();
-    let want = numel * dtype.bitsize() / 8;
-    if want as u64 != e.nbytes {
+    };
+    let start = end - e.nbytes;
+    let want =
+        e.shape.iter().try_fold(dtype.bitsize() as u64, |acc, &d| acc.checked_mul(d as u64)).map(|bits| bits / 8);
+    if want != Some(e.nbytes) {
+        let want = want.map_or("more than 2^64".to_string(), |w| w.to_string());
         return Err(Error::file(
             path,
             format!("tensor `{name}`: shape {:?} needs {want} bytes, manifest says {}", e.shape, e.nbytes),
@@ -197,6 +257,30 @@ fn open_with(dir: &Path, m: &Manifest, map_experts: bool) -> Result<TensorStore>
         files.push(path);
     }
     Ok(TensorStore::from_parts(dir, files, tensors))
+}
+
+/// Checks each non-expert tensor of an opened packed model against its manifest checksum: the
+/// resident weights are read once at load, so a damaged weights.bin is an error naming the
+/// tensor instead of fluent wrong text (experts are checked on their first read). On the
+/// compute pool; xxh3 runs faster than the disk read it follows. `--no-verify` skips it.
+pub fn check_resident(store: &TensorStore, m: &Manifest) -> Result<()> {
+    use rayon::prelude::*;
+    m.tensors.par_iter().try_for_each(|e| {
+        let Some(want) = &e.xxh3 else { return Ok(()) };
+        let t = store.get(&e.name).ok_or_else(|| Error::file(store.dir.join(&m.weights_file), format!("tensor `{}` missing", e.name)))?;
+        if xxh3_hex(t.bytes.as_slice()) != *want {
+            return Err(Error::file(
+                &t.file,
+                format!(
+                    "tensor `{}` (bytes {}..{}) fails its checksum: the file is damaged (`flashmoe verify` checks the whole model; --no-verify skips this check)",
+                    e.name,
+                    e.offset,
+                    e.offset + e.nbytes
+                ),
+            ));
+        }
+        Ok(())
+    })
 }
 
 pub fn xxh3_hex(bytes: &[u8]) -> String {

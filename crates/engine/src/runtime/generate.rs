@@ -69,7 +69,8 @@ impl Engine {
             let tokenizer = TextTokenizer::load(&tok_path)?;
             let template = ChatTemplate::from_model_dir(dir)?;
             let gen_cfg = dir.join("generation_config.json");
-            if let Ok(text) = std::fs::read_to_string(&gen_cfg) {
+            if gen_cfg.exists() {
+                let text = flashmoe_text::file::read_text(&gen_cfg).map_err(|e| Error::io(&gen_cfg, e))?;
                 let v: Json =
                     serde_json::from_str(&text).map_err(|e| Error::file(&gen_cfg, format!("malformed JSON: {e}")))?;
                 default_sampling = SamplingParams::from_generation_config(&v).map_err(|e| Error::file(&gen_cfg, e))?;

@@ -6,7 +6,6 @@ use crate::error::{Error, Result};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,6 +15,12 @@ pub trait ByteSource: Send + Sync {
 }
 
 impl ByteSource for Mmap {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+impl ByteSource for Vec<u8> {
     fn bytes(&self) -> &[u8] {
         self
     }
@@ -124,31 +129,76 @@ impl TensorStore {
         let mut tensors = HashMap::new();
         let mut maps = Vec::new();
         for path in &files {
-            let file = File::open(path).map_err(|e| Error::io(path, e))?;
+            let file = flashmoe_text::file::open_regular(path).map_err(|e| Error::io(path, e))?;
             // SAFETY: the mapping is read-only. Like every mmap-based loader we rely on the file not
             // being truncated while the model is in use.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::file(path, format!("cannot map file: {e}")))?;
             crate::mapped::register(path, map.len() as u64);
             let map = Arc::new(map);
             maps.push(map.clone());
-            let (header_len, meta) = SafeTensors::read_metadata(&map[..])
-                .map_err(|e| Error::file(path, format!("invalid safetensors file: {}", describe(&e, map.len()))))?;
-            let data_start = 8 + header_len;
-            for (name, info) in meta.tensors() {
-                let (a, b) = info.data_offsets;
-                let t = RawTensor {
-                    name: name.clone(),
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
-                    bytes: Bytes::new(map.clone(), data_start + a, b - a),
-                    file: path.clone(),
-                };
+            for t in Self::safetensors_tensors(map, path)? {
+                let name = t.name.clone();
                 if let Some(prev) = tensors.insert(name.clone(), t) {
                     return Err(Error::file(path, format!("tensor `{name}` is also in {}", prev.file.display())));
                 }
             }
         }
         Ok(TensorStore { dir: dir.to_path_buf(), files, tensors, packed: false, maps })
+    }
+
+    /// The tensors of one safetensors file held in `map`. The safetensors crate checks the
+    /// header (length, JSON, each tensor's offsets against its shape and the data size); the
+    /// ranges are checked again here before any view is made. `path` only names the file.
+    pub fn safetensors_tensors(map: Arc<dyn ByteSource>, path: &Path) -> Result<Vec<RawTensor>> {
+        let bytes = map.bytes();
+        let (header_len, meta) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| Error::file(path, format!("invalid safetensors file: {}", describe(&e, bytes.len()))))?;
+        let data_start = 8usize.checked_add(header_len);
+        let mut out = Vec::new();
+        for (name, info) in meta.tensors() {
+            let (a, b) = info.data_offsets;
+            let start = data_start.and_then(|d| d.checked_add(a));
+            let Some((start, len)) =
+                start.zip(b.checked_sub(a)).filter(|&(s, n)| s.checked_add(n).is_some_and(|e| e <= bytes.len()))
+            else {
+                return Err(Error::file(path, format!("tensor `{name}`: data offsets {a}..{b} lie outside the file")));
+            };
+            out.push(RawTensor {
+                name: name.clone(),
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                bytes: Bytes::new(map.clone(), start, len),
+                file: path.to_path_buf(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The shard files a `model.safetensors.index.json` (text `index_text`, at `index`) names,
+    /// each once, in `dir`. Names must stay inside `dir` (no absolute paths, no `..`).
+    pub fn index_files(index_text: &str, dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
+        let v: serde_json::Value =
+            serde_json::from_str(index_text).map_err(|e| Error::file(index, format!("malformed JSON: {e}")))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::file(index, "missing object `weight_map`"))?;
+        let mut names = BTreeSet::new();
+        for (tensor, file) in map {
+            let f = file
+                .as_str()
+                .ok_or_else(|| Error::file(index, format!("weight_map entry `{tensor}` is not a file name")))?;
+            let inside =
+                !f.is_empty() && Path::new(f).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !inside {
+                return Err(Error::file(
+                    index,
+                    format!("weight_map entry `{tensor}` names `{f}`, which is not a file inside the model folder"),
+                ));
+            }
+            names.insert(f.to_string());
+        }
+        Ok(names.into_iter().map(|n| dir.join(n)).collect())
     }
 
     /// A store over tensors located by a packed-model manifest.
@@ -175,21 +225,8 @@ impl TensorStore {
     fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let index = dir.join("model.safetensors.index.json");
         if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::file(&index, format!("malformed JSON: {e}")))?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::file(&index, "missing object `weight_map`"))?;
-            let mut names = BTreeSet::new();
-            for (tensor, file) in map {
-                let f = file
-                    .as_str()
-                    .ok_or_else(|| Error::file(&index, format!("weight_map entry `{tensor}` is not a file name")))?;
-                names.insert(f.to_string());
-            }
-            let files: Vec<PathBuf> = names.into_iter().map(|n| dir.join(n)).collect();
+            let text = flashmoe_text::file::read_text(&index).map_err(|e| Error::io(&index, e))?;
+            let files = Self::index_files(&text, dir, &index)?;
             for f in &files {
                 if !f.exists() {
                     return Err(Error::file(f, "file not found (listed in model.safetensors.index.json)"));

@@ -35,11 +35,17 @@ impl Qwen35Host {
         if opts.stream_experts && dir.join(packed::MANIFEST).exists() {
             let manifest = packed::Manifest::load(dir)?;
             let store = packed::open_store_without_experts(dir, &manifest)?;
+            if opts.store.verify {
+                packed::check_resident(&store, &manifest)?;
+            }
             let experts = Arc::new(ExpertStore::open(dir, &manifest, &config, &opts.store)?);
             let weights = ModelWeights::load_with_experts(&store, &config, Some(experts.clone()))?;
             return Ok(Qwen35Host { config, weights: Arc::new(weights), expert_store: Some(experts) });
         }
         let store = packed::open_any(dir)?;
+        if store.is_packed() && opts.store.verify {
+            packed::check_resident(&store, &packed::Manifest::load(dir)?)?;
+        }
         let mut weights = ModelWeights::load(&store, &config)?;
         let mut expert_store = None;
         if opts.stream_experts {
