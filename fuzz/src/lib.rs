@@ -1,0 +1,2 @@
+//! Shared by the fuzz targets: their bodies (see `bodies`).
+pub mod bodies;
