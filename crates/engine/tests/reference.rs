@@ -24,18 +24,29 @@ fn models_dir() -> PathBuf {
 /// How to load a model on one backend.
 type Loader = Box<dyn Fn(&std::path::Path, LoadOptions) -> Model>;
 
-/// The backends this build and machine offer, as (name, loader).
-fn backends() -> Vec<(&'static str, Loader)> {
+/// How far decode and prefill logits of one backend may differ (fraction of max|logit|) when
+/// everything is f32.
+const AGREE_F32: f32 = 2e-5;
+/// Tolerance of a backend whose prefill products run on tensor cores (split bf16 / TF32
+/// operands: the dense products keep 16 mantissa bits of each operand), against transformers and
+/// between its own decode and prefill: 1e-3 of max|logit|, the bound the project allows tensor
+/// cores (measured: ≤ 3.1e-4 on these fixtures); greedy continuations must still match exactly.
+const TENSOR_TOL: f32 = 1e-3;
+
+/// The backends this build and machine offer, as (name, loader, whether prefill runs on tensor
+/// cores).
+fn backends() -> Vec<(&'static str, Loader, bool)> {
     let plain = |o: LoadOptions| -> Loader {
         Box::new(move |dir, base| Model::load_with(dir, &merge(&o, base, dir)).expect("model"))
     };
     #[allow(unused_mut)]
-    let mut v: Vec<(&'static str, Loader)> = vec![
-        ("cpu", plain(LoadOptions::default())),
+    let mut v: Vec<(&'static str, Loader, bool)> = vec![
+        ("cpu", plain(LoadOptions::default()), false),
         // A third backend from outside the engine: the CPU ops, every activation checked.
         (
             "checking",
             Box::new(|dir, base| Model::load_on(dir, &base, checking::CheckingBackend::default()).expect("model")),
+            false,
         ),
     ];
     #[cfg(feature = "cuda")]
@@ -43,16 +54,20 @@ fn backends() -> Vec<(&'static str, Loader)> {
         use flashmoe::backend::{DeviceChoice, DeviceOptions, GpuCache, GpuTuning, Hybrid};
         match flashmoe::cuda::CudaDevice::open(0) {
             Ok(_) => {
-                // Prefill through cuBLAS SGEMM (from 2 tokens on), every expert cached.
+                // Prefill through cuBLAS (from 2 tokens on), every expert cached: on tensor
+                // cores (the default), and all in f32.
                 let gpu = GpuTuning { blas_min_tokens: 2, ..Default::default() };
                 let device = DeviceOptions { device: DeviceChoice::Cuda(0), gpu, ..Default::default() };
-                v.push(("cuda", plain(LoadOptions { device, ..Default::default() })));
+                v.push(("cuda", plain(LoadOptions { device, ..Default::default() }), true));
+                let gpu = GpuTuning { precision: flashmoe::backend::Precision::F32, ..gpu };
+                let device = DeviceOptions { device: DeviceChoice::Cuda(0), gpu, ..Default::default() };
+                v.push(("cuda-f32", plain(LoadOptions { device, ..Default::default() }), false));
                 // A cache of k+1 experts (nearly every step evicts and copies), prefill in
                 // 4-token passes through the multi-token GEMV kernel.
                 let gpu = GpuTuning { prefill_chunk: 4, ..Default::default() };
                 let cache = GpuCache::Experts(usize::MAX); // replaced by k+1 in `merge`
                 let device = DeviceOptions { device: DeviceChoice::Cuda(0), gpu_cache: cache, gpu };
-                v.push(("cuda-small-cache", plain(LoadOptions { device: device.clone(), ..Default::default() })));
+                v.push(("cuda-small-cache", plain(LoadOptions { device: device.clone(), ..Default::default() }), true));
                 // Hybrid decode: every miss computed by the CPU; then misses split between the
                 // CPU (RAM-tier hits) and copies to the GPU (disk reads).
                 // Exclusive tiers with every miss copied: experts move RAM → GPU and evicted ones
@@ -66,7 +81,7 @@ fn backends() -> Vec<(&'static str, Loader)> {
                     let gpu = GpuTuning { hybrid, exclusive, ..device.gpu };
                     let device = DeviceOptions { gpu, ..device.clone() };
                     let store = flashmoe::experts::StoreOptions { ram_cache_bytes: ram, ..Default::default() };
-                    v.push((name, plain(LoadOptions { device, store, ..Default::default() })));
+                    v.push((name, plain(LoadOptions { device, store, ..Default::default() }), true));
                 }
             }
             Err(e) => eprintln!("no GPU backend: {e}"),
@@ -162,16 +177,26 @@ fn check_model(name: &str, tol: f32) {
 /// The model at `path` (a folder or a GGUF file) against the transformers reference of the
 /// fixture folder `reference_name`, on every backend.
 fn check_source(path: &std::path::Path, reference_name: &str, tol: f32) {
-    for (backend, load) in backends() {
+    let mut failed = Vec::new();
+    for (backend, load, tensor_cores) in backends() {
         eprintln!("{}: backend {backend}", path.display());
-        check_model_on(path, reference_name, tol, &*load);
+        let (tol, agree) = if tensor_cores { (tol.max(TENSOR_TOL), TENSOR_TOL) } else { (tol, AGREE_F32) };
+        // Every backend runs; the failures are listed together at the end.
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            check_model_on(path, reference_name, tol, agree, &*load)
+        }));
+        if run.is_err() {
+            failed.push(backend);
+        }
     }
+    assert!(failed.is_empty(), "{}: failed on backends {failed:?}", path.display());
 }
 
 fn check_model_on(
     path: &std::path::Path,
     reference_name: &str,
     tol: f32,
+    agree: f32,
     load: &dyn Fn(&std::path::Path, LoadOptions) -> Model,
 ) {
     let name = path.file_name().unwrap().to_str().unwrap();
@@ -210,7 +235,7 @@ fn check_model_on(
     assert!(e <= tol, "{name}: decode logits differ from transformers by {e:.3e}");
     let e = rel_err(&decode, &prefill);
     eprintln!("{name}: decode vs prefill: {e:.3e}");
-    assert!(e <= 2e-5, "{name}: decode and prefill disagree by {e:.3e} (tolerance 2e-5)");
+    assert!(e <= agree, "{name}: decode and prefill disagree by {e:.3e} (tolerance {agree:.0e})");
 
     // 2b. A state cloned mid-sequence (the server's prefix cache) continues like the original.
     let mut st = model.new_state();

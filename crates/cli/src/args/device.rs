@@ -22,6 +22,11 @@ pub struct DeviceArgs {
     /// it reads for the GPU).
     #[arg(long, default_value = "exclusive", value_parser = ["exclusive", "inclusive"])]
     pub tiers: String,
+    /// Arithmetic of the GPU's prefill matrix products: tensor (tensor cores with operands split
+    /// into hi + lo parts, f32 accumulation: f32-grade results) or f32 (CUDA cores, as the CPU).
+    /// Decode is f32 either way.
+    #[arg(long, default_value = "tensor")]
+    pub precision: flashmoe::backend::Precision,
 }
 
 impl DeviceArgs {
@@ -29,6 +34,7 @@ impl DeviceArgs {
         let gpu = flashmoe::backend::GpuTuning {
             hybrid: self.hybrid,
             exclusive: self.tiers == "exclusive",
+            precision: self.precision,
             ..Default::default()
         };
         flashmoe::device::DeviceOptions { device: self.device, gpu_cache: self.gpu_cache, gpu }

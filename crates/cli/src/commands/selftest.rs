@@ -236,9 +236,27 @@ pub fn run(a: SelftestArgs) -> Result<()> {
             let dx = dev.upload_f32(&xs)?;
             let dy = dev.alloc(t * rows * 4)?;
             dy.fill_bytes(0xFF)?;
-            k.gemm(&dev, &view, dx.ptr(), dy.ptr(), t)?;
+            k.gemm(&dev, &view, dx.ptr(), dy.ptr(), t, None)?;
             keep.push(dx);
             checks.push((format!("gemm/{}", format.name()), want, dy));
+            if k.tensor_core_fits(format, cols) {
+                // The same on tensor cores (split TF32 operands): 41 tokens, one full item of 32 pairs
+                // and a partial one (an n-tile of 8 and one of a single pair).
+                let t = 41;
+                let xs: Vec<f32> = (0..t * cols).map(|_| rng.f32(-1.0, 1.0)).collect();
+                let mut want = vec![0f32; t * rows];
+                for ti in 0..t {
+                    matvec(&m, &xs[ti * cols..(ti + 1) * cols], &mut want[ti * rows..(ti + 1) * rows]);
+                }
+                let dx = dev.upload_f32(&xs)?;
+                let dy = dev.alloc(t * rows * 4)?;
+                dy.fill_bytes(0xFF)?;
+                let (hi, lo, sums) = (dev.alloc(t * cols * 4)?, dev.alloc(t * cols * 4)?, dev.alloc(t * cols)?);
+                let scratch = flashmoe::cuda::gemv::TcInput { xh: hi.ptr(), xl: lo.ptr(), xsum: sums.ptr() };
+                k.gemm(&dev, &view, dx.ptr(), dy.ptr(), t, Some(&scratch))?;
+                keep.extend([dx, hi, lo, sums]);
+                checks.push((format!("gemm-tc/{}", format.name()), want, dy));
+            }
             if let DevFormat::Ggml(ty) = format {
                 // Rows as f32 (the cuBLAS prefill's tiles and the embedding lookup): rows
                 // 1, 0 and the last, looked up by id.
@@ -278,7 +296,7 @@ pub fn run(a: SelftestArgs) -> Result<()> {
     // Summary: one line per kernel.
     println!();
     println!(
-        "summary (tolerance {:.0e} relative to max|ref|, {SHIFT_TOLERANCE:.0e} for the non-default shift variants s/sp; f32 accumulation on both sides)",
+        "summary (tolerance {:.0e} relative to max|ref|, {SHIFT_TOLERANCE:.0e} for the non-default shift variants s/sp; f32 accumulation on both sides; gemm-tc: tensor cores, split operands)",
         a.tolerance
     );
     println!("{:<10} {:>6} {:>6} {:>12}  worst case", "kernel", "checks", "failed", "worst rel");

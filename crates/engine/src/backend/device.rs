@@ -72,6 +72,38 @@ impl std::str::FromStr for Hybrid {
     }
 }
 
+/// Arithmetic of the GPU's multi-token (prefill) matrix products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// Tensor cores at f32-grade accuracy: operands split into hi + lo parts (bf16 for the
+    /// dense cuBLAS products, TF32 for the expert GEMM, whose 4-bit codes are exact), products
+    /// accumulated in f32. Decode GEMVs stay f32 on CUDA cores.
+    #[default]
+    Tensor,
+    /// f32 FMA on CUDA cores everywhere, as the CPU backend computes.
+    F32,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Tensor => "tensor",
+            Precision::F32 => "f32",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "tensor" => Ok(Precision::Tensor),
+            "f32" => Ok(Precision::F32),
+            o => Err(format!("`{o}`: expected tensor or f32")),
+        }
+    }
+}
+
 /// GPU settings below the user-facing flags (tests and benchmarks set them).
 #[derive(Clone, Copy, Debug)]
 pub struct GpuTuning {
@@ -91,6 +123,8 @@ pub struct GpuTuning {
     /// evicts are copied back into it. Off: the RAM tier keeps a copy of everything it reads
     /// (inclusive, the older behaviour).
     pub exclusive: bool,
+    /// Prefill matrix products on tensor cores (split operands) or in f32 on CUDA cores.
+    pub precision: Precision,
 }
 
 impl Default for GpuTuning {
@@ -102,6 +136,7 @@ impl Default for GpuTuning {
             graphs: std::env::var("FLASHMOE_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             hybrid: Hybrid::Off,
             exclusive: true,
+            precision: Precision::default(),
         }
     }
 }
@@ -130,5 +165,8 @@ mod tests {
         assert_eq!("cpu".parse::<Hybrid>().unwrap(), Hybrid::Cpu);
         assert_eq!("off".parse::<Hybrid>().unwrap(), Hybrid::Off);
         assert!("gpu".parse::<Hybrid>().is_err());
+        assert_eq!("f32".parse::<Precision>().unwrap(), Precision::F32);
+        assert_eq!("tensor".parse::<Precision>().unwrap(), Precision::Tensor);
+        assert!("tf32".parse::<Precision>().is_err());
     }
 }

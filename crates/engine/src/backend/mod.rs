@@ -20,7 +20,7 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::layers::{AttentionWeights, Convert, DeltaNetWeights, Host, MoeWeights, PassSpec, Tensors};
 
-pub use device::{DeviceChoice, DeviceOptions, GpuCache, GpuTuning, Hybrid};
+pub use device::{DeviceChoice, DeviceOptions, GpuCache, GpuTuning, Hybrid, Precision};
 
 /// Where one layer's time went, marked by the layer loop when timing is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -14,14 +14,19 @@
 //! graph and replayed ([`Backend::run`]). Prefill runs up to `prefill_chunk` tokens per pass
 //! with multi-token GEMMs.
 //!
-//! Numerics: f32 activations and accumulation everywhere, like the CPU backend (no bf16 or TF32
-//! arithmetic); results differ from the CPU by summation order only.
+//! Numerics: f32 activations and accumulation everywhere, like the CPU backend. Prefill's matrix
+//! products run on tensor cores by default (`Precision::Tensor`) with every operand split into a
+//! hi and a lo part (bf16 for cuBLAS, TF32 for the expert GEMM, whose codes are exact), so they
+//! keep f32-grade accuracy; `Precision::F32` keeps them on CUDA cores, and then results differ
+//! from the CPU by summation order only.
 
 use super::context::{CudaDevice, CudaError, DevBuf, Result};
-use super::gemv::{AffineVariant, BatchItem, DevFormat, DevMatrix, GemvKernels, MatView, float_of_ggml};
+use super::gemv::{
+    AffineVariant, BatchItem, DevFormat, DevMatrix, GemvKernels, MatView, TC_PAIRS, TcInput, float_of_ggml,
+};
 use super::ops::ForwardKernels;
 use crate::backend::{
-    Backend, BackendState, Bandwidths, DeviceOptions, GpuCache, Hybrid, Phase, TierCounters, TierInfo,
+    Backend, BackendState, Bandwidths, DeviceOptions, GpuCache, Hybrid, Phase, Precision, TierCounters, TierInfo,
 };
 use crate::config::{LayerKind, ModelConfig};
 use crate::experts::buffer::AlignedBuf;
@@ -469,8 +474,9 @@ impl Clone for DevSeqState {
 // ---------------------------------------------------------------------------------------------
 // cuBLAS (prefill GEMMs of the non-expert matrices).
 
-/// A cuBLAS handle on the device's stream. SGEMM in its default math mode: FP32 arithmetic (no
-/// TF32), so prefill keeps the CPU backend's precision.
+/// A cuBLAS handle on the device's stream, in the default math mode: SGEMM is f32 arithmetic
+/// (`--precision f32`); the tensor-core products are bf16 GEMMs of split operands (GemmEx with
+/// f32 compute).
 struct Blas(cudarc::cublas::sys::cublasHandle_t);
 
 // SAFETY: the handle is used only under the GPU model's mutex, one thread at a time.
@@ -484,9 +490,10 @@ impl Blas {
             return None;
         }
         let h = cudarc::cublas::result::create_handle().ok()?;
+        let blas = Blas(h);
         // SAFETY: a fresh handle and the device's live stream.
         unsafe { cudarc::cublas::result::set_stream(h, dev.stream.cu_stream() as _) }.ok()?;
-        Some(Blas(h))
+        Some(blas)
     }
 }
 
@@ -546,6 +553,14 @@ struct Workspace {
     logits: DevBuf,
     /// Dequantized weights for cuBLAS (prefill).
     deq: DevBuf,
+    /// Prefill inputs split into bf16 [hi | lo | hi] for the tensor-core products (empty
+    /// without them).
+    xsplit: DevBuf,
+    /// Inputs of the tensor-core expert GEMM split into TF32 hi / lo parts, and Σ x per group
+    /// (empty without tensor cores).
+    tc_hi: DevBuf,
+    tc_lo: DevBuf,
+    tc_sum: DevBuf,
     /// Grid reductions of the decode norms: block partials, then a counter kept at zero.
     red: DevBuf,
 }
@@ -554,8 +569,33 @@ struct Workspace {
 const MAX_SPLITS: usize = 32;
 
 impl Workspace {
-    fn new(dev: &CudaDevice, c: &ModelConfig, k: usize, cap: usize, deq_floats: usize) -> Result<Self> {
+    /// The split input scratch of the tensor-core GEMMs.
+    fn tc_input(&self) -> TcInput {
+        TcInput { xh: self.tc_hi.ptr(), xl: self.tc_lo.ptr(), xsum: self.tc_sum.ptr() }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        dev: &CudaDevice,
+        c: &ModelConfig,
+        k: usize,
+        cap: usize,
+        deq_floats: usize,
+        split: bool,
+        tensor_cores: bool,
+    ) -> Result<Self> {
         let f = |n: usize| dev.alloc(n.max(1) * 4);
+        // Widest input of a prefill product: hidden, attention output, delta-net output, MLPs.
+        let in_max = [
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.linear_value_heads * c.linear_value_dim,
+            c.moe_intermediate,
+            c.shared_intermediate,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
         let h = c.hidden_size;
         let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let hvdv = c.linear_value_heads * c.linear_value_dim;
@@ -594,6 +634,13 @@ impl Workspace {
             ids_all: f(c.num_layers * k)?,
             logits: f(c.vocab_size)?,
             deq: f(deq_floats)?,
+            // 3 bf16 per input value = 1.5 floats.
+            xsplit: f(if split { (cap * in_max * 3).div_ceil(2) } else { 0 })?,
+            // Rows of any GEMM input: t tokens × the widest input, or t·k expert pairs × the
+            // expert width; sums per group of ≥ 32 columns.
+            tc_hi: f(if tensor_cores { cap * in_max.max(k.max(1) * imax) } else { 0 })?,
+            tc_lo: f(if tensor_cores { cap * in_max.max(k.max(1) * imax) } else { 0 })?,
+            tc_sum: f(if tensor_cores { (cap * in_max.max(k.max(1) * imax)).div_ceil(32) } else { 0 })?,
             red: {
                 let r = dev.alloc(super::ops::RED_COUNTER + 16)?;
                 r.fill_bytes(0)?;
@@ -712,6 +759,16 @@ impl CudaBackend {
         })
     }
 
+    /// Whether prefill's matrix products may run on tensor cores (split operands).
+    fn tensor_cores(&self) -> bool {
+        self.opts.gpu.precision == Precision::Tensor && self.gemv.has_tensor_cores()
+    }
+
+    /// The prefill arithmetic that runs.
+    fn precision_name(&self) -> &'static str {
+        if self.tensor_cores() { "tensor cores (split operands, f32-grade)" } else { "f32 (CUDA cores)" }
+    }
+
     fn check_geometry(&self, c: &ModelConfig) -> Result<()> {
         if !c.head_dim.is_multiple_of(32) || c.head_dim > 512 {
             return Err(CudaError(format!(
@@ -754,18 +811,89 @@ impl CudaBackend {
         self.gemv.gemv_raw(&self.dev, &m.view(), x, y, None, false, AffineVariant::default_for(m.format))
     }
 
-    /// `y = m·x` for t tokens: GEMV for one, dequantize + cuBLAS SGEMM for many (when cuBLAS
-    /// loaded), the multi-token GEMV kernel in between.
+    /// `y = m·x` for t tokens: GEMV for one; for many, when cuBLAS loaded, rows dequantized in
+    /// blocks and multiplied by cuBLAS (SGEMM in f32; with tensor cores a bf16 GEMM of hi/lo split
+    /// operands, see `dequant_rows_split` in forward.cu); the multi-token GEMM kernel in between.
     fn mm(&self, ws: &Workspace, m: &DevMatrix, x: u64, y: u64, t: usize) -> Result<()> {
         if t == 1 {
             return self.gemv(m, x, y);
         }
         let Some(blas) = self.blas.as_ref().filter(|_| t >= self.opts.gpu.blas_min_tokens.max(2)) else {
-            return self.gemv.gemm(&self.dev, &m.view(), x, y, t);
+            let tc = self.tensor_cores().then(|| ws.tc_input());
+            return self.gemv.gemm(&self.dev, &m.view(), x, y, t, tc.as_ref());
         };
         use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
         let (rows, cols) = (m.rows, m.cols);
         let (alpha, beta) = (1.0f32, 0.0f32);
+        let v = m.view();
+        if self.tensor_cores() {
+            use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
+            // x as [t, 3·cols] bf16 [xh | xl | xh] in the workspace.
+            let xs = ws.xsplit.ptr();
+            self.ops.split_rows_x(&self.dev, x, xs, t, cols)?;
+            // Row blocks as [n, 3·cols] bf16 [Wh | Wh | Wl]: after the f32 rows of formats that
+            // are dequantized to f32 first (GGML blocks), or at the start of the scratch.
+            let f32_first = matches!(m.format, DevFormat::Ggml(_));
+            let per_row = cols * 6 + if f32_first { cols * 4 } else { 0 };
+            let block = (ws.deq.len() / per_row.max(1)).max(1);
+            let mut r0 = 0;
+            while r0 < rows {
+                let n = block.min(rows - r0);
+                let split = ws.deq.ptr() + if f32_first { (n * cols * 4) as u64 } else { 0 };
+                match m.format {
+                    DevFormat::F32 => {
+                        self.ops.dequant_rows_split(&self.dev, (v.w, 0, 0), 1, (32, 1), r0, n, cols, split)?
+                    }
+                    DevFormat::Affine { bits, group_size } => self.ops.dequant_rows_split(
+                        &self.dev,
+                        (v.w, v.s, v.b),
+                        0,
+                        (bits, group_size),
+                        r0,
+                        n,
+                        cols,
+                        split,
+                    )?,
+                    DevFormat::Bf16 => {
+                        self.ops.dequant_rows_split(&self.dev, (v.w, 0, 0), 2, (16, 1), r0, n, cols, split)?
+                    }
+                    DevFormat::Ggml(ty) => {
+                        let rows32 = ws.deq.ptr();
+                        self.gemv.ggml_rows(&self.dev, ty, v.w, 0, r0, n, cols, rows32)?;
+                        self.ops.dequant_rows_split(&self.dev, (rows32, 0, 0), 1, (32, 1), 0, n, cols, split)?
+                    }
+                }
+                let k3 = (3 * cols) as i32;
+                // SAFETY: split holds n·3·cols bf16 (rows r0.. of W), xs t·3·cols, y t·rows f32;
+                // the handle runs on the device's stream.
+                unsafe {
+                    cudarc::cublas::result::gemm_ex(
+                        blas.0,
+                        CUBLAS_OP_T,
+                        CUBLAS_OP_N,
+                        n as i32,
+                        t as i32,
+                        k3,
+                        (&alpha as *const f32).cast(),
+                        split as *const std::ffi::c_void,
+                        cudaDataType::CUDA_R_16BF,
+                        k3,
+                        xs as *const std::ffi::c_void,
+                        cudaDataType::CUDA_R_16BF,
+                        k3,
+                        (&beta as *const f32).cast(),
+                        (y + (r0 * 4) as u64) as *mut std::ffi::c_void,
+                        cudaDataType::CUDA_R_32F,
+                        rows as i32,
+                        cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+                .map_err(|e| CudaError(format!("cublasGemmEx: {e:?}")))?;
+                r0 += n;
+            }
+            return Ok(());
+        }
         // Row-major Y[t, rows] = X[t, cols]·Wᵀ is column-major Y[rows, t] = Wᵀ[rows, cols]·X[cols, t].
         let sgemm = |a: u64, r0: usize, n: usize| -> Result<()> {
             // SAFETY: a holds n·cols f32 (row-major rows r0..r0+n of W), x t·cols, y t·rows;
@@ -790,7 +918,6 @@ impl CudaBackend {
             }
             .map_err(|e| CudaError(format!("cublasSgemm: {e:?}")))
         };
-        let v = m.view();
         // Tiles of rows dequantized to f32 in the workspace, then multiplied.
         let dequant = |r0: usize, n: usize| -> Result<()> {
             let out = ws.deq.ptr();
@@ -1293,6 +1420,7 @@ impl CudaBackend {
         let layout = dl.experts.layout;
         let [gl, ul, dm] = layout.mats;
         let inter = gl.rows;
+        let tc = self.tensor_cores() && layout.mats.iter().all(|m| self.gemv.tensor_core_fits(m.format, m.cols));
         let table = pool.table.ptr() + (li * e * 8) as u64;
         // Experts of a group are all on the GPU at once; one group when the cache holds them.
         let group = (pool.nslots - 1).max(1);
@@ -1320,26 +1448,45 @@ impl CudaBackend {
                     }
                 }
             }
-            // Work items: up to 8 pairs of one expert each.
+            // Work items: up to 8 pairs of one expert each (TC_PAIRS on tensor cores).
+            let step = if tc { TC_PAIRS } else { 8 };
             let mut items: Vec<i32> = Vec::new();
             for &x in grp {
                 let (p0, n) = (first_pair[x], per[x].len());
-                for s0 in (0..n).step_by(8) {
-                    items.extend_from_slice(&[x as i32, (p0 + s0) as i32, (n - s0).min(8) as i32, 0]);
+                for s0 in (0..n).step_by(step) {
+                    items.extend_from_slice(&[x as i32, (p0 + s0) as i32, (n - s0).min(step) as i32, 0]);
                 }
             }
             ws.items.copy_from_host(&bytes(&items))?;
             let nitems = items.len() / 4;
             let (pa, pb) =
                 (first_pair[grp[0]], first_pair[*grp.last().expect("non-empty")] + per[grp[grp.len() - 1]].len());
-            let g = |v: &MatLayout, x: u64, xrow: u64, out: u64| {
-                self.gemv.gemm_grouped(dev, &v.offsets(), table, ws.items.ptr(), nitems, xrow, x, out)
+            let g = |v: &MatLayout, x: u64, xrow: u64, out: u64, input: Option<&TcInput>| {
+                self.gemv.gemm_grouped(dev, &v.offsets(), table, ws.items.ptr(), nitems, xrow, x, out, input)
             };
-            g(&gl, normed, ws.xrow.ptr(), ws.g.ptr())?;
-            g(&ul, normed, ws.xrow.ptr(), ws.u.ptr())?;
+            // Tensor cores: the layer input split once for gate and up (their groups agree, else
+            // once each), the activations of this group's pairs once for down.
+            let scratch = ws.tc_input();
+            let (gsum, usum, dsum) = (
+                GemvKernels::tc_sum_group(gl.format),
+                GemvKernels::tc_sum_group(ul.format),
+                GemvKernels::tc_sum_group(dm.format),
+            );
+            if tc {
+                self.gemv.split_for_tc(dev, normed, t, h, gsum, &scratch)?;
+            }
+            g(&gl, normed, ws.xrow.ptr(), ws.g.ptr(), tc.then_some(&scratch))?;
+            if tc && usum != gsum {
+                self.gemv.split_for_tc(dev, normed, t, h, usum, &scratch)?;
+            }
+            g(&ul, normed, ws.xrow.ptr(), ws.u.ptr(), tc.then_some(&scratch))?;
             let off = (pa * inter * 4) as u64;
             self.ops.swiglu(dev, ws.g.ptr() + off, ws.u.ptr() + off, ws.act.ptr() + off, (pb - pa) * inter)?;
-            g(&dm, ws.act.ptr(), 0, ws.yd.ptr())?;
+            if tc {
+                let rows = scratch.from_row(pa, inter, dsum);
+                self.gemv.split_for_tc(dev, ws.act.ptr() + off, pb - pa, inter, dsum, &rows)?;
+            }
+            g(&dm, ws.act.ptr(), 0, ws.yd.ptr(), tc.then_some(&scratch))?;
         }
         self.ops.moe_prefill_combine(dev, ws.x.ptr(), ws.yd.ptr(), ws.pair_of.ptr(), ws.wts.ptr(), k, h, t)?;
         Ok(())
@@ -1432,7 +1579,7 @@ impl Backend for CudaBackend {
     type Pass<'p> = CudaPass<'p>;
 
     fn describe(&self) -> String {
-        self.dev.describe()
+        format!("{} | prefill {}", self.dev.describe(), self.precision_name())
     }
 
     fn upload(&self) -> impl Convert<Host, Device> + '_ {
@@ -1447,8 +1594,18 @@ impl Backend for CudaBackend {
         let k = self.max_k;
         let prefill_chunk = self.opts.gpu.prefill_chunk.max(1);
         // The largest block of dequantized rows a prefill GEMM needs (the scratch for cuBLAS).
-        let deq = if self.blas.is_some() { self.largest_matrix.load(Relaxed) as usize } else { 0 };
-        let ws = Workspace::new(&self.dev, c, k, prefill_chunk, deq)?;
+        // Tensor cores take 6 bytes per weight for the split rows (+ 4 for the f32 rows of GGML
+        // blocks) from the same scratch, in smaller row blocks; at least one row of the widest
+        // input fits.
+        let split = self.blas.is_some() && self.tensor_cores();
+        let widest = c.hidden_size.max(c.num_heads * c.head_dim).max(c.linear_value_heads * c.linear_value_dim);
+        let deq = match (self.blas.is_some(), split) {
+            (false, _) => 0,
+            (true, false) => self.largest_matrix.load(Relaxed) as usize,
+            (true, true) => (self.largest_matrix.load(Relaxed) as usize)
+                .max(widest.max(c.moe_intermediate.max(c.shared_intermediate)) * 3),
+        };
+        let ws = Workspace::new(&self.dev, c, k, prefill_chunk, deq, split, self.tensor_cores())?;
         let total_experts = c.num_layers * c.num_experts;
         let staging_n = (k + 1).max(8);
         let wanted = match self.opts.gpu_cache {
@@ -1744,6 +1901,22 @@ impl Backend for CudaBackend {
             self.mm(ws, &w.in_b, normed, ws.b.ptr(), t)?;
             self.mm(ws, &w.in_a, normed, ws.a.ptr(), t)?;
         }
+        let (hk, hv, dk, dv) = (c.linear_key_heads, c.linear_value_heads, c.linear_key_dim, c.linear_value_dim);
+        if t > 1 && self.ops.dn_prefill_fits(dk, dv) {
+            self.ops.dn_prefill(
+                dev,
+                (ws.proj.ptr(), cs.ptr(), w.conv.ptr(), ws.conv_out.ptr()),
+                (ws.z.ptr(), ws.b.ptr(), ws.a.ptr(), w.neg_a.ptr(), w.dt_bias.ptr(), w.norm.ptr()),
+                rec.ptr(),
+                ws.dn_y.ptr(),
+                t,
+                (hk, hv, dk, dv, c.conv_kernel),
+                w.value_heads_tiled,
+                c.rms_norm_eps,
+            )?;
+            self.mm(ws, &w.out_proj, ws.dn_y.ptr(), ws.mixed.ptr(), t)?;
+            return Ok(());
+        }
         self.ops.dn_conv(
             dev,
             ws.proj.ptr(),
@@ -1845,8 +2018,9 @@ impl Backend for CudaBackend {
         let (slots, slot_bytes) = (inner.pool.nslots, inner.pool.slot_bytes);
         let total = self.total_experts;
         let description = format!(
-            "{} | weights {} MiB | expert cache {} MiB = {} of {} experts ({:.0}%)",
+            "{} | prefill {} | weights {} MiB | expert cache {} MiB = {} of {} experts ({:.0}%)",
             self.dev.describe(),
+            self.precision_name(),
             self.weight_bytes.load(Relaxed) >> 20,
             (slots * slot_bytes) >> 20,
             slots,

@@ -408,6 +408,30 @@ struct GgmlKernels {
     rows: CudaFunction,
 }
 
+/// Most pairs (token, expert) of one work item of the tensor-core grouped GEMM (4 n-tiles of 8).
+pub const TC_PAIRS: usize = 32;
+
+/// The input of a tensor-core GEMM split by [`GemvKernels::split_for_tc`]: `xh`, `xl` [rows,
+/// cols] f32 (TF32 hi and lo parts) and, for affine weights taken as exact codes, `xsum`
+/// [rows, cols / group] (Σ x per group).
+#[derive(Clone, Copy, Debug)]
+pub struct TcInput {
+    pub xh: u64,
+    pub xl: u64,
+    pub xsum: u64,
+}
+
+impl TcInput {
+    /// The same arrays from row `r` on.
+    pub fn from_row(&self, r: usize, cols: usize, sum_group: usize) -> TcInput {
+        TcInput {
+            xh: self.xh + (r * cols * 4) as u64,
+            xl: self.xl + (r * cols * 4) as u64,
+            xsum: self.xsum + cols.checked_div(sum_group).map_or(0, |groups| (r * groups * 4) as u64),
+        }
+    }
+}
+
 /// The loaded GEMV module.
 pub struct GemvKernels {
     /// GGML block types, by type.
@@ -433,6 +457,14 @@ pub struct GemvKernels {
     grouped_bf16: CudaFunction,
     /// The same with x staged in shared memory, by bits (0 = f32, 16 = bf16).
     grouped_sx: HashMap<u32, CudaFunction>,
+    /// The same on tensor cores (TF32 operands split into hi + lo, f32-grade), by bits (0 = f32,
+    /// 16 = bf16); empty before sm_80. Affine ones take the codes exactly (groups a multiple of a
+    /// 4-word chunk, dividing 128).
+    grouped_tc: HashMap<u32, CudaFunction>,
+    /// Affine on tensor cores with the weights dequantized and split (other groups).
+    grouped_tc_deq: HashMap<u32, CudaFunction>,
+    /// The tensor-core GEMM's input split (forward.cu's `split_x_tc`); None before sm_80.
+    split_x_tc: Option<CudaFunction>,
     /// Largest dynamic shared memory a block may opt in to.
     smem_optin: usize,
     read_stream: CudaFunction,
@@ -512,8 +544,29 @@ impl GemvKernels {
                 .map_err(|e| CudaError(format!("{name}: shared memory opt-in: {e:?}")))?;
             grouped_sx.insert(key, f);
         }
+        // Tensor-core kernels exist from sm_80 on (forward.cu compiles them only there).
+        let mut grouped_tc = HashMap::new();
+        let mut grouped_tc_deq = HashMap::new();
+        if dev.cc.0 >= 8 {
+            for bits in [2u32, 4, 8] {
+                grouped_tc_deq.insert(bits, dev.function(&fw, &format!("gemm_grouped_tc_deq_affine_b{bits}"))?);
+            }
+            for (key, name) in [
+                (2u32, "gemm_grouped_tc_affine_b2"),
+                (4, "gemm_grouped_tc_affine_b4"),
+                (8, "gemm_grouped_tc_affine_b8"),
+                (0, "gemm_grouped_tc_f32"),
+                (16, "gemm_grouped_tc_bf16"),
+            ] {
+                grouped_tc.insert(key, dev.function(&fw, name)?);
+            }
+        }
+        let split_x_tc = if dev.cc.0 >= 8 { Some(dev.function(&fw, "split_x_tc")?) } else { None };
         Ok(GemvKernels {
             ggml,
+            grouped_tc,
+            grouped_tc_deq,
+            split_x_tc,
             batch_affine,
             batch_f32: dev.function(&m, "dense_gemv_batch_f32")?,
             batch_bf16: dev.function(&m, "dense_gemv_batch_bf16")?,
@@ -913,17 +966,90 @@ impl GemvKernels {
         unsafe { self.launch_problems(dev, BatchFamily::Problems, format, items.len(), max_rows, max_cols, arg) }
     }
 
+    /// Whether this device has the tensor-core GEMM kernels (sm_80 and later).
+    pub fn has_tensor_cores(&self) -> bool {
+        !self.grouped_tc.is_empty()
+    }
+
+    /// Whether the tensor-core grouped GEMM takes a matrix of this format and width: affine,
+    /// f32 and bf16 weights, columns a multiple of a lane piece's 4 words (32 at 4 bits), sm_80+.
+    pub fn tensor_core_fits(&self, format: DevFormat, cols: usize) -> bool {
+        let (key, piece) = match format {
+            DevFormat::Affine { bits, .. } => (bits, 32 / bits as usize),
+            DevFormat::F32 => (0, 2),
+            DevFormat::Bf16 => (16, 2),
+            DevFormat::Ggml(_) => return false,
+        };
+        self.grouped_tc.contains_key(&key) && cols > 0 && cols.is_multiple_of(4 * piece)
+    }
+
+    /// The group over which the tensor-core GEMM wants Σ x (affine weights taken as exact codes:
+    /// groups a multiple of a lane's 4-word chunk that tile the 128-column staging window), or 0.
+    pub fn tc_sum_group(format: DevFormat) -> usize {
+        match format {
+            DevFormat::Affine { bits, group_size }
+                if group_size.is_multiple_of(4 * 32 / bits as usize) && 128usize.is_multiple_of(group_size) =>
+            {
+                group_size
+            }
+            _ => 0,
+        }
+    }
+
+    /// Splits `rows` rows of `x` ([rows, cols] f32) into `dst` for a tensor-core GEMM whose
+    /// weights want sums over `sum_group` columns (0: none).
+    pub fn split_for_tc(
+        &self,
+        dev: &CudaDevice,
+        x: u64,
+        rows: usize,
+        cols: usize,
+        sum_group: usize,
+        dst: &TcInput,
+    ) -> Result<()> {
+        let f = self.split_x_tc.as_ref().ok_or_else(|| CudaError::new("no tensor cores on this device"))?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let chunk = if sum_group > 0 { sum_group } else { 8 };
+        let (mut x, mut xh, mut xl, mut xs) = (x, dst.xh, dst.xl, dst.xsum);
+        let (mut rows, mut cols, mut gs) = (rows as i64, cols as i32, sum_group as i32);
+        let mut args: [*mut c_void; 7] = [
+            (&mut x as *mut u64).cast(),
+            (&mut xh as *mut u64).cast(),
+            (&mut xl as *mut u64).cast(),
+            (&mut xs as *mut u64).cast(),
+            (&mut rows as *mut i64).cast(),
+            (&mut cols as *mut i32).cast(),
+            (&mut gs as *mut i32).cast(),
+        ];
+        let n = rows as usize * (cols as usize / chunk);
+        let blocks = n.div_ceil(128).clamp(1, dev.sm_count * 8) as u32;
+        // SAFETY: (x, xh, xl, xsum, rows, cols, gs) as split_x_tc takes them; the caller sized
+        // every array for rows × cols (and rows × cols / gs sums).
+        unsafe { dev.launch(f, blocks, 128, 0, &mut args) }
+    }
+
     /// `y[t] = m·x[t]` for `t` tokens (x is [t, cols], y [t, rows]): the prefill GEMM. Weights are
-    /// read once per 8 tokens. Sizes are not checked.
-    pub fn gemm(&self, dev: &CudaDevice, m: &MatView, x: u64, y: u64, t: usize) -> Result<()> {
+    /// read once per 8 tokens, or on tensor cores (`tc`: scratch for the split input, used when
+    /// [`Self::tensor_core_fits`]) once per [`TC_PAIRS`]. Sizes are not checked.
+    pub fn gemm(&self, dev: &CudaDevice, m: &MatView, x: u64, y: u64, t: usize, tc: Option<&TcInput>) -> Result<()> {
         // The grouped kernel with no slot table and no item list: absolute addresses, tiles of 8.
         let off = MatOffsets { format: m.format, rows: m.rows, cols: m.cols, w: m.w, s: m.s, b: m.b };
-        self.launch_grouped(dev, &off, 0, 0, t.div_ceil(8), t, 0, x, y)
+        match tc.filter(|_| self.tensor_core_fits(m.format, m.cols)) {
+            Some(scratch) => {
+                self.split_for_tc(dev, x, t, m.cols, Self::tc_sum_group(m.format), scratch)?;
+                self.launch_grouped_tc(dev, &off, 0, 0, t.div_ceil(TC_PAIRS), t, 0, scratch, y)
+            }
+            None => self.launch_grouped(dev, &off, 0, 0, t.div_ceil(8), t, 0, x, y),
+        }
     }
 
     /// Grouped prefill GEMM over routed experts (see `gemm_grouped` in forward.cu): `nitems` work
-    /// items at `items` (expert, first pair, pairs), matrix `m` at byte offsets inside the slot
-    /// `table[expert]`; pair p reads `x` row `xrow[p]` (or p when `xrow` is 0), writes `out` row p.
+    /// items at `items` (expert, first pair, pairs ≤ 8, or ≤ [`TC_PAIRS`] with `tc`), matrix `m`
+    /// at byte offsets inside the slot `table[expert]`; pair p reads `x` row `xrow[p]` (or p when
+    /// `xrow` is 0), writes `out` row p. `tc`: on tensor cores from `x` already split by
+    /// [`Self::split_for_tc`] (the caller checked [`Self::tensor_core_fits`]).
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_grouped(
         &self,
@@ -935,8 +1061,12 @@ impl GemvKernels {
         xrow: u64,
         x: u64,
         out: u64,
+        tc: Option<&TcInput>,
     ) -> Result<()> {
-        self.launch_grouped(dev, m, table, items, nitems, 0, xrow, x, out)
+        match tc {
+            Some(input) => self.launch_grouped_tc(dev, m, table, items, nitems, 0, xrow, input, out),
+            None => self.launch_grouped(dev, m, table, items, nitems, 0, xrow, x, out),
+        }
     }
 
     /// [`Self::gemm_grouped`], or with `items` 0 a plain GEMM over `ntok` inputs (`table` 0,
@@ -1007,6 +1137,70 @@ impl GemvKernels {
             )
         }
         .map_err(|e| CudaError(format!("cuLaunchKernel (grouped GEMM): {e:?}")))
+    }
+
+    /// [`Self::launch_grouped`] on tensor cores: blocks of 128 threads, 128 rows each.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_grouped_tc(
+        &self,
+        dev: &CudaDevice,
+        m: &MatOffsets,
+        table: u64,
+        items: u64,
+        nitems: usize,
+        ntok: usize,
+        xrow: u64,
+        input: &TcInput,
+        out: u64,
+    ) -> Result<()> {
+        if nitems == 0 || m.rows == 0 {
+            return Ok(());
+        }
+        if !self.tensor_core_fits(m.format, m.cols) {
+            return Err(CudaError(format!("no tensor-core GEMM for {} x {} {:?}", m.rows, m.cols, m.format)));
+        }
+        let (key, gs) = match m.format {
+            DevFormat::Affine { bits, group_size } => (bits, group_size as i32),
+            DevFormat::F32 => (0, 0),
+            DevFormat::Bf16 => (16, 0),
+            DevFormat::Ggml(_) => unreachable!("refused by tensor_core_fits"),
+        };
+        // Exact codes when a lane's 4-word chunk stays inside a group and groups tile the
+        // 128-column staging window (then the input carries Σ x per group).
+        let codes = match m.format {
+            DevFormat::Affine { .. } => Self::tc_sum_group(m.format) > 0,
+            _ => true,
+        };
+        let f = if codes { &self.grouped_tc[&key] } else { &self.grouped_tc_deq[&key] };
+        let mut mat = MatOff { w: m.w, s: m.s, b: m.b, rows: m.rows as i32, cols: m.cols as i32 };
+        let (mut table, mut gs, mut items, mut xrow, mut out) = (table, gs, items, xrow, out);
+        let (mut xh, mut xl, mut xsum) = (input.xh, input.xl, input.xsum);
+        let mut ntok = ntok as i32;
+        let mut args: [*mut c_void; 10] = [
+            (&mut table as *mut u64).cast(),
+            (&mut mat as *mut MatOff).cast(),
+            (&mut gs as *mut i32).cast(),
+            (&mut items as *mut u64).cast(),
+            (&mut xrow as *mut u64).cast(),
+            (&mut xh as *mut u64).cast(),
+            (&mut xl as *mut u64).cast(),
+            (&mut xsum as *mut u64).cast(),
+            (&mut out as *mut u64).cast(),
+            (&mut ntok as *mut i32).cast(),
+        ];
+        // SAFETY: arguments match gemm_grouped_tc_* (table, GemmMat, gs, items, xrow, xh, xl, xsum,
+        // out, ntok); the caller sized every buffer for its pairs.
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                f.cu_function(),
+                (m.rows.div_ceil(128) as u32, nitems as u32, 1),
+                (128, 1, 1),
+                0,
+                dev.stream.cu_stream(),
+                &mut args,
+            )
+        }
+        .map_err(|e| CudaError(format!("cuLaunchKernel (tensor-core grouped GEMM): {e:?}")))
     }
 
     /// Reads every 16-byte word of `buf` once (the read-only bandwidth probe); `scratch` must hold

@@ -46,6 +46,8 @@ pub(crate) struct ForwardKernels {
     add_rms_norm: CudaFunction,
     add_rms_norm_grid: CudaFunction,
     dequant_rows: CudaFunction,
+    dequant_rows_split: CudaFunction,
+    split_rows_x: CudaFunction,
     swiglu: CudaFunction,
     moe_combine: CudaFunction,
     add_gated_rows: CudaFunction,
@@ -58,6 +60,11 @@ pub(crate) struct ForwardKernels {
     dn_conv: CudaFunction,
     dn_recurrent: CudaFunction,
     dn_gated_norm: CudaFunction,
+    dn_conv_tokens: CudaFunction,
+    dn_conv_state: CudaFunction,
+    dn_prep: CudaFunction,
+    /// `dn_recurrent_tokens_r{NR}` by rows per lane (dk / 4).
+    dn_recurrent_tokens: std::collections::HashMap<usize, CudaFunction>,
     router_topk: CudaFunction,
 }
 
@@ -78,6 +85,8 @@ impl ForwardKernels {
             add_rms_norm: f("add_rms_norm")?,
             add_rms_norm_grid: f("add_rms_norm_grid")?,
             dequant_rows: f("dequant_rows")?,
+            dequant_rows_split: f("dequant_rows_split")?,
+            split_rows_x: f("split_rows_x")?,
             swiglu: f("swiglu")?,
             moe_combine: f("moe_combine")?,
             add_gated_rows: f("add_gated_rows")?,
@@ -90,6 +99,13 @@ impl ForwardKernels {
             dn_conv: f("dn_conv")?,
             dn_recurrent: f("dn_recurrent")?,
             dn_gated_norm: f("dn_gated_norm")?,
+            dn_conv_tokens: f("dn_conv_tokens")?,
+            dn_conv_state: f("dn_conv_state")?,
+            dn_prep: f("dn_prep")?,
+            dn_recurrent_tokens: [4usize, 8, 16, 32]
+                .into_iter()
+                .map(|nr| Ok((nr, f(&format!("dn_recurrent_tokens_r{nr}"))?)))
+                .collect::<Result<_>>()?,
             router_topk: f("router_topk")?,
         })
     }
@@ -180,6 +196,54 @@ impl ForwardKernels {
                 KArg::I(cols as i32),
                 KArg::P(out),
             ],
+        )
+    }
+
+    /// Rows `row0 .. row0+nrows` of an affine (fmt 0), f32 (1) or bf16 (2) matrix as bf16
+    /// `[nrows, 3·cols]` = [hi | hi | lo] into `out` (the split operand of a tensor-core product).
+    #[allow(clippy::too_many_arguments)]
+    pub fn dequant_rows_split(
+        &self,
+        dev: &CudaDevice,
+        (w, s, b): (u64, u64, u64),
+        fmt: i32,
+        (bits, gs): (u32, usize),
+        row0: usize,
+        nrows: usize,
+        cols: usize,
+        out: u64,
+    ) -> Result<()> {
+        let per_word = if fmt == 0 { 32 / bits as usize } else { 2 };
+        Self::launch(
+            dev,
+            &self.dequant_rows_split,
+            (blocks_for(dev, nrows * cols / per_word), 1, 1),
+            256,
+            0,
+            vec![
+                KArg::P(w),
+                KArg::P(s),
+                KArg::P(b),
+                KArg::I(fmt),
+                KArg::I(bits as i32),
+                KArg::I(gs as i32),
+                KArg::L(row0 as i64),
+                KArg::L(nrows as i64),
+                KArg::I(cols as i32),
+                KArg::P(out),
+            ],
+        )
+    }
+
+    /// `x` [t, cols] f32 as bf16 `[t, 3·cols]` = [hi | lo | hi] into `out`.
+    pub fn split_rows_x(&self, dev: &CudaDevice, x: u64, out: u64, t: usize, cols: usize) -> Result<()> {
+        Self::launch(
+            dev,
+            &self.split_rows_x,
+            (blocks_for(dev, t * cols), 1, 1),
+            256,
+            0,
+            vec![KArg::P(x), KArg::P(out), KArg::L(t as i64), KArg::I(cols as i32)],
         )
     }
 
@@ -421,6 +485,75 @@ impl ForwardKernels {
             256,
             0,
             kargs![conv_out, b, a, neg_a, dt_bias, state, y, t, hk, hv, dk, dv, tiled],
+        )?;
+        Self::launch(
+            dev,
+            &self.dn_gated_norm,
+            (hv as u32, t as u32, 1),
+            dv.min(1024) as u32,
+            0,
+            kargs![y, z, normw, hv, dv, eps],
+        )
+    }
+
+    /// Whether [`Self::dn_prefill`] takes this geometry (dk 16, 32, 64 or 128; dv a multiple of 32).
+    pub fn dn_prefill_fits(&self, dk: usize, dv: usize) -> bool {
+        dk.is_multiple_of(4) && self.dn_recurrent_tokens.contains_key(&(dk / 4)) && dv.is_multiple_of(32)
+    }
+
+    /// GatedDeltaNet over t > 1 tokens: [`Self::dn_conv`] + [`Self::dn_recurrent`] laid out for
+    /// many tokens (conv over every token at once, q/k norms, decay and beta precomputed, a warp
+    /// per 8 state columns, inputs staged in shared memory 32 tokens at a time). Overwrites the q/k part of `conv_out`, `a` (→ decay) and `b` (→ beta).
+    #[allow(clippy::too_many_arguments)]
+    pub fn dn_prefill(
+        &self,
+        dev: &CudaDevice,
+        (qkv, conv_state, convw, conv_out): (u64, u64, u64, u64),
+        (z, b, a, neg_a, dt_bias, normw): (u64, u64, u64, u64, u64, u64),
+        state: u64,
+        y: u64,
+        t: usize,
+        (hk, hv, dk, dv, kc): (usize, usize, usize, usize, usize),
+        value_heads_tiled: bool,
+        eps: f32,
+    ) -> Result<()> {
+        let conv_dim = 2 * hk * dk + hv * dv;
+        Self::launch(
+            dev,
+            &self.dn_conv_tokens,
+            (blocks_for(dev, t * conv_dim), 1, 1),
+            256,
+            0,
+            kargs![qkv, conv_state, convw, conv_out, t, conv_dim, kc],
+        )?;
+        Self::launch(
+            dev,
+            &self.dn_conv_state,
+            (conv_dim.div_ceil(128) as u32, 1, 1),
+            128,
+            0,
+            kargs![qkv, conv_state, t, conv_dim, kc],
+        )?;
+        Self::launch(
+            dev,
+            &self.dn_prep,
+            (t as u32, (hk + 1) as u32, 1),
+            dk.clamp(32, 256).next_multiple_of(32) as u32,
+            0,
+            kargs![conv_out, b, a, neg_a, dt_bias, hk, hv, dk, dv],
+        )?;
+        let f = self
+            .dn_recurrent_tokens
+            .get(&(dk / 4))
+            .ok_or_else(|| CudaError(format!("no token-parallel delta rule for dk {dk}")))?;
+        let tiled = value_heads_tiled as i32;
+        Self::launch(
+            dev,
+            f,
+            ((hv * dv / 32) as u32, 1, 1),
+            128,
+            0,
+            kargs![conv_out, b, a, state, y, t, hk, hv, dk, dv, tiled],
         )?;
         Self::launch(
             dev,

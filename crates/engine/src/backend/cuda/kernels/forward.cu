@@ -149,24 +149,39 @@ extern "C" __global__ void add_rms_norm_grid(float* __restrict__ x, const float*
 }
 
 // Rows row0 .. row0+nrows-1 of a matrix as f32 ([nrows, cols]), for the cuBLAS prefill GEMM.
-// fmt 0: affine (bits, gs), 2: bf16.
+// fmt 0: affine (bits, gs), 2: bf16. One thread per 32-bit word of codes (whole rows of words),
+// its values written as float4s.
+template <int BITS>
+__device__ __forceinline__ void dequant_word(u32 word, float sc, float bi, float* o) {
+    constexpr int VPW = 32 / BITS;
+    constexpr u32 MASK = BITS == 8 ? 0xffu : ((1u << BITS) - 1u);
+    float v[VPW];
+#pragma unroll
+    for (int i = 0; i < VPW; i++) v[i] = (float)((word >> (i * BITS)) & MASK) * sc + bi;
+#pragma unroll
+    for (int i = 0; i < VPW / 4; i++)
+        reinterpret_cast<float4*>(o)[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+}
 extern "C" __global__ void dequant_rows(const u32* __restrict__ w, const u16* __restrict__ s,
                                         const u16* __restrict__ b, int fmt, int bits, int gs, long long row0,
                                         long long nrows, int cols, float* __restrict__ out) {
-    const long long n = nrows * cols;
-    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (long long)gridDim.x * blockDim.x) {
-        const long long r = row0 + j / cols;
-        const int c = (int)(j % cols);
-        float v;
+    const int wpr = fmt == 0 ? cols / (32 / bits) : cols / 2;  // words per row
+    const long long n = nrows * wpr;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / wpr;
+        const int k = (int)(i % wpr);
+        const u32 word = w[(row0 + r) * wpr + k];
+        float* o = out + r * cols;
         if (fmt == 0) {
-            const long long bit = (long long)c * bits;
-            const u32 q = (w[r * (cols * bits / 32) + (bit >> 5)] >> (bit & 31)) & ((1u << bits) - 1u);
-            const long long g = r * (cols / gs) + c / gs;
-            v = (float)q * bf16f(s[g]) + bf16f(b[g]);
+            const int c0 = k * (32 / bits);
+            const long long g = (row0 + r) * (cols / gs) + c0 / gs;
+            const float sc = bf16f(s[g]), bi = bf16f(b[g]);
+            if (bits == 4) dequant_word<4>(word, sc, bi, o + c0);
+            else if (bits == 8) dequant_word<8>(word, sc, bi, o + c0);
+            else dequant_word<2>(word, sc, bi, o + c0);
         } else {
-            v = bf16f(reinterpret_cast<const u16*>(w)[r * cols + c]);
+            reinterpret_cast<float2*>(o)[k] = make_float2(__uint_as_float(word << 16), __uint_as_float(word & 0xffff0000u));
         }
-        out[j] = v;
     }
 }
 
@@ -476,6 +491,175 @@ extern "C" __global__ void __launch_bounds__(256) dn_recurrent(const float* __re
         if (x < nr) S[(long long)(i0 + x) * dv + j] = s[x];
 }
 
+// ---- GatedDeltaNet prefill: the same arithmetic as dn_conv + dn_recurrent, laid out for many
+// tokens (decode keeps the kernels above). dn_conv_tokens computes every (token, channel) in
+// parallel from the window [state rows; new rows] (same summation order as dn_conv), then
+// dn_conv_state shifts the window; dn_prep L2-normalizes q and k in place (q also by 1/√dk) and
+// turns a into the decay and b into beta, all tokens at once; dn_recurrent_tokens then only runs
+// the recurrence, which is sequential in tokens.
+
+// out[t, ch] = silu(Σ_j w[ch, j] · E[t + j]) with E = [state (kc-1 rows); qkv (T rows)].
+extern "C" __global__ void dn_conv_tokens(const float* __restrict__ qkv, const float* __restrict__ state,
+                                          const float* __restrict__ convw, float* __restrict__ out, int T,
+                                          int conv_dim, int kc) {
+    const long long n = (long long)T * conv_dim;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const int t = (int)(i / conv_dim), ch = (int)(i % conv_dim);
+        float u = 0.f;
+        for (int j = 0; j < kc; j++) {
+            const int e = t + j;  // row of E
+            const float in = e < kc - 1 ? state[(long long)e * conv_dim + ch] : qkv[(long long)(e - (kc - 1)) * conv_dim + ch];
+            u += convw[(long long)ch * kc + j] * in;
+        }
+        out[i] = siluf_(u);
+    }
+}
+
+// The conv state after T rows: its kc-1 rows become E[T .. T+kc-2]. Ascending rows read E rows at
+// or past their own, so the in-place shift never reads a row it already wrote.
+extern "C" __global__ void dn_conv_state(const float* __restrict__ qkv, float* __restrict__ state, int T,
+                                         int conv_dim, int kc) {
+    const int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= conv_dim) return;
+    for (int i = 0; i < kc - 1; i++) {
+        const int e = T + i;
+        state[(long long)i * conv_dim + ch] =
+            e < kc - 1 ? state[(long long)e * conv_dim + ch] : qkv[(long long)(e - (kc - 1)) * conv_dim + ch];
+    }
+}
+
+// Block (token, head): heads < hk normalize q and k of key head `head` in conv_out (blockDim ≥
+// dk... any size: strided); heads ≥ hk (one block per token) compute decay and beta of every
+// value head into a and b.
+extern "C" __global__ void dn_prep(float* __restrict__ conv_out, float* __restrict__ bb, float* __restrict__ aa,
+                                   const float* __restrict__ neg_a, const float* __restrict__ dt_bias, int hk,
+                                   int hv, int dk, int dv) {
+    const int t = blockIdx.x, kh = blockIdx.y;
+    const int key_dim = hk * dk, conv_dim = 2 * key_dim + hv * dv;
+    if (kh == hk) {
+        for (int h = threadIdx.x; h < hv; h += blockDim.x) {
+            const float a = aa[(long long)t * hv + h] + dt_bias[h];
+            const float sp = a > 20.f ? a : log1pf(expf(a));
+            aa[(long long)t * hv + h] = expf(neg_a[h] * sp);
+            bb[(long long)t * hv + h] = sigmoidf_(bb[(long long)t * hv + h]);
+        }
+        return;
+    }
+    float* q = conv_out + (long long)t * conv_dim + kh * dk;
+    float* k = q + key_dim;
+    float sq = 0.f, sk = 0.f;
+    for (int i = threadIdx.x; i < dk; i += blockDim.x) {
+        sq += q[i] * q[i];
+        sk += k[i] * k[i];
+    }
+    sq = block_sum(sq);
+    sk = block_sum(sk);
+    const float iq = (1.f / sqrtf((float)dk)) / sqrtf(sq + 1e-6f), ik = 1.f / sqrtf(sk + 1e-6f);
+    for (int i = threadIdx.x; i < dk; i += blockDim.x) {
+        q[i] *= iq;
+        k[i] *= ik;
+    }
+}
+
+// The delta rule over T tokens after dn_prep. A block of 4 warps owns 32 state columns of value
+// head h, a warp 8 of them: lane = (column jj = lane % 8, quarter qr = lane / 8 of the dk rows),
+// so a column's sums over dk are 4 partials joined by two shuffles and no block barrier. Rows per
+// lane NR = dk / 4 (instances for dk 16, 32, 64, 128); dv a multiple of 32. The inputs of DN_TT
+// tokens (q, k, the block's 32 values of v, decay, beta) are staged in shared memory at once, so
+// the sequential loop reads no global memory.
+#define DN_TT 32
+template <int NR>
+__device__ __forceinline__ void dn_recurrent_tokens(const float* __restrict__ conv_out,
+                                                    const float* __restrict__ beta_t,
+                                                    const float* __restrict__ decay_t, float* __restrict__ state,
+                                                    float* __restrict__ y, int T, int hk, int hv, int dk, int dv,
+                                                    int tiled) {
+    constexpr int DK = 4 * NR;
+    __shared__ float4 sq4[DN_TT * DK / 4];
+    __shared__ float4 sk4[DN_TT * DK / 4];
+    __shared__ float sv[DN_TT][32];
+    __shared__ float sdec[DN_TT], sbeta[DN_TT];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, jj = lane & 7, qr = lane >> 3;
+    const int per_head = dv / 32;
+    const int h = blockIdx.x / per_head, jb = (blockIdx.x % per_head) * 32;
+    const int j = jb + warp * 8 + jj;
+    const int kh = tiled ? h % hk : h / (hv / hk);
+    const int key_dim = hk * dk, conv_dim = 2 * key_dim + hv * dv;
+    const int r0 = qr * NR;
+    float* S = state + (long long)h * dk * dv;
+    float s[NR];
+#pragma unroll
+    for (int x = 0; x < NR; x++) s[x] = S[(long long)(r0 + x) * dv + j];
+    float* sq = reinterpret_cast<float*>(sq4);
+    float* sk = reinterpret_cast<float*>(sk4);
+    for (int t0 = 0; t0 < T; t0 += DN_TT) {
+        const int nt = min(DN_TT, T - t0);
+        __syncthreads();  // the previous chunk's reads are done
+        for (int i = threadIdx.x; i < nt * DK; i += blockDim.x) {
+            const int tt = i / DK, c = i % DK;
+            const float* row = conv_out + (long long)(t0 + tt) * conv_dim + kh * dk + c;
+            sq[i] = row[0];
+            sk[i] = row[key_dim];
+        }
+        for (int i = threadIdx.x; i < nt * 32; i += blockDim.x)
+            sv[i / 32][i % 32] = conv_out[(long long)(t0 + i / 32) * conv_dim + 2 * key_dim + (long long)h * dv + jb + i % 32];
+        for (int i = threadIdx.x; i < nt; i += blockDim.x) {
+            sdec[i] = decay_t[(long long)(t0 + i) * hv + h];
+            sbeta[i] = beta_t[(long long)(t0 + i) * hv + h];
+        }
+        __syncthreads();
+        for (int tt = 0; tt < nt; tt++) {
+            float k[NR], q[NR];
+#pragma unroll
+            for (int x = 0; x < NR / 4; x++) {
+                const float4 a = sk4[(tt * DK + r0) / 4 + x], b = sq4[(tt * DK + r0) / 4 + x];
+                k[4 * x] = a.x;
+                k[4 * x + 1] = a.y;
+                k[4 * x + 2] = a.z;
+                k[4 * x + 3] = a.w;
+                q[4 * x] = b.x;
+                q[4 * x + 1] = b.y;
+                q[4 * x + 2] = b.z;
+                q[4 * x + 3] = b.w;
+            }
+            const float v = sv[tt][warp * 8 + jj], dec = sdec[tt], bet = sbeta[tt];
+            float m[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int x = 0; x < NR; x++) {
+                s[x] *= dec;
+                m[x & 3] += s[x] * k[x];
+            }
+            float mm = (m[0] + m[1]) + (m[2] + m[3]);
+            mm += __shfl_xor_sync(0xffffffffu, mm, 8);
+            mm += __shfl_xor_sync(0xffffffffu, mm, 16);
+            const float delta = bet * (v - mm);
+            float o[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int x = 0; x < NR; x++) {
+                s[x] += k[x] * delta;
+                o[x & 3] += s[x] * q[x];
+            }
+            float oo = (o[0] + o[1]) + (o[2] + o[3]);
+            oo += __shfl_xor_sync(0xffffffffu, oo, 8);
+            oo += __shfl_xor_sync(0xffffffffu, oo, 16);
+            if (qr == 0) y[(long long)(t0 + tt) * hv * dv + (long long)h * dv + j] = oo;
+        }
+    }
+#pragma unroll
+    for (int x = 0; x < NR; x++) S[(long long)(r0 + x) * dv + j] = s[x];
+}
+
+#define DN_TOKENS(NR)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(128) dn_recurrent_tokens_r##NR(                               \
+        const float* __restrict__ conv_out, const float* __restrict__ beta_t, const float* __restrict__ decay_t, \
+        float* __restrict__ state, float* __restrict__ y, int T, int hk, int hv, int dk, int dv, int tiled) {  \
+        dn_recurrent_tokens<NR>(conv_out, beta_t, decay_t, state, y, T, hk, hv, dk, dv, tiled);              \
+    }
+DN_TOKENS(4)
+DN_TOKENS(8)
+DN_TOKENS(16)
+DN_TOKENS(32)
+
 // y[t, h] ← RMSNorm(y[t, h])·w·silu(z[t, h]) per value head (the gated norm of GatedDeltaNet).
 // One block per (head, token).
 extern "C" __global__ void dn_gated_norm(float* __restrict__ y, const float* __restrict__ z,
@@ -721,6 +905,441 @@ GROUPED(affine_b4, 0, 4)
 GROUPED(affine_b8, 0, 8)
 GROUPED(f32, 1, 32)
 GROUPED(bf16, 2, 16)
+
+// ---------------------------------------------------------------------------------------------
+// The grouped GEMM on tensor cores (sm_80 and later): mma.m16n8k8 on TF32 operands with f32
+// accumulation, at f32-grade accuracy. x is split into two TF32 parts, x = xh + xl (xl the
+// rounding rest: together 21+ mantissa bits), and every product is taken with both. Weights that
+// TF32 holds exactly (affine codes, see CODES; bf16) are used as they are; others (f32, and affine
+// values q·s + b where CODES does not apply) are split the same way, and the small·small product
+// is dropped (2^-22 of the term). Same arguments and items as gemm_grouped, but an item holds up
+// to TC_NT = 32 pairs (4 n-tiles of 8; n-tiles past the item's pairs are skipped) and a block of
+// 4 warps computes TC_ROWS = 128 weight rows (2 m-tiles of 16 per warp).
+//
+// The order of the k (column) sum is free, so each k-step is laid out for the weights' storage:
+// in a chunk of 4·PW columns lane (g, t) = (lane / 4, lane % 4) owns the PW consecutive columns
+// [t·PW, t·PW + PW) — one 32-bit word of codes (PW = 32 / BITS), or two floats — and k-step j
+// gives it columns t·PW + 2j and t·PW + 2j + 1 as the fragment's k = t and k = t + 4. B (x) uses
+// the same map, so a lane reads x as float2 from the staged copies.
+//
+// CODES (affine; gs a multiple of the chunk and a divisor of TC_KC): A holds the codes
+// themselves as the exact TF32 value 1 + q·2^-BITS (two integer instructions per code), summed per
+// group into P; at the end of each group Σ (q·s + b)·x = s·2^BITS·P + (b − s·2^BITS)·X with
+// X = Σ x over the group.
+#if __CUDA_ARCH__ >= 800
+#define TC_NT 32
+#define TC_ROWS 128
+#define TC_KC 128
+
+__device__ __forceinline__ u32 tf32_bits(float v) {
+    u32 r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
+    return r;
+}
+
+__device__ __forceinline__ void mma_tf32(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The PW values of a row starting at column c (a multiple of PW): FMT 0 affine (BITS, group gs,
+// the row's scales sr / biases br), 1 f32, 2 bf16.
+template <int FMT, int BITS, int PW>
+__device__ __forceinline__ void tc_piece(const unsigned char* __restrict__ wrow, const u16* __restrict__ sr,
+                                         const u16* __restrict__ br, int gs, int c, float* v) {
+    if constexpr (FMT == 0) {
+        constexpr u32 MASK = BITS == 8 ? 0xffu : ((1u << BITS) - 1u);
+        const u32 word = __ldg(reinterpret_cast<const u32*>(wrow) + c / PW);
+        const int g = c / gs;
+        const float s = bf16f(__ldg(sr + g)), b = bf16f(__ldg(br + g));
+#pragma unroll
+        for (int i = 0; i < PW; i++) v[i] = (float)((word >> (i * BITS)) & MASK) * s + b;
+    } else if constexpr (FMT == 1) {
+        const float2 f = __ldg(reinterpret_cast<const float2*>(wrow) + c / 2);
+        v[0] = f.x;
+        v[1] = f.y;
+    } else {
+        const u32 word = __ldg(reinterpret_cast<const u32*>(wrow) + c / 2);
+        v[0] = __uint_as_float(word << 16);
+        v[1] = __uint_as_float(word & 0xffff0000u);
+    }
+}
+
+// The tensor-core GEMM's input, once per launch instead of once per block: rows of x split into
+// xh = tf32(x) and xl = tf32(x − xh), and with gs > 0 xsum[r][g] = Σ over group g of row r of
+// (xh + xl). gs a multiple of 4 dividing cols (gs = 0: no sums, chunks of 8).
+extern "C" __global__ void split_x_tc(const float* __restrict__ x, float* __restrict__ xh, float* __restrict__ xl,
+                                      float* __restrict__ xsum, long long rows, int cols, int gs) {
+    const int chunk = gs > 0 ? gs : 8;
+    const int nc = cols / chunk;
+    const long long n = rows * nc;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const long long o = (i / nc) * cols + (long long)(i % nc) * chunk;
+        const float4* src = reinterpret_cast<const float4*>(x + o);
+        float4* dh = reinterpret_cast<float4*>(xh + o);
+        float4* dl = reinterpret_cast<float4*>(xl + o);
+        float a0 = 0.f, a1 = 0.f;
+        for (int c = 0; c < chunk / 4; c++) {
+            const float4 v = src[c];
+            float4 h, l;
+            h.x = __uint_as_float(tf32_bits(v.x));
+            h.y = __uint_as_float(tf32_bits(v.y));
+            h.z = __uint_as_float(tf32_bits(v.z));
+            h.w = __uint_as_float(tf32_bits(v.w));
+            l.x = __uint_as_float(tf32_bits(v.x - h.x));
+            l.y = __uint_as_float(tf32_bits(v.y - h.y));
+            l.z = __uint_as_float(tf32_bits(v.z - h.z));
+            l.w = __uint_as_float(tf32_bits(v.w - h.w));
+            dh[c] = h;
+            dl[c] = l;
+            a0 += (h.x + l.x) + (h.y + l.y);
+            a1 += (h.z + l.z) + (h.w + l.w);
+        }
+        if (gs > 0) xsum[i] = a0 + a1;
+    }
+}
+
+template <int FMT, int BITS, bool CODES>
+__device__ __forceinline__ void gemm_grouped_tc(const unsigned long long* __restrict__ table, GemmMat m, int gs,
+                                                const int4* __restrict__ items, const int* __restrict__ xrow,
+                                                const float* __restrict__ xh, const float* __restrict__ xl,
+                                                const float* __restrict__ xsum, float* __restrict__ out, int ntok) {
+    constexpr int PW = FMT == 0 ? 32 / BITS : 2;
+    constexpr int CW = 4 * PW;
+    constexpr bool ASPLIT = !(CODES || FMT == 2);
+    // Row stride of the staged x in floats: the 16 float2 reads of a half warp (g < 4, t < 4 at
+    // g·TS + t·PW + 2j) fall in distinct bank pairs for PW 8 (TS ≡ 2 mod 32) and PW 2 (≡ 8).
+    constexpr int TS = TC_KC + (PW == 2 ? 8 : 2);
+    __shared__ float xsh[TC_NT * TS];
+    __shared__ float xsl[TC_NT * TS];
+    int4 it;
+    if (items) {
+        it = items[blockIdx.y];
+    } else {
+        const int t0 = blockIdx.y * TC_NT;
+        it = make_int4(0, t0, min(TC_NT, ntok - t0), 0);
+    }
+    const int n = it.z, ntiles = (n + 7) >> 3;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const unsigned long long base = table ? table[it.x] : 0ull;
+    const long long r0 = (long long)blockIdx.x * TC_ROWS + warp * 32;
+    // This lane's rows: r0 + 16·(i / 2) + 8·(i % 2) + g, i < 4 (a0/a2 and a1/a3 of m-tile i / 2).
+    const unsigned char* wr[4];
+    const u16* sr[4];
+    const u16* br[4];
+    bool live[4];
+    const long long row_bytes = (long long)m.cols * (FMT == 0 ? BITS : (FMT == 1 ? 32 : 16)) / 8;
+    // CODES: the rows of xsum (Σ x per group, [row of x][cols / gs]) of this lane's output pairs
+    // 8·nf + 2t and 8·nf + 2t + 1.
+    const float* xs_row[4][2];
+#pragma unroll
+    for (int nf = 0; nf < 4; nf++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const int tok = 8 * nf + 2 * t + e, p = it.y + (tok < n ? tok : 0);
+            xs_row[nf][e] = CODES ? xsum + (long long)(xrow ? xrow[p] : p) * (m.cols / gs) : nullptr;
+        }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const long long row = r0 + 16 * (i / 2) + 8 * (i % 2) + g;
+        live[i] = row < m.rows;
+        const long long r = live[i] ? row : 0;
+        wr[i] = reinterpret_cast<const unsigned char*>(base + m.w) + r * row_bytes;
+        sr[i] = FMT == 0 ? reinterpret_cast<const u16*>(base + m.s) + r * (m.cols / gs) : nullptr;
+        br[i] = FMT == 0 ? reinterpret_cast<const u16*>(base + m.b) + r * (m.cols / gs) : nullptr;
+    }
+    float acc[2][4][4];
+#pragma unroll
+    for (int a = 0; a < 2; a++)
+#pragma unroll
+        for (int b = 0; b < 4; b++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[a][b][c] = 0.f;
+    for (int k0 = 0; k0 < m.cols; k0 += TC_KC) {
+        const int kc = min(TC_KC, m.cols - k0);
+        __syncthreads();  // the previous window's reads are done
+        // Stage xh and xl [pairs][k0, k0 + kc) (split by split_x_tc); rows past the item's pairs
+        // are zero. A thread copies one float2 column of several pairs.
+        const int half = kc / 2, per = blockDim.x / half;
+        if (threadIdx.x < per * half) {
+            const int c2 = threadIdx.x % half;
+            for (int tok = threadIdx.x / half; tok < TC_NT; tok += per) {
+                float2 hv = make_float2(0.f, 0.f), lv = make_float2(0.f, 0.f);
+                if (tok < n) {
+                    const int p = it.y + tok;
+                    const long long o = (long long)(xrow ? xrow[p] : p) * m.cols + k0;
+                    hv = __ldg(reinterpret_cast<const float2*>(xh + o) + c2);
+                    lv = __ldg(reinterpret_cast<const float2*>(xl + o) + c2);
+                }
+                reinterpret_cast<float2*>(xsh + tok * TS)[c2] = hv;
+                reinterpret_cast<float2*>(xsl + tok * TS)[c2] = lv;
+            }
+        }
+        __syncthreads();
+        if (r0 >= m.rows) continue;  // warp-uniform: this warp has no rows (it still syncs)
+        if constexpr (CODES) {
+            // Code v of a word into the mantissa of 1.0: bits [23 − BITS, 23).
+            constexpr int SH = 23 - BITS;
+            constexpr u32 FIELD = ((1u << BITS) - 1u) << SH;
+            float part[2][4][4];
+#pragma unroll
+            for (int a = 0; a < 2; a++)
+#pragma unroll
+                for (int b = 0; b < 4; b++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++) part[a][b][c] = 0.f;
+#pragma unroll 2
+            for (int cc = 0; cc < kc; cc += CW) {
+                const int c = k0 + cc + t * PW;
+                u32 word[4];
+#pragma unroll
+                for (int i = 0; i < 4; i++) word[i] = live[i] ? __ldg(reinterpret_cast<const u32*>(wr[i]) + c / PW) : 0u;
+#pragma unroll
+                for (int j = 0; j < PW / 2; j++) {
+                    u32 a[2][4];
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int sh = (2 * j + e) * BITS - SH;  // compile-time after unrolling
+#pragma unroll
+                        for (int i = 0; i < 4; i++) {
+                            const u32 wv = sh >= 0 ? (word[i] >> sh) : (word[i] << -sh);
+                            // a0/a1: k = t (e = 0) of rows g / g + 8; a2/a3: k = t + 4 (e = 1).
+                            a[i / 2][(i % 2) + 2 * e] = (wv & FIELD) | 0x3f800000u;
+                        }
+                    }
+#pragma unroll
+                    for (int nf = 0; nf < 4; nf++) {
+                        if (nf < ntiles) {
+                            const int o = (g + 8 * nf) * TS + cc + t * PW + 2 * j;
+                            const float2 h2 = *reinterpret_cast<const float2*>(xsh + o);
+                            const float2 l2 = *reinterpret_cast<const float2*>(xsl + o);
+#pragma unroll
+                            for (int mt = 0; mt < 2; mt++) {
+                                mma_tf32(part[mt][nf], a[mt], __float_as_uint(l2.x), __float_as_uint(l2.y));
+                                mma_tf32(part[mt][nf], a[mt], __float_as_uint(h2.x), __float_as_uint(h2.y));
+                            }
+                        }
+                    }
+                }
+                if ((cc + CW) % gs == 0) {
+                    // End of a group: fold P into the result with the rows' scale and bias.
+                    const int grp = (k0 + cc) / gs;
+                    float s2[4], bb[4];
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        const float sc = live[i] ? bf16f(__ldg(sr[i] + grp)) : 0.f;
+                        s2[i] = sc * (float)(1 << BITS);
+                        bb[i] = (live[i] ? bf16f(__ldg(br[i] + grp)) : 0.f) - s2[i];
+                    }
+#pragma unroll
+                    for (int nf = 0; nf < 4; nf++) {
+                        if (nf < ntiles) {
+                            const float x0 = __ldg(xs_row[nf][0] + grp), x1 = __ldg(xs_row[nf][1] + grp);
+#pragma unroll
+                            for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+                                for (int h = 0; h < 2; h++) {
+                                    const int i = 2 * mt + h;
+                                    float* ac = acc[mt][nf];
+                                    float* pp = part[mt][nf];
+                                    ac[2 * h] = fmaf(s2[i], pp[2 * h], fmaf(bb[i], x0, ac[2 * h]));
+                                    ac[2 * h + 1] = fmaf(s2[i], pp[2 * h + 1], fmaf(bb[i], x1, ac[2 * h + 1]));
+                                    pp[2 * h] = 0.f;
+                                    pp[2 * h + 1] = 0.f;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        } else {
+#pragma unroll 2
+            for (int cc = 0; cc < kc; cc += CW) {
+                const int c = k0 + cc + t * PW;
+                float w[4][PW];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    if (live[i]) {
+                        tc_piece<FMT, BITS, PW>(wr[i], sr[i], br[i], gs, c, w[i]);
+                    } else {
+#pragma unroll
+                        for (int v = 0; v < PW; v++) w[i][v] = 0.f;
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < PW / 2; j++) {
+                    u32 ah[2][4], al[2][4];
+#pragma unroll
+                    for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+                        for (int r = 0; r < 4; r++) {
+                            // r: a0 (row g, k = t), a1 (row g + 8, k = t), a2 (row g, k = t + 4), a3.
+                            const float v = w[2 * mt + (r & 1)][2 * j + (r >> 1)];
+                            ah[mt][r] = ASPLIT ? tf32_bits(v) : __float_as_uint(v);
+                            if constexpr (ASPLIT) al[mt][r] = tf32_bits(v - __uint_as_float(ah[mt][r]));
+                        }
+                    }
+#pragma unroll
+                    for (int nf = 0; nf < 4; nf++) {
+                        if (nf < ntiles) {
+                            const int o = (g + 8 * nf) * TS + cc + t * PW + 2 * j;
+                            const float2 h2 = *reinterpret_cast<const float2*>(xsh + o);
+                            const float2 l2 = *reinterpret_cast<const float2*>(xsl + o);
+#pragma unroll
+                            for (int mt = 0; mt < 2; mt++) {
+                                if constexpr (ASPLIT)
+                                    mma_tf32(acc[mt][nf], al[mt], __float_as_uint(h2.x), __float_as_uint(h2.y));
+                                mma_tf32(acc[mt][nf], ah[mt], __float_as_uint(l2.x), __float_as_uint(l2.y));
+                                mma_tf32(acc[mt][nf], ah[mt], __float_as_uint(h2.x), __float_as_uint(h2.y));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if (r0 >= m.rows) return;
+    float* o = out + (long long)it.y * m.rows;
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+        for (int nf = 0; nf < 4; nf++) {
+            const int tok = 8 * nf + 2 * t;
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                if (!live[2 * mt + h]) continue;
+                const long long row = r0 + 16 * mt + 8 * h + g;
+                if (tok < n) o[(long long)tok * m.rows + row] = acc[mt][nf][2 * h];
+                if (tok + 1 < n) o[(long long)(tok + 1) * m.rows + row] = acc[mt][nf][2 * h + 1];
+            }
+        }
+    }
+}
+
+#define GROUPED_TC(NAME, FMT, BITS, CODES)                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) gemm_grouped_tc_##NAME(                                 \
+        const unsigned long long* __restrict__ table, GemmMat m, int gs, const int4* __restrict__ items,       \
+        const int* __restrict__ xrow, const float* __restrict__ xh, const float* __restrict__ xl,              \
+        const float* __restrict__ xsum, float* __restrict__ out, int ntok) {                                   \
+        gemm_grouped_tc<FMT, BITS, CODES>(table, m, gs, items, xrow, xh, xl, xsum, out, ntok);               \
+    }
+GROUPED_TC(affine_b2, 0, 2, true)
+GROUPED_TC(affine_b4, 0, 4, true)
+GROUPED_TC(affine_b8, 0, 8, true)
+GROUPED_TC(deq_affine_b2, 0, 2, false)
+GROUPED_TC(deq_affine_b4, 0, 4, false)
+GROUPED_TC(deq_affine_b8, 0, 8, false)
+GROUPED_TC(f32, 1, 32, false)
+GROUPED_TC(bf16, 2, 16, false)
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Dense prefill products on tensor cores at f32-grade accuracy: W and x are split into bf16
+// hi + lo parts, and one bf16 GEMM (f32 accumulation) over a 3× longer k takes
+// [Wh | Wh | Wl] · [xh ; xl ; xh] = Wh·xh + Wh·xl + Wl·xh (the lo·lo term, 2^-16 of the product,
+// is dropped). bf16 products are exact in f32.
+
+__device__ __forceinline__ u16 bf16_rn(float v) {
+    const u32 u = __float_as_uint(v);
+    return (u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // finite inputs
+}
+
+__device__ __forceinline__ void split_bf16(float v, u16& hi, u16& lo) {
+    hi = bf16_rn(v);
+    lo = bf16_rn(v - bf16f(hi));
+}
+
+// The VPW values of one word of codes, split, into the three segments of an output row: one
+// 16-byte store per segment at 4 bits (8 bytes at 8 bits, two at 2 bits).
+template <int BITS>
+__device__ __forceinline__ void split_word(u32 word, float sc, float bi, u16* o, int cols, int c0) {
+    constexpr int VPW = 32 / BITS;
+    constexpr u32 MASK = BITS == 8 ? 0xffu : ((1u << BITS) - 1u);
+    u32 hh[VPW / 2], ll[VPW / 2];
+#pragma unroll
+    for (int j = 0; j < VPW; j += 2) {
+        u16 h0, l0, h1, l1;
+        split_bf16((float)((word >> (j * BITS)) & MASK) * sc + bi, h0, l0);
+        split_bf16((float)((word >> ((j + 1) * BITS)) & MASK) * sc + bi, h1, l1);
+        hh[j / 2] = (u32)h0 | ((u32)h1 << 16);
+        ll[j / 2] = (u32)l0 | ((u32)l1 << 16);
+    }
+    if constexpr (VPW == 4) {
+        *reinterpret_cast<uint2*>(o + c0) = make_uint2(hh[0], hh[1]);
+        *reinterpret_cast<uint2*>(o + cols + c0) = make_uint2(hh[0], hh[1]);
+        *reinterpret_cast<uint2*>(o + 2 * cols + c0) = make_uint2(ll[0], ll[1]);
+    } else {
+#pragma unroll
+        for (int j = 0; j < VPW / 8; j++) {
+            const uint4 h = make_uint4(hh[4 * j], hh[4 * j + 1], hh[4 * j + 2], hh[4 * j + 3]);
+            const uint4 l = make_uint4(ll[4 * j], ll[4 * j + 1], ll[4 * j + 2], ll[4 * j + 3]);
+            reinterpret_cast<uint4*>(o + c0)[j] = h;
+            reinterpret_cast<uint4*>(o + cols + c0)[j] = h;
+            reinterpret_cast<uint4*>(o + 2 * cols + c0)[j] = l;
+        }
+    }
+}
+
+// Rows row0 .. row0+nrows-1 as [nrows, 3·cols] bf16 [Wh | Wh | Wl]: fmt 0 affine (bits, gs),
+// 1 f32 (w is [rows, cols] f32), 2 bf16 (exact: Wl = 0). One thread per 32-bit word (two values
+// for f32 / bf16).
+extern "C" __global__ void dequant_rows_split(const u32* __restrict__ w, const u16* __restrict__ s,
+                                              const u16* __restrict__ b, int fmt, int bits, int gs, long long row0,
+                                              long long nrows, int cols, u16* __restrict__ out) {
+    const int vpw = fmt == 0 ? 32 / bits : 2;
+    const int wpr = cols / vpw;
+    const long long n = nrows * wpr;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / wpr;
+        const int k = (int)(i % wpr);
+        const int c0 = k * vpw;
+        u16* o = out + r * 3 * cols;
+        if (fmt == 0) {
+            const u32 word = w[(row0 + r) * wpr + k];
+            const long long g = (row0 + r) * (cols / gs) + c0 / gs;
+            const float sc = bf16f(s[g]), bi = bf16f(b[g]);
+            if (bits == 4) split_word<4>(word, sc, bi, o, cols, c0);
+            else if (bits == 8) split_word<8>(word, sc, bi, o, cols, c0);
+            else split_word<2>(word, sc, bi, o, cols, c0);
+        } else {
+            float v0, v1;
+            if (fmt == 1) {
+                const float2 f = reinterpret_cast<const float2*>(w)[(row0 + r) * wpr + k];
+                v0 = f.x;
+                v1 = f.y;
+            } else {
+                const u32 word = w[(row0 + r) * wpr + k];
+                v0 = __uint_as_float(word << 16);
+                v1 = __uint_as_float(word & 0xffff0000u);
+            }
+            u16 h0, l0, h1, l1;
+            split_bf16(v0, h0, l0);
+            split_bf16(v1, h1, l1);
+            const u32 hh = (u32)h0 | ((u32)h1 << 16), ll = (u32)l0 | ((u32)l1 << 16);
+            reinterpret_cast<u32*>(o)[c0 / 2] = hh;
+            reinterpret_cast<u32*>(o + cols)[c0 / 2] = hh;
+            reinterpret_cast<u32*>(o + 2 * cols)[c0 / 2] = ll;
+        }
+    }
+}
+
+// x [t, cols] f32 → [t, 3·cols] bf16 [xh | xl | xh].
+extern "C" __global__ void split_rows_x(const float* __restrict__ x, u16* __restrict__ out, long long t, int cols) {
+    const long long n = t * cols;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / cols;
+        const int c = (int)(i % cols);
+        u16 hi, lo;
+        split_bf16(x[i], hi, lo);
+        u16* o = out + r * 3 * cols;
+        o[c] = hi;
+        o[cols + c] = lo;
+        o[2 * cols + c] = hi;
+    }
+}
 
 // Prefill MoE output: x[t] += Σ_j w[t·k+j] · yd[pair_of[t·k+j]] over the token's k experts in
 // rank order (deterministic: no atomics).
