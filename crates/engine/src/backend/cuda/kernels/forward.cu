@@ -1002,14 +1002,152 @@ extern "C" __global__ void split_x_tc(const float* __restrict__ x, float* __rest
     }
 }
 
+// One staged window [k0, k0 + kc) of gemm_grouped_tc for a warp whose item has NT n-tiles (a
+// compile-time count, so no mma.sync sits under a predicate).
+template <int FMT, int BITS, bool CODES, int NT>
+__device__ __forceinline__ void tc_window(int k0, int kc, int gs, int t, int g, const unsigned char* const (&wr)[4],
+                                          const u16* const (&sr)[4], const u16* const (&br)[4],
+                                          const bool (&live)[4], const float* __restrict__ xsh,
+                                          const float* __restrict__ xsl, const float* const (&xs_row)[4][2],
+                                          float (&acc)[2][4][4]) {
+    constexpr int PW = FMT == 0 ? 32 / BITS : 2;
+    constexpr int CW = 4 * PW;
+    constexpr bool ASPLIT = !(CODES || FMT == 2);
+    constexpr int TS = TC_KC + (PW == 2 ? 8 : 2);
+    if constexpr (CODES) {
+        // Code v of a word into the mantissa of 1.0: bits [23 − BITS, 23).
+        constexpr int SH = 23 - BITS;
+        constexpr u32 FIELD = ((1u << BITS) - 1u) << SH;
+        float part[2][4][4];
+#pragma unroll
+        for (int a = 0; a < 2; a++)
+#pragma unroll
+            for (int b = 0; b < 4; b++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) part[a][b][c] = 0.f;
+        // Chunks left in the current group (groups start at the window's start: gs divides TC_KC).
+        const int per_group = gs / CW;
+        int left = per_group;
+#pragma unroll 2
+        for (int cc = 0; cc < kc; cc += CW) {
+            const int c = k0 + cc + t * PW;
+            u32 word[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) word[i] = live[i] ? __ldg(reinterpret_cast<const u32*>(wr[i]) + c / PW) : 0u;
+#pragma unroll
+            for (int j = 0; j < PW / 2; j++) {
+                u32 a[2][4];
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int sh = (2 * j + e) * BITS - SH;  // compile-time after unrolling
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        const u32 wv = sh >= 0 ? (word[i] >> sh) : (word[i] << -sh);
+                        // a0/a1: k = t (e = 0) of rows g / g + 8; a2/a3: k = t + 4 (e = 1).
+                        a[i / 2][(i % 2) + 2 * e] = (wv & FIELD) | 0x3f800000u;
+                    }
+                }
+#pragma unroll
+                for (int nf = 0; nf < 4; nf++) {
+                    if (nf < NT) {
+                        const int o = (g + 8 * nf) * TS + cc + t * PW + 2 * j;
+                        const float2 h2 = *reinterpret_cast<const float2*>(xsh + o);
+                        const float2 l2 = *reinterpret_cast<const float2*>(xsl + o);
+#pragma unroll
+                        for (int mt = 0; mt < 2; mt++) {
+                            mma_tf32(part[mt][nf], a[mt], __float_as_uint(l2.x), __float_as_uint(l2.y));
+                            mma_tf32(part[mt][nf], a[mt], __float_as_uint(h2.x), __float_as_uint(h2.y));
+                        }
+                    }
+                }
+            }
+            if (--left == 0) {
+                left = per_group;
+                // End of a group: fold P into the result with the rows' scale and bias.
+                const int grp = (k0 + cc) / gs;
+                float s2[4], bb[4];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const float sc = live[i] ? bf16f(__ldg(sr[i] + grp)) : 0.f;
+                    s2[i] = sc * (float)(1 << BITS);
+                    bb[i] = (live[i] ? bf16f(__ldg(br[i] + grp)) : 0.f) - s2[i];
+                }
+#pragma unroll
+                for (int nf = 0; nf < 4; nf++) {
+                    if (nf < NT) {
+                        const float x0 = __ldg(xs_row[nf][0] + grp), x1 = __ldg(xs_row[nf][1] + grp);
+#pragma unroll
+                        for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+                            for (int h = 0; h < 2; h++) {
+                                const int i = 2 * mt + h;
+                                float* ac = acc[mt][nf];
+                                float* pp = part[mt][nf];
+                                ac[2 * h] = fmaf(s2[i], pp[2 * h], fmaf(bb[i], x0, ac[2 * h]));
+                                ac[2 * h + 1] = fmaf(s2[i], pp[2 * h + 1], fmaf(bb[i], x1, ac[2 * h + 1]));
+                                pp[2 * h] = 0.f;
+                                pp[2 * h + 1] = 0.f;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    } else {
+#pragma unroll 2
+        for (int cc = 0; cc < kc; cc += CW) {
+            const int c = k0 + cc + t * PW;
+            float w[4][PW];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                if (live[i]) {
+                    tc_piece<FMT, BITS, PW>(wr[i], sr[i], br[i], gs, c, w[i]);
+                } else {
+#pragma unroll
+                    for (int v = 0; v < PW; v++) w[i][v] = 0.f;
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < PW / 2; j++) {
+                u32 ah[2][4], al[2][4];
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+#pragma unroll
+                    for (int r = 0; r < 4; r++) {
+                        // r: a0 (row g, k = t), a1 (row g + 8, k = t), a2 (row g, k = t + 4), a3.
+                        const float v = w[2 * mt + (r & 1)][2 * j + (r >> 1)];
+                        ah[mt][r] = ASPLIT ? tf32_bits(v) : __float_as_uint(v);
+                        if constexpr (ASPLIT) al[mt][r] = tf32_bits(v - __uint_as_float(ah[mt][r]));
+                    }
+                }
+#pragma unroll
+                for (int nf = 0; nf < 4; nf++) {
+                    if (nf < NT) {
+                        const int o = (g + 8 * nf) * TS + cc + t * PW + 2 * j;
+                        const float2 h2 = *reinterpret_cast<const float2*>(xsh + o);
+                        const float2 l2 = *reinterpret_cast<const float2*>(xsl + o);
+#pragma unroll
+                        for (int mt = 0; mt < 2; mt++) {
+                            if constexpr (ASPLIT)
+                                mma_tf32(acc[mt][nf], al[mt], __float_as_uint(h2.x), __float_as_uint(h2.y));
+                            mma_tf32(acc[mt][nf], ah[mt], __float_as_uint(l2.x), __float_as_uint(l2.y));
+                            mma_tf32(acc[mt][nf], ah[mt], __float_as_uint(h2.x), __float_as_uint(h2.y));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 template <int FMT, int BITS, bool CODES>
 __device__ __forceinline__ void gemm_grouped_tc(const unsigned long long* __restrict__ table, GemmMat m, int gs,
                                                 const int4* __restrict__ items, const int* __restrict__ xrow,
                                                 const float* __restrict__ xh, const float* __restrict__ xl,
                                                 const float* __restrict__ xsum, float* __restrict__ out, int ntok) {
     constexpr int PW = FMT == 0 ? 32 / BITS : 2;
-    constexpr int CW = 4 * PW;
-    constexpr bool ASPLIT = !(CODES || FMT == 2);
+    [[maybe_unused]] constexpr int CW = 4 * PW;
+    [[maybe_unused]] constexpr bool ASPLIT = !(CODES || FMT == 2);
     // Row stride of the staged x in floats: the 16 float2 reads of a half warp (g < 4, t < 4 at
     // g·TS + t·PW + 2j) fall in distinct bank pairs for PW 8 (TS ≡ 2 mod 32) and PW 2 (≡ 8).
     constexpr int TS = TC_KC + (PW == 2 ? 8 : 2);
@@ -1080,125 +1218,11 @@ __device__ __forceinline__ void gemm_grouped_tc(const unsigned long long* __rest
         }
         __syncthreads();
         if (r0 >= m.rows) continue;  // warp-uniform: this warp has no rows (it still syncs)
-        if constexpr (CODES) {
-            // Code v of a word into the mantissa of 1.0: bits [23 − BITS, 23).
-            constexpr int SH = 23 - BITS;
-            constexpr u32 FIELD = ((1u << BITS) - 1u) << SH;
-            float part[2][4][4];
-#pragma unroll
-            for (int a = 0; a < 2; a++)
-#pragma unroll
-                for (int b = 0; b < 4; b++)
-#pragma unroll
-                    for (int c = 0; c < 4; c++) part[a][b][c] = 0.f;
-#pragma unroll 2
-            for (int cc = 0; cc < kc; cc += CW) {
-                const int c = k0 + cc + t * PW;
-                u32 word[4];
-#pragma unroll
-                for (int i = 0; i < 4; i++) word[i] = live[i] ? __ldg(reinterpret_cast<const u32*>(wr[i]) + c / PW) : 0u;
-#pragma unroll
-                for (int j = 0; j < PW / 2; j++) {
-                    u32 a[2][4];
-#pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        const int sh = (2 * j + e) * BITS - SH;  // compile-time after unrolling
-#pragma unroll
-                        for (int i = 0; i < 4; i++) {
-                            const u32 wv = sh >= 0 ? (word[i] >> sh) : (word[i] << -sh);
-                            // a0/a1: k = t (e = 0) of rows g / g + 8; a2/a3: k = t + 4 (e = 1).
-                            a[i / 2][(i % 2) + 2 * e] = (wv & FIELD) | 0x3f800000u;
-                        }
-                    }
-#pragma unroll
-                    for (int nf = 0; nf < 4; nf++) {
-                        if (nf < ntiles) {
-                            const int o = (g + 8 * nf) * TS + cc + t * PW + 2 * j;
-                            const float2 h2 = *reinterpret_cast<const float2*>(xsh + o);
-                            const float2 l2 = *reinterpret_cast<const float2*>(xsl + o);
-#pragma unroll
-                            for (int mt = 0; mt < 2; mt++) {
-                                mma_tf32(part[mt][nf], a[mt], __float_as_uint(l2.x), __float_as_uint(l2.y));
-                                mma_tf32(part[mt][nf], a[mt], __float_as_uint(h2.x), __float_as_uint(h2.y));
-                            }
-                        }
-                    }
-                }
-                if ((cc + CW) % gs == 0) {
-                    // End of a group: fold P into the result with the rows' scale and bias.
-                    const int grp = (k0 + cc) / gs;
-                    float s2[4], bb[4];
-#pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        const float sc = live[i] ? bf16f(__ldg(sr[i] + grp)) : 0.f;
-                        s2[i] = sc * (float)(1 << BITS);
-                        bb[i] = (live[i] ? bf16f(__ldg(br[i] + grp)) : 0.f) - s2[i];
-                    }
-#pragma unroll
-                    for (int nf = 0; nf < 4; nf++) {
-                        if (nf < ntiles) {
-                            const float x0 = __ldg(xs_row[nf][0] + grp), x1 = __ldg(xs_row[nf][1] + grp);
-#pragma unroll
-                            for (int mt = 0; mt < 2; mt++) {
-#pragma unroll
-                                for (int h = 0; h < 2; h++) {
-                                    const int i = 2 * mt + h;
-                                    float* ac = acc[mt][nf];
-                                    float* pp = part[mt][nf];
-                                    ac[2 * h] = fmaf(s2[i], pp[2 * h], fmaf(bb[i], x0, ac[2 * h]));
-                                    ac[2 * h + 1] = fmaf(s2[i], pp[2 * h + 1], fmaf(bb[i], x1, ac[2 * h + 1]));
-                                    pp[2 * h] = 0.f;
-                                    pp[2 * h + 1] = 0.f;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        } else {
-#pragma unroll 2
-            for (int cc = 0; cc < kc; cc += CW) {
-                const int c = k0 + cc + t * PW;
-                float w[4][PW];
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    if (live[i]) {
-                        tc_piece<FMT, BITS, PW>(wr[i], sr[i], br[i], gs, c, w[i]);
-                    } else {
-#pragma unroll
-                        for (int v = 0; v < PW; v++) w[i][v] = 0.f;
-                    }
-                }
-#pragma unroll
-                for (int j = 0; j < PW / 2; j++) {
-                    u32 ah[2][4], al[2][4];
-#pragma unroll
-                    for (int mt = 0; mt < 2; mt++) {
-#pragma unroll
-                        for (int r = 0; r < 4; r++) {
-                            // r: a0 (row g, k = t), a1 (row g + 8, k = t), a2 (row g, k = t + 4), a3.
-                            const float v = w[2 * mt + (r & 1)][2 * j + (r >> 1)];
-                            ah[mt][r] = ASPLIT ? tf32_bits(v) : __float_as_uint(v);
-                            if constexpr (ASPLIT) al[mt][r] = tf32_bits(v - __uint_as_float(ah[mt][r]));
-                        }
-                    }
-#pragma unroll
-                    for (int nf = 0; nf < 4; nf++) {
-                        if (nf < ntiles) {
-                            const int o = (g + 8 * nf) * TS + cc + t * PW + 2 * j;
-                            const float2 h2 = *reinterpret_cast<const float2*>(xsh + o);
-                            const float2 l2 = *reinterpret_cast<const float2*>(xsl + o);
-#pragma unroll
-                            for (int mt = 0; mt < 2; mt++) {
-                                if constexpr (ASPLIT)
-                                    mma_tf32(acc[mt][nf], al[mt], __float_as_uint(h2.x), __float_as_uint(h2.y));
-                                mma_tf32(acc[mt][nf], ah[mt], __float_as_uint(l2.x), __float_as_uint(l2.y));
-                                mma_tf32(acc[mt][nf], ah[mt], __float_as_uint(h2.x), __float_as_uint(h2.y));
-                            }
-                        }
-                    }
-                }
-            }
+        switch (ntiles) {
+            case 1: tc_window<FMT, BITS, CODES, 1>(k0, kc, gs, t, g, wr, sr, br, live, xsh, xsl, xs_row, acc); break;
+            case 2: tc_window<FMT, BITS, CODES, 2>(k0, kc, gs, t, g, wr, sr, br, live, xsh, xsl, xs_row, acc); break;
+            case 3: tc_window<FMT, BITS, CODES, 3>(k0, kc, gs, t, g, wr, sr, br, live, xsh, xsl, xs_row, acc); break;
+            default: tc_window<FMT, BITS, CODES, 4>(k0, kc, gs, t, g, wr, sr, br, live, xsh, xsl, xs_row, acc); break;
         }
     }
     if (r0 >= m.rows) return;
