@@ -124,6 +124,8 @@ def test_thousand_malformed_requests_then_a_good_one(tiny):
         (None, {"model": tiny.model, "messages": [{"role": "user", "content": 5}]}),
         (None, {"model": tiny.model, "messages": [], "max_tokens": -3}),
         (None, {"model": tiny.model, "messages": [{"role": "user", "content": "x"}], "top_p": "a"}),
+        # 0 would divide by zero (the CLI refuses it as well).
+        (None, {"model": tiny.model, "messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}),
     ]
     url = tiny.url + "/v1/chat/completions"
     with requests.Session() as http:

@@ -16,11 +16,11 @@ fn refused(args: &[&str], flag: &str) {
 
 #[test]
 fn sampling_flags_out_of_the_servers_ranges_are_refused() {
-    // Each value is outside what /v1/chat/completions accepts, or (top-p 0, repetition
-    // penalty 0) has no meaning for the sampler.
+    // Each value is outside what /v1/chat/completions accepts (a repetition penalty of 0,
+    // which the sampler would ignore, is refused by both).
     for (flag, values) in [
         ("--temperature", &["nan", "NaN", "inf", "-1", "2.5"][..]),
-        ("--top-p", &["0", "1.5", "nan", "-0.1", "inf"]),
+        ("--top-p", &["1.5", "nan", "-0.1", "inf"]),
         ("--top-k", &["-1", "1.5", "99999999999999999999"]),
         ("--min-p", &["-0.1", "2", "nan"]),
         ("--repetition-penalty", &["0", "-1", "nan", "11", "inf"]),

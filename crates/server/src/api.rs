@@ -174,6 +174,17 @@ impl<'a> Fields<'a> {
         }
         Ok(v)
     }
+    /// A number in (0, hi]: for fields where 0 has no meaning (a repetition penalty of 0 would
+    /// divide by zero; the sampler would silently ignore it).
+    pub fn f64_positive(&self, k: &str, hi: f64) -> ApiResult<Option<f64>> {
+        let v = self.f64_in(k, 0.0, hi)?;
+        if v == Some(0.0) {
+            return Err(ApiError::bad(format!("'{k}' must be greater than 0 and at most {hi}, got 0."))
+                .param(k)
+                .code("invalid_value"));
+        }
+        Ok(v)
+    }
     pub fn u64(&self, k: &str) -> ApiResult<Option<u64>> {
         match self.get(k) {
             None => Ok(None),

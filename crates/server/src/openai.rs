@@ -196,7 +196,7 @@ fn sampling(s: &AppState, f: &Fields) -> ApiResult<SamplingParams> {
         top_p: f.f64_in("top_p", 0.0, 1.0)?.map_or(d.top_p, |x| x as f32),
         top_k: f.u64("top_k")?.map_or(d.top_k, |x| x as usize),
         min_p: f.f64_in("min_p", 0.0, 1.0)?.map_or(d.min_p, |x| x as f32),
-        repetition_penalty: f.f64_in("repetition_penalty", 0.0, 10.0)?.map_or(d.repetition_penalty, |x| x as f32),
+        repetition_penalty: f.f64_positive("repetition_penalty", 10.0)?.map_or(d.repetition_penalty, |x| x as f32),
         presence_penalty: f.f64_in("presence_penalty", -2.0, 2.0)?.map_or(d.presence_penalty, |x| x as f32),
         frequency_penalty: f.f64_in("frequency_penalty", -2.0, 2.0)?.map_or(d.frequency_penalty, |x| x as f32),
         seed: f.seed("seed")?.or(d.seed),

@@ -13,8 +13,8 @@ fn in_range(lo: f32, hi: f32) -> impl Fn(&str) -> Result<f32, String> + Clone + 
     }
 }
 
-/// A number in (0, hi]: 0 has no meaning for these (a repetition penalty of 0 would divide by
-/// zero and the sampler ignores it; a top-p of 0 keeps nothing, as vLLM refuses it).
+/// A number in (0, hi]: 0 has no meaning here (a repetition penalty of 0 would divide by zero,
+/// and the sampler would ignore it; the server refuses it too).
 fn positive_up_to(hi: f32) -> impl Fn(&str) -> Result<f32, String> + Clone + Send + Sync + 'static {
     move |s: &str| {
         let x: f32 = s.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
@@ -28,8 +28,9 @@ pub struct SamplingArgs {
     /// 0 = greedy (deterministic). 0 to 2. Default: the model's generation_config.json.
     #[arg(long, value_parser = in_range(0.0, 2.0))]
     pub temperature: Option<f32>,
-    /// Above 0, at most 1 (1 = off). Default: the model's generation_config.json.
-    #[arg(long, value_parser = positive_up_to(1.0))]
+    /// 0 to 1 (1 = off; 0 keeps only the most likely token, as the server takes it). Default: the
+    /// model's generation_config.json.
+    #[arg(long, value_parser = in_range(0.0, 1.0))]
     pub top_p: Option<f32>,
     /// 0 = off. Default: the model's generation_config.json.
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=u32::MAX as u64))]

@@ -667,8 +667,9 @@ impl GemvKernels {
             return Ok(());
         }
         let f = &self.ggml_kernels(ty)?.rows;
-        let units = nrows * (cols / 32);
-        let grid = u32::try_from(units.div_ceil(256).min(dev.sm_count * 32)).unwrap_or(u32::MAX);
+        // One thread per four values (ggml.cu's `ggml_rows`), grid-stride beyond the cap.
+        let threads = nrows * (cols / 4);
+        let grid = u32::try_from(threads.div_ceil(256).min(dev.sm_count * 32)).unwrap_or(u32::MAX);
         let (mut w, mut ids, mut row0, mut nrows, mut cols, mut out) =
             (w, ids, row0 as i64, nrows as i64, cols as i32, out);
         let mut args: [*mut c_void; 6] = [
