@@ -20,12 +20,12 @@ fn peak_rss_mib(summary: &str) -> f64 {
     }
 }
 
-#[test]
-fn experts_four_times_the_budget_stream_with_identical_output_and_bounded_rss() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("synth35");
+/// One layer of the Qwen3.5-35B-A3B geometry with 512 experts (864 MiB of experts) and the given
+/// vocabulary, written under `tmp` with the tiny fixture's tokenizer.
+fn synth_one_layer(tmp: &std::path::Path, vocab: usize) -> PathBuf {
+    let dir = tmp.join("synth35");
     let tok = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen35-moe-tiny");
-    // One layer of the real Qwen3.5-35B-A3B geometry with 512 experts of 1.7 MiB = 864 MiB of experts.
+    let vocab = vocab.to_string();
     let o = flashmoe(&[
         "synth",
         "--geometry",
@@ -33,7 +33,7 @@ fn experts_four_times_the_budget_stream_with_identical_output_and_bounded_rss() 
         "--layers",
         "1",
         "--vocab",
-        "1024",
+        &vocab,
         "--experts",
         "512",
         "--tokenizer-from",
@@ -42,6 +42,14 @@ fn experts_four_times_the_budget_stream_with_identical_output_and_bounded_rss() 
         dir.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    dir
+}
+
+#[test]
+fn experts_four_times_the_budget_stream_with_identical_output_and_bounded_rss() {
+    let tmp = tempfile::tempdir().unwrap();
+    // One layer of the real Qwen3.5-35B-A3B geometry with 512 experts of 1.7 MiB = 864 MiB of experts.
+    let dir = synth_one_layer(tmp.path(), 1024);
     let d = dir.to_str().unwrap();
     let run = |extra: &[&str]| {
         let mut args =
@@ -72,25 +80,8 @@ fn experts_four_times_the_budget_stream_with_identical_output_and_bounded_rss() 
 #[test]
 fn ppl_stays_under_the_budget_with_its_logits_window() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("synth35");
-    let tok = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen35-moe-tiny");
     // 512 experts of 1.7 MiB (864 MiB) and a 32k vocabulary: a 512-token window of logits is 64 MiB.
-    let o = flashmoe(&[
-        "synth",
-        "--geometry",
-        "qwen3.5-35b-a3b",
-        "--layers",
-        "1",
-        "--vocab",
-        "32768",
-        "--experts",
-        "512",
-        "--tokenizer-from",
-        tok.to_str().unwrap(),
-        "--out",
-        dir.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let dir = synth_one_layer(tmp.path(), 32768);
     let text = tmp.path().join("text.txt");
     let words: Vec<String> = (0..1500).map(|i| format!("word{} and", i % 97)).collect();
     std::fs::write(&text, words.join(" ")).unwrap();
