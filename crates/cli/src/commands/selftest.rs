@@ -227,12 +227,17 @@ pub fn run(a: SelftestArgs) -> Result<()> {
                 checks.push((format!("batch/{}", format.name()), want, dy));
             }
             k.gemv_batch(&dev, &items)?;
+            // t random inputs and the CPU kernels' products of them.
+            let mut inputs = |t: usize| {
+                let xs: Vec<f32> = (0..t * cols).map(|_| rng.f32(-1.0, 1.0)).collect();
+                let mut want = vec![0f32; t * rows];
+                for ti in 0..t {
+                    matvec(&m, &xs[ti * cols..(ti + 1) * cols], &mut want[ti * rows..(ti + 1) * rows]);
+                }
+                (xs, want)
+            };
             let t = 9;
-            let xs: Vec<f32> = (0..t * cols).map(|_| rng.f32(-1.0, 1.0)).collect();
-            let mut want = vec![0f32; t * rows];
-            for ti in 0..t {
-                matvec(&m, &xs[ti * cols..(ti + 1) * cols], &mut want[ti * rows..(ti + 1) * rows]);
-            }
+            let (xs, want) = inputs(t);
             let dx = dev.upload_f32(&xs)?;
             let dy = dev.alloc(t * rows * 4)?;
             dy.fill_bytes(0xFF)?;
@@ -243,11 +248,7 @@ pub fn run(a: SelftestArgs) -> Result<()> {
                 // The same on tensor cores (split TF32 operands): 41 tokens, one full item of 32 pairs
                 // and a partial one (an n-tile of 8 and one of a single pair).
                 let t = 41;
-                let xs: Vec<f32> = (0..t * cols).map(|_| rng.f32(-1.0, 1.0)).collect();
-                let mut want = vec![0f32; t * rows];
-                for ti in 0..t {
-                    matvec(&m, &xs[ti * cols..(ti + 1) * cols], &mut want[ti * rows..(ti + 1) * rows]);
-                }
+                let (xs, want) = inputs(t);
                 let dx = dev.upload_f32(&xs)?;
                 let dy = dev.alloc(t * rows * 4)?;
                 dy.fill_bytes(0xFF)?;

@@ -504,6 +504,21 @@ impl Drop for Blas {
     }
 }
 
+/// The widest input of a prefill matrix product: the hidden state, the attention or delta-net
+/// output, or an MLP's activations.
+fn widest_prefill_input(c: &ModelConfig) -> usize {
+    [
+        c.hidden_size,
+        c.num_heads * c.head_dim,
+        c.linear_value_heads * c.linear_value_dim,
+        c.moe_intermediate,
+        c.shared_intermediate,
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0)
+}
+
 /// f32 scratch for dequantized weights (a matrix larger than this goes through in row blocks).
 const DEQ_FLOATS: usize = 64 << 20;
 
@@ -585,21 +600,14 @@ impl Workspace {
         tensor_cores: bool,
     ) -> Result<Self> {
         let f = |n: usize| dev.alloc(n.max(1) * 4);
-        // Widest input of a prefill product: hidden, attention output, delta-net output, MLPs.
-        let in_max = [
-            c.hidden_size,
-            c.num_heads * c.head_dim,
-            c.linear_value_heads * c.linear_value_dim,
-            c.moe_intermediate,
-            c.shared_intermediate,
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(0);
         let h = c.hidden_size;
         let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let hvdv = c.linear_value_heads * c.linear_value_dim;
         let imax = c.moe_intermediate.max(c.shared_intermediate);
+        let in_max = widest_prefill_input(c);
+        // Rows of any tensor-core GEMM input: t tokens × the widest input, or t·k expert pairs
+        // × the expert width.
+        let tc_floats = if tensor_cores { cap * in_max.max(k.max(1) * imax) } else { 0 };
         Ok(Workspace {
             x: f(cap * h)?,
             normed: f(cap * h)?,
@@ -636,11 +644,10 @@ impl Workspace {
             deq: f(deq_floats)?,
             // 3 bf16 per input value = 1.5 floats.
             xsplit: f(if split { (cap * in_max * 3).div_ceil(2) } else { 0 })?,
-            // Rows of any GEMM input: t tokens × the widest input, or t·k expert pairs × the
-            // expert width; sums per group of ≥ 32 columns.
-            tc_hi: f(if tensor_cores { cap * in_max.max(k.max(1) * imax) } else { 0 })?,
-            tc_lo: f(if tensor_cores { cap * in_max.max(k.max(1) * imax) } else { 0 })?,
-            tc_sum: f(if tensor_cores { (cap * in_max.max(k.max(1) * imax)).div_ceil(32) } else { 0 })?,
+            tc_hi: f(tc_floats)?,
+            tc_lo: f(tc_floats)?,
+            // Sums per group of ≥ 32 columns.
+            tc_sum: f(tc_floats.div_ceil(32))?,
             red: {
                 let r = dev.alloc(super::ops::RED_COUNTER + 16)?;
                 r.fill_bytes(0)?;
@@ -1598,12 +1605,11 @@ impl Backend for CudaBackend {
         // blocks) from the same scratch, in smaller row blocks; at least one row of the widest
         // input fits.
         let split = self.blas.is_some() && self.tensor_cores();
-        let widest = c.hidden_size.max(c.num_heads * c.head_dim).max(c.linear_value_heads * c.linear_value_dim);
+
         let deq = match (self.blas.is_some(), split) {
             (false, _) => 0,
             (true, false) => self.largest_matrix.load(Relaxed) as usize,
-            (true, true) => (self.largest_matrix.load(Relaxed) as usize)
-                .max(widest.max(c.moe_intermediate.max(c.shared_intermediate)) * 3),
+            (true, true) => (self.largest_matrix.load(Relaxed) as usize).max(widest_prefill_input(c) * 3),
         };
         let ws = Workspace::new(&self.dev, c, k, prefill_chunk, deq, split, self.tensor_cores())?;
         let total_experts = c.num_layers * c.num_experts;

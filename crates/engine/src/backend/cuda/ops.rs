@@ -170,33 +170,16 @@ impl ForwardKernels {
     pub fn dequant_rows(
         &self,
         dev: &CudaDevice,
-        (w, s, b): (u64, u64, u64),
+        w: (u64, u64, u64),
         fmt: i32,
-        (bits, gs): (u32, usize),
+        q: (u32, usize),
         row0: usize,
         nrows: usize,
         cols: usize,
         out: u64,
     ) -> Result<()> {
-        Self::launch(
-            dev,
-            &self.dequant_rows,
-            (blocks_for(dev, nrows * cols), 1, 1),
-            256,
-            0,
-            vec![
-                KArg::P(w),
-                KArg::P(s),
-                KArg::P(b),
-                KArg::I(fmt),
-                KArg::I(bits as i32),
-                KArg::I(gs as i32),
-                KArg::L(row0 as i64),
-                KArg::L(nrows as i64),
-                KArg::I(cols as i32),
-                KArg::P(out),
-            ],
-        )
+        let words = if fmt == 0 { nrows * cols / (32 / q.0 as usize) } else { nrows * cols / 2 };
+        Self::launch_rows(dev, &self.dequant_rows, words, w, fmt, q, (row0, nrows, cols), out)
     }
 
     /// Rows `row0 .. row0+nrows` of an affine (fmt 0), f32 (1) or bf16 (2) matrix as bf16
@@ -205,19 +188,35 @@ impl ForwardKernels {
     pub fn dequant_rows_split(
         &self,
         dev: &CudaDevice,
-        (w, s, b): (u64, u64, u64),
+        w: (u64, u64, u64),
         fmt: i32,
-        (bits, gs): (u32, usize),
+        q: (u32, usize),
         row0: usize,
         nrows: usize,
         cols: usize,
         out: u64,
     ) -> Result<()> {
-        let per_word = if fmt == 0 { 32 / bits as usize } else { 2 };
+        let words = if fmt == 0 { nrows * cols / (32 / q.0 as usize) } else { nrows * cols / 2 };
+        Self::launch_rows(dev, &self.dequant_rows_split, words, w, fmt, q, (row0, nrows, cols), out)
+    }
+
+    /// Both row dequantizers take (w, s, b, fmt, bits, gs, row0, nrows, cols, out), one thread per
+    /// 32-bit word of the source (`words` in all, grid-stride beyond the cap).
+    #[allow(clippy::too_many_arguments)]
+    fn launch_rows(
+        dev: &CudaDevice,
+        f: &CudaFunction,
+        words: usize,
+        (w, s, b): (u64, u64, u64),
+        fmt: i32,
+        (bits, gs): (u32, usize),
+        (row0, nrows, cols): (usize, usize, usize),
+        out: u64,
+    ) -> Result<()> {
         Self::launch(
             dev,
-            &self.dequant_rows_split,
-            (blocks_for(dev, nrows * cols / per_word), 1, 1),
+            f,
+            (blocks_for(dev, words), 1, 1),
             256,
             0,
             vec![
