@@ -539,7 +539,8 @@ pub struct DecodeReport {
     pub step_secs: Vec<f64>,
     /// Store counters over the measured steps.
     pub io: IoSnapshot,
-    pub io_mode: IoMode,
+    /// `page`, `direct`, or `mmap` (no store: computed on the mapped files).
+    pub io_mode: &'static str,
     pub io_note: String,
     pub ram_cache_bytes: u64,
     pub expert_bytes: u64,
@@ -551,8 +552,61 @@ pub struct DecodeReport {
     pub num_experts: usize,
     /// GPU figures over the measured steps, when the model ran on a GPU.
     pub gpu: Option<GpuDecodeInfo>,
+    /// The CPU's memory roofline, when the model ran on the CPU.
+    pub cpu: Option<CpuDecodeInfo>,
     /// Experts the pre-warm read (GPU and RAM tiers), since load.
     pub prewarmed: u64,
+}
+
+/// The limit a CPU decode is held against: the bytes a token reads (non-expert weights, k routed
+/// experts per layer, recurrent states, KV cache) at the memory read bandwidth measured in the
+/// same run, on the same threads.
+#[derive(Clone, Debug, Default)]
+pub struct CpuDecodeInfo {
+    pub threads: usize,
+    pub bytes_per_token: f64,
+    /// Bytes per second, best of several parallel read passes over a buffer far larger than the
+    /// last-level cache.
+    pub read_bw: f64,
+}
+
+impl CpuDecodeInfo {
+    /// Decode rate if every byte a token touches came from memory at `read_bw` and nothing else
+    /// took time.
+    pub fn roofline_tok_s(&self) -> f64 {
+        self.read_bw / self.bytes_per_token.max(1.0)
+    }
+}
+
+/// Memory read bandwidth of this process's compute threads (the rayon pool), bytes per second:
+/// the best of `reps` passes summing a `bytes` buffer in parallel (first touched by the same
+/// threads, so its pages sit where they read it). Eight f32 accumulators per chunk let the loop
+/// vectorize, so the sum is not bound by one add chain.
+pub fn host_read_bandwidth(bytes: usize, reps: usize) -> f64 {
+    use rayon::prelude::*;
+    let n = (bytes / 4).max(1 << 20);
+    let chunk = 1 << 16;
+    let mut buf = vec![0f32; n];
+    buf.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| c.fill((i % 7) as f32));
+    let mut best = 0f64;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        let s: f32 = buf
+            .par_chunks(chunk)
+            .map(|c| {
+                let mut acc = [0f32; 8];
+                for w in c.chunks_exact(8) {
+                    for i in 0..8 {
+                        acc[i] += w[i];
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(s);
+        best = best.max((n * 4) as f64 / t.elapsed().as_secs_f64());
+    }
+    best
 }
 
 /// What a GPU decode moved and the limits it is held against.
@@ -572,6 +626,13 @@ pub struct GpuDecodeInfo {
     pub d2h_bytes: u64,
     /// Experts the pre-warm placed on the GPU, since load.
     pub prewarmed: u64,
+    /// Host seconds blocked on the GPU for expert ids, and computing misses on the CPU.
+    pub ids_wait_secs: f64,
+    pub cpu_secs: f64,
+    /// Of `cpu_secs`, the expert kernels alone.
+    pub cpu_kernel_secs: f64,
+    /// One routed expert's matrix bytes (the first layer's).
+    pub expert_bytes: f64,
     /// Bytes the GPU must read (and state it must write) per decode token with every expert
     /// resident: non-expert weights, k routed experts per layer, recurrent states, KV cache.
     pub bytes_per_token: f64,
@@ -672,12 +733,14 @@ fn set_uniform_routers(model: &mut Model, rng: &mut Rng) -> Result<()> {
     Ok(())
 }
 
-/// Loads a packed model streaming its experts. Per-layer timing is on for the CPU only (on a
-/// GPU it synchronizes at every phase and turns graphs off, which is not what decode measures).
+/// Loads a packed model streaming its experts (or, with `--io mmap`, computing on views of the
+/// mapped expert files: no reads, no store). Per-layer timing is on for the CPU only (on a GPU it
+/// synchronizes at every phase and turns graphs off, which is not what decode measures).
 pub fn load_streamed(dir: &Path, opts: &LoadOptions) -> Result<Model> {
     let timing = opts.device.device == DeviceChoice::Cpu;
-    let model = Model::load_with(dir, &LoadOptions { stream_experts: true, timing, ..opts.clone() })?;
-    if model.expert_store().is_none() {
+    let mapped = opts.store.io == IoChoice::Mmap;
+    let model = Model::load_with(dir, &LoadOptions { stream_experts: !mapped, timing, ..opts.clone() })?;
+    if !mapped && model.expert_store().is_none() {
         return Err(Error::input(format!(
             "{} is not a packed model: bench decode streams experts from a packed model (`flashmoe convert` or `flashmoe synth`)",
             dir.display()
@@ -690,16 +753,18 @@ pub fn load_streamed(dir: &Path, opts: &LoadOptions) -> Result<Model> {
 /// `progress` hears the background pre-warm while the warm-up waits for it (phase `pre-warm`:
 /// experts read, of those it goes through).
 pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions, progress: &dyn Progress) -> Result<DecodeReport> {
-    let store = model
-        .expert_store()
-        .cloned()
-        .ok_or_else(|| Error::input("bench decode needs a packed model whose experts stream"))?;
+    // None with `--io mmap`: the experts are views of the mapped files, nothing is read or cached.
+    let store = model.expert_store().cloned();
     let cfg = model.config.clone();
     let mut rng = Rng::new(opts.seed);
     let k = model.experts_per_token();
-    let warmup = opts.warmup.unwrap_or_else(|| {
-        let per_token: u64 = (0..store.num_layers()).map(|l| store.expert_stride(l) * k as u64).sum();
-        (store.ram_cache_budget().div_ceil(per_token.max(1)) as usize) + 2
+    let warmup = opts.warmup.unwrap_or_else(|| match &store {
+        Some(store) => {
+            let per_token: u64 = (0..store.num_layers()).map(|l| store.expert_stride(l) * k as u64).sum();
+            (store.ram_cache_budget().div_ceil(per_token.max(1)) as usize) + 2
+        }
+        // Mapped: enough steps to fault in the pages of the experts most tokens use.
+        None => 32,
     });
     let total = opts.prefill.max(1) + warmup + opts.tokens;
     // Room for a warm-up that waits for a pre-warm to end.
@@ -747,7 +812,7 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions, progress: &dyn
         step += 1;
         if showing_prewarm {
             // The store counts pre-warm reads since load: the pre-warm's own total.
-            let placed = store.snapshot().prewarmed;
+            let placed = store.as_ref().map_or(0, |s| s.snapshot().prewarmed);
             progress.inc(placed - prewarm_shown);
             prewarm_shown = placed;
             progress.message(&format!("warm-up step {step}"));
@@ -758,7 +823,7 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions, progress: &dyn
     }
     warmup = warmup.max(step);
     model.reset_timing();
-    let before = store.snapshot();
+    let before = store.as_ref().map(|s| s.snapshot()).unwrap_or_default();
     let tier_before = model.tier().map(|t| t.counters);
     let mut step_secs = Vec::with_capacity(opts.tokens);
     for _ in 0..opts.tokens {
@@ -770,12 +835,19 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions, progress: &dyn
         model.forward(&[id], &mut state, LogitsFor::Last)?;
         step_secs.push(t.elapsed().as_secs_f64());
     }
-    let io = store.snapshot().since(&before);
+    let io = store.as_ref().map(|s| s.snapshot().since(&before)).unwrap_or_default();
     let io_wait_secs = model.timing_snapshot().map_or(io.wait_secs, |v| v.iter().map(|t| t.io_wait).sum());
     let gpu = match tier_before {
-        Some(b) => decode_info(model, &b, preloaded, state.pos)?,
+        Some(b) => decode_info(model, store.as_ref(), &b, preloaded, state.pos)?,
         None => None,
     };
+    // On the CPU the limit is memory: measured now, on the threads that decoded (1 GiB, larger
+    // than any last-level cache, so it comes from DRAM as a token's weights do).
+    let cpu = gpu.is_none().then(|| CpuDecodeInfo {
+        threads: rayon::current_num_threads(),
+        bytes_per_token: model.decode_bytes_per_token(state.pos),
+        read_bw: host_read_bandwidth(1 << 30, 5),
+    });
     Ok(DecodeReport {
         prefill_tokens: prompt.len(),
         prefill_secs,
@@ -784,24 +856,41 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions, progress: &dyn
         decode_secs: step_secs.iter().sum(),
         step_secs,
         io,
-        io_mode: store.mode(),
-        io_note: store.mode_note.clone(),
-        ram_cache_bytes: store.ram_cache_budget(),
-        expert_bytes: store.total_expert_bytes(),
+        io_mode: store.as_ref().map_or("mmap", |s| s.mode().name()),
+        io_note: store.as_ref().map_or_else(|| "mapped expert files (requested)".into(), |s| s.mode_note.clone()),
+        ram_cache_bytes: store.as_ref().map_or(0, |s| s.ram_cache_budget()),
+        expert_bytes: store.as_ref().map_or(0, |s| s.total_expert_bytes()),
         io_wait_secs,
         peak_rss: flashmoe::generate::peak_rss_bytes(),
         routing: opts.routing,
         experts_per_token: k,
         num_experts: cfg.num_experts,
         gpu,
-        prewarmed: store.snapshot().prewarmed,
+        cpu,
+        prewarmed: store.as_ref().map_or(0, |s| s.snapshot().prewarmed),
     })
 }
 
 /// The device figures of a decode run: expert-tier counters since `before`, bytes moved per
 /// token and the bandwidths measured on the device.
-fn decode_info(model: &Model, before: &TierCounters, preloaded: bool, pos: usize) -> Result<Option<GpuDecodeInfo>> {
+fn decode_info(
+    model: &Model,
+    store: Option<&Arc<ExpertStore>>,
+    before: &TierCounters,
+    preloaded: bool,
+    pos: usize,
+) -> Result<Option<GpuDecodeInfo>> {
     let (Some(t), Some(bw)) = (model.tier(), model.measure_bandwidths()?) else { return Ok(None) };
+    // One expert's matrix bytes (layer 0's; not the padded stride on disk).
+    let expert_bytes = match store {
+        Some(s) => s
+            .fetch(0, &[0])
+            .ok()
+            .and_then(|b| b.into_iter().next())
+            .and_then(|b| s.expert_weights(0, b).ok())
+            .map_or(0.0, |w| w.bytes() as f64),
+        None => 0.0,
+    };
     let d = t.counters.since(before);
     Ok(Some(GpuDecodeInfo {
         device: t.device,
@@ -814,6 +903,10 @@ fn decode_info(model: &Model, before: &TierCounters, preloaded: bool, pos: usize
         cpu_experts: d.cpu_experts,
         d2h_bytes: d.d2h_bytes,
         prewarmed: t.counters.prewarmed,
+        ids_wait_secs: d.ids_wait_ns as f64 * 1e-9,
+        cpu_secs: d.cpu_ns as f64 * 1e-9,
+        cpu_kernel_secs: d.cpu_kernel_ns as f64 * 1e-9,
+        expert_bytes,
         bytes_per_token: model.decode_bytes_per_token(pos),
         d2d_bw: bw.d2d,
         h2d_bw: bw.h2d,

@@ -115,6 +115,10 @@ struct DecodeArgs {
     /// Measure this many times (fresh model and cache each); tok/s is reported min/median/max.
     #[arg(long, default_value_t = 1)]
     repeats: usize,
+    /// Print a per-layer time breakdown of the measured steps (CPU device only: on a GPU it
+    /// would synchronize at every phase, which is not what decode measures).
+    #[arg(long)]
+    timing: bool,
 }
 
 #[derive(Args)]
@@ -235,7 +239,7 @@ fn disk_bandwidth(c: &DecodeCommon) -> Result<(f64, String)> {
     Ok((bw, format!("{:.3} GB/s (measured: O_DIRECT random expert reads, {} in flight)", bw / 1e9, c.io_threads)))
 }
 
-fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64) -> Result<DecodeReport> {
+fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64, timing: bool) -> Result<DecodeReport> {
     let store = StoreOptions {
         io,
         ram_cache_bytes: cache,
@@ -263,6 +267,12 @@ fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64) -> Result<DecodeRepor
         routing: c.routing,
     };
     let report = bench::bench_decode(&mut model, &opts, &crate::util::Bar::counts("experts"))?;
+    if timing {
+        match model.timing_snapshot() {
+            Some(times) => crate::util::print_timing(&times, report.tokens, &model),
+            None => eprintln!("[flashmoe] --timing: per-layer times are collected on the CPU device only"),
+        }
+    }
     if let Some(path) = &c.trace.trace_routing {
         let records: Vec<_> = model.take_routing_trace().into_iter().map(|r| (r.layer, r.pos, r.experts)).collect();
         crate::util::write_trace(path, &model, &records)?;
@@ -292,11 +302,24 @@ fn print_decode(r: &DecodeReport, disk_bw: f64, bw_note: &str, policy: &str) {
         fmt_bytes(r.ram_cache_bytes),
         100.0 * r.io.ram_hit_rate(),
         r.prewarmed,
-        r.io_mode.name()
+        r.io_mode
     );
     if let Some(g) = &r.gpu {
         print_gpu(r, g, disk_bw);
         return;
+    }
+    if let Some(c) = &r.cpu {
+        let (t_mem, step) = (c.bytes_per_token / c.read_bw, r.decode_secs / r.tokens.max(1) as f64);
+        eprintln!(
+            "[flashmoe] roofline: {}/token ÷ {:.1} GB/s (memory read, {} threads, measured now) = {:.2} ms → {:.1} tok/s; achieved {:.2} ms/token = {:.0}% of the roofline",
+            fmt_bytes(c.bytes_per_token as u64),
+            c.read_bw / 1e9,
+            c.threads,
+            t_mem * 1e3,
+            c.roofline_tok_s(),
+            step * 1e3,
+            100.0 * t_mem / step
+        );
     }
     let f = r.floor(disk_bw);
     eprintln!(
@@ -332,6 +355,16 @@ fn print_gpu(r: &DecodeReport, g: &bench::GpuDecodeInfo, disk_bw: f64) {
         g.prewarmed,
         r.prewarmed,
     );
+    if g.ids_wait_secs > 0.0 || g.cpu_secs > 0.0 {
+        eprintln!(
+            "[flashmoe] host per token: waiting for expert ids {:.3} ms, computing misses on the CPU {:.3} ms (kernels {:.3} ms: {:.1} GB/s of expert bytes), of a {:.3} ms step",
+            g.ids_wait_secs * 1e3 / n,
+            g.cpu_secs * 1e3 / n,
+            g.cpu_kernel_secs * 1e3 / n,
+            g.cpu_experts as f64 * g.expert_bytes / g.cpu_kernel_secs.max(1e-12) / 1e9,
+            step * 1e3
+        );
+    }
     eprintln!(
         "[flashmoe] roofline: {}/token ÷ {:.0} GB/s (D2D copy, read+write) = {:.3} ms → {:.1} tok/s; achieved {:.3} ms/token = {:.0}% of the roofline",
         fmt_bytes(g.bytes_per_token as u64),
@@ -372,7 +405,7 @@ fn decode(a: DecodeArgs) -> Result<()> {
     for i in 0..a.repeats.max(1) {
         let mut cc = c.clone();
         cc.seed = c.seed.wrapping_add(i as u64);
-        let r = decode_once(&cc, a.io, cache)?;
+        let r = decode_once(&cc, a.io, cache, a.timing)?;
         print_decode(&r, bw, &note, &c.cache_policy.name());
         rates.push(r.tok_s());
         ratios.push(match &r.gpu {
@@ -415,7 +448,7 @@ fn sweep(a: SweepArgs) -> Result<()> {
     let mut points = Vec::new();
     for &size in &sizes {
         eprintln!("[flashmoe] RAM cache {} ({:.0}%)", fmt_bytes(size), 100.0 * size as f64 / total.max(1) as f64);
-        let r = decode_once(c, IoChoice::Direct, size)?;
+        let r = decode_once(c, IoChoice::Direct, size, false)?;
         print_decode(&r, bw, &note, &c.cache_policy.name());
         points.push(SweepPoint { cache_bytes: size, report: r });
     }

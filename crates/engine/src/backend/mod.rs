@@ -57,6 +57,12 @@ pub struct TierCounters {
     pub d2h_bytes: u64,
     /// Experts a pre-warm placed in the tier.
     pub prewarmed: u64,
+    /// Host time blocked on the GPU for a step's expert ids (decode with misses), nanoseconds.
+    pub ids_wait_ns: u64,
+    /// Host time computing GPU-cache misses on the CPU (hybrid decode), nanoseconds.
+    pub cpu_ns: u64,
+    /// Of `cpu_ns`, the expert kernels alone.
+    pub cpu_kernel_ns: u64,
 }
 
 impl TierCounters {
@@ -69,6 +75,9 @@ impl TierCounters {
             cpu_experts: self.cpu_experts - before.cpu_experts,
             d2h_bytes: self.d2h_bytes - before.d2h_bytes,
             prewarmed: self.prewarmed - before.prewarmed,
+            ids_wait_ns: self.ids_wait_ns - before.ids_wait_ns,
+            cpu_ns: self.cpu_ns - before.cpu_ns,
+            cpu_kernel_ns: self.cpu_kernel_ns - before.cpu_kernel_ns,
         }
     }
 

@@ -58,6 +58,11 @@ struct GpuStats {
     d2h_bytes: AtomicU64,
     /// Experts the background pre-warm placed in the pool.
     prewarmed: AtomicU64,
+    /// Host nanoseconds waiting for expert ids, and computing misses on the CPU.
+    ids_wait_ns: AtomicU64,
+    cpu_ns: AtomicU64,
+    /// Of `cpu_ns`, the expert kernels alone (the rest: RAM-tier lookups, views, copies queued).
+    cpu_kernel_ns: AtomicU64,
 }
 
 /// Hand-over of pre-warmed experts from the store's reader thread to the pool.
@@ -320,6 +325,20 @@ struct ExpertPool {
     demote_map: Vec<Option<Vec<(usize, usize, usize)>>>,
     /// Pinned landing buffer for those copies.
     d2h_stage: Option<Pinned>,
+    /// Pinned memory for a hybrid step's small transfers (`HostIo`), made on first use.
+    host_io: Option<Pinned>,
+}
+
+/// A decode step's small transfers in pinned memory, laid out as [k expert ids (i32) | the
+/// layer's MoE input (h f32) | k CPU expert outputs (h f32 each)]. Reused by every layer: a layer
+/// writes its outputs here only after waiting for the stream (its ids read), by which time the
+/// previous layer's copies out of it have run.
+fn host_io(pool: &mut ExpertPool, k: usize, h: usize) -> Result<&mut [u8]> {
+    let need = (k + h + k * h) * 4;
+    if pool.host_io.as_ref().is_none_or(|b| b.len < need) {
+        pool.host_io = Some(Pinned::new(need)?);
+    }
+    Ok(&mut pool.host_io.as_mut().expect("allocated above").as_mut_slice()[..need])
 }
 
 impl ExpertPool {
@@ -1263,12 +1282,41 @@ impl CudaBackend {
             BatchItem { m: sh.up.view(), x: normed, y: gu(k) + (sh.gate.rows * 4) as u64, swiglu: false },
         ];
         let shared2 = [BatchItem { m: sh.down.view(), x: gu(k), y: ys(k), swiglu: true }];
-        self.expert_phase(ids_ptr, table, &[gl, ul], &shared1, (normed, 0), (gu(0), imax2), false, k)?;
-        self.expert_phase(ids_ptr, table, &[dm], &shared2, (gu(0), imax2), (ys(0), h), true, k)?;
-        if !resident {
-            // The one host synchronization of the layer: which experts, and are they here?
-            let ids = ws.ids_all.read_i32_n((li + 1) * k)?.split_off(li * k);
+        // The GPU's experts (every hit, found through the slot table, and the shared one).
+        let gpu_experts = || -> Result<()> {
+            self.expert_phase(ids_ptr, table, &[gl, ul], &shared1, (normed, 0), (gu(0), imax2), false, k)?;
+            self.expert_phase(ids_ptr, table, &[dm], &shared2, (gu(0), imax2), (ys(0), h), true, k)
+        };
+        if resident {
+            gpu_experts()?;
+        } else {
+            // The one host synchronization of the layer: which experts, and are they here? The
+            // layer's input comes down with the ids (the CPU's share needs it), and the GPU's
+            // experts are launched only after the wait, so that they run while the CPU computes.
+            let (ids, x) = {
+                let io = host_io(p.pool, k, h)?;
+                let (id_bytes, rest) = io.split_at_mut(k * 4);
+                // SAFETY: pinned destinations of exactly the copied sizes; the device ranges
+                // are the layer's k ids and the h-float MoE input; the stream is synchronized
+                // before the host reads them.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtoh_async(id_bytes, ids_ptr, dev.stream.cu_stream())
+                        .map_err(|e| CudaError(format!("cuMemcpyDtoHAsync (expert ids): {e:?}")))?;
+                    cudarc::driver::result::memcpy_dtoh_async(&mut rest[..h * 4], normed, dev.stream.cu_stream())
+                        .map_err(|e| CudaError(format!("cuMemcpyDtoHAsync (MoE input): {e:?}")))?;
+                }
+                let t_wait = Instant::now();
+                dev.synchronize()?;
+                self.stats.ids_wait_ns.fetch_add(t_wait.elapsed().as_nanos() as u64, Relaxed);
+                let ids: Vec<i32> =
+                    id_bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                let x: Vec<f32> =
+                    rest[..h * 4].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                (ids, x)
+            };
+            // (The prefetch guess is read before the launch: its read waits for the stream.)
             self.start_prefetch(p)?;
+            gpu_experts()?;
             Self::record_routing(p, li, pos, &ids);
             let pool = &mut *p.pool;
             pool.in_use.clear();
@@ -1322,9 +1370,6 @@ impl CudaBackend {
                             }
                         }
                     });
-                // The CPU needs the layer's MoE input: read it now, before the copies are queued
-                // (this waits only for the hits and the shared expert launched above).
-                let x = if on_cpu.is_empty() { Vec::new() } else { ws.normed.read_f32_n(h)? };
                 if !to_gpu.is_empty() {
                     let miss_ids: Vec<usize> = to_gpu.iter().map(|&j| ids[j] as usize).collect();
                     let t_io = Instant::now();
@@ -1347,9 +1392,27 @@ impl CudaBackend {
                 if !on_cpu.is_empty() {
                     // While the GPU copies and computes its share, the CPU computes these from
                     // the RAM tier (zero-copy views); only their outputs cross PCIe.
+                    let t_cpu = Instant::now();
                     let outs = self.cpu_experts(&dl.experts.host, &on_cpu, &ids, &x)?;
+                    self.stats.cpu_ns.fetch_add(t_cpu.elapsed().as_nanos() as u64, Relaxed);
+                    // Up through pinned memory, queued on the compute stream before the combine
+                    // (no wait: the next layer's ids read orders any reuse of the buffer).
+                    let io = host_io(&mut *pool, k, h)?;
+                    let out_area = &mut io[(k + h) * 4..];
                     for (j, y) in outs {
-                        ws.ys.copy_from_host_at(j * h * 4, super::context::f32_bytes(&y))?;
+                        let dst = &mut out_area[j * h * 4..(j + 1) * h * 4];
+                        dst.copy_from_slice(super::context::f32_bytes(&y));
+                        // SAFETY: a pinned source of h floats that stays untouched until the
+                        // stream has run this copy (see `host_io`); the destination is expert
+                        // j's row of `ys` ([k + 1, h] floats).
+                        unsafe {
+                            cudarc::driver::result::memcpy_htod_async(
+                                ws.ys.ptr() + (j * h * 4) as u64,
+                                &*dst,
+                                dev.stream.cu_stream(),
+                            )
+                        }
+                        .map_err(|e| CudaError(format!("cuMemcpyHtoDAsync (CPU expert output): {e:?}")))?;
                     }
                     self.stats.cpu_experts.fetch_add(on_cpu.len() as u64, Relaxed);
                 }
@@ -1526,7 +1589,9 @@ impl CudaBackend {
             .iter()
             .map(|(_, ew)| crate::backend::cpu::MlpJob { gate: &ew.gate, up: &ew.up, down: &ew.down, xs: x, n: 1 })
             .collect();
+        let t0 = Instant::now();
         let outs = crate::backend::cpu::mlps_forward(&jobs);
+        self.stats.cpu_kernel_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
         Ok(weights.iter().map(|(j, _)| *j).zip(outs).collect())
     }
 
@@ -1670,6 +1735,7 @@ impl Backend for CudaBackend {
             in_use: HashSet::new(),
             demote_map: vec![None; c.num_layers],
             d2h_stage: None,
+            host_io: None,
         };
         self.total_experts = total_experts;
         self.inner = Some(Mutex::new(Inner { pool, ws, graph: None, eager_steps: 0 }));
@@ -2047,6 +2113,9 @@ impl Backend for CudaBackend {
                 cpu_experts: self.stats.cpu_experts.load(Relaxed),
                 d2h_bytes: self.stats.d2h_bytes.load(Relaxed),
                 prewarmed: self.stats.prewarmed.load(Relaxed),
+                ids_wait_ns: self.stats.ids_wait_ns.load(Relaxed),
+                cpu_ns: self.stats.cpu_ns.load(Relaxed),
+                cpu_kernel_ns: self.stats.cpu_kernel_ns.load(Relaxed),
             },
         })
     }
