@@ -334,6 +334,21 @@ impl Linear {
         }
     }
 
+    /// Several projections of the same input (a layer's q/k/v, or a GatedDeltaNet's qkv/z/b/a)
+    /// as one kernel batch: one parallel region for all of them, rather than one per matrix
+    /// (each region costs a fork-join, which on many cores is a sizeable part of a decode
+    /// matvec). Each output is what [`Linear::apply`] would give.
+    pub fn apply_many<const N: usize>(mats: [&Linear; N], x: &[f32], n: usize) -> [Vec<f32>; N] {
+        let mut outs: [Vec<f32>; N] = std::array::from_fn(|i| vec![0.0; n * mats[i].rows]);
+        let mut jobs = Vec::with_capacity(N);
+        for (m, y) in mats.iter().zip(outs.iter_mut()) {
+            m.push_jobs(x, n, y, &mut jobs);
+        }
+        flashmoe_kernels::matmul_batch(&mut jobs);
+        drop(jobs);
+        outs
+    }
+
     /// Convenience: allocates the output.
     pub fn apply(&self, x: &[f32], n: usize) -> Vec<f32> {
         let mut y = vec![0.0; n * self.rows];
