@@ -5,9 +5,13 @@ set -euo pipefail
 # Without the embedded built-in model (15 MB): the tree carried with it holds the model's folder
 # (--model models/qwen35-moe-tiny-trained), and tree + binaries must stay under 64 MiB.
 cargo build --release -p flashmoe-cli --no-default-features --features cuda
+cargo build --release -p flashmoe-kernels --example expert_bench
+ktest=$(cargo test --release -p flashmoe-kernels --no-run 2>&1 | grep -o 'target/release/deps/kernels-[0-9a-f]*' | sort -u | head -n 1)
 tests=$(cargo test -p flashmoe --features cuda --no-run 2>&1 | grep -o 'target/debug/deps/\(reference\|tiers\|gguf_models\|flashmoe\)-[0-9a-f]*' | sort -u)
 rm -rf .carry/bin && mkdir -p .carry/bin
 strip -o .carry/bin/flashmoe target/release/flashmoe
+strip -o .carry/bin/expert_bench target/release/examples/expert_bench
+strip -o .carry/bin/kerneltests "$ktest"
 for t in $tests; do
     case $t in
     *reference-*) strip -o .carry/bin/reference "$t" ;;
