@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Experts in host RAM (issue 11), variants alternated on the same models:
 #   base   `flashmoe-base`, the build before (packed beside this one, when present);
-#   f32    this build with its CPU kernels capped at AVX-512 f32 (FLASHMOE_SIMD=avx512);
-#   new    this build (the 4-bit matvec on VNNI integer dot products where the CPU has them).
+#   f32    this build with its CPU kernels capped at AVX-512 f32 (FLASHMOE_SIMD=avx512: the same
+#          as `new` unless the build has a faster level);
+#   new    this build.
 # Regimes:
 #   1. CPU only, all cores: 4 layers of Qwen3.5-35B-A3B (vocab 4096), RAM tier holding every
 #      expert (pre-warmed at load: `--routing-profile auto` with no profile loads all); and

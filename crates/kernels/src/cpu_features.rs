@@ -18,9 +18,6 @@ pub enum SimdLevel {
     /// instruction, which matters because 2/4-bit decoding is compute-heavy);
     /// everything else uses the AVX2 code.
     Avx512,
-    /// AVX-512 with VNNI and BW: the 4-bit affine matvec on integer dot products (`vnni.rs`),
-    /// everything else as `Avx512`.
-    Avx512Vnni,
 }
 
 impl SimdLevel {
@@ -30,7 +27,6 @@ impl SimdLevel {
             SimdLevel::Scalar => "scalar",
             SimdLevel::Avx2Fma => "avx2+fma",
             SimdLevel::Avx512 => "avx512f+avx2+fma",
-            SimdLevel::Avx512Vnni => "avx512vnni+avx512f+avx2+fma",
         }
     }
 
@@ -40,17 +36,11 @@ impl SimdLevel {
             SimdLevel::Scalar => true,
             SimdLevel::Avx2Fma => avx2_supported(),
             SimdLevel::Avx512 => avx2_supported() && avx512_supported(),
-            SimdLevel::Avx512Vnni => avx2_supported() && avx512_supported() && vnni_supported(),
         }
     }
 
-    /// Either AVX-512 level (the kernels other than the 4-bit affine matvec are the same).
-    pub fn is_avx512(self) -> bool {
-        matches!(self, SimdLevel::Avx512 | SimdLevel::Avx512Vnni)
-    }
-
     /// All levels, slowest first.
-    pub const ALL: [SimdLevel; 4] = [SimdLevel::Scalar, SimdLevel::Avx2Fma, SimdLevel::Avx512, SimdLevel::Avx512Vnni];
+    pub const ALL: [SimdLevel; 3] = [SimdLevel::Scalar, SimdLevel::Avx2Fma, SimdLevel::Avx512];
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -61,16 +51,6 @@ fn avx2_supported() -> bool {
 #[cfg(target_arch = "x86_64")]
 fn avx512_supported() -> bool {
     is_x86_feature_detected!("avx512f")
-}
-
-#[cfg(target_arch = "x86_64")]
-fn vnni_supported() -> bool {
-    is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn vnni_supported() -> bool {
-    false
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -84,7 +64,7 @@ fn avx512_supported() -> bool {
 }
 
 /// The level the public kernels use: the best supported one. The environment
-/// variable `FLASHMOE_SIMD=scalar|avx2|avx512` caps it, which is handy when bisecting
+/// variable `FLASHMOE_SIMD=scalar|avx2` caps it, which is handy when bisecting
 /// a numerical difference or comparing speed.
 pub fn detected() -> SimdLevel {
     static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
@@ -92,8 +72,7 @@ pub fn detected() -> SimdLevel {
         let cap = match std::env::var("FLASHMOE_SIMD").as_deref() {
             Ok("scalar") => SimdLevel::Scalar,
             Ok("avx2") => SimdLevel::Avx2Fma,
-            Ok("avx512") => SimdLevel::Avx512,
-            _ => SimdLevel::Avx512Vnni,
+            _ => SimdLevel::Avx512,
         };
         SimdLevel::ALL.into_iter().rfind(|l| *l as u8 <= cap as u8 && l.is_supported()).unwrap_or(SimdLevel::Scalar)
     })

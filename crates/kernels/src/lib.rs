@@ -12,8 +12,6 @@ pub mod cpu_features;
 mod elem;
 pub mod ggml;
 mod scalar;
-#[cfg(target_arch = "x86_64")]
-mod vnni;
 
 use std::cell::RefCell;
 
@@ -255,19 +253,13 @@ enum AffineKernel {
     /// Needs each 4-word quarter of an 8-word vector inside one group.
     Avx2,
     Avx512,
-    /// 4-bit codes on integer dot products, x as fixed-point digits (`vnni.rs`).
-    Vnni4,
 }
 
 impl AffineKernel {
     fn pick(level: SimdLevel, bits: u32, group_size: usize, cols: usize) -> Self {
         let wpg = group_size / (32 / bits) as usize;
         #[cfg(target_arch = "x86_64")]
-        if level == SimdLevel::Avx512Vnni && vnni::supports(bits, group_size, cols) {
-            return AffineKernel::Vnni4;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if level.is_avx512() && avx512::supports(bits, group_size, cols) {
+        if level == SimdLevel::Avx512 && avx512::supports(bits, group_size, cols) {
             return AffineKernel::Avx512;
         }
         let _ = cols;
@@ -277,7 +269,7 @@ impl AffineKernel {
     /// Vector width in words, which sets the layout of the permuted x.
     fn lanes(self) -> usize {
         match self {
-            AffineKernel::Scalar | AffineKernel::Vnni4 => 0,
+            AffineKernel::Scalar => 0,
             AffineKernel::Avx2 => 8,
             AffineKernel::Avx512 => 16,
         }
@@ -326,15 +318,14 @@ pub fn matvec_at(level: SimdLevel, m: &MatRef, x: &[f32], y: &mut [f32]) {
             let ng = m.cols / group_size;
             let kernel = AffineKernel::pick(level, bits, group_size, m.cols);
             let simd = kernel != AffineKernel::Scalar;
-            let xp_len = if simd && kernel != AffineKernel::Vnni4 { m.cols } else { 0 };
-            let mut digits = vec![0i8; digit_len(kernel, m.cols)];
+            let xp_len = if simd { m.cols } else { 0 };
             with_scratch(xp_len + ng, |buf| {
                 let (xp, sx) = buf.split_at_mut(xp_len);
-                let xs = prepare_affine_input(bits, group_size, kernel, x, xp, sx, &mut digits);
-                let prep = AffinePrep { xp: &*xp, sx: &*sx, digits: &digits, xs };
+                prepare_affine_input(bits, group_size, kernel, x, xp, sx);
+                let (xp, sx) = (&*xp, &*sx);
                 with_elem!(sb_dtype, E => {
                     for_row_blocks(m, y, |sub, ys| {
-                        affine_matvec_block::<E>(kernel, sub, x, &prep, ys)
+                        affine_matvec_block::<E>(kernel, sub, x, xp, sx, ys)
                     });
                 });
             });
@@ -353,38 +344,15 @@ fn float_matvec_block<E: Elem>(level: SimdLevel, m: &MatRef, x: &[f32], y: &mut 
         // SAFETY (both): check_level verified the CPU features.
         SimdLevel::Avx2Fma => unsafe { avx2::float_matvec::<E>(data, m.cols, x, y) },
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 | SimdLevel::Avx512Vnni => unsafe { avx512::float_matvec::<E>(data, m.cols, x, y) },
+        SimdLevel::Avx512 => unsafe { avx512::float_matvec::<E>(data, m.cols, x, y) },
         #[cfg(not(target_arch = "x86_64"))]
-        SimdLevel::Avx2Fma | SimdLevel::Avx512 | SimdLevel::Avx512Vnni => unreachable!(),
+        SimdLevel::Avx2Fma | SimdLevel::Avx512 => unreachable!(),
     }
 }
 
-/// What the affine matvec kernels read besides the weights, prepared once per input (see
-/// [`prepare_affine_input`]).
-struct AffinePrep<'a> {
-    /// x permuted for the f32 SIMD kernels (empty otherwise).
-    xp: &'a [f32],
-    /// Σx per group, for the bias term.
-    sx: &'a [f32],
-    /// x as fixed-point digits for the VNNI kernel (empty otherwise), and the value of one unit.
-    digits: &'a [i8],
-    xs: f32,
-}
-
-/// Bytes of VNNI digits a `cols`-wide input needs under `kernel` (0 for the others).
-fn digit_len(kernel: AffineKernel, cols: usize) -> usize {
-    #[cfg(target_arch = "x86_64")]
-    if kernel == AffineKernel::Vnni4 {
-        return cols / 128 * vnni::CHUNK_INPUT;
-    }
-    let _ = (kernel, cols);
-    0
-}
-
-fn affine_matvec_block<E: Elem>(kernel: AffineKernel, m: &MatRef, x: &[f32], prep: &AffinePrep, y: &mut [f32]) {
+fn affine_matvec_block<E: Elem>(kernel: AffineKernel, m: &MatRef, x: &[f32], xp: &[f32], sx: &[f32], y: &mut [f32]) {
     let MatData::Affine { bits, group_size, weight, scales, biases, .. } = m.data else { unreachable!() };
     let cols = m.cols;
-    let (xp, sx) = (prep.xp, prep.sx);
     if kernel == AffineKernel::Scalar {
         match bits {
             2 => scalar::affine_matvec::<E, 2>(group_size, weight, scales, biases, cols, x, sx, y),
@@ -400,7 +368,6 @@ fn affine_matvec_block<E: Elem>(kernel: AffineKernel, m: &MatRef, x: &[f32], pre
     unsafe {
         let (gs, w, s, b) = (group_size, weight, scales, biases);
         match (kernel, bits) {
-            (AffineKernel::Vnni4, 4) => vnni::affine4_matvec::<E>(gs, w, s, b, cols, prep.digits, prep.xs, sx, y),
             (AffineKernel::Avx512, 2) => avx512::affine_matvec::<E, 2>(gs, w, s, b, cols, xp, sx, y),
             (AffineKernel::Avx512, 4) => avx512::affine_matvec::<E, 4>(gs, w, s, b, cols, xp, sx, y),
             (AffineKernel::Avx512, 8) => avx512::affine_matvec::<E, 8>(gs, w, s, b, cols, xp, sx, y),
@@ -517,29 +484,13 @@ unsafe fn matmul_rows(level: SimdLevel, m: &MatRef, x: &[f32], n: usize, yp: Syn
 /// Fills what the affine matvec kernels read besides the weights: `sx`, Σx per group (shared by
 /// every row for the bias term; f64 because it is cheap here and the bias term can be large),
 /// and for a SIMD kernel `xp`, x in the order the kernel consumes it (see [`permute_x`]).
-/// For the VNNI kernel, `digits` (x as fixed-point digits, [`digit_len`] bytes) instead of `xp`;
-/// returns the value of one fixed-point unit (1 for the other kernels).
-fn prepare_affine_input(
-    bits: u32,
-    group_size: usize,
-    kernel: AffineKernel,
-    x: &[f32],
-    xp: &mut [f32],
-    sx: &mut [f32],
-    digits: &mut [i8],
-) -> f32 {
+fn prepare_affine_input(bits: u32, group_size: usize, kernel: AffineKernel, x: &[f32], xp: &mut [f32], sx: &mut [f32]) {
     for (s, xs) in sx.iter_mut().zip(x.chunks_exact(group_size)) {
         *s = xs.iter().map(|&v| v as f64).sum::<f64>() as f32;
     }
-    #[cfg(target_arch = "x86_64")]
-    if kernel == AffineKernel::Vnni4 {
-        return vnni::prepare_input(x, digits);
-    }
-    let _ = digits;
     if kernel != AffineKernel::Scalar {
         permute_x(bits, kernel.lanes(), x, xp);
     }
-    1.0
 }
 
 /// One product of a batch: `y = W·x` for `n` inputs, x `[n, m.cols]` and y `[n, m.rows]`
@@ -571,8 +522,6 @@ struct AffineInput {
     key: (usize, usize, u32, usize, AffineKernel),
     xp: Vec<f32>,
     sx: Vec<f32>,
-    digits: Vec<i8>,
-    xs: f32,
 }
 
 /// [`matmul_batch`] on an explicit SIMD level (for tests and benchmarks).
@@ -603,15 +552,9 @@ pub fn matmul_batch_at(level: SimdLevel, jobs: &mut [MatJob]) {
         input_of[i] = Some(match inputs.iter().position(|p| p.key == key) {
             Some(p) => p,
             None => {
-                let xp_len = if matches!(kernel, AffineKernel::Scalar | AffineKernel::Vnni4) { 0 } else { m.cols };
-                let mut inp = AffineInput {
-                    key,
-                    xp: vec![0.0; xp_len],
-                    sx: vec![0.0; m.cols / group_size],
-                    digits: vec![0; digit_len(kernel, m.cols)],
-                    xs: 1.0,
-                };
-                inp.xs = prepare_affine_input(bits, group_size, kernel, x, &mut inp.xp, &mut inp.sx, &mut inp.digits);
+                let xp_len = if kernel == AffineKernel::Scalar { 0 } else { m.cols };
+                let mut inp = AffineInput { key, xp: vec![0.0; xp_len], sx: vec![0.0; m.cols / group_size] };
+                prepare_affine_input(bits, group_size, kernel, x, &mut inp.xp, &mut inp.sx);
                 inputs.push(inp);
                 inputs.len() - 1
             }
@@ -653,8 +596,7 @@ pub fn matmul_batch_at(level: SimdLevel, jobs: &mut [MatJob]) {
                 (Some(p), MatData::Affine { bits, group_size, sb_dtype, .. }) => {
                     let kernel = AffineKernel::pick(level, bits, group_size, m.cols);
                     let inp = &inputs[p];
-                    let prep = AffinePrep { xp: &inp.xp, sx: &inp.sx, digits: &inp.digits, xs: inp.xs };
-                    with_elem!(sb_dtype, E => affine_matvec_block::<E>(kernel, &sub, x, &prep, ys));
+                    with_elem!(sb_dtype, E => affine_matvec_block::<E>(kernel, &sub, x, &inp.xp, &inp.sx, ys));
                 }
                 _ => matvec_at(level, &sub, x, ys),
             }
@@ -694,9 +636,9 @@ fn dot_tiles(
         // sized tr*cols and n*cols as asserted by the caller.
         SimdLevel::Avx2Fma => unsafe { avx2::dot_tiles(w, tr, x, n, cols, &mut put) },
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 | SimdLevel::Avx512Vnni => unsafe { avx512::dot_tiles(w, tr, x, n, cols, &mut put) },
+        SimdLevel::Avx512 => unsafe { avx512::dot_tiles(w, tr, x, n, cols, &mut put) },
         #[cfg(not(target_arch = "x86_64"))]
-        SimdLevel::Avx2Fma | SimdLevel::Avx512 | SimdLevel::Avx512Vnni => unreachable!(),
+        SimdLevel::Avx2Fma | SimdLevel::Avx512 => unreachable!(),
     }
 }
 
@@ -715,9 +657,9 @@ pub fn dequant_row_at(level: SimdLevel, m: &MatRef, row: usize, out: &mut [f32])
                 SimdLevel::Scalar => scalar::float_row::<E>(bytes, out),
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: check_level verified the CPU features.
-                SimdLevel::Avx2Fma | SimdLevel::Avx512 | SimdLevel::Avx512Vnni => unsafe { avx2::float_row::<E>(bytes, out) },
+                SimdLevel::Avx2Fma | SimdLevel::Avx512 => unsafe { avx2::float_row::<E>(bytes, out) },
                 #[cfg(not(target_arch = "x86_64"))]
-                SimdLevel::Avx2Fma | SimdLevel::Avx512 | SimdLevel::Avx512Vnni => unreachable!(),
+                SimdLevel::Avx2Fma | SimdLevel::Avx512 => unreachable!(),
             }
         }),
         MatData::Affine { bits, group_size, weight, scales, biases, sb_dtype } => with_elem!(sb_dtype, E => {
@@ -733,11 +675,11 @@ pub fn dequant_row_at(level: SimdLevel, m: &MatRef, row: usize, out: &mut [f32])
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY (all three): check_level verified the CPU features;
                 // slice lengths match cols as validated at construction.
-                (SimdLevel::Avx2Fma | SimdLevel::Avx512 | SimdLevel::Avx512Vnni, 2) => unsafe { avx2::affine_row::<E, 2>(group_size, w, s, b, out) },
+                (SimdLevel::Avx2Fma | SimdLevel::Avx512, 2) => unsafe { avx2::affine_row::<E, 2>(group_size, w, s, b, out) },
                 #[cfg(target_arch = "x86_64")]
-                (SimdLevel::Avx2Fma | SimdLevel::Avx512 | SimdLevel::Avx512Vnni, 4) => unsafe { avx2::affine_row::<E, 4>(group_size, w, s, b, out) },
+                (SimdLevel::Avx2Fma | SimdLevel::Avx512, 4) => unsafe { avx2::affine_row::<E, 4>(group_size, w, s, b, out) },
                 #[cfg(target_arch = "x86_64")]
-                (SimdLevel::Avx2Fma | SimdLevel::Avx512 | SimdLevel::Avx512Vnni, 8) => unsafe { avx2::affine_row::<E, 8>(group_size, w, s, b, out) },
+                (SimdLevel::Avx2Fma | SimdLevel::Avx512, 8) => unsafe { avx2::affine_row::<E, 8>(group_size, w, s, b, out) },
                 _ => unreachable!("bits validated at construction"),
             }
         }),

@@ -306,7 +306,7 @@ fn dot_unchecked(level: SimdLevel, ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
         return y[0];
     }
     #[cfg(target_arch = "x86_64")]
-    if level.is_avx512() {
+    if level == SimdLevel::Avx512 {
         // SAFETY: the caller checked that the CPU has AVX-512F (and the
         // AVX2 set); `row` holds x.len() elements of `ty`.
         if let Some(v) = unsafe { avx512::dot(ty, row, x) } {
