@@ -314,7 +314,13 @@ async fn prepare(cfg: ServerConfig) -> Result<Prepared> {
     });
     let (io_mode, io_reason) = match engine.model.expert_store() {
         Some(store) => (store.mode().name(), store.mode_note.clone()),
-        None => ("mmap", "experts computed in place from the mapped files; the page cache is the RAM tier".into()),
+        None => (
+            "mmap",
+            engine.model.mapped_note().map_or_else(
+                || "experts computed in place from the mapped files; the page cache is the RAM tier".into(),
+                String::from,
+            ),
+        ),
     };
     log_startup(&engine, &cfg, &model_name, load_secs, &io_reason);
     let engine = Arc::new(engine);

@@ -67,14 +67,20 @@ pub fn run(a: InfoArgs) -> Result<()> {
     println!("             embed {}; lm_head {}", w.embed.format_name(), w.lm_head.format_name());
     println!("             attention/GatedDeltaNet {}; router {}", merged(mixers), merged(routers));
     println!("             shared expert {}", merged(shared));
-    // What `--io auto` (the default) does with this folder on this machine, without a RAM tier.
+    // What `--io auto` (the default) does with this folder on this machine, without a RAM tier:
+    // on the CPU, compute on the mapped files when the experts fit; otherwise (and on a GPU)
+    // stream them as below.
+    let available = flashmoe::experts::available_ram_bytes();
+    if let Some(why) = flashmoe::runtime::model::cpu_maps_experts(w.expert_bytes() as u64, available) {
+        println!("io auto      on the CPU: {}", why.trim_start_matches("auto: "));
+    }
     let io = if w.format != flashmoe::qwen35::SourceFormat::Packed {
         "page (experts read in place from the safetensors files; O_DIRECT needs `flashmoe convert`)".to_string()
     } else {
         let facts = flashmoe::experts::AutoIoFacts {
             expert_bytes: w.expert_bytes() as u64,
             ram_cache_bytes: 0,
-            available_ram: flashmoe::experts::available_ram_bytes(),
+            available_ram: available,
         };
         match flashmoe::experts::auto_io_fit(&facts) {
             Ok(reason) => format!("page ({reason})"),
@@ -84,7 +90,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
             ),
         }
     };
-    println!("io auto      {io}");
+    println!("io auto      streamed (a GPU, a RAM tier or a memory budget): {io}");
     Ok(())
 }
 

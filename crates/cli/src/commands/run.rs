@@ -85,6 +85,8 @@ pub fn run(mut a: RunArgs) -> Result<()> {
             fmt_bytes(store.ram_cache_budget()),
             store.cache_policy().name()
         );
+    } else if let Some(note) = engine.model.mapped_note() {
+        eprintln!("[flashmoe] experts: io {note}");
     }
     if a.timing && engine.model.tier().is_some() {
         eprintln!(

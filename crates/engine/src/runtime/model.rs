@@ -8,7 +8,7 @@ use crate::backend::cuda::{self, CudaBackend};
 use crate::backend::{AnyState, Backend, Bandwidths, DeviceChoice, DeviceOptions, TierInfo};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::experts::{ExpertStore, RoutingProfile, StoreOptions};
+use crate::experts::{ExpertStore, IoChoice, RoutingProfile, StoreOptions};
 use crate::layers::{Hooks, LayerTimes, LogitsFor, PassSpec, RoutingRecord};
 use crate::models::{self, HostModel, PlacedModel, SourceOptions};
 use crate::weights::Linear;
@@ -210,6 +210,8 @@ pub struct Model {
     profile_out: Option<std::path::PathBuf>,
     prewarm: Option<PrewarmInfo>,
     prewarm_thread: Option<std::thread::JoinHandle<()>>,
+    /// Set when `--io auto` chose to compute on the mapped expert files (`map_on_cpu`).
+    mapped_note: Option<String>,
 }
 
 impl Drop for Model {
@@ -233,9 +235,25 @@ impl Model {
         let host = load_host(dir, opts)?;
         let (k, max_context) = run_limits(host.config(), opts)?;
         let (placed, device_note) = place(&host, &opts.device, k, max_context)?;
+        if let Some(why) = map_on_cpu(opts, &host, placed.as_ref()) {
+            // Same model, experts as views of the mapped files, on the CPU it was placed on.
+            let mapped = LoadOptions { stream_experts: false, ..opts.clone() };
+            let host = load_host(dir, &mapped)?;
+            let (placed, _) =
+                place(&host, &DeviceOptions { device: DeviceChoice::Cpu, ..opts.device.clone() }, k, max_context)?;
+            let mut m = Self::assemble(&host, placed, device_note, &mapped, k, max_context);
+            m.mapped_note = Some(why);
+            return Ok(m);
+        }
         let mut m = Self::assemble(&host, placed, device_note, opts, k, max_context);
         m.start_prewarm(dir, &opts.routing_profile)?;
         Ok(m)
+    }
+
+    /// Why the experts are computed on the mapped files when `--io auto` chose that (CPU, no
+    /// RAM tier asked for, the experts fit in available memory).
+    pub fn mapped_note(&self) -> Option<&str> {
+        self.mapped_note.as_deref()
     }
 
     /// Loads `dir` onto a backend the caller made (`opts.device` is not used): how a backend
@@ -358,6 +376,7 @@ impl Model {
             profile_out: None,
             prewarm: None,
             prewarm_thread: None,
+            mapped_note: None,
         }
     }
 
@@ -525,6 +544,33 @@ impl Model {
         state.pos += tokens.len();
         Ok(logits)
     }
+}
+
+/// `--io auto` on the CPU with no RAM tier and no memory budget: when every expert fits in the
+/// memory available, compute on views of the mapped expert files instead of streaming them.
+/// Streaming would copy each chosen expert out of the page cache every token (and, with no RAM
+/// tier, keep nothing of its own): on 16 cores that ran decode at 128 tok/s against 298 on the
+/// mappings (docs/performance.md). Returns why, for the run's summary; None to keep streaming.
+fn map_on_cpu(opts: &LoadOptions, host: &HostModel, placed: &dyn PlacedModel) -> Option<String> {
+    let store = host.expert_store()?;
+    let asked_for_streaming = opts.store.io != IoChoice::Auto || opts.store.ram_cache_bytes > 0;
+    if !opts.stream_experts || asked_for_streaming || opts.fetch_chunk.is_some() || placed.tier().is_some() {
+        return None;
+    }
+    cpu_maps_experts(store.total_expert_bytes(), crate::experts::available_ram_bytes())
+}
+
+/// The rule of [`map_on_cpu`] on its facts (also what `flashmoe info` reports): the experts'
+/// bytes within 90% of the memory available. Returns the reason, or None to stream.
+pub fn cpu_maps_experts(expert_bytes: u64, available: Option<u64>) -> Option<String> {
+    let available = available?;
+    (expert_bytes <= available / 10 * 9).then(|| {
+        format!(
+            "auto: computed in place on the mapped files ({} of experts fit in the {} available; no copy per token)",
+            crate::memory::fmt(expert_bytes),
+            crate::memory::fmt(available)
+        )
+    })
 }
 
 fn load_host(dir: &Path, opts: &LoadOptions) -> Result<HostModel> {
