@@ -643,6 +643,16 @@ fn place(
 mod tests {
     use super::*;
 
+    /// `--io auto` maps a CPU run's experts when they fit in 90% of the memory available, and
+    /// streams them when they do not or when the memory is unknown (not Linux).
+    #[test]
+    fn cpu_maps_experts_that_fit_in_nine_tenths_of_available_memory() {
+        let why = cpu_maps_experts(900 << 20, Some(1000 << 20)).expect("fits");
+        assert!(why.starts_with("auto: computed in place on the mapped files (900.0 MiB"), "{why}");
+        assert!(cpu_maps_experts(901 << 20, Some(1000 << 20)).is_none());
+        assert!(cpu_maps_experts(1, None).is_none());
+    }
+
     #[test]
     fn auto_never_fails_and_cuda_is_a_clear_error_without_a_gpu() {
         let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen35-moe-tiny");
