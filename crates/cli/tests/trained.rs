@@ -1,6 +1,7 @@
 //! The shipped trained model (models/qwen35-moe-tiny-trained, built into the binary): the README's
-//! first command prints English while streaming experts from disk; the engine matches
-//! transformers on it; its held-out perplexity is what transformers measures.
+//! first command prints English (its experts computed on the mapped files, `--io auto` on the
+//! CPU), and so does a run streaming them from disk; the engine matches transformers on it; its
+//! held-out perplexity is what transformers measures.
 
 use serde_json::Value;
 use std::path::PathBuf;
@@ -22,13 +23,15 @@ fn dictionary() -> std::collections::HashSet<String> {
 }
 
 #[test]
-fn default_model_prints_english_and_streams_experts_from_disk() {
+fn default_model_prints_english_mapped_and_streamed() {
     let home = tempfile::tempdir().unwrap();
     let dict = dictionary();
-    // The first: the README's command (the model's own sampling defaults), seeded to be reproducible.
-    for (prompt, extra) in
-        [("The history of", vec!["--seed", "1"]), ("In the morning", vec!["--temperature", "0.8", "--seed", "3"])]
-    {
+    // The first: the README's command (the model's own sampling defaults), seeded to be
+    // reproducible; the second streams the experts (page reads).
+    for (prompt, extra, streamed) in [
+        ("The history of", vec!["--seed", "1"], false),
+        ("In the morning", vec!["--temperature", "0.8", "--seed", "3", "--io", "page"], true),
+    ] {
         let mut args = vec!["run", "--prompt", prompt, "--raw", "--max-tokens", "60"];
         args.extend(extra);
         let o = flashmoe(&args, home.path());
@@ -45,10 +48,16 @@ fn default_model_prints_english_and_streams_experts_from_disk() {
         let share = known as f64 / words.len() as f64;
         eprintln!("{prompt:?}: {:.0}% dictionary words: {text:?}", 100.0 * share);
         assert!(share >= 0.85, "only {:.0}% dictionary words in {text:?}", 100.0 * share);
-        // The summary line reports what was read from disk per token (experts are streamed).
+        // The summary line reports what was read from disk per token when the experts stream,
+        // and that they were mapped otherwise.
         let summary = err.lines().last().unwrap();
-        let disk = summary.split("| disk ").nth(1).expect("summary reports disk bytes");
-        assert!(!disk.starts_with("0 B"), "{summary}");
+        if streamed {
+            let disk = summary.split("| disk ").nth(1).expect("summary reports disk bytes");
+            assert!(!disk.starts_with("0 B"), "{summary}");
+        } else {
+            assert!(summary.ends_with("| experts mapped from the checkpoint (page cache)"), "{summary}");
+            assert!(err.contains("experts: io auto: computed in place on the mapped files ("), "{err}");
+        }
         assert!(summary.contains("experts 4/32 per token (exact)"), "{summary}");
     }
 }
