@@ -12,9 +12,10 @@ use std::path::Path;
 /// How a model's experts are read and cached.
 #[derive(Args, Clone, Debug)]
 pub struct StoreArgs {
-    /// Expert reads: through the page cache, O_DIRECT, auto (measured at start), or mmap (no
-    /// reads: compute on the mapped files, the page cache being the only RAM tier; no
-    /// --ram-cache, no routing profile).
+    /// Expert reads: through the page cache, O_DIRECT, mmap (no reads: compute on the mapped
+    /// files, the page cache being the only RAM tier; no --ram-cache, no routing profile), or
+    /// auto: on the CPU with no --ram-cache or --memory-budget, mmap when the experts fit in
+    /// memory; otherwise page or O_DIRECT, decided at start.
     #[arg(long, default_value = "auto")]
     pub io: IoChoice,
     /// RAM expert cache (e.g. 4G). Default: what --memory-budget leaves, else none (in page mode
