@@ -1,8 +1,6 @@
 #!/usr/bin/env bash
 # Experts in host RAM (issue 11), variants alternated on the same models:
 #   base   `flashmoe-base`, the build before (packed beside this one, when present);
-#   f32    this build with its CPU kernels capped at AVX-512 f32 (FLASHMOE_SIMD=avx512: the same
-#          as `new` unless the build has a faster level);
 #   new    this build.
 # Regimes:
 #   1. CPU only, all cores: 4 layers of Qwen3.5-35B-A3B (vocab 4096), RAM tier holding every
@@ -17,14 +15,13 @@ P=testdata/routing/qwen3.5-35b-expert-activation-profile.json
 M4=/tmp/m35v M8=/tmp/m35h
 [ -f $M4/manifest.json ] || flashmoe synth --geometry qwen3.5-35b-a3b --layers 4 --vocab 4096 --routing-like $P --out $M4 --quiet >/dev/null 2>&1
 [ -f $M8/manifest.json ] || flashmoe synth --geometry qwen3.5-35b-a3b --layers 8 --routing-like $P --out $M8 --quiet >/dev/null 2>&1
-VARIANTS="f32 new"
-command -v flashmoe-base >/dev/null && VARIANTS="base f32 new"
+VARIANTS="new"
+command -v flashmoe-base >/dev/null && VARIANTS="base new"
 fm() {
     local v=$1
     shift
     case $v in
     base) flashmoe-base "$@" ;;
-    f32) FLASHMOE_SIMD=avx512 flashmoe "$@" ;;
     new) flashmoe "$@" ;;
     esac
 }
@@ -35,7 +32,8 @@ for i in $(seq "$REPS"); do
         FLASHMOE_HOME=/tmp/fmh-$v-$i fm $v bench decode --model $M4 --device cpu --io page --ram-cache 100% \
             --routing-profile auto --routing model --tokens 64 --warmup 16 --disk-bw 3 2>&1 | short
     done
-    for v in f32 new; do
+    # (The build before may predate --io mmap in bench decode and --timing: this build only.)
+    for v in new; do
         echo "[$v cpu, mmap, rep $i]"
         fm $v bench decode --model $M4 --device cpu --io mmap --routing model --tokens 64 --warmup 32 --disk-bw 3 \
             $([ "$i" = 1 ] && echo --timing) 2>&1 | grep -v "^\[flashmoe\] \(experts\|device\|floor\)" | sed -E 's/\| peak RSS.*\| io/| io/'
