@@ -99,20 +99,7 @@ fn memory_bandwidth(bytes: usize, reps: usize) -> (Stats, Stats) {
         black_box(&dst);
 
         let t = Instant::now();
-        let s: f32 = src
-            .par_chunks(chunk)
-            .map(|c| {
-                // 8 independent sums so the loop vectorizes and is not
-                // latency-bound on one add chain.
-                let mut acc = [0f32; 8];
-                for w in c.chunks_exact(8) {
-                    for i in 0..8 {
-                        acc[i] += w[i];
-                    }
-                }
-                acc.iter().sum::<f32>()
-            })
-            .sum();
+        let s = flashmoe_kernels::parallel_sum(&src);
         read.push((n * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
         black_box(s);
     }

@@ -493,6 +493,23 @@ fn prepare_affine_input(bits: u32, group_size: usize, kernel: AffineKernel, x: &
     }
 }
 
+/// Σx over the compute threads, in chunks of 64 Ki values with eight partial sums each (so the
+/// loop vectorizes rather than waiting on one add chain): how the benchmarks read memory at the
+/// rate the threads can, for the roofline the matvecs are held against.
+pub fn parallel_sum(x: &[f32]) -> f32 {
+    x.par_chunks(1 << 16)
+        .map(|c| {
+            let mut acc = [0f32; 8];
+            for w in c.chunks_exact(8) {
+                for i in 0..8 {
+                    acc[i] += w[i];
+                }
+            }
+            acc.iter().sum::<f32>() + c.chunks_exact(8).remainder().iter().sum::<f32>()
+        })
+        .sum()
+}
+
 /// One product of a batch: `y = W·x` for `n` inputs, x `[n, m.cols]` and y `[n, m.rows]`
 /// row-major, as [`matmul`] (or [`matvec`] when `n == 1`).
 pub struct MatJob<'a> {

@@ -579,9 +579,8 @@ impl CpuDecodeInfo {
 }
 
 /// Memory read bandwidth of this process's compute threads (the rayon pool), bytes per second:
-/// the best of `reps` passes summing a `bytes` buffer in parallel (first touched by the same
-/// threads, so its pages sit where they read it). Eight f32 accumulators per chunk let the loop
-/// vectorize, so the sum is not bound by one add chain.
+/// the best of `reps` passes summing a `bytes` buffer in parallel (`flashmoe_kernels::parallel_sum`;
+/// first touched by the same threads, so its pages sit where they read it).
 pub fn host_read_bandwidth(bytes: usize, reps: usize) -> f64 {
     use rayon::prelude::*;
     let n = (bytes / 4).max(1 << 20);
@@ -591,19 +590,7 @@ pub fn host_read_bandwidth(bytes: usize, reps: usize) -> f64 {
     let mut best = 0f64;
     for _ in 0..reps.max(1) {
         let t = Instant::now();
-        let s: f32 = buf
-            .par_chunks(chunk)
-            .map(|c| {
-                let mut acc = [0f32; 8];
-                for w in c.chunks_exact(8) {
-                    for i in 0..8 {
-                        acc[i] += w[i];
-                    }
-                }
-                acc.iter().sum::<f32>()
-            })
-            .sum();
-        std::hint::black_box(s);
+        std::hint::black_box(flashmoe_kernels::parallel_sum(&buf));
         best = best.max((n * 4) as f64 / t.elapsed().as_secs_f64());
     }
     best
@@ -882,15 +869,7 @@ fn decode_info(
 ) -> Result<Option<GpuDecodeInfo>> {
     let (Some(t), Some(bw)) = (model.tier(), model.measure_bandwidths()?) else { return Ok(None) };
     // One expert's matrix bytes (layer 0's; not the padded stride on disk).
-    let expert_bytes = match store {
-        Some(s) => s
-            .fetch(0, &[0])
-            .ok()
-            .and_then(|b| b.into_iter().next())
-            .and_then(|b| s.expert_weights(0, b).ok())
-            .map_or(0.0, |w| w.bytes() as f64),
-        None => 0.0,
-    };
+    let expert_bytes = store.and_then(|s| s.expert_matrix_bytes(0)).unwrap_or(0) as f64;
     let d = t.counters.since(before);
     Ok(Some(GpuDecodeInfo {
         device: t.device,

@@ -621,26 +621,24 @@ fn moe(
         }
         Ok((shared_out, t0.elapsed().as_secs_f64()))
     };
+    // The routed experts and the shared one as one batch (two parallel regions for the layer's
+    // experts), its output gated: the whole phase when nothing has to be read.
+    let one_batch = |bufs: Option<&[Arc<AlignedBuf>]>, routed: &mut Vec<f32>| -> Result<(Vec<f32>, f64)> {
+        let (ys, r) = run_experts(&chosen, bufs, true, routed)?;
+        let t0 = Instant::now();
+        let ys = gate_shared(ys.expect("asked for the shared expert"));
+        Ok((ys, r + t0.elapsed().as_secs_f64()))
+    };
     let (mut out, compute_secs) = match &m.experts {
-        ExpertSet::Resident(_) => {
-            let (ys, r) = run_experts(&chosen, None, true, &mut routed)?;
-            let t0 = Instant::now();
-            let ys = gate_shared(ys.expect("asked for the shared expert"));
-            (ys, r + t0.elapsed().as_secs_f64())
-        }
+        ExpertSet::Resident(_) => one_batch(None, &mut routed)?,
         // Every chosen expert already in the RAM tier (a decode step once the tier is warm):
-        // nothing to overlap with reads, so the routed experts and the shared one run as one
-        // batch (two parallel regions for the layer's experts instead of four).
+        // nothing to overlap with reads. (If one was evicted since the check, the fetch reads
+        // it: slower, same result. The fetch's time counts as I/O wait below, as everything
+        // outside the compute does.)
         ExpertSet::Streamed { store, layer }
             if chosen.len() <= spec.fetch_chunk.max(1) && chosen.iter().all(|&x| store.in_ram(*layer, x)) =>
         {
-            // (If one was evicted since the check, the fetch reads it: slower, same result. The
-            // fetch's time counts as I/O wait below, as everything outside the compute does.)
-            let bufs = store.fetch(*layer, &chosen)?;
-            let (ys, r) = run_experts(&chosen, Some(&bufs), true, &mut routed)?;
-            let t0 = Instant::now();
-            let ys = gate_shared(ys.expect("asked for the shared expert"));
-            (ys, r + t0.elapsed().as_secs_f64())
+            one_batch(Some(&store.fetch(*layer, &chosen)?), &mut routed)?
         }
         ExpertSet::Streamed { store, layer } => {
             // At most `fetch_chunk` expert buffers alive at once (bounded memory for big

@@ -892,6 +892,13 @@ impl ExpertStore {
     }
 
     /// Matrix views over one fetched expert buffer.
+    /// One expert's matrix bytes in `layer` (weights, scales, biases: not the padded stride on
+    /// disk), from expert 0; None when it cannot be read.
+    pub fn expert_matrix_bytes(&self, layer: usize) -> Option<usize> {
+        let buf = self.fetch(layer, &[0]).ok()?.into_iter().next()?;
+        self.expert_weights(layer, buf).ok().map(|w| w.bytes())
+    }
+
     pub fn expert_weights(&self, layer: usize, buf: Arc<AlignedBuf>) -> Result<ExpertWeights> {
         let lf = &self.layers[layer];
         // A component's bytes in the buffer, checked to lie inside the blob.

@@ -1308,11 +1308,7 @@ impl CudaBackend {
                 let t_wait = Instant::now();
                 dev.synchronize()?;
                 self.stats.ids_wait_ns.fetch_add(t_wait.elapsed().as_nanos() as u64, Relaxed);
-                let ids: Vec<i32> =
-                    id_bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-                let x: Vec<f32> =
-                    rest[..h * 4].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-                (ids, x)
+                (super::context::i32s_from_bytes(id_bytes), super::context::f32s_from_bytes(&rest[..h * 4]))
             };
             // (The prefetch guess is read before the launch: its read waits for the stream.)
             self.start_prefetch(p)?;
@@ -1670,7 +1666,6 @@ impl Backend for CudaBackend {
         // blocks) from the same scratch, in smaller row blocks; at least one row of the widest
         // input fits.
         let split = self.blas.is_some() && self.tensor_cores();
-
         let deq = match (self.blas.is_some(), split) {
             (false, _) => 0,
             (true, false) => self.largest_matrix.load(Relaxed) as usize,

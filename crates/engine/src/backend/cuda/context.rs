@@ -316,6 +316,16 @@ fn c_chars_to_string(v: &[std::ffi::c_char]) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// Little-endian f32s of a byte buffer read from the device.
+pub(crate) fn f32s_from_bytes(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// Little-endian i32s of a byte buffer read from the device.
+pub(crate) fn i32s_from_bytes(b: &[u8]) -> Vec<i32> {
+    b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
 pub(crate) fn f32_bytes(v: &[f32]) -> &[u8] {
     // SAFETY: f32 has no padding and any byte pattern of it is a valid u8 sequence.
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }
@@ -365,7 +375,7 @@ impl DevBuf {
             self.stream.memcpy_dtoh(&view, &mut bytes).ctx("cuMemcpyDtoH")?;
         }
         self.stream.synchronize().ctx("stream synchronize (a kernel failed?)")?;
-        Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Ok(f32s_from_bytes(&bytes))
     }
 
     /// Copies `data` into the start of the buffer and waits for the copy (no `&mut`: the
@@ -414,12 +424,12 @@ impl DevBuf {
 
     /// The first `n` f32 values.
     pub fn read_f32_n(&self, n: usize) -> Result<Vec<f32>> {
-        Ok(self.read_bytes(n * 4)?.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Ok(f32s_from_bytes(&self.read_bytes(n * 4)?))
     }
 
     /// The first `n` i32 values.
     pub fn read_i32_n(&self, n: usize) -> Result<Vec<i32>> {
-        Ok(self.read_bytes(n * 4)?.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Ok(i32s_from_bytes(&self.read_bytes(n * 4)?))
     }
 
     /// Fills every byte with `b` (stream-ordered). 0xFF makes every f32 a NaN.

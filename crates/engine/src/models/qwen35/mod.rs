@@ -188,12 +188,9 @@ impl<B: Backend> PlacedModel for Qwen35<B> {
             .iter()
             .map(|l| match &l.moe.experts {
                 ExpertSet::Resident(v) => v.first().map_or(0, ExpertWeights::bytes),
-                ExpertSet::Streamed { store, layer } => store
-                    .fetch(*layer, &[0])
-                    .ok()
-                    .and_then(|b| b.into_iter().next())
-                    .and_then(|b| store.expert_weights(*layer, b).ok())
-                    .map_or(store.expert_stride(*layer) as usize, |e| e.bytes()),
+                ExpertSet::Streamed { store, layer } => {
+                    store.expert_matrix_bytes(*layer).unwrap_or(store.expert_stride(*layer) as usize)
+                }
             })
             .sum();
         let mut state = 0usize;
