@@ -618,6 +618,9 @@ pub struct GpuDecodeInfo {
     pub cpu_secs: f64,
     /// Of `cpu_secs`, the expert kernels alone.
     pub cpu_kernel_secs: f64,
+    /// Decode steps the GPU timed, and their GPU spans (first to last operation), seconds.
+    pub timed_steps: u64,
+    pub gpu_span_secs: f64,
     /// One routed expert's matrix bytes (the first layer's).
     pub expert_bytes: f64,
     /// Bytes the GPU must read (and state it must write) per decode token with every expert
@@ -885,6 +888,8 @@ fn decode_info(
         ids_wait_secs: d.ids_wait_ns as f64 * 1e-9,
         cpu_secs: d.cpu_ns as f64 * 1e-9,
         cpu_kernel_secs: d.cpu_kernel_ns as f64 * 1e-9,
+        timed_steps: d.decode_steps,
+        gpu_span_secs: d.decode_gpu_ns as f64 * 1e-9,
         expert_bytes,
         bytes_per_token: model.decode_bytes_per_token(pos),
         d2d_bw: bw.d2d,

@@ -365,6 +365,18 @@ fn print_gpu(r: &DecodeReport, g: &bench::GpuDecodeInfo, disk_bw: f64) {
             step * 1e3
         );
     }
+    if g.timed_steps > 0 {
+        // The span runs from a step's first to its last GPU operation: the rest of the step is
+        // host work (token upload, graph launch, logits copy and checks) the GPU waited for.
+        let span = g.gpu_span_secs / g.timed_steps as f64;
+        eprintln!(
+            "[flashmoe] decode step: GPU span {:.3} ms of a {:.3} ms step ({:.0}%); host-only {:.3} ms",
+            span * 1e3,
+            step * 1e3,
+            100.0 * span / step,
+            (step - span).max(0.0) * 1e3
+        );
+    }
     eprintln!(
         "[flashmoe] roofline: {}/token ÷ {:.0} GB/s (D2D copy, read+write) = {:.3} ms → {:.1} tok/s; achieved {:.3} ms/token = {:.0}% of the roofline",
         fmt_bytes(g.bytes_per_token as u64),

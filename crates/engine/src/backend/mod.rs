@@ -63,6 +63,10 @@ pub struct TierCounters {
     pub cpu_ns: u64,
     /// Of `cpu_ns`, the expert kernels alone.
     pub cpu_kernel_ns: u64,
+    /// Single-token passes with logits, and the GPU time from each one's first to its last
+    /// operation, nanoseconds (what is left of a step is host work the GPU waited for).
+    pub decode_steps: u64,
+    pub decode_gpu_ns: u64,
 }
 
 impl TierCounters {
@@ -78,6 +82,8 @@ impl TierCounters {
             ids_wait_ns: self.ids_wait_ns - before.ids_wait_ns,
             cpu_ns: self.cpu_ns - before.cpu_ns,
             cpu_kernel_ns: self.cpu_kernel_ns - before.cpu_kernel_ns,
+            decode_steps: self.decode_steps - before.decode_steps,
+            decode_gpu_ns: self.decode_gpu_ns - before.decode_gpu_ns,
         }
     }
 

@@ -63,6 +63,9 @@ struct GpuStats {
     cpu_ns: AtomicU64,
     /// Of `cpu_ns`, the expert kernels alone (the rest: RAM-tier lookups, views, copies queued).
     cpu_kernel_ns: AtomicU64,
+    /// Decode steps, and the GPU time from each one's first to its last operation (events).
+    decode_steps: AtomicU64,
+    decode_gpu_ns: AtomicU64,
 }
 
 /// Hand-over of pre-warmed experts from the store's reader thread to the pool.
@@ -713,6 +716,11 @@ impl BackendState for DevSeqState {
 struct Inner {
     pool: ExpertPool,
     ws: Workspace,
+    /// Pinned host side of a pass's own transfers: [pos0, token ids (i32; prefill_chunk + 1) |
+    /// last-row logits (f32; vocab)], so neither copy goes through the driver's pageable staging.
+    step_io: Pinned,
+    /// Brackets a decode step's GPU work (its span, for `bench decode`).
+    step_timer: super::context::Timer,
     graph: Option<(GraphKey, super::Graph)>,
     /// Decode steps run without a graph since the last capture (the first one warms up).
     eager_steps: usize,
@@ -1733,7 +1741,9 @@ impl Backend for CudaBackend {
             host_io: None,
         };
         self.total_experts = total_experts;
-        self.inner = Some(Mutex::new(Inner { pool, ws, graph: None, eager_steps: 0 }));
+        let step_io = Pinned::new((self.opts.gpu.prefill_chunk.max(1) + 1 + c.vocab_size) * 4)?;
+        let step_timer = self.dev.timer()?;
+        self.inner = Some(Mutex::new(Inner { pool, ws, step_io, step_timer, graph: None, eager_steps: 0 }));
         Ok(())
     }
 
@@ -1777,7 +1787,7 @@ impl Backend for CudaBackend {
             .into());
         }
         let mut inner = self.inner()?;
-        let Inner { pool, ws, graph: recorded, eager_steps } = &mut *inner;
+        let Inner { pool, ws, step_io, step_timer, graph: recorded, eager_steps } = &mut *inner;
         let ws = &*ws;
         // A bounded share of the pre-warm per call, so no step waits long for it.
         self.drain_prewarm(pool, 4 * (k + 1))?;
@@ -1798,11 +1808,31 @@ impl Backend for CudaBackend {
             let sub = PassSpec { tokens: &spec.tokens[done..done + t], pos0: spec.pos0 + done, want, ..*spec };
             let pos0 = sub.pos0;
             self.ensure_capacity(c, state, pos0, pos0 + t)?;
-            let head: Vec<u8> = std::iter::once(pos0 as i32)
-                .chain(sub.tokens.iter().map(|&x| x as i32))
-                .flat_map(i32::to_le_bytes)
-                .collect();
-            ws.tok.copy_from_host(&head)?;
+            // [pos0, ids] up through pinned memory without a wait: the stream runs the copy
+            // before the pass, and the host writes the buffer again only after this call's
+            // final wait.
+            let head_len = (t + 1) * 4;
+            {
+                let io = step_io.as_mut_slice();
+                io[..4].copy_from_slice(&(pos0 as i32).to_le_bytes());
+                for (dst, &id) in io[4..head_len].chunks_exact_mut(4).zip(sub.tokens) {
+                    dst.copy_from_slice(&(id as i32).to_le_bytes());
+                }
+            }
+            // SAFETY: a pinned source of head_len bytes that stays untouched until the stream has
+            // run the copy (see above); `tok` holds prefill_chunk + 1 ints and t ≤ prefill_chunk.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    ws.tok.ptr(),
+                    &step_io.as_mut_slice()[..head_len],
+                    self.dev.stream.cu_stream(),
+                )
+            }
+            .map_err(|e| CudaError(format!("cuMemcpyHtoDAsync (token ids): {e:?}")))?;
+            let timed_step = t == 1 && want == LogitsFor::Last;
+            if timed_step {
+                step_timer.start()?;
+            }
             let resident = pool.all_resident();
             let all_out = if want == LogitsFor::All { Some(self.dev.alloc(t * v * 4)?) } else { None };
             let logits = match (&all_out, want) {
@@ -1862,7 +1892,29 @@ impl Backend for CudaBackend {
             self.stats.tokens.fetch_add(t as u64, Relaxed);
             match (want, all_out) {
                 (LogitsFor::None, _) => self.dev.synchronize()?,
-                (LogitsFor::Last, _) => out = ws.logits.read_f32_n(v)?,
+                (LogitsFor::Last, _) => {
+                    if timed_step {
+                        step_timer.stop()?;
+                    }
+                    let io = &mut step_io.as_mut_slice()[head_len..head_len + v * 4];
+                    // SAFETY: a pinned destination of exactly v floats, read by the host only
+                    // after the stream is synchronized below; `logits` holds v floats.
+                    unsafe {
+                        cudarc::driver::result::memcpy_dtoh_async(
+                            &mut *io,
+                            ws.logits.ptr(),
+                            self.dev.stream.cu_stream(),
+                        )
+                    }
+                    .map_err(|e| CudaError(format!("cuMemcpyDtoHAsync (logits): {e:?}")))?;
+                    self.dev.synchronize()?;
+                    if timed_step {
+                        let ms = step_timer.ms()?;
+                        self.stats.decode_steps.fetch_add(1, Relaxed);
+                        self.stats.decode_gpu_ns.fetch_add((ms * 1e6) as u64, Relaxed);
+                    }
+                    out = super::context::f32s_from_bytes(io);
+                }
                 (LogitsFor::All, Some(b)) => out.extend(b.read_f32_n(t * v)?),
                 (LogitsFor::All, None) => unreachable!("allocated above"),
             }
@@ -2111,6 +2163,8 @@ impl Backend for CudaBackend {
                 ids_wait_ns: self.stats.ids_wait_ns.load(Relaxed),
                 cpu_ns: self.stats.cpu_ns.load(Relaxed),
                 cpu_kernel_ns: self.stats.cpu_kernel_ns.load(Relaxed),
+                decode_steps: self.stats.decode_steps.load(Relaxed),
+                decode_gpu_ns: self.stats.decode_gpu_ns.load(Relaxed),
             },
         })
     }
