@@ -782,7 +782,8 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions, progress: &dyn
         model.forward(&prompt, &mut scratch, LogitsFor::Last)?;
     }
     let t0 = Instant::now();
-    model.forward(&prompt, &mut state, LogitsFor::Last)?;
+    // One logits vector for every step, as the generation loop does.
+    let mut logits = model.forward(&prompt, &mut state, LogitsFor::Last)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     // Warm up for `warmup` steps and, while a pre-warm is still filling the tiers, until it
     // ends (the measured steps see the tiers it leaves).
@@ -798,7 +799,7 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions, progress: &dyn
         if opts.routing == Routing::Uniform {
             set_uniform_routers(model, &mut rng)?;
         }
-        model.forward(&[id], &mut state, LogitsFor::Last)?;
+        model.forward_into(&[id], &mut state, LogitsFor::Last, &mut logits)?;
         step += 1;
         if showing_prewarm {
             // The store counts pre-warm reads since load: the pre-warm's own total.
@@ -822,7 +823,7 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions, progress: &dyn
             set_uniform_routers(model, &mut rng)?;
         }
         let t = Instant::now();
-        model.forward(&[id], &mut state, LogitsFor::Last)?;
+        model.forward_into(&[id], &mut state, LogitsFor::Last, &mut logits)?;
         step_secs.push(t.elapsed().as_secs_f64());
     }
     let io = store.as_ref().map(|s| s.snapshot().since(&before)).unwrap_or_default();

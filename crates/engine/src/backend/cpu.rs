@@ -148,7 +148,8 @@ impl Backend for CpuBackend {
         spec: &PassSpec<'_>,
         state: &mut CpuState,
         graph: &mut dyn for<'p> FnMut(&mut CpuPass<'p>) -> Result<()>,
-    ) -> Result<Vec<f32>> {
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         let t = spec.tokens.len();
         let h = spec.cfg.hidden_size;
         let timing = spec.hooks.wants_timing();
@@ -159,7 +160,11 @@ impl Backend for CpuBackend {
             x: vec![0.0; t * h],
             normed: vec![0.0; t * h],
             mixed: Vec::new(),
-            logits: Vec::new(),
+            // The caller's vector, reused (no fresh 1 MB allocation per decode step).
+            logits: {
+                out.clear();
+                std::mem::take(out)
+            },
             times: if timing { vec![LayerTimes::default(); spec.cfg.num_layers] } else { Vec::new() },
             marked: Instant::now(),
         };
@@ -167,7 +172,8 @@ impl Backend for CpuBackend {
         for (li, lt) in p.times.iter().enumerate() {
             spec.hooks.layer_times(li, lt);
         }
-        Ok(std::mem::take(&mut p.logits))
+        *out = std::mem::take(&mut p.logits);
+        Ok(())
     }
 
     fn embed(&self, p: &mut CpuPass<'_>, table: &Linear) -> Result<()> {
@@ -256,7 +262,10 @@ impl Backend for CpuBackend {
             LogitsFor::All => &p.normed,
             LogitsFor::Last => &p.normed[(p.t - 1) * h..],
         };
-        p.logits = lm_head.apply(rows, rows.len() / h);
+        let n = rows.len() / h;
+        p.logits.clear();
+        p.logits.resize(n * lm_head.rows(), 0.0);
+        lm_head.forward(rows, n, &mut p.logits);
         Ok(())
     }
 

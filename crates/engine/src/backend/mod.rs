@@ -141,13 +141,16 @@ pub trait Backend: Send + Sync + Sized + 'static {
 
     /// Runs one pass of `spec.tokens` over `state`: sets up the activations, calls `graph` (the
     /// family's layer loop, made of the ops below) — or replays a recording of an earlier call
-    /// with the same shape — and returns the logits `spec.want` asks for ([n, vocab]).
+    /// with the same shape — and leaves in `out` the logits `spec.want` asks for ([n, vocab];
+    /// empty for none). `out` is the caller's, reused across steps: a fresh 1 MB vector per
+    /// decode step cost 0.17 ms of page faults on the GPU machine.
     fn run(
         &self,
         spec: &PassSpec<'_>,
         state: &mut Self::State,
         graph: &mut dyn for<'p> FnMut(&mut Self::Pass<'p>) -> Result<()>,
-    ) -> Result<Vec<f32>>;
+        out: &mut Vec<f32>,
+    ) -> Result<()>;
 
     /// x = rows `tokens` of `table`.
     fn embed(&self, p: &mut Self::Pass<'_>, table: &<Self::T as Tensors>::Mat) -> Result<()>;

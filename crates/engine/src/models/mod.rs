@@ -81,8 +81,8 @@ pub trait PlacedModel: Send + Sync {
     /// "cpu", or the device's one-line description (weights, expert cache).
     fn describe(&self) -> String;
     fn new_state(&self) -> Result<Box<dyn AnyState>>;
-    /// One pass of `spec.tokens` (validated by the caller) over `state`.
-    fn forward(&self, spec: &PassSpec<'_>, state: &mut dyn AnyState) -> Result<Vec<f32>>;
+    /// One pass of `spec.tokens` (validated by the caller) over `state`; the logits in `out`.
+    fn forward(&self, spec: &PassSpec<'_>, state: &mut dyn AnyState, out: &mut Vec<f32>) -> Result<()>;
     /// The host weight tree (downcast to the family's type: `qwen35::ModelWeights`).
     fn host_weights(&self) -> &dyn std::any::Any;
     /// Bytes of everything but the routed experts, and of the routed experts.

@@ -500,9 +500,24 @@ impl Model {
     /// Runs `tokens` (consecutive positions starting at `state.pos`) through the model as one
     /// batch and returns logits for the requested positions ([n, vocab] row-major).
     pub fn forward(&self, tokens: &[u32], state: &mut SequenceState, want: LogitsFor) -> Result<Vec<f32>> {
+        let mut logits = Vec::new();
+        self.forward_into(tokens, state, want, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// [`Model::forward`] into the caller's vector (cleared first): decode loops reuse one, as
+    /// a fresh 1 MB vector per step costs page faults (0.17 ms a step on the GPU machine).
+    pub fn forward_into(
+        &self,
+        tokens: &[u32],
+        state: &mut SequenceState,
+        want: LogitsFor,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
         let c = &self.config;
+        logits.clear();
         if tokens.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         if let Some(BrokenState(why)) = state.caches.as_any_mut().downcast_ref::<BrokenState>() {
             return Err(Error::input(format!("this sequence state could not be made: {why}")));
@@ -531,7 +546,7 @@ impl Model {
             fetch_chunk: self.fetch_chunk,
             hooks: &self.hooks,
         };
-        let logits = self.placed.forward(&spec, &mut *state.caches)?;
+        self.placed.forward(&spec, &mut *state.caches, logits)?;
         // Every backend: logits are finite or the pass is an error (never fluent garbage).
         // A branch-free pass first (it vectorizes: ~10× faster than `position` over a 248k-row
         // vocabulary, where the scalar scan cost ~0.1 ms of every step); the position only on
@@ -546,7 +561,7 @@ impl Model {
             )));
         }
         state.pos += tokens.len();
-        Ok(logits)
+        Ok(())
     }
 }
 

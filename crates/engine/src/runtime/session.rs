@@ -512,7 +512,7 @@ pub(crate) fn generate(
             g.finish = Finish::Cancelled;
             break;
         }
-        logits = model.forward(&[id], &mut state, LogitsFor::Last)?;
+        model.forward_into(&[id], &mut state, LogitsFor::Last, &mut logits)?;
         fed.push(id);
         g.decode_steps += 1;
     }

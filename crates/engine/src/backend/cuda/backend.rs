@@ -1773,7 +1773,8 @@ impl Backend for CudaBackend {
         spec: &PassSpec<'_>,
         state: &mut DevSeqState,
         graph: &mut dyn for<'p> FnMut(&mut CudaPass<'p>) -> crate::Result<()>,
-    ) -> crate::Result<Vec<f32>> {
+        out: &mut Vec<f32>,
+    ) -> crate::Result<()> {
         if let Some(why) = &state.broken {
             return Err(CudaError(why.clone()).into());
         }
@@ -1793,7 +1794,7 @@ impl Backend for CudaBackend {
         self.drain_prewarm(pool, 4 * (k + 1))?;
         let (n, v) = (spec.tokens.len(), c.vocab_size);
         let timing = spec.hooks.wants_timing();
-        let mut out = Vec::new();
+        out.clear();
         let mut times = if timing { vec![LayerTimes::default(); c.num_layers] } else { Vec::new() };
         let mut done = 0;
         // Passes of at most `prefill_chunk` tokens (the workspace's size).
@@ -1913,7 +1914,8 @@ impl Backend for CudaBackend {
                         self.stats.decode_steps.fetch_add(1, Relaxed);
                         self.stats.decode_gpu_ns.fetch_add((ms * 1e6) as u64, Relaxed);
                     }
-                    out = super::context::f32s_from_bytes(io);
+                    out.clear();
+                    out.extend(io.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
                 }
                 (LogitsFor::All, Some(b)) => out.extend(b.read_f32_n(t * v)?),
                 (LogitsFor::All, None) => unreachable!("allocated above"),
@@ -1921,7 +1923,7 @@ impl Backend for CudaBackend {
             done += t;
         }
         Self::report_times(spec, &times);
-        Ok(out)
+        Ok(())
     }
 
     fn embed(&self, p: &mut CudaPass<'_>, table: &DevMatrix) -> crate::Result<()> {

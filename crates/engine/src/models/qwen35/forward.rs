@@ -7,17 +7,18 @@ use crate::backend::{Backend, Phase};
 use crate::error::{Error, Result};
 use crate::layers::{LogitsFor, PassSpec};
 
-/// Runs one pass of `spec.tokens` through `w` on backend `b`.
+/// Runs one pass of `spec.tokens` through `w` on backend `b`; the logits in `out`.
 pub fn forward<B: Backend>(
     b: &B,
     w: &ModelWeights<B::T>,
     spec: &PassSpec<'_>,
     state: &mut B::State,
-) -> Result<Vec<f32>> {
+    out: &mut Vec<f32>,
+) -> Result<()> {
     let first = w.layers.first().ok_or_else(|| Error::input("the model has no layers"))?;
     let timing = spec.hooks.wants_timing();
     let prefetch = spec.hooks.wants_prefetch() && spec.tokens.len() == 1;
-    b.run(spec, state, &mut |p| {
+    let mut graph = |p: &mut B::Pass<'_>| {
         b.embed(p, &w.embed)?;
         b.rms_norm(p, &first.input_norm)?;
         for (li, lw) in w.layers.iter().enumerate() {
@@ -52,5 +53,6 @@ pub fn forward<B: Backend>(
             b.logits(p, &w.lm_head)?;
         }
         Ok(())
-    })
+    };
+    b.run(spec, state, &mut graph, out)
 }

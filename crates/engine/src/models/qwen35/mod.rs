@@ -135,11 +135,11 @@ impl<B: Backend> PlacedModel for Qwen35<B> {
         Ok(Box::new(self.backend.new_state(&self.config)?))
     }
 
-    fn forward(&self, spec: &PassSpec<'_>, state: &mut dyn AnyState) -> Result<Vec<f32>> {
+    fn forward(&self, spec: &PassSpec<'_>, state: &mut dyn AnyState, out: &mut Vec<f32>) -> Result<()> {
         let state = state.as_any_mut().downcast_mut::<B::State>().ok_or_else(|| {
             Error::input(format!("this sequence state belongs to another backend than {}", self.backend.describe()))
         })?;
-        forward::forward(&self.backend, &self.weights, spec, state)
+        forward::forward(&self.backend, &self.weights, spec, state, out)
     }
 
     fn host_weights(&self) -> &dyn std::any::Any {
