@@ -22,7 +22,9 @@ bench)
     done ;;
 profile)
     # Prefill 1 token, no warm-up, 16 timed steps: 17 decode-shaped passes (and the load's copies).
-    ncu --csv --metrics gpu__time_duration.sum --clock-control none \
+    # Caches are not flushed between kernels (--cache-control none): in a replayed step a kernel
+    # finds what the previous one left in L2, as it does here.
+    ncu --csv --metrics gpu__time_duration.sum --clock-control none --cache-control none \
         flashmoe bench decode --model "$M" --device cuda --routing model --tokens 16 --prefill 1 --warmup 0 \
         --disk-bw 3 >/tmp/ncu-decode.csv 2>/tmp/ncu-decode.err
     echo "== $L layers: kernel time per decode step (17 steps)"

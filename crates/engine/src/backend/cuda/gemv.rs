@@ -938,17 +938,8 @@ impl GemvKernels {
         };
         let mut args: [*mut c_void; 1] = [arg];
         // SAFETY: the caller passes the family's argument (see above).
-        unsafe {
-            cudarc::driver::result::launch_kernel(
-                f.cu_function(),
-                (grid_x as u32, np as u32, 1),
-                (BLOCK, 1, 1),
-                smem,
-                dev.stream.cu_stream(),
-                &mut args,
-            )
-        }
-        .map_err(|e| CudaError(format!("cuLaunchKernel ({what}): {e:?}")))
+        unsafe { dev.launch_3d(f, (grid_x as u32, np as u32, 1), BLOCK, smem, &mut args) }
+            .map_err(|e| CudaError(format!("cuLaunchKernel ({what}): {e:?}")))
     }
 
     fn launch_batch(&self, dev: &CudaDevice, format: DevFormat, items: &[&BatchItem]) -> Result<()> {
@@ -1127,17 +1118,8 @@ impl GemvKernels {
         };
         // SAFETY: arguments match gemm_grouped_* (table, GemmMat by value — same layout as
         // MatOff —, gs, items, xrow, x, out, ntok); the caller sized every buffer for its pairs.
-        unsafe {
-            cudarc::driver::result::launch_kernel(
-                f.cu_function(),
-                grid,
-                (256, 1, 1),
-                smem,
-                dev.stream.cu_stream(),
-                &mut args,
-            )
-        }
-        .map_err(|e| CudaError(format!("cuLaunchKernel (grouped GEMM): {e:?}")))
+        unsafe { dev.launch_3d(f, grid, 256, smem, &mut args) }
+            .map_err(|e| CudaError(format!("cuLaunchKernel (grouped GEMM): {e:?}")))
     }
 
     /// [`Self::launch_grouped`] on tensor cores: blocks of 128 threads, 128 rows each.
@@ -1191,17 +1173,8 @@ impl GemvKernels {
         ];
         // SAFETY: arguments match gemm_grouped_tc_* (table, GemmMat, gs, items, xrow, xh, xl, xsum,
         // out, ntok); the caller sized every buffer for its pairs.
-        unsafe {
-            cudarc::driver::result::launch_kernel(
-                f.cu_function(),
-                (m.rows.div_ceil(128) as u32, nitems as u32, 1),
-                (128, 1, 1),
-                0,
-                dev.stream.cu_stream(),
-                &mut args,
-            )
-        }
-        .map_err(|e| CudaError(format!("cuLaunchKernel (tensor-core grouped GEMM): {e:?}")))
+        unsafe { dev.launch_3d(f, (m.rows.div_ceil(128) as u32, nitems as u32, 1), 128, 0, &mut args) }
+            .map_err(|e| CudaError(format!("cuLaunchKernel (tensor-core grouped GEMM): {e:?}")))
     }
 
     /// Reads every 16-byte word of `buf` once (the read-only bandwidth probe); `scratch` must hold

@@ -130,17 +130,8 @@ impl ForwardKernels {
         // SAFETY: every launcher below passes the argument list of its kernel in forward.cu, in
         // order and with matching types; device addresses come from the workspace, the weights
         // or the sequence state, sized by the GPU model for the shapes it launches.
-        unsafe {
-            cudarc::driver::result::launch_kernel(
-                f.cu_function(),
-                grid,
-                (block, 1, 1),
-                smem,
-                dev.stream.cu_stream(),
-                &mut ptrs,
-            )
-        }
-        .map_err(|e| CudaError(format!("cuLaunchKernel: {e:?}")))
+        unsafe { dev.launch_3d(f, grid, block, smem, &mut ptrs) }
+            .map_err(|e| CudaError(format!("cuLaunchKernel: {e:?}")))
     }
 
     /// `out[r] = rmsnorm(x[r])·w` for `rows` rows of `d`.

@@ -9,6 +9,17 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 #define INFINITY __int_as_float(0x7f800000)
 
+// Programmatic dependent launch (sm_90+, see `CudaDevice::pdl`): a kernel may be launched while
+// the previous one in the stream still runs. It waits here until that one has finished and its
+// writes are visible, then lets the next kernel launch, so launch latency overlaps with work.
+// Every kernel calls this first (without PDL both instructions are no-ops).
+__device__ __forceinline__ void pdl_prologue() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float bf16f(u16 v) { return __uint_as_float(((u32)v) << 16); }
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
 __device__ __forceinline__ float siluf_(float x) { return x * sigmoidf_(x); }
@@ -71,7 +82,7 @@ __device__ bool grid_sum_last(float v, float* partials, unsigned* counter, float
 
 // out[r] = x[r] · rsqrt(mean(x[r]²) + eps) · w. One block per row.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
-                                    float* __restrict__ out, int d, float eps) {
+                                    float* __restrict__ out, int d, float eps) { pdl_prologue();
     const float* xr = x + (long long)blockIdx.x * d;
     float* orow = out + (long long)blockIdx.x * d;
     float ss = 0.f;
@@ -84,7 +95,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 // x[r] += y[r]; out[r] = rmsnorm(x[r])·w (the residual add after the mixer, fused with the
 // post-attention norm). One block per row.
 extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __restrict__ y,
-                                        const float* __restrict__ w, float* __restrict__ out, int d, float eps) {
+                                        const float* __restrict__ w, float* __restrict__ out, int d, float eps) { pdl_prologue();
     float* xr = x + (long long)blockIdx.x * d;
     const float* yr = y + (long long)blockIdx.x * d;
     float* orow = out + (long long)blockIdx.x * d;
@@ -101,7 +112,7 @@ extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __re
 
 // act[i] = silu(g[i]) · u[i].
 extern "C" __global__ void swiglu(const float* __restrict__ g, const float* __restrict__ u, float* __restrict__ act,
-                                  long long n) {
+                                  long long n) { pdl_prologue();
     for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (long long)gridDim.x * blockDim.x)
         act[j] = siluf_(g[j]) * u[j];
 }
@@ -113,7 +124,7 @@ extern "C" __global__ void swiglu(const float* __restrict__ g, const float* __re
 extern "C" __global__ void moe_combine(float* __restrict__ x, const float* __restrict__ ys,
                                        const float* __restrict__ wts, const float* __restrict__ sg, int k, int h,
                                        const float* __restrict__ nw, float* __restrict__ out, float eps,
-                                       float* partials, unsigned* counter) {
+                                       float* partials, unsigned* counter) { pdl_prologue();
     const float s = sigmoidf_(sg[0]);
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     float ss = 0.f;
@@ -134,7 +145,7 @@ extern "C" __global__ void moe_combine(float* __restrict__ x, const float* __res
 // One row (decode): x += y; out = rmsnorm(x)·w, spread over the grid (see grid_sum_last).
 extern "C" __global__ void add_rms_norm_grid(float* __restrict__ x, const float* __restrict__ y,
                                              const float* __restrict__ w, float* __restrict__ out, int d, float eps,
-                                             float* partials, unsigned* counter) {
+                                             float* partials, unsigned* counter) { pdl_prologue();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     float ss = 0.f;
     if (i < d) {
@@ -164,7 +175,7 @@ __device__ __forceinline__ void dequant_word(u32 word, float sc, float bi, float
 }
 extern "C" __global__ void dequant_rows(const u32* __restrict__ w, const u16* __restrict__ s,
                                         const u16* __restrict__ b, int fmt, int bits, int gs, long long row0,
-                                        long long nrows, int cols, float* __restrict__ out) {
+                                        long long nrows, int cols, float* __restrict__ out) { pdl_prologue();
     const int wpr = fmt == 0 ? cols / (32 / bits) : cols / 2;  // words per row
     const long long n = nrows * wpr;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
@@ -187,7 +198,7 @@ extern "C" __global__ void dequant_rows(const u32* __restrict__ w, const u16* __
 
 // Prefill: x[t, i] += sigmoid(sg[t]) · y[t, i] (the shared expert of every token).
 extern "C" __global__ void add_gated_rows(float* __restrict__ x, const float* __restrict__ y,
-                                          const float* __restrict__ sg, int h, int rows) {
+                                          const float* __restrict__ sg, int h, int rows) { pdl_prologue();
     const long long n = (long long)rows * h;
     for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (long long)gridDim.x * blockDim.x)
         x[j] += sigmoidf_(sg[j / h]) * y[j];
@@ -196,7 +207,7 @@ extern "C" __global__ void add_gated_rows(float* __restrict__ x, const float* __
 // Embedding rows of an MLX affine matrix: out[t] = dequant(row ids[t]). One block per token.
 extern "C" __global__ void embed_affine(const u32* __restrict__ w, const u16* __restrict__ s,
                                         const u16* __restrict__ b, const int* __restrict__ ids,
-                                        float* __restrict__ out, int cols, int bits, int gs) {
+                                        float* __restrict__ out, int cols, int bits, int gs) { pdl_prologue();
     const long long r = ids[blockIdx.x];
     const u32* wr = w + r * (cols * bits / 32);
     const u16* sr = s + r * (cols / gs);
@@ -211,7 +222,7 @@ extern "C" __global__ void embed_affine(const u32* __restrict__ w, const u16* __
 
 // Embedding rows of a float matrix (dtype 0 = f32, 1 = bf16).
 extern "C" __global__ void embed_dense(const void* __restrict__ w, int dtype, const int* __restrict__ ids,
-                                       float* __restrict__ out, int cols) {
+                                       float* __restrict__ out, int cols) { pdl_prologue();
     const long long r = ids[blockIdx.x];
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         const float v = dtype == 0 ? reinterpret_cast<const float*>(w)[r * cols + c]
@@ -233,7 +244,7 @@ extern "C" __global__ void attn_prep(const float* __restrict__ qg, const float* 
                                      const float* __restrict__ k_norm, const float* __restrict__ inv_freq,
                                      float* __restrict__ q_out, float* __restrict__ gate_out,
                                      float* __restrict__ kcache, float* __restrict__ vcache, int nh, int nkv, int d,
-                                     int half, const int* __restrict__ pos0p, float eps) {
+                                     int half, const int* __restrict__ pos0p, float eps) { pdl_prologue();
     extern __shared__ float buf[];  // d floats
     const int t = blockIdx.y, j = blockIdx.x;
     const long long pos = *pos0p + t;
@@ -280,7 +291,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_partial(const float* __re
                                                               const float* __restrict__ kcache,
                                                               const float* __restrict__ vcache,
                                                               float* __restrict__ part, int nh, int nkv, int d,
-                                                              const int* __restrict__ pos0p, int ntok, float scale) {
+                                                              const int* __restrict__ pos0p, int ntok, float scale) { pdl_prologue();
     // The key range of the longest row (pos0 + ntok) is cut into gridDim.z splits; positions past a
     // row's causal limit are skipped. The position comes from device memory so a captured graph
     // replays at any position.
@@ -355,7 +366,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_partial(const float* __re
 // Merges the splits of attn_partial and applies the output gate: o = sigmoid(gate)·Σ/Σ. One block
 // per (head, token).
 extern "C" __global__ void attn_merge(const float* __restrict__ part, const float* __restrict__ gate,
-                                      float* __restrict__ out, int nh, int d, int splits) {
+                                      float* __restrict__ out, int nh, int d, int splits) { pdl_prologue();
     const int j = blockIdx.x, t = blockIdx.y;
     const float* p = part + ((long long)t * nh + j) * splits * (d + 2);
     float mt = -INFINITY;
@@ -384,7 +395,7 @@ extern "C" __global__ void attn_merge(const float* __restrict__ part, const floa
 // kc-1 raw rows. One thread per channel, tokens in order. kc ≤ 8.
 extern "C" __global__ void dn_conv(const float* __restrict__ qkv, float* __restrict__ state,
                                    const float* __restrict__ convw, float* __restrict__ out, int T, int conv_dim,
-                                   int kc) {
+                                   int kc) { pdl_prologue();
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= conv_dim) return;
     float win[8];
@@ -418,7 +429,7 @@ extern "C" __global__ void __launch_bounds__(256) dn_recurrent(const float* __re
                                                               const float* __restrict__ dt_bias,
                                                               float* __restrict__ state, float* __restrict__ y,
                                                               int T, int hk, int hv, int dk, int dv,
-                                                              int tiled) {
+                                                              int tiled) { pdl_prologue();
     __shared__ float qk[2 * 256];
     __shared__ float red[8][32];
     __shared__ float bcast[32];
@@ -501,7 +512,7 @@ extern "C" __global__ void __launch_bounds__(256) dn_recurrent(const float* __re
 // out[t, ch] = silu(Σ_j w[ch, j] · E[t + j]) with E = [state (kc-1 rows); qkv (T rows)].
 extern "C" __global__ void dn_conv_tokens(const float* __restrict__ qkv, const float* __restrict__ state,
                                           const float* __restrict__ convw, float* __restrict__ out, int T,
-                                          int conv_dim, int kc) {
+                                          int conv_dim, int kc) { pdl_prologue();
     const long long n = (long long)T * conv_dim;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         const int t = (int)(i / conv_dim), ch = (int)(i % conv_dim);
@@ -518,7 +529,7 @@ extern "C" __global__ void dn_conv_tokens(const float* __restrict__ qkv, const f
 // The conv state after T rows: its kc-1 rows become E[T .. T+kc-2]. Ascending rows read E rows at
 // or past their own, so the in-place shift never reads a row it already wrote.
 extern "C" __global__ void dn_conv_state(const float* __restrict__ qkv, float* __restrict__ state, int T,
-                                         int conv_dim, int kc) {
+                                         int conv_dim, int kc) { pdl_prologue();
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= conv_dim) return;
     for (int i = 0; i < kc - 1; i++) {
@@ -533,7 +544,7 @@ extern "C" __global__ void dn_conv_state(const float* __restrict__ qkv, float* _
 // value head into a and b.
 extern "C" __global__ void dn_prep(float* __restrict__ conv_out, float* __restrict__ bb, float* __restrict__ aa,
                                    const float* __restrict__ neg_a, const float* __restrict__ dt_bias, int hk,
-                                   int hv, int dk, int dv) {
+                                   int hv, int dk, int dv) { pdl_prologue();
     const int t = blockIdx.x, kh = blockIdx.y;
     const int key_dim = hk * dk, conv_dim = 2 * key_dim + hv * dv;
     if (kh == hk) {
@@ -652,7 +663,7 @@ __device__ __forceinline__ void dn_recurrent_tokens(const float* __restrict__ co
 #define DN_TOKENS(NR)                                                                                         \
     extern "C" __global__ void __launch_bounds__(128) dn_recurrent_tokens_r##NR(                               \
         const float* __restrict__ conv_out, const float* __restrict__ beta_t, const float* __restrict__ decay_t, \
-        float* __restrict__ state, float* __restrict__ y, int T, int hk, int hv, int dk, int dv, int tiled) {  \
+        float* __restrict__ state, float* __restrict__ y, int T, int hk, int hv, int dk, int dv, int tiled) { pdl_prologue();  \
         dn_recurrent_tokens<NR>(conv_out, beta_t, decay_t, state, y, T, hk, hv, dk, dv, tiled);              \
     }
 DN_TOKENS(4)
@@ -663,7 +674,7 @@ DN_TOKENS(32)
 // y[t, h] ← RMSNorm(y[t, h])·w·silu(z[t, h]) per value head (the gated norm of GatedDeltaNet).
 // One block per (head, token).
 extern "C" __global__ void dn_gated_norm(float* __restrict__ y, const float* __restrict__ z,
-                                         const float* __restrict__ normw, int hv, int dv, float eps) {
+                                         const float* __restrict__ normw, int hv, int dv, float eps) { pdl_prologue();
     const long long base = ((long long)blockIdx.y * hv + blockIdx.x) * dv;
     float ss = 0.f;
     for (int j = threadIdx.x; j < dv; j += blockDim.x) ss += y[base + j] * y[base + j];
@@ -676,7 +687,7 @@ extern "C" __global__ void dn_gated_norm(float* __restrict__ y, const float* __r
 // Router: softmax over e logits, top-k (ties to the lower index), weights renormalized over the
 // k when `norm`. One warp per token, probabilities in registers (e ≤ 1024, k ≤ 32).
 extern "C" __global__ void router_topk(const float* __restrict__ logits, int e, int k, int norm,
-                                       int* __restrict__ ids, float* __restrict__ wts) {
+                                       int* __restrict__ ids, float* __restrict__ wts) { pdl_prologue();
     const int lane = threadIdx.x & 31;
     const long long tok = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const float* l = logits + tok * e;
@@ -894,10 +905,10 @@ __device__ __forceinline__ void gemm_grouped_sx(const unsigned long long* __rest
     const unsigned long long *__restrict__ table, GemmMat m, int gs, const int4 *__restrict__ items,          \
         const int *__restrict__ xrow, const float *__restrict__ x, float *__restrict__ out, int ntok
 #define GROUPED(NAME, FMT, BITS)                                                                              \
-    extern "C" __global__ void __launch_bounds__(256) gemm_grouped_##NAME(GROUPED_ARGS) {                    \
+    extern "C" __global__ void __launch_bounds__(256) gemm_grouped_##NAME(GROUPED_ARGS) { pdl_prologue();                    \
         gemm_grouped<FMT, BITS>(table, m, gs, items, xrow, x, out, ntok);                                    \
     }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(256) gemm_grouped_sx_##NAME(GROUPED_ARGS) {                 \
+    extern "C" __global__ void __launch_bounds__(256) gemm_grouped_sx_##NAME(GROUPED_ARGS) { pdl_prologue();                 \
         gemm_grouped_sx<FMT, BITS>(table, m, gs, items, xrow, x, out, ntok);                                 \
     }
 GROUPED(affine_b2, 0, 2)
@@ -972,7 +983,7 @@ __device__ __forceinline__ void tc_piece(const unsigned char* __restrict__ wrow,
 // xh = tf32(x) and xl = tf32(x − xh), and with gs > 0 xsum[r][g] = Σ over group g of row r of
 // (xh + xl). gs a multiple of 4 dividing cols (gs = 0: no sums, chunks of 8).
 extern "C" __global__ void split_x_tc(const float* __restrict__ x, float* __restrict__ xh, float* __restrict__ xl,
-                                      float* __restrict__ xsum, long long rows, int cols, int gs) {
+                                      float* __restrict__ xsum, long long rows, int cols, int gs) { pdl_prologue();
     const int chunk = gs > 0 ? gs : 8;
     const int nc = cols / chunk;
     const long long n = rows * nc;
@@ -1247,7 +1258,7 @@ __device__ __forceinline__ void gemm_grouped_tc(const unsigned long long* __rest
     extern "C" __global__ void __launch_bounds__(128) gemm_grouped_tc_##NAME(                                 \
         const unsigned long long* __restrict__ table, GemmMat m, int gs, const int4* __restrict__ items,       \
         const int* __restrict__ xrow, const float* __restrict__ xh, const float* __restrict__ xl,              \
-        const float* __restrict__ xsum, float* __restrict__ out, int ntok) {                                   \
+        const float* __restrict__ xsum, float* __restrict__ out, int ntok) { pdl_prologue();                                   \
         gemm_grouped_tc<FMT, BITS, CODES>(table, m, gs, items, xrow, xh, xl, xsum, out, ntok);               \
     }
 GROUPED_TC(affine_b2, 0, 2, true)
@@ -1312,7 +1323,7 @@ __device__ __forceinline__ void split_word(u32 word, float sc, float bi, u16* o,
 // for f32 / bf16).
 extern "C" __global__ void dequant_rows_split(const u32* __restrict__ w, const u16* __restrict__ s,
                                               const u16* __restrict__ b, int fmt, int bits, int gs, long long row0,
-                                              long long nrows, int cols, u16* __restrict__ out) {
+                                              long long nrows, int cols, u16* __restrict__ out) { pdl_prologue();
     const int vpw = fmt == 0 ? 32 / bits : 2;
     const int wpr = cols / vpw;
     const long long n = nrows * wpr;
@@ -1351,7 +1362,7 @@ extern "C" __global__ void dequant_rows_split(const u32* __restrict__ w, const u
 }
 
 // x [t, cols] f32 → [t, 3·cols] bf16 [xh | xl | xh].
-extern "C" __global__ void split_rows_x(const float* __restrict__ x, u16* __restrict__ out, long long t, int cols) {
+extern "C" __global__ void split_rows_x(const float* __restrict__ x, u16* __restrict__ out, long long t, int cols) { pdl_prologue();
     const long long n = t * cols;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         const long long r = i / cols;
@@ -1369,7 +1380,7 @@ extern "C" __global__ void split_rows_x(const float* __restrict__ x, u16* __rest
 // rank order (deterministic: no atomics).
 extern "C" __global__ void moe_prefill_combine(float* __restrict__ x, const float* __restrict__ yd,
                                                const int* __restrict__ pair_of, const float* __restrict__ w, int k,
-                                               int h, int T) {
+                                               int h, int T) { pdl_prologue();
     const long long n = (long long)T * h;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         const long long t = i / h;

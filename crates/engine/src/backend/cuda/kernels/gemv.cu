@@ -21,6 +21,17 @@ typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned long long u64;
 
+// Programmatic dependent launch (sm_90+, see `CudaDevice::pdl`): a kernel may be launched while
+// the previous one in the stream still runs. It waits here until that one has finished and its
+// writes are visible, then lets the next kernel launch, so launch latency overlaps with work.
+// Every kernel calls this first (without PDL both instructions are no-ops).
+__device__ __forceinline__ void pdl_prologue() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
 // Streaming 16-byte load of weights: read-only path, not kept in L1 (x lives there).
@@ -267,12 +278,12 @@ __device__ __forceinline__ void affine_gemv_sx(const uint4* __restrict__ w, cons
 #define AFFINE(B, G, R)                                                                                         \
     extern "C" __global__ void __launch_bounds__(256) affine_gemv_b##B##_g##G##_r##R(                        \
         const uint4* __restrict__ w, const u16* __restrict__ s, const u16* __restrict__ b,                       \
-        const float* __restrict__ x, float* __restrict__ y, int rows, int cols) {                               \
+        const float* __restrict__ x, float* __restrict__ y, int rows, int cols) { pdl_prologue();                               \
         affine_gemv_sx<B, G, R, 0>(w, s, b, x, y, rows, cols);                                                     \
     }                                                                                                           \
     extern "C" __global__ void __launch_bounds__(256) affine_gemv_gx_b##B##_g##G##_r##R(                     \
         const uint4* __restrict__ w, const u16* __restrict__ s, const u16* __restrict__ b,                       \
-        const float* __restrict__ x, float* __restrict__ y, int rows, int cols) {                               \
+        const float* __restrict__ x, float* __restrict__ y, int rows, int cols) { pdl_prologue();                               \
         affine_gemv_gx<B, G, R, 0>(w, s, b, x, y, rows, cols);                                                     \
     }
 #define AFFINE_RW(B, G) AFFINE(B, G, 1) AFFINE(B, G, 2) AFFINE(B, G, 4)
@@ -285,12 +296,12 @@ AFFINE_G(8)
 #define AFFINE_V(N, V, G, R)                                                                                    \
     extern "C" __global__ void __launch_bounds__(128) affine_gemv_##N##_b4_g##G##_r##R(                       \
         const uint4* __restrict__ w, const u16* __restrict__ s, const u16* __restrict__ b,                       \
-        const float* __restrict__ x, float* __restrict__ y, int rows, int cols) {                               \
+        const float* __restrict__ x, float* __restrict__ y, int rows, int cols) { pdl_prologue();                               \
         affine_gemv_sx<4, G, R, V>(w, s, b, x, y, rows, cols);                                                  \
     }                                                                                                           \
     extern "C" __global__ void __launch_bounds__(128) affine_gemv_##N##_gx_b4_g##G##_r##R(                    \
         const uint4* __restrict__ w, const u16* __restrict__ s, const u16* __restrict__ b,                       \
-        const float* __restrict__ x, float* __restrict__ y, int rows, int cols) {                               \
+        const float* __restrict__ x, float* __restrict__ y, int rows, int cols) { pdl_prologue();                               \
         affine_gemv_gx<4, G, R, V>(w, s, b, x, y, rows, cols);                                                  \
     }
 #define AFFINE_V_RW(N, V, G) AFFINE_V(N, V, G, 1) AFFINE_V(N, V, G, 2) AFFINE_V(N, V, G, 4)
@@ -348,17 +359,17 @@ __device__ __forceinline__ void dense_gemv(const uint4* __restrict__ w, const fl
 }
 
 extern "C" __global__ void __launch_bounds__(128) dense_gemv_f32(const uint4* __restrict__ w, const float* __restrict__ x,
-                                                                 float* __restrict__ y, int rows, int cols) {
+                                                                 float* __restrict__ y, int rows, int cols) { pdl_prologue();
     dense_gemv<0>(w, x, y, rows, cols);
 }
 extern "C" __global__ void __launch_bounds__(128) dense_gemv_bf16(const uint4* __restrict__ w, const float* __restrict__ x,
-                                                                  float* __restrict__ y, int rows, int cols) {
+                                                                  float* __restrict__ y, int rows, int cols) { pdl_prologue();
     dense_gemv<1>(w, x, y, rows, cols);
 }
 
 // Benchmark helpers. read_stream: reads n 16-byte words once (grid-stride) and writes one word
 // per block, so the reads cannot be optimized away: the device's read-only bandwidth.
-extern "C" __global__ void read_stream(const uint4* __restrict__ p, u64 n, u32* __restrict__ out) {
+extern "C" __global__ void read_stream(const uint4* __restrict__ p, u64 n, u32* __restrict__ out) { pdl_prologue();
     u32 a = 0;
     const u64 stride = (u64)gridDim.x * blockDim.x;
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
@@ -384,13 +395,13 @@ __device__ __forceinline__ u32 hash32(u64 i, u32 seed) {
 }
 
 // Random u32 words (any bits: valid affine codes).
-extern "C" __global__ void fill_random_u32(u32* __restrict__ p, u64 n, u32 seed) {
+extern "C" __global__ void fill_random_u32(u32* __restrict__ p, u64 n, u32 seed) { pdl_prologue();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         p[i] = hash32(i, seed);
 }
 
 // Random bf16 in [-1, 1) (finite: for dense weights, scales and biases).
-extern "C" __global__ void fill_random_bf16(u16* __restrict__ p, u64 n, u32 seed) {
+extern "C" __global__ void fill_random_bf16(u16* __restrict__ p, u64 n, u32 seed) { pdl_prologue();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         const float f = (float)(hash32(i, seed) >> 8) * (1.0f / 8388608.0f) - 1.0f;
         p[i] = (u16)(__float_as_uint(f) >> 16);
@@ -398,7 +409,7 @@ extern "C" __global__ void fill_random_bf16(u16* __restrict__ p, u64 n, u32 seed
 }
 
 // Random f32 in [-1, 1).
-extern "C" __global__ void fill_random_f32(float* __restrict__ p, u64 n, u32 seed) {
+extern "C" __global__ void fill_random_f32(float* __restrict__ p, u64 n, u32 seed) { pdl_prologue();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         p[i] = (float)(hash32(i, seed) >> 8) * (1.0f / 8388608.0f) - 1.0f;
 }
@@ -496,10 +507,10 @@ __device__ __forceinline__ bool expert_problem(const ExpertsArgs& a, GemvProblem
 }
 
 #define AFFINE_BATCH(B, G, R)                                                                                \
-    extern "C" __global__ void __launch_bounds__(128) affine_gemv_batch_b##B##_g##G##_r##R(GemvBatch batch) { \
+    extern "C" __global__ void __launch_bounds__(128) affine_gemv_batch_b##B##_g##G##_r##R(GemvBatch batch) { pdl_prologue(); \
         affine_gemv_problem<B, G, R>(batch.p[blockIdx.y]);                                                    \
     }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(128) affine_gemv_experts_b##B##_g##G##_r##R(ExpertsArgs a) { \
+    extern "C" __global__ void __launch_bounds__(128) affine_gemv_experts_b##B##_g##G##_r##R(ExpertsArgs a) { pdl_prologue(); \
         GemvProblem pr;                                                                                       \
         if (expert_problem(a, pr)) affine_gemv_problem<B, G, R>(pr);                                          \
     }
@@ -553,20 +564,20 @@ __device__ __forceinline__ void dense_gemv_problem(const GemvProblem& pr) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) dense_gemv_batch_f32(GemvBatch batch) {
+extern "C" __global__ void __launch_bounds__(128) dense_gemv_batch_f32(GemvBatch batch) { pdl_prologue();
     dense_gemv_problem<0>(batch.p[blockIdx.y]);
 }
-extern "C" __global__ void __launch_bounds__(128) dense_gemv_batch_bf16(GemvBatch batch) {
+extern "C" __global__ void __launch_bounds__(128) dense_gemv_batch_bf16(GemvBatch batch) { pdl_prologue();
     dense_gemv_problem<1>(batch.p[blockIdx.y]);
 }
-extern "C" __global__ void __launch_bounds__(128) dense_gemv_experts_f32(ExpertsArgs a) {
+extern "C" __global__ void __launch_bounds__(128) dense_gemv_experts_f32(ExpertsArgs a) { pdl_prologue();
     GemvProblem pr;
     if (expert_problem(a, pr)) dense_gemv_problem<0>(pr);
 }
-extern "C" __global__ void __launch_bounds__(128) dense_gemv_experts_bf16(ExpertsArgs a) {
+extern "C" __global__ void __launch_bounds__(128) dense_gemv_experts_bf16(ExpertsArgs a) { pdl_prologue();
     GemvProblem pr;
     if (expert_problem(a, pr)) dense_gemv_problem<1>(pr);
 }
 
 // table[i] = v (stream-ordered update of the expert slot table).
-extern "C" __global__ void table_set(u64* table, long long i, u64 v) { table[i] = v; }
+extern "C" __global__ void table_set(u64* table, long long i, u64 v) { pdl_prologue(); table[i] = v; }

@@ -18,6 +18,17 @@ typedef unsigned short u16;
 typedef unsigned char u8;
 typedef unsigned long long u64;
 
+// Programmatic dependent launch (sm_90+, see `CudaDevice::pdl`): a kernel may be launched while
+// the previous one in the stream still runs. It waits here until that one has finished and its
+// writes are visible, then lets the next kernel launch, so launch latency overlaps with work.
+// Every kernel calls this first (without PDL both instructions are no-ops).
+__device__ __forceinline__ void pdl_prologue() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float f16f(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -364,28 +375,28 @@ __device__ __forceinline__ void ggml_rows(const u8* __restrict__ w, const int* _
 // the rows by it).
 #define GGML_RW 2
 #define GGML_KERNELS(NAME, T)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) ggml_batch_r1_##NAME(GemvBatch batch) {                 \
+    extern "C" __global__ void __launch_bounds__(128) ggml_batch_r1_##NAME(GemvBatch batch) { pdl_prologue();                 \
         ggml_gemv_problem<T, 1>(batch.p[blockIdx.y]);                                                         \
     }                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(128) ggml_batch_r2_##NAME(GemvBatch batch) {                 \
+    extern "C" __global__ void __launch_bounds__(128) ggml_batch_r2_##NAME(GemvBatch batch) { pdl_prologue();                 \
         ggml_gemv_problem<T, 2>(batch.p[blockIdx.y]);                                                         \
     }                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(128) ggml_batch_r4_##NAME(GemvBatch batch) {                 \
+    extern "C" __global__ void __launch_bounds__(128) ggml_batch_r4_##NAME(GemvBatch batch) { pdl_prologue();                 \
         ggml_gemv_problem<T, 4>(batch.p[blockIdx.y]);                                                         \
     }                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(128) ggml_experts_##NAME(ExpertsArgs a) {                    \
+    extern "C" __global__ void __launch_bounds__(128) ggml_experts_##NAME(ExpertsArgs a) { pdl_prologue();                    \
         GemvProblem pr;                                                                                        \
         if (expert_problem(a, pr)) ggml_gemv_problem<T, GGML_RW>(pr);                                          \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(256)                                                          \
         ggml_grouped_##NAME(const u64* __restrict__ table, GemmMat m, int gs, const int4* __restrict__ items,  \
                             const int* __restrict__ xrow, const float* __restrict__ x, float* __restrict__ out, \
-                            int ntok) {                                                                        \
+                            int ntok) { pdl_prologue();                                                                        \
         ggml_gemm_grouped<T>(table, m, items, xrow, x, out, ntok);                                             \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) ggml_rows_##NAME(                                        \
         const u8* __restrict__ w, const int* __restrict__ ids, long long row0, long long nrows, int cols,      \
-        float* __restrict__ out) {                                                                             \
+        float* __restrict__ out) { pdl_prologue();                                                                             \
         ggml_rows<T>(w, ids, row0, nrows, cols, out);                                                          \
     }
 GGML_KERNELS(q4_0, 2)
