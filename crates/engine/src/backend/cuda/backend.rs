@@ -598,8 +598,6 @@ struct Workspace {
     tc_hi: DevBuf,
     tc_lo: DevBuf,
     tc_sum: DevBuf,
-    /// Grid reductions of the decode norms: block partials, then a counter kept at zero.
-    red: DevBuf,
 }
 
 /// Splits of the key range for single-token attention (more blocks for long contexts).
@@ -670,11 +668,6 @@ impl Workspace {
             tc_lo: f(tc_floats)?,
             // Sums per group of ≥ 32 columns.
             tc_sum: f(tc_floats.div_ceil(32))?,
-            red: {
-                let r = dev.alloc(super::ops::RED_COUNTER + 16)?;
-                r.fill_bytes(0)?;
-                r
-            },
         })
     }
 }
@@ -1432,7 +1425,6 @@ impl CudaBackend {
             h,
             next_norm,
             c.rms_norm_eps,
-            ws.red.ptr(),
         )?;
         Ok(())
     }
@@ -2071,11 +2063,7 @@ impl Backend for CudaBackend {
     fn add_rms_norm(&self, p: &mut CudaPass<'_>, w: &DevBuf) -> crate::Result<()> {
         let (c, ws, t, dev) = (p.spec.cfg, p.ws, p.t, &*self.dev);
         let (x, mixed, normed, h, eps) = (ws.x.ptr(), ws.mixed.ptr(), ws.normed.ptr(), c.hidden_size, c.rms_norm_eps);
-        if t == 1 {
-            self.ops.add_rms_norm_row(dev, x, mixed, w.ptr(), normed, h, eps, ws.red.ptr())?;
-        } else {
-            self.ops.add_rms_norm(dev, x, mixed, w.ptr(), normed, t, h, eps)?;
-        }
+        self.ops.add_rms_norm(dev, x, mixed, w.ptr(), normed, t, h, eps)?;
         Ok(())
     }
 

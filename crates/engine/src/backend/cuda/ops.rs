@@ -44,7 +44,6 @@ macro_rules! kargs {
 pub(crate) struct ForwardKernels {
     rms_norm: CudaFunction,
     add_rms_norm: CudaFunction,
-    add_rms_norm_grid: CudaFunction,
     dequant_rows: CudaFunction,
     dequant_rows_split: CudaFunction,
     split_rows_x: CudaFunction,
@@ -68,9 +67,6 @@ pub(crate) struct ForwardKernels {
     router_topk: CudaFunction,
 }
 
-/// Byte offset of the counter in the grid-reduction area (after room for 4096 block partials).
-pub(crate) const RED_COUNTER: usize = 4096 * 4;
-
 /// Blocks for a grid-stride element-wise kernel over n elements.
 fn blocks_for(dev: &CudaDevice, n: usize) -> u32 {
     n.div_ceil(256).clamp(1, dev.sm_count * 8) as u32
@@ -83,7 +79,6 @@ impl ForwardKernels {
         Ok(ForwardKernels {
             rms_norm: f("rms_norm")?,
             add_rms_norm: f("add_rms_norm")?,
-            add_rms_norm_grid: f("add_rms_norm_grid")?,
             dequant_rows: f("dequant_rows")?,
             dequant_rows_split: f("dequant_rows_split")?,
             split_rows_x: f("split_rows_x")?,
@@ -250,8 +245,7 @@ impl ForwardKernels {
     }
 
     /// Decode: `x += Σ_e w[e]·ys[e] + sigmoid(sg)·ys[k]`; then, when `norm` is Some((w, out)),
-    /// `out = rmsnorm(x)·w` (the next layer's input norm or the final norm). `red` is the
-    /// workspace's grid-reduction area (partials, then a zeroed counter at [`RED_COUNTER`]).
+    /// `out = rmsnorm(x)·w` (the next layer's input norm or the final norm). One block.
     #[allow(clippy::too_many_arguments)]
     pub fn moe_combine(
         &self,
@@ -264,42 +258,9 @@ impl ForwardKernels {
         h: usize,
         norm: Option<(u64, u64)>,
         eps: f32,
-        red: u64,
     ) -> Result<()> {
         let (nw, out) = norm.unwrap_or((0, 0));
-        let grid = h.div_ceil(256) as u32;
-        Self::launch(
-            dev,
-            &self.moe_combine,
-            (grid, 1, 1),
-            256,
-            0,
-            kargs![x, ys, wts, sg, k, h, nw, out, eps, red, red + RED_COUNTER as u64],
-        )
-    }
-
-    /// One row: `x += y; out = rmsnorm(x)·w`, over ⌈d/256⌉ blocks (decode).
-    #[allow(clippy::too_many_arguments)]
-    pub fn add_rms_norm_row(
-        &self,
-        dev: &CudaDevice,
-        x: u64,
-        y: u64,
-        w: u64,
-        out: u64,
-        d: usize,
-        eps: f32,
-        red: u64,
-    ) -> Result<()> {
-        let grid = d.div_ceil(256) as u32;
-        Self::launch(
-            dev,
-            &self.add_rms_norm_grid,
-            (grid, 1, 1),
-            256,
-            0,
-            kargs![x, y, w, out, d, eps, red, red + RED_COUNTER as u64],
-        )
+        Self::launch(dev, &self.moe_combine, (1, 1, 1), 1024, 0, kargs![x, ys, wts, sg, k, h, nw, out, eps])
     }
 
     /// `x[t] += sigmoid(sg[t])·y[t]`.

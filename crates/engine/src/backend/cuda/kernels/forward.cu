@@ -54,29 +54,6 @@ __device__ float block_sum(float v) {
     return total;
 }
 
-// Sum of v over the whole grid, deterministically: each block stores its block sum, and the last
-// block to finish (found with a counter) adds the partials in a fixed order. Returns true, with
-// the total, in that last block only; it also resets the counter for the next launch.
-__device__ bool grid_sum_last(float v, float* partials, unsigned* counter, float* total) {
-    __shared__ bool is_last;
-    __threadfence();  // this thread's writes (x) before the block's arrival is counted
-    const float s = block_sum(v);
-    if (threadIdx.x == 0) {
-        partials[blockIdx.x] = s;
-        __threadfence();
-        is_last = atomicAdd(counter, 1u) == gridDim.x - 1;
-    }
-    __syncthreads();
-    if (!is_last) return false;
-    __threadfence();
-    float t = 0.f;
-    for (int i = threadIdx.x; i < gridDim.x; i += blockDim.x) t += __ldcg(partials + i);
-    t = block_sum(t);
-    if (threadIdx.x == 0) *counter = 0u;
-    *total = t;
-    return true;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Element-wise and row kernels.
 
@@ -119,44 +96,27 @@ extern "C" __global__ void swiglu(const float* __restrict__ g, const float* __re
 
 // Decode MoE output: x[i] += Σ_e w[e]·ys[e, i] + sigmoid(sg[0])·ys[k, i], where row k of ys is the
 // shared expert (routed sum first, then the shared expert, as HF adds them). When `nw` is not
-// null, also out = rmsnorm(x)·nw (the next layer's input norm, or the final norm), by the last
-// block (grid_sum_last). Block b handles elements b·blockDim .. .
-extern "C" __global__ void moe_combine(float* __restrict__ x, const float* __restrict__ ys,
-                                       const float* __restrict__ wts, const float* __restrict__ sg, int k, int h,
-                                       const float* __restrict__ nw, float* __restrict__ out, float eps,
-                                       float* partials, unsigned* counter) { pdl_prologue();
+// null, also out = rmsnorm(x)·nw (the next layer's input norm, or the final norm). One block: a
+// row is at most a few thousand floats, and one block's sum needs no grid-wide reduction (a
+// fence, a counter and a second pass, which cost more than the arithmetic here).
+extern "C" __global__ void __launch_bounds__(1024) moe_combine(float* __restrict__ x, const float* __restrict__ ys,
+                                                               const float* __restrict__ wts, const float* __restrict__ sg,
+                                                               int k, int h, const float* __restrict__ nw,
+                                                               float* __restrict__ out, float eps) { pdl_prologue();
     const float s = sigmoidf_(sg[0]);
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
     float ss = 0.f;
-    if (i < h) {
+    for (int i = threadIdx.x; i < h; i += blockDim.x) {
         float r = 0.f;
         for (int e = 0; e < k; e++) r += wts[e] * ys[(long long)e * h + i];
         const float v = x[i] + (r + s * ys[(long long)k * h + i]);
         x[i] = v;
-        ss = v * v;
+        ss += v * v;
     }
     if (nw == nullptr) return;
-    float total;
-    if (!grid_sum_last(ss, partials, counter, &total)) return;
-    const float inv = 1.f / sqrtf(total / h + eps);
-    for (int j = threadIdx.x; j < h; j += blockDim.x) out[j] = __ldcg(x + j) * inv * nw[j];
-}
-
-// One row (decode): x += y; out = rmsnorm(x)·w, spread over the grid (see grid_sum_last).
-extern "C" __global__ void add_rms_norm_grid(float* __restrict__ x, const float* __restrict__ y,
-                                             const float* __restrict__ w, float* __restrict__ out, int d, float eps,
-                                             float* partials, unsigned* counter) { pdl_prologue();
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    float ss = 0.f;
-    if (i < d) {
-        const float v = x[i] + y[i];
-        x[i] = v;
-        ss = v * v;
-    }
-    float total;
-    if (!grid_sum_last(ss, partials, counter, &total)) return;
-    const float inv = 1.f / sqrtf(total / d + eps);
-    for (int j = threadIdx.x; j < d; j += blockDim.x) out[j] = __ldcg(x + j) * inv * w[j];
+    ss = block_sum(ss);
+    const float inv = 1.f / sqrtf(ss / h + eps);
+    // Each thread reads back only the elements it wrote.
+    for (int i = threadIdx.x; i < h; i += blockDim.x) out[i] = x[i] * inv * nw[i];
 }
 
 // Rows row0 .. row0+nrows-1 of a matrix as f32 ([nrows, cols]), for the cuBLAS prefill GEMM.
