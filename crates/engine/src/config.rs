@@ -79,6 +79,15 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The config a backend running only layers `range` sees (a stage of a model split over
+    /// several devices): those layers, numbered from 0.
+    pub fn stage(&self, range: std::ops::Range<usize>) -> ModelConfig {
+        let mut c = self.clone();
+        c.layer_kinds = self.layer_kinds[range.clone()].to_vec();
+        c.num_layers = range.len();
+        c
+    }
+
     pub fn key_dim(&self) -> usize {
         self.linear_key_heads * self.linear_key_dim
     }

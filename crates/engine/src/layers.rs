@@ -213,6 +213,34 @@ pub trait Hooks: Sync {
 pub struct NoHooks;
 impl Hooks for NoHooks {}
 
+/// The hooks of a pipeline stage that runs the model's layers `first..`: the stage numbers its
+/// layers from 0, the hooks hear the model's numbers.
+pub struct StageHooks<'a> {
+    pub inner: &'a dyn Hooks,
+    pub first: usize,
+}
+
+impl Hooks for StageHooks<'_> {
+    fn wants_routing(&self) -> bool {
+        self.inner.wants_routing()
+    }
+    fn routing(&self, layer: usize, pos: usize, experts: &[u32]) {
+        self.inner.routing(self.first + layer, pos, experts)
+    }
+    fn wants_timing(&self) -> bool {
+        self.inner.wants_timing()
+    }
+    fn layer_times(&self, layer: usize, t: &LayerTimes) {
+        self.inner.layer_times(self.first + layer, t)
+    }
+    fn wants_prefetch(&self) -> bool {
+        self.inner.wants_prefetch()
+    }
+    fn prefetch_guess(&self, layer: usize, experts: &[usize]) {
+        self.inner.prefetch_guess(self.first + layer, experts)
+    }
+}
+
 /// Everything about one pass that is not weights or state.
 pub struct PassSpec<'a> {
     pub cfg: &'a ModelConfig,
@@ -225,6 +253,12 @@ pub struct PassSpec<'a> {
     /// Most streamed expert buffers alive at once per layer.
     pub fetch_chunk: usize,
     pub hooks: &'a dyn Hooks,
+    /// A pipeline stage after the first: the residual stream ([tokens, hidden]) the previous
+    /// stage handed over, used instead of embedding `tokens` (which still give the count).
+    pub hidden_in: Option<&'a [f32]>,
+    /// A pipeline stage before the last: leave the residual stream after the stage's last
+    /// layer ([tokens, hidden]) in the output vector instead of logits (`want` is `None`).
+    pub hidden_out: bool,
 }
 
 /// Top-k of one row of router logits, HF order: softmax, the k largest probabilities (ties to

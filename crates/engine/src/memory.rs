@@ -272,6 +272,55 @@ impl MemoryPlan {
     }
 }
 
+/// Shares a model's layers out over devices (a model split over GPUs): contiguous ranges, in
+/// order, at least one layer each, chosen so the fullest device — its share of the bytes
+/// (`layers[i]`: a layer's weights and experts; `head` on the first device: the embedding;
+/// `tail` on the last: the final norm and lm_head) over its `room` — is as empty as it can be.
+/// Each device then holds the same fraction of its memory when they differ in size, and the
+/// expert cache of each covers the same fraction of its layers' experts.
+pub fn split_layers(layers: &[u64], head: u64, tail: u64, room: &[u64]) -> Result<Vec<std::ops::Range<usize>>> {
+    let (n, d) = (layers.len(), room.len());
+    if d == 0 || d > n {
+        return Err(Error::input(format!("{d} devices for {n} layers: each device needs at least one layer")));
+    }
+    if room.contains(&0) {
+        return Err(Error::input("a device reports no memory"));
+    }
+    let mut prefix = vec![0u64; n + 1];
+    for (i, &b) in layers.iter().enumerate() {
+        prefix[i + 1] = prefix[i] + b;
+    }
+    let load = |dev: usize, a: usize, b: usize| {
+        let extra = if dev == 0 { head } else { 0 } + if dev == d - 1 { tail } else { 0 };
+        (prefix[b] - prefix[a] + extra) as f64 / room[dev] as f64
+    };
+    // best[k][j]: the least fullest-device load splitting the first j layers over devices 0..k;
+    // cut[k][j]: where device k-1's range starts in it.
+    let mut best = vec![vec![f64::INFINITY; n + 1]; d + 1];
+    let mut cut = vec![vec![0usize; n + 1]; d + 1];
+    best[0][0] = 0.0;
+    for k in 1..=d {
+        for j in k..=n - (d - k) {
+            for a in (k - 1)..j {
+                let v = best[k - 1][a].max(load(k - 1, a, j));
+                if v < best[k][j] {
+                    best[k][j] = v;
+                    cut[k][j] = a;
+                }
+            }
+        }
+    }
+    let mut ranges = Vec::with_capacity(d);
+    let mut j = n;
+    for k in (1..=d).rev() {
+        let a = cut[k][j];
+        ranges.push(a..j);
+        j = a;
+    }
+    ranges.reverse();
+    Ok(ranges)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -322,5 +371,23 @@ mod tests {
         assert!(super::parse_size("4").unwrap_err().contains("write 4G"));
         assert!(super::parse_size("lots").is_err());
         assert!(super::parse_size("3X").is_err());
+    }
+    #[test]
+    fn layers_split_by_bytes_over_room() {
+        use super::split_layers;
+        // Equal layers, equal GPUs: halves; the embedding and head tip an odd count.
+        assert_eq!(split_layers(&[10; 8], 0, 0, &[1, 1]).unwrap(), vec![0..4, 4..8]);
+        assert_eq!(split_layers(&[10; 7], 15, 0, &[1, 1]).unwrap(), vec![0..3, 3..7]);
+        assert_eq!(split_layers(&[10; 7], 0, 15, &[1, 1]).unwrap(), vec![0..4, 4..7]);
+        // A GPU with twice the memory takes twice the layers.
+        assert_eq!(split_layers(&[10; 9], 0, 0, &[2, 1]).unwrap(), vec![0..6, 6..9]);
+        // Uneven layers (full attention among delta-net layers).
+        assert_eq!(split_layers(&[1, 1, 1, 9, 1, 1, 1, 9], 0, 0, &[1, 1]).unwrap(), vec![0..4, 4..8]);
+        // Three devices, each at least one layer.
+        assert_eq!(split_layers(&[100, 1, 1], 0, 0, &[1, 1, 1]).unwrap(), vec![0..1, 1..2, 2..3]);
+        assert_eq!(split_layers(&[5; 3], 0, 0, &[1]).unwrap(), vec![0..3]);
+        assert!(split_layers(&[5; 3], 0, 0, &[1; 4]).is_err());
+        assert!(split_layers(&[5; 3], 0, 0, &[1, 0]).is_err());
+        assert!(split_layers(&[5; 3], 0, 0, &[]).is_err());
     }
 }

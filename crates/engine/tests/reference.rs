@@ -48,6 +48,16 @@ fn backends() -> Vec<(&'static str, Loader, bool)> {
             Box::new(|dir, base| Model::load_on(dir, &base, checking::CheckingBackend::default()).expect("model")),
             false,
         ),
+        // Split by layers over three CPU backends (each its own state; the residual stream
+        // handed from one to the next), as `--device cuda:0,1` splits over GPUs.
+        (
+            "cpu-split-3",
+            Box::new(|dir, base| {
+                use flashmoe::backend::cpu::CpuBackend;
+                Model::load_on_split(dir, &base, vec![CpuBackend, CpuBackend, CpuBackend]).expect("model")
+            }),
+            false,
+        ),
     ];
     #[cfg(feature = "cuda")]
     {
@@ -83,6 +93,18 @@ fn backends() -> Vec<(&'static str, Loader, bool)> {
                     let store = flashmoe::experts::StoreOptions { ram_cache_bytes: ram, ..Default::default() };
                     v.push((name, plain(LoadOptions { device, store, ..Default::default() }), true));
                 }
+                // Split by layers over two GPUs (over GPU 0 twice on a one-GPU machine): every
+                // expert cached; then k+1 experts per GPU with exclusive tiers (evictions copied
+                // back to the RAM tier under the model's layer numbers, not the GPU's).
+                let two = if flashmoe::cuda::device_count().unwrap_or(1) > 1 { [0, 1] } else { [0, 0] };
+                let split = DeviceChoice::CudaSplit(flashmoe::backend::GpuList::new(&two).unwrap());
+                let gpu = GpuTuning { blas_min_tokens: 2, ..Default::default() };
+                let device = DeviceOptions { device: split, gpu, ..Default::default() };
+                v.push(("cuda-split", plain(LoadOptions { device, ..Default::default() }), true));
+                let gpu = GpuTuning { prefill_chunk: 4, exclusive: true, ..Default::default() };
+                let device = DeviceOptions { device: split, gpu_cache: GpuCache::Experts(usize::MAX), gpu };
+                let store = flashmoe::experts::StoreOptions { ram_cache_bytes: 64 << 20, ..Default::default() };
+                v.push(("cuda-split-exclusive", plain(LoadOptions { device, store, ..Default::default() }), true));
             }
             Err(e) => eprintln!("no GPU backend: {e}"),
         }

@@ -630,6 +630,21 @@ pub struct GpuDecodeInfo {
     pub d2d_bw: f64,
     /// Pinned host-to-device copy bandwidth, bytes per second (the PCIe limit).
     pub h2d_bw: f64,
+    /// Each GPU's share when the model is split over several (empty otherwise).
+    pub per_gpu: Vec<GpuShare>,
+}
+
+/// One GPU of a split model during the measured steps.
+#[derive(Clone, Debug, Default)]
+pub struct GpuShare {
+    pub layers: std::ops::Range<usize>,
+    pub device: String,
+    pub pool_slots: usize,
+    pub total_experts: usize,
+    pub pool_hits: u64,
+    pub pool_misses: u64,
+    pub h2d_bytes: u64,
+    pub gpu_span_secs: f64,
 }
 
 impl GpuDecodeInfo {
@@ -816,6 +831,7 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions, progress: &dyn
     model.reset_timing();
     let before = store.as_ref().map(|s| s.snapshot()).unwrap_or_default();
     let tier_before = model.tier().map(|t| t.counters);
+    let stages_before: Vec<_> = model.stage_tiers().into_iter().map(|(_, t)| t.counters).collect();
     let mut step_secs = Vec::with_capacity(opts.tokens);
     for _ in 0..opts.tokens {
         let id = tok(&mut rng);
@@ -829,7 +845,7 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions, progress: &dyn
     let io = store.as_ref().map(|s| s.snapshot().since(&before)).unwrap_or_default();
     let io_wait_secs = model.timing_snapshot().map_or(io.wait_secs, |v| v.iter().map(|t| t.io_wait).sum());
     let gpu = match tier_before {
-        Some(b) => decode_info(model, store.as_ref(), &b, preloaded, state.pos)?,
+        Some(b) => decode_info(model, store.as_ref(), &b, &stages_before, preloaded, state.pos)?,
         None => None,
     };
     // On the CPU the limit is memory: measured now, on the threads that decoded (1 GiB, larger
@@ -868,6 +884,7 @@ fn decode_info(
     model: &Model,
     store: Option<&Arc<ExpertStore>>,
     before: &TierCounters,
+    stages_before: &[TierCounters],
     preloaded: bool,
     pos: usize,
 ) -> Result<Option<GpuDecodeInfo>> {
@@ -895,6 +912,26 @@ fn decode_info(
         bytes_per_token: model.decode_bytes_per_token(pos),
         d2d_bw: bw.d2d,
         h2d_bw: bw.h2d,
+        per_gpu: match model.stage_tiers() {
+            stages if stages.len() > 1 => stages
+                .into_iter()
+                .zip(stages_before)
+                .map(|((layers, t), b)| {
+                    let d = t.counters.since(b);
+                    GpuShare {
+                        layers,
+                        device: t.device,
+                        pool_slots: t.slots,
+                        total_experts: t.total_experts,
+                        pool_hits: d.hits,
+                        pool_misses: d.misses,
+                        h2d_bytes: d.h2d_bytes,
+                        gpu_span_secs: d.decode_gpu_ns as f64 * 1e-9 / d.decode_steps.max(1) as f64,
+                    }
+                })
+                .collect(),
+            _ => Vec::new(),
+        },
     }))
 }
 

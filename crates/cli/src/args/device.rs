@@ -5,11 +5,13 @@ use clap::Args;
 /// Where the forward pass runs.
 #[derive(Args, Clone, Debug)]
 pub struct DeviceArgs {
-    /// auto (a GPU when one works and the model fits, else the CPU), cpu, cuda or cuda:N.
+    /// auto (a GPU when one works and the model fits, else the CPU), cpu, cuda, cuda:N, or
+    /// several GPUs: cuda:0,1 or cuda:all (the layers split between them in proportion to their
+    /// memory, each GPU with its own expert cache for its layers).
     #[arg(long, default_value = "auto")]
     pub device: flashmoe::device::DeviceChoice,
-    /// GPU memory for routed experts (e.g. 20G), or auto: what is free after the weights, the
-    /// workspace and 8K tokens of state, minus a margin.
+    /// GPU memory for routed experts (e.g. 20G; per GPU when there are several), or auto: what
+    /// is free after the weights, the workspace and 8K tokens of state, minus a margin.
     #[arg(long, default_value = "auto")]
     pub gpu_cache: flashmoe::device::GpuCache,
     /// Decode with a GPU: where experts the GPU cache misses are computed. off: copied to the

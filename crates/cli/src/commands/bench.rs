@@ -355,6 +355,20 @@ fn print_gpu(r: &DecodeReport, g: &bench::GpuDecodeInfo, disk_bw: f64) {
         g.prewarmed,
         r.prewarmed,
     );
+    for share in &g.per_gpu {
+        let hits = share.pool_hits + share.pool_misses;
+        eprintln!(
+            "[flashmoe] gpu layers {}–{} on {}: expert cache {}/{} experts | hit {:.1}% | host→GPU {}/token | GPU span {:.3} ms/step",
+            share.layers.start,
+            share.layers.end - 1,
+            share.device,
+            share.pool_slots,
+            share.total_experts,
+            if hits == 0 { 100.0 } else { 100.0 * share.pool_hits as f64 / hits as f64 },
+            fmt_bytes((share.h2d_bytes as f64 / n) as u64),
+            share.gpu_span_secs * 1e3,
+        );
+    }
     if g.ids_wait_secs > 0.0 || g.cpu_secs > 0.0 {
         eprintln!(
             "[flashmoe] host per token: waiting for expert ids {:.3} ms, computing misses on the CPU {:.3} ms (kernels {:.3} ms: {:.1} GB/s of expert bytes), of a {:.3} ms step",

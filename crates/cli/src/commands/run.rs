@@ -170,8 +170,19 @@ pub fn run(mut a: RunArgs) -> Result<()> {
             } else {
                 String::new()
             };
+            // A model split over GPUs: each one's hit rate too.
+            let stages = m.stage_tiers();
+            let per_gpu = if stages.len() > 1 {
+                let each: Vec<String> = stages
+                    .iter()
+                    .map(|(r, t)| format!("layers {}–{} {:.0}%", r.start, r.end - 1, 100.0 * t.counters.hit_rate()))
+                    .collect();
+                format!(" ({})", each.join(", "))
+            } else {
+                String::new()
+            };
             format!(
-                "{io} | GPU expert cache hit {:.0}%, host→GPU {}/token{cpu}",
+                "{io} | GPU expert cache hit {:.0}%{per_gpu}, host→GPU {}/token{cpu}",
                 100.0 * s.hit_rate(),
                 fmt_bytes(s.h2d_bytes / s.tokens.max(1))
             )

@@ -153,11 +153,21 @@ impl Backend for CpuBackend {
         let t = spec.tokens.len();
         let h = spec.cfg.hidden_size;
         let timing = spec.hooks.wants_timing();
+        let x = match spec.hidden_in {
+            Some(rows) if rows.len() != t * h => {
+                return Err(Error::input(format!(
+                    "a pipeline stage got {} floats of residual stream for {t} tokens of {h}",
+                    rows.len()
+                )));
+            }
+            Some(rows) => rows.to_vec(),
+            None => vec![0.0; t * h],
+        };
         let mut p = CpuPass {
             spec,
             state,
             t,
-            x: vec![0.0; t * h],
+            x,
             normed: vec![0.0; t * h],
             mixed: Vec::new(),
             // The caller's vector, reused (no fresh 1 MB allocation per decode step).
@@ -172,7 +182,7 @@ impl Backend for CpuBackend {
         for (li, lt) in p.times.iter().enumerate() {
             spec.hooks.layer_times(li, lt);
         }
-        *out = std::mem::take(&mut p.logits);
+        *out = if spec.hidden_out { std::mem::take(&mut p.x) } else { std::mem::take(&mut p.logits) };
         Ok(())
     }
 

@@ -26,7 +26,17 @@ impl BackendState for NoState {
     }
 }
 
+/// No GPU without the `cuda` feature.
+pub fn device_count() -> Result<usize> {
+    CudaBackend::open(0, &Default::default(), 1, 1).map(|b| match b {})
+}
+
 impl CudaBackend {
+    /// Never called: no value of this type exists.
+    pub fn total_memory(&self) -> usize {
+        match *self {}
+    }
+
     pub fn open(_ordinal: usize, _opts: &super::DeviceOptions, _k: usize, _max_context: usize) -> Result<Self> {
         Err(Error::Device(
             "this flashmoe was built without CUDA support (cargo feature `cuda`); use --device cpu".into(),

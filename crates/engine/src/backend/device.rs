@@ -1,6 +1,8 @@
-//! Where the forward pass runs: `--device auto|cpu|cuda[:N]`. Without the `cuda` feature only
-//! the CPU exists (asking for CUDA is a clear error); with it, `auto` takes the GPU when one
-//! opens and the model fits, and falls back to the CPU with a note otherwise.
+//! Where the forward pass runs: `--device auto|cpu|cuda[:N]|cuda:N,M,…|cuda:all`. Without the
+//! `cuda` feature only the CPU exists (asking for CUDA is a clear error); with it, `auto` takes
+//! the GPU when one opens and the model fits, and falls back to the CPU with a note otherwise.
+//! Several GPUs split the layers between them (each its contiguous share, weights, state and
+//! expert cache), the residual stream handed from one to the next.
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DeviceChoice {
@@ -8,6 +10,37 @@ pub enum DeviceChoice {
     Cpu,
     Auto,
     Cuda(usize),
+    /// The layers split over these GPUs, in this order.
+    CudaSplit(GpuList),
+    /// The layers split over every GPU the driver reports.
+    CudaAll,
+}
+
+/// GPU ordinals of a split, in layer order (at most [`GpuList::MAX`]). An ordinal may repeat:
+/// two shares on one GPU run the hand-off on a machine with one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuList {
+    len: u8,
+    ordinals: [u8; GpuList::MAX],
+}
+
+impl GpuList {
+    pub const MAX: usize = 16;
+
+    pub fn new(ordinals: &[usize]) -> Option<GpuList> {
+        if ordinals.is_empty() || ordinals.len() > Self::MAX || ordinals.iter().any(|&o| o > u8::MAX as usize) {
+            return None;
+        }
+        let mut l = GpuList { len: ordinals.len() as u8, ordinals: [0; Self::MAX] };
+        for (d, &o) in l.ordinals.iter_mut().zip(ordinals) {
+            *d = o as u8;
+        }
+        Some(l)
+    }
+
+    pub fn ordinals(&self) -> Vec<usize> {
+        self.ordinals[..self.len as usize].iter().map(|&o| o as usize).collect()
+    }
 }
 
 impl std::str::FromStr for DeviceChoice {
@@ -17,11 +50,19 @@ impl std::str::FromStr for DeviceChoice {
             "cpu" => Ok(DeviceChoice::Cpu),
             "auto" => Ok(DeviceChoice::Auto),
             "cuda" => Ok(DeviceChoice::Cuda(0)),
-            o => o
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(DeviceChoice::Cuda)
-                .ok_or_else(|| format!("`{o}`: expected auto, cpu, cuda or cuda:N")),
+            "cuda:all" => Ok(DeviceChoice::CudaAll),
+            o => {
+                let bad = || format!("`{o}`: expected auto, cpu, cuda, cuda:N, cuda:N,M,… or cuda:all");
+                let list = o.strip_prefix("cuda:").ok_or_else(bad)?;
+                let ords = list.split(',').map(|n| n.trim().parse::<usize>()).collect::<Result<Vec<_>, _>>();
+                match ords.as_deref() {
+                    Ok([n]) => Ok(DeviceChoice::Cuda(*n)),
+                    Ok(many) => GpuList::new(many)
+                        .map(DeviceChoice::CudaSplit)
+                        .ok_or_else(|| format!("`{o}`: at most {} GPUs, ordinals up to {}", GpuList::MAX, u8::MAX)),
+                    Err(_) => Err(bad()),
+                }
+            }
         }
     }
 }
@@ -158,6 +199,15 @@ mod tests {
         assert_eq!("cuda".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda(0));
         assert_eq!("cuda:2".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cuda(2));
         assert!("gpu".parse::<DeviceChoice>().is_err());
+        assert_eq!("cuda:all".parse::<DeviceChoice>().unwrap(), DeviceChoice::CudaAll);
+        let split = "cuda:0,1".parse::<DeviceChoice>().unwrap();
+        assert_eq!(split, DeviceChoice::CudaSplit(GpuList::new(&[0, 1]).unwrap()));
+        let DeviceChoice::CudaSplit(l) = "cuda:1, 0,1".parse::<DeviceChoice>().unwrap() else { panic!() };
+        assert_eq!(l.ordinals(), vec![1, 0, 1]);
+        assert!("cuda:0,".parse::<DeviceChoice>().is_err());
+        assert!("cuda:0,x".parse::<DeviceChoice>().is_err());
+        assert!("cuda:0,300".parse::<DeviceChoice>().is_err());
+        assert!("cuda:".parse::<DeviceChoice>().is_err());
         assert_eq!("auto".parse::<GpuCache>().unwrap(), GpuCache::Auto);
         assert_eq!("2G".parse::<GpuCache>().unwrap(), GpuCache::Bytes(2 << 30));
         assert!("lots".parse::<GpuCache>().is_err());

@@ -20,7 +20,7 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::layers::{AttentionWeights, Convert, DeltaNetWeights, Host, MoeWeights, PassSpec, Tensors};
 
-pub use device::{DeviceChoice, DeviceOptions, GpuCache, GpuTuning, Hybrid, Precision};
+pub use device::{DeviceChoice, DeviceOptions, GpuCache, GpuList, GpuTuning, Hybrid, Precision};
 
 /// Where one layer's time went, marked by the layer loop when timing is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +84,26 @@ impl TierCounters {
             cpu_kernel_ns: self.cpu_kernel_ns - before.cpu_kernel_ns,
             decode_steps: self.decode_steps - before.decode_steps,
             decode_gpu_ns: self.decode_gpu_ns - before.decode_gpu_ns,
+        }
+    }
+
+    /// The counters of two tiers together (a model split over GPUs).
+    pub fn plus(&self, o: &TierCounters) -> TierCounters {
+        TierCounters {
+            hits: self.hits + o.hits,
+            misses: self.misses + o.misses,
+            h2d_bytes: self.h2d_bytes + o.h2d_bytes,
+            // Every stage sees every token.
+            tokens: self.tokens.max(o.tokens),
+            cpu_experts: self.cpu_experts + o.cpu_experts,
+            d2h_bytes: self.d2h_bytes + o.d2h_bytes,
+            prewarmed: self.prewarmed + o.prewarmed,
+            ids_wait_ns: self.ids_wait_ns + o.ids_wait_ns,
+            cpu_ns: self.cpu_ns + o.cpu_ns,
+            cpu_kernel_ns: self.cpu_kernel_ns + o.cpu_kernel_ns,
+            // Stages run one after the other: a step's GPU time is theirs added.
+            decode_steps: self.decode_steps.max(o.decode_steps),
+            decode_gpu_ns: self.decode_gpu_ns + o.decode_gpu_ns,
         }
     }
 

@@ -35,6 +35,23 @@ impl HostModel {
         }
     }
 
+    /// What a split over devices weighs ([`crate::memory::split_layers`]): each layer's bytes
+    /// (weights and experts), the embedding's, and the head's (lm_head).
+    pub fn split_bytes(&self) -> (Vec<u64>, u64, u64) {
+        match self {
+            HostModel::Qwen35(m) => {
+                let w = &m.weights;
+                let layers = (0..w.layers.len())
+                    .map(|i| {
+                        let (a, b) = w.layer_bytes(i);
+                        (a + b) as u64
+                    })
+                    .collect();
+                (layers, w.embed.bytes() as u64, w.lm_head.bytes() as u64)
+            }
+        }
+    }
+
     /// The expert store, when routed experts stream.
     pub fn expert_store(&self) -> Option<&Arc<ExpertStore>> {
         match self {
@@ -71,6 +88,17 @@ pub fn place<B: Backend>(host: &HostModel, backend: B) -> Result<Box<dyn PlacedM
     }
 }
 
+/// Puts a host model on several backends, layers `range` of each pair on its backend (a model
+/// split over GPUs).
+pub fn place_split<B: Backend>(
+    host: &HostModel,
+    parts: Vec<(B, std::ops::Range<usize>)>,
+) -> Result<Box<dyn PlacedModel>> {
+    match host {
+        HostModel::Qwen35(m) => Ok(Box::new(qwen35::Qwen35::place_split(m, parts)?)),
+    }
+}
+
 /// Experts read ahead by a pre-warm, on their way to a backend's tier.
 pub type PrewarmRx =
     std::sync::mpsc::Receiver<(crate::experts::cache::ExpertKey, std::sync::Arc<crate::experts::buffer::AlignedBuf>)>;
@@ -90,6 +118,10 @@ pub trait PlacedModel: Send + Sync {
     /// Replaces layer `layer`'s router (benchmarks that draw routing at random).
     fn set_router(&mut self, layer: usize, router: &Linear) -> Result<()>;
     fn tier(&self) -> Option<TierInfo>;
+    /// Each stage's own tier with the layers it runs (one entry per GPU of a split model).
+    fn stage_tiers(&self) -> Vec<(std::ops::Range<usize>, TierInfo)> {
+        self.tier().map(|t| (0..self.config().num_layers, t)).into_iter().collect()
+    }
     /// Fills the backend's expert tier (if it has one) in (layer, expert) order until it is full.
     fn preload_experts(&self, fetch_chunk: usize) -> Result<usize>;
     fn measure_bandwidths(&self) -> Result<Option<Bandwidths>>;

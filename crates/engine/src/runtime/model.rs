@@ -267,6 +267,20 @@ impl Model {
         Ok(m)
     }
 
+    /// Loads `dir` split by layers over backends the caller made, in order: each its
+    /// contiguous share of the bytes (equal shares; `--device cuda:N,M` weighs them by each
+    /// GPU's memory). One backend is [`Model::load_on`].
+    pub fn load_on_split<B: Backend>(dir: &Path, opts: &LoadOptions, backends: Vec<B>) -> Result<Self> {
+        let host = load_host(dir, opts)?;
+        let (k, max_context) = run_limits(host.config(), opts)?;
+        let (layers, head, tail) = host.split_bytes();
+        let ranges = crate::memory::split_layers(&layers, head, tail, &vec![1; backends.len()])?;
+        let placed = models::place_split(&host, backends.into_iter().zip(ranges).collect())?;
+        let mut m = Self::assemble(&host, placed, None, opts, k, max_context);
+        m.start_prewarm(dir, &opts.routing_profile)?;
+        Ok(m)
+    }
+
     /// Starts filling the expert tiers from a routing profile in the background (hottest
     /// first: the backend's own tier, then the RAM tier), and sets where this run's counts go.
     /// A saved profile that no longer fits the model is ignored with a warning; a file the user
@@ -414,6 +428,12 @@ impl Model {
         self.placed.tier()
     }
 
+    /// Each GPU's own expert tier with the layers it runs (one entry unless the model is split
+    /// over several GPUs).
+    pub fn stage_tiers(&self) -> Vec<(std::ops::Range<usize>, TierInfo)> {
+        self.placed.stage_tiers()
+    }
+
     /// Fills the backend's expert tier in (layer, expert) order until it is full.
     pub fn preload_experts(&self) -> Result<usize> {
         self.placed.preload_experts(self.fetch_chunk)
@@ -545,6 +565,8 @@ impl Model {
             experts_per_token: self.experts_per_token,
             fetch_chunk: self.fetch_chunk,
             hooks: &self.hooks,
+            hidden_in: None,
+            hidden_out: false,
         };
         self.placed.forward(&spec, &mut *state.caches, logits)?;
         // Every backend: logits are finite or the pass is an error (never fluent garbage).
@@ -655,7 +677,61 @@ fn place(
             let on_gpu = || -> Result<Box<dyn PlacedModel>> { models::place(host, open(n)?) };
             on_gpu().map(|m| (m, None)).map_err(|e| Error::Device(format!("cuda:{n}: {e}")))
         }
+        DeviceChoice::CudaAll => {
+            let n = cuda::device_count()?;
+            if n == 0 {
+                return Err(Error::Device("cuda:all: the driver reports no GPU".into()));
+            }
+            let all: Vec<usize> = (0..n).collect();
+            place_split(host, &all, o, experts_per_token, max_context).map(|m| (m, None))
+        }
+        DeviceChoice::CudaSplit(list) => {
+            place_split(host, &list.ordinals(), o, experts_per_token, max_context).map(|m| (m, None))
+        }
     }
+}
+
+/// Splits the layers over GPUs `ordinals` (in that order): each its contiguous share, sized by
+/// [`crate::memory::split_layers`] in proportion to the GPU's memory; each GPU's expert cache
+/// (`--gpu-cache`, per GPU) serves its own layers.
+fn place_split(
+    host: &HostModel,
+    ordinals: &[usize],
+    o: &DeviceOptions,
+    experts_per_token: usize,
+    max_context: usize,
+) -> Result<Box<dyn PlacedModel>> {
+    let name = format!("cuda:{}", ordinals.iter().map(usize::to_string).collect::<Vec<_>>().join(","));
+    if let [n] = ordinals {
+        return models::place(host, CudaBackend::open(*n, o, experts_per_token, max_context)?)
+            .map_err(|e| Error::Device(format!("{name}: {e}")));
+    }
+    let split = || -> Result<Box<dyn PlacedModel>> {
+        let mut backends = Vec::with_capacity(ordinals.len());
+        for &n in ordinals {
+            backends.push(
+                CudaBackend::open(n, o, experts_per_token, max_context)
+                    .map_err(|e| Error::Device(format!("cuda:{n}: {e}")))?,
+            );
+        }
+        // A GPU named twice shares its memory between its shares.
+        let room: Vec<u64> = backends
+            .iter()
+            .zip(ordinals)
+            .map(|(b, n)| b.total_memory() as u64 / ordinals.iter().filter(|&m| m == n).count() as u64)
+            .collect();
+        let (layers, head, tail) = host.split_bytes();
+        let ranges = crate::memory::split_layers(&layers, head, tail, &room)?;
+        tracing::info!(
+            "layers split over {name}: {}",
+            ranges.iter().map(|r| format!("{}..{}", r.start, r.end)).collect::<Vec<_>>().join(", ")
+        );
+        models::place_split(host, backends.into_iter().zip(ranges).collect())
+    };
+    split().map_err(|e| match e {
+        Error::Device(_) => e,
+        e => Error::Device(format!("{name}: {e}")),
+    })
 }
 
 #[cfg(test)]

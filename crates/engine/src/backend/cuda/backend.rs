@@ -322,6 +322,9 @@ struct ExpertPool {
     /// Slots read by kernels launched since the host last waited for the GPU: refilling one of
     /// them first waits for the GPU.
     in_use: HashSet<usize>,
+    /// The expert store's layer of each pool layer (they differ on a GPU that runs a later
+    /// share of a split model: the pool numbers its layers from 0, the store from the model's).
+    store_layers: Vec<usize>,
     /// Per layer, where each byte range of a slot sits in the RAM tier's expert buffer
     /// (slot offset, buffer offset, length): how an evicted expert is copied back (exclusive
     /// tiers). Learnt from the first expert of the layer loaded from the store.
@@ -463,6 +466,7 @@ impl DevSeqState {
 impl Clone for DevSeqState {
     fn clone(&self) -> Self {
         let copy = || -> Result<Vec<DevLayerState>> {
+            self.dev.bind()?;
             let dup = |b: &DevBuf| -> Result<DevBuf> {
                 let n = self.dev.alloc(b.len())?;
                 self.dev.copy_dtod(b, &n, b.len())?;
@@ -712,6 +716,9 @@ struct Inner {
     /// Pinned host side of a pass's own transfers: [pos0, token ids (i32; prefill_chunk + 1) |
     /// last-row logits (f32; vocab)], so neither copy goes through the driver's pageable staging.
     step_io: Pinned,
+    /// Pinned host side of a pipeline stage's residual stream ([t, hidden] f32 in or out),
+    /// allocated on first use.
+    hand_io: Option<Pinned>,
     /// Brackets a decode step's GPU work (its span, for `bench decode`).
     step_timer: super::context::Timer,
     graph: Option<(GraphKey, super::Graph)>,
@@ -784,6 +791,11 @@ impl CudaBackend {
             total_experts: 0,
             prewarm: Mutex::new(None),
         })
+    }
+
+    /// Bytes of memory on the GPU (how a split shares the layers out).
+    pub fn total_memory(&self) -> usize {
+        self.dev.total_memory
     }
 
     /// Whether prefill's matrix products may run on tensor cores (split operands).
@@ -1128,6 +1140,7 @@ impl CudaBackend {
             return Ok(());
         }
         let Some(Some(map)) = pool.demote_map.get(layer) else { return Ok(()) };
+        let store_layer = pool.store_layers[layer];
         let bytes = map.iter().map(|&(so, _, len)| so + len).max().unwrap_or(0);
         if pool.d2h_stage.is_none() {
             pool.d2h_stage = Some(Pinned::new(pool.slot_bytes)?);
@@ -1139,7 +1152,7 @@ impl CudaBackend {
         unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut stage[..bytes], src, pool.copy_stream.cu_stream()) }
             .map_err(|e| CudaError(format!("cuMemcpyDtoHAsync: {e:?}")))?;
         pool.copy_stream.synchronize().map_err(|e| CudaError(format!("copy stream synchronize: {e:?}")))?;
-        let mut buf = store.expert_buffer(layer);
+        let mut buf = store.expert_buffer(store_layer);
         let dst = buf.as_mut_slice().as_mut_ptr() as usize;
         let src = stage.as_ptr() as usize;
         // Parallel 1 MiB copies: one memcpy stream is slower than the copy back.
@@ -1153,7 +1166,7 @@ impl CudaBackend {
             // the store's expert buffer (offsets taken from its own views), and never overlap.
             unsafe { std::ptr::copy_nonoverlapping((src as *const u8).add(so), (dst as *mut u8).add(bo), len) };
         });
-        store.admit(layer, key.1 as usize, buf);
+        store.admit(store_layer, key.1 as usize, buf);
         self.stats.d2h_bytes.fetch_add(bytes as u64, Relaxed);
         Ok(())
     }
@@ -1179,12 +1192,14 @@ impl CudaBackend {
                     return Ok(());
                 }
             };
-            if pool.map.contains((l, e)) || l as usize >= pool.layouts.len() {
+            // The store numbers layers from the model's first, the pool from its own.
+            let Some(pl) = pool.store_layers.iter().position(|&s| s == l as usize) else { continue };
+            if pool.map.contains((pl as u32, e)) {
                 continue;
             }
             let ew = store.expert_weights(l as usize, buf)?;
             let (lay, pieces) = expert_layout(&ew)?;
-            self.place(pool, (l as usize, e as usize), pool.layouts[l as usize], lay, &pieces, &|_| true, None)?;
+            self.place(pool, (pl, e as usize), pool.layouts[pl], lay, &pieces, &|_| true, None)?;
             self.stats.prewarmed.fetch_add(1, Relaxed);
             moved += 1;
         }
@@ -1614,6 +1629,7 @@ struct Upload<'a>(&'a CudaBackend);
 
 impl Convert<Host, Device> for Upload<'_> {
     fn mat(&self, m: &Linear) -> crate::Result<DevMatrix> {
+        self.0.dev.bind()?;
         let d = upload_linear(&self.0.dev, m)?;
         self.0.weight_bytes.fetch_add(d.bytes() as u64, Relaxed);
         let block = d.rows.min(DEQ_FLOATS / d.cols.max(1)) * d.cols;
@@ -1622,6 +1638,7 @@ impl Convert<Host, Device> for Upload<'_> {
     }
 
     fn vec(&self, v: &Vec<f32>) -> crate::Result<DevBuf> {
+        self.0.dev.bind()?;
         Ok(self.0.dev.upload_f32(v)?)
     }
 
@@ -1655,6 +1672,7 @@ impl Backend for CudaBackend {
     }
 
     fn prepare(&mut self, c: &ModelConfig, experts: &[&DevExperts]) -> crate::Result<()> {
+        self.dev.bind()?;
         self.check_geometry(c)?;
         self.dev.synchronize()?;
         let layouts: Vec<ExpertLayout> = experts.iter().map(|e| e.layout).collect();
@@ -1729,17 +1747,27 @@ impl Backend for CudaBackend {
             copy_stream: self.dev.ctx.new_stream().map_err(|e| CudaError(format!("cuStreamCreate: {e:?}")))?,
             in_use: HashSet::new(),
             demote_map: vec![None; c.num_layers],
+            store_layers: experts
+                .iter()
+                .enumerate()
+                .map(|(li, e)| match &e.host {
+                    ExpertSet::Streamed { layer, .. } => *layer,
+                    ExpertSet::Resident(_) => li,
+                })
+                .collect(),
             d2h_stage: None,
             host_io: None,
         };
         self.total_experts = total_experts;
         let step_io = Pinned::new((self.opts.gpu.prefill_chunk.max(1) + 1 + c.vocab_size) * 4)?;
         let step_timer = self.dev.timer()?;
-        self.inner = Some(Mutex::new(Inner { pool, ws, step_io, step_timer, graph: None, eager_steps: 0 }));
+        self.inner =
+            Some(Mutex::new(Inner { pool, ws, step_io, hand_io: None, step_timer, graph: None, eager_steps: 0 }));
         Ok(())
     }
 
     fn new_state(&self, c: &ModelConfig) -> crate::Result<DevSeqState> {
+        self.dev.bind()?;
         let row = c.num_kv_heads * c.head_dim * 4;
         let mut layers = Vec::with_capacity(c.layer_kinds.len());
         for kind in &c.layer_kinds {
@@ -1770,6 +1798,7 @@ impl Backend for CudaBackend {
         if let Some(why) = &state.broken {
             return Err(CudaError(why.clone()).into());
         }
+        self.dev.bind()?;
         let c = spec.cfg;
         let k = spec.experts_per_token;
         if k > self.max_k {
@@ -1780,13 +1809,25 @@ impl Backend for CudaBackend {
             .into());
         }
         let mut inner = self.inner()?;
-        let Inner { pool, ws, step_io, step_timer, graph: recorded, eager_steps } = &mut *inner;
+        let Inner { pool, ws, step_io, hand_io, step_timer, graph: recorded, eager_steps } = &mut *inner;
         let ws = &*ws;
         // A bounded share of the pre-warm per call, so no step waits long for it.
         self.drain_prewarm(pool, 4 * (k + 1))?;
-        let (n, v) = (spec.tokens.len(), c.vocab_size);
+        let (n, v, h) = (spec.tokens.len(), c.vocab_size, c.hidden_size);
         let timing = spec.hooks.wants_timing();
         out.clear();
+        if let Some(rows) = spec.hidden_in
+            && rows.len() != n * h
+        {
+            return Err(CudaError(format!(
+                "a pipeline stage got {} floats of residual stream for {n} tokens of {h}",
+                rows.len()
+            ))
+            .into());
+        }
+        if (spec.hidden_in.is_some() || spec.hidden_out) && hand_io.is_none() {
+            *hand_io = Some(Pinned::new(self.opts.gpu.prefill_chunk.max(1) * h * 4)?);
+        }
         let mut times = if timing { vec![LayerTimes::default(); c.num_layers] } else { Vec::new() };
         let mut done = 0;
         // Passes of at most `prefill_chunk` tokens (the workspace's size).
@@ -1822,7 +1863,19 @@ impl Backend for CudaBackend {
                 )
             }
             .map_err(|e| CudaError(format!("cuMemcpyHtoDAsync (token ids): {e:?}")))?;
-            let timed_step = t == 1 && want == LogitsFor::Last;
+            if let (Some(rows), Some(hand)) = (spec.hidden_in, hand_io.as_mut()) {
+                // The previous stage's residual rows into x (the pass does not embed). The
+                // buffer is written again only after this chunk's final wait.
+                let bytes = &mut hand.as_mut_slice()[..t * h * 4];
+                for (dst, x) in bytes.chunks_exact_mut(4).zip(&rows[done * h..(done + t) * h]) {
+                    dst.copy_from_slice(&x.to_le_bytes());
+                }
+                // SAFETY: a pinned source of t·h floats left untouched until the stream has run
+                // the copy; `x` holds prefill_chunk rows of h floats and t ≤ prefill_chunk.
+                unsafe { cudarc::driver::result::memcpy_htod_async(ws.x.ptr(), &*bytes, self.dev.stream.cu_stream()) }
+                    .map_err(|e| CudaError(format!("cuMemcpyHtoDAsync (residual stream): {e:?}")))?;
+            }
+            let timed_step = t == 1 && (want == LogitsFor::Last || spec.hidden_out);
             if timed_step {
                 step_timer.start()?;
             }
@@ -1884,6 +1937,26 @@ impl Backend for CudaBackend {
             }
             self.stats.tokens.fetch_add(t as u64, Relaxed);
             match (want, all_out) {
+                _ if spec.hidden_out => {
+                    if timed_step {
+                        step_timer.stop()?;
+                    }
+                    let hand = hand_io.as_mut().ok_or_else(|| CudaError::new("no hand-off buffer"))?;
+                    let io = &mut hand.as_mut_slice()[..t * h * 4];
+                    // SAFETY: a pinned destination of t·h floats, read by the host only after
+                    // the stream is synchronized below; `x` holds at least t rows of h floats.
+                    unsafe {
+                        cudarc::driver::result::memcpy_dtoh_async(&mut *io, ws.x.ptr(), self.dev.stream.cu_stream())
+                    }
+                    .map_err(|e| CudaError(format!("cuMemcpyDtoHAsync (residual stream): {e:?}")))?;
+                    self.dev.synchronize()?;
+                    if timed_step {
+                        let ms = step_timer.ms()?;
+                        self.stats.decode_steps.fetch_add(1, Relaxed);
+                        self.stats.decode_gpu_ns.fetch_add((ms * 1e6) as u64, Relaxed);
+                    }
+                    out.extend(io.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+                }
                 (LogitsFor::None, _) => self.dev.synchronize()?,
                 (LogitsFor::Last, _) => {
                     if timed_step {
@@ -2160,6 +2233,7 @@ impl Backend for CudaBackend {
     }
 
     fn preload_experts(&self, experts: &[&DevExperts], fetch_chunk: usize) -> crate::Result<usize> {
+        self.dev.bind()?;
         let mut inner = self.inner()?;
         let mut n = 0;
         'outer: for (li, set) in experts.iter().enumerate() {
@@ -2186,6 +2260,7 @@ impl Backend for CudaBackend {
     }
 
     fn measure_bandwidths(&self) -> crate::Result<Option<Bandwidths>> {
+        self.dev.bind()?;
         Ok(Some(Bandwidths { d2d: self.measure_d2d_bandwidth()?, h2d: self.measure_h2d_bandwidth()? }))
     }
 }

@@ -165,6 +165,13 @@ impl CudaDevice {
         Ok(cubin)
     }
 
+    /// Makes this GPU's context current on the calling thread. One thread may drive several
+    /// GPUs (a model split over them): every entry point of the backend calls this first, as
+    /// the raw driver calls (launches, async copies) act on the current context.
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().ctx("cuCtxSetCurrent")
+    }
+
     /// Device memory of `bytes` bytes (contents undefined).
     pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
         // SAFETY: uninitialized device memory of a plain byte type.

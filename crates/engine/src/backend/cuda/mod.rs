@@ -60,6 +60,16 @@ pub fn probe() -> std::result::Result<Vec<GpuInfo>, String> {
     Ok(out)
 }
 
+/// How many GPUs the driver reports (`--device cuda:all`).
+pub fn device_count() -> crate::Result<usize> {
+    // SAFETY: only tries to dlopen the driver library; no CUDA call is made if it is absent.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(CudaError::new("no CUDA device: the driver library (libcuda.so) was not found").into());
+    }
+    let n = CudaContext::device_count().map_err(|e| CudaError(format!("cuDeviceGetCount: {e}")))?;
+    Ok(n.max(0) as usize)
+}
+
 /// Parses a device spec: `cuda` (GPU 0) or `cuda:N`.
 pub fn parse_device(spec: &str) -> Result<usize> {
     match spec {

@@ -1,25 +1,42 @@
 //! The Qwen3.5-MoE / Qwen3-Next layer loop (spec §3), written once over the backend ops: embed →
 //! per layer: [input norm] → mixer (gated attention or GatedDeltaNet) → residual add + post norm →
 //! MoE (routed top-k + gated shared expert) + residual, fused with the next norm → logits.
+//!
+//! A backend runs a contiguous range of the layers (all of them, or its share when the model is
+//! split over several devices): a stage after the first starts from the residual stream the
+//! previous one handed over (`PassSpec::hidden_in`) and applies its first layer's input norm; a
+//! stage before the last ends with its last layer's residual and hands it on
+//! (`PassSpec::hidden_out`).
 
-use super::weights::{Mixer, ModelWeights};
+use super::weights::{Mixer, StageWeights};
 use crate::backend::{Backend, Phase};
 use crate::error::{Error, Result};
 use crate::layers::{LogitsFor, PassSpec};
 
-/// Runs one pass of `spec.tokens` through `w` on backend `b`; the logits in `out`.
+/// Runs one pass of `spec.tokens` through the stage `w` on backend `b`; the logits (or the
+/// hand-off rows) in `out`. Layers are numbered from the stage's first.
 pub fn forward<B: Backend>(
     b: &B,
-    w: &ModelWeights<B::T>,
+    w: &StageWeights<B::T>,
     spec: &PassSpec<'_>,
     state: &mut B::State,
     out: &mut Vec<f32>,
 ) -> Result<()> {
     let first = w.layers.first().ok_or_else(|| Error::input("the model has no layers"))?;
+    if w.embed.is_some() == spec.hidden_in.is_some() {
+        return Err(Error::input("a pipeline stage needs either the embedding or the previous stage's output"));
+    }
+    let head = match (spec.hidden_out, spec.want, &w.final_norm, &w.lm_head) {
+        (_, LogitsFor::None, _, _) => None,
+        (false, _, Some(norm), Some(lm_head)) => Some((norm, lm_head)),
+        _ => return Err(Error::input("logits asked of a pipeline stage that does not end the model")),
+    };
     let timing = spec.hooks.wants_timing();
     let prefetch = spec.hooks.wants_prefetch() && spec.tokens.len() == 1;
     let mut graph = |p: &mut B::Pass<'_>| {
-        b.embed(p, &w.embed)?;
+        if let Some(embed) = &w.embed {
+            b.embed(p, embed)?;
+        }
         b.rms_norm(p, &first.input_norm)?;
         for (li, lw) in w.layers.iter().enumerate() {
             if timing {
@@ -38,19 +55,19 @@ pub fn forward<B: Backend>(
                 b.prefetch(p, li + 1, &n.moe)?;
             }
             // The MoE combine also applies the next norm: the next layer's input norm, or after
-            // the last layer the final norm (when logits are wanted).
+            // the model's last layer the final norm (when logits are wanted). A stage that hands
+            // off leaves x as it is: the next stage norms it with its first layer's input norm.
             let next_norm = match next {
                 Some(n) => Some(&n.input_norm),
-                None if spec.want != LogitsFor::None => Some(&w.final_norm),
-                None => None,
+                None => head.map(|(norm, _)| norm),
             };
             b.moe(p, li, &lw.moe, next_norm)?;
             if timing {
                 b.mark(p, li, Phase::LayerEnd);
             }
         }
-        if spec.want != LogitsFor::None {
-            b.logits(p, &w.lm_head)?;
+        if let Some((_, lm_head)) = head {
+            b.logits(p, lm_head)?;
         }
         Ok(())
     };

@@ -7,15 +7,15 @@ pub mod forward;
 pub mod gguf;
 pub mod weights;
 
-pub use weights::{LayerWeights, Mixer, ModelWeights, SourceFormat};
+pub use weights::{LayerWeights, Mixer, ModelWeights, SourceFormat, StageWeights};
 
 use super::{PlacedModel, SourceOptions};
-use crate::backend::{AnyState, Backend, Bandwidths, TierInfo};
+use crate::backend::{AnyState, Backend, BackendState, Bandwidths, TierCounters, TierInfo};
 use crate::config::{LayerKind, ModelConfig};
 use crate::error::{Error, Result};
 use crate::experts::{ExpertSet, ExpertStore, ExpertWeights, ScatteredFiles};
 use crate::gguf::GgufModel;
-use crate::layers::{Convert, Host, PassSpec, Tensors};
+use crate::layers::{Convert, Host, LogitsFor, PassSpec, StageHooks, Tensors};
 use crate::packed;
 use crate::weights::Linear;
 use crate::weights::store::Bytes;
@@ -104,22 +104,75 @@ fn stream_resident_experts(
     Ok(es)
 }
 
-/// This family on backend `B`: the backend's copy of the weights, and the host tree it came from
-/// (experts are sourced from it; tests and reports read it).
-pub struct Qwen35<B: Backend> {
+/// One backend's share of the model: a contiguous range of its layers.
+struct Stage<B: Backend> {
     backend: B,
+    range: std::ops::Range<usize>,
+    /// The config the backend sees: the stage's layers only, numbered from 0.
+    config: ModelConfig,
+    weights: StageWeights<B::T>,
+}
+
+/// The sequence states of a model's stages, one per backend, in layer order.
+pub struct StageStates<S>(pub Vec<S>);
+
+impl<S: BackendState> BackendState for StageStates<S> {
+    fn duplicate(&self) -> Self {
+        StageStates(self.0.iter().map(S::duplicate).collect())
+    }
+    fn bytes(&self) -> usize {
+        self.0.iter().map(S::bytes).sum()
+    }
+}
+
+/// This family on one backend, or split by layers over several of the same kind (one per GPU):
+/// each holds its layers' weights, state and expert tier, and a pass runs the stages in order,
+/// each handing the residual stream of its last layer to the next. The host tree the weights
+/// came from is kept (experts are sourced from it; tests and reports read it).
+pub struct Qwen35<B: Backend> {
+    stages: Vec<Stage<B>>,
     config: ModelConfig,
     host: Arc<ModelWeights<Host>>,
-    weights: ModelWeights<B::T>,
 }
 
 impl<B: Backend> Qwen35<B> {
-    pub fn place(host: &Qwen35Host, mut backend: B) -> Result<Self> {
-        let weights = host.weights.map(&backend.upload())?;
-        let experts: Vec<&<B::T as Tensors>::Experts> = weights.layers.iter().map(|l| &l.moe.experts).collect();
-        backend.prepare(&host.config, &experts)?;
-        Ok(Qwen35 { backend, config: host.config.clone(), host: host.weights.clone(), weights })
+    pub fn place(host: &Qwen35Host, backend: B) -> Result<Self> {
+        let n = host.config.num_layers;
+        Self::place_split(host, vec![(backend, 0..n)])
     }
+
+    /// Places layers `range` of each pair on its backend; the ranges must cover the layers in
+    /// order without gaps.
+    pub fn place_split(host: &Qwen35Host, parts: Vec<(B, std::ops::Range<usize>)>) -> Result<Self> {
+        let n = host.config.num_layers;
+        let mut next = 0;
+        for (_, r) in &parts {
+            if r.start != next || r.end <= r.start {
+                return Err(Error::input(format!(
+                    "layer ranges {:?} do not split the model's {n} layers in order",
+                    parts.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>()
+                )));
+            }
+            next = r.end;
+        }
+        if next != n {
+            return Err(Error::input(format!("the layer ranges end at {next}, the model has {n} layers")));
+        }
+        let mut stages = Vec::with_capacity(parts.len());
+        for (mut backend, range) in parts {
+            let weights = host.weights.map_stage(range.clone(), &backend.upload())?;
+            let config = host.config.stage(range.clone());
+            let experts: Vec<&<B::T as Tensors>::Experts> = weights.layers.iter().map(|l| &l.moe.experts).collect();
+            backend.prepare(&config, &experts)?;
+            stages.push(Stage { backend, range, config, weights });
+        }
+        Ok(Qwen35 { stages, config: host.config.clone(), host: host.weights.clone() })
+    }
+}
+
+/// Layers `r` as people count them ("layers 0–11").
+fn layer_span(r: &std::ops::Range<usize>) -> String {
+    format!("layers {}–{}", r.start, r.end - 1)
 }
 
 impl<B: Backend> PlacedModel for Qwen35<B> {
@@ -128,18 +181,54 @@ impl<B: Backend> PlacedModel for Qwen35<B> {
     }
 
     fn describe(&self) -> String {
-        self.backend.tier().map_or_else(|| self.backend.describe(), |t| t.description)
+        let one = |s: &Stage<B>| s.backend.tier().map_or_else(|| s.backend.describe(), |t| t.description);
+        match &self.stages[..] {
+            [s] => one(s),
+            stages => {
+                stages.iter().map(|s| format!("{}: {}", layer_span(&s.range), one(s))).collect::<Vec<_>>().join("; ")
+            }
+        }
     }
 
     fn new_state(&self) -> Result<Box<dyn AnyState>> {
-        Ok(Box::new(self.backend.new_state(&self.config)?))
+        let states = self.stages.iter().map(|s| s.backend.new_state(&s.config)).collect::<Result<Vec<_>>>()?;
+        Ok(Box::new(StageStates(states)))
     }
 
     fn forward(&self, spec: &PassSpec<'_>, state: &mut dyn AnyState, out: &mut Vec<f32>) -> Result<()> {
-        let state = state.as_any_mut().downcast_mut::<B::State>().ok_or_else(|| {
-            Error::input(format!("this sequence state belongs to another backend than {}", self.backend.describe()))
-        })?;
-        forward::forward(&self.backend, &self.weights, spec, state, out)
+        let describe = || self.stages.iter().map(|s| s.backend.describe()).collect::<Vec<_>>().join(", ");
+        let states = state
+            .as_any_mut()
+            .downcast_mut::<StageStates<B::State>>()
+            .filter(|s| s.0.len() == self.stages.len())
+            .ok_or_else(|| {
+                Error::input(format!("this sequence state belongs to another placement than {}", describe()))
+            })?;
+        if let ([s], [st]) = (&self.stages[..], &mut states.0[..]) {
+            return forward::forward(&s.backend, &s.weights, spec, st, out);
+        }
+        // The residual stream crosses from one stage to the next through host memory: [t,
+        // hidden] floats (16 KiB a decode token at hidden 4096).
+        let (mut hand, mut next) = (Vec::new(), Vec::new());
+        let last = self.stages.len() - 1;
+        for (i, (s, st)) in self.stages.iter().zip(states.0.iter_mut()).enumerate() {
+            let hooks = StageHooks { inner: spec.hooks, first: s.range.start };
+            let sub = PassSpec {
+                cfg: &s.config,
+                want: if i == last { spec.want } else { LogitsFor::None },
+                hooks: &hooks,
+                hidden_in: (i > 0).then_some(&hand[..]),
+                hidden_out: i < last,
+                ..*spec
+            };
+            if i == last {
+                forward::forward(&s.backend, &s.weights, &sub, st, out)?;
+            } else {
+                forward::forward(&s.backend, &s.weights, &sub, st, &mut next)?;
+                std::mem::swap(&mut hand, &mut next);
+            }
+        }
+        Ok(())
     }
 
     fn host_weights(&self) -> &dyn std::any::Any {
@@ -151,30 +240,75 @@ impl<B: Backend> PlacedModel for Qwen35<B> {
     }
 
     fn set_router(&mut self, layer: usize, router: &Linear) -> Result<()> {
-        let l = self.weights.layers.get_mut(layer).ok_or_else(|| Error::input(format!("no layer {layer}")))?;
-        l.moe.router = self.backend.upload().mat(router)?;
+        let at = self.stages.iter().position(|s| s.range.contains(&layer));
+        let s = at.map(|i| &mut self.stages[i]).ok_or_else(|| Error::input(format!("no layer {layer}")))?;
+        let local = layer - s.range.start;
+        s.weights.layers[local].moe.router = s.backend.upload().mat(router)?;
         Ok(())
     }
 
     fn tier(&self) -> Option<TierInfo> {
-        self.backend.tier()
+        let tiers: Vec<TierInfo> = self.stages.iter().filter_map(|s| s.backend.tier()).collect();
+        match &tiers[..] {
+            [] => None,
+            [t] if self.stages.len() == 1 => Some(t.clone()),
+            _ => Some(TierInfo {
+                description: self.describe(),
+                device: tiers.iter().map(|t| t.device.as_str()).collect::<Vec<_>>().join(" + "),
+                slots: tiers.iter().map(|t| t.slots).sum(),
+                slot_bytes: tiers.iter().map(|t| t.slot_bytes).max().unwrap_or(0),
+                total_experts: tiers.iter().map(|t| t.total_experts).sum(),
+                counters: tiers.iter().fold(TierCounters::default(), |a, t| a.plus(&t.counters)),
+            }),
+        }
+    }
+
+    fn stage_tiers(&self) -> Vec<(std::ops::Range<usize>, TierInfo)> {
+        self.stages.iter().filter_map(|s| s.backend.tier().map(|t| (s.range.clone(), t))).collect()
     }
 
     fn preload_experts(&self, fetch_chunk: usize) -> Result<usize> {
-        let sets: Vec<&<B::T as Tensors>::Experts> = self.weights.layers.iter().map(|l| &l.moe.experts).collect();
-        self.backend.preload_experts(&sets, fetch_chunk)
+        let mut n = 0;
+        for s in &self.stages {
+            let sets: Vec<&<B::T as Tensors>::Experts> = s.weights.layers.iter().map(|l| &l.moe.experts).collect();
+            n += s.backend.preload_experts(&sets, fetch_chunk)?;
+        }
+        Ok(n)
     }
 
     fn measure_bandwidths(&self) -> Result<Option<Bandwidths>> {
-        self.backend.measure_bandwidths()
+        self.stages[0].backend.measure_bandwidths()
     }
 
     fn prewarm_room(&self) -> usize {
-        self.backend.prewarm_room()
+        self.stages.iter().map(|s| s.backend.prewarm_room()).sum()
     }
 
     fn accept_prewarm(&self, rx: crate::models::PrewarmRx, store: std::sync::Arc<crate::experts::ExpertStore>) {
-        self.backend.accept_prewarm(rx, store)
+        if let [s] = &self.stages[..] {
+            return s.backend.accept_prewarm(rx, store);
+        }
+        // One feed per stage with room; a thread sorts the experts by layer. An expert whose
+        // stage is full (its feed closed) is dropped: the RAM tier's share comes after.
+        let mut feeds = Vec::new();
+        for s in &self.stages {
+            if s.backend.prewarm_room() > 0 {
+                let (tx, srx) = std::sync::mpsc::sync_channel(8);
+                s.backend.accept_prewarm(srx, store.clone());
+                feeds.push((s.range.clone(), tx));
+            }
+        }
+        let spawned = std::thread::Builder::new().name("prewarm-split".into()).spawn(move || {
+            for item in rx {
+                let layer = (item.0).0 as usize;
+                if let Some((_, tx)) = feeds.iter().find(|(r, _)| r.contains(&layer)) {
+                    let _ = tx.send(item);
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("GPU pre-warm not started: {e}");
+        }
     }
 
     fn decode_bytes_per_token(&self, pos: usize, k: usize) -> f64 {

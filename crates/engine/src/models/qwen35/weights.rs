@@ -47,11 +47,35 @@ pub struct ModelWeights<T: Tensors = Host> {
     pub inv_freq: T::Vec,
 }
 
+/// What one backend holds of the tree: a contiguous range of layers (all of them unless the
+/// model is split over several devices), the embedding when the range starts at the first
+/// layer, the final norm and lm_head when it ends at the last.
+pub struct StageWeights<T: Tensors> {
+    /// The model's index of `layers[0]`.
+    pub first_layer: usize,
+    pub embed: Option<T::Mat>,
+    pub layers: Vec<LayerWeights<T>>,
+    pub final_norm: Option<T::Vec>,
+    pub lm_head: Option<T::Mat>,
+    /// RoPE inverse frequencies, 1 / theta^(2i/rot) in f32 as HF computes them.
+    pub inv_freq: T::Vec,
+}
+
 impl<From: Tensors> ModelWeights<From> {
-    /// The same tree with every tensor converted (a backend's upload).
-    pub fn map<To: Tensors>(&self, c: &impl Convert<From, To>) -> Result<ModelWeights<To>> {
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for (i, l) in self.layers.iter().enumerate() {
+    /// Layers `range` (with the embedding or the head when the range reaches an end) with every
+    /// tensor converted: a backend's upload.
+    pub fn map_stage<To: Tensors>(
+        &self,
+        range: std::ops::Range<usize>,
+        c: &impl Convert<From, To>,
+    ) -> Result<StageWeights<To>> {
+        let n = self.layers.len();
+        if range.start >= range.end || range.end > n {
+            return Err(Error::input(format!("layers {range:?} of a model of {n}")));
+        }
+        let mut layers = Vec::with_capacity(range.len());
+        for i in range.clone() {
+            let l = &self.layers[i];
             layers.push(LayerWeights {
                 input_norm: c.vec(&l.input_norm)?,
                 post_attention_norm: c.vec(&l.post_attention_norm)?,
@@ -62,12 +86,13 @@ impl<From: Tensors> ModelWeights<From> {
                 moe: l.moe.map(i, c)?,
             });
         }
-        Ok(ModelWeights {
-            format: self.format,
-            embed: c.mat(&self.embed)?,
+        let last = range.end == n;
+        Ok(StageWeights {
+            first_layer: range.start,
+            embed: if range.start == 0 { Some(c.mat(&self.embed)?) } else { None },
             layers,
-            final_norm: c.vec(&self.final_norm)?,
-            lm_head: c.mat(&self.lm_head)?,
+            final_norm: if last { Some(c.vec(&self.final_norm)?) } else { None },
+            lm_head: if last { Some(c.mat(&self.lm_head)?) } else { None },
             inv_freq: c.vec(&self.inv_freq)?,
         })
     }
@@ -81,6 +106,23 @@ struct Loader<'a> {
 }
 
 impl ModelWeights<Host> {
+    /// Bytes of layer `i`'s tensors: (everything but the routed experts, the routed experts).
+    pub fn layer_bytes(&self, i: usize) -> (usize, usize) {
+        let l = &self.layers[i];
+        let mixer = match &l.mixer {
+            Mixer::Attention(a) => a.q_proj.bytes() + a.k_proj.bytes() + a.v_proj.bytes() + a.o_proj.bytes(),
+            Mixer::DeltaNet(d) => {
+                d.in_qkv.bytes() + d.in_z.bytes() + d.in_a.bytes() + d.in_b.bytes() + d.out_proj.bytes()
+            }
+        };
+        let moe = l.moe.router.bytes()
+            + l.moe.shared.gate.bytes()
+            + l.moe.shared.up.bytes()
+            + l.moe.shared.down.bytes()
+            + l.moe.shared_gate.bytes();
+        (mixer + moe, l.moe.experts.bytes())
+    }
+
     pub fn load(store: &TensorStore, cfg: &ModelConfig) -> Result<Self> {
         Self::load_with_experts(store, cfg, None)
     }
@@ -162,21 +204,7 @@ impl ModelWeights<Host> {
 
     /// Bytes of everything but the routed experts (what stays resident when experts stream).
     pub fn non_expert_bytes(&self) -> usize {
-        let mut n = self.embed.bytes() + self.lm_head.bytes();
-        for l in &self.layers {
-            n += match &l.mixer {
-                Mixer::Attention(a) => a.q_proj.bytes() + a.k_proj.bytes() + a.v_proj.bytes() + a.o_proj.bytes(),
-                Mixer::DeltaNet(d) => {
-                    d.in_qkv.bytes() + d.in_z.bytes() + d.in_a.bytes() + d.in_b.bytes() + d.out_proj.bytes()
-                }
-            };
-            n += l.moe.router.bytes()
-                + l.moe.shared.gate.bytes()
-                + l.moe.shared.up.bytes()
-                + l.moe.shared.down.bytes()
-                + l.moe.shared_gate.bytes();
-        }
-        n
+        self.embed.bytes() + self.lm_head.bytes() + (0..self.layers.len()).map(|i| self.layer_bytes(i).0).sum::<usize>()
     }
 
     pub fn expert_bytes(&self) -> usize {
