@@ -7,7 +7,10 @@
 #   capped    — --gpu-cache 60G: one GPU holds 60 of 81 GiB (misses cross PCIe every token), two
 #               hold everything (30 + 30 of their layers' 40.5 each);
 #   tiers     — --gpu-cache 16G: one GPU against two at the same size per GPU (twice the cache).
-#   PATH=$PWD/.carry/bin:$PATH scripts/gpu/multi_gpu.sh [MODEL] [STAGE: all|resident|capped|tiers]
+#   handoff   — the split's hand-off device to device (peer copy, the default) against through
+#               pinned host memory (FLASHMOE_SPLIT_HANDOFF=host), decode and a 4096-token prefill,
+#               and one GPU's prefill.
+#   PATH=$PWD/.carry/bin:$PATH scripts/gpu/multi_gpu.sh [MODEL] [STAGE: all|resident|capped|tiers|handoff]
 set -uo pipefail
 M=${1:-/tmp/m24}
 STAGE=${2:-all}
@@ -41,4 +44,17 @@ fi
 if [ "$STAGE" = all ] || [ "$STAGE" = tiers ]; then
     run "--gpu-cache 16G, 1 GPU" --device cuda:0 --gpu-cache 16G --tokens 64 --warmup 32
     run "--gpu-cache 16G per GPU, 2 GPUs" --device cuda:0,1 --gpu-cache 16G --tokens 64 --warmup 32
+fi
+if [ "$STAGE" = handoff ]; then
+    for rep in $(seq 1 ${REPS:-2}); do
+        run "split, peer hand-off (#$rep)" --device cuda:0,1 --tokens 128 --warmup 8 --seed $rep
+        FLASHMOE_SPLIT_HANDOFF=host run "split, host hand-off (#$rep)" --device cuda:0,1 --tokens 128 --warmup 8 --seed $rep
+    done
+    P4K="flashmoe bench decode --model $M --io page --routing model --routing-profile off --prefill 4096 --tokens 8 --warmup 2"
+    for d in cuda:0 cuda:0,1; do
+        echo "[$d prefill 4096]"
+        timeout ${RUN_LIMIT:-150} $P4K --device $d 2>&1 | grep -E "bench decode|error|Error"
+    done
+    echo "[cuda:0,1 prefill 4096, host hand-off]"
+    FLASHMOE_SPLIT_HANDOFF=host timeout ${RUN_LIMIT:-150} $P4K --device cuda:0,1 2>&1 | grep -E "bench decode|error|Error"
 fi

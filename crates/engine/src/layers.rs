@@ -253,12 +253,37 @@ pub struct PassSpec<'a> {
     /// Most streamed expert buffers alive at once per layer.
     pub fetch_chunk: usize,
     pub hooks: &'a dyn Hooks,
-    /// A pipeline stage after the first: the residual stream ([tokens, hidden]) the previous
-    /// stage handed over, used instead of embedding `tokens` (which still give the count).
-    pub hidden_in: Option<&'a [f32]>,
-    /// A pipeline stage before the last: leave the residual stream after the stage's last
-    /// layer ([tokens, hidden]) in the output vector instead of logits (`want` is `None`).
-    pub hidden_out: bool,
+    /// Where the residual stream starts: the embedding of `tokens`, or (a later stage of a model
+    /// split over devices) the rows the previous stage handed over; `tokens` still give the count
+    /// and the positions.
+    pub input: PassInput<'a>,
+    /// What the pass leaves: logits (`want`), or (a stage before the last, `want` is `None`) the
+    /// residual stream after its last layer.
+    pub output: PassOutput,
+}
+
+/// Where a pass's residual stream starts.
+#[derive(Clone, Copy, Debug)]
+pub enum PassInput<'a> {
+    /// The embedding of the pass's tokens (a model's first stage).
+    Embed,
+    /// The previous stage's rows ([tokens, hidden]) in host memory.
+    Hidden(&'a [f32]),
+    /// The previous stage's rows, already in this backend's hand-off buffer on its device
+    /// (`Backend::hand_over`).
+    HiddenOnDevice,
+}
+
+/// What a pass leaves behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PassOutput {
+    /// The logits `want` asks for, in the caller's vector.
+    Logits,
+    /// The residual stream after the pass's last layer ([tokens, hidden]) in the caller's vector.
+    Hidden,
+    /// The same rows left in the backend's hand-off buffer on its device, for
+    /// `Backend::hand_over` (the caller's vector stays empty; work may still be in flight).
+    HiddenOnDevice,
 }
 
 /// Top-k of one row of router logits, HF order: softmax, the k largest probabilities (ties to

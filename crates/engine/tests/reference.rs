@@ -100,7 +100,11 @@ fn backends() -> Vec<(&'static str, Loader, bool)> {
                 let split = DeviceChoice::CudaSplit(flashmoe::backend::GpuList::new(&two).unwrap());
                 let gpu = GpuTuning { blas_min_tokens: 2, ..Default::default() };
                 let device = DeviceOptions { device: split, gpu, ..Default::default() };
-                v.push(("cuda-split", plain(LoadOptions { device, ..Default::default() }), true));
+                v.push(("cuda-split", plain(LoadOptions { device: device.clone(), ..Default::default() }), true));
+                // The same through pinned host memory instead of a peer copy.
+                let host = GpuTuning { peer_hand_off: false, ..gpu };
+                let device = DeviceOptions { gpu: host, ..device };
+                v.push(("cuda-split-host", plain(LoadOptions { device, ..Default::default() }), true));
                 let gpu = GpuTuning { prefill_chunk: 4, exclusive: true, ..Default::default() };
                 let device = DeviceOptions { device: split, gpu_cache: GpuCache::Experts(usize::MAX), gpu };
                 let store = flashmoe::experts::StoreOptions { ram_cache_bytes: 64 << 20, ..Default::default() };

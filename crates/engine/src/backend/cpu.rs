@@ -9,8 +9,8 @@ use crate::error::{Error, Result};
 use crate::experts::buffer::AlignedBuf;
 use crate::experts::{ExpertSet, ExpertWeights};
 use crate::layers::{
-    AttentionWeights, Convert, DeltaNetWeights, Host, LayerTimes, LogitsFor, MoeWeights, PassSpec, route_top_k,
-    start_prefetch,
+    AttentionWeights, Convert, DeltaNetWeights, Host, LayerTimes, LogitsFor, MoeWeights, PassInput, PassOutput,
+    PassSpec, route_top_k, start_prefetch,
 };
 use crate::weights::Linear;
 use rayon::prelude::*;
@@ -153,15 +153,16 @@ impl Backend for CpuBackend {
         let t = spec.tokens.len();
         let h = spec.cfg.hidden_size;
         let timing = spec.hooks.wants_timing();
-        let x = match spec.hidden_in {
-            Some(rows) if rows.len() != t * h => {
+        let x = match spec.input {
+            PassInput::Hidden(rows) if rows.len() != t * h => {
                 return Err(Error::input(format!(
                     "a pipeline stage got {} floats of residual stream for {t} tokens of {h}",
                     rows.len()
                 )));
             }
-            Some(rows) => rows.to_vec(),
-            None => vec![0.0; t * h],
+            PassInput::Hidden(rows) => rows.to_vec(),
+            PassInput::Embed => vec![0.0; t * h],
+            PassInput::HiddenOnDevice => return Err(Error::input("the CPU backend has no device hand-off buffer")),
         };
         let mut p = CpuPass {
             spec,
@@ -182,7 +183,11 @@ impl Backend for CpuBackend {
         for (li, lt) in p.times.iter().enumerate() {
             spec.hooks.layer_times(li, lt);
         }
-        *out = if spec.hidden_out { std::mem::take(&mut p.x) } else { std::mem::take(&mut p.logits) };
+        *out = match spec.output {
+            PassOutput::Logits => std::mem::take(&mut p.logits),
+            PassOutput::Hidden => std::mem::take(&mut p.x),
+            PassOutput::HiddenOnDevice => return Err(Error::input("the CPU backend has no device hand-off buffer")),
+        };
         Ok(())
     }
 

@@ -166,6 +166,10 @@ pub struct GpuTuning {
     pub exclusive: bool,
     /// Prefill matrix products on tensor cores (split operands) or in f32 on CUDA cores.
     pub precision: Precision,
+    /// A model split over GPUs hands the residual stream from one to the next device to device
+    /// (peer copy, no host wait); off: through pinned host memory
+    /// (`FLASHMOE_SPLIT_HANDOFF=host`).
+    pub peer_hand_off: bool,
 }
 
 impl Default for GpuTuning {
@@ -178,6 +182,7 @@ impl Default for GpuTuning {
             hybrid: Hybrid::Off,
             exclusive: true,
             precision: Precision::default(),
+            peer_hand_off: std::env::var("FLASHMOE_SPLIT_HANDOFF").map_or(true, |v| v != "host"),
         }
     }
 }

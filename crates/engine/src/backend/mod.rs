@@ -207,6 +207,20 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Timing marks (called only when the hooks want timing).
     fn mark(&self, _p: &mut Self::Pass<'_>, _layer: usize, _phase: Phase) {}
 
+    /// A model split over devices: whether [`Backend::hand_over`] can move this backend's rows
+    /// to `next` without the host (false: the caller passes them through host memory).
+    fn can_hand_over(&self, _next: &Self) -> bool {
+        false
+    }
+
+    /// After a pass that left `floats` floats of residual stream on this backend's device
+    /// (`PassOutput::HiddenOnDevice`), makes them the input of `next`'s next pass
+    /// (`PassInput::HiddenOnDevice`): a device-to-device copy ordered after this backend's work
+    /// and before `next`'s, with no host wait.
+    fn hand_over(&self, _next: &Self, _floats: usize) -> Result<()> {
+        Err(crate::error::Error::input("this backend hands rows over through host memory only"))
+    }
+
     /// The backend's own expert tier, when it has one.
     fn tier(&self) -> Option<TierInfo> {
         None

@@ -9,7 +9,7 @@ use crate::backend::{AnyState, Backend, Bandwidths, DeviceChoice, DeviceOptions,
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::experts::{ExpertStore, IoChoice, RoutingProfile, StoreOptions};
-use crate::layers::{Hooks, LayerTimes, LogitsFor, PassSpec, RoutingRecord};
+use crate::layers::{Hooks, LayerTimes, LogitsFor, PassInput, PassOutput, PassSpec, RoutingRecord};
 use crate::models::{self, HostModel, PlacedModel, SourceOptions};
 use crate::weights::Linear;
 use std::path::Path;
@@ -565,8 +565,8 @@ impl Model {
             experts_per_token: self.experts_per_token,
             fetch_chunk: self.fetch_chunk,
             hooks: &self.hooks,
-            hidden_in: None,
-            hidden_out: false,
+            input: PassInput::Embed,
+            output: PassOutput::Logits,
         };
         self.placed.forward(&spec, &mut *state.caches, logits)?;
         // Every backend: logits are finite or the pass is an error (never fluent garbage).

@@ -33,7 +33,8 @@ use crate::experts::buffer::AlignedBuf;
 use crate::experts::cache::{CachePolicy, CacheValue, ExpertCache, ExpertKey};
 use crate::experts::{ExpertSet, ExpertStore, ExpertWeights};
 use crate::layers::{
-    AttentionWeights, Convert, DeltaNetWeights, Host, LayerTimes, LogitsFor, MoeWeights, PassSpec, Tensors,
+    AttentionWeights, Convert, DeltaNetWeights, Host, LayerTimes, LogitsFor, MoeWeights, PassInput, PassOutput,
+    PassSpec, Tensors,
 };
 use crate::weights::Linear;
 use crate::weights::store::ByteSource;
@@ -719,6 +720,19 @@ struct Inner {
     /// Pinned host side of a pipeline stage's residual stream ([t, hidden] f32 in or out),
     /// allocated on first use.
     hand_io: Option<Pinned>,
+    /// The same rows kept on this GPU ([tokens, hidden] f32, grown on demand): what a pass with
+    /// `PassOutput::HiddenOnDevice` leaves, and where `hand_over` puts the next GPU's input.
+    hand_dev: Option<DevBuf>,
+    /// Recorded on this GPU's stream when its rows are ready to go (`hand_over`), and when rows
+    /// have arrived from the previous GPU (the sender's stream waits for it before reusing them).
+    hand_ready: CudaEvent,
+    hand_arrived: CudaEvent,
+    /// Peer access to the next GPU's memory was asked for (once).
+    peer_tried: bool,
+    /// The last call returned with work in flight (its rows stayed on the GPU for the next
+    /// stage): the next call waits for it first, then reads its step timer.
+    unsynced: bool,
+    timer_pending: bool,
     /// Brackets a decode step's GPU work (its span, for `bench decode`).
     step_timer: super::context::Timer,
     graph: Option<(GraphKey, super::Graph)>,
@@ -1761,8 +1775,27 @@ impl Backend for CudaBackend {
         self.total_experts = total_experts;
         let step_io = Pinned::new((self.opts.gpu.prefill_chunk.max(1) + 1 + c.vocab_size) * 4)?;
         let step_timer = self.dev.timer()?;
-        self.inner =
-            Some(Mutex::new(Inner { pool, ws, step_io, hand_io: None, step_timer, graph: None, eager_steps: 0 }));
+        let event = || {
+            self.dev
+                .ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+                .map_err(|e| CudaError(format!("cuEventCreate: {e:?}")))
+        };
+        self.inner = Some(Mutex::new(Inner {
+            pool,
+            ws,
+            step_io,
+            hand_io: None,
+            hand_dev: None,
+            hand_ready: event()?,
+            hand_arrived: event()?,
+            peer_tried: false,
+            unsynced: false,
+            timer_pending: false,
+            step_timer,
+            graph: None,
+            eager_steps: 0,
+        }));
         Ok(())
     }
 
@@ -1809,24 +1842,55 @@ impl Backend for CudaBackend {
             .into());
         }
         let mut inner = self.inner()?;
-        let Inner { pool, ws, step_io, hand_io, step_timer, graph: recorded, eager_steps } = &mut *inner;
+        let Inner {
+            pool,
+            ws,
+            step_io,
+            hand_io,
+            hand_dev,
+            step_timer,
+            graph: recorded,
+            eager_steps,
+            unsynced,
+            timer_pending,
+            ..
+        } = &mut *inner;
         let ws = &*ws;
+        if std::mem::take(unsynced) {
+            // The last call left its rows to the next GPU without waiting; the host buffers it
+            // used are reused below.
+            self.dev.synchronize()?;
+        }
+        if std::mem::take(timer_pending) {
+            let ms = step_timer.ms()?;
+            self.stats.decode_steps.fetch_add(1, Relaxed);
+            self.stats.decode_gpu_ns.fetch_add((ms * 1e6) as u64, Relaxed);
+        }
         // A bounded share of the pre-warm per call, so no step waits long for it.
         self.drain_prewarm(pool, 4 * (k + 1))?;
         let (n, v, h) = (spec.tokens.len(), c.vocab_size, c.hidden_size);
         let timing = spec.hooks.wants_timing();
         out.clear();
-        if let Some(rows) = spec.hidden_in
-            && rows.len() != n * h
-        {
-            return Err(CudaError(format!(
-                "a pipeline stage got {} floats of residual stream for {n} tokens of {h}",
-                rows.len()
-            ))
-            .into());
+        match spec.input {
+            PassInput::Hidden(rows) if rows.len() != n * h => {
+                return Err(CudaError(format!(
+                    "a pipeline stage got {} floats of residual stream for {n} tokens of {h}",
+                    rows.len()
+                ))
+                .into());
+            }
+            PassInput::HiddenOnDevice if hand_dev.as_ref().is_none_or(|b| b.len() < n * h * 4) => {
+                return Err(CudaError(format!("no residual rows for {n} tokens were handed to this GPU")).into());
+            }
+            _ => {}
         }
-        if (spec.hidden_in.is_some() || spec.hidden_out) && hand_io.is_none() {
+        if (matches!(spec.input, PassInput::Hidden(_)) || spec.output == PassOutput::Hidden) && hand_io.is_none() {
             *hand_io = Some(Pinned::new(self.opts.gpu.prefill_chunk.max(1) * h * 4)?);
+        }
+        if spec.output == PassOutput::HiddenOnDevice && hand_dev.as_ref().is_none_or(|b| b.len() < n * h * 4) {
+            // (Grown only here and in `hand_over`, both after this GPU's stream has waited for
+            // every copy out of the old buffer.)
+            *hand_dev = Some(self.dev.alloc(n * h * 4)?);
         }
         let mut times = if timing { vec![LayerTimes::default(); c.num_layers] } else { Vec::new() };
         let mut done = 0;
@@ -1863,7 +1927,21 @@ impl Backend for CudaBackend {
                 )
             }
             .map_err(|e| CudaError(format!("cuMemcpyHtoDAsync (token ids): {e:?}")))?;
-            if let (Some(rows), Some(hand)) = (spec.hidden_in, hand_io.as_mut()) {
+            if let PassInput::HiddenOnDevice = spec.input {
+                let src = hand_dev.as_ref().ok_or_else(|| CudaError::new("no hand-off buffer"))?;
+                // SAFETY: rows done..done+t of the hand-off buffer (checked to hold n rows) into
+                // x (prefill_chunk rows, t ≤ prefill_chunk), stream-ordered after their arrival.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        ws.x.ptr(),
+                        src.ptr() + (done * h * 4) as u64,
+                        t * h * 4,
+                        self.dev.stream.cu_stream(),
+                    )
+                }
+                .map_err(|e| CudaError(format!("cuMemcpyDtoDAsync (residual stream in): {e:?}")))?;
+            }
+            if let (PassInput::Hidden(rows), Some(hand)) = (spec.input, hand_io.as_mut()) {
                 // The previous stage's residual rows into x (the pass does not embed). The
                 // buffer is written again only after this chunk's final wait.
                 let bytes = &mut hand.as_mut_slice()[..t * h * 4];
@@ -1875,7 +1953,7 @@ impl Backend for CudaBackend {
                 unsafe { cudarc::driver::result::memcpy_htod_async(ws.x.ptr(), &*bytes, self.dev.stream.cu_stream()) }
                     .map_err(|e| CudaError(format!("cuMemcpyHtoDAsync (residual stream): {e:?}")))?;
             }
-            let timed_step = t == 1 && (want == LogitsFor::Last || spec.hidden_out);
+            let timed_step = t == 1 && (want == LogitsFor::Last || spec.output != PassOutput::Logits);
             if timed_step {
                 step_timer.start()?;
             }
@@ -1937,7 +2015,31 @@ impl Backend for CudaBackend {
             }
             self.stats.tokens.fetch_add(t as u64, Relaxed);
             match (want, all_out) {
-                _ if spec.hidden_out => {
+                _ if spec.output == PassOutput::HiddenOnDevice => {
+                    let dst = hand_dev.as_ref().ok_or_else(|| CudaError::new("no hand-off buffer"))?;
+                    // SAFETY: x's first t rows into rows done..done+t of the hand-off buffer
+                    // (sized for n rows above).
+                    unsafe {
+                        cudarc::driver::result::memcpy_dtod_async(
+                            dst.ptr() + (done * h * 4) as u64,
+                            ws.x.ptr(),
+                            t * h * 4,
+                            self.dev.stream.cu_stream(),
+                        )
+                    }
+                    .map_err(|e| CudaError(format!("cuMemcpyDtoDAsync (residual stream out): {e:?}")))?;
+                    if timed_step {
+                        step_timer.stop()?;
+                    }
+                    if last_chunk {
+                        // No wait: the next GPU's stream waits for this one (`hand_over`).
+                        *unsynced = true;
+                        *timer_pending = timed_step;
+                    } else {
+                        self.dev.synchronize()?;
+                    }
+                }
+                _ if spec.output == PassOutput::Hidden => {
                     if timed_step {
                         step_timer.stop()?;
                     }
@@ -2257,6 +2359,55 @@ impl Backend for CudaBackend {
 
     fn accept_prewarm(&self, rx: std::sync::mpsc::Receiver<(ExpertKey, Arc<AlignedBuf>)>, store: Arc<ExpertStore>) {
         *self.prewarm.lock().unwrap_or_else(|p| p.into_inner()) = Some((rx, store));
+    }
+
+    fn can_hand_over(&self, next: &Self) -> bool {
+        self.opts.gpu.peer_hand_off && next.opts.gpu.peer_hand_off
+    }
+
+    fn hand_over(&self, next: &Self, floats: usize) -> crate::Result<()> {
+        let bytes = floats * 4;
+        self.dev.bind()?;
+        let mut me = self.inner()?;
+        let src = me.hand_dev.as_ref().filter(|b| b.len() >= bytes).map(DevBuf::ptr);
+        let src = src.ok_or_else(|| CudaError(format!("no {bytes} bytes of residual rows to hand over")))?;
+        me.hand_ready.record(&self.dev.stream).map_err(|e| CudaError(format!("cuEventRecord: {e:?}")))?;
+        let peer = (!me.peer_tried && self.dev.ordinal != next.dev.ordinal).then(|| self.dev.ctx.cu_ctx());
+        me.peer_tried = true;
+        next.dev.bind()?;
+        if let Some(src_ctx) = peer {
+            // Direct copies over NVLink / PCIe peer-to-peer when the GPUs allow it; otherwise
+            // the driver stages the copy through host memory (still no host wait).
+            // SAFETY: a plain driver call on the current (next GPU's) context.
+            let r = unsafe { cudarc::driver::sys::cuCtxEnablePeerAccess(src_ctx, 0) };
+            tracing::debug!("peer access cuda:{} → cuda:{}: {r:?}", next.dev.ordinal, self.dev.ordinal);
+        }
+        let mut nx = next.inner()?;
+        if nx.hand_dev.as_ref().is_none_or(|b| b.len() < bytes) {
+            nx.hand_dev = Some(next.dev.alloc(bytes)?);
+        }
+        let dst = nx.hand_dev.as_ref().map(DevBuf::ptr).expect("set above");
+        next.dev.stream.wait(&me.hand_ready).map_err(|e| CudaError(format!("cuStreamWaitEvent: {e:?}")))?;
+        // SAFETY: `bytes` lie inside both buffers (checked and sized above); the copy runs on the
+        // next GPU's stream after this GPU's rows are written (the event), and this GPU's stream
+        // waits for it below before it writes or frees its buffer again.
+        unsafe {
+            cudarc::driver::result::memcpy_peer_async(
+                next.dev.ctx.cu_ctx(),
+                dst,
+                self.dev.ctx.cu_ctx(),
+                src,
+                bytes,
+                next.dev.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| {
+            CudaError(format!("cuMemcpyPeerAsync cuda:{} → cuda:{}: {e:?}", self.dev.ordinal, next.dev.ordinal))
+        })?;
+        nx.hand_arrived.record(&next.dev.stream).map_err(|e| CudaError(format!("cuEventRecord: {e:?}")))?;
+        self.dev.bind()?;
+        self.dev.stream.wait(&nx.hand_arrived).map_err(|e| CudaError(format!("cuStreamWaitEvent: {e:?}")))?;
+        Ok(())
     }
 
     fn measure_bandwidths(&self) -> crate::Result<Option<Bandwidths>> {

@@ -4,14 +4,14 @@
 //!
 //! A backend runs a contiguous range of the layers (all of them, or its share when the model is
 //! split over several devices): a stage after the first starts from the residual stream the
-//! previous one handed over (`PassSpec::hidden_in`) and applies its first layer's input norm; a
+//! previous one handed over (`PassSpec::input`) and applies its first layer's input norm; a
 //! stage before the last ends with its last layer's residual and hands it on
-//! (`PassSpec::hidden_out`).
+//! (`PassSpec::output`).
 
 use super::weights::{Mixer, StageWeights};
 use crate::backend::{Backend, Phase};
 use crate::error::{Error, Result};
-use crate::layers::{LogitsFor, PassSpec};
+use crate::layers::{LogitsFor, PassInput, PassOutput, PassSpec};
 
 /// Runs one pass of `spec.tokens` through the stage `w` on backend `b`; the logits (or the
 /// hand-off rows) in `out`. Layers are numbered from the stage's first.
@@ -23,12 +23,12 @@ pub fn forward<B: Backend>(
     out: &mut Vec<f32>,
 ) -> Result<()> {
     let first = w.layers.first().ok_or_else(|| Error::input("the model has no layers"))?;
-    if w.embed.is_some() == spec.hidden_in.is_some() {
+    if w.embed.is_some() != matches!(spec.input, PassInput::Embed) {
         return Err(Error::input("a pipeline stage needs either the embedding or the previous stage's output"));
     }
-    let head = match (spec.hidden_out, spec.want, &w.final_norm, &w.lm_head) {
+    let head = match (spec.output, spec.want, &w.final_norm, &w.lm_head) {
         (_, LogitsFor::None, _, _) => None,
-        (false, _, Some(norm), Some(lm_head)) => Some((norm, lm_head)),
+        (PassOutput::Logits, _, Some(norm), Some(lm_head)) => Some((norm, lm_head)),
         _ => return Err(Error::input("logits asked of a pipeline stage that does not end the model")),
     };
     let timing = spec.hooks.wants_timing();

@@ -15,7 +15,7 @@ use crate::config::{LayerKind, ModelConfig};
 use crate::error::{Error, Result};
 use crate::experts::{ExpertSet, ExpertStore, ExpertWeights, ScatteredFiles};
 use crate::gguf::GgufModel;
-use crate::layers::{Convert, Host, LogitsFor, PassSpec, StageHooks, Tensors};
+use crate::layers::{Convert, Host, LogitsFor, PassInput, PassOutput, PassSpec, StageHooks, Tensors};
 use crate::packed;
 use crate::weights::Linear;
 use crate::weights::store::Bytes;
@@ -207,8 +207,11 @@ impl<B: Backend> PlacedModel for Qwen35<B> {
         if let ([s], [st]) = (&self.stages[..], &mut states.0[..]) {
             return forward::forward(&s.backend, &s.weights, spec, st, out);
         }
-        // The residual stream crosses from one stage to the next through host memory: [t,
-        // hidden] floats (16 KiB a decode token at hidden 4096).
+        // The residual stream ([t, hidden] floats: 16 KiB a decode token at hidden 4096) goes
+        // from one stage to the next device to device when the backends can (CUDA: a peer copy
+        // ordered by events, no host wait), else through host memory.
+        let on_device = self.stages.windows(2).all(|p| p[0].backend.can_hand_over(&p[1].backend));
+        let floats = spec.tokens.len() * self.config.hidden_size;
         let (mut hand, mut next) = (Vec::new(), Vec::new());
         let last = self.stages.len() - 1;
         for (i, (s, st)) in self.stages.iter().zip(states.0.iter_mut()).enumerate() {
@@ -217,15 +220,27 @@ impl<B: Backend> PlacedModel for Qwen35<B> {
                 cfg: &s.config,
                 want: if i == last { spec.want } else { LogitsFor::None },
                 hooks: &hooks,
-                hidden_in: (i > 0).then_some(&hand[..]),
-                hidden_out: i < last,
+                input: match i {
+                    0 => PassInput::Embed,
+                    _ if on_device => PassInput::HiddenOnDevice,
+                    _ => PassInput::Hidden(&hand),
+                },
+                output: match i {
+                    _ if i == last => PassOutput::Logits,
+                    _ if on_device => PassOutput::HiddenOnDevice,
+                    _ => PassOutput::Hidden,
+                },
                 ..*spec
             };
             if i == last {
                 forward::forward(&s.backend, &s.weights, &sub, st, out)?;
             } else {
                 forward::forward(&s.backend, &s.weights, &sub, st, &mut next)?;
-                std::mem::swap(&mut hand, &mut next);
+                if on_device {
+                    s.backend.hand_over(&self.stages[i + 1].backend, floats)?;
+                } else {
+                    std::mem::swap(&mut hand, &mut next);
+                }
             }
         }
         Ok(())
