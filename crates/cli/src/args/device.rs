@@ -5,9 +5,10 @@ use clap::Args;
 /// Where the forward pass runs.
 #[derive(Args, Clone, Debug)]
 pub struct DeviceArgs {
-    /// auto (a GPU when one works and the model fits, else the CPU), cpu, cuda, cuda:N, or
+    /// auto (the GPUs when they work and the model fits, else the CPU), cpu, cuda, cuda:N, or
     /// several GPUs: cuda:0,1 or cuda:all (the layers split between them in proportion to their
-    /// memory, each GPU with its own expert cache for its layers).
+    /// memory, each GPU with its own expert cache for its layers). auto uses every GPU the driver
+    /// reports (CUDA_VISIBLE_DEVICES limits them).
     #[arg(long, default_value = "auto")]
     pub device: flashmoe::device::DeviceChoice,
     /// GPU memory for routed experts (e.g. 20G; per GPU when there are several), or auto: what

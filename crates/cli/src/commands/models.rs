@@ -49,21 +49,24 @@ impl Entry {
     }
 }
 
-/// This machine: total RAM and the first GPU's memory (when built with CUDA and one is there).
+/// This machine: total RAM, the first GPU's memory (when built with CUDA and one is there) and,
+/// with several GPUs, how many and their memory together (a model split over them).
 struct Machine {
     ram: Option<u64>,
     gpu: Option<(String, u64)>,
+    all_gpus: Option<(usize, u64)>,
 }
 
 fn machine() -> Machine {
     #[cfg(feature = "cuda")]
-    let gpu = flashmoe::cuda::probe()
-        .ok()
-        .and_then(|g| g.into_iter().next())
-        .map(|g| (format!("cuda:{} {}", g.ordinal, g.name), g.total_memory as u64));
+    let gpus = flashmoe::cuda::probe().unwrap_or_default();
+    #[cfg(feature = "cuda")]
+    let gpu = gpus.first().map(|g| (format!("cuda:{} {}", g.ordinal, g.name), g.total_memory as u64));
+    #[cfg(feature = "cuda")]
+    let all_gpus = (gpus.len() > 1).then(|| (gpus.len(), gpus.iter().map(|g| g.total_memory as u64).sum()));
     #[cfg(not(feature = "cuda"))]
-    let gpu = None;
-    Machine { ram: memory::total_ram_bytes(), gpu }
+    let (gpu, all_gpus) = (None, None);
+    Machine { ram: memory::total_ram_bytes(), gpu, all_gpus }
 }
 
 /// Footprint and fit of a loadable folder, or why not.
@@ -75,7 +78,11 @@ fn judge(dir: &Path, m: &Machine) -> (Option<(u64, u64)>, String) {
     let Some(ram) = m.ram else { return (footprint, "cannot tell: RAM size unknown".into()) };
     let fits = match memory::fit(dir, ram, m.gpu.as_ref().map(|g| g.1)) {
         Ok(Fit::AllOnGpu) => format!("all in GPU memory ({})", m.gpu.as_ref().map_or("", |g| g.0.as_str())),
-        Ok(f) => f.describe(),
+        // Too big for one GPU: would the GPUs together hold it (the layers split over them)?
+        Ok(f) => match m.all_gpus.map(|(n, bytes)| (n, memory::fit(dir, ram, Some(bytes)))) {
+            Some((n, Ok(Fit::AllOnGpu))) => format!("all in GPU memory over {n} GPUs (--device cuda:all)"),
+            _ => f.describe(),
+        },
         Err(e) => format!("cannot tell: {e}"),
     };
     (footprint, fits)

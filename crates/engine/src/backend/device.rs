@@ -1,8 +1,9 @@
 //! Where the forward pass runs: `--device auto|cpu|cuda[:N]|cuda:N,M,…|cuda:all`. Without the
 //! `cuda` feature only the CPU exists (asking for CUDA is a clear error); with it, `auto` takes
-//! the GPU when one opens and the model fits, and falls back to the CPU with a note otherwise.
+//! the GPUs when they open and the model fits, and falls back to the CPU with a note otherwise.
 //! Several GPUs split the layers between them (each its contiguous share, weights, state and
-//! expert cache), the residual stream handed from one to the next.
+//! expert cache), the residual stream handed from one to the next; `auto` uses every GPU the
+//! driver reports.
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DeviceChoice {

@@ -663,6 +663,17 @@ fn place(
         DeviceChoice::Cpu => Ok((cpu()?, None)),
         DeviceChoice::Auto if !cuda::COMPILED => Ok((cpu()?, None)),
         DeviceChoice::Auto => {
+            // Several GPUs: the layers split over all of them (as llama.cpp does by default;
+            // CUDA_VISIBLE_DEVICES or cuda:N picks fewer). If they cannot take the model
+            // together, GPU 0 alone, then the CPU.
+            let gpus = cuda::device_count().unwrap_or(0);
+            if gpus > 1 {
+                let all: Vec<usize> = (0..gpus).collect();
+                match place_split(host, &all, o, experts_per_token, max_context) {
+                    Ok(m) => return Ok((m, None)),
+                    Err(e) => tracing::warn!("the {gpus} GPUs could not take this model together ({e}); trying GPU 0"),
+                }
+            }
             let backend = match open(0) {
                 Ok(b) => b,
                 Err(e) => return Ok((cpu()?, Some(format!("no usable GPU ({e}); running on the CPU")))),
