@@ -1,2 +1,3 @@
 //! Shared by the fuzz targets: their bodies (see `bodies`).
+pub mod api_bodies;
 pub mod bodies;

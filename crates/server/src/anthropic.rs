@@ -167,7 +167,7 @@ fn convert_tools(tools: &[Json]) -> ApiResult<(Json, Vec<(String, Json)>)> {
     Ok((Json::Array(list), known))
 }
 
-fn prepare(s: &AppState, o: &Map<String, Json>) -> ApiResult<(Prepared, bool)> {
+pub(crate) fn prepare(s: &AppState, o: &Map<String, Json>) -> ApiResult<(Prepared, bool)> {
     let f = Fields(o);
     check_model(s, &f)?;
     let max_tokens = f.count("max_tokens")?.ok_or_else(|| missing("max_tokens"))?;

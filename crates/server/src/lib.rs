@@ -140,6 +140,49 @@ pub(crate) struct AppState {
 
 pub(crate) type Shared = Arc<AppState>;
 
+/// The server's handling of a request body up to the point it would be queued — parse it,
+/// validate every field, render the prompt with the model's template and tokenize it, build the
+/// grammar constraint — with no worker, socket or generation: what the `api_request` fuzz target
+/// (fuzz/) drives, and its corpus test.
+pub struct RequestCheck {
+    state: Shared,
+}
+
+impl RequestCheck {
+    /// Answers as a server of `engine` that accepts any model name would.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        let metrics = Arc::new(Metrics::default());
+        // A queue nobody serves: a check never submits.
+        let queue = worker::Queue::detached(metrics.clone());
+        RequestCheck {
+            state: Arc::new(AppState {
+                tool_format: detect_format(engine.template.source()),
+                max_context: engine.model.max_context(),
+                model_name: "check".into(),
+                accept_any_model: true,
+                api_keys: Vec::new(),
+                think_budget: None,
+                scripted: false,
+                queue,
+                metrics,
+                created: 0,
+                device: engine.model.device_description(),
+                io_mode: "page",
+                io_reason: String::new(),
+                host_guard: HostGuard::new(true, &[]),
+                health: Arc::new(worker::WorkerHealth::default()),
+                engine,
+            }),
+        }
+    }
+
+    /// `Ok` when a request to `path` (`/v1/chat/completions`, `/v1/completions`,
+    /// `/v1/messages`) would be queued, else the message of the client error it gets.
+    pub fn check(&self, path: &str, body: &[u8]) -> std::result::Result<(), String> {
+        openai::check_request(&self.state, path, body).map_err(|e| e.body().to_string())
+    }
+}
+
 /// The listener with what serving it needs.
 struct Prepared {
     listener: tokio::net::TcpListener,

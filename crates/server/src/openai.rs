@@ -572,6 +572,32 @@ pub async fn chat_completions(State(s): State<Shared>, client: Option<Extension<
     }
 }
 
+/// What the server does with a request body for `path` before queuing it (parse, validate every
+/// field, render and tokenize the prompt, build the grammar constraint): the request check the
+/// `api_request` fuzz target drives.
+pub(crate) fn check_request(s: &Shared, path: &str, body: &[u8]) -> ApiResult<()> {
+    let o = parse_body(body)?;
+    let f = Fields(&o);
+    match path {
+        "/v1/chat/completions" => {
+            prepare_chat(s, &o)?;
+            token_names(s, &f)?;
+            f.str("user")?;
+        }
+        "/v1/completions" => {
+            prepare_completion(s, &o)?;
+        }
+        "/v1/messages" => {
+            crate::anthropic::prepare(s, &o)?;
+            if let Some(m) = f.object("metadata")? {
+                Fields(m).str("user_id")?;
+            }
+        }
+        other => return Err(ApiError::bad(format!("no endpoint {other}"))),
+    }
+    Ok(())
+}
+
 async fn chat(s: Shared, client: Client, body: &[u8]) -> ApiResult<Response> {
     let o = parse_body(body)?;
     let (p, stream, include_usage) = prepare_chat(&s, &o)?;
@@ -693,10 +719,13 @@ pub async fn completions(State(s): State<Shared>, client: Option<Extension<Clien
     }
 }
 
-async fn completion(s: Shared, client: Client, body: &[u8]) -> ApiResult<Response> {
-    let o = parse_body(body)?;
-    let f = Fields(&o);
-    check_model(&s, &f)?;
+/// A legacy completion request, validated and tokenized: (job, stream, include_usage, logprobs
+/// alternatives, token naming).
+type PreparedCompletion = (Prepared, bool, bool, Option<usize>, TokenNames);
+
+fn prepare_completion(s: &Shared, o: &Map<String, Json>) -> ApiResult<PreparedCompletion> {
+    let f = Fields(o);
+    check_model(s, &f)?;
     check_n(&f)?;
     if f.bool("echo")? == Some(true) {
         return Err(ApiError::bad("'echo' is not supported.").param("echo").code("unsupported_value"));
@@ -705,8 +734,8 @@ async fn completion(s: Shared, client: Client, body: &[u8]) -> ApiResult<Respons
         ApiError::bad("'prompt' must be a string, an array of one string, or an array of token ids.").param("prompt")
     };
     let prompt = match f.get("prompt").ok_or_else(|| missing("prompt"))? {
-        Json::String(t) => tokenize(&s, t)?,
-        Json::Array(a) if a.len() == 1 && a[0].is_string() => tokenize(&s, a[0].as_str().unwrap_or_default())?,
+        Json::String(t) => tokenize(s, t)?,
+        Json::Array(a) if a.len() == 1 && a[0].is_string() => tokenize(s, a[0].as_str().unwrap_or_default())?,
         Json::Array(a) if !a.is_empty() && a.iter().all(|x| x.is_u64()) => {
             let ids: Vec<u32> = a.iter().filter_map(Json::as_u64).map(|x| x as u32).collect();
             let vocab = s.engine.model.config.vocab_size;
@@ -715,7 +744,7 @@ async fn completion(s: Shared, client: Client, body: &[u8]) -> ApiResult<Respons
                     ApiError::bad(format!("token ids must be below the vocabulary size {vocab}")).param("prompt")
                 );
             }
-            check_context(&s, ids.len())?;
+            check_context(s, ids.len())?;
             ids
         }
         _ => return Err(bad_prompt()),
@@ -735,11 +764,11 @@ async fn completion(s: Shared, client: Client, body: &[u8]) -> ApiResult<Respons
                 .param("logprobs")
         })? as usize),
     };
-    let names = token_names(&s, &f)?;
+    let names = token_names(s, &f)?;
     let job = GenerateRequest {
-        max_tokens: reply_budget(&s, prompt.len(), Some(asked)),
+        max_tokens: reply_budget(s, prompt.len(), Some(asked)),
         prompt,
-        sampling: sampling(&s, &f)?,
+        sampling: sampling(s, &f)?,
         stop_strings: f.strings("stop")?,
         split_reasoning: false,
         logprobs,
@@ -749,8 +778,14 @@ async fn completion(s: Shared, client: Client, body: &[u8]) -> ApiResult<Respons
         Some(Json::String(t)) => t.clone(),
         _ => String::new(),
     };
-    let p = Prepared { job, tools: None, script_key };
-    let ticket = submit(&s, &p, "/v1/completions", client.cache_scope(f.str("user")?))?;
+    f.str("user")?;
+    Ok((Prepared { job, tools: None, script_key }, stream, include_usage, logprobs, names))
+}
+
+async fn completion(s: Shared, client: Client, body: &[u8]) -> ApiResult<Response> {
+    let o = parse_body(body)?;
+    let (p, stream, include_usage, logprobs, names) = prepare_completion(&s, &o)?;
+    let ticket = submit(&s, &p, "/v1/completions", client.cache_scope(Fields(&o).str("user")?))?;
     let mut relay = Relay::new(&s, None);
     let id = new_id("cmpl-");
     let created = now_secs();

@@ -169,6 +169,14 @@ impl Script {
     }
 }
 
+impl Queue {
+    /// A queue with no worker behind it (`RequestCheck`, which never submits).
+    pub(crate) fn detached(metrics: Arc<Metrics>) -> Queue {
+        let (tx, _) = mpsc::channel();
+        Queue { tx: std::sync::Mutex::new(tx), metrics }
+    }
+}
+
 /// Starts the worker thread.
 pub fn start(
     engine: Arc<Engine>,
