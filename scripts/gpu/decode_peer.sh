@@ -3,7 +3,8 @@
 # machine, in two calls (the second within the machine's idle time):
 #   scripts/gpu/decode_peer.sh prep    # unpack binaries and llama.cpp, build llama.cpp (CUDA and
 #                                      # CPU) and write the model (LAYERS of the 35B-A3B geometry)
-#   scripts/gpu/decode_peer.sh bench   # both engines alternated (REPS), Q4_0 against packed 4-bit
+#   scripts/gpu/decode_peer.sh bench   # both engines alternated (REPS), Q4_0 against packed 4-bit,
+#                                      # in each of REGIMES (gpu; gpu2 splits over two GPUs)
 set -euo pipefail
 export PEER_HOME=/tmp/peer FLASHMOE_BIN=/tmp/fmbin/flashmoe
 P=scripts/bench/peer/peer.py
@@ -19,6 +20,9 @@ prep)
     wait
     ;;
 bench)
-    python3 $P bench --dir /tmp/m35p --regime gpu --quants Q4_0 --threads 16 --reps "${REPS:-3}" --tg 64 --pp 512
+    # REGIMES: gpu (one GPU), gpu2 (the layers split over GPUs 0 and 1: nvidia-h200-x2).
+    for r in ${REGIMES:-gpu}; do
+        python3 $P bench --dir /tmp/m35p --regime "$r" --quants Q4_0 --threads 16 --reps "${REPS:-3}" --tg 64 --pp 512
+    done
     ;;
 esac

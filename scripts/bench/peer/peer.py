@@ -8,7 +8,7 @@ Steps (each a subcommand; README.md in this folder has the whole recipe):
   model    a random-weight Hugging Face checkpoint at a real Qwen3.5-MoE geometry with N layers,
            converted by llama.cpp's own convert_hf_to_gguf.py (F16 → Q4_0 --pure and Q4_K_M with
            llama-quantize) and by `flashmoe convert` (packed affine 4-bit, group 64)
-  bench    both engines alternated, R repetitions, in one regime (gpu, gpu-ram, cpu); prints a
+  bench    both engines alternated, R repetitions, in one regime (gpu, gpu2: split over two GPUs, gpu-ram, cpu); prints a
            table: median and spread of decode and prefill tok/s, bytes per token, peak RSS
   logits   a small f32 checkpoint: llama.cpp's logits (CPU, f32 GGUF) against `flashmoe logits`
            on the HF folder, prefill and token by token; max |diff|, logit std, greedy agreement
@@ -403,7 +403,11 @@ def llama_run(a, gguf: Path, test: str) -> tuple[float, int]:
     args = [tool("llama-bench", cuda), "-m", gguf, "-r", "1", "-o", "json", "-t", str(a.threads)]
     args += ["-p", str(a.pp), "-n", "0"] if test == "pp" else ["-p", "0", "-n", str(a.tg)]
     if a.regime == "gpu":
-        args += ["-ngl", "99"]
+        # One GPU even where there are several (llama-bench splits over all of them otherwise).
+        args += ["-ngl", "99", "-sm", "none", "-mg", "0"]
+    elif a.regime == "gpu2":
+        # The layers split over GPUs 0 and 1 (llama.cpp's default split mode, named).
+        args += ["-ngl", "99", "-sm", "layer", "-dev", "CUDA0/CUDA1"]
     elif a.regime == "gpu-ram":
         args += ["-ngl", "99", "-ot", "exps=CPU"]
     else:
@@ -424,6 +428,8 @@ def flashmoe_run(a, packed: Path, test: str) -> tuple[float, int]:
         args += ["--prefill", "4", "--tokens", str(a.tg), "--warmup", "8"]
     if a.regime == "gpu":
         args += ["--device", "cuda", "--io", "page"]
+    elif a.regime == "gpu2":
+        args += ["--device", "cuda:0,1", "--io", "page"]
     elif a.regime == "gpu-ram":
         # The RAM tier holds every expert, so flashmoe loads them all before it measures (as
         # llama.cpp's mapped file is in the page cache): `auto` with no saved profile.
@@ -560,7 +566,7 @@ def main() -> None:
     s.set_defaults(fn=cmd_model)
     s = sub.add_parser("bench")
     s.add_argument("--dir", required=True)
-    s.add_argument("--regime", choices=["gpu", "gpu-ram", "cpu"], required=True)
+    s.add_argument("--regime", choices=["gpu", "gpu2", "gpu-ram", "cpu"], required=True)
     s.add_argument("--quants", default="Q4_0,Q4_K_M")
     s.add_argument("--threads", type=int, default=os.cpu_count())
     s.add_argument("--reps", type=int, default=3)
