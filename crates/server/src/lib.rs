@@ -179,8 +179,34 @@ impl RequestCheck {
     /// `Ok` when a request to `path` (`/v1/chat/completions`, `/v1/completions`,
     /// `/v1/messages`) would be queued, else the message of the client error it gets.
     pub fn check(&self, path: &str, body: &[u8]) -> std::result::Result<(), String> {
-        openai::check_request(&self.state, path, body).map_err(|e| e.body().to_string())
+        check_request(&self.state, path, body).map_err(|e| e.body().to_string())
     }
+}
+
+/// What the server does with a request body for `path` before queuing it (parse, validate every
+/// field, render and tokenize the prompt, build the grammar constraint): the request check the
+/// `api_request` fuzz target drives.
+fn check_request(s: &Shared, path: &str, body: &[u8]) -> api::ApiResult<()> {
+    let o = api::parse_body(body)?;
+    let f = api::Fields(&o);
+    match path {
+        "/v1/chat/completions" => {
+            openai::prepare_chat(s, &o)?;
+            openai::token_names(s, &f)?;
+            f.str("user")?;
+        }
+        "/v1/completions" => {
+            openai::prepare_completion(s, &o)?;
+        }
+        "/v1/messages" => {
+            anthropic::prepare(s, &o)?;
+            if let Some(m) = f.object("metadata")? {
+                api::Fields(m).str("user_id")?;
+            }
+        }
+        other => return Err(api::ApiError::bad(format!("no endpoint {other}"))),
+    }
+    Ok(())
 }
 
 /// The listener with what serving it needs.

@@ -345,7 +345,7 @@ impl TokenNames {
     }
 }
 
-fn token_names(s: &Shared, f: &Fields) -> ApiResult<TokenNames> {
+pub(crate) fn token_names(s: &Shared, f: &Fields) -> ApiResult<TokenNames> {
     Ok(TokenNames { s: s.clone(), as_ids: f.bool("return_tokens_as_token_ids")?.unwrap_or(false) })
 }
 
@@ -459,7 +459,7 @@ pub(crate) fn last_text(messages: &Json) -> String {
     }
 }
 
-fn prepare_chat(s: &AppState, o: &Map<String, Json>) -> ApiResult<(Prepared, bool, bool)> {
+pub(crate) fn prepare_chat(s: &AppState, o: &Map<String, Json>) -> ApiResult<(Prepared, bool, bool)> {
     let f = Fields(o);
     check_model(s, &f)?;
     let msgs = f.array("messages")?.ok_or_else(|| missing("messages"))?;
@@ -570,32 +570,6 @@ pub async fn chat_completions(State(s): State<Shared>, client: Option<Extension<
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
-}
-
-/// What the server does with a request body for `path` before queuing it (parse, validate every
-/// field, render and tokenize the prompt, build the grammar constraint): the request check the
-/// `api_request` fuzz target drives.
-pub(crate) fn check_request(s: &Shared, path: &str, body: &[u8]) -> ApiResult<()> {
-    let o = parse_body(body)?;
-    let f = Fields(&o);
-    match path {
-        "/v1/chat/completions" => {
-            prepare_chat(s, &o)?;
-            token_names(s, &f)?;
-            f.str("user")?;
-        }
-        "/v1/completions" => {
-            prepare_completion(s, &o)?;
-        }
-        "/v1/messages" => {
-            crate::anthropic::prepare(s, &o)?;
-            if let Some(m) = f.object("metadata")? {
-                Fields(m).str("user_id")?;
-            }
-        }
-        other => return Err(ApiError::bad(format!("no endpoint {other}"))),
-    }
-    Ok(())
 }
 
 async fn chat(s: Shared, client: Client, body: &[u8]) -> ApiResult<Response> {
@@ -721,9 +695,9 @@ pub async fn completions(State(s): State<Shared>, client: Option<Extension<Clien
 
 /// A legacy completion request, validated and tokenized: (job, stream, include_usage, logprobs
 /// alternatives, token naming).
-type PreparedCompletion = (Prepared, bool, bool, Option<usize>, TokenNames);
+pub(crate) type PreparedCompletion = (Prepared, bool, bool, Option<usize>, TokenNames);
 
-fn prepare_completion(s: &Shared, o: &Map<String, Json>) -> ApiResult<PreparedCompletion> {
+pub(crate) fn prepare_completion(s: &Shared, o: &Map<String, Json>) -> ApiResult<PreparedCompletion> {
     let f = Fields(o);
     check_model(s, &f)?;
     check_n(&f)?;
