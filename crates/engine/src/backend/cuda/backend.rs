@@ -807,6 +807,14 @@ impl CudaBackend {
         })
     }
 
+    /// Adds a timed decode step (its GPU span, waited for) to the stats.
+    fn count_step(&self, timer: &super::context::Timer) -> Result<()> {
+        let ms = timer.ms()?;
+        self.stats.decode_steps.fetch_add(1, Relaxed);
+        self.stats.decode_gpu_ns.fetch_add((ms * 1e6) as u64, Relaxed);
+        Ok(())
+    }
+
     /// Bytes of memory on the GPU (how a split shares the layers out).
     pub fn total_memory(&self) -> usize {
         self.dev.total_memory
@@ -1862,9 +1870,7 @@ impl Backend for CudaBackend {
             self.dev.synchronize()?;
         }
         if std::mem::take(timer_pending) {
-            let ms = step_timer.ms()?;
-            self.stats.decode_steps.fetch_add(1, Relaxed);
-            self.stats.decode_gpu_ns.fetch_add((ms * 1e6) as u64, Relaxed);
+            self.count_step(step_timer)?;
         }
         // A bounded share of the pre-warm per call, so no step waits long for it.
         self.drain_prewarm(pool, 4 * (k + 1))?;
@@ -2053,11 +2059,9 @@ impl Backend for CudaBackend {
                     .map_err(|e| CudaError(format!("cuMemcpyDtoHAsync (residual stream): {e:?}")))?;
                     self.dev.synchronize()?;
                     if timed_step {
-                        let ms = step_timer.ms()?;
-                        self.stats.decode_steps.fetch_add(1, Relaxed);
-                        self.stats.decode_gpu_ns.fetch_add((ms * 1e6) as u64, Relaxed);
+                        self.count_step(step_timer)?;
                     }
-                    out.extend(io.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+                    super::context::extend_f32s_from_bytes(out, io);
                 }
                 (LogitsFor::None, _) => self.dev.synchronize()?,
                 (LogitsFor::Last, _) => {
@@ -2077,12 +2081,10 @@ impl Backend for CudaBackend {
                     .map_err(|e| CudaError(format!("cuMemcpyDtoHAsync (logits): {e:?}")))?;
                     self.dev.synchronize()?;
                     if timed_step {
-                        let ms = step_timer.ms()?;
-                        self.stats.decode_steps.fetch_add(1, Relaxed);
-                        self.stats.decode_gpu_ns.fetch_add((ms * 1e6) as u64, Relaxed);
+                        self.count_step(step_timer)?;
                     }
                     out.clear();
-                    out.extend(io.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+                    super::context::extend_f32s_from_bytes(out, io);
                 }
                 (LogitsFor::All, Some(b)) => out.extend(b.read_f32_n(t * v)?),
                 (LogitsFor::All, None) => unreachable!("allocated above"),

@@ -370,7 +370,14 @@ fn c_chars_to_string(v: &[std::ffi::c_char]) -> String {
 
 /// Little-endian f32s of a byte buffer read from the device.
 pub(crate) fn f32s_from_bytes(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    let mut v = Vec::with_capacity(b.len() / 4);
+    extend_f32s_from_bytes(&mut v, b);
+    v
+}
+
+/// Appends the little-endian f32s of `b` to `out` (a caller's vector, reused across steps).
+pub(crate) fn extend_f32s_from_bytes(out: &mut Vec<f32>, b: &[u8]) {
+    out.extend(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
 }
 
 /// Little-endian i32s of a byte buffer read from the device.
