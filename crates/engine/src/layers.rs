@@ -260,6 +260,22 @@ pub struct PassSpec<'a> {
     /// What the pass leaves: logits (`want`), or (a stage before the last, `want` is `None`) the
     /// residual stream after its last layer.
     pub output: PassOutput,
+    /// Continuous batching: empty for a pass over one sequence (`tokens` at `pos0`, `pos0 + 1`,
+    /// …); otherwise row i of `tokens` is the next token of its own sequence (the i-th state of
+    /// `Backend::run_batch`), at position `batch[i]`, and `pos0` is unused. The mixers run per
+    /// sequence; every matrix, the router and each routed expert run once over all the rows.
+    pub batch: &'a [usize],
+}
+
+impl PassSpec<'_> {
+    /// The sequences of this pass as (rows, position of the first row), in row order.
+    pub fn segments(&self) -> Vec<(usize, usize)> {
+        if self.batch.is_empty() {
+            vec![(self.tokens.len(), self.pos0)]
+        } else {
+            self.batch.iter().map(|&p| (1, p)).collect()
+        }
+    }
 }
 
 /// Where a pass's residual stream starts.

@@ -48,4 +48,4 @@ pub use progress::Progress;
 pub use runtime::generate::{Engine, GenerateOptions};
 pub use runtime::session::{Channel, Finish, GenerateRequest, Generation, PrefixCache, Session};
 pub use runtime::{LoadOptions, Model, SequenceState};
-pub use runtime::{eval, generate, session};
+pub use runtime::{batch, eval, generate, session};

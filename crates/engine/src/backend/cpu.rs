@@ -60,10 +60,12 @@ impl BackendState for CpuState {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
 
-/// One pass on the CPU: [t, hidden] activations and the state it advances.
+/// One pass on the CPU: [t, hidden] activations and the states it advances (one, or one per
+/// sequence of a batch: `segments` says which rows are whose, and at which position).
 pub struct CpuPass<'p> {
     spec: &'p PassSpec<'p>,
-    state: &'p mut CpuState,
+    states: Vec<&'p mut CpuState>,
+    segments: Vec<(usize, usize)>,
     t: usize,
     x: Vec<f32>,
     normed: Vec<f32>,
@@ -150,45 +152,32 @@ impl Backend for CpuBackend {
         graph: &mut dyn for<'p> FnMut(&mut CpuPass<'p>) -> Result<()>,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        let t = spec.tokens.len();
-        let h = spec.cfg.hidden_size;
-        let timing = spec.hooks.wants_timing();
-        let x = match spec.input {
-            PassInput::Hidden(rows) if rows.len() != t * h => {
-                return Err(Error::input(format!(
-                    "a pipeline stage got {} floats of residual stream for {t} tokens of {h}",
-                    rows.len()
-                )));
-            }
-            PassInput::Hidden(rows) => rows.to_vec(),
-            PassInput::Embed => vec![0.0; t * h],
-            PassInput::HiddenOnDevice => return Err(Error::input("the CPU backend has no device hand-off buffer")),
-        };
-        let mut p = CpuPass {
-            spec,
-            state,
-            t,
-            x,
-            normed: vec![0.0; t * h],
-            mixed: Vec::new(),
-            // The caller's vector, reused (no fresh 1 MB allocation per decode step).
-            logits: {
-                out.clear();
-                std::mem::take(out)
-            },
-            times: if timing { vec![LayerTimes::default(); spec.cfg.num_layers] } else { Vec::new() },
-            marked: Instant::now(),
-        };
-        graph(&mut p)?;
-        for (li, lt) in p.times.iter().enumerate() {
-            spec.hooks.layer_times(li, lt);
+        if !spec.batch.is_empty() {
+            return Err(Error::input("a batched pass needs one state per sequence (run_batch)"));
         }
-        *out = match spec.output {
-            PassOutput::Logits => std::mem::take(&mut p.logits),
-            PassOutput::Hidden => std::mem::take(&mut p.x),
-            PassOutput::HiddenOnDevice => return Err(Error::input("the CPU backend has no device hand-off buffer")),
-        };
-        Ok(())
+        self.run_seqs(spec, vec![state], graph, out)
+    }
+
+    fn can_batch(&self) -> bool {
+        true
+    }
+
+    fn run_batch(
+        &self,
+        spec: &PassSpec<'_>,
+        states: &mut [&mut CpuState],
+        graph: &mut dyn for<'p> FnMut(&mut CpuPass<'p>) -> Result<()>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        if spec.batch.len() != states.len() || spec.tokens.len() != states.len() {
+            return Err(Error::input(format!(
+                "a batched pass of {} tokens got {} positions and {} states",
+                spec.tokens.len(),
+                spec.batch.len(),
+                states.len()
+            )));
+        }
+        self.run_seqs(spec, states.iter_mut().map(|s| &mut **s).collect(), graph, out)
     }
 
     fn embed(&self, p: &mut CpuPass<'_>, table: &Linear) -> Result<()> {
@@ -211,18 +200,26 @@ impl Backend for CpuBackend {
         w: &AttentionWeights<Host>,
         inv_freq: &Vec<f32>,
     ) -> Result<()> {
-        let LayerState::Attention { keys, values } = &mut p.state.layers[layer] else {
-            return Err(state_mismatch(layer));
-        };
-        p.mixed = attention(p.spec.cfg, w, inv_freq, &p.normed, p.t, p.spec.pos0, keys, values);
+        let mut seqs = Vec::with_capacity(p.states.len());
+        for (st, &(rows, pos0)) in p.states.iter_mut().zip(&p.segments) {
+            let LayerState::Attention { keys, values } = &mut st.layers[layer] else {
+                return Err(state_mismatch(layer));
+            };
+            seqs.push(AttnSeq { rows, pos0, keys, values });
+        }
+        p.mixed = attention(p.spec.cfg, w, inv_freq, &p.normed, p.t, &mut seqs);
         Ok(())
     }
 
     fn delta_net(&self, p: &mut CpuPass<'_>, layer: usize, w: &DeltaNetWeights<Host>) -> Result<()> {
-        let LayerState::DeltaNet { conv, recurrent } = &mut p.state.layers[layer] else {
-            return Err(state_mismatch(layer));
-        };
-        p.mixed = delta_net(p.spec.cfg, w, &p.normed, p.t, conv, recurrent);
+        let mut seqs = Vec::with_capacity(p.states.len());
+        for (st, &(rows, _)) in p.states.iter_mut().zip(&p.segments) {
+            let LayerState::DeltaNet { conv, recurrent } = &mut st.layers[layer] else {
+                return Err(state_mismatch(layer));
+            };
+            seqs.push((rows, conv.as_mut_slice(), recurrent.as_mut_slice()));
+        }
+        p.mixed = delta_net(p.spec.cfg, w, &p.normed, p.t, &mut seqs);
         Ok(())
     }
 
@@ -298,6 +295,58 @@ impl Backend for CpuBackend {
     }
 }
 
+impl CpuBackend {
+    /// One pass over `states` (one per segment of `spec`).
+    fn run_seqs<'s>(
+        &self,
+        spec: &PassSpec<'_>,
+        states: Vec<&'s mut CpuState>,
+        graph: &mut dyn for<'p> FnMut(&mut CpuPass<'p>) -> Result<()>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let t = spec.tokens.len();
+        let h = spec.cfg.hidden_size;
+        let timing = spec.hooks.wants_timing();
+        let x = match spec.input {
+            PassInput::Hidden(rows) if rows.len() != t * h => {
+                return Err(Error::input(format!(
+                    "a pipeline stage got {} floats of residual stream for {t} tokens of {h}",
+                    rows.len()
+                )));
+            }
+            PassInput::Hidden(rows) => rows.to_vec(),
+            PassInput::Embed => vec![0.0; t * h],
+            PassInput::HiddenOnDevice => return Err(Error::input("the CPU backend has no device hand-off buffer")),
+        };
+        let mut p = CpuPass {
+            spec,
+            states,
+            segments: spec.segments(),
+            t,
+            x,
+            normed: vec![0.0; t * h],
+            mixed: Vec::new(),
+            // The caller's vector, reused (no fresh 1 MB allocation per decode step).
+            logits: {
+                out.clear();
+                std::mem::take(out)
+            },
+            times: if timing { vec![LayerTimes::default(); spec.cfg.num_layers] } else { Vec::new() },
+            marked: Instant::now(),
+        };
+        graph(&mut p)?;
+        for (li, lt) in p.times.iter().enumerate() {
+            spec.hooks.layer_times(li, lt);
+        }
+        *out = match spec.output {
+            PassOutput::Logits => std::mem::take(&mut p.logits),
+            PassOutput::Hidden => std::mem::take(&mut p.x),
+            PassOutput::HiddenOnDevice => return Err(Error::input("the CPU backend has no device hand-off buffer")),
+        };
+        Ok(())
+    }
+}
+
 fn state_mismatch(layer: usize) -> Error {
     Error::input(format!("layer {layer}: the sequence state does not match the layer kind (a state of another model?)"))
 }
@@ -355,21 +404,59 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One sequence's rows of an attention pass: `rows` consecutive rows from position `pos0`, and
+/// its KV cache.
+struct AttnSeq<'a> {
+    rows: usize,
+    pos0: usize,
+    keys: &'a mut Vec<f32>,
+    values: &'a mut Vec<f32>,
+}
+
+/// Gated attention over `t` rows: the projections over all of them at once, then each sequence's
+/// rows against its own cache, then o_proj over all of them.
 fn attention(
     c: &ModelConfig,
     a: &AttentionWeights<Host>,
     inv_freq: &[f32],
     hs: &[f32],
     t: usize,
-    pos0: usize,
-    keys: &mut Vec<f32>,
-    values: &mut Vec<f32>,
+    seqs: &mut [AttnSeq<'_>],
 ) -> Vec<f32> {
+    let (nh, d) = (c.num_heads, c.head_dim);
+    let [qg, k, v] = Linear::apply_many([&a.q_proj, &a.k_proj, &a.v_proj], hs, t);
+    let (qw, kvw) = (nh * d, c.num_kv_heads * d);
+    let mut out = vec![0.0f32; t * qw];
+    let mut r0 = 0;
+    for s in seqs.iter_mut() {
+        let r = r0..r0 + s.rows;
+        attend(
+            c,
+            a,
+            inv_freq,
+            (&qg[r.start * 2 * qw..r.end * 2 * qw], &k[r.start * kvw..r.end * kvw], &v[r.start * kvw..r.end * kvw]),
+            s,
+            &mut out[r.start * qw..r.end * qw],
+        );
+        r0 = r.end;
+    }
+    a.o_proj.apply(&out, t)
+}
+
+/// One sequence's attention: q/k norms and RoPE on its projected rows, the keys and values
+/// appended to its cache, causal GQA softmax attention and the sigmoid gate, into `out`.
+fn attend(
+    c: &ModelConfig,
+    a: &AttentionWeights<Host>,
+    inv_freq: &[f32],
+    (qg, k, v): (&[f32], &[f32], &[f32]),
+    s: &mut AttnSeq<'_>,
+    out: &mut [f32],
+) {
     let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
     let eps = c.rms_norm_eps;
-    let [qg, mut k, v] = Linear::apply_many([&a.q_proj, &a.k_proj, &a.v_proj], hs, t);
-
+    let (t, pos0) = (s.rows, s.pos0);
+    let mut k = k.to_vec();
     // q_proj rows are interleaved per head: [q_h (D); gate_h (D)].
     let mut q = vec![0.0f32; t * nh * d];
     let mut gate = vec![0.0f32; t * nh * d];
@@ -393,14 +480,13 @@ fn attention(
             rope(inv_freq, kh, pos0 + ti);
         }
     }
-    keys.extend_from_slice(&k);
-    values.extend_from_slice(&v);
+    s.keys.extend_from_slice(&k);
+    s.values.extend_from_slice(v);
 
     let group = nh / nkv;
     let scale = 1.0 / (d as f32).sqrt();
-    let mut out = vec![0.0f32; t * nh * d];
-    let keys = &keys[..];
-    let values = &values[..];
+    let keys = &s.keys[..];
+    let values = &s.values[..];
     let head = |idx: usize, o: &mut [f32]| {
         let (ti, j) = (idx / nh, idx % nh);
         let kvh = j / group;
@@ -433,7 +519,6 @@ fn attention(
     } else {
         out.chunks_mut(d).enumerate().for_each(|(idx, o)| head(idx, o));
     }
-    a.o_proj.apply(&out, t)
 }
 
 /// Rotate-half RoPE on the first `rotary_dims` of one head (spec §3.3 step 4).
@@ -450,13 +535,15 @@ fn rope(inv_freq: &[f32], x: &mut [f32], pos: usize) {
     }
 }
 
+/// GatedDeltaNet over `t` rows: the projections over all of them at once, then each sequence's
+/// rows (`seqs`: rows, conv window, recurrent state, in row order) through its own conv window
+/// and delta-rule state, then out_proj over all of them.
 fn delta_net(
     c: &ModelConfig,
     w: &DeltaNetWeights<Host>,
     hs: &[f32],
     t: usize,
-    conv_state: &mut [f32],
-    s_all: &mut [f32],
+    seqs: &mut [(usize, &mut [f32], &mut [f32])],
 ) -> Vec<f32> {
     let (hk, hv, dk, dv) = (c.linear_key_heads, c.linear_value_heads, c.linear_key_dim, c.linear_value_dim);
     let (key_dim, conv_dim, kc) = (c.key_dim(), c.conv_dim(), c.conv_kernel);
@@ -465,7 +552,11 @@ fn delta_net(
     let q_scale = 1.0 / (dk as f32).sqrt();
     let mut y = vec![0.0f32; t * hv * dv];
     let mut conv_out = vec![0.0f32; conv_dim];
+    // Row ti belongs to sequence owner[ti].
+    let owner: Vec<usize> = seqs.iter().enumerate().flat_map(|(i, s)| std::iter::repeat_n(i, s.0)).collect();
+    assert_eq!(owner.len(), t, "the sequences' rows add up to the pass's");
     for ti in 0..t {
+        let (_, conv_state, s_all) = &mut seqs[owner[ti]];
         let cur = &qkv[ti * conv_dim..][..conv_dim];
         // Causal depthwise conv over [state rows..., current], then SiLU.
         for ch in 0..conv_dim {

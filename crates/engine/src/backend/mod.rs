@@ -172,6 +172,26 @@ pub trait Backend: Send + Sync + Sized + 'static {
         out: &mut Vec<f32>,
     ) -> Result<()>;
 
+    /// Whether [`Backend::run_batch`] runs several sequences in one pass.
+    fn can_batch(&self) -> bool {
+        false
+    }
+
+    /// Continuous batching: one pass over the next token of each of several sequences
+    /// (`spec.batch` holds their positions; row i goes with `states[i]`), with logits for every
+    /// row (`spec.want` is `All`). Mixers run per sequence on its own caches; every matrix and
+    /// each routed expert is read once for all the rows. Each row's result is what a pass over
+    /// that sequence alone gives (the same operations on the same numbers).
+    fn run_batch(
+        &self,
+        _spec: &PassSpec<'_>,
+        _states: &mut [&mut Self::State],
+        _graph: &mut dyn for<'p> FnMut(&mut Self::Pass<'p>) -> Result<()>,
+        _out: &mut Vec<f32>,
+    ) -> Result<()> {
+        Err(crate::error::Error::input(format!("{} cannot run several sequences in one pass", self.describe())))
+    }
+
     /// x = rows `tokens` of `table`.
     fn embed(&self, p: &mut Self::Pass<'_>, table: &<Self::T as Tensors>::Mat) -> Result<()>;
     /// normed = RMSNorm(x)·w.

@@ -111,6 +111,16 @@ pub trait PlacedModel: Send + Sync {
     fn new_state(&self) -> Result<Box<dyn AnyState>>;
     /// One pass of `spec.tokens` (validated by the caller) over `state`; the logits in `out`.
     fn forward(&self, spec: &PassSpec<'_>, state: &mut dyn AnyState, out: &mut Vec<f32>) -> Result<()>;
+    /// Whether [`PlacedModel::forward_batch`] works on this placement (every backend batches).
+    fn can_batch(&self) -> bool;
+    /// One pass over the next token of each of several sequences (`spec.batch` holds their
+    /// positions, row i goes with `states[i]`); logits for every row in `out`.
+    fn forward_batch(
+        &self,
+        spec: &PassSpec<'_>,
+        states: &mut [&mut (dyn AnyState + 'static)],
+        out: &mut Vec<f32>,
+    ) -> Result<()>;
     /// The host weight tree (downcast to the family's type: `qwen35::ModelWeights`).
     fn host_weights(&self) -> &dyn std::any::Any;
     /// Bytes of everything but the routed experts, and of the routed experts.

@@ -567,24 +567,91 @@ impl Model {
             hooks: &self.hooks,
             input: PassInput::Embed,
             output: PassOutput::Logits,
+            batch: &[],
         };
         self.placed.forward(&spec, &mut *state.caches, logits)?;
-        // Every backend: logits are finite or the pass is an error (never fluent garbage).
-        // A branch-free pass first (it vectorizes: ~10× faster than `position` over a 248k-row
-        // vocabulary, where the scalar scan cost ~0.1 ms of every step); the position only on
-        // failure.
-        let all_finite = logits.chunks(1024).all(|c| c.iter().fold(true, |ok, v| ok & v.is_finite()));
-        if let Some(i) = (!all_finite).then(|| logits.iter().position(|v| !v.is_finite())).flatten() {
-            return Err(Error::NonFinite(format!(
-                "non-finite logit ({} for token id {} of output row {}): the checkpoint holds NaN/Inf weights or the activations overflowed",
-                logits[i],
-                i % c.vocab_size,
-                i / c.vocab_size
-            )));
-        }
+        check_finite(logits, c.vocab_size)?;
         state.pos += tokens.len();
         Ok(())
     }
+
+    /// Whether [`Model::forward_batch`] works on this placement (continuous batching).
+    pub fn can_batch(&self) -> bool {
+        self.placed.can_batch()
+    }
+
+    /// Continuous batching: runs `tokens[i]`, the next token of the sequence `states[i]`, for
+    /// every i in one pass (each matrix and each routed expert read once for all of them) and
+    /// leaves in `logits` one row per sequence ([n, vocab]). Each sequence advances by one.
+    pub fn forward_batch(
+        &self,
+        tokens: &[u32],
+        states: &mut [&mut SequenceState],
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        let c = &self.config;
+        logits.clear();
+        if tokens.len() != states.len() {
+            return Err(Error::input(format!("{} tokens for {} sequences", tokens.len(), states.len())));
+        }
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        for (s, &id) in states.iter_mut().zip(tokens) {
+            if let Some(BrokenState(why)) = s.caches.as_any_mut().downcast_ref::<BrokenState>() {
+                return Err(Error::input(format!("this sequence state could not be made: {why}")));
+            }
+            if id as usize >= c.vocab_size {
+                return Err(Error::input(format!(
+                    "token id {id} is outside the vocabulary (the model has {} rows, ids 0..{})",
+                    c.vocab_size,
+                    c.vocab_size - 1
+                )));
+            }
+            if s.pos + 1 > self.max_context {
+                return Err(Error::input(format!(
+                    "a sequence of {} tokens is at the context length of {} tokens",
+                    s.pos, self.max_context
+                )));
+            }
+        }
+        let positions: Vec<usize> = states.iter().map(|s| s.pos).collect();
+        let spec = PassSpec {
+            cfg: c,
+            tokens,
+            pos0: 0,
+            want: LogitsFor::All,
+            experts_per_token: self.experts_per_token,
+            fetch_chunk: self.fetch_chunk,
+            hooks: &self.hooks,
+            input: PassInput::Embed,
+            output: PassOutput::Logits,
+            batch: &positions,
+        };
+        let mut caches: Vec<&mut (dyn AnyState + 'static)> = states.iter_mut().map(|s| &mut *s.caches).collect();
+        self.placed.forward_batch(&spec, &mut caches, logits)?;
+        check_finite(logits, c.vocab_size)?;
+        for s in states.iter_mut() {
+            s.pos += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Every backend: logits are finite or the pass is an error (never fluent garbage). A
+/// branch-free pass first (it vectorizes: ~10× faster than `position` over a 248k-row
+/// vocabulary, where the scalar scan cost ~0.1 ms of every step); the position only on failure.
+fn check_finite(logits: &[f32], vocab: usize) -> Result<()> {
+    let all_finite = logits.chunks(1024).all(|c| c.iter().fold(true, |ok, v| ok & v.is_finite()));
+    if let Some(i) = (!all_finite).then(|| logits.iter().position(|v| !v.is_finite())).flatten() {
+        return Err(Error::NonFinite(format!(
+            "non-finite logit ({} for token id {} of output row {}): the checkpoint holds NaN/Inf weights or the activations overflowed",
+            logits[i],
+            i % vocab,
+            i / vocab
+        )));
+    }
+    Ok(())
 }
 
 /// `--io auto` on the CPU with no RAM tier and no memory budget: when every expert fits in the

@@ -317,7 +317,8 @@ impl<'e> Session<'e> {
 
 /// The generation loop (the only one: the CLI, the server and the chat client all run it).
 /// Resumes from `cache`'s best snapshot of the prompt, prefills the rest in chunks, samples and
-/// decodes, and stores snapshots at the end of the prompt and of the reply.
+/// decodes, and stores snapshots at the end of the prompt and of the reply. The same steps as a
+/// [`Stream`] that a batch scheduler drives, run alone.
 pub(crate) fn generate(
     engine: &Engine,
     cache: &mut PrefixCache,
@@ -326,123 +327,261 @@ pub(crate) fn generate(
     mut on_piece: impl FnMut(Channel, &str) -> bool,
     mut on_logprob: impl FnMut(&TokenLogprob),
 ) -> Result<Generation> {
-    let model = &engine.model;
-    let prompt = &req.prompt;
-    if prompt.is_empty() {
-        return Err(Error::input("the prompt is empty (0 tokens)"));
-    }
-    if prompt.len() > model.max_context() {
-        return Err(Error::input(format!(
-            "the prompt has {} tokens, which exceed the context length of {} tokens",
-            prompt.len(),
-            model.max_context()
-        )));
-    }
-    let io = |m: &Model| m.expert_store().map(|s| s.snapshot());
-    let mut g = Generation {
-        tokens: Vec::new(),
-        content: String::new(),
-        reasoning: String::new(),
-        finish: Finish::Length,
-        prompt_tokens: prompt.len(),
-        reused_tokens: 0,
-        prefilled_tokens: 0,
-        completion_tokens: 0,
-        prefill_secs: 0.0,
-        decode_secs: 0.0,
-        decode_steps: 0,
-        think_budget_hit: false,
-        io_prefill: None,
-        io_decode: None,
-        logprobs: Vec::new(),
-        constraint_secs: 0.0,
-        constraint_steps: 0,
-    };
-    if req.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
-        return Err(Error::input(format!("at most {MAX_TOP_LOGPROBS} top logprobs per token can be asked")));
-    }
-
-    // Prefill: resume from the longest snapshot, run the rest in chunks.
-    let io0 = io(model);
-    let t0 = Instant::now();
-    let (mut state, mut logits) = match cache.lookup(&req.cache_scope, prompt) {
-        Some(r) => {
-            g.reused_tokens = r.tokens;
-            (r.state, r.logits)
-        }
-        None => (model.new_state(), Vec::new()),
-    };
-    let mut done = g.reused_tokens;
-    while done < prompt.len() {
+    let mut s = Stream::start(engine, cache, req.clone())?;
+    while s.prefilling() {
         if !keep_going() {
-            g.finish = Finish::Cancelled;
-            g.prefill_secs = t0.elapsed().as_secs_f64();
-            g.prefilled_tokens = done - g.reused_tokens;
-            return Ok(g);
+            s.cancel();
+            break;
         }
-        let end = (done + PREFILL_CHUNK).min(prompt.len());
-        let want = if end == prompt.len() { LogitsFor::Last } else { LogitsFor::None };
-        logits = model.forward(&prompt[done..end], &mut state, want)?;
-        done = end;
+        s.prefill_step(cache)?;
     }
-    g.prefilled_tokens = prompt.len() - g.reused_tokens;
-    g.prefill_secs = t0.elapsed().as_secs_f64();
-    let io1 = io(model);
-    g.io_prefill = io1.zip(io0).map(|(b, a)| b.since(&a));
-    if g.prefilled_tokens > 0 {
-        cache.insert(&req.cache_scope, prompt, &state, &logits);
+    while let Some(id) = s.next_token(&mut on_piece, &mut on_logprob)? {
+        if !keep_going() {
+            s.cancel();
+            break;
+        }
+        s.feed(id)?;
+    }
+    s.finish(cache, &mut on_piece)
+}
+
+/// Where a [`Stream`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StreamPhase {
+    Prefill,
+    Decode,
+    Ended,
+}
+
+/// One request on its way through the model, between forward steps: its sequence state, the
+/// logits its next token is sampled from, and the sampler, constraint, stop and output state of
+/// [`generate`]. A scheduler drives several at once (continuous batching): it calls
+/// [`Stream::prefill_step`] while [`Stream::prefilling`], then repeatedly [`Stream::next_token`]
+/// and feeds the token back, alone ([`Stream::feed`]) or with the next tokens of other streams in
+/// one pass ([`feed_batch`]); [`Stream::finish`] gives the [`Generation`].
+pub struct Stream<'e> {
+    engine: &'e Engine,
+    req: GenerateRequest,
+    phase: StreamPhase,
+    g: Generation,
+    state: SequenceState,
+    logits: Vec<f32>,
+    /// Prompt tokens in the state so far (prefill).
+    done: usize,
+    t0: Instant,
+    t1: Instant,
+    io0: Option<IoSnapshot>,
+    io1: Option<IoSnapshot>,
+    think_open: Option<u32>,
+    think_close: Option<u32>,
+    channel: Channel,
+    constraint: Option<Constraint>,
+    close_tokens: Vec<u32>,
+    stop_ids: Vec<u32>,
+    forced: VecDeque<u32>,
+    scripted: bool,
+    out: Output<'e>,
+    sampler: Sampler,
+    context: Vec<u32>,
+    fed: Vec<u32>,
+    think_tokens: usize,
+}
+
+impl<'e> Stream<'e> {
+    /// Checks the request and resumes from `cache`'s best snapshot of its prompt.
+    pub fn start(engine: &'e Engine, cache: &mut PrefixCache, req: GenerateRequest) -> Result<Stream<'e>> {
+        let model = &engine.model;
+        let prompt = &req.prompt;
+        if prompt.is_empty() {
+            return Err(Error::input("the prompt is empty (0 tokens)"));
+        }
+        if prompt.len() > model.max_context() {
+            return Err(Error::input(format!(
+                "the prompt has {} tokens, which exceed the context length of {} tokens",
+                prompt.len(),
+                model.max_context()
+            )));
+        }
+        if req.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return Err(Error::input(format!("at most {MAX_TOP_LOGPROBS} top logprobs per token can be asked")));
+        }
+        let g = Generation {
+            tokens: Vec::new(),
+            content: String::new(),
+            reasoning: String::new(),
+            finish: Finish::Length,
+            prompt_tokens: prompt.len(),
+            reused_tokens: 0,
+            prefilled_tokens: 0,
+            completion_tokens: 0,
+            prefill_secs: 0.0,
+            decode_secs: 0.0,
+            decode_steps: 0,
+            think_budget_hit: false,
+            io_prefill: None,
+            io_decode: None,
+            logprobs: Vec::new(),
+            constraint_secs: 0.0,
+            constraint_steps: 0,
+        };
+        let io0 = io(model);
+        let t0 = Instant::now();
+        let (state, logits, reused) = match cache.lookup(&req.cache_scope, prompt) {
+            Some(r) => (r.state, r.logits, r.tokens),
+            None => (model.new_state(), Vec::new(), 0),
+        };
+        let tok = &engine.tokenizer;
+        let think_open = tok.token_to_id("<think>").filter(|_| req.split_reasoning);
+        let think_close = tok.token_to_id("</think>").filter(|_| req.split_reasoning);
+        let channel = match (think_open, think_close) {
+            (Some(o), Some(c)) if prompt_ends_in_thinking(prompt, o, c, tok.token_to_id("<|im_start|>")) => {
+                Channel::Reasoning
+            }
+            _ => Channel::Content,
+        };
+        let constraint = req.constraint.clone();
+        let close_tokens = match think_close {
+            Some(_) if constraint.is_some() => engine.encode(THINK_CLOSE_TEXT_CONSTRAINED)?,
+            Some(_) => engine.encode(THINK_CLOSE_TEXT)?,
+            None => Vec::new(),
+        };
+        let mut stop_ids = engine.stop_ids.clone();
+        stop_ids.extend(&req.extra_stop_ids);
+        let mut forced: VecDeque<u32> = VecDeque::new();
+        if let Some(f) = &req.forced {
+            forced.extend(f);
+            forced.push_back(
+                stop_ids.first().copied().ok_or_else(|| {
+                    Error::input("a scripted reply needs a stop token, and the model has no stop ids")
+                })?,
+            );
+        }
+        let out = Output::new(tok, &req.stop_strings, channel == Channel::Reasoning);
+        Ok(Stream {
+            engine,
+            phase: StreamPhase::Prefill,
+            g: Generation { reused_tokens: reused, ..g },
+            state,
+            logits,
+            done: reused,
+            t0,
+            t1: t0,
+            io0,
+            io1: None,
+            think_open,
+            think_close,
+            channel,
+            close_tokens,
+            stop_ids,
+            scripted: req.forced.is_some(),
+            forced,
+            out,
+            sampler: Sampler::new(req.sampling.clone()),
+            context: prompt.clone(),
+            fed: prompt.clone(),
+            think_tokens: 0,
+            constraint,
+            req,
+        })
     }
 
-    // Decode.
-    let tok = &engine.tokenizer;
-    let think_open = tok.token_to_id("<think>").filter(|_| req.split_reasoning);
-    let think_close = tok.token_to_id("</think>").filter(|_| req.split_reasoning);
-    let mut channel = match (think_open, think_close) {
-        (Some(o), Some(c)) if prompt_ends_in_thinking(prompt, o, c, tok.token_to_id("<|im_start|>")) => {
-            Channel::Reasoning
-        }
-        _ => Channel::Content,
-    };
-    let mut constraint = req.constraint.clone();
-    let close_tokens = match think_close {
-        Some(_) if constraint.is_some() => engine.encode(THINK_CLOSE_TEXT_CONSTRAINED)?,
-        Some(_) => engine.encode(THINK_CLOSE_TEXT)?,
-        None => Vec::new(),
-    };
-    let mut stop_ids = engine.stop_ids.clone();
-    stop_ids.extend(&req.extra_stop_ids);
-    let mut forced: VecDeque<u32> = VecDeque::new();
-    if let Some(f) = &req.forced {
-        forced.extend(f);
-        forced.push_back(
-            stop_ids
-                .first()
-                .copied()
-                .ok_or_else(|| Error::input("a scripted reply needs a stop token, and the model has no stop ids"))?,
-        );
+    /// True until the prompt is in (a prompt resumed whole from a snapshot still takes one
+    /// [`Stream::prefill_step`], which runs nothing).
+    pub fn prefilling(&self) -> bool {
+        self.phase == StreamPhase::Prefill
     }
-    let scripted = req.forced.is_some();
-    let mut out = Output::new(tok, &req.stop_strings, channel == Channel::Reasoning);
-    let mut sampler = Sampler::new(req.sampling.clone());
-    let mut context: Vec<u32> = prompt.clone();
-    let mut fed: Vec<u32> = prompt.clone();
-    let mut think_tokens = 0usize;
-    model.reset_timing();
-    let t1 = Instant::now();
-    'decode: while g.completion_tokens < req.max_tokens {
-        let id = match forced.pop_front() {
+
+    /// Prompt tokens left to prefill.
+    pub fn prefill_left(&self) -> usize {
+        if self.phase == StreamPhase::Prefill { self.req.prompt.len() - self.done } else { 0 }
+    }
+
+    /// Runs the next chunk (at most [`PREFILL_CHUNK`] tokens) of the prompt; after the last one
+    /// stores the prompt's snapshot in `cache` and gets ready to decode.
+    pub fn prefill_step(&mut self, cache: &mut PrefixCache) -> Result<()> {
+        if self.phase != StreamPhase::Prefill {
+            return Ok(());
+        }
+        let model = &self.engine.model;
+        let prompt = &self.req.prompt;
+        if self.done < prompt.len() {
+            let end = (self.done + PREFILL_CHUNK).min(prompt.len());
+            let want = if end == prompt.len() { LogitsFor::Last } else { LogitsFor::None };
+            self.logits = model.forward(&prompt[self.done..end], &mut self.state, want)?;
+            self.done = end;
+        }
+        if self.done == prompt.len() {
+            self.g.prefilled_tokens = prompt.len() - self.g.reused_tokens;
+            self.g.prefill_secs = self.t0.elapsed().as_secs_f64();
+            self.io1 = io(model);
+            self.g.io_prefill = self.io1.zip(self.io0).map(|(b, a)| b.since(&a));
+            if self.g.prefilled_tokens > 0 {
+                cache.insert(&self.req.cache_scope, prompt, &self.state, &self.logits);
+            }
+            model.reset_timing();
+            self.t1 = Instant::now();
+            self.phase = StreamPhase::Decode;
+        }
+        Ok(())
+    }
+
+    /// Stops the generation where it is (`Finish::Cancelled`).
+    pub fn cancel(&mut self) {
+        if self.phase == StreamPhase::Prefill {
+            self.g.prefill_secs = self.t0.elapsed().as_secs_f64();
+            self.g.prefilled_tokens = self.done - self.g.reused_tokens;
+        }
+        self.g.finish = Finish::Cancelled;
+        self.phase = StreamPhase::Ended;
+    }
+
+    /// True once the generation has ended (stop, limit, cancellation).
+    pub fn ended(&self) -> bool {
+        self.phase == StreamPhase::Ended
+    }
+
+    /// Picks the next token from the current logits (a scripted one, or sampled under the
+    /// request's constraint) and emits its text; `Some(id)` when `id` must now be fed to the
+    /// model, `None` when the generation has ended (stop token or string, constraint complete,
+    /// token limit, full context, or `on_piece` said stop).
+    pub fn next_token(
+        &mut self,
+        on_piece: &mut impl FnMut(Channel, &str) -> bool,
+        on_logprob: &mut impl FnMut(&TokenLogprob),
+    ) -> Result<Option<u32>> {
+        if self.phase != StreamPhase::Decode {
+            return Ok(None);
+        }
+        let r = self.choose(on_piece, on_logprob);
+        if !matches!(r, Ok(Some(_))) {
+            self.phase = StreamPhase::Ended;
+        }
+        r
+    }
+
+    fn choose(
+        &mut self,
+        on_piece: &mut impl FnMut(Channel, &str) -> bool,
+        on_logprob: &mut impl FnMut(&TokenLogprob),
+    ) -> Result<Option<u32>> {
+        let (req, g) = (&self.req, &mut self.g);
+        if g.completion_tokens >= req.max_tokens {
+            return Ok(None);
+        }
+        let id = match self.forced.pop_front() {
             Some(id) => id,
-            None if scripted => {
+            None if self.scripted => {
                 g.finish = Finish::Stop;
-                break;
+                return Ok(None);
             }
             None => {
+                let logits = &mut self.logits;
                 let raw = req.logprobs.map(|_| logits.clone());
-                match constraint.as_mut() {
-                    Some(c) if channel == Channel::Content => c.mask_logits(&mut logits).map_err(Error::input)?,
+                match self.constraint.as_mut() {
+                    Some(c) if self.channel == Channel::Content => c.mask_logits(logits).map_err(Error::input)?,
                     // Thinking is free, but must end before the reply does.
                     Some(_) => {
-                        for &s in &stop_ids {
+                        for &s in &self.stop_ids {
                             if let Some(l) = logits.get_mut(s as usize) {
                                 *l = f32::NEG_INFINITY;
                             }
@@ -450,9 +589,9 @@ pub(crate) fn generate(
                     }
                     None => {}
                 }
-                let id = sampler.sample(&mut logits, &context, &g.tokens);
+                let id = self.sampler.sample(logits, &self.context, &g.tokens);
                 if let (Some(raw), Some(n)) = (raw, req.logprobs)
-                    && !stop_ids.contains(&id)
+                    && !self.stop_ids.contains(&id)
                 {
                     let lp = token_logprob(&raw, id, n);
                     on_logprob(&lp);
@@ -462,70 +601,117 @@ pub(crate) fn generate(
             }
         };
         g.completion_tokens += 1;
-        if stop_ids.contains(&id) {
+        if self.stop_ids.contains(&id) {
             g.finish = Finish::Stop;
-            break;
+            return Ok(None);
         }
-        let constrained_token = !scripted && channel == Channel::Content && Some(id) != think_open;
-        if let Some(c) = constraint.as_mut().filter(|_| constrained_token) {
+        let constrained_token = !self.scripted && self.channel == Channel::Content && Some(id) != self.think_open;
+        if let Some(c) = self.constraint.as_mut().filter(|_| constrained_token) {
             c.accept(id).map_err(Error::input)?;
         }
         g.tokens.push(id);
-        context.push(id);
-        if Some(id) == think_open && channel == Channel::Content {
-            out.switch(&mut g, &mut on_piece, Channel::Reasoning)?;
-            channel = Channel::Reasoning;
-            think_tokens = 0;
-        } else if Some(id) == think_close && channel == Channel::Reasoning {
-            out.switch(&mut g, &mut on_piece, Channel::Content)?;
-            channel = Channel::Content;
+        self.context.push(id);
+        if Some(id) == self.think_open && self.channel == Channel::Content {
+            self.out.switch(g, on_piece, Channel::Reasoning)?;
+            self.channel = Channel::Reasoning;
+            self.think_tokens = 0;
+        } else if Some(id) == self.think_close && self.channel == Channel::Reasoning {
+            self.out.switch(g, on_piece, Channel::Content)?;
+            self.channel = Channel::Content;
         } else {
-            if channel == Channel::Reasoning {
-                think_tokens += 1;
+            if self.channel == Channel::Reasoning {
+                self.think_tokens += 1;
             }
-            if !out.push(&mut g, &mut on_piece, channel, id)? {
-                break 'decode;
+            if !self.out.push(g, on_piece, self.channel, id)? {
+                return Ok(None);
             }
         }
-        if constrained_token && constraint.as_ref().is_some_and(|c| c.is_finished()) {
+        if constrained_token && self.constraint.as_ref().is_some_and(|c| c.is_finished()) {
             g.finish = Finish::Stop;
-            break;
+            return Ok(None);
         }
-        if channel == Channel::Reasoning
-            && !scripted
-            && forced.is_empty()
-            && req.think_budget.is_some_and(|b| think_tokens >= b)
-            && !close_tokens.is_empty()
+        if self.channel == Channel::Reasoning
+            && !self.scripted
+            && self.forced.is_empty()
+            && req.think_budget.is_some_and(|b| self.think_tokens >= b)
+            && !self.close_tokens.is_empty()
         {
             g.think_budget_hit = true;
-            forced.extend(&close_tokens);
+            self.forced.extend(&self.close_tokens);
         }
         if g.completion_tokens >= req.max_tokens {
             g.finish = Finish::Length;
-            break;
+            return Ok(None);
         }
-        if state.pos >= model.max_context() {
+        if self.state.pos >= self.engine.model.max_context() {
             g.finish = Finish::Context;
-            break;
+            return Ok(None);
         }
-        if !keep_going() {
-            g.finish = Finish::Cancelled;
-            break;
+        Ok(Some(id))
+    }
+
+    /// Feeds `id` (what [`Stream::next_token`] returned) through the model alone.
+    pub fn feed(&mut self, id: u32) -> Result<()> {
+        self.engine.model.forward_into(&[id], &mut self.state, LogitsFor::Last, &mut self.logits)?;
+        self.fed_one(id);
+        Ok(())
+    }
+
+    fn fed_one(&mut self, id: u32) {
+        self.fed.push(id);
+        self.g.decode_steps += 1;
+    }
+
+    /// Ends the generation: flushes the text held back, stores the reply's snapshot in `cache`
+    /// and returns what was generated.
+    pub fn finish(
+        mut self,
+        cache: &mut PrefixCache,
+        on_piece: &mut impl FnMut(Channel, &str) -> bool,
+    ) -> Result<Generation> {
+        if self.phase == StreamPhase::Prefill && self.g.finish == Finish::Cancelled {
+            // Cancelled before the prompt was in: nothing was decoded, nothing to store.
+            return Ok(self.g);
         }
-        model.forward_into(&[id], &mut state, LogitsFor::Last, &mut logits)?;
-        fed.push(id);
-        g.decode_steps += 1;
+        if self.phase == StreamPhase::Prefill {
+            return Err(Error::input("a generation was finished before its prompt was prefilled"));
+        }
+        let g = &mut self.g;
+        g.decode_secs = self.t1.elapsed().as_secs_f64();
+        if let Some(c) = &self.constraint {
+            (g.constraint_secs, g.constraint_steps) = c.cost();
+        }
+        g.io_decode = io(&self.engine.model).zip(self.io1).map(|(b, a)| b.since(&a));
+        self.out.finish(g, on_piece, self.channel)?;
+        if self.fed.len() > self.req.prompt.len() && !self.logits.is_empty() {
+            cache.insert(&self.req.cache_scope, &self.fed, &self.state, &self.logits);
+        }
+        Ok(self.g)
     }
-    g.decode_secs = t1.elapsed().as_secs_f64();
-    if let Some(c) = &constraint {
-        (g.constraint_secs, g.constraint_steps) = c.cost();
+}
+
+/// Feeds the next token of several streams (`ids[i]`, from `streams[i].next_token`) through the
+/// model in one pass: each matrix and each routed expert is read once for all of them. Each
+/// stream's logits are its own row of the pass.
+pub fn feed_batch(streams: &mut [&mut Stream<'_>], ids: &[u32], logits: &mut Vec<f32>) -> Result<()> {
+    let Some(first) = streams.first() else { return Ok(()) };
+    let model = &first.engine.model;
+    if streams.len() == 1 {
+        return streams[0].feed(ids[0]);
     }
-    g.io_decode = io(model).zip(io1).map(|(b, a)| b.since(&a));
-    out.finish(&mut g, &mut on_piece, channel)?;
-    if fed.len() > prompt.len() && !logits.is_empty() {
-        cache.insert(&req.cache_scope, &fed, &state, &logits);
+    let mut states: Vec<&mut SequenceState> = streams.iter_mut().map(|s| &mut s.state).collect();
+    model.forward_batch(ids, &mut states, logits)?;
+    let v = model.config.vocab_size;
+    for (i, (s, &id)) in streams.iter_mut().zip(ids).enumerate() {
+        s.logits.clear();
+        s.logits.extend_from_slice(&logits[i * v..(i + 1) * v]);
+        s.fed_one(id);
     }
-    Ok(g)
+    Ok(())
+}
+
+fn io(m: &Model) -> Option<IoSnapshot> {
+    m.expert_store().map(|s| s.snapshot())
 }
 
 /// True when the prompt leaves the model inside a thinking block: the last `<think>` after the

@@ -22,6 +22,30 @@ pub fn forward<B: Backend>(
     state: &mut B::State,
     out: &mut Vec<f32>,
 ) -> Result<()> {
+    layer_loop(b, w, spec, |graph| b.run(spec, state, graph, out))
+}
+
+/// [`forward`] over the next token of several sequences at once (`spec.batch`, continuous
+/// batching): the same layer loop, run by `Backend::run_batch` with one state per sequence.
+pub fn forward_batch<B: Backend>(
+    b: &B,
+    w: &StageWeights<B::T>,
+    spec: &PassSpec<'_>,
+    states: &mut [&mut B::State],
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    layer_loop(b, w, spec, |graph| b.run_batch(spec, states, graph, out))
+}
+
+type Graph<'g, B> = dyn for<'p> FnMut(&mut <B as Backend>::Pass<'p>) -> Result<()> + 'g;
+
+/// Builds the stage's layer loop and hands it to `run` (which sets up a pass and calls it).
+fn layer_loop<B: Backend>(
+    b: &B,
+    w: &StageWeights<B::T>,
+    spec: &PassSpec<'_>,
+    run: impl FnOnce(&mut Graph<'_, B>) -> Result<()>,
+) -> Result<()> {
     let first = w.layers.first().ok_or_else(|| Error::input("the model has no layers"))?;
     if w.embed.is_some() != matches!(spec.input, PassInput::Embed) {
         return Err(Error::input("a pipeline stage needs either the embedding or the previous stage's output"));
@@ -71,5 +95,5 @@ pub fn forward<B: Backend>(
         }
         Ok(())
     };
-    b.run(spec, state, &mut graph, out)
+    run(&mut graph)
 }

@@ -175,6 +175,55 @@ fn layer_span(r: &std::ops::Range<usize>) -> String {
     format!("layers {}–{}", r.start, r.end - 1)
 }
 
+impl<B: Backend> Qwen35<B> {
+    /// Runs the stages in order through `pass` (stage index, stage, its pass spec, output), the
+    /// residual stream handed from each to the next.
+    fn run_stages(
+        &self,
+        spec: &PassSpec<'_>,
+        out: &mut Vec<f32>,
+        mut pass: impl FnMut(usize, &Stage<B>, &PassSpec<'_>, &mut Vec<f32>) -> Result<()>,
+    ) -> Result<()> {
+        // The residual stream ([t, hidden] floats: 16 KiB a decode token at hidden 4096) goes
+        // from one stage to the next device to device when the backends can (CUDA: a peer copy
+        // ordered by events, no host wait), else through host memory.
+        let on_device = self.stages.windows(2).all(|p| p[0].backend.can_hand_over(&p[1].backend));
+        let floats = spec.tokens.len() * self.config.hidden_size;
+        let (mut hand, mut next) = (Vec::new(), Vec::new());
+        let last = self.stages.len() - 1;
+        for (i, s) in self.stages.iter().enumerate() {
+            let hooks = StageHooks { inner: spec.hooks, first: s.range.start };
+            let sub = PassSpec {
+                cfg: &s.config,
+                want: if i == last { spec.want } else { LogitsFor::None },
+                hooks: &hooks,
+                input: match i {
+                    0 => PassInput::Embed,
+                    _ if on_device => PassInput::HiddenOnDevice,
+                    _ => PassInput::Hidden(&hand),
+                },
+                output: match i {
+                    _ if i == last => PassOutput::Logits,
+                    _ if on_device => PassOutput::HiddenOnDevice,
+                    _ => PassOutput::Hidden,
+                },
+                ..*spec
+            };
+            if i == last {
+                pass(i, s, &sub, out)?;
+            } else {
+                pass(i, s, &sub, &mut next)?;
+                if on_device {
+                    s.backend.hand_over(&self.stages[i + 1].backend, floats)?;
+                } else {
+                    std::mem::swap(&mut hand, &mut next);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl<B: Backend> PlacedModel for Qwen35<B> {
     fn config(&self) -> &ModelConfig {
         &self.config
@@ -207,43 +256,32 @@ impl<B: Backend> PlacedModel for Qwen35<B> {
         if let ([s], [st]) = (&self.stages[..], &mut states.0[..]) {
             return forward::forward(&s.backend, &s.weights, spec, st, out);
         }
-        // The residual stream ([t, hidden] floats: 16 KiB a decode token at hidden 4096) goes
-        // from one stage to the next device to device when the backends can (CUDA: a peer copy
-        // ordered by events, no host wait), else through host memory.
-        let on_device = self.stages.windows(2).all(|p| p[0].backend.can_hand_over(&p[1].backend));
-        let floats = spec.tokens.len() * self.config.hidden_size;
-        let (mut hand, mut next) = (Vec::new(), Vec::new());
-        let last = self.stages.len() - 1;
-        for (i, (s, st)) in self.stages.iter().zip(states.0.iter_mut()).enumerate() {
-            let hooks = StageHooks { inner: spec.hooks, first: s.range.start };
-            let sub = PassSpec {
-                cfg: &s.config,
-                want: if i == last { spec.want } else { LogitsFor::None },
-                hooks: &hooks,
-                input: match i {
-                    0 => PassInput::Embed,
-                    _ if on_device => PassInput::HiddenOnDevice,
-                    _ => PassInput::Hidden(&hand),
-                },
-                output: match i {
-                    _ if i == last => PassOutput::Logits,
-                    _ if on_device => PassOutput::HiddenOnDevice,
-                    _ => PassOutput::Hidden,
-                },
-                ..*spec
-            };
-            if i == last {
-                forward::forward(&s.backend, &s.weights, &sub, st, out)?;
-            } else {
-                forward::forward(&s.backend, &s.weights, &sub, st, &mut next)?;
-                if on_device {
-                    s.backend.hand_over(&self.stages[i + 1].backend, floats)?;
-                } else {
-                    std::mem::swap(&mut hand, &mut next);
-                }
-            }
+        self.run_stages(spec, out, |i, s, sub, o| forward::forward(&s.backend, &s.weights, sub, &mut states.0[i], o))
+    }
+
+    fn can_batch(&self) -> bool {
+        self.stages.iter().all(|s| s.backend.can_batch())
+    }
+
+    fn forward_batch(
+        &self,
+        spec: &PassSpec<'_>,
+        states: &mut [&mut (dyn AnyState + 'static)],
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        if !self.can_batch() {
+            return Err(Error::input(format!("{} cannot run several sequences in one pass", self.describe())));
         }
-        Ok(())
+        let n = self.stages.len();
+        let mut typed = Vec::with_capacity(states.len());
+        for s in states.iter_mut() {
+            let st = s.as_any_mut().downcast_mut::<StageStates<B::State>>().filter(|s| s.0.len() == n);
+            typed.push(st.ok_or_else(|| Error::input("a sequence state of the batch belongs to another placement"))?);
+        }
+        self.run_stages(spec, out, |i, s, sub, o| {
+            let mut per: Vec<&mut B::State> = typed.iter_mut().map(|t| &mut t.0[i]).collect();
+            forward::forward_batch(&s.backend, &s.weights, sub, &mut per, o)
+        })
     }
 
     fn host_weights(&self) -> &dyn std::any::Any {
