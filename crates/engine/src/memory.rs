@@ -153,7 +153,7 @@ fn fit_at(dir: &Path, ram: u64, gpu: Option<u64>, baseline: u64) -> Result<Fit> 
         return Ok(Fit::AllOnGpu);
     }
     let k = f.config.experts_per_token;
-    match plan_at(&f, dir, ram, FIT_CONTEXT, k, 512, 1, 8, baseline) {
+    match plan_at(&f, dir, ram, Sequences::one(FIT_CONTEXT), k, 512, 1, 8, baseline) {
         Ok(p) if p.ram_cache >= p.experts_on_disk => Ok(Fit::ExpertsInRam),
         Ok(p) => Ok(Fit::Streamed { ram_cache: p.ram_cache, experts: p.experts_on_disk }),
         Err(Error::Input(msg)) => Ok(Fit::DoesNotFit(msg)),
@@ -174,18 +174,33 @@ pub fn total_ram_bytes() -> Option<u64> {
         .map(|kb| kb * 1024)
 }
 
+/// The sequences a command keeps states for at once: `count` (a server's batch) of up to
+/// `tokens` each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sequences {
+    pub count: usize,
+    pub tokens: usize,
+}
+
+impl Sequences {
+    /// One sequence of `tokens`.
+    pub fn one(tokens: usize) -> Self {
+        Sequences { count: 1, tokens }
+    }
+}
+
 /// Plans a model under `budget` bytes. `fetch_chunk` is the most expert buffers fetched at
 /// once; `batch_tokens` the largest batch (prompt) processed at once.
 pub fn plan(
     dir: &Path,
     budget: u64,
-    context_tokens: usize,
+    seqs: Sequences,
     fetch_chunk: usize,
     batch_tokens: usize,
     logits_rows: usize,
     io_threads: usize,
 ) -> Result<MemoryPlan> {
-    plan_footprint(&footprint(dir)?, dir, budget, context_tokens, fetch_chunk, batch_tokens, logits_rows, io_threads)
+    plan_footprint(&footprint(dir)?, dir, budget, seqs, fetch_chunk, batch_tokens, logits_rows, io_threads)
 }
 
 /// `plan` for a footprint already read (`dir` names the model in the error).
@@ -194,13 +209,13 @@ pub fn plan_footprint(
     f: &Footprint,
     dir: &Path,
     budget: u64,
-    context_tokens: usize,
+    seqs: Sequences,
     fetch_chunk: usize,
     batch_tokens: usize,
     logits_rows: usize,
     io_threads: usize,
 ) -> Result<MemoryPlan> {
-    plan_at(f, dir, budget, context_tokens, fetch_chunk, batch_tokens, logits_rows, io_threads, current_rss_bytes())
+    plan_at(f, dir, budget, seqs, fetch_chunk, batch_tokens, logits_rows, io_threads, current_rss_bytes())
 }
 
 /// The plan for a process that already holds `baseline` bytes.
@@ -209,7 +224,7 @@ fn plan_at(
     f: &Footprint,
     dir: &Path,
     budget: u64,
-    context_tokens: usize,
+    seqs: Sequences,
     fetch_chunk: usize,
     batch_tokens: usize,
     logits_rows: usize,
@@ -231,11 +246,15 @@ fn plan_at(
         // a whole window for `ppl` and `logits` (`LogitsFor::All`).
         .saturating_add((logits_rows.max(2) as u64).saturating_mul(c.vocab_size as u64 * 4))
         .saturating_add(16 << 20);
-    let state = state_bytes(c, context_tokens);
+    let state = state_bytes(c, seqs.tokens).saturating_mul(seqs.count as u64);
+    let states = match seqs.count {
+        1 => format!("state for {} tokens", seqs.tokens),
+        n => format!("states of {n} sequences of {} tokens", seqs.tokens),
+    };
     let fixed = non_expert.saturating_add(state).saturating_add(buffers).saturating_add(baseline);
     if fixed > budget {
         return Err(Error::input(format!(
-            "memory budget {} is too small for {}: non-expert weights {} + state for {context_tokens} tokens {} + buffers {} + process {} = {} before any expert cache",
+            "memory budget {} is too small for {}: non-expert weights {} + {states} {} + buffers {} + process {} = {} before any expert cache",
             fmt(budget),
             dir.display(),
             fmt(non_expert),
@@ -325,7 +344,7 @@ pub fn split_layers(layers: &[u64], head: u64, tail: u64, room: &[u64]) -> Resul
 mod tests {
     #[test]
     fn fit_follows_the_plan_from_gpu_to_ram_to_disk() {
-        use super::{FIT_CONTEXT, Fit, fit, fit_at, footprint, plan_at};
+        use super::{FIT_CONTEXT, Fit, Sequences, fit, fit_at, footprint, plan_at};
         let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/models/qwen35-moe-tiny");
         assert_eq!(fit(&dir, 1 << 40, Some(1 << 40)).unwrap(), Fit::AllOnGpu);
         assert_eq!(fit(&dir, 1 << 40, None).unwrap(), Fit::ExpertsInRam);
@@ -335,7 +354,8 @@ mod tests {
         // test thread loads a library (the CUDA driver did, on the GPU machine).
         let baseline = 100 << 20;
         let k = crate::ModelConfig::load(&dir).unwrap().experts_per_token;
-        let p = plan_at(&footprint(&dir).unwrap(), &dir, 1 << 40, FIT_CONTEXT, k, 512, 1, 8, baseline).unwrap();
+        let p = plan_at(&footprint(&dir).unwrap(), &dir, 1 << 40, Sequences::one(FIT_CONTEXT), k, 512, 1, 8, baseline)
+            .unwrap();
         let resident = p.non_expert + p.state + p.buffers + p.baseline;
         let step = 64 << 10;
         let mut seen = Vec::new();

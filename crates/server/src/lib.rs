@@ -84,7 +84,14 @@ pub struct ServerConfig {
     pub header_timeout: std::time::Duration,
     /// A request whose body sends no data for this long fails (its connection is closed).
     pub body_timeout: std::time::Duration,
+    /// Requests generated at once (continuous batching, `flashmoe::batch`); more wait queued.
+    pub max_batch: usize,
 }
+
+/// Default of [`ServerConfig::max_batch`].
+pub const DEFAULT_MAX_BATCH: usize = 8;
+/// Largest [`ServerConfig::max_batch`] accepted.
+pub const MAX_BATCH_LIMIT: usize = 256;
 
 /// Default of [`ServerConfig::max_connections`]: well below the usual 1024-descriptor limit,
 /// which the model files and the expert store share.
@@ -112,6 +119,7 @@ impl ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             header_timeout: DEFAULT_IO_TIMEOUT,
             body_timeout: DEFAULT_IO_TIMEOUT,
+            max_batch: DEFAULT_MAX_BATCH,
         }
     }
 }
@@ -403,7 +411,17 @@ async fn prepare(cfg: ServerConfig) -> Result<Prepared> {
     });
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(worker::WorkerHealth::default());
-    let queue = worker::start(engine.clone(), cfg.state_cache_bytes, script, metrics.clone(), health.clone())?;
+    let max_batch = if engine.model.can_batch() { cfg.max_batch } else { 1 };
+    if max_batch < cfg.max_batch {
+        tracing::info!(
+            "requests run one at a time: this placement ({}) cannot batch sequences",
+            engine.model.device_description()
+        );
+    } else {
+        tracing::info!("continuous batching: up to {max_batch} requests decode together (--max-batch)");
+    }
+    let queue =
+        worker::start(engine.clone(), cfg.state_cache_bytes, max_batch, script, metrics.clone(), health.clone())?;
     let engine_device = engine.model.device_description();
     let addr: SocketAddr = format!("{}:{}", cfg.host, cfg.port)
         .parse()

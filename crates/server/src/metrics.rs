@@ -33,6 +33,10 @@ pub struct Metrics {
     active: AtomicI64,
     cancelled: AtomicU64,
     failed: AtomicU64,
+    /// Requests being generated (the batch), decode passes run and the rows they carried.
+    in_flight: AtomicI64,
+    decode_passes: AtomicU64,
+    decode_rows: AtomicU64,
 }
 
 impl Metrics {
@@ -61,6 +65,16 @@ impl Metrics {
     /// Whether the worker is running a generation now.
     pub fn active(&self) -> bool {
         self.active.load(Relaxed) > 0
+    }
+
+    /// After a round of the batch: `decoded` requests got a token in one pass; `in_flight`
+    /// requests are being generated.
+    pub fn round(&self, decoded: usize, in_flight: usize) {
+        if decoded > 0 {
+            self.decode_passes.fetch_add(1, Relaxed);
+            self.decode_rows.fetch_add(decoded as u64, Relaxed);
+        }
+        self.in_flight.store(in_flight as i64, Relaxed);
     }
 
     pub fn cancelled(&self) {
@@ -182,6 +196,24 @@ impl Metrics {
             "gauge",
             "1 while the engine is generating.",
             one(self.active.load(Relaxed) as f64),
+        );
+        metric(
+            "requests_in_flight",
+            "gauge",
+            "Requests being generated together.",
+            one(self.in_flight.load(Relaxed) as f64),
+        );
+        metric(
+            "decode_passes_total",
+            "counter",
+            "Decode forward passes (each carries the next token of every request in flight).",
+            one(self.decode_passes.load(Relaxed) as f64),
+        );
+        metric(
+            "decode_rows_total",
+            "counter",
+            "Tokens decoded by those passes (rows / passes = the mean batch).",
+            one(self.decode_rows.load(Relaxed) as f64),
         );
         metric("state_cache_hits_total", "counter", "Prompts resumed from a saved state.", one(t.cache.hits as f64));
         metric("state_cache_misses_total", "counter", "Prompts prefilled from scratch.", one(t.cache.misses as f64));

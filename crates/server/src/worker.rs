@@ -1,18 +1,21 @@
-//! The engine's one worker thread: takes jobs from a queue, runs them through a
-//! [`Session`](flashmoe::session::Session) (state reuse included) and sends the pieces back over a
-//! channel per job. A job stops before its next forward step once its receiver is gone (the
-//! client disconnected) or its cancel flag is set.
+//! The engine's one worker thread: takes jobs from a queue and generates them together, up to
+//! `max_batch` at a time, through a [`Batcher`] (continuous batching: each round one prefill
+//! chunk of one request, then one forward pass with the next token of every decoding request;
+//! state reuse included), sending the pieces back over a channel per job. A job joins at the next
+//! round and stops before its next forward step once its receiver is gone (the client
+//! disconnected) or its cancel flag is set; the others go on.
 //!
-//! A panic inside a job (a bug in the engine) is caught: that request is answered with a 500
-//! naming the panic, the session's saved states are dropped (they may be half-written), a one-token
-//! probe checks the engine still computes, and the worker goes on. If the probe fails the engine
-//! is unusable: [`WorkerHealth`] says so (`/health` answers 503), every queued and later job fails
-//! at once, and the server shuts down so that the process exits non-zero.
+//! A panic inside a round (a bug in the engine) is caught: the requests in flight are answered
+//! with a 500 naming the panic, the saved states are dropped (they may be half-written), a
+//! one-token probe checks the engine still computes, and the worker goes on. If the probe fails
+//! the engine is unusable: [`WorkerHealth`] says so (`/health` answers 503), every queued and
+//! later job fails at once, and the server shuts down so that the process exits non-zero.
 
 use crate::metrics::Metrics;
 use anyhow::{Context, Result, bail};
+use flashmoe::batch::{Batcher, Sink};
 use flashmoe::generate::Engine;
-use flashmoe::session::{Channel, Finish, GenerateRequest, Generation, Session};
+use flashmoe::session::{Channel, Finish, GenerateRequest, Generation};
 use flashmoe_text::TokenLogprob;
 use serde_json::Value as Json;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -181,6 +184,7 @@ impl Queue {
 pub fn start(
     engine: Arc<Engine>,
     cache_bytes: usize,
+    max_batch: usize,
     script: Option<Script>,
     metrics: Arc<Metrics>,
     health: Arc<WorkerHealth>,
@@ -189,7 +193,7 @@ pub fn start(
     let m = metrics.clone();
     std::thread::Builder::new()
         .name("flashmoe-engine".into())
-        .spawn(move || run(&engine, cache_bytes, script, rx, &m, &health))
+        .spawn(move || run(&engine, cache_bytes, max_batch, script, rx, &m, &health))
         .context("starting the engine thread")?;
     Ok(Queue { tx: std::sync::Mutex::new(tx), metrics })
 }
@@ -218,109 +222,171 @@ fn probe(engine: &Engine) -> std::result::Result<(), String> {
     }
 }
 
+/// A job in the batch: where its output goes, and what the fault injection asks of it.
+struct JobSink {
+    request: u64,
+    endpoint: &'static str,
+    cancel: Arc<AtomicBool>,
+    tx: UnboundedSender<Ev>,
+    /// Scripted fault: panic at the first piece of text.
+    panic: Option<String>,
+    /// Scripted fault: the probe after that panic fails.
+    unusable: bool,
+    t0: std::time::Instant,
+}
+
+impl Sink for JobSink {
+    fn keep_going(&mut self) -> bool {
+        !(self.tx.is_closed() || self.cancel.load(Ordering::Relaxed))
+    }
+    fn piece(&mut self, ch: Channel, text: &str) -> bool {
+        if let Some(msg) = &self.panic {
+            panic!("{msg}");
+        }
+        self.tx.send(Ev::Piece(ch, text.to_string())).is_ok()
+    }
+    fn logprob(&mut self, lp: &TokenLogprob) {
+        let _ = self.tx.send(Ev::Logprob(lp.clone()));
+    }
+}
+
 fn run(
     engine: &Engine,
     cache_bytes: usize,
+    max_batch: usize,
     mut script: Option<Script>,
     rx: mpsc::Receiver<Job>,
     m: &Metrics,
     health: &WorkerHealth,
 ) {
-    let mut session = Session::new(engine, cache_bytes);
-    m.set_cache(session.cache.stats(), session.cache.bytes(), session.cache.len(), cache_bytes);
+    let mut batch: Batcher<'_, JobSink> = Batcher::new(engine, cache_bytes, max_batch);
+    m.set_cache(batch.cache.stats(), batch.cache.bytes(), batch.cache.len(), cache_bytes);
     let mut request = 0u64;
-    while let Ok(mut job) = rx.recv() {
-        m.queued(-1);
-        request += 1;
-        if let Some(why) = health.failure() {
-            let _ = job.tx.send(Ev::Failed(format!("the engine is unusable ({why}); the server is shutting down")));
-            continue;
-        }
-        let gone = |j: &Job| j.tx.is_closed() || j.cancel.load(Ordering::Relaxed);
-        if gone(&job) {
-            m.cancelled();
-            tracing::info!(request, endpoint = %job.endpoint, "cancelled while queued (client gone)");
-            continue;
-        }
-        let _ = job.tx.send(Ev::Started);
-        let mut injected: Option<Reply> = None;
-        if let Some(s) = script.as_mut() {
-            let reply = s.pick(&job.script_key);
-            let encoded = engine.encode(&reply.text);
-            injected = Some(reply).filter(|r| r.panic.is_some());
-            match encoded {
-                Ok(ids) => job.req.forced = Some(ids),
-                Err(e) => {
-                    let _ = job.tx.send(Ev::Failed(format!("tokenizing the scripted reply: {e}")));
-                    continue;
-                }
+    loop {
+        // Idle: wait for a job. Busy: take what is queued, up to the batch's room.
+        let mut incoming = Vec::new();
+        if batch.is_empty() {
+            match rx.recv() {
+                Ok(job) => incoming.push(job),
+                Err(_) => return,
             }
         }
+        while batch.len() + incoming.len() < batch.max_batch() {
+            match rx.try_recv() {
+                Ok(job) => incoming.push(job),
+                Err(_) => break,
+            }
+        }
+        for job in incoming {
+            request += 1;
+            admit(engine, &mut batch, &mut script, job, request, m, health);
+        }
+        if batch.is_empty() {
+            continue;
+        }
         m.set_active(true);
-        let t0 = std::time::Instant::now();
-        let tx = &job.tx;
-        let cancel = &job.cancel;
-        let injected_panic = injected.as_ref().and_then(|r| r.panic.clone());
-        let outcome = catch_unwind(AssertUnwindSafe(|| {
-            session.generate_with_logprobs(
-                &job.req,
-                || !(tx.is_closed() || cancel.load(Ordering::Relaxed)),
-                |ch, text| {
-                    if let Some(msg) = &injected_panic {
-                        panic!("{msg}");
+        let outcome = catch_unwind(AssertUnwindSafe(|| batch.step()));
+        match outcome {
+            Ok((round, ended)) => {
+                m.round(round.decoded, batch.len());
+                for (sink, result) in ended {
+                    match result {
+                        Ok(g) => {
+                            m.record(&g);
+                            log_request(sink.request, sink.endpoint, &g, sink.t0.elapsed().as_secs_f64());
+                            let _ = sink.tx.send(Ev::Done(Box::new(g)));
+                        }
+                        Err(e) => {
+                            m.failed();
+                            tracing::warn!(request = sink.request, endpoint = %sink.endpoint, "failed: {e}");
+                            let _ = sink.tx.send(Ev::Failed(e.to_string()));
+                        }
                     }
-                    tx.send(Ev::Piece(ch, text.to_string())).is_ok()
-                },
-                |lp| {
-                    let _ = tx.send(Ev::Logprob(lp.clone()));
-                },
-            )
-        }));
-        m.set_active(false);
-        let result = match outcome {
-            Ok(r) => r,
+                }
+            }
             Err(payload) => {
                 let msg = panic_message(payload.as_ref());
-                m.failed();
-                tracing::error!(request, endpoint = %job.endpoint, "the engine panicked: {msg}");
                 // Saved states may have been half-written when it unwound: start afresh.
-                session = Session::new(engine, cache_bytes);
-                let c = &session.cache;
-                m.set_cache(c.stats(), c.bytes(), c.len(), c.max_bytes());
-                let probed = if injected.as_ref().is_some_and(|r| r.unusable) {
+                let sinks = batch.abort_all();
+                let probed = if sinks.iter().any(|s| s.unusable && s.panic.is_some()) {
                     Err("the scripted fault made the engine unusable (test harness)".to_string())
                 } else {
                     probe(engine)
                 };
-                let _ = job.tx.send(Ev::Failed(format!(
-                    "internal error: the engine panicked while generating this reply ({msg}); {}",
-                    if probed.is_ok() {
-                        "its state was reset and the server goes on serving"
-                    } else {
-                        "the engine is unusable and the server is shutting down"
-                    }
-                )));
+                for sink in sinks {
+                    m.failed();
+                    tracing::error!(request = sink.request, endpoint = %sink.endpoint, "the engine panicked: {msg}");
+                    let _ = sink.tx.send(Ev::Failed(format!(
+                        "internal error: the engine panicked while generating this reply ({msg}); {}",
+                        if probed.is_ok() {
+                            "its state was reset and the server goes on serving"
+                        } else {
+                            "the engine is unusable and the server is shutting down"
+                        }
+                    )));
+                }
                 if let Err(why) = probed {
                     tracing::error!("the engine is unusable after a panic: {why}; shutting down");
                     health.fail(format!("after a panic ({msg}): {why}"));
                 }
-                continue;
-            }
-        };
-        let c = &session.cache;
-        m.set_cache(c.stats(), c.bytes(), c.len(), c.max_bytes());
-        match result {
-            Ok(g) => {
-                m.record(&g);
-                log_request(request, job.endpoint, &g, t0.elapsed().as_secs_f64());
-                let _ = job.tx.send(Ev::Done(Box::new(g)));
-            }
-            Err(e) => {
-                m.failed();
-                tracing::warn!(request, endpoint = %job.endpoint, "failed: {e}");
-                let _ = job.tx.send(Ev::Failed(e.to_string()));
             }
         }
+        m.set_active(!batch.is_empty());
+        if batch.is_empty() {
+            m.round(0, 0);
+        }
+        let c = &batch.cache;
+        m.set_cache(c.stats(), c.bytes(), c.len(), c.max_bytes());
+    }
+}
+
+/// A job leaving the queue: refused when the engine is unusable or the client is gone; else
+/// given its scripted reply (test harness) and started in the batch.
+fn admit(
+    engine: &Engine,
+    batch: &mut Batcher<'_, JobSink>,
+    script: &mut Option<Script>,
+    mut job: Job,
+    request: u64,
+    m: &Metrics,
+    health: &WorkerHealth,
+) {
+    m.queued(-1);
+    if let Some(why) = health.failure() {
+        let _ = job.tx.send(Ev::Failed(format!("the engine is unusable ({why}); the server is shutting down")));
+        return;
+    }
+    if job.tx.is_closed() || job.cancel.load(Ordering::Relaxed) {
+        m.cancelled();
+        tracing::info!(request, endpoint = %job.endpoint, "cancelled while queued (client gone)");
+        return;
+    }
+    let _ = job.tx.send(Ev::Started);
+    let mut fault: Option<Reply> = None;
+    if let Some(s) = script.as_mut() {
+        let reply = s.pick(&job.script_key);
+        match engine.encode(&reply.text) {
+            Ok(ids) => job.req.forced = Some(ids),
+            Err(e) => {
+                let _ = job.tx.send(Ev::Failed(format!("tokenizing the scripted reply: {e}")));
+                return;
+            }
+        }
+        fault = Some(reply).filter(|r| r.panic.is_some());
+    }
+    let sink = JobSink {
+        request,
+        endpoint: job.endpoint,
+        cancel: job.cancel,
+        tx: job.tx,
+        panic: fault.as_ref().and_then(|r| r.panic.clone()),
+        unusable: fault.is_some_and(|r| r.unusable),
+        t0: std::time::Instant::now(),
+    };
+    if let Err((sink, e)) = batch.admit(job.req, sink) {
+        m.failed();
+        tracing::warn!(request, endpoint = %sink.endpoint, "failed: {e}");
+        let _ = sink.tx.send(Ev::Failed(e.to_string()));
     }
 }
 

@@ -52,6 +52,8 @@ pub struct Plan {
     pub batch_tokens: usize,
     /// Rows of logits held at once: 1 when generating, the window for `ppl`, every id for `logits`.
     pub logits_rows: usize,
+    /// Sequences whose states are held at once (a server's batch; 1 otherwise).
+    pub sequences: usize,
 }
 
 impl StoreArgs {
@@ -82,7 +84,7 @@ impl StoreArgs {
             let plan = flashmoe::memory::plan(
                 dir,
                 budget,
-                plan.context_tokens,
+                flashmoe::memory::Sequences { count: plan.sequences.max(1), tokens: plan.context_tokens },
                 chunk,
                 plan.batch_tokens,
                 plan.logits_rows,

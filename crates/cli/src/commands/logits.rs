@@ -50,8 +50,12 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
 pub fn run(a: LogitsArgs) -> Result<()> {
     let ids = parse_ids(&a.ids)?;
     let dir = &a.model.dir()?;
-    let plan =
-        Plan { context_tokens: ids.len(), batch_tokens: if a.decode { 1 } else { ids.len() }, logits_rows: ids.len() };
+    let plan = Plan {
+        context_tokens: ids.len(),
+        batch_tokens: if a.decode { 1 } else { ids.len() },
+        logits_rows: ids.len(),
+        sequences: 1,
+    };
     let opts = args::load_options(dir, &a.store, &a.device, &a.engine, plan)?;
     let model = Model::load_with(dir, &opts)?;
     print_device(&model);

@@ -40,7 +40,7 @@ pub struct PplArgs {
 pub fn run(a: PplArgs) -> Result<()> {
     let text = flashmoe_text::file::read_text(&a.file).map_err(|e| anyhow!("{}: {e}", a.file.display()))?;
     let dir = &a.model.dir()?;
-    let plan = Plan { context_tokens: a.window, batch_tokens: a.window, logits_rows: a.window };
+    let plan = Plan { context_tokens: a.window, batch_tokens: a.window, logits_rows: a.window, sequences: 1 };
     let mut opts = args::load_options(dir, &a.store, &a.device, &a.engine, plan)?;
     a.trace.apply(&mut opts);
     let engine = crate::util::loading(dir, || Engine::load_with(dir, &opts))?;

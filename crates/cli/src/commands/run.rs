@@ -71,7 +71,8 @@ pub fn run(mut a: RunArgs) -> Result<()> {
             .saturating_add(64)
             .saturating_add(max_tokens),
     );
-    let plan = Plan { context_tokens: context, batch_tokens: a.prompt.len().saturating_add(64), logits_rows: 1 };
+    let plan =
+        Plan { context_tokens: context, batch_tokens: a.prompt.len().saturating_add(64), logits_rows: 1, sequences: 1 };
     let mut opts = args::load_options(model_path, &a.store, &a.device, &a.engine, plan)?;
     opts.timing = a.timing;
     a.trace.apply(&mut opts);

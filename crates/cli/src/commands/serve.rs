@@ -81,6 +81,12 @@ pub struct ServerArgs {
     /// Fail a request whose body sends no data for this long.
     #[arg(long, default_value = "30s", value_name = "DURATION")]
     body_timeout: String,
+    /// Requests generated at once (continuous batching): their decode steps run as one forward
+    /// pass, so each weight and each routed expert is read once per step for all of them. More
+    /// requests wait in the queue. Each one holds its own sequence state (the memory plan of
+    /// --memory-budget counts N). 1 runs requests one after another.
+    #[arg(long, default_value_t = flashmoe_server::DEFAULT_MAX_BATCH, value_name = "N")]
+    max_batch: usize,
     /// Close thinking after N tokens (`</think>` inserted) when a request sets no budget.
     #[arg(long)]
     think_budget: Option<usize>,
@@ -128,11 +134,21 @@ pub fn config(
         bail!("--max-connections must be at least 1");
     }
     cfg.max_connections = a.max_connections;
+    if !(1..=flashmoe_server::MAX_BATCH_LIMIT).contains(&a.max_batch) {
+        bail!("--max-batch must be between 1 and {}", flashmoe_server::MAX_BATCH_LIMIT);
+    }
+    cfg.max_batch = a.max_batch;
     cfg.header_timeout = parse_duration("--header-timeout", &a.header_timeout)?;
     cfg.body_timeout = parse_duration("--body-timeout", &a.body_timeout)?;
     cfg.scripted_replies = a.scripted_replies;
     let context = engine.max_context.unwrap_or(PLAN_CONTEXT);
-    let plan = Plan { context_tokens: context, batch_tokens: context, logits_rows: 1 };
+    // Each request of a batch holds a state and a row of logits (plus the pass's own rows).
+    let plan = Plan {
+        context_tokens: context,
+        batch_tokens: context,
+        logits_rows: 2 * cfg.max_batch,
+        sequences: cfg.max_batch,
+    };
     // The plan goes into the server's start-up block (logged) instead of a line of its own.
     let (load, memory_plan) = args::load_options_and_plan(&model.path, store, device, engine, plan)?;
     cfg.load = load;
