@@ -1,5 +1,5 @@
 //! Continuous batching: requests generated together give what each gives alone (greedy), a
-//! batched pass's logits are each sequence's own, requests join and leave at any round, and
+//! batched pass's logits are bit for bit each sequence's own, requests join and leave at any round, and
 //! cancellation is per request.
 
 use flashmoe::LogitsFor;
@@ -129,10 +129,11 @@ fn a_batched_pass_gives_each_sequence_its_own_logits() {
     m.forward_batch(&next, &mut refs, &mut logits).unwrap();
     assert_eq!(logits.len(), 3 * v);
     for (i, s) in solo.iter().enumerate() {
+        // Up to flashmoe_kernels::SMALL_BATCH rows every product runs the one-row kernel per
+        // row: the very same numbers as the sequence alone.
         let row = &logits[i * v..(i + 1) * v];
-        let max = s.iter().fold(0f32, |a, x| a.max(x.abs()));
-        let err = row.iter().zip(s).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-        assert!(err <= 1e-5 * max, "sequence {i}: max |Δ| {err} against max |logit| {max}");
+        let differ = row.iter().zip(s).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        assert_eq!(differ, 0, "sequence {i}: {differ} logits differ from the solo pass");
         assert_eq!(argmax(row), argmax(s));
     }
     for (s, p) in states.iter().zip(&prompts) {

@@ -439,6 +439,10 @@ pub fn matmul_at(level: SimdLevel, m: &MatRef, x: &[f32], n: usize, y: &mut [f32
     if n == 0 || rows == 0 {
         return;
     }
+    if small_batch(m, n) {
+        let mut job = [MatJob { m: *m, x, n, y }];
+        return matmul_batch_at(level, &mut job);
+    }
     if cols == 0 {
         y.fill(0.0);
         return;
@@ -533,6 +537,29 @@ pub fn matmul_batch(jobs: &mut [MatJob]) {
     matmul_batch_at(cpu_features::detected(), jobs);
 }
 
+/// Inputs up to which a matrix product runs as one matvec per input over each block of rows,
+/// rather than dequantizing tiles for a matmul: the weights are read from memory once (a block
+/// stays in cache for the next input), the arithmetic per input is the one-input kernel's —
+/// so a row of a decode batch gets exactly the numbers it gets alone — and for a few inputs
+/// it is faster than dequantizing. GGUF blocks keep their own matmul.
+pub const SMALL_BATCH: usize = 8;
+
+/// Weight bytes a task of a small batch covers at most (fits a core's L2 with room to spare).
+const SMALL_BATCH_BLOCK_BYTES: usize = 256 << 10;
+
+/// Bytes of one row of weights (codes, or values; scales and biases left out).
+fn weight_bytes_per_row(m: &MatRef) -> usize {
+    match m.data {
+        MatData::Float { data, .. } | MatData::Affine { weight: data, .. } | MatData::Ggml { data, .. } => {
+            data.len() / m.rows.max(1)
+        }
+    }
+}
+
+fn small_batch(m: &MatRef, n: usize) -> bool {
+    (2..=SMALL_BATCH).contains(&n) && !matches!(m.data, MatData::Ggml { .. })
+}
+
 /// Input prepared once for the affine matvec jobs of a batch that share one x and one layout.
 struct AffineInput {
     /// (x address, x length, bits, group size, kernel): jobs with equal keys read the same data.
@@ -558,24 +585,28 @@ pub fn matmul_batch_at(level: SimdLevel, jobs: &mut [MatJob]) {
     let specs: Vec<(MatRef, &[f32], usize)> = jobs.iter().map(|j| (j.m, j.x, j.n)).collect();
 
     let mut inputs: Vec<AffineInput> = Vec::new();
-    let mut input_of: Vec<Option<usize>> = vec![None; specs.len()];
+    // For each job run as matvecs (one input, or a small batch): the prepared input of each of
+    // its rows of x.
+    let mut input_of: Vec<Vec<usize>> = vec![Vec::new(); specs.len()];
     for (i, (m, x, n)) in specs.iter().enumerate() {
         let MatData::Affine { bits, group_size, .. } = m.data else { continue };
-        if *n != 1 || m.rows == 0 || m.cols == 0 {
+        if !(*n == 1 || small_batch(m, *n)) || m.rows == 0 || m.cols == 0 {
             continue;
         }
         let kernel = AffineKernel::pick(level, bits, group_size, m.cols);
-        let key = (x.as_ptr() as usize, x.len(), bits, group_size, kernel);
-        input_of[i] = Some(match inputs.iter().position(|p| p.key == key) {
-            Some(p) => p,
-            None => {
-                let xp_len = if kernel == AffineKernel::Scalar { 0 } else { m.cols };
-                let mut inp = AffineInput { key, xp: vec![0.0; xp_len], sx: vec![0.0; m.cols / group_size] };
-                prepare_affine_input(bits, group_size, kernel, x, &mut inp.xp, &mut inp.sx);
-                inputs.push(inp);
-                inputs.len() - 1
-            }
-        });
+        for xt in x.chunks_exact(m.cols) {
+            let key = (xt.as_ptr() as usize, xt.len(), bits, group_size, kernel);
+            input_of[i].push(match inputs.iter().position(|p| p.key == key) {
+                Some(p) => p,
+                None => {
+                    let xp_len = if kernel == AffineKernel::Scalar { 0 } else { m.cols };
+                    let mut inp = AffineInput { key, xp: vec![0.0; xp_len], sx: vec![0.0; m.cols / group_size] };
+                    prepare_affine_input(bits, group_size, kernel, xt, &mut inp.xp, &mut inp.sx);
+                    inputs.push(inp);
+                    inputs.len() - 1
+                }
+            });
+        }
     }
 
     let work = |(m, _, n): &(MatRef, &[f32], usize)| m.rows * m.cols * n;
@@ -592,8 +623,12 @@ pub fn matmul_batch_at(level: SimdLevel, jobs: &mut [MatJob]) {
         }
         let pieces = work(spec).div_ceil(target).clamp(1, m.rows);
         let mut block = m.rows.div_ceil(pieces);
-        if *n > 1 {
+        if *n > 1 && !small_batch(m, *n) {
             block = block.next_multiple_of(MM_TILE);
+        }
+        if small_batch(m, *n) {
+            // Small enough to stay in cache while each input goes over it.
+            block = block.min((SMALL_BATCH_BLOCK_BYTES / weight_bytes_per_row(m).max(1)).max(1));
         }
         let mut r0 = 0;
         while r0 < m.rows {
@@ -604,18 +639,25 @@ pub fn matmul_batch_at(level: SimdLevel, jobs: &mut [MatJob]) {
     }
     let run = |&(i, r0, r1): &(usize, usize, usize)| {
         let (m, x, n) = specs[i];
-        if n == 1 {
-            // SAFETY: outs[i] points at job i's y (m.rows elements); rows r0..r1 belong to this
-            // task alone, and the jobs' outputs are distinct `&mut` slices.
-            let ys = unsafe { std::slice::from_raw_parts_mut(outs[i].get().add(r0), r1 - r0) };
+        if n == 1 || small_batch(&m, n) {
+            // A small batch runs the one-input kernel once per input over this block of rows
+            // (still in cache for the later inputs): the same arithmetic as each input alone.
             let sub = m.rows_slice(r0, r1 - r0);
-            match (input_of[i], sub.data) {
-                (Some(p), MatData::Affine { bits, group_size, sb_dtype, .. }) => {
-                    let kernel = AffineKernel::pick(level, bits, group_size, m.cols);
-                    let inp = &inputs[p];
-                    with_elem!(sb_dtype, E => affine_matvec_block::<E>(kernel, &sub, x, &inp.xp, &inp.sx, ys));
+            for (t, xt) in x.chunks_exact(m.cols).enumerate() {
+                // SAFETY: outs[i] points at job i's y ([n, m.rows]); rows r0..r1 of each input
+                // belong to this task alone, and the jobs' outputs are distinct `&mut` slices.
+                let ys = unsafe { std::slice::from_raw_parts_mut(outs[i].get().add(t * m.rows + r0), r1 - r0) };
+                match (input_of[i].get(t), sub.data) {
+                    (Some(&p), MatData::Affine { bits, group_size, sb_dtype, .. }) => {
+                        let kernel = AffineKernel::pick(level, bits, group_size, m.cols);
+                        let inp = &inputs[p];
+                        with_elem!(sb_dtype, E => affine_matvec_block::<E>(kernel, &sub, xt, &inp.xp, &inp.sx, ys));
+                    }
+                    (_, MatData::Float { dtype, .. }) if n > 1 => {
+                        with_elem!(dtype, E => float_matvec_block::<E>(level, &sub, xt, ys))
+                    }
+                    _ => matvec_at(level, &sub, xt, ys),
                 }
-                _ => matvec_at(level, &sub, x, ys),
             }
         } else {
             // SAFETY: as above, for the [n, rows] layout of a matmul output.

@@ -434,3 +434,43 @@ fn matmul_blocked_shapes() {
         }
     }
 }
+
+/// A decode batch of up to `SMALL_BATCH` rows gets, row by row, exactly the numbers each row
+/// gets alone (the one-row kernel per row), through `matmul` and through `matmul_batch`; a
+/// larger batch stays within rounding of the reference.
+#[test]
+fn small_batches_give_each_row_the_numbers_it_gets_alone() {
+    let mut rng = StdRng::seed_from_u64(77);
+    let mats = [
+        TestMat::affine(&mut rng, 4, 64, FloatType::BF16, 300, 512, 0),
+        TestMat::affine(&mut rng, 8, 64, FloatType::F16, 96, 256, 1),
+        TestMat::affine(&mut rng, 2, 32, FloatType::BF16, 64, 128, 0),
+        TestMat::float(&mut rng, FloatType::BF16, 130, 192, 0),
+        TestMat::float(&mut rng, FloatType::F32, 70, 64, 0),
+    ];
+    for level in levels() {
+        for tm in &mats {
+            let m = tm.mat();
+            for n in [2, 3, 8, 9] {
+                let x = rand_x(&mut rng, n * m.cols);
+                let mut alone = vec![0.0f32; n * m.rows];
+                for t in 0..n {
+                    matvec_at(level, &m, &x[t * m.cols..(t + 1) * m.cols], &mut alone[t * m.rows..(t + 1) * m.rows]);
+                }
+                let mut together = vec![0.0f32; n * m.rows];
+                matmul_at(level, &m, &x, n, &mut together);
+                let mut batched = vec![0.0f32; n * m.rows];
+                matmul_batch_at(level, &mut [MatJob { m, x: &x, n, y: &mut batched }]);
+                if n <= flashmoe_kernels::SMALL_BATCH {
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&together), bits(&alone), "{level:?} {n} rows: matmul");
+                    assert_eq!(bits(&batched), bits(&alone), "{level:?} {n} rows: matmul_batch");
+                } else {
+                    for t in 0..n {
+                        tm.check(&x[t * m.cols..(t + 1) * m.cols], &together[t * m.rows..(t + 1) * m.rows], "matmul");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1015,3 +1015,108 @@ mod tests {
         assert!(counts.iter().all(|&c| (400..600).contains(&c)), "{counts:?}");
     }
 }
+
+/// `bench batch`: decode with several sequences at once (continuous batching).
+#[derive(Clone, Debug)]
+pub struct BatchBenchOptions {
+    /// Sequences decoded together (one measurement each).
+    pub streams: usize,
+    /// Measured decode steps (each gives every sequence one token).
+    pub tokens: usize,
+    /// Prompt tokens of each sequence, prefilled alone first.
+    pub prefill: usize,
+    /// Unmeasured batched steps first.
+    pub warmup: usize,
+    pub seed: u64,
+}
+
+/// What one `bench batch` measurement saw.
+#[derive(Clone, Debug)]
+pub struct BatchReport {
+    pub streams: usize,
+    /// Wall time of each measured step (one token for every sequence).
+    pub step_secs: Vec<f64>,
+    /// Expert-store traffic of the measured steps (zero with mapped experts).
+    pub io: IoSnapshot,
+    /// The backend's own tier (a GPU's expert cache) over the measured steps.
+    pub tier: Option<TierCounters>,
+}
+
+impl BatchReport {
+    /// Tokens per second over all sequences: streams / median step.
+    pub fn aggregate_tok_s(&self) -> f64 {
+        self.streams as f64 / Spread::of(&self.step_secs).median.max(1e-12)
+    }
+    /// Tokens per second each sequence sees: 1 / median step.
+    pub fn per_stream_tok_s(&self) -> f64 {
+        1.0 / Spread::of(&self.step_secs).median.max(1e-12)
+    }
+    /// Expert bytes read from disk per generated token.
+    pub fn disk_bytes_per_token(&self) -> f64 {
+        self.io.disk_bytes as f64 / (self.streams * self.step_secs.len()).max(1) as f64
+    }
+    /// Expert fetches (RAM hits and disk reads) per generated token.
+    pub fn fetches_per_token(&self) -> f64 {
+        (self.io.ram_hits + self.io.ram_misses) as f64 / (self.streams * self.step_secs.len()).max(1) as f64
+    }
+}
+
+/// Prefills `streams` sequences with random prompts (alone), then decodes them together with
+/// [`Model::forward_batch`]: `warmup` unmeasured steps, then `tokens` measured ones, each step
+/// one random token per sequence. Routing is the model's own (a synthetic model's routers are
+/// shaped like the real profiles), so sequences share experts as real ones do.
+pub fn bench_batch(model: &mut Model, opts: &BatchBenchOptions) -> Result<BatchReport> {
+    if opts.streams == 0 || opts.tokens == 0 {
+        return Err(Error::input("bench batch needs at least one stream and one measured step"));
+    }
+    if opts.streams > 1 && !model.can_batch() {
+        return Err(Error::input(format!(
+            "{} cannot run several sequences in one pass (continuous batching runs on the CPU backend)",
+            model.device_description()
+        )));
+    }
+    let store = model.expert_store().cloned();
+    let cfg = model.config.clone();
+    let mut rng = Rng::new(opts.seed);
+    let total = opts.prefill.max(1) + opts.warmup + opts.tokens;
+    if total + 16 > model.max_context() {
+        model.set_max_context(total + 16);
+    }
+    if let Some(t) = model.tier()
+        && t.slots == t.total_experts
+    {
+        model.preload_experts()?;
+    }
+    let tok = |rng: &mut Rng| rng.below(cfg.vocab_size) as u32;
+    let mut states = Vec::with_capacity(opts.streams);
+    for _ in 0..opts.streams {
+        let prompt: Vec<u32> = (0..opts.prefill.max(1)).map(|_| tok(&mut rng)).collect();
+        let mut s = model.new_state();
+        model.forward(&prompt, &mut s, LogitsFor::Last)?;
+        states.push(s);
+    }
+    let mut logits = Vec::new();
+    let mut step = |model: &Model, rng: &mut Rng, states: &mut Vec<flashmoe::SequenceState>| -> Result<f64> {
+        let ids: Vec<u32> = (0..states.len()).map(|_| tok(rng)).collect();
+        let t = Instant::now();
+        if states.len() == 1 {
+            model.forward_into(&ids, &mut states[0], LogitsFor::Last, &mut logits)?;
+        } else {
+            let mut refs: Vec<&mut flashmoe::SequenceState> = states.iter_mut().collect();
+            model.forward_batch(&ids, &mut refs, &mut logits)?;
+        }
+        Ok(t.elapsed().as_secs_f64())
+    };
+    for _ in 0..opts.warmup {
+        step(model, &mut rng, &mut states)?;
+    }
+    let before = store.as_ref().map(|s| s.snapshot()).unwrap_or_default();
+    let tier_before = model.tier().map(|t| t.counters);
+    let mut step_secs = Vec::with_capacity(opts.tokens);
+    for _ in 0..opts.tokens {
+        step_secs.push(step(model, &mut rng, &mut states)?);
+    }
+    let io = store.as_ref().map(|s| s.snapshot().since(&before)).unwrap_or_default();
+    let tier = tier_before.and_then(|b| model.tier().map(|t| t.counters.since(&b)));
+    Ok(BatchReport { streams: opts.streams, step_secs, io, tier })
+}

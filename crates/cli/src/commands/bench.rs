@@ -27,6 +27,46 @@ enum What {
     Decode(DecodeArgs),
     /// Decode at several RAM-cache sizes (fresh store each, O_DIRECT); writes a CSV and an SVG plot.
     Sweep(SweepArgs),
+    /// Decode several sequences together (continuous batching, as `serve --max-batch` does):
+    /// aggregate and per-sequence tok/s, expert fetches and disk bytes per token, for each
+    /// number of streams (fresh model and cache each). Routing is the model's own.
+    Batch(BatchArgs),
+}
+
+#[derive(Args)]
+struct BatchArgs {
+    /// Packed model: a folder, `builtin`, or a Hub repo in the Hugging Face cache.
+    #[arg(long, value_parser = crate::args::model::resolved_path)]
+    model: PathBuf,
+    /// Numbers of sequences decoded together, one measurement each.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    streams: Vec<usize>,
+    /// Measured steps (each gives every sequence one token).
+    #[arg(long, default_value_t = 32)]
+    tokens: usize,
+    /// Prompt tokens of each sequence (prefilled alone, not measured).
+    #[arg(long, default_value_t = 16)]
+    prefill: usize,
+    /// Unmeasured batched steps first.
+    #[arg(long, default_value_t = 8)]
+    warmup: usize,
+    #[arg(long, default_value = "page")]
+    io: IoChoice,
+    /// RAM expert cache: a size (4G, 512M) or a share of the expert bytes (25%).
+    #[arg(long, default_value = "0")]
+    ram_cache: String,
+    /// Reads in flight at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    io_threads: usize,
+    /// RAM cache eviction policy: lru, lfu (LFU with aging, half-life 32 tokens) or lfu:N.
+    #[arg(long, default_value = "lfu")]
+    cache_policy: CachePolicy,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[command(flatten)]
+    engine: crate::args::EngineArgs,
+    #[command(flatten)]
+    device: crate::args::DeviceArgs,
 }
 
 #[derive(Args)]
@@ -143,7 +183,77 @@ pub fn run(a: BenchArgs) -> Result<()> {
         What::Experts(a) => experts(a),
         What::Decode(a) => decode(a),
         What::Sweep(a) => sweep(a),
+        What::Batch(a) => batch(a),
     }
+}
+
+fn batch(a: BatchArgs) -> Result<()> {
+    if a.streams.is_empty() || a.streams.iter().any(|&n| n == 0 || n > flashmoe_server::MAX_BATCH_LIMIT) {
+        bail!("--streams: numbers from 1 to {}", flashmoe_server::MAX_BATCH_LIMIT);
+    }
+    let cache = cache_size(&a.ram_cache, expert_bytes(&a.model)?)?;
+    let mut load = LoadOptions {
+        store: StoreOptions {
+            io: a.io,
+            ram_cache_bytes: cache,
+            io_threads: a.io_threads,
+            cache_policy: a.cache_policy,
+            verify: true,
+        },
+        device: a.device.options(),
+        ..Default::default()
+    };
+    a.engine.apply(&mut load);
+    eprintln!(
+        "[flashmoe] bench batch | {} | {} measured steps after {} warm-up, prompts of {} tokens | io {:?}, RAM cache {} ({})",
+        a.model.display(),
+        a.tokens,
+        a.warmup,
+        a.prefill,
+        a.io,
+        fmt_bytes(cache),
+        a.cache_policy.name()
+    );
+    println!(
+        "{:>7}  {:>16}  {:>17}  {:>22}  {:>12}  {:>14}  {:>9}",
+        "streams",
+        "aggregate tok/s",
+        "per-stream tok/s",
+        "step ms min/med/max",
+        "disk/token",
+        "fetches/token",
+        "RAM hit"
+    );
+    let mut first: Option<f64> = None;
+    for &n in &a.streams {
+        let mut model = crate::util::loading(&a.model, || bench::load_streamed(&a.model, &load))?;
+        let opts = bench::BatchBenchOptions {
+            streams: n,
+            tokens: a.tokens.max(1),
+            prefill: a.prefill,
+            warmup: a.warmup,
+            seed: a.seed,
+        };
+        let r = bench::bench_batch(&mut model, &opts)?;
+        let st = Spread::of(&r.step_secs);
+        let agg = r.aggregate_tok_s();
+        let base = *first.get_or_insert(agg / n as f64);
+        println!(
+            "{:>7}  {:>9.2} ({:>4.2}×)  {:>17.2}  {:>22}  {:>12}  {:>14.1}  {:>8.0}%",
+            n,
+            agg,
+            agg / base,
+            r.per_stream_tok_s(),
+            format!("{:.1} / {:.1} / {:.1}", st.min * 1e3, st.median * 1e3, st.max * 1e3),
+            fmt_bytes(r.disk_bytes_per_token() as u64),
+            r.fetches_per_token(),
+            100.0 * r.io.ram_hit_rate()
+        );
+    }
+    eprintln!(
+        "[flashmoe] (×: aggregate tok/s over one stream's; fetches: expert reads from the RAM tier or disk per generated token)"
+    );
+    Ok(())
 }
 
 fn gb(x: f64) -> String {

@@ -11,10 +11,11 @@
 //! CUDA backend) the scheduler still interleaves the requests, feeding each token alone.
 //!
 //! Exactness: a row of a batched pass goes through the same operations as a pass over its
-//! sequence alone, but a matrix product over several rows may use a different kernel than the
-//! one-row product (on the CPU, dequantize-then-dot tiles instead of the affine matvec), so
-//! logits can differ in the last bits from a solo run's (about 1e-6 relative on the built-in
-//! model); greedy text is the same unless two candidates tie that closely.
+//! sequence alone. On the CPU, up to `flashmoe_kernels::SMALL_BATCH` (8) rows every matrix
+//! product runs the one-row kernel once per row over cache-sized blocks of weights (the weights
+//! still come from memory once), so each sequence gets bit for bit the logits it gets alone and
+//! the same text, sampled or greedy. Above 8 rows the products dequantize tiles for all rows at
+//! once, which can differ in the last bits.
 
 use super::generate::Engine;
 use super::session::{Channel, Generation, PrefixCache, Stream, feed_batch};
