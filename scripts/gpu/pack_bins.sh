@@ -7,7 +7,7 @@ set -euo pipefail
 cargo build --release -p flashmoe-cli --no-default-features --features cuda
 cargo build --release -p flashmoe-kernels --example expert_bench
 ktest=$(cargo test --release -p flashmoe-kernels --no-run 2>&1 | grep -o 'target/release/deps/kernels-[0-9a-f]*' | sort -u | head -n 1)
-tests=$(cargo test -p flashmoe --features cuda --no-run 2>&1 | grep -o 'target/debug/deps/\(reference\|tiers\|gguf_models\|flashmoe\)-[0-9a-f]*' | sort -u)
+tests=$(cargo test -p flashmoe --features cuda --no-run 2>&1 | grep -o 'target/debug/deps/\(reference\|tiers\|gguf_models\|batch\|flashmoe\)-[0-9a-f]*' | sort -u)
 rm -rf .carry/bin && mkdir -p .carry/bin
 strip -o .carry/bin/flashmoe target/release/flashmoe
 strip -o .carry/bin/expert_bench target/release/examples/expert_bench
@@ -17,6 +17,7 @@ for t in $tests; do
     *reference-*) strip -o .carry/bin/reference "$t" ;;
     *tiers-*) strip -o .carry/bin/tiers "$t" ;;
     *gguf_models-*) strip -o .carry/bin/ggufmodels "$t" ;;
+    *batch-*) strip -o .carry/bin/batchtests "$t" ;;
     *flashmoe-*) strip -o .carry/bin/enginelib "$t" ;;
     esac
 done

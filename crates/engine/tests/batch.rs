@@ -1,16 +1,34 @@
 //! Continuous batching: requests generated together give what each gives alone (greedy), a
-//! batched pass's logits are bit for bit each sequence's own, requests join and leave at any round, and
-//! cancellation is per request.
+//! batched pass's logits are each sequence's own (bit for bit on the CPU; within the GPU's
+//! tolerance on CUDA, whose batch runs the multi-row kernels), requests join and leave at any
+//! round, and cancellation is per request. The first two run on every backend available.
 
-use flashmoe::LogitsFor;
 use flashmoe::batch::{Batcher, Sink};
 use flashmoe::generate::Engine;
 use flashmoe::session::{Channel, Finish, GenerateRequest, Generation, Session};
+use flashmoe::{LoadOptions, LogitsFor};
 use serde_json::json;
 use std::path::PathBuf;
 
 fn load(rel: &str) -> Engine {
-    Engine::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel)).unwrap()
+    load_on(rel, &LoadOptions::default())
+}
+
+fn load_on(rel: &str, o: &LoadOptions) -> Engine {
+    Engine::load_with(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel), o).unwrap()
+}
+
+/// (name, load options, whether a batched row is bit-identical to the sequence alone).
+fn backends() -> Vec<(&'static str, LoadOptions, bool)> {
+    #[allow(unused_mut)]
+    let mut v = vec![("cpu", LoadOptions::default(), true)];
+    #[cfg(feature = "cuda")]
+    if flashmoe::cuda::CudaDevice::open(0).is_ok() {
+        use flashmoe::backend::{DeviceChoice, DeviceOptions};
+        let device = DeviceOptions { device: DeviceChoice::Cuda(0), ..Default::default() };
+        v.push(("cuda", LoadOptions { device, ..Default::default() }, false));
+    }
+    v
 }
 
 fn chat(e: &Engine, text: &str) -> Vec<u32> {
@@ -61,8 +79,15 @@ fn drain(b: &mut Batcher<'_, Collect>) -> (Vec<(Collect, Generation)>, usize) {
 
 #[test]
 fn batched_requests_generate_what_each_generates_alone() {
-    for rel in ["models/qwen35-moe-tiny-trained", "testdata/models/qwen35-moe-tiny"] {
-        let e = load(rel);
+    for (backend, o, _) in backends() {
+        for rel in ["models/qwen35-moe-tiny-trained", "testdata/models/qwen35-moe-tiny"] {
+            batched_equals_solo(backend, &load_on(rel, &o), rel);
+        }
+    }
+}
+
+fn batched_equals_solo(backend: &str, e: &Engine, rel: &str) {
+    {
         let prompts = [
             "What is a package manager?",
             "Tell me about the history of Unix and the GNU project in a few words.",
@@ -70,11 +95,11 @@ fn batched_requests_generate_what_each_generates_alone() {
             "Which file holds the list of mounted file systems? Explain how to read it, and what each column means.",
         ];
         let reqs: Vec<GenerateRequest> =
-            prompts.iter().enumerate().map(|(i, p)| greedy(chat(&e, p), 12 + 6 * i)).collect();
-        let alone: Vec<Generation> = reqs.iter().map(|r| solo(&e, r)).collect();
+            prompts.iter().enumerate().map(|(i, p)| greedy(chat(e, p), 12 + 6 * i)).collect();
+        let alone: Vec<Generation> = reqs.iter().map(|r| solo(e, r)).collect();
 
         // Two join at once, two more after a few rounds (while the first are decoding).
-        let mut b = Batcher::new(&e, 0, 8);
+        let mut b = Batcher::new(e, 0, 8);
         for r in &reqs[..2] {
             b.admit(r.clone(), Collect::default()).map_err(|(_, e)| e).unwrap();
         }
@@ -93,12 +118,12 @@ fn batched_requests_generate_what_each_generates_alone() {
         widest = widest.max(w);
         // (The random model stops one request early, before the last two join.)
         let expect = if rel.starts_with("models/") { 4 } else { 3 };
-        assert_eq!(widest, expect, "{rel}: requests decoded together in one pass");
+        assert_eq!(widest, expect, "{backend} {rel}: requests decoded together in one pass");
         assert_eq!(done.len(), 4);
         for (sink, g) in &done {
             let i = alone.iter().position(|a| a.prompt_tokens == g.prompt_tokens).unwrap();
-            assert_eq!(g.tokens, alone[i].tokens, "{rel}: request {i}");
-            assert_eq!(g.content, alone[i].content, "{rel}: request {i}");
+            assert_eq!(g.tokens, alone[i].tokens, "{backend} {rel}: request {i}");
+            assert_eq!(g.content, alone[i].content, "{backend} {rel}: request {i}");
             assert_eq!(sink.text, alone[i].content);
             assert_eq!(g.finish, alone[i].finish);
             assert_eq!(g.completion_tokens, alone[i].completion_tokens);
@@ -108,7 +133,12 @@ fn batched_requests_generate_what_each_generates_alone() {
 
 #[test]
 fn a_batched_pass_gives_each_sequence_its_own_logits() {
-    let e = load("models/qwen35-moe-tiny-trained");
+    for (backend, o, exact) in backends() {
+        own_logits(backend, &load_on("models/qwen35-moe-tiny-trained", &o), exact);
+    }
+}
+
+fn own_logits(backend: &str, e: &Engine, exact: bool) {
     let m = &e.model;
     let v = m.config.vocab_size;
     // Sequences at different positions (3, 9 and 17 tokens of context).
@@ -129,12 +159,21 @@ fn a_batched_pass_gives_each_sequence_its_own_logits() {
     m.forward_batch(&next, &mut refs, &mut logits).unwrap();
     assert_eq!(logits.len(), 3 * v);
     for (i, s) in solo.iter().enumerate() {
-        // Up to flashmoe_kernels::SMALL_BATCH rows every product runs the one-row kernel per
-        // row: the very same numbers as the sequence alone.
         let row = &logits[i * v..(i + 1) * v];
-        let differ = row.iter().zip(s).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-        assert_eq!(differ, 0, "sequence {i}: {differ} logits differ from the solo pass");
-        assert_eq!(argmax(row), argmax(s));
+        if exact {
+            // Up to flashmoe_kernels::SMALL_BATCH rows every product runs the one-row kernel
+            // per row: the very same numbers as the sequence alone.
+            let differ = row.iter().zip(s).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+            assert_eq!(differ, 0, "{backend} sequence {i}: {differ} logits differ from the solo pass");
+        } else {
+            // The GPU tolerance against transformers (1e-3 of max |logit|) holds between the
+            // batch's multi-row kernels and the decode GEMV too.
+            let max = s.iter().fold(0f32, |a, x| a.max(x.abs()));
+            let err = row.iter().zip(s).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            eprintln!("{backend} sequence {i}: max |Δ| {err:.3e} (max |logit| {max:.3})");
+            assert!(err <= 1e-3 * max, "{backend} sequence {i}: max |Δ| {err} against max |logit| {max}");
+        }
+        assert_eq!(argmax(row), argmax(s), "{backend} sequence {i}");
     }
     for (s, p) in states.iter().zip(&prompts) {
         assert_eq!(s.pos, p.len() + 1);

@@ -597,6 +597,10 @@ impl Model {
         if tokens.is_empty() {
             return Ok(());
         }
+        if let ([one], [state]) = (tokens, &mut *states) {
+            // One sequence: the ordinary decode step (on a GPU, its recorded graph).
+            return self.forward_into(&[*one], state, LogitsFor::Last, logits);
+        }
         for (s, &id) in states.iter_mut().zip(tokens) {
             if let Some(BrokenState(why)) = s.caches.as_any_mut().downcast_ref::<BrokenState>() {
                 return Err(Error::input(format!("this sequence state could not be made: {why}")));

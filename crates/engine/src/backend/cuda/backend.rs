@@ -762,12 +762,16 @@ pub struct CudaBackend {
     prewarm: Mutex<Option<PrewarmFeed>>,
 }
 
-/// One pass on the GPU: the workspace's activations, the pool, the sequence's GPU state.
+/// One pass on the GPU: the workspace's activations, the pool, the GPU state of the sequence (or,
+/// continuous batching, of each row's sequence).
 pub struct CudaPass<'p> {
     spec: &'p PassSpec<'p>,
     pool: &'p mut ExpertPool,
     ws: &'p Workspace,
-    state: &'p mut DevSeqState,
+    states: Vec<&'p mut DevSeqState>,
+    /// A batched pass: device address of the rows' positions (i32 each); 0 for one sequence,
+    /// whose rows start at the position in `ws.tok[0]`.
+    positions: u64,
     t: usize,
     /// Every expert is in the pool: the step never waits for the host.
     resident: bool,
@@ -1228,6 +1232,396 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// One pass over `states`: one sequence (rows at consecutive positions, in chunks of at
+    /// most `prefill_chunk`), or a batch (`spec.batch`: row i is the next token of `states[i]`).
+    fn run_seqs(
+        &self,
+        spec: &PassSpec<'_>,
+        states: &mut [&mut DevSeqState],
+        graph: &mut dyn for<'p> FnMut(&mut CudaPass<'p>) -> crate::Result<()>,
+        out: &mut Vec<f32>,
+    ) -> crate::Result<()> {
+        for st in states.iter() {
+            if let Some(why) = &st.broken {
+                return Err(CudaError(why.clone()).into());
+            }
+        }
+        let batched = !spec.batch.is_empty();
+        self.dev.bind()?;
+        let c = spec.cfg;
+        let k = spec.experts_per_token;
+        if k > self.max_k {
+            return Err(CudaError(format!(
+                "{k} experts per token: the GPU workspace was sized for {} (set it before load)",
+                self.max_k
+            ))
+            .into());
+        }
+        let mut inner = self.inner()?;
+        let Inner {
+            pool,
+            ws,
+            step_io,
+            hand_io,
+            hand_dev,
+            step_timer,
+            graph: recorded,
+            eager_steps,
+            unsynced,
+            timer_pending,
+            ..
+        } = &mut *inner;
+        let ws = &*ws;
+        if std::mem::take(unsynced) {
+            // The last call left its rows to the next GPU without waiting; the host buffers it
+            // used are reused below.
+            self.dev.synchronize()?;
+        }
+        if std::mem::take(timer_pending) {
+            self.count_step(step_timer)?;
+        }
+        // A bounded share of the pre-warm per call, so no step waits long for it.
+        self.drain_prewarm(pool, 4 * (k + 1))?;
+        let (n, v, h) = (spec.tokens.len(), c.vocab_size, c.hidden_size);
+        let timing = spec.hooks.wants_timing();
+        out.clear();
+        match spec.input {
+            PassInput::Hidden(rows) if rows.len() != n * h => {
+                return Err(CudaError(format!(
+                    "a pipeline stage got {} floats of residual stream for {n} tokens of {h}",
+                    rows.len()
+                ))
+                .into());
+            }
+            PassInput::HiddenOnDevice if hand_dev.as_ref().is_none_or(|b| b.len() < n * h * 4) => {
+                return Err(CudaError(format!("no residual rows for {n} tokens were handed to this GPU")).into());
+            }
+            _ => {}
+        }
+        if (matches!(spec.input, PassInput::Hidden(_)) || spec.output == PassOutput::Hidden) && hand_io.is_none() {
+            *hand_io = Some(Pinned::new(self.opts.gpu.prefill_chunk.max(1) * h * 4)?);
+        }
+        if spec.output == PassOutput::HiddenOnDevice && hand_dev.as_ref().is_none_or(|b| b.len() < n * h * 4) {
+            // (Grown only here and in `hand_over`, both after this GPU's stream has waited for
+            // every copy out of the old buffer.)
+            *hand_dev = Some(self.dev.alloc(n * h * 4)?);
+        }
+        let mut times = if timing { vec![LayerTimes::default(); c.num_layers] } else { Vec::new() };
+        let mut done = 0;
+        // Passes of at most `prefill_chunk` tokens (the workspace's size).
+        while done < n {
+            let t = (n - done).min(self.opts.gpu.prefill_chunk.max(1));
+            let last_chunk = done + t == n;
+            let want = match spec.want {
+                LogitsFor::All => LogitsFor::All,
+                LogitsFor::Last if last_chunk => LogitsFor::Last,
+                _ => LogitsFor::None,
+            };
+            let sub = PassSpec { tokens: &spec.tokens[done..done + t], pos0: spec.pos0 + done, want, ..*spec };
+            let pos0 = sub.pos0;
+            if batched {
+                for (st, &pos) in states.iter_mut().zip(spec.batch) {
+                    self.ensure_capacity(c, st, pos, pos + 1)?;
+                }
+            } else {
+                self.ensure_capacity(c, states[0], pos0, pos0 + t)?;
+            }
+            // [pos0, ids] up through pinned memory without a wait: the stream runs the copy
+            // before the pass, and the host writes the buffer again only after this call's
+            // final wait.
+            // A batch appends each row's position after the ids.
+            let head_len = (t + 1 + if batched { t } else { 0 }) * 4;
+            {
+                let io = step_io.as_mut_slice();
+                io[..4].copy_from_slice(&(pos0 as i32).to_le_bytes());
+                for (dst, &id) in io[4..(t + 1) * 4].chunks_exact_mut(4).zip(sub.tokens) {
+                    dst.copy_from_slice(&(id as i32).to_le_bytes());
+                }
+                if batched {
+                    for (dst, &pos) in io[(t + 1) * 4..head_len].chunks_exact_mut(4).zip(spec.batch) {
+                        dst.copy_from_slice(&(pos as i32).to_le_bytes());
+                    }
+                }
+            }
+            let positions = if batched { ws.tok.ptr() + ((t + 1) * 4) as u64 } else { 0 };
+            // SAFETY: a pinned source of head_len bytes that stays untouched until the stream has
+            // run the copy (see above); `tok` holds prefill_chunk + 1 ints and t ≤ prefill_chunk.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    ws.tok.ptr(),
+                    &step_io.as_mut_slice()[..head_len],
+                    self.dev.stream.cu_stream(),
+                )
+            }
+            .map_err(|e| CudaError(format!("cuMemcpyHtoDAsync (token ids): {e:?}")))?;
+            if let PassInput::HiddenOnDevice = spec.input {
+                let src = hand_dev.as_ref().ok_or_else(|| CudaError::new("no hand-off buffer"))?;
+                // SAFETY: rows done..done+t of the hand-off buffer (checked to hold n rows) into
+                // x (prefill_chunk rows, t ≤ prefill_chunk), stream-ordered after their arrival.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        ws.x.ptr(),
+                        src.ptr() + (done * h * 4) as u64,
+                        t * h * 4,
+                        self.dev.stream.cu_stream(),
+                    )
+                }
+                .map_err(|e| CudaError(format!("cuMemcpyDtoDAsync (residual stream in): {e:?}")))?;
+            }
+            if let (PassInput::Hidden(rows), Some(hand)) = (spec.input, hand_io.as_mut()) {
+                // The previous stage's residual rows into x (the pass does not embed). The
+                // buffer is written again only after this chunk's final wait.
+                let bytes = &mut hand.as_mut_slice()[..t * h * 4];
+                for (dst, x) in bytes.chunks_exact_mut(4).zip(&rows[done * h..(done + t) * h]) {
+                    dst.copy_from_slice(&x.to_le_bytes());
+                }
+                // SAFETY: a pinned source of t·h floats left untouched until the stream has run
+                // the copy; `x` holds prefill_chunk rows of h floats and t ≤ prefill_chunk.
+                unsafe { cudarc::driver::result::memcpy_htod_async(ws.x.ptr(), &*bytes, self.dev.stream.cu_stream()) }
+                    .map_err(|e| CudaError(format!("cuMemcpyHtoDAsync (residual stream): {e:?}")))?;
+            }
+            let timed_step = t == 1 && (want == LogitsFor::Last || spec.output != PassOutput::Logits);
+            if timed_step {
+                step_timer.start()?;
+            }
+            let resident = pool.all_resident();
+            let all_out = if want == LogitsFor::All { Some(self.dev.alloc(t * v * 4)?) } else { None };
+            let logits = match (&all_out, want) {
+                (Some(b), _) => b.ptr(),
+                (None, LogitsFor::Last) => ws.logits.ptr(),
+                _ => 0,
+            };
+            let mut pass = |pool: &mut ExpertPool, states: &mut [&mut DevSeqState], times: &mut Vec<LayerTimes>| {
+                let mut p = CudaPass {
+                    spec: &sub,
+                    pool,
+                    ws,
+                    states: states.iter_mut().map(|s| &mut **s).collect(),
+                    positions,
+                    t,
+                    resident,
+                    logits,
+                    prefetch: None,
+                    times: std::mem::take(times),
+                    marked: Instant::now(),
+                };
+                let r = graph(&mut p);
+                *times = p.times;
+                r
+            };
+            // Graphs bake in buffer addresses: not for `All`, whose output buffer is per call;
+            // not when timing (marks synchronize).
+            if t == 1 && !batched && resident && self.opts.gpu.graphs && want != LogitsFor::All && !timing {
+                let key = GraphKey::of(states[0], want == LogitsFor::Last);
+                if recorded.as_ref().is_some_and(|(k, _)| *k != key) {
+                    *recorded = None;
+                    *eager_steps = 0;
+                }
+                if recorded.is_none() && *eager_steps >= 1 {
+                    let g = self.dev.capture(|| pass(&mut *pool, &mut *states, &mut times))?;
+                    *recorded = Some((key, g));
+                }
+                match recorded {
+                    Some((_, g)) => g.launch()?,
+                    None => {
+                        pass(&mut *pool, &mut *states, &mut times)?;
+                        *eager_steps += 1;
+                    }
+                }
+            } else {
+                pass(&mut *pool, &mut *states, &mut times)?;
+            }
+            if resident && t == 1 {
+                self.stats.pool_hits.fetch_add((k * c.num_layers) as u64, Relaxed);
+                if spec.hooks.wants_routing() {
+                    let ids = ws.ids_all.read_i32_n(c.num_layers * k)?;
+                    for li in 0..c.num_layers {
+                        let layer: Vec<u32> = ids[li * k..(li + 1) * k].iter().map(|&x| x as u32).collect();
+                        spec.hooks.routing(li, pos0, &layer);
+                    }
+                }
+            }
+            self.stats.tokens.fetch_add(t as u64, Relaxed);
+            match (want, all_out) {
+                _ if spec.output == PassOutput::HiddenOnDevice => {
+                    let dst = hand_dev.as_ref().ok_or_else(|| CudaError::new("no hand-off buffer"))?;
+                    // SAFETY: x's first t rows into rows done..done+t of the hand-off buffer
+                    // (sized for n rows above).
+                    unsafe {
+                        cudarc::driver::result::memcpy_dtod_async(
+                            dst.ptr() + (done * h * 4) as u64,
+                            ws.x.ptr(),
+                            t * h * 4,
+                            self.dev.stream.cu_stream(),
+                        )
+                    }
+                    .map_err(|e| CudaError(format!("cuMemcpyDtoDAsync (residual stream out): {e:?}")))?;
+                    if timed_step {
+                        step_timer.stop()?;
+                    }
+                    if last_chunk {
+                        // No wait: the next GPU's stream waits for this one (`hand_over`).
+                        *unsynced = true;
+                        *timer_pending = timed_step;
+                    } else {
+                        self.dev.synchronize()?;
+                    }
+                }
+                _ if spec.output == PassOutput::Hidden => {
+                    if timed_step {
+                        step_timer.stop()?;
+                    }
+                    let hand = hand_io.as_mut().ok_or_else(|| CudaError::new("no hand-off buffer"))?;
+                    let io = &mut hand.as_mut_slice()[..t * h * 4];
+                    // SAFETY: a pinned destination of t·h floats, read by the host only after
+                    // the stream is synchronized below; `x` holds at least t rows of h floats.
+                    unsafe {
+                        cudarc::driver::result::memcpy_dtoh_async(&mut *io, ws.x.ptr(), self.dev.stream.cu_stream())
+                    }
+                    .map_err(|e| CudaError(format!("cuMemcpyDtoHAsync (residual stream): {e:?}")))?;
+                    self.dev.synchronize()?;
+                    if timed_step {
+                        self.count_step(step_timer)?;
+                    }
+                    super::context::extend_f32s_from_bytes(out, io);
+                }
+                (LogitsFor::None, _) => self.dev.synchronize()?,
+                (LogitsFor::Last, _) => {
+                    if timed_step {
+                        step_timer.stop()?;
+                    }
+                    let io = &mut step_io.as_mut_slice()[head_len..head_len + v * 4];
+                    // SAFETY: a pinned destination of exactly v floats, read by the host only
+                    // after the stream is synchronized below; `logits` holds v floats.
+                    unsafe {
+                        cudarc::driver::result::memcpy_dtoh_async(
+                            &mut *io,
+                            ws.logits.ptr(),
+                            self.dev.stream.cu_stream(),
+                        )
+                    }
+                    .map_err(|e| CudaError(format!("cuMemcpyDtoHAsync (logits): {e:?}")))?;
+                    self.dev.synchronize()?;
+                    if timed_step {
+                        self.count_step(step_timer)?;
+                    }
+                    out.clear();
+                    super::context::extend_f32s_from_bytes(out, io);
+                }
+                (LogitsFor::All, Some(b)) => out.extend(b.read_f32_n(t * v)?),
+                (LogitsFor::All, None) => unreachable!("allocated above"),
+            }
+            done += t;
+        }
+        Self::report_times(spec, &times);
+        Ok(())
+    }
+
+    /// Attention of a batched pass: q/k/v projections over all rows at once, then each row
+    /// against its own sequence's KV cache at its own position, then o_proj over all rows.
+    fn attention_batch(
+        &self,
+        p: &mut CudaPass<'_>,
+        layer: usize,
+        w: &AttentionWeights<Device>,
+        inv_freq: &DevBuf,
+    ) -> crate::Result<()> {
+        let (c, ws, t, dev) = (p.spec.cfg, p.ws, p.t, &*self.dev);
+        let normed = ws.normed.ptr();
+        let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        self.mm(ws, &w.q_proj, normed, ws.proj.ptr(), t)?;
+        self.mm(ws, &w.k_proj, normed, ws.k.ptr(), t)?;
+        self.mm(ws, &w.v_proj, normed, ws.v.ptr(), t)?;
+        let half = c.rotary_dims() / 2;
+        let (q_row, kv_row) = ((nh * d * 4) as u64, (nkv * d * 4) as u64);
+        for (i, st) in p.states.iter().enumerate() {
+            let DevLayerState::Attention { k: kc, v: vc, cap } = &st.layers[layer] else {
+                return Err(CudaError::new("layer state does not match layer kind").into());
+            };
+            let i64_ = i as u64;
+            let pos_ptr = p.positions + 4 * i64_;
+            self.ops.attn_prep(
+                dev,
+                ws.proj.ptr() + 2 * q_row * i64_,
+                ws.k.ptr() + kv_row * i64_,
+                ws.v.ptr() + kv_row * i64_,
+                w.q_norm.ptr(),
+                w.k_norm.ptr(),
+                inv_freq.ptr(),
+                ws.q.ptr() + q_row * i64_,
+                ws.gate.ptr() + q_row * i64_,
+                kc.ptr(),
+                vc.ptr(),
+                1,
+                (nh, nkv, d, half),
+                pos_ptr,
+                c.rms_norm_eps,
+            )?;
+            self.ops.attention(
+                dev,
+                ws.q.ptr() + q_row * i64_,
+                kc.ptr(),
+                vc.ptr(),
+                ws.part.ptr(),
+                ws.gate.ptr() + q_row * i64_,
+                ws.attn.ptr() + q_row * i64_,
+                1,
+                (nh, nkv, d),
+                pos_ptr,
+                (*cap / 256).clamp(1, MAX_SPLITS),
+            )?;
+        }
+        self.mm(ws, &w.o_proj, ws.attn.ptr(), ws.mixed.ptr(), t)?;
+        Ok(())
+    }
+
+    /// GatedDeltaNet of a batched pass: the projections over all rows at once, then each row
+    /// through its own sequence's conv window and recurrent state, then out_proj over all rows.
+    fn delta_net_batch(&self, p: &mut CudaPass<'_>, layer: usize, w: &DeltaNetWeights<Device>) -> crate::Result<()> {
+        let (c, ws, t, dev) = (p.spec.cfg, p.ws, p.t, &*self.dev);
+        let normed = ws.normed.ptr();
+        self.mm(ws, &w.in_qkv, normed, ws.proj.ptr(), t)?;
+        self.mm(ws, &w.in_z, normed, ws.z.ptr(), t)?;
+        self.mm(ws, &w.in_b, normed, ws.b.ptr(), t)?;
+        self.mm(ws, &w.in_a, normed, ws.a.ptr(), t)?;
+        let (hk, hv, dk, dv) = (c.linear_key_heads, c.linear_value_heads, c.linear_key_dim, c.linear_value_dim);
+        let (conv_row, zy_row, ab_row) = ((c.conv_dim() * 4) as u64, (hv * dv * 4) as u64, (hv * 4) as u64);
+        for (i, st) in p.states.iter().enumerate() {
+            let DevLayerState::DeltaNet { conv: cs, rec } = &st.layers[layer] else {
+                return Err(CudaError::new("layer state does not match layer kind").into());
+            };
+            let i = i as u64;
+            self.ops.dn_conv(
+                dev,
+                ws.proj.ptr() + conv_row * i,
+                cs.ptr(),
+                w.conv.ptr(),
+                ws.conv_out.ptr() + conv_row * i,
+                1,
+                c.conv_dim(),
+                c.conv_kernel,
+            )?;
+            self.ops.dn_recurrent(
+                dev,
+                ws.conv_out.ptr() + conv_row * i,
+                ws.z.ptr() + zy_row * i,
+                ws.b.ptr() + ab_row * i,
+                ws.a.ptr() + ab_row * i,
+                w.neg_a.ptr(),
+                w.dt_bias.ptr(),
+                w.norm.ptr(),
+                rec.ptr(),
+                ws.dn_y.ptr() + zy_row * i,
+                1,
+                (hk, hv, dk, dv),
+                w.value_heads_tiled,
+                c.rms_norm_eps,
+            )?;
+        }
+        self.mm(ws, &w.out_proj, ws.dn_y.ptr(), ws.mixed.ptr(), t)?;
+        Ok(())
+    }
+
     fn record_routing(p: &CudaPass<'_>, li: usize, pos: usize, experts: &[i32]) {
         if p.spec.hooks.wants_routing() {
             let ids: Vec<u32> = experts.iter().map(|&x| x as u32).collect();
@@ -1495,7 +1889,8 @@ impl CudaBackend {
             return Err(CudaError(format!("router produced expert id {bad} (non-finite activations?)")).into());
         }
         for ti in 0..t {
-            Self::record_routing(p, li, pos0 + ti, &ids[ti * k..(ti + 1) * k]);
+            let pos = p.spec.batch.get(ti).copied().unwrap_or(pos0 + ti);
+            Self::record_routing(p, li, pos, &ids[ti * k..(ti + 1) * k]);
         }
         let pool = &mut *p.pool;
         pool.map.set_clock(self.stats.tokens.load(Relaxed) as f64 + t as f64);
@@ -1836,263 +2231,41 @@ impl Backend for CudaBackend {
         graph: &mut dyn for<'p> FnMut(&mut CudaPass<'p>) -> crate::Result<()>,
         out: &mut Vec<f32>,
     ) -> crate::Result<()> {
-        if let Some(why) = &state.broken {
-            return Err(CudaError(why.clone()).into());
+        if !spec.batch.is_empty() {
+            return Err(CudaError::new("a batched pass needs one state per sequence (run_batch)").into());
         }
-        self.dev.bind()?;
-        let c = spec.cfg;
-        let k = spec.experts_per_token;
-        if k > self.max_k {
+        self.run_seqs(spec, &mut [state], graph, out)
+    }
+
+    fn can_batch(&self) -> bool {
+        true
+    }
+
+    fn run_batch(
+        &self,
+        spec: &PassSpec<'_>,
+        states: &mut [&mut DevSeqState],
+        graph: &mut dyn for<'p> FnMut(&mut CudaPass<'p>) -> crate::Result<()>,
+        out: &mut Vec<f32>,
+    ) -> crate::Result<()> {
+        let n = spec.tokens.len();
+        if spec.batch.len() != states.len() || n != states.len() || spec.want != LogitsFor::All {
             return Err(CudaError(format!(
-                "{k} experts per token: the GPU workspace was sized for {} (set it before load)",
-                self.max_k
+                "a batched pass of {n} tokens got {} positions and {} states",
+                spec.batch.len(),
+                states.len()
             ))
             .into());
         }
-        let mut inner = self.inner()?;
-        let Inner {
-            pool,
-            ws,
-            step_io,
-            hand_io,
-            hand_dev,
-            step_timer,
-            graph: recorded,
-            eager_steps,
-            unsynced,
-            timer_pending,
-            ..
-        } = &mut *inner;
-        let ws = &*ws;
-        if std::mem::take(unsynced) {
-            // The last call left its rows to the next GPU without waiting; the host buffers it
-            // used are reused below.
-            self.dev.synchronize()?;
+        // Token ids and positions share the pass's upload buffer ([0, ids…, positions…]).
+        if 2 * n > self.opts.gpu.prefill_chunk.max(1) {
+            return Err(CudaError(format!(
+                "{n} sequences in one pass: the GPU workspace holds {} (half the prefill chunk)",
+                self.opts.gpu.prefill_chunk.max(1) / 2
+            ))
+            .into());
         }
-        if std::mem::take(timer_pending) {
-            self.count_step(step_timer)?;
-        }
-        // A bounded share of the pre-warm per call, so no step waits long for it.
-        self.drain_prewarm(pool, 4 * (k + 1))?;
-        let (n, v, h) = (spec.tokens.len(), c.vocab_size, c.hidden_size);
-        let timing = spec.hooks.wants_timing();
-        out.clear();
-        match spec.input {
-            PassInput::Hidden(rows) if rows.len() != n * h => {
-                return Err(CudaError(format!(
-                    "a pipeline stage got {} floats of residual stream for {n} tokens of {h}",
-                    rows.len()
-                ))
-                .into());
-            }
-            PassInput::HiddenOnDevice if hand_dev.as_ref().is_none_or(|b| b.len() < n * h * 4) => {
-                return Err(CudaError(format!("no residual rows for {n} tokens were handed to this GPU")).into());
-            }
-            _ => {}
-        }
-        if (matches!(spec.input, PassInput::Hidden(_)) || spec.output == PassOutput::Hidden) && hand_io.is_none() {
-            *hand_io = Some(Pinned::new(self.opts.gpu.prefill_chunk.max(1) * h * 4)?);
-        }
-        if spec.output == PassOutput::HiddenOnDevice && hand_dev.as_ref().is_none_or(|b| b.len() < n * h * 4) {
-            // (Grown only here and in `hand_over`, both after this GPU's stream has waited for
-            // every copy out of the old buffer.)
-            *hand_dev = Some(self.dev.alloc(n * h * 4)?);
-        }
-        let mut times = if timing { vec![LayerTimes::default(); c.num_layers] } else { Vec::new() };
-        let mut done = 0;
-        // Passes of at most `prefill_chunk` tokens (the workspace's size).
-        while done < n {
-            let t = (n - done).min(self.opts.gpu.prefill_chunk.max(1));
-            let last_chunk = done + t == n;
-            let want = match spec.want {
-                LogitsFor::All => LogitsFor::All,
-                LogitsFor::Last if last_chunk => LogitsFor::Last,
-                _ => LogitsFor::None,
-            };
-            let sub = PassSpec { tokens: &spec.tokens[done..done + t], pos0: spec.pos0 + done, want, ..*spec };
-            let pos0 = sub.pos0;
-            self.ensure_capacity(c, state, pos0, pos0 + t)?;
-            // [pos0, ids] up through pinned memory without a wait: the stream runs the copy
-            // before the pass, and the host writes the buffer again only after this call's
-            // final wait.
-            let head_len = (t + 1) * 4;
-            {
-                let io = step_io.as_mut_slice();
-                io[..4].copy_from_slice(&(pos0 as i32).to_le_bytes());
-                for (dst, &id) in io[4..head_len].chunks_exact_mut(4).zip(sub.tokens) {
-                    dst.copy_from_slice(&(id as i32).to_le_bytes());
-                }
-            }
-            // SAFETY: a pinned source of head_len bytes that stays untouched until the stream has
-            // run the copy (see above); `tok` holds prefill_chunk + 1 ints and t ≤ prefill_chunk.
-            unsafe {
-                cudarc::driver::result::memcpy_htod_async(
-                    ws.tok.ptr(),
-                    &step_io.as_mut_slice()[..head_len],
-                    self.dev.stream.cu_stream(),
-                )
-            }
-            .map_err(|e| CudaError(format!("cuMemcpyHtoDAsync (token ids): {e:?}")))?;
-            if let PassInput::HiddenOnDevice = spec.input {
-                let src = hand_dev.as_ref().ok_or_else(|| CudaError::new("no hand-off buffer"))?;
-                // SAFETY: rows done..done+t of the hand-off buffer (checked to hold n rows) into
-                // x (prefill_chunk rows, t ≤ prefill_chunk), stream-ordered after their arrival.
-                unsafe {
-                    cudarc::driver::result::memcpy_dtod_async(
-                        ws.x.ptr(),
-                        src.ptr() + (done * h * 4) as u64,
-                        t * h * 4,
-                        self.dev.stream.cu_stream(),
-                    )
-                }
-                .map_err(|e| CudaError(format!("cuMemcpyDtoDAsync (residual stream in): {e:?}")))?;
-            }
-            if let (PassInput::Hidden(rows), Some(hand)) = (spec.input, hand_io.as_mut()) {
-                // The previous stage's residual rows into x (the pass does not embed). The
-                // buffer is written again only after this chunk's final wait.
-                let bytes = &mut hand.as_mut_slice()[..t * h * 4];
-                for (dst, x) in bytes.chunks_exact_mut(4).zip(&rows[done * h..(done + t) * h]) {
-                    dst.copy_from_slice(&x.to_le_bytes());
-                }
-                // SAFETY: a pinned source of t·h floats left untouched until the stream has run
-                // the copy; `x` holds prefill_chunk rows of h floats and t ≤ prefill_chunk.
-                unsafe { cudarc::driver::result::memcpy_htod_async(ws.x.ptr(), &*bytes, self.dev.stream.cu_stream()) }
-                    .map_err(|e| CudaError(format!("cuMemcpyHtoDAsync (residual stream): {e:?}")))?;
-            }
-            let timed_step = t == 1 && (want == LogitsFor::Last || spec.output != PassOutput::Logits);
-            if timed_step {
-                step_timer.start()?;
-            }
-            let resident = pool.all_resident();
-            let all_out = if want == LogitsFor::All { Some(self.dev.alloc(t * v * 4)?) } else { None };
-            let logits = match (&all_out, want) {
-                (Some(b), _) => b.ptr(),
-                (None, LogitsFor::Last) => ws.logits.ptr(),
-                _ => 0,
-            };
-            let mut pass = |pool: &mut ExpertPool, state: &mut DevSeqState, times: &mut Vec<LayerTimes>| {
-                let mut p = CudaPass {
-                    spec: &sub,
-                    pool,
-                    ws,
-                    state,
-                    t,
-                    resident,
-                    logits,
-                    prefetch: None,
-                    times: std::mem::take(times),
-                    marked: Instant::now(),
-                };
-                let r = graph(&mut p);
-                *times = p.times;
-                r
-            };
-            // Graphs bake in buffer addresses: not for `All`, whose output buffer is per call;
-            // not when timing (marks synchronize).
-            if t == 1 && resident && self.opts.gpu.graphs && want != LogitsFor::All && !timing {
-                let key = GraphKey::of(state, want == LogitsFor::Last);
-                if recorded.as_ref().is_some_and(|(k, _)| *k != key) {
-                    *recorded = None;
-                    *eager_steps = 0;
-                }
-                if recorded.is_none() && *eager_steps >= 1 {
-                    let g = self.dev.capture(|| pass(&mut *pool, &mut *state, &mut times))?;
-                    *recorded = Some((key, g));
-                }
-                match recorded {
-                    Some((_, g)) => g.launch()?,
-                    None => {
-                        pass(&mut *pool, &mut *state, &mut times)?;
-                        *eager_steps += 1;
-                    }
-                }
-            } else {
-                pass(&mut *pool, &mut *state, &mut times)?;
-            }
-            if resident && t == 1 {
-                self.stats.pool_hits.fetch_add((k * c.num_layers) as u64, Relaxed);
-                if spec.hooks.wants_routing() {
-                    let ids = ws.ids_all.read_i32_n(c.num_layers * k)?;
-                    for li in 0..c.num_layers {
-                        let layer: Vec<u32> = ids[li * k..(li + 1) * k].iter().map(|&x| x as u32).collect();
-                        spec.hooks.routing(li, pos0, &layer);
-                    }
-                }
-            }
-            self.stats.tokens.fetch_add(t as u64, Relaxed);
-            match (want, all_out) {
-                _ if spec.output == PassOutput::HiddenOnDevice => {
-                    let dst = hand_dev.as_ref().ok_or_else(|| CudaError::new("no hand-off buffer"))?;
-                    // SAFETY: x's first t rows into rows done..done+t of the hand-off buffer
-                    // (sized for n rows above).
-                    unsafe {
-                        cudarc::driver::result::memcpy_dtod_async(
-                            dst.ptr() + (done * h * 4) as u64,
-                            ws.x.ptr(),
-                            t * h * 4,
-                            self.dev.stream.cu_stream(),
-                        )
-                    }
-                    .map_err(|e| CudaError(format!("cuMemcpyDtoDAsync (residual stream out): {e:?}")))?;
-                    if timed_step {
-                        step_timer.stop()?;
-                    }
-                    if last_chunk {
-                        // No wait: the next GPU's stream waits for this one (`hand_over`).
-                        *unsynced = true;
-                        *timer_pending = timed_step;
-                    } else {
-                        self.dev.synchronize()?;
-                    }
-                }
-                _ if spec.output == PassOutput::Hidden => {
-                    if timed_step {
-                        step_timer.stop()?;
-                    }
-                    let hand = hand_io.as_mut().ok_or_else(|| CudaError::new("no hand-off buffer"))?;
-                    let io = &mut hand.as_mut_slice()[..t * h * 4];
-                    // SAFETY: a pinned destination of t·h floats, read by the host only after
-                    // the stream is synchronized below; `x` holds at least t rows of h floats.
-                    unsafe {
-                        cudarc::driver::result::memcpy_dtoh_async(&mut *io, ws.x.ptr(), self.dev.stream.cu_stream())
-                    }
-                    .map_err(|e| CudaError(format!("cuMemcpyDtoHAsync (residual stream): {e:?}")))?;
-                    self.dev.synchronize()?;
-                    if timed_step {
-                        self.count_step(step_timer)?;
-                    }
-                    super::context::extend_f32s_from_bytes(out, io);
-                }
-                (LogitsFor::None, _) => self.dev.synchronize()?,
-                (LogitsFor::Last, _) => {
-                    if timed_step {
-                        step_timer.stop()?;
-                    }
-                    let io = &mut step_io.as_mut_slice()[head_len..head_len + v * 4];
-                    // SAFETY: a pinned destination of exactly v floats, read by the host only
-                    // after the stream is synchronized below; `logits` holds v floats.
-                    unsafe {
-                        cudarc::driver::result::memcpy_dtoh_async(
-                            &mut *io,
-                            ws.logits.ptr(),
-                            self.dev.stream.cu_stream(),
-                        )
-                    }
-                    .map_err(|e| CudaError(format!("cuMemcpyDtoHAsync (logits): {e:?}")))?;
-                    self.dev.synchronize()?;
-                    if timed_step {
-                        self.count_step(step_timer)?;
-                    }
-                    out.clear();
-                    super::context::extend_f32s_from_bytes(out, io);
-                }
-                (LogitsFor::All, Some(b)) => out.extend(b.read_f32_n(t * v)?),
-                (LogitsFor::All, None) => unreachable!("allocated above"),
-            }
-            done += t;
-        }
-        Self::report_times(spec, &times);
-        Ok(())
+        self.run_seqs(spec, states, graph, out)
     }
 
     fn embed(&self, p: &mut CudaPass<'_>, table: &DevMatrix) -> crate::Result<()> {
@@ -2124,7 +2297,10 @@ impl Backend for CudaBackend {
         inv_freq: &DevBuf,
     ) -> crate::Result<()> {
         let (c, ws, t, dev) = (p.spec.cfg, p.ws, p.t, &*self.dev);
-        let DevLayerState::Attention { k: kc, v: vc, cap } = &p.state.layers[layer] else {
+        if p.states.len() > 1 {
+            return self.attention_batch(p, layer, w, inv_freq);
+        }
+        let DevLayerState::Attention { k: kc, v: vc, cap } = &p.states[0].layers[layer] else {
             return Err(CudaError::new("layer state does not match layer kind").into());
         };
         let normed = ws.normed.ptr();
@@ -2177,7 +2353,10 @@ impl Backend for CudaBackend {
 
     fn delta_net(&self, p: &mut CudaPass<'_>, layer: usize, w: &DeltaNetWeights<Device>) -> crate::Result<()> {
         let (c, ws, t, dev) = (p.spec.cfg, p.ws, p.t, &*self.dev);
-        let DevLayerState::DeltaNet { conv: cs, rec } = &p.state.layers[layer] else {
+        if p.states.len() > 1 {
+            return self.delta_net_batch(p, layer, w);
+        }
+        let DevLayerState::DeltaNet { conv: cs, rec } = &p.states[0].layers[layer] else {
             return Err(CudaError::new("layer state does not match layer kind").into());
         };
         let normed = ws.normed.ptr();
