@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Tool-call validity of a chat model served by `flashmoe serve` (issue 14), through the official
+`openai` client with the chat client's own two tools (crates/chat/src/tools.rs).
+
+Each prompt of --prompts (default testdata/chat/eval_prompts.json: requests about packages that
+were held out of the chat model's training data, written by scripts/train/make_chat_data.py) is sent
+once as a single user message, sampled with the model's generation_config.json defaults and
+`seed` = its index. A reply counts as a VALID tool call when the server parsed it into at least one
+tool call and every call names `bash` or `read_file` with arguments that are a JSON object holding
+the required string (`command` / `path`) and nothing else. It counts as the EXPECTED call when the
+first call is `bash` with exactly the command the training data would use (`apt-cache show P`,
+`dpkg -L P`, `apt-cache search W`).
+
+    flashmoe serve --port 8011 &            # the built-in model
+    python3 scripts/quality/chat_tools.py --url http://127.0.0.1:8011 [--out result.json]
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
+sys.path.insert(0, os.path.join(ROOT, "scripts", "train"))
+from make_chat_data import TOOLS  # noqa: E402  (the client's schemas, copied from tools.rs)
+
+REQUIRED = {"bash": "command", "read_file": "path"}
+
+
+def check(calls):
+    """(valid, first call's (name, args) or None)."""
+    if not calls:
+        return False, None
+    first = None
+    for c in calls:
+        name = c.function.name
+        try:
+            args = json.loads(c.function.arguments)
+        except (TypeError, ValueError):
+            return False, first
+        if first is None:
+            first = (name, args)
+        key = REQUIRED.get(name)
+        if key is None or not isinstance(args, dict) or set(args) != {key} or not isinstance(args[key], str) \
+                or not args[key].strip():
+            return False, first
+    return True, first
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="http://127.0.0.1:8011")
+    ap.add_argument("--model", default="builtin")
+    ap.add_argument("--prompts", default=os.path.join(ROOT, "testdata/chat/eval_prompts.json"))
+    ap.add_argument("--n", type=int, default=0, help="first N prompts (default all)")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=args.url + "/v1", api_key="none")
+    with open(args.prompts, encoding="utf-8") as f:
+        prompts = json.load(f)
+    if args.n:
+        prompts = prompts[:args.n]
+    rows, valid, expected, t0 = [], 0, 0, time.time()
+    for i, p in enumerate(prompts):
+        r = client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": p["prompt"]}],
+                                           tools=TOOLS, seed=i, max_tokens=args.max_tokens)
+        ch = r.choices[0]
+        ok, first = check(ch.message.tool_calls)
+        exp = ok and first == ("bash", {"command": p["expect"]})
+        valid += ok
+        expected += exp
+        rows.append({"prompt": p["prompt"], "expect": p["expect"], "valid": ok, "expected": exp,
+                     "finish_reason": ch.finish_reason, "content": ch.message.content,
+                     "calls": [(c.function.name, c.function.arguments) for c in ch.message.tool_calls or []]})
+        mark = "ok " if exp else ("val" if ok else "BAD")
+        got = rows[-1]["calls"] or (ch.message.content or "")[:100]
+        print(f"{mark} {p['prompt']!r} -> {got}", flush=True)
+    n = len(prompts)
+    summary = {"n": n, "valid": valid, "valid_rate": valid / n, "expected": expected, "expected_rate": expected / n,
+               "seconds": round(time.time() - t0, 1)}
+    print(json.dumps(summary))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"summary": summary, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
