@@ -69,23 +69,10 @@ HELDOUT_PCT = 3
 MAX_TOKENS = 1280
 EOT = "<|endoftext|>"
 
-# The chat client's tools, exactly as crates/chat/src/tools.rs `tool_schemas()` sends them (key
-# order matters: the template prints them with tojson).
-TOOLS = [
-    {"type": "function", "function": {
-        "name": "bash",
-        "description": "Run a shell command with `bash -c` in the user's current directory and return its "
-                       "combined stdout and stderr (capped) and exit status.",
-        "parameters": {"type": "object", "properties": {
-            "command": {"type": "string", "description": "The command line to run."}
-        }, "required": ["command"]}}},
-    {"type": "function", "function": {
-        "name": "read_file",
-        "description": "Read a text file and return its contents (capped).",
-        "parameters": {"type": "object", "properties": {
-            "path": {"type": "string", "description": "Path of the file, absolute or relative to the current directory."}
-        }, "required": ["path"]}}},
-]
+# The chat client's tools, exactly as crates/chat/src/tools.rs `tool_schemas()` sends them (a test
+# there checks that they are equal, key order included: the template prints them with tojson).
+with open(os.path.join(ROOT, "testdata/chat/tools.json"), encoding="utf-8") as _f:
+    TOOLS = json.load(_f)
 REFUSED = "the user refused this call"  # crates/chat/src/tools.rs REFUSED
 
 
