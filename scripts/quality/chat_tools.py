@@ -8,8 +8,11 @@ once as a single user message, sampled with the model's generation_config.json d
 `seed` = its index. A reply counts as a VALID tool call when the server parsed it into at least one
 tool call and every call names `bash` or `read_file` with arguments that are a JSON object holding
 the required string (`command` / `path`) and nothing else. It counts as the EXPECTED call when the
-first call is `bash` with exactly the command the training data would use (`apt-cache show P`,
-`dpkg -L P`, `apt-cache search W`).
+first call is exactly the prompt's `expect`: a `bash` command line as the training data would
+write it (`apt-cache show P`, `dpkg -L P`, `apt-cache search W`), or `read_file PATH`.
+
+testdata/chat/novel_prompts.json holds 50 requests written by hand in phrasings the generator
+never uses (popular packages, which are in the training data under the generator's phrasings).
 
     flashmoe serve --port 8011 &            # the built-in model
     python3 scripts/quality/chat_tools.py --url http://127.0.0.1:8011 [--out result.json]
@@ -27,6 +30,13 @@ sys.path.insert(0, os.path.join(ROOT, "scripts", "train"))
 from make_chat_data import TOOLS  # noqa: E402  (the client's schemas, copied from tools.rs)
 
 REQUIRED = {"bash": "command", "read_file": "path"}
+
+
+def expected_call(expect):
+    """`read_file PATH` names a read_file call; anything else is a bash command line."""
+    if expect.startswith("read_file "):
+        return ("read_file", {"path": expect[len("read_file "):]})
+    return ("bash", {"command": expect})
 
 
 def check(calls):
@@ -57,6 +67,7 @@ def main():
     ap.add_argument("--n", type=int, default=0, help="first N prompts (default all)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--extra-body", default="{}", help="JSON merged into each request (e.g. sampling fields)")
     args = ap.parse_args()
 
     from openai import OpenAI
@@ -69,10 +80,11 @@ def main():
     rows, valid, expected, t0 = [], 0, 0, time.time()
     for i, p in enumerate(prompts):
         r = client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": p["prompt"]}],
-                                           tools=TOOLS, seed=i, max_tokens=args.max_tokens)
+                                           tools=TOOLS, seed=i, max_tokens=args.max_tokens,
+                                           extra_body=json.loads(args.extra_body))
         ch = r.choices[0]
         ok, first = check(ch.message.tool_calls)
-        exp = ok and first == ("bash", {"command": p["expect"]})
+        exp = ok and first == expected_call(p["expect"])
         valid += ok
         expected += exp
         rows.append({"prompt": p["prompt"], "expect": p["expect"], "valid": ok, "expected": exp,
