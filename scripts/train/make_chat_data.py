@@ -685,7 +685,7 @@ def base_slice(corpus, tok, out, train_tokens):
                 ids.append(eot)
             if limit and len(ids) >= limit:
                 break
-        a = np.asarray(ids, dtype=np.uint16)
+        a = np.asarray(ids[:limit] if limit else ids, dtype=np.uint16)
         a.tofile(os.path.join(out, f"base_{name}.bin"))
         meta[name] = int(a.size)
     return meta
@@ -722,7 +722,7 @@ def main():
     ap.add_argument("--out", default=".carry/chat")
     ap.add_argument("--train", type=int, default=40000)
     ap.add_argument("--heldout", type=int, default=1000)
-    ap.add_argument("--base-tokens", type=int, default=6_000_000)
+    ap.add_argument("--base-tokens", type=int, default=3_000_000)
     ap.add_argument("--eval-prompts", type=int, default=60)
     ap.add_argument("--show", type=int, default=0, help="print N rendered training conversations and stop")
     args = ap.parse_args()
