@@ -355,6 +355,7 @@ def dedup(src):
 
 def fetch(pkgs, debdir, rootdir):
     os.makedirs(debdir, exist_ok=True)
+    os.makedirs(rootdir, exist_ok=True)  # dpkg -x creates only the last path component
     for p in pkgs:
         if not any(f.startswith(p + "_") for f in os.listdir(debdir)):
             r = subprocess.run(["apt-get", "download", p], cwd=debdir, capture_output=True, text=True)

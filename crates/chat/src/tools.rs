@@ -25,7 +25,8 @@ impl Default for ToolLimits {
 /// The tool result sent back when the user says no.
 pub const REFUSED: &str = "the user refused this call";
 
-/// OpenAI `tools` schemas of the built-in tools.
+/// OpenAI `tools` schemas of the built-in tools. The built-in model was fine-tuned with exactly
+/// these (testdata/chat/tools.json; a test checks they stay equal).
 pub fn tool_schemas() -> Json {
     json!([
         {"type": "function", "function": {
@@ -199,6 +200,14 @@ mod tests {
 
     fn limits(max: usize, secs: f64) -> ToolLimits {
         ToolLimits { max_output: max, timeout: Duration::from_secs_f64(secs) }
+    }
+
+    #[test]
+    fn schemas_are_the_ones_the_builtin_model_was_trained_with() {
+        // models/qwen35-moe-tiny-chat saw these definitions, in this key order, in every training
+        // conversation with tools (scripts/train/make_chat_data.py reads the same file).
+        let trained: Json = serde_json::from_str(include_str!("../../../testdata/chat/tools.json")).unwrap();
+        assert_eq!(serde_json::to_string(&tool_schemas()).unwrap(), serde_json::to_string(&trained).unwrap());
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! The shipped trained model (models/qwen35-moe-tiny-trained, built into the binary): the README's
-//! first command prints English (its experts computed on the mapped files, `--io auto` on the
-//! CPU), and so does a run streaming them from disk; the engine matches transformers on it; its
-//! held-out perplexity is what transformers measures.
+//! The shipped trained models: the built-in chat model (models/qwen35-moe-tiny-chat) answers the
+//! README's first command in English (its experts computed on the mapped files, `--io auto` on the
+//! CPU), and so does a run streaming them from disk; its base model (models/qwen35-moe-tiny-trained)
+//! writes English raw text; the engine matches transformers on the base model; its held-out
+//! perplexity is what transformers measures.
 
 use serde_json::Value;
 use std::path::PathBuf;
@@ -26,13 +27,16 @@ fn dictionary() -> std::collections::HashSet<String> {
 fn default_model_prints_english_mapped_and_streamed() {
     let home = tempfile::tempdir().unwrap();
     let dict = dictionary();
-    // The first: the README's command (the model's own sampling defaults), seeded to be
-    // reproducible; the second streams the experts (page reads).
-    for (prompt, extra, streamed) in [
-        ("The history of", vec!["--seed", "1"], false),
-        ("In the morning", vec!["--temperature", "0.8", "--seed", "3", "--io", "page"], true),
+    let base = repo().join("models/qwen35-moe-tiny-trained");
+    // The first: the README's command (the built-in chat model's own sampling defaults), seeded to
+    // be reproducible; the second streams the experts (page reads); the third is the base model on
+    // raw text. Replies of the chat model are short: it stops after a sentence or two.
+    for (prompt, extra, streamed, min_words) in [
+        ("What can you do?", vec!["--seed", "1"], false, 10),
+        ("Hello! Who are you?", vec!["--temperature", "0.8", "--seed", "3", "--io", "page"], true, 10),
+        ("The history of", vec!["--raw", "--seed", "1", "--model", base.to_str().unwrap()], false, 20),
     ] {
-        let mut args = vec!["run", "--prompt", prompt, "--raw", "--max-tokens", "60"];
+        let mut args = vec!["run", "--prompt", prompt, "--max-tokens", "60"];
         args.extend(extra);
         let o = flashmoe(&args, home.path());
         let err = String::from_utf8_lossy(&o.stderr).to_string();
@@ -43,11 +47,11 @@ fn default_model_prints_english_mapped_and_streamed() {
             .filter(|w| !w.is_empty())
             .map(|w| w.to_lowercase())
             .collect();
-        assert!(words.len() >= 20, "too few words: {text:?}");
+        assert!(words.len() >= min_words, "too few words: {text:?}");
         let known = words.iter().filter(|w| dict.contains(w.as_str())).count();
         let share = known as f64 / words.len() as f64;
         eprintln!("{prompt:?}: {:.0}% dictionary words: {text:?}", 100.0 * share);
-        assert!(share >= 0.85, "only {:.0}% dictionary words in {text:?}", 100.0 * share);
+        assert!(share >= 0.8, "only {:.0}% dictionary words in {text:?}", 100.0 * share);
         // The summary line reports what was read from disk per token when the experts stream,
         // and that they were mapped otherwise.
         let summary = err.lines().last().unwrap();

@@ -26,17 +26,18 @@ pub struct ModelDir {
     pub model: String,
 }
 
-/// The small Qwen3.5-MoE model trained for flashmoe (models/qwen35-moe-tiny-trained), embedded
-/// so that `run` works with nothing downloaded.
-pub const BUILTIN_NAME: &str = "qwen35-moe-tiny-trained";
+/// The small Qwen3.5-MoE chat model trained for flashmoe (models/qwen35-moe-tiny-chat: the base
+/// model of models/qwen35-moe-tiny-trained fine-tuned to answer about Debian packages and call the
+/// chat client's tools), embedded so that `run` and `chat` work with nothing downloaded.
+pub const BUILTIN_NAME: &str = "qwen35-moe-tiny-chat";
 #[cfg(feature = "builtin-model")]
 const BUILTIN_FILES: &[(&str, &[u8])] = &[
-    ("config.json", include_bytes!("../../../../models/qwen35-moe-tiny-trained/config.json")),
-    ("model.safetensors", include_bytes!("../../../../models/qwen35-moe-tiny-trained/model.safetensors")),
-    ("tokenizer.json", include_bytes!("../../../../models/qwen35-moe-tiny-trained/tokenizer.json")),
-    ("tokenizer_config.json", include_bytes!("../../../../models/qwen35-moe-tiny-trained/tokenizer_config.json")),
-    ("chat_template.jinja", include_bytes!("../../../../models/qwen35-moe-tiny-trained/chat_template.jinja")),
-    ("generation_config.json", include_bytes!("../../../../models/qwen35-moe-tiny-trained/generation_config.json")),
+    ("config.json", include_bytes!("../../../../models/qwen35-moe-tiny-chat/config.json")),
+    ("model.safetensors", include_bytes!("../../../../models/qwen35-moe-tiny-chat/model.safetensors")),
+    ("tokenizer.json", include_bytes!("../../../../models/qwen35-moe-tiny-chat/tokenizer.json")),
+    ("tokenizer_config.json", include_bytes!("../../../../models/qwen35-moe-tiny-chat/tokenizer_config.json")),
+    ("chat_template.jinja", include_bytes!("../../../../models/qwen35-moe-tiny-chat/chat_template.jinja")),
+    ("generation_config.json", include_bytes!("../../../../models/qwen35-moe-tiny-chat/generation_config.json")),
 ];
 /// A build without the embedded model (`--no-default-features`): 15 MB smaller, for machines
 /// binaries are carried to.
@@ -59,7 +60,7 @@ pub fn resolve(reference: &str) -> Result<Resolved> {
             }
             let dir = flashmoe::builtin::materialize(BUILTIN_NAME, BUILTIN_FILES)?;
             eprintln!(
-                "[flashmoe] model: built-in {BUILTIN_NAME} (19.8M parameters, trained on Debian documentation; packed at {})",
+                "[flashmoe] model: built-in {BUILTIN_NAME} (19.8M parameters, a chat model for Debian packages; packed at {})",
                 dir.display()
             );
             Ok(Resolved { path: dir, name: BUILTIN.into() })
