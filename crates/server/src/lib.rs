@@ -85,7 +85,8 @@ pub struct ServerConfig {
     /// A request whose body sends no data for this long fails (its connection is closed).
     pub body_timeout: std::time::Duration,
     /// Requests generated at once (continuous batching, `flashmoe::batch`); more wait queued.
-    pub max_batch: usize,
+    /// None: [`DEFAULT_MAX_BATCH`] where batching pays (`Model::batch_pays`), else 1.
+    pub max_batch: Option<usize>,
 }
 
 /// Default of [`ServerConfig::max_batch`].
@@ -119,7 +120,7 @@ impl ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             header_timeout: DEFAULT_IO_TIMEOUT,
             body_timeout: DEFAULT_IO_TIMEOUT,
-            max_batch: DEFAULT_MAX_BATCH,
+            max_batch: None,
         }
     }
 }
@@ -411,13 +412,22 @@ async fn prepare(cfg: ServerConfig) -> Result<Prepared> {
     });
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(worker::WorkerHealth::default());
-    let max_batch = if engine.model.can_batch() { cfg.max_batch } else { 1 };
-    if max_batch < cfg.max_batch {
-        tracing::info!(
-            "requests run one at a time: this placement ({}) cannot batch sequences",
-            engine.model.device_description()
-        );
-    } else {
+    let m = &engine.model;
+    let max_batch = match cfg.max_batch {
+        _ if !m.can_batch() => {
+            tracing::info!("requests run one at a time: this placement cannot batch sequences");
+            1
+        }
+        Some(n) => n,
+        None if m.batch_pays() => DEFAULT_MAX_BATCH,
+        None => {
+            tracing::info!(
+                "requests run one at a time: with every expert in GPU memory a batched step costs more than a decode step per request (--max-batch N batches anyway)"
+            );
+            1
+        }
+    };
+    if max_batch > 1 {
         tracing::info!("continuous batching: up to {max_batch} requests decode together (--max-batch)");
     }
     let queue =

@@ -1112,6 +1112,7 @@ pub fn bench_batch(model: &mut Model, opts: &BatchBenchOptions) -> Result<BatchR
     }
     let before = store.as_ref().map(|s| s.snapshot()).unwrap_or_default();
     let tier_before = model.tier().map(|t| t.counters);
+    model.reset_timing();
     let mut step_secs = Vec::with_capacity(opts.tokens);
     for _ in 0..opts.tokens {
         step_secs.push(step(model, &mut rng, &mut states)?);

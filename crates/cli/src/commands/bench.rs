@@ -63,6 +63,10 @@ struct BatchArgs {
     cache_policy: CachePolicy,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Also print where a measured step's time went, summed over the layers (mixer, router,
+    /// expert I/O wait, experts, the rest); on a GPU every phase synchronizes, which slows it.
+    #[arg(long)]
+    timing: bool,
     #[command(flatten)]
     engine: crate::args::EngineArgs,
     #[command(flatten)]
@@ -226,7 +230,13 @@ fn batch(a: BatchArgs) -> Result<()> {
     );
     let mut first: Option<f64> = None;
     for &n in &a.streams {
-        let mut model = crate::util::loading(&a.model, || bench::load_streamed(&a.model, &load))?;
+        let mut model = crate::util::loading(&a.model, || {
+            let m = flashmoe::Model::load_with(
+                &a.model,
+                &LoadOptions { stream_experts: a.io != IoChoice::Mmap, timing: a.timing, ..load.clone() },
+            )?;
+            anyhow::Ok(m)
+        })?;
         let opts = bench::BatchBenchOptions {
             streams: n,
             tokens: a.tokens.max(1),
@@ -235,6 +245,22 @@ fn batch(a: BatchArgs) -> Result<()> {
             seed: a.seed,
         };
         let r = bench::bench_batch(&mut model, &opts)?;
+        if let Some(times) = model.timing_snapshot().filter(|_| a.timing) {
+            let mut sum = flashmoe::LayerTimes::default();
+            times.iter().for_each(|t| sum.add(t));
+            let per = |x: f64| x * 1e3 / r.step_secs.len().max(1) as f64;
+            let step: f64 = r.step_secs.iter().sum::<f64>() * 1e3 / r.step_secs.len().max(1) as f64;
+            eprintln!(
+                "[flashmoe]   {n} streams, ms per step: mixer {:.2}, router {:.2}, expert I/O wait {:.2}, experts {:.2}, other in layers {:.2}, outside the layers {:.2} (step {:.2})",
+                per(sum.mixer),
+                per(sum.router),
+                per(sum.io_wait),
+                per(sum.experts),
+                per(sum.other),
+                step - per(sum.mixer + sum.router + sum.io_wait + sum.experts + sum.other),
+                step
+            );
+        }
         let st = Spread::of(&r.step_secs);
         let agg = r.aggregate_tok_s();
         let base = *first.get_or_insert(agg / n as f64);

@@ -85,8 +85,11 @@ pub struct ServerArgs {
     /// pass, so each weight and each routed expert is read once per step for all of them. More
     /// requests wait in the queue. Each one holds its own sequence state (the memory plan of
     /// --memory-budget counts N). 1 runs requests one after another.
-    #[arg(long, default_value_t = flashmoe_server::DEFAULT_MAX_BATCH, value_name = "N")]
-    max_batch: usize,
+    /// Default: 8 where batching pays — on the CPU, or on a GPU whose expert cache does not hold
+    /// every expert; 1 (one request at a time) where every expert sits in GPU memory, since
+    /// there a batched step costs more than a decode step per request (docs/performance.md).
+    #[arg(long, value_name = "N")]
+    max_batch: Option<usize>,
     /// Close thinking after N tokens (`</think>` inserted) when a request sets no budget.
     #[arg(long)]
     think_budget: Option<usize>,
@@ -134,7 +137,7 @@ pub fn config(
         bail!("--max-connections must be at least 1");
     }
     cfg.max_connections = a.max_connections;
-    if !(1..=flashmoe_server::MAX_BATCH_LIMIT).contains(&a.max_batch) {
+    if a.max_batch.is_some_and(|n| !(1..=flashmoe_server::MAX_BATCH_LIMIT).contains(&n)) {
         bail!("--max-batch must be between 1 and {}", flashmoe_server::MAX_BATCH_LIMIT);
     }
     cfg.max_batch = a.max_batch;
@@ -146,8 +149,8 @@ pub fn config(
     let plan = Plan {
         context_tokens: context,
         batch_tokens: context,
-        logits_rows: 2 * cfg.max_batch,
-        sequences: cfg.max_batch,
+        logits_rows: 2 * cfg.max_batch.unwrap_or(flashmoe_server::DEFAULT_MAX_BATCH),
+        sequences: cfg.max_batch.unwrap_or(flashmoe_server::DEFAULT_MAX_BATCH),
     };
     // The plan goes into the server's start-up block (logged) instead of a line of its own.
     let (load, memory_plan) = args::load_options_and_plan(&model.path, store, device, engine, plan)?;

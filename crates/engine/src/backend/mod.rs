@@ -177,6 +177,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
         false
     }
 
+    /// Whether batching sequences is faster here than decoding them one at a time (a server's
+    /// default): where every expert stays in GPU memory, the multi-row kernels cost more than
+    /// the decode steps they replace (docs/performance.md).
+    fn batch_pays(&self) -> bool {
+        self.can_batch()
+    }
+
     /// Continuous batching: one pass over the next token of each of several sequences
     /// (`spec.batch` holds their positions; row i goes with `states[i]`), with logits for every
     /// row (`spec.want` is `All`). Mixers run per sequence on its own caches; every matrix and

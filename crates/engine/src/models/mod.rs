@@ -113,6 +113,9 @@ pub trait PlacedModel: Send + Sync {
     fn forward(&self, spec: &PassSpec<'_>, state: &mut dyn AnyState, out: &mut Vec<f32>) -> Result<()>;
     /// Whether [`PlacedModel::forward_batch`] works on this placement (every backend batches).
     fn can_batch(&self) -> bool;
+    /// Whether batching pays on this placement (see `Backend::batch_pays`): any stage that
+    /// streams experts gains from it.
+    fn batch_pays(&self) -> bool;
     /// One pass over the next token of each of several sequences (`spec.batch` holds their
     /// positions, row i goes with `states[i]`); logits for every row in `out`.
     fn forward_batch(

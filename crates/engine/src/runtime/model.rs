@@ -580,6 +580,12 @@ impl Model {
         self.placed.can_batch()
     }
 
+    /// Whether batching is faster than one sequence at a time on this placement (a server's
+    /// default `--max-batch`).
+    pub fn batch_pays(&self) -> bool {
+        self.placed.batch_pays()
+    }
+
     /// Continuous batching: runs `tokens[i]`, the next token of the sequence `states[i]`, for
     /// every i in one pass (each matrix and each routed expert read once for all of them) and
     /// leaves in `logits` one row per sequence ([n, vocab]). Each sequence advances by one.

@@ -263,6 +263,10 @@ impl<B: Backend> PlacedModel for Qwen35<B> {
         self.stages.iter().all(|s| s.backend.can_batch())
     }
 
+    fn batch_pays(&self) -> bool {
+        self.can_batch() && self.stages.iter().any(|s| s.backend.batch_pays())
+    }
+
     fn forward_batch(
         &self,
         spec: &PassSpec<'_>,
