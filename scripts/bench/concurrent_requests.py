@@ -5,7 +5,7 @@ chat requests at once, `--rounds` times; prints aggregate completion tok/s, per-
 (time to the last token) and time to the first token, median over all requests of that N.
 
     flashmoe serve --max-batch 8 --port 8123 &
-    python3 scripts/bench/concurrent.py --url http://127.0.0.1:8123 --streams 1,2,4,8
+    python3 scripts/bench/concurrent_requests.py --url http://127.0.0.1:8123 --streams 1,2,4,8
 """
 
 import argparse
