@@ -5,7 +5,9 @@
 1. a conversation turn (markdown rendered);
 2. a tool call (`bash: echo …`) approved: shown, run, its output returned, the final answer shown;
 3. a tool call (`read_file`) refused: "the user refused this call" goes back, the answer follows;
-4. /quit, the JSONL conversation on disk, then `--resume ID` shows the history.
+4. /quit, the JSONL conversation on disk, then `--resume ID` shows the history;
+5. `--model`: the engine inside the chat process;
+6. no arguments: the built-in chat model's own tool call (apt-cache show), approved, run, answered.
 
 Usage: tests/chat/chat_tmux_test.py [--mock]   (build first: cargo build -p flashmoe-cli)
   --mock: use tests/chat/mock_server.py instead of `flashmoe serve` (tests the client alone).
@@ -169,6 +171,24 @@ def main():
             wait_for("/help for commands", timeout=60)
             type_line("hello there")
             wait_for("scripted reply", "second point")
+            type_line("/quit")
+            wait_for("CHAT-EXITED-0")
+
+        # 6. No arguments: the built-in chat model, its own tool call (greedy, so the test is
+        # deterministic; tests/server/test_builtin_chat.py checks seeded sampled ones), shown,
+        # approved, run, and answered from its output.
+        if not mock:
+            home = {**env, "FLASHMOE_HOME": os.path.join(tmp, "home")}
+            start_chat(None, home, "--temperature 0")
+            wait_for("builtin", "/help for commands", timeout=120)
+            type_line("Show me the package curl.")
+            wait_for("bash: apt-cache show curl", "Run it? [y/N]", timeout=60)
+            type_line("y")
+            end = time.time() + 60
+            while screen().count("tokens ·") < 2 or "│" not in screen():
+                if time.time() > end:
+                    fail(f"no answer after the approved tool call; screen:\n{screen()}")
+                time.sleep(0.2)
             type_line("/quit")
             wait_for("CHAT-EXITED-0")
         print(f"ok: chat tmux test passed in {time.time() - t0:.1f} s ({'mock server' if mock else 'flashmoe serve'})")
