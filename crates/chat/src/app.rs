@@ -112,10 +112,16 @@ pub fn run(opts: Options) -> Result<()> {
     let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let ui = Ui { color };
     let client = Client::new(&opts.url, opts.api_key.clone());
-    let model = match &opts.model {
-        Some(m) => m.clone(),
-        None => client.first_model()?,
+    // A server that does not list models (or not this one) still gets the conversation.
+    let (model, context) = match client.model_card(opts.model.as_deref()) {
+        Ok(card) => card,
+        Err(e) => match &opts.model {
+            Some(m) => (m.clone(), None),
+            None => return Err(e),
+        },
     };
+    let tool_cap = context.map(tools::output_cap_for_context);
+    let capped = tool_cap.filter(|&c| c < opts.limits.max_output);
     let mut conv = match &opts.resume {
         Some(id) => Conversation::load(&opts.data_dir, id)?,
         None => Conversation::new(&opts.data_dir),
@@ -132,6 +138,12 @@ pub fn run(opts: Options) -> Result<()> {
         s.print_history();
     }
     s.ui.note(&format!("conversation {} · /help for commands", s.conv.id));
+    if let (Some(cap), Some(n)) = (capped, context) {
+        // A tool output longer than the model's context would make this and every later
+        // request of the conversation fail.
+        s.opts.limits.max_output = cap;
+        s.ui.note(&format!("tool output to the model capped at {cap} bytes (half of the model's {n}-token context)"));
+    }
 
     let mut rl = DefaultEditor::new()?;
     let history = s.opts.data_dir.join("chat_history.txt");

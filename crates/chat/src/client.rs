@@ -174,6 +174,12 @@ impl Client {
 
     /// The first model id of `GET /v1/models`.
     pub fn first_model(&self) -> Result<String> {
+        Ok(self.model_card(None)?.0)
+    }
+
+    /// `model` (or the first model) of `GET /v1/models`, with its context length when the
+    /// server reports one (`max_model_len`, as flashmoe and vLLM do).
+    pub fn model_card(&self, model: Option<&str>) -> Result<(String, Option<usize>)> {
         let mut req = self.agent.get(format!("{}/v1/models", self.base));
         if let Some(a) = self.auth() {
             req = req.header("Authorization", a);
@@ -185,7 +191,14 @@ impl Client {
             bail!("GET /v1/models: {}", error_text(status, &text));
         }
         let v: Json = serde_json::from_str(&text).context("GET /v1/models: not JSON")?;
-        v["data"][0]["id"].as_str().map(str::to_string).ok_or_else(|| anyhow!("GET /v1/models lists no model"))
+        let cards = v["data"].as_array().cloned().unwrap_or_default();
+        let card = match model {
+            Some(m) => cards.iter().find(|c| c["id"] == m).cloned().unwrap_or_else(|| json!({"id": m})),
+            None => cards.first().cloned().ok_or_else(|| anyhow!("GET /v1/models lists no model"))?,
+        };
+        let id =
+            card["id"].as_str().map(str::to_string).ok_or_else(|| anyhow!("GET /v1/models: a model without an id"))?;
+        Ok((id, card["max_model_len"].as_u64().map(|n| n as usize)))
     }
 
     /// Streams a chat completion (`body` gets `stream: true`), calling `on` as pieces arrive.

@@ -16,6 +16,13 @@ pub struct ToolLimits {
     pub timeout: Duration,
 }
 
+/// Bytes of tool output that fit half of a `context`-token window: at most ~3 bytes per token
+/// of ordinary text in the Qwen and built-in tokenizers (the built-in one averages 3.4 on its
+/// corpus), so the other half stays for the conversation and the reply.
+pub fn output_cap_for_context(context: usize) -> usize {
+    (context / 2).saturating_mul(3).max(256)
+}
+
 impl Default for ToolLimits {
     fn default() -> Self {
         Self { max_output: 16 * 1024, timeout: Duration::from_secs(60) }
@@ -253,5 +260,13 @@ mod tests {
         assert!(execute("nope", "{}", &ToolLimits::default()).starts_with("error: unknown tool"));
         assert!(execute("bash", "not json", &ToolLimits::default()).starts_with("error: the arguments"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tool_output_fits_half_the_context() {
+        // The built-in model's 4,096 tokens: 6 KiB of output, about 1,800 of its tokens.
+        assert_eq!(output_cap_for_context(4096), 6144);
+        assert_eq!(output_cap_for_context(262_144), 393_216);
+        assert_eq!(output_cap_for_context(10), 256);
     }
 }
