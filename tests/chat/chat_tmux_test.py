@@ -174,12 +174,12 @@ def main():
             type_line("/quit")
             wait_for("CHAT-EXITED-0")
 
-        # 6. No arguments: the built-in chat model, its own tool call (greedy, so the test is
-        # deterministic; tests/server/test_builtin_chat.py checks seeded sampled ones), shown,
-        # approved, run, and answered from its output.
+        # 6. No arguments: the built-in chat model, its own sampled tool call (the model's
+        # sampling defaults, seeded so the test is reproducible), shown, approved, run, and
+        # answered from its output.
         if not mock:
             home = {**env, "FLASHMOE_HOME": os.path.join(tmp, "home")}
-            start_chat(None, home, "--temperature 0")
+            start_chat(None, home, "--seed 7")
             wait_for("builtin", "/help for commands", timeout=120)
             type_line("Show me the package curl.")
             wait_for("bash: apt-cache show curl", "Run it? [y/N]", timeout=60)

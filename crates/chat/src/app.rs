@@ -37,6 +37,8 @@ pub struct Options {
     pub show_thinking: bool,
     pub max_tokens: Option<usize>,
     pub temperature: Option<f64>,
+    /// Sampling seed sent with every request.
+    pub seed: Option<u64>,
     /// Where conversations and the line history live ([`store::data_dir`]).
     pub data_dir: PathBuf,
     pub limits: ToolLimits,
@@ -56,6 +58,7 @@ impl Options {
             show_thinking: true,
             max_tokens: None,
             temperature: None,
+            seed: None,
             data_dir: store::data_dir(),
             limits: ToolLimits::default(),
         }
@@ -272,6 +275,9 @@ impl Session {
         }
         if let Some(t) = self.opts.temperature {
             body["temperature"] = json!(t);
+        }
+        if let Some(s) = self.opts.seed {
+            body["seed"] = json!(s);
         }
         body
     }

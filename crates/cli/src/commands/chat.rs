@@ -47,6 +47,10 @@ pub struct ChatArgs {
     /// Sampling temperature, 0 to 2 (default: the model's generation_config.json; 0 = greedy).
     #[arg(long, value_parser = temperature)]
     temperature: Option<f64>,
+    /// Sampling seed sent with every request (the server's `seed`): the same conversation
+    /// gets the same sampled replies.
+    #[arg(long)]
+    seed: Option<u64>,
     /// Seconds a `bash` tool call may run (0.1 to 86400).
     #[arg(long, default_value_t = 60.0, value_parser = tool_timeout)]
     tool_timeout: f64,
@@ -123,6 +127,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
     o.show_thinking = !a.hide_thinking;
     o.max_tokens = a.max_tokens;
     o.temperature = a.temperature;
+    o.seed = a.seed;
     o.data_dir = data_dir;
     o.limits =
         ToolLimits { max_output: a.tool_output_cap.max(1), timeout: Duration::from_secs_f64(a.tool_timeout.max(0.1)) };
