@@ -139,6 +139,10 @@ struct DecodeCommon {
     routing_profile: flashmoe::runtime::ProfileSource,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Do not check experts against the manifest checksums on their first read (to measure what
+    /// the check costs).
+    #[arg(long)]
+    no_verify: bool,
     #[command(flatten)]
     engine: crate::args::EngineArgs,
     #[command(flatten)]
@@ -381,7 +385,7 @@ fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64, timing: bool) -> Resu
         ram_cache_bytes: cache,
         io_threads: c.io_threads.max(1),
         cache_policy: c.cache_policy,
-        verify: true,
+        verify: !c.no_verify,
     };
     // The store flags of bench keep their own defaults (O_DIRECT, no RAM cache, sizes as a share
     // of the experts); the engine and device groups are the ones every command takes.
