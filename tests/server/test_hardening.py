@@ -154,6 +154,35 @@ def test_truncated_model_file_ends_the_server_with_a_message(tmp_root):
         s.stop()
 
 
+def test_an_expert_damaged_under_a_running_server_is_an_error_not_other_text(tmp_root):
+    """The built-in model unpacked into this server's FLASHMOE_HOME, experts streamed through the
+    page cache (`--io page`, no RAM tier): while the server runs, one byte of every expert of
+    layer 0 is flipped on disk. The next request that routes through them gets an error naming
+    the damaged expert (each expert is checked on its first read), never a fluent reply from
+    damaged weights, and the server keeps answering."""
+    home = tmp_root / "flipped"
+    home.mkdir()
+    s = Server("flipped", None, home, "--io", "page", "--ram-cache", "0")
+    try:
+        manifests = list(Path(home).rglob("manifest.json"))
+        assert len(manifests) == 1, manifests
+        folder = manifests[0].parent
+        man = json.loads(manifests[0].read_text())
+        layer0 = man["experts"][0]
+        path = folder / layer0["file"]
+        data = bytearray(path.read_bytes())
+        for e in range(layer0["num_experts"]):
+            data[e * layer0["stride"] + 100] ^= 0x40
+        path.write_bytes(bytes(data))
+        r = requests.post(s.url + "/v1/chat/completions", timeout=60,
+                          json={"model": s.model, "max_tokens": 4, "messages": [{"role": "user", "content": "Hello"}]})
+        assert r.status_code >= 400, r.text
+        assert "fails its checksum" in r.text and "of layer 0" in r.text, r.text
+        assert requests.get(s.url + "/health", timeout=10).status_code == 200
+    finally:
+        s.stop()
+
+
 def open_fds(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
