@@ -530,6 +530,8 @@ impl<'e> Stream<'e> {
         if self.phase == StreamPhase::Prefill {
             self.g.prefill_secs = self.t0.elapsed().as_secs_f64();
             self.g.prefilled_tokens = self.done - self.g.reused_tokens;
+            // Nothing was decoded: no decode time either.
+            self.t1 = Instant::now();
         }
         self.g.finish = Finish::Cancelled;
         self.phase = StreamPhase::Ended;
@@ -669,10 +671,6 @@ impl<'e> Stream<'e> {
         cache: &mut PrefixCache,
         on_piece: &mut impl FnMut(Channel, &str) -> bool,
     ) -> Result<Generation> {
-        if self.phase == StreamPhase::Prefill && self.g.finish == Finish::Cancelled {
-            // Cancelled before the prompt was in: nothing was decoded, nothing to store.
-            return Ok(self.g);
-        }
         if self.phase == StreamPhase::Prefill {
             return Err(Error::input("a generation was finished before its prompt was prefilled"));
         }
