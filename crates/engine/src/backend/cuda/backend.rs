@@ -785,6 +785,18 @@ pub struct CudaPass<'p> {
     marked: Instant,
 }
 
+impl CudaPass<'_> {
+    /// The sequences of this pass as (first row, rows, device address of the first row's
+    /// position): one sequence from the position in `ws.tok[0]`, or a batch's one row each.
+    fn segments(&self) -> Vec<(usize, usize, u64)> {
+        if self.states.len() == 1 {
+            vec![(0, self.t, self.ws.tok.ptr())]
+        } else {
+            (0..self.states.len()).map(|i| (i, 1, self.positions + 4 * i as u64)).collect()
+        }
+    }
+}
+
 impl CudaBackend {
     /// Opens GPU `ordinal` and compiles (or loads) the kernels. The pool and workspace are sized
     /// in `prepare`, once the weights are on the GPU.
@@ -1517,111 +1529,6 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Attention of a batched pass: q/k/v projections over all rows at once, then each row
-    /// against its own sequence's KV cache at its own position, then o_proj over all rows.
-    fn attention_batch(
-        &self,
-        p: &mut CudaPass<'_>,
-        layer: usize,
-        w: &AttentionWeights<Device>,
-        inv_freq: &DevBuf,
-    ) -> crate::Result<()> {
-        let (c, ws, t, dev) = (p.spec.cfg, p.ws, p.t, &*self.dev);
-        let normed = ws.normed.ptr();
-        let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        self.mm(ws, &w.q_proj, normed, ws.proj.ptr(), t)?;
-        self.mm(ws, &w.k_proj, normed, ws.k.ptr(), t)?;
-        self.mm(ws, &w.v_proj, normed, ws.v.ptr(), t)?;
-        let half = c.rotary_dims() / 2;
-        let (q_row, kv_row) = ((nh * d * 4) as u64, (nkv * d * 4) as u64);
-        for (i, st) in p.states.iter().enumerate() {
-            let DevLayerState::Attention { k: kc, v: vc, cap } = &st.layers[layer] else {
-                return Err(CudaError::new("layer state does not match layer kind").into());
-            };
-            let i64_ = i as u64;
-            let pos_ptr = p.positions + 4 * i64_;
-            self.ops.attn_prep(
-                dev,
-                ws.proj.ptr() + 2 * q_row * i64_,
-                ws.k.ptr() + kv_row * i64_,
-                ws.v.ptr() + kv_row * i64_,
-                w.q_norm.ptr(),
-                w.k_norm.ptr(),
-                inv_freq.ptr(),
-                ws.q.ptr() + q_row * i64_,
-                ws.gate.ptr() + q_row * i64_,
-                kc.ptr(),
-                vc.ptr(),
-                1,
-                (nh, nkv, d, half),
-                pos_ptr,
-                c.rms_norm_eps,
-            )?;
-            self.ops.attention(
-                dev,
-                ws.q.ptr() + q_row * i64_,
-                kc.ptr(),
-                vc.ptr(),
-                ws.part.ptr(),
-                ws.gate.ptr() + q_row * i64_,
-                ws.attn.ptr() + q_row * i64_,
-                1,
-                (nh, nkv, d),
-                pos_ptr,
-                (*cap / 256).clamp(1, MAX_SPLITS),
-            )?;
-        }
-        self.mm(ws, &w.o_proj, ws.attn.ptr(), ws.mixed.ptr(), t)?;
-        Ok(())
-    }
-
-    /// GatedDeltaNet of a batched pass: the projections over all rows at once, then each row
-    /// through its own sequence's conv window and recurrent state, then out_proj over all rows.
-    fn delta_net_batch(&self, p: &mut CudaPass<'_>, layer: usize, w: &DeltaNetWeights<Device>) -> crate::Result<()> {
-        let (c, ws, t, dev) = (p.spec.cfg, p.ws, p.t, &*self.dev);
-        let normed = ws.normed.ptr();
-        self.mm(ws, &w.in_qkv, normed, ws.proj.ptr(), t)?;
-        self.mm(ws, &w.in_z, normed, ws.z.ptr(), t)?;
-        self.mm(ws, &w.in_b, normed, ws.b.ptr(), t)?;
-        self.mm(ws, &w.in_a, normed, ws.a.ptr(), t)?;
-        let (hk, hv, dk, dv) = (c.linear_key_heads, c.linear_value_heads, c.linear_key_dim, c.linear_value_dim);
-        let (conv_row, zy_row, ab_row) = ((c.conv_dim() * 4) as u64, (hv * dv * 4) as u64, (hv * 4) as u64);
-        for (i, st) in p.states.iter().enumerate() {
-            let DevLayerState::DeltaNet { conv: cs, rec } = &st.layers[layer] else {
-                return Err(CudaError::new("layer state does not match layer kind").into());
-            };
-            let i = i as u64;
-            self.ops.dn_conv(
-                dev,
-                ws.proj.ptr() + conv_row * i,
-                cs.ptr(),
-                w.conv.ptr(),
-                ws.conv_out.ptr() + conv_row * i,
-                1,
-                c.conv_dim(),
-                c.conv_kernel,
-            )?;
-            self.ops.dn_recurrent(
-                dev,
-                ws.conv_out.ptr() + conv_row * i,
-                ws.z.ptr() + zy_row * i,
-                ws.b.ptr() + ab_row * i,
-                ws.a.ptr() + ab_row * i,
-                w.neg_a.ptr(),
-                w.dt_bias.ptr(),
-                w.norm.ptr(),
-                rec.ptr(),
-                ws.dn_y.ptr() + zy_row * i,
-                1,
-                (hk, hv, dk, dv),
-                w.value_heads_tiled,
-                c.rms_norm_eps,
-            )?;
-        }
-        self.mm(ws, &w.out_proj, ws.dn_y.ptr(), ws.mixed.ptr(), t)?;
-        Ok(())
-    }
-
     fn record_routing(p: &CudaPass<'_>, li: usize, pos: usize, experts: &[i32]) {
         if p.spec.hooks.wants_routing() {
             let ids: Vec<u32> = experts.iter().map(|&x| x as u32).collect();
@@ -2305,12 +2212,6 @@ impl Backend for CudaBackend {
         inv_freq: &DevBuf,
     ) -> crate::Result<()> {
         let (c, ws, t, dev) = (p.spec.cfg, p.ws, p.t, &*self.dev);
-        if p.states.len() > 1 {
-            return self.attention_batch(p, layer, w, inv_freq);
-        }
-        let DevLayerState::Attention { k: kc, v: vc, cap } = &p.states[0].layers[layer] else {
-            return Err(CudaError::new("layer state does not match layer kind").into());
-        };
         let normed = ws.normed.ptr();
         let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
         if t == 1 {
@@ -2321,52 +2222,55 @@ impl Backend for CudaBackend {
             self.mm(ws, &w.v_proj, normed, ws.v.ptr(), t)?;
         }
         let half = c.rotary_dims() / 2;
-        let pos_ptr = ws.tok.ptr();
-        self.ops.attn_prep(
-            dev,
-            ws.proj.ptr(),
-            ws.k.ptr(),
-            ws.v.ptr(),
-            w.q_norm.ptr(),
-            w.k_norm.ptr(),
-            inv_freq.ptr(),
-            ws.q.ptr(),
-            ws.gate.ptr(),
-            kc.ptr(),
-            vc.ptr(),
-            t,
-            (nh, nkv, d, half),
-            pos_ptr,
-            c.rms_norm_eps,
-        )?;
-        // One token: split the key range by the cache capacity (fixed between cache growths, so
-        // graphs stay valid); prefill rows have parallelism enough.
-        let splits = if t == 1 { (*cap / 256).clamp(1, MAX_SPLITS) } else { 1 };
-        self.ops.attention(
-            dev,
-            ws.q.ptr(),
-            kc.ptr(),
-            vc.ptr(),
-            ws.part.ptr(),
-            ws.gate.ptr(),
-            ws.attn.ptr(),
-            t,
-            (nh, nkv, d),
-            pos_ptr,
-            splits,
-        )?;
+        let (q_row, kv_row) = ((nh * d * 4) as u64, (nkv * d * 4) as u64);
+        // Each sequence's rows against its own KV cache (a batch: one row per sequence).
+        for ((r0, rows, pos_ptr), st) in p.segments().into_iter().zip(&p.states) {
+            let DevLayerState::Attention { k: kc, v: vc, cap } = &st.layers[layer] else {
+                return Err(CudaError::new("layer state does not match layer kind").into());
+            };
+            let r0 = r0 as u64;
+            let (q, gate) = (ws.q.ptr() + q_row * r0, ws.gate.ptr() + q_row * r0);
+            self.ops.attn_prep(
+                dev,
+                ws.proj.ptr() + 2 * q_row * r0,
+                ws.k.ptr() + kv_row * r0,
+                ws.v.ptr() + kv_row * r0,
+                w.q_norm.ptr(),
+                w.k_norm.ptr(),
+                inv_freq.ptr(),
+                q,
+                gate,
+                kc.ptr(),
+                vc.ptr(),
+                rows,
+                (nh, nkv, d, half),
+                pos_ptr,
+                c.rms_norm_eps,
+            )?;
+            // One token: split the key range by the cache capacity (fixed between cache
+            // growths, so graphs stay valid); prefill rows have parallelism enough.
+            let splits = if rows == 1 { (*cap / 256).clamp(1, MAX_SPLITS) } else { 1 };
+            let out = ws.attn.ptr() + q_row * r0;
+            self.ops.attention(
+                dev,
+                q,
+                kc.ptr(),
+                vc.ptr(),
+                ws.part.ptr(),
+                gate,
+                out,
+                rows,
+                (nh, nkv, d),
+                pos_ptr,
+                splits,
+            )?;
+        }
         self.mm(ws, &w.o_proj, ws.attn.ptr(), ws.mixed.ptr(), t)?;
         Ok(())
     }
 
     fn delta_net(&self, p: &mut CudaPass<'_>, layer: usize, w: &DeltaNetWeights<Device>) -> crate::Result<()> {
         let (c, ws, t, dev) = (p.spec.cfg, p.ws, p.t, &*self.dev);
-        if p.states.len() > 1 {
-            return self.delta_net_batch(p, layer, w);
-        }
-        let DevLayerState::DeltaNet { conv: cs, rec } = &p.states[0].layers[layer] else {
-            return Err(CudaError::new("layer state does not match layer kind").into());
-        };
         let normed = ws.normed.ptr();
         if t == 1 {
             let outs =
@@ -2379,47 +2283,57 @@ impl Backend for CudaBackend {
             self.mm(ws, &w.in_a, normed, ws.a.ptr(), t)?;
         }
         let (hk, hv, dk, dv) = (c.linear_key_heads, c.linear_value_heads, c.linear_key_dim, c.linear_value_dim);
-        if t > 1 && self.ops.dn_prefill_fits(dk, dv) {
-            self.ops.dn_prefill(
+        let (conv_row, zy_row, ab_row) = ((c.conv_dim() * 4) as u64, (hv * dv * 4) as u64, (hv * 4) as u64);
+        // Each sequence's rows through its own conv window and recurrent state (a batch: one
+        // row per sequence).
+        for ((r0, rows, _), st) in p.segments().into_iter().zip(&p.states) {
+            let DevLayerState::DeltaNet { conv: cs, rec } = &st.layers[layer] else {
+                return Err(CudaError::new("layer state does not match layer kind").into());
+            };
+            if rows > 1 && self.ops.dn_prefill_fits(dk, dv) {
+                // (Only a pass over one sequence has several rows: they start at row 0.)
+                self.ops.dn_prefill(
+                    dev,
+                    (ws.proj.ptr(), cs.ptr(), w.conv.ptr(), ws.conv_out.ptr()),
+                    (ws.z.ptr(), ws.b.ptr(), ws.a.ptr(), w.neg_a.ptr(), w.dt_bias.ptr(), w.norm.ptr()),
+                    rec.ptr(),
+                    ws.dn_y.ptr(),
+                    rows,
+                    (hk, hv, dk, dv, c.conv_kernel),
+                    w.value_heads_tiled,
+                    c.rms_norm_eps,
+                )?;
+                continue;
+            }
+            let r0 = r0 as u64;
+            let conv_out = ws.conv_out.ptr() + conv_row * r0;
+            self.ops.dn_conv(
                 dev,
-                (ws.proj.ptr(), cs.ptr(), w.conv.ptr(), ws.conv_out.ptr()),
-                (ws.z.ptr(), ws.b.ptr(), ws.a.ptr(), w.neg_a.ptr(), w.dt_bias.ptr(), w.norm.ptr()),
+                ws.proj.ptr() + conv_row * r0,
+                cs.ptr(),
+                w.conv.ptr(),
+                conv_out,
+                rows,
+                c.conv_dim(),
+                c.conv_kernel,
+            )?;
+            self.ops.dn_recurrent(
+                dev,
+                conv_out,
+                ws.z.ptr() + zy_row * r0,
+                ws.b.ptr() + ab_row * r0,
+                ws.a.ptr() + ab_row * r0,
+                w.neg_a.ptr(),
+                w.dt_bias.ptr(),
+                w.norm.ptr(),
                 rec.ptr(),
-                ws.dn_y.ptr(),
-                t,
-                (hk, hv, dk, dv, c.conv_kernel),
+                ws.dn_y.ptr() + zy_row * r0,
+                rows,
+                (hk, hv, dk, dv),
                 w.value_heads_tiled,
                 c.rms_norm_eps,
             )?;
-            self.mm(ws, &w.out_proj, ws.dn_y.ptr(), ws.mixed.ptr(), t)?;
-            return Ok(());
         }
-        self.ops.dn_conv(
-            dev,
-            ws.proj.ptr(),
-            cs.ptr(),
-            w.conv.ptr(),
-            ws.conv_out.ptr(),
-            t,
-            c.conv_dim(),
-            c.conv_kernel,
-        )?;
-        self.ops.dn_recurrent(
-            dev,
-            ws.conv_out.ptr(),
-            ws.z.ptr(),
-            ws.b.ptr(),
-            ws.a.ptr(),
-            w.neg_a.ptr(),
-            w.dt_bias.ptr(),
-            w.norm.ptr(),
-            rec.ptr(),
-            ws.dn_y.ptr(),
-            t,
-            (c.linear_key_heads, c.linear_value_heads, c.linear_key_dim, c.linear_value_dim),
-            w.value_heads_tiled,
-            c.rms_norm_eps,
-        )?;
         self.mm(ws, &w.out_proj, ws.dn_y.ptr(), ws.mixed.ptr(), t)?;
         Ok(())
     }
