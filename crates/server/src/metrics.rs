@@ -30,7 +30,6 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     totals: Mutex<Totals>,
     queue: AtomicI64,
-    active: AtomicI64,
     cancelled: AtomicU64,
     failed: AtomicU64,
     /// Requests being generated (the batch), decode passes run and the rows they carried.
@@ -58,23 +57,22 @@ impl Metrics {
         self.queue.load(Relaxed).max(0)
     }
 
-    pub fn set_active(&self, on: bool) {
-        self.active.store(on as i64, Relaxed);
+    /// Requests the worker is generating now (its batch).
+    pub fn set_in_flight(&self, n: usize) {
+        self.in_flight.store(n as i64, Relaxed);
     }
 
     /// Whether the worker is running a generation now.
     pub fn active(&self) -> bool {
-        self.active.load(Relaxed) > 0
+        self.in_flight.load(Relaxed) > 0
     }
 
-    /// After a round of the batch: `decoded` requests got a token in one pass; `in_flight`
-    /// requests are being generated.
-    pub fn round(&self, decoded: usize, in_flight: usize) {
+    /// After a round of the batch: `decoded` requests got a token in one pass.
+    pub fn round(&self, decoded: usize) {
         if decoded > 0 {
             self.decode_passes.fetch_add(1, Relaxed);
             self.decode_rows.fetch_add(decoded as u64, Relaxed);
         }
-        self.in_flight.store(in_flight as i64, Relaxed);
     }
 
     pub fn cancelled(&self) {
@@ -191,12 +189,7 @@ impl Metrics {
             one(t.last_decode_tok_s),
         );
         metric("queue_length", "gauge", "Requests waiting for the engine.", one(self.queue_length() as f64));
-        metric(
-            "generation_active",
-            "gauge",
-            "1 while the engine is generating.",
-            one(self.active.load(Relaxed) as f64),
-        );
+        metric("generation_active", "gauge", "1 while the engine is generating.", one(self.active() as u8 as f64));
         metric(
             "requests_in_flight",
             "gauge",

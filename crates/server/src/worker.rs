@@ -284,11 +284,11 @@ fn run(
         if batch.is_empty() {
             continue;
         }
-        m.set_active(true);
+        m.set_in_flight(batch.len());
         let outcome = catch_unwind(AssertUnwindSafe(|| batch.step()));
         match outcome {
             Ok((round, ended)) => {
-                m.round(round.decoded, batch.len());
+                m.round(round.decoded);
                 for (sink, result) in ended {
                     match result {
                         Ok(g) => {
@@ -331,10 +331,7 @@ fn run(
                 }
             }
         }
-        m.set_active(!batch.is_empty());
-        if batch.is_empty() {
-            m.round(0, 0);
-        }
+        m.set_in_flight(batch.len());
         let c = &batch.cache;
         m.set_cache(c.stats(), c.bytes(), c.len(), c.max_bytes());
     }
