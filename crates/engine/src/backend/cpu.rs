@@ -424,7 +424,7 @@ fn attention(
     seqs: &mut [AttnSeq<'_>],
 ) -> Vec<f32> {
     let (nh, d) = (c.num_heads, c.head_dim);
-    let [qg, k, v] = Linear::apply_many([&a.q_proj, &a.k_proj, &a.v_proj], hs, t);
+    let [qg, mut k, v] = Linear::apply_many([&a.q_proj, &a.k_proj, &a.v_proj], hs, t);
     let (qw, kvw) = (nh * d, c.num_kv_heads * d);
     let mut out = vec![0.0f32; t * qw];
     let mut r0 = 0;
@@ -434,7 +434,7 @@ fn attention(
             c,
             a,
             inv_freq,
-            (&qg[r.start * 2 * qw..r.end * 2 * qw], &k[r.start * kvw..r.end * kvw], &v[r.start * kvw..r.end * kvw]),
+            (&qg[r.start * 2 * qw..r.end * 2 * qw], &mut k[r.start * kvw..r.end * kvw], &v[r.start * kvw..r.end * kvw]),
             s,
             &mut out[r.start * qw..r.end * qw],
         );
@@ -449,14 +449,13 @@ fn attend(
     c: &ModelConfig,
     a: &AttentionWeights<Host>,
     inv_freq: &[f32],
-    (qg, k, v): (&[f32], &[f32], &[f32]),
+    (qg, k, v): (&[f32], &mut [f32], &[f32]),
     s: &mut AttnSeq<'_>,
     out: &mut [f32],
 ) {
     let (nh, nkv, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
     let eps = c.rms_norm_eps;
     let (t, pos0) = (s.rows, s.pos0);
-    let mut k = k.to_vec();
     // q_proj rows are interleaved per head: [q_h (D); gate_h (D)].
     let mut q = vec![0.0f32; t * nh * d];
     let mut gate = vec![0.0f32; t * nh * d];
@@ -480,7 +479,7 @@ fn attend(
             rope(inv_freq, kh, pos0 + ti);
         }
     }
-    s.keys.extend_from_slice(&k);
+    s.keys.extend_from_slice(k);
     s.values.extend_from_slice(v);
 
     let group = nh / nkv;
