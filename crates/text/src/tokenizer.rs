@@ -53,6 +53,12 @@ impl TextTokenizer {
         Self::from_bytes_named(bytes, "<tokenizer bytes>")
     }
 
+    /// This tokenizer as the text of a `tokenizer.json` ([`TextTokenizer::from_bytes`] reads it
+    /// back): how a tokenizer assembled from a GGUF vocabulary is saved with a converted model.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(false).map_err(|e| TextError::Tokenizer(format!("cannot serialize: {e}")))
+    }
+
     fn from_bytes_named(bytes: &[u8], origin: &str) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| TextError::InvalidTokenizer { origin: origin.to_string(), message: e.to_string() })?;

@@ -195,6 +195,11 @@ impl GgmlType {
         }
     }
 
+    /// The type [`GgmlType::name`] spells `name` (exactly, case included), if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
     /// Elements per block (1 for the plain float and integer types).
     pub fn block_size(self) -> usize {
         self.entry().1
