@@ -14,7 +14,7 @@ pub mod types;
 pub use metadata::{ARCHITECTURES, ModelFacts};
 pub use reader::{Array, GgufFile, Header, TensorInfo, Value};
 pub use split::GgufParts;
-pub use tensors::{ExpertSlice, LayerExperts, Layout, Location, MappedTensor, TensorMap};
+pub use tensors::{ExpertSlice, LayerExperts, Layout, Location, MappedTensor, TensorListing, TensorMap};
 pub use types::GgmlType;
 
 use crate::config::ModelConfig;
@@ -48,7 +48,7 @@ impl GgufModel {
 
     /// The bytes at `loc` (a tensor or one expert's slice), kept mapped.
     pub fn bytes(&self, loc: Location) -> Bytes {
-        self.parts.parts[loc.part].range(loc.start, loc.len)
+        TensorListing::bytes(&self.parts, loc)
     }
 
     /// The tokenizer: a `tokenizer.json` beside the file when there is one (it is the model's own
@@ -70,6 +70,47 @@ impl GgufModel {
     pub fn chat_template(&self) -> Option<&str> {
         self.parts.get("tokenizer.chat_template").and_then(Value::as_str)
     }
+}
+
+/// The BOS and EOS token texts the metadata names by id (`tokenizer.ggml.{bos,eos}_token_id`), as
+/// tokenizer_config.json's `bos_token` / `eos_token` (what a chat template sees); ids the
+/// tokenizer does not know are left out.
+pub fn special_tokens(parts: &GgufParts, tok: &TextTokenizer) -> serde_json::Map<String, serde_json::Value> {
+    let mut special = serde_json::Map::new();
+    for (key, meta) in [("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id")] {
+        let text = parts
+            .get(meta)
+            .and_then(Value::as_int)
+            .and_then(|id| u32::try_from(id).ok())
+            .and_then(|id| tok.id_to_token(id));
+        if let Some(t) = text {
+            special.insert(key.into(), serde_json::Value::String(t));
+        }
+    }
+    special
+}
+
+/// `general.sampling.*` (the sampler settings a GGUF's author recommends) in
+/// generation_config.json's terms, when the file has any.
+pub fn sampling_defaults(parts: &GgufParts) -> Option<serde_json::Value> {
+    let mut v = serde_json::Map::new();
+    for (meta, key) in [
+        ("general.sampling.temp", "temperature"),
+        ("general.sampling.top_p", "top_p"),
+        ("general.sampling.top_k", "top_k"),
+        ("general.sampling.min_p", "min_p"),
+        ("general.sampling.penalty_repeat", "repetition_penalty"),
+    ] {
+        if let Some(x) = parts.get(meta) {
+            // top_k is an integer; the others are floats (a converter may write either).
+            let n = match key {
+                "top_k" => serde_json::Value::from(u64::try_from(x.as_int()?).ok()?),
+                _ => serde_json::Value::from(x.as_f64()?),
+            };
+            v.insert(key.into(), n);
+        }
+    }
+    (!v.is_empty()).then_some(serde_json::Value::Object(v))
 }
 
 /// Builds the tokenizer described by `tokenizer.ggml.*` (byte-level BPE, `gpt2` model).

@@ -13,6 +13,48 @@ use super::split::GgufParts;
 use super::types::GgmlType;
 use crate::config::{Family, LayerKind, ModelConfig};
 use crate::error::{Error, Result};
+use crate::weights::store::Bytes;
+use std::path::Path;
+
+/// The tensors a [`TensorMap`] is made from, named and shaped as llama.cpp's converter writes
+/// them: a GGUF model's parts, or the tensor table of a packed model converted from one (whose
+/// routed experts live in its expert files instead). One mapping for both is what makes the two
+/// load into the same weight tree.
+pub trait TensorListing {
+    /// The file that errors about the model as a whole name.
+    fn path(&self) -> &Path;
+    /// The file of part `part`.
+    fn part_path(&self, part: usize) -> &Path;
+    /// Every tensor with its part, in storage order.
+    fn tensors(&self) -> Box<dyn Iterator<Item = (usize, &TensorInfo)> + '_>;
+    fn tensor(&self, name: &str) -> Option<(usize, &TensorInfo)>;
+    /// The bytes at `loc` (a tensor's [`Location`] in this listing), kept mapped.
+    fn bytes(&self, loc: Location) -> Bytes;
+    /// Whether the routed experts are stacked tensors of this listing (`ffn_*_exps`, as in a
+    /// GGUF file). When false none may be listed, and [`TensorMap::experts`] is empty.
+    fn has_stacked_experts(&self) -> bool;
+}
+
+impl TensorListing for GgufParts {
+    fn path(&self) -> &Path {
+        GgufParts::path(self)
+    }
+    fn part_path(&self, part: usize) -> &Path {
+        &self.parts[part].path
+    }
+    fn tensors(&self) -> Box<dyn Iterator<Item = (usize, &TensorInfo)> + '_> {
+        Box::new(GgufParts::tensors(self))
+    }
+    fn tensor(&self, name: &str) -> Option<(usize, &TensorInfo)> {
+        GgufParts::tensor(self, name)
+    }
+    fn bytes(&self, loc: Location) -> Bytes {
+        self.parts[loc.part].range(loc.start, loc.len)
+    }
+    fn has_stacked_experts(&self) -> bool {
+        true
+    }
+}
 
 /// A transformation the converter applied that a loader must undo or respect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,6 +171,8 @@ pub struct TensorMap {
     pub globals: Vec<MappedTensor>,
     /// Per main layer: its non-expert tensors (expert tensors included, with their whole range).
     pub layers: Vec<Vec<MappedTensor>>,
+    /// Per main layer, its stacked routed experts (empty when the listing stores experts
+    /// elsewhere: [`TensorListing::has_stacked_experts`]).
     pub experts: Vec<LayerExperts>,
     /// MTP blocks' tensors (not used by the forward pass).
     pub mtp: Vec<MappedTensor>,
@@ -292,8 +336,8 @@ fn required(kind: LayerKind, family: Family) -> &'static [&'static str] {
     }
 }
 
-fn tensor_err(parts: &GgufParts, part: usize, name: &str, msg: impl Into<String>) -> Error {
-    Error::Tensor { name: name.to_string(), file: parts.parts[part].path.clone(), msg: msg.into() }
+fn tensor_err(parts: &dyn TensorListing, part: usize, name: &str, msg: impl Into<String>) -> Error {
+    Error::Tensor { name: name.to_string(), file: parts.part_path(part).to_path_buf(), msg: msg.into() }
 }
 
 /// `[H]` and `[H, 1]` are the same vector (HF's shared_expert_gate is [1, H]).
@@ -320,7 +364,7 @@ fn mapped(part: usize, t: &TensorInfo, hf_name: String, layout: Vec<Layout>) -> 
 }
 
 /// Maps every tensor of `parts` for the model `cfg` describes, checking names and dims.
-pub fn map_tensors(parts: &GgufParts, cfg: &ModelConfig, mtp_layers: usize) -> Result<TensorMap> {
+pub fn map_tensors(parts: &dyn TensorListing, cfg: &ModelConfig, mtp_layers: usize) -> Result<TensorMap> {
     let u = |x: usize| x as u64;
     let d = Dims {
         h: u(cfg.hidden_size),
@@ -398,6 +442,9 @@ pub fn map_tensors(parts: &GgufParts, cfg: &ModelConfig, mtp_layers: usize) -> R
             return Err(tensor_err(parts, part, name, format!("unexpected in {what} of {}", cfg.family.name())));
         };
         check(part, t, &want)?;
+        if layout.contains(&Layout::StackedExperts) && !parts.has_stacked_experts() {
+            return Err(tensor_err(parts, part, name, "stacked experts where the experts are stored per expert"));
+        }
         match kind {
             Some(_) => layers[layer].push(mapped(part, t, format!("model.layers.{layer}.{hf}"), layout)),
             None if suffix.starts_with("nextn.") => mtp.push(mapped(part, t, format!("mtp.{hf}"), layout)),
@@ -424,12 +471,14 @@ pub fn map_tensors(parts: &GgufParts, cfg: &ModelConfig, mtp_layers: usize) -> R
                 ));
             }
         }
-        experts.push(layer_experts(parts, i, &d)?);
+        if parts.has_stacked_experts() {
+            experts.push(layer_experts(parts, i, &d)?);
+        }
     }
     Ok(TensorMap { globals, layers, experts, mtp })
 }
 
-fn expert_slice(parts: &GgufParts, name: &str, d: &Dims) -> Result<Option<ExpertSlice>> {
+fn expert_slice(parts: &dyn TensorListing, name: &str, d: &Dims) -> Result<Option<ExpertSlice>> {
     let Some((part, t)) = parts.tensor(name) else { return Ok(None) };
     // Dims were checked against [in, out, E] when mapped.
     let (cols, rows, experts) = (t.dims[0], t.dims[1], t.dims[2]);
@@ -448,7 +497,7 @@ fn expert_slice(parts: &GgufParts, name: &str, d: &Dims) -> Result<Option<Expert
     }))
 }
 
-fn layer_experts(parts: &GgufParts, i: usize, d: &Dims) -> Result<LayerExperts> {
+fn layer_experts(parts: &dyn TensorListing, i: usize, d: &Dims) -> Result<LayerExperts> {
     let p = format!("blk.{i}.");
     let down = expert_slice(parts, &format!("{p}ffn_down_exps.weight"), d)?;
     let gate = expert_slice(parts, &format!("{p}ffn_gate_exps.weight"), d)?;

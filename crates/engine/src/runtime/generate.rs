@@ -55,7 +55,7 @@ impl Engine {
             let parts = crate::gguf::GgufParts::open(dir)?;
             let tokenizer = crate::gguf::GgufModel::tokenizer_of(&parts)?;
             let template = gguf_chat_template(&parts, &tokenizer)?;
-            if let Some(v) = gguf_sampling(&parts) {
+            if let Some(v) = crate::gguf::sampling_defaults(&parts) {
                 default_sampling = SamplingParams::from_generation_config(&v)
                     .map_err(|e| Error::file(dir, format!("GGUF general.sampling.*: {e}")))?;
                 sampling_from_generation_config = true;
@@ -161,42 +161,8 @@ fn gguf_chat_template(parts: &crate::gguf::GgufParts, tok: &TextTokenizer) -> Re
         Some(src) => ChatTemplate::from_source(src)?,
         None => ChatTemplate::chatml(),
     };
-    let mut special = serde_json::Map::new();
-    for (key, meta) in [("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id")] {
-        let text = parts
-            .get(meta)
-            .and_then(crate::gguf::Value::as_int)
-            .and_then(|id| u32::try_from(id).ok())
-            .and_then(|id| tok.id_to_token(id));
-        if let Some(t) = text {
-            special.insert(key.into(), Json::String(t));
-        }
-    }
-    tpl.set_special_tokens_from_config(&Json::Object(special));
+    tpl.set_special_tokens_from_config(&Json::Object(crate::gguf::special_tokens(parts, tok)));
     Ok(tpl)
-}
-
-/// `general.sampling.*` (the sampler settings a GGUF's author recommends) in
-/// generation_config.json's terms, when the file has any.
-fn gguf_sampling(parts: &crate::gguf::GgufParts) -> Option<Json> {
-    let mut v = serde_json::Map::new();
-    for (meta, key) in [
-        ("general.sampling.temp", "temperature"),
-        ("general.sampling.top_p", "top_p"),
-        ("general.sampling.top_k", "top_k"),
-        ("general.sampling.min_p", "min_p"),
-        ("general.sampling.penalty_repeat", "repetition_penalty"),
-    ] {
-        if let Some(x) = parts.get(meta) {
-            // top_k is an integer; the others are floats (a converter may write either).
-            let n = match key {
-                "top_k" => Json::from(u64::try_from(x.as_int()?).ok()?),
-                _ => Json::from(x.as_f64()?),
-            };
-            v.insert(key.into(), n);
-        }
-    }
-    (!v.is_empty()).then_some(Json::Object(v))
 }
 
 /// Peak resident set size of this process in bytes (VmHWM), where the OS reports it.

@@ -9,44 +9,53 @@
 //!   rather than permuted back, since `ssm_out`'s columns cannot be permuted inside quant blocks;
 //! - Qwen3-Next's `ssm_ba` keeps HF's grouping, regrouped by row views as for an HF checkpoint;
 //! - stacked experts [E·out, in] give each expert a row range (one contiguous byte range).
+//!
+//! A packed model converted from a GGUF (`packed::TensorLayout::Gguf`) holds the same tensors
+//! with the same bytes, and is loaded by this same code: its tensor table is mapped as the file's
+//! is ([`TensorListing`]), only its routed experts come from its expert files.
 
 use super::weights::{LayerWeights, Mixer, ModelWeights, SourceFormat};
 use crate::config::{LayerKind, ModelConfig};
 use crate::error::{Error, Result};
 use crate::experts::{ExpertSet, ExpertWeights};
-use crate::gguf::{GgufModel, Layout, MappedTensor};
+use crate::gguf::{GgufModel, LayerExperts, Layout, MappedTensor, TensorListing, TensorMap};
 use crate::layers::{AttentionWeights, DeltaNetWeights, Host, MlpWeights, MoeWeights};
 use crate::weights::Linear;
 use std::collections::HashMap;
 
+/// Where the routed experts of a tree of GGUF tensors come from.
+pub enum RoutedExperts {
+    /// The stacked `ffn_*_exps` tensors of the map (a GGUF file): each expert a row range.
+    Stacked,
+    /// One set per layer, made by the caller (a converted model's expert files, mapped or
+    /// streamed).
+    PerLayer(Vec<ExpertSet>),
+}
+
 struct GgufLoader<'a> {
-    model: &'a GgufModel,
+    listing: &'a dyn TensorListing,
+    tensors: &'a TensorMap,
     cfg: &'a ModelConfig,
     by_name: HashMap<&'a str, &'a MappedTensor>,
 }
 
 impl<'a> GgufLoader<'a> {
-    fn new(model: &'a GgufModel) -> Self {
-        let by_name = model
-            .tensors
-            .globals
-            .iter()
-            .chain(model.tensors.layers.iter().flatten())
-            .map(|t| (t.hf_name.as_str(), t))
-            .collect();
-        GgufLoader { model, cfg: &model.config, by_name }
+    fn new(listing: &'a dyn TensorListing, tensors: &'a TensorMap, cfg: &'a ModelConfig) -> Self {
+        let by_name =
+            tensors.globals.iter().chain(tensors.layers.iter().flatten()).map(|t| (t.hf_name.as_str(), t)).collect();
+        GgufLoader { listing, tensors, cfg, by_name }
     }
 
     fn tensor(&self, hf_name: &str) -> Result<&'a MappedTensor> {
         self.by_name.get(hf_name).copied().ok_or_else(|| {
-            Error::file(self.model.parts.path(), format!("GGUF: no tensor for `{hf_name}` (llama.cpp name unknown)"))
+            Error::file(self.listing.path(), format!("GGUF: no tensor for `{hf_name}` (llama.cpp name unknown)"))
         })
     }
 
     fn err(&self, t: &MappedTensor, msg: impl Into<String>) -> Error {
         Error::Tensor {
             name: t.gguf_name.clone(),
-            file: self.model.parts.parts[t.location.part].path.clone(),
+            file: self.listing.part_path(t.location.part).to_path_buf(),
             msg: msg.into(),
         }
     }
@@ -58,7 +67,7 @@ impl<'a> GgufLoader<'a> {
         if t.dims.first() != Some(&(cols as u64)) || numel != (rows * cols) as u64 {
             return Err(self.err(t, format!("GGUF dims {:?} do not hold a [{rows}, {cols}] matrix", t.dims)));
         }
-        Linear::ggml(t.ggml_type, self.model.bytes(t.location), rows, cols, &t.gguf_name)
+        Linear::ggml(t.ggml_type, self.listing.bytes(t.location), rows, cols, &t.gguf_name)
     }
 
     /// A small tensor of `len` values as f32.
@@ -69,7 +78,7 @@ impl<'a> GgufLoader<'a> {
             return Err(self.err(t, format!("GGUF dims {:?}, expected {len} values", t.dims)));
         }
         let mut out = vec![0.0f32; len];
-        flashmoe_kernels::ggml::dequantize_row(t.ggml_type, self.model.bytes(t.location).as_slice(), &mut out)
+        flashmoe_kernels::ggml::dequantize_row(t.ggml_type, self.listing.bytes(t.location).as_slice(), &mut out)
             .map_err(|e| self.err(t, e.to_string()))?;
         if let Some(i) = out.iter().position(|v| !v.is_finite()) {
             return Err(self.err(t, format!("value {i} is {} (a corrupt file?)", out[i])));
@@ -77,7 +86,8 @@ impl<'a> GgufLoader<'a> {
         Ok((out, t))
     }
 
-    fn layer(&self, i: usize, kind: LayerKind) -> Result<LayerWeights<Host>> {
+    /// Layer `i`; its routed experts are `experts`, or the map's stacked ones when None.
+    fn layer(&self, i: usize, kind: LayerKind, experts: Option<ExpertSet>) -> Result<LayerWeights<Host>> {
         let c = self.cfg;
         let h = c.hidden_size;
         let p = format!("model.layers.{i}.");
@@ -100,7 +110,7 @@ impl<'a> GgufLoader<'a> {
             input_norm: self.vector(&format!("{p}input_layernorm.weight"), h)?.0,
             post_attention_norm: self.vector(&format!("{p}post_attention_layernorm.weight"), h)?.0,
             mixer,
-            moe: self.moe(i, &format!("{p}mlp."))?,
+            moe: self.moe(i, &format!("{p}mlp."), experts)?,
         })
     }
 
@@ -143,11 +153,37 @@ impl<'a> GgufLoader<'a> {
         })
     }
 
-    fn moe(&self, layer: usize, m: &str) -> Result<MoeWeights<Host>> {
+    fn moe(&self, layer: usize, m: &str, experts: Option<ExpertSet>) -> Result<MoeWeights<Host>> {
         let c = self.cfg;
-        let (h, e, i, is) = (c.hidden_size, c.num_experts, c.moe_intermediate, c.shared_intermediate);
-        let experts: Vec<ExpertWeights> = match &self.model.tensors.experts[layer] {
-            crate::gguf::LayerExperts::Separate { .. } => {
+        let (h, e, is) = (c.hidden_size, c.num_experts, c.shared_intermediate);
+        let experts = match experts {
+            Some(given) => given,
+            None => ExpertSet::Resident(self.stacked_experts(layer, m)?),
+        };
+        let s = format!("{m}shared_expert.");
+        Ok(MoeWeights {
+            router: self.linear(&format!("{m}gate.weight"), e, h)?,
+            experts,
+            shared: MlpWeights {
+                gate: self.linear(&format!("{s}gate_proj.weight"), is, h)?,
+                up: self.linear(&format!("{s}up_proj.weight"), is, h)?,
+                down: self.linear(&format!("{s}down_proj.weight"), h, is)?,
+            },
+            shared_gate: self.linear(&format!("{m}shared_expert_gate.weight"), 1, h)?,
+        })
+    }
+
+    /// Every expert of layer `layer` as row ranges of its stacked tensors.
+    fn stacked_experts(&self, layer: usize, m: &str) -> Result<Vec<ExpertWeights>> {
+        let c = self.cfg;
+        let (h, e, i) = (c.hidden_size, c.num_experts, c.moe_intermediate);
+        let stacked = self
+            .tensors
+            .experts
+            .get(layer)
+            .ok_or_else(|| Error::file(self.listing.path(), format!("layer {layer}: no stacked expert tensors")))?;
+        Ok(match stacked {
+            LayerExperts::Separate { .. } => {
                 let g = self.linear(&format!("{m}switch_mlp.gate_proj.weight"), e * i, h)?;
                 let u = self.linear(&format!("{m}switch_mlp.up_proj.weight"), e * i, h)?;
                 let d = self.linear(&format!("{m}switch_mlp.down_proj.weight"), e * h, i)?;
@@ -159,7 +195,7 @@ impl<'a> GgufLoader<'a> {
                     })
                     .collect()
             }
-            crate::gguf::LayerExperts::FusedGateUp { .. } => {
+            LayerExperts::FusedGateUp { .. } => {
                 let gu = self.linear(&format!("{m}experts.gate_up_proj"), e * 2 * i, h)?;
                 let d = self.linear(&format!("{m}switch_mlp.down_proj.weight"), e * h, i)?;
                 (0..e)
@@ -170,17 +206,6 @@ impl<'a> GgufLoader<'a> {
                     })
                     .collect()
             }
-        };
-        let s = format!("{m}shared_expert.");
-        Ok(MoeWeights {
-            router: self.linear(&format!("{m}gate.weight"), e, h)?,
-            experts: ExpertSet::Resident(experts),
-            shared: MlpWeights {
-                gate: self.linear(&format!("{s}gate_proj.weight"), is, h)?,
-                up: self.linear(&format!("{s}up_proj.weight"), is, h)?,
-                down: self.linear(&format!("{s}down_proj.weight"), h, is)?,
-            },
-            shared_gate: self.linear(&format!("{m}shared_expert_gate.weight"), 1, h)?,
         })
     }
 }
@@ -189,18 +214,40 @@ impl ModelWeights<Host> {
     /// The weight tree of a GGUF model, every expert resident (views into the file); the caller
     /// moves them behind an expert store to stream them.
     pub fn load_gguf(model: &GgufModel) -> Result<Self> {
-        let l = GgufLoader::new(model);
+        Self::load_ggml(&model.parts, &model.tensors, &model.config, RoutedExperts::Stacked, SourceFormat::Gguf)
+    }
+
+    /// The weight tree of GGUF tensors mapped from `listing` (`tensors`, made by
+    /// `gguf::tensors::map_tensors`): a GGUF file's, or a packed model's converted from one.
+    pub fn load_ggml(
+        listing: &dyn TensorListing,
+        tensors: &TensorMap,
+        config: &ModelConfig,
+        experts: RoutedExperts,
+        format: SourceFormat,
+    ) -> Result<Self> {
+        let l = GgufLoader::new(listing, tensors, config);
         let c = l.cfg;
+        let mut given = match experts {
+            RoutedExperts::Stacked => None,
+            RoutedExperts::PerLayer(sets) if sets.len() == c.num_layers => Some(sets.into_iter()),
+            RoutedExperts::PerLayer(sets) => {
+                return Err(Error::file(
+                    listing.path(),
+                    format!("expert sets for {} layers, the model has {}", sets.len(), c.num_layers),
+                ));
+            }
+        };
         let (h, v) = (c.hidden_size, c.vocab_size);
         let embed = l.linear("model.embed_tokens.weight", v, h)?;
         let lm_head = if c.tie_word_embeddings { embed.clone() } else { l.linear("lm_head.weight", v, h)? };
         let mut layers = Vec::with_capacity(c.num_layers);
         for (i, kind) in c.layer_kinds.iter().enumerate() {
-            layers.push(l.layer(i, *kind)?);
+            layers.push(l.layer(i, *kind, given.as_mut().and_then(Iterator::next))?);
         }
         let final_norm = l.vector("model.norm.weight", h)?.0;
         let rot = c.rotary_dims();
         let inv_freq = (0..rot / 2).map(|i| 1.0f32 / (c.rope_theta as f32).powf((2 * i) as f32 / rot as f32)).collect();
-        Ok(ModelWeights { format: SourceFormat::Gguf, embed, layers, final_norm, lm_head, inv_freq })
+        Ok(ModelWeights { format, embed, layers, final_norm, lm_head, inv_freq })
     }
 }
