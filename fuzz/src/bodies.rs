@@ -5,7 +5,7 @@
 //! input; a panic or a failed assertion is a finding.
 
 use flashmoe::ModelConfig;
-use flashmoe::packed::Manifest;
+use flashmoe::packed::{Manifest, TensorLayout};
 use flashmoe::weights::TensorStore;
 use flashmoe_text::toolcall::{Event, ToolCallParser, ToolFormat, collect, convert_param};
 use flashmoe_text::{ChatRequest, ChatTemplate};
@@ -115,6 +115,16 @@ pub fn packed_manifest(data: &[u8]) {
     }
     for t in &m.tensors {
         let _ = t.offset + t.nbytes;
+    }
+    // A GGUF-layout entry is whole blocks of a known GGML type, exactly `nbytes` of them.
+    if m.layout == TensorLayout::Gguf {
+        for t in m.tensors.iter().chain(m.experts.iter().flat_map(|ef| &ef.components)) {
+            let ty = t.ggml_type().expect("the parser checked the GGML type");
+            let (&cols, rows) = t.shape.split_last().expect("the parser checked the dims");
+            let row = ty.row_bytes(cols).expect("the parser checked the blocks") as u64;
+            let size = rows.iter().try_fold(row, |acc, &d| acc.checked_mul(d as u64));
+            assert_eq!(size, Some(t.nbytes));
+        }
     }
 }
 

@@ -515,6 +515,7 @@ fn convert_inner(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn P
     let manifest = Manifest {
         format: FORMAT_NAME.into(),
         version: FORMAT_VERSION,
+        layout: TensorLayout::Canonical,
         config: config_json,
         source: src.display().to_string(),
         created_by: format!("flashmoe {}", env!("CARGO_PKG_VERSION")),

@@ -1169,6 +1169,7 @@ fn synth_inner(opts: &SynthOptions, progress: &dyn Progress) -> Result<SynthRepo
     let manifest = Manifest {
         format: FORMAT_NAME.into(),
         version: FORMAT_VERSION,
+        layout: flashmoe::packed::TensorLayout::Canonical,
         config: config.clone(),
         source: format!(
             "synth:{} seed={} layers={layers} expert_bits={} bits={}{}",

@@ -8,9 +8,9 @@ use super::cache::{CachePolicy, ExpertCache};
 use super::weights::ExpertWeights;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::packed::{Manifest, TensorEntry, parse_dtype};
+use crate::packed::{ExpertFile, Manifest, TensorEntry, parse_dtype};
 use crate::weights::Linear;
-use crate::weights::store::{Bytes, RawTensor};
+use crate::weights::store::{ByteSource, Bytes, RawTensor};
 use flashmoe_kernels::ggml::GgmlType;
 use rayon::prelude::*;
 use std::fs::File;
@@ -901,56 +901,102 @@ impl ExpertStore {
 
     pub fn expert_weights(&self, layer: usize, buf: Arc<AlignedBuf>) -> Result<ExpertWeights> {
         let lf = &self.layers[layer];
-        // A component's bytes in the buffer, checked to lie inside the blob.
-        let component_bytes = |c: &TensorEntry| -> Result<Bytes> {
-            if c.offset + c.nbytes > lf.blob_bytes {
-                return Err(Error::file(&lf.path, format!("component `{}` lies outside the expert blob", c.name)));
-            }
-            Ok(Bytes::new(buf.clone(), c.offset as usize, c.nbytes as usize))
-        };
-        let tensor = |name: &str| -> Result<Option<RawTensor>> {
-            let Some(c) = lf.components.iter().find(|c| c.name == name) else {
-                return Ok(None);
-            };
-            let dtype = parse_dtype(&c.dtype).ok_or_else(|| {
-                Error::file(&lf.path, format!("component `{name}` has unsupported dtype `{}`", c.dtype))
-            })?;
-            Ok(Some(RawTensor {
-                name: format!("layers.{layer}.experts.{name}"),
-                dtype,
-                shape: c.shape.clone(),
-                bytes: component_bytes(c)?,
-                file: lf.path.clone(),
-            }))
-        };
-        let proj = |p: &str, rows: usize, cols: usize| -> Result<Linear> {
-            // A GGUF expert: one component in a GGML block type.
-            let wname = format!("{p}.weight");
-            if let Some(c) = lf.components.iter().find(|c| c.name == wname)
-                && let Some(ty) =
-                    GgmlType::ALL.into_iter().find(|t| t.name() == c.dtype && parse_dtype(&c.dtype).is_none())
-            {
-                return Linear::ggml(ty, component_bytes(c)?, rows, cols, &format!("layers.{layer}.experts.{wname}"));
-            }
-            let w = tensor(&format!("{p}.weight"))?
-                .ok_or_else(|| Error::file(&lf.path, format!("expert blob has no `{p}.weight`")))?;
-            match (tensor(&format!("{p}.scales"))?, tensor(&format!("{p}.biases"))?) {
-                (Some(s), Some(b)) => {
-                    let (wc, sc) = (*w.shape.last().unwrap_or(&0), *s.shape.last().unwrap_or(&0));
-                    if sc == 0 || !cols.is_multiple_of(sc) || !(wc * 32).is_multiple_of(cols) {
-                        return Err(w.err(format!(
-                            "cannot infer quantization for {cols} columns from shapes {:?} / {:?}",
-                            w.shape, s.shape
-                        )));
-                    }
-                    Linear::affine(&w, &s, &b, (wc * 32 / cols) as u32, cols / sc, rows, cols)
-                }
-                _ => Linear::float(&w, rows, cols),
-            }
-        };
-        let (h, i) = (self.hidden, self.intermediate);
-        Ok(ExpertWeights { gate: proj("gate_proj", i, h)?, up: proj("up_proj", i, h)?, down: proj("down_proj", h, i)? })
+        let len = (lf.blob_bytes as usize).min(buf.len());
+        let blob = Bytes::new(buf, 0, len);
+        expert_from_blob(&lf.components, &blob, &lf.path, layer, self.hidden, self.intermediate)
     }
+}
+
+/// One expert's matrices from its blob (a read buffer, or an expert's range of a mapped expert
+/// file), laid out as `components` say: float or affine safetensors dtypes, or one GGML block
+/// type per projection. `file` and `layer` only name things in errors.
+pub fn expert_from_blob(
+    components: &[TensorEntry],
+    blob: &Bytes,
+    file: &Path,
+    layer: usize,
+    hidden: usize,
+    intermediate: usize,
+) -> Result<ExpertWeights> {
+    // A component's bytes in the blob, checked to lie inside it.
+    let component_bytes = |c: &TensorEntry| -> Result<Bytes> {
+        if c.offset.checked_add(c.nbytes).is_none_or(|end| end > blob.len() as u64) {
+            return Err(Error::file(file, format!("component `{}` lies outside the expert blob", c.name)));
+        }
+        Ok(blob.slice(c.offset as usize, c.nbytes as usize))
+    };
+    let tensor = |name: &str| -> Result<Option<RawTensor>> {
+        let Some(c) = components.iter().find(|c| c.name == name) else {
+            return Ok(None);
+        };
+        let dtype = parse_dtype(&c.dtype)
+            .ok_or_else(|| Error::file(file, format!("component `{name}` has unsupported dtype `{}`", c.dtype)))?;
+        Ok(Some(RawTensor {
+            name: format!("layers.{layer}.experts.{name}"),
+            dtype,
+            shape: c.shape.clone(),
+            bytes: component_bytes(c)?,
+            file: file.to_path_buf(),
+        }))
+    };
+    let proj = |p: &str, rows: usize, cols: usize| -> Result<Linear> {
+        // A GGUF expert: one component in a GGML block type.
+        let wname = format!("{p}.weight");
+        if let Some(c) = components.iter().find(|c| c.name == wname)
+            && parse_dtype(&c.dtype).is_none()
+            && let Some(ty) = GgmlType::from_name(&c.dtype)
+        {
+            return Linear::ggml(ty, component_bytes(c)?, rows, cols, &format!("layers.{layer}.experts.{wname}"));
+        }
+        let w = tensor(&format!("{p}.weight"))?
+            .ok_or_else(|| Error::file(file, format!("expert blob has no `{p}.weight`")))?;
+        match (tensor(&format!("{p}.scales"))?, tensor(&format!("{p}.biases"))?) {
+            (Some(s), Some(b)) => {
+                let (wc, sc) = (*w.shape.last().unwrap_or(&0), *s.shape.last().unwrap_or(&0));
+                if sc == 0 || !cols.is_multiple_of(sc) || !(wc * 32).is_multiple_of(cols) {
+                    return Err(w.err(format!(
+                        "cannot infer quantization for {cols} columns from shapes {:?} / {:?}",
+                        w.shape, s.shape
+                    )));
+                }
+                Linear::affine(&w, &s, &b, (wc * 32 / cols) as u32, cols / sc, rows, cols)
+            }
+            _ => Linear::float(&w, rows, cols),
+        }
+    };
+    let (h, i) = (hidden, intermediate);
+    Ok(ExpertWeights { gate: proj("gate_proj", i, h)?, up: proj("up_proj", i, h)?, down: proj("down_proj", h, i)? })
+}
+
+/// The experts of one layer of a packed model as views of its mapped expert file (no reads: the
+/// page cache holds them), for a model whose experts do not stream.
+pub fn mapped_experts(dir: &Path, ef: &ExpertFile, cfg: &ModelConfig) -> Result<Vec<ExpertWeights>> {
+    let path = dir.join(&ef.file);
+    let map = crate::packed::map_file(&path)?;
+    if map.len() as u64 != ef.stride * ef.num_experts as u64 {
+        return Err(Error::file(
+            &path,
+            format!(
+                "has {} bytes, expected {} experts × {} (truncated or mismatched file)",
+                map.len(),
+                ef.num_experts,
+                ef.stride
+            ),
+        ));
+    }
+    if ef.num_experts != cfg.num_experts {
+        return Err(Error::file(
+            &path,
+            format!("holds {} experts but config.json says {}", ef.num_experts, cfg.num_experts),
+        ));
+    }
+    let map: Arc<dyn ByteSource> = map;
+    (0..ef.num_experts)
+        .map(|x| {
+            let blob = Bytes::new(map.clone(), x * ef.stride as usize, ef.blob_bytes as usize);
+            expert_from_blob(&ef.components, &blob, &path, ef.layer, cfg.hidden_size, cfg.moe_intermediate)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -13,11 +13,20 @@
 //! Names inside are canonical (`model.layers.{i}.…`, Qwen3.5 projection layout, per-expert
 //! `mlp.experts.{e}.…`), norms are stored as effective multipliers, and quantized matrices use the
 //! MLX affine layout, so the same loader and kernels serve HF, MLX and packed models.
+//!
+//! A model converted from a GGUF keeps the GGUF's tensors instead ([`TensorLayout::Gguf`],
+//! manifest version 2): llama.cpp's names and layouts, GGML block types, the bytes unchanged, so
+//! that it loads through the same mapping as the GGUF file (`ggml`); only the routed experts are
+//! regrouped, one blob per expert as above.
 
+pub mod ggml;
 pub mod quant;
 pub mod verify;
 
+pub use ggml::GgmlTable;
+
 use crate::error::{Error, Result};
+use crate::gguf::GgmlType;
 use crate::weights::TensorStore;
 use crate::weights::store::{Bytes, RawTensor};
 use memmap2::Mmap;
@@ -28,7 +37,11 @@ use std::sync::Arc;
 
 pub const MANIFEST: &str = "manifest.json";
 pub const FORMAT_NAME: &str = "flashmoe-packed";
+/// The manifest version of a [`TensorLayout::Canonical`] model (what every build reads).
 pub const FORMAT_VERSION: u32 = 1;
+/// The manifest version that added [`TensorLayout::Gguf`]: the newest this build reads. A model
+/// is written with the lowest version that describes it, so older builds still read what they can.
+pub const GGUF_LAYOUT_VERSION: u32 = 2;
 /// Alignment of tensors in weights.bin and of expert blobs: the page size and the O_DIRECT unit.
 pub const ALIGN: usize = 4096;
 pub const WEIGHTS_FILE: &str = "weights.bin";
@@ -54,6 +67,33 @@ pub struct TensorEntry {
     pub xxh3: Option<String>,
 }
 
+impl TensorEntry {
+    /// The GGML type of an entry of a [`TensorLayout::Gguf`] manifest (the parser checked it).
+    pub fn ggml_type(&self) -> Option<GgmlType> {
+        GgmlType::from_name(&self.dtype)
+    }
+
+    /// For the GGUF layout: the dtype names a GGML type, the last dim is whole blocks of it, and
+    /// the rows of those blocks are exactly `nbytes` (checked arithmetic).
+    fn check_ggml(&self) -> std::result::Result<GgmlType, String> {
+        let name = &self.name;
+        let ty = self.ggml_type().ok_or_else(|| format!("tensor `{name}`: unknown GGML type `{}`", self.dtype))?;
+        let Some((&cols, rows)) = self.shape.split_last() else {
+            return Err(format!("tensor `{name}`: no dims"));
+        };
+        let row = ty.row_bytes(cols).map_err(|e| format!("tensor `{name}`: {e}"))?;
+        let want = rows.iter().try_fold(row as u64, |acc, &d| acc.checked_mul(d as u64));
+        if want != Some(self.nbytes) {
+            let want = want.map_or("more than 2^64".to_string(), |w| w.to_string());
+            return Err(format!(
+                "tensor `{name}`: shape {:?} of {} needs {want} bytes, manifest says {}",
+                self.shape, self.dtype, self.nbytes
+            ));
+        }
+        Ok(ty)
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ExpertFile {
     pub layer: usize,
@@ -69,10 +109,43 @@ pub struct ExpertFile {
     pub xxh3: Vec<String>,
 }
 
+/// How a packed model's tensors are named, laid out and typed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TensorLayout {
+    /// Canonical HF names, the Qwen3.5 projection layout, norms as effective multipliers,
+    /// safetensors dtypes (float, or U32 codes with MLX affine scales and biases).
+    #[default]
+    Canonical,
+    /// A GGUF's tensors as llama.cpp's converter wrote them (`gguf::Layout`): GGUF names
+    /// (`blk.{i}.attn_qkv.weight`), dtypes that are GGML type names (`Q4_K`, `F32`…), shapes
+    /// row-major (the GGUF dims reversed), bytes exactly the file's. Expert blobs hold
+    /// `gate_proj.weight`, `up_proj.weight` and `down_proj.weight`, each an expert's rows of the
+    /// stacked `ffn_*_exps` tensor. Needs manifest version [`GGUF_LAYOUT_VERSION`].
+    Gguf,
+}
+
+impl TensorLayout {
+    fn is_canonical(&self) -> bool {
+        *self == TensorLayout::Canonical
+    }
+
+    /// The manifest version a model of this layout is written with.
+    pub fn version(self) -> u32 {
+        match self {
+            TensorLayout::Canonical => FORMAT_VERSION,
+            TensorLayout::Gguf => GGUF_LAYOUT_VERSION,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: String,
     pub version: u32,
+    /// Absent in version 1 manifests, which are all canonical.
+    #[serde(default, skip_serializing_if = "TensorLayout::is_canonical")]
+    pub layout: TensorLayout,
     pub config: serde_json::Value,
     pub source: String,
     pub created_by: String,
@@ -91,19 +164,29 @@ impl Manifest {
 
     /// Parses a manifest and checks what every reader of it relies on: each size and offset
     /// (and their sums and products) fits in 64 bits and stays inside its blob, strides are
-    /// 4 KiB multiples, there is one checksum per expert, and every file it names lies inside
-    /// the model folder. `path` only names the file in errors.
+    /// 4 KiB multiples, there is one checksum per expert, every file it names lies inside
+    /// the model folder, and in the GGUF layout every dtype is a GGML type whose whole blocks
+    /// make up exactly the entry's bytes. `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
         let m: Manifest =
             serde_json::from_str(text).map_err(|e| Error::file(path, format!("malformed manifest: {e}")))?;
         if m.format != FORMAT_NAME {
             return Err(Error::file(path, format!("not a flashmoe packed model (format `{}`)", m.format)));
         }
-        if m.version != FORMAT_VERSION {
+        if !(FORMAT_VERSION..=GGUF_LAYOUT_VERSION).contains(&m.version) {
             return Err(Error::file(
                 path,
                 format!(
-                    "packed format version {} is not supported (this build reads version {FORMAT_VERSION})",
+                    "packed format version {} is not supported (this build reads versions {FORMAT_VERSION} to {GGUF_LAYOUT_VERSION})",
+                    m.version
+                ),
+            ));
+        }
+        if m.version < m.layout.version() {
+            return Err(Error::file(
+                path,
+                format!(
+                    "tensor layout `gguf` needs format version {GGUF_LAYOUT_VERSION}, the manifest says {}",
                     m.version
                 ),
             ));
@@ -124,6 +207,17 @@ impl Manifest {
         for t in &self.tensors {
             if t.offset.checked_add(t.nbytes).is_none() {
                 return bad(format!("tensor `{}`: offset {} + {} bytes overflows", t.name, t.offset, t.nbytes));
+            }
+        }
+        if self.layout == TensorLayout::Gguf {
+            for (t, what) in
+                self.tensors.iter().map(|t| (t, String::new())).chain(
+                    self.experts.iter().flat_map(|ef| ef.components.iter().map(|c| (c, format!("{}: ", ef.file)))),
+                )
+            {
+                if let Err(msg) = t.check_ggml() {
+                    return bad(format!("{what}{msg}"));
+                }
             }
         }
         for (i, ef) in self.experts.iter().enumerate() {
@@ -169,7 +263,7 @@ pub fn parse_dtype(s: &str) -> Option<Dtype> {
     })
 }
 
-fn map_file(path: &Path) -> Result<Arc<Mmap>> {
+pub(crate) fn map_file(path: &Path) -> Result<Arc<Mmap>> {
     let f = flashmoe_text::file::open_regular(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: read-only mapping of a file we do not modify while mapped.
     let m = unsafe { Mmap::map(&f) }.map_err(|e| Error::file(path, format!("cannot map file: {e}")))?;
@@ -226,6 +320,13 @@ pub fn open_store_without_experts(dir: &Path, m: &Manifest) -> Result<TensorStor
 }
 
 fn open_with(dir: &Path, m: &Manifest, map_experts: bool) -> Result<TensorStore> {
+    if m.layout == TensorLayout::Gguf {
+        // Its tensors are GGUF-named GGML blocks: only the GGUF mapping reads them (`GgmlTable`).
+        return Err(Error::file(
+            dir.join(MANIFEST),
+            "holds a GGUF's tensors as they are (converted from a GGUF): it runs as it is, but cannot be a source of `convert`; convert the GGUF file itself",
+        ));
+    }
     let wpath = dir.join(&m.weights_file);
     let wmap = map_file(&wpath)?;
     let mut tensors = Vec::with_capacity(m.tensors.len());
@@ -264,13 +365,22 @@ fn open_with(dir: &Path, m: &Manifest, map_experts: bool) -> Result<TensorStore>
 /// tensor instead of fluent wrong text (experts are checked on their first read). On the
 /// compute pool; xxh3 runs faster than the disk read it follows. `--no-verify` skips it.
 pub fn check_resident(store: &TensorStore, m: &Manifest) -> Result<()> {
+    check_sums(m, &store.dir.join(&m.weights_file), &|e| store.get(&e.name).map(|t| t.bytes.as_slice()))
+}
+
+/// [`check_resident`] over any view of weights.bin (`wpath`): `bytes_of` gives an entry's bytes.
+fn check_sums<'a>(
+    m: &Manifest,
+    wpath: &Path,
+    bytes_of: &(dyn Fn(&TensorEntry) -> Option<&'a [u8]> + Sync),
+) -> Result<()> {
     use rayon::prelude::*;
     m.tensors.par_iter().try_for_each(|e| {
         let Some(want) = &e.xxh3 else { return Ok(()) };
-        let t = store.get(&e.name).ok_or_else(|| Error::file(store.dir.join(&m.weights_file), format!("tensor `{}` missing", e.name)))?;
-        if xxh3_hex(t.bytes.as_slice()) != *want {
+        let bytes = bytes_of(e).ok_or_else(|| Error::file(wpath, format!("tensor `{}` missing", e.name)))?;
+        if xxh3_hex(bytes) != *want {
             return Err(Error::file(
-                &t.file,
+                wpath,
                 format!(
                     "tensor `{}` (bytes {}..{}) fails its checksum: the file is damaged (`flashmoe verify` checks the whole model; --no-verify skips this check)",
                     e.name,

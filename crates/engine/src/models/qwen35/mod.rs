@@ -32,19 +32,24 @@ pub struct Qwen35Host {
 
 impl Qwen35Host {
     pub fn load(dir: &Path, config: ModelConfig, opts: &SourceOptions) -> Result<Self> {
-        if opts.stream_experts && dir.join(packed::MANIFEST).exists() {
-            let manifest = packed::Manifest::load(dir)?;
-            let store = packed::open_store_without_experts(dir, &manifest)?;
+        let manifest = if dir.join(packed::MANIFEST).exists() { Some(packed::Manifest::load(dir)?) } else { None };
+        if let Some(manifest) = manifest.as_ref().filter(|m| m.layout == packed::TensorLayout::Gguf) {
+            return Self::load_packed_gguf(dir, config, manifest, opts);
+        }
+        if opts.stream_experts
+            && let Some(manifest) = &manifest
+        {
+            let store = packed::open_store_without_experts(dir, manifest)?;
             if opts.store.verify {
-                packed::check_resident(&store, &manifest)?;
+                packed::check_resident(&store, manifest)?;
             }
-            let experts = Arc::new(ExpertStore::open(dir, &manifest, &config, &opts.store)?);
+            let experts = Arc::new(ExpertStore::open(dir, manifest, &config, &opts.store)?);
             let weights = ModelWeights::load_with_experts(&store, &config, Some(experts.clone()))?;
             return Ok(Qwen35Host { config, weights: Arc::new(weights), expert_store: Some(experts) });
         }
         let store = packed::open_any(dir)?;
-        if store.is_packed() && opts.store.verify {
-            packed::check_resident(&store, &packed::Manifest::load(dir)?)?;
+        if let Some(manifest) = manifest.as_ref().filter(|_| opts.store.verify) {
+            packed::check_resident(&store, manifest)?;
         }
         let mut weights = ModelWeights::load(&store, &config)?;
         let mut expert_store = None;
@@ -64,6 +69,59 @@ impl Qwen35Host {
 }
 
 impl Qwen35Host {
+    /// A packed model converted from a GGUF: the GGUF's tensors mapped and built into a tree by
+    /// the same code as the file's ([`ModelWeights::load_ggml`]); the routed experts from the
+    /// expert files, streamed through the expert store or as views of the mapped files.
+    fn load_packed_gguf(
+        dir: &Path,
+        config: ModelConfig,
+        manifest: &packed::Manifest,
+        opts: &SourceOptions,
+    ) -> Result<Self> {
+        let table = packed::GgmlTable::open(dir, manifest)?;
+        if opts.store.verify {
+            table.check_resident(manifest)?;
+        }
+        // MTP blocks are not converted (the forward pass does not use them).
+        let tensors = crate::gguf::tensors::map_tensors(&table, &config, 0)?;
+        let (sets, expert_store) = if opts.stream_experts {
+            let store = Arc::new(ExpertStore::open(dir, manifest, &config, &opts.store)?);
+            let sets =
+                (0..config.num_layers).map(|layer| ExpertSet::Streamed { store: store.clone(), layer }).collect();
+            (sets, Some(store))
+        } else {
+            if manifest.experts.len() != config.num_layers {
+                return Err(Error::file(
+                    dir.join(packed::MANIFEST),
+                    format!(
+                        "lists expert files for {} layers, config.json has {}",
+                        manifest.experts.len(),
+                        config.num_layers
+                    ),
+                ));
+            }
+            let mut sets = Vec::with_capacity(config.num_layers);
+            for (i, ef) in manifest.experts.iter().enumerate() {
+                if ef.layer != i {
+                    return Err(Error::file(
+                        dir.join(packed::MANIFEST),
+                        format!("expert file {} is for layer {}, expected {i}", ef.file, ef.layer),
+                    ));
+                }
+                sets.push(ExpertSet::Resident(crate::experts::store::mapped_experts(dir, ef, &config)?));
+            }
+            (sets, None)
+        };
+        let weights = ModelWeights::load_ggml(
+            &table,
+            &tensors,
+            &config,
+            gguf::RoutedExperts::PerLayer(sets),
+            SourceFormat::Packed,
+        )?;
+        Ok(Qwen35Host { config, weights: Arc::new(weights), expert_store })
+    }
+
     /// A GGUF model (any part of a split). With `stream_experts`, experts are read in place from
     /// the file's byte ranges through the expert store; otherwise they are views of the mapping.
     pub fn load_gguf(model: &GgufModel, opts: &SourceOptions) -> Result<Self> {
