@@ -73,3 +73,53 @@ fn a_gguf_with_impossible_values_is_one_error_line() {
     assert_eq!(e.trim_end().lines().count(), 1, "{e}");
     assert!(e.contains("tensor `blk.0.ssm_a`") && e.contains("−exp(A_log) is always negative"), "{e}");
 }
+
+fn flashmoe(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_flashmoe")).args(args).output().unwrap()
+}
+
+#[test]
+fn convert_a_gguf_verify_it_and_run_it_like_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/gguf/models/qwen35moe-k256-Q4_K_M.gguf");
+    let (src_s, dst) = (src.to_str().unwrap(), tmp.path().join("packed"));
+    let dst_s = dst.to_str().unwrap();
+    let o = flashmoe(&["convert", src_s, dst_s]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && e.contains("wrote ") && !e.contains("requantization"), "{e}");
+    let o = flashmoe(&["verify", dst_s]);
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("ok: "), "{}", String::from_utf8_lossy(&o.stderr));
+    // The same blocks and kernels: the same greedy text, experts mapped or streamed.
+    for io in ["auto", "page"] {
+        let run = |model: &str| {
+            let o = flashmoe(&[
+                "run",
+                "--model",
+                model,
+                "--prompt",
+                "hi",
+                "--max-tokens",
+                "8",
+                "--temperature",
+                "0",
+                "--io",
+                io,
+            ]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            o.stdout
+        };
+        assert_eq!(run(src_s), run(dst_s), "--io {io}");
+    }
+    // Requantizing is not offered; a truncated file is one error line and leaves nothing.
+    let o = flashmoe(&["convert", src_s, tmp.path().join("q").to_str().unwrap(), "--expert-bits", "4"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.trim_end().lines().count() == 1 && e.contains("as they are"), "{e}");
+    let truncated = tmp.path().join("cut.gguf");
+    let bytes = std::fs::read(&src).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let out = tmp.path().join("cut");
+    let o = flashmoe(&["convert", truncated.to_str().unwrap(), out.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.trim_end().lines().count() == 1 && e.contains("cut.gguf"), "{e}");
+    assert!(!out.exists() && !tmp.path().join("cut.partial").exists());
+}

@@ -101,6 +101,49 @@ impl ModelConfig {
         (self.head_dim as f64 * self.partial_rotary_factor).round() as usize
     }
 
+    /// This config as a flat HF `config.json` (`qwen3_5_moe_text` or `qwen3_next`) that
+    /// [`ModelConfig::from_value`] reads back: how a model whose config came from elsewhere (a
+    /// GGUF's metadata) is written as a folder. Values `from_value` would not read back the same
+    /// (e.g. a Qwen3.5 without top-k renormalisation) are the caller's to check. Quantization is
+    /// left out (it is described per tensor).
+    pub fn to_config_json(&self) -> Value {
+        let kind = |k: &LayerKind| match k {
+            LayerKind::FullAttention => "full_attention",
+            LayerKind::LinearAttention => "linear_attention",
+        };
+        serde_json::json!({
+            "model_type": match self.family {
+                Family::Qwen35Moe => "qwen3_5_moe_text",
+                Family::Qwen3Next => "qwen3_next",
+            },
+            "hidden_act": "silu",
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "layer_types": self.layer_kinds.iter().map(kind).collect::<Vec<_>>(),
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "linear_num_key_heads": self.linear_key_heads,
+            "linear_num_value_heads": self.linear_value_heads,
+            "linear_key_head_dim": self.linear_key_dim,
+            "linear_value_head_dim": self.linear_value_dim,
+            "linear_conv_kernel_dim": self.conv_kernel,
+            "num_experts": self.num_experts,
+            "num_experts_per_tok": self.experts_per_token,
+            "moe_intermediate_size": self.moe_intermediate,
+            "shared_expert_intermediate_size": self.shared_intermediate,
+            "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta,
+            "partial_rotary_factor": self.partial_rotary_factor,
+            // Widened exactly; read back as f64 and narrowed to the same f32.
+            "rms_norm_eps": self.rms_norm_eps as f64,
+            "norm_topk_prob": self.norm_topk_prob,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "eos_token_id": self.eos_token_ids,
+            "max_position_embeddings": self.max_position_embeddings,
+        })
+    }
+
     pub fn load(dir: &Path) -> Result<Self> {
         // Folder-only paths (convert, bench) come through here, so a GGUF file gets a clear word
         // instead of "FILE/config.json: Not a directory"; `models::load_config` reads both.

@@ -1,7 +1,9 @@
 //! `flashmoe convert`: any checkpoint the engine reads (HF f32/bf16/f16, MLX affine, packed) →
-//! a packed model directory. Written under `DST.partial` and renamed to DST only when complete
-//! (manifest last), so an interrupted run never leaves a directory that looks finished, and
-//! re-running simply starts over.
+//! a packed model directory; a GGUF file keeps its GGML blocks as they are (`gguf`). Written
+//! under `DST.partial` and renamed to DST only when complete (manifest last), so an interrupted
+//! run never leaves a directory that looks finished, and re-running simply starts over.
+
+mod gguf;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -122,8 +124,6 @@ fn encode(lin: &Linear, target: Target, group: usize) -> Result<Encoded> {
         MatData::Affine { bits, group_size, .. } => Some((bits, group_size)),
         MatData::Float { .. } | MatData::Ggml { .. } => None,
     };
-    // GGML blocks have no packed equivalent: they are re-encoded (f32, or the target's affine).
-    let is_ggml = matches!(mats[0].data, MatData::Ggml { .. });
     let same_format = mats.iter().all(|m| describe(&m.data) == from);
     let target = match target {
         Target::Auto(b) => match source_affine {
@@ -141,8 +141,7 @@ fn encode(lin: &Linear, target: Target, group: usize) -> Result<Encoded> {
         },
         t => t,
     };
-    let target =
-        if target == Target::Keep && (!same_format || is_ggml) { Target::Float(FloatType::F32) } else { target };
+    let target = if target == Target::Keep && !same_format { Target::Float(FloatType::F32) } else { target };
     match target {
         Target::Keep => {
             let mut comps = Vec::new();
@@ -182,7 +181,17 @@ fn encode(lin: &Linear, target: Target, group: usize) -> Result<Encoded> {
                     });
                     Some(QuantInfo { bits, group_size })
                 }
-                MatData::Ggml { .. } => unreachable!("GGML sources are re-encoded above"),
+                MatData::Ggml { ty, .. } => {
+                    // The blocks as they are (a GGUF expert): row-major [rows, cols] of `ty`.
+                    let mut bytes = Vec::new();
+                    for m in &mats {
+                        if let MatData::Ggml { data, .. } = m.data {
+                            bytes.extend_from_slice(data);
+                        }
+                    }
+                    comps.push(Component { suffix: "weight", dtype: ty.name(), shape: vec![rows, cols], bytes });
+                    None
+                }
             };
             Ok(Encoded { comps, quant, desc_to: from.clone(), desc_from: from, err: None })
         }
@@ -342,6 +351,9 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn Pro
 fn convert_inner(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn Progress) -> Result<ConvertReport> {
     if !src.exists() {
         return Err(Error::NotFound(src.to_path_buf()));
+    }
+    if crate::gguf::is_gguf(src) {
+        return gguf::convert_gguf(src, dst, opts, progress);
     }
     check_replaceable(dst, Some(src), opts.force)?;
     if ![32, 64, 128].contains(&opts.group_size) {

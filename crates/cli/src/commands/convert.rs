@@ -1,4 +1,5 @@
-//! `flashmoe convert`: an HF / MLX / packed checkpoint into a packed model directory.
+//! `flashmoe convert`: an HF / MLX / packed checkpoint into a packed model directory; a GGUF file
+//! into one that keeps its GGML blocks as they are.
 
 use crate::util::{Bar, fmt_bytes};
 use anyhow::{Result, bail};
@@ -8,8 +9,9 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct ConvertArgs {
-    /// Source model: a folder (HF safetensors, MLX, or packed), `builtin`, or a Hub repo
-    /// OWNER/NAME[@REVISION] from the Hugging Face cache.
+    /// Source model: a folder (HF safetensors, MLX, or packed), a .gguf file (any part of a
+    /// split; its blocks are kept as they are, so --expert-bits/--bits do not apply), `builtin`,
+    /// or a Hub repo OWNER/NAME[@REVISION][:QUANT] from the Hugging Face cache.
     src: String,
     /// Destination folder (written as DST.partial, renamed when complete).
     dst: PathBuf,

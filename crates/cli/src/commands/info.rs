@@ -35,7 +35,9 @@ pub fn run(a: InfoArgs) -> Result<()> {
     );
     println!("expert bytes {}", fmt_bytes(w.expert_bytes() as u64));
     println!("other bytes  {}", fmt_bytes(w.non_expert_bytes() as u64));
-    println!("quantized    {}", if w.lm_head.is_quantized() { "yes (MLX affine)" } else { "no" });
+    // lm_head stands for the model: quantized (MLX affine, or GGML blocks from a GGUF) or not.
+    let quantized = if w.lm_head.is_quantized() { format!("yes ({})", w.lm_head.format_name()) } else { "no".into() };
+    println!("quantized    {quantized}");
     println!("context      {} tokens (max_position_embeddings)", c.max_position_embeddings);
     // Each kind of matrix once: every layer's is listed, equal formats merged (conversion
     // treats layers alike, so this is usually one format per kind).
