@@ -616,8 +616,14 @@ pub struct GpuDecodeInfo {
     /// Host seconds blocked on the GPU for expert ids, and computing misses on the CPU.
     pub ids_wait_secs: f64,
     pub cpu_secs: f64,
-    /// Of `cpu_secs`, the expert kernels alone.
+    /// Of `cpu_secs`, the expert kernels alone, and the RAM-tier lookups and views.
     pub cpu_kernel_secs: f64,
+    pub cpu_fetch_secs: f64,
+    /// Host seconds queuing the CPU's outputs up to the GPU; inside the MoE op of steps with
+    /// misses; of those whole passes.
+    pub upload_secs: f64,
+    pub moe_host_secs: f64,
+    pub pass_host_secs: f64,
     /// Decode steps the GPU timed, and their GPU spans (first to last operation), seconds.
     pub timed_steps: u64,
     pub gpu_span_secs: f64,
@@ -906,6 +912,10 @@ fn decode_info(
         ids_wait_secs: d.ids_wait_ns as f64 * 1e-9,
         cpu_secs: d.cpu_ns as f64 * 1e-9,
         cpu_kernel_secs: d.cpu_kernel_ns as f64 * 1e-9,
+        cpu_fetch_secs: d.cpu_fetch_ns as f64 * 1e-9,
+        upload_secs: d.upload_ns as f64 * 1e-9,
+        moe_host_secs: d.moe_host_ns as f64 * 1e-9,
+        pass_host_secs: d.pass_host_ns as f64 * 1e-9,
         timed_steps: d.decode_steps,
         gpu_span_secs: d.decode_gpu_ns as f64 * 1e-9,
         expert_bytes,

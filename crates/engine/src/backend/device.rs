@@ -158,6 +158,10 @@ pub struct GpuTuning {
     pub blas_min_tokens: usize,
     /// Capture decode steps in CUDA graphs when every expert is resident.
     pub graphs: bool,
+    /// With misses (the step waits for the host in every layer): record the fixed stretches of
+    /// GPU work between the waits as graphs and replay them (`FLASHMOE_CUDA_STRETCHES=0`: eager
+    /// launches, as before). Needs `graphs`.
+    pub stretch_graphs: bool,
     /// Where decode computes GPU-cache misses.
     pub hybrid: Hybrid,
     /// Exclusive tiers: an expert lives on the GPU or in the RAM tier, not both. Experts the
@@ -180,6 +184,7 @@ impl Default for GpuTuning {
             reserve_context: 8192,
             blas_min_tokens: 64,
             graphs: std::env::var("FLASHMOE_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            stretch_graphs: std::env::var("FLASHMOE_CUDA_STRETCHES").map_or(true, |v| v != "0"),
             hybrid: Hybrid::Off,
             exclusive: true,
             precision: Precision::default(),

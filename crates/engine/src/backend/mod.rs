@@ -61,8 +61,14 @@ pub struct TierCounters {
     pub ids_wait_ns: u64,
     /// Host time computing GPU-cache misses on the CPU (hybrid decode), nanoseconds.
     pub cpu_ns: u64,
-    /// Of `cpu_ns`, the expert kernels alone.
+    /// Of `cpu_ns`, the expert kernels alone, and the RAM-tier lookups and views before them.
     pub cpu_kernel_ns: u64,
+    pub cpu_fetch_ns: u64,
+    /// Host time queuing the CPU's expert outputs up to the GPU, nanoseconds.
+    pub upload_ns: u64,
+    /// Host time inside the MoE op of decode steps with misses, and of those whole passes.
+    pub moe_host_ns: u64,
+    pub pass_host_ns: u64,
     /// Single-token passes with logits, and the GPU time from each one's first to its last
     /// operation, nanoseconds (what is left of a step is host work the GPU waited for).
     pub decode_steps: u64,
@@ -82,6 +88,10 @@ impl TierCounters {
             ids_wait_ns: self.ids_wait_ns - before.ids_wait_ns,
             cpu_ns: self.cpu_ns - before.cpu_ns,
             cpu_kernel_ns: self.cpu_kernel_ns - before.cpu_kernel_ns,
+            cpu_fetch_ns: self.cpu_fetch_ns - before.cpu_fetch_ns,
+            upload_ns: self.upload_ns - before.upload_ns,
+            moe_host_ns: self.moe_host_ns - before.moe_host_ns,
+            pass_host_ns: self.pass_host_ns - before.pass_host_ns,
             decode_steps: self.decode_steps - before.decode_steps,
             decode_gpu_ns: self.decode_gpu_ns - before.decode_gpu_ns,
         }
@@ -101,6 +111,10 @@ impl TierCounters {
             ids_wait_ns: self.ids_wait_ns + o.ids_wait_ns,
             cpu_ns: self.cpu_ns + o.cpu_ns,
             cpu_kernel_ns: self.cpu_kernel_ns + o.cpu_kernel_ns,
+            cpu_fetch_ns: self.cpu_fetch_ns + o.cpu_fetch_ns,
+            upload_ns: self.upload_ns + o.upload_ns,
+            moe_host_ns: self.moe_host_ns + o.moe_host_ns,
+            pass_host_ns: self.pass_host_ns + o.pass_host_ns,
             // Stages run one after the other: a step's GPU time is theirs added.
             decode_steps: self.decode_steps.max(o.decode_steps),
             decode_gpu_ns: self.decode_gpu_ns + o.decode_gpu_ns,

@@ -62,8 +62,15 @@ struct GpuStats {
     /// Host nanoseconds waiting for expert ids, and computing misses on the CPU.
     ids_wait_ns: AtomicU64,
     cpu_ns: AtomicU64,
-    /// Of `cpu_ns`, the expert kernels alone (the rest: RAM-tier lookups, views, copies queued).
+    /// Of `cpu_ns`, the expert kernels alone, and the RAM-tier lookups and views before them.
     cpu_kernel_ns: AtomicU64,
+    cpu_fetch_ns: AtomicU64,
+    /// Host time queuing the CPU's expert outputs up to the GPU.
+    upload_ns: AtomicU64,
+    /// Host time inside the MoE op of decode steps with misses (waits, CPU experts, uploads,
+    /// lookups, launches), and host time of those whole passes.
+    moe_host_ns: AtomicU64,
+    pass_host_ns: AtomicU64,
     /// Decode steps, and the GPU time from each one's first to its last operation (events).
     decode_steps: AtomicU64,
     decode_gpu_ns: AtomicU64,
@@ -334,18 +341,30 @@ struct ExpertPool {
     d2h_stage: Option<Pinned>,
     /// Pinned memory for a hybrid step's small transfers (`HostIo`), made on first use.
     host_io: Option<Pinned>,
+    /// Its device side for the CPU's expert outputs (`cpu_rows_dev`).
+    cpu_rows: Option<DevBuf>,
 }
 
 /// A decode step's small transfers in pinned memory, laid out as [k expert ids (i32) | the
-/// layer's MoE input (h f32) | k CPU expert outputs (h f32 each)]. Reused by every layer: a layer
-/// writes its outputs here only after waiting for the stream (its ids read), by which time the
-/// previous layer's copies out of it have run.
+/// layer's MoE input (h f32) | which of the k experts the CPU computed (i32 0/1) | their outputs
+/// (k rows of h f32)]. Reused by every layer: a layer writes its outputs here only after waiting
+/// for the stream (its ids read), by which time the previous layer's copies out of it have run.
 fn host_io(pool: &mut ExpertPool, k: usize, h: usize) -> Result<&mut [u8]> {
-    let need = (k + h + k * h) * 4;
+    let need = (2 * k + h + k * h) * 4;
     if pool.host_io.as_ref().is_none_or(|b| b.len < need) {
         pool.host_io = Some(Pinned::new(need)?);
     }
     Ok(&mut pool.host_io.as_mut().expect("allocated above").as_mut_slice()[..need])
+}
+
+/// Device address of the GPU side of the last two parts of `host_io` ([k mask ints | k rows]),
+/// allocated on first use (an eager step, before any stretch is recorded).
+fn cpu_rows_dev(pool: &mut ExpertPool, dev: &CudaDevice, k: usize, h: usize) -> Result<u64> {
+    let need = (k + k * h) * 4;
+    if pool.cpu_rows.as_ref().is_none_or(|b| b.len() < need) {
+        pool.cpu_rows = Some(dev.alloc(need)?);
+    }
+    Ok(pool.cpu_rows.as_ref().expect("allocated above").ptr())
 }
 
 impl ExpertPool {
@@ -701,6 +720,43 @@ impl GraphKey {
     }
 }
 
+/// A decode step that waits for the host in every layer (a GPU cache with misses: the host
+/// reads the expert ids, then the CPU computes or copies in what the GPU lacks) still has fixed
+/// stretches of GPU work between those waits: from the MoE combine through the next layer's
+/// mixer, norm and router to its top-k, and the GPU's own experts after the wait. Their launches
+/// depend only on what [`StretchKey`] holds, so each stretch is recorded once as a graph and
+/// replayed (one graph launch instead of ~15 kernel launches); the host's work between them
+/// (waits, the CPU's experts, copies, the kernels of copied-in experts) stays as it is.
+#[derive(Clone, Debug, PartialEq)]
+struct StretchKey {
+    graph: GraphKey,
+    prefetch: bool,
+    k: usize,
+    input: u8,
+    output: PassOutput,
+}
+
+/// One recorded stretch: its graph (None when it launched nothing) and how many launches it
+/// recorded, checked against the launches a replay skips.
+struct Stretch {
+    graph: Option<super::Graph>,
+    launches: u64,
+}
+
+/// Recording or replaying the stretches of one step.
+enum StretchMode<'p> {
+    Record(Vec<Stretch>),
+    Replay(&'p [Stretch]),
+}
+
+struct StretchRun<'p> {
+    mode: StretchMode<'p>,
+    /// The next stretch's index.
+    index: usize,
+    /// A stretch is open (capturing, or skipping launches), and the launch count at its start.
+    open: Option<u64>,
+}
+
 impl BackendState for DevSeqState {
     fn duplicate(&self) -> Self {
         self.clone()
@@ -738,6 +794,9 @@ struct Inner {
     graph: Option<(GraphKey, super::Graph)>,
     /// Decode steps run without a graph since the last capture (the first one warms up).
     eager_steps: usize,
+    /// The recorded stretches of a decode step with host waits, and eager such steps since.
+    stretches: Option<(StretchKey, Vec<Stretch>)>,
+    eager_stretch_steps: usize,
 }
 
 /// One GPU running the layer graph.
@@ -783,6 +842,8 @@ pub struct CudaPass<'p> {
     /// Per-layer times when the hooks want them (marks synchronize the GPU).
     times: Vec<LayerTimes>,
     marked: Instant,
+    /// The step's stretches between host waits are being recorded or replayed.
+    stretch: Option<StretchRun<'p>>,
 }
 
 impl CudaPass<'_> {
@@ -1279,6 +1340,8 @@ impl CudaBackend {
             step_timer,
             graph: recorded,
             eager_steps,
+            stretches,
+            eager_stretch_steps,
             unsynced,
             timer_pending,
             ..
@@ -1403,7 +1466,13 @@ impl CudaBackend {
                 (None, LogitsFor::Last) => ws.logits.ptr(),
                 _ => 0,
             };
-            let mut pass = |pool: &mut ExpertPool, states: &mut [&mut DevSeqState], times: &mut Vec<LayerTimes>| {
+            // Runs the layer loop once; with `stretch`, its stretches between host waits are
+            // recorded (returned) or replayed.
+            let mut pass = |pool: &mut ExpertPool,
+                            states: &mut [&mut DevSeqState],
+                            times: &mut Vec<LayerTimes>,
+                            stretch: Option<StretchRun<'_>>|
+             -> (crate::Result<()>, Option<Vec<Stretch>>) {
                 let mut p = CudaPass {
                     spec: &sub,
                     pool,
@@ -1416,10 +1485,35 @@ impl CudaBackend {
                     prefetch: None,
                     times: std::mem::take(times),
                     marked: Instant::now(),
+                    stretch,
                 };
-                let r = graph(&mut p);
-                *times = p.times;
-                r
+                let t_pass = Instant::now();
+                let mut r = self.stretch_begin(&mut p).map_err(crate::Error::from);
+                if r.is_ok() {
+                    r = graph(&mut p);
+                }
+                if r.is_ok() {
+                    r = self.stretch_end(&mut p).map_err(crate::Error::from);
+                }
+                if let (Ok(()), Some(StretchRun { mode: StretchMode::Replay(v), index, .. })) = (&r, &p.stretch)
+                    && *index != v.len()
+                {
+                    r =
+                        Err(CudaError(format!("a decode step replayed {index} of {} recorded stretches", v.len()))
+                            .into());
+                }
+                if r.is_err() {
+                    self.stretch_abort(&mut p);
+                }
+                if !resident && t == 1 {
+                    self.stats.pass_host_ns.fetch_add(t_pass.elapsed().as_nanos() as u64, Relaxed);
+                }
+                *times = std::mem::take(&mut p.times);
+                let recorded = match p.stretch.take() {
+                    Some(StretchRun { mode: StretchMode::Record(v), .. }) => Some(v),
+                    _ => None,
+                };
+                (r, recorded)
             };
             // Graphs bake in buffer addresses: not for `All`, whose output buffer is per call;
             // not when timing (marks synchronize).
@@ -1430,18 +1524,60 @@ impl CudaBackend {
                     *eager_steps = 0;
                 }
                 if recorded.is_none() && *eager_steps >= 1 {
-                    let g = self.dev.capture(|| pass(&mut *pool, &mut *states, &mut times))?;
+                    let g = self.dev.capture(|| pass(&mut *pool, &mut *states, &mut times, None).0)?;
                     *recorded = Some((key, g));
                 }
                 match recorded {
                     Some((_, g)) => g.launch()?,
                     None => {
-                        pass(&mut *pool, &mut *states, &mut times)?;
+                        pass(&mut *pool, &mut *states, &mut times, None).0?;
                         *eager_steps += 1;
                     }
                 }
+            } else if t == 1
+                && !batched
+                && !resident
+                && self.opts.gpu.graphs
+                && self.opts.gpu.stretch_graphs
+                && want != LogitsFor::All
+                && !timing
+            {
+                let key = StretchKey {
+                    graph: GraphKey::of(states[0], want == LogitsFor::Last),
+                    prefetch: spec.hooks.wants_prefetch(),
+                    k,
+                    input: match spec.input {
+                        PassInput::Embed => 0,
+                        PassInput::Hidden(_) => 1,
+                        PassInput::HiddenOnDevice => 2,
+                    },
+                    output: spec.output,
+                };
+                if stretches.as_ref().is_some_and(|(k, _)| *k != key) {
+                    *stretches = None;
+                    *eager_stretch_steps = 0;
+                }
+                let mode = match stretches.as_ref() {
+                    Some((_, v)) => Some(StretchMode::Replay(v)),
+                    None if *eager_stretch_steps >= 1 => Some(StretchMode::Record(Vec::new())),
+                    None => None,
+                };
+                let replaying = matches!(mode, Some(StretchMode::Replay(_)));
+                let run = mode.map(|mode| StretchRun { mode, index: 0, open: None });
+                let (r, new) = pass(&mut *pool, &mut *states, &mut times, run);
+                if r.is_err() {
+                    // (A failed step may have stopped inside a stretch: record afresh.)
+                    *stretches = None;
+                    *eager_stretch_steps = 0;
+                    return r;
+                }
+                match new {
+                    Some(v) => *stretches = Some((key, v)),
+                    None if !replaying => *eager_stretch_steps += 1,
+                    None => {}
+                }
             } else {
-                pass(&mut *pool, &mut *states, &mut times)?;
+                pass(&mut *pool, &mut *states, &mut times, None).0?;
             }
             if resident && t == 1 {
                 self.stats.pool_hits.fetch_add((k * c.num_layers) as u64, Relaxed);
@@ -1527,6 +1663,69 @@ impl CudaBackend {
         }
         Self::report_times(spec, &times);
         Ok(())
+    }
+
+    /// Opens a stretch of fixed GPU work (see [`StretchKey`]): recording starts a capture,
+    /// replaying makes the launches that follow count-only.
+    fn stretch_begin(&self, p: &mut CudaPass<'_>) -> Result<()> {
+        let Some(run) = p.stretch.as_mut() else { return Ok(()) };
+        if run.open.is_some() {
+            return Err(CudaError::new("a decode stretch was opened twice"));
+        }
+        run.open = Some(self.dev.launch_count());
+        match run.mode {
+            StretchMode::Record(_) => self.dev.begin_capture()?,
+            StretchMode::Replay(_) => self.dev.skip_launches(true),
+        }
+        Ok(())
+    }
+
+    /// Closes the open stretch and puts its work on the stream: the graph just recorded, or the
+    /// recorded one whose launches the host has just walked through (the counts must agree: a
+    /// step whose launches differ from the recording is an error, never a wrong replay).
+    fn stretch_end(&self, p: &mut CudaPass<'_>) -> Result<()> {
+        let Some(run) = p.stretch.as_mut() else { return Ok(()) };
+        let Some(start) = run.open.take() else {
+            return Err(CudaError::new("a decode stretch was closed without being opened"));
+        };
+        let launches = self.dev.launch_count() - start;
+        match &mut run.mode {
+            StretchMode::Record(v) => {
+                let graph = self.dev.end_capture()?;
+                if let Some(g) = &graph {
+                    g.launch()?;
+                }
+                v.push(Stretch { graph, launches });
+            }
+            StretchMode::Replay(v) => {
+                self.dev.skip_launches(false);
+                let s =
+                    v.get(run.index).ok_or_else(|| CudaError::new("a decode step has more stretches than recorded"))?;
+                if s.launches != launches {
+                    return Err(CudaError(format!(
+                        "decode stretch {} made {launches} launches, the recording {}",
+                        run.index, s.launches
+                    )));
+                }
+                if let Some(g) = &s.graph {
+                    g.launch()?;
+                }
+            }
+        }
+        run.index += 1;
+        Ok(())
+    }
+
+    /// After a failed pass: ends an open capture or skip, so the stream is usable again.
+    fn stretch_abort(&self, p: &mut CudaPass<'_>) {
+        if let Some(run) = p.stretch.as_mut()
+            && run.open.take().is_some()
+        {
+            match run.mode {
+                StretchMode::Record(_) => drop(self.dev.end_capture()),
+                StretchMode::Replay(_) => self.dev.skip_launches(false),
+            }
+        }
     }
 
     fn record_routing(p: &CudaPass<'_>, li: usize, pos: usize, experts: &[i32]) {
@@ -1626,12 +1825,18 @@ impl CudaBackend {
             self.expert_phase(ids_ptr, table, &[gl, ul], &shared1, (normed, 0), (gu(0), imax2), false, k)?;
             self.expert_phase(ids_ptr, table, &[dm], &shared2, (gu(0), imax2), (ys(0), h), true, k)
         };
+        // (mask, rows) of the experts the CPU computed, on the GPU; None: all on the GPU.
+        let mut cpu_rows = None;
         if resident {
             gpu_experts()?;
         } else {
+            let t_moe = Instant::now();
+            let mut cpu_outs: Vec<(usize, Vec<f32>)> = Vec::new();
             // The one host synchronization of the layer: which experts, and are they here? The
             // layer's input comes down with the ids (the CPU's share needs it), and the GPU's
             // experts are launched only after the wait, so that they run while the CPU computes.
+            // The stretch since the last wait (combine, mixer, norm, router, top-k) ends here.
+            self.stretch_end(p)?;
             let (ids, x) = {
                 let io = host_io(p.pool, k, h)?;
                 let (id_bytes, rest) = io.split_at_mut(k * 4);
@@ -1651,7 +1856,9 @@ impl CudaBackend {
             };
             // (The prefetch guess is read before the launch: its read waits for the stream.)
             self.start_prefetch(p)?;
+            self.stretch_begin(p)?;
             gpu_experts()?;
+            self.stretch_end(p)?;
             Self::record_routing(p, li, pos, &ids);
             let pool = &mut *p.pool;
             pool.in_use.clear();
@@ -1728,30 +1935,36 @@ impl CudaBackend {
                     // While the GPU copies and computes its share, the CPU computes these from
                     // the RAM tier (zero-copy views); only their outputs cross PCIe.
                     let t_cpu = Instant::now();
-                    let outs = self.cpu_experts(&dl.experts.host, &on_cpu, &ids, &x)?;
+                    cpu_outs = self.cpu_experts(&dl.experts.host, &on_cpu, &ids, &x)?;
                     self.stats.cpu_ns.fetch_add(t_cpu.elapsed().as_nanos() as u64, Relaxed);
-                    // Up through pinned memory, queued on the compute stream before the combine
-                    // (no wait: the next layer's ids read orders any reuse of the buffer).
-                    let io = host_io(&mut *pool, k, h)?;
-                    let out_area = &mut io[(k + h) * 4..];
-                    for (j, y) in outs {
-                        let dst = &mut out_area[j * h * 4..(j + 1) * h * 4];
-                        dst.copy_from_slice(super::context::f32_bytes(&y));
-                        // SAFETY: a pinned source of h floats that stays untouched until the
-                        // stream has run this copy (see `host_io`); the destination is expert
-                        // j's row of `ys` ([k + 1, h] floats).
-                        unsafe {
-                            cudarc::driver::result::memcpy_htod_async(
-                                ws.ys.ptr() + (j * h * 4) as u64,
-                                &*dst,
-                                dev.stream.cu_stream(),
-                            )
-                        }
-                        .map_err(|e| CudaError(format!("cuMemcpyHtoDAsync (CPU expert output): {e:?}")))?;
-                    }
                     self.stats.cpu_experts.fetch_add(on_cpu.len() as u64, Relaxed);
                 }
             }
+            // Up in one copy through pinned memory, queued on the compute stream before the
+            // combine (no wait: the next layer's ids read orders any reuse of the buffer): which
+            // of the k rows the CPU computed (a mask, sent every layer, since the combine of a
+            // replayed stretch always reads it) and those rows.
+            let t_up = Instant::now();
+            let dst = cpu_rows_dev(pool, dev, k, h)?;
+            let io = host_io(&mut *pool, k, h)?;
+            let (mask, rows) = io[(k + h) * 4..].split_at_mut(k * 4);
+            mask.fill(0);
+            let mut used = 0;
+            for (j, y) in &cpu_outs {
+                mask[j * 4..(j + 1) * 4].copy_from_slice(&1i32.to_le_bytes());
+                rows[j * h * 4..(j + 1) * h * 4].copy_from_slice(super::context::f32_bytes(y));
+                used = used.max(j + 1);
+            }
+            let src = &io[(k + h) * 4..(2 * k + h + used * h) * 4];
+            // SAFETY: a pinned source left untouched until the stream has run this copy (see
+            // `host_io`), into the device buffer of k mask ints and k rows (`cpu_rows_dev`).
+            unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, dev.stream.cu_stream()) }
+                .map_err(|e| CudaError(format!("cuMemcpyHtoDAsync (CPU expert outputs): {e:?}")))?;
+            self.stats.upload_ns.fetch_add(t_up.elapsed().as_nanos() as u64, Relaxed);
+            self.stats.moe_host_ns.fetch_add(t_moe.elapsed().as_nanos() as u64, Relaxed);
+            cpu_rows = Some((dst, dst + (k * 4) as u64));
+            // The next stretch: this combine through the next layer's top-k (or the logits).
+            self.stretch_begin(p)?;
         }
         self.ops.moe_combine(
             dev,
@@ -1762,6 +1975,7 @@ impl CudaBackend {
             k,
             h,
             next_norm,
+            cpu_rows,
             c.rms_norm_eps,
         )?;
         Ok(())
@@ -1906,6 +2120,7 @@ impl CudaBackend {
         ids: &[i32],
         x: &[f32],
     ) -> crate::Result<Vec<(usize, Vec<f32>)>> {
+        let t_fetch = Instant::now();
         let weights: Vec<(usize, ExpertWeights)> = match host {
             ExpertSet::Resident(v) => which.iter().map(|&j| (j, v[ids[j] as usize].clone())).collect(),
             ExpertSet::Streamed { store, layer } => {
@@ -1918,6 +2133,7 @@ impl CudaBackend {
                 out
             }
         };
+        self.stats.cpu_fetch_ns.fetch_add(t_fetch.elapsed().as_nanos() as u64, Relaxed);
         // One kernel batch for all of them (two parallel regions), not a parallel loop of
         // experts each splitting its own matrices.
         let jobs: Vec<crate::backend::cpu::MlpJob> = weights
@@ -2081,6 +2297,7 @@ impl Backend for CudaBackend {
                 .collect(),
             d2h_stage: None,
             host_io: None,
+            cpu_rows: None,
         };
         self.total_experts = total_experts;
         let step_io = Pinned::new((self.opts.gpu.prefill_chunk.max(1) + 1 + c.vocab_size) * 4)?;
@@ -2105,6 +2322,8 @@ impl Backend for CudaBackend {
             step_timer,
             graph: None,
             eager_steps: 0,
+            stretches: None,
+            eager_stretch_steps: 0,
         }));
         Ok(())
     }
@@ -2431,6 +2650,10 @@ impl Backend for CudaBackend {
                 ids_wait_ns: self.stats.ids_wait_ns.load(Relaxed),
                 cpu_ns: self.stats.cpu_ns.load(Relaxed),
                 cpu_kernel_ns: self.stats.cpu_kernel_ns.load(Relaxed),
+                cpu_fetch_ns: self.stats.cpu_fetch_ns.load(Relaxed),
+                upload_ns: self.stats.upload_ns.load(Relaxed),
+                moe_host_ns: self.stats.moe_host_ns.load(Relaxed),
+                pass_host_ns: self.stats.pass_host_ns.load(Relaxed),
                 decode_steps: self.stats.decode_steps.load(Relaxed),
                 decode_gpu_ns: self.stats.decode_gpu_ns.load(Relaxed),
             },

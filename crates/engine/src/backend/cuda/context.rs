@@ -12,6 +12,7 @@ use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::ffi::{CString, c_void};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +56,12 @@ pub struct CudaDevice {
     /// but not the step (docs/performance.md, "Resident decode: host time per step").
     pub pdl: bool,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Kernel launches asked of this device (made, captured or skipped), so a replayed stretch
+    /// of a step can be checked against the one recorded (see `skip_launches`).
+    launches: AtomicU64,
+    /// While set, `launch_3d` counts a launch and does nothing else: the caller replays a graph
+    /// recorded from the same launches instead (a decode step's stretches between host waits).
+    skipping: AtomicBool,
 }
 
 impl CudaDevice {
@@ -91,6 +98,8 @@ impl CudaDevice {
             l2_bytes: l2.max(0) as usize,
             pdl: cc.0 >= 9 && std::env::var("FLASHMOE_CUDA_PDL").is_ok_and(|v| v == "1"),
             modules: Mutex::new(HashMap::new()),
+            launches: AtomicU64::new(0),
+            skipping: AtomicBool::new(false),
         })
     }
 
@@ -231,6 +240,10 @@ impl CudaDevice {
         args: &mut [*mut c_void],
     ) -> std::result::Result<(), cudarc::driver::DriverError> {
         use cudarc::driver::sys;
+        self.launches.fetch_add(1, Relaxed);
+        if self.skipping.load(Relaxed) {
+            return Ok(());
+        }
         if !self.pdl {
             // SAFETY: the caller upholds the argument contract.
             return unsafe {
@@ -273,6 +286,32 @@ impl CudaDevice {
         let g = self.stream.end_capture(CUgraphInstantiate_flags(0)).ctx("cuStreamEndCapture");
         body?;
         Ok(g?.map(Graph).ok_or_else(|| CudaError::new("stream capture produced no graph"))?)
+    }
+
+    /// Kernel launches asked of this device so far (including captured and skipped ones).
+    pub fn launch_count(&self) -> u64 {
+        self.launches.load(Relaxed)
+    }
+
+    /// From now on, launches are counted and not made (the caller launches a graph recorded
+    /// from the same launches instead), until `skip_launches(false)`.
+    pub fn skip_launches(&self, skip: bool) {
+        self.skipping.store(skip, Relaxed);
+    }
+
+    /// Starts recording the stream's work into a graph (for [`CudaDevice::end_capture`]); the
+    /// open/close pair of [`CudaDevice::capture`] for callers whose recorded stretch does not
+    /// fit one closure.
+    pub fn begin_capture(&self) -> Result<()> {
+        use cudarc::driver::sys::CUstreamCaptureMode;
+        self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).ctx("cuStreamBeginCapture")
+    }
+
+    /// Ends a capture begun by [`CudaDevice::begin_capture`]: the instantiated graph, or None
+    /// when nothing was recorded.
+    pub fn end_capture(&self) -> Result<Option<Graph>> {
+        use cudarc::driver::sys::CUgraphInstantiate_flags;
+        Ok(self.stream.end_capture(CUgraphInstantiate_flags(0)).ctx("cuStreamEndCapture")?.map(Graph))
     }
 
     /// A pair of timing events on the device's stream.

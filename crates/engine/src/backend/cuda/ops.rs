@@ -257,10 +257,12 @@ impl ForwardKernels {
         k: usize,
         h: usize,
         norm: Option<(u64, u64)>,
+        cpu_rows: Option<(u64, u64)>,
         eps: f32,
     ) -> Result<()> {
         let (nw, out) = norm.unwrap_or((0, 0));
-        Self::launch(dev, &self.moe_combine, (1, 1, 1), 1024, 0, kargs![x, ys, wts, sg, k, h, nw, out, eps])
+        let (mask, rows) = cpu_rows.unwrap_or((0, 0));
+        Self::launch(dev, &self.moe_combine, (1, 1, 1), 1024, 0, kargs![x, ys, wts, sg, k, h, nw, out, mask, rows, eps])
     }
 
     /// `x[t] += sigmoid(sg[t])·y[t]`.

@@ -99,15 +99,21 @@ extern "C" __global__ void swiglu(const float* __restrict__ g, const float* __re
 // null, also out = rmsnorm(x)·nw (the next layer's input norm, or the final norm). One block: a
 // row is at most a few thousand floats, and one block's sum needs no grid-wide reduction (a
 // fence, a counter and a second pass, which cost more than the arithmetic here).
+// Expert e's output row is ys[e] or, where cpu_mask[e] is set (hybrid decode), cpu_rows[e]:
+// the rows the CPU computed arrive in one copy beside the mask; the sum's order is the same.
 extern "C" __global__ void __launch_bounds__(1024) moe_combine(float* __restrict__ x, const float* __restrict__ ys,
                                                                const float* __restrict__ wts, const float* __restrict__ sg,
                                                                int k, int h, const float* __restrict__ nw,
-                                                               float* __restrict__ out, float eps) { pdl_prologue();
+                                                               float* __restrict__ out, const int* __restrict__ cpu_mask,
+                                                               const float* __restrict__ cpu_rows, float eps) { pdl_prologue();
     const float s = sigmoidf_(sg[0]);
     float ss = 0.f;
     for (int i = threadIdx.x; i < h; i += blockDim.x) {
         float r = 0.f;
-        for (int e = 0; e < k; e++) r += wts[e] * ys[(long long)e * h + i];
+        for (int e = 0; e < k; e++) {
+            const float* row = (cpu_mask != nullptr && cpu_mask[e]) ? cpu_rows : ys;
+            r += wts[e] * row[(long long)e * h + i];
+        }
         const float v = x[i] + (r + s * ys[(long long)k * h + i]);
         x[i] = v;
         ss += v * v;
