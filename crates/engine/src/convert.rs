@@ -267,11 +267,26 @@ fn for_each_row(mats: &[flashmoe_kernels::MatRef], row: &mut [f32], mut f: impl 
 
 struct WeightsWriter {
     file: BufWriter<std::fs::File>,
+    path: PathBuf,
     pos: u64,
     entries: Vec<TensorEntry>,
 }
 
 impl WeightsWriter {
+    /// An empty weights.bin in the output folder `partial`.
+    fn create(partial: &Path) -> Result<Self> {
+        let path = partial.join(WEIGHTS_FILE);
+        let f = std::fs::File::create(&path).map_err(|e| Error::file(&path, format!("cannot create: {e}")))?;
+        Ok(WeightsWriter { file: BufWriter::with_capacity(1 << 22, f), path, pos: 0, entries: Vec::new() })
+    }
+
+    /// Flushes and syncs the file; returns its length (the model's non-expert bytes).
+    fn finish(&mut self) -> Result<u64> {
+        self.file.flush().map_err(io_err(&self.path))?;
+        self.file.get_ref().sync_all().map_err(io_err(&self.path))?;
+        Ok(self.pos)
+    }
+
     fn pad_to(&mut self, align: u64) -> std::io::Result<()> {
         let target = align_up(self.pos, align);
         let zeros = vec![0u8; (target - self.pos) as usize];
@@ -377,9 +392,8 @@ fn convert_inner(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn P
     progress.start((weights.non_expert_bytes() + weights.expert_bytes()) as u64, "convert");
 
     let mut ctx = Ctx { rmse: Vec::new(), progress, cancelled: false };
-    let wpath = partial.join(WEIGHTS_FILE);
-    let f = std::fs::File::create(&wpath).map_err(|e| Error::file(&wpath, format!("cannot create: {e}")))?;
-    let mut ww = WeightsWriter { file: BufWriter::with_capacity(1 << 22, f), pos: 0, entries: Vec::new() };
+    let mut ww = WeightsWriter::create(&partial)?;
+    let wpath = ww.path.clone();
     let group = opts.group_size;
     let c = &config;
 
@@ -510,9 +524,7 @@ fn convert_inner(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn P
         expert_bytes += ef.stride * ef.num_experts as u64;
         expert_files.push(ef);
     }
-    ww.file.flush().map_err(io_err(&wpath))?;
-    ww.file.get_ref().sync_all().map_err(io_err(&wpath))?;
-    let non_expert_bytes = ww.pos;
+    let non_expert_bytes = ww.finish()?;
 
     let mut copied = Vec::new();
     for f in COPIED_FILES {
@@ -522,22 +534,39 @@ fn convert_inner(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &dyn P
             copied.push(f.to_string());
         }
     }
+    write_model(&partial, dst, src, TensorLayout::Canonical, config_json, ww.entries, expert_files, copied)?;
+    Ok(ConvertReport { dst: dst.to_path_buf(), non_expert_bytes, expert_bytes, rmse: ctx.rmse })
+}
+
+/// Ends a conversion: the model's config.json and manifest (`layout`, the tensors of
+/// weights.bin, the expert files, the files copied beside them) in `partial`, then the folder
+/// moved to `dst` (`finish_output`).
+#[allow(clippy::too_many_arguments)]
+fn write_model(
+    partial: &Path,
+    dst: &Path,
+    src: &Path,
+    layout: TensorLayout,
+    config_json: serde_json::Value,
+    tensors: Vec<TensorEntry>,
+    experts: Vec<ExpertFile>,
+    copied_files: Vec<String>,
+) -> Result<()> {
     let cfg_out = partial.join("config.json");
     std::fs::write(&cfg_out, serde_json::to_string_pretty(&config_json).unwrap()).map_err(io_err(&cfg_out))?;
     let manifest = Manifest {
         format: FORMAT_NAME.into(),
-        version: FORMAT_VERSION,
-        layout: TensorLayout::Canonical,
+        version: layout.version(),
+        layout,
         config: config_json,
         source: src.display().to_string(),
         created_by: format!("flashmoe {}", env!("CARGO_PKG_VERSION")),
         weights_file: WEIGHTS_FILE.into(),
-        tensors: ww.entries,
-        experts: expert_files,
-        copied_files: copied,
+        tensors,
+        experts,
+        copied_files,
     };
-    finish_output(&partial, dst, &manifest)?;
-    Ok(ConvertReport { dst: dst.to_path_buf(), non_expert_bytes, expert_bytes, rmse: ctx.rmse })
+    finish_output(partial, dst, &manifest)
 }
 
 /// Whether writing a packed model to `dst` may replace what is there: nothing there; or, with

@@ -10,16 +10,15 @@
 //! defaults of the metadata become the usual model-folder files.
 
 use super::{
-    ConvertOptions, ConvertReport, Ctx, Target, WeightsWriter, check_replaceable, finish_output, io_err, start_output,
-    write_expert_file,
+    ConvertOptions, ConvertReport, Ctx, Target, WeightsWriter, check_replaceable, io_err, start_output,
+    write_expert_file, write_model,
 };
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::gguf::{GgufModel, Layout, MappedTensor};
 use crate::models::qwen35::ModelWeights;
-use crate::packed::{FORMAT_NAME, Manifest, TensorLayout, WEIGHTS_FILE};
+use crate::packed::TensorLayout;
 use crate::progress::Progress;
-use std::io::{BufWriter, Write};
 use std::path::Path;
 
 pub(super) fn convert_gguf(
@@ -47,9 +46,8 @@ pub(super) fn convert_gguf(
     progress.start((weights.non_expert_bytes() + weights.expert_bytes()) as u64, "convert");
     let mut ctx = Ctx { rmse: Vec::new(), progress, cancelled: false };
 
-    let wpath = partial.join(WEIGHTS_FILE);
-    let f = std::fs::File::create(&wpath).map_err(|e| Error::file(&wpath, format!("cannot create: {e}")))?;
-    let mut ww = WeightsWriter { file: BufWriter::with_capacity(1 << 22, f), pos: 0, entries: Vec::new() };
+    let mut ww = WeightsWriter::create(&partial)?;
+    let wpath = ww.path.clone();
     // Every tensor of the main layers and the globals but the stacked experts, in file order,
     // under its GGUF name with its GGUF type and bytes.
     let mut resident: Vec<&MappedTensor> = model
@@ -67,9 +65,7 @@ pub(super) fn convert_gguf(
         ww.put(&t.gguf_name, t.ggml_type.name(), shape, bytes.as_slice(), None).map_err(io_err(&wpath))?;
         ctx.advance(bytes.len())?;
     }
-    ww.file.flush().map_err(io_err(&wpath))?;
-    ww.file.get_ref().sync_all().map_err(io_err(&wpath))?;
-    let non_expert_bytes = ww.pos;
+    let non_expert_bytes = ww.finish()?;
 
     let mut expert_files = Vec::with_capacity(weights.layers.len());
     let mut expert_bytes = 0u64;
@@ -100,21 +96,7 @@ pub(super) fn convert_gguf(
     if let Some(sampling) = crate::gguf::sampling_defaults(&model.parts) {
         write("generation_config.json", &serde_json::to_string_pretty(&sampling).unwrap())?;
     }
-    let cfg_out = partial.join("config.json");
-    std::fs::write(&cfg_out, serde_json::to_string_pretty(&config_json).unwrap()).map_err(io_err(&cfg_out))?;
-    let manifest = Manifest {
-        format: FORMAT_NAME.into(),
-        version: TensorLayout::Gguf.version(),
-        layout: TensorLayout::Gguf,
-        config: config_json,
-        source: src.display().to_string(),
-        created_by: format!("flashmoe {}", env!("CARGO_PKG_VERSION")),
-        weights_file: WEIGHTS_FILE.into(),
-        tensors: ww.entries,
-        experts: expert_files,
-        copied_files: written,
-    };
-    finish_output(&partial, dst, &manifest)?;
+    write_model(&partial, dst, src, TensorLayout::Gguf, config_json, ww.entries, expert_files, written)?;
     Ok(ConvertReport { dst: dst.to_path_buf(), non_expert_bytes, expert_bytes, rmse: ctx.rmse })
 }
 
