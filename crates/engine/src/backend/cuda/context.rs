@@ -278,14 +278,11 @@ impl CudaDevice {
         &self,
         f: impl FnOnce() -> std::result::Result<(), E>,
     ) -> std::result::Result<Graph, E> {
-        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-        self.stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .ctx("cuStreamBeginCapture")?;
+        self.begin_capture()?;
         let body = f();
-        let g = self.stream.end_capture(CUgraphInstantiate_flags(0)).ctx("cuStreamEndCapture");
+        let g = self.end_capture();
         body?;
-        Ok(g?.map(Graph).ok_or_else(|| CudaError::new("stream capture produced no graph"))?)
+        Ok(g?.ok_or_else(|| CudaError::new("stream capture produced no graph"))?)
     }
 
     /// Kernel launches asked of this device so far (including captured and skipped ones).
@@ -299,9 +296,9 @@ impl CudaDevice {
         self.skipping.store(skip, Relaxed);
     }
 
-    /// Starts recording the stream's work into a graph (for [`CudaDevice::end_capture`]); the
-    /// open/close pair of [`CudaDevice::capture`] for callers whose recorded stretch does not
-    /// fit one closure.
+    /// Starts recording the stream's work into a graph (for [`CudaDevice::end_capture`]); what
+    /// [`CudaDevice::capture`] does around its closure, for callers whose recorded stretch does
+    /// not fit one closure.
     pub fn begin_capture(&self) -> Result<()> {
         use cudarc::driver::sys::CUstreamCaptureMode;
         self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).ctx("cuStreamBeginCapture")
