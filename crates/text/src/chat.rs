@@ -616,7 +616,7 @@ fn new_environment() -> Environment<'static> {
     env.set_unknown_method_callback(python_methods);
     env.set_formatter(|out, _state, value| {
         // Safe strings and plain strings print as-is (autoescape is off); others as Python str().
-        let s = pyfmt::py_str(value);
+        let s = pyfmt::py_str(value)?;
         out.write_str(&s).map_err(Error::from)
     });
     env.add_filter("tojson", tojson);

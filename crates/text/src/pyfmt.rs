@@ -28,6 +28,19 @@ impl Default for JsonOptions {
     }
 }
 
+/// Deepest container nesting printed. A template can build a value that holds itself
+/// (`{% set ns.x = ns %}`); Python prints such a cycle as `[...]` or refuses it in `json.dumps`, but a
+/// minijinja value does not expose its identity, so nesting beyond this depth is an error instead of
+/// a recursion without end. No chat template nests data this deep.
+const MAX_DEPTH: usize = 200;
+
+fn too_deep() -> Error {
+    Error::new(
+        ErrorKind::InvalidOperation,
+        format!("value nested deeper than {MAX_DEPTH} levels (a container that holds itself?)"),
+    )
+}
+
 /// `json.dumps` of a template value.
 pub(crate) fn dumps(value: &Value, opts: &JsonOptions) -> Result<String, Error> {
     let mut out = String::new();
@@ -36,6 +49,9 @@ pub(crate) fn dumps(value: &Value, opts: &JsonOptions) -> Result<String, Error> 
 }
 
 fn write_json(out: &mut String, v: &Value, opts: &JsonOptions, level: usize) -> Result<(), Error> {
+    if level > MAX_DEPTH {
+        return Err(too_deep());
+    }
     match v.kind() {
         ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
@@ -235,22 +251,25 @@ fn write_json_string(out: &mut String, s: &str, ensure_ascii: bool) {
 }
 
 /// Python `str(x)` of a template value (what jinja2 prints for `{{ x }}` and `|string`).
-pub(crate) fn py_str(v: &Value) -> String {
-    match v.kind() {
+pub(crate) fn py_str(v: &Value) -> Result<String, Error> {
+    Ok(match v.kind() {
         ValueKind::String => v.as_str().unwrap_or_default().to_string(),
         ValueKind::Undefined => String::new(),
-        _ => py_repr(v),
-    }
+        _ => py_repr(v)?,
+    })
 }
 
 /// Python `repr(x)` of a template value (used inside containers).
-pub(crate) fn py_repr(v: &Value) -> String {
+pub(crate) fn py_repr(v: &Value) -> Result<String, Error> {
     let mut out = String::new();
-    write_repr(&mut out, v);
-    out
+    write_repr(&mut out, v, 0)?;
+    Ok(out)
 }
 
-fn write_repr(out: &mut String, v: &Value) {
+fn write_repr(out: &mut String, v: &Value, level: usize) -> Result<(), Error> {
+    if level > MAX_DEPTH {
+        return Err(too_deep());
+    }
     match v.kind() {
         ValueKind::None => out.push_str("None"),
         ValueKind::Undefined => out.push_str("Undefined"),
@@ -270,7 +289,7 @@ fn write_repr(out: &mut String, v: &Value) {
                     if i > 0 {
                         out.push_str(", ");
                     }
-                    write_repr(out, &item);
+                    write_repr(out, &item, level + 1)?;
                 }
             }
             out.push(']');
@@ -282,9 +301,9 @@ fn write_repr(out: &mut String, v: &Value) {
                     if i > 0 {
                         out.push_str(", ");
                     }
-                    write_repr(out, &key);
+                    write_repr(out, &key, level + 1)?;
                     out.push_str(": ");
-                    write_repr(out, &v.get_item(&key).unwrap_or_default());
+                    write_repr(out, &v.get_item(&key).unwrap_or_default(), level + 1)?;
                 }
             }
             out.push('}');
@@ -293,6 +312,7 @@ fn write_repr(out: &mut String, v: &Value) {
             let _ = write!(out, "{v}");
         }
     }
+    Ok(())
 }
 
 /// Python string repr: single quotes unless the text has `'` and no `"`.
@@ -366,10 +386,10 @@ mod tests {
 
     #[test]
     fn str_and_repr() {
-        assert_eq!(py_str(&Value::from(true)), "True");
-        assert_eq!(py_str(&Value::from(())), "None");
-        assert_eq!(py_str(&Value::from(2.0)), "2.0");
+        assert_eq!(py_str(&Value::from(true)).unwrap(), "True");
+        assert_eq!(py_str(&Value::from(())).unwrap(), "None");
+        assert_eq!(py_str(&Value::from(2.0)).unwrap(), "2.0");
         let l = Value::from(vec![Value::from("a'b"), Value::from("c"), Value::from(1)]);
-        assert_eq!(py_str(&l), "[\"a'b\", 'c', 1]");
+        assert_eq!(py_str(&l).unwrap(), "[\"a'b\", 'c', 1]");
     }
 }

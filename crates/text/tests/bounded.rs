@@ -108,3 +108,18 @@ fn mkfifo_named(path: &std::path::Path) {
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
 }
+
+/// A namespace that holds itself (found by the chat_template fuzz target: a stack overflow in
+/// printing it) is a clear error when printed or serialized, not a recursion without end.
+#[test]
+fn a_value_that_holds_itself_is_an_error_not_a_stack_overflow() {
+    for body in ["{{ ns.n }}", "{{ ns.n|string }}", "{{ ns.n|tojson }}", "{{ [ns.n] }}"] {
+        let t = ChatTemplate::from_source(&format!("{{%- set ns = namespace(n=0) %}}{{%- set ns.n = ns %}}{body}"))
+            .unwrap();
+        let e = t.render(&json!([]), None, false, None, None).unwrap_err().to_string();
+        assert!(e.contains("nested deeper than"), "{body}: {e}");
+    }
+    // Deep but finite nesting within the limit still prints as Python would.
+    let t = ChatTemplate::from_source("{{ [[[[1]]]] }}|{{ {'a': {'b': [none]}}|tojson }}").unwrap();
+    assert_eq!(t.render(&json!([]), None, false, None, None).unwrap(), "[[[[1]]]]|{\"a\": {\"b\": [null]}}");
+}
