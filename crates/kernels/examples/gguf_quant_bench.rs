@@ -3,8 +3,9 @@
 //!
 //! Run: `cargo run --release -p flashmoe-kernels --example gguf_quant_bench`
 //! Prints, per type: bytes per weight, matvec GB/s on all rayon threads
-//! (best SIMD level and scalar), and single-thread `dot_row` GB/s over all
-//! rows. GB/s counts the matrix bytes read per call.
+//! (best SIMD level and scalar), and on one thread (best level, and plain
+//! AVX-512F where the best level is AVX512_BF16, whose GGML kernels differ).
+//! GB/s counts the matrix bytes read per call.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -89,9 +90,12 @@ fn main() {
         best.name()
     );
     println!(
-        "{:<22} {:>9} {:>14} {:>14} {:>16}",
-        "type", "bytes/w", "matvec best", "matvec scalar", "dot_row 1-thread"
+        "{:<22} {:>9} {:>14} {:>14} {:>14} {:>14}",
+        "type", "bytes/w", "matvec best", "matvec scalar", "1-thread best", "1-thread f32"
     );
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    // The plain AVX-512F kernels, when the best level adds bf16 ones.
+    let f32_level = (best == SimdLevel::Avx512Bf16).then_some(SimdLevel::Avx512);
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let x: Vec<f32> = (0..N).map(|_| rng.f32()).collect();
     let mut y = vec![0.0f32; N];
@@ -103,12 +107,14 @@ fn main() {
     let gb = m.bytes() as f64 / 1e9;
     let t_best = time(min, || matvec_at(best, &m, &x, &mut y));
     let t_scalar = time(min, || matvec_at(SimdLevel::Scalar, &m, &x, &mut y));
+    let t_one = one.install(|| time(min, || matvec_at(best, &m, &x, &mut y)));
     println!(
-        "{:<22} {:>9.4} {:>14.2} {:>14.2} {:>16}",
+        "{:<22} {:>9.4} {:>14.2} {:>14.2} {:>14.2} {:>14}",
         "affine 4-bit g64 bf16",
         m.bytes() as f64 / (N * N) as f64,
         gb / t_best,
         gb / t_scalar,
+        gb / t_one,
         "-"
     );
 
@@ -118,18 +124,20 @@ fn main() {
         let gb = data.len() as f64 / 1e9;
         let t_best = time(min, || ggml::matvec_at(best, ty, &data, &x, &mut y).unwrap());
         let t_scalar = time(min, || ggml::matvec_at(SimdLevel::Scalar, ty, &data, &x, &mut y).unwrap());
-        let t_dot = time(min, || {
-            for row in data.chunks_exact(rb) {
-                black_box(ggml::dot_row_at(best, ty, row, &x).unwrap());
-            }
+        let t_one = one.install(|| time(min, || ggml::matvec_at(best, ty, &data, &x, &mut y).unwrap()));
+        let f32_one = f32_level.map_or("-".to_string(), |level| {
+            let t = one.install(|| time(min, || ggml::matvec_at(level, ty, &data, &x, &mut y).unwrap()));
+            format!("{:.2}", gb / t)
         });
         println!(
-            "{:<22} {:>9.4} {:>14.2} {:>14.2} {:>16.2}",
+            "{:<22} {:>9.4} {:>14.2} {:>14.2} {:>14.2} {:>14}",
             ty.name(),
             rb as f64 / N as f64,
             gb / t_best,
             gb / t_scalar,
-            gb / t_dot
+            gb / t_one,
+            f32_one
         );
+        black_box(&y);
     }
 }

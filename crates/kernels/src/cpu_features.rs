@@ -18,6 +18,10 @@ pub enum SimdLevel {
     /// instruction, which matters because 2/4-bit decoding is compute-heavy);
     /// everything else uses the AVX2 code.
     Avx512,
+    /// AVX-512 plus AVX512_BF16 and AVX512BW: the GGML block kernels multiply codes (exact as
+    /// bf16) by x split into bf16 hi + lo parts with `vdpbf16ps` (32 products per instruction);
+    /// every other kernel is the `Avx512` one.
+    Avx512Bf16,
 }
 
 impl SimdLevel {
@@ -27,6 +31,7 @@ impl SimdLevel {
             SimdLevel::Scalar => "scalar",
             SimdLevel::Avx2Fma => "avx2+fma",
             SimdLevel::Avx512 => "avx512f+avx2+fma",
+            SimdLevel::Avx512Bf16 => "avx512bf16+avx512f+avx2+fma",
         }
     }
 
@@ -36,11 +41,17 @@ impl SimdLevel {
             SimdLevel::Scalar => true,
             SimdLevel::Avx2Fma => avx2_supported(),
             SimdLevel::Avx512 => avx2_supported() && avx512_supported(),
+            SimdLevel::Avx512Bf16 => avx2_supported() && avx512_supported() && avx512_bf16_supported(),
         }
     }
 
+    /// Whether this level runs the AVX-512F kernels.
+    pub fn has_avx512(self) -> bool {
+        matches!(self, SimdLevel::Avx512 | SimdLevel::Avx512Bf16)
+    }
+
     /// All levels, slowest first.
-    pub const ALL: [SimdLevel; 3] = [SimdLevel::Scalar, SimdLevel::Avx2Fma, SimdLevel::Avx512];
+    pub const ALL: [SimdLevel; 4] = [SimdLevel::Scalar, SimdLevel::Avx2Fma, SimdLevel::Avx512, SimdLevel::Avx512Bf16];
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -51,6 +62,16 @@ fn avx2_supported() -> bool {
 #[cfg(target_arch = "x86_64")]
 fn avx512_supported() -> bool {
     is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512_bf16_supported() -> bool {
+    is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512bf16")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512_bf16_supported() -> bool {
+    false
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -64,7 +85,7 @@ fn avx512_supported() -> bool {
 }
 
 /// The level the public kernels use: the best supported one. The environment
-/// variable `FLASHMOE_SIMD=scalar|avx2` caps it, which is handy when bisecting
+/// variable `FLASHMOE_SIMD=scalar|avx2|avx512` caps it, which is handy when bisecting
 /// a numerical difference or comparing speed.
 pub fn detected() -> SimdLevel {
     static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
@@ -72,7 +93,8 @@ pub fn detected() -> SimdLevel {
         let cap = match std::env::var("FLASHMOE_SIMD").as_deref() {
             Ok("scalar") => SimdLevel::Scalar,
             Ok("avx2") => SimdLevel::Avx2Fma,
-            _ => SimdLevel::Avx512,
+            Ok("avx512") => SimdLevel::Avx512,
+            _ => SimdLevel::Avx512Bf16,
         };
         SimdLevel::ALL.into_iter().rfind(|l| *l as u8 <= cap as u8 && l.is_supported()).unwrap_or(SimdLevel::Scalar)
     })

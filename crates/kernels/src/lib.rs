@@ -259,7 +259,7 @@ impl AffineKernel {
     fn pick(level: SimdLevel, bits: u32, group_size: usize, cols: usize) -> Self {
         let wpg = group_size / (32 / bits) as usize;
         #[cfg(target_arch = "x86_64")]
-        if level == SimdLevel::Avx512 && avx512::supports(bits, group_size, cols) {
+        if level.has_avx512() && avx512::supports(bits, group_size, cols) {
             return AffineKernel::Avx512;
         }
         let _ = cols;
@@ -344,9 +344,9 @@ fn float_matvec_block<E: Elem>(level: SimdLevel, m: &MatRef, x: &[f32], y: &mut 
         // SAFETY (both): check_level verified the CPU features.
         SimdLevel::Avx2Fma => unsafe { avx2::float_matvec::<E>(data, m.cols, x, y) },
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => unsafe { avx512::float_matvec::<E>(data, m.cols, x, y) },
+        SimdLevel::Avx512 | SimdLevel::Avx512Bf16 => unsafe { avx512::float_matvec::<E>(data, m.cols, x, y) },
         #[cfg(not(target_arch = "x86_64"))]
-        SimdLevel::Avx2Fma | SimdLevel::Avx512 => unreachable!(),
+        SimdLevel::Avx2Fma | SimdLevel::Avx512 | SimdLevel::Avx512Bf16 => unreachable!(),
     }
 }
 
@@ -568,6 +568,13 @@ struct AffineInput {
     sx: Vec<f32>,
 }
 
+/// Input prepared once for the GGML matvec jobs of a batch that share one x and one type.
+struct GgmlInput {
+    /// (x address, x length, type).
+    key: (usize, usize, ggml::GgmlType),
+    px: ggml::PreparedX,
+}
+
 /// [`matmul_batch`] on an explicit SIMD level (for tests and benchmarks).
 /// Panics if the CPU lacks `level`.
 #[doc(hidden)]
@@ -585,10 +592,24 @@ pub fn matmul_batch_at(level: SimdLevel, jobs: &mut [MatJob]) {
     let specs: Vec<(MatRef, &[f32], usize)> = jobs.iter().map(|j| (j.m, j.x, j.n)).collect();
 
     let mut inputs: Vec<AffineInput> = Vec::new();
+    let mut ggml_inputs: Vec<GgmlInput> = Vec::new();
     // For each job run as matvecs (one input, or a small batch): the prepared input of each of
-    // its rows of x.
+    // its rows of x (an index into `inputs` for affine jobs, into `ggml_inputs` for GGML ones).
     let mut input_of: Vec<Vec<usize>> = vec![Vec::new(); specs.len()];
     for (i, (m, x, n)) in specs.iter().enumerate() {
+        if let MatData::Ggml { ty, .. } = m.data {
+            if *n == 1 && m.rows > 0 && m.cols > 0 {
+                let key = (x.as_ptr() as usize, x.len(), ty);
+                input_of[i].push(match ggml_inputs.iter().position(|p| p.key == key) {
+                    Some(p) => p,
+                    None => {
+                        ggml_inputs.push(GgmlInput { key, px: ggml::PreparedX::new(level, ty, x) });
+                        ggml_inputs.len() - 1
+                    }
+                });
+            }
+            continue;
+        }
         let MatData::Affine { bits, group_size, .. } = m.data else { continue };
         if !(*n == 1 || small_batch(m, *n)) || m.rows == 0 || m.cols == 0 {
             continue;
@@ -653,6 +674,9 @@ pub fn matmul_batch_at(level: SimdLevel, jobs: &mut [MatJob]) {
                         let inp = &inputs[p];
                         with_elem!(sb_dtype, E => affine_matvec_block::<E>(kernel, &sub, xt, &inp.xp, &inp.sx, ys));
                     }
+                    (Some(&p), MatData::Ggml { ty, data }) => {
+                        ggml::matvec_rows(level, ty, data, xt, &ggml_inputs[p].px, ys);
+                    }
                     (_, MatData::Float { dtype, .. }) if n > 1 => {
                         with_elem!(dtype, E => float_matvec_block::<E>(level, &sub, xt, ys))
                     }
@@ -695,9 +719,9 @@ fn dot_tiles(
         // sized tr*cols and n*cols as asserted by the caller.
         SimdLevel::Avx2Fma => unsafe { avx2::dot_tiles(w, tr, x, n, cols, &mut put) },
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => unsafe { avx512::dot_tiles(w, tr, x, n, cols, &mut put) },
+        SimdLevel::Avx512 | SimdLevel::Avx512Bf16 => unsafe { avx512::dot_tiles(w, tr, x, n, cols, &mut put) },
         #[cfg(not(target_arch = "x86_64"))]
-        SimdLevel::Avx2Fma | SimdLevel::Avx512 => unreachable!(),
+        SimdLevel::Avx2Fma | SimdLevel::Avx512 | SimdLevel::Avx512Bf16 => unreachable!(),
     }
 }
 
@@ -716,9 +740,9 @@ pub fn dequant_row_at(level: SimdLevel, m: &MatRef, row: usize, out: &mut [f32])
                 SimdLevel::Scalar => scalar::float_row::<E>(bytes, out),
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: check_level verified the CPU features.
-                SimdLevel::Avx2Fma | SimdLevel::Avx512 => unsafe { avx2::float_row::<E>(bytes, out) },
+                SimdLevel::Avx2Fma | SimdLevel::Avx512 | SimdLevel::Avx512Bf16 => unsafe { avx2::float_row::<E>(bytes, out) },
                 #[cfg(not(target_arch = "x86_64"))]
-                SimdLevel::Avx2Fma | SimdLevel::Avx512 => unreachable!(),
+                SimdLevel::Avx2Fma | SimdLevel::Avx512 | SimdLevel::Avx512Bf16 => unreachable!(),
             }
         }),
         MatData::Affine { bits, group_size, weight, scales, biases, sb_dtype } => with_elem!(sb_dtype, E => {
@@ -734,17 +758,18 @@ pub fn dequant_row_at(level: SimdLevel, m: &MatRef, row: usize, out: &mut [f32])
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY (all three): check_level verified the CPU features;
                 // slice lengths match cols as validated at construction.
-                (SimdLevel::Avx2Fma | SimdLevel::Avx512, 2) => unsafe { avx2::affine_row::<E, 2>(group_size, w, s, b, out) },
+                (SimdLevel::Avx2Fma | SimdLevel::Avx512 | SimdLevel::Avx512Bf16, 2) => unsafe { avx2::affine_row::<E, 2>(group_size, w, s, b, out) },
                 #[cfg(target_arch = "x86_64")]
-                (SimdLevel::Avx2Fma | SimdLevel::Avx512, 4) => unsafe { avx2::affine_row::<E, 4>(group_size, w, s, b, out) },
+                (SimdLevel::Avx2Fma | SimdLevel::Avx512 | SimdLevel::Avx512Bf16, 4) => unsafe { avx2::affine_row::<E, 4>(group_size, w, s, b, out) },
                 #[cfg(target_arch = "x86_64")]
-                (SimdLevel::Avx2Fma | SimdLevel::Avx512, 8) => unsafe { avx2::affine_row::<E, 8>(group_size, w, s, b, out) },
+                (SimdLevel::Avx2Fma | SimdLevel::Avx512 | SimdLevel::Avx512Bf16, 8) => unsafe { avx2::affine_row::<E, 8>(group_size, w, s, b, out) },
                 _ => unreachable!("bits validated at construction"),
             }
         }),
         MatData::Ggml { ty, data } => {
             let rb = ty.row_bytes(cols).expect("validated at construction");
-            ggml::dequantize_row(ty, &data[row * rb..(row + 1) * rb], out).expect("validated at construction");
+            ggml::dequantize_row_at(level, ty, &data[row * rb..(row + 1) * rb], out)
+                .expect("validated at construction");
         }
     }
 }

@@ -63,14 +63,22 @@ fn type_table_matches_gguf_py() {
 }
 
 #[test]
-fn dequantize_bit_exact_to_gguf_py() {
+fn dequantize_bit_exact_to_gguf_py_on_every_level() {
     for ty in GgmlType::SUPPORTED {
         let (raw, want) = fixture(ty);
         let (buf, start) = misaligned(&raw);
+        let row = &buf[start..start + raw.len()];
         let mut got = vec![f32::NAN; want.len()];
-        ggml::dequantize_row(ty, &buf[start..start + raw.len()], &mut got).unwrap();
+        ggml::dequantize_row(ty, row, &mut got).unwrap();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert_eq!(g.to_bits(), w.to_bits(), "{ty} element {i}: got {g:e}, gguf-py {w:e}");
+        }
+        for level in levels() {
+            let mut got = vec![f32::NAN; want.len()];
+            ggml::dequantize_row_at(level, ty, row, &mut got).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.to_bits(), w.to_bits(), "{ty} on {} element {i}: got {g:e}, gguf-py {w:e}", level.name());
+            }
         }
     }
 }
@@ -152,9 +160,11 @@ fn random_matrix(rng: &mut StdRng, ty: GgmlType, rows: usize, cols: usize) -> Ve
 #[test]
 fn dot_and_matvec_match_dequantize_then_f64_dot() {
     let mut rng = StdRng::seed_from_u64(11);
-    // 64 × 4096 reaches the parallel matvec path; 3 × 512 the serial one.
-    for (rows, cols) in [(3, 512), (64, 4096)] {
-        for ty in GgmlType::SUPPORTED {
+    // 64 × 4096 reaches the parallel matvec path; 3 × 512 the serial one; 2 × 288 (nine
+    // 32-element blocks) an odd number of blocks, which kernels that take blocks in pairs
+    // finish alone.
+    for (rows, cols) in [(3, 512), (64, 4096), (2, 288)] {
+        for ty in GgmlType::SUPPORTED.into_iter().filter(|t| cols % t.block_size() == 0) {
             let data = random_matrix(&mut rng, ty, rows, cols);
             let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();
             let rb = ty.row_bytes(cols).unwrap();

@@ -2,6 +2,7 @@
 //! independently of the library code.
 
 use flashmoe_kernels::cpu_features::SimdLevel;
+use flashmoe_kernels::ggml::{self, GgmlType};
 use flashmoe_kernels::{
     FloatType, KernelError, MatJob, MatRef, dequant_row_at, matmul, matmul_at, matmul_batch_at, matvec, matvec_at,
 };
@@ -54,6 +55,7 @@ struct TestMat {
 enum Kind {
     Float(FloatType),
     Affine(u32, usize, FloatType),
+    Ggml(GgmlType),
 }
 
 impl TestMat {
@@ -100,6 +102,34 @@ impl TestMat {
         TestMat { bufs, kind: Kind::Affine(bits, gs, sbt), rows, cols, dense }
     }
 
+    /// Random blocks of a GGML type (finite f16 scales), densified by the crate's dequantizer
+    /// (bit-exact to gguf-py: tests/gguf_quants.rs).
+    fn ggml(rng: &mut StdRng, ty: GgmlType, rows: usize, cols: usize, off: usize) -> Self {
+        let mut bytes = vec![0u8; rows * ty.row_bytes(cols).unwrap()];
+        rng.fill(&mut bytes[..]);
+        let f16_fields: &[usize] = match ty {
+            GgmlType::Q4_0 | GgmlType::Q8_0 => &[0],
+            GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+            GgmlType::Q6_K => &[208],
+            _ => unimplemented!("test matrices of {ty}"),
+        };
+        for block in bytes.chunks_exact_mut(ty.type_size()) {
+            for &o in f16_fields {
+                let v = rng.random_range(1e-3f32..0.1) * if rng.random() { 1.0 } else { -1.0 };
+                block[o..o + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+            }
+        }
+        let mut row = vec![0f32; cols];
+        let rb = ty.row_bytes(cols).unwrap();
+        let mut dense = Vec::with_capacity(rows * cols);
+        for r in 0..rows {
+            ggml::dequantize_row(ty, &bytes[r * rb..(r + 1) * rb], &mut row).unwrap();
+            dense.extend(row.iter().map(|&v| v as f64));
+        }
+        let (v, s) = misalign(&bytes, off);
+        TestMat { bufs: vec![(v, s, bytes.len())], kind: Kind::Ggml(ty), rows, cols, dense }
+    }
+
     fn buf(&self, i: usize) -> &[u8] {
         let (v, s, l) = &self.bufs[i];
         &v[*s..s + l]
@@ -111,6 +141,7 @@ impl TestMat {
             Kind::Affine(bits, gs, sbt) => {
                 MatRef::affine(bits, gs, self.buf(0), self.buf(1), self.buf(2), sbt, self.rows, self.cols).unwrap()
             }
+            Kind::Ggml(ty) => MatRef::ggml(ty, self.buf(0), self.rows, self.cols).unwrap(),
         }
     }
 
@@ -354,8 +385,8 @@ fn affine_group_blocks_and_remainders() {
     }
 }
 
-/// A batch of mixed products (affine of every width, float, one input and several, jobs
-/// sharing an input, an empty matrix) on 1 and 3 threads: every output against the f64
+/// A batch of mixed products (affine of every width, float, GGML blocks, one input and several,
+/// jobs sharing an input, an empty matrix) on 1 and 3 threads: every output against the f64
 /// reference, and equal to what `matvec`/`matmul` give for that job alone.
 #[test]
 fn matmul_batch_mixed_jobs() {
@@ -372,6 +403,12 @@ fn matmul_batch_mixed_jobs() {
         (TestMat::affine(&mut rng, 4, 64, FloatType::BF16, 255, 512, 2), 6, 3),
         (TestMat::float(&mut rng, FloatType::F32, 61, 512, 0), 6, 3),
         (TestMat::affine(&mut rng, 4, 64, FloatType::BF16, 0, 512, 0), 1, 1),
+        (TestMat::ggml(&mut rng, GgmlType::Q4_K, 512, 2048, 1), 1, 0),
+        (TestMat::ggml(&mut rng, GgmlType::Q4_K, 512, 2048, 2), 1, 0),
+        (TestMat::ggml(&mut rng, GgmlType::Q6_K, 2048, 512, 3), 1, 1),
+        (TestMat::ggml(&mut rng, GgmlType::Q4_0, 40, 96, 0), 1, 2),
+        (TestMat::ggml(&mut rng, GgmlType::Q8_0, 70, 512, 1), 1, 1),
+        (TestMat::ggml(&mut rng, GgmlType::Q4_K, 33, 512, 0), 6, 3),
     ];
     let inputs: Vec<Vec<f32>> =
         vec![rand_x(&mut rng, 2048), rand_x(&mut rng, 512), rand_x(&mut rng, 96), rand_x(&mut rng, 6 * 512)];

@@ -152,6 +152,7 @@ fn q3_k(b: &[u8], o: &mut [f32]) {
 
 /// The eight 6-bit (scale, min) pairs of a Q4_K/Q5_K super-block, packed in
 /// 12 bytes (`get_scale_min_k4` in ggml).
+#[inline(always)]
 pub(super) fn k4_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
     for j in 0..4 {

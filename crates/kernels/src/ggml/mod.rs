@@ -12,6 +12,8 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512bf16;
 mod blocks;
 
 use rayon::prelude::*;
@@ -268,7 +270,20 @@ fn check_row(ty: GgmlType, bytes: &[u8], cols: usize) -> Result<(), KernelError>
 /// Dequantizes one row: `bytes` holds `out.len()` elements of type `ty`.
 /// Bit-exact to gguf-py's `gguf.quants.dequantize`.
 pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), KernelError> {
+    dequantize_row_at(cpu_features::detected(), ty, bytes, out)
+}
+
+/// [`dequantize_row`] on an explicit SIMD level (for tests and benchmarks; every level gives
+/// the same bits). Panics if the CPU lacks `level`.
+#[doc(hidden)]
+pub fn dequantize_row_at(level: SimdLevel, ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), KernelError> {
+    assert!(level.is_supported(), "SIMD level {} is not supported on this CPU", level.name());
     check_row(ty, bytes, out.len())?;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU has `level` (asserted), which includes AVX-512F; the row was checked.
+    if level.has_avx512() && unsafe { avx512::dequantize(ty, bytes, out) } {
+        return Ok(());
+    }
     blocks::dequantize(ty, bytes, out);
     Ok(())
 }
@@ -311,7 +326,13 @@ fn dot_unchecked(level: SimdLevel, ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
         return y[0];
     }
     #[cfg(target_arch = "x86_64")]
-    if level == SimdLevel::Avx512 {
+    if let Some(sx) = split_x(level, ty, x) {
+        // SAFETY: split_x returned Some, so the CPU has AVX512_BF16 and the type has a kernel;
+        // `row` holds x.len() elements of `ty`.
+        return unsafe { avx512bf16::dot(ty, row, x, &sx) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if level.has_avx512() {
         // SAFETY: the caller checked that the CPU has AVX-512F (and the
         // AVX2 set); `row` holds x.len() elements of `ty`.
         if let Some(v) = unsafe { avx512::dot(ty, row, x) } {
@@ -328,6 +349,54 @@ fn dot_unchecked(level: SimdLevel, ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
     }
     let _ = level;
     blocks::dot(ty, row, x)
+}
+
+/// x split for the AVX512_BF16 kernel of `ty`, when `level` has one for it.
+#[cfg(target_arch = "x86_64")]
+fn split_x(level: SimdLevel, ty: GgmlType, x: &[f32]) -> Option<avx512bf16::SplitX> {
+    if level != SimdLevel::Avx512Bf16 || !avx512bf16::handles(ty) {
+        return None;
+    }
+    // SAFETY: the level was checked against the CPU by the callers; x is a whole number of
+    // blocks (checked rows or matrices).
+    Some(unsafe { avx512bf16::split(ty, x) })
+}
+
+/// x prepared once for every row of a product with `ty` weights (the bf16 split where the level
+/// has a bf16 kernel for the type; nothing otherwise), shared by the row blocks that threads
+/// compute.
+pub(crate) struct PreparedX {
+    #[cfg(target_arch = "x86_64")]
+    split: Option<avx512bf16::SplitX>,
+}
+
+impl PreparedX {
+    /// `x` (a whole number of `ty` blocks) prepared for `ty`'s kernel on `level`.
+    pub(crate) fn new(level: SimdLevel, ty: GgmlType, x: &[f32]) -> Self {
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (level, ty, x);
+        PreparedX {
+            #[cfg(target_arch = "x86_64")]
+            split: split_x(level, ty, x),
+        }
+    }
+}
+
+/// `y[r] = row r · x` for the rows of `data` (`y.len()` whole rows of `x.len()` elements of
+/// `ty`, checked by the caller), on the calling thread; `px` is `PreparedX::new(level, ty, x)`.
+pub(crate) fn matvec_rows(level: SimdLevel, ty: GgmlType, data: &[u8], x: &[f32], px: &PreparedX, y: &mut [f32]) {
+    let rb = data.len() / y.len().max(1);
+    for (r, yr) in y.iter_mut().enumerate() {
+        let row = &data[r * rb..(r + 1) * rb];
+        #[cfg(target_arch = "x86_64")]
+        if let Some(sx) = &px.split {
+            // SAFETY: split_x returned Some (see dot_unchecked); the row is whole.
+            *yr = unsafe { avx512bf16::dot(ty, row, x, sx) };
+            continue;
+        }
+        let _ = px;
+        *yr = dot_unchecked(level, ty, row, x);
+    }
 }
 
 /// Below this many weight elements a matvec runs on the calling thread
@@ -366,12 +435,9 @@ pub fn matvec_at(level: SimdLevel, ty: GgmlType, data: &[u8], x: &[f32], y: &mut
         crate::matvec_at(level, &m, x, y);
         return Ok(());
     }
-    let rows_dot = |r0: usize, ys: &mut [f32]| {
-        for (i, yr) in ys.iter_mut().enumerate() {
-            let r = r0 + i;
-            *yr = dot_unchecked(level, ty, &data[r * rb..(r + 1) * rb], x);
-        }
-    };
+    // x is prepared once per product, not once per row.
+    let px = PreparedX::new(level, ty, x);
+    let rows_dot = |r0: usize, ys: &mut [f32]| matvec_rows(level, ty, &data[r0 * rb..(r0 + ys.len()) * rb], x, &px, ys);
     if rows.saturating_mul(cols) >= PAR_MIN_ELEMS && rows >= 2 && rayon::current_num_threads() > 1 {
         let block = rows.div_ceil(rayon::current_num_threads() * 4).max(1);
         y.par_chunks_mut(block).enumerate().for_each(|(i, ys)| rows_dot(i * block, ys));

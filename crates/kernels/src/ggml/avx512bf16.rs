@@ -1,0 +1,341 @@
+//! AVX512_BF16 kernels for Q4_0, Q4_K, Q5_K and Q6_K: 32 products per `vdpbf16ps`.
+//!
+//! The f32 kernels of `avx512.rs` spend about four vector instructions per 16 weights on
+//! widening, masking, converting and multiplying codes; on a small machine that, not memory,
+//! bounds GGUF decode (Q4_K 11 GB/s on one core against 27 for the affine kernel). Here the
+//! codes stay 16-bit: a byte widens to a word, a nibble or 6-bit code is looked up in a table of
+//! bf16 values (`vpermw` / `vpermt2w`), and `vdpbf16ps` multiplies 32 of them with x and sums
+//! pairs into 16 f32 lanes.
+//!
+//! Exactness: every code (Q4_0 and Q4_K: −8..7, Q5_K: −16..15, Q6_K: −32..31, all centred) is an integer of at most 6
+//! significant bits, so its bf16 value is exact, and bf16 × bf16 products are exact in f32. x
+//! is split once per product into `hi = bf16(x)` and `lo = bf16(x − hi)` (both rounded to
+//! nearest), so `hi + lo` equals x to within 2⁻¹⁸·|x|; each code is multiplied with both. The
+//! per-element error is thus ≤ 2⁻¹⁸·|w·x| (≈ 3.8e-6 relative) before the f32 sums, inside the
+//! 1e-5·Σ|w·x| the GGML kernels are tested to. The instruction treats bf16 subnormals as zero
+//! (lo of an |x| below ~1e-30 is lost: an error of 2⁻¹²⁶, far below any f32 sum's rounding).
+
+use std::arch::x86_64::*;
+
+use super::GgmlType;
+
+/// x prepared for the kernels of this module, once per product (shared by all rows).
+pub(super) struct SplitX {
+    /// bf16 bits of `bf16(x)`, in the order the type's kernel reads x.
+    hi: Vec<u16>,
+    /// bf16 bits of `bf16(x − hi)`, same order.
+    mid: Vec<u16>,
+    /// bf16 bits of `bf16(x − hi − mid)`, same order.
+    lo: Vec<u16>,
+    /// Q4_K, Q5_K: Σ x over each 32-element sub-block (for the sub-block offsets, see `k4`).
+    sums: Vec<f32>,
+}
+
+/// Whether this module has a kernel for `ty`.
+pub(super) fn handles(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K)
+}
+
+/// x split into bf16 hi + lo in the order `ty`'s kernel reads it.
+///
+/// # Safety
+/// AVX-512F, AVX512BW and AVX512_BF16 must be available; `handles(ty)`; `x.len()` is a whole
+/// number of `ty` blocks.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+pub(super) unsafe fn split(ty: GgmlType, x: &[f32]) -> SplitX {
+    debug_assert!(handles(ty) && x.len().is_multiple_of(ty.block_size()));
+    let n = x.len();
+    let mut out = SplitX { hi: vec![0; n], mid: vec![0; n], lo: vec![0; n], sums: Vec::new() };
+    // The source of each 16-element span of the output (spans never straddle a block).
+    let source = |span: usize| -> usize {
+        let e = span * 16;
+        if ty != GgmlType::Q4_0 {
+            return e;
+        }
+        // Q4_0 is read two blocks at a time: [b0 low 16 | b1 low 16 | b0 high 16 | b1 high 16]
+        // (low = elements 0..16 of a block, high = 16..32); a last odd block keeps its order.
+        let pair = e / 64;
+        if (pair + 1) * 64 > n {
+            return e;
+        }
+        let base = pair * 64;
+        base + [0, 32, 16, 48][(e - base) / 16]
+    };
+    for span in 0..n / 16 {
+        // SAFETY: span and its source are 16-element spans inside x and the outputs.
+        unsafe {
+            let v = _mm512_loadu_ps(x.as_ptr().add(source(span)));
+            // Each difference is exact in f32 (x and its nearest bf16 share the exponent range).
+            let hi = _mm512_cvtneps_pbh(v);
+            let rest = _mm512_sub_ps(v, _mm512_cvtpbh_ps(hi));
+            let mid = _mm512_cvtneps_pbh(rest);
+            let lo = _mm512_cvtneps_pbh(_mm512_sub_ps(rest, _mm512_cvtpbh_ps(mid)));
+            for (dst, part) in [(&mut out.hi, hi), (&mut out.mid, mid), (&mut out.lo, lo)] {
+                let bits = std::mem::transmute::<__m256bh, __m256i>(part);
+                _mm256_storeu_si256(dst.as_mut_ptr().add(span * 16).cast(), bits);
+            }
+        }
+    }
+    if matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) {
+        out.sums = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
+    }
+    out
+}
+
+/// Σ w·x of one row of `ty` (`x.len()` elements; `sx` is `split(ty, x)`).
+///
+/// # Safety
+/// As for [`split`]; `row` holds `x.len()` elements of `ty`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+pub(super) unsafe fn dot(ty: GgmlType, row: &[u8], x: &[f32], sx: &SplitX) -> f32 {
+    let nb = x.len() / ty.block_size();
+    debug_assert_eq!(row.len(), nb * ty.type_size());
+    debug_assert_eq!(sx.hi.len(), x.len());
+    let (r, xs) = (row.as_ptr(), Parts { hi: sx.hi.as_ptr(), mid: sx.mid.as_ptr(), lo: sx.lo.as_ptr() });
+    // SAFETY: per the contract, each kernel reads nb blocks of the row and the matching
+    // elements of x, hi, lo and sums.
+    unsafe {
+        match ty {
+            GgmlType::Q4_0 => q4_0(r, x.as_ptr(), xs, nb),
+            GgmlType::Q4_K => k4::<false>(r, xs, sx.sums.as_ptr(), nb),
+            GgmlType::Q5_K => k4::<true>(r, xs, sx.sums.as_ptr(), nb),
+            GgmlType::Q6_K => q6_k(r, xs, nb),
+            _ => unreachable!("split() was called with a type this module handles"),
+        }
+    }
+}
+
+/// 32 bf16 values from memory.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+unsafe fn bh32(p: *const u16) -> __m512bh {
+    // SAFETY: the caller guarantees 32 readable values; __m512i and __m512bh are both 64 bytes.
+    unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p.cast())) }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+fn as_bh(v: __m512i) -> __m512bh {
+    // SAFETY: both are 64-byte vectors of plain bits.
+    unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
+}
+
+/// Pointers to the three parts of a split x.
+#[derive(Clone, Copy)]
+struct Parts {
+    hi: *const u16,
+    mid: *const u16,
+    lo: *const u16,
+}
+
+/// Σ over 32 products w·(hi + mid + lo) of x elements `e..e + 32`, summed in pairs into 16
+/// lanes (smallest part first).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+unsafe fn dot32(w: __m512i, x: Parts, e: usize) -> __m512 {
+    let w = as_bh(w);
+    // SAFETY: the caller guarantees 32 readable values at e in each part.
+    unsafe {
+        let s = _mm512_dpbf16_ps(_mm512_setzero_ps(), w, bh32(x.lo.add(e)));
+        let s = _mm512_dpbf16_ps(s, w, bh32(x.mid.add(e)));
+        _mm512_dpbf16_ps(s, w, bh32(x.hi.add(e)))
+    }
+}
+
+/// A table of 32 words: the bf16 bits of `first + i` for i in 0..32.
+fn bf16_table(first: i32) -> [u16; 32] {
+    std::array::from_fn(|i| half::bf16::from_f32((first + i as i32) as f32).to_bits())
+}
+
+/// The little-endian f16 bits at `p`.
+#[inline]
+fn f16_bits(p: *const u8) -> i32 {
+    // SAFETY: the callers pass a pointer to two readable bytes inside a checked row.
+    u16::from_le_bytes(unsafe { p.cast::<[u8; 2]>().read_unaligned() }) as i32
+}
+
+/// The little-endian f16 at `p`, widened (F16C, not a software conversion).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+fn f16_at(p: *const u8) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(f16_bits(p))))
+}
+
+/// Q4_0 (18-byte blocks: f16 d, 16 bytes whose low nibbles are elements 0..16 and high nibbles
+/// 16..32; w = (q − 8)·d), two blocks per step: the 32 bytes widen to one vector of words, its
+/// low nibbles are [b0 0..16 | b1 0..16] and its high nibbles [b0 16..32 | b1 16..32] (the
+/// order `split` laid x out in), and lanes 0..8 of the sums scale by d0, 8..16 by d1.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+unsafe fn q4_0(r: *const u8, x: *const f32, xs: Parts, nb: usize) -> f32 {
+    let table = bf16_table(-8);
+    // SAFETY: the table is 32 words; block pairs span r[36p..36p+36] and x[64p..64p+64].
+    unsafe {
+        let table = _mm512_loadu_si512(table.as_ptr().cast());
+        let mask = _mm512_set1_epi16(0xF);
+        let halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        let mut acc = [_mm512_setzero_ps(); 2];
+        for p in 0..nb / 2 {
+            let b = r.add(p * 36);
+            let bytes = _mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(_mm_loadu_si128(b.add(2).cast())),
+                _mm_loadu_si128(b.add(20).cast()),
+            );
+            let v = _mm512_cvtepu8_epi16(bytes);
+            let lo = _mm512_permutexvar_epi16(_mm512_and_si512(v, mask), table);
+            let hi = _mm512_permutexvar_epi16(_mm512_srli_epi16::<4>(v), table);
+            let e = p * 64;
+            let s = _mm512_add_ps(dot32(lo, xs, e), dot32(hi, xs, e + 32));
+            let d = _mm_cvtph_ps(_mm_cvtsi32_si128(f16_bits(b) | f16_bits(b.add(18)) << 16));
+            let d = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(d));
+            acc[p % 2] = _mm512_fmadd_ps(s, d, acc[p % 2]);
+        }
+        let mut total = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+        if nb % 2 == 1 {
+            // The last block alone, in f32 (x of an odd last block is in its own order).
+            let i = nb - 1;
+            let b = r.add(i * 18);
+            let d = f16_at(b);
+            let mut s = 0.0f32;
+            for j in 0..16 {
+                let q = *b.add(2 + j);
+                s += ((q & 0xF) as i32 - 8) as f32 * *x.add(i * 32 + j);
+                s += ((q >> 4) as i32 - 8) as f32 * *x.add(i * 32 + 16 + j);
+            }
+            total += d * s;
+        }
+        total
+    }
+}
+
+/// Q4_K and Q5_K (super-blocks of 256: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins,
+/// Q5_K: 32 bytes of fifth bits `qh`, then 128 bytes of nibbles; 32-byte chunk c holds elements
+/// 64c..64c+32 in its low nibbles and 64c+32..64c+64 in its high ones, whose fifth bits are bits
+/// 2c and 2c+1 of qh[j]; w = a·q − m per 32-element sub-block, a = d·sc, m = dmin·mn).
+///
+/// The codes are centred (q − 8, or q − 16 for 5 bits; still exact in bf16) and the rest goes
+/// through the sub-block sums of x: Σ w·x = a·Σ (q − 8)·x + (8a − m)·Σ x. Writing it as
+/// a·Σ q·x − m·Σ x instead cancels two large terms (m is close to 8a for weights centred on zero,
+/// and activations have dimensions of one sign), which measured 30× the f32 kernel's logit error
+/// on the Q4_K_M fixture; centred, the second term is small.
+///
+/// A 5-bit code indexes a 32-word table with `vpermw`, which ignores the index's higher bits, so
+/// the fifth bit is shifted to bit 4 and merged with one bit-select, unmasked.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+unsafe fn k4<const Q5: bool>(r: *const u8, xs: Parts, sums: *const f32, nb: usize) -> f32 {
+    let (block, qs_at, centre) = if Q5 { (176, 48, 16) } else { (144, 16, 8) };
+    let table = bf16_table(-centre);
+    // SAFETY: the table is 32 words; super-block i spans r[block·i..block·(i+1)],
+    // x[256i..256i+256] and sums[8i..8i+8].
+    unsafe {
+        let table = _mm512_loadu_si512(table.as_ptr().cast());
+        let nibble = _mm512_set1_epi16(0xF);
+        // ternlog 0xE4: c ? a : b, bitwise.
+        let merge = |low: __m512i, high: __m512i| _mm512_ternarylogic_epi32::<0xE4>(low, high, nibble);
+        let mut acc = [_mm512_setzero_ps(); 2];
+        let mut offsets = _mm256_setzero_ps();
+        for i in 0..nb {
+            let b = r.add(i * block);
+            let (d, dmin) = (f16_at(b), f16_at(b.add(2)));
+            let (sc, mn) = k4_scales_swar(b.add(4));
+            let widen = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64)));
+            let m = _mm256_mul_ps(widen(mn), _mm256_set1_ps(dmin));
+            let av = _mm256_mul_ps(widen(sc), _mm256_set1_ps(d));
+            // centre·a is exact (a power of two times a), so each offset rounds once.
+            let offset = _mm256_fmsub_ps(av, _mm256_set1_ps(centre as f32), m);
+            offsets = _mm256_fmadd_ps(offset, _mm256_loadu_ps(sums.add(i * 8)), offsets);
+            let mut a = [0f32; 8];
+            _mm256_storeu_ps(a.as_mut_ptr(), av);
+            let qs = b.add(qs_at);
+            let qh =
+                if Q5 { _mm512_cvtepu8_epi16(_mm256_loadu_si256(b.add(16).cast())) } else { _mm512_setzero_si512() };
+            for c in 0..4 {
+                let v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(qs.add(32 * c).cast()));
+                let mut lo = _mm512_and_si512(v, nibble);
+                let mut hi = _mm512_srli_epi16::<4>(v);
+                if Q5 {
+                    // Bit 2c of qh to bit 4 for the low nibbles, bit 2c + 1 for the high ones.
+                    let (to_lo, to_hi) = match c {
+                        0 => (_mm512_slli_epi16::<4>(qh), _mm512_slli_epi16::<3>(qh)),
+                        1 => (_mm512_slli_epi16::<2>(qh), _mm512_slli_epi16::<1>(qh)),
+                        2 => (qh, _mm512_srli_epi16::<1>(qh)),
+                        _ => (_mm512_srli_epi16::<2>(qh), _mm512_srli_epi16::<3>(qh)),
+                    };
+                    (lo, hi) = (merge(v, to_lo), merge(hi, to_hi));
+                }
+                let lo = _mm512_permutexvar_epi16(lo, table);
+                let hi = _mm512_permutexvar_epi16(hi, table);
+                let e = i * 256 + 64 * c;
+                acc[0] = _mm512_fmadd_ps(dot32(lo, xs, e), _mm512_set1_ps(a[2 * c]), acc[0]);
+                acc[1] = _mm512_fmadd_ps(dot32(hi, xs, e + 32), _mm512_set1_ps(a[2 * c + 1]), acc[1]);
+            }
+        }
+        let total = _mm512_add_ps(acc[0], acc[1]);
+        _mm512_reduce_add_ps(_mm512_add_ps(total, _mm512_zextps256_ps512(offsets)))
+    }
+}
+
+/// The eight 6-bit scales and eight 6-bit minimums of a Q4_K/Q5_K super-block from its 12 bytes
+/// at `p`, as the bytes of two u64 (scale j in byte j), four bytes per word operation instead of
+/// one: bytes 0..4 hold scales 0..4 in their low 6 bits, bytes 4..8 minimums 0..4; bytes 8..12
+/// hold the low 4 bits of scales 4..8 (low nibble) and minimums 4..8 (high nibble), whose top 2
+/// bits are the top bits of bytes 0..4 and 4..8. Same values as `blocks::k4_scales`.
+#[inline(always)]
+fn k4_scales_swar(p: *const u8) -> (u64, u64) {
+    // SAFETY: the caller passes a pointer to the 12 scale bytes of a super-block.
+    let word = |o: usize| u32::from_le_bytes(unsafe { p.add(o).cast::<[u8; 4]>().read_unaligned() });
+    let (a, b, c) = (word(0), word(4), word(8));
+    let (low6, low4, top2) = (0x3F3F_3F3F, 0x0F0F_0F0F, 0x3030_3030);
+    let sc = (a & low6) as u64 | (((c & low4) | ((a >> 2) & top2)) as u64) << 32;
+    let mn = (b & low6) as u64 | ((((c >> 4) & low4) | ((b >> 2) & top2)) as u64) << 32;
+    (sc, mn)
+}
+
+/// Q6_K (210-byte super-blocks of 256: 128 bytes of low nibbles `ql`, 64 bytes of 2-bit high
+/// parts `qh`, 16 signed 8-bit scales, f16 d; per 128-element half h and l in 0..32, element
+/// 128h + 32t + l has the code (t=0: ql[l] low, t=1: ql[l+32] low, t=2: ql[l] high, t=3:
+/// ql[l+32] high) | (bits 2t..2t+2 of qh[l]) << 4, minus 32, and scale sc[8h + 2t + l/16]).
+/// A 6-bit code indexes a 64-word table with `vpermt2w`, which ignores the index's higher bits,
+/// so the two parts are merged with one bit-select and no masking of the high part.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+unsafe fn q6_k(r: *const u8, xs: Parts, nb: usize) -> f32 {
+    let (t_lo, t_hi) = (bf16_table(-32), bf16_table(0));
+    // Lanes 0..8 of a 32-element group's sums take scale 2t, lanes 8..16 scale 2t + 1.
+    let scale_idx: [[i32; 16]; 8] = std::array::from_fn(|g| std::array::from_fn(|lane| (2 * g + lane / 8) as i32));
+    // SAFETY: the tables are 32 words each; super-block i spans r[210i..210i+210] and
+    // x[256i..256i+256].
+    unsafe {
+        let (t_lo, t_hi) = (_mm512_loadu_si512(t_lo.as_ptr().cast()), _mm512_loadu_si512(t_hi.as_ptr().cast()));
+        let nibble = _mm512_set1_epi16(0xF);
+        // ternlog 0xE4: c ? a : b, bitwise.
+        let merge = |low: __m512i, high: __m512i| _mm512_ternarylogic_epi32::<0xE4>(low, high, nibble);
+        let mut acc = [_mm512_setzero_ps(); 2];
+        for i in 0..nb {
+            let b = r.add(i * 210);
+            let (ql, qh) = (b, b.add(128));
+            let d = f16_at(b.add(208));
+            let scales = _mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(192).cast()))),
+                _mm512_set1_ps(d),
+            );
+            for h in 0..2 {
+                let q0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(ql.add(64 * h).cast()));
+                let q1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(ql.add(64 * h + 32).cast()));
+                let hb = _mm512_cvtepu8_epi16(_mm256_loadu_si256(qh.add(32 * h).cast()));
+                let codes = [
+                    merge(q0, _mm512_slli_epi16::<4>(hb)),
+                    merge(q1, _mm512_slli_epi16::<2>(hb)),
+                    merge(_mm512_srli_epi16::<4>(q0), hb),
+                    merge(_mm512_srli_epi16::<4>(q1), _mm512_srli_epi16::<2>(hb)),
+                ];
+                for (t, code) in codes.into_iter().enumerate() {
+                    let w = _mm512_permutex2var_epi16(t_lo, code, t_hi);
+                    let e = i * 256 + 128 * h + 32 * t;
+                    let idx = _mm512_loadu_si512(scale_idx[4 * h + t].as_ptr().cast());
+                    let s = _mm512_permutexvar_ps(idx, scales);
+                    acc[t % 2] = _mm512_fmadd_ps(dot32(w, xs, e), s, acc[t % 2]);
+                }
+            }
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+    }
+}
