@@ -1,4 +1,5 @@
-//! AVX512_BF16 kernels for Q4_0, Q4_K, Q5_K and Q6_K: 32 products per `vdpbf16ps`.
+//! AVX512_BF16 kernels for Q4_0, IQ4_NL, IQ4_XS, Q4_K, Q5_K and Q6_K: 32 products per
+//! `vdpbf16ps`.
 //!
 //! The f32 kernels of `avx512.rs` spend about four vector instructions per 16 weights on
 //! widening, masking, converting and multiplying codes; on a small machine that, not memory,
@@ -7,17 +8,20 @@
 //! bf16 values (`vpermw` / `vpermt2w`), and `vdpbf16ps` multiplies 32 of them with x and sums
 //! pairs into 16 f32 lanes.
 //!
-//! Exactness: every code (Q4_0 and Q4_K: −8..7, Q5_K: −16..15, Q6_K: −32..31, all centred) is an integer of at most 6
-//! significant bits, so its bf16 value is exact, and bf16 × bf16 products are exact in f32. x
-//! is split once per product into `hi = bf16(x)` and `lo = bf16(x − hi)` (both rounded to
-//! nearest), so `hi + lo` equals x to within 2⁻¹⁸·|x|; each code is multiplied with both. The
-//! per-element error is thus ≤ 2⁻¹⁸·|w·x| (≈ 3.8e-6 relative) before the f32 sums, inside the
-//! 1e-5·Σ|w·x| the GGML kernels are tested to. The instruction treats bf16 subnormals as zero
-//! (lo of an |x| below ~1e-30 is lost: an error of 2⁻¹²⁶, far below any f32 sum's rounding).
+//! Exactness: every code value (Q4_0 and Q4_K: −8..7, Q5_K: −16..15, Q6_K: −32..31, all
+//! centred; IQ4_NL/IQ4_XS: the levels −127..113) is an integer of at most 7 significant bits,
+//! so its bf16 value is exact, and bf16 × bf16 products are exact in f32. x is split once per
+//! product into three bf16 parts (`hi = bf16(x)`, `mid = bf16(x − hi)`, `lo = bf16(x − hi −
+//! mid)`, each difference exact), whose sum equals x to within 2⁻²⁷·|x|, below f32's own
+//! rounding; each code is multiplied with all three. Two parts (the usual hi + lo) were measured
+//! at 13× the logit error of the f32 kernels on the Q4_K_M fixture (docs/performance.md); three
+//! match them. The instruction treats bf16 subnormals as zero (parts of an |x| below ~1e-30:
+//! errors far below any f32 sum's rounding).
 
 use std::arch::x86_64::*;
 
 use super::GgmlType;
+use super::blocks::{KVALUES_IQ4NL, iq4_xs_scales};
 
 /// x prepared for the kernels of this module, once per product (shared by all rows).
 pub(super) struct SplitX {
@@ -33,15 +37,18 @@ pub(super) struct SplitX {
 
 /// Whether this module has a kernel for `ty`.
 pub(super) fn handles(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K)
+    matches!(
+        ty,
+        GgmlType::Q4_0 | GgmlType::IQ4_NL | GgmlType::IQ4_XS | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K
+    )
 }
 
 /// x split into bf16 hi + lo in the order `ty`'s kernel reads it.
 ///
 /// # Safety
-/// AVX-512F, AVX512BW and AVX512_BF16 must be available; `handles(ty)`; `x.len()` is a whole
+/// AVX-512F, AVX512BW, AVX512_VBMI and AVX512_BF16 must be available; `handles(ty)`; `x.len()` is a whole
 /// number of `ty` blocks.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16,avx2,fma,f16c")]
 pub(super) unsafe fn split(ty: GgmlType, x: &[f32]) -> SplitX {
     debug_assert!(handles(ty) && x.len().is_multiple_of(ty.block_size()));
     let n = x.len();
@@ -49,11 +56,12 @@ pub(super) unsafe fn split(ty: GgmlType, x: &[f32]) -> SplitX {
     // The source of each 16-element span of the output (spans never straddle a block).
     let source = |span: usize| -> usize {
         let e = span * 16;
-        if ty != GgmlType::Q4_0 {
+        if !matches!(ty, GgmlType::Q4_0 | GgmlType::IQ4_NL | GgmlType::IQ4_XS) {
             return e;
         }
-        // Q4_0 is read two blocks at a time: [b0 low 16 | b1 low 16 | b0 high 16 | b1 high 16]
-        // (low = elements 0..16 of a block, high = 16..32); a last odd block keeps its order.
+        // These store 32-element groups as 16 bytes (low nibbles: elements 0..16, high: 16..32)
+        // and are read two groups at a time: [g0 low 16 | g1 low 16 | g0 high 16 | g1 high 16];
+        // a last odd group (Q4_0, IQ4_NL) keeps its order.
         let pair = e / 64;
         if (pair + 1) * 64 > n {
             return e;
@@ -86,7 +94,7 @@ pub(super) unsafe fn split(ty: GgmlType, x: &[f32]) -> SplitX {
 ///
 /// # Safety
 /// As for [`split`]; `row` holds `x.len()` elements of `ty`.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16,avx2,fma,f16c")]
 pub(super) unsafe fn dot(ty: GgmlType, row: &[u8], x: &[f32], sx: &SplitX) -> f32 {
     let nb = x.len() / ty.block_size();
     debug_assert_eq!(row.len(), nb * ty.type_size());
@@ -96,7 +104,9 @@ pub(super) unsafe fn dot(ty: GgmlType, row: &[u8], x: &[f32], sx: &SplitX) -> f3
     // elements of x, hi, lo and sums.
     unsafe {
         match ty {
-            GgmlType::Q4_0 => q4_0(r, x.as_ptr(), xs, nb),
+            GgmlType::Q4_0 => nibble_pairs(r, x.as_ptr(), xs, nb, &Q4_0_VALUES),
+            GgmlType::IQ4_NL => nibble_pairs(r, x.as_ptr(), xs, nb, &KVALUES_IQ4NL),
+            GgmlType::IQ4_XS => iq4_xs(r, xs, nb),
             GgmlType::Q4_K => k4::<false>(r, xs, sx.sums.as_ptr(), nb),
             GgmlType::Q5_K => k4::<true>(r, xs, sx.sums.as_ptr(), nb),
             GgmlType::Q6_K => q6_k(r, xs, nb),
@@ -107,14 +117,14 @@ pub(super) unsafe fn dot(ty: GgmlType, row: &[u8], x: &[f32], sx: &SplitX) -> f3
 
 /// 32 bf16 values from memory.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16,avx2,fma,f16c")]
 unsafe fn bh32(p: *const u16) -> __m512bh {
     // SAFETY: the caller guarantees 32 readable values; __m512i and __m512bh are both 64 bytes.
     unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p.cast())) }
 }
 
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16,avx2,fma,f16c")]
 fn as_bh(v: __m512i) -> __m512bh {
     // SAFETY: both are 64-byte vectors of plain bits.
     unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
@@ -131,7 +141,7 @@ struct Parts {
 /// Σ over 32 products w·(hi + mid + lo) of x elements `e..e + 32`, summed in pairs into 16
 /// lanes (smallest part first).
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16,avx2,fma,f16c")]
 unsafe fn dot32(w: __m512i, x: Parts, e: usize) -> __m512 {
     let w = as_bh(w);
     // SAFETY: the caller guarantees 32 readable values at e in each part.
@@ -156,36 +166,59 @@ fn f16_bits(p: *const u8) -> i32 {
 
 /// The little-endian f16 at `p`, widened (F16C, not a software conversion).
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16,avx2,fma,f16c")]
 fn f16_at(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(f16_bits(p))))
 }
 
-/// Q4_0 (18-byte blocks: f16 d, 16 bytes whose low nibbles are elements 0..16 and high nibbles
-/// 16..32; w = (q − 8)·d), two blocks per step: the 32 bytes widen to one vector of words, its
-/// low nibbles are [b0 0..16 | b1 0..16] and its high nibbles [b0 16..32 | b1 16..32] (the
-/// order `split` laid x out in), and lanes 0..8 of the sums scale by d0, 8..16 by d1.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
-unsafe fn q4_0(r: *const u8, x: *const f32, xs: Parts, nb: usize) -> f32 {
-    let table = bf16_table(-8);
-    // SAFETY: the table is 32 words; block pairs span r[36p..36p+36] and x[64p..64p+64].
+/// The values of Q4_0's codes: q − 8.
+const Q4_0_VALUES: [i8; 16] = [-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7];
+
+/// A table of 32 words: the bf16 bits of `values[i % 16]`.
+fn bf16_values(values: &[i8; 16]) -> [u16; 32] {
+    std::array::from_fn(|i| half::bf16::from_f32(values[i % 16] as f32).to_bits())
+}
+
+/// Q4_0 and IQ4_NL (18-byte blocks: f16 d, 16 bytes whose low nibbles are elements 0..16 and
+/// high nibbles 16..32; w = d·values[q], values q − 8 or IQ4_NL's non-linear levels, all
+/// integers of at most 7 significant bits), two blocks per step: one masked load of the pair's 36 bytes, one byte
+/// permute that zero-extends its 32 code bytes to words (low nibbles [b0 0..16 | b1 0..16], high
+/// nibbles [b0 16..32 | b1 16..32]: the order `split` laid x out in) and another that gathers
+/// the two f16 scales; lanes 0..8 of the sums scale by d0, 8..16 by d1.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16,avx2,fma,f16c")]
+unsafe fn nibble_pairs(r: *const u8, x: *const f32, xs: Parts, nb: usize, values: &[i8; 16]) -> f32 {
+    let table = bf16_values(values);
+    // Byte 2w of the word vector is code byte w of the pair (block 0's at 2..18, block 1's at
+    // 20..36); odd bytes are zeroed by the mask.
+    let codes: [u8; 64] = std::array::from_fn(|k| {
+        let w = k / 2;
+        if w < 16 { 2 + w as u8 } else { 20 + (w - 16) as u8 }
+    });
+    // d0 then d1 in the low four bytes.
+    let scales: [u8; 64] = std::array::from_fn(|k| [0, 1, 18, 19].get(k).copied().unwrap_or(0));
+    // SAFETY: the tables are 32 words / 64 bytes; block pairs span r[36p..36p+36] (the load is
+    // masked to them) and x[64p..64p+64].
     unsafe {
         let table = _mm512_loadu_si512(table.as_ptr().cast());
+        let codes = _mm512_loadu_si512(codes.as_ptr().cast());
+        let scales = _mm512_loadu_si512(scales.as_ptr().cast());
         let mask = _mm512_set1_epi16(0xF);
         let halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
         let mut acc = [_mm512_setzero_ps(); 2];
         for p in 0..nb / 2 {
             let b = r.add(p * 36);
+            let pair = _mm512_castsi256_si512(_mm256_loadu_si256(b.cast()));
             let bytes = _mm256_inserti128_si256::<1>(
                 _mm256_castsi128_si256(_mm_loadu_si128(b.add(2).cast())),
                 _mm_loadu_si128(b.add(20).cast()),
             );
             let v = _mm512_cvtepu8_epi16(bytes);
+            let _ = codes;
             let lo = _mm512_permutexvar_epi16(_mm512_and_si512(v, mask), table);
             let hi = _mm512_permutexvar_epi16(_mm512_srli_epi16::<4>(v), table);
             let e = p * 64;
             let s = _mm512_add_ps(dot32(lo, xs, e), dot32(hi, xs, e + 32));
-            let d = _mm_cvtph_ps(_mm_cvtsi32_si128(f16_bits(b) | f16_bits(b.add(18)) << 16));
+            let d = _mm_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi8(scales, pair)));
             let d = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(d));
             acc[p % 2] = _mm512_fmadd_ps(s, d, acc[p % 2]);
         }
@@ -198,12 +231,45 @@ unsafe fn q4_0(r: *const u8, x: *const f32, xs: Parts, nb: usize) -> f32 {
             let mut s = 0.0f32;
             for j in 0..16 {
                 let q = *b.add(2 + j);
-                s += ((q & 0xF) as i32 - 8) as f32 * *x.add(i * 32 + j);
-                s += ((q >> 4) as i32 - 8) as f32 * *x.add(i * 32 + 16 + j);
+                s += values[(q & 0xF) as usize] as f32 * *x.add(i * 32 + j);
+                s += values[(q >> 4) as usize] as f32 * *x.add(i * 32 + 16 + j);
             }
             total += d * s;
         }
         total
+    }
+}
+
+/// IQ4_XS (136-byte super-blocks of 256: f16 d, 16 bits of scale high parts, 4 bytes of scale
+/// low parts, 128 bytes of codes; 32-element sub-block s is stored as 16 bytes at 16s, low
+/// nibbles elements 0..16 and high nibbles 16..32; w = d·(ls_s − 32)·values[q] with IQ4_NL's
+/// levels). Two sub-blocks per step from one contiguous 32-byte load, laid out as Q4_0's pairs.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16,avx2,fma,f16c")]
+unsafe fn iq4_xs(r: *const u8, xs: Parts, nb: usize) -> f32 {
+    let table = bf16_values(&KVALUES_IQ4NL);
+    // SAFETY: the table is 32 words; super-block i spans r[136i..136i+136], x[256i..256i+256].
+    unsafe {
+        let table = _mm512_loadu_si512(table.as_ptr().cast());
+        let mask = _mm512_set1_epi16(0xF);
+        let mut acc = [_mm512_setzero_ps(); 2];
+        for i in 0..nb {
+            let b = r.add(i * 136);
+            let d = f16_at(b);
+            let ls = iq4_xs_scales(std::slice::from_raw_parts(b, 8));
+            let mut a = [0f32; 8];
+            let lsv = _mm256_cvtepi32_ps(_mm256_loadu_si256(ls.as_ptr().cast()));
+            _mm256_storeu_ps(a.as_mut_ptr(), _mm256_mul_ps(lsv, _mm256_set1_ps(d)));
+            for c in 0..4 {
+                let v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(b.add(8 + 32 * c).cast()));
+                let lo = _mm512_permutexvar_epi16(_mm512_and_si512(v, mask), table);
+                let hi = _mm512_permutexvar_epi16(_mm512_srli_epi16::<4>(v), table);
+                let e = i * 256 + 64 * c;
+                let s = _mm512_add_ps(dot32(lo, xs, e), dot32(hi, xs, e + 32));
+                let scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(a[2 * c]), _mm512_set1_ps(a[2 * c + 1]));
+                acc[c % 2] = _mm512_fmadd_ps(s, scale, acc[c % 2]);
+            }
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
     }
 }
 
@@ -220,7 +286,7 @@ unsafe fn q4_0(r: *const u8, x: *const f32, xs: Parts, nb: usize) -> f32 {
 ///
 /// A 5-bit code indexes a 32-word table with `vpermw`, which ignores the index's higher bits, so
 /// the fifth bit is shifted to bit 4 and merged with one bit-select, unmasked.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16,avx2,fma,f16c")]
 unsafe fn k4<const Q5: bool>(r: *const u8, xs: Parts, sums: *const f32, nb: usize) -> f32 {
     let (block, qs_at, centre) = if Q5 { (176, 48, 16) } else { (144, 16, 8) };
     let table = bf16_table(-centre);
@@ -296,7 +362,7 @@ fn k4_scales_swar(p: *const u8) -> (u64, u64) {
 /// ql[l+32] high) | (bits 2t..2t+2 of qh[l]) << 4, minus 32, and scale sc[8h + 2t + l/16]).
 /// A 6-bit code indexes a 64-word table with `vpermt2w`, which ignores the index's higher bits,
 /// so the two parts are merged with one bit-select and no masking of the high part.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16,avx2,fma,f16c")]
 unsafe fn q6_k(r: *const u8, xs: Parts, nb: usize) -> f32 {
     let (t_lo, t_hi) = (bf16_table(-32), bf16_table(0));
     // Lanes 0..8 of a 32-element group's sums take scale 2t, lanes 8..16 scale 2t + 1.

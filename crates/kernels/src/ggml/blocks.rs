@@ -211,6 +211,7 @@ fn iq4_nl(b: &[u8], o: &mut [f32]) {
 }
 
 /// The eight 6-bit signed sub-block scales of an IQ4_XS block.
+#[inline(always)]
 pub(super) fn iq4_xs_scales(b: &[u8]) -> [i32; 8] {
     let high = u16::from_le_bytes([b[2], b[3]]);
     let low = &b[4..8];
