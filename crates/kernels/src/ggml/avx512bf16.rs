@@ -181,8 +181,8 @@ fn bf16_values(values: &[i8; 16]) -> [u16; 32] {
 
 /// Q4_0 and IQ4_NL (18-byte blocks: f16 d, 16 bytes whose low nibbles are elements 0..16 and
 /// high nibbles 16..32; w = d·values[q], values q − 8 or IQ4_NL's non-linear levels, all
-/// integers of at most 7 significant bits), two blocks per step: one masked load of the pair's 36 bytes, one byte
-/// permute that zero-extends its 32 code bytes to words (low nibbles [b0 0..16 | b1 0..16], high
+/// integers of at most 7 significant bits), two blocks per step: one load, one byte permute
+/// that zero-extends the pair's 32 code bytes to words (low nibbles [b0 0..16 | b1 0..16], high
 /// nibbles [b0 16..32 | b1 16..32]: the order `split` laid x out in) and another that gathers
 /// the two f16 scales; lanes 0..8 of the sums scale by d0, 8..16 by d1.
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16,avx2,fma,f16c")]
@@ -196,8 +196,8 @@ unsafe fn nibble_pairs(r: *const u8, x: *const f32, xs: Parts, nb: usize, values
     });
     // d0 then d1 in the low four bytes.
     let scales: [u8; 64] = std::array::from_fn(|k| [0, 1, 18, 19].get(k).copied().unwrap_or(0));
-    // SAFETY: the tables are 32 words / 64 bytes; block pairs span r[36p..36p+36] (the load is
-    // masked to them) and x[64p..64p+64].
+    // SAFETY: the tables are 32 words / 64 bytes; block pair p spans r[36p..36p+36] (the 64-byte
+    // load is taken only where 36p + 64 ≤ 18·nb, inside the row) and x[64p..64p+64].
     unsafe {
         let table = _mm512_loadu_si512(table.as_ptr().cast());
         let codes = _mm512_loadu_si512(codes.as_ptr().cast());
@@ -207,13 +207,19 @@ unsafe fn nibble_pairs(r: *const u8, x: *const f32, xs: Parts, nb: usize, values
         let mut acc = [_mm512_setzero_ps(); 2];
         for p in 0..nb / 2 {
             let b = r.add(p * 36);
-            let pair = _mm512_castsi256_si512(_mm256_loadu_si256(b.cast()));
-            let bytes = _mm256_inserti128_si256::<1>(
-                _mm256_castsi128_si256(_mm_loadu_si128(b.add(2).cast())),
-                _mm_loadu_si128(b.add(20).cast()),
-            );
-            let v = _mm512_cvtepu8_epi16(bytes);
-            let _ = codes;
+            // One 64-byte load and one byte permute where the row has 64 bytes from here (a
+            // masked load instead measured 2× slower), two loads and a widening otherwise.
+            let (pair, v) = if p * 36 + 64 <= nb * 18 {
+                let pair = _mm512_loadu_si512(b.cast());
+                (pair, _mm512_maskz_permutexvar_epi8(0x5555_5555_5555_5555, codes, pair))
+            } else {
+                let pair = _mm512_castsi256_si512(_mm256_loadu_si256(b.cast()));
+                let bytes = _mm256_inserti128_si256::<1>(
+                    _mm256_castsi128_si256(_mm_loadu_si128(b.add(2).cast())),
+                    _mm_loadu_si128(b.add(20).cast()),
+                );
+                (pair, _mm512_cvtepu8_epi16(bytes))
+            };
             let lo = _mm512_permutexvar_epi16(_mm512_and_si512(v, mask), table);
             let hi = _mm512_permutexvar_epi16(_mm512_srli_epi16::<4>(v), table);
             let e = p * 64;
