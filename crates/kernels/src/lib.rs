@@ -768,7 +768,8 @@ pub fn dequant_row_at(level: SimdLevel, m: &MatRef, row: usize, out: &mut [f32])
         }),
         MatData::Ggml { ty, data } => {
             let rb = ty.row_bytes(cols).expect("validated at construction");
-            ggml::dequantize_row_at(level, ty, &data[row * rb..(row + 1) * rb], out)
+            // check_level ran above.
+            ggml::dequantize_checked_level(level, ty, &data[row * rb..(row + 1) * rb], out)
                 .expect("validated at construction");
         }
     }

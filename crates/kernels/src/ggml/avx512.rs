@@ -32,10 +32,10 @@ pub(super) unsafe fn dot(ty: GgmlType, row: &[u8], x: &[f32]) -> Option<f32> {
     }
 }
 
-/// The little-endian f16 at `p`, widened.
+/// The little-endian f16 at `p`, widened (F16C, not a software conversion).
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn f16_at(p: *const u8) -> f32 {
+pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
     // SAFETY: the caller guarantees two readable bytes.
     let bits = u16::from_le_bytes(unsafe { p.cast::<[u8; 2]>().read_unaligned() });
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
@@ -74,19 +74,26 @@ unsafe fn q8_0(r: *const u8, x: *const f32, nb: usize) -> __m512 {
     acc
 }
 
+/// The codes q − 8 of the Q4_0 block at `b`: elements 0..16, then 16..32.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn q4_0_codes(b: *const u8) -> (__m512i, __m512i) {
+    let (mask, eight) = (_mm512_set1_epi32(0xF), _mm512_set1_epi32(8));
+    // SAFETY: the caller passes a whole block.
+    let v = unsafe { u8x16(b.add(2)) };
+    (_mm512_sub_epi32(_mm512_and_si512(v, mask), eight), _mm512_sub_epi32(_mm512_srli_epi32::<4>(v), eight))
+}
+
 /// Q4_0: f16 scale, 16 bytes (low nibbles: elements 0..16, high: 16..32);
 /// w = (q - 8)·d.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn q4_0(r: *const u8, x: *const f32, nb: usize) -> __m512 {
-    let (mask, eight) = (_mm512_set1_epi32(0xF), _mm512_set1_epi32(8));
     let mut acc = _mm512_setzero_ps();
     for i in 0..nb {
         // SAFETY: block i spans r[18i..18i+18], x[32i..32i+32].
         unsafe {
             let (b, xb) = (r.add(i * 18), x.add(i * 32));
-            let v = u8x16(b.add(2));
-            let lo = _mm512_sub_epi32(_mm512_and_si512(v, mask), eight);
-            let hi = _mm512_sub_epi32(_mm512_srli_epi32::<4>(v), eight);
+            let (lo, hi) = q4_0_codes(b);
             let s = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), x16(xb));
             let s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), x16(xb.add(16)), s);
             acc = _mm512_fmadd_ps(_mm512_set1_ps(f16_at(b)), s, acc);
@@ -95,11 +102,49 @@ unsafe fn q4_0(r: *const u8, x: *const f32, nb: usize) -> __m512 {
     acc
 }
 
+/// Codes 16k..16k+16 of sub-blocks 2c (low nibbles of 32-byte chunk c) and 2c + 1 (its high
+/// nibbles) of a Q4_K/Q5_K super-block, with Q5_K's fifth bits (bits 2c and 2c + 1 of qh[j]);
+/// `qh` is null for Q4_K.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn k4_codes(qs: *const u8, qh: *const u8, c: usize, k: usize) -> (__m512i, __m512i) {
+    let (mask, one) = (_mm512_set1_epi32(0xF), _mm512_set1_epi32(1));
+    // SAFETY: the caller passes the block's code and fifth-bit bytes.
+    unsafe {
+        let v = u8x16(qs.add(c * 32 + 16 * k));
+        let mut lo = _mm512_and_si512(v, mask);
+        let mut hi = _mm512_srli_epi32::<4>(v); // v holds zero-extended bytes: no mask needed
+        if !qh.is_null() {
+            let h = u8x16(qh.add(16 * k));
+            let h_lo = _mm512_and_si512(_mm512_srl_epi32(h, _mm_cvtsi32_si128(2 * c as i32)), one);
+            let h_hi = _mm512_and_si512(_mm512_srl_epi32(h, _mm_cvtsi32_si128(2 * c as i32 + 1)), one);
+            lo = _mm512_or_si512(lo, _mm512_slli_epi32::<4>(h_lo));
+            hi = _mm512_or_si512(hi, _mm512_slli_epi32::<4>(h_hi));
+        }
+        (lo, hi)
+    }
+}
+
+/// Codes q − 32 of elements 128h + 32t + 16·half .. +16 of a Q6_K super-block (layout in
+/// `avx2::q6_k`).
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn q6_k_codes(ql: *const u8, qh: *const u8, h: usize, t: usize, half: usize) -> __m512i {
+    let (mask4, mask2, bias) = (_mm512_set1_epi32(0xF), _mm512_set1_epi32(3), _mm512_set1_epi32(32));
+    let lshift = _mm_cvtsi32_si128(4 * (t as i32 / 2));
+    let hshift = _mm_cvtsi32_si128(2 * t as i32);
+    // SAFETY: the caller passes the block's ql and qh bytes.
+    unsafe {
+        let l = _mm512_and_si512(_mm512_srl_epi32(u8x16(ql.add(h * 64 + (t % 2) * 32 + 16 * half)), lshift), mask4);
+        let hb = _mm512_and_si512(_mm512_srl_epi32(u8x16(qh.add(h * 32 + 16 * half)), hshift), mask2);
+        _mm512_sub_epi32(_mm512_or_si512(l, _mm512_slli_epi32::<4>(hb)), bias)
+    }
+}
+
 /// Shared body of Q4_K and Q5_K (see `avx2::k4_block`); `qh` is null for Q4_K.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn k4_block(b: *const u8, qh: *const u8, qs: *const u8, xb: *const f32, acc: &mut [__m512; 2]) {
-    let (mask, one) = (_mm512_set1_epi32(0xF), _mm512_set1_epi32(1));
     // SAFETY: the caller passes a whole block and its 256 floats of x.
     unsafe {
         let (d, dmin) = (f16_at(b), f16_at(b.add(2)));
@@ -111,16 +156,7 @@ unsafe fn k4_block(b: *const u8, qh: *const u8, qs: *const u8, xb: *const f32, a
             let a_hi = _mm512_set1_ps(d * sc[s_hi] as f32);
             let m_hi = _mm512_set1_ps(dmin * mn[s_hi] as f32);
             for k in 0..2 {
-                let v = u8x16(qs.add(c * 32 + 16 * k));
-                let mut lo = _mm512_and_si512(v, mask);
-                let mut hi = _mm512_srli_epi32::<4>(v); // v holds zero-extended bytes: no mask needed
-                if !qh.is_null() {
-                    let h = u8x16(qh.add(16 * k));
-                    let h_lo = _mm512_and_si512(_mm512_srl_epi32(h, _mm_cvtsi32_si128(s_lo as i32)), one);
-                    let h_hi = _mm512_and_si512(_mm512_srl_epi32(h, _mm_cvtsi32_si128(s_hi as i32)), one);
-                    lo = _mm512_or_si512(lo, _mm512_slli_epi32::<4>(h_lo));
-                    hi = _mm512_or_si512(hi, _mm512_slli_epi32::<4>(h_hi));
-                }
+                let (lo, hi) = k4_codes(qs, qh, c, k);
                 let w_lo = _mm512_fmsub_ps(_mm512_cvtepi32_ps(lo), a_lo, m_lo);
                 let w_hi = _mm512_fmsub_ps(_mm512_cvtepi32_ps(hi), a_hi, m_hi);
                 acc[0] = _mm512_fmadd_ps(w_lo, x16(xb.add(c * 64 + 16 * k)), acc[0]);
@@ -160,7 +196,6 @@ unsafe fn q5_k(r: *const u8, x: *const f32, nb: usize) -> __m512 {
 /// vector of codes is scaled once.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn q6_k(r: *const u8, x: *const f32, nb: usize) -> __m512 {
-    let (mask4, mask2, bias) = (_mm512_set1_epi32(0xF), _mm512_set1_epi32(3), _mm512_set1_epi32(32));
     let mut acc = [_mm512_setzero_ps(); 2];
     for i in 0..nb {
         // SAFETY: block i spans r[210i..210i+210], x[256i..256i+256].
@@ -171,15 +206,8 @@ unsafe fn q6_k(r: *const u8, x: *const f32, nb: usize) -> __m512 {
             let xb = x.add(i * 256);
             for h in 0..2 {
                 for t in 0..4 {
-                    let lshift = _mm_cvtsi32_si128(4 * (t as i32 / 2));
-                    let hshift = _mm_cvtsi32_si128(2 * t as i32);
                     for (half, acc_half) in acc.iter_mut().enumerate() {
-                        let l = _mm512_and_si512(
-                            _mm512_srl_epi32(u8x16(ql.add(h * 64 + (t % 2) * 32 + 16 * half)), lshift),
-                            mask4,
-                        );
-                        let hb = _mm512_and_si512(_mm512_srl_epi32(u8x16(qh.add(h * 32 + 16 * half)), hshift), mask2);
-                        let q = _mm512_sub_epi32(_mm512_or_si512(l, _mm512_slli_epi32::<4>(hb)), bias);
+                        let q = q6_k_codes(ql, qh, h, t, half);
                         let scale = d * (*sc.add(h * 8 + t * 2 + half) as i8) as f32;
                         let w = _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(scale));
                         *acc_half = _mm512_fmadd_ps(w, x16(xb.add(h * 128 + t * 32 + 16 * half)), *acc_half);
@@ -218,40 +246,30 @@ pub(super) unsafe fn dequantize(ty: GgmlType, row: &[u8], out: &mut [f32]) -> bo
                 }
             }
             GgmlType::Q4_0 => {
-                let (mask, eight) = (_mm512_set1_epi32(0xF), _mm512_set1_epi32(8));
                 for i in 0..nb {
                     let (b, ob) = (r.add(i * 18), o.add(i * 32));
                     let d = _mm512_set1_ps(f16_at(b));
-                    let v = u8x16(b.add(2));
-                    let lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, mask), eight));
-                    let hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32::<4>(v), eight));
-                    _mm512_storeu_ps(ob, _mm512_mul_ps(d, lo));
-                    _mm512_storeu_ps(ob.add(16), _mm512_mul_ps(d, hi));
+                    let (lo, hi) = q4_0_codes(b);
+                    _mm512_storeu_ps(ob, _mm512_mul_ps(d, _mm512_cvtepi32_ps(lo)));
+                    _mm512_storeu_ps(ob.add(16), _mm512_mul_ps(d, _mm512_cvtepi32_ps(hi)));
                 }
             }
             GgmlType::Q4_K | GgmlType::Q5_K => {
                 let q5 = ty == GgmlType::Q5_K;
                 let (block, qs_at) = if q5 { (176, 48) } else { (144, 16) };
-                let (mask, one) = (_mm512_set1_epi32(0xF), _mm512_set1_epi32(1));
                 for i in 0..nb {
                     let (b, ob) = (r.add(i * block), o.add(i * 256));
                     let (d, dmin) = (f16_at(b), f16_at(b.add(2)));
                     let (sc, mn) = k4_scales(std::slice::from_raw_parts(b.add(4), 12));
-                    let qs = b.add(qs_at);
+                    let qh = if q5 { b.add(16) } else { std::ptr::null() };
+                    // w = (d·sc)·q − dmin·mn, the sub-block's two products rounded first.
+                    let a = |sub: usize| _mm512_set1_ps(d * sc[sub] as f32);
+                    let m = |sub: usize| _mm512_set1_ps(dmin * mn[sub] as f32);
                     for c in 0..4 {
-                        for (half, shift) in [(0, 0), (1, 4)] {
-                            let sub = 2 * c + half;
-                            let a = _mm512_set1_ps(d * sc[sub] as f32);
-                            let m = _mm512_set1_ps(dmin * mn[sub] as f32);
-                            for k in 0..2 {
-                                let v = u8x16(qs.add(32 * c + 16 * k));
-                                let mut q = _mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(shift)), mask);
-                                if q5 {
-                                    let h = u8x16(b.add(16 + 16 * k));
-                                    let h = _mm512_and_si512(_mm512_srl_epi32(h, _mm_cvtsi32_si128(sub as i32)), one);
-                                    q = _mm512_or_si512(q, _mm512_slli_epi32::<4>(h));
-                                }
-                                let w = _mm512_sub_ps(_mm512_mul_ps(a, _mm512_cvtepi32_ps(q)), m);
+                        for k in 0..2 {
+                            let (lo, hi) = k4_codes(b.add(qs_at), qh, c, k);
+                            for (sub, q) in [(2 * c, lo), (2 * c + 1, hi)] {
+                                let w = _mm512_sub_ps(_mm512_mul_ps(a(sub), _mm512_cvtepi32_ps(q)), m(sub));
                                 _mm512_storeu_ps(ob.add(32 * sub + 16 * k), w);
                             }
                         }
@@ -259,25 +277,14 @@ pub(super) unsafe fn dequantize(ty: GgmlType, row: &[u8], out: &mut [f32]) -> bo
                 }
             }
             GgmlType::Q6_K => {
-                let (mask4, mask2, bias) = (_mm512_set1_epi32(0xF), _mm512_set1_epi32(3), _mm512_set1_epi32(32));
                 for i in 0..nb {
                     let (b, ob) = (r.add(i * 210), o.add(i * 256));
                     let (ql, qh, sc) = (b, b.add(128), b.add(192));
                     let d = f16_at(b.add(208));
                     for h in 0..2 {
                         for t in 0..4 {
-                            let lshift = _mm_cvtsi32_si128(4 * (t as i32 / 2));
-                            let hshift = _mm_cvtsi32_si128(2 * t as i32);
                             for half in 0..2 {
-                                let l = _mm512_and_si512(
-                                    _mm512_srl_epi32(u8x16(ql.add(h * 64 + (t % 2) * 32 + 16 * half)), lshift),
-                                    mask4,
-                                );
-                                let hb = _mm512_and_si512(
-                                    _mm512_srl_epi32(u8x16(qh.add(h * 32 + 16 * half)), hshift),
-                                    mask2,
-                                );
-                                let q = _mm512_sub_epi32(_mm512_or_si512(l, _mm512_slli_epi32::<4>(hb)), bias);
+                                let q = q6_k_codes(ql, qh, h, t, half);
                                 let s = _mm512_set1_ps(d * (*sc.add(h * 8 + t * 2 + half) as i8) as f32);
                                 _mm512_storeu_ps(
                                     ob.add(h * 128 + t * 32 + 16 * half),

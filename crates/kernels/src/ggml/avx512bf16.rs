@@ -21,7 +21,8 @@
 use std::arch::x86_64::*;
 
 use super::GgmlType;
-use super::blocks::{KVALUES_IQ4NL, iq4_xs_scales};
+use super::avx512::f16_at;
+use super::blocks::{KVALUES_IQ4NL, iq4_xs_scales, k4_scales_words};
 
 /// x prepared for the kernels of this module, once per product (shared by all rows).
 pub(super) struct SplitX {
@@ -43,7 +44,8 @@ pub(super) fn handles(ty: GgmlType) -> bool {
     )
 }
 
-/// x split into bf16 hi + lo in the order `ty`'s kernel reads it.
+/// x split into three bf16 parts (see the module documentation), in the order `ty`'s kernel
+/// reads it, with Q4_K/Q5_K's sub-block sums.
 ///
 /// # Safety
 /// AVX-512F, AVX512BW, AVX512_VBMI and AVX512_BF16 must be available; `handles(ty)`; `x.len()` is a whole
@@ -157,18 +159,13 @@ fn bf16_table(first: i32) -> [u16; 32] {
     std::array::from_fn(|i| half::bf16::from_f32((first + i as i32) as f32).to_bits())
 }
 
-/// The little-endian f16 bits at `p`.
-#[inline]
-fn f16_bits(p: *const u8) -> i32 {
-    // SAFETY: the callers pass a pointer to two readable bytes inside a checked row.
-    u16::from_le_bytes(unsafe { p.cast::<[u8; 2]>().read_unaligned() }) as i32
-}
-
-/// The little-endian f16 at `p`, widened (F16C, not a software conversion).
+/// Per 16-bit lane: bits 0..4 of `low`, the other bits of `high` (one `vpternlogd`, 0xE4 =
+/// "c ? a : b" with c the nibble mask). Callers feed the result to a table permute that reads
+/// only the index bits it needs.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16,avx2,fma,f16c")]
-fn f16_at(p: *const u8) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(f16_bits(p))))
+fn merge_low_nibble(low: __m512i, high: __m512i) -> __m512i {
+    _mm512_ternarylogic_epi32::<0xE4>(low, high, _mm512_set1_epi16(0xF))
 }
 
 /// The values of Q4_0's codes: q − 8.
@@ -301,14 +298,12 @@ unsafe fn k4<const Q5: bool>(r: *const u8, xs: Parts, sums: *const f32, nb: usiz
     unsafe {
         let table = _mm512_loadu_si512(table.as_ptr().cast());
         let nibble = _mm512_set1_epi16(0xF);
-        // ternlog 0xE4: c ? a : b, bitwise.
-        let merge = |low: __m512i, high: __m512i| _mm512_ternarylogic_epi32::<0xE4>(low, high, nibble);
         let mut acc = [_mm512_setzero_ps(); 2];
         let mut offsets = _mm256_setzero_ps();
         for i in 0..nb {
             let b = r.add(i * block);
             let (d, dmin) = (f16_at(b), f16_at(b.add(2)));
-            let (sc, mn) = k4_scales_swar(b.add(4));
+            let (sc, mn) = k4_scales_words(std::slice::from_raw_parts(b.add(4), 12));
             let widen = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64)));
             let m = _mm256_mul_ps(widen(mn), _mm256_set1_ps(dmin));
             let av = _mm256_mul_ps(widen(sc), _mm256_set1_ps(d));
@@ -332,7 +327,7 @@ unsafe fn k4<const Q5: bool>(r: *const u8, xs: Parts, sums: *const f32, nb: usiz
                         2 => (qh, _mm512_srli_epi16::<1>(qh)),
                         _ => (_mm512_srli_epi16::<2>(qh), _mm512_srli_epi16::<3>(qh)),
                     };
-                    (lo, hi) = (merge(v, to_lo), merge(hi, to_hi));
+                    (lo, hi) = (merge_low_nibble(v, to_lo), merge_low_nibble(hi, to_hi));
                 }
                 let lo = _mm512_permutexvar_epi16(lo, table);
                 let hi = _mm512_permutexvar_epi16(hi, table);
@@ -344,22 +339,6 @@ unsafe fn k4<const Q5: bool>(r: *const u8, xs: Parts, sums: *const f32, nb: usiz
         let total = _mm512_add_ps(acc[0], acc[1]);
         _mm512_reduce_add_ps(_mm512_add_ps(total, _mm512_zextps256_ps512(offsets)))
     }
-}
-
-/// The eight 6-bit scales and eight 6-bit minimums of a Q4_K/Q5_K super-block from its 12 bytes
-/// at `p`, as the bytes of two u64 (scale j in byte j), four bytes per word operation instead of
-/// one: bytes 0..4 hold scales 0..4 in their low 6 bits, bytes 4..8 minimums 0..4; bytes 8..12
-/// hold the low 4 bits of scales 4..8 (low nibble) and minimums 4..8 (high nibble), whose top 2
-/// bits are the top bits of bytes 0..4 and 4..8. Same values as `blocks::k4_scales`.
-#[inline(always)]
-fn k4_scales_swar(p: *const u8) -> (u64, u64) {
-    // SAFETY: the caller passes a pointer to the 12 scale bytes of a super-block.
-    let word = |o: usize| u32::from_le_bytes(unsafe { p.add(o).cast::<[u8; 4]>().read_unaligned() });
-    let (a, b, c) = (word(0), word(4), word(8));
-    let (low6, low4, top2) = (0x3F3F_3F3F, 0x0F0F_0F0F, 0x3030_3030);
-    let sc = (a & low6) as u64 | (((c & low4) | ((a >> 2) & top2)) as u64) << 32;
-    let mn = (b & low6) as u64 | ((((c >> 4) & low4) | ((b >> 2) & top2)) as u64) << 32;
-    (sc, mn)
 }
 
 /// Q6_K (210-byte super-blocks of 256: 128 bytes of low nibbles `ql`, 64 bytes of 2-bit high
@@ -377,9 +356,6 @@ unsafe fn q6_k(r: *const u8, xs: Parts, nb: usize) -> f32 {
     // x[256i..256i+256].
     unsafe {
         let (t_lo, t_hi) = (_mm512_loadu_si512(t_lo.as_ptr().cast()), _mm512_loadu_si512(t_hi.as_ptr().cast()));
-        let nibble = _mm512_set1_epi16(0xF);
-        // ternlog 0xE4: c ? a : b, bitwise.
-        let merge = |low: __m512i, high: __m512i| _mm512_ternarylogic_epi32::<0xE4>(low, high, nibble);
         let mut acc = [_mm512_setzero_ps(); 2];
         for i in 0..nb {
             let b = r.add(i * 210);
@@ -394,10 +370,10 @@ unsafe fn q6_k(r: *const u8, xs: Parts, nb: usize) -> f32 {
                 let q1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(ql.add(64 * h + 32).cast()));
                 let hb = _mm512_cvtepu8_epi16(_mm256_loadu_si256(qh.add(32 * h).cast()));
                 let codes = [
-                    merge(q0, _mm512_slli_epi16::<4>(hb)),
-                    merge(q1, _mm512_slli_epi16::<2>(hb)),
-                    merge(_mm512_srli_epi16::<4>(q0), hb),
-                    merge(_mm512_srli_epi16::<4>(q1), _mm512_srli_epi16::<2>(hb)),
+                    merge_low_nibble(q0, _mm512_slli_epi16::<4>(hb)),
+                    merge_low_nibble(q1, _mm512_slli_epi16::<2>(hb)),
+                    merge_low_nibble(_mm512_srli_epi16::<4>(q0), hb),
+                    merge_low_nibble(_mm512_srli_epi16::<4>(q1), _mm512_srli_epi16::<2>(hb)),
                 ];
                 for (t, code) in codes.into_iter().enumerate() {
                     let w = _mm512_permutex2var_epi16(t_lo, code, t_hi);

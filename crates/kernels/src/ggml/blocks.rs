@@ -154,13 +154,21 @@ fn q3_k(b: &[u8], o: &mut [f32]) {
 /// 12 bytes (`get_scale_min_k4` in ggml).
 #[inline(always)]
 pub(super) fn k4_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
-    let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
-    for j in 0..4 {
-        sc[j] = s[j] & 0x3F;
-        mn[j] = s[j + 4] & 0x3F;
-        sc[j + 4] = (s[j + 8] & 0xF) | ((s[j] >> 2) & 0x30);
-        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 2) & 0x30);
-    }
+    let (sc, mn) = k4_scales_words(s);
+    (sc.to_le_bytes(), mn.to_le_bytes())
+}
+
+/// [`k4_scales`] as the bytes of two u64 (scale j in byte j), four bytes per word operation:
+/// bytes 0..4 of `s` hold scales 0..4 in their low 6 bits, bytes 4..8 minimums 0..4; bytes
+/// 8..12 hold the low 4 bits of scales 4..8 (low nibble) and minimums 4..8 (high nibble), whose
+/// top 2 bits are the top bits of bytes 0..4 and 4..8.
+#[inline(always)]
+pub(super) fn k4_scales_words(s: &[u8]) -> (u64, u64) {
+    let word = |o: usize| u32::from_le_bytes([s[o], s[o + 1], s[o + 2], s[o + 3]]);
+    let (a, b, c) = (word(0), word(4), word(8));
+    let (low6, low4, top2) = (0x3F3F_3F3F, 0x0F0F_0F0F, 0x3030_3030);
+    let sc = (a & low6) as u64 | (((c & low4) | ((a >> 2) & top2)) as u64) << 32;
+    let mn = (b & low6) as u64 | ((((c >> 4) & low4) | ((b >> 2) & top2)) as u64) << 32;
     (sc, mn)
 }
 

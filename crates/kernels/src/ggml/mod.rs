@@ -278,9 +278,21 @@ pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(),
 #[doc(hidden)]
 pub fn dequantize_row_at(level: SimdLevel, ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), KernelError> {
     assert!(level.is_supported(), "SIMD level {} is not supported on this CPU", level.name());
+    dequantize_checked_level(level, ty, bytes, out)
+}
+
+/// [`dequantize_row_at`] for a caller that checked `level` against the CPU already (the matmul
+/// path decodes one row per call).
+pub(crate) fn dequantize_checked_level(
+    level: SimdLevel,
+    ty: GgmlType,
+    bytes: &[u8],
+    out: &mut [f32],
+) -> Result<(), KernelError> {
     check_row(ty, bytes, out.len())?;
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: the CPU has `level` (asserted), which includes AVX-512F; the row was checked.
+    // SAFETY: the CPU has `level` (checked by the callers), which includes AVX-512F; the row was
+    // checked.
     if level.has_avx512() && unsafe { avx512::dequantize(ty, bytes, out) } {
         return Ok(());
     }
@@ -303,7 +315,9 @@ pub fn dot_row(ty: GgmlType, row: &[u8], x: &[f32]) -> Result<f32, KernelError> 
 pub fn dot_row_at(level: SimdLevel, ty: GgmlType, row: &[u8], x: &[f32]) -> Result<f32, KernelError> {
     assert!(level.is_supported(), "SIMD level {} is not supported on this CPU", level.name());
     check_row(ty, row, x.len())?;
-    Ok(dot_unchecked(level, ty, row, x))
+    let mut y = [0.0f32];
+    matvec_rows(level, ty, row, x, &PreparedX::new(level, ty, x), &mut y);
+    Ok(y[0])
 }
 
 /// The crate's float storage type matching a plain float GGML type.
@@ -316,7 +330,8 @@ fn float_type(ty: GgmlType) -> Option<FloatType> {
     }
 }
 
-/// Dot product of a row already checked by [`check_row`].
+/// Dot product of a row already checked by [`check_row`], by the kernels that need no prepared x
+/// ([`matvec_rows`] runs the bf16 ones).
 fn dot_unchecked(level: SimdLevel, ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
     if let Some(ft) = float_type(ty) {
         // Plain float rows are the crate's float matrices of one row.
@@ -324,12 +339,6 @@ fn dot_unchecked(level: SimdLevel, ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
         let m = MatRef::float(ft, row, 1, x.len()).expect("row length checked by check_row");
         crate::matvec_at(level, &m, x, &mut y);
         return y[0];
-    }
-    #[cfg(target_arch = "x86_64")]
-    if let Some(sx) = split_x(level, ty, x) {
-        // SAFETY: split_x returned Some, so the CPU has AVX512_BF16 and the type has a kernel;
-        // `row` holds x.len() elements of `ty`.
-        return unsafe { avx512bf16::dot(ty, row, x, &sx) };
     }
     #[cfg(target_arch = "x86_64")]
     if level.has_avx512() {
@@ -351,17 +360,6 @@ fn dot_unchecked(level: SimdLevel, ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
     blocks::dot(ty, row, x)
 }
 
-/// x split for the AVX512_BF16 kernel of `ty`, when `level` has one for it.
-#[cfg(target_arch = "x86_64")]
-fn split_x(level: SimdLevel, ty: GgmlType, x: &[f32]) -> Option<avx512bf16::SplitX> {
-    if level != SimdLevel::Avx512Bf16 || !avx512bf16::handles(ty) {
-        return None;
-    }
-    // SAFETY: the level was checked against the CPU by the callers; x is a whole number of
-    // blocks (checked rows or matrices).
-    Some(unsafe { avx512bf16::split(ty, x) })
-}
-
 /// x prepared once for every row of a product with `ty` weights (the bf16 split where the level
 /// has a bf16 kernel for the type; nothing otherwise), shared by the row blocks that threads
 /// compute.
@@ -377,7 +375,10 @@ impl PreparedX {
         let _ = (level, ty, x);
         PreparedX {
             #[cfg(target_arch = "x86_64")]
-            split: split_x(level, ty, x),
+            // SAFETY: the level was checked against the CPU by the callers; x is a whole number
+            // of blocks (checked rows or matrices).
+            split: (level == SimdLevel::Avx512Bf16 && avx512bf16::handles(ty))
+                .then(|| unsafe { avx512bf16::split(ty, x) }),
         }
     }
 }
@@ -390,7 +391,8 @@ pub(crate) fn matvec_rows(level: SimdLevel, ty: GgmlType, data: &[u8], x: &[f32]
         let row = &data[r * rb..(r + 1) * rb];
         #[cfg(target_arch = "x86_64")]
         if let Some(sx) = &px.split {
-            // SAFETY: split_x returned Some (see dot_unchecked); the row is whole.
+            // SAFETY: the split exists only on a level with AVX512_BF16 and for a type the module
+            // handles; the row is whole.
             *yr = unsafe { avx512bf16::dot(ty, row, x, sx) };
             continue;
         }
