@@ -146,6 +146,28 @@ fn take_and_admit_keep_an_expert_in_one_tier() {
 }
 
 #[test]
+fn borrow_leaves_ram_hits_in_place_and_does_not_keep_disk_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = packed_tiny(tmp.path());
+    let m = load(&dir, 4, ProfileSource::Off);
+    let store = m.expert_store().unwrap();
+    store.fetch(0, &[1]).unwrap();
+    let before = store.snapshot();
+    // From RAM: handed out and still there. From disk: read, and not added.
+    let got = store.borrow(0, &[1, 2]).unwrap();
+    assert_eq!(got.iter().map(|(_, from_ram)| *from_ram).collect::<Vec<_>>(), [true, false]);
+    assert!(store.in_ram(0, 1) && !store.in_ram(0, 2));
+    let after = store.snapshot();
+    assert_eq!(after.disk_reads, before.disk_reads + 1);
+    assert_eq!(after.ram_taken, before.ram_taken, "nothing left the RAM tier");
+    let fresh = store.fetch(0, &[2]).unwrap();
+    let n = store.blob_bytes(0);
+    let a = flashmoe::weights::store::ByteSource::bytes(&*fresh[0]);
+    let b = flashmoe::weights::store::ByteSource::bytes(&*got[1].0);
+    assert_eq!(a[..n], b[..n]);
+}
+
+#[test]
 fn a_saved_profile_of_another_model_is_a_clear_error_when_named() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = packed_tiny(tmp.path());

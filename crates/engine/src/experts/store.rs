@@ -260,6 +260,16 @@ struct Piece {
     dst: usize,
 }
 
+/// What a fetch does with the RAM tier: a plain fetch keeps what it reads there; a take moves
+/// RAM hits out of it (to the tier above); a borrow leaves RAM hits in place. Take and borrow
+/// do not add disk reads to it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fetch {
+    Cache,
+    Take,
+    Borrow,
+}
+
 struct LayerFile {
     path: PathBuf,
     /// Packed models: the layer's expert file.
@@ -644,14 +654,22 @@ impl ExpertStore {
 
     /// The buffers of experts `ids` of `layer`, from the RAM cache or read in parallel.
     pub fn fetch(&self, layer: usize, ids: &[usize]) -> Result<Vec<Arc<AlignedBuf>>> {
-        self.fetch_into(layer, ids, false).map(|v| v.into_iter().map(|(b, _)| b).collect())
+        self.fetch_into(layer, ids, Fetch::Cache).map(|v| v.into_iter().map(|(b, _)| b).collect())
     }
 
     /// For a tier above this one (a GPU cache) in an exclusive hierarchy: the buffers of experts
     /// `ids`, each with whether it came from the RAM tier. Experts found in RAM leave it (their
     /// new home is the caller's tier); experts read from disk are not added to it.
     pub fn take(&self, layer: usize, ids: &[usize]) -> Result<Vec<(Arc<AlignedBuf>, bool)>> {
-        self.fetch_into(layer, ids, true)
+        self.fetch_into(layer, ids, Fetch::Take)
+    }
+
+    /// For a tier above this one that holds experts only for one pass and then lets them go (a
+    /// long prefill in an exclusive hierarchy): the buffers of experts `ids`, each with whether
+    /// it came from the RAM tier. Experts found in RAM stay there (the tier above can drop its
+    /// copy instead of copying it back); experts read from disk are not added to it.
+    pub fn borrow(&self, layer: usize, ids: &[usize]) -> Result<Vec<(Arc<AlignedBuf>, bool)>> {
+        self.fetch_into(layer, ids, Fetch::Borrow)
     }
 
     /// Counts routed uses of experts `ids` of `layer` that reached this store's owner without a
@@ -697,7 +715,10 @@ impl ExpertStore {
         self.layers[layer].blob_bytes as usize
     }
 
-    fn fetch_into(&self, layer: usize, ids: &[usize], take: bool) -> Result<Vec<(Arc<AlignedBuf>, bool)>> {
+    fn fetch_into(&self, layer: usize, ids: &[usize], how: Fetch) -> Result<Vec<(Arc<AlignedBuf>, bool)>> {
+        let take = how == Fetch::Take;
+        // Disk reads go into the RAM tier only for a plain fetch.
+        let keep_reads = how == Fetch::Cache;
         self.note_uses(layer, ids.iter().copied());
         let t = Instant::now();
         let mut out: Vec<Option<(Arc<AlignedBuf>, bool)>> = vec![None; ids.len()];
@@ -736,7 +757,7 @@ impl ExpertStore {
         for (j, slot) in prefetched {
             let b = slot.wait().map_err(Error::Input)?;
             self.stats.prefetch_used.fetch_add(1, Relaxed);
-            if !take {
+            if keep_reads {
                 self.cache.lock().unwrap().insert((layer as u32, ids[j] as u32), b.clone());
             }
             out[j] = Some((b, false));
@@ -747,7 +768,7 @@ impl ExpertStore {
             let mut c = self.cache.lock().unwrap();
             for (&j, r) in missing.iter().zip(read) {
                 let b = Arc::new(r?);
-                if !take {
+                if keep_reads {
                     c.insert((layer as u32, ids[j] as u32), b.clone());
                 }
                 out[j] = Some((b, false));

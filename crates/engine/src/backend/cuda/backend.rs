@@ -330,6 +330,9 @@ struct ExpertPool {
     /// Slots read by kernels launched since the host last waited for the GPU: refilling one of
     /// them first waits for the GPU.
     in_use: HashSet<usize>,
+    /// Per slot: its expert is still in the RAM tier too (loaded by a prefill that borrowed
+    /// it, `ExpertStore::borrow`), so evicting it drops the copy instead of copying it back.
+    borrowed: Vec<bool>,
     /// The expert store's layer of each pool layer (they differ on a GPU that runs a later
     /// share of a split model: the pool numbers its layers from 0, the store from the model's).
     store_layers: Vec<usize>,
@@ -1159,6 +1162,11 @@ impl CudaBackend {
 
     /// Reads experts `ids` of layer `li` from the host tier and copies each into a claimed pool
     /// slot (the compute stream waits for each copy) and the slot table. Returns their slots.
+    /// Copies experts `ids` of layer `li` into pool slots. `borrow` (a prefill pass, exclusive
+    /// tiers): experts the RAM tier holds stay there and their GPU copies are dropped when
+    /// evicted, rather than each one moving up and the one it evicts moving back down — a long
+    /// prompt touches nearly every expert of a layer, and those round trips were most of its
+    /// time with the experts in RAM.
     fn load_missing(
         &self,
         pool: &mut ExpertPool,
@@ -1166,6 +1174,7 @@ impl CudaBackend {
         li: usize,
         ids: &[usize],
         protected: &dyn Fn(ExpertKey) -> bool,
+        borrow: bool,
     ) -> crate::Result<Vec<usize>> {
         let layout = experts.layout;
         let mut slots = Vec::with_capacity(ids.len());
@@ -1173,19 +1182,20 @@ impl CudaBackend {
             ExpertSet::Resident(v) => {
                 for &e in ids {
                     let (l, pieces) = expert_layout(&v[e])?;
-                    slots.push(self.place(pool, (li, e), layout, l, &pieces, protected, None)?);
+                    slots.push(self.place(pool, (li, e), layout, l, &pieces, protected, None, false)?);
                 }
             }
             ExpertSet::Streamed { store, layer } => {
                 // Exclusive tiers: the experts leave the RAM tier, and what the GPU evicts for
                 // them goes back to it.
                 let demote_to = self.opts.gpu.exclusive.then_some(&**store);
-                let bufs: Vec<Arc<AlignedBuf>> = if demote_to.is_some() {
-                    store.take(*layer, ids)?.into_iter().map(|(b, _)| b).collect()
-                } else {
-                    store.fetch(*layer, ids)?
+                let bufs: Vec<(Arc<AlignedBuf>, bool)> = match (demote_to.is_some(), borrow) {
+                    // (Borrowed: the RAM tier keeps its copy.)
+                    (true, true) => store.borrow(*layer, ids)?,
+                    (true, false) => store.take(*layer, ids)?.into_iter().map(|(b, _)| (b, false)).collect(),
+                    (false, _) => store.fetch(*layer, ids)?.into_iter().map(|b| (b, false)).collect(),
                 };
-                for (&e, buf) in ids.iter().zip(bufs) {
+                for (&e, (buf, borrowed)) in ids.iter().zip(bufs) {
                     let base = ByteSource::bytes(&*buf).as_ptr() as usize;
                     let ew = store.expert_weights(*layer, buf)?;
                     let (l, pieces) = expert_layout(&ew)?;
@@ -1193,7 +1203,7 @@ impl CudaBackend {
                         pool.demote_map[li] =
                             Some(pieces.iter().map(|&(off, p)| (off, p.as_ptr() as usize - base, p.len())).collect());
                     }
-                    slots.push(self.place(pool, (li, e), layout, l, &pieces, protected, demote_to)?);
+                    slots.push(self.place(pool, (li, e), layout, l, &pieces, protected, demote_to, borrowed)?);
                 }
             }
         }
@@ -1212,6 +1222,7 @@ impl CudaBackend {
         pieces: &[(usize, &[u8])],
         protected: &dyn Fn(ExpertKey) -> bool,
         demote_to: Option<&ExpertStore>,
+        borrowed: bool,
     ) -> crate::Result<usize> {
         if l != layout {
             return Err(CudaError(format!("layer {li} expert {e} differs in shape from expert 0")).into());
@@ -1220,10 +1231,14 @@ impl CudaBackend {
         let (slot, victim) = pool.claim(&self.dev, key, protected)?;
         if let Some(vk) = victim {
             self.gemv.table_set(&self.dev, pool.table.ptr(), pool.table_index(vk), 0)?;
-            if let Some(store) = demote_to {
+            // (A borrowed expert's RAM copy is still there: nothing to copy back.)
+            if let Some(store) = demote_to
+                && !pool.borrowed[slot]
+            {
                 self.demote(pool, store, vk, slot)?;
             }
         }
+        pool.borrowed[slot] = borrowed;
         let n = pool.fill(&self.dev, slot, l.bytes, pieces)?;
         self.gemv.table_set(&self.dev, pool.table.ptr(), pool.table_index(key), pool.base(slot))?;
         self.stats.h2d_bytes.fetch_add(n, Relaxed);
@@ -1298,7 +1313,7 @@ impl CudaBackend {
             }
             let ew = store.expert_weights(l as usize, buf)?;
             let (lay, pieces) = expert_layout(&ew)?;
-            self.place(pool, (pl, e as usize), pool.layouts[pl], lay, &pieces, &|_| true, None)?;
+            self.place(pool, (pl, e as usize), pool.layouts[pl], lay, &pieces, &|_| true, None, false)?;
             self.stats.prewarmed.fetch_add(1, Relaxed);
             moved += 1;
         }
@@ -1915,7 +1930,7 @@ impl CudaBackend {
                 if !to_gpu.is_empty() {
                     let miss_ids: Vec<usize> = to_gpu.iter().map(|&j| ids[j] as usize).collect();
                     let t_io = Instant::now();
-                    let slots = self.load_missing(pool, &dl.experts, li, &miss_ids, &protect)?;
+                    let slots = self.load_missing(pool, &dl.experts, li, &miss_ids, &protect, false)?;
                     if let Some(t) = p.times.get_mut(li) {
                         t.io_wait += t_io.elapsed().as_secs_f64();
                     }
@@ -2062,7 +2077,7 @@ impl CudaBackend {
                 let members: HashSet<u32> = grp.iter().map(|&x| x as u32).collect();
                 let protect = |key: ExpertKey| key.0 == li as u32 && members.contains(&key.1);
                 for chunk in miss.chunks(fetch_chunk) {
-                    for slot in self.load_missing(pool, &dl.experts, li, chunk, &protect)? {
+                    for slot in self.load_missing(pool, &dl.experts, li, chunk, &protect, true)? {
                         pool.in_use.insert(slot);
                     }
                 }
@@ -2286,6 +2301,7 @@ impl Backend for CudaBackend {
             next_staging: 0,
             copy_stream: self.dev.ctx.new_stream().map_err(|e| CudaError(format!("cuStreamCreate: {e:?}")))?,
             in_use: HashSet::new(),
+            borrowed: vec![false; nslots],
             demote_map: vec![None; c.num_layers],
             store_layers: experts
                 .iter()
@@ -2671,7 +2687,7 @@ impl Backend for CudaBackend {
                 if inner.pool.free.len() < chunk.len() {
                     break 'outer;
                 }
-                self.load_missing(&mut inner.pool, set, li, chunk, &|_| true)?;
+                self.load_missing(&mut inner.pool, set, li, chunk, &|_| true, false)?;
                 n += chunk.len();
             }
         }
