@@ -273,3 +273,47 @@ fn without_a_profile_tiers_that_hold_every_expert_are_filled_at_load() {
     assert_eq!(after.disk_reads, before.disk_reads, "the run read experts from disk after a full pre-warm");
     assert_eq!(after.ram_misses, 0);
 }
+
+/// Host memory from the heap under another name (a stand-in for a GPU's pinned memory).
+struct Tagged;
+
+impl flashmoe::experts::buffer::HostMemory for Tagged {
+    fn alloc(&self, len: usize) -> Option<std::ptr::NonNull<u8>> {
+        let layout = std::alloc::Layout::from_size_align(len, flashmoe::experts::buffer::BUF_ALIGN).ok()?;
+        // SAFETY: non-zero size (the pool asks for at least 1 byte), valid alignment.
+        std::ptr::NonNull::new(unsafe { std::alloc::alloc(layout) })
+    }
+    unsafe fn free(&self, p: std::ptr::NonNull<u8>, len: usize) {
+        let layout = std::alloc::Layout::from_size_align(len, flashmoe::experts::buffer::BUF_ALIGN).unwrap();
+        // SAFETY: allocated above with this layout.
+        unsafe { std::alloc::dealloc(p.as_ptr(), layout) }
+    }
+    fn name(&self) -> &'static str {
+        "tagged"
+    }
+}
+
+#[test]
+fn ram_tier_entries_move_into_host_memory_without_changing_a_logit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = packed_tiny(tmp.path());
+    let m = load(&dir, 64, ProfileSource::Off);
+    let reference = logits_of(&m);
+    let store = m.expert_store().unwrap();
+    let before = store.fetch(0, &[1, 2]).unwrap();
+    assert!(before.iter().all(|b| b.host_memory().is_none()), "heap buffers before");
+    store.set_host_memory(std::sync::Arc::new(Tagged), false);
+    // The background thread may move them first; moving what is left finds the rest.
+    let t = Instant::now();
+    while store.move_heap_entries(usize::MAX) > 0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "entries never moved");
+    }
+    let after = store.fetch(0, &[1, 2]).unwrap();
+    assert!(after.iter().all(|b| b.host_memory() == Some("tagged")), "entries now in host memory");
+    let n = store.blob_bytes(0);
+    for (a, b) in before.iter().zip(&after) {
+        use flashmoe::weights::store::ByteSource;
+        assert_eq!(a.bytes()[..n], b.bytes()[..n], "same bytes");
+    }
+    assert_eq!(logits_of(&m), reference);
+}

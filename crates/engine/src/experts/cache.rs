@@ -130,6 +130,23 @@ impl<V: CacheValue> ExpertCache<V> {
         }
     }
 
+    /// Up to `max` entries whose value satisfies `pred` (no use counted).
+    pub fn entries_where(&self, pred: impl Fn(&V) -> bool, max: usize) -> Vec<(ExpertKey, V)> {
+        self.entries.iter().filter(|(_, (v, _))| pred(v)).take(max).map(|(k, (v, _))| (*k, v.clone())).collect()
+    }
+
+    /// Replaces the value of `key` by `new` (same score) when it is cached and `same` holds
+    /// for its current value. Returns whether it did.
+    pub fn replace_if(&mut self, key: ExpertKey, new: V, same: impl Fn(&V) -> bool) -> bool {
+        let Some((v, _)) = self.entries.get_mut(&key) else { return false };
+        if !same(v) {
+            return false;
+        }
+        self.used = self.used - v.bytes() + new.bytes();
+        *v = new;
+        true
+    }
+
     /// Whether `key` is cached, without counting as a use.
     pub fn contains(&self, key: ExpertKey) -> bool {
         self.entries.contains_key(&key)

@@ -182,6 +182,10 @@ pub const AUTO_IO_ROUNDS: usize = 3;
 /// cache keeps, and on a loaded machine one noisy sample must not decide.
 pub const AUTO_DIRECT_MARGIN: f64 = 1.25;
 
+/// How long the store must go without a fetch before RAM-tier entries move into pinned memory
+/// (`set_host_memory`): a decode step fetches every few milliseconds.
+pub const PIN_IDLE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The half of the `--io auto` rule that needs no measurement: `Ok(reason)` when the experts fit
 /// in the RAM left next to our own RAM tier (page mode, then), else `Err(why not)`.
 pub fn auto_io_fit(facts: &AutoIoFacts) -> std::result::Result<String, String> {
@@ -330,6 +334,12 @@ pub struct ExpertStore {
     num_experts: usize,
     /// Set to end a running pre-warm early (the model is going away).
     prewarm_stop: std::sync::atomic::AtomicBool,
+    /// The pool's heap-allocation count when the thread that moves RAM-tier entries into host
+    /// memory last found none left (`set_host_memory`).
+    pinned_seen: AtomicU64,
+    /// When the store opened, and the last fetch (nanoseconds after that).
+    opened: Instant,
+    last_fetch: AtomicU64,
 }
 
 impl ExpertStore {
@@ -508,6 +518,9 @@ impl ExpertStore {
             uses: (0..cfg.num_layers * cfg.num_experts).map(|_| AtomicU64::new(0)).collect(),
             num_experts: cfg.num_experts,
             prewarm_stop: Default::default(),
+            pinned_seen: AtomicU64::new(0),
+            opened: Instant::now(),
+            last_fetch: AtomicU64::new(0),
         };
         // Build one expert from a zero buffer now, so layout problems surface at load time.
         for l in 0..store.layers.len() {
@@ -561,6 +574,11 @@ impl ExpertStore {
         l.stride * l.num_experts as u64
     }
 
+    /// Routed experts per layer.
+    pub fn num_experts(&self) -> usize {
+        self.num_experts
+    }
+
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
@@ -595,9 +613,11 @@ impl ExpertStore {
         out
     }
 
+    /// Reads expert `e` of `layer` into a free buffer or a new heap one (never a new pinned one:
+    /// see `set_host_memory`).
     fn read(&self, mode: IoMode, layer: usize, e: usize) -> Result<AlignedBuf> {
         let lf = &self.layers[layer];
-        let mut buf = self.bufs.get(lf.stride as usize);
+        let mut buf = self.bufs.get_fast(lf.stride as usize);
         let t = Instant::now();
         if let Some(pieces) = &lf.pieces {
             let mut n = 0;
@@ -705,9 +725,78 @@ impl ExpertStore {
         kept
     }
 
+    /// Expert buffers can live in `mem` from now on (a GPU backend's pinned host memory: RAM
+    /// tier entries it can copy by DMA with no staging). Reads still go to free buffers or the
+    /// heap: allocating pinned memory takes milliseconds per expert and stalls the GPU's driver
+    /// meanwhile (measured: 12–22 ms steps, a prefill at half speed). A background thread moves
+    /// RAM-tier entries into `mem` instead, only while the store is idle (no fetch for
+    /// [`PIN_IDLE`]), for as long as the store lives. `eager`: reads allocate in `mem` at once
+    /// (slower reads and steps, but every entry is in `mem` from its first read: for runs that
+    /// force a PCIe share, tests and benchmarks).
+    pub fn set_host_memory(self: &Arc<Self>, mem: Arc<dyn super::buffer::HostMemory>, eager: bool) {
+        self.bufs.set_host_memory(mem, eager);
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new().name("flashmoe-pin".into()).spawn(move || {
+            loop {
+                std::thread::sleep(PIN_IDLE);
+                let Some(me) = weak.upgrade() else { return };
+                // Moved in rounds of 16 (the cache lock is held only to find them); the count
+                // is taken as seen once a round finds nothing.
+                while me.idle_for() >= PIN_IDLE {
+                    let made = me.bufs.heap_allocations();
+                    if made == me.pinned_seen.load(Relaxed) {
+                        break;
+                    }
+                    if me.move_heap_entries(16) == 0 {
+                        me.pinned_seen.store(made, Relaxed);
+                    }
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("no thread to move RAM-tier experts into pinned memory: {e}");
+        }
+    }
+
+    /// Whether RAM-tier entries wait to move into the pool's host memory (which happens only
+    /// while the store is idle: a benchmark waits for it, as for the pre-warm).
+    pub fn settling(&self) -> bool {
+        self.bufs.heap_allocations() != self.pinned_seen.load(Relaxed)
+    }
+
+    /// Time since the last fetch.
+    fn idle_for(&self) -> std::time::Duration {
+        let last = self.last_fetch.load(Relaxed);
+        self.opened.elapsed().saturating_sub(std::time::Duration::from_nanos(last))
+    }
+
+    /// Copies up to `max` RAM-tier entries that live on the heap into buffers of the pool's
+    /// host memory and swaps them in (their scores unchanged; an entry that left or changed
+    /// meanwhile is skipped). Returns how many were found.
+    pub fn move_heap_entries(&self, max: usize) -> usize {
+        let todo =
+            self.cache.lock().unwrap_or_else(|p| p.into_inner()).entries_where(|b| b.host_memory().is_none(), max);
+        for (key, old) in &todo {
+            if self.idle_for() < PIN_IDLE {
+                // A pass started: found some, moved them later.
+                break;
+            }
+            let Some(mut new) = self.bufs.get_in_host_memory(old.len()) else { return 0 };
+            new.as_mut_slice().copy_from_slice(ByteSource::bytes(&**old));
+            let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            c.replace_if(*key, Arc::new(new), |cur| Arc::ptr_eq(cur, old));
+        }
+        todo.len()
+    }
+
+    /// The kind of host memory new expert buffers come from, when not the heap.
+    pub fn host_memory(&self) -> Option<&'static str> {
+        self.bufs.host_memory()
+    }
+
     /// A buffer the size of one expert of `layer` (for `admit`), recycled when one is free.
     pub fn expert_buffer(&self, layer: usize) -> AlignedBuf {
-        self.bufs.get(self.layers[layer].stride as usize)
+        self.bufs.get_fast(self.layers[layer].stride as usize)
     }
 
     /// Byte ranges of expert data inside a buffer of `layer` (the blob without padding).
@@ -716,6 +805,7 @@ impl ExpertStore {
     }
 
     fn fetch_into(&self, layer: usize, ids: &[usize], how: Fetch) -> Result<Vec<(Arc<AlignedBuf>, bool)>> {
+        self.last_fetch.store(self.opened.elapsed().as_nanos() as u64, Relaxed);
         let take = how == Fetch::Take;
         // Disk reads go into the RAM tier only for a plain fetch.
         let keep_reads = how == Fetch::Cache;

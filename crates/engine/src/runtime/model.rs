@@ -341,6 +341,16 @@ impl Model {
         self.prewarm_thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
+    /// Waits, up to `limit`, while RAM-tier entries move into pinned memory
+    /// (`ExpertStore::settling`: that happens only while no pass runs). Returns the time waited.
+    pub fn settle(&self, limit: std::time::Duration) -> std::time::Duration {
+        let t = std::time::Instant::now();
+        while self.expert_store.as_ref().is_some_and(|s| s.settling()) && t.elapsed() < limit {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        t.elapsed()
+    }
+
     /// What the pre-warm was given, when one started.
     pub fn prewarm_info(&self) -> Option<&PrewarmInfo> {
         self.prewarm.as_ref()
