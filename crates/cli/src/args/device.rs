@@ -15,11 +15,19 @@ pub struct DeviceArgs {
     /// is free after the weights, the workspace and 8K tokens of state, minus a margin.
     #[arg(long, default_value = "auto")]
     pub gpu_cache: flashmoe::device::GpuCache,
-    /// Decode with a GPU: where experts the GPU cache misses are computed. off: copied to the
-    /// GPU; auto: those the RAM tier holds are computed by the CPU in place (no copy), disk
-    /// reads go to the GPU; cpu: every miss on the CPU.
-    #[arg(long, default_value = "off")]
+    /// Decode with a GPU: where experts the GPU cache misses are computed. auto: those the RAM
+    /// tier holds are split between the CPU (in place, no copy) and the GPU (copied over PCIe
+    /// by DMA, not cached: --pcie-share), disk reads go to free GPU slots, else the CPU; off:
+    /// every miss copied into the GPU cache; cpu: every miss on the CPU. (auto was 2–3× off with
+    /// experts in RAM in every regime measured: docs/performance.md.)
+    #[arg(long, default_value = "auto")]
     pub hybrid: flashmoe::backend::Hybrid,
+    /// With --hybrid auto: the share of the RAM tier's misses that cross PCIe (DMA from the RAM
+    /// tier, which is then pinned memory; computed on the GPU, not cached there) while the CPU
+    /// computes the rest. auto: from the CPU's expert rate and the PCIe rate measured at load
+    /// (printed in the summary); 0: all on the CPU (and the RAM tier stays pageable).
+    #[arg(long)]
+    pub pcie_share: Option<flashmoe::backend::PcieShare>,
     /// GPU and RAM expert tiers: exclusive (an expert lives in one of them; GPU evictions are
     /// copied back to RAM, usable capacity = GPU + RAM) or inclusive (RAM keeps a copy of what
     /// it reads for the GPU).
@@ -34,11 +42,14 @@ pub struct DeviceArgs {
 
 impl DeviceArgs {
     pub fn options(&self) -> flashmoe::device::DeviceOptions {
+        let defaults = flashmoe::backend::GpuTuning::default();
         let gpu = flashmoe::backend::GpuTuning {
             hybrid: self.hybrid,
+            // (Unset: the environment's FLASHMOE_PCIE_SHARE, else auto.)
+            pcie_share: self.pcie_share.unwrap_or(defaults.pcie_share),
             exclusive: self.tiers == "exclusive",
             precision: self.precision,
-            ..Default::default()
+            ..defaults
         };
         flashmoe::device::DeviceOptions { device: self.device, gpu_cache: self.gpu_cache, gpu }
     }

@@ -482,7 +482,7 @@ fn print_gpu(r: &DecodeReport, g: &bench::GpuDecodeInfo, disk_bw: f64) {
     let (t_mem, t_disk, t_pcie) = (g.bytes_per_token / g.d2d_bw, r.disk_bytes_per_token() / disk_bw, h2d / g.h2d_bw);
     let step = r.decode_secs / n;
     eprintln!(
-        "[flashmoe] gpu: expert cache {}/{} experts{} | hit {:.1}% | host→GPU {}/token | GPU→RAM {}/token | CPU-computed experts {:.1}/token | RAM hit {:.0}% | disk {}/token | pre-warmed {} on GPU, {} read",
+        "[flashmoe] gpu: expert cache {}/{} experts{} | hit {:.1}% | host→GPU {}/token | GPU→RAM {}/token | CPU-computed experts {:.1}/token, RAM tier → GPU over PCIe {:.1}/token | RAM hit {:.0}% | disk {}/token | pre-warmed {} on GPU, {} read",
         g.pool_slots,
         g.total_experts,
         if g.preloaded { " (all preloaded)" } else { "" },
@@ -490,6 +490,7 @@ fn print_gpu(r: &DecodeReport, g: &bench::GpuDecodeInfo, disk_bw: f64) {
         fmt_bytes(h2d as u64),
         fmt_bytes((g.d2h_bytes as f64 / n) as u64),
         g.cpu_experts as f64 / n,
+        g.pcie_experts as f64 / n,
         100.0 * r.io.ram_hit_rate(),
         fmt_bytes(r.disk_bytes_per_token() as u64),
         g.prewarmed,

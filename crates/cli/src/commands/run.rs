@@ -166,8 +166,13 @@ pub fn run(mut a: RunArgs) -> Result<()> {
         // GPU expert cache over the whole run (prefill + decode): hit rate and bytes copied in.
         Some(t) => {
             let s = t.counters;
-            let cpu = if s.cpu_experts > 0 {
-                format!(", CPU computed {:.1} experts/token", s.cpu_experts as f64 / s.tokens.max(1) as f64)
+            let per_token = |n: u64| n as f64 / s.tokens.max(1) as f64;
+            let cpu = if s.cpu_experts > 0 || s.pcie_experts > 0 {
+                format!(
+                    ", CPU computed {:.1} experts/token, {:.1} crossed PCIe",
+                    per_token(s.cpu_experts),
+                    per_token(s.pcie_experts)
+                )
             } else {
                 String::new()
             };

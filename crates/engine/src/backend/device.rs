@@ -114,6 +114,32 @@ impl std::str::FromStr for Hybrid {
     }
 }
 
+/// With `--hybrid auto`: which share of the misses the RAM tier holds crosses PCIe (copied by DMA
+/// from the RAM tier's pinned buffers into scratch GPU memory, computed there, not cached) while
+/// the CPU computes the rest in place.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum PcieShare {
+    /// From the CPU's expert rate and the PCIe rate measured at load: the split that ends both
+    /// halves together.
+    #[default]
+    Auto,
+    /// This fraction (0: all on the CPU, no pinned RAM tier; 1: all over PCIe).
+    Fixed(f64),
+}
+
+impl std::str::FromStr for PcieShare {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s == "auto" {
+            return Ok(PcieShare::Auto);
+        }
+        match s.parse::<f64>() {
+            Ok(f) if (0.0..=1.0).contains(&f) => Ok(PcieShare::Fixed(f)),
+            _ => Err(format!("`{s}`: expected auto or a fraction from 0 to 1")),
+        }
+    }
+}
+
 /// Arithmetic of the GPU's multi-token (prefill) matrix products.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
@@ -164,6 +190,13 @@ pub struct GpuTuning {
     pub stretch_graphs: bool,
     /// Where decode computes GPU-cache misses.
     pub hybrid: Hybrid,
+    /// Hybrid auto: the share of the RAM tier's misses that cross PCIe rather than being
+    /// computed by the CPU (`FLASHMOE_PCIE_SHARE`, for benchmarks; the CLI's `--pcie-share`).
+    pub pcie_share: PcieShare,
+    /// Exclusive tiers: a prefill pass borrows the RAM tier's experts (copies them up and drops
+    /// the GPU copy on eviction) instead of moving them up and the evicted ones back down
+    /// (`FLASHMOE_PREFILL_BORROW=0`: move, as before; for A/B runs).
+    pub prefill_borrow: bool,
     /// Exclusive tiers: an expert lives on the GPU or in the RAM tier, not both. Experts the
     /// GPU loads leave the RAM tier (disk reads for the GPU bypass it) and experts the GPU
     /// evicts are copied back into it. Off: the RAM tier keeps a copy of everything it reads
@@ -186,6 +219,8 @@ impl Default for GpuTuning {
             graphs: std::env::var("FLASHMOE_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             stretch_graphs: std::env::var("FLASHMOE_CUDA_STRETCHES").map_or(true, |v| v != "0"),
             hybrid: Hybrid::Off,
+            pcie_share: std::env::var("FLASHMOE_PCIE_SHARE").ok().and_then(|v| v.parse().ok()).unwrap_or_default(),
+            prefill_borrow: std::env::var("FLASHMOE_PREFILL_BORROW").map_or(true, |v| v != "0"),
             exclusive: true,
             precision: Precision::default(),
             peer_hand_off: std::env::var("FLASHMOE_SPLIT_HANDOFF").map_or(true, |v| v != "host"),

@@ -20,7 +20,7 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::layers::{AttentionWeights, Convert, DeltaNetWeights, Host, MoeWeights, PassSpec, Tensors};
 
-pub use device::{DeviceChoice, DeviceOptions, GpuCache, GpuList, GpuTuning, Hybrid, Precision};
+pub use device::{DeviceChoice, DeviceOptions, GpuCache, GpuList, GpuTuning, Hybrid, PcieShare, Precision};
 
 /// Where one layer's time went, marked by the layer loop when timing is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +53,9 @@ pub struct TierCounters {
     pub tokens: u64,
     /// Misses computed by the CPU instead (hybrid decode).
     pub cpu_experts: u64,
+    /// Misses the RAM tier holds that crossed PCIe to be computed on the GPU without being
+    /// cached there (hybrid decode's PCIe share).
+    pub pcie_experts: u64,
     /// Device-to-host bytes of evicted experts copied back to the RAM tier (exclusive tiers).
     pub d2h_bytes: u64,
     /// Experts a pre-warm placed in the tier.
@@ -83,6 +86,7 @@ impl TierCounters {
             h2d_bytes: self.h2d_bytes - before.h2d_bytes,
             tokens: self.tokens - before.tokens,
             cpu_experts: self.cpu_experts - before.cpu_experts,
+            pcie_experts: self.pcie_experts - before.pcie_experts,
             d2h_bytes: self.d2h_bytes - before.d2h_bytes,
             prewarmed: self.prewarmed - before.prewarmed,
             ids_wait_ns: self.ids_wait_ns - before.ids_wait_ns,
@@ -106,6 +110,7 @@ impl TierCounters {
             // Every stage sees every token.
             tokens: self.tokens.max(o.tokens),
             cpu_experts: self.cpu_experts + o.cpu_experts,
+            pcie_experts: self.pcie_experts + o.pcie_experts,
             d2h_bytes: self.d2h_bytes + o.d2h_bytes,
             prewarmed: self.prewarmed + o.prewarmed,
             ids_wait_ns: self.ids_wait_ns + o.ids_wait_ns,

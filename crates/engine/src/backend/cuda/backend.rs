@@ -26,10 +26,11 @@ use super::gemv::{
 };
 use super::ops::ForwardKernels;
 use crate::backend::{
-    Backend, BackendState, Bandwidths, DeviceOptions, GpuCache, Hybrid, Phase, Precision, TierCounters, TierInfo,
+    Backend, BackendState, Bandwidths, DeviceOptions, GpuCache, Hybrid, PcieShare, Phase, Precision, TierCounters,
+    TierInfo,
 };
 use crate::config::{LayerKind, ModelConfig};
-use crate::experts::buffer::AlignedBuf;
+use crate::experts::buffer::{AlignedBuf, BUF_ALIGN, HostMemory};
 use crate::experts::cache::{CachePolicy, CacheValue, ExpertCache, ExpertKey};
 use crate::experts::{ExpertSet, ExpertStore, ExpertWeights};
 use crate::layers::{
@@ -55,6 +56,8 @@ struct GpuStats {
     tokens: AtomicU64,
     /// GPU-cache misses computed by the CPU (hybrid decode).
     cpu_experts: AtomicU64,
+    /// RAM-tier misses copied to transit memory and computed on the GPU (hybrid decode).
+    pcie_experts: AtomicU64,
     /// GPU-to-host bytes of evicted experts copied back into the RAM tier (exclusive tiers).
     d2h_bytes: AtomicU64,
     /// Experts the background pre-warm placed in the pool.
@@ -262,6 +265,33 @@ fn expert_layout(e: &ExpertWeights) -> Result<(ExpertLayout, Pieces<'_>)> {
     Ok((ExpertLayout { mats, bytes: off }, copies))
 }
 
+/// Where gate, up and down sit in an expert's host buffer starting at `base` (copied whole to
+/// transit memory and read in place), and the bytes to copy; None when a piece is not 16-byte
+/// aligned there (the GEMV kernels' rows need it) or lies before `base`.
+fn blob_layout(e: &ExpertWeights, base: usize) -> Result<Option<([MatLayout; 3], usize)>> {
+    let mut mats = [MatLayout { format: DevFormat::F32, rows: 0, cols: 0, w: 0, s: 0, b: 0 }; 3];
+    let mut end = 0;
+    for (i, (l, what)) in [(&e.gate, "gate"), (&e.up, "up"), (&e.down, "down")].into_iter().enumerate() {
+        let (mut ml, pieces) = mat_pieces(l, what)?;
+        let mut offsets = [0usize; 3];
+        for (o, p) in offsets.iter_mut().zip(pieces) {
+            if p.is_empty() {
+                continue;
+            }
+            match (p.as_ptr() as usize).checked_sub(base) {
+                Some(off) if off % 16 == 0 => {
+                    *o = off;
+                    end = end.max(off + p.len());
+                }
+                _ => return Ok(None),
+            }
+        }
+        [ml.w, ml.s, ml.b] = offsets;
+        mats[i] = ml;
+    }
+    Ok(Some((mats, end)))
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Slot {
     index: usize,
@@ -301,6 +331,92 @@ impl Drop for Pinned {
     fn drop(&mut self) {
         // SAFETY: allocated by cuMemHostAlloc, freed once.
         let _ = unsafe { cudarc::driver::result::free_host(self.ptr.cast()) };
+    }
+}
+
+/// Pinned host memory for the expert store's buffers: a RAM-tier expert then crosses PCIe by
+/// DMA straight from its buffer (no staging copy, no CPU time), which is what lets hybrid decode
+/// send part of a layer's misses to the GPU while the CPU computes the rest.
+struct PinnedHost {
+    dev: Arc<CudaDevice>,
+}
+
+impl HostMemory for PinnedHost {
+    fn alloc(&self, len: usize) -> Option<std::ptr::NonNull<u8>> {
+        // The store's reader threads allocate too: they need the context bound.
+        self.dev.bind().ok()?;
+        // SAFETY: plain allocation call; the pointer is checked below. PORTABLE: pinned for
+        // every context (a model split over GPUs shares one store).
+        let p =
+            unsafe { cudarc::driver::result::malloc_host(len, cudarc::driver::sys::CU_MEMHOSTALLOC_PORTABLE) }.ok()?;
+        let p = std::ptr::NonNull::new(p.cast::<u8>())?;
+        if !(p.as_ptr() as usize).is_multiple_of(BUF_ALIGN) {
+            // SAFETY: just allocated by cuMemHostAlloc, not handed out.
+            let _ = unsafe { cudarc::driver::result::free_host(p.as_ptr().cast()) };
+            return None;
+        }
+        Some(p)
+    }
+
+    unsafe fn free(&self, p: std::ptr::NonNull<u8>, _len: usize) {
+        let _ = self.dev.bind();
+        // SAFETY: allocated by cuMemHostAlloc in `alloc`, freed once (the caller's contract).
+        let _ = unsafe { cudarc::driver::result::free_host(p.as_ptr().cast()) };
+    }
+
+    fn name(&self) -> &'static str {
+        "pinned"
+    }
+}
+
+/// GPU memory for the RAM-tier experts a hybrid decode step computes on the GPU without caching
+/// them (its PCIe share): each is copied whole, as laid out in its host buffer, into one of
+/// `slots` areas and read there by the GEMV kernels.
+struct Transit {
+    mem: DevBuf,
+    stride: usize,
+    slots: usize,
+    /// Recorded on the copy stream after a layer's copies; the compute stream waits for it.
+    done: CudaEvent,
+    /// The host buffers of copies in flight: kept alive (not recycled by the RAM tier) until
+    /// the host next waits for the GPU.
+    hold: Vec<Arc<AlignedBuf>>,
+}
+
+/// Hybrid decode's split of the RAM tier's misses between the CPU and PCIe, from rates measured
+/// at load (or a fixed share).
+#[derive(Clone, Copy, Debug)]
+struct HybridSplit {
+    /// Bytes per second: the CPU's expert kernels on all threads, and a pinned host-to-GPU copy.
+    cpu_rate: f64,
+    pcie_rate: f64,
+    fixed: Option<f64>,
+}
+
+impl HybridSplit {
+    /// Of `n` misses the CPU could compute, how many cross PCIe: the split that ends both
+    /// sides soonest (ties go to the CPU: no copy), or the fixed share rounded.
+    fn over_pcie(&self, n: usize) -> usize {
+        if let Some(f) = self.fixed {
+            return ((n as f64 * f).round() as usize).min(n);
+        }
+        let (c, p) = (self.cpu_rate.max(1.0), self.pcie_rate.max(1.0));
+        (0..=n)
+            .map(|m| (m, ((n - m) as f64 / c).max(m as f64 / p)))
+            .fold((0, f64::MAX), |best, (m, t)| if t < best.1 * (1.0 - 1e-9) { (m, t) } else { best })
+            .0
+    }
+
+    fn describe(&self, k: usize) -> String {
+        match self.fixed {
+            Some(f) => format!("hybrid: {:.0}% of the RAM tier's misses cross PCIe (fixed)", 100.0 * f),
+            None => format!(
+                "hybrid: CPU experts {:.1} GB/s, PCIe {:.1} GB/s (measured) → {} of {k} RAM-tier misses cross PCIe",
+                self.cpu_rate / 1e9,
+                self.pcie_rate / 1e9,
+                self.over_pcie(k)
+            ),
+        }
     }
 }
 
@@ -346,6 +462,8 @@ struct ExpertPool {
     host_io: Option<Pinned>,
     /// Its device side for the CPU's expert outputs (`cpu_rows_dev`).
     cpu_rows: Option<DevBuf>,
+    /// Hybrid decode's PCIe share: where those experts land (None: no share).
+    transit: Option<Transit>,
 }
 
 /// A decode step's small transfers in pinned memory, laid out as [k expert ids (i32) | the
@@ -822,6 +940,8 @@ pub struct CudaBackend {
     total_experts: usize,
     /// Experts a pre-warm reads for the pool, taken between passes.
     prewarm: Mutex<Option<PrewarmFeed>>,
+    /// Set by `prepare` when hybrid decode may send RAM-tier misses over PCIe.
+    split: Option<HybridSplit>,
 }
 
 /// One pass on the GPU: the workspace's activations, the pool, the GPU state of the sequence (or,
@@ -884,6 +1004,7 @@ impl CudaBackend {
             stats: GpuStats::default(),
             total_experts: 0,
             prewarm: Mutex::new(None),
+            split: None,
         })
     }
 
@@ -1877,6 +1998,10 @@ impl CudaBackend {
             Self::record_routing(p, li, pos, &ids);
             let pool = &mut *p.pool;
             pool.in_use.clear();
+            // (The GPU has run everything queued before the ids: transit copies included.)
+            if let Some(tr) = pool.transit.as_mut() {
+                tr.hold.clear();
+            }
             if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= e) {
                 return Err(CudaError(format!("router produced expert id {bad} (non-finite activations?)")).into());
             }
@@ -1946,11 +2071,12 @@ impl CudaBackend {
                             .gemv_batch(dev, &[BatchItem { m: dm.view(base), x: gu(j), y: ys(j), swiglu: true }])?;
                     }
                 }
+                let (on_cpu, cpu_bufs) = self.send_over_pcie(pool, &dl.experts.host, on_cpu, &ids, normed, &gu, &ys)?;
                 if !on_cpu.is_empty() {
                     // While the GPU copies and computes its share, the CPU computes these from
                     // the RAM tier (zero-copy views); only their outputs cross PCIe.
                     let t_cpu = Instant::now();
-                    cpu_outs = self.cpu_experts(&dl.experts.host, &on_cpu, &ids, &x)?;
+                    cpu_outs = self.cpu_experts(&dl.experts.host, &on_cpu, &ids, &x, cpu_bufs)?;
                     self.stats.cpu_ns.fetch_add(t_cpu.elapsed().as_nanos() as u64, Relaxed);
                     self.stats.cpu_experts.fetch_add(on_cpu.len() as u64, Relaxed);
                 }
@@ -2077,7 +2203,9 @@ impl CudaBackend {
                 let members: HashSet<u32> = grp.iter().map(|&x| x as u32).collect();
                 let protect = |key: ExpertKey| key.0 == li as u32 && members.contains(&key.1);
                 for chunk in miss.chunks(fetch_chunk) {
-                    for slot in self.load_missing(pool, &dl.experts, li, chunk, &protect, true)? {
+                    for slot in
+                        self.load_missing(pool, &dl.experts, li, chunk, &protect, self.opts.gpu.prefill_borrow)?
+                    {
                         pool.in_use.insert(slot);
                     }
                 }
@@ -2126,21 +2254,172 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Hybrid auto's PCIe share of the misses `on_cpu` (indices into `ids`) the CPU would
+    /// compute: as many as the split says are copied by DMA from their pinned RAM-tier buffers
+    /// into transit memory (one copy each, on the copy stream) and computed there by two batched
+    /// GEMV launches into the same output rows the GPU's own misses use (`gu`, `ys`): the combine
+    /// reads them like any GPU expert. Nothing changes tier. Returns the misses left to the CPU,
+    /// with their buffers when it fetched them.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn send_over_pcie(
+        &self,
+        pool: &mut ExpertPool,
+        host: &ExpertSet,
+        on_cpu: Vec<usize>,
+        ids: &[i32],
+        normed: u64,
+        gu: &dyn Fn(usize) -> u64,
+        ys: &dyn Fn(usize) -> u64,
+    ) -> crate::Result<(Vec<usize>, Option<Vec<Arc<AlignedBuf>>>)> {
+        let (Some(split), ExpertSet::Streamed { store, layer }) = (self.split, host) else {
+            return Ok((on_cpu, None));
+        };
+        let copy_stream = pool.copy_stream.clone();
+        let Some(tr) = pool.transit.as_mut() else { return Ok((on_cpu, None)) };
+        let m = split.over_pcie(on_cpu.len()).min(tr.slots);
+        if m == 0 || self.opts.gpu.hybrid != Hybrid::Auto {
+            return Ok((on_cpu, None));
+        }
+        let dev = &*self.dev;
+        let t = Instant::now();
+        let e_ids: Vec<usize> = on_cpu.iter().map(|&j| ids[j] as usize).collect();
+        let bufs = store.fetch(*layer, &e_ids)?;
+        let (mut keep, mut keep_bufs) = (Vec::with_capacity(on_cpu.len()), Vec::with_capacity(on_cpu.len()));
+        let (mut first, mut second) = (Vec::with_capacity(2 * m), Vec::with_capacity(m));
+        let mut sent_bytes = 0;
+        // The last m that are in pinned memory (heap buffers from before the switch stay on the
+        // CPU).
+        for (&j, b) in on_cpu.iter().zip(bufs).rev() {
+            let slot = first.len() / 2;
+            let layout = if slot < m && b.host_memory().is_some() {
+                let base = ByteSource::bytes(&*b).as_ptr() as usize;
+                blob_layout(&store.expert_weights(*layer, b.clone())?, base)?
+            } else {
+                None
+            };
+            let Some(([gl, ul, dm], end)) = layout.filter(|(_, end)| *end <= tr.stride) else {
+                keep.push(j);
+                keep_bufs.push(b);
+                continue;
+            };
+            let dst = tr.mem.ptr() + (slot * tr.stride) as u64;
+            // SAFETY: a pinned source kept alive in `hold` until the host next waits for the
+            // GPU (after this copy and the kernels reading it have run); the destination is
+            // this slot's `stride` bytes of transit memory (end ≤ stride, checked above).
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(dst, &ByteSource::bytes(&*b)[..end], copy_stream.cu_stream())
+            }
+            .map_err(|e| CudaError(format!("cuMemcpyHtoDAsync (expert over PCIe): {e:?}")))?;
+            tr.hold.push(b);
+            sent_bytes += end;
+            first.push(BatchItem { m: gl.view(dst), x: normed, y: gu(j), swiglu: false });
+            first.push(BatchItem { m: ul.view(dst), x: normed, y: gu(j) + (gl.rows * 4) as u64, swiglu: false });
+            second.push(BatchItem { m: dm.view(dst), x: gu(j), y: ys(j), swiglu: true });
+        }
+        keep.reverse();
+        keep_bufs.reverse();
+        if !second.is_empty() {
+            tr.done.record(&copy_stream).map_err(|e| CudaError(format!("cuEventRecord: {e:?}")))?;
+            dev.stream.wait(&tr.done).map_err(|e| CudaError(format!("cuStreamWaitEvent: {e:?}")))?;
+            self.gemv.gemv_batch(dev, &first)?;
+            self.gemv.gemv_batch(dev, &second)?;
+            self.stats.pcie_experts.fetch_add(second.len() as u64, Relaxed);
+            self.stats.h2d_bytes.fetch_add(sent_bytes as u64, Relaxed);
+        }
+        self.stats.cpu_fetch_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+        Ok((keep, Some(keep_bufs)))
+    }
+
+    /// Hybrid auto with a RAM tier: makes the store's buffers pinned (so RAM-tier experts can
+    /// cross PCIe by DMA from where they are), allocates transit memory for k experts, and sets
+    /// the CPU / PCIe split from the rates it measures (the CPU's expert kernels on k experts of
+    /// the first streamed layer; a pinned host-to-GPU copy).
+    fn setup_pcie_share(&mut self, pool: &mut ExpertPool, experts: &[&DevExperts], k: usize) -> crate::Result<()> {
+        let fixed = match self.opts.gpu.pcie_share {
+            PcieShare::Fixed(f) if f <= 0.0 => return Ok(()),
+            PcieShare::Fixed(f) => Some(f),
+            PcieShare::Auto => None,
+        };
+        if self.opts.gpu.hybrid != Hybrid::Auto {
+            return Ok(());
+        }
+        let streamed: Vec<(&Arc<ExpertStore>, usize)> = experts
+            .iter()
+            .filter_map(|e| match &e.host {
+                ExpertSet::Streamed { store, layer } => Some((store, *layer)),
+                ExpertSet::Resident(_) => None,
+            })
+            .collect();
+        let Some(&(store, first)) = streamed.first() else { return Ok(()) };
+        if store.ram_cache_budget() == 0 {
+            return Ok(());
+        }
+        if store.host_memory().is_none() {
+            // A forced share pins on every read (no wait for an idle moment to move entries).
+            store.set_host_memory(Arc::new(PinnedHost { dev: self.dev.clone() }), fixed.is_some());
+        }
+        let stride = streamed
+            .iter()
+            .map(|&(s, l)| s.blob_bytes(l))
+            .max()
+            .unwrap_or(0)
+            .next_multiple_of(SLOT_ALIGN)
+            .max(SLOT_ALIGN);
+        pool.transit = Some(Transit {
+            mem: self.dev.alloc(k * stride)?,
+            stride,
+            slots: k,
+            done: self.dev.ctx.new_event(None).map_err(|e| CudaError(format!("cuEventCreate: {e:?}")))?,
+            hold: Vec::new(),
+        });
+        let (cpu_rate, pcie_rate) = match fixed {
+            Some(_) => (0.0, 0.0),
+            None => (Self::measure_cpu_expert_rate(store, first, k)?, self.measure_h2d_bandwidth()?),
+        };
+        self.split = Some(HybridSplit { cpu_rate, pcie_rate, fixed });
+        Ok(())
+    }
+
+    /// Bytes per second of the CPU's expert kernels on `k` distinct experts of `layer` at once
+    /// (how hybrid decode runs them), best of 3.
+    fn measure_cpu_expert_rate(store: &ExpertStore, layer: usize, k: usize) -> crate::Result<f64> {
+        let ids: Vec<usize> = (0..k.min(store.num_experts())).collect();
+        let bufs = store.fetch(layer, &ids)?;
+        let weights: Vec<ExpertWeights> =
+            bufs.into_iter().map(|b| store.expert_weights(layer, b)).collect::<crate::Result<_>>()?;
+        let x = vec![0.01f32; weights.first().map_or(0, |w| w.gate.cols())];
+        let jobs: Vec<crate::backend::cpu::MlpJob> = weights
+            .iter()
+            .map(|ew| crate::backend::cpu::MlpJob { gate: &ew.gate, up: &ew.up, down: &ew.down, xs: &x, n: 1 })
+            .collect();
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let t = Instant::now();
+            std::hint::black_box(crate::backend::cpu::mlps_forward(&jobs));
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok((ids.len() * store.blob_bytes(layer)) as f64 / best.max(1e-9))
+    }
+
     /// Routed experts `ids[j]` for j in `which`, computed by the CPU backend's kernels on the
     /// layer input `x` (RAM-tier buffers or mapped checkpoint views, no copy), in parallel.
+    /// `bufs`: their buffers when the caller already fetched them.
     fn cpu_experts(
         &self,
         host: &ExpertSet,
         which: &[usize],
         ids: &[i32],
         x: &[f32],
+        bufs: Option<Vec<Arc<AlignedBuf>>>,
     ) -> crate::Result<Vec<(usize, Vec<f32>)>> {
         let t_fetch = Instant::now();
         let weights: Vec<(usize, ExpertWeights)> = match host {
             ExpertSet::Resident(v) => which.iter().map(|&j| (j, v[ids[j] as usize].clone())).collect(),
             ExpertSet::Streamed { store, layer } => {
-                let e_ids: Vec<usize> = which.iter().map(|&j| ids[j] as usize).collect();
-                let bufs = store.fetch(*layer, &e_ids)?;
+                let bufs = match bufs {
+                    Some(b) => b,
+                    None => store.fetch(*layer, &which.iter().map(|&j| ids[j] as usize).collect::<Vec<_>>())?,
+                };
                 let mut out = Vec::with_capacity(which.len());
                 for (&j, b) in which.iter().zip(bufs) {
                     out.push((j, store.expert_weights(*layer, b)?));
@@ -2288,7 +2567,7 @@ impl Backend for CudaBackend {
         }
         let table = self.dev.alloc(c.num_layers * c.num_experts * 8)?;
         table.fill_bytes(0)?;
-        let pool = ExpertPool {
+        let mut pool = ExpertPool {
             mem,
             table,
             num_experts: c.num_experts,
@@ -2314,8 +2593,10 @@ impl Backend for CudaBackend {
             d2h_stage: None,
             host_io: None,
             cpu_rows: None,
+            transit: None,
         };
         self.total_experts = total_experts;
+        self.setup_pcie_share(&mut pool, experts, k)?;
         let step_io = Pinned::new((self.opts.gpu.prefill_chunk.max(1) + 1 + c.vocab_size) * 4)?;
         let step_timer = self.dev.timer()?;
         let event = || {
@@ -2639,7 +2920,7 @@ impl Backend for CudaBackend {
         let inner = self.inner.as_ref()?.lock().unwrap_or_else(|p| p.into_inner());
         let (slots, slot_bytes) = (inner.pool.nslots, inner.pool.slot_bytes);
         let total = self.total_experts;
-        let description = format!(
+        let mut description = format!(
             "{} | prefill {} | weights {} MiB | expert cache {} MiB = {} of {} experts ({:.0}%)",
             self.dev.describe(),
             self.precision_name(),
@@ -2649,6 +2930,11 @@ impl Backend for CudaBackend {
             total,
             100.0 * slots as f64 / total.max(1) as f64
         );
+        // (The split of hybrid decode's RAM-tier misses, and the rates it came from.)
+        if let Some(split) = &self.split {
+            description += &format!(" | {}", split.describe(self.max_k));
+        }
+
         Some(TierInfo {
             description,
             device: self.dev.describe(),
@@ -2661,6 +2947,7 @@ impl Backend for CudaBackend {
                 h2d_bytes: self.stats.h2d_bytes.load(Relaxed),
                 tokens: self.stats.tokens.load(Relaxed),
                 cpu_experts: self.stats.cpu_experts.load(Relaxed),
+                pcie_experts: self.stats.pcie_experts.load(Relaxed),
                 d2h_bytes: self.stats.d2h_bytes.load(Relaxed),
                 prewarmed: self.stats.prewarmed.load(Relaxed),
                 ids_wait_ns: self.stats.ids_wait_ns.load(Relaxed),
@@ -2755,5 +3042,28 @@ impl Backend for CudaBackend {
     fn measure_bandwidths(&self) -> crate::Result<Option<Bandwidths>> {
         self.dev.bind()?;
         Ok(Some(Bandwidths { d2d: self.measure_d2d_bandwidth()?, h2d: self.measure_h2d_bandwidth()? }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HybridSplit;
+
+    #[test]
+    fn the_pcie_share_ends_both_sides_soonest_and_ties_stay_on_the_cpu() {
+        let split = |cpu: f64, pcie: f64| HybridSplit { cpu_rate: cpu * 1e9, pcie_rate: pcie * 1e9, fixed: None };
+        // 35 GB/s of CPU kernels against 50 GB/s of PCIe: 4 of 7 cross (3/35 ≥ 4/50 > 2/35).
+        assert_eq!(split(35.0, 50.0).over_pcie(7), 4);
+        // Equal rates, even count: half; odd: the extra one stays on the CPU.
+        assert_eq!(split(40.0, 40.0).over_pcie(8), 4);
+        assert_eq!(split(40.0, 40.0).over_pcie(1), 0);
+        // A slow link sends nothing; nothing to split sends nothing.
+        assert_eq!(split(40.0, 2.0).over_pcie(8), 0);
+        assert_eq!(split(35.0, 50.0).over_pcie(0), 0);
+        // A fixed share is rounded.
+        let fixed = |f: f64| HybridSplit { cpu_rate: 0.0, pcie_rate: 0.0, fixed: Some(f) };
+        assert_eq!(fixed(1.0).over_pcie(7), 7);
+        assert_eq!(fixed(0.5).over_pcie(7), 4);
+        assert_eq!(fixed(0.0).over_pcie(7), 0);
     }
 }
