@@ -624,6 +624,8 @@ pub struct GpuDecodeInfo {
     /// Host seconds queuing the CPU's outputs up to the GPU; inside the MoE op of steps with
     /// misses; of those whole passes.
     pub upload_secs: f64,
+    /// Host seconds choosing and queuing hybrid decode's PCIe share.
+    pub pcie_host_secs: f64,
     pub moe_host_secs: f64,
     pub pass_host_secs: f64,
     /// Decode steps the GPU timed, and their GPU spans (first to last operation), seconds.
@@ -923,6 +925,7 @@ fn decode_info(
         cpu_kernel_secs: d.cpu_kernel_ns as f64 * 1e-9,
         cpu_fetch_secs: d.cpu_fetch_ns as f64 * 1e-9,
         upload_secs: d.upload_ns as f64 * 1e-9,
+        pcie_host_secs: d.pcie_host_ns as f64 * 1e-9,
         moe_host_secs: d.moe_host_ns as f64 * 1e-9,
         pass_host_secs: d.pass_host_ns as f64 * 1e-9,
         timed_steps: d.decode_steps,

@@ -54,8 +54,9 @@ pub struct TierCounters {
     /// Misses computed by the CPU instead (hybrid decode).
     pub cpu_experts: u64,
     /// Misses the RAM tier holds that crossed PCIe to be computed on the GPU without being
-    /// cached there (hybrid decode's PCIe share).
+    /// cached there (hybrid decode's PCIe share), and the host time choosing and queuing them.
     pub pcie_experts: u64,
+    pub pcie_host_ns: u64,
     /// Device-to-host bytes of evicted experts copied back to the RAM tier (exclusive tiers).
     pub d2h_bytes: u64,
     /// Experts a pre-warm placed in the tier.
@@ -87,6 +88,7 @@ impl TierCounters {
             tokens: self.tokens - before.tokens,
             cpu_experts: self.cpu_experts - before.cpu_experts,
             pcie_experts: self.pcie_experts - before.pcie_experts,
+            pcie_host_ns: self.pcie_host_ns - before.pcie_host_ns,
             d2h_bytes: self.d2h_bytes - before.d2h_bytes,
             prewarmed: self.prewarmed - before.prewarmed,
             ids_wait_ns: self.ids_wait_ns - before.ids_wait_ns,
@@ -111,6 +113,7 @@ impl TierCounters {
             tokens: self.tokens.max(o.tokens),
             cpu_experts: self.cpu_experts + o.cpu_experts,
             pcie_experts: self.pcie_experts + o.pcie_experts,
+            pcie_host_ns: self.pcie_host_ns + o.pcie_host_ns,
             d2h_bytes: self.d2h_bytes + o.d2h_bytes,
             prewarmed: self.prewarmed + o.prewarmed,
             ids_wait_ns: self.ids_wait_ns + o.ids_wait_ns,

@@ -56,8 +56,10 @@ struct GpuStats {
     tokens: AtomicU64,
     /// GPU-cache misses computed by the CPU (hybrid decode).
     cpu_experts: AtomicU64,
-    /// RAM-tier misses copied to transit memory and computed on the GPU (hybrid decode).
+    /// RAM-tier misses copied to transit memory and computed on the GPU (hybrid decode), and
+    /// the host time choosing and queuing them (lookups, views, copies, launches).
     pcie_experts: AtomicU64,
+    pcie_host_ns: AtomicU64,
     /// GPU-to-host bytes of evicted experts copied back into the RAM tier (exclusive tiers).
     d2h_bytes: AtomicU64,
     /// Experts the background pre-warm placed in the pool.
@@ -2326,7 +2328,7 @@ impl CudaBackend {
             self.stats.pcie_experts.fetch_add(second.len() as u64, Relaxed);
             self.stats.h2d_bytes.fetch_add(sent_bytes as u64, Relaxed);
         }
-        self.stats.cpu_fetch_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+        self.stats.pcie_host_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
         Ok((keep, Some(keep_bufs)))
     }
 
@@ -2948,6 +2950,7 @@ impl Backend for CudaBackend {
                 tokens: self.stats.tokens.load(Relaxed),
                 cpu_experts: self.stats.cpu_experts.load(Relaxed),
                 pcie_experts: self.stats.pcie_experts.load(Relaxed),
+                pcie_host_ns: self.stats.pcie_host_ns.load(Relaxed),
                 d2h_bytes: self.stats.d2h_bytes.load(Relaxed),
                 prewarmed: self.stats.prewarmed.load(Relaxed),
                 ids_wait_ns: self.stats.ids_wait_ns.load(Relaxed),
