@@ -329,7 +329,9 @@ def cmd_model(a) -> None:
         os.rename(str(base) + ".partial", base)
     if a.dtype != "f32":
         quant = tool("llama-quantize", a.cuda)
-        for qtype, extra in (("Q4_0", ["--pure"]), ("Q4_K_M", [])):
+        for qtype in a.quants.split(","):
+            # Q4_0 is made pure (every tensor Q4_0): the same bytes per token as packed 4-bit.
+            extra = ["--pure"] if qtype == "Q4_0" else []
             dst = out / f"model-{qtype}.gguf"
             if not dst.exists():
                 run([quant, *extra, base, str(dst) + ".partial", qtype, str(os.cpu_count() or 2)])
@@ -562,6 +564,8 @@ def main() -> None:
     s.add_argument("--dtype", default="bf16", choices=["bf16", "f32"])
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--cuda", action="store_true", help="use the CUDA build's llama-quantize")
+    s.add_argument("--quants", default="Q4_0,Q4_K_M",
+                   help="llama-quantize types to make (Q4_0 pure, the others llama.cpp's mixes)")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_model)
     s = sub.add_parser("bench")

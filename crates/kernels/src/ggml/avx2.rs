@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::GgmlType;
-use super::blocks::{KVALUES_IQ4NL, iq4_xs_scales, k4_scales};
+use super::blocks::{KVALUES_IQ4NL, iq4_xs_scales, k4_scales, q3_k_scales};
 
 /// The dot product of a checked row for the types that have a kernel here,
 /// `None` for the rest.
@@ -276,7 +276,9 @@ unsafe fn q3_k(r: *const u8, x: *const f32, nb: usize) -> __m256 {
         // SAFETY: block i spans r[110i..110i+110], x[256i..256i+256].
         unsafe {
             let b = r.add(i * 110);
-            let (hmask, qs, sc) = (b, b.add(32), std::slice::from_raw_parts(b.add(96), 12));
+            let (hmask, qs) = (b, b.add(32));
+            let (first, second) = q3_k_scales(std::slice::from_raw_parts(b.add(96), 12));
+            let sc = ((first as u128) | (second as u128) << 64).to_le_bytes();
             let d = f16_at(b.add(108));
             let xb = x.add(i * 256);
             for h in 0..2 {
@@ -284,10 +286,7 @@ unsafe fn q3_k(r: *const u8, x: *const f32, nb: usize) -> __m256 {
                     let lshift = _mm_cvtsi32_si128(2 * s as i32);
                     let hshift = _mm_cvtsi32_si128((4 * h + s) as i32);
                     for (half, acc_half) in acc.iter_mut().enumerate() {
-                        let j = h * 8 + s * 2 + half;
-                        let low = if j < 8 { sc[j] & 0xF } else { sc[j - 8] >> 4 };
-                        let high = (sc[8 + j % 4] >> (2 * (j / 4))) & 3;
-                        let a = _mm256_set1_ps(d * ((low | high << 4) as i32 - 32) as f32);
+                        let a = _mm256_set1_ps(d * (sc[h * 8 + s * 2 + half] as i32 - 32) as f32);
                         let mut sum = _mm256_setzero_ps();
                         for k in 2 * half..2 * half + 2 {
                             let lo = _mm256_and_si256(_mm256_srl_epi32(u8x8(qs.add(h * 32 + 8 * k)), lshift), three);
