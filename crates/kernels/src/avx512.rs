@@ -36,7 +36,7 @@ pub(crate) fn supports(bits: u32, group_size: usize, cols: usize) -> bool {
 
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn load16<E: Elem>(p: *const u8) -> __m512 {
+pub(crate) unsafe fn load16<E: Elem>(p: *const u8) -> __m512 {
     unsafe {
         match E::DTYPE {
             FloatType::F32 => _mm512_loadu_ps(p.cast()),

@@ -18,10 +18,11 @@ pub enum SimdLevel {
     /// instruction, which matters because 2/4-bit decoding is compute-heavy);
     /// everything else uses the AVX2 code.
     Avx512,
-    /// AVX-512 plus AVX512_BF16, AVX512BW and AVX512_VBMI (Zen 4 and later, Sapphire Rapids and
-    /// later; not Cooper Lake, which lacks VBMI): the GGML block kernels multiply codes (exact as
-    /// bf16) by x split into three bf16 parts with `vdpbf16ps` (32 products per instruction);
-    /// every other kernel is the `Avx512` one.
+    /// AVX-512 plus AVX512_BF16, AVX512BW, AVX512_VBMI and AVX512_VNNI (Zen 4 and later,
+    /// Sapphire Rapids and later; not Cooper Lake, which lacks VBMI): the GGML block kernels
+    /// multiply codes (exact as bf16) by x split into three bf16 parts with `vdpbf16ps` (32
+    /// products per instruction), and the 4-bit group-64 affine kernel multiplies codes by x in
+    /// 24-bit fixed point with `vpdpbusd`; every other kernel is the `Avx512` one.
     Avx512Bf16,
 }
 
@@ -70,6 +71,7 @@ fn avx512_bf16_supported() -> bool {
     is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vbmi")
         && is_x86_feature_detected!("avx512bf16")
+        && is_x86_feature_detected!("avx512vnni")
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -8,6 +8,8 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512vnni;
 pub mod cpu_features;
 mod elem;
 pub mod ggml;
@@ -253,11 +255,17 @@ enum AffineKernel {
     /// Needs each 4-word quarter of an 8-word vector inside one group.
     Avx2,
     Avx512,
+    /// Integer dot products on x in fixed point (4-bit codes in groups of 64; `avx512vnni.rs`).
+    Avx512Vnni,
 }
 
 impl AffineKernel {
     fn pick(level: SimdLevel, bits: u32, group_size: usize, cols: usize) -> Self {
         let wpg = group_size / (32 / bits) as usize;
+        #[cfg(target_arch = "x86_64")]
+        if level == SimdLevel::Avx512Bf16 && avx512vnni::supports(bits, group_size, cols) {
+            return AffineKernel::Avx512Vnni;
+        }
         #[cfg(target_arch = "x86_64")]
         if level.has_avx512() && avx512::supports(bits, group_size, cols) {
             return AffineKernel::Avx512;
@@ -271,7 +279,7 @@ impl AffineKernel {
         match self {
             AffineKernel::Scalar => 0,
             AffineKernel::Avx2 => 8,
-            AffineKernel::Avx512 => 16,
+            AffineKernel::Avx512 | AffineKernel::Avx512Vnni => 16,
         }
     }
 }
@@ -368,6 +376,7 @@ fn affine_matvec_block<E: Elem>(kernel: AffineKernel, m: &MatRef, x: &[f32], xp:
     unsafe {
         let (gs, w, s, b) = (group_size, weight, scales, biases);
         match (kernel, bits) {
+            (AffineKernel::Avx512Vnni, _) => avx512vnni::affine_matvec::<E>(w, s, b, cols, xp, sx, y),
             (AffineKernel::Avx512, 2) => avx512::affine_matvec::<E, 2>(gs, w, s, b, cols, xp, sx, y),
             (AffineKernel::Avx512, 4) => avx512::affine_matvec::<E, 4>(gs, w, s, b, cols, xp, sx, y),
             (AffineKernel::Avx512, 8) => avx512::affine_matvec::<E, 8>(gs, w, s, b, cols, xp, sx, y),
@@ -492,8 +501,13 @@ fn prepare_affine_input(bits: u32, group_size: usize, kernel: AffineKernel, x: &
     for (s, xs) in sx.iter_mut().zip(x.chunks_exact(group_size)) {
         *s = xs.iter().map(|&v| v as f64).sum::<f64>() as f32;
     }
-    if kernel != AffineKernel::Scalar {
-        permute_x(bits, kernel.lanes(), x, xp);
+    match kernel {
+        AffineKernel::Scalar => {}
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the kernel is picked only on a level with AVX512_VNNI (and the rest), for
+        // rows of whole 128-element chunks; xp has x.len() floats.
+        AffineKernel::Avx512Vnni => unsafe { avx512vnni::prepare(x, xp) },
+        _ => permute_x(bits, kernel.lanes(), x, xp),
     }
 }
 

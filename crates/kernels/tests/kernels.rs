@@ -385,6 +385,47 @@ fn affine_group_blocks_and_remainders() {
     }
 }
 
+/// Inputs that stress a kernel which writes x in fixed point per group of 64 (the AVX512_VNNI
+/// 4-bit kernel): a group with one large value among small ones, groups of values far apart in
+/// size, tiny and huge values, zeros; every level within the f64 reference's tolerance. A NaN
+/// or an infinity in x gives a NaN or infinite output, not a finite number.
+#[test]
+fn affine_4bit_inputs_of_every_range() {
+    let mut rng = StdRng::seed_from_u64(9);
+    let tm = TestMat::affine(&mut rng, 4, 64, FloatType::BF16, 7, 1024, 1);
+    let m = tm.mat();
+    let base = rand_x(&mut rng, 1024);
+    let cases: Vec<(&str, Vec<f32>)> = vec![
+        (
+            "outlier per group",
+            base.iter().enumerate().map(|(i, &v)| if i % 64 == 5 { 3.0e3 } else { v * 1e-2 }).collect(),
+        ),
+        (
+            "groups 1e-30 to 1e30",
+            base.iter().enumerate().map(|(i, &v)| v * 10f32.powi((i / 64) as i32 * 4 - 30)).collect(),
+        ),
+        ("subnormal group", base.iter().enumerate().map(|(i, &v)| if i < 64 { v * 1e-39 } else { v }).collect()),
+        ("zeros", base.iter().enumerate().map(|(i, &v)| if i % 128 < 64 { 0.0 } else { v }).collect()),
+        ("largest finite", base.iter().map(|&v| v * 1e36).collect()),
+    ];
+    for (what, x) in &cases {
+        for level in levels() {
+            let mut y = vec![f32::NAN; tm.rows];
+            matvec_at(level, &m, x, &mut y);
+            tm.check(x, &y, &format!("{what} on {level:?}"));
+        }
+    }
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut x = base.clone();
+        x[300] = bad;
+        for level in levels() {
+            let mut y = vec![0.0f32; tm.rows];
+            matvec_at(level, &m, &x, &mut y);
+            assert!(y.iter().all(|v| !v.is_finite()), "x holding {bad} on {level:?}: {y:?}");
+        }
+    }
+}
+
 /// A batch of mixed products (affine of every width, float, GGML blocks, one input and several,
 /// jobs sharing an input, an empty matrix) on 1 and 3 threads: every output against the f64
 /// reference, and equal to what `matvec`/`matmul` give for that job alone.

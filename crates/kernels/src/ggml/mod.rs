@@ -14,6 +14,8 @@ mod avx2;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16;
+#[cfg(target_arch = "x86_64")]
+mod avx512vnni;
 mod blocks;
 
 use rayon::prelude::*;
@@ -360,12 +362,14 @@ fn dot_unchecked(level: SimdLevel, ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
     blocks::dot(ty, row, x)
 }
 
-/// x prepared once for every row of a product with `ty` weights (the bf16 split where the level
-/// has a bf16 kernel for the type; nothing otherwise), shared by the row blocks that threads
-/// compute.
+/// x prepared once for every row of a product with `ty` weights (Q4_0, Q4_K: fixed point for the
+/// VNNI kernel; the bf16 split where the level has a bf16 kernel for the type; nothing
+/// otherwise), shared by the row blocks that threads compute.
 pub(crate) struct PreparedX {
     #[cfg(target_arch = "x86_64")]
     split: Option<avx512bf16::SplitX>,
+    #[cfg(target_arch = "x86_64")]
+    fixed: Option<avx512vnni::FixedX>,
 }
 
 impl PreparedX {
@@ -373,12 +377,16 @@ impl PreparedX {
     pub(crate) fn new(level: SimdLevel, ty: GgmlType, x: &[f32]) -> Self {
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (level, ty, x);
+        #[cfg(target_arch = "x86_64")]
+        let fixed = level == SimdLevel::Avx512Bf16 && avx512vnni::handles(ty);
         PreparedX {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: the level was checked against the CPU by the callers; x is a whole number
-            // of blocks (checked rows or matrices).
-            split: (level == SimdLevel::Avx512Bf16 && avx512bf16::handles(ty))
+            // SAFETY (both): the level was checked against the CPU by the callers (it includes
+            // AVX512_VNNI); x is a whole number of blocks (checked rows or matrices).
+            split: (level == SimdLevel::Avx512Bf16 && avx512bf16::handles(ty) && !fixed)
                 .then(|| unsafe { avx512bf16::split(ty, x) }),
+            #[cfg(target_arch = "x86_64")]
+            fixed: fixed.then(|| unsafe { avx512vnni::prepare(ty, x) }),
         }
     }
 }
@@ -389,6 +397,18 @@ pub(crate) fn matvec_rows(level: SimdLevel, ty: GgmlType, data: &[u8], x: &[f32]
     let rb = data.len() / y.len().max(1);
     for (r, yr) in y.iter_mut().enumerate() {
         let row = &data[r * rb..(r + 1) * rb];
+        #[cfg(target_arch = "x86_64")]
+        if let Some(fx) = &px.fixed {
+            // SAFETY: prepared only on a level with AVX512_VNNI, for a type the module handles;
+            // the row is whole.
+            *yr = unsafe {
+                match ty {
+                    GgmlType::Q4_0 => avx512vnni::q4_0(row, x, fx, x.len() / 32),
+                    _ => avx512vnni::q4_k(row, fx, x.len() / QK_K),
+                }
+            };
+            continue;
+        }
         #[cfg(target_arch = "x86_64")]
         if let Some(sx) = &px.split {
             // SAFETY: the split exists only on a level with AVX512_BF16 and for a type the module

@@ -1,0 +1,246 @@
+//! AVX512_VNNI kernels for Q4_0 and Q4_K: integer dot products of the 4-bit codes with x
+//! written per 32-element block as a 24-bit fixed-point number in three signed bytes (the
+//! scheme of the affine kernel in `../avx512vnni.rs`, whose module documentation has the
+//! exactness argument).
+//!
+//! The bf16 kernel (`avx512bf16.rs`) spends three `vdpbf16ps` per 32 codes (x in three bf16
+//! parts) plus two table permutes per 64; here 64 bytes of codes (128 elements) cost two
+//! nibble extractions, six `vpdpbusd` and four shifts for both halves, two subtractions
+//! (centring), two conversions and two FMAs.
+//!
+//! Q4_0 (18-byte blocks: f16 d, 16 bytes whose low nibbles are elements 0..16 and high nibbles
+//! 16..32): four blocks per step, their 64 code bytes gathered from two overlapping loads by
+//! one two-source byte permute; lanes 4k..4k+4 belong to block k, whose low-nibble elements
+//! are x 32k..32k+16 and high ones 32k+16..32k+32.
+//!
+//! Q4_K layout (32-byte chunk c of a super-block holds elements 64c..64c+32 in its low nibbles
+//! and 64c+32..64c+64 in its high ones): a 64-byte load covers chunks 2h and 2h + 1, so its low
+//! nibbles are [x 64(2h)..+32 | x 64(2h+1)..+32] in order and its high nibbles the other two
+//! sub-blocks. Prepared x, per 128 elements (512 bytes): the digits X0, X1, X2 of the low-nibble
+//! elements and of the high-nibble ones (six 64-byte vectors, alternating low, high), then per
+//! 32-bit lane 8·Σ X of the lane's four elements, for the low and for the high vector (so that
+//! Σ (q − 8)·X is exact in i32, see `k4` in `avx512bf16.rs` for why the codes are centred).
+
+use std::arch::x86_64::*;
+
+use super::GgmlType;
+use super::avx512::f16_at;
+use super::blocks::{self, k4_scales_words};
+
+/// Prepared bytes per 128 elements.
+const PAIR_BYTES: usize = 512;
+
+/// x prepared for [`q4_0`] or [`q4_k`], once per product.
+pub(super) struct FixedX {
+    /// PAIR_BYTES per 128 elements (module documentation).
+    bytes: Vec<u8>,
+    /// 2^-e per 32-element sub-block (NaN for one holding a NaN or an infinity).
+    factors: Vec<f32>,
+    /// Σ x per sub-block, in f32 (for the offsets).
+    sums: Vec<f32>,
+}
+
+/// 2^e for e in −126..=127.
+fn pow2(e: i32) -> f32 {
+    f32::from_bits(((127 + e) as u32) << 23)
+}
+
+/// Whether this module has a kernel for `ty`.
+pub(super) fn handles(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_K)
+}
+
+/// x (a whole number of `ty` blocks) prepared for `ty`'s kernel; elements after the last whole
+/// 128 (Q4_0's last blocks when their count is not a multiple of four) are left to the kernel's
+/// f32 tail.
+///
+/// # Safety
+/// AVX-512F, AVX512BW, AVX512_VBMI, AVX512_VNNI, AVX2, FMA and F16C must be available;
+/// `handles(ty)`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn prepare(ty: GgmlType, x: &[f32]) -> FixedX {
+    let n = x.len() / 128 * 128;
+    // Where the 16 elements 32s + 16k..+16 of block s go in its 128-element step: the low- (0)
+    // or high-nibble (1) vectors, and the byte offset in them.
+    let place = |s: usize, k: usize| -> (usize, usize) {
+        if ty == GgmlType::Q4_0 { (k, 16 * (s % 4)) } else { (s % 2, 32 * ((s % 4) / 2) + 16 * k) }
+    };
+    let mut out = FixedX { bytes: vec![0; n / 128 * PAIR_BYTES], factors: vec![0.0; n / 32], sums: vec![0.0; n / 32] };
+    let (byte, half) = (_mm512_set1_epi32(255), _mm512_set1_epi32(128));
+    // SAFETY: sub-block s reads x[32s..32s+32] and writes 32 bytes of each digit vector of its
+    // 128-element pair, inside `bytes`.
+    unsafe {
+        for s in 0..n / 32 {
+            let v = [_mm512_loadu_ps(x.as_ptr().add(32 * s)), _mm512_loadu_ps(x.as_ptr().add(32 * s + 16))];
+            out.sums[s] = x[32 * s..32 * s + 32].iter().sum();
+            let abs = [_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])];
+            let largest = _mm512_reduce_max_ps(_mm512_max_ps(abs[0], abs[1]));
+            let inf = _mm512_set1_ps(f32::INFINITY);
+            let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(abs[0], inf) == 0xFFFF
+                && _mm512_cmp_ps_mask::<_CMP_LT_OQ>(abs[1], inf) == 0xFFFF;
+            // As in the affine kernel: largest·2^e in [2^21, 127·2^16]; groups below 2^-100
+            // count as zero.
+            let e = if !finite || largest < f32::from_bits((127 - 100) << 23) {
+                None
+            } else {
+                let exp = ((largest.to_bits() >> 23) & 0xFF) as i32 - 127;
+                let e = 22 - exp;
+                Some(if largest * pow2(e) > (127 << 16) as f32 { e - 1 } else { e })
+            };
+            out.factors[s] = match e {
+                _ if !finite => f32::NAN,
+                None => 0.0,
+                Some(e) => pow2(-e),
+            };
+            let scale = _mm512_set1_ps(e.map_or(0.0, pow2));
+            let step = out.bytes.as_mut_ptr().add((s / 4) * PAIR_BYTES);
+            for (k, vk) in v.iter().enumerate() {
+                let (vector, offset) = place(s, k);
+                let at = step.add(64 * vector + offset);
+                let full = _mm512_cvtps_epi32(_mm512_mul_ps(*vk, scale));
+                let low = |a: __m512i| _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(a, half), byte), half);
+                let d2 = low(full);
+                let rest = _mm512_srai_epi32::<8>(_mm512_sub_epi32(full, d2));
+                let d1 = low(rest);
+                let d0 = _mm512_srai_epi32::<8>(_mm512_sub_epi32(rest, d1));
+                for (digit, d) in [d0, d1, d2].into_iter().enumerate() {
+                    _mm_storeu_si128(at.add(128 * digit).cast(), _mm512_cvtepi32_epi8(d));
+                }
+            }
+        }
+        // 8·Σ X per lane of four elements, by the kernel's own chain on codes of 8.
+        let eights = _mm512_set1_epi8(8);
+        for p in 0..n / 128 {
+            let xd = out.bytes.as_mut_ptr().add(p * PAIR_BYTES);
+            for half_vec in 0..2 {
+                let c = chain(eights, xd.add(64 * half_vec));
+                _mm512_storeu_si512(xd.add(384 + 64 * half_vec).cast(), c);
+            }
+        }
+    }
+    out
+}
+
+/// Σ q·X per 32-bit lane (four products each) for the codes `codes` (bytes 0..16 each) and the
+/// digits at `xd`, `xd + 128`, `xd + 256`: exact in i32.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx2,fma,f16c")]
+unsafe fn chain(codes: __m512i, xd: *const u8) -> __m512i {
+    // SAFETY: the caller guarantees the three 64-byte vectors.
+    unsafe {
+        let dig = |k: usize| _mm512_loadu_si512(xd.add(128 * k).cast());
+        let acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, dig(0));
+        let acc = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(acc), codes, dig(1));
+        _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(acc), codes, dig(2))
+    }
+}
+
+/// Σ w·x of one Q4_K row of `nb` super-blocks (x prepared by [`prepare`]).
+///
+/// # Safety
+/// As for [`prepare`]; `row` holds nb whole super-blocks and `fx` was prepared from nb·256
+/// elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn q4_k(row: &[u8], fx: &FixedX, nb: usize) -> f32 {
+    debug_assert!(row.len() == nb * 144 && fx.factors.len() == nb * 8);
+    // Lane → sub-block (of a super-block's eight) for the low- and high-nibble vectors of
+    // pair h: lanes 0..8 hold chunk 2h, 8..16 chunk 2h + 1.
+    let lanes = |h: i32, high: i32| -> __m512i {
+        let (a, b) = (4 * h + high, 4 * h + 2 + high);
+        _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
+    };
+    let idx = [[lanes(0, 0), lanes(0, 1)], [lanes(1, 0), lanes(1, 1)]];
+    let nibbles = _mm512_set1_epi8(0xF);
+    let r = row.as_ptr();
+    // SAFETY: super-block i spans r[144i..144i+144], fx's bytes of pairs 2i, 2i + 1, and its
+    // factors and sums 8i..8i+8.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); 2];
+        let mut offsets = _mm256_setzero_ps();
+        for i in 0..nb {
+            let b = r.add(i * 144);
+            let (d, dmin) = (f16_at(b), f16_at(b.add(2)));
+            let (sc, mn) = k4_scales_words(std::slice::from_raw_parts(b.add(4), 12));
+            let widen = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64)));
+            let a = _mm256_mul_ps(widen(sc), _mm256_set1_ps(d));
+            let m = _mm256_mul_ps(widen(mn), _mm256_set1_ps(dmin));
+            // 8·a is exact, so each offset rounds once.
+            let offset = _mm256_fmsub_ps(a, _mm256_set1_ps(8.0), m);
+            offsets = _mm256_fmadd_ps(offset, _mm256_loadu_ps(fx.sums.as_ptr().add(8 * i)), offsets);
+            let f = _mm512_castps256_ps512(_mm256_mul_ps(a, _mm256_loadu_ps(fx.factors.as_ptr().add(8 * i))));
+            for (h, idx) in idx.iter().enumerate() {
+                let v = _mm512_loadu_si512(b.add(16 + 64 * h).cast());
+                let codes = [_mm512_and_si512(v, nibbles), _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibbles)];
+                let xd = fx.bytes.as_ptr().add((2 * i + h) * PAIR_BYTES);
+                for (half, codes) in codes.into_iter().enumerate() {
+                    let centre = _mm512_loadu_si512(xd.add(384 + 64 * half).cast());
+                    let s = _mm512_sub_epi32(chain(codes, xd.add(64 * half)), centre);
+                    let scale = _mm512_permutexvar_ps(idx[half], f);
+                    acc[half] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[half]);
+                }
+            }
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + {
+            let o = _mm256_add_ps(offsets, _mm256_permute2f128_ps::<1>(offsets, offsets));
+            let o = _mm256_hadd_ps(o, o);
+            _mm_cvtss_f32(_mm256_castps256_ps128(_mm256_hadd_ps(o, o)))
+        }
+    }
+}
+
+/// Σ w·x of one Q4_0 row of `nb` blocks (x prepared by [`prepare`]; `x` itself for the blocks
+/// after the last whole four).
+///
+/// # Safety
+/// As for [`prepare`]; `row` holds nb whole blocks and `fx` was prepared from `x`, nb·32
+/// elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn q4_0(row: &[u8], x: &[f32], fx: &FixedX, nb: usize) -> f32 {
+    debug_assert!(row.len() == nb * 18 && x.len() == nb * 32);
+    // Code byte j of block k (k < 3: byte 18k + 2 + j of the first load; block 3: byte
+    // 54 + 2 + j − 8 of the second, which starts 8 bytes later and so stays inside the four
+    // blocks).
+    let codes: [u8; 64] = std::array::from_fn(|i| {
+        let (k, j) = (i / 16, i % 16);
+        (if k < 3 { 18 * k + 2 + j } else { 64 + 48 + j }) as u8
+    });
+    // The four f16 scales, from the first load.
+    let scales: [u8; 64] = std::array::from_fn(|i| if i < 8 { (18 * (i / 2) + i % 2) as u8 } else { 0 });
+    let r = row.as_ptr();
+    // SAFETY: step p reads row bytes 72p..72p+72, fx's bytes of step p and factors 4p..4p+4;
+    // the tail reads its blocks and x.
+    unsafe {
+        let codes = _mm512_loadu_si512(codes.as_ptr().cast());
+        let scales = _mm512_loadu_si512(scales.as_ptr().cast());
+        let lane_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        let nibbles = _mm512_set1_epi8(0xF);
+        let mut acc = [_mm512_setzero_ps(); 2];
+        for p in 0..nb / 4 {
+            let b = r.add(72 * p);
+            let first = _mm512_loadu_si512(b.cast());
+            let v = _mm512_permutex2var_epi8(first, codes, _mm512_loadu_si512(b.add(8).cast()));
+            let (lo, hi) = (_mm512_and_si512(v, nibbles), _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibbles));
+            let xd = fx.bytes.as_ptr().add(p * PAIR_BYTES);
+            let dig = |k: usize| _mm512_loadu_si512(xd.add(64 * k).cast());
+            let mut s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, dig(0));
+            s = _mm512_dpbusd_epi32(s, hi, dig(1));
+            s = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(s), lo, dig(2));
+            s = _mm512_dpbusd_epi32(s, hi, dig(3));
+            s = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(s), lo, dig(4));
+            s = _mm512_dpbusd_epi32(s, hi, dig(5));
+            // Centred: Σ (q − 8)·X, exact (|Σ q·X| < 2^30 per lane of eight products).
+            s = _mm512_sub_epi32(_mm512_sub_epi32(s, dig(6)), dig(7));
+            let d = _mm_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi8(scales, first)));
+            let f = _mm_mul_ps(d, _mm_loadu_ps(fx.factors.as_ptr().add(4 * p)));
+            let scale = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(f));
+            acc[p % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[p % 2]);
+        }
+        let mut total = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
+        for i in nb / 4 * 4..nb {
+            let mut w = [0f32; 32];
+            blocks::dequantize(GgmlType::Q4_0, &row[18 * i..18 * i + 18], &mut w);
+            total += w.iter().zip(&x[32 * i..32 * i + 32]).map(|(a, b)| a * b).sum::<f32>();
+        }
+        total
+    }
+}
