@@ -1,4 +1,4 @@
-//! AVX512_VNNI kernels for Q4_0 and Q4_K: integer dot products of the 4-bit codes with x
+//! AVX512_VNNI kernels for Q4_0, Q4_K and Q6_K: integer dot products of the 4-bit codes with x
 //! written per 32-element block as a 24-bit fixed-point number in three signed bytes (the
 //! scheme of the affine kernel in `../avx512vnni.rs`, whose module documentation has the
 //! exactness argument).
@@ -12,6 +12,13 @@
 //! 16..32): four blocks per step, their 64 code bytes gathered from two overlapping loads by
 //! one two-source byte permute; lanes 4k..4k+4 belong to block k, whose low-nibble elements
 //! are x 32k..32k+16 and high ones 32k+16..32k+32.
+//!
+//! Q6_K (per 128-element half h: 64 bytes `ql` of low nibbles, 32 bytes `qh` of 2-bit high
+//! parts): a 64-byte load of `ql` gives the low four bits of elements 128h..128h+64 (low
+//! nibbles) and 128h+64..128h+128 (high nibbles), in x's order; the high parts of each come
+//! from `qh` (repeated in both halves of a vector) by a word shift that differs per half, so
+//! each vector holds 6-bit codes 0..63 and Σ q·X over a lane's four products stays below 2^31
+//! (4·63·127·2^16). Scales are per 16 elements: lanes 4k..4k+4 share one.
 //!
 //! Q4_K layout (32-byte chunk c of a super-block holds elements 64c..64c+32 in its low nibbles
 //! and 64c+32..64c+64 in its high ones): a 64-byte load covers chunks 2h and 2h + 1, so its low
@@ -47,7 +54,7 @@ fn pow2(e: i32) -> f32 {
 
 /// Whether this module has a kernel for `ty`.
 pub(super) fn handles(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_K)
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_K | GgmlType::Q6_K)
 }
 
 /// x (a whole number of `ty` blocks) prepared for `ty`'s kernel; elements after the last whole
@@ -63,7 +70,11 @@ pub(super) unsafe fn prepare(ty: GgmlType, x: &[f32]) -> FixedX {
     // Where the 16 elements 32s + 16k..+16 of block s go in its 128-element step: the low- (0)
     // or high-nibble (1) vectors, and the byte offset in them.
     let place = |s: usize, k: usize| -> (usize, usize) {
-        if ty == GgmlType::Q4_0 { (k, 16 * (s % 4)) } else { (s % 2, 32 * ((s % 4) / 2) + 16 * k) }
+        match ty {
+            GgmlType::Q4_0 => (k, 16 * (s % 4)),
+            GgmlType::Q6_K => ((s % 4) / 2, 32 * (s % 2) + 16 * k),
+            _ => (s % 2, 32 * ((s % 4) / 2) + 16 * k),
+        }
     };
     let mut out = FixedX { bytes: vec![0; n / 128 * PAIR_BYTES], factors: vec![0.0; n / 32], sums: vec![0.0; n / 32] };
     let (byte, half) = (_mm512_set1_epi32(255), _mm512_set1_epi32(128));
@@ -242,5 +253,68 @@ pub(super) unsafe fn q4_0(row: &[u8], x: &[f32], fx: &FixedX, nb: usize) -> f32 
             total += w.iter().zip(&x[32 * i..32 * i + 32]).map(|(a, b)| a * b).sum::<f32>();
         }
         total
+    }
+}
+
+/// Σ w·x of one Q6_K row of `nb` super-blocks (x prepared by [`prepare`]).
+///
+/// # Safety
+/// As for [`prepare`]; `row` holds nb whole super-blocks and `fx` was prepared from nb·256
+/// elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn q6_k(row: &[u8], fx: &FixedX, nb: usize) -> f32 {
+    debug_assert!(row.len() == nb * 210 && fx.factors.len() == nb * 8);
+    // Per half h and vector (low nibbles: elements 128h..+64; high: 128h+64..+128): each lane's
+    // scale (one per 16 elements) and x factor (one per 32).
+    let lanes = |per: usize, first: usize| -> __m512i {
+        let v: [i32; 16] = std::array::from_fn(|l| (first + l / per) as i32);
+        // SAFETY: 16 i32 are 64 bytes.
+        unsafe { _mm512_loadu_si512(v.as_ptr().cast()) }
+    };
+    let sidx = [[lanes(4, 0), lanes(4, 4)], [lanes(4, 8), lanes(4, 12)]];
+    let fidx = [[lanes(8, 0), lanes(8, 2)], [lanes(8, 4), lanes(8, 6)]];
+    // Word shifts that bring qh's bits 2t, 2t + 1 down for the two 32-element halves of each
+    // vector: t = 0, 1 (low nibbles), 2, 3 (high nibbles).
+    let counts = |a: i16, b: i16| -> __m512i {
+        let v: [i16; 32] = std::array::from_fn(|w| if w < 16 { a } else { b });
+        // SAFETY: 32 i16 are 64 bytes.
+        unsafe { _mm512_loadu_si512(v.as_ptr().cast()) }
+    };
+    let shifts = [counts(0, 2), counts(4, 6)];
+    let (nibbles, top) = (_mm512_set1_epi8(0xF), _mm512_set1_epi8(0x30));
+    let r = row.as_ptr();
+    // SAFETY: super-block i spans r[210i..210i+210], fx's bytes of steps 2i, 2i + 1 and its
+    // factors 8i..8i+8.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); 2];
+        for i in 0..nb {
+            let b = r.add(i * 210);
+            let d = f16_at(b.add(208));
+            let sc = _mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(192).cast()))),
+                _mm512_set1_ps(d),
+            );
+            let fac = _mm512_castps256_ps512(_mm256_loadu_ps(fx.factors.as_ptr().add(8 * i)));
+            for h in 0..2 {
+                let ql = _mm512_loadu_si512(b.add(64 * h).cast());
+                let qh = _mm256_loadu_si256(b.add(128 + 32 * h).cast());
+                let qh = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qh), qh);
+                let low = [_mm512_and_si512(ql, nibbles), _mm512_and_si512(_mm512_srli_epi16::<4>(ql), nibbles)];
+                let xd = fx.bytes.as_ptr().add((2 * i + h) * PAIR_BYTES);
+                for half in 0..2 {
+                    let high = _mm512_and_si512(_mm512_slli_epi16::<4>(_mm512_srlv_epi16(qh, shifts[half])), top);
+                    let codes = _mm512_or_si512(low[half], high);
+                    // Σ (q − 32)·X: 32·Σ X is four times the prepared 8·Σ X.
+                    let centre = _mm512_slli_epi32::<2>(_mm512_loadu_si512(xd.add(384 + 64 * half).cast()));
+                    let s = _mm512_sub_epi32(chain(codes, xd.add(64 * half)), centre);
+                    let scale = _mm512_mul_ps(
+                        _mm512_permutexvar_ps(sidx[h][half], sc),
+                        _mm512_permutexvar_ps(fidx[h][half], fac),
+                    );
+                    acc[half] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[half]);
+                }
+            }
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
     }
 }
