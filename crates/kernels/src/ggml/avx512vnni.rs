@@ -1,4 +1,4 @@
-//! AVX512_VNNI kernels for Q4_0, Q4_K and Q6_K: integer dot products of the 4-bit codes with x
+//! AVX512_VNNI kernels for Q4_0 and Q2_K…Q6_K: integer dot products of the 4-bit codes with x
 //! written per 32-element block as a 24-bit fixed-point number in three signed bytes (the
 //! scheme of the affine kernel in `../avx512vnni.rs`, whose module documentation has the
 //! exactness argument).
@@ -32,7 +32,7 @@ use std::arch::x86_64::*;
 
 use super::GgmlType;
 use super::avx512::f16_at;
-use super::blocks::{self, k4_scales_words};
+use super::blocks::{self, k4_scales_words, q3_k_scales};
 
 /// Prepared bytes per 128 elements.
 const PAIR_BYTES: usize = 512;
@@ -43,7 +43,7 @@ pub(super) struct FixedX {
     bytes: Vec<u8>,
     /// 2^-e per 32-element sub-block (NaN for one holding a NaN or an infinity).
     factors: Vec<f32>,
-    /// Σ x per sub-block, in f32 (for the offsets).
+    /// Σ x per 32 elements (Q2_K: per 16), in f32 (for the offsets of the minimums).
     sums: Vec<f32>,
 }
 
@@ -54,7 +54,7 @@ fn pow2(e: i32) -> f32 {
 
 /// Whether this module has a kernel for `ty`.
 pub(super) fn handles(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_K | GgmlType::Q6_K)
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K)
 }
 
 /// x (a whole number of `ty` blocks) prepared for `ty`'s kernel; elements after the last whole
@@ -72,18 +72,20 @@ pub(super) unsafe fn prepare(ty: GgmlType, x: &[f32]) -> FixedX {
     let place = |s: usize, k: usize| -> (usize, usize) {
         match ty {
             GgmlType::Q4_0 => (k, 16 * (s % 4)),
-            GgmlType::Q6_K => ((s % 4) / 2, 32 * (s % 2) + 16 * k),
+            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q6_K => ((s % 4) / 2, 32 * (s % 2) + 16 * k),
             _ => (s % 2, 32 * ((s % 4) / 2) + 16 * k),
         }
     };
-    let mut out = FixedX { bytes: vec![0; n / 128 * PAIR_BYTES], factors: vec![0.0; n / 32], sums: vec![0.0; n / 32] };
+    // Q2_K's minimums are per 16 elements, Q4_K's and Q5_K's per 32.
+    let width = if ty == GgmlType::Q2_K { 16 } else { 32 };
+    let sums = x[..n].chunks_exact(width).map(|c| c.iter().sum()).collect();
+    let mut out = FixedX { bytes: vec![0; n / 128 * PAIR_BYTES], factors: vec![0.0; n / 32], sums };
     let (byte, half) = (_mm512_set1_epi32(255), _mm512_set1_epi32(128));
     // SAFETY: sub-block s reads x[32s..32s+32] and writes 32 bytes of each digit vector of its
     // 128-element pair, inside `bytes`.
     unsafe {
         for s in 0..n / 32 {
             let v = [_mm512_loadu_ps(x.as_ptr().add(32 * s)), _mm512_loadu_ps(x.as_ptr().add(32 * s + 16))];
-            out.sums[s] = x[32 * s..32 * s + 32].iter().sum();
             let abs = [_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])];
             let largest = _mm512_reduce_max_ps(_mm512_max_ps(abs[0], abs[1]));
             let inf = _mm512_set1_ps(f32::INFINITY);
@@ -146,14 +148,20 @@ unsafe fn chain(codes: __m512i, xd: *const u8) -> __m512i {
     }
 }
 
-/// Σ w·x of one Q4_K row of `nb` super-blocks (x prepared by [`prepare`]).
+/// Σ w·x of one Q4_K (or, `Q5`, Q5_K) row of `nb` super-blocks (x prepared by [`prepare`]).
 ///
 /// # Safety
 /// As for [`prepare`]; `row` holds nb whole super-blocks and `fx` was prepared from nb·256
 /// elements.
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx2,fma,f16c")]
-pub(super) unsafe fn q4_k(row: &[u8], fx: &FixedX, nb: usize) -> f32 {
-    debug_assert!(row.len() == nb * 144 && fx.factors.len() == nb * 8);
+pub(super) unsafe fn k4<const Q5: bool>(row: &[u8], fx: &FixedX, nb: usize) -> f32 {
+    // Q5_K: 32 bytes of fifth bits `qh` before the codes; codes 0..31 centred by 16.
+    let (block, qs_at, centre) = if Q5 { (176, 48, 16.0) } else { (144, 16, 8.0) };
+    debug_assert!(row.len() == nb * block && fx.factors.len() == nb * 8);
+    // Q5_K's fifth bits of pair h: bits 4h, 4h + 2 (low nibbles of chunks 2h, 2h + 1) and 4h + 1,
+    // 4h + 3 (high nibbles) of qh[l], brought to bit 4 by a word shift per 32-byte half.
+    let fifth_shifts = |h: i16| [counts(4 * h - 4, 4 * h - 2), counts(4 * h - 3, 4 * h - 1)];
+    let fifth = [fifth_shifts(0), fifth_shifts(1)];
     // Lane → sub-block (of a super-block's eight) for the low- and high-nibble vectors of
     // pair h: lanes 0..8 hold chunk 2h, 8..16 chunk 2h + 1.
     let lanes = |h: i32, high: i32| -> __m512i {
@@ -163,29 +171,38 @@ pub(super) unsafe fn q4_k(row: &[u8], fx: &FixedX, nb: usize) -> f32 {
     let idx = [[lanes(0, 0), lanes(0, 1)], [lanes(1, 0), lanes(1, 1)]];
     let nibbles = _mm512_set1_epi8(0xF);
     let r = row.as_ptr();
-    // SAFETY: super-block i spans r[144i..144i+144], fx's bytes of pairs 2i, 2i + 1, and its
-    // factors and sums 8i..8i+8.
+    // SAFETY: super-block i spans r[block·i..block·(i+1)], fx's bytes of pairs 2i, 2i + 1, and
+    // its factors and sums 8i..8i+8.
     unsafe {
         let mut acc = [_mm512_setzero_ps(); 2];
         let mut offsets = _mm256_setzero_ps();
+        let bit4 = _mm512_set1_epi8(0x10);
         for i in 0..nb {
-            let b = r.add(i * 144);
+            let b = r.add(i * block);
             let (d, dmin) = (f16_at(b), f16_at(b.add(2)));
             let (sc, mn) = k4_scales_words(std::slice::from_raw_parts(b.add(4), 12));
             let widen = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64)));
             let a = _mm256_mul_ps(widen(sc), _mm256_set1_ps(d));
             let m = _mm256_mul_ps(widen(mn), _mm256_set1_ps(dmin));
-            // 8·a is exact, so each offset rounds once.
-            let offset = _mm256_fmsub_ps(a, _mm256_set1_ps(8.0), m);
+            // centre·a is exact, so each offset rounds once.
+            let offset = _mm256_fmsub_ps(a, _mm256_set1_ps(centre), m);
             offsets = _mm256_fmadd_ps(offset, _mm256_loadu_ps(fx.sums.as_ptr().add(8 * i)), offsets);
             let f = _mm512_castps256_ps512(_mm256_mul_ps(a, _mm256_loadu_ps(fx.factors.as_ptr().add(8 * i))));
+            let qh = if Q5 { twice(_mm256_loadu_si256(b.add(16).cast())) } else { _mm512_setzero_si512() };
             for (h, idx) in idx.iter().enumerate() {
-                let v = _mm512_loadu_si512(b.add(16 + 64 * h).cast());
-                let codes = [_mm512_and_si512(v, nibbles), _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibbles)];
+                let v = _mm512_loadu_si512(b.add(qs_at + 64 * h).cast());
+                let mut codes = [_mm512_and_si512(v, nibbles), _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibbles)];
+                if Q5 {
+                    for (half, c) in codes.iter_mut().enumerate() {
+                        *c = _mm512_or_si512(*c, _mm512_and_si512(shift_words(qh, fifth[h][half]), bit4));
+                    }
+                }
                 let xd = fx.bytes.as_ptr().add((2 * i + h) * PAIR_BYTES);
                 for (half, codes) in codes.into_iter().enumerate() {
-                    let centre = _mm512_loadu_si512(xd.add(384 + 64 * half).cast());
-                    let s = _mm512_sub_epi32(chain(codes, xd.add(64 * half)), centre);
+                    // centre·Σ X from the prepared 8·Σ X.
+                    let c8 = _mm512_loadu_si512(xd.add(384 + 64 * half).cast());
+                    let c = if Q5 { _mm512_slli_epi32::<1>(c8) } else { c8 };
+                    let s = _mm512_sub_epi32(chain(codes, xd.add(64 * half)), c);
                     let scale = _mm512_permutexvar_ps(idx[half], f);
                     acc[half] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[half]);
                 }
@@ -256,16 +273,28 @@ pub(super) unsafe fn q4_0(row: &[u8], x: &[f32], fx: &FixedX, nb: usize) -> f32 
     }
 }
 
-/// Σ w·x of one Q6_K row of `nb` super-blocks (x prepared by [`prepare`]).
+/// Σ w·x of one Q6_K, Q3_K or Q2_K row (`KIND`: [`Q6`], [`Q3`], [`Q2`]) of `nb` super-blocks
+/// (x prepared by [`prepare`]): the types with a scale per 16 elements.
+///
+/// Q3_K (110-byte super-blocks: 32 bytes `hmask`, 64 bytes `qs`, 12 bytes of 6-bit scales, f16
+/// d): per half h, `qs[32h..32h + 32]` twice gives the low two bits of elements 128h + 32s + l
+/// (bits 2s of byte l, s = 0, 1 in the low vector, 2, 3 in the high one) and `hmask` twice the
+/// third (bit 4h + s of byte l); codes 0..7, centred by 4.
+///
+/// Q2_K (84-byte super-blocks: 16 bytes of (scale, min) nibble pairs, 64 bytes `qs`, f16 d,
+/// f16 dmin): the low two bits as Q3_K's, no third; codes 0..3 centred by 2, and the minimums
+/// through the offsets (2a − m)·Σ x per 16 elements, as in the bf16 kernel.
 ///
 /// # Safety
 /// As for [`prepare`]; `row` holds nb whole super-blocks and `fx` was prepared from nb·256
 /// elements.
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx2,fma,f16c")]
-pub(super) unsafe fn q6_k(row: &[u8], fx: &FixedX, nb: usize) -> f32 {
-    debug_assert!(row.len() == nb * 210 && fx.factors.len() == nb * 8);
-    // Per half h and vector (low nibbles: elements 128h..+64; high: 128h+64..+128): each lane's
-    // scale (one per 16 elements) and x factor (one per 32).
+pub(super) unsafe fn sixteen<const KIND: u8>(row: &[u8], fx: &FixedX, nb: usize) -> f32 {
+    let (q3, q2) = (KIND == Q3, KIND == Q2);
+    let block = [210, 110, 84][KIND as usize];
+    debug_assert!(row.len() == nb * block && fx.factors.len() == nb * 8);
+    // Per half h and vector (low: elements 128h..+64; high: 128h+64..+128): each lane's scale
+    // (one per 16 elements) and x factor (one per 32).
     let lanes = |per: usize, first: usize| -> __m512i {
         let v: [i32; 16] = std::array::from_fn(|l| (first + l / per) as i32);
         // SAFETY: 16 i32 are 64 bytes.
@@ -273,39 +302,73 @@ pub(super) unsafe fn q6_k(row: &[u8], fx: &FixedX, nb: usize) -> f32 {
     };
     let sidx = [[lanes(4, 0), lanes(4, 4)], [lanes(4, 8), lanes(4, 12)]];
     let fidx = [[lanes(8, 0), lanes(8, 2)], [lanes(8, 4), lanes(8, 6)]];
-    // Word shifts that bring qh's bits 2t, 2t + 1 down for the two 32-element halves of each
-    // vector: t = 0, 1 (low nibbles), 2, 3 (high nibbles).
-    let counts = |a: i16, b: i16| -> __m512i {
-        let v: [i16; 32] = std::array::from_fn(|w| if w < 16 { a } else { b });
-        // SAFETY: 32 i16 are 64 bytes.
-        unsafe { _mm512_loadu_si512(v.as_ptr().cast()) }
-    };
-    let shifts = [counts(0, 2), counts(4, 6)];
+    // Q6_K: word shifts that bring qh's bits 2t, 2t + 1 to bits 4, 5 for the two 32-element
+    // halves of each vector: t = 0, 1 (low nibbles), 2, 3 (high nibbles).
+    let q6_high = [counts(-4, -2), counts(0, 2)];
+    // Q3_K: qs's bits 2s, 2s + 1 to bits 0, 1; hmask's bit 4h + s to bit 2.
+    let q3_low = [counts(0, 2), counts(4, 6)];
+    let q3_high = [[counts(-2, -1), counts(0, 1)], [counts(2, 3), counts(4, 5)]];
+    let qs_at = if q2 { 16 } else { 32 };
     let (nibbles, top) = (_mm512_set1_epi8(0xF), _mm512_set1_epi8(0x30));
+    let (two, third) = (_mm512_set1_epi8(0x3), _mm512_set1_epi8(0x4));
     let r = row.as_ptr();
-    // SAFETY: super-block i spans r[210i..210i+210], fx's bytes of steps 2i, 2i + 1 and its
-    // factors 8i..8i+8.
+    // SAFETY: super-block i spans r[block·i..block·(i+1)], fx's bytes of steps 2i, 2i + 1 and
+    // its factors 8i..8i+8.
     unsafe {
         let mut acc = [_mm512_setzero_ps(); 2];
+        let mut offsets = _mm512_setzero_ps();
         for i in 0..nb {
-            let b = r.add(i * 210);
-            let d = f16_at(b.add(208));
-            let sc = _mm512_mul_ps(
-                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(192).cast()))),
-                _mm512_set1_ps(d),
-            );
+            let b = r.add(i * block);
+            let sc = if q2 {
+                let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(b.cast()));
+                let a = _mm512_cvtepi32_ps(_mm512_and_si512(sc, _mm512_set1_epi32(0xF)));
+                let a = _mm512_mul_ps(a, _mm512_set1_ps(f16_at(b.add(80))));
+                let m = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(sc));
+                let m = _mm512_mul_ps(m, _mm512_set1_ps(f16_at(b.add(82))));
+                // 2·a is exact, so each offset rounds once.
+                let offset = _mm512_fmsub_ps(a, _mm512_set1_ps(2.0), m);
+                offsets = _mm512_fmadd_ps(offset, _mm512_loadu_ps(fx.sums.as_ptr().add(16 * i)), offsets);
+                a
+            } else if q3 {
+                let (first, second) = q3_k_scales(std::slice::from_raw_parts(b.add(96), 12));
+                let sc = _mm512_cvtepu8_epi32(_mm_set_epi64x(second as i64, first as i64));
+                let sc = _mm512_cvtepi32_ps(_mm512_sub_epi32(sc, _mm512_set1_epi32(32)));
+                _mm512_mul_ps(sc, _mm512_set1_ps(f16_at(b.add(108))))
+            } else {
+                let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(192).cast())));
+                _mm512_mul_ps(sc, _mm512_set1_ps(f16_at(b.add(208))))
+            };
             let fac = _mm512_castps256_ps512(_mm256_loadu_ps(fx.factors.as_ptr().add(8 * i)));
+            let hmask = if q3 { twice(_mm256_loadu_si256(b.cast())) } else { _mm512_setzero_si512() };
             for h in 0..2 {
-                let ql = _mm512_loadu_si512(b.add(64 * h).cast());
-                let qh = _mm256_loadu_si256(b.add(128 + 32 * h).cast());
-                let qh = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qh), qh);
-                let low = [_mm512_and_si512(ql, nibbles), _mm512_and_si512(_mm512_srli_epi16::<4>(ql), nibbles)];
+                let codes: [__m512i; 2] = if q3 || q2 {
+                    let qs = twice(_mm256_loadu_si256(b.add(qs_at + 32 * h).cast()));
+                    std::array::from_fn(|half| {
+                        let low = _mm512_and_si512(shift_words(qs, q3_low[half]), two);
+                        if q2 {
+                            low
+                        } else {
+                            _mm512_or_si512(low, _mm512_and_si512(shift_words(hmask, q3_high[h][half]), third))
+                        }
+                    })
+                } else {
+                    let ql = _mm512_loadu_si512(b.add(64 * h).cast());
+                    let qh = twice(_mm256_loadu_si256(b.add(128 + 32 * h).cast()));
+                    let low = [_mm512_and_si512(ql, nibbles), _mm512_and_si512(_mm512_srli_epi16::<4>(ql), nibbles)];
+                    std::array::from_fn(|half| {
+                        _mm512_or_si512(low[half], _mm512_and_si512(shift_words(qh, q6_high[half]), top))
+                    })
+                };
                 let xd = fx.bytes.as_ptr().add((2 * i + h) * PAIR_BYTES);
-                for half in 0..2 {
-                    let high = _mm512_and_si512(_mm512_slli_epi16::<4>(_mm512_srlv_epi16(qh, shifts[half])), top);
-                    let codes = _mm512_or_si512(low[half], high);
-                    // Σ (q − 32)·X: 32·Σ X is four times the prepared 8·Σ X.
-                    let centre = _mm512_slli_epi32::<2>(_mm512_loadu_si512(xd.add(384 + 64 * half).cast()));
+                for (half, codes) in codes.into_iter().enumerate() {
+                    // Σ (q − centre)·X, centre·Σ X from the prepared 8·Σ X (Q6_K: 32, Q3_K: 4,
+                    // Q2_K: 2; exact shifts of a multiple of 8).
+                    let c8 = _mm512_loadu_si512(xd.add(384 + 64 * half).cast());
+                    let centre = match KIND {
+                        Q3 => _mm512_srai_epi32::<1>(c8),
+                        Q2 => _mm512_srai_epi32::<2>(c8),
+                        _ => _mm512_slli_epi32::<2>(c8),
+                    };
                     let s = _mm512_sub_epi32(chain(codes, xd.add(64 * half)), centre);
                     let scale = _mm512_mul_ps(
                         _mm512_permutexvar_ps(sidx[h][half], sc),
@@ -315,6 +378,48 @@ pub(super) unsafe fn q6_k(row: &[u8], fx: &FixedX, nb: usize) -> f32 {
                 }
             }
         }
-        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+        _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), offsets))
     }
+}
+
+/// [`sixteen`]'s kinds.
+pub(super) const Q6: u8 = 0;
+pub(super) const Q3: u8 = 1;
+pub(super) const Q2: u8 = 2;
+
+/// A per-word shift of a vector: its first 16 words right by `a` (left by −a when negative), the
+/// other 16 by `b` (a count per 32-byte half), as two vectors of counts made once.
+#[derive(Clone, Copy)]
+struct WordShift {
+    right: __m512i,
+    left: __m512i,
+}
+
+/// [`WordShift`] for counts `a` (words 0..16) and `b` (16..32).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx2,fma,f16c")]
+fn counts(a: i16, b: i16) -> WordShift {
+    let count = |w: usize| if w < 16 { a } else { b };
+    let right: [i16; 32] = std::array::from_fn(|w| count(w).max(0));
+    let left: [i16; 32] = std::array::from_fn(|w| (-count(w)).max(0));
+    // SAFETY: 32 i16 are 64 bytes.
+    unsafe {
+        WordShift { right: _mm512_loadu_si512(right.as_ptr().cast()), left: _mm512_loadu_si512(left.as_ptr().cast()) }
+    }
+}
+
+/// The 32 bytes twice.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx2,fma,f16c")]
+fn twice(v: __m256i) -> __m512i {
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(v), v)
+}
+
+/// Each 16-bit word of `v` shifted by its count. A byte receives bits from its neighbour in the
+/// word (the high byte's low bits on a right shift, the low byte's high bits on a left one),
+/// which the callers mask off: they keep, of each byte, only bits that came from that byte.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx2,fma,f16c")]
+fn shift_words(v: __m512i, by: WordShift) -> __m512i {
+    _mm512_sllv_epi16(_mm512_srlv_epi16(v, by.right), by.left)
 }

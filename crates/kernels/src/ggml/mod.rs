@@ -362,7 +362,7 @@ fn dot_unchecked(level: SimdLevel, ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
     blocks::dot(ty, row, x)
 }
 
-/// x prepared once for every row of a product with `ty` weights (Q4_0, Q4_K, Q6_K: fixed point for the
+/// x prepared once for every row of a product with `ty` weights (Q4_0, Q2_K…Q6_K: fixed point for the
 /// VNNI kernel; the bf16 split where the level has a bf16 kernel for the type; nothing
 /// otherwise), shared by the row blocks that threads compute.
 pub(crate) struct PreparedX {
@@ -404,8 +404,11 @@ pub(crate) fn matvec_rows(level: SimdLevel, ty: GgmlType, data: &[u8], x: &[f32]
             *yr = unsafe {
                 match ty {
                     GgmlType::Q4_0 => avx512vnni::q4_0(row, x, fx, x.len() / 32),
-                    GgmlType::Q6_K => avx512vnni::q6_k(row, fx, x.len() / QK_K),
-                    _ => avx512vnni::q4_k(row, fx, x.len() / QK_K),
+                    GgmlType::Q2_K => avx512vnni::sixteen::<{ avx512vnni::Q2 }>(row, fx, x.len() / QK_K),
+                    GgmlType::Q3_K => avx512vnni::sixteen::<{ avx512vnni::Q3 }>(row, fx, x.len() / QK_K),
+                    GgmlType::Q6_K => avx512vnni::sixteen::<{ avx512vnni::Q6 }>(row, fx, x.len() / QK_K),
+                    GgmlType::Q5_K => avx512vnni::k4::<true>(row, fx, x.len() / QK_K),
+                    _ => avx512vnni::k4::<false>(row, fx, x.len() / QK_K),
                 }
             };
             continue;
