@@ -172,20 +172,36 @@ pub(crate) unsafe fn affine_matvec<E: Elem, const B: u32>(
                 }
             }
 
-            let mut bacc = _mm512_setzero_ps();
-            let mut g = 0;
-            while g + 16 <= ng {
-                let bv = load16::<E>(br.add(g * E::SIZE));
-                bacc = _mm512_fmadd_ps(bv, _mm512_loadu_ps(sxq.add(g)), bacc);
-                g += 16;
-            }
-            let mut bsum = 0.0;
-            while g < ng {
-                bsum += E::get_raw(br, g) * *sxq.add(g);
-                g += 1;
-            }
+            let (bacc, bsum) = bias_terms::<E>(br, sxq, ng);
             *yr = _mm512_reduce_add_ps(_mm512_add_ps(racc, bacc)) + bsum;
         }
+    }
+}
+
+/// Σ_g b_g·Σx_g of a row's `ng` group biases at `br` and x's group sums at `sx`: the whole
+/// vectors of 16 groups as lanes of an f32 vector, the rest as a scalar sum (the row's total adds
+/// both).
+///
+/// # Safety
+/// AVX-512F/AVX2/FMA/F16C must be available; `br` holds `ng` elements and `sx` `ng` floats.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub(crate) unsafe fn bias_terms<E: Elem>(br: *const u8, sx: *const f32, ng: usize) -> (__m512, f32) {
+    // SAFETY: the caller guarantees ng elements at br and ng floats at sx.
+    unsafe {
+        let mut bacc = _mm512_setzero_ps();
+        let mut g = 0;
+        while g + 16 <= ng {
+            let bv = load16::<E>(br.add(g * E::SIZE));
+            bacc = _mm512_fmadd_ps(bv, _mm512_loadu_ps(sx.add(g)), bacc);
+            g += 16;
+        }
+        let mut bsum = 0.0;
+        while g < ng {
+            bsum += E::get_raw(br, g) * *sx.add(g);
+            g += 1;
+        }
+        (bacc, bsum)
     }
 }
 

@@ -27,7 +27,7 @@ use std::arch::x86_64::*;
 
 use crate::elem::Elem;
 
-use super::avx512::{MAX_GROUPS, PREFETCH_DIST, prefetch};
+use super::avx512::{MAX_GROUPS, PREFETCH_DIST, bias_terms, prefetch};
 
 /// Elements per group this kernel handles.
 const GROUP: usize = 64;
@@ -63,7 +63,6 @@ pub(crate) unsafe fn prepare(x: &[f32], xp: &mut [f32]) {
     // bytes 384(g/2) + 64k + 32(g % 2) + 0..32, inside the first 3·cols bytes of xp.
     unsafe {
         let order = _mm512_loadu_si512(order.as_ptr().cast());
-        let (byte, half) = (_mm512_set1_epi32(255), _mm512_set1_epi32(128));
         for (g, factor) in factors[..cols / GROUP].iter_mut().enumerate() {
             let xg = x.as_ptr().add(g * GROUP);
             let v: [__m512; 4] = std::array::from_fn(|k| _mm512_loadu_ps(xg.add(16 * k)));
@@ -76,33 +75,11 @@ pub(crate) unsafe fn prepare(x: &[f32], xp: &mut [f32]) {
                 // Not NaN and not infinite: |v| < ∞ is false for both.
                 _mm512_cmp_ps_mask::<_CMP_LT_OQ>(abs(v[k]), _mm512_set1_ps(f32::INFINITY)) == 0xFFFF
             });
-            // e with largest·2^e in [2^21, 127·2^16]: from the exponent of `largest`, one lower
-            // where 2^22 would pass 127·2^16.
-            let e = if !finite || largest < f32::from_bits((127 - 100) << 23) {
-                None
-            } else {
-                let exp = ((largest.to_bits() >> 23) & 0xFF) as i32 - 127;
-                let e = 22 - exp;
-                Some(if largest * pow2(e) > (127 << 16) as f32 { e - 1 } else { e })
-            };
-            *factor = match e {
-                _ if !finite => f32::NAN,
-                None => 0.0,
-                Some(e) => pow2(-e),
-            };
-            let scale = _mm512_set1_ps(e.map_or(0.0, pow2));
-            // Balanced base-256 digits of X = x·2^e (exact product, rounded to nearest even).
-            let mut d = [[_mm512_setzero_si512(); 4]; 3];
-            for k in 0..4 {
-                let full = _mm512_cvtps_epi32(_mm512_mul_ps(v[k], scale));
-                let low = |a: __m512i| _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(a, half), byte), half);
-                let d2 = low(full);
-                let rest = _mm512_srai_epi32::<8>(_mm512_sub_epi32(full, d2));
-                let d1 = low(rest);
-                d[0][k] = _mm512_srai_epi32::<8>(_mm512_sub_epi32(rest, d1));
-                d[1][k] = d1;
-                d[2][k] = d2;
-            }
+            let (scale, f) = group_scale(largest, finite);
+            *factor = f;
+            // Digits per vector, then per digit the group's four vectors.
+            let per_vector: [[__m512i; 3]; 4] = std::array::from_fn(|k| to_digits(v[k], scale));
+            let d: [[__m512i; 4]; 3] = std::array::from_fn(|digit| std::array::from_fn(|k| per_vector[k][digit]));
             let at = digits.add((g / 2) * CHUNK_BYTES + (g % 2) * 32);
             for (digit, dv) in d.iter().enumerate() {
                 let words = [_mm512_packs_epi32(dv[0], dv[1]), _mm512_packs_epi32(dv[2], dv[3])];
@@ -115,9 +92,63 @@ pub(crate) unsafe fn prepare(x: &[f32], xp: &mut [f32]) {
 }
 
 /// 2^e for e in −126..=127.
-fn pow2(e: i32) -> f32 {
+pub(crate) fn pow2(e: i32) -> f32 {
     debug_assert!((-126..=127).contains(&e));
     f32::from_bits(((127 + e) as u32) << 23)
+}
+
+/// For a group whose largest |x| is `largest` (`finite`: it holds no NaN or infinity): the
+/// scale 2^e that writes it as fixed point, with largest·2^e in [2^21, 127·2^16] (from the
+/// exponent of `largest`, one lower where 2^22 would pass 127·2^16), and the factor 2^-e that
+/// undoes it. A group below 2^-100 counts as zero (scale and factor 0); a non-finite one gets a
+/// zero scale and a NaN factor, so that the output is NaN.
+pub(crate) fn group_scale(largest: f32, finite: bool) -> (f32, f32) {
+    if !finite {
+        return (0.0, f32::NAN);
+    }
+    if largest < f32::from_bits((127 - 100) << 23) {
+        return (0.0, 0.0);
+    }
+    let exp = ((largest.to_bits() >> 23) & 0xFF) as i32 - 127;
+    let e = 22 - exp;
+    let e = if largest * pow2(e) > (127 << 16) as f32 { e - 1 } else { e };
+    (pow2(e), pow2(-e))
+}
+
+/// The balanced base-256 digits [X0, X1, X2] (each in −128..127, X = X0·2^16 + X1·2^8 + X2) of
+/// X = v·scale rounded to the nearest integer (ties to even; the product is exact, `scale`
+/// being a power of two from [`group_scale`]), in i32 lanes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx2,fma,f16c")]
+pub(crate) fn to_digits(v: __m512, scale: f32) -> [__m512i; 3] {
+    let (byte, half) = (_mm512_set1_epi32(255), _mm512_set1_epi32(128));
+    let full = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(scale)));
+    let low = |a: __m512i| _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(a, half), byte), half);
+    let d2 = low(full);
+    let rest = _mm512_srai_epi32::<8>(_mm512_sub_epi32(full, d2));
+    let d1 = low(rest);
+    [_mm512_srai_epi32::<8>(_mm512_sub_epi32(rest, d1)), d1, d2]
+}
+
+/// Σ q·X per i32 lane for two code vectors (`even`, `odd`: unsigned bytes) against the digit
+/// vectors at `xd` laid out [X0 even | X0 odd | X1 even | X1 odd | X2 even | X2 odd], 64 bytes
+/// each: exact while a lane's eight products stay below 2^31.
+///
+/// # Safety
+/// AVX512_VNNI must be available; `xd` holds 384 readable bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn dot_digits(even: __m512i, odd: __m512i, xd: *const u8) -> __m512i {
+    // SAFETY: the caller guarantees the six 64-byte vectors.
+    unsafe {
+        let dig = |k: usize| _mm512_loadu_si512(xd.add(64 * k).cast());
+        let mut acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), even, dig(0));
+        acc = _mm512_dpbusd_epi32(acc, odd, dig(1));
+        acc = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(acc), even, dig(2));
+        acc = _mm512_dpbusd_epi32(acc, odd, dig(3));
+        acc = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(acc), even, dig(4));
+        _mm512_dpbusd_epi32(acc, odd, dig(5))
+    }
 }
 
 /// Affine matvec over `y.len()` rows of 4-bit codes in groups of 64 (see [`supports`]); `xp`
@@ -176,32 +207,12 @@ pub(crate) unsafe fn affine_matvec<E: Elem>(
                 let v = _mm512_loadu_si512(wr.add(c * 64).cast());
                 let even = _mm512_and_si512(v, nibbles);
                 let odd = _mm512_and_si512(_mm512_srli_epi32::<4>(v), nibbles);
-                let xd = digits.add(c * CHUNK_BYTES);
-                let dig = |k: usize| _mm512_loadu_si512(xd.add(64 * k).cast());
-                let mut acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), even, dig(0));
-                acc = _mm512_dpbusd_epi32(acc, odd, dig(1));
-                acc = _mm512_slli_epi32::<8>(acc);
-                acc = _mm512_dpbusd_epi32(acc, even, dig(2));
-                acc = _mm512_dpbusd_epi32(acc, odd, dig(3));
-                acc = _mm512_slli_epi32::<8>(acc);
-                acc = _mm512_dpbusd_epi32(acc, even, dig(4));
-                acc = _mm512_dpbusd_epi32(acc, odd, dig(5));
+                let acc = dot_digits(even, odd, digits.add(c * CHUNK_BYTES));
                 let scale = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(sb.add(2 * c))));
                 racc[c % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, racc[c % 2]);
             }
 
-            let mut bacc = _mm512_setzero_ps();
-            let mut g = 0;
-            while g + 16 <= ng {
-                let bv = load16::<E>(br.add(g * E::SIZE));
-                bacc = _mm512_fmadd_ps(bv, _mm512_loadu_ps(sxq.add(g)), bacc);
-                g += 16;
-            }
-            let mut bsum = 0.0;
-            while g < ng {
-                bsum += E::get_raw(br, g) * *sxq.add(g);
-                g += 1;
-            }
+            let (bacc, bsum) = bias_terms::<E>(br, sxq, ng);
             *yr = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(racc[0], racc[1]), bacc)) + bsum;
         }
     }

@@ -33,6 +33,7 @@ use std::arch::x86_64::*;
 use super::GgmlType;
 use super::avx512::f16_at;
 use super::blocks::{self, k4_scales_words, q3_k_scales};
+use crate::avx512vnni::{dot_digits, group_scale, to_digits};
 
 /// Prepared bytes per 128 elements.
 const PAIR_BYTES: usize = 512;
@@ -45,11 +46,6 @@ pub(super) struct FixedX {
     factors: Vec<f32>,
     /// Σ x per 32 elements (Q2_K: per 16), in f32 (for the offsets of the minimums).
     sums: Vec<f32>,
-}
-
-/// 2^e for e in −126..=127.
-fn pow2(e: i32) -> f32 {
-    f32::from_bits(((127 + e) as u32) << 23)
 }
 
 /// Whether this module has a kernel for `ty`.
@@ -80,7 +76,6 @@ pub(super) unsafe fn prepare(ty: GgmlType, x: &[f32]) -> FixedX {
     let width = if ty == GgmlType::Q2_K { 16 } else { 32 };
     let sums = x[..n].chunks_exact(width).map(|c| c.iter().sum()).collect();
     let mut out = FixedX { bytes: vec![0; n / 128 * PAIR_BYTES], factors: vec![0.0; n / 32], sums };
-    let (byte, half) = (_mm512_set1_epi32(255), _mm512_set1_epi32(128));
     // SAFETY: sub-block s reads x[32s..32s+32] and writes 32 bytes of each digit vector of its
     // 128-element pair, inside `bytes`.
     unsafe {
@@ -91,32 +86,13 @@ pub(super) unsafe fn prepare(ty: GgmlType, x: &[f32]) -> FixedX {
             let inf = _mm512_set1_ps(f32::INFINITY);
             let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(abs[0], inf) == 0xFFFF
                 && _mm512_cmp_ps_mask::<_CMP_LT_OQ>(abs[1], inf) == 0xFFFF;
-            // As in the affine kernel: largest·2^e in [2^21, 127·2^16]; groups below 2^-100
-            // count as zero.
-            let e = if !finite || largest < f32::from_bits((127 - 100) << 23) {
-                None
-            } else {
-                let exp = ((largest.to_bits() >> 23) & 0xFF) as i32 - 127;
-                let e = 22 - exp;
-                Some(if largest * pow2(e) > (127 << 16) as f32 { e - 1 } else { e })
-            };
-            out.factors[s] = match e {
-                _ if !finite => f32::NAN,
-                None => 0.0,
-                Some(e) => pow2(-e),
-            };
-            let scale = _mm512_set1_ps(e.map_or(0.0, pow2));
+            let (scale, factor) = group_scale(largest, finite);
+            out.factors[s] = factor;
             let step = out.bytes.as_mut_ptr().add((s / 4) * PAIR_BYTES);
             for (k, vk) in v.iter().enumerate() {
                 let (vector, offset) = place(s, k);
                 let at = step.add(64 * vector + offset);
-                let full = _mm512_cvtps_epi32(_mm512_mul_ps(*vk, scale));
-                let low = |a: __m512i| _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(a, half), byte), half);
-                let d2 = low(full);
-                let rest = _mm512_srai_epi32::<8>(_mm512_sub_epi32(full, d2));
-                let d1 = low(rest);
-                let d0 = _mm512_srai_epi32::<8>(_mm512_sub_epi32(rest, d1));
-                for (digit, d) in [d0, d1, d2].into_iter().enumerate() {
+                for (digit, d) in to_digits(*vk, scale).into_iter().enumerate() {
                     _mm_storeu_si128(at.add(128 * digit).cast(), _mm512_cvtepi32_epi8(d));
                 }
             }
@@ -250,14 +226,8 @@ pub(super) unsafe fn q4_0(row: &[u8], x: &[f32], fx: &FixedX, nb: usize) -> f32 
             let (lo, hi) = (_mm512_and_si512(v, nibbles), _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibbles));
             let xd = fx.bytes.as_ptr().add(p * PAIR_BYTES);
             let dig = |k: usize| _mm512_loadu_si512(xd.add(64 * k).cast());
-            let mut s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, dig(0));
-            s = _mm512_dpbusd_epi32(s, hi, dig(1));
-            s = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(s), lo, dig(2));
-            s = _mm512_dpbusd_epi32(s, hi, dig(3));
-            s = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(s), lo, dig(4));
-            s = _mm512_dpbusd_epi32(s, hi, dig(5));
             // Centred: Σ (q − 8)·X, exact (|Σ q·X| < 2^30 per lane of eight products).
-            s = _mm512_sub_epi32(_mm512_sub_epi32(s, dig(6)), dig(7));
+            let s = _mm512_sub_epi32(_mm512_sub_epi32(dot_digits(lo, hi, xd), dig(6)), dig(7));
             let d = _mm_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi8(scales, first)));
             let f = _mm_mul_ps(d, _mm_loadu_ps(fx.factors.as_ptr().add(4 * p)));
             let scale = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(f));
