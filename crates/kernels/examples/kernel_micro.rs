@@ -2,7 +2,8 @@
 //! throughput from DRAM bandwidth. Reports the best of many calls, which is
 //! the least disturbed by other processes sharing the machine.
 //!
-//! Also times a 4-bit 512×2048 matmul over 16 tokens (the prefill of one 35B-A3B expert
+//! Also the GGUF types of the common Qwen GGUFs (same shape; d's and scales random f16 in
+//! ±0.1, other bytes random), and a 4-bit 512×2048 matmul over 16 tokens (the prefill of one 35B-A3B expert
 //! matrix) and the dequantization of its rows alone.
 //!
 //! Run: `RAYON_NUM_THREADS=1 cargo run --release -p flashmoe-kernels --example kernel_micro`
@@ -11,6 +12,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use flashmoe_kernels::cpu_features::SimdLevel;
+use flashmoe_kernels::ggml::{self, GgmlType};
 use flashmoe_kernels::{FloatType, MatRef, dequant_row_at, matmul_at, matvec_at};
 
 fn main() {
@@ -39,6 +41,33 @@ fn main() {
                 best * 1e9 / rows as f64
             );
         }
+    }
+
+    // GGUF block types on the best level (one thread when run as the header says).
+    let best_level = *levels.last().expect("scalar is always supported");
+    for ty in [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::IQ4_XS] {
+        let rb = ty.row_bytes(cols).unwrap();
+        let mut data: Vec<u8> = (0..rows * rb).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        for (i, block) in data.chunks_exact_mut(ty.type_size()).enumerate() {
+            for &off in f16_fields(ty) {
+                let v = ((i * 7919) % 200) as f32 / 1000.0 - 0.1;
+                block[off..off + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+            }
+        }
+        let mut best = f64::MAX;
+        for _ in 0..2000 {
+            let t = Instant::now();
+            ggml::matvec_at(best_level, ty, &data, black_box(&x), &mut y).unwrap();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        black_box(&y);
+        println!(
+            "{:<6} {rows}x{cols} {:>8}: {:6.2} GB/s  {:7.1} ns/row",
+            ty.name(),
+            best_level.name(),
+            data.len() as f64 / best / 1e9,
+            best * 1e9 / rows as f64
+        );
     }
 
     // Prefill of one expert matrix (Qwen3.5-35B-A3B gate/up, 512×2048, 4-bit g64) over 16
@@ -75,5 +104,15 @@ fn main() {
             (rows * cols * n) as f64 / best / 1e9,
             best * 1e6
         );
+    }
+}
+
+/// Byte offsets of a block's f16 fields (d, dmin), which random bytes would make NaN or huge.
+fn f16_fields(ty: GgmlType) -> &'static [usize] {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::IQ4_XS => &[0],
+        GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+        GgmlType::Q6_K => &[208],
+        _ => &[],
     }
 }

@@ -14,6 +14,8 @@ pub mod cpu_features;
 mod elem;
 pub mod ggml;
 mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod vbmi;
 
 use std::cell::RefCell;
 

@@ -162,8 +162,8 @@ fn dot_and_matvec_match_dequantize_then_f64_dot() {
     let mut rng = StdRng::seed_from_u64(11);
     // 64 × 4096 reaches the parallel matvec path; 3 × 512 the serial one; 2 × 288 (nine
     // 32-element blocks) an odd number of blocks, which kernels that take blocks in pairs
-    // finish alone.
-    for (rows, cols) in [(3, 512), (64, 4096), (2, 288)] {
+    // finish alone; 2 × 416 (13 blocks) an odd number of Q4_0's four-block steps and a tail.
+    for (rows, cols) in [(3, 512), (64, 4096), (2, 288), (2, 416)] {
         for ty in GgmlType::SUPPORTED.into_iter().filter(|t| cols % t.block_size() == 0) {
             let data = random_matrix(&mut rng, ty, rows, cols);
             let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0..1.0)).collect();

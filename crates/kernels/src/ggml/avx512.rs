@@ -5,6 +5,20 @@ use std::arch::x86_64::*;
 
 use super::GgmlType;
 use super::blocks::k4_scales;
+use crate::avx512::{PREFETCH_DIST, prefetch};
+
+/// Prefetches the `len` bytes that lie `PREFETCH_DIST` after the block at `b`, into L1: the
+/// hardware streamer alone leaves the block kernels well short of DRAM bandwidth (as the affine
+/// kernels, see `crate::avx512::prefetch`). Never faults, so `b + PREFETCH_DIST` may lie past the
+/// row or the weights.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub(super) fn prefetch_block(b: *const u8, len: usize) {
+    let ahead = b.wrapping_add(PREFETCH_DIST);
+    for line in 0..len.div_ceil(64) {
+        prefetch(ahead.wrapping_add(64 * line));
+    }
+}
 
 /// The dot product of a checked row for the types that have a kernel here,
 /// `None` for the rest.
@@ -70,6 +84,7 @@ unsafe fn q8_0(r: *const u8, x: *const f32, nb: usize) -> __m512 {
         // SAFETY: block i spans r[34i..34i+34], x[32i..32i+32].
         unsafe {
             let (b, xb) = (r.add(i * 34), x.add(i * 32));
+            prefetch_block(b, 34);
             let q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(2).cast()));
             let q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(18).cast()));
             let s = _mm512_mul_ps(_mm512_cvtepi32_ps(q0), x16(xb));
@@ -117,6 +132,7 @@ unsafe fn q4_0(r: *const u8, x: *const f32, nb: usize) -> __m512 {
         // SAFETY: block i spans r[18i..18i+18], x[32i..32i+32].
         unsafe {
             let (b, xb) = (r.add(i * 18), x.add(i * 32));
+            prefetch_block(b, 18);
             let (lo, hi) = q4_0_codes(b);
             let s = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), x16(xb));
             let s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), x16(xb.add(16)), s);
@@ -197,6 +213,7 @@ unsafe fn q4_k(r: *const u8, x: *const f32, nb: usize) -> __m512 {
         // SAFETY: block i spans r[144i..144i+144], x[256i..256i+256].
         unsafe {
             let b = r.add(i * 144);
+            prefetch_block(b, 144);
             k4_block(b, std::ptr::null(), b.add(16), x.add(i * 256), &mut acc);
         }
     }
@@ -210,6 +227,7 @@ unsafe fn q5_k(r: *const u8, x: *const f32, nb: usize) -> __m512 {
         // SAFETY: block i spans r[176i..176i+176], x[256i..256i+256].
         unsafe {
             let b = r.add(i * 176);
+            prefetch_block(b, 176);
             k4_block(b, b.add(16), b.add(48), x.add(i * 256), &mut acc);
         }
     }
@@ -225,6 +243,7 @@ unsafe fn q6_k(r: *const u8, x: *const f32, nb: usize) -> __m512 {
         // SAFETY: block i spans r[210i..210i+210], x[256i..256i+256].
         unsafe {
             let b = r.add(i * 210);
+            prefetch_block(b, 210);
             let (ql, qh, sc) = (b, b.add(128), b.add(192));
             let d = f16_at(b.add(208));
             let xb = x.add(i * 256);

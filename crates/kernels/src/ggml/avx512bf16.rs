@@ -23,7 +23,7 @@
 use std::arch::x86_64::*;
 
 use super::GgmlType;
-use super::avx512::f16_at;
+use super::avx512::{f16_at, prefetch_block};
 use super::blocks::{self, KVALUES_IQ4NL, iq4_xs_scales, k4_scales_words, q3_k_scales};
 
 /// x prepared for the kernels of this module, once per product (shared by all rows).
@@ -271,6 +271,7 @@ unsafe fn pairs<const BYTES: usize, const CODES: usize, const QH: usize, const M
         let mut offsets = _mm_setzero_ps();
         for p in 0..nb / 2 {
             let b = r.add(p * 2 * BYTES);
+            prefetch_block(b, 2 * BYTES);
             // One 64-byte load where the row has 64 bytes from here (a masked load for every
             // pair measured 2× slower), a masked one at the row's end.
             let pair = if p * 2 * BYTES + 64 <= nb * BYTES {
@@ -336,6 +337,7 @@ unsafe fn q2_k(r: *const u8, xs: Parts, sums: *const f32, nb: usize) -> f32 {
         let mut offsets = _mm512_setzero_ps();
         for i in 0..nb {
             let b = r.add(i * 84);
+            prefetch_block(b, 84);
             let (d, dmin) = (f16_at(b.add(80)), f16_at(b.add(82)));
             let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(b.cast()));
             let a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(sc, _mm512_set1_epi32(0xF))), _mm512_set1_ps(d));
@@ -374,6 +376,7 @@ unsafe fn q3_k(r: *const u8, xs: Parts, nb: usize) -> f32 {
         let mut acc = [_mm512_setzero_ps(); 2];
         for i in 0..nb {
             let b = r.add(i * 110);
+            prefetch_block(b, 110);
             let d = f16_at(b.add(108));
             let (first, second) = q3_k_scales(std::slice::from_raw_parts(b.add(96), 12));
             let sc = _mm512_cvtepu8_epi32(_mm_set_epi64x(second as i64, first as i64));
@@ -427,6 +430,7 @@ unsafe fn iq4_xs(r: *const u8, xs: Parts, nb: usize) -> f32 {
         let mut acc = [_mm512_setzero_ps(); 2];
         for i in 0..nb {
             let b = r.add(i * 136);
+            prefetch_block(b, 136);
             let d = f16_at(b);
             let ls = iq4_xs_scales(std::slice::from_raw_parts(b, 8));
             let mut a = [0f32; 8];
@@ -472,6 +476,7 @@ unsafe fn k4<const Q5: bool>(r: *const u8, xs: Parts, sums: *const f32, nb: usiz
         let mut offsets = _mm256_setzero_ps();
         for i in 0..nb {
             let b = r.add(i * block);
+            prefetch_block(b, block);
             let (d, dmin) = (f16_at(b), f16_at(b.add(2)));
             let (sc, mn) = k4_scales_words(std::slice::from_raw_parts(b.add(4), 12));
             let widen = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64)));
@@ -528,6 +533,7 @@ unsafe fn q6_k(r: *const u8, xs: Parts, nb: usize) -> f32 {
         let mut acc = [_mm512_setzero_ps(); 2];
         for i in 0..nb {
             let b = r.add(i * 210);
+            prefetch_block(b, 210);
             let (ql, qh) = (b, b.add(128));
             let d = f16_at(b.add(208));
             let scales = _mm512_mul_ps(

@@ -31,9 +31,10 @@
 use std::arch::x86_64::*;
 
 use super::GgmlType;
-use super::avx512::f16_at;
+use super::avx512::{f16_at, prefetch_block};
 use super::blocks::{self, k4_scales_words, q3_k_scales};
 use crate::avx512vnni::{dot_digits, group_scale, to_digits};
+use crate::vbmi::{permute_bytes, permute2_bytes};
 
 /// Prepared bytes per 128 elements.
 const PAIR_BYTES: usize = 512;
@@ -97,13 +98,18 @@ pub(super) unsafe fn prepare(ty: GgmlType, x: &[f32]) -> FixedX {
                 }
             }
         }
-        // 8·Σ X per lane of four elements, by the kernel's own chain on codes of 8.
+        // 8·Σ X per lane of four elements, by the kernel's own chain on codes of 8. Q4_0's
+        // low- and high-nibble lanes of a block share its scale, so its kernel takes their sum
+        // (one subtraction per step), stored in the first of the two slots.
         let eights = _mm512_set1_epi8(8);
         for p in 0..n / 128 {
             let xd = out.bytes.as_mut_ptr().add(p * PAIR_BYTES);
-            for half_vec in 0..2 {
-                let c = chain(eights, xd.add(64 * half_vec));
-                _mm512_storeu_si512(xd.add(384 + 64 * half_vec).cast(), c);
+            let c = [chain(eights, xd), chain(eights, xd.add(64))];
+            if ty == GgmlType::Q4_0 {
+                _mm512_storeu_si512(xd.add(384).cast(), _mm512_add_epi32(c[0], c[1]));
+            } else {
+                _mm512_storeu_si512(xd.add(384).cast(), c[0]);
+                _mm512_storeu_si512(xd.add(448).cast(), c[1]);
             }
         }
     }
@@ -155,6 +161,7 @@ pub(super) unsafe fn k4<const Q5: bool>(row: &[u8], fx: &FixedX, nb: usize) -> f
         let bit4 = _mm512_set1_epi8(0x10);
         for i in 0..nb {
             let b = r.add(i * block);
+            prefetch_block(b, block);
             let (d, dmin) = (f16_at(b), f16_at(b.add(2)));
             let (sc, mn) = k4_scales_words(std::slice::from_raw_parts(b.add(4), 12));
             let widen = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64)));
@@ -195,6 +202,11 @@ pub(super) unsafe fn k4<const Q5: bool>(row: &[u8], fx: &FixedX, nb: usize) -> f
 /// Σ w·x of one Q4_0 row of `nb` blocks (x prepared by [`prepare`]; `x` itself for the blocks
 /// after the last whole four).
 ///
+/// Per step of four blocks: the codes' dot product with x's digits, one centring subtraction
+/// (`prepare` stored 8·Σ X of both halves together), the four blocks' d (a byte permute of the
+/// first load, one conversion) times x's factors, permuted to the blocks' lanes, one conversion
+/// and one FMA into the accumulator of the step's parity.
+///
 /// # Safety
 /// As for [`prepare`]; `row` holds nb whole blocks and `fx` was prepared from `x`, nb·32
 /// elements.
@@ -211,6 +223,7 @@ pub(super) unsafe fn q4_0(row: &[u8], x: &[f32], fx: &FixedX, nb: usize) -> f32 
     // The four f16 scales, from the first load.
     let scales: [u8; 64] = std::array::from_fn(|i| if i < 8 { (18 * (i / 2) + i % 2) as u8 } else { 0 });
     let r = row.as_ptr();
+    let steps = nb / 4;
     // SAFETY: step p reads row bytes 72p..72p+72, fx's bytes of step p and factors 4p..4p+4;
     // the tail reads its blocks and x.
     unsafe {
@@ -218,23 +231,38 @@ pub(super) unsafe fn q4_0(row: &[u8], x: &[f32], fx: &FixedX, nb: usize) -> f32 
         let scales = _mm512_loadu_si512(scales.as_ptr().cast());
         let lane_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
         let nibbles = _mm512_set1_epi8(0xF);
-        let mut acc = [_mm512_setzero_ps(); 2];
-        for p in 0..nb / 4 {
+        // Step p's term: its blocks' Σ (q − 8)·X (exact: |Σ q·X| < 2^30 per lane of eight
+        // products), converted, and each lane's scale.
+        let term = |p: usize| {
             let b = r.add(72 * p);
             let first = _mm512_loadu_si512(b.cast());
-            let v = _mm512_permutex2var_epi8(first, codes, _mm512_loadu_si512(b.add(8).cast()));
+            let v = permute2_bytes(first, codes, _mm512_loadu_si512(b.add(8).cast()));
             let (lo, hi) = (_mm512_and_si512(v, nibbles), _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibbles));
             let xd = fx.bytes.as_ptr().add(p * PAIR_BYTES);
-            let dig = |k: usize| _mm512_loadu_si512(xd.add(64 * k).cast());
-            // Centred: Σ (q − 8)·X, exact (|Σ q·X| < 2^30 per lane of eight products).
-            let s = _mm512_sub_epi32(_mm512_sub_epi32(dot_digits(lo, hi, xd), dig(6)), dig(7));
-            let d = _mm_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi8(scales, first)));
+            let s = _mm512_sub_epi32(dot_digits(lo, hi, xd), _mm512_loadu_si512(xd.add(384).cast()));
+            let d = _mm_cvtph_ps(_mm512_castsi512_si128(permute_bytes(scales, first)));
             let f = _mm_mul_ps(d, _mm_loadu_ps(fx.factors.as_ptr().add(4 * p)));
-            let scale = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(f));
-            acc[p % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[p % 2]);
+            (_mm512_cvtepi32_ps(s), _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(f)))
+        };
+        // Even steps into acc0, odd ones into acc1, two at a time so that both stay in
+        // registers.
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut p = 0;
+        while p + 2 <= steps {
+            // The 144 bytes of these two steps, PREFETCH_DIST ahead.
+            prefetch_block(r.wrapping_add(72 * p), 144);
+            let (t0, s0) = term(p);
+            let (t1, s1) = term(p + 1);
+            acc0 = _mm512_fmadd_ps(t0, s0, acc0);
+            acc1 = _mm512_fmadd_ps(t1, s1, acc1);
+            p += 2;
         }
-        let mut total = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
-        for i in nb / 4 * 4..nb {
+        if p < steps {
+            let (t0, s0) = term(p);
+            acc0 = _mm512_fmadd_ps(t0, s0, acc0);
+        }
+        let mut total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        for i in steps * 4..nb {
             let mut w = [0f32; 32];
             blocks::dequantize(GgmlType::Q4_0, &row[18 * i..18 * i + 18], &mut w);
             total += w.iter().zip(&x[32 * i..32 * i + 32]).map(|(a, b)| a * b).sum::<f32>();
@@ -289,6 +317,7 @@ pub(super) unsafe fn sixteen<const KIND: u8>(row: &[u8], fx: &FixedX, nb: usize)
         let mut offsets = _mm512_setzero_ps();
         for i in 0..nb {
             let b = r.add(i * block);
+            prefetch_block(b, block);
             let sc = if q2 {
                 let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(b.cast()));
                 let a = _mm512_cvtepi32_ps(_mm512_and_si512(sc, _mm512_set1_epi32(0xF)));
