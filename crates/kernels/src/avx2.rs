@@ -10,11 +10,11 @@ use crate::FloatType;
 use crate::elem::Elem;
 
 /// Bytes ahead of the current position to prefetch weights (see avx512.rs).
-const PREFETCH_DIST: usize = 1024;
+pub(crate) const PREFETCH_DIST: usize = 1024;
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn prefetch(p: *const u8) {
+pub(crate) fn prefetch(p: *const u8) {
     _mm_prefetch::<_MM_HINT_T0>(p.cast())
 }
 

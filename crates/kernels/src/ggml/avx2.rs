@@ -9,6 +9,18 @@ use std::arch::x86_64::*;
 
 use super::GgmlType;
 use super::blocks::{KVALUES_IQ4NL, iq4_xs_scales, k4_scales, q3_k_scales};
+use crate::avx2::{PREFETCH_DIST, prefetch};
+
+/// Prefetches the `len` bytes that lie `PREFETCH_DIST` after the block at `b` (see
+/// `avx512::prefetch_block`). Never faults.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn prefetch_block(b: *const u8, len: usize) {
+    let ahead = b.wrapping_add(PREFETCH_DIST);
+    for line in 0..len.div_ceil(64) {
+        prefetch(ahead.wrapping_add(64 * line));
+    }
+}
 
 /// The dot product of a checked row for the types that have a kernel here,
 /// `None` for the rest.
@@ -84,6 +96,7 @@ unsafe fn q8_0(r: *const u8, x: *const f32, nb: usize) -> __m256 {
         // SAFETY: block i spans r[34i..34i+34], x[32i..32i+32].
         unsafe {
             let (b, xb) = (r.add(i * 34), x.add(i * 32));
+            prefetch_block(b, 34);
             let mut s0 = _mm256_setzero_ps();
             let mut s1 = _mm256_setzero_ps();
             for k in (0..4).step_by(2) {
@@ -108,6 +121,7 @@ unsafe fn q4_0(r: *const u8, x: *const f32, nb: usize) -> __m256 {
         // SAFETY: block i spans r[18i..18i+18], x[32i..32i+32].
         unsafe {
             let (b, xb) = (r.add(i * 18), x.add(i * 32));
+            prefetch_block(b, 18);
             let mut s0 = _mm256_setzero_ps();
             let mut s1 = _mm256_setzero_ps();
             for k in 0..2 {
@@ -170,6 +184,7 @@ unsafe fn q4_k(r: *const u8, x: *const f32, nb: usize) -> __m256 {
         // SAFETY: block i spans r[144i..144i+144], x[256i..256i+256].
         unsafe {
             let b = r.add(i * 144);
+            prefetch_block(b, 144);
             k4_block(b, std::ptr::null(), b.add(16), x.add(i * 256), &mut acc);
         }
     }
@@ -184,6 +199,7 @@ unsafe fn q5_k(r: *const u8, x: *const f32, nb: usize) -> __m256 {
         // SAFETY: block i spans r[176i..176i+176], x[256i..256i+256].
         unsafe {
             let b = r.add(i * 176);
+            prefetch_block(b, 176);
             k4_block(b, b.add(16), b.add(48), x.add(i * 256), &mut acc);
         }
     }
@@ -200,6 +216,7 @@ unsafe fn q6_k(r: *const u8, x: *const f32, nb: usize) -> __m256 {
         // SAFETY: block i spans r[210i..210i+210], x[256i..256i+256].
         unsafe {
             let b = r.add(i * 210);
+            prefetch_block(b, 210);
             let (ql, qh, sc) = (b, b.add(128), b.add(192));
             let d = f16_at(b.add(208));
             let xb = x.add(i * 256);
@@ -242,6 +259,7 @@ unsafe fn q2_k(r: *const u8, x: *const f32, nb: usize) -> __m256 {
         // SAFETY: block i spans r[84i..84i+84], x[256i..256i+256].
         unsafe {
             let b = r.add(i * 84);
+            prefetch_block(b, 84);
             let (sc, qs) = (b, b.add(16));
             let (d, dmin) = (f16_at(b.add(80)), f16_at(b.add(82)));
             let xb = x.add(i * 256);
@@ -276,6 +294,7 @@ unsafe fn q3_k(r: *const u8, x: *const f32, nb: usize) -> __m256 {
         // SAFETY: block i spans r[110i..110i+110], x[256i..256i+256].
         unsafe {
             let b = r.add(i * 110);
+            prefetch_block(b, 110);
             let (hmask, qs) = (b, b.add(32));
             let (first, second) = q3_k_scales(std::slice::from_raw_parts(b.add(96), 12));
             let sc = ((first as u128) | (second as u128) << 64).to_le_bytes();
@@ -332,6 +351,7 @@ unsafe fn iq4_nl(r: *const u8, x: *const f32, nb: usize) -> __m256 {
         // SAFETY: block i spans r[18i..18i+18], x[32i..32i+32].
         unsafe {
             let b = r.add(i * 18);
+            prefetch_block(b, 18);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b)), iq4_32(b.add(2), x.add(i * 32)), acc);
         }
     }
@@ -347,6 +367,7 @@ unsafe fn iq4_xs(r: *const u8, x: *const f32, nb: usize) -> __m256 {
         // SAFETY: block i spans r[136i..136i+136], x[256i..256i+256].
         unsafe {
             let b = r.add(i * 136);
+            prefetch_block(b, 136);
             let d = f16_at(b);
             let ls = iq4_xs_scales(std::slice::from_raw_parts(b, 8));
             for (ib, &l) in ls.iter().enumerate() {
@@ -411,6 +432,7 @@ unsafe fn q4_1(r: *const u8, x: *const f32, nb: usize) -> __m256 {
         // SAFETY: block i spans r[20i..20i+20], x[32i..32i+32].
         unsafe {
             let b = r.add(i * 20);
+            prefetch_block(b, 20);
             let (sq, sx) = nib32::<false, 0, true>(b.add(4), 0, x.add(i * 32));
             acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b)), sq, acc);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b.add(2))), sx, acc);
@@ -427,6 +449,7 @@ unsafe fn q5_0(r: *const u8, x: *const f32, nb: usize) -> __m256 {
         // SAFETY: block i spans r[22i..22i+22], x[32i..32i+32].
         unsafe {
             let b = r.add(i * 22);
+            prefetch_block(b, 22);
             let (sq, _) = nib32::<true, 16, false>(b.add(6), u32_at(b.add(2)), x.add(i * 32));
             acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b)), sq, acc);
         }
@@ -442,6 +465,7 @@ unsafe fn q5_1(r: *const u8, x: *const f32, nb: usize) -> __m256 {
         // SAFETY: block i spans r[24i..24i+24], x[32i..32i+32].
         unsafe {
             let b = r.add(i * 24);
+            prefetch_block(b, 24);
             let (sq, sx) = nib32::<true, 0, true>(b.add(8), u32_at(b.add(4)), x.add(i * 32));
             acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b)), sq, acc);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(b.add(2))), sx, acc);
