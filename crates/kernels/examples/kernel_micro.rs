@@ -45,7 +45,15 @@ fn main() {
 
     // GGUF block types on the best level (one thread when run as the header says).
     let best_level = *levels.last().expect("scalar is always supported");
-    for ty in [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::IQ4_XS] {
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+        GgmlType::IQ4_NL,
+        GgmlType::IQ4_XS,
+    ] {
         let rb = ty.row_bytes(cols).unwrap();
         let mut data: Vec<u8> = (0..rows * rb).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         for (i, block) in data.chunks_exact_mut(ty.type_size()).enumerate() {
@@ -110,7 +118,7 @@ fn main() {
 /// Byte offsets of a block's f16 fields (d, dmin), which random bytes would make NaN or huge.
 fn f16_fields(ty: GgmlType) -> &'static [usize] {
     match ty {
-        GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::IQ4_XS => &[0],
+        GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::IQ4_NL | GgmlType::IQ4_XS => &[0],
         GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
         GgmlType::Q6_K => &[208],
         _ => &[],

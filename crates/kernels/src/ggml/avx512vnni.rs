@@ -1,4 +1,4 @@
-//! AVX512_VNNI kernels for Q4_0 and Q2_K…Q6_K: integer dot products of the 4-bit codes with x
+//! AVX512_VNNI kernels for Q4_0, IQ4_NL, IQ4_XS and Q2_K…Q6_K: integer dot products of the codes with x
 //! written per 32-element block as a 24-bit fixed-point number in three signed bytes (the
 //! scheme of the affine kernel in `../avx512vnni.rs`, whose module documentation has the
 //! exactness argument).
@@ -32,7 +32,7 @@ use std::arch::x86_64::*;
 
 use super::GgmlType;
 use super::avx512::{f16_at, prefetch_block};
-use super::blocks::{self, k4_scales_words, q3_k_scales};
+use super::blocks::{self, KVALUES_IQ4NL, k4_scales_words, q3_k_scales};
 use crate::avx512vnni::{dot_digits, group_scale, to_digits};
 use crate::vbmi::{permute_bytes, permute2_bytes};
 
@@ -51,7 +51,17 @@ pub(super) struct FixedX {
 
 /// Whether this module has a kernel for `ty`.
 pub(super) fn handles(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K)
+    matches!(
+        ty,
+        GgmlType::Q4_0
+            | GgmlType::IQ4_NL
+            | GgmlType::IQ4_XS
+            | GgmlType::Q2_K
+            | GgmlType::Q3_K
+            | GgmlType::Q4_K
+            | GgmlType::Q5_K
+            | GgmlType::Q6_K
+    )
 }
 
 /// x (a whole number of `ty` blocks) prepared for `ty`'s kernel; elements after the last whole
@@ -68,13 +78,14 @@ pub(super) unsafe fn prepare(ty: GgmlType, x: &[f32]) -> FixedX {
     // or high-nibble (1) vectors, and the byte offset in them.
     let place = |s: usize, k: usize| -> (usize, usize) {
         match ty {
-            GgmlType::Q4_0 => (k, 16 * (s % 4)),
+            GgmlType::Q4_0 | GgmlType::IQ4_NL | GgmlType::IQ4_XS => (k, 16 * (s % 4)),
             GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q6_K => ((s % 4) / 2, 32 * (s % 2) + 16 * k),
             _ => (s % 2, 32 * ((s % 4) / 2) + 16 * k),
         }
     };
     // Q2_K's minimums are per 16 elements, Q4_K's and Q5_K's per 32.
     let width = if ty == GgmlType::Q2_K { 16 } else { 32 };
+    let iq4 = matches!(ty, GgmlType::IQ4_NL | GgmlType::IQ4_XS);
     let sums = x[..n].chunks_exact(width).map(|c| c.iter().sum()).collect();
     let mut out = FixedX { bytes: vec![0; n / 128 * PAIR_BYTES], factors: vec![0.0; n / 32], sums };
     // SAFETY: sub-block s reads x[32s..32s+32] and writes 32 bytes of each digit vector of its
@@ -88,6 +99,10 @@ pub(super) unsafe fn prepare(ty: GgmlType, x: &[f32]) -> FixedX {
             let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(abs[0], inf) == 0xFFFF
                 && _mm512_cmp_ps_mask::<_CMP_LT_OQ>(abs[1], inf) == 0xFFFF;
             let (scale, factor) = group_scale(largest, finite);
+            // The IQ4 codes are the table values + 128 (1..241, unsigned for `vpdpbusd`), up
+            // to 16 times Q4_0's: x gets 3 bits fewer (|X| ≤ 127·2^13), so that a lane's eight
+            // products stay below 2^31 (8·241·127·2^13 < 2^31). Still a power of two: exact.
+            let (scale, factor) = if iq4 { (scale * 0.125, factor * 8.0) } else { (scale, factor) };
             out.factors[s] = factor;
             let step = out.bytes.as_mut_ptr().add((s / 4) * PAIR_BYTES);
             for (k, vk) in v.iter().enumerate() {
@@ -98,14 +113,15 @@ pub(super) unsafe fn prepare(ty: GgmlType, x: &[f32]) -> FixedX {
                 }
             }
         }
-        // 8·Σ X per lane of four elements, by the kernel's own chain on codes of 8. Q4_0's
-        // low- and high-nibble lanes of a block share its scale, so its kernel takes their sum
-        // (one subtraction per step), stored in the first of the two slots.
-        let eights = _mm512_set1_epi8(8);
+        // 8·Σ X per lane of four elements (the IQ4 types: 128·Σ X), by the kernel's own chain on
+        // codes of 8 (128). Where a block's low- and high-nibble lanes share its scale (Q4_0,
+        // IQ4_NL, IQ4_XS), the kernel takes their sum (one subtraction per step), stored in the
+        // first of the two slots.
+        let centre = _mm512_set1_epi8(if iq4 { 128u8 as i8 } else { 8 });
         for p in 0..n / 128 {
             let xd = out.bytes.as_mut_ptr().add(p * PAIR_BYTES);
-            let c = [chain(eights, xd), chain(eights, xd.add(64))];
-            if ty == GgmlType::Q4_0 {
+            let c = [chain(centre, xd), chain(centre, xd.add(64))];
+            if matches!(ty, GgmlType::Q4_0 | GgmlType::IQ4_NL | GgmlType::IQ4_XS) {
                 _mm512_storeu_si512(xd.add(384).cast(), _mm512_add_epi32(c[0], c[1]));
             } else {
                 _mm512_storeu_si512(xd.add(384).cast(), c[0]);
@@ -199,8 +215,9 @@ pub(super) unsafe fn k4<const Q5: bool>(row: &[u8], fx: &FixedX, nb: usize) -> f
     }
 }
 
-/// Σ w·x of one Q4_0 row of `nb` blocks (x prepared by [`prepare`]; `x` itself for the blocks
-/// after the last whole four).
+/// Σ w·x of one Q4_0 row (`NL`: IQ4_NL, the same layout with the codes through the
+/// non-linear table) of `nb` blocks (x prepared by [`prepare`]; `x` itself for the blocks after
+/// the last whole four).
 ///
 /// Per step of four blocks: the codes' dot product with x's digits, one centring subtraction
 /// (`prepare` stored 8·Σ X of both halves together), the four blocks' d (a byte permute of the
@@ -211,7 +228,7 @@ pub(super) unsafe fn k4<const Q5: bool>(row: &[u8], fx: &FixedX, nb: usize) -> f
 /// As for [`prepare`]; `row` holds nb whole blocks and `fx` was prepared from `x`, nb·32
 /// elements.
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx2,fma,f16c")]
-pub(super) unsafe fn q4_0(row: &[u8], x: &[f32], fx: &FixedX, nb: usize) -> f32 {
+pub(super) unsafe fn q4_0<const NL: bool>(row: &[u8], x: &[f32], fx: &FixedX, nb: usize) -> f32 {
     debug_assert!(row.len() == nb * 18 && x.len() == nb * 32);
     // Code byte j of block k (k < 3: byte 18k + 2 + j of the first load; block 3: byte
     // 54 + 2 + j − 8 of the second, which starts 8 bytes later and so stays inside the four
@@ -231,13 +248,14 @@ pub(super) unsafe fn q4_0(row: &[u8], x: &[f32], fx: &FixedX, nb: usize) -> f32 
         let scales = _mm512_loadu_si512(scales.as_ptr().cast());
         let lane_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
         let nibbles = _mm512_set1_epi8(0xF);
+        let table = iq4_table();
         // Step p's term: its blocks' Σ (q − 8)·X (exact: |Σ q·X| < 2^30 per lane of eight
         // products), converted, and each lane's scale.
         let term = |p: usize| {
             let b = r.add(72 * p);
             let first = _mm512_loadu_si512(b.cast());
             let v = permute2_bytes(first, codes, _mm512_loadu_si512(b.add(8).cast()));
-            let (lo, hi) = (_mm512_and_si512(v, nibbles), _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibbles));
+            let (lo, hi) = nibble_codes::<NL>(v, nibbles, table);
             let xd = fx.bytes.as_ptr().add(p * PAIR_BYTES);
             let s = _mm512_sub_epi32(dot_digits(lo, hi, xd), _mm512_loadu_si512(xd.add(384).cast()));
             let d = _mm_cvtph_ps(_mm512_castsi512_si128(permute_bytes(scales, first)));
@@ -264,10 +282,77 @@ pub(super) unsafe fn q4_0(row: &[u8], x: &[f32], fx: &FixedX, nb: usize) -> f32 
         let mut total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
         for i in steps * 4..nb {
             let mut w = [0f32; 32];
-            blocks::dequantize(GgmlType::Q4_0, &row[18 * i..18 * i + 18], &mut w);
+            let ty = if NL { GgmlType::IQ4_NL } else { GgmlType::Q4_0 };
+            blocks::dequantize(ty, &row[18 * i..18 * i + 18], &mut w);
             total += w.iter().zip(&x[32 * i..32 * i + 32]).map(|(a, b)| a * b).sum::<f32>();
         }
         total
+    }
+}
+
+/// The IQ4 table values + 128 (unsigned bytes 1..241), in each 128-bit lane for `vpshufb`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx2,fma,f16c")]
+fn iq4_table() -> __m512i {
+    let t: [u8; 16] = std::array::from_fn(|i| (KVALUES_IQ4NL[i] as i16 + 128) as u8);
+    // SAFETY: 16 readable bytes.
+    _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(t.as_ptr().cast()) })
+}
+
+/// The low- and high-nibble codes of 64 code bytes: the nibbles themselves (Q4_0, centred by 8
+/// later), or (`NL`) their IQ4 table values + 128 (centred by 128 later).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx2,fma,f16c")]
+fn nibble_codes<const NL: bool>(v: __m512i, nibbles: __m512i, table: __m512i) -> (__m512i, __m512i) {
+    let (lo, hi) = (_mm512_and_si512(v, nibbles), _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibbles));
+    if NL { (_mm512_shuffle_epi8(table, lo), _mm512_shuffle_epi8(table, hi)) } else { (lo, hi) }
+}
+
+/// Σ w·x of one IQ4_XS row of `nb` super-blocks (x prepared by [`prepare`]).
+///
+/// A super-block (136 bytes: f16 d, 16 bits of high scale bits, 4 bytes of low ones, 128 code
+/// bytes) is eight of IQ4_NL's blocks with the codes contiguous (sub-block j: bytes 16j..16j+16,
+/// low nibbles elements 32j..32j+16, high ones 32j+16..32j+32) and a 6-bit scale ls − 32 each:
+/// two steps of four sub-blocks, each one 64-byte load (no permute), the codes through the
+/// table, the scales (d·(ls − 32), as gguf-py multiplies them, times x's factors) worked out
+/// per super-block.
+///
+/// # Safety
+/// As for [`prepare`]; `row` holds nb whole super-blocks and `fx` was prepared from nb·256
+/// elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn iq4_xs(row: &[u8], fx: &FixedX, nb: usize) -> f32 {
+    debug_assert!(row.len() == nb * 136);
+    let r = row.as_ptr();
+    // SAFETY: super-block i reads row bytes 136i..136i+136, fx's bytes of steps 2i, 2i + 1 and
+    // factors 8i..8i+8.
+    unsafe {
+        let lane_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        let nibbles = _mm512_set1_epi8(0xF);
+        let table = iq4_table();
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for i in 0..nb {
+            let b = r.add(136 * i);
+            prefetch_block(b, 136);
+            let d = f16_at(b);
+            let ls = blocks::iq4_xs_scales(std::slice::from_raw_parts(b, 8));
+            let scales: [f32; 8] = std::array::from_fn(|j| (d * ls[j] as f32) * *fx.factors.as_ptr().add(8 * i + j));
+            let term = |h: usize| {
+                let v = _mm512_loadu_si512(b.add(8 + 64 * h).cast());
+                let (lo, hi) = nibble_codes::<true>(v, nibbles, table);
+                let xd = fx.bytes.as_ptr().add((2 * i + h) * PAIR_BYTES);
+                // Σ (v + 128)·X − 128·Σ X = Σ v·X, exact (|Σ (v + 128)·X| < 2^31 per lane).
+                let s = _mm512_sub_epi32(dot_digits(lo, hi, xd), _mm512_loadu_si512(xd.add(384).cast()));
+                let scale =
+                    _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_loadu_ps(scales.as_ptr().add(4 * h))));
+                (_mm512_cvtepi32_ps(s), scale)
+            };
+            let (t0, s0) = term(0);
+            let (t1, s1) = term(1);
+            acc0 = _mm512_fmadd_ps(t0, s0, acc0);
+            acc1 = _mm512_fmadd_ps(t1, s1, acc1);
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
     }
 }
 

@@ -403,7 +403,9 @@ pub(crate) fn matvec_rows(level: SimdLevel, ty: GgmlType, data: &[u8], x: &[f32]
             // the row is whole.
             *yr = unsafe {
                 match ty {
-                    GgmlType::Q4_0 => avx512vnni::q4_0(row, x, fx, x.len() / 32),
+                    GgmlType::Q4_0 => avx512vnni::q4_0::<false>(row, x, fx, x.len() / 32),
+                    GgmlType::IQ4_NL => avx512vnni::q4_0::<true>(row, x, fx, x.len() / 32),
+                    GgmlType::IQ4_XS => avx512vnni::iq4_xs(row, fx, x.len() / QK_K),
                     GgmlType::Q2_K => avx512vnni::sixteen::<{ avx512vnni::Q2 }>(row, fx, x.len() / QK_K),
                     GgmlType::Q3_K => avx512vnni::sixteen::<{ avx512vnni::Q3 }>(row, fx, x.len() / QK_K),
                     GgmlType::Q6_K => avx512vnni::sixteen::<{ avx512vnni::Q6 }>(row, fx, x.len() / QK_K),
