@@ -3,8 +3,9 @@
 //! the least disturbed by other processes sharing the machine.
 //!
 //! Also the GGUF types of the common Qwen GGUFs (same shape; d's and scales random f16 in
-//! ±0.1, other bytes random), and a 4-bit 512×2048 matmul over 16 tokens (the prefill of one 35B-A3B expert
-//! matrix) and the dequantization of its rows alone.
+//! ±0.1, other bytes random), and 4-bit matmuls: 512×2048 over 4–64 tokens (the prefill of one
+//! 35B-A3B expert matrix) and 2048×2048 over 512 (a dense projection), with the dequantization
+//! of their rows alone. `FLASHMOE_MATMUL_KERNEL=tiles|panels` forces a matmul kernel.
 //!
 //! Run: `RAYON_NUM_THREADS=1 cargo run --release -p flashmoe-kernels --example kernel_micro`
 
@@ -80,38 +81,49 @@ fn main() {
 
     // Prefill of one expert matrix (Qwen3.5-35B-A3B gate/up, 512×2048, 4-bit g64) over 16
     // tokens, weights and inputs in cache: the matmul kernel's compute rate.
-    let (rows, cols, n) = (512usize, 2048usize, 16usize);
-    let w: Vec<u8> = (0..rows * cols / 2).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    let sb: Vec<u8> =
-        (0..rows * cols / 64).flat_map(|i| half::bf16::from_f32(0.01 + (i % 13) as f32 * 1e-3).to_le_bytes()).collect();
-    let m = MatRef::affine(4, 64, &w, &sb, &sb, FloatType::BF16, rows, cols).unwrap();
-    let xs: Vec<f32> = (0..n * cols).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
-    let mut ys = vec![0f32; n * rows];
-    for &level in &levels {
-        let mut best = f64::MAX;
-        for _ in 0..100 {
-            let t = Instant::now();
-            matmul_at(level, &m, black_box(&xs), n, &mut ys);
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        black_box(&ys);
-        let mut row = vec![0f32; cols];
-        let mut dq = f64::MAX;
-        for _ in 0..100 {
-            let t = Instant::now();
-            for r in 0..rows {
-                dequant_row_at(level, &m, r, &mut row);
-                black_box(&row);
+    for (rows, cols, n) in [
+        (512usize, 2048usize, 4usize),
+        (512, 2048, 8),
+        (512, 2048, 12),
+        (512, 2048, 16),
+        (512, 2048, 24),
+        (512, 2048, 32),
+        (512, 2048, 64),
+        (2048, 2048, 512),
+    ] {
+        let w: Vec<u8> = (0..rows * cols / 2).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let sb: Vec<u8> = (0..rows * cols / 64)
+            .flat_map(|i| half::bf16::from_f32(0.01 + (i % 13) as f32 * 1e-3).to_le_bytes())
+            .collect();
+        let m = MatRef::affine(4, 64, &w, &sb, &sb, FloatType::BF16, rows, cols).unwrap();
+        let xs: Vec<f32> = (0..n * cols).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+        let mut ys = vec![0f32; n * rows];
+        for &level in &levels {
+            let mut best = f64::MAX;
+            for _ in 0..(4e8 / (rows * cols * n) as f64).clamp(3.0, 100.0) as usize {
+                let t = Instant::now();
+                matmul_at(level, &m, black_box(&xs), n, &mut ys);
+                best = best.min(t.elapsed().as_secs_f64());
             }
-            dq = dq.min(t.elapsed().as_secs_f64());
+            black_box(&ys);
+            let mut row = vec![0f32; cols];
+            let mut dq = f64::MAX;
+            for _ in 0..100 {
+                let t = Instant::now();
+                for r in 0..rows {
+                    dequant_row_at(level, &m, r, &mut row);
+                    black_box(&row);
+                }
+                dq = dq.min(t.elapsed().as_secs_f64());
+            }
+            println!("  dequantizing the {rows} rows alone: {:7.1} us", dq * 1e6);
+            println!(
+                "matmul 4-bit g64 {rows}x{cols} n={n} {:>8}: {:6.2} G FMA/s  {:7.1} us",
+                level.name(),
+                (rows * cols * n) as f64 / best / 1e9,
+                best * 1e6
+            );
         }
-        println!("  dequantizing the {rows} rows alone: {:7.1} us", dq * 1e6);
-        println!(
-            "matmul 4-bit g64 {rows}x{cols} n={n} {:>8}: {:6.2} G FMA/s  {:7.1} us",
-            level.name(),
-            (rows * cols * n) as f64 / best / 1e9,
-            best * 1e6
-        );
     }
 }
 

@@ -332,3 +332,128 @@ pub(crate) unsafe fn float_matvec<E: Elem>(data: &[u8], cols: usize, x: &[f32], 
         }
     }
 }
+
+/// Rows of one panel of the matmul kernel: two vectors, so each broadcast input value feeds two
+/// FMAs.
+pub(crate) const PANEL: usize = 32;
+
+/// Inputs of one block of the packed x the panel kernel reads (see `pack_inputs` in lib.rs): 12
+/// inputs × 2 vectors of rows = 24 accumulators, which with the two weight vectors and a
+/// broadcast fit the 32 registers.
+pub(crate) const XBLOCK: usize = 12;
+
+/// `y[i][j] = Σ_k panel[k·32 + j] · xb[k·T + i]` for the `T` inputs of one packed block and the
+/// 32 rows of one panel, each sum taken in order of k in one f32 accumulator (one FMA per
+/// product). An outer product per k: two weight loads and `T` broadcasts feed `2T` FMAs, where
+/// the dot-product form (`tile`) needs one load per FMA pair and is held to the L2's rate.
+/// Stores rows `0..rows` of inputs `0..inputs`; y of input i starts at `y + i·ystride`.
+///
+/// # Safety
+/// AVX-512F must be available; `panel` covers `32·cols` floats, `xb` `T·cols`, and the stores
+/// stay inside the caller's output.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub(crate) unsafe fn panel_tile<const T: usize>(
+    panel: *const f32,
+    xb: *const f32,
+    cols: usize,
+    y: *mut f32,
+    ystride: usize,
+    rows: usize,
+    inputs: usize,
+) {
+    unsafe {
+        let mut lo = [_mm512_setzero_ps(); T];
+        let mut hi = [_mm512_setzero_ps(); T];
+        let mut w = panel;
+        let mut x = xb;
+        for _ in 0..cols {
+            let w0 = _mm512_loadu_ps(w);
+            let w1 = _mm512_loadu_ps(w.add(16));
+            for i in 0..T {
+                let v = _mm512_set1_ps(*x.add(i));
+                lo[i] = _mm512_fmadd_ps(w0, v, lo[i]);
+                hi[i] = _mm512_fmadd_ps(w1, v, hi[i]);
+            }
+            w = w.add(PANEL);
+            x = x.add(T);
+        }
+        let m0: __mmask16 = if rows >= 16 { 0xffff } else { (1u16 << rows) - 1 };
+        let m1: __mmask16 = if rows >= 32 {
+            0xffff
+        } else if rows > 16 {
+            (1u16 << (rows - 16)) - 1
+        } else {
+            0
+        };
+        for i in 0..inputs.min(T) {
+            let yi = y.add(i * ystride);
+            _mm512_mask_storeu_ps(yi, m0, lo[i]);
+            _mm512_mask_storeu_ps(yi.add(16), m1, hi[i]);
+        }
+    }
+}
+
+/// Writes the first `rows` (≤ 16) rows of a row-major block (`cols` values per row, row i at
+/// `src + i·stride`) column-major into one half of a panel: column k's values at
+/// `dst + k·PANEL + i`, zeros for rows `rows..16`. Sixteen columns at a time through an
+/// in-register 16×16 transpose (64 shuffles per 256 values), where scalar stores a panel's
+/// width apart would each miss L1.
+///
+/// # Safety
+/// AVX-512F must be available; `src` covers the rows read, `dst` `PANEL·cols` floats.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub(crate) unsafe fn transpose_into_panel(src: *const f32, stride: usize, rows: usize, cols: usize, dst: *mut f32) {
+    unsafe {
+        let mut k0 = 0;
+        while k0 < cols {
+            let nk = (cols - k0).min(16);
+            let m: __mmask16 = if nk == 16 { 0xffff } else { (1u16 << nk) - 1 };
+            let mut a = [_mm512_setzero_ps(); 16];
+            for (i, ai) in a.iter_mut().enumerate().take(rows) {
+                *ai = _mm512_maskz_loadu_ps(m, src.add(i * stride + k0));
+            }
+            // Pairs of rows interleaved (32-bit), then pairs of pairs (64-bit): c[4g + q], lane L,
+            // holds column 4L + q of rows 4g..4g+4.
+            let mut b = [_mm512_setzero_ps(); 16];
+            for p in 0..8 {
+                b[2 * p] = _mm512_unpacklo_ps(a[2 * p], a[2 * p + 1]);
+                b[2 * p + 1] = _mm512_unpackhi_ps(a[2 * p], a[2 * p + 1]);
+            }
+            let mut c = [_mm512_setzero_ps(); 16];
+            for g in 0..4 {
+                let (b0, b1, b2, b3) = (
+                    _mm512_castps_pd(b[4 * g]),
+                    _mm512_castps_pd(b[4 * g + 1]),
+                    _mm512_castps_pd(b[4 * g + 2]),
+                    _mm512_castps_pd(b[4 * g + 3]),
+                );
+                c[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(b0, b2));
+                c[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(b0, b2));
+                c[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b1, b3));
+                c[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b1, b3));
+            }
+            // For each q, the 128-bit lanes of c[q], c[4 + q], c[8 + q], c[12 + q] transposed
+            // as a 4×4 matrix: output lane g of column 4L + q is lane L of c[4g + q].
+            for q in 0..4 {
+                let (x0, x1, x2, x3) = (c[q], c[4 + q], c[8 + q], c[12 + q]);
+                let e0 = _mm512_shuffle_f32x4::<0x44>(x0, x1);
+                let e1 = _mm512_shuffle_f32x4::<0xEE>(x0, x1);
+                let e2 = _mm512_shuffle_f32x4::<0x44>(x2, x3);
+                let e3 = _mm512_shuffle_f32x4::<0xEE>(x2, x3);
+                let o = [
+                    _mm512_shuffle_f32x4::<0x88>(e0, e2),
+                    _mm512_shuffle_f32x4::<0xDD>(e0, e2),
+                    _mm512_shuffle_f32x4::<0x88>(e1, e3),
+                    _mm512_shuffle_f32x4::<0xDD>(e1, e3),
+                ];
+                for (l, ol) in o.iter().enumerate() {
+                    let k = 4 * l + q;
+                    if k < nk {
+                        _mm512_storeu_ps(dst.add((k0 + k) * PANEL), *ol);
+                    }
+                }
+            }
+            k0 += 16;
+        }
+    }
+}

@@ -24,6 +24,9 @@ pub use cpu_features::simd_level;
 use elem::{Elem, with_elem};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use avx512::{PANEL, XBLOCK};
+
 /// Storage type of float weights, and of affine scales/biases.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FloatType {
@@ -459,16 +462,186 @@ pub fn matmul_at(level: SimdLevel, m: &MatRef, x: &[f32], n: usize, y: &mut [f32
         return;
     }
     let yp = SyncPtr(y.as_mut_ptr());
-    // SAFETY (both calls): yp points at y, [n, rows], and the row ranges are disjoint.
-    if use_parallel(rows * cols * n, rows) {
+    let parallel = use_parallel(rows * cols * n, rows);
+    let kernel = MatmulKernel::pick(level, n);
+    let xpk = PackedX::new(kernel, x, n, cols, parallel);
+    let tile = kernel.row_tile();
+    // SAFETY: yp points at y, [n, rows], and the row ranges are disjoint.
+    let run = |r0: usize, r1: usize| unsafe { matmul_rows_with(level, m, x, &xpk, n, yp, r0, r1) };
+    if parallel {
         let blocks = rayon::current_num_threads() * 4;
-        let block = rows.div_ceil(blocks).next_multiple_of(MM_TILE);
-        (0..rows.div_ceil(block))
-            .into_par_iter()
-            .for_each(|b| unsafe { matmul_rows(level, m, x, n, yp, b * block, ((b + 1) * block).min(rows)) });
+        let block = rows.div_ceil(blocks).next_multiple_of(tile);
+        (0..rows.div_ceil(block)).into_par_iter().for_each(|b| run(b * block, ((b + 1) * block).min(rows)));
     } else {
-        unsafe { matmul_rows(level, m, x, n, yp, 0, rows) };
+        run(0, rows);
     }
+}
+
+/// Inputs from which a matmul on AVX-512 takes the panel kernel (`avx512::panel_tile`): below
+/// it, decoding and transposing the weights into panels costs about what the dot-product tiles
+/// lose (`kernel_micro`, one thread, 512×2048: about even at 16–32 inputs, 1.2× at 64, 3× at 512).
+const PANEL_MIN_INPUTS: usize = 24;
+
+#[cfg(not(target_arch = "x86_64"))]
+const PANEL: usize = 32;
+#[cfg(not(target_arch = "x86_64"))]
+const XBLOCK: usize = 12;
+
+/// The kernel of a matrix product over several inputs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum MatmulKernel {
+    /// Decoded rows dotted with the inputs in 4 × 4 tiles (`dot_tiles`): every level.
+    Tiles,
+    /// AVX-512, many inputs: `avx512::panel_tile` (rows in the lanes, inputs broadcast).
+    Panels,
+}
+
+impl MatmulKernel {
+    /// `FLASHMOE_MATMUL_KERNEL=tiles|panels` forces one (where the level allows it, from 9
+    /// inputs) for A/B measurements in one binary; read once.
+    fn pick(level: SimdLevel, n: usize) -> Self {
+        static FORCED: std::sync::OnceLock<Option<MatmulKernel>> = std::sync::OnceLock::new();
+        let forced = *FORCED.get_or_init(|| match std::env::var("FLASHMOE_MATMUL_KERNEL").as_deref() {
+            Ok("tiles") => Some(MatmulKernel::Tiles),
+            Ok("panels") => Some(MatmulKernel::Panels),
+            _ => None,
+        });
+        let avx512 = cfg!(target_arch = "x86_64") && matches!(level, SimdLevel::Avx512 | SimdLevel::Avx512Bf16);
+        match forced {
+            _ if !avx512 || n <= SMALL_BATCH => MatmulKernel::Tiles,
+            Some(k) => k,
+            None if n >= PANEL_MIN_INPUTS => MatmulKernel::Panels,
+            None => MatmulKernel::Tiles,
+        }
+    }
+
+    /// Row blocks of parallel tasks are multiples of this.
+    fn row_tile(self) -> usize {
+        match self {
+            MatmulKernel::Tiles => MM_TILE,
+            MatmulKernel::Panels => PANEL,
+        }
+    }
+}
+
+/// x as the kernel picked for a product reads it.
+enum PackedX {
+    None,
+    Panels(Vec<f32>),
+}
+
+impl PackedX {
+    fn new(kernel: MatmulKernel, x: &[f32], n: usize, cols: usize, parallel: bool) -> Self {
+        match kernel {
+            MatmulKernel::Tiles => PackedX::None,
+            MatmulKernel::Panels => PackedX::Panels(pack_inputs(x, n, cols, parallel)),
+        }
+    }
+}
+
+/// Rows `r0..r1` of a matmul by the kernel `xpk` was packed for.
+///
+/// # Safety
+/// As [`matmul_rows`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_rows_with(
+    level: SimdLevel,
+    m: &MatRef,
+    x: &[f32],
+    xpk: &PackedX,
+    n: usize,
+    yp: SyncPtr,
+    r0: usize,
+    r1: usize,
+) {
+    // SAFETY (both): passed on from the caller.
+    match xpk {
+        PackedX::None => unsafe { matmul_rows(level, m, x, n, yp, r0, r1) },
+        PackedX::Panels(p) => unsafe { matmul_panels(level, m, p, n, yp, r0, r1) },
+    }
+}
+
+/// Inputs the panel kernel takes for a block of `w` inputs (it is compiled for 4, 8 and 12).
+fn panel_width(w: usize) -> usize {
+    w.next_multiple_of(4).min(XBLOCK)
+}
+
+/// x `[n, cols]` rearranged for the panel kernel: blocks of `XBLOCK` inputs, block b at
+/// `b·XBLOCK·cols`, holding `x[b·XBLOCK + i][k]` at `k·s + i` where s is the block's
+/// [`panel_width`] (padding inputs are zero).
+fn pack_inputs(x: &[f32], n: usize, cols: usize, parallel: bool) -> Vec<f32> {
+    let mut out = vec![0f32; n.div_ceil(XBLOCK) * XBLOCK * cols];
+    let fill = |(b, ob): (usize, &mut [f32])| {
+        let t0 = b * XBLOCK;
+        let w = (n - t0).min(XBLOCK);
+        let s = panel_width(w);
+        for i in 0..w {
+            for (k, &v) in x[(t0 + i) * cols..(t0 + i + 1) * cols].iter().enumerate() {
+                ob[k * s + i] = v;
+            }
+        }
+    };
+    if parallel {
+        out.par_chunks_mut(XBLOCK * cols).enumerate().for_each(fill);
+    } else {
+        out.chunks_mut(XBLOCK * cols).enumerate().for_each(fill);
+    }
+    out
+}
+
+/// Rows `r0..r1` of `y = W·x` for `n` inputs packed by [`pack_inputs`]: decodes `PANEL` weight
+/// rows at a time into a column-major panel (the 32 rows' values of column k side by side), then
+/// runs the panel kernel over every block of inputs. Each output is one in-order f32 sum over k.
+///
+/// # Safety
+/// `yp` must point at a `[n, m.rows]` output that no one else writes rows `r0..r1` of; the
+/// level must be an AVX-512 one the CPU has.
+unsafe fn matmul_panels(level: SimdLevel, m: &MatRef, xpk: &[f32], n: usize, yp: SyncPtr, r0: usize, r1: usize) {
+    let (rows, cols) = (m.rows, m.cols);
+    assert!(xpk.len() >= n.div_ceil(XBLOCK) * XBLOCK * cols);
+    // Half a panel of rows decoded row-major, then the panel; 16 floats of slack so that the
+    // panel can start on a cache line.
+    let half = PANEL / 2;
+    with_scratch(half * cols + PANEL * cols + 16, |buf| {
+        let (rowbuf, rest) = buf.split_at_mut(half * cols);
+        let off = rest.as_ptr().align_offset(64).min(16);
+        let panel = &mut rest[off..off + PANEL * cols];
+        let mut r = r0;
+        while r < r1 {
+            let pr = (r1 - r).min(PANEL);
+            for h in 0..2 {
+                // Rows past the end are computed and not stored; the transpose makes them zero.
+                let hr = pr.saturating_sub(h * half).min(half);
+                for j in 0..hr {
+                    dequant_row_at(level, m, r + h * half + j, &mut rowbuf[j * cols..(j + 1) * cols]);
+                }
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: rowbuf holds hr rows of cols floats; the panel PANEL·cols floats from
+                // column offset h·half.
+                unsafe {
+                    avx512::transpose_into_panel(rowbuf.as_ptr(), cols, hr, cols, panel.as_mut_ptr().add(h * half))
+                };
+            }
+            for t0 in (0..n).step_by(XBLOCK) {
+                let w = (n - t0).min(XBLOCK);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the panel holds PANEL·cols floats, block t0/XBLOCK of xpk w' = panel_width(w)
+                // inputs of cols values (asserted above); the stores write rows r..r+pr of inputs
+                // t0..t0+w, inside y and inside this caller's rows.
+                unsafe {
+                    let (p, xb, y) = (panel.as_ptr(), xpk.as_ptr().add(t0 * cols), yp.get().add(t0 * rows + r));
+                    match panel_width(w) {
+                        4 => avx512::panel_tile::<4>(p, xb, cols, y, rows, pr, w),
+                        8 => avx512::panel_tile::<8>(p, xb, cols, y, rows, pr, w),
+                        _ => avx512::panel_tile::<12>(p, xb, cols, y, rows, pr, w),
+                    }
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = (w, level);
+            }
+            r += pr;
+        }
+    });
 }
 
 /// Rows `r0..r1` of `y = W·x` for `n` inputs: decodes `MM_TILE` weight rows at a time into
@@ -650,6 +823,18 @@ pub fn matmul_batch_at(level: SimdLevel, jobs: &mut [MatJob]) {
     let total: usize = specs.iter().map(work).sum();
     let threads = rayon::current_num_threads();
     let parallel = total >= PAR_MIN_ELEMS && threads > 1;
+    // The inputs of the jobs that take an AVX-512 matmul kernel, packed once per job (in
+    // parallel over the jobs: a prefill's experts hold thousands of rows of x between them).
+    let kernel_of = |(m, _, n): &(MatRef, &[f32], usize)| {
+        if *n > 1 && !small_batch(m, *n) && m.rows > 0 && m.cols > 0 {
+            MatmulKernel::pick(level, *n)
+        } else {
+            MatmulKernel::Tiles
+        }
+    };
+    let pack = |spec: &(MatRef, &[f32], usize)| PackedX::new(kernel_of(spec), spec.1, spec.2, spec.0.cols, false);
+    let packed: Vec<PackedX> =
+        if parallel { specs.par_iter().map(pack).collect() } else { specs.iter().map(pack).collect() };
     let target = if parallel { (total / (threads * BATCH_TASKS_PER_THREAD)).max(1) } else { usize::MAX };
     // (job, first row, end row)
     let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
@@ -661,7 +846,7 @@ pub fn matmul_batch_at(level: SimdLevel, jobs: &mut [MatJob]) {
         let pieces = work(spec).div_ceil(target).clamp(1, m.rows);
         let mut block = m.rows.div_ceil(pieces);
         if *n > 1 && !small_batch(m, *n) {
-            block = block.next_multiple_of(MM_TILE);
+            block = block.next_multiple_of(kernel_of(spec).row_tile());
         }
         if small_batch(m, *n) {
             // Small enough to stay in cache while each input goes over it.
@@ -701,7 +886,7 @@ pub fn matmul_batch_at(level: SimdLevel, jobs: &mut [MatJob]) {
             }
         } else {
             // SAFETY: as above, for the [n, rows] layout of a matmul output.
-            unsafe { matmul_rows(level, &m, x, n, outs[i], r0, r1) };
+            unsafe { matmul_rows_with(level, &m, x, &packed[i], n, outs[i], r0, r1) };
         }
     };
     if parallel {

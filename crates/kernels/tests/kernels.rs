@@ -450,9 +450,17 @@ fn matmul_batch_mixed_jobs() {
         (TestMat::ggml(&mut rng, GgmlType::Q4_0, 40, 96, 0), 1, 2),
         (TestMat::ggml(&mut rng, GgmlType::Q8_0, 70, 512, 1), 1, 1),
         (TestMat::ggml(&mut rng, GgmlType::Q4_K, 33, 512, 0), 6, 3),
+        // Enough inputs for the panel kernel.
+        (TestMat::affine(&mut rng, 4, 64, FloatType::BF16, 100, 512, 1), 30, 4),
+        (TestMat::ggml(&mut rng, GgmlType::Q4_0, 70, 512, 2), 30, 4),
     ];
-    let inputs: Vec<Vec<f32>> =
-        vec![rand_x(&mut rng, 2048), rand_x(&mut rng, 512), rand_x(&mut rng, 96), rand_x(&mut rng, 6 * 512)];
+    let inputs: Vec<Vec<f32>> = vec![
+        rand_x(&mut rng, 2048),
+        rand_x(&mut rng, 512),
+        rand_x(&mut rng, 96),
+        rand_x(&mut rng, 6 * 512),
+        rand_x(&mut rng, 30 * 512),
+    ];
     for threads in [1usize, 3] {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         for level in levels() {
@@ -485,7 +493,9 @@ fn matmul_batch_mixed_jobs() {
 }
 
 /// matmul with token counts around its 2-input tiles and beyond, row counts around its 4-row
-/// tiles, column counts around the 8-wide vectors, against the f64 reference on every SIMD level.
+/// tiles, column counts around the 8-wide vectors, against the f64 reference on every SIMD level;
+/// from 24 inputs on AVX-512 the panel kernel: rows around its 32-row panels and 16-row
+/// transposes, inputs around its blocks of 12 (widths 4, 8, 12), columns around 16.
 #[test]
 fn matmul_blocked_shapes() {
     let mut rng = StdRng::seed_from_u64(8);
@@ -494,9 +504,13 @@ fn matmul_blocked_shapes() {
         TestMat::affine(&mut rng, 4, 32, FloatType::F16, 21, 96, 2),
         TestMat::float(&mut rng, FloatType::F32, 11, 37, 3),
         TestMat::float(&mut rng, FloatType::BF16, 9, 263, 0),
+        TestMat::affine(&mut rng, 4, 64, FloatType::BF16, 77, 192, 1),
+        TestMat::float(&mut rng, FloatType::F32, 48, 33, 2),
+        TestMat::ggml(&mut rng, GgmlType::Q4_0, 40, 96, 0),
+        TestMat::ggml(&mut rng, GgmlType::Q4_K, 33, 256, 1),
     ];
     for tm in &mats {
-        for n in [2usize, 4, 14, 15, 16, 17, 31, 46] {
+        for n in [2usize, 4, 14, 15, 16, 17, 24, 25, 29, 31, 46, 64] {
             let xs = rand_x(&mut rng, n * tm.cols);
             for level in levels() {
                 let mut ys = vec![f32::NAN; n * tm.rows];
