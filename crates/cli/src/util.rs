@@ -112,9 +112,14 @@ pub fn print_device(m: &Model) {
 
 /// The per-layer time table of `--timing`, averaged over `steps` decode tokens.
 pub fn print_timing(times: &[flashmoe::LayerTimes], steps: usize, m: &Model) {
+    print_layer_times(&format!("per-layer time per decode token, ms (averaged over {steps} tokens):"), times, steps, m);
+}
+
+/// A per-layer time table: `times` divided by `steps`, under `title`.
+pub fn print_layer_times(title: &str, times: &[flashmoe::LayerTimes], steps: usize, m: &Model) {
     let n = steps.max(1) as f64;
     let ms = |x: f64| x * 1e3 / n;
-    eprintln!("per-layer time per decode token, ms (averaged over {steps} tokens):");
+    eprintln!("{title}");
     eprintln!(
         "{:>5} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8}",
         "layer", "kind", "mixer", "router", "io wait", "experts", "other", "total"

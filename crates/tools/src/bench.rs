@@ -532,6 +532,8 @@ impl Default for DecodeBenchOptions {
 pub struct DecodeReport {
     pub prefill_tokens: usize,
     pub prefill_secs: f64,
+    /// Per-layer times of the prefill pass (with `timing`).
+    pub prefill_times: Option<Vec<flashmoe::LayerTimes>>,
     pub warmup_tokens: usize,
     pub tokens: usize,
     pub decode_secs: f64,
@@ -806,10 +808,12 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions, progress: &dyn
         let mut scratch = model.new_state();
         model.forward(&prompt, &mut scratch, LogitsFor::Last)?;
     }
+    model.reset_timing();
     let t0 = Instant::now();
     // One logits vector for every step, as the generation loop does.
     let mut logits = model.forward(&prompt, &mut state, LogitsFor::Last)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
+    let prefill_times = model.timing_snapshot();
     // Warm up for `warmup` steps and, while a pre-warm is still filling the tiers, until it
     // ends (the measured steps see the tiers it leaves).
     let mut warmup = warmup;
@@ -874,6 +878,7 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions, progress: &dyn
     Ok(DecodeReport {
         prefill_tokens: prompt.len(),
         prefill_secs,
+        prefill_times,
         warmup_tokens: warmup,
         tokens: opts.tokens,
         decode_secs: step_secs.iter().sum(),

@@ -408,6 +408,10 @@ fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64, timing: bool) -> Resu
     };
     let report = bench::bench_decode(&mut model, &opts, &crate::util::Bar::counts("experts"))?;
     if timing {
+        if let Some(times) = &report.prefill_times {
+            let title = format!("per-layer time of the prefill, ms ({} tokens in one pass):", report.prefill_tokens);
+            crate::util::print_layer_times(&title, times, 1, &model);
+        }
         match model.timing_snapshot() {
             Some(times) => crate::util::print_timing(&times, report.tokens, &model),
             None => eprintln!("[flashmoe] --timing: per-layer times are collected on the CPU device only"),
