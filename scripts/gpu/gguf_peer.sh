@@ -6,6 +6,10 @@
 #                                      # logits, GPU parity
 #   scripts/gpu/gguf_peer.sh bench     # unpack and build if needed, write the model (LAYERS of
 #                                      # the 35B-A3B geometry), then the alternated benchmark (CPU)
+#   scripts/gpu/gguf_peer.sh cpu-ab    # build and model as `bench`, then flashmoe's CPU matmul
+#                                      # kernels A/B (FLASHMOE_MATMUL_KERNEL=tiles against the
+#                                      # default), prefill 512 and decode, 16 threads, alternated;
+#                                      # then `bench` in the next call
 #   scripts/gpu/gguf_peer.sh gpu-prep  # GPU parity while llama.cpp builds (CPU and CUDA) and the
 #                                      # model is written
 #   scripts/gpu/gguf_peer.sh gpu-bench REGIME  # the alternated benchmark, gpu or gpu-ram
@@ -38,6 +42,24 @@ bench)
     fi
     python3 $P model --geometry qwen3.5-35b-a3b --layers "$LAYERS" --out /tmp/m35 >"$OUT/model.log" 2>&1
     python3 $P bench --dir /tmp/m35 --regime cpu --fm-gguf --threads 16 --reps 3 --tg 64 --pp 512
+    ;;
+cpu-ab)
+    mkdir -p "$OUT" /tmp/fmbin && tar xJf .carry/bin.tar.xz -C /tmp/fmbin
+    if [ ! -x /tmp/peer/build-cpu/bin/llama-bench ]; then
+        python3 $P source --tarball-in .carry/llama-src.tar.xz >/dev/null
+        python3 $P build --jobs 16 >"$OUT/llama-build.log" 2>&1
+    fi
+    python3 $P model --geometry qwen3.5-35b-a3b --layers "$LAYERS" --out /tmp/m35 >"$OUT/model.log" 2>&1
+    for rep in $(seq "${REPS:-3}"); do
+        for m in packed-4bit model-Q4_K_M.gguf; do
+            for k in tiles auto; do
+                printf '%s %s %s: ' "$rep" "$m" "$k"
+                FLASHMOE_MATMUL_KERNEL=$k RAYON_NUM_THREADS=16 $FLASHMOE_BIN bench decode --model "/tmp/m35/$m" \
+                    --routing model --prefill 512 --tokens 32 --warmup 4 --device cpu --io mmap 2>&1 |
+                    grep -o 'prefill 512 tok in [^|]*| decode [0-9.]* tok/s' || echo failed
+            done
+        done
+    done
     ;;
 gpu-prep)
     mkdir -p "$OUT" /tmp/fmbin && tar xJf .carry/bin.tar.xz -C /tmp/fmbin
