@@ -123,6 +123,11 @@ def cmd_build(a) -> None:
     ]
     if a.cuda:
         cfg += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={a.cuda_arch}"]
+    if a.no_amx:
+        cfg = [c for c in cfg if c != "-DGGML_NATIVE=ON"] + [
+            "-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_AVX512=ON",
+            "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON",
+        ]
     run(cfg)
     jobs = str(a.jobs or os.cpu_count() or 2)
     run(["cmake", "--build", bdir, "-j", jobs, "--target", "llama-bench", "llama-quantize"])
@@ -557,6 +562,9 @@ def main() -> None:
     s.add_argument("--cuda", action="store_true")
     s.add_argument("--cuda-arch", default="90")
     s.add_argument("--jobs", type=int)
+    # A VM may list AMX in its CPU flags and still fault on it (llama-bench died of SIGILL in its
+    # prefill on the 2-core dev box of 2026-12-02): --no-amx builds for AVX-512 without AMX.
+    s.add_argument("--no-amx", action="store_true")
     s.set_defaults(fn=cmd_build)
     s = sub.add_parser("model")
     s.add_argument("--geometry", default="qwen3.5-35b-a3b", choices=sorted(GEOMETRIES))
