@@ -426,15 +426,19 @@ fn permute_x(bits: u32, lanes: usize, x: &[f32], xp: &mut [f32]) {
     debug_assert_eq!(out, x.len());
 }
 
-/// A raw output pointer shared by matmul workers that write disjoint rows.
+/// A raw output pointer shared by parallel workers that write disjoint elements of one buffer
+/// (matmul row blocks here; the engine's per-head GatedDeltaNet tasks). Whoever dereferences
+/// it promises, in its own `unsafe` block, that no two workers write the same element and that
+/// the buffer outlives the parallel section.
 #[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: workers only write elements of distinct rows, never concurrently
-// the same element, and the pointee outlives the parallel section.
+pub struct SyncPtr(pub *mut f32);
+// SAFETY: the pointer itself is only an address; every write through it is an `unsafe` block
+// of the user's that upholds the promise above.
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 impl SyncPtr {
-    fn get(self) -> *mut f32 {
+    /// (A method, so that closures capture the whole `Sync` wrapper, not its field.)
+    pub fn get(self) -> *mut f32 {
         self.0
     }
 }

@@ -534,28 +534,11 @@ fn rope(inv_freq: &[f32], x: &mut [f32], pos: usize) {
     }
 }
 
-/// GatedDeltaNet over `t` rows: the projections over all of them at once, then each sequence's
-/// rows (`seqs`: rows, conv window, recurrent state, in row order) through its own conv window
-/// and delta-rule state, then out_proj over all of them.
-/// A raw pointer to a pass's GatedDeltaNet output, shared by the per-head tasks: each writes
-/// only its own head's `dv` values of each of its rows.
-#[derive(Clone, Copy)]
-struct HeadOut(*mut f32);
-// SAFETY: tasks write disjoint elements (distinct heads or distinct rows), never the same one,
-// and the buffer outlives the parallel section.
-unsafe impl Send for HeadOut {}
-unsafe impl Sync for HeadOut {}
-impl HeadOut {
-    /// (A method, so that closures capture the whole `Sync` wrapper, not its field.)
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// GatedDeltaNet over the pass's rows. Token-parallel where the maths allows it: the causal
-/// conv, its SiLU and the q/k normalization of every row at once (each row reads only the
-/// previous `conv_kernel - 1` inputs), then the recurrence as one task per (sequence, value
-/// head) that walks that sequence's rows in order with the head's state in cache. One parallel
+/// GatedDeltaNet over `t` rows (`seqs`: each sequence's rows, conv window and recurrent state,
+/// in row order): the projections over all rows at once; the causal conv, its SiLU and the q/k
+/// normalization of every row at once (each row reads only the previous `conv_kernel - 1`
+/// inputs); then the recurrence as one task per (sequence, value head) that walks that
+/// sequence's rows in order with the head's state in cache; out_proj over all rows. One parallel
 /// region each, where stepping the rows one by one took a fork-join per row (a 512-token prefill
 /// on 16 cores spent ≈ 0.33 ms per row, mostly in the joins). Every value is computed by the same
 /// operations in the same order as row by row.
@@ -625,7 +608,8 @@ fn delta_net(
 
     // The recurrence: one task per (sequence, value head), its rows in order.
     let mut y = vec![0.0f32; t * hv * dv];
-    let yp = HeadOut(y.as_mut_ptr());
+    // Each task writes only its own head's dv values of each of its rows.
+    let yp = flashmoe_kernels::SyncPtr(y.as_mut_ptr());
     let conv_out = &conv_out;
     let head_rows = |(row0, rows, h, s): (usize, usize, usize, &mut [f32])| {
         let key_head = w.key_head(h, hk, hv);
