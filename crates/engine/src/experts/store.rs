@@ -340,6 +340,8 @@ pub struct ExpertStore {
     /// When the store opened, and the last fetch (nanoseconds after that).
     opened: Instant,
     last_fetch: AtomicU64,
+    /// Per layer, the layout of its expert blobs (made at open from a zero buffer).
+    templates: Vec<super::weights::ExpertTemplate>,
 }
 
 impl ExpertStore {
@@ -521,10 +523,13 @@ impl ExpertStore {
             pinned_seen: AtomicU64::new(0),
             opened: Instant::now(),
             last_fetch: AtomicU64::new(0),
+            templates: Vec::new(),
         };
-        // Build one expert from a zero buffer now, so layout problems surface at load time.
+        // Build one expert from a zero buffer now, so layout problems surface at load time; it
+        // is the layer's template for every fetch after (the zero buffer is not kept).
         for l in 0..store.layers.len() {
-            store.expert_weights(l, Arc::new(AlignedBuf::zeroed(store.layers[l].stride as usize)))?;
+            let w = store.expert_weights(l, Arc::new(AlignedBuf::zeroed(store.layers[l].stride as usize)))?;
+            store.templates.push(super::weights::ExpertTemplate::of(&w));
         }
         let direct_ok = store.layers.iter().all(|l| l.direct.is_some());
         store.mode_note = match opts.io {
@@ -1002,7 +1007,6 @@ impl ExpertStore {
         }
     }
 
-    /// Matrix views over one fetched expert buffer.
     /// One expert's matrix bytes in `layer` (weights, scales, biases: not the padded stride on
     /// disk), from expert 0; None when it cannot be read.
     pub fn expert_matrix_bytes(&self, layer: usize) -> Option<usize> {
@@ -1010,8 +1014,16 @@ impl ExpertStore {
         self.expert_weights(layer, buf).ok().map(|w| w.bytes())
     }
 
+    /// Matrix views over one fetched expert buffer: the layer's template applied to it, or (a
+    /// buffer shorter than the layer's blobs, the template being made) the blob parsed.
     pub fn expert_weights(&self, layer: usize, buf: Arc<AlignedBuf>) -> Result<ExpertWeights> {
         let lf = &self.layers[layer];
+        if buf.len() >= lf.blob_bytes as usize
+            && let Some(t) = self.templates.get(layer)
+            && let Some(w) = t.apply(&(buf.clone() as Arc<dyn crate::weights::store::ByteSource>))
+        {
+            return Ok(w);
+        }
         let len = (lf.blob_bytes as usize).min(buf.len());
         let blob = Bytes::new(buf, 0, len);
         expert_from_blob(&lf.components, &blob, &lf.path, layer, self.hidden, self.intermediate)

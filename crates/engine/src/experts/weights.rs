@@ -3,6 +3,7 @@
 
 use super::store::ExpertStore;
 use crate::weights::Linear;
+use crate::weights::store::{ByteSource, Bytes};
 use std::sync::Arc;
 
 /// One expert's matrices: y = down·(silu(gate·x) ⊙ up·x).
@@ -16,6 +17,30 @@ pub struct ExpertWeights {
 impl ExpertWeights {
     pub fn bytes(&self) -> usize {
         self.gate.bytes() + self.up.bytes() + self.down.bytes()
+    }
+}
+
+/// The layout of a layer's expert blobs without their bytes: made once per layer from one parsed
+/// expert, then applied to each fetched buffer. Every expert of a layer has the same components
+/// at the same offsets, so a fetch needs no parsing, names or checks per token (they cost ≈ 5 µs
+/// an expert, as much as a fifth of a hybrid decode step's host time).
+#[derive(Clone, Debug)]
+pub(crate) struct ExpertTemplate(ExpertWeights);
+
+impl ExpertTemplate {
+    pub fn of(w: &ExpertWeights) -> Self {
+        let m = |l: &Linear| l.map_bytes(&mut |b: &Bytes| Some(b.detached())).expect("detaching never refuses");
+        ExpertTemplate(ExpertWeights { gate: m(&w.gate), up: m(&w.up), down: m(&w.down) })
+    }
+
+    /// The expert whose blob is `buf`; None when a range of the layout does not lie inside it.
+    pub fn apply(&self, buf: &Arc<dyn ByteSource>) -> Option<ExpertWeights> {
+        let mut rebase = |b: &Bytes| b.rebased(buf);
+        Some(ExpertWeights {
+            gate: self.0.gate.map_bytes(&mut rebase)?,
+            up: self.0.up.map_bytes(&mut rebase)?,
+            down: self.0.down.map_bytes(&mut rebase)?,
+        })
     }
 }
 

@@ -159,6 +159,28 @@ impl Linear {
         Ok(l)
     }
 
+    /// The same matrix with every byte range replaced by `f` of it (None if `f` refuses one):
+    /// how an expert layout made once per layer is applied to each fetched expert buffer.
+    pub(crate) fn map_bytes(&self, f: &mut impl FnMut(&Bytes) -> Option<Bytes>) -> Option<Linear> {
+        let mut parts = Vec::with_capacity(self.parts.len());
+        for p in &self.parts {
+            let source = match &p.source {
+                Source::Float { dtype, data } => Source::Float { dtype: *dtype, data: f(data)? },
+                Source::Affine { bits, group_size, weight, scales, biases, sb_dtype } => Source::Affine {
+                    bits: *bits,
+                    group_size: *group_size,
+                    weight: f(weight)?,
+                    scales: f(scales)?,
+                    biases: f(biases)?,
+                    sb_dtype: *sb_dtype,
+                },
+                Source::Ggml { ty, data } => Source::Ggml { ty: *ty, data: f(data)? },
+            };
+            parts.push(Part { source, ..*p });
+        }
+        Some(Linear { parts, rows: self.rows, cols: self.cols })
+    }
+
     fn single(source: Source, rows: usize, cols: usize) -> Self {
         Linear { parts: vec![Part { source, total_rows: rows, row_start: 0, rows }], rows, cols }
     }

@@ -61,6 +61,26 @@ impl Bytes {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// This range's position without its owner, for a layout that is applied to many buffers
+    /// (see [`Bytes::rebased`]). It holds no bytes: reading it panics, so it stays inside the
+    /// template that made it.
+    pub(crate) fn detached(&self) -> Bytes {
+        Bytes { map: Arc::new(NoBytes), start: self.start, len: self.len }
+    }
+    /// The same range of another owner; None when the range does not lie inside it.
+    pub(crate) fn rebased(&self, map: &Arc<dyn ByteSource>) -> Option<Bytes> {
+        let end = self.start.checked_add(self.len)?;
+        (end <= map.bytes().len()).then(|| Bytes { map: map.clone(), start: self.start, len: self.len })
+    }
+}
+
+/// The owner of detached ranges: none of their bytes.
+struct NoBytes;
+
+impl ByteSource for NoBytes {
+    fn bytes(&self) -> &[u8] {
+        &[]
+    }
 }
 
 impl std::fmt::Debug for Bytes {
