@@ -210,6 +210,17 @@ struct ExpertLayout {
 
 const SLOT_ALIGN: usize = 256;
 
+/// How long the CPU's threads spin at most through a hybrid layer's wait for its expert ids
+/// ([`flashmoe_kernels::WarmThreads`]): the GPU's part of a layer takes ≈ 0.1 ms.
+const WARM_LIMIT: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Whether hybrid decode keeps the CPU's threads spinning through its waits
+/// (`FLASHMOE_WARM_THREADS=0`: no, for measuring what it buys).
+fn warm_threads() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FLASHMOE_WARM_THREADS").map_or(true, |v| v != "0"))
+}
+
 /// The host byte ranges of one matrix: (weight, scales, biases) — the last two empty for floats.
 fn mat_pieces<'a>(l: &'a Linear, what: &str) -> Result<(MatLayout, [&'a [u8]; 3])> {
     let mats = l.mats();
@@ -1975,6 +1986,10 @@ impl CudaBackend {
             // experts are launched only after the wait, so that they run while the CPU computes.
             // The stretch since the last wait (combine, mixer, norm, router, top-k) ends here.
             self.stretch_end(p)?;
+            // The CPU's threads spin through the wait and the GPU launches after it, so that its
+            // share of the experts starts on running threads (dropped before that share).
+            let warm = (self.opts.gpu.hybrid != Hybrid::Off && warm_threads())
+                .then(|| flashmoe_kernels::WarmThreads::start(WARM_LIMIT));
             let (ids, x) = {
                 let io = host_io(p.pool, k, h)?;
                 let (id_bytes, rest) = io.split_at_mut(k * 4);
@@ -2074,6 +2089,7 @@ impl CudaBackend {
                     }
                 }
                 let (on_cpu, cpu_bufs) = self.send_over_pcie(pool, &dl.experts.host, on_cpu, &ids, normed, &gu, &ys)?;
+                drop(warm);
                 if !on_cpu.is_empty() {
                     // While the GPU copies and computes its share, the CPU computes these from
                     // the RAM tier (zero-copy views); only their outputs cross PCIe.
