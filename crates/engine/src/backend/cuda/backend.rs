@@ -407,20 +407,15 @@ struct HybridSplit {
 }
 
 impl HybridSplit {
-    /// Of `n` misses of `bytes` each the CPU could compute, how many cross PCIe: the split
-    /// that ends both sides soonest (ties go to the CPU: no copy), or the fixed share rounded.
-    /// The CPU side is its kernels at the rate seen while decoding (`live`, once it has enough
-    /// samples; the rate measured at load before) plus the host time each expert sent costs
-    /// before the CPU starts; the PCIe side is the copies.
-    fn over_pcie(&self, n: usize, bytes: f64, live: &LiveRates) -> usize {
+    /// Of `n` misses the CPU could compute, how many cross PCIe: the split that ends both
+    /// sides soonest (ties go to the CPU: no copy), or the fixed share rounded.
+    fn over_pcie(&self, n: usize) -> usize {
         if let Some(f) = self.fixed {
             return ((n as f64 * f).round() as usize).min(n);
         }
-        let c = if live.cpu_samples >= LiveRates::WARM { live.cpu_rate } else { self.cpu_rate }.max(1.0);
-        let o = if live.sent_samples >= LiveRates::WARM { live.host_per_sent } else { 0.0 };
-        let p = self.pcie_rate.max(1.0);
+        let (c, p) = (self.cpu_rate.max(1.0), self.pcie_rate.max(1.0));
         (0..=n)
-            .map(|m| (m, (m as f64 * o + (n - m) as f64 * bytes / c).max(m as f64 * bytes / p)))
+            .map(|m| (m, ((n - m) as f64 / c).max(m as f64 / p)))
             .fold((0, f64::MAX), |best, (m, t)| if t < best.1 * (1.0 - 1e-9) { (m, t) } else { best })
             .0
     }
@@ -429,49 +424,11 @@ impl HybridSplit {
         match self.fixed {
             Some(f) => format!("hybrid: {:.0}% of the RAM tier's misses cross PCIe (fixed)", 100.0 * f),
             None => format!(
-                "hybrid: CPU experts {:.1} GB/s, PCIe {:.1} GB/s (measured at load) → {} of {k} RAM-tier misses cross PCIe, re-chosen from the rates seen while decoding",
+                "hybrid: CPU experts {:.1} GB/s, PCIe {:.1} GB/s (measured) → {} of {k} RAM-tier misses cross PCIe",
                 self.cpu_rate / 1e9,
                 self.pcie_rate / 1e9,
-                self.over_pcie(k, 1.0, &LiveRates::default())
+                self.over_pcie(k)
             ),
-        }
-    }
-}
-
-/// What hybrid decode sees of its two sides while it runs, as exponential averages over layers:
-/// the CPU's expert kernels in bytes per second on the share they are given (measured at load
-/// on k experts back to back, 48 GB/s on the H200's host; 24–28 GB/s in decode on 3–4 experts
-/// a layer), and the host time each expert sent over PCIe costs before the CPU starts (its
-/// fetch, views, copy and launches: ≈ 11 µs there).
-#[derive(Clone, Copy, Debug, Default)]
-struct LiveRates {
-    cpu_rate: f64,
-    host_per_sent: f64,
-    cpu_samples: u32,
-    sent_samples: u32,
-}
-
-impl LiveRates {
-    /// Samples (layers) before an average is used.
-    const WARM: u32 = 8;
-    /// Weight of the newest sample.
-    const ALPHA: f64 = 0.05;
-
-    fn average(old: f64, new: f64, samples: u32) -> f64 {
-        if samples == 0 { new } else { old + Self::ALPHA * (new - old) }
-    }
-
-    fn add_cpu(&mut self, bytes: f64, secs: f64) {
-        if bytes > 0.0 && secs > 0.0 {
-            self.cpu_rate = Self::average(self.cpu_rate, bytes / secs, self.cpu_samples);
-            self.cpu_samples = self.cpu_samples.saturating_add(1);
-        }
-    }
-
-    fn add_sent(&mut self, n: usize, secs: f64) {
-        if n > 0 && secs >= 0.0 {
-            self.host_per_sent = Self::average(self.host_per_sent, secs / n as f64, self.sent_samples);
-            self.sent_samples = self.sent_samples.saturating_add(1);
         }
     }
 }
@@ -998,8 +955,6 @@ pub struct CudaBackend {
     prewarm: Mutex<Option<PrewarmFeed>>,
     /// Set by `prepare` when hybrid decode may send RAM-tier misses over PCIe.
     split: Option<HybridSplit>,
-    /// The rates hybrid decode re-chooses its split from while it runs.
-    live: Mutex<LiveRates>,
 }
 
 /// One pass on the GPU: the workspace's activations, the pool, the GPU state of the sequence (or,
@@ -1063,7 +1018,6 @@ impl CudaBackend {
             total_experts: 0,
             prewarm: Mutex::new(None),
             split: None,
-            live: Mutex::new(LiveRates::default()),
         })
     }
 
@@ -2141,12 +2095,7 @@ impl CudaBackend {
                     // the RAM tier (zero-copy views); only their outputs cross PCIe.
                     let t_cpu = Instant::now();
                     cpu_outs = self.cpu_experts(&dl.experts.host, &on_cpu, &ids, &x, cpu_bufs)?;
-                    let secs = t_cpu.elapsed().as_secs_f64();
-                    self.stats.cpu_ns.fetch_add((secs * 1e9) as u64, Relaxed);
-                    if let ExpertSet::Streamed { store, layer } = &dl.experts.host {
-                        let bytes = (on_cpu.len() * store.blob_bytes(*layer)) as f64;
-                        self.live.lock().unwrap_or_else(|p| p.into_inner()).add_cpu(bytes, secs);
-                    }
+                    self.stats.cpu_ns.fetch_add(t_cpu.elapsed().as_nanos() as u64, Relaxed);
                     self.stats.cpu_experts.fetch_add(on_cpu.len() as u64, Relaxed);
                 }
             }
@@ -2345,8 +2294,7 @@ impl CudaBackend {
         };
         let copy_stream = pool.copy_stream.clone();
         let Some(tr) = pool.transit.as_mut() else { return Ok((on_cpu, None)) };
-        let live = *self.live.lock().unwrap_or_else(|p| p.into_inner());
-        let m = split.over_pcie(on_cpu.len(), store.blob_bytes(*layer) as f64, &live).min(tr.slots);
+        let m = split.over_pcie(on_cpu.len()).min(tr.slots);
         if m == 0 || self.opts.gpu.hybrid != Hybrid::Auto {
             return Ok((on_cpu, None));
         }
@@ -2396,9 +2344,7 @@ impl CudaBackend {
             self.stats.pcie_experts.fetch_add(second.len() as u64, Relaxed);
             self.stats.h2d_bytes.fetch_add(sent_bytes as u64, Relaxed);
         }
-        let secs = t.elapsed().as_secs_f64();
-        self.stats.pcie_host_ns.fetch_add((secs * 1e9) as u64, Relaxed);
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).add_sent(second.len(), secs);
+        self.stats.pcie_host_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
         Ok((keep, Some(keep_bufs)))
     }
 
@@ -3120,53 +3066,23 @@ impl Backend for CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{HybridSplit, LiveRates};
+    use super::HybridSplit;
 
     #[test]
     fn the_pcie_share_ends_both_sides_soonest_and_ties_stay_on_the_cpu() {
         let split = |cpu: f64, pcie: f64| HybridSplit { cpu_rate: cpu * 1e9, pcie_rate: pcie * 1e9, fixed: None };
-        let none = LiveRates::default();
-        let mb = 1.77e6;
         // 35 GB/s of CPU kernels against 50 GB/s of PCIe: 4 of 7 cross (3/35 ≥ 4/50 > 2/35).
-        assert_eq!(split(35.0, 50.0).over_pcie(7, mb, &none), 4);
+        assert_eq!(split(35.0, 50.0).over_pcie(7), 4);
         // Equal rates, even count: half; odd: the extra one stays on the CPU.
-        assert_eq!(split(40.0, 40.0).over_pcie(8, mb, &none), 4);
-        assert_eq!(split(40.0, 40.0).over_pcie(1, mb, &none), 0);
+        assert_eq!(split(40.0, 40.0).over_pcie(8), 4);
+        assert_eq!(split(40.0, 40.0).over_pcie(1), 0);
         // A slow link sends nothing; nothing to split sends nothing.
-        assert_eq!(split(40.0, 2.0).over_pcie(8, mb, &none), 0);
-        assert_eq!(split(35.0, 50.0).over_pcie(0, mb, &none), 0);
+        assert_eq!(split(40.0, 2.0).over_pcie(8), 0);
+        assert_eq!(split(35.0, 50.0).over_pcie(0), 0);
         // A fixed share is rounded.
         let fixed = |f: f64| HybridSplit { cpu_rate: 0.0, pcie_rate: 0.0, fixed: Some(f) };
-        assert_eq!(fixed(1.0).over_pcie(7, mb, &none), 7);
-        assert_eq!(fixed(0.5).over_pcie(7, mb, &none), 4);
-        assert_eq!(fixed(0.0).over_pcie(7, mb, &none), 0);
-    }
-
-    #[test]
-    fn the_split_follows_the_rates_seen_while_decoding() {
-        // Measured at load: 48 GB/s of CPU kernels, 55 GB/s of PCIe: 4 of 7 cross.
-        let split = HybridSplit { cpu_rate: 48e9, pcie_rate: 55e9, fixed: None };
-        let mb = 1.77e6;
-        let mut live = LiveRates::default();
-        assert_eq!(split.over_pcie(7, mb, &live), 4);
-        // Decoding sees the kernels at 27 GB/s on their share and 11 µs of host time per expert
-        // sent: by the 8th layer the split uses those. CPU 11·m + 65.6·(7 − m) µs against
-        // PCIe 32.2·m µs: m = 5 (186.2 µs on the CPU, 160.9 on PCIe) beats 4 (240.8 on the CPU)
-        // and 6 (193.1 on PCIe).
-        for i in 0..LiveRates::WARM {
-            assert_eq!(split.over_pcie(7, mb, &live), 4, "before sample {i}");
-            live.add_cpu(3.0 * mb, 3.0 * mb / 27e9);
-            live.add_sent(4, 4.0 * 11e-6);
-        }
-        assert!((live.cpu_rate - 27e9).abs() < 1.0 && (live.host_per_sent - 11e-6).abs() < 1e-12);
-        assert_eq!(split.over_pcie(7, mb, &live), 5);
-        // An average moves by ALPHA of each new sample.
-        live.add_cpu(mb, mb / 37e9);
-        assert!((live.cpu_rate - 27.5e9).abs() < 1e3, "{}", live.cpu_rate);
-        // Nothing measured (no time, no experts) changes nothing.
-        let before = (live.cpu_rate, live.cpu_samples, live.host_per_sent, live.sent_samples);
-        live.add_cpu(0.0, 1e-3);
-        live.add_sent(0, 1e-3);
-        assert_eq!(before, (live.cpu_rate, live.cpu_samples, live.host_per_sent, live.sent_samples));
+        assert_eq!(fixed(1.0).over_pcie(7), 7);
+        assert_eq!(fixed(0.5).over_pcie(7), 4);
+        assert_eq!(fixed(0.0).over_pcie(7), 0);
     }
 }
