@@ -210,24 +210,44 @@ struct ExpertLayout {
 
 const SLOT_ALIGN: usize = 256;
 
-/// The last-level cache's size (Linux sysfs; 64 MiB where it cannot be read).
+/// Bytes of last-level cache on the machine: the sum over its distinct L3 instances (one per
+/// socket, or per CCD on AMD), from Linux sysfs; 64 MiB where it cannot be read. The threads
+/// that read experts run anywhere, so overwriting one instance is not enough.
 fn last_level_cache_bytes() -> usize {
-    (0..8)
-        .rev()
-        .find_map(|i| {
-            let s = std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu0/cache/index{i}/size")).ok()?;
-            let s = s.trim();
-            let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-            let v: usize = num.parse().ok()?;
-            Some(match unit {
-                "K" => v << 10,
-                "M" => v << 20,
-                "G" => v << 30,
-                _ => v,
-            })
+    let size = |s: &str| -> Option<usize> {
+        let s = s.trim();
+        let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+        let v: usize = num.parse().ok()?;
+        Some(match unit {
+            "K" => v << 10,
+            "M" => v << 20,
+            "G" => v << 30,
+            _ => v,
         })
-        .unwrap_or(64 << 20)
-        .clamp(8 << 20, 1 << 30)
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0usize;
+    let Ok(cpus) = std::fs::read_dir("/sys/devices/system/cpu") else { return 64 << 20 };
+    for cpu in cpus.flatten() {
+        let name = cpu.file_name();
+        let name = name.to_string_lossy();
+        if !name.strip_prefix("cpu").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) {
+            continue;
+        }
+        for i in 0..8 {
+            let dir = cpu.path().join(format!("cache/index{i}"));
+            if std::fs::read_to_string(dir.join("level")).ok().as_deref().map(str::trim) != Some("3") {
+                continue;
+            }
+            let shared = std::fs::read_to_string(dir.join("shared_cpu_list")).unwrap_or_default();
+            if seen.insert(shared.trim().to_string())
+                && let Some(b) = std::fs::read_to_string(dir.join("size")).ok().as_deref().and_then(size)
+            {
+                total = total.saturating_add(b);
+            }
+        }
+    }
+    if total == 0 { 64 << 20 } else { total.clamp(8 << 20, 4 << 30) }
 }
 
 /// How long the CPU's threads spin at most through a hybrid layer's wait for its expert ids
@@ -2007,8 +2027,9 @@ impl CudaBackend {
             // The stretch since the last wait (combine, mixer, norm, router, top-k) ends here.
             self.stretch_end(p)?;
             // The CPU's threads spin through the wait and the GPU launches after it, so that its
-            // share of the experts starts on running threads (dropped before that share).
-            let warm = (self.opts.gpu.hybrid != Hybrid::Off && warm_threads())
+            // share of the experts starts on running threads (dropped before that share, and
+            // before anything else that needs the compute pool: the slot copies of disk reads).
+            let mut warm = (self.opts.gpu.hybrid != Hybrid::Off && warm_threads())
                 .then(|| flashmoe_kernels::WarmThreads::start(WARM_LIMIT));
             let (ids, x) = {
                 let io = host_io(p.pool, k, h)?;
@@ -2054,6 +2075,10 @@ impl CudaBackend {
             }
             self.stats.pool_hits.fetch_add((k - misses.len()) as u64, Relaxed);
             self.stats.pool_misses.fetch_add(misses.len() as u64, Relaxed);
+            if misses.is_empty() {
+                // (Nothing for the CPU this layer.)
+                drop(warm.take());
+            }
             if let ExpertSet::Streamed { store, layer } = &dl.experts.host {
                 let hits = ids.iter().enumerate().filter(|(j, _)| !misses.contains(j)).map(|(_, &x)| x as usize);
                 store.note_uses(*layer, hits);
@@ -2090,6 +2115,9 @@ impl CudaBackend {
                         }
                     });
                 if !to_gpu.is_empty() {
+                    // (`ExpertPool::fill` and `demote` copy on the compute pool, which the
+                    // spinners hold until dropped.)
+                    drop(warm.take());
                     let miss_ids: Vec<usize> = to_gpu.iter().map(|&j| ids[j] as usize).collect();
                     let t_io = Instant::now();
                     let slots = self.load_missing(pool, &dl.experts, li, &miss_ids, &protect, false)?;
@@ -2109,7 +2137,7 @@ impl CudaBackend {
                     }
                 }
                 let (on_cpu, cpu_bufs) = self.send_over_pcie(pool, &dl.experts.host, on_cpu, &ids, normed, &gu, &ys)?;
-                drop(warm);
+                drop(warm.take());
                 if !on_cpu.is_empty() {
                     // While the GPU copies and computes its share, the CPU computes these from
                     // the RAM tier (zero-copy views); only their outputs cross PCIe.
@@ -2428,7 +2456,7 @@ impl CudaBackend {
         use rayon::prelude::*;
         let e = store.num_experts().max(1);
         let n = k.div_ceil(2).clamp(1, e);
-        let mut flush = vec![0u8; (3 * last_level_cache_bytes() / 2).min(512 << 20)];
+        let mut flush = vec![0u8; (last_level_cache_bytes() / 2 * 3).min(512 << 20)];
         let mut best = f64::MAX;
         for rep in 0..3.min(e / n).max(1) {
             let ids: Vec<usize> = (rep * n..(rep + 1) * n).map(|i| i % e).collect();
