@@ -1014,12 +1014,12 @@ impl ExpertStore {
         self.expert_weights(layer, buf).ok().map(|w| w.bytes())
     }
 
-    /// Matrix views over one fetched expert buffer: the layer's template applied to it, or (a
-    /// buffer shorter than the layer's blobs, the template being made) the blob parsed.
+    /// Matrix views over one fetched expert buffer: the layer's template applied to it, or (the
+    /// template being made, or a range of it outside the buffer) the blob parsed, which gives
+    /// the same views or the error naming the component.
     pub fn expert_weights(&self, layer: usize, buf: Arc<AlignedBuf>) -> Result<ExpertWeights> {
         let lf = &self.layers[layer];
-        if buf.len() >= lf.blob_bytes as usize
-            && let Some(t) = self.templates.get(layer)
+        if let Some(t) = self.templates.get(layer)
             && let Some(w) = t.apply(&(buf.clone() as Arc<dyn crate::weights::store::ByteSource>))
         {
             return Ok(w);

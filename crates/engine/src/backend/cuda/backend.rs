@@ -214,17 +214,8 @@ const SLOT_ALIGN: usize = 256;
 /// socket, or per CCD on AMD), from Linux sysfs; 64 MiB where it cannot be read. The threads
 /// that read experts run anywhere, so overwriting one instance is not enough.
 fn last_level_cache_bytes() -> usize {
-    let size = |s: &str| -> Option<usize> {
-        let s = s.trim();
-        let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-        let v: usize = num.parse().ok()?;
-        Some(match unit {
-            "K" => v << 10,
-            "M" => v << 20,
-            "G" => v << 30,
-            _ => v,
-        })
-    };
+    // (sysfs writes sizes as `32768K`.)
+    let size = |s: &str| crate::units::parse_size(s).ok().and_then(|b| usize::try_from(b).ok());
     let mut seen = std::collections::HashSet::new();
     let mut total = 0usize;
     let Ok(cpus) = std::fs::read_dir("/sys/devices/system/cpu") else { return 64 << 20 };
