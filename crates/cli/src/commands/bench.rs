@@ -528,15 +528,15 @@ fn print_gpu(r: &DecodeReport, g: &bench::GpuDecodeInfo, disk_bw: f64) {
         // or the CPU's experts (lookups, the GPU's expert launches, the outputs' uploads).
         let ms = |s: f64| s * 1e3 / n;
         eprintln!(
-            "[flashmoe] host per token: pass {:.3} ms = outside the MoE op {:.3} + MoE op {:.3} (ids wait {:.3}, CPU experts {:.3} = RAM-tier lookups, reads of experts not in RAM, views {:.3} + kernels {:.3} + rest {:.3}, PCIe share's lookups, copies and launches {:.3}, uploads {:.3}, other {:.3})",
+            "[flashmoe] host per token: pass {:.3} ms = outside the MoE op {:.3} + MoE op {:.3} (ids wait {:.3}, CPU experts {:.3} = RAM-tier lookups, reads of experts not in RAM, views {:.3} + waiting for the pool {:.3} (its kernels {:.3}, alongside the PCIe share), PCIe share's lookups, copies and launches {:.3}, uploads {:.3}, other {:.3})",
             ms(g.pass_host_secs),
             ms(g.pass_host_secs - g.moe_host_secs),
             ms(g.moe_host_secs),
             ms(g.ids_wait_secs),
             ms(g.cpu_secs),
             ms(g.cpu_fetch_secs),
+            ms(g.cpu_secs - g.cpu_fetch_secs),
             ms(g.cpu_kernel_secs),
-            ms(g.cpu_secs - g.cpu_fetch_secs - g.cpu_kernel_secs),
             ms(g.pcie_host_secs),
             ms(g.upload_secs),
             ms(g.moe_host_secs - g.ids_wait_secs - g.cpu_secs - g.pcie_host_secs - g.upload_secs),

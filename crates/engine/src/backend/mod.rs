@@ -63,9 +63,11 @@ pub struct TierCounters {
     pub prewarmed: u64,
     /// Host time blocked on the GPU for a step's expert ids (decode with misses), nanoseconds.
     pub ids_wait_ns: u64,
-    /// Host time computing GPU-cache misses on the CPU (hybrid decode), nanoseconds.
+    /// Host time on the GPU-cache misses the CPU computes (hybrid decode), nanoseconds: the
+    /// RAM-tier lookups and views (`cpu_fetch_ns`), and the wait for the compute pool after the
+    /// PCIe share was issued alongside it.
     pub cpu_ns: u64,
-    /// Of `cpu_ns`, the expert kernels alone, and the RAM-tier lookups and views before them.
+    /// The pool's expert kernels, wall time (overlapping the PCIe share's host work).
     pub cpu_kernel_ns: u64,
     pub cpu_fetch_ns: u64,
     /// Host time queuing the CPU's expert outputs up to the GPU, nanoseconds.

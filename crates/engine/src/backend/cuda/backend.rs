@@ -67,7 +67,8 @@ struct GpuStats {
     /// Host nanoseconds waiting for expert ids, and computing misses on the CPU.
     ids_wait_ns: AtomicU64,
     cpu_ns: AtomicU64,
-    /// Of `cpu_ns`, the expert kernels alone, and the RAM-tier lookups and views before them.
+    /// The pool's expert kernels (overlapping the PCIe share's host work), and the RAM-tier
+    /// lookups and views before them (part of `cpu_ns`).
     cpu_kernel_ns: AtomicU64,
     cpu_fetch_ns: AtomicU64,
     /// Host time queuing the CPU's expert outputs up to the GPU.
@@ -252,6 +253,13 @@ fn warm_threads() -> bool {
     *ON.get_or_init(|| std::env::var("FLASHMOE_WARM_THREADS").map_or(true, |v| v != "0"))
 }
 
+/// Whether hybrid decode issues the PCIe share while the pool computes the CPU's share
+/// (`FLASHMOE_PCIE_OVERLAP=0`: before it, for measuring what the overlap buys).
+fn pcie_overlap() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FLASHMOE_PCIE_OVERLAP").map_or(true, |v| v != "0"))
+}
+
 /// The host byte ranges of one matrix: (weight, scales, biases) — the last two empty for floats.
 fn mat_pieces<'a>(l: &'a Linear, what: &str) -> Result<(MatLayout, [&'a [u8]; 3])> {
     let mats = l.mats();
@@ -425,6 +433,24 @@ struct Transit {
     /// The host buffers of copies in flight: kept alive (not recycled by the RAM tier) until
     /// the host next waits for the GPU.
     hold: Vec<Arc<AlignedBuf>>,
+}
+
+/// Which of a layer's RAM-tier misses cross PCIe and which the CPU computes
+/// (`CudaBackend::plan_pcie_share`).
+struct PcieSharePlan {
+    /// Indices into the layer's ids, in order, and their buffers when the plan fetched them.
+    keep: Vec<usize>,
+    keep_bufs: Option<Vec<Arc<AlignedBuf>>>,
+    sends: Vec<PcieSend>,
+}
+
+/// One expert of the PCIe share: its row among the layer's k, its pinned buffer, the layout of
+/// its three matrices in that buffer and the bytes to copy.
+struct PcieSend {
+    row: usize,
+    buf: Arc<AlignedBuf>,
+    mats: [MatLayout; 3],
+    end: usize,
 }
 
 /// Hybrid decode's split of the RAM tier's misses between the CPU and PCIe, from rates measured
@@ -2127,15 +2153,58 @@ impl CudaBackend {
                             .gemv_batch(dev, &[BatchItem { m: dm.view(base), x: gu(j), y: ys(j), swiglu: true }])?;
                     }
                 }
-                let (on_cpu, cpu_bufs) = self.send_over_pcie(pool, &dl.experts.host, on_cpu, &ids, normed, &gu, &ys)?;
+                let share = self.plan_pcie_share(pool, &dl.experts.host, on_cpu, &ids)?;
+                // The CPU's share (zero-copy views of the RAM tier; only their outputs cross
+                // PCIe) starts on the compute pool first; this thread then issues the PCIe
+                // share's copies and launches while the pool computes, and waits for it after.
+                let t_cpu = Instant::now();
+                let weights = self.cpu_weights(&dl.experts.host, &share.keep, &ids, share.keep_bufs)?;
+                let views = t_cpu.elapsed();
+                self.stats.cpu_fetch_ns.fetch_add(views.as_nanos() as u64, Relaxed);
                 drop(warm.take());
-                if !on_cpu.is_empty() {
-                    // While the GPU copies and computes its share, the CPU computes these from
-                    // the RAM tier (zero-copy views); only their outputs cross PCIe.
-                    let t_cpu = Instant::now();
-                    cpu_outs = self.cpu_experts(&dl.experts.host, &on_cpu, &ids, &x, cpu_bufs)?;
-                    self.stats.cpu_ns.fetch_add(t_cpu.elapsed().as_nanos() as u64, Relaxed);
-                    self.stats.cpu_experts.fetch_add(on_cpu.len() as u64, Relaxed);
+                let mut outs: Option<Vec<Vec<f32>>> = None;
+                let mut sends = Some(share.sends);
+                // (`FLASHMOE_PCIE_OVERLAP=0`: the PCIe share is issued before the CPU's starts,
+                // as before; for measuring what the overlap buys.)
+                let mut sent = if pcie_overlap() {
+                    Ok(())
+                } else {
+                    self.issue_pcie_share(pool, sends.take().unwrap_or_default(), normed, &gu, &ys)
+                };
+                let mut host_done = Instant::now();
+                rayon::in_place_scope(|s| {
+                    if !weights.is_empty() {
+                        let (outs, weights, x, kernel_ns) = (&mut outs, &weights, &x, &self.stats.cpu_kernel_ns);
+                        s.spawn(move |_| {
+                            let t0 = Instant::now();
+                            // One kernel batch for all of them (two parallel regions), not a
+                            // parallel loop of experts each splitting its own matrices.
+                            let jobs: Vec<crate::backend::cpu::MlpJob> = weights
+                                .iter()
+                                .map(|ew| crate::backend::cpu::MlpJob {
+                                    gate: &ew.gate,
+                                    up: &ew.up,
+                                    down: &ew.down,
+                                    xs: x,
+                                    n: 1,
+                                })
+                                .collect();
+                            *outs = Some(crate::backend::cpu::mlps_forward(&jobs));
+                            kernel_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
+                        });
+                    }
+                    if let Some(sends) = sends.take() {
+                        sent = self.issue_pcie_share(pool, sends, normed, &gu, &ys);
+                    }
+                    host_done = Instant::now();
+                });
+                // (The host's time on the CPU's share: the views, and the wait for the pool
+                // after the PCIe share was issued; the kernels' own time is `cpu_kernel_ns`.)
+                self.stats.cpu_ns.fetch_add((views + host_done.elapsed()).as_nanos() as u64, Relaxed);
+                sent?;
+                if let Some(outs) = outs {
+                    self.stats.cpu_experts.fetch_add(share.keep.len() as u64, Relaxed);
+                    cpu_outs = share.keep.iter().copied().zip(outs).collect();
                 }
             }
             // Up in one copy through pinned memory, queued on the compute stream before the
@@ -2312,57 +2381,79 @@ impl CudaBackend {
     }
 
     /// Hybrid auto's PCIe share of the misses `on_cpu` (indices into `ids`) the CPU would
-    /// compute: as many as the split says are copied by DMA from their pinned RAM-tier buffers
-    /// into transit memory (one copy each, on the copy stream) and computed there by two batched
-    /// GEMV launches into the same output rows the GPU's own misses use (`gu`, `ys`): the combine
-    /// reads them like any GPU expert. Nothing changes tier. Returns the misses left to the CPU,
-    /// with their buffers when it fetched them.
-    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-    fn send_over_pcie(
+    /// compute: which of them cross PCIe (as many as the split says, the last ones whose
+    /// RAM-tier buffers are pinned and fit a transit slot) and their layouts. Nothing is copied
+    /// or launched yet ([`Self::issue_pcie_share`]). The rest stay with the CPU, with their
+    /// buffers when it fetched them.
+    fn plan_pcie_share(
         &self,
-        pool: &mut ExpertPool,
+        pool: &ExpertPool,
         host: &ExpertSet,
         on_cpu: Vec<usize>,
         ids: &[i32],
-        normed: u64,
-        gu: &dyn Fn(usize) -> u64,
-        ys: &dyn Fn(usize) -> u64,
-    ) -> crate::Result<(Vec<usize>, Option<Vec<Arc<AlignedBuf>>>)> {
-        let (Some(split), ExpertSet::Streamed { store, layer }) = (self.split, host) else {
-            return Ok((on_cpu, None));
-        };
-        let copy_stream = pool.copy_stream.clone();
-        let Some(tr) = pool.transit.as_mut() else { return Ok((on_cpu, None)) };
+    ) -> crate::Result<PcieSharePlan> {
+        let nothing = |keep| Ok(PcieSharePlan { keep, keep_bufs: None, sends: Vec::new() });
+        let (Some(split), ExpertSet::Streamed { store, layer }) = (self.split, host) else { return nothing(on_cpu) };
+        let Some(tr) = pool.transit.as_ref() else { return nothing(on_cpu) };
         let m = split.over_pcie(on_cpu.len()).min(tr.slots);
         if m == 0 || self.opts.gpu.hybrid != Hybrid::Auto {
-            return Ok((on_cpu, None));
+            return nothing(on_cpu);
         }
-        let dev = &*self.dev;
         let t = Instant::now();
         let e_ids: Vec<usize> = on_cpu.iter().map(|&j| ids[j] as usize).collect();
         let bufs = store.fetch(*layer, &e_ids)?;
         let (mut keep, mut keep_bufs) = (Vec::with_capacity(on_cpu.len()), Vec::with_capacity(on_cpu.len()));
-        let (mut first, mut second) = (Vec::with_capacity(2 * m), Vec::with_capacity(m));
-        let mut sent_bytes = 0;
+        let mut sends = Vec::with_capacity(m);
         // The last m that are in pinned memory (heap buffers from before the switch stay on the
         // CPU).
         for (&j, b) in on_cpu.iter().zip(bufs).rev() {
-            let slot = first.len() / 2;
-            let layout = if slot < m && b.host_memory().is_some() {
+            let layout = if sends.len() < m && b.host_memory().is_some() {
                 let base = ByteSource::bytes(&*b).as_ptr() as usize;
                 blob_layout(&store.expert_weights(*layer, b.clone())?, base)?
             } else {
                 None
             };
-            let Some(([gl, ul, dm], end)) = layout.filter(|(_, end)| *end <= tr.stride) else {
-                keep.push(j);
-                keep_bufs.push(b);
-                continue;
-            };
+            match layout.filter(|(_, end)| *end <= tr.stride) {
+                Some((mats, end)) => sends.push(PcieSend { row: j, buf: b, mats, end }),
+                None => {
+                    keep.push(j);
+                    keep_bufs.push(b);
+                }
+            }
+        }
+        keep.reverse();
+        keep_bufs.reverse();
+        self.stats.pcie_host_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+        Ok(PcieSharePlan { keep, keep_bufs: Some(keep_bufs), sends })
+    }
+
+    /// Issues the planned PCIe share: each expert copied whole by DMA from its pinned RAM-tier
+    /// buffer into a transit slot (one copy each, on the copy stream) and computed there by two
+    /// batched GEMV launches into the same output rows the GPU's own misses use (`gu`, `ys`):
+    /// the combine reads them like any GPU expert. Nothing changes tier.
+    fn issue_pcie_share(
+        &self,
+        pool: &mut ExpertPool,
+        sends: Vec<PcieSend>,
+        normed: u64,
+        gu: &dyn Fn(usize) -> u64,
+        ys: &dyn Fn(usize) -> u64,
+    ) -> crate::Result<()> {
+        if sends.is_empty() {
+            return Ok(());
+        }
+        let t = Instant::now();
+        let dev = &*self.dev;
+        let copy_stream = pool.copy_stream.clone();
+        let tr = pool.transit.as_mut().expect("a plan with sends has transit memory");
+        let (mut first, mut second) = (Vec::with_capacity(2 * sends.len()), Vec::with_capacity(sends.len()));
+        let mut sent_bytes = 0;
+        for (slot, PcieSend { row: j, buf: b, mats: [gl, ul, dm], end }) in sends.into_iter().enumerate() {
             let dst = tr.mem.ptr() + (slot * tr.stride) as u64;
             // SAFETY: a pinned source kept alive in `hold` until the host next waits for the
             // GPU (after this copy and the kernels reading it have run); the destination is
-            // this slot's `stride` bytes of transit memory (end ≤ stride, checked above).
+            // this slot's `stride` bytes of transit memory (end ≤ stride, checked by the plan;
+            // slot < the transit's slots, the plan's bound on the number of sends).
             unsafe {
                 cudarc::driver::result::memcpy_htod_async(dst, &ByteSource::bytes(&*b)[..end], copy_stream.cu_stream())
             }
@@ -2373,18 +2464,14 @@ impl CudaBackend {
             first.push(BatchItem { m: ul.view(dst), x: normed, y: gu(j) + (gl.rows * 4) as u64, swiglu: false });
             second.push(BatchItem { m: dm.view(dst), x: gu(j), y: ys(j), swiglu: true });
         }
-        keep.reverse();
-        keep_bufs.reverse();
-        if !second.is_empty() {
-            tr.done.record(&copy_stream).map_err(|e| CudaError(format!("cuEventRecord: {e:?}")))?;
-            dev.stream.wait(&tr.done).map_err(|e| CudaError(format!("cuStreamWaitEvent: {e:?}")))?;
-            self.gemv.gemv_batch(dev, &first)?;
-            self.gemv.gemv_batch(dev, &second)?;
-            self.stats.pcie_experts.fetch_add(second.len() as u64, Relaxed);
-            self.stats.h2d_bytes.fetch_add(sent_bytes as u64, Relaxed);
-        }
+        tr.done.record(&copy_stream).map_err(|e| CudaError(format!("cuEventRecord: {e:?}")))?;
+        dev.stream.wait(&tr.done).map_err(|e| CudaError(format!("cuStreamWaitEvent: {e:?}")))?;
+        self.gemv.gemv_batch(dev, &first)?;
+        self.gemv.gemv_batch(dev, &second)?;
+        self.stats.pcie_experts.fetch_add(second.len() as u64, Relaxed);
+        self.stats.h2d_bytes.fetch_add(sent_bytes as u64, Relaxed);
         self.stats.pcie_host_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
-        Ok((keep, Some(keep_bufs)))
+        Ok(())
     }
 
     /// Hybrid auto with a RAM tier: makes the store's buffers pinned (so RAM-tier experts can
@@ -2469,43 +2556,25 @@ impl CudaBackend {
         Ok((n * store.blob_bytes(layer)) as f64 / best.max(1e-9))
     }
 
-    /// Routed experts `ids[j]` for j in `which`, computed by the CPU backend's kernels on the
-    /// layer input `x` (RAM-tier buffers or mapped checkpoint views, no copy), in parallel.
-    /// `bufs`: their buffers when the caller already fetched them.
-    fn cpu_experts(
+    /// Views of the experts `which` (indices into `ids`) the CPU computes: zero-copy from the
+    /// RAM tier's buffers (`bufs` when the caller fetched them) or the mapped checkpoint.
+    fn cpu_weights(
         &self,
         host: &ExpertSet,
         which: &[usize],
         ids: &[i32],
-        x: &[f32],
         bufs: Option<Vec<Arc<AlignedBuf>>>,
-    ) -> crate::Result<Vec<(usize, Vec<f32>)>> {
-        let t_fetch = Instant::now();
-        let weights: Vec<(usize, ExpertWeights)> = match host {
-            ExpertSet::Resident(v) => which.iter().map(|&j| (j, v[ids[j] as usize].clone())).collect(),
+    ) -> crate::Result<Vec<ExpertWeights>> {
+        match host {
+            ExpertSet::Resident(v) => Ok(which.iter().map(|&j| v[ids[j] as usize].clone()).collect()),
             ExpertSet::Streamed { store, layer } => {
                 let bufs = match bufs {
                     Some(b) => b,
                     None => store.fetch(*layer, &which.iter().map(|&j| ids[j] as usize).collect::<Vec<_>>())?,
                 };
-                let mut out = Vec::with_capacity(which.len());
-                for (&j, b) in which.iter().zip(bufs) {
-                    out.push((j, store.expert_weights(*layer, b)?));
-                }
-                out
+                bufs.into_iter().map(|b| store.expert_weights(*layer, b)).collect()
             }
-        };
-        self.stats.cpu_fetch_ns.fetch_add(t_fetch.elapsed().as_nanos() as u64, Relaxed);
-        // One kernel batch for all of them (two parallel regions), not a parallel loop of
-        // experts each splitting its own matrices.
-        let jobs: Vec<crate::backend::cpu::MlpJob> = weights
-            .iter()
-            .map(|(_, ew)| crate::backend::cpu::MlpJob { gate: &ew.gate, up: &ew.up, down: &ew.down, xs: x, n: 1 })
-            .collect();
-        let t0 = Instant::now();
-        let outs = crate::backend::cpu::mlps_forward(&jobs);
-        self.stats.cpu_kernel_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
-        Ok(weights.iter().map(|(j, _)| *j).zip(outs).collect())
+        }
     }
 
     /// Reads the prefetch guess launched for the next layer (the GPU is idle up to here: the
