@@ -102,6 +102,45 @@ fn recorded_profile_prewarms_the_ram_tier_hottest_first_without_changing_logits(
     assert!(store.snapshot().ram_hits > 0);
 }
 
+/// A tier above that stops taking the pre-warm's experts after a few (it filled up with
+/// on-demand loads first): the rest of its share goes to the RAM tier, read once, so no expert
+/// of the ranking is left for a disk read on first use.
+#[test]
+fn prewarm_sends_to_ram_what_the_upper_tier_refuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = packed_tiny(tmp.path());
+    let m = load(&dir, 64, ProfileSource::Off);
+    let store = m.expert_store().unwrap().clone();
+    let c = m.config.clone();
+    let keys: Vec<((u32, u32), f64)> =
+        (0..c.num_experts as u32).map(|e| ((0, e), 100.0 - e as f64)).chain([((1, 0), 1.0), ((1, 1), 0.5)]).collect();
+    let to_upper = c.num_experts.min(10);
+    let (tx, rx) =
+        std::sync::mpsc::sync_channel::<((u32, u32), std::sync::Arc<flashmoe::experts::buffer::AlignedBuf>)>(1);
+    let taker = std::thread::spawn(move || {
+        // Takes two, then goes away.
+        let got: Vec<(u32, u32)> = (0..2).map(|_| rx.recv().unwrap().0).collect();
+        drop(rx);
+        got
+    });
+    let before = store.snapshot().disk_reads;
+    store.start_prewarm(keys.clone(), Some(tx), to_upper).join().unwrap();
+    let taken = taker.join().unwrap();
+    assert_eq!(taken, [(0, 0), (0, 1)], "hottest first, in order");
+    for &((l, e), _) in &keys {
+        let in_ram = store.in_ram(l as usize, e as usize);
+        if taken.contains(&(l, e)) {
+            assert!(!in_ram, "({l}, {e}) went up: not also in RAM");
+        } else {
+            // (At most one the reader sent into the channel before the taker left can be lost.)
+            assert!(in_ram || e == 2, "({l}, {e}) is in neither tier");
+        }
+    }
+    // Every key read at most once.
+    let reads = store.snapshot().disk_reads - before;
+    assert!(reads <= keys.len() as u64, "{reads} reads for {} keys", keys.len());
+}
+
 #[test]
 fn prewarm_never_evicts_what_the_run_brought_in() {
     let tmp = tempfile::tempdir().unwrap();

@@ -718,11 +718,17 @@ impl ExpertStore {
     /// Puts an expert the tier above evicted into the RAM tier (exclusive hierarchy: it is not
     /// here yet). Returns whether the RAM tier kept it.
     pub fn admit(&self, layer: usize, e: usize, buf: AlignedBuf) -> bool {
+        self.admit_shared(layer, e, Arc::new(buf))
+    }
+
+    /// [`Self::admit`] for a buffer that may still be shared (a pre-warm read handed to a tier
+    /// above that had no room for it by then).
+    pub fn admit_shared(&self, layer: usize, e: usize, buf: Arc<AlignedBuf>) -> bool {
         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if c.budget() == 0 {
             return false;
         }
-        c.insert((layer as u32, e as u32), Arc::new(buf));
+        c.insert((layer as u32, e as u32), buf);
         let kept = c.contains((layer as u32, e as u32));
         if kept {
             self.stats.ram_admitted.fetch_add(1, Relaxed);
@@ -902,31 +908,53 @@ impl ExpertStore {
         let (up_keys, ram_keys) = keys.split_at(if upper.is_some() { to_upper.min(keys.len()) } else { 0 });
         let valid =
             |&((l, e), _): &((u32, u32), f64)| (l as usize) < self.layers.len() && (e as usize) < self.num_experts;
-        // Experts for the tier above: read (not cached here) and handed over in order.
+        let mut ram_keys: Vec<((u32, u32), f64)> = ram_keys.iter().copied().filter(valid).collect();
+        // Experts for the tier above: read (not cached here) and handed over in order. When it
+        // stops taking them (full: on-demand loads filled it first), this expert and every one
+        // after it belong to RAM: the ones already read go in now, the rest join the RAM list
+        // in front (they are the hottest), so none is left for a disk read on first use.
         if let Some(tx) = upper {
-            for chunk in up_keys.iter().copied().filter(valid).collect::<Vec<_>>().chunks(batch) {
+            let ups: Vec<((u32, u32), f64)> = up_keys.iter().copied().filter(valid).collect();
+            let mut done = 0;
+            'upper: for chunk in ups.chunks(batch) {
                 if self.prewarm_stop.load(Relaxed) {
                     return;
                 }
-                let mut sorted: Vec<(u32, u32)> = chunk.iter().map(|&(k, _)| k).collect();
-                sorted.sort_unstable();
+                let mut sorted: Vec<((u32, u32), f64)> = chunk.to_vec();
+                sorted.sort_unstable_by_key(|&(k, _)| k);
                 let read: Vec<_> = self.pool.install(|| {
-                    sorted.par_iter().map(|&(l, e)| (l, e, self.read(self.mode, l as usize, e as usize))).collect()
+                    sorted
+                        .par_iter()
+                        .map(|&(k, rate)| (k, rate, self.read(self.mode, k.0 as usize, k.1 as usize)))
+                        .collect()
                 });
-                for (l, e, r) in read {
+                let mut read = read.into_iter();
+                while let Some((key, rate, r)) = read.next() {
                     let Ok(b) = r else { return };
-                    self.stats.prewarmed.fetch_add(1, Relaxed);
-                    if tx.send(((l, e), Arc::new(b))).is_err() {
-                        // The upper tier is full or gone: the rest belongs to RAM anyway.
-                        break;
+                    if let Err(std::sync::mpsc::SendError((_, b))) = tx.send((key, Arc::new(b))) {
+                        let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                        if c.budget() == 0 {
+                            return;
+                        }
+                        let rest = read.filter_map(|(k, rate, r)| r.ok().map(|b| (k, rate, Arc::new(b))));
+                        for (k, rate, b) in std::iter::once((key, rate, b)).chain(rest) {
+                            if !c.contains(k) && c.insert_seeded(k, b, rate).is_ok() {
+                                self.stats.prewarmed.fetch_add(1, Relaxed);
+                            }
+                        }
+                        drop(c);
+                        ram_keys.splice(0..0, ups[done + chunk.len()..].iter().copied());
+                        break 'upper;
                     }
+                    self.stats.prewarmed.fetch_add(1, Relaxed);
                 }
+                done += chunk.len();
             }
         }
         if self.ram_cache_budget() == 0 {
             return;
         }
-        for chunk in ram_keys.iter().copied().filter(valid).collect::<Vec<_>>().chunks(batch) {
+        for chunk in ram_keys.chunks(batch) {
             if self.prewarm_stop.load(Relaxed) {
                 return;
             }

@@ -1485,6 +1485,19 @@ impl CudaBackend {
         let mut moved = 0;
         while moved < limit {
             if pool.free.is_empty() {
+                // Full (on-demand loads took the slots first): what the pre-warm has already
+                // read for the GPU goes to the RAM tier instead (dropping the feed tells the
+                // reader to send the rest there too).
+                while let Ok(((l, e), buf)) = rx.try_recv() {
+                    let held = pool
+                        .store_layers
+                        .iter()
+                        .position(|&s| s == l as usize)
+                        .is_some_and(|pl| pool.map.contains((pl as u32, e)));
+                    if !held {
+                        store.admit_shared(l as usize, e as usize, buf);
+                    }
+                }
                 *feed = None;
                 return Ok(());
             }
