@@ -617,10 +617,13 @@ pub struct GpuDecodeInfo {
     pub d2h_bytes: u64,
     /// Experts the pre-warm placed on the GPU, since load.
     pub prewarmed: u64,
-    /// Host seconds blocked on the GPU for expert ids, and computing misses on the CPU.
+    /// Host seconds blocked on the GPU for expert ids, and spent on the misses the CPU computes
+    /// (their lookups and views, then the wait for the compute pool after issuing the PCIe
+    /// share).
     pub ids_wait_secs: f64,
     pub cpu_secs: f64,
-    /// Of `cpu_secs`, the expert kernels alone, and the RAM-tier lookups and views.
+    /// The pool's expert kernels (wall time, overlapping the PCIe share's host work), and, of
+    /// `cpu_secs`, the RAM-tier lookups and views.
     pub cpu_kernel_secs: f64,
     pub cpu_fetch_secs: f64,
     /// Host seconds queuing the CPU's outputs up to the GPU; inside the MoE op of steps with

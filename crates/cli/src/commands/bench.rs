@@ -516,7 +516,7 @@ fn print_gpu(r: &DecodeReport, g: &bench::GpuDecodeInfo, disk_bw: f64) {
     }
     if g.ids_wait_secs > 0.0 || g.cpu_secs > 0.0 {
         eprintln!(
-            "[flashmoe] host per token: waiting for expert ids {:.3} ms, computing misses on the CPU {:.3} ms (kernels {:.3} ms: {:.1} GB/s of expert bytes), of a {:.3} ms step",
+            "[flashmoe] host per token: waiting for expert ids {:.3} ms, on the misses the CPU computes {:.3} ms (their kernels on the pool {:.3} ms: {:.1} GB/s of expert bytes), of a {:.3} ms step",
             g.ids_wait_secs * 1e3 / n,
             g.cpu_secs * 1e3 / n,
             g.cpu_kernel_secs * 1e3 / n,

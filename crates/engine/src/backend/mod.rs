@@ -291,10 +291,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// full. Only called when `prewarm_room` is not 0.
     fn accept_prewarm(
         &self,
-        _rx: std::sync::mpsc::Receiver<(
-            crate::experts::cache::ExpertKey,
-            std::sync::Arc<crate::experts::buffer::AlignedBuf>,
-        )>,
+        _rx: crate::experts::store::PrewarmRx,
         _store: std::sync::Arc<crate::experts::ExpertStore>,
     ) {
     }

@@ -293,7 +293,14 @@ struct LayerFile {
 
 /// Where a pre-warm hands the experts of the tier above (the GPU) over: (layer, expert) and
 /// its buffer.
-pub type UpperFeed = std::sync::mpsc::SyncSender<((u32, u32), Arc<AlignedBuf>)>;
+pub type UpperFeed = std::sync::mpsc::SyncSender<PrewarmItem>;
+
+/// One pre-warmed expert for a tier above: its key, its buffer, its profiled rate (the score
+/// it gets if that tier cannot take it and it goes to the RAM tier instead).
+pub type PrewarmItem = ((u32, u32), Arc<AlignedBuf>, f64);
+
+/// The receiving end of an [`UpperFeed`].
+pub type PrewarmRx = std::sync::mpsc::Receiver<PrewarmItem>;
 
 /// An expert read started ahead of need (`prefetch`), filled in by an I/O thread.
 #[derive(Default)]
@@ -334,6 +341,11 @@ pub struct ExpertStore {
     num_experts: usize,
     /// Set to end a running pre-warm early (the model is going away).
     prewarm_stop: std::sync::atomic::AtomicBool,
+    /// Experts handed to the tier above (`take`, pre-warm hand-overs) and not given back
+    /// (`admit`): in an exclusive hierarchy their home is up there, so the pre-warm does not
+    /// also put them in RAM. (May hold a few that the tier above dropped; those are then read
+    /// on first use.)
+    handed_up: Mutex<std::collections::HashSet<(u32, u32)>>,
     /// The pool's heap-allocation count when the thread that moves RAM-tier entries into host
     /// memory last found none left (`set_host_memory`).
     pinned_seen: AtomicU64,
@@ -520,6 +532,7 @@ impl ExpertStore {
             uses: (0..cfg.num_layers * cfg.num_experts).map(|_| AtomicU64::new(0)).collect(),
             num_experts: cfg.num_experts,
             prewarm_stop: Default::default(),
+            handed_up: Default::default(),
             pinned_seen: AtomicU64::new(0),
             opened: Instant::now(),
             last_fetch: AtomicU64::new(0),
@@ -718,17 +731,27 @@ impl ExpertStore {
     /// Puts an expert the tier above evicted into the RAM tier (exclusive hierarchy: it is not
     /// here yet). Returns whether the RAM tier kept it.
     pub fn admit(&self, layer: usize, e: usize, buf: AlignedBuf) -> bool {
-        self.admit_shared(layer, e, Arc::new(buf))
+        self.admit_shared(layer, e, Arc::new(buf), None)
     }
 
-    /// [`Self::admit`] for a buffer that may still be shared (a pre-warm read handed to a tier
-    /// above that had no room for it by then).
-    pub fn admit_shared(&self, layer: usize, e: usize, buf: Arc<AlignedBuf>) -> bool {
+    /// [`Self::admit`] for a buffer that may still be shared, scored at `rate` when given (a
+    /// pre-warm read handed to a tier above that had no room for it by then: like the RAM
+    /// tier's own pre-warm, it displaces only colder entries).
+    pub fn admit_shared(&self, layer: usize, e: usize, buf: Arc<AlignedBuf>, rate: Option<f64>) -> bool {
+        let key = (layer as u32, e as u32);
+        self.handed_up.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if c.budget() == 0 {
             return false;
         }
-        c.insert((layer as u32, e as u32), buf);
+        match rate {
+            Some(r) => {
+                if !c.contains(key) && c.insert_seeded(key, buf, r).is_err() {
+                    return false;
+                }
+            }
+            None => c.insert(key, buf),
+        }
         let kept = c.contains((layer as u32, e as u32));
         if kept {
             self.stats.ram_admitted.fetch_add(1, Relaxed);
@@ -839,6 +862,10 @@ impl ExpertStore {
         }
         if take {
             self.stats.ram_taken.fetch_add((ids.len() - missing.len()) as u64, Relaxed);
+            self.handed_up
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(ids.iter().map(|&e| (layer as u32, e as u32)));
         }
         self.stats.ram_hits.fetch_add((ids.len() - missing.len()) as u64, Relaxed);
         self.stats.ram_misses.fetch_add(missing.len() as u64, Relaxed);
@@ -931,14 +958,19 @@ impl ExpertStore {
                 let mut read = read.into_iter();
                 while let Some((key, rate, r)) = read.next() {
                     let Ok(b) = r else { return };
-                    if let Err(std::sync::mpsc::SendError((_, b))) = tx.send((key, Arc::new(b))) {
+                    // (Marked before the send: the tier above may give it back at once.)
+                    self.handed_up.lock().unwrap_or_else(|p| p.into_inner()).insert(key);
+                    if let Err(std::sync::mpsc::SendError((_, b, _))) = tx.send((key, Arc::new(b), rate)) {
+                        self.handed_up.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                        let up = self.handed_up.lock().unwrap_or_else(|p| p.into_inner()).clone();
                         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
                         if c.budget() == 0 {
                             return;
                         }
                         let rest = read.filter_map(|(k, rate, r)| r.ok().map(|b| (k, rate, Arc::new(b))));
                         for (k, rate, b) in std::iter::once((key, rate, b)).chain(rest) {
-                            if !c.contains(k) && c.insert_seeded(k, b, rate).is_ok() {
+                            // (Skipping what the tier above loaded on its own meanwhile.)
+                            if !c.contains(k) && !up.contains(&k) && c.insert_seeded(k, b, rate).is_ok() {
                                 self.stats.prewarmed.fetch_add(1, Relaxed);
                             }
                         }
@@ -961,7 +993,12 @@ impl ExpertStore {
             let mut todo: Vec<((u32, u32), f64)> = {
                 let c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
                 let p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                chunk.iter().copied().filter(|(k, _)| !c.contains(*k) && !p.contains_key(k)).collect()
+                let up = self.handed_up.lock().unwrap_or_else(|p| p.into_inner());
+                chunk
+                    .iter()
+                    .copied()
+                    .filter(|(k, _)| !c.contains(*k) && !p.contains_key(k) && !up.contains(k))
+                    .collect()
             };
             if todo.is_empty() {
                 continue;

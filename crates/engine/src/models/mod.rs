@@ -100,8 +100,7 @@ pub fn place_split<B: Backend>(
 }
 
 /// Experts read ahead by a pre-warm, on their way to a backend's tier.
-pub type PrewarmRx =
-    std::sync::mpsc::Receiver<(crate::experts::cache::ExpertKey, std::sync::Arc<crate::experts::buffer::AlignedBuf>)>;
+pub use crate::experts::store::PrewarmRx;
 
 /// A model on a backend, as the runtime sees it: states, passes, and what it reports.
 pub trait PlacedModel: Send + Sync {

@@ -64,7 +64,8 @@ struct GpuStats {
     d2h_bytes: AtomicU64,
     /// Experts the background pre-warm placed in the pool.
     prewarmed: AtomicU64,
-    /// Host nanoseconds waiting for expert ids, and computing misses on the CPU.
+    /// Host nanoseconds waiting for expert ids, and on the misses the CPU computes (lookups,
+    /// views, the wait for the pool after issuing the PCIe share).
     ids_wait_ns: AtomicU64,
     cpu_ns: AtomicU64,
     /// The pool's expert kernels (overlapping the PCIe share's host work), and the RAM-tier
@@ -83,7 +84,7 @@ struct GpuStats {
 }
 
 /// Hand-over of pre-warmed experts from the store's reader thread to the pool.
-type PrewarmFeed = (std::sync::mpsc::Receiver<(ExpertKey, Arc<AlignedBuf>)>, Arc<ExpertStore>);
+type PrewarmFeed = (crate::experts::store::PrewarmRx, Arc<ExpertStore>);
 
 /// Tensors on the GPU: matrices in their stored format, f32 vectors, and a layer's routed
 /// experts as the host set they are copied from plus their slot layout.
@@ -1488,20 +1489,20 @@ impl CudaBackend {
                 // Full (on-demand loads took the slots first): what the pre-warm has already
                 // read for the GPU goes to the RAM tier instead (dropping the feed tells the
                 // reader to send the rest there too).
-                while let Ok(((l, e), buf)) = rx.try_recv() {
+                while let Ok(((l, e), buf, rate)) = rx.try_recv() {
                     let held = pool
                         .store_layers
                         .iter()
                         .position(|&s| s == l as usize)
                         .is_some_and(|pl| pool.map.contains((pl as u32, e)));
                     if !held {
-                        store.admit_shared(l as usize, e as usize, buf);
+                        store.admit_shared(l as usize, e as usize, buf, Some(rate));
                     }
                 }
                 *feed = None;
                 return Ok(());
             }
-            let ((l, e), buf) = match rx.try_recv() {
+            let ((l, e), buf, _) = match rx.try_recv() {
                 Ok(item) => item,
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
                 // The reader has handed over the GPU's share: on-demand loads may fill the rest.
@@ -2167,26 +2168,32 @@ impl CudaBackend {
                     }
                 }
                 let share = self.plan_pcie_share(pool, &dl.experts.host, on_cpu, &ids)?;
-                // The CPU's share (zero-copy views of the RAM tier; only their outputs cross
-                // PCIe) starts on the compute pool first; this thread then issues the PCIe
-                // share's copies and launches while the pool computes, and waits for it after.
-                let t_cpu = Instant::now();
-                let weights = self.cpu_weights(&dl.experts.host, &share.keep, &ids, share.keep_bufs)?;
-                let views = t_cpu.elapsed();
-                self.stats.cpu_fetch_ns.fetch_add(views.as_nanos() as u64, Relaxed);
-                drop(warm.take());
-                let mut outs: Option<Vec<Vec<f32>>> = None;
                 let mut sends = Some(share.sends);
-                // (`FLASHMOE_PCIE_OVERLAP=0`: the PCIe share is issued before the CPU's starts,
-                // as before; for measuring what the overlap buys.)
+                // (`FLASHMOE_PCIE_OVERLAP=0`: the PCIe share is issued first, with the threads
+                // still spinning, and the CPU's share after it, as before; for measuring what
+                // the overlap buys.)
                 let mut sent = if pcie_overlap() {
                     Ok(())
                 } else {
                     self.issue_pcie_share(pool, sends.take().unwrap_or_default(), normed, &gu, &ys)
                 };
-                let mut host_done = Instant::now();
-                rayon::in_place_scope(|s| {
-                    if !weights.is_empty() {
+                // The CPU's share (zero-copy views of the RAM tier; only their outputs cross
+                // PCIe) starts on the compute pool first; this thread then issues the PCIe
+                // share's copies and launches while the pool computes, and waits for it after.
+                let mut outs: Option<Vec<Vec<f32>>> = None;
+                if share.keep.is_empty() {
+                    drop(warm.take());
+                    if let Some(sends) = sends.take() {
+                        sent = self.issue_pcie_share(pool, sends, normed, &gu, &ys);
+                    }
+                } else {
+                    let t_cpu = Instant::now();
+                    let weights = self.cpu_weights(&dl.experts.host, &share.keep, &ids, share.keep_bufs)?;
+                    let views = t_cpu.elapsed();
+                    self.stats.cpu_fetch_ns.fetch_add(views.as_nanos() as u64, Relaxed);
+                    drop(warm.take());
+                    let mut host_done = Instant::now();
+                    rayon::in_place_scope(|s| {
                         let (outs, weights, x, kernel_ns) = (&mut outs, &weights, &x, &self.stats.cpu_kernel_ns);
                         s.spawn(move |_| {
                             let t0 = Instant::now();
@@ -2205,15 +2212,15 @@ impl CudaBackend {
                             *outs = Some(crate::backend::cpu::mlps_forward(&jobs));
                             kernel_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
                         });
-                    }
-                    if let Some(sends) = sends.take() {
-                        sent = self.issue_pcie_share(pool, sends, normed, &gu, &ys);
-                    }
-                    host_done = Instant::now();
-                });
-                // (The host's time on the CPU's share: the views, and the wait for the pool
-                // after the PCIe share was issued; the kernels' own time is `cpu_kernel_ns`.)
-                self.stats.cpu_ns.fetch_add((views + host_done.elapsed()).as_nanos() as u64, Relaxed);
+                        if let Some(sends) = sends.take() {
+                            sent = self.issue_pcie_share(pool, sends, normed, &gu, &ys);
+                        }
+                        host_done = Instant::now();
+                    });
+                    // (The host's time on the CPU's share: the views, and the wait for the pool
+                    // after the PCIe share was issued; the kernels' own time is `cpu_kernel_ns`.)
+                    self.stats.cpu_ns.fetch_add((views + host_done.elapsed()).as_nanos() as u64, Relaxed);
+                }
                 sent?;
                 if let Some(outs) = outs {
                     self.stats.cpu_experts.fetch_add(share.keep.len() as u64, Relaxed);
@@ -3137,7 +3144,7 @@ impl Backend for CudaBackend {
         self.inner().map(|i| i.pool.free.len()).unwrap_or(0)
     }
 
-    fn accept_prewarm(&self, rx: std::sync::mpsc::Receiver<(ExpertKey, Arc<AlignedBuf>)>, store: Arc<ExpertStore>) {
+    fn accept_prewarm(&self, rx: crate::experts::store::PrewarmRx, store: Arc<ExpertStore>) {
         *self.prewarm.lock().unwrap_or_else(|p| p.into_inner()) = Some((rx, store));
     }
 
