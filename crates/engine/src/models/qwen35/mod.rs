@@ -404,7 +404,8 @@ impl<B: Backend> PlacedModel for Qwen35<B> {
             return s.backend.accept_prewarm(rx, store);
         }
         // One feed per stage with room; a thread sorts the experts by layer. An expert whose
-        // stage is full (its feed closed) is dropped: the RAM tier's share comes after.
+        // stage is full (its feed closed) or has no room goes to the RAM tier, scored at its
+        // profiled rate (the reader never sees a refusal here, so it cannot do that itself).
         let mut feeds = Vec::new();
         for s in &self.stages {
             if s.backend.prewarm_room() > 0 {
@@ -416,8 +417,12 @@ impl<B: Backend> PlacedModel for Qwen35<B> {
         let spawned = std::thread::Builder::new().name("prewarm-split".into()).spawn(move || {
             for item in rx {
                 let layer = (item.0).0 as usize;
-                if let Some((_, tx)) = feeds.iter().find(|(r, _)| r.contains(&layer)) {
-                    let _ = tx.send(item);
+                let refused = match feeds.iter().find(|(r, _)| r.contains(&layer)) {
+                    Some((_, tx)) => tx.send(item).err().map(|e| e.0),
+                    None => Some(item),
+                };
+                if let Some(((l, e), buf, rate)) = refused {
+                    store.admit_shared(l as usize, e as usize, buf, Some(rate));
                 }
             }
         });
