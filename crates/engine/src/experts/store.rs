@@ -752,7 +752,7 @@ impl ExpertStore {
             }
             None => c.insert(key, buf),
         }
-        let kept = c.contains((layer as u32, e as u32));
+        let kept = c.contains(key);
         if kept {
             self.stats.ram_admitted.fetch_add(1, Relaxed);
         }
@@ -961,8 +961,11 @@ impl ExpertStore {
                     // (Marked before the send: the tier above may give it back at once.)
                     self.handed_up.lock().unwrap_or_else(|p| p.into_inner()).insert(key);
                     if let Err(std::sync::mpsc::SendError((_, b, _))) = tx.send((key, Arc::new(b), rate)) {
-                        self.handed_up.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-                        let up = self.handed_up.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        let up = {
+                            let mut up = self.handed_up.lock().unwrap_or_else(|p| p.into_inner());
+                            up.remove(&key);
+                            up.clone()
+                        };
                         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
                         if c.budget() == 0 {
                             return;

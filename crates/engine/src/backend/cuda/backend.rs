@@ -560,6 +560,11 @@ fn cpu_rows_dev(pool: &mut ExpertPool, dev: &CudaDevice, k: usize, h: usize) -> 
 }
 
 impl ExpertPool {
+    /// The pool's layer of the store's layer `store_layer`, if this pool holds it.
+    fn pool_layer(&self, store_layer: usize) -> Option<usize> {
+        self.store_layers.iter().position(|&s| s == store_layer)
+    }
+
     fn base(&self, slot: usize) -> u64 {
         self.mem.ptr() + (slot * self.slot_bytes) as u64
     }
@@ -1490,11 +1495,7 @@ impl CudaBackend {
                 // read for the GPU goes to the RAM tier instead (dropping the feed tells the
                 // reader to send the rest there too).
                 while let Ok(((l, e), buf, rate)) = rx.try_recv() {
-                    let held = pool
-                        .store_layers
-                        .iter()
-                        .position(|&s| s == l as usize)
-                        .is_some_and(|pl| pool.map.contains((pl as u32, e)));
+                    let held = pool.pool_layer(l as usize).is_some_and(|pl| pool.map.contains((pl as u32, e)));
                     if !held {
                         store.admit_shared(l as usize, e as usize, buf, Some(rate));
                     }
@@ -1512,7 +1513,7 @@ impl CudaBackend {
                 }
             };
             // The store numbers layers from the model's first, the pool from its own.
-            let Some(pl) = pool.store_layers.iter().position(|&s| s == l as usize) else { continue };
+            let Some(pl) = pool.pool_layer(l as usize) else { continue };
             if pool.map.contains((pl as u32, e)) {
                 continue;
             }
@@ -2168,24 +2169,20 @@ impl CudaBackend {
                     }
                 }
                 let share = self.plan_pcie_share(pool, &dl.experts.host, on_cpu, &ids)?;
-                let mut sends = Some(share.sends);
-                // (`FLASHMOE_PCIE_OVERLAP=0`: the PCIe share is issued first, with the threads
-                // still spinning, and the CPU's share after it, as before; for measuring what
-                // the overlap buys.)
-                let mut sent = if pcie_overlap() {
-                    Ok(())
-                } else {
-                    self.issue_pcie_share(pool, sends.take().unwrap_or_default(), normed, &gu, &ys)
-                };
+                let mut sends = share.sends;
                 // The CPU's share (zero-copy views of the RAM tier; only their outputs cross
                 // PCIe) starts on the compute pool first; this thread then issues the PCIe
                 // share's copies and launches while the pool computes, and waits for it after.
+                // With nothing for the CPU, or `FLASHMOE_PCIE_OVERLAP=0` (for measuring what the
+                // overlap buys), the PCIe share is issued first, the threads still spinning, as
+                // before.
+                let mut sent = Ok(());
+                if !pcie_overlap() || share.keep.is_empty() {
+                    sent = self.issue_pcie_share(pool, std::mem::take(&mut sends), normed, &gu, &ys);
+                }
                 let mut outs: Option<Vec<Vec<f32>>> = None;
                 if share.keep.is_empty() {
                     drop(warm.take());
-                    if let Some(sends) = sends.take() {
-                        sent = self.issue_pcie_share(pool, sends, normed, &gu, &ys);
-                    }
                 } else {
                     let t_cpu = Instant::now();
                     let weights = self.cpu_weights(&dl.experts.host, &share.keep, &ids, share.keep_bufs)?;
@@ -2212,7 +2209,7 @@ impl CudaBackend {
                             *outs = Some(crate::backend::cpu::mlps_forward(&jobs));
                             kernel_ns.fetch_add(t0.elapsed().as_nanos() as u64, Relaxed);
                         });
-                        if let Some(sends) = sends.take() {
+                        if !sends.is_empty() {
                             sent = self.issue_pcie_share(pool, sends, normed, &gu, &ys);
                         }
                         host_done = Instant::now();
