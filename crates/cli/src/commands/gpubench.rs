@@ -26,6 +26,27 @@ pub struct GpubenchArgs {
 pub enum GpubenchWhat {
     /// Quantized and dense GEMV GB/s against the copy bandwidth, for the 397B shapes.
     Gemv(GemvBenchArgs),
+    /// A decode token's expert MLPs (k routed from a pool of slots + the shared one), as decode
+    /// launches them: GB/s of expert bytes against the copy bandwidth, one launch against two.
+    Experts(ExpertsBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExpertsBenchArgs {
+    /// cuda (GPU 0) or cuda:N.
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Expert shapes: qwen3.5-35b-a3b (2048×512, 8 of 256 + shared) and/or qwen3.5-397b-a17b
+    /// (4096×1024, 10 of 512 + shared).
+    #[arg(long, value_delimiter = ',', default_value = "qwen3.5-35b-a3b,qwen3.5-397b-a17b")]
+    pub geometry: Vec<String>,
+    #[arg(long, default_value_t = 4)]
+    pub bits: u32,
+    #[arg(long, default_value_t = 64)]
+    pub group_size: usize,
+    /// Repetitions (each 64 tokens' expert phases replayed from a graph, many times).
+    #[arg(long, default_value_t = 7)]
+    pub reps: usize,
 }
 
 #[derive(Args, Debug)]
@@ -65,6 +86,7 @@ pub struct GemvBenchArgs {
 pub fn run(a: GpubenchArgs) -> Result<()> {
     match a.what {
         GpubenchWhat::Gemv(g) => gemv(g),
+        GpubenchWhat::Experts(e) => experts(e),
     }
 }
 
@@ -319,4 +341,215 @@ fn gemv(a: GemvBenchArgs) -> Result<()> {
         println!("wrote {}", p.display());
     }
     Ok(())
+}
+
+/// (hidden, expert intermediate, shared intermediate, routed per token, experts per layer).
+fn expert_geometry(name: &str) -> Result<(usize, usize, usize, usize, usize)> {
+    Ok(match name {
+        "qwen3.5-35b-a3b" => (2048, 512, 512, 8, 256),
+        "qwen3.5-397b-a17b" => (4096, 1024, 1024, 10, 512),
+        _ => bail!("unknown geometry {name:?} (qwen3.5-35b-a3b, qwen3.5-397b-a17b)"),
+    })
+}
+
+fn experts(a: ExpertsBenchArgs) -> Result<()> {
+    use flashmoe::cuda::gemv::{ExpertsArgs, FusedExpertsArgs, GemvProblem, MatOff};
+    let dev = CudaDevice::open(parse_device(&a.device)?)?;
+    let kern = GemvKernels::load(&dev)?;
+    println!("device  {}", dev.describe());
+    let reps = a.reps.max(1);
+    const GIB: usize = 1 << 30;
+    let copy = {
+        let (src, dst) = (dev.alloc(GIB)?, dev.alloc(GIB)?);
+        kern.fill_u32(&dev, &src, 7)?;
+        time_reps(&dev, reps, 10, 2.0 * GIB as f64, || {
+            for _ in 0..10 {
+                dev.copy_dtod(&src, &dst, GIB)?;
+            }
+            Ok(())
+        })?
+    };
+    println!("copy    cuMemcpyDtoD 1 GiB, (read + written bytes)/s: GB/s {}", fmt_spread(&copy));
+    let format = DevFormat::Affine { bits: a.bits, group_size: a.group_size };
+    const TOKENS: usize = 64;
+    for name in &a.geometry {
+        let (h, inter, shared_inter, k, n_experts) = expert_geometry(name)?;
+        // One slot per expert: gate, up, down (codes, scales, biases each), 256-byte aligned.
+        let mat_bytes = |rows: usize, cols: usize| {
+            let w = rows * cols * a.bits as usize / 8;
+            let sb = rows * (cols / a.group_size) * 2;
+            (w, sb)
+        };
+        let mut off = 0usize;
+        let mut mats = [MatOff::default(); 3];
+        for (m, (rows, cols)) in mats.iter_mut().zip([(inter, h), (inter, h), (h, inter)]) {
+            let (w, sb) = mat_bytes(rows, cols);
+            *m = MatOff {
+                w: off as u64,
+                s: (off + w) as u64,
+                b: (off + w + sb) as u64,
+                rows: rows as i32,
+                cols: cols as i32,
+            };
+            off = (off + w + 2 * sb).next_multiple_of(256);
+        }
+        let slot = off;
+        let pool = dev.alloc(slot * n_experts)?;
+        // Random bf16 everywhere: finite scales and biases, any bits as codes.
+        kern.fill_bf16(&dev, &pool, 3)?;
+        let table: Vec<u64> = (0..n_experts).map(|e| pool.ptr() + (e * slot) as u64).collect();
+        let table_buf = dev.upload(&bytemuck_u64(&table))?;
+        // TOKENS selections of k distinct experts (a fixed LCG).
+        let mut ids = Vec::with_capacity(TOKENS * k);
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..TOKENS {
+            let mut pick: Vec<i32> = Vec::with_capacity(k);
+            while pick.len() < k {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let e = ((state >> 33) % n_experts as u64) as i32;
+                if !pick.contains(&e) {
+                    pick.push(e);
+                }
+            }
+            ids.extend(pick);
+        }
+        let ids_buf = dev.upload(&ids.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
+        let sh = [
+            DevMatrix::random(&dev, &kern, format, shared_inter, h, 41)?,
+            DevMatrix::random(&dev, &kern, format, shared_inter, h, 42)?,
+            DevMatrix::random(&dev, &kern, format, h, shared_inter, 43)?,
+        ];
+        let x = dev.alloc(h * 4)?;
+        kern.fill_f32(&dev, &x, 11)?;
+        let imax2 = 2 * inter.max(shared_inter);
+        let gu = dev.alloc((k + 1) * imax2 * 4)?;
+        let ys = dev.alloc((k + 1) * h * 4)?;
+        let gu_at = |j: usize| gu.ptr() + (j * imax2 * 4) as u64;
+        let ys_at = |j: usize| ys.ptr() + (j * h * 4) as u64;
+        let shared_p = [
+            GemvProblem::new(&sh[0].view(), x.ptr(), gu_at(k), false),
+            GemvProblem::new(&sh[1].view(), x.ptr(), gu_at(k) + (shared_inter * 4) as u64, false),
+            GemvProblem::new(&sh[2].view(), gu_at(k), ys_at(k), true),
+        ];
+        let bytes_per_token = (k * slot + sh.iter().map(|m| m.bytes()).sum::<usize>()) as f64;
+        let ids_at = |t: usize| ids_buf.ptr() + (t * k * 4) as u64;
+        let two = |t: usize| -> Result<()> {
+            let mut gate_up = ExpertsArgs {
+                ids: ids_at(t),
+                table: table_buf.ptr(),
+                x: x.ptr(),
+                y: gu_at(0),
+                x_stride: 0,
+                y_stride: imax2 as i64,
+                k: k as i32,
+                nmat: 2,
+                swiglu: 0,
+                ..Default::default()
+            };
+            gate_up.mat = [mats[0], mats[1]];
+            gate_up.shared = [shared_p[0], shared_p[1]];
+            kern.experts(&dev, format, &gate_up, inter.max(shared_inter), h)?;
+            let mut down = ExpertsArgs {
+                x: gu_at(0),
+                y: ys_at(0),
+                x_stride: imax2 as i64,
+                y_stride: h as i64,
+                nmat: 1,
+                swiglu: 1,
+                ..gate_up
+            };
+            down.mat = [mats[2], MatOff::default()];
+            down.shared = [shared_p[2], GemvProblem::default()];
+            kern.experts(&dev, format, &down, h, inter.max(shared_inter))?;
+            Ok(())
+        };
+        let fused = |t: usize| -> Result<()> {
+            let args = FusedExpertsArgs {
+                ids: ids_at(t),
+                table: table_buf.ptr(),
+                x: x.ptr(),
+                gu: gu_at(0),
+                ys: ys_at(0),
+                gu_stride: imax2 as i64,
+                ys_stride: h as i64,
+                mat: mats,
+                shared: shared_p,
+                sync: 0,
+                k: k as i32,
+            };
+            kern.experts_fused(&dev, &args, format)?;
+            Ok(())
+        };
+        let mat_views = |m: &MatOff| flashmoe::cuda::MatView {
+            format,
+            rows: m.rows as usize,
+            cols: m.cols as usize,
+            w: m.w,
+            s: m.s,
+            b: m.b,
+        };
+        let fits = kern.fused_experts_fit(
+            &[mat_views(&mats[0]), mat_views(&mats[1]), mat_views(&mats[2])],
+            &[sh[0].view(), sh[1].view(), sh[2].view()],
+            k,
+        );
+        // The same outputs either way (same sums in the same order): checked on every token,
+        // for every variant of the fused kernel.
+        let mut want = Vec::with_capacity(TOKENS);
+        for t in 0..TOKENS {
+            two(t)?;
+            want.push(ys.read_f32()?);
+        }
+        let mut worst = 0f32;
+        if fits {
+            for rw in flashmoe::cuda::gemv::FUSED_ROWS_PER_WARP {
+                kern.set_fused_rows(rw)?;
+                for (t, want) in want.iter().enumerate() {
+                    fused(t)?;
+                    for (g, w) in ys.read_f32()?.iter().zip(want) {
+                        worst = worst.max((g - w).abs());
+                    }
+                }
+            }
+        }
+        println!();
+        println!(
+            "{name}: {k} of {n_experts} experts + shared, {h}×{inter} ({}), {:.2} MB of expert bytes per token; fused vs two launches max |Δy| = {worst:e}{}",
+            format.name(),
+            bytes_per_token / 1e6,
+            if fits { "" } else { " (the fused kernel does not take this shape)" }
+        );
+        let mut runs: Vec<(String, Option<usize>)> = vec![("two launches".into(), None)];
+        if fits {
+            for rw in flashmoe::cuda::gemv::FUSED_ROWS_PER_WARP {
+                runs.push((format!("one launch, rw {rw}"), Some(rw)));
+            }
+        }
+        for (label, rw) in runs {
+            if let Some(rw) = rw {
+                kern.set_fused_rows(rw)?;
+            }
+            let f: &dyn Fn(usize) -> Result<()> = if rw.is_some() { &fused } else { &two };
+            let graph =
+                dev.capture(|| (0..TOKENS).try_for_each(f).map_err(|e| flashmoe::cuda::CudaError(e.to_string())))?;
+            let replays = 16;
+            let s = time_reps(&dev, reps, replays * TOKENS, bytes_per_token, || {
+                for _ in 0..replays {
+                    graph.launch()?;
+                }
+                Ok(())
+            })?;
+            println!(
+                "  {label:<20} GB/s {}  = {:.0}% of copy, {:.1} µs per token",
+                fmt_spread(&s),
+                100.0 * s.median / copy.median,
+                bytes_per_token / (s.median * 1e9) * 1e6
+            );
+        }
+    }
+    Ok(())
+}
+
+fn bytemuck_u64(v: &[u64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }

@@ -256,6 +256,13 @@ fn warm_threads() -> bool {
 
 /// Whether hybrid decode issues the PCIe share while the pool computes the CPU's share
 /// (`FLASHMOE_PCIE_OVERLAP=0`: before it, for measuring what the overlap buys).
+/// The token's expert MLP as one launch (`FLASHMOE_FUSED_EXPERTS=0`: gate+up, then down, as two
+/// batched launches; for comparison).
+fn fused_experts() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FLASHMOE_FUSED_EXPERTS").map(|v| v != "0").unwrap_or(true))
+}
+
 fn pcie_overlap() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("FLASHMOE_PCIE_OVERLAP").map_or(true, |v| v != "0"))
@@ -2041,8 +2048,43 @@ impl CudaBackend {
             BatchItem { m: sh.up.view(), x: normed, y: gu(k) + (sh.gate.rows * 4) as u64, swiglu: false },
         ];
         let shared2 = [BatchItem { m: sh.down.view(), x: gu(k), y: ys(k), swiglu: true }];
-        // The GPU's experts (every hit, found through the slot table, and the shared one).
+        // The GPU's experts (every hit, found through the slot table, and the shared one): one
+        // launch for the whole MLP when the formats allow, else gate+up then down.
+        let fused = fused_experts()
+            && self.gemv.fused_experts_fit(
+                &[gl.view(0), ul.view(0), dm.view(0)],
+                &[sh.gate.view(), sh.up.view(), sh.down.view()],
+                k,
+            );
         let gpu_experts = || -> Result<()> {
+            if fused {
+                use super::gemv::{FusedExpertsArgs, GemvProblem, MatOff};
+                let off = |l: &MatLayout| MatOff {
+                    w: l.w as u64,
+                    s: l.s as u64,
+                    b: l.b as u64,
+                    rows: l.rows as i32,
+                    cols: l.cols as i32,
+                };
+                let args = FusedExpertsArgs {
+                    ids: ids_ptr,
+                    table,
+                    x: normed,
+                    gu: gu(0),
+                    ys: ys(0),
+                    gu_stride: imax2 as i64,
+                    ys_stride: h as i64,
+                    mat: [off(&gl), off(&ul), off(&dm)],
+                    shared: [
+                        GemvProblem::new(&shared1[0].m, shared1[0].x, shared1[0].y, false),
+                        GemvProblem::new(&shared1[1].m, shared1[1].x, shared1[1].y, false),
+                        GemvProblem::new(&shared2[0].m, shared2[0].x, shared2[0].y, true),
+                    ],
+                    sync: 0,
+                    k: k as i32,
+                };
+                return self.gemv.experts_fused(dev, &args, gl.format);
+            }
             self.expert_phase(ids_ptr, table, &[gl, ul], &shared1, (normed, 0), (gu(0), imax2), false, k)?;
             self.expert_phase(ids_ptr, table, &[dm], &shared2, (gu(0), imax2), (ys(0), h), true, k)
         };

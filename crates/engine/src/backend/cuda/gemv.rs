@@ -320,6 +320,34 @@ pub struct ExpertsArgs {
     pub swiglu: i32,
 }
 
+/// Gate/up rows per warp the fused expert kernel is built for (down: twice as many).
+pub const FUSED_ROWS_PER_WARP: [usize; 2] = [2, 4];
+const DEFAULT_FUSED_ROWS: usize = 2;
+
+/// u32 words of the fused expert kernel's counters: ticket, blocks finished, one per expert.
+const FUSED_SYNC_WORDS: usize = 64;
+
+/// Arguments of the one-launch expert MLP (`FusedExpertsArgs` in gemv.cu): gate and up of the k
+/// routed experts (slot `table[ids[j]]`, 0: not on the GPU) and of the shared one (`shared`, with
+/// its x and y set), then their down projections. Routed expert j writes [gate; up] at
+/// `gu + j·gu_stride` floats and its output at `ys + j·ys_stride`. `sync` is filled in by
+/// [`GemvKernels::experts_fused`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FusedExpertsArgs {
+    pub ids: u64,
+    pub table: u64,
+    pub x: u64,
+    pub gu: u64,
+    pub ys: u64,
+    pub gu_stride: i64,
+    pub ys_stride: i64,
+    pub mat: [MatOff; 3],
+    pub shared: [GemvProblem; 3],
+    pub sync: u64,
+    pub k: i32,
+}
+
 impl GemvProblem {
     /// `y = m·x` (or of silu(gate)·up when `swiglu`) as a batch problem.
     pub fn new(m: &MatView, x: u64, y: u64, swiglu: bool) -> Self {
@@ -449,6 +477,13 @@ pub struct GemvKernels {
     batch_f32: CudaFunction,
     batch_bf16: CudaFunction,
     experts_affine: HashMap<(u32, usize, usize), CudaFunction>,
+    /// One-launch expert MLP (`affine_experts_fused_b4_*`, 4-bit) by (group, gate/up rows per
+    /// warp, lanes per down row).
+    experts_fused: HashMap<(usize, usize, usize), CudaFunction>,
+    /// Gate/up rows per warp of the fused kernel (one of [`FUSED_ROWS_PER_WARP`]).
+    fused_rows: std::sync::atomic::AtomicUsize,
+    /// Its ticket and per-expert counters (zero between launches: the last block resets them).
+    fused_sync: DevBuf,
     experts_f32: CudaFunction,
     experts_bf16: CudaFunction,
     table_set: CudaFunction,
@@ -513,6 +548,20 @@ impl GemvKernels {
                 }
             }
         }
+        let mut experts_fused = HashMap::new();
+        for gs in [32usize, 64, 128] {
+            for rw in FUSED_ROWS_PER_WARP {
+                for sub in [8usize, 16, 32] {
+                    experts_fused.insert(
+                        (gs, rw, sub),
+                        dev.function(&m, &format!("affine_experts_fused_b4_g{gs}_r{rw}_s{sub}"))?,
+                    );
+                }
+            }
+        }
+        // (Zeroed in stream order: a synchronous copy here could meet another stage's capture.)
+        let fused_sync = dev.alloc(FUSED_SYNC_WORDS * 4)?;
+        fused_sync.fill_bytes(0)?;
         let fw = dev.module(kernels::FORWARD)?;
         let mut grouped_affine = HashMap::new();
         for bits in [2u32, 4, 8] {
@@ -571,6 +620,15 @@ impl GemvKernels {
             batch_f32: dev.function(&m, "dense_gemv_batch_f32")?,
             batch_bf16: dev.function(&m, "dense_gemv_batch_bf16")?,
             experts_affine,
+            experts_fused,
+            fused_rows: std::sync::atomic::AtomicUsize::new(
+                std::env::var("FLASHMOE_FUSED_ROWS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|r| FUSED_ROWS_PER_WARP.contains(r))
+                    .unwrap_or(DEFAULT_FUSED_ROWS),
+            ),
+            fused_sync,
             experts_f32: dev.function(&m, "dense_gemv_experts_f32")?,
             experts_bf16: dev.function(&m, "dense_gemv_experts_bf16")?,
             table_set: dev.function(&m, "table_set")?,
@@ -869,6 +927,75 @@ impl GemvKernels {
         // SAFETY: the kernel takes one ExpertsArgs by value (same repr(C) layout); the table holds
         // slot addresses (or 0) and the offsets stay inside a slot.
         unsafe { self.launch_problems(dev, BatchFamily::Experts, format, np, max_rows, max_cols, arg) }
+    }
+
+    /// The fused kernel for these shapes: (group, gate/up rows per warp, lanes per down row), or
+    /// None when it does not take them. Gate/up inputs of at most 2048 values (2 chunks a lane):
+    /// at 4096 (Qwen3.5-397B) the two batched launches measured faster (docs/performance.md).
+    fn fused_shape(&self, format: DevFormat, up_cols: &[usize], down_cols: &[usize]) -> Option<(usize, usize, usize)> {
+        let DevFormat::Affine { bits: 4, group_size } = format else { return None };
+        // 32 codes per 16-byte chunk; every row whole chunks.
+        if up_cols.iter().chain(down_cols).any(|&c| c == 0 || c % 32 != 0) {
+            return None;
+        }
+        let up = up_cols.iter().map(|c| c / 32).max()?;
+        let down = down_cols.iter().map(|c| c / 32).max()?;
+        if up > 64 {
+            return None;
+        }
+        let sub = [8usize, 16, 32].into_iter().find(|&s| down <= s)?;
+        let rw = self.fused_rows.load(std::sync::atomic::Ordering::Relaxed);
+        self.experts_fused.contains_key(&(group_size, rw, sub)).then_some((group_size, rw, sub))
+    }
+
+    /// Sets the fused kernel's gate/up rows per warp (benchmarks compare them).
+    pub fn set_fused_rows(&self, rows: usize) -> Result<()> {
+        if !FUSED_ROWS_PER_WARP.contains(&rows) {
+            return Err(CudaError(format!(
+                "fused expert kernel: {rows} rows per warp (takes {FUSED_ROWS_PER_WARP:?})"
+            )));
+        }
+        self.fused_rows.store(rows, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether [`Self::experts_fused`] takes experts of these matrices (gate, up, down; routed
+    /// and shared): affine 4-bit, one format for all, gate/up inputs of at most 2048 values and
+    /// down inputs of at most 1024, both whole 16-byte chunks, gate and up of one shape.
+    pub fn fused_experts_fit(&self, mats: &[MatView; 3], shared: &[MatView; 3], k: usize) -> bool {
+        let all = || mats.iter().chain(shared);
+        k + 3 <= FUSED_SYNC_WORDS
+            && all().all(|m| m.format == mats[0].format && m.rows > 0)
+            && mats[0].cols == shared[0].cols
+            && mats[0].cols == mats[1].cols
+            && shared[0].cols == shared[1].cols
+            && mats[2].cols == mats[0].rows
+            && shared[2].cols == shared[0].rows
+            && self.fused_shape(mats[0].format, &[mats[0].cols], &[mats[2].cols, shared[2].cols]).is_some()
+            && all().map(|m| Self::x_smem_bytes(4, m.cols)).max().unwrap_or(0) <= MAX_X_SMEM
+    }
+
+    /// Launches the one-launch expert MLP (see `fused_experts4` in gemv.cu) on a persistent grid.
+    /// The caller checked [`Self::fused_experts_fit`]; `args.mat` are the routed experts' gate,
+    /// up, down (as offsets in a slot) and `args.shared` the shared expert's problems.
+    pub fn experts_fused(&self, dev: &CudaDevice, args: &FusedExpertsArgs, format: DevFormat) -> Result<()> {
+        let down = [args.mat[2].cols as usize, args.shared[2].cols as usize];
+        let up = [args.mat[0].cols as usize];
+        let key = self
+            .fused_shape(format, &up, &down)
+            .ok_or_else(|| CudaError(format!("no fused expert kernel for {} at these shapes", format.name())))?;
+        let f = &self.experts_fused[&key];
+        let cols = args.mat.iter().map(|m| m.cols).chain(args.shared.iter().map(|p| p.cols)).max().unwrap_or(0);
+        let smem = Self::x_smem_bytes(4, cols as usize);
+        let per_sm = self.occupancy_of(f, smem, BLOCK)?;
+        let grid = (dev.sm_count * per_sm as usize).max(1) as u32;
+        let mut a = *args;
+        a.sync = self.fused_sync.ptr();
+        let mut params: [*mut c_void; 1] = [(&mut a as *mut FusedExpertsArgs).cast()];
+        // SAFETY: the kernel takes one FusedExpertsArgs by value (same repr(C) layout); the table
+        // holds slot addresses (or 0), the offsets stay inside a slot, the counters are ours.
+        unsafe { dev.launch(f, grid, BLOCK, smem as u32, &mut params) }
+            .map_err(|e| CudaError(format!("fused expert kernel: {e}")))
     }
 
     /// Resident blocks per SM of `f` with `smem` bytes of dynamic shared memory and `block`

@@ -55,13 +55,13 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // Issues the loads of chunks c0, c0+32, ... (U of them, those < nch) of the RW rows, with the
 // scales and biases of their segments.
-template <int U, int RW, int SEGS, int VPC, int SEGV, int GS>
+template <int U, int RW, int SEGS, int VPC, int SEGV, int GS, int SUB = 32>
 __device__ __forceinline__ void load_chunks(const uint4* (&wr)[RW], const u16* (&sr)[RW], const u16* (&br)[RW], int c0,
                                             int nch, uint4 (&q)[U][RW], u16 (&sc)[U][RW][SEGS],
                                             u16 (&bi)[U][RW][SEGS]) {
 #pragma unroll
     for (int u = 0; u < U; u++) {
-        const int c = c0 + 32 * u;
+        const int c = c0 + SUB * u;
         if (c < nch) {
 #pragma unroll
             for (int i = 0; i < RW; i++) {
@@ -89,7 +89,12 @@ __device__ __forceinline__ void load_chunks(const uint4* (&wr)[RW], const u16* (
 // (v & 0xF<<15) | 0x4B000000 = 2^23 + q·2^15 (or q·2^19) goes straight into the FFMA, and the
 // 2^23·Σx the offset adds is taken off once per segment (the q part is ≥ 2^-8 of the float, so
 // f32 rounding of the products costs ~2^-16 of a term). 20 instead of 25 ops per 8 codes.
-template <int BITS, int GS, int RW, int XSTRIDE, int V>
+//
+// SUB (a power of two, 8..32): lanes per row. A warp is 32/SUB sub-warps, each computing its own RW
+// rows (the caller offsets row0 by the sub-warp); short rows (fewer than 32 chunks, e.g. an
+// expert's down projection) then keep every lane busy. Every lane of the warp must call this
+// (the final sum shuffles across the whole warp); rows past `rows` are read clamped, not written.
+template <int BITS, int GS, int RW, int XSTRIDE, int V, int SUB = 32>
 __device__ __forceinline__ void affine_rows(const uint4* __restrict__ w, const u16* __restrict__ scales,
                                             const u16* __restrict__ biases, const float* __restrict__ x,
                                             float* __restrict__ y, int rows, int cols, long long row0) {
@@ -101,7 +106,7 @@ __device__ __forceinline__ void affine_rows(const uint4* __restrict__ w, const u
     constexpr u32 MASK = (BITS == 8) ? 0xFFu : ((1u << BITS) - 1u);
     constexpr int U = RW >= 4 ? 1 : 4 / RW;     // chunks per lane in flight per row
 
-    const int lane = threadIdx.x & 31;
+    const int lane = threadIdx.x & (SUB - 1);
     const int nch = cols / VPC;
     const int ngroups = cols / GS;
 
@@ -121,8 +126,8 @@ __device__ __forceinline__ void affine_rows(const uint4* __restrict__ w, const u
 
     uint4 nq[U][RW];
     u16 nsc[U][RW][SEGS], nbi[U][RW][SEGS];
-    if constexpr ((V & 2) != 0) load_chunks<U, RW, SEGS, VPC, SEGV, GS>(wr, sr, br, lane, nch, nq, nsc, nbi);
-    for (int c0 = lane; c0 < nch; c0 += 32 * U) {
+    if constexpr ((V & 2) != 0) load_chunks<U, RW, SEGS, VPC, SEGV, GS, SUB>(wr, sr, br, lane, nch, nq, nsc, nbi);
+    for (int c0 = lane; c0 < nch; c0 += SUB * U) {
         uint4 q[U][RW];
         u16 sc[U][RW][SEGS], bi[U][RW][SEGS];
         if constexpr ((V & 2) != 0) {
@@ -137,13 +142,13 @@ __device__ __forceinline__ void affine_rows(const uint4* __restrict__ w, const u
                         bi[u][i][s] = nbi[u][i][s];
                     }
                 }
-            load_chunks<U, RW, SEGS, VPC, SEGV, GS>(wr, sr, br, c0 + 32 * U, nch, nq, nsc, nbi);
+            load_chunks<U, RW, SEGS, VPC, SEGV, GS, SUB>(wr, sr, br, c0 + SUB * U, nch, nq, nsc, nbi);
         } else {
-            load_chunks<U, RW, SEGS, VPC, SEGV, GS>(wr, sr, br, c0, nch, q, sc, bi);
+            load_chunks<U, RW, SEGS, VPC, SEGV, GS, SUB>(wr, sr, br, c0, nch, q, sc, bi);
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            const int c = c0 + 32 * u;
+            const int c = c0 + SUB * u;
             if (c >= nch) break;
 #pragma unroll
             for (int s = 0; s < SEGS; s++) {
@@ -235,7 +240,9 @@ __device__ __forceinline__ void affine_rows(const uint4* __restrict__ w, const u
     }
 #pragma unroll
     for (int i = 0; i < RW; i++) {
-        const float v = warp_sum(acc[i]);
+        float v = acc[i];
+#pragma unroll
+        for (int o = SUB / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
         if (lane == 0 && row0 + i < rows) y[row0 + i] = v;
     }
 }
@@ -519,6 +526,299 @@ __device__ __forceinline__ bool expert_problem(const ExpertsArgs& a, GemvProblem
 AFFINE_BATCH_G(2)
 AFFINE_BATCH_G(4)
 AFFINE_BATCH_G(8)
+
+// ---------------------------------------------------------------------------------------------
+// One launch for a token's whole expert MLP (affine 4-bit, every matrix of one format): the gate
+// and up projections of the k routed experts and the shared one, then their down projections, on
+// a persistent grid that takes work tiles from a ticket counter.
+//
+// Why: as two launches (gate+up, then down) the experts of a 35B-A3B token (16 MB) moved at
+// ≈ 0.8 TB/s: every 8-row tile paid the ids → slot table → weights chain of dependent loads, an x
+// staged for it alone, and its weights were requested only after that; the down projection
+// (512 inputs: 16 chunks a row) left half of each warp idle. Here a block reads the k+1 slot
+// addresses once, requests a tile's weights before anything it waits for (x staging, the gate/up
+// results a down tile needs, the next ticket), stages the MoE input once for all its gate/up
+// tiles, and runs down tiles on sub-warps sized to the row.
+//
+// Tickets are handed out in order: every gate/up tile (expert by expert), then every down tile.
+// A down tile of expert j waits until all of j's gate/up tiles are written (a counter per expert,
+// raised after a fence). No deadlock without co-residency: a block that waits holds a ticket taken
+// after every gate/up ticket, and whoever took those is running and waits for nothing. The last
+// block to finish resets the counters, so the launch can be replayed from a graph.
+//
+// The arithmetic per row is affine_rows's with V = 0 (the same sums in the same order as the
+// batched kernels: the outputs are bit-identical).
+struct FusedExpertsArgs {
+    const int* ids;
+    const u64* table;
+    const float* x;               // the MoE input (every gate/up problem's x)
+    float* gu;                    // expert j's [gate rows; up rows] at gu + j·gu_stride
+    float* ys;                    // expert j's output at ys + j·ys_stride
+    long long gu_stride, ys_stride;
+    MatOff mat[3];                // gate, up, down inside a slot
+    GemvProblem shared[3];        // the shared expert's gate, up, down (x and y set by the host)
+    u32* sync;                    // [0] ticket, [1] blocks finished, [2 + j] gate/up tiles done of expert j
+    int k;
+};
+
+#define FUSED_MAX_K 61
+
+// Problem `which` (0 gate, 1 up, 2 down) of expert j (j == k: the shared one) at slot `base`.
+__device__ __forceinline__ void fused_problem(const FusedExpertsArgs& a, int j, int which, u64 base, GemvProblem& pr) {
+    if (j == a.k) {
+        pr = a.shared[which];
+        return;
+    }
+    const MatOff& m = a.mat[which];
+    pr.w = reinterpret_cast<const uint4*>(base + m.w);
+    pr.s = reinterpret_cast<const u16*>(base + m.s);
+    pr.b = reinterpret_cast<const u16*>(base + m.b);
+    pr.rows = m.rows;
+    pr.cols = m.cols;
+    pr.swiglu = which == 2;
+    if (which == 2) {
+        pr.x = a.gu + j * a.gu_stride;
+        pr.y = a.ys + j * a.ys_stride;
+    } else {
+        pr.x = a.x;
+        pr.y = a.gu + j * a.gu_stride + which * a.mat[0].rows;
+    }
+}
+
+__device__ __forceinline__ float4 ld_l2(const float4* p) {
+    float4 v;
+    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
+    return v;
+}
+
+// Stages x (or silu(gate)·up when swiglu) into the padded shared-memory layout affine_rows reads.
+// `coherent`: x was written by other blocks of this launch (read through L2, not the read-only path).
+template <int VPC>
+__device__ __forceinline__ void stage_x(float* xsm, const float* x, int cols, bool swiglu, bool coherent) {
+    const float4* x4 = reinterpret_cast<const float4*>(x);
+    for (int i = threadIdx.x; i < cols / 4; i += blockDim.x) {
+        const int e = 4 * i;
+        float4 v = coherent ? ld_l2(x4 + i) : __ldg(x4 + i);
+        if (swiglu) v = swiglu4(v, coherent ? ld_l2(x4 + cols / 4 + i) : __ldg(x4 + cols / 4 + i));
+        reinterpret_cast<float4*>(xsm + (e / VPC) * (VPC + 4) + (e % VPC))[0] = v;
+    }
+}
+
+// RW rows of 4-bit codes on a sub-warp of SUB lanes, each lane holding all of its chunks (at most
+// CH per row: cols ≤ CH·SUB·32) in registers: they are requested first, then `ready()` runs (a
+// block-wide step: every thread of the block calls this), then the sums, as affine_rows computes
+// them (V = 0). Rows past `rows` are read clamped and not written.
+template <int GS, int RW, int SUB, int CH, typename Ready>
+__device__ __forceinline__ void affine_tile4(const uint4* __restrict__ w, const u16* __restrict__ scales,
+                                             const u16* __restrict__ biases, const float* xsm, float* __restrict__ y,
+                                             int rows, int cols, long long row0, Ready ready) {
+    constexpr int VPW = 8, VPC = 32;
+    constexpr int SEGV = GS < VPC ? GS : VPC;
+    constexpr int WPS = SEGV / VPW;
+    constexpr int SEGS = 4 / WPS;
+    constexpr int XSTRIDE = VPC + 4;
+    const int lane = threadIdx.x & (SUB - 1);
+    const int nch = cols / VPC;
+    const int ngroups = cols / GS;
+    uint4 q[CH][RW];
+    u16 sc[CH][RW][SEGS], bi[CH][RW][SEGS];
+#pragma unroll
+    for (int i = 0; i < RW; i++) {
+        const long long r = row0 + i < rows ? row0 + i : rows - 1;
+        const uint4* wr = w + r * nch;
+        const u16* sr = scales + r * ngroups;
+        const u16* br = biases + r * ngroups;
+#pragma unroll
+        for (int u = 0; u < CH; u++) {
+            const int c = lane + SUB * u;
+            if (c < nch) {
+                q[u][i] = ld_stream(wr + c);
+#pragma unroll
+                for (int sg = 0; sg < SEGS; sg++) {
+                    const int g = (c * VPC + sg * SEGV) / GS;
+                    sc[u][i][sg] = __ldg(sr + g);
+                    bi[u][i][sg] = __ldg(br + g);
+                }
+            }
+        }
+    }
+    ready();
+    float acc[RW];
+#pragma unroll
+    for (int i = 0; i < RW; i++) acc[i] = 0.f;
+#pragma unroll
+    for (int u = 0; u < CH; u++) {
+        const int c = lane + SUB * u;
+        if (c >= nch) break;
+#pragma unroll
+        for (int sg = 0; sg < SEGS; sg++) {
+            float part[RW][VPW];
+#pragma unroll
+            for (int i = 0; i < RW; i++)
+#pragma unroll
+                for (int kk = 0; kk < VPW; kk++) part[i][kk] = 0.f;
+            float xs = 0.f;
+#pragma unroll
+            for (int j = 0; j < WPS; j++) {
+                const int wi = sg * WPS + j;
+                const float4* xp = reinterpret_cast<const float4*>(xsm + (long long)c * XSTRIDE + wi * VPW);
+                float xv[VPW];
+#pragma unroll
+                for (int v = 0; v < VPW / 4; v++) {
+                    const float4 t = xp[v];
+                    xv[4 * v] = t.x;
+                    xv[4 * v + 1] = t.y;
+                    xv[4 * v + 2] = t.z;
+                    xv[4 * v + 3] = t.w;
+                }
+#pragma unroll
+                for (int kk = 0; kk < VPW; kk++) xs += xv[kk];
+#pragma unroll
+                for (int i = 0; i < RW; i++) {
+                    const u32 wd = word_of(q[u][i], wi);
+                    const u32 hi = wd >> 16;
+#pragma unroll
+                    for (int kk = 0; kk < VPW; kk++) {
+                        const int sk = kk * 4;
+                        const u32 m = (sk + 4 <= 23) ? (wd & (0xFu << sk)) : (hi & (0xFu << (sk >= 16 ? sk - 16 : 0)));
+                        const float f = __uint_as_float(m | 0x4B000000u) - 8388608.0f;
+                        part[i][kk] = fmaf(f, xv[kk], part[i][kk]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < RW; i++) {
+                float d = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < VPW; kk++) {
+                    const int sk = kk * 4;
+                    const int sh = (sk + 4 <= 23) ? sk : sk - 16;
+                    d = fmaf(part[i][kk], __uint_as_float((u32)(127 - sh) << 23), d);
+                }
+                acc[i] = fmaf(bf16_to_f32(sc[u][i][sg]), d, fmaf(bf16_to_f32(bi[u][i][sg]), xs, acc[i]));
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < RW; i++) {
+        float v = acc[i];
+#pragma unroll
+        for (int o = SUB / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0 && row0 + i < rows) y[row0 + i] = v;
+    }
+}
+
+// Tiles: RW_A rows per warp on gate/up (whole warps per row, CH_A chunks per lane per row),
+// (32 / SUB_B)·RW_B rows per warp on down (one chunk per lane per row), RW_B = 2·RW_A.
+template <int GS, int CH_A, int RW_A, int SUB_B>
+__device__ __forceinline__ void fused_experts4(const FusedExpertsArgs& a) {
+    constexpr int VPC = 32;
+    constexpr int RW_B = 2 * RW_A;
+    extern __shared__ float4 xsm4[];
+    float* xsm = reinterpret_cast<float*>(xsm4);
+    __shared__ u64 base_s[FUSED_MAX_K + 1];
+    __shared__ int ticket_s[2];
+    const int warps = blockDim.x >> 5, wib = threadIdx.x >> 5;
+    const int tile_a = warps * RW_A, tile_b = warps * (32 / SUB_B) * RW_B;
+    // Tiles per expert (routed, then the shared one).
+    const int ga_r = (a.mat[0].rows + tile_a - 1) / tile_a, ua_r = (a.mat[1].rows + tile_a - 1) / tile_a;
+    const int ga_s = (a.shared[0].rows + tile_a - 1) / tile_a, ua_s = (a.shared[1].rows + tile_a - 1) / tile_a;
+    const int b_r = (a.mat[2].rows + tile_b - 1) / tile_b, b_s = (a.shared[2].rows + tile_b - 1) / tile_b;
+    const int n_a = a.k * (ga_r + ua_r) + ga_s + ua_s;
+    const int n_b = a.k * b_r + b_s;
+    // The slots of this token's experts (0: not on the GPU), read once per block.
+    if (threadIdx.x <= a.k) base_s[threadIdx.x] = threadIdx.x == a.k ? 1 : a.table[a.ids[threadIdx.x]];
+    if (threadIdx.x == 0) ticket_s[0] = (int)atomicAdd(a.sync, 1u);
+    int staged = -2;  // -1: the MoE input; j ≥ 0: silu(gate)·up of expert j
+    for (int it = 0;; it ^= 1) {
+        __syncthreads();  // every thread is done with the previous tile's shared memory and ticket
+        const int t = ticket_s[it];
+        if (t >= n_a + n_b) break;
+        // The next ticket, asked for now and read at the next turn.
+        if (threadIdx.x == 0) ticket_s[it ^ 1] = (int)atomicAdd(a.sync, 1u);
+        GemvProblem pr;
+        if (t < n_a) {
+            int j, r;
+            if (t < a.k * (ga_r + ua_r)) {
+                j = t / (ga_r + ua_r);
+                r = t % (ga_r + ua_r);
+            } else {
+                j = a.k;
+                r = t - a.k * (ga_r + ua_r);
+            }
+            const int ga = j == a.k ? ga_s : ga_r;
+            const int which = r < ga ? 0 : 1;
+            const int tile = r < ga ? r : r - ga;
+            const u64 base = base_s[j];
+            if (base != 0) {
+                fused_problem(a, j, which, base, pr);
+                const long long row0 = ((long long)tile * warps + wib) * RW_A;
+                affine_tile4<GS, RW_A, 32, CH_A>(pr.w, pr.s, pr.b, xsm, pr.y, pr.rows, pr.cols, row0, [&] {
+                    if (staged != -1) {
+                        stage_x<VPC>(xsm, pr.x, pr.cols, false, false);
+                        staged = -1;
+                    }
+                    __syncthreads();
+                });
+            }
+            // Written (or nothing to write): count the tile for expert j's down projection. Each
+            // writer fences its own stores before the count is raised.
+            __threadfence();
+            __syncthreads();
+            if (threadIdx.x == 0) atomicAdd(a.sync + 2 + j, 1u);
+        } else {
+            const int u = t - n_a;
+            const int j = u < a.k * b_r ? u / b_r : a.k;
+            const int tile = u < a.k * b_r ? u % b_r : u - a.k * b_r;
+            const u64 base = base_s[j];
+            if (base == 0) continue;
+            fused_problem(a, j, 2, base, pr);
+            const int sub = (threadIdx.x & 31) / SUB_B;
+            const long long row0 = (((long long)tile * warps + wib) * (32 / SUB_B) + sub) * RW_B;
+            affine_tile4<GS, RW_B, SUB_B, 1>(pr.w, pr.s, pr.b, xsm, pr.y, pr.rows, pr.cols, row0, [&] {
+                if (staged != j) {
+                    if (threadIdx.x == 0) {
+                        const u32 need = (u32)(j == a.k ? ga_s + ua_s : ga_r + ua_r);
+                        volatile u32* done = a.sync + 2 + j;
+                        // Bounded: a counter that never fills (a bug) fails the launch instead of hanging it.
+                        for (long long spins = 0; *done < need; spins++) {
+                            if (spins > (1ll << 26)) __trap();
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 700)
+                            __nanosleep(32);
+#endif
+                        }
+                        __threadfence();
+                    }
+                    __syncthreads();
+                    stage_x<VPC>(xsm, pr.x, pr.cols, true, true);
+                    staged = j;
+                }
+                __syncthreads();
+            });
+        }
+    }
+    // The last block out resets the counters for the next launch.
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(a.sync + 1, 1u) == gridDim.x - 1) {
+            a.sync[0] = 0;
+            a.sync[1] = 0;
+            for (int j = 0; j <= a.k; j++) a.sync[2 + j] = 0;
+            __threadfence();
+        }
+    }
+}
+
+#define FUSED_EXPERTS(G, R, S)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) affine_experts_fused_b4_g##G##_r##R##_s##S(FusedExpertsArgs a) { \
+        pdl_prologue();                                                                                          \
+        fused_experts4<G, 2, R, S>(a);                                                                           \
+    }
+#define FUSED_EXPERTS_S(G, R) FUSED_EXPERTS(G, R, 8) FUSED_EXPERTS(G, R, 16) FUSED_EXPERTS(G, R, 32)
+#define FUSED_EXPERTS_R(G) FUSED_EXPERTS_S(G, 2) FUSED_EXPERTS_S(G, 4)
+FUSED_EXPERTS_R(32)
+FUSED_EXPERTS_R(64)
+FUSED_EXPERTS_R(128)
 
 // Dense (T = 0 f32, 1 bf16): one warp per row, grid-stride over rows.
 template <int T>
