@@ -263,6 +263,15 @@ fn fused_experts() -> bool {
     *ON.get_or_init(|| std::env::var("FLASHMOE_FUSED_EXPERTS").map(|v| v != "0").unwrap_or(true))
 }
 
+/// Slots filled by DMA straight from pinned RAM-tier buffers instead of through the staging
+/// buffers (a host copy each): opt-in with `FLASHMOE_DIRECT_FILL=1` until it has been measured
+/// and run through the reference tests on a GPU (written 2026-12-02 when no device time was
+/// left; docs/performance.md says what it is for).
+fn direct_fill() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FLASHMOE_DIRECT_FILL").is_ok_and(|v| v == "1"))
+}
+
 fn pcie_overlap() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("FLASHMOE_PCIE_OVERLAP").map_or(true, |v| v != "0"))
@@ -542,6 +551,20 @@ struct ExpertPool {
     cpu_rows: Option<DevBuf>,
     /// Hybrid decode's PCIe share: where those experts land (None: no share).
     transit: Option<Transit>,
+    /// RAM-tier buffers in pinned memory copied into slots by DMA from where they are (no
+    /// staging copy), kept alive until the host next waits for the GPU (`release_copied`).
+    direct_hold: Vec<Arc<AlignedBuf>>,
+    /// Recorded on the copy stream after each such copy; the compute stream waits for it.
+    direct_done: Option<CudaEvent>,
+}
+
+impl Drop for ExpertPool {
+    fn drop(&mut self) {
+        // A DMA may still read a held buffer (a pass that failed midway): let it finish first.
+        if !self.direct_hold.is_empty() {
+            let _ = self.copy_stream.synchronize();
+        }
+    }
 }
 
 /// A decode step's small transfers in pinned memory, laid out as [k expert ids (i32) | the
@@ -600,6 +623,7 @@ impl ExpertPool {
                 if self.in_use.contains(&victim.index) {
                     dev.synchronize()?;
                     self.in_use.clear();
+                    self.release_copied();
                 }
                 (victim.index, Some(vkey))
             }
@@ -619,7 +643,45 @@ impl ExpertPool {
 
     /// Copies `pieces` (host byte ranges at slot offsets) into `slot` through a staging buffer on
     /// the copy stream, and makes the compute stream wait for the copy. Returns bytes copied.
-    fn fill(&mut self, dev: &CudaDevice, slot: usize, bytes: usize, pieces: &[(usize, &[u8])]) -> Result<u64> {
+    /// The host has waited for the GPU since the last direct copies: their sources may go.
+    fn release_copied(&mut self) {
+        self.direct_hold.clear();
+    }
+
+    /// Copies an expert into `slot`: `pieces` (slot offset, bytes) straight from `pinned`, the
+    /// RAM-tier buffer they lie in, when it is in pinned memory (one DMA per piece on the copy
+    /// stream, no host copy; the buffer is held until the host next waits for the GPU), else
+    /// through a pinned staging buffer.
+    fn fill(
+        &mut self,
+        dev: &CudaDevice,
+        slot: usize,
+        bytes: usize,
+        pieces: &[(usize, &[u8])],
+        pinned: Option<&Arc<AlignedBuf>>,
+    ) -> Result<u64> {
+        if let Some(src) = pinned.filter(|b| direct_fill() && b.host_memory().is_some()) {
+            let dst = self.base(slot);
+            for &(off, p) in pieces {
+                if p.is_empty() {
+                    continue;
+                }
+                // SAFETY: `p` lies in `src`'s pinned allocation, held in `direct_hold` until the
+                // host next waits for the GPU (after this copy and what reads it have run); the
+                // destination range is inside the slot (offsets from the slot layout).
+                unsafe { cudarc::driver::result::memcpy_htod_async(dst + off as u64, p, self.copy_stream.cu_stream()) }
+                    .map_err(|e| CudaError(format!("cuMemcpyHtoDAsync (RAM tier to slot): {e:?}")))?;
+            }
+            if self.direct_done.is_none() {
+                self.direct_done =
+                    Some(dev.ctx.new_event(None).map_err(|e| CudaError(format!("cuEventCreate: {e:?}")))?);
+            }
+            let done = self.direct_done.as_ref().expect("made above");
+            done.record(&self.copy_stream).map_err(|e| CudaError(format!("cuEventRecord: {e:?}")))?;
+            dev.stream.wait(done).map_err(|e| CudaError(format!("cuStreamWaitEvent: {e:?}")))?;
+            self.direct_hold.push(src.clone());
+            return Ok(pieces.iter().map(|(_, p)| p.len() as u64).sum());
+        }
         let si = self.next_staging;
         self.next_staging = (si + 1) % self.staging.len();
         let dst = self.base(slot);
@@ -1386,7 +1448,7 @@ impl CudaBackend {
             ExpertSet::Resident(v) => {
                 for &e in ids {
                     let (l, pieces) = expert_layout(&v[e])?;
-                    slots.push(self.place(pool, (li, e), layout, l, &pieces, protected, None, false)?);
+                    slots.push(self.place(pool, (li, e), layout, l, &pieces, protected, None, false, None)?);
                 }
             }
             ExpertSet::Streamed { store, layer } => {
@@ -1401,13 +1463,14 @@ impl CudaBackend {
                 };
                 for (&e, (buf, borrowed)) in ids.iter().zip(bufs) {
                     let base = ByteSource::bytes(&*buf).as_ptr() as usize;
-                    let ew = store.expert_weights(*layer, buf)?;
+                    let ew = store.expert_weights(*layer, buf.clone())?;
                     let (l, pieces) = expert_layout(&ew)?;
                     if demote_to.is_some() && pool.demote_map[li].is_none() {
                         pool.demote_map[li] =
                             Some(pieces.iter().map(|&(off, p)| (off, p.as_ptr() as usize - base, p.len())).collect());
                     }
-                    slots.push(self.place(pool, (li, e), layout, l, &pieces, protected, demote_to, borrowed)?);
+                    let src = Some(&buf);
+                    slots.push(self.place(pool, (li, e), layout, l, &pieces, protected, demote_to, borrowed, src)?);
                 }
             }
         }
@@ -1427,6 +1490,7 @@ impl CudaBackend {
         protected: &dyn Fn(ExpertKey) -> bool,
         demote_to: Option<&ExpertStore>,
         borrowed: bool,
+        src: Option<&Arc<AlignedBuf>>,
     ) -> crate::Result<usize> {
         if l != layout {
             return Err(CudaError(format!("layer {li} expert {e} differs in shape from expert 0")).into());
@@ -1443,7 +1507,7 @@ impl CudaBackend {
             }
         }
         pool.borrowed[slot] = borrowed;
-        let n = pool.fill(&self.dev, slot, l.bytes, pieces)?;
+        let n = pool.fill(&self.dev, slot, l.bytes, pieces, src)?;
         self.gemv.table_set(&self.dev, pool.table.ptr(), pool.table_index(key), pool.base(slot))?;
         self.stats.h2d_bytes.fetch_add(n, Relaxed);
         Ok(slot)
@@ -1526,7 +1590,7 @@ impl CudaBackend {
             }
             let ew = store.expert_weights(l as usize, buf)?;
             let (lay, pieces) = expert_layout(&ew)?;
-            self.place(pool, (pl, e as usize), pool.layouts[pl], lay, &pieces, &|_| true, None, false)?;
+            self.place(pool, (pl, e as usize), pool.layouts[pl], lay, &pieces, &|_| true, None, false, None)?;
             self.stats.prewarmed.fetch_add(1, Relaxed);
             moved += 1;
         }
@@ -2134,6 +2198,7 @@ impl CudaBackend {
             if let Some(tr) = pool.transit.as_mut() {
                 tr.hold.clear();
             }
+            pool.release_copied();
             if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= e) {
                 return Err(CudaError(format!("router produced expert id {bad} (non-finite activations?)")).into());
             }
@@ -2330,8 +2395,10 @@ impl CudaBackend {
         self.mm(ws, &sh.down, ws.act.ptr(), ws.yd.ptr(), t)?;
         self.ops.add_gated_rows(dev, ws.x.ptr(), ws.yd.ptr(), ws.sg.ptr(), h, t)?;
 
+        // (The read waits for the stream: every copy it waited on has landed.)
         let ids = ws.ids.read_i32_n(t * k)?;
         p.pool.in_use.clear();
+        p.pool.release_copied();
         if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= e) {
             return Err(CudaError(format!("router produced expert id {bad} (non-finite activations?)")).into());
         }
@@ -2787,6 +2854,8 @@ impl Backend for CudaBackend {
                 })
                 .collect(),
             d2h_stage: None,
+            direct_hold: Vec::new(),
+            direct_done: None,
             host_io: None,
             cpu_rows: None,
             transit: None,
