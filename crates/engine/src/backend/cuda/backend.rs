@@ -254,8 +254,6 @@ fn warm_threads() -> bool {
     *ON.get_or_init(|| std::env::var("FLASHMOE_WARM_THREADS").map_or(true, |v| v != "0"))
 }
 
-/// Whether hybrid decode issues the PCIe share while the pool computes the CPU's share
-/// (`FLASHMOE_PCIE_OVERLAP=0`: before it, for measuring what the overlap buys).
 /// The token's expert MLP as one launch (`FLASHMOE_FUSED_EXPERTS=0`: gate+up, then down, as two
 /// batched launches; for comparison).
 fn fused_experts() -> bool {
@@ -272,6 +270,8 @@ fn direct_fill() -> bool {
     *ON.get_or_init(|| std::env::var("FLASHMOE_DIRECT_FILL").is_ok_and(|v| v == "1"))
 }
 
+/// Whether hybrid decode issues the PCIe share while the pool computes the CPU's share
+/// (`FLASHMOE_PCIE_OVERLAP=0`: before it, for measuring what the overlap buys).
 fn pcie_overlap() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("FLASHMOE_PCIE_OVERLAP").map_or(true, |v| v != "0"))
@@ -641,17 +641,16 @@ impl ExpertPool {
         key.0 as usize * self.num_experts + key.1 as usize
     }
 
-    /// Copies `pieces` (host byte ranges at slot offsets) into `slot` through a staging buffer on
-    /// the copy stream, and makes the compute stream wait for the copy. Returns bytes copied.
     /// The host has waited for the GPU since the last direct copies: their sources may go.
     fn release_copied(&mut self) {
         self.direct_hold.clear();
     }
 
-    /// Copies an expert into `slot`: `pieces` (slot offset, bytes) straight from `pinned`, the
-    /// RAM-tier buffer they lie in, when it is in pinned memory (one DMA per piece on the copy
-    /// stream, no host copy; the buffer is held until the host next waits for the GPU), else
-    /// through a pinned staging buffer.
+    /// Copies an expert into `slot` and makes the compute stream wait for the copy; returns the
+    /// bytes copied. `pieces` (slot offset, host bytes) come straight from `pinned`, the RAM-tier
+    /// buffer they lie in, when it is in pinned memory and `FLASHMOE_DIRECT_FILL=1` (one DMA per
+    /// piece on the copy stream, no host copy; the buffer is held until the host next waits for
+    /// the GPU), else through a pinned staging buffer on the copy stream.
     fn fill(
         &mut self,
         dev: &CudaDevice,
@@ -662,6 +661,9 @@ impl ExpertPool {
     ) -> Result<u64> {
         if let Some(src) = pinned.filter(|b| direct_fill() && b.host_memory().is_some()) {
             let dst = self.base(slot);
+            // Held before the first copy is issued: if a later one fails, those already queued
+            // still read a live buffer (and `Drop` waits for them).
+            self.direct_hold.push(src.clone());
             for &(off, p) in pieces {
                 if p.is_empty() {
                     continue;
@@ -679,7 +681,6 @@ impl ExpertPool {
             let done = self.direct_done.as_ref().expect("made above");
             done.record(&self.copy_stream).map_err(|e| CudaError(format!("cuEventRecord: {e:?}")))?;
             dev.stream.wait(done).map_err(|e| CudaError(format!("cuStreamWaitEvent: {e:?}")))?;
-            self.direct_hold.push(src.clone());
             return Ok(pieces.iter().map(|(_, p)| p.len() as u64).sum());
         }
         let si = self.next_staging;
@@ -3245,6 +3246,7 @@ impl Backend for CudaBackend {
             }
         }
         self.dev.synchronize()?;
+        inner.pool.release_copied();
         Ok(n)
     }
 

@@ -968,7 +968,9 @@ impl GemvKernels {
             && all().all(|m| m.format == mats[0].format && m.rows > 0)
             && mats[0].cols == shared[0].cols
             && mats[0].cols == mats[1].cols
+            && mats[0].rows == mats[1].rows
             && shared[0].cols == shared[1].cols
+            && shared[0].rows == shared[1].rows
             && mats[2].cols == mats[0].rows
             && shared[2].cols == shared[0].rows
             && self.fused_shape(mats[0].format, &[mats[0].cols], &[mats[2].cols, shared[2].cols]).is_some()
