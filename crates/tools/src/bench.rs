@@ -971,19 +971,38 @@ fn decode_info(
 
 #[derive(Clone, Debug)]
 pub struct SweepPoint {
+    /// RAM tier size.
     pub cache_bytes: u64,
+    /// The GPU expert cache as given (`bench sweep --gpu-caches`), None when not swept.
+    pub gpu_cache: Option<String>,
     pub report: DecodeReport,
 }
 
+/// One CSV row per point. The GPU columns (the cache as given, its slots, its hit rate, experts
+/// computed by the CPU and sent over PCIe per token) are empty for a run without a GPU.
 pub fn sweep_csv(points: &[SweepPoint], disk_bw: f64) -> String {
     let mut s = String::from(
-        "cache_bytes,cache_fraction,tok_s,ram_hit_rate,disk_bytes_per_token,compute_s_per_token,io_wait_s_per_token,floor_tok_s,peak_rss_bytes\n",
+        "cache_bytes,cache_fraction,tok_s,ram_hit_rate,disk_bytes_per_token,compute_s_per_token,io_wait_s_per_token,floor_tok_s,peak_rss_bytes,gpu_cache,gpu_slots,gpu_hit_rate,cpu_experts_per_token,pcie_experts_per_token\n",
     );
     for p in points {
         let r = &p.report;
         let f = r.floor(disk_bw);
+        let gpu = match &r.gpu {
+            Some(g) => {
+                let lookups = (g.pool_hits + g.pool_misses).max(1) as f64;
+                let per_token = |n: u64| n as f64 / r.tokens.max(1) as f64;
+                format!(
+                    "{},{:.4},{:.3},{:.3}",
+                    g.pool_slots,
+                    g.pool_hits as f64 / lookups,
+                    per_token(g.cpu_experts),
+                    per_token(g.pcie_experts)
+                )
+            }
+            None => ",,,".into(),
+        };
         s.push_str(&format!(
-            "{},{:.4},{:.4},{:.4},{:.0},{:.5},{:.5},{:.4},{}\n",
+            "{},{:.4},{:.4},{:.4},{:.0},{:.5},{:.5},{:.4},{},{},{}\n",
             p.cache_bytes,
             p.cache_bytes as f64 / r.expert_bytes.max(1) as f64,
             r.tok_s(),
@@ -992,7 +1011,9 @@ pub fn sweep_csv(points: &[SweepPoint], disk_bw: f64) -> String {
             r.compute_secs_per_token(),
             r.io_wait_per_token(),
             f.tok_s,
-            r.peak_rss.unwrap_or(0)
+            r.peak_rss.unwrap_or(0),
+            p.gpu_cache.as_deref().unwrap_or(""),
+            gpu
         ));
     }
     s

@@ -184,6 +184,10 @@ struct SweepArgs {
     /// Plot title (default: the model folder's name and routing).
     #[arg(long)]
     title: Option<String>,
+    /// GPU expert cache sizes to sweep too (with --device cuda), each at every --ram-cache size:
+    /// comma-separated sizes or shares of the expert bytes (2G,8G or 10%,25%,50%), or `auto`.
+    #[arg(long)]
+    gpu_caches: Option<String>,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -380,6 +384,17 @@ fn disk_bandwidth(c: &DecodeCommon) -> Result<(f64, String)> {
 }
 
 fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64, timing: bool) -> Result<DecodeReport> {
+    decode_once_on(c, io, cache, timing, None)
+}
+
+/// [`decode_once`] with the GPU expert cache set to `gpu_cache` instead of the device flags' one.
+fn decode_once_on(
+    c: &DecodeCommon,
+    io: IoChoice,
+    cache: u64,
+    timing: bool,
+    gpu_cache: Option<flashmoe::device::GpuCache>,
+) -> Result<DecodeReport> {
     let store = StoreOptions {
         io,
         ram_cache_bytes: cache,
@@ -389,12 +404,11 @@ fn decode_once(c: &DecodeCommon, io: IoChoice, cache: u64, timing: bool) -> Resu
     };
     // The store flags of bench keep their own defaults (O_DIRECT, no RAM cache, sizes as a share
     // of the experts); the engine and device groups are the ones every command takes.
-    let mut load = LoadOptions {
-        store,
-        device: c.device.options(),
-        routing_profile: c.routing_profile.clone(),
-        ..Default::default()
-    };
+    let mut device = c.device.options();
+    if let Some(g) = gpu_cache {
+        device.gpu_cache = g;
+    }
+    let mut load = LoadOptions { store, device, routing_profile: c.routing_profile.clone(), ..Default::default() };
     c.engine.apply(&mut load);
     c.trace.apply(&mut load);
     let mut model = crate::util::loading(&c.model, || bench::load_streamed(&c.model, &load))?;
@@ -632,14 +646,57 @@ fn sweep(a: SweepArgs) -> Result<()> {
     if sizes.is_empty() {
         bail!("--ram-cache: give at least one size, e.g. 0,1G,2G");
     }
+    // GPU cache sizes: the device flags' one, or each of --gpu-caches (with its label).
+    let gpus: Vec<Option<(String, flashmoe::device::GpuCache)>> = match &a.gpu_caches {
+        None => vec![None],
+        Some(list) => {
+            if matches!(c.device.options().device, flashmoe::device::DeviceChoice::Cpu) {
+                bail!("--gpu-caches sweeps the GPU's expert cache: add --device cuda");
+            }
+            let v = list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    let g = if s == "auto" {
+                        flashmoe::device::GpuCache::Auto
+                    } else {
+                        flashmoe::device::GpuCache::Bytes(cache_size(s, total)?)
+                    };
+                    Ok(Some((s.to_string(), g)))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if v.is_empty() {
+                bail!("--gpu-caches: give at least one size, e.g. 10%,25% or 4G,8G");
+            }
+            v
+        }
+    };
     let (bw, note) = disk_bandwidth(c)?;
     eprintln!("[flashmoe] experts {} on disk; disk bandwidth {note}", fmt_bytes(total));
     let mut points = Vec::new();
-    for &size in &sizes {
-        eprintln!("[flashmoe] RAM cache {} ({:.0}%)", fmt_bytes(size), 100.0 * size as f64 / total.max(1) as f64);
-        let r = decode_once(c, IoChoice::Direct, size, false)?;
-        print_decode(&r, bw, &note, &c.cache_policy.name());
-        points.push(SweepPoint { cache_bytes: size, report: r });
+    for gpu in &gpus {
+        for &size in &sizes {
+            match gpu {
+                Some((label, _)) => eprintln!(
+                    "[flashmoe] GPU cache {label}, RAM cache {} ({:.0}%)",
+                    fmt_bytes(size),
+                    100.0 * size as f64 / total.max(1) as f64
+                ),
+                None => eprintln!(
+                    "[flashmoe] RAM cache {} ({:.0}%)",
+                    fmt_bytes(size),
+                    100.0 * size as f64 / total.max(1) as f64
+                ),
+            }
+            let r = decode_once_on(c, IoChoice::Direct, size, false, gpu.as_ref().map(|g| g.1))?;
+            if gpu.is_some() && r.gpu.is_none() {
+                // (`--device auto` found no GPU.)
+                bail!("--gpu-caches sweeps the GPU's expert cache, but the model ran on the CPU");
+            }
+            print_decode(&r, bw, &note, &c.cache_policy.name());
+            points.push(SweepPoint { cache_bytes: size, gpu_cache: gpu.as_ref().map(|g| g.0.clone()), report: r });
+        }
     }
     let csv = bench::sweep_csv(&points, bw);
     match &a.csv {
@@ -648,24 +705,38 @@ fn sweep(a: SweepArgs) -> Result<()> {
     }
     if let Some(p) = &a.plot {
         let name = c.model.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned());
-        let title = a
-            .title
-            .clone()
-            .unwrap_or_else(|| format!("{name}: decode vs RAM cache ({} routing, O_DIRECT)", c.routing.name()));
+        let title = a.title.clone().unwrap_or_else(|| match a.gpu_caches {
+            Some(_) => format!("{name}: decode vs GPU and RAM caches ({} routing, O_DIRECT)", c.routing.name()),
+            None => format!("{name}: decode vs RAM cache ({} routing, O_DIRECT)", c.routing.name()),
+        });
         plot(p, &title, &points, bw, total).with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
 }
 
+/// tok/s and RAM hit rate against the RAM tier's size: one line per GPU cache size when those
+/// were swept too (the disk floor only for a single series, where it means one thing).
 fn plot(path: &Path, title: &str, points: &[SweepPoint], bw: f64, total: u64) -> Result<()> {
     use plotters::prelude::*;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    // Series in the order swept: points of one GPU cache size.
+    let mut series: Vec<(Option<String>, Vec<&SweepPoint>)> = Vec::new();
+    for p in points {
+        match series.iter_mut().find(|(g, _)| *g == p.gpu_cache) {
+            Some((_, v)) => v.push(p),
+            None => series.push((p.gpu_cache.clone(), vec![p])),
+        }
+    }
+    let single = series.len() == 1;
     let xmax = points.iter().map(|p| gib(p.cache_bytes)).fold(0.0, f64::max).max(gib(total).min(1e-3)) * 1.05 + 1e-9;
-    let toks: Vec<(f64, f64)> = points.iter().map(|p| (gib(p.cache_bytes), p.report.tok_s())).collect();
     let floors: Vec<(f64, f64)> = points.iter().map(|p| (gib(p.cache_bytes), p.report.floor(bw).tok_s)).collect();
-    let hits: Vec<(f64, f64)> =
-        points.iter().map(|p| (gib(p.cache_bytes), 100.0 * p.report.io.ram_hit_rate())).collect();
-    let ymax = toks.iter().chain(&floors).map(|p| p.1).fold(0.0, f64::max) * 1.15 + 1e-9;
+    let ymax = points
+        .iter()
+        .map(|p| p.report.tok_s())
+        .chain(floors.iter().filter(|_| single).map(|p| p.1))
+        .fold(0.0, f64::max)
+        * 1.15
+        + 1e-9;
     let err = |e: &dyn std::fmt::Display| anyhow!("plot: {e}");
     let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
@@ -685,26 +756,53 @@ fn plot(path: &Path, title: &str, points: &[SweepPoint], bw: f64, total: u64) ->
         .draw()
         .map_err(|e| err(&e))?;
     chart.configure_secondary_axes().y_desc("RAM cache hit rate, %").draw().map_err(|e| err(&e))?;
-    let blue = RGBColor(31, 119, 180);
+    let palette = [
+        RGBColor(31, 119, 180),
+        RGBColor(44, 160, 44),
+        RGBColor(148, 103, 189),
+        RGBColor(255, 127, 14),
+        RGBColor(140, 86, 75),
+        RGBColor(23, 190, 207),
+    ];
     let gray = RGBColor(120, 120, 120);
     let red = RGBColor(214, 39, 40);
-    chart
-        .draw_series(LineSeries::new(toks.clone(), blue.stroke_width(2)))
-        .map_err(|e| err(&e))?
-        .label("decode tok/s")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2)));
-    chart.draw_series(toks.iter().map(|&p| Circle::new(p, 4, blue.filled()))).map_err(|e| err(&e))?;
-    chart
-        .draw_series(LineSeries::new(floors, gray.stroke_width(1)))
-        .map_err(|e| err(&e))?
-        .label("floor tok/s (disk bytes ÷ bandwidth + compute)")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], gray.stroke_width(1)));
-    chart
-        .draw_secondary_series(LineSeries::new(hits.clone(), red.stroke_width(2)))
-        .map_err(|e| err(&e))?
-        .label("RAM cache hit rate (right axis)")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], red.stroke_width(2)));
-    chart.draw_secondary_series(hits.iter().map(|&p| TriangleMarker::new(p, 5, red.filled()))).map_err(|e| err(&e))?;
+    for (i, (gpu, pts)) in series.iter().enumerate() {
+        let color = palette[i % palette.len()];
+        let toks: Vec<(f64, f64)> = pts.iter().map(|p| (gib(p.cache_bytes), p.report.tok_s())).collect();
+        let hits: Vec<(f64, f64)> =
+            pts.iter().map(|p| (gib(p.cache_bytes), 100.0 * p.report.io.ram_hit_rate())).collect();
+        let name = match gpu {
+            Some(g) => format!("decode tok/s, GPU cache {g}"),
+            None => "decode tok/s".into(),
+        };
+        chart
+            .draw_series(LineSeries::new(toks.clone(), color.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(toks.iter().map(|&p| Circle::new(p, 4, color.filled()))).map_err(|e| err(&e))?;
+        // One series: the hit rate in red as before; several: in the series' colour, thin.
+        let (hit_color, width) = if single { (red, 2) } else { (color, 1) };
+        let hit_name = match gpu {
+            Some(g) if !single => format!("RAM cache hit rate, GPU cache {g} (right axis)"),
+            _ => "RAM cache hit rate (right axis)".into(),
+        };
+        chart
+            .draw_secondary_series(LineSeries::new(hits.clone(), hit_color.stroke_width(width)))
+            .map_err(|e| err(&e))?
+            .label(hit_name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], hit_color.stroke_width(width)));
+        chart
+            .draw_secondary_series(hits.iter().map(|&p| TriangleMarker::new(p, 5, hit_color.filled())))
+            .map_err(|e| err(&e))?;
+    }
+    if single {
+        chart
+            .draw_series(LineSeries::new(floors, gray.stroke_width(1)))
+            .map_err(|e| err(&e))?
+            .label("floor tok/s (disk bytes ÷ bandwidth + compute)")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], gray.stroke_width(1)));
+    }
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
