@@ -8,13 +8,19 @@ fn flashmoe(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_flashmoe")).args(args).output().unwrap()
 }
 
+/// A 2-layer random model of the tiny geometry in `parent`/tiny.
+fn synth_tiny(parent: &std::path::Path) -> std::path::PathBuf {
+    let dir = parent.join("tiny");
+    let o = flashmoe(&["synth", "--geometry", "tiny", "--layers", "2", "--out", dir.to_str().unwrap(), "--quiet"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    dir
+}
+
 #[test]
 fn bench_decode_cpu_reports_its_io_mode_roofline_and_timing() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("tiny");
+    let dir = synth_tiny(tmp.path());
     let d = dir.to_str().unwrap();
-    let o = flashmoe(&["synth", "--geometry", "tiny", "--layers", "2", "--out", d, "--quiet"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for (io, disk_reads) in [("mmap", false), ("page", true)] {
         let o = flashmoe(&[
             "bench",
@@ -56,10 +62,8 @@ fn bench_decode_cpu_reports_its_io_mode_roofline_and_timing() {
 #[test]
 fn bench_sweep_writes_a_row_per_size_and_refuses_gpu_sizes_on_the_cpu() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("tiny");
+    let dir = synth_tiny(tmp.path());
     let d = dir.to_str().unwrap();
-    let o = flashmoe(&["synth", "--geometry", "tiny", "--layers", "2", "--out", d, "--quiet"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let csv = tmp.path().join("sweep.csv");
     let svg = tmp.path().join("sweep.svg");
     let common =

@@ -118,6 +118,17 @@ fn time_reps(
     Ok(Spread::of(&v))
 }
 
+/// Device-to-device copies of `src` (whole), 10 per repetition: read + written bytes per second.
+fn copy_bandwidth(dev: &CudaDevice, src: &DevBuf, reps: usize) -> Result<Spread> {
+    let dst = dev.alloc(src.len())?;
+    time_reps(dev, reps, 10, 2.0 * src.len() as f64, || {
+        for _ in 0..10 {
+            dev.copy_dtod(src, &dst, src.len())?;
+        }
+        Ok(())
+    })
+}
+
 fn fmt_spread(s: &Spread) -> String {
     format!("{:7.0} [{:5.0}–{:5.0}]", s.median, s.min, s.max)
 }
@@ -128,19 +139,11 @@ fn gemv(a: GemvBenchArgs) -> Result<()> {
     println!("device  {}", dev.describe());
     let reps = a.reps.max(1);
 
-    // Device-to-device copy of 1 GiB: read + write bytes per second.
     const GIB: usize = 1 << 30;
     let src = dev.alloc(GIB)?;
-    let dst = dev.alloc(GIB)?;
     k.fill_u32(&dev, &src, 7)?;
     let copies = 10;
-    let copy = time_reps(&dev, reps, copies, 2.0 * GIB as f64, || {
-        for _ in 0..copies {
-            dev.copy_dtod(&src, &dst, GIB)?;
-        }
-        Ok(())
-    })?;
-    drop(dst);
+    let copy = copy_bandwidth(&dev, &src, reps)?;
     // Read-only stream over the same 1 GiB.
     let blocks = (dev.sm_count * 8) as u32;
     let scratch = dev.alloc(blocks as usize * 4)?;
@@ -358,16 +361,10 @@ fn experts(a: ExpertsBenchArgs) -> Result<()> {
     let kern = GemvKernels::load(&dev)?;
     println!("device  {}", dev.describe());
     let reps = a.reps.max(1);
-    const GIB: usize = 1 << 30;
     let copy = {
-        let (src, dst) = (dev.alloc(GIB)?, dev.alloc(GIB)?);
+        let src = dev.alloc(1 << 30)?;
         kern.fill_u32(&dev, &src, 7)?;
-        time_reps(&dev, reps, 10, 2.0 * GIB as f64, || {
-            for _ in 0..10 {
-                dev.copy_dtod(&src, &dst, GIB)?;
-            }
-            Ok(())
-        })?
+        copy_bandwidth(&dev, &src, reps)?
     };
     println!("copy    cuMemcpyDtoD 1 GiB, (read + written bytes)/s: GB/s {}", fmt_spread(&copy));
     let format = DevFormat::Affine { bits: a.bits, group_size: a.group_size };

@@ -179,6 +179,17 @@ struct MatLayout {
 }
 
 impl MatLayout {
+    /// Offsets and shape as the expert kernels take them (`MatOff`).
+    fn mat_off(&self) -> super::gemv::MatOff {
+        super::gemv::MatOff {
+            w: self.w as u64,
+            s: self.s as u64,
+            b: self.b as u64,
+            rows: self.rows as i32,
+            cols: self.cols as i32,
+        }
+    }
+
     fn offsets(&self) -> super::gemv::MatOffsets {
         super::gemv::MatOffsets {
             format: self.format,
@@ -2043,7 +2054,7 @@ impl CudaBackend {
         swiglu: bool,
         k: usize,
     ) -> Result<()> {
-        use super::gemv::{ExpertsArgs, GemvProblem, MatOff};
+        use super::gemv::{ExpertsArgs, GemvProblem};
         if mats.len() == 2 && mats[0].format != mats[1].format {
             // Different formats cannot share a launch: one per matrix (`up` writes after gate).
             self.expert_phase(ids, table, &mats[..1], &shared[..1], (x, x_stride), (y, y_stride), swiglu, k)?;
@@ -2066,13 +2077,13 @@ impl CudaBackend {
         };
         let (mut max_rows, mut max_cols) = (0, 0);
         for (o, l) in args.mat.iter_mut().zip(mats) {
-            *o = MatOff { w: l.w as u64, s: l.s as u64, b: l.b as u64, rows: l.rows as i32, cols: l.cols as i32 };
+            *o = l.mat_off();
             max_rows = max_rows.max(l.rows);
             max_cols = max_cols.max(l.cols);
         }
         if fused {
             for (p, it) in args.shared.iter_mut().zip(shared) {
-                *p = GemvProblem::new(&it.m, it.x, it.y, it.swiglu);
+                *p = GemvProblem::of(it);
                 max_rows = max_rows.max(it.m.rows);
                 max_cols = max_cols.max(it.m.cols);
             }
@@ -2123,14 +2134,7 @@ impl CudaBackend {
             );
         let gpu_experts = || -> Result<()> {
             if fused {
-                use super::gemv::{FusedExpertsArgs, GemvProblem, MatOff};
-                let off = |l: &MatLayout| MatOff {
-                    w: l.w as u64,
-                    s: l.s as u64,
-                    b: l.b as u64,
-                    rows: l.rows as i32,
-                    cols: l.cols as i32,
-                };
+                use super::gemv::{FusedExpertsArgs, GemvProblem};
                 let args = FusedExpertsArgs {
                     ids: ids_ptr,
                     table,
@@ -2139,12 +2143,8 @@ impl CudaBackend {
                     ys: ys(0),
                     gu_stride: imax2 as i64,
                     ys_stride: h as i64,
-                    mat: [off(&gl), off(&ul), off(&dm)],
-                    shared: [
-                        GemvProblem::new(&shared1[0].m, shared1[0].x, shared1[0].y, false),
-                        GemvProblem::new(&shared1[1].m, shared1[1].x, shared1[1].y, false),
-                        GemvProblem::new(&shared2[0].m, shared2[0].x, shared2[0].y, true),
-                    ],
+                    mat: [gl.mat_off(), ul.mat_off(), dm.mat_off()],
+                    shared: [GemvProblem::of(&shared1[0]), GemvProblem::of(&shared1[1]), GemvProblem::of(&shared2[0])],
                     sync: 0,
                     k: k as i32,
                 };

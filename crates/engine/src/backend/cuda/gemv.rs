@@ -353,6 +353,11 @@ impl GemvProblem {
     pub fn new(m: &MatView, x: u64, y: u64, swiglu: bool) -> Self {
         GemvProblem { w: m.w, s: m.s, b: m.b, x, y, rows: m.rows as i32, cols: m.cols as i32, swiglu: swiglu as i32 }
     }
+
+    /// The problem a batch item describes.
+    pub fn of(it: &BatchItem) -> Self {
+        Self::new(&it.m, it.x, it.y, it.swiglu)
+    }
 }
 
 /// A GEMV of a batch: `y = m·x`, or `y = m·(silu(g)⊙u)` with x = [g; u] when `swiglu`.
@@ -1074,7 +1079,7 @@ impl GemvKernels {
     fn launch_batch(&self, dev: &CudaDevice, format: DevFormat, items: &[&BatchItem]) -> Result<()> {
         let mut batch = GemvBatch { p: [GemvProblem::default(); MAX_BATCH] };
         for (p, it) in batch.p.iter_mut().zip(items) {
-            *p = GemvProblem::new(&it.m, it.x, it.y, it.swiglu);
+            *p = GemvProblem::of(it);
         }
         let max_rows = items.iter().map(|it| it.m.rows).max().unwrap_or(0);
         let max_cols = items.iter().map(|it| it.m.cols).max().unwrap_or(0);
