@@ -77,6 +77,133 @@ __device__ __forceinline__ void load_chunks(const uint4* (&wr)[RW], const u16* (
     }
 }
 
+// x values of chunk c, word wi (VPW of them) into xv: from global memory through the read-only
+// path when XSTRIDE == VPC, else from the padded shared-memory copy.
+template <int VPW, int VPC, int XSTRIDE>
+__device__ __forceinline__ void x_word(const float* __restrict__ x, int c, int wi, float (&xv)[VPW]) {
+    const float4* xp = reinterpret_cast<const float4*>(x + (long long)c * XSTRIDE + wi * VPW);
+#pragma unroll
+    for (int v = 0; v < VPW / 4; v++) {
+        const float4 t = XSTRIDE == VPC ? __ldg(xp + v) : xp[v];
+        xv[4 * v] = t.x;
+        xv[4 * v + 1] = t.y;
+        xv[4 * v + 2] = t.z;
+        xv[4 * v + 3] = t.w;
+    }
+}
+
+// Adds chunk c of RW rows (codes q, their segments' scales sc and biases bi) times x to acc,
+// exactly: per segment, each code position's products are summed in f32 on their own (the code
+// read as 2^23 + q·2^sk and the 2^23 taken off before the multiply, so every product is exact
+// up to x's rounding), then scaled by 2^-sk, then scale·Σ + bias·Σx. Every kernel that must give
+// the batched kernels' results bit for bit (the fused expert kernel) computes its rows with this.
+template <int BITS, int GS, int RW, int XSTRIDE, int SEGS>
+__device__ __forceinline__ void chunk_sums(const uint4 (&q)[RW], const u16 (&sc)[RW][SEGS], const u16 (&bi)[RW][SEGS],
+                                           const float* __restrict__ x, int c, float (&acc)[RW]) {
+    constexpr int VPW = 32 / BITS;
+    constexpr int VPC = 4 * VPW;
+    constexpr int SEGV = GS < VPC ? GS : VPC;
+    constexpr int WPS = SEGV / VPW;
+    constexpr u32 MASK = (BITS == 8) ? 0xFFu : ((1u << BITS) - 1u);
+#pragma unroll
+    for (int s = 0; s < SEGS; s++) {
+        float part[RW][VPW];
+#pragma unroll
+        for (int i = 0; i < RW; i++)
+#pragma unroll
+            for (int k = 0; k < VPW; k++) part[i][k] = 0.f;
+        float xs = 0.f;
+#pragma unroll
+        for (int j = 0; j < WPS; j++) {
+            const int wi = s * WPS + j;
+            float xv[VPW];
+            x_word<VPW, VPC, XSTRIDE>(x, c, wi, xv);
+#pragma unroll
+            for (int k = 0; k < VPW; k++) xs += xv[k];
+#pragma unroll
+            for (int i = 0; i < RW; i++) {
+                const u32 wd = word_of(q[i], wi);
+                const u32 hi = wd >> 16;
+#pragma unroll
+                for (int k = 0; k < VPW; k++) {
+                    const int sk = k * BITS;
+                    const u32 m = (sk + BITS <= 23) ? (wd & (MASK << sk)) : (hi & (MASK << (sk >= 16 ? sk - 16 : 0)));
+                    const float f = __uint_as_float(m | 0x4B000000u) - 8388608.0f;
+                    part[i][k] = fmaf(f, xv[k], part[i][k]);
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < RW; i++) {
+            float d = 0.f;
+#pragma unroll
+            for (int k = 0; k < VPW; k++) {
+                const int sk = k * BITS;
+                const int sh = (sk + BITS <= 23) ? sk : sk - 16;
+                d = fmaf(part[i][k], __uint_as_float((u32)(127 - sh) << 23), d);
+            }
+            acc[i] = fmaf(bf16_to_f32(sc[i][s]), d, fmaf(bf16_to_f32(bi[i][s]), xs, acc[i]));
+        }
+    }
+}
+
+// chunk_sums for 4-bit codes without the FADD per code (the "shift" variants, see affine_rows):
+// not bit-identical to chunk_sums (the 2^23·Σx offset comes off once per segment).
+template <int GS, int RW, int XSTRIDE, int SEGS>
+__device__ __forceinline__ void chunk_sums_shift4(const uint4 (&q)[RW], const u16 (&sc)[RW][SEGS],
+                                                  const u16 (&bi)[RW][SEGS], const float* __restrict__ x, int c,
+                                                  float (&acc)[RW]) {
+    constexpr int VPW = 8, VPC = 32;
+    constexpr int SEGV = GS < VPC ? GS : VPC;
+    constexpr int WPS = SEGV / VPW;
+#pragma unroll
+    for (int s = 0; s < SEGS; s++) {
+        float part[RW][VPW];
+#pragma unroll
+        for (int i = 0; i < RW; i++)
+#pragma unroll
+            for (int k = 0; k < VPW; k++) part[i][k] = 0.f;
+        float xe = 0.f, xo = 0.f;
+#pragma unroll
+        for (int j = 0; j < WPS; j++) {
+            const int wi = s * WPS + j;
+            float xv[VPW];
+            x_word<VPW, VPC, XSTRIDE>(x, c, wi, xv);
+#pragma unroll
+            for (int k = 0; k < VPW; k += 2) {
+                xe += xv[k];
+                xo += xv[k + 1];
+            }
+#pragma unroll
+            for (int i = 0; i < RW; i++) {
+                const u32 wd = word_of(q[i], wi);
+                const u32 v[4] = {wd << 15, wd << 7, wd >> 1, wd >> 9};
+#pragma unroll
+                for (int p = 0; p < 4; p++) {
+                    const float f0 = __uint_as_float((v[p] & (0xFu << 15)) | 0x4B000000u);
+                    const float f1 = __uint_as_float((v[p] & (0xFu << 19)) | 0x4B000000u);
+                    part[i][2 * p] = fmaf(f0, xv[2 * p], part[i][2 * p]);
+                    part[i][2 * p + 1] = fmaf(f1, xv[2 * p + 1], part[i][2 * p + 1]);
+                }
+            }
+        }
+        const float xs = xe + xo;
+#pragma unroll
+        for (int i = 0; i < RW; i++) {
+            float e = 0.f, o = 0.f;
+#pragma unroll
+            for (int k = 0; k < VPW; k += 2) {
+                e += part[i][k];
+                o += part[i][k + 1];
+            }
+            e = fmaf(-8388608.0f, xe, e);
+            o = fmaf(-8388608.0f, xo, o);
+            const float d = fmaf(o, 1.0f / 524288.0f, e * (1.0f / 32768.0f));
+            acc[i] = fmaf(bf16_to_f32(sc[i][s]), d, fmaf(bf16_to_f32(bi[i][s]), xs, acc[i]));
+        }
+    }
+}
+
 // One warp computes rows row0 .. row0+RW-1. x values of chunk c, offset o are read at
 // xv[c * XSTRIDE + o]: XSTRIDE = VPC for x in global memory, VPC + 4 for the padded copy in shared
 // memory (the 16-byte pad per chunk makes the warp's 16-byte reads, VPC*4 bytes apart per lane,
@@ -103,7 +230,6 @@ __device__ __forceinline__ void affine_rows(const uint4* __restrict__ w, const u
     constexpr int SEGV = GS < VPC ? GS : VPC;   // codes per segment (inside one group)
     constexpr int WPS = SEGV / VPW;             // words per segment
     constexpr int SEGS = 4 / WPS;               // segments per chunk
-    constexpr u32 MASK = (BITS == 8) ? 0xFFu : ((1u << BITS) - 1u);
     constexpr int U = RW >= 4 ? 1 : 4 / RW;     // chunks per lane in flight per row
 
     const int lane = threadIdx.x & (SUB - 1);
@@ -150,91 +276,10 @@ __device__ __forceinline__ void affine_rows(const uint4* __restrict__ w, const u
         for (int u = 0; u < U; u++) {
             const int c = c0 + SUB * u;
             if (c >= nch) break;
-#pragma unroll
-            for (int s = 0; s < SEGS; s++) {
-                float part[RW][VPW];
-#pragma unroll
-                for (int i = 0; i < RW; i++)
-#pragma unroll
-                    for (int k = 0; k < VPW; k++) part[i][k] = 0.f;
-                float xs = 0.f, xe = 0.f, xo = 0.f;
-#pragma unroll
-                for (int j = 0; j < WPS; j++) {
-                    const int wi = s * WPS + j;
-                    const float4* xp = reinterpret_cast<const float4*>(x + (long long)c * XSTRIDE + wi * VPW);
-                    float xv[VPW];
-#pragma unroll
-                    for (int v = 0; v < VPW / 4; v++) {
-                        float4 t = XSTRIDE == VPC ? __ldg(xp + v) : xp[v];
-                        xv[4 * v] = t.x;
-                        xv[4 * v + 1] = t.y;
-                        xv[4 * v + 2] = t.z;
-                        xv[4 * v + 3] = t.w;
-                    }
-                    if constexpr ((V & 1) != 0 && BITS == 4) {
-#pragma unroll
-                        for (int k = 0; k < VPW; k += 2) {
-                            xe += xv[k];
-                            xo += xv[k + 1];
-                        }
-#pragma unroll
-                        for (int i = 0; i < RW; i++) {
-                            const u32 wd = word_of(q[u][i], wi);
-                            const u32 v[4] = {wd << 15, wd << 7, wd >> 1, wd >> 9};
-#pragma unroll
-                            for (int p = 0; p < 4 && 2 * p + 1 < VPW; p++) {
-                                const float f0 = __uint_as_float((v[p] & (0xFu << 15)) | 0x4B000000u);
-                                const float f1 = __uint_as_float((v[p] & (0xFu << 19)) | 0x4B000000u);
-                                part[i][2 * p] = fmaf(f0, xv[2 * p], part[i][2 * p]);
-                                part[i][2 * p + 1] = fmaf(f1, xv[2 * p + 1], part[i][2 * p + 1]);
-                            }
-                        }
-                    } else {
-#pragma unroll
-                        for (int k = 0; k < VPW; k++) xs += xv[k];
-#pragma unroll
-                        for (int i = 0; i < RW; i++) {
-                            const u32 wd = word_of(q[u][i], wi);
-                            const u32 hi = wd >> 16;
-#pragma unroll
-                            for (int k = 0; k < VPW; k++) {
-                                const int sk = k * BITS;
-                                const u32 m = (sk + BITS <= 23) ? (wd & (MASK << sk))
-                                                                : (hi & (MASK << (sk >= 16 ? sk - 16 : 0)));
-                                const float f = __uint_as_float(m | 0x4B000000u) - 8388608.0f;
-                                part[i][k] = fmaf(f, xv[k], part[i][k]);
-                            }
-                        }
-                    }
-                }
-                if constexpr ((V & 1) != 0 && BITS == 4) {
-                    xs = xe + xo;
-#pragma unroll
-                    for (int i = 0; i < RW; i++) {
-                        float e = 0.f, o = 0.f;
-#pragma unroll
-                        for (int k = 0; k < VPW; k += 2) {
-                            e += part[i][k];
-                            o += part[i][k + 1];
-                        }
-                        e = fmaf(-8388608.0f, xe, e);
-                        o = fmaf(-8388608.0f, xo, o);
-                        const float d = fmaf(o, 1.0f / 524288.0f, e * (1.0f / 32768.0f));
-                        acc[i] = fmaf(bf16_to_f32(sc[u][i][s]), d, fmaf(bf16_to_f32(bi[u][i][s]), xs, acc[i]));
-                    }
-                } else {
-#pragma unroll
-                    for (int i = 0; i < RW; i++) {
-                        float d = 0.f;
-#pragma unroll
-                        for (int k = 0; k < VPW; k++) {
-                            const int sk = k * BITS;
-                            const int sh = (sk + BITS <= 23) ? sk : sk - 16;
-                            d = fmaf(part[i][k], __uint_as_float((u32)(127 - sh) << 23), d);
-                        }
-                        acc[i] = fmaf(bf16_to_f32(sc[u][i][s]), d, fmaf(bf16_to_f32(bi[u][i][s]), xs, acc[i]));
-                    }
-                }
+            if constexpr ((V & 1) != 0 && BITS == 4) {
+                chunk_sums_shift4<GS, RW, XSTRIDE, SEGS>(q[u], sc[u], bi[u], x, c, acc);
+            } else {
+                chunk_sums<BITS, GS, RW, XSTRIDE, SEGS>(q[u], sc[u], bi[u], x, c, acc);
             }
         }
     }
@@ -607,7 +652,9 @@ __device__ __forceinline__ void stage_x(float* xsm, const float* x, int cols, bo
 // RW rows of 4-bit codes on a sub-warp of SUB lanes, each lane holding all of its chunks (at most
 // CH per row: cols ≤ CH·SUB·32) in registers: they are requested first, then `ready()` runs (a
 // block-wide step: every thread of the block calls this), then the sums, as affine_rows computes
-// them (V = 0). Rows past `rows` are read clamped and not written.
+// them (chunk_sums). Rows past `rows` are read clamped and not written. (The loads are a
+// non-volatile asm the compiler could in principle sink past `ready()`; the SASS shows it does
+// not: every LDG of a tile is issued before its BAR.SYNC, see scripts/cuda/nvrtc_check.py.)
 template <int GS, int RW, int SUB, int CH, typename Ready>
 __device__ __forceinline__ void affine_tile4(const uint4* __restrict__ w, const u16* __restrict__ scales,
                                              const u16* __restrict__ biases, const float* xsm, float* __restrict__ y,
@@ -650,54 +697,7 @@ __device__ __forceinline__ void affine_tile4(const uint4* __restrict__ w, const 
     for (int u = 0; u < CH; u++) {
         const int c = lane + SUB * u;
         if (c >= nch) break;
-#pragma unroll
-        for (int sg = 0; sg < SEGS; sg++) {
-            float part[RW][VPW];
-#pragma unroll
-            for (int i = 0; i < RW; i++)
-#pragma unroll
-                for (int kk = 0; kk < VPW; kk++) part[i][kk] = 0.f;
-            float xs = 0.f;
-#pragma unroll
-            for (int j = 0; j < WPS; j++) {
-                const int wi = sg * WPS + j;
-                const float4* xp = reinterpret_cast<const float4*>(xsm + (long long)c * XSTRIDE + wi * VPW);
-                float xv[VPW];
-#pragma unroll
-                for (int v = 0; v < VPW / 4; v++) {
-                    const float4 t = xp[v];
-                    xv[4 * v] = t.x;
-                    xv[4 * v + 1] = t.y;
-                    xv[4 * v + 2] = t.z;
-                    xv[4 * v + 3] = t.w;
-                }
-#pragma unroll
-                for (int kk = 0; kk < VPW; kk++) xs += xv[kk];
-#pragma unroll
-                for (int i = 0; i < RW; i++) {
-                    const u32 wd = word_of(q[u][i], wi);
-                    const u32 hi = wd >> 16;
-#pragma unroll
-                    for (int kk = 0; kk < VPW; kk++) {
-                        const int sk = kk * 4;
-                        const u32 m = (sk + 4 <= 23) ? (wd & (0xFu << sk)) : (hi & (0xFu << (sk >= 16 ? sk - 16 : 0)));
-                        const float f = __uint_as_float(m | 0x4B000000u) - 8388608.0f;
-                        part[i][kk] = fmaf(f, xv[kk], part[i][kk]);
-                    }
-                }
-            }
-#pragma unroll
-            for (int i = 0; i < RW; i++) {
-                float d = 0.f;
-#pragma unroll
-                for (int kk = 0; kk < VPW; kk++) {
-                    const int sk = kk * 4;
-                    const int sh = (sk + 4 <= 23) ? sk : sk - 16;
-                    d = fmaf(part[i][kk], __uint_as_float((u32)(127 - sh) << 23), d);
-                }
-                acc[i] = fmaf(bf16_to_f32(sc[u][i][sg]), d, fmaf(bf16_to_f32(bi[u][i][sg]), xs, acc[i]));
-            }
-        }
+        chunk_sums<4, GS, RW, XSTRIDE, SEGS>(q[u], sc[u], bi[u], xsm, c, acc);
     }
 #pragma unroll
     for (int i = 0; i < RW; i++) {
