@@ -116,7 +116,7 @@ pub fn run(a: SelftestArgs) -> Result<()> {
     let mut results: Vec<Outcome> = Vec::new();
     let mut skipped = 0usize;
     let shapes: Vec<(usize, usize)> =
-        [1usize, 7, 1000].iter().flat_map(|&r| [64usize, 192, 4096].map(move |c| (r, c))).collect();
+        [1usize, 7, 1000].iter().flat_map(|&r| [64usize, 192, 512, 768, 4096].map(move |c| (r, c))).collect();
     let mut formats: Vec<DevFormat> = Vec::new();
     for bits in [2u32, 4, 8] {
         for group_size in [32usize, 64, 128] {
@@ -161,7 +161,9 @@ pub fn run(a: SelftestArgs) -> Result<()> {
             };
             let dm = DevMatrix::upload(&dev, &m)?;
             let affine = matches!(format, DevFormat::Affine { .. });
-            let rpws: &[usize] = if affine { &ROWS_PER_WARP } else { &[1] };
+            // GGML: every rows-per-warp too (Q4_K's GEMV has its own kernel per 1, 2 and 4).
+            let rpws: &[usize] =
+                if matches!(format, DevFormat::Affine { .. } | DevFormat::Ggml(_)) { &ROWS_PER_WARP } else { &[1] };
             // Affine: both x paths (padded shared-memory copy, and global memory).
             let paths: &[bool] = if affine { &[false, true] } else { &[false] };
             let variants: Vec<AffineVariant> = AFFINE_VARIANTS.into_iter().filter(|v| v.applies(format)).collect();
