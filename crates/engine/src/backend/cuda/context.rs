@@ -128,7 +128,10 @@ impl CudaDevice {
         if let Some(m) = mods.get(name) {
             return Ok(m.clone());
         }
-        let cubin = self.cubin(name, src)?;
+        let cubin = match kernel_source_override(name)? {
+            Some(own) => self.cubin(name, &own)?,
+            None => self.cubin(name, src)?,
+        };
         let m = self.ctx.load_module(Ptx::from_binary(cubin)).ctx(&format!("loading module {name}"))?;
         mods.insert(name, m.clone());
         Ok(m)
@@ -361,6 +364,21 @@ impl Timer {
         self.stream.synchronize().ctx("stream synchronize (a kernel failed?)")?;
         Ok(self.start.elapsed_ms(&self.end).ctx("cuEventElapsedTime")? as f64)
     }
+}
+
+/// `FLASHMOE_KERNEL_DIR=DIR`: compile `DIR/<name>.cu` instead of the source built into the binary,
+/// where that file exists (a kernel A/B on the GPU machine, which has no cargo, without a rebuild:
+/// the same binary with and without the variable). Said on stderr, since results may differ.
+fn kernel_source_override(name: &str) -> Result<Option<String>> {
+    let Some(dir) = std::env::var_os("FLASHMOE_KERNEL_DIR") else { return Ok(None) };
+    let path = PathBuf::from(dir).join(format!("{name}.cu"));
+    if !path.exists() {
+        return Ok(None);
+    }
+    let src = std::fs::read_to_string(&path)
+        .map_err(|e| CudaError(format!("FLASHMOE_KERNEL_DIR: reading {}: {e}", path.display())))?;
+    eprintln!("[flashmoe] kernel source {} (FLASHMOE_KERNEL_DIR), not the built-in one", path.display());
+    Ok(Some(src))
 }
 
 /// Where compiled kernels are cached.
