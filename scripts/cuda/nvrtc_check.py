@@ -14,8 +14,9 @@ longer compiles before device time is spent on it, and can disassemble the resul
 
 `--order` prints the function's global loads, barriers, atomics and FMA runs in program order
 (e.g. whether a tile's weight loads are issued before the block-wide wait). `--install` installs
-the wheels into a virtual environment under the cache folder first. Exit status 1 when a file
-does not compile (NVRTC's log is printed).
+the wheels into a virtual environment under the temporary folder first. Exit status 1 when a file
+does not compile (NVRTC's log is printed) or when the options here are no longer the engine's, 3
+when the wheels cannot be installed. CI runs it (`.ci/run`) on every kernel file for sm_90.
 """
 
 import argparse
@@ -52,10 +53,23 @@ def find(pattern):
     return None
 
 
+def options_drift():
+    """The options above that context.rs no longer passes (they must be the engine's own)."""
+    rs = (ROOT / "crates/engine/src/backend/cuda/context.rs").read_text()
+    fixed = [o for o in options("sm_90") if not o.startswith("--gpu-architecture=")]
+    return [o for o in fixed if f'"{o}".to_string()' not in rs] + (
+        [] if '"--gpu-architecture={}"' in rs else ["--gpu-architecture=..."])
+
+
 def install():
-    if not (VENV / "bin/pip").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    subprocess.run([str(VENV / "bin/pip"), "install", "-q", *WHEELS], check=True)
+    """Installs the wheels; exit status 3 when that is impossible (no network: CI skips the step)."""
+    try:
+        if not (VENV / "bin/pip").exists():
+            subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        subprocess.run([str(VENV / "bin/pip"), "install", "-q", *WHEELS], check=True)
+    except (subprocess.CalledProcessError, OSError) as e:
+        print(f"cannot install {' '.join(WHEELS)} into {VENV}: {e}")
+        sys.exit(3)
 
 
 def compile_cubin(path, arch):
@@ -126,6 +140,9 @@ def main():
     ap.add_argument("--sass-out", metavar="FILE", help="write the disassembly here (default: stdout)")
     ap.add_argument("--order", metavar="FUNCTION", help="loads, barriers and FMA runs of this kernel in order")
     a = ap.parse_args()
+    drift = options_drift()
+    if drift:
+        sys.exit(f"options() no longer matches CudaDevice::cubin in context.rs: {drift}")
     if a.install:
         install()
     files = [KERNELS / f"{f.removesuffix('.cu')}.cu" for f in a.files] or sorted(KERNELS.glob("*.cu"))
