@@ -449,6 +449,12 @@ def flashmoe_run(a, packed: Path, test: str) -> tuple[float, int]:
     # A fresh cache folder per run: no routing profile from an earlier run changes this one.
     fm_home = home() / "flashmoe-home"
     shutil.rmtree(fm_home, ignore_errors=True)
+    # ...but the compiled GPU kernels are shared (else each run spends a minute or more in NVRTC
+    # before it measures anything; the cache is keyed by source and options, so sharing is safe).
+    kernels = Path(os.environ.get("KCACHE") or home() / "flashmoe-kernel-cache")
+    kernels.mkdir(parents=True, exist_ok=True)
+    fm_home.mkdir(parents=True)
+    (fm_home / "cuda").symlink_to(kernels.resolve(), target_is_directory=True)
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), FLASHMOE_HOME=str(fm_home))
     out, rss = timed(args, env)
     m = BENCH_LINE.search(out)
