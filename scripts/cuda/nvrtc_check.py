@@ -9,6 +9,7 @@ longer compiles before device time is spent on it, and can disassemble the resul
 
     python3 scripts/cuda/nvrtc_check.py                       # every kernel file, sm_90
     python3 scripts/cuda/nvrtc_check.py --arch sm_80 gemv      # one file, another GPU
+    python3 scripts/cuda/nvrtc_check.py --arch sm_86,sm_90,sm_120   # RTX 30xx, H100/H200, RTX 50xx
     python3 scripts/cuda/nvrtc_check.py gemv --sass affine_experts_fused_b4_g64_r2_s16 --sass-out f.sass
     python3 scripts/cuda/nvrtc_check.py gemv --order affine_experts_fused_b4_g64_r2_s16
 
@@ -16,7 +17,7 @@ longer compiles before device time is spent on it, and can disassemble the resul
 (e.g. whether a tile's weight loads are issued before the block-wide wait). `--install` installs
 the wheels into a virtual environment under the temporary folder first. Exit status 1 when a file
 does not compile (NVRTC's log is printed) or when the options here are no longer the engine's, 3
-when the wheels cannot be installed. CI runs it (`.ci/run`) on every kernel file for sm_90.
+when the wheels cannot be installed. CI runs it (`.ci/run`) on every kernel file for sm_86, sm_90 and sm_120.
 """
 
 import argparse
@@ -134,7 +135,7 @@ def order(text):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("files", nargs="*", help="kernel file names (gemv, forward, ggml); default: all")
-    ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--arch", default="sm_90", help="one or more, comma-separated (sm_86,sm_90,sm_120)")
     ap.add_argument("--install", action="store_true", help=f"pip install {' '.join(WHEELS)} into {VENV}")
     ap.add_argument("--sass", metavar="FUNCTION", help="disassemble this kernel")
     ap.add_argument("--sass-out", metavar="FILE", help="write the disassembly here (default: stdout)")
@@ -150,21 +151,27 @@ def main():
         if not f.exists():
             sys.exit(f"no kernel file {f}")
 
-    def one(f):
-        return f, *compile_cubin(f, a.arch)
+    archs = [x.strip() for x in a.arch.split(",") if x.strip()]
+    if (a.sass or a.order) and len(archs) > 1:
+        sys.exit("--sass / --order take one --arch")
+
+    def one(job):
+        f, arch = job
+        return f, arch, *compile_cubin(f, arch)
 
     failed = False
-    # NVRTC compiles one program per call on one thread: the files in parallel.
-    with ThreadPoolExecutor(max_workers=len(files)) as pool:
-        results = list(pool.map(one, files))
-    for f, cubin, log in results:
+    # NVRTC compiles one program per call on one thread: the files (and archs) in parallel.
+    jobs = [(f, arch) for arch in archs for f in files]
+    with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+        results = list(pool.map(one, jobs))
+    for f, arch, cubin, log in results:
         name = f.relative_to(ROOT)
         if cubin is None:
             failed = True
-            print(f"{name}: does not compile for {a.arch}\n{log}")
+            print(f"{name}: does not compile for {arch}\n{log}")
             continue
         warnings = [l for l in log.splitlines() if "warning" in l]
-        print(f"{name}: compiles for {a.arch} ({len(cubin) / 1e6:.1f} MB cubin, {len(warnings)} warnings)")
+        print(f"{name}: compiles for {arch} ({len(cubin) / 1e6:.1f} MB cubin, {len(warnings)} warnings)")
         for w in warnings:
             print(f"  {w}")
         for fn, show in ((a.sass, True), (a.order, False)):
