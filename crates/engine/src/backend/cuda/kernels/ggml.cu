@@ -291,43 +291,11 @@ __device__ __forceinline__ void ggml_gemv_problem(const GemvProblem& pr) {
 // shared by the lane's RW rows; silu(gate)·up is formed there once). LPR lanes per row (32, 16
 // or 8: 4, 2 or 1 super-blocks a step) keep a warp busy on narrow rows (the 512-input down
 // projection of a 35B-A3B expert). Rows wider than KQ_MAXC or not 16-byte aligned take the
-// generic kernel.
+// generic kernel. Q6_K the same way (KQuant<14>); kq_gemv is the loop both share.
 #define KQ_MAXC 8192
 __device__ __forceinline__ uint4 ldg128(const u8* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 __device__ __forceinline__ float f4get(const float4& v, int c) { return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w; }
 __device__ __forceinline__ u32 u4get(const uint4& v, int c) { return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w; }
-
-// Lane L's x slot in step st, float4 f (0–3: sub-block 2p, 4–7: sub-block 2p+1) is
-// xs[st·8·LPR + f·LPR + L]: the value index of every slot, for the staging.
-// (Q6_K: float4 f = 2g + w holds values 32g + 4w .. +3 of the lane's 8 columns l0 .. l0+7 of its
-// half n, see q6k_gemv.)
-template <int T, int LPR>
-__device__ __forceinline__ int kq_slot_value(int slot) {
-    constexpr int SQ = 8 * LPR;
-    const int st = slot / SQ, r = slot % SQ, f = r / LPR, l = r % LPR;
-    const int sb = (st * (LPR / 8) + (l >> 3)) * 256;
-    if constexpr (T == 12) return sb + ((l >> 1) & 3) * 64 + (f >> 2) * 32 + (l & 1) * 16 + (f & 3) * 4;
-    else return sb + ((l >> 2) & 1) * 128 + (f >> 1) * 32 + (l & 3) * 8 + (f & 1) * 4;
-}
-
-template <int T, int LPR>
-__device__ __forceinline__ void kq_stage_x(const GemvProblem& pr, float4* __restrict__ xs) {
-    constexpr int SB = LPR / 8;
-    const int nsb = pr.cols >> 8;
-    const int slots = (nsb + SB - 1) / SB * 8 * LPR;
-    for (int s = threadIdx.x; s < slots; s += blockDim.x) {
-        const int v = kq_slot_value<T, LPR>(s);
-        float4 t = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (v < pr.cols) {
-            t = __ldg(reinterpret_cast<const float4*>(pr.x + v));
-            if (pr.swiglu) {
-                const float4 u = __ldg(reinterpret_cast<const float4*>(pr.x + pr.cols + v));
-                t = make_float4(silu_(t.x) * u.x, silu_(t.y) * u.y, silu_(t.z) * u.z, silu_(t.w) * u.w);
-            }
-        }
-        xs[s] = t;
-    }
-}
 
 // Σ over one code word's 8 nibbles: part[k] += q_k·2^sh_k · x_k (k even: sub-block A, byte k/2's
 // low nibble; k odd: sub-block B, its high nibble). Nibbles 5–7 are read from the word's high
@@ -371,15 +339,164 @@ __device__ __forceinline__ float q4k_finish(const uint4& hd, int p, const float 
     return fmaf(-ml[1], sxb, acc);
 }
 
-template <int RW, int LPR>
-__device__ __forceinline__ void q4k_gemv(const GemvProblem& pr, const float4* __restrict__ xs) {
+// A lane's share of one super-block, per K-quant type: KQuant<T>::Blk holds what the lane loads
+// (load), xsums the Σx of its sub-blocks (once per step, shared by the lane's rows), dot adds its
+// 32 values times x to acc. slot_value maps the staged-x slot of float4 f of lane l (within the
+// lane's row group) to the value index inside the step's super-blocks: lane l reads float4 f of
+// step st at xs[st·8·LPR + f·LPR + l].
+template <int T>
+struct KQuant;
+
+// Q4_K: lane l takes p = (l >> 1) & 3, h = l & 1: 16 code bytes at 16 + 32p + 16h, whose low
+// nibbles are values 64p + 16h + i of sub-block 2p and high nibbles 64p + 32 + 16h + i of 2p+1;
+// float4 f < 4 holds 4 of the former, f ≥ 4 of the latter.
+template <>
+struct KQuant<12> {
+    static constexpr int TS = 144, NX = 2;
+    struct Blk {
+        uint4 hd, q;
+    };
+    int p, h;
+    __device__ explicit KQuant(int l) : p((l >> 1) & 3), h(l & 1) {}
+    __device__ static int slot_value(int f, int l) {
+        return ((l >> 1) & 3) * 64 + (f >> 2) * 32 + (l & 1) * 16 + (f & 3) * 4;
+    }
+    __device__ Blk load(const u8* b) const { return {ldg128(b), ldg128(b + 16 + p * 32 + h * 16)}; }
+    __device__ static void xsums(const float4 (&xv)[8], float (&sx)[NX]) {
+        sx[0] = sx[1] = 0.f;
+#pragma unroll
+        for (int f = 0; f < 4; f++) {
+            sx[0] += (xv[f].x + xv[f].y) + (xv[f].z + xv[f].w);
+            sx[1] += (xv[f + 4].x + xv[f + 4].y) + (xv[f + 4].z + xv[f + 4].w);
+        }
+    }
+    __device__ float dot(const Blk& b, const float4 (&xv)[8], const float (&sx)[NX], float acc) const {
+        float part[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) part[k] = 0.f;
+#pragma unroll
+        for (int w = 0; w < 4; w++) q4k_word(u4get(b.q, w), xv[w], xv[w + 4], part);
+        return q4k_finish(b.hd, p, part, sx[0], sx[1], acc);
+    }
+};
+
+// Q6_K (the output matrix and half the down projections of a Q4_K_M file). A super-block is 210
+// bytes (only 2-byte aligned): ql[128] (low 4 bits), qh[64] (high 2 bits), 16 int8 scales (one
+// per 16 values), d. Lane l of a super-block's 8 takes half n = (l >> 2) & 1 and columns l0 ..
+// l0+7 (l0 = 8·(l & 3)) of it: 8 bytes each of ql[64n + l0], ql[64n + 32 + l0] and qh[32n + l0]
+// give the 32 values 128n + 32g + l0 + i (g = 0..3: ggml's q1..q4; float4 f = 2g + w holds
+// values 32g + 4w .. +3), four 6-bit codes per word after two masks and a shift, read in place as
+// in q4k_word. Each group g lies in one 16-value sub-block (scale sc[8n + l0/16 + 2g]); its sum is
+// d·sc·(Σq·x − 32·Σx), ggml's d·sc·(q − 32) up to the order of f32 roundings. The loads are
+// 16-bit (ld32 is two).
+template <>
+struct KQuant<14> {
+    static constexpr int TS = 210, NX = 4;
+    struct Blk {
+        u32 a[2], b[2], hq[2], sc[2], dd;
+    };
+    int n, l0, is;
+    __device__ explicit KQuant(int l) : n((l >> 2) & 1), l0((l & 3) * 8), is(((l & 3) * 8) >> 4) {}
+    __device__ static int slot_value(int f, int l) {
+        return ((l >> 2) & 1) * 128 + (f >> 1) * 32 + (l & 3) * 8 + (f & 1) * 4;
+    }
+    __device__ Blk load(const u8* blk) const {
+        Blk r;
+#pragma unroll
+        for (int w = 0; w < 2; w++) {
+            r.a[w] = ld32(blk + 64 * n + l0 + 4 * w);
+            r.b[w] = ld32(blk + 64 * n + 32 + l0 + 4 * w);
+            r.hq[w] = ld32(blk + 128 + 32 * n + l0 + 4 * w);
+            r.sc[w] = ld32(blk + 192 + 8 * n + 4 * w);
+        }
+        r.dd = ld16(blk + 208);
+        return r;
+    }
+    __device__ static void xsums(const float4 (&xv)[8], float (&sx)[NX]) {
+#pragma unroll
+        for (int g = 0; g < 4; g++) {
+            const float4 p0 = xv[2 * g], p1 = xv[2 * g + 1];
+            sx[g] = ((p0.x + p0.y) + (p0.z + p0.w)) + ((p1.x + p1.y) + (p1.z + p1.w));
+        }
+    }
+    __device__ float dot(const Blk& b, const float4 (&xv)[8], const float (&sx)[NX], float acc) const {
+        float part[4][4];
+#pragma unroll
+        for (int g = 0; g < 4; g++)
+#pragma unroll
+            for (int k = 0; k < 4; k++) part[g][k] = 0.f;
+#pragma unroll
+        for (int w = 0; w < 2; w++) {
+            const u32 aw = b.a[w], bw = b.b[w], hw = b.hq[w];
+            const u32 cw[4] = {(aw & 0x0F0F0F0Fu) | ((hw << 4) & 0x30303030u),
+                               (bw & 0x0F0F0F0Fu) | ((hw << 2) & 0x30303030u),
+                               ((aw >> 4) & 0x0F0F0F0Fu) | (hw & 0x30303030u),
+                               ((bw >> 4) & 0x0F0F0F0Fu) | ((hw >> 2) & 0x30303030u)};
+#pragma unroll
+            for (int g = 0; g < 4; g++) {
+                const u32 c = cw[g], chi = c >> 16;
+                const float4 xq = xv[2 * g + w];
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const u32 m = k <= 2 ? (c & (0x3Fu << (8 * k))) : (chi & (0x3Fu << 8));
+                    const float f = __uint_as_float(m | 0x4B000000u) - 8388608.0f;
+                    part[g][k] = fmaf(f, f4get(xq, k), part[g][k]);
+                }
+            }
+        }
+        const float d = f16f(b.dd);
+#pragma unroll
+        for (int g = 0; g < 4; g++) {
+            // Scale byte is + 2g of the 8 at 192 + 8n: word g >> 1, byte is + 2·(g & 1).
+            const u32 sbyte = (b.sc[g >> 1] >> (8 * (is + 2 * (g & 1)))) & 0xFF;
+            const float dl = d * code_f<128>(sbyte ^ 0x80);
+            float sq = 0.f;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const int sh = k <= 2 ? 8 * k : 8;
+                sq = fmaf(part[g][k], __uint_as_float((u32)(127 - sh) << 23), sq);
+            }
+            acc = fmaf(dl, sq, acc);
+            acc = fmaf(-32.f * dl, sx[g], acc);
+        }
+        return acc;
+    }
+};
+
+// x for one problem into shared memory in the lanes' order (slot_value); silu(gate)·up where the
+// problem takes it. Slots past the row's end are zero.
+template <int T, int LPR>
+__device__ __forceinline__ void kq_stage_x(const GemvProblem& pr, float4* __restrict__ xs) {
+    constexpr int SB = LPR / 8, SQ = 8 * LPR;
+    const int nsb = pr.cols >> 8;
+    const int slots = (nsb + SB - 1) / SB * SQ;
+    for (int s = threadIdx.x; s < slots; s += blockDim.x) {
+        const int st = s / SQ, r = s % SQ, f = r / LPR, l = r % LPR;
+        const int v = (st * SB + (l >> 3)) * 256 + KQuant<T>::slot_value(f, l);
+        float4 t = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (v < pr.cols) {
+            t = __ldg(reinterpret_cast<const float4*>(pr.x + v));
+            if (pr.swiglu) {
+                const float4 u = __ldg(reinterpret_cast<const float4*>(pr.x + pr.cols + v));
+                t = make_float4(silu_(t.x) * u.x, silu_(t.y) * u.y, silu_(t.z) * u.z, silu_(t.w) * u.w);
+            }
+        }
+        xs[s] = t;
+    }
+}
+
+// The K-quant GEMV: warps take tiles of G·RW rows (G row groups of LPR lanes, RW rows each),
+// a lane walks its row group's super-blocks LPR/8 at a time, U steps of loads in flight.
+template <int T, int RW, int LPR>
+__device__ __forceinline__ void kq_gemv(const GemvProblem& pr, const float4* __restrict__ xs) {
+    using K = KQuant<T>;
     constexpr int G = 32 / LPR, SB = LPR / 8, SQ = 8 * LPR, U = 2;
     const int warps = blockDim.x >> 5;
     const int lane = threadIdx.x & 31, g = lane / LPR, L = lane % LPR;
-    const int p = (L >> 1) & 3, h = L & 1;
+    const K kq(L);
     const int nsb = pr.cols >> 8;
     const int nsteps = (nsb + SB - 1) / SB;
-    const long long rb = (long long)nsb * 144;
+    const long long rb = (long long)nsb * K::TS;
     const long long ntiles = ((long long)pr.rows + RW * G - 1) / (RW * G);
     for (long long t = (long long)blockIdx.x * warps + (threadIdx.x >> 5); t < ntiles; t += (long long)gridDim.x * warps) {
         const long long row0 = t * (RW * G) + g * RW;
@@ -393,156 +510,26 @@ __device__ __forceinline__ void q4k_gemv(const GemvProblem& pr, const float4* __
         for (int st0 = 0; st0 < nsteps; st0 += U) {
             // The loads of U steps and RW rows first, so that they are in flight together; a step
             // or lane past the row's end reads super-block 0 and adds nothing.
-            uint4 hd[U][RW], q[U][RW];
-            bool in[U];
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int sb = (st0 + u) * SB + (L >> 3);
-                in[u] = st0 + u < nsteps && sb < nsb;
-                const long long off = (long long)(in[u] ? sb : 0) * 144;
-#pragma unroll
-                for (int i = 0; i < RW; i++) {
-                    hd[u][i] = ldg128(rowp[i] + off);
-                    q[u][i] = ldg128(rowp[i] + off + 16 + p * 32 + h * 16);
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                if (!in[u]) continue;
-                const float4* xp = xs + (st0 + u) * SQ + L;
-                float4 xa[4], xb[4];
-                float sxa = 0.f, sxb = 0.f;
-#pragma unroll
-                for (int f = 0; f < 4; f++) {
-                    xa[f] = xp[f * LPR];
-                    xb[f] = xp[(f + 4) * LPR];
-                    sxa += (xa[f].x + xa[f].y) + (xa[f].z + xa[f].w);
-                    sxb += (xb[f].x + xb[f].y) + (xb[f].z + xb[f].w);
-                }
-#pragma unroll
-                for (int i = 0; i < RW; i++) {
-                    float part[8];
-#pragma unroll
-                    for (int k = 0; k < 8; k++) part[k] = 0.f;
-#pragma unroll
-                    for (int w = 0; w < 4; w++) q4k_word(u4get(q[u][i], w), xa[w], xb[w], part);
-                    acc[i] = q4k_finish(hd[u][i], p, part, sxa, sxb, acc[i]);
-                }
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < RW; i++) {
-            float v = acc[i];
-#pragma unroll
-            for (int o = LPR / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-            if (L == 0 && row0 + i < pr.rows) pr.y[row0 + i] = v;
-        }
-    }
-}
-
-// Q6_K (the output matrix and half the down projections of a Q4_K_M file) the same way. A
-// super-block is 210 bytes (only 2-byte aligned): ql[128] (low 4 bits), qh[64] (high 2 bits),
-// 16 int8 scales (one per 16 values), d. Lane L of a super-block's 8 takes half n = (L >> 2) & 1
-// and columns l0 .. l0+7 (l0 = 8·(L & 3)) of it: 8 bytes each of ql[64n + l0], ql[64n + 32 + l0]
-// and qh[32n + l0] give the 32 values 128n + 32g + l0 + i (g = 0..3: ggml's q1..q4), four
-// 6-bit codes per word after two masks and a shift, read in place as in q4k_word. Each group g
-// lies in one 16-value sub-block (scale sc[8n + l0/16 + 2g]); its sum is d·sc·(Σq·x − 32·Σx),
-// ggml's d·sc·(q − 32) up to the order of f32 roundings. The loads are 16-bit (ld32 is two).
-template <int RW, int LPR>
-__device__ __forceinline__ void q6k_gemv(const GemvProblem& pr, const float4* __restrict__ xs) {
-    constexpr int G = 32 / LPR, SB = LPR / 8, SQ = 8 * LPR, U = 2;
-    const int warps = blockDim.x >> 5;
-    const int lane = threadIdx.x & 31, g = lane / LPR, L = lane % LPR;
-    const int n = (L >> 2) & 1, l0 = (L & 3) * 8, is = l0 >> 4;
-    const int nsb = pr.cols >> 8;
-    const int nsteps = (nsb + SB - 1) / SB;
-    const long long rb = (long long)nsb * 210;
-    const long long ntiles = ((long long)pr.rows + RW * G - 1) / (RW * G);
-    for (long long t = (long long)blockIdx.x * warps + (threadIdx.x >> 5); t < ntiles; t += (long long)gridDim.x * warps) {
-        const long long row0 = t * (RW * G) + g * RW;
-        const u8* rowp[RW];
-        float acc[RW];
-#pragma unroll
-        for (int i = 0; i < RW; i++) {
-            rowp[i] = pr.w + (row0 + i < pr.rows ? row0 + i : pr.rows - 1) * rb;
-            acc[i] = 0.f;
-        }
-        for (int st0 = 0; st0 < nsteps; st0 += U) {
-            // ql (2 × 2 words), qh (2), the group's scale bytes (2), d: loads of U steps first.
-            u32 a[U][RW][2], b[U][RW][2], hq[U][RW][2], sc[U][RW][2], dd[U][RW];
+            typename K::Blk blk[U][RW];
             bool in[U];
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 const int sb = (st0 + u) * SB + (L >> 3);
                 in[u] = st0 + u < nsteps && sb < nsb;
 #pragma unroll
-                for (int i = 0; i < RW; i++) {
-                    const u8* blk = rowp[i] + (long long)(in[u] ? sb : 0) * 210;
-#pragma unroll
-                    for (int w = 0; w < 2; w++) {
-                        a[u][i][w] = ld32(blk + 64 * n + l0 + 4 * w);
-                        b[u][i][w] = ld32(blk + 64 * n + 32 + l0 + 4 * w);
-                        hq[u][i][w] = ld32(blk + 128 + 32 * n + l0 + 4 * w);
-                        sc[u][i][w] = ld32(blk + 192 + 8 * n + 4 * w);
-                    }
-                    dd[u][i] = ld16(blk + 208);
-                }
+                for (int i = 0; i < RW; i++) blk[u][i] = kq.load(rowp[i] + (long long)(in[u] ? sb : 0) * K::TS);
             }
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 if (!in[u]) continue;
                 const float4* xp = xs + (st0 + u) * SQ + L;
                 float4 xv[8];
-                float sx[4];
 #pragma unroll
                 for (int f = 0; f < 8; f++) xv[f] = xp[f * LPR];
+                float sx[K::NX];
+                K::xsums(xv, sx);
 #pragma unroll
-                for (int gq = 0; gq < 4; gq++) {
-                    const float4 p0 = xv[2 * gq], p1 = xv[2 * gq + 1];
-                    sx[gq] = ((p0.x + p0.y) + (p0.z + p0.w)) + ((p1.x + p1.y) + (p1.z + p1.w));
-                }
-#pragma unroll
-                for (int i = 0; i < RW; i++) {
-                    float part[4][4];
-#pragma unroll
-                    for (int gq = 0; gq < 4; gq++)
-#pragma unroll
-                        for (int k = 0; k < 4; k++) part[gq][k] = 0.f;
-#pragma unroll
-                    for (int w = 0; w < 2; w++) {
-                        const u32 aw = a[u][i][w], bw = b[u][i][w], hw = hq[u][i][w];
-                        const u32 cw[4] = {(aw & 0x0F0F0F0Fu) | ((hw << 4) & 0x30303030u),
-                                           (bw & 0x0F0F0F0Fu) | ((hw << 2) & 0x30303030u),
-                                           ((aw >> 4) & 0x0F0F0F0Fu) | (hw & 0x30303030u),
-                                           ((bw >> 4) & 0x0F0F0F0Fu) | ((hw >> 2) & 0x30303030u)};
-#pragma unroll
-                        for (int gq = 0; gq < 4; gq++) {
-                            const u32 c = cw[gq], chi = c >> 16;
-                            const float4 xq = xv[2 * gq + w];
-#pragma unroll
-                            for (int k = 0; k < 4; k++) {
-                                const u32 m = k <= 2 ? (c & (0x3Fu << (8 * k))) : (chi & (0x3Fu << 8));
-                                const float f = __uint_as_float(m | 0x4B000000u) - 8388608.0f;
-                                part[gq][k] = fmaf(f, f4get(xq, k), part[gq][k]);
-                            }
-                        }
-                    }
-                    const float d = f16f(dd[u][i]);
-#pragma unroll
-                    for (int gq = 0; gq < 4; gq++) {
-                        // Scale byte is + 2g of the 8 at 192 + 8n: word g >> 1, byte is + 2·(g & 1).
-                        const u32 sbyte = (sc[u][i][gq >> 1] >> (8 * (is + 2 * (gq & 1)))) & 0xFF;
-                        const float dl = d * code_f<128>(sbyte ^ 0x80);
-                        float sq = 0.f;
-#pragma unroll
-                        for (int k = 0; k < 4; k++) {
-                            const int sh = k <= 2 ? 8 * k : 8;
-                            sq = fmaf(part[gq][k], __uint_as_float((u32)(127 - sh) << 23), sq);
-                        }
-                        acc[i] = fmaf(dl, sq, acc[i]);
-                        acc[i] = fmaf(-32.f * dl, sx[gq], acc[i]);
-                    }
-                }
+                for (int i = 0; i < RW; i++) acc[i] = kq.dot(blk[u][i], xv, sx, acc[i]);
             }
         }
 #pragma unroll
@@ -555,8 +542,15 @@ __device__ __forceinline__ void q6k_gemv(const GemvProblem& pr, const float4* __
     }
 }
 
-// The decode GEMV of one problem (the whole block takes the same one): Q4_K and Q6_K through q4k_gemv / q6k_gemv
-// where it applies, every type through ggml_gemv_problem otherwise.
+template <int T, int RW, int LPR>
+__device__ __forceinline__ void kq_stage_and_gemv(const GemvProblem& pr, float4* __restrict__ xs) {
+    kq_stage_x<T, LPR>(pr, xs);
+    __syncthreads();
+    kq_gemv<T, RW, LPR>(pr, xs);
+}
+
+// The decode GEMV of one problem (the whole block takes the same one): Q4_K and Q6_K through
+// kq_gemv where it applies, every type through ggml_gemv_problem otherwise.
 template <int T, int RW>
 __device__ __forceinline__ void ggml_gemv_block(const GemvProblem& pr) {
     if constexpr (T == 12 || T == 14) {
@@ -565,22 +559,9 @@ __device__ __forceinline__ void ggml_gemv_block(const GemvProblem& pr) {
         // Q4_K's 16-byte loads need a 16-byte aligned row; Q6_K's 16-bit loads need nothing.
         const bool aligned = T == 14 || (reinterpret_cast<u64>(pr.w) & 15) == 0;
         if (aligned && (pr.cols & 255) == 0 && (nsb + 3) / 4 * 1024 <= KQ_MAXC) {
-            if (nsb >= 3) {
-                kq_stage_x<T, 32>(pr, kq_x);
-                __syncthreads();
-                if constexpr (T == 12) q4k_gemv<RW, 32>(pr, kq_x);
-                else q6k_gemv<RW, 32>(pr, kq_x);
-            } else if (nsb == 2) {
-                kq_stage_x<T, 16>(pr, kq_x);
-                __syncthreads();
-                if constexpr (T == 12) q4k_gemv<RW, 16>(pr, kq_x);
-                else q6k_gemv<RW, 16>(pr, kq_x);
-            } else {
-                kq_stage_x<T, 8>(pr, kq_x);
-                __syncthreads();
-                if constexpr (T == 12) q4k_gemv<RW, 8>(pr, kq_x);
-                else q6k_gemv<RW, 8>(pr, kq_x);
-            }
+            if (nsb >= 3) kq_stage_and_gemv<T, RW, 32>(pr, kq_x);
+            else if (nsb == 2) kq_stage_and_gemv<T, RW, 16>(pr, kq_x);
+            else kq_stage_and_gemv<T, RW, 8>(pr, kq_x);
             return;
         }
     }
