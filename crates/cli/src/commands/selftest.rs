@@ -162,8 +162,7 @@ pub fn run(a: SelftestArgs) -> Result<()> {
             let dm = DevMatrix::upload(&dev, &m)?;
             let affine = matches!(format, DevFormat::Affine { .. });
             // GGML: every rows-per-warp too (Q4_K's GEMV has its own kernel per 1, 2 and 4).
-            let rpws: &[usize] =
-                if matches!(format, DevFormat::Affine { .. } | DevFormat::Ggml(_)) { &ROWS_PER_WARP } else { &[1] };
+            let rpws: &[usize] = if affine || matches!(format, DevFormat::Ggml(_)) { &ROWS_PER_WARP } else { &[1] };
             // Affine: both x paths (padded shared-memory copy, and global memory).
             let paths: &[bool] = if affine { &[false, true] } else { &[false] };
             let variants: Vec<AffineVariant> = AFFINE_VARIANTS.into_iter().filter(|v| v.applies(format)).collect();

@@ -128,10 +128,8 @@ impl CudaDevice {
         if let Some(m) = mods.get(name) {
             return Ok(m.clone());
         }
-        let cubin = match kernel_source_override(name)? {
-            Some(own) => self.cubin(name, &own)?,
-            None => self.cubin(name, src)?,
-        };
+        let own = kernel_source_override(name)?;
+        let cubin = self.cubin(name, own.as_deref().unwrap_or(src))?;
         let m = self.ctx.load_module(Ptx::from_binary(cubin)).ctx(&format!("loading module {name}"))?;
         mods.insert(name, m.clone());
         Ok(m)
