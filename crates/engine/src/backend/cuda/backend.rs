@@ -844,6 +844,12 @@ fn widest_prefill_input(c: &ModelConfig) -> usize {
 }
 
 /// f32 scratch for dequantized weights (a matrix larger than this goes through in row blocks).
+/// Fewest tokens in a pass for which GGML blocks go to the tensor-core GEMM. Measured on an H200
+/// (8-layer 35B-A3B geometry, Q4_0 file, 2026-12-03): with tensor cores prefill of 4–32 tokens
+/// took 3–4 ms longer than with the CUDA-core GEMM (e.g. 32 tokens 18 vs 14 ms), from 64 tokens on
+/// it is faster (64: 11 vs 14 ms; 512: 21 vs 37 ms).
+const GGML_TC_MIN_TOKENS: usize = 64;
+
 const DEQ_FLOATS: usize = 64 << 20;
 
 // ---------------------------------------------------------------------------------------------
@@ -1238,7 +1244,10 @@ impl CudaBackend {
             return self.gemv(m, x, y);
         }
         let Some(blas) = self.blas.as_ref().filter(|_| t >= self.opts.gpu.blas_min_tokens.max(2)) else {
-            let tc = self.tensor_cores().then(|| ws.tc_input());
+            // (GGML blocks: below cuBLAS's threshold the CUDA-core GEMM was measured faster, see
+            // GGML_TC_MIN_TOKENS.)
+            let ggml = matches!(m.format, DevFormat::Ggml(_));
+            let tc = (self.tensor_cores() && !ggml).then(|| ws.tc_input());
             return self.gemv.gemm(&self.dev, &m.view(), x, y, t, tc.as_ref());
         };
         use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
@@ -2433,7 +2442,10 @@ impl CudaBackend {
         let layout = dl.experts.layout;
         let [gl, ul, dm] = layout.mats;
         let inter = gl.rows;
-        let tc = self.tensor_cores() && layout.mats.iter().all(|m| self.gemv.tensor_core_fits(m.format, m.cols));
+        let ggml = layout.mats.iter().any(|m| matches!(m.format, DevFormat::Ggml(_)));
+        let tc = self.tensor_cores()
+            && layout.mats.iter().all(|m| self.gemv.tensor_core_fits(m.format, m.cols))
+            && (!ggml || t >= GGML_TC_MIN_TOKENS);
         let table = pool.table.ptr() + (li * e * 8) as u64;
         // Experts of a group are all on the GPU at once; one group when the cache holds them.
         let group = (pool.nslots - 1).max(1);

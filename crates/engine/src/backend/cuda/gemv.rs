@@ -503,6 +503,9 @@ pub struct GemvKernels {
     grouped_tc: HashMap<u32, CudaFunction>,
     /// Affine on tensor cores with the weights dequantized and split (other groups).
     grouped_tc_deq: HashMap<u32, CudaFunction>,
+    /// GGML blocks on tensor cores, codes taken exactly (Q4_K, Q5_K, Q6_K: the expert matrices
+    /// of Q4_K_M and Q5_K_M files; Q4_0, Q8_0); empty before sm_80.
+    grouped_tc_ggml: HashMap<GgmlType, CudaFunction>,
     /// The tensor-core GEMM's input split (forward.cu's `split_x_tc`); None before sm_80.
     split_x_tc: Option<CudaFunction>,
     /// Largest dynamic shared memory a block may opt in to.
@@ -601,7 +604,17 @@ impl GemvKernels {
         // Tensor-core kernels exist from sm_80 on (forward.cu compiles them only there).
         let mut grouped_tc = HashMap::new();
         let mut grouped_tc_deq = HashMap::new();
+        let mut grouped_tc_ggml = HashMap::new();
         if dev.cc.0 >= 8 {
+            for (ty, name) in [
+                (GgmlType::Q4_K, "gemm_grouped_tc_q4_k"),
+                (GgmlType::Q5_K, "gemm_grouped_tc_q5_k"),
+                (GgmlType::Q6_K, "gemm_grouped_tc_q6_k"),
+                (GgmlType::Q4_0, "gemm_grouped_tc_q4_0"),
+                (GgmlType::Q8_0, "gemm_grouped_tc_q8_0"),
+            ] {
+                grouped_tc_ggml.insert(ty, dev.function(&fw, name)?);
+            }
             for bits in [2u32, 4, 8] {
                 grouped_tc_deq.insert(bits, dev.function(&fw, &format!("gemm_grouped_tc_deq_affine_b{bits}"))?);
             }
@@ -620,6 +633,7 @@ impl GemvKernels {
             ggml,
             grouped_tc,
             grouped_tc_deq,
+            grouped_tc_ggml,
             split_x_tc,
             batch_affine,
             batch_f32: dev.function(&m, "dense_gemv_batch_f32")?,
@@ -1098,21 +1112,27 @@ impl GemvKernels {
     }
 
     /// Whether the tensor-core grouped GEMM takes a matrix of this format and width: affine,
-    /// f32 and bf16 weights, columns a multiple of a lane piece's 4 words (32 at 4 bits), sm_80+.
+    /// f32 and bf16 weights, columns a multiple of a lane piece's 4 words (32 at 4 bits), and
+    /// GGML Q4_K, Q5_K, Q6_K, Q4_0, Q8_0 blocks in whole 128-column windows; sm_80+.
     pub fn tensor_core_fits(&self, format: DevFormat, cols: usize) -> bool {
         let (key, piece) = match format {
             DevFormat::Affine { bits, .. } => (bits, 32 / bits as usize),
             DevFormat::F32 => (0, 2),
             DevFormat::Bf16 => (16, 2),
-            DevFormat::Ggml(_) => return false,
+            DevFormat::Ggml(ty) => {
+                let window = if matches!(ty, GgmlType::Q4_0 | GgmlType::Q8_0) { 128 } else { 256 };
+                return self.grouped_tc_ggml.contains_key(&ty) && cols > 0 && cols.is_multiple_of(window);
+            }
         };
         self.grouped_tc.contains_key(&key) && cols > 0 && cols.is_multiple_of(4 * piece)
     }
 
     /// The group over which the tensor-core GEMM wants Σ x (affine weights taken as exact codes:
-    /// groups a multiple of a lane's 4-word chunk that tile the 128-column staging window), or 0.
+    /// groups a multiple of a lane's 4-word chunk that tile the 128-column staging window; Q4_K's
+    /// sub-blocks of 32, whose min is an offset), or 0.
     pub fn tc_sum_group(format: DevFormat) -> usize {
         match format {
+            DevFormat::Ggml(GgmlType::Q4_K | GgmlType::Q5_K) => 32,
             DevFormat::Affine { bits, group_size }
                 if group_size.is_multiple_of(4 * 32 / bits as usize) && 128usize.is_multiple_of(group_size) =>
             {
@@ -1280,7 +1300,7 @@ impl GemvKernels {
             DevFormat::Affine { bits, group_size } => (bits, group_size as i32),
             DevFormat::F32 => (0, 0),
             DevFormat::Bf16 => (16, 0),
-            DevFormat::Ggml(_) => unreachable!("refused by tensor_core_fits"),
+            DevFormat::Ggml(_) => (0, Self::tc_sum_group(m.format) as i32),
         };
         // Exact codes when a lane's 4-word chunk stays inside a group and groups tile the
         // 128-column staging window (then the input carries Σ x per group).
@@ -1288,7 +1308,11 @@ impl GemvKernels {
             DevFormat::Affine { .. } => Self::tc_sum_group(m.format) > 0,
             _ => true,
         };
-        let f = if codes { &self.grouped_tc[&key] } else { &self.grouped_tc_deq[&key] };
+        let f = match m.format {
+            DevFormat::Ggml(ty) => &self.grouped_tc_ggml[&ty],
+            _ if codes => &self.grouped_tc[&key],
+            _ => &self.grouped_tc_deq[&key],
+        };
         let mut mat = MatOff { w: m.w, s: m.s, b: m.b, rows: m.rows as i32, cols: m.cols as i32 };
         let (mut table, mut gs, mut items, mut xrow, mut out) = (table, gs, items, xrow, out);
         let (mut xh, mut xl, mut xsum) = (input.xh, input.xl, input.xsum);

@@ -1117,6 +1117,287 @@ __device__ __forceinline__ void tc_window(int k0, int kc, int gs, int t, int g, 
     }
 }
 
+// ---- GGML blocks on tensor cores (FMT 3: Q4_K, 4: Q6_K, 5: Q5_K, 6: Q4_0, 7: Q8_0) ----------
+// A 128-column staging window is half a 256-value super-block (four 32-value blocks of Q4_0 and
+// Q8_0). The codes go into A as exact TF32 values, as with affine CODES above: Q4_K as 1 + q/16
+// and Q5_K as 1 + q/32 (sub-blocks of 32 with scale d·sc and offset −dmin·m: Σ = 2^B·d·sc·P −
+// (2^B·d·sc + dmin·m)·X, X = Σx over the sub-block from xsum), Q6_K as (q − 32)/64 (sub-blocks
+// of 16 with scale d·sc: Σ = 64·d·sc·P, no X), Q4_0 as (q − 8)/16 (Σ = 16·d·P) and Q8_0 as q/256
+// (Σ = 256·d·P). P is summed per (sub-)block on the tensor cores and folded into the result with
+// f32 FMAs at its end.
+// Which value a lane's k-slot holds follows the block layout, so that every mma step stays inside
+// one sub-block and a lane's loads are whole words: step s, lane t, k-slot e (0: k = t, 1: k = t +
+// 4) reads the staged x at 8·s + 2·t + e, and the window is staged in that order
+// (tc_stage_pair). Q4_K: step 8p + 4G + s' (pair p of sub-blocks, G 0 = low nibbles / 1 = high,
+// s' < 4) holds value 64p + 32G + 16(s'/2) + 4t + 2(s'%2) + e, the nibble of byte 2(s'%2) + e of
+// qs word 16h + 8p + 4(s'/2) + t (Q5_K: its fifth bit, bit 2(2h + p) + G of the same byte of qh
+// word 4(s'/2) + t). Q6_K: step 8H + 2Q + s'' holds value 32Q + 16H + 8s'' + 2t + e (ggml's q1..q4
+// for Q = 0..3 at l = 16H + 8s'' + 2t + e), from the 16-bit loads at ql[l], ql[l + 32] and qh[l].
+// Q4_0 and Q8_0 keep the values in order (step s holds 8s + 2t + e): Q4_0's byte j holds values
+// j and j + 16 of its block, Q8_0's value j is byte j.
+
+__device__ __forceinline__ float f16f_tc(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// The staged float2 index of the window's value pair c2 (values 2·c2, 2·c2 + 1).
+template <int FMT>
+__device__ __forceinline__ int tc_stage_pair(int c2) {
+    const int v = 2 * c2;
+    if constexpr (FMT == 3 || FMT == 5) {
+        const int a = v & 31;
+        return ((v & 96) + 8 * (2 * (a >> 4) + ((a >> 1) & 1)) + 2 * ((a >> 2) & 3)) >> 1;
+    } else if constexpr (FMT == 4) {
+        return (64 * ((v >> 4) & 1) + 16 * (v >> 5) + (v & 15)) >> 1;
+    } else {
+        return c2;
+    }
+}
+
+// Q4_K sub-block j's 6-bit scale and min from the super-block header hd (d, dmin, scales[12]);
+// ggml's get_scale_min_k4.
+__device__ __forceinline__ void q4k_scale_min(const uint4& hd, int j, float& sc, float& mn) {
+    const int sh = 8 * (j & 3);
+    const u32 y = hd.y >> sh, z = hd.z >> sh, w = hd.w >> sh;
+    sc = (float)(j < 4 ? (y & 63) : ((w & 15) | ((y >> 2) & 0x30)));
+    mn = (float)(j < 4 ? (z & 63) : (((w >> 4) & 15) | ((z >> 2) & 0x30)));
+}
+
+__device__ __forceinline__ u32 shift_field(u32 v, int sh) { return sh >= 0 ? (v >> sh) : (v << -sh); }
+
+// One mma step of the K-quant window: A codes a (2 m-tiles), x from the staged pairs of step s.
+template <int NT>
+__device__ __forceinline__ void tc_kq_step(const u32 (&a)[2][4], int s, int t, int g, const float* __restrict__ xsh,
+                                           const float* __restrict__ xsl, float (&part)[2][4][4]) {
+    constexpr int TS = TC_KC + 8;
+#pragma unroll
+    for (int nf = 0; nf < 4; nf++) {
+        if (nf < NT) {
+            const int o = (g + 8 * nf) * TS + 8 * s + 2 * t;
+            const float2 h2 = *reinterpret_cast<const float2*>(xsh + o);
+            const float2 l2 = *reinterpret_cast<const float2*>(xsl + o);
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                mma_tf32(part[mt][nf], a[mt], __float_as_uint(l2.x), __float_as_uint(l2.y));
+                mma_tf32(part[mt][nf], a[mt], __float_as_uint(h2.x), __float_as_uint(h2.y));
+            }
+        }
+    }
+}
+
+// acc += s[row] · part, part = 0: the end of a (sub-)block whose values have no offset.
+template <int NT>
+__device__ __forceinline__ void tc_fold_scaled(const float (&s)[4], float (&part)[2][4][4], float (&acc)[2][4][4]) {
+#pragma unroll
+    for (int nf = 0; nf < 4; nf++) {
+        if (nf < NT) {
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int i = 2 * mt + h;
+                    float* ac = acc[mt][nf];
+                    float* pp = part[mt][nf];
+                    ac[2 * h] = fmaf(s[i], pp[2 * h], ac[2 * h]);
+                    ac[2 * h + 1] = fmaf(s[i], pp[2 * h + 1], ac[2 * h + 1]);
+                    pp[2 * h] = 0.f;
+                    pp[2 * h + 1] = 0.f;
+                }
+        }
+    }
+}
+
+// The window [k0, k0 + 128) of gemm_grouped_tc for GGML rows (FMT 3..7, see above).
+template <int FMT, int NT>
+__device__ __forceinline__ void tc_window_kq(int k0, int t, int g, const unsigned char* const (&wr)[4],
+                                             const bool (&live)[4], const float* __restrict__ xsh,
+                                             const float* __restrict__ xsl, const float* const (&xs_row)[4][2],
+                                             float (&acc)[2][4][4]) {
+    const int sb = k0 >> 8, hf = (k0 >> 7) & 1;
+    float part[2][4][4];
+#pragma unroll
+    for (int a = 0; a < 2; a++)
+#pragma unroll
+        for (int b = 0; b < 4; b++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) part[a][b][c] = 0.f;
+    if constexpr (FMT == 3 || FMT == 5) {
+        // Q4_K: header (d, dmin, scales[12]) and qs[128]; Q5_K: the same with qh[32] between.
+        constexpr int BYTES = FMT == 3 ? 144 : 176, QS = FMT == 3 ? 16 : 48, B = FMT == 3 ? 4 : 5;
+        constexpr int SH = 23 - B;  // the code's place in the mantissa of 1.0
+        uint4 hd[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            hd[i] = live[i] ? __ldg(reinterpret_cast<const uint4*>(wr[i] + BYTES * sb)) : make_uint4(0, 0, 0, 0);
+        // (Q5_K: one pair at a time, else its extra words push the kernel past 255 registers.)
+#pragma unroll(FMT == 5 ? 1 : 2)
+        for (int p = 0; p < 2; p++) {
+            // Q5_K: the qh words of the lane's bytes, shifted so that this pair's two bits sit at
+            // bits 2p, 2p + 1 of each byte (loaded per pair: fewer live registers).
+            [[maybe_unused]] u32 qh[4][2];
+            if constexpr (FMT == 5) {
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+#pragma unroll
+                    for (int q = 0; q < 2; q++)
+                        qh[i][q] = live[i] ? __ldg(reinterpret_cast<const u32*>(wr[i] + BYTES * sb + 16) + 4 * q + t) >>
+                                                 (4 * hf)
+                                           : 0u;
+            }
+            u32 w[4][2];
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int q = 0; q < 2; q++)
+                    w[i][q] = live[i] ? __ldg(reinterpret_cast<const u32*>(wr[i] + BYTES * sb + QS) + 16 * hf + 8 * p +
+                                              4 * q + t)
+                                      : 0u;
+#pragma unroll
+            for (int G = 0; G < 2; G++) {
+#pragma unroll
+                for (int sp = 0; sp < 4; sp++) {
+                    u32 a[2][4];
+#pragma unroll
+                    for (int e = 0; e < 2; e++)
+#pragma unroll
+                        for (int i = 0; i < 4; i++) {
+                            const int b = 2 * (sp & 1) + e;  // byte of the word
+                            u32 v = (shift_field(w[i][sp >> 1], 8 * b + 4 * G - SH) & (0xFu << SH)) | 0x3f800000u;
+                            if constexpr (FMT == 5) v |= shift_field(qh[i][sp >> 1], 8 * b + 2 * p + G - 22) & (1u << 22);
+                            a[i / 2][(i % 2) + 2 * e] = v;
+                        }
+                    tc_kq_step<NT>(a, 8 * p + 4 * G + sp, t, g, xsh, xsl, part);
+                }
+                // End of sub-block j: fold P with 2^B·d·sc and X with −(2^B·d·sc + dmin·m).
+                const int j = 4 * hf + 2 * p + G, grp = 8 * sb + j;
+                float s2[4], bb[4];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    float sc, mn;
+                    q4k_scale_min(hd[i], j, sc, mn);
+                    s2[i] = (float)(1 << B) * f16f_tc(hd[i].x & 0xFFFF) * sc;
+                    bb[i] = -fmaf(f16f_tc(hd[i].x >> 16), mn, s2[i]);
+                }
+#pragma unroll
+                for (int nf = 0; nf < 4; nf++) {
+                    if (nf < NT) {
+                        const float x0 = __ldg(xs_row[nf][0] + grp), x1 = __ldg(xs_row[nf][1] + grp);
+#pragma unroll
+                        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                            for (int h = 0; h < 2; h++) {
+                                const int i = 2 * mt + h;
+                                float* ac = acc[mt][nf];
+                                float* pp = part[mt][nf];
+                                ac[2 * h] = fmaf(s2[i], pp[2 * h], fmaf(bb[i], x0, ac[2 * h]));
+                                ac[2 * h + 1] = fmaf(s2[i], pp[2 * h + 1], fmaf(bb[i], x1, ac[2 * h + 1]));
+                                pp[2 * h] = 0.f;
+                                pp[2 * h + 1] = 0.f;
+                            }
+                    }
+                }
+            }
+        }
+    } else if constexpr (FMT == 4) {
+        // Q6_K: 210-byte super-blocks, 2-byte aligned: 16-bit loads.
+        const unsigned char* blk[4];
+        float d64[4];
+        u32 scw[4][4];  // the window's 8 int8 scales, two per 16-bit word
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            blk[i] = wr[i] + 210 * sb;
+            const u16* hw = reinterpret_cast<const u16*>(blk[i]);
+            d64[i] = live[i] ? 64.f * f16f_tc(__ldg(hw + 104)) : 0.f;
+#pragma unroll
+            for (int k = 0; k < 4; k++) scw[i][k] = live[i] ? __ldg(hw + 96 + 4 * hf + k) : 0u;
+        }
+#pragma unroll
+        for (int H = 0; H < 2; H++) {
+            u32 lo[4][2], hi[4][2], qh[4][2];
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int s2 = 0; s2 < 2; s2++) {
+                    const u16* hw = reinterpret_cast<const u16*>(blk[i]);
+                    const int l = 16 * H + 8 * s2 + 2 * t;
+                    lo[i][s2] = live[i] ? __ldg(hw + (64 * hf + l) / 2) : 0u;
+                    hi[i][s2] = live[i] ? __ldg(hw + (64 * hf + l + 32) / 2) : 0u;
+                    qh[i][s2] = live[i] ? __ldg(hw + (128 + 32 * hf + l) / 2) : 0u;
+                }
+#pragma unroll
+            for (int Q = 0; Q < 4; Q++) {
+#pragma unroll
+                for (int s2 = 0; s2 < 2; s2++) {
+                    u32 a[2][4];
+#pragma unroll
+                    for (int e = 0; e < 2; e++)
+#pragma unroll
+                        for (int i = 0; i < 4; i++) {
+                            const u32 src = (Q & 1) ? hi[i][s2] : lo[i][s2];
+                            const u32 v = (shift_field(src, 8 * e + 4 * (Q >> 1) - 17) & (0xFu << 17)) |
+                                          (shift_field(qh[i][s2], 8 * e + 2 * Q - 21) & (3u << 21)) | 0x3f800000u;
+                            // 1 + q/64 − 1.5 = (q − 32)/64, exact.
+                            a[i / 2][(i % 2) + 2 * e] = __float_as_uint(__uint_as_float(v) - 1.5f);
+                        }
+                    tc_kq_step<NT>(a, 8 * H + 2 * Q + s2, t, g, xsh, xsl, part);
+                }
+                // End of the 16-value sub-block 2Q + H of the window: fold P with 64·d·sc.
+                const int si = 2 * Q + H;
+                float s64[4];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int sc = (int)(signed char)((scw[i][si >> 1] >> (8 * (si & 1))) & 0xFF);
+                    s64[i] = d64[i] * (float)sc;
+                }
+                tc_fold_scaled<NT>(s64, part, acc);
+            }
+        }
+    } else {
+        // Q4_0 (18-byte blocks: d, qs[16]) and Q8_0 (34 bytes: d, qs[32] int8): four blocks per
+        // window, values in order, 16-bit loads (blocks are 2-byte aligned).
+        constexpr int BYTES = FMT == 6 ? 18 : 34;
+#pragma unroll
+        for (int bi = 0; bi < 4; bi++) {
+            const long long blk_off = (long long)BYTES * ((k0 >> 5) + bi);
+            u32 q16[4][4];
+            float dd[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const u16* hw = reinterpret_cast<const u16*>(wr[i] + blk_off);
+                dd[i] = live[i] ? (FMT == 6 ? 16.f : 256.f) * f16f_tc(__ldg(hw)) : 0.f;
+#pragma unroll
+                for (int sp = 0; sp < 4; sp++) {
+                    // Q4_0: bytes 2t (steps 0, 2) and 8 + 2t (1, 3); Q8_0: bytes 8·sp + 2t.
+                    const int byte = FMT == 6 ? 8 * (sp & 1) + 2 * t : 8 * sp + 2 * t;
+                    q16[i][sp] = live[i] && (FMT == 7 || sp < 2) ? __ldg(hw + 1 + byte / 2) : 0u;
+                }
+            }
+#pragma unroll
+            for (int sp = 0; sp < 4; sp++) {
+                u32 a[2][4];
+#pragma unroll
+                for (int e = 0; e < 2; e++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        u32 v;
+                        if constexpr (FMT == 6) {
+                            // 1 + q/16 − 1.5 = (q − 8)/16: low nibbles in steps 0, 1, high in 2, 3.
+                            v = (shift_field(q16[i][sp & 1], 8 * e + 4 * (sp >> 1) - 19) & (0xFu << 19)) | 0x3f800000u;
+                        } else {
+                            // 1 + (q + 128)/256 − 1.5 = q/256 (q int8: flipping the sign bit adds 128).
+                            v = (shift_field(q16[i][sp] ^ 0x8080u, 8 * e - 15) & (0xFFu << 15)) | 0x3f800000u;
+                        }
+                        a[i / 2][(i % 2) + 2 * e] = __float_as_uint(__uint_as_float(v) - 1.5f);
+                    }
+                tc_kq_step<NT>(a, 4 * bi + sp, t, g, xsh, xsl, part);
+            }
+            tc_fold_scaled<NT>(dd, part, acc);
+        }
+    }
+}
+
 template <int FMT, int BITS, bool CODES>
 __device__ __forceinline__ void gemm_grouped_tc(const unsigned long long* __restrict__ table, GemmMat m, int gs,
                                                 const int4* __restrict__ items, const int* __restrict__ xrow,
@@ -1125,8 +1406,11 @@ __device__ __forceinline__ void gemm_grouped_tc(const unsigned long long* __rest
     constexpr int PW = FMT == 0 ? 32 / BITS : 2;
     [[maybe_unused]] constexpr int CW = 4 * PW;
     [[maybe_unused]] constexpr bool ASPLIT = !(CODES || FMT == 2);
+    // Σx per group read by the fold: affine codes (group gs) and Q4_K (sub-blocks of 32).
+    constexpr bool SUMS = (FMT == 0 && CODES) || FMT == 3 || FMT == 5;
     // Row stride of the staged x in floats: the 16 float2 reads of a half warp (g < 4, t < 4 at
-    // g·TS + t·PW + 2j) fall in distinct bank pairs for PW 8 (TS ≡ 2 mod 32) and PW 2 (≡ 8).
+    // g·TS + t·PW + 2j) fall in distinct bank pairs for PW 8 (TS ≡ 2 mod 32) and PW 2 (≡ 8; the
+    // K-quant windows read at g·TS + 2t + 8s).
     constexpr int TS = TC_KC + (PW == 2 ? 8 : 2);
     __shared__ float xsh[TC_NT * TS];
     __shared__ float xsl[TC_NT * TS];
@@ -1146,7 +1430,12 @@ __device__ __forceinline__ void gemm_grouped_tc(const unsigned long long* __rest
     const u16* sr[4];
     const u16* br[4];
     bool live[4];
-    const long long row_bytes = (long long)m.cols * (FMT == 0 ? BITS : (FMT == 1 ? 32 : 16)) / 8;
+    const long long row_bytes = FMT == 3   ? (long long)(m.cols / 256) * 144
+                                : FMT == 4 ? (long long)(m.cols / 256) * 210
+                                : FMT == 5 ? (long long)(m.cols / 256) * 176
+                                : FMT == 6 ? (long long)(m.cols / 32) * 18
+                                : FMT == 7 ? (long long)(m.cols / 32) * 34
+                                           : (long long)m.cols * (FMT == 0 ? BITS : (FMT == 1 ? 32 : 16)) / 8;
     // CODES: the rows of xsum (Σ x per group, [row of x][cols / gs]) of this lane's output pairs
     // 8·nf + 2t and 8·nf + 2t + 1.
     const float* xs_row[4][2];
@@ -1155,7 +1444,7 @@ __device__ __forceinline__ void gemm_grouped_tc(const unsigned long long* __rest
 #pragma unroll
         for (int e = 0; e < 2; e++) {
             const int tok = 8 * nf + 2 * t + e, p = it.y + (tok < n ? tok : 0);
-            xs_row[nf][e] = CODES ? xsum + (long long)(xrow ? xrow[p] : p) * (m.cols / gs) : nullptr;
+            xs_row[nf][e] = SUMS ? xsum + (long long)(xrow ? xrow[p] : p) * (m.cols / gs) : nullptr;
         }
 #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -1189,17 +1478,27 @@ __device__ __forceinline__ void gemm_grouped_tc(const unsigned long long* __rest
                     hv = __ldg(reinterpret_cast<const float2*>(xh + o) + c2);
                     lv = __ldg(reinterpret_cast<const float2*>(xl + o) + c2);
                 }
-                reinterpret_cast<float2*>(xsh + tok * TS)[c2] = hv;
-                reinterpret_cast<float2*>(xsl + tok * TS)[c2] = lv;
+                const int c2s = tc_stage_pair<FMT>(c2);
+                reinterpret_cast<float2*>(xsh + tok * TS)[c2s] = hv;
+                reinterpret_cast<float2*>(xsl + tok * TS)[c2s] = lv;
             }
         }
         __syncthreads();
         if (r0 >= m.rows) continue;  // warp-uniform: this warp has no rows (it still syncs)
-        switch (ntiles) {
-            case 1: tc_window<FMT, BITS, CODES, 1>(k0, kc, gs, t, g, wr, sr, br, live, xsh, xsl, xs_row, acc); break;
-            case 2: tc_window<FMT, BITS, CODES, 2>(k0, kc, gs, t, g, wr, sr, br, live, xsh, xsl, xs_row, acc); break;
-            case 3: tc_window<FMT, BITS, CODES, 3>(k0, kc, gs, t, g, wr, sr, br, live, xsh, xsl, xs_row, acc); break;
-            default: tc_window<FMT, BITS, CODES, 4>(k0, kc, gs, t, g, wr, sr, br, live, xsh, xsl, xs_row, acc); break;
+        if constexpr (FMT >= 3) {
+            switch (ntiles) {
+                case 1: tc_window_kq<FMT, 1>(k0, t, g, wr, live, xsh, xsl, xs_row, acc); break;
+                case 2: tc_window_kq<FMT, 2>(k0, t, g, wr, live, xsh, xsl, xs_row, acc); break;
+                case 3: tc_window_kq<FMT, 3>(k0, t, g, wr, live, xsh, xsl, xs_row, acc); break;
+                default: tc_window_kq<FMT, 4>(k0, t, g, wr, live, xsh, xsl, xs_row, acc); break;
+            }
+        } else {
+            switch (ntiles) {
+                case 1: tc_window<FMT, BITS, CODES, 1>(k0, kc, gs, t, g, wr, sr, br, live, xsh, xsl, xs_row, acc); break;
+                case 2: tc_window<FMT, BITS, CODES, 2>(k0, kc, gs, t, g, wr, sr, br, live, xsh, xsl, xs_row, acc); break;
+                case 3: tc_window<FMT, BITS, CODES, 3>(k0, kc, gs, t, g, wr, sr, br, live, xsh, xsl, xs_row, acc); break;
+                default: tc_window<FMT, BITS, CODES, 4>(k0, kc, gs, t, g, wr, sr, br, live, xsh, xsl, xs_row, acc); break;
+            }
         }
     }
     if (r0 >= m.rows) return;
@@ -1235,6 +1534,11 @@ GROUPED_TC(deq_affine_b4, 0, 4, false)
 GROUPED_TC(deq_affine_b8, 0, 8, false)
 GROUPED_TC(f32, 1, 32, false)
 GROUPED_TC(bf16, 2, 16, false)
+GROUPED_TC(q4_k, 3, 4, true)
+GROUPED_TC(q6_k, 4, 6, true)
+GROUPED_TC(q5_k, 5, 5, true)
+GROUPED_TC(q4_0, 6, 4, true)
+GROUPED_TC(q8_0, 7, 8, true)
 #endif
 
 // ---------------------------------------------------------------------------------------------
