@@ -979,6 +979,37 @@ extern "C" __global__ void split_x_tc(const float* __restrict__ x, float* __rest
     }
 }
 
+// The end of a group: acc += s[row]·P (+ b[row]·X with OFFSET, X = Σx of the group's inputs from
+// xsum row xs_row[nf][e] at grp), then P = 0.
+template <int NT, bool OFFSET>
+__device__ __forceinline__ void tc_fold(const float (&s)[4], const float (&b)[4], const float* const (&xs_row)[4][2],
+                                        int grp, float (&part)[2][4][4], float (&acc)[2][4][4]) {
+#pragma unroll
+    for (int nf = 0; nf < 4; nf++) {
+        if (nf < NT) {
+            const float x0 = OFFSET ? __ldg(xs_row[nf][0] + grp) : 0.f;
+            const float x1 = OFFSET ? __ldg(xs_row[nf][1] + grp) : 0.f;
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int i = 2 * mt + h;
+                    float* ac = acc[mt][nf];
+                    float* pp = part[mt][nf];
+                    if constexpr (OFFSET) {
+                        ac[2 * h] = fmaf(s[i], pp[2 * h], fmaf(b[i], x0, ac[2 * h]));
+                        ac[2 * h + 1] = fmaf(s[i], pp[2 * h + 1], fmaf(b[i], x1, ac[2 * h + 1]));
+                    } else {
+                        ac[2 * h] = fmaf(s[i], pp[2 * h], ac[2 * h]);
+                        ac[2 * h + 1] = fmaf(s[i], pp[2 * h + 1], ac[2 * h + 1]);
+                    }
+                    pp[2 * h] = 0.f;
+                    pp[2 * h + 1] = 0.f;
+                }
+        }
+    }
+}
+
 // One staged window [k0, k0 + kc) of gemm_grouped_tc for a warp whose item has NT n-tiles (a
 // compile-time count, so no mma.sync sits under a predicate).
 template <int FMT, int BITS, bool CODES, int NT>
@@ -1049,25 +1080,7 @@ __device__ __forceinline__ void tc_window(int k0, int kc, int gs, int t, int g, 
                     s2[i] = sc * (float)(1 << BITS);
                     bb[i] = (live[i] ? bf16f(__ldg(br[i] + grp)) : 0.f) - s2[i];
                 }
-#pragma unroll
-                for (int nf = 0; nf < 4; nf++) {
-                    if (nf < NT) {
-                        const float x0 = __ldg(xs_row[nf][0] + grp), x1 = __ldg(xs_row[nf][1] + grp);
-#pragma unroll
-                        for (int mt = 0; mt < 2; mt++) {
-#pragma unroll
-                            for (int h = 0; h < 2; h++) {
-                                const int i = 2 * mt + h;
-                                float* ac = acc[mt][nf];
-                                float* pp = part[mt][nf];
-                                ac[2 * h] = fmaf(s2[i], pp[2 * h], fmaf(bb[i], x0, ac[2 * h]));
-                                ac[2 * h + 1] = fmaf(s2[i], pp[2 * h + 1], fmaf(bb[i], x1, ac[2 * h + 1]));
-                                pp[2 * h] = 0.f;
-                                pp[2 * h + 1] = 0.f;
-                            }
-                        }
-                    }
-                }
+                tc_fold<NT, true>(s2, bb, xs_row, grp, part, acc);
             }
         }
     } else {
@@ -1187,28 +1200,6 @@ __device__ __forceinline__ void tc_kq_step(const u32 (&a)[2][4], int s, int t, i
     }
 }
 
-// acc += s[row] · part, part = 0: the end of a (sub-)block whose values have no offset.
-template <int NT>
-__device__ __forceinline__ void tc_fold_scaled(const float (&s)[4], float (&part)[2][4][4], float (&acc)[2][4][4]) {
-#pragma unroll
-    for (int nf = 0; nf < 4; nf++) {
-        if (nf < NT) {
-#pragma unroll
-            for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const int i = 2 * mt + h;
-                    float* ac = acc[mt][nf];
-                    float* pp = part[mt][nf];
-                    ac[2 * h] = fmaf(s[i], pp[2 * h], ac[2 * h]);
-                    ac[2 * h + 1] = fmaf(s[i], pp[2 * h + 1], ac[2 * h + 1]);
-                    pp[2 * h] = 0.f;
-                    pp[2 * h + 1] = 0.f;
-                }
-        }
-    }
-}
-
 // The window [k0, k0 + 128) of gemm_grouped_tc for GGML rows (FMT 3..7, see above).
 template <int FMT, int NT>
 __device__ __forceinline__ void tc_window_kq(int k0, int t, int g, const unsigned char* const (&wr)[4],
@@ -1280,24 +1271,7 @@ __device__ __forceinline__ void tc_window_kq(int k0, int t, int g, const unsigne
                     s2[i] = (float)(1 << B) * f16f_tc(hd[i].x & 0xFFFF) * sc;
                     bb[i] = -fmaf(f16f_tc(hd[i].x >> 16), mn, s2[i]);
                 }
-#pragma unroll
-                for (int nf = 0; nf < 4; nf++) {
-                    if (nf < NT) {
-                        const float x0 = __ldg(xs_row[nf][0] + grp), x1 = __ldg(xs_row[nf][1] + grp);
-#pragma unroll
-                        for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-                            for (int h = 0; h < 2; h++) {
-                                const int i = 2 * mt + h;
-                                float* ac = acc[mt][nf];
-                                float* pp = part[mt][nf];
-                                ac[2 * h] = fmaf(s2[i], pp[2 * h], fmaf(bb[i], x0, ac[2 * h]));
-                                ac[2 * h + 1] = fmaf(s2[i], pp[2 * h + 1], fmaf(bb[i], x1, ac[2 * h + 1]));
-                                pp[2 * h] = 0.f;
-                                pp[2 * h + 1] = 0.f;
-                            }
-                    }
-                }
+                tc_fold<NT, true>(s2, bb, xs_row, grp, part, acc);
             }
         }
     } else if constexpr (FMT == 4) {
@@ -1351,7 +1325,7 @@ __device__ __forceinline__ void tc_window_kq(int k0, int t, int g, const unsigne
                     const int sc = (int)(signed char)((scw[i][si >> 1] >> (8 * (si & 1))) & 0xFF);
                     s64[i] = d64[i] * (float)sc;
                 }
-                tc_fold_scaled<NT>(s64, part, acc);
+                tc_fold<NT, false>(s64, s64, xs_row, 0, part, acc);
             }
         }
     } else {
@@ -1393,7 +1367,7 @@ __device__ __forceinline__ void tc_window_kq(int k0, int t, int g, const unsigne
                     }
                 tc_kq_step<NT>(a, 4 * bi + sp, t, g, xsh, xsl, part);
             }
-            tc_fold_scaled<NT>(dd, part, acc);
+            tc_fold<NT, false>(dd, dd, xs_row, 0, part, acc);
         }
     }
 }
