@@ -843,13 +843,13 @@ fn widest_prefill_input(c: &ModelConfig) -> usize {
     .unwrap_or(0)
 }
 
-/// f32 scratch for dequantized weights (a matrix larger than this goes through in row blocks).
 /// Fewest tokens in a pass for which GGML blocks go to the tensor-core GEMM. Measured on an H200
 /// (8-layer 35B-A3B geometry, Q4_0 file, 2026-12-03): with tensor cores prefill of 4–32 tokens
 /// took 3–4 ms longer than with the CUDA-core GEMM (e.g. 32 tokens 18 vs 14 ms), from 64 tokens on
 /// it is faster (64: 11 vs 14 ms; 512: 21 vs 37 ms).
 const GGML_TC_MIN_TOKENS: usize = 64;
 
+/// f32 scratch for dequantized weights (a matrix larger than this goes through in row blocks).
 const DEQ_FLOATS: usize = 64 << 20;
 
 // ---------------------------------------------------------------------------------------------

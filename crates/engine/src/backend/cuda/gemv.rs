@@ -1129,7 +1129,7 @@ impl GemvKernels {
 
     /// The group over which the tensor-core GEMM wants Σ x (affine weights taken as exact codes:
     /// groups a multiple of a lane's 4-word chunk that tile the 128-column staging window; Q4_K's
-    /// sub-blocks of 32, whose min is an offset), or 0.
+    /// and Q5_K's sub-blocks of 32, whose min is an offset), or 0.
     pub fn tc_sum_group(format: DevFormat) -> usize {
         match format {
             DevFormat::Ggml(GgmlType::Q4_K | GgmlType::Q5_K) => 32,
