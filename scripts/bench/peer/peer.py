@@ -332,9 +332,12 @@ def cmd_model(a) -> None:
         run([sys.executable, src / "convert_hf_to_gguf.py", hf, "--outtype", conv_out, "--outfile",
              str(base) + ".partial", "--no-mtp"], env=env)
         os.rename(str(base) + ".partial", base)
-    if a.dtype != "f32":
+    # `--quants ""` stops after the F16 file: the conversion needs no llama.cpp build, so a script
+    # can run it while llama.cpp compiles and call `model` again for the rest.
+    quants = [q for q in a.quants.split(",") if q]
+    if a.dtype != "f32" and quants:
         quant = tool("llama-quantize", a.cuda)
-        for qtype in a.quants.split(","):
+        for qtype in quants:
             # Q4_0 is made pure (every tensor Q4_0): the same bytes per token as packed 4-bit.
             extra = ["--pure"] if qtype == "Q4_0" else []
             dst = out / f"model-{qtype}.gguf"
@@ -579,7 +582,8 @@ def main() -> None:
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--cuda", action="store_true", help="use the CUDA build's llama-quantize")
     s.add_argument("--quants", default="Q4_0,Q4_K_M",
-                   help="llama-quantize types to make (Q4_0 pure, the others llama.cpp's mixes)")
+                   help="llama-quantize types to make (Q4_0 pure, the others llama.cpp's mixes, e.g. "
+                        "Q4_K_M, IQ4_XS); empty: only the F16 file")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_model)
     s = sub.add_parser("bench")

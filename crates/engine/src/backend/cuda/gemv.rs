@@ -504,7 +504,7 @@ pub struct GemvKernels {
     /// Affine on tensor cores with the weights dequantized and split (other groups).
     grouped_tc_deq: HashMap<u32, CudaFunction>,
     /// GGML blocks on tensor cores, codes taken exactly (Q4_K, Q5_K, Q6_K: the expert matrices
-    /// of Q4_K_M and Q5_K_M files; Q4_0, Q8_0); empty before sm_80.
+    /// of Q4_K_M and Q5_K_M files; Q4_0, Q8_0, IQ4_NL, IQ4_XS); empty before sm_80.
     grouped_tc_ggml: HashMap<GgmlType, CudaFunction>,
     /// The tensor-core GEMM's input split (forward.cu's `split_x_tc`); None before sm_80.
     split_x_tc: Option<CudaFunction>,
@@ -612,6 +612,8 @@ impl GemvKernels {
                 (GgmlType::Q6_K, "gemm_grouped_tc_q6_k"),
                 (GgmlType::Q4_0, "gemm_grouped_tc_q4_0"),
                 (GgmlType::Q8_0, "gemm_grouped_tc_q8_0"),
+                (GgmlType::IQ4_NL, "gemm_grouped_tc_iq4_nl"),
+                (GgmlType::IQ4_XS, "gemm_grouped_tc_iq4_xs"),
             ] {
                 grouped_tc_ggml.insert(ty, dev.function(&fw, name)?);
             }
@@ -1113,14 +1115,15 @@ impl GemvKernels {
 
     /// Whether the tensor-core grouped GEMM takes a matrix of this format and width: affine,
     /// f32 and bf16 weights, columns a multiple of a lane piece's 4 words (32 at 4 bits), and
-    /// GGML Q4_K, Q5_K, Q6_K, Q4_0, Q8_0 blocks in whole 128-column windows; sm_80+.
+    /// GGML Q4_K, Q5_K, Q6_K, Q4_0, Q8_0, IQ4_NL and IQ4_XS blocks in whole 128-column windows
+    /// that are also whole blocks (256 columns for the 256-value super-blocks); sm_80+.
     pub fn tensor_core_fits(&self, format: DevFormat, cols: usize) -> bool {
         let (key, piece) = match format {
             DevFormat::Affine { bits, .. } => (bits, 32 / bits as usize),
             DevFormat::F32 => (0, 2),
             DevFormat::Bf16 => (16, 2),
             DevFormat::Ggml(ty) => {
-                let window = if matches!(ty, GgmlType::Q4_0 | GgmlType::Q8_0) { 128 } else { 256 };
+                let window = if matches!(ty, GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::IQ4_NL) { 128 } else { 256 };
                 return self.grouped_tc_ggml.contains_key(&ty) && cols > 0 && cols.is_multiple_of(window);
             }
         };

@@ -1130,13 +1130,15 @@ __device__ __forceinline__ void tc_window(int k0, int kc, int gs, int t, int g, 
     }
 }
 
-// ---- GGML blocks on tensor cores (FMT 3: Q4_K, 4: Q6_K, 5: Q5_K, 6: Q4_0, 7: Q8_0) ----------
+// ---- GGML blocks on tensor cores (FMT 3: Q4_K, 4: Q6_K, 5: Q5_K, 6: Q4_0, 7: Q8_0, 8: IQ4_NL,
+// 9: IQ4_XS) ----
 // A 128-column staging window is half a 256-value super-block (four 32-value blocks of Q4_0 and
 // Q8_0). The codes go into A as exact TF32 values, as with affine CODES above: Q4_K as 1 + q/16
 // and Q5_K as 1 + q/32 (sub-blocks of 32 with scale d·sc and offset −dmin·m: Σ = 2^B·d·sc·P −
 // (2^B·d·sc + dmin·m)·X, X = Σx over the sub-block from xsum), Q6_K as (q − 32)/64 (sub-blocks
-// of 16 with scale d·sc: Σ = 64·d·sc·P, no X), Q4_0 as (q − 8)/16 (Σ = 16·d·P) and Q8_0 as q/256
-// (Σ = 256·d·P). P is summed per (sub-)block on the tensor cores and folded into the result with
+// of 16 with scale d·sc: Σ = 64·d·sc·P, no X), Q4_0 as (q − 8)/16 (Σ = 16·d·P), Q8_0 as q/256
+// (Σ = 256·d·P) and IQ4_NL / IQ4_XS as level/256 (the non-linear levels −127..113 are integers:
+// Σ = 256·d·P, IQ4_XS's d being the sub-block's d·(ls − 32)). P is summed per (sub-)block on the tensor cores and folded into the result with
 // f32 FMAs at its end.
 // Which value a lane's k-slot holds follows the block layout, so that every mma step stays inside
 // one sub-block and a lane's loads are whole words: step s, lane t, k-slot e (0: k = t, 1: k = t +
@@ -1146,8 +1148,8 @@ __device__ __forceinline__ void tc_window(int k0, int kc, int gs, int t, int g, 
 // qs word 16h + 8p + 4(s'/2) + t (Q5_K: its fifth bit, bit 2(2h + p) + G of the same byte of qh
 // word 4(s'/2) + t). Q6_K: step 8H + 2Q + s'' holds value 32Q + 16H + 8s'' + 2t + e (ggml's q1..q4
 // for Q = 0..3 at l = 16H + 8s'' + 2t + e), from the 16-bit loads at ql[l], ql[l + 32] and qh[l].
-// Q4_0 and Q8_0 keep the values in order (step s holds 8s + 2t + e): Q4_0's byte j holds values
-// j and j + 16 of its block, Q8_0's value j is byte j.
+// Q4_0, Q8_0, IQ4_NL and IQ4_XS keep the values in order (step s holds 8s + 2t + e): byte j of a
+// 4-bit block's qs holds values j and j + 16 of its (sub-)block, Q8_0's value j is byte j.
 
 __device__ __forceinline__ float f16f_tc(u16 h) {
     float f;
@@ -1178,6 +1180,16 @@ __device__ __forceinline__ void q4k_scale_min(const uint4& hd, int j, float& sc,
     mn = (float)(j < 4 ? (z & 63) : (((w >> 4) & 15) | ((z >> 2) & 0x30)));
 }
 
+// The TF32 bits of 1 + (level + 128)/256 for IQ4_NL / IQ4_XS nibble q, where level is ggml's
+// kvalues_iq4nl[q]: the sixteen level + 128 bytes (1 … 241) live in four immediate words and a
+// byte permute picks one from the low or the high eight (prmt reads 3 selector bits; bit 3 would
+// switch it to sign replication, hence q & 7).
+__device__ __forceinline__ u32 iq4_level_tf32(u32 q) {
+    const u32 lo = __byte_perm(0x3F2D1801u, 0x766A5D4Fu, q & 7u);
+    const u32 hi = __byte_perm(0xA6998D81u, 0xF1D9C5B5u, q & 7u);
+    return (((q & 8u) ? hi : lo) & 0xFFu) << 15 | 0x3f800000u;
+}
+
 __device__ __forceinline__ u32 shift_field(u32 v, int sh) { return sh >= 0 ? (v >> sh) : (v << -sh); }
 
 // One mma step of the K-quant window: A codes a (2 m-tiles), x from the staged pairs of step s.
@@ -1200,7 +1212,7 @@ __device__ __forceinline__ void tc_kq_step(const u32 (&a)[2][4], int s, int t, i
     }
 }
 
-// The window [k0, k0 + 128) of gemm_grouped_tc for GGML rows (FMT 3..7, see above).
+// The window [k0, k0 + 128) of gemm_grouped_tc for GGML rows (FMT 3..9, see above).
 template <int FMT, int NT>
 __device__ __forceinline__ void tc_window_kq(int k0, int t, int g, const unsigned char* const (&wr)[4],
                                              const bool (&live)[4], const float* __restrict__ xsh,
@@ -1329,23 +1341,43 @@ __device__ __forceinline__ void tc_window_kq(int k0, int t, int g, const unsigne
             }
         }
     } else {
-        // Q4_0 (18-byte blocks: d, qs[16]) and Q8_0 (34 bytes: d, qs[32] int8): four blocks per
-        // window, values in order, 16-bit loads (blocks are 2-byte aligned).
-        constexpr int BYTES = FMT == 6 ? 18 : 34;
+        // Q4_0 and IQ4_NL (18-byte blocks: d, qs[16]), Q8_0 (34 bytes: d, qs[32] int8) and IQ4_XS
+        // (136-byte super-blocks: d, scales_h, scales_l[4], qs[128], sub-blocks of 32 laid out as
+        // IQ4_NL's qs): four (sub-)blocks per window, values in order, 16-bit loads (blocks are 2-byte
+        // aligned).
+        constexpr int BYTES = FMT == 7 ? 34 : 18;
+        [[maybe_unused]] u32 xs_head[4][2];
+        if constexpr (FMT == 9) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const u32* hp = reinterpret_cast<const u32*>(wr[i] + 136LL * sb);
+                xs_head[i][0] = live[i] ? __ldg(hp) : 0u;
+                xs_head[i][1] = live[i] ? __ldg(hp + 1) : 0u;
+            }
+        }
 #pragma unroll
         for (int bi = 0; bi < 4; bi++) {
-            const long long blk_off = (long long)BYTES * ((k0 >> 5) + bi);
+            const int ib = 4 * hf + bi; // IQ4_XS: the sub-block within the super-block
+            const long long blk_off = FMT == 9 ? 136LL * sb + 16 * ib + 8 : (long long)BYTES * ((k0 >> 5) + bi);
             u32 q16[4][4];
             float dd[4];
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                const u16* hw = reinterpret_cast<const u16*>(wr[i] + blk_off);
-                dd[i] = live[i] ? (FMT == 6 ? 16.f : 256.f) * f16f_tc(__ldg(hw)) : 0.f;
+                const u16* qw = reinterpret_cast<const u16*>(wr[i] + blk_off) + (FMT == 9 ? 0 : 1);
+                if constexpr (FMT == 9) {
+                    // ggml's dequantize_row_iq4_xs: a 6-bit scale ls from scales_l (4 bits) and
+                    // scales_h (2), the sub-block's scale d·(ls − 32).
+                    const int ls = ((xs_head[i][1] >> (8 * (ib >> 1) + 4 * (ib & 1))) & 15) |
+                                   (((xs_head[i][0] >> (16 + 2 * ib)) & 3) << 4);
+                    dd[i] = 256.f * f16f_tc((u16)(xs_head[i][0] & 0xFFFFu)) * (float)(ls - 32);
+                } else {
+                    dd[i] = live[i] ? (FMT == 6 ? 16.f : 256.f) * f16f_tc(__ldg(qw - 1)) : 0.f;
+                }
 #pragma unroll
                 for (int sp = 0; sp < 4; sp++) {
-                    // Q4_0: bytes 2t (steps 0, 2) and 8 + 2t (1, 3); Q8_0: bytes 8·sp + 2t.
-                    const int byte = FMT == 6 ? 8 * (sp & 1) + 2 * t : 8 * sp + 2 * t;
-                    q16[i][sp] = live[i] && (FMT == 7 || sp < 2) ? __ldg(hw + 1 + byte / 2) : 0u;
+                    // 4-bit blocks: bytes 2t (steps 0, 2) and 8 + 2t (1, 3); Q8_0: bytes 8·sp + 2t.
+                    const int byte = FMT == 7 ? 8 * sp + 2 * t : 8 * (sp & 1) + 2 * t;
+                    q16[i][sp] = live[i] && (FMT == 7 || sp < 2) ? __ldg(qw + byte / 2) : 0u;
                 }
             }
 #pragma unroll
@@ -1359,9 +1391,13 @@ __device__ __forceinline__ void tc_window_kq(int k0, int t, int g, const unsigne
                         if constexpr (FMT == 6) {
                             // 1 + q/16 − 1.5 = (q − 8)/16: low nibbles in steps 0, 1, high in 2, 3.
                             v = (shift_field(q16[i][sp & 1], 8 * e + 4 * (sp >> 1) - 19) & (0xFu << 19)) | 0x3f800000u;
-                        } else {
+                        } else if constexpr (FMT == 7) {
                             // 1 + (q + 128)/256 − 1.5 = q/256 (q int8: flipping the sign bit adds 128).
                             v = (shift_field(q16[i][sp] ^ 0x8080u, 8 * e - 15) & (0xFFu << 15)) | 0x3f800000u;
+                        } else {
+                            // 1 + (level + 128)/256 − 1.5 = level/256, the nibble's level looked up
+                            // in registers (low nibbles in steps 0, 1, high in 2, 3).
+                            v = iq4_level_tf32((q16[i][sp & 1] >> (8 * e + 4 * (sp >> 1))) & 15u);
                         }
                         a[i / 2][(i % 2) + 2 * e] = __float_as_uint(__uint_as_float(v) - 1.5f);
                     }
@@ -1409,6 +1445,8 @@ __device__ __forceinline__ void gemm_grouped_tc(const unsigned long long* __rest
                                 : FMT == 5 ? (long long)(m.cols / 256) * 176
                                 : FMT == 6 ? (long long)(m.cols / 32) * 18
                                 : FMT == 7 ? (long long)(m.cols / 32) * 34
+                                : FMT == 8 ? (long long)(m.cols / 32) * 18
+                                : FMT == 9 ? (long long)(m.cols / 256) * 136
                                            : (long long)m.cols * (FMT == 0 ? BITS : (FMT == 1 ? 32 : 16)) / 8;
     // CODES: the rows of xsum (Σ x per group, [row of x][cols / gs]) of this lane's output pairs
     // 8·nf + 2t and 8·nf + 2t + 1.
@@ -1513,6 +1551,8 @@ GROUPED_TC(q6_k, 4, 6, true)
 GROUPED_TC(q5_k, 5, 5, true)
 GROUPED_TC(q4_0, 6, 4, true)
 GROUPED_TC(q8_0, 7, 8, true)
+GROUPED_TC(iq4_nl, 8, 4, true)
+GROUPED_TC(iq4_xs, 9, 4, true)
 #endif
 
 // ---------------------------------------------------------------------------------------------
