@@ -1182,8 +1182,8 @@ __device__ __forceinline__ void q4k_scale_min(const uint4& hd, int j, float& sc,
 
 // The TF32 bits of 1 + (level + 128)/256 for IQ4_NL / IQ4_XS nibble q, where level is ggml's
 // kvalues_iq4nl[q]: the sixteen level + 128 bytes (1 … 241) live in four immediate words and a
-// byte permute picks one from the low or the high eight (prmt reads 3 selector bits; bit 3 would
-// switch it to sign replication, hence q & 7).
+// byte permute picks one from the low or the high eight (__byte_perm uses 3 bits of a selector
+// nibble; bit 3 of q chooses between the two).
 __device__ __forceinline__ u32 iq4_level_tf32(u32 q) {
     const u32 lo = __byte_perm(0x3F2D1801u, 0x766A5D4Fu, q & 7u);
     const u32 hi = __byte_perm(0xA6998D81u, 0xF1D9C5B5u, q & 7u);

@@ -463,6 +463,142 @@ struct KQuant<14> {
     }
 };
 
+// The 32-value types Q4_0 and IQ4_NL (18-byte blocks: d, qs[16]; byte i holds values i and
+// i + 16) go through kq_gemv too, eight blocks (144 bytes, as a Q4_K super-block) to a step's
+// "super-block": lane l takes block l, whose values 4f .. 4f + 3 are float4 f (in order). A block
+// is 2-byte aligned, but at 18·l it starts on a word (l even) or half a word past one (l odd),
+// so five aligned 32-bit loads from 18·l rounded down to a word hold it: for l odd, d is the high
+// half of word 0 and qs words 1 .. 4; for l even, d is word 0's low half and each qs word straddles
+// two (a funnel shift). That needs a word-aligned row (cols a multiple of 256 makes the rows
+// 144·n bytes), against nine 16-bit loads per block in the generic kernel.
+struct Blk18 {
+    u32 w[5];
+};
+__device__ __forceinline__ Blk18 load_blk18(const u8* sb, int l) {
+    const u32* p = reinterpret_cast<const u32*>(sb + ((18 * l) & ~3));
+    Blk18 r;
+#pragma unroll
+    for (int k = 0; k < 5; k++) r.w[k] = __ldg(p + k);
+    return r;
+}
+// d's bits and the four qs words of a block loaded by load_blk18 for lane l.
+__device__ __forceinline__ u32 blk18_words(const Blk18& b, int l, u32 (&qw)[4]) {
+    const bool odd = l & 1;
+#pragma unroll
+    for (int k = 0; k < 4; k++) qw[k] = __funnelshift_rc(b.w[k], b.w[k + 1], odd ? 32 : 16);
+    return odd ? b.w[0] >> 16 : b.w[0] & 0xFFFFu;
+}
+
+// IQ4_NL / IQ4_XS: Σ level·x over 32 values, from four qs words (byte i of word k: values 4k + i
+// (low nibble, float4 k) and 16 + 4k + i (high, float4 k + 4)). Four levels at a time: the nibbles'
+// low 3 bits packed into one byte-permute selector pick level + 128 from the low and the high
+// eight of the table (the same four immediate words as forward.cu's iq4_level_tf32), a mask
+// from each nibble's bit 3 chooses between them, and each byte becomes 2^23 + byte in one more
+// permute; one FADD leaves the level, exactly. ≈ 5 instructions a value, against a shared-memory
+// table load and an int→float conversion.
+__device__ __forceinline__ u32 iq4_bytes(u32 nib4) {
+    const u32 x = nib4 | (nib4 >> 4);
+    const u32 sel = __byte_perm(x, 0u, 0x4420u) & 0x7777u;
+    const u32 lo = __byte_perm(0x3F2D1801u, 0x766A5D4Fu, sel), hi = __byte_perm(0xA6998D81u, 0xF1D9C5B5u, sel);
+    // 0xFF in the bytes whose nibble is ≥ 8 (__byte_perm reads only 3 bits of a selector nibble:
+    // no sign replication, so the mask is made by a multiply).
+    const u32 m = ((nib4 >> 3) & 0x01010101u) * 0xFFu;
+    return (hi & m) | (lo & ~m);
+}
+__device__ __forceinline__ float iq4_dot32(const u32 (&qw)[4], const float4 (&xv)[8]) {
+    float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const u32 u4 = iq4_bytes((qw[k] >> (4 * half)) & 0x0F0F0F0Fu);
+            const float4 xq = xv[k + 4 * half];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const float lv = __uint_as_float(__byte_perm(u4, 0x4B000000u, 0x7440u + i)) - 8388736.f;
+                part[i] = fmaf(lv, f4get(xq, i), part[i]);
+            }
+        }
+    }
+    return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
+// Q4_0: Σ(q − 8)·d·x = d·(Σq·x − 8·Σx), Σq·x with q read in place as in q4k_word.
+template <>
+struct KQuant<2> {
+    static constexpr int TS = 144, NX = 1;
+    using Blk = Blk18;
+    int l;
+    __device__ explicit KQuant(int L) : l(L & 7) {}
+    __device__ static int slot_value(int f, int l) { return (l & 7) * 32 + 4 * f; }
+    __device__ Blk load(const u8* b) const { return load_blk18(b, l); }
+    __device__ static void xsums(const float4 (&xv)[8], float (&sx)[NX]) {
+        float s = 0.f;
+#pragma unroll
+        for (int f = 0; f < 8; f++) s += (xv[f].x + xv[f].y) + (xv[f].z + xv[f].w);
+        sx[0] = s;
+    }
+    __device__ float dot(const Blk& b, const float4 (&xv)[8], const float (&sx)[NX], float acc) const {
+        u32 qw[4];
+        const float d = f16f(blk18_words(b, l, qw));
+        float part[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) part[k] = 0.f;
+#pragma unroll
+        for (int w = 0; w < 4; w++) q4k_word(qw[w], xv[w], xv[w + 4], part);
+        float sq = 0.f;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            const int sh = k <= 4 ? 4 * k : 4 * k - 16;
+            sq = fmaf(part[k], __uint_as_float((u32)(127 - sh) << 23), sq);
+        }
+        acc = fmaf(d, sq, acc);
+        return fmaf(-8.f * d, sx[0], acc);
+    }
+};
+
+// IQ4_NL: d·Σ level·x per block.
+template <>
+struct KQuant<20> {
+    static constexpr int TS = 144, NX = 1;
+    using Blk = Blk18;
+    int l;
+    __device__ explicit KQuant(int L) : l(L & 7) {}
+    __device__ static int slot_value(int f, int l) { return (l & 7) * 32 + 4 * f; }
+    __device__ Blk load(const u8* b) const { return load_blk18(b, l); }
+    __device__ static void xsums(const float4 (&)[8], float (&sx)[NX]) { sx[0] = 0.f; }
+    __device__ float dot(const Blk& b, const float4 (&xv)[8], const float (&)[NX], float acc) const {
+        u32 qw[4];
+        const float d = f16f(blk18_words(b, l, qw));
+        return fmaf(d, iq4_dot32(qw, xv), acc);
+    }
+};
+
+// IQ4_XS (136-byte super-blocks: d, scales_h, scales_l[4], qs[128]; sub-block j's 16 qs bytes at
+// 8 + 16j laid out as IQ4_NL's): lane l takes sub-block l, scale d·(ls − 32) with ls from 4 bits
+// of scales_l and 2 of scales_h (ggml's dequantize_row_iq4_xs). Super-blocks are 8-byte aligned
+// when the row is: 8-byte loads.
+template <>
+struct KQuant<23> {
+    static constexpr int TS = 136, NX = 1;
+    struct Blk {
+        uint2 hd, q0, q1;
+    };
+    int l;
+    __device__ explicit KQuant(int L) : l(L & 7) {}
+    __device__ static int slot_value(int f, int l) { return (l & 7) * 32 + 4 * f; }
+    __device__ Blk load(const u8* b) const {
+        const uint2* p = reinterpret_cast<const uint2*>(b);
+        return {__ldg(p), __ldg(p + 1 + 2 * l), __ldg(p + 2 + 2 * l)};
+    }
+    __device__ static void xsums(const float4 (&)[8], float (&sx)[NX]) { sx[0] = 0.f; }
+    __device__ float dot(const Blk& b, const float4 (&xv)[8], const float (&)[NX], float acc) const {
+        const u32 qw[4] = {b.q0.x, b.q0.y, b.q1.x, b.q1.y};
+        const int ls = ((b.hd.y >> (4 * l)) & 15) | (((b.hd.x >> (16 + 2 * l)) & 3) << 4);
+        return fmaf(f16f(b.hd.x & 0xFFFFu) * (float)(ls - 32), iq4_dot32(qw, xv), acc);
+    }
+};
+
 // x for one problem into shared memory in the lanes' order (slot_value); silu(gate)·up where the
 // problem takes it. Slots past the row's end are zero.
 template <int T, int LPR>
@@ -549,15 +685,17 @@ __device__ __forceinline__ void kq_stage_and_gemv(const GemvProblem& pr, float4*
     kq_gemv<T, RW, LPR>(pr, xs);
 }
 
-// The decode GEMV of one problem (the whole block takes the same one): Q4_K and Q6_K through
-// kq_gemv where it applies, every type through ggml_gemv_problem otherwise.
+// The decode GEMV of one problem (the whole block takes the same one): Q4_K, Q6_K, Q4_0, IQ4_NL
+// and IQ4_XS through kq_gemv where it applies, every type through ggml_gemv_problem otherwise.
 template <int T, int RW>
 __device__ __forceinline__ void ggml_gemv_block(const GemvProblem& pr) {
-    if constexpr (T == 12 || T == 14) {
+    if constexpr (T == 12 || T == 14 || T == 2 || T == 20 || T == 23) {
         __shared__ float4 kq_x[KQ_MAXC / 4];
         const int nsb = pr.cols >> 8;
-        // Q4_K's 16-byte loads need a 16-byte aligned row; Q6_K's 16-bit loads need nothing.
-        const bool aligned = T == 14 || (reinterpret_cast<u64>(pr.w) & 15) == 0;
+        // The loads' alignment: Q4_K 16 bytes, IQ4_XS 8, Q4_0 and IQ4_NL 4 (a whole row of them
+        // when cols is a multiple of 256), Q6_K's 16-bit loads none.
+        constexpr u64 AL = T == 12 ? 15 : T == 23 ? 7 : T == 14 ? 0 : 3;
+        const bool aligned = (reinterpret_cast<u64>(pr.w) & AL) == 0;
         if (aligned && (pr.cols & 255) == 0 && (nsb + 3) / 4 * 1024 <= KQ_MAXC) {
             if (nsb >= 3) kq_stage_and_gemv<T, RW, 32>(pr, kq_x);
             else if (nsb == 2) kq_stage_and_gemv<T, RW, 16>(pr, kq_x);
