@@ -523,15 +523,21 @@ __device__ __forceinline__ float iq4_dot32(const u32 (&qw)[4], const float4 (&xv
     return (part[0] + part[1]) + (part[2] + part[3]);
 }
 
-// Q4_0: Σ(q − 8)·d·x = d·(Σq·x − 8·Σx), Σq·x with q read in place as in q4k_word.
-template <>
-struct KQuant<2> {
+// What Q4_0 and IQ4_NL share: eight 18-byte blocks to a step, lane l (of 8) block l, its values
+// in order (float4 f holds values 4f .. 4f + 3).
+struct Blk18Lane {
     static constexpr int TS = 144, NX = 1;
     using Blk = Blk18;
     int l;
-    __device__ explicit KQuant(int L) : l(L & 7) {}
+    __device__ explicit Blk18Lane(int L) : l(L & 7) {}
     __device__ static int slot_value(int f, int l) { return (l & 7) * 32 + 4 * f; }
     __device__ Blk load(const u8* b) const { return load_blk18(b, l); }
+};
+
+// Q4_0: Σ(q − 8)·d·x = d·(Σq·x − 8·Σx), Σq·x with q read in place as in q4k_word.
+template <>
+struct KQuant<2> : Blk18Lane {
+    __device__ explicit KQuant(int L) : Blk18Lane(L) {}
     __device__ static void xsums(const float4 (&xv)[8], float (&sx)[NX]) {
         float s = 0.f;
 #pragma unroll
@@ -559,13 +565,8 @@ struct KQuant<2> {
 
 // IQ4_NL: d·Σ level·x per block.
 template <>
-struct KQuant<20> {
-    static constexpr int TS = 144, NX = 1;
-    using Blk = Blk18;
-    int l;
-    __device__ explicit KQuant(int L) : l(L & 7) {}
-    __device__ static int slot_value(int f, int l) { return (l & 7) * 32 + 4 * f; }
-    __device__ Blk load(const u8* b) const { return load_blk18(b, l); }
+struct KQuant<20> : Blk18Lane {
+    __device__ explicit KQuant(int L) : Blk18Lane(L) {}
     __device__ static void xsums(const float4 (&)[8], float (&sx)[NX]) { sx[0] = 0.f; }
     __device__ float dot(const Blk& b, const float4 (&xv)[8], const float (&)[NX], float acc) const {
         u32 qw[4];
