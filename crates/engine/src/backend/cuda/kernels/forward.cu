@@ -1010,6 +1010,26 @@ __device__ __forceinline__ void tc_fold(const float (&s)[4], const float (&b)[4]
     }
 }
 
+// One mma step of exact codes a (2 m-tiles: rows g, g + 8 of each) against the staged x at
+// column col of the n-tiles' rows (row stride TS), lo part first: P += a·(xl + xh).
+template <int NT, int TS>
+__device__ __forceinline__ void tc_codes_step(const u32 (&a)[2][4], int col, int g, const float* __restrict__ xsh,
+                                              const float* __restrict__ xsl, float (&part)[2][4][4]) {
+#pragma unroll
+    for (int nf = 0; nf < 4; nf++) {
+        if (nf < NT) {
+            const int o = (g + 8 * nf) * TS + col;
+            const float2 h2 = *reinterpret_cast<const float2*>(xsh + o);
+            const float2 l2 = *reinterpret_cast<const float2*>(xsl + o);
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                mma_tf32(part[mt][nf], a[mt], __float_as_uint(l2.x), __float_as_uint(l2.y));
+                mma_tf32(part[mt][nf], a[mt], __float_as_uint(h2.x), __float_as_uint(h2.y));
+            }
+        }
+    }
+}
+
 // One staged window [k0, k0 + kc) of gemm_grouped_tc for a warp whose item has NT n-tiles (a
 // compile-time count, so no mma.sync sits under a predicate).
 template <int FMT, int BITS, bool CODES, int NT>
@@ -1055,19 +1075,7 @@ __device__ __forceinline__ void tc_window(int k0, int kc, int gs, int t, int g, 
                         a[i / 2][(i % 2) + 2 * e] = (wv & FIELD) | 0x3f800000u;
                     }
                 }
-#pragma unroll
-                for (int nf = 0; nf < 4; nf++) {
-                    if (nf < NT) {
-                        const int o = (g + 8 * nf) * TS + cc + t * PW + 2 * j;
-                        const float2 h2 = *reinterpret_cast<const float2*>(xsh + o);
-                        const float2 l2 = *reinterpret_cast<const float2*>(xsl + o);
-#pragma unroll
-                        for (int mt = 0; mt < 2; mt++) {
-                            mma_tf32(part[mt][nf], a[mt], __float_as_uint(l2.x), __float_as_uint(l2.y));
-                            mma_tf32(part[mt][nf], a[mt], __float_as_uint(h2.x), __float_as_uint(h2.y));
-                        }
-                    }
-                }
+                tc_codes_step<NT, TS>(a, cc + t * PW + 2 * j, g, xsh, xsl, part);
             }
             if (--left == 0) {
                 left = per_group;
@@ -1192,26 +1200,6 @@ __device__ __forceinline__ u32 iq4_level_tf32(u32 q) {
 
 __device__ __forceinline__ u32 shift_field(u32 v, int sh) { return sh >= 0 ? (v >> sh) : (v << -sh); }
 
-// One mma step of the K-quant window: A codes a (2 m-tiles), x from the staged pairs of step s.
-template <int NT>
-__device__ __forceinline__ void tc_kq_step(const u32 (&a)[2][4], int s, int t, int g, const float* __restrict__ xsh,
-                                           const float* __restrict__ xsl, float (&part)[2][4][4]) {
-    constexpr int TS = TC_KC + 8;
-#pragma unroll
-    for (int nf = 0; nf < 4; nf++) {
-        if (nf < NT) {
-            const int o = (g + 8 * nf) * TS + 8 * s + 2 * t;
-            const float2 h2 = *reinterpret_cast<const float2*>(xsh + o);
-            const float2 l2 = *reinterpret_cast<const float2*>(xsl + o);
-#pragma unroll
-            for (int mt = 0; mt < 2; mt++) {
-                mma_tf32(part[mt][nf], a[mt], __float_as_uint(l2.x), __float_as_uint(l2.y));
-                mma_tf32(part[mt][nf], a[mt], __float_as_uint(h2.x), __float_as_uint(h2.y));
-            }
-        }
-    }
-}
-
 // The window [k0, k0 + 128) of gemm_grouped_tc for GGML rows (FMT 3..9, see above).
 template <int FMT, int NT>
 __device__ __forceinline__ void tc_window_kq(int k0, int t, int g, const unsigned char* const (&wr)[4],
@@ -1271,7 +1259,7 @@ __device__ __forceinline__ void tc_window_kq(int k0, int t, int g, const unsigne
                             if constexpr (FMT == 5) v |= shift_field(qh[i][sp >> 1], 8 * b + 2 * p + G - 22) & (1u << 22);
                             a[i / 2][(i % 2) + 2 * e] = v;
                         }
-                    tc_kq_step<NT>(a, 8 * p + 4 * G + sp, t, g, xsh, xsl, part);
+                    tc_codes_step<NT, TC_KC + 8>(a, 8 * (8 * p + 4 * G + sp) + 2 * t, g, xsh, xsl, part);
                 }
                 // End of sub-block j: fold P with 2^B·d·sc and X with −(2^B·d·sc + dmin·m).
                 const int j = 4 * hf + 2 * p + G, grp = 8 * sb + j;
@@ -1327,7 +1315,7 @@ __device__ __forceinline__ void tc_window_kq(int k0, int t, int g, const unsigne
                             // 1 + q/64 − 1.5 = (q − 32)/64, exact.
                             a[i / 2][(i % 2) + 2 * e] = __float_as_uint(__uint_as_float(v) - 1.5f);
                         }
-                    tc_kq_step<NT>(a, 8 * H + 2 * Q + s2, t, g, xsh, xsl, part);
+                    tc_codes_step<NT, TC_KC + 8>(a, 8 * (8 * H + 2 * Q + s2) + 2 * t, g, xsh, xsl, part);
                 }
                 // End of the 16-value sub-block 2Q + H of the window: fold P with 64·d·sc.
                 const int si = 2 * Q + H;
@@ -1401,7 +1389,7 @@ __device__ __forceinline__ void tc_window_kq(int k0, int t, int g, const unsigne
                         }
                         a[i / 2][(i % 2) + 2 * e] = __float_as_uint(__uint_as_float(v) - 1.5f);
                     }
-                tc_kq_step<NT>(a, 4 * bi + sp, t, g, xsh, xsl, part);
+                tc_codes_step<NT, TC_KC + 8>(a, 8 * (4 * bi + sp) + 2 * t, g, xsh, xsl, part);
             }
             tc_fold<NT, false>(dd, dd, xs_row, 0, part, acc);
         }
