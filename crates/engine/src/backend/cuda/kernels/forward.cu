@@ -1010,11 +1010,18 @@ __device__ __forceinline__ void tc_fold(const float (&s)[4], const float (&b)[4]
     }
 }
 
-// One mma step of exact codes a (2 m-tiles: rows g, g + 8 of each) against the staged x at
-// column col of the n-tiles' rows (row stride TS), lo part first: P += a·(xl + xh).
-template <int NT, int TS>
-__device__ __forceinline__ void tc_codes_step(const u32 (&a)[2][4], int col, int g, const float* __restrict__ xsh,
+// One mma step of exact codes against the staged x at column col of the n-tiles' rows (row
+// stride TS), lo part first: P += A·(xl + xh). code(i, e) gives the TF32 bits of the warp's row i
+// (0, 1: m-tile 0's rows g, g + 8; 2, 3: m-tile 1's) at k-slot e (0: k = t, 1: k = t + 4), which
+// is where mma.m16n8k8 wants them: a0/a1 are k = t of rows g / g + 8, a2/a3 k = t + 4.
+template <int NT, int TS, typename Code>
+__device__ __forceinline__ void tc_codes_step(Code code, int col, int g, const float* __restrict__ xsh,
                                               const float* __restrict__ xsl, float (&part)[2][4][4]) {
+    u32 a[2][4];
+#pragma unroll
+    for (int e = 0; e < 2; e++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) a[i / 2][(i % 2) + 2 * e] = code(i, e);
 #pragma unroll
     for (int nf = 0; nf < 4; nf++) {
         if (nf < NT) {
@@ -1064,18 +1071,12 @@ __device__ __forceinline__ void tc_window(int k0, int kc, int gs, int t, int g, 
             for (int i = 0; i < 4; i++) word[i] = live[i] ? __ldg(reinterpret_cast<const u32*>(wr[i]) + c / PW) : 0u;
 #pragma unroll
             for (int j = 0; j < PW / 2; j++) {
-                u32 a[2][4];
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
+                const auto code = [&](int i, int e) {
                     const int sh = (2 * j + e) * BITS - SH;  // compile-time after unrolling
-#pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        const u32 wv = sh >= 0 ? (word[i] >> sh) : (word[i] << -sh);
-                        // a0/a1: k = t (e = 0) of rows g / g + 8; a2/a3: k = t + 4 (e = 1).
-                        a[i / 2][(i % 2) + 2 * e] = (wv & FIELD) | 0x3f800000u;
-                    }
-                }
-                tc_codes_step<NT, TS>(a, cc + t * PW + 2 * j, g, xsh, xsl, part);
+                    const u32 wv = sh >= 0 ? (word[i] >> sh) : (word[i] << -sh);
+                    return (wv & FIELD) | 0x3f800000u;
+                };
+                tc_codes_step<NT, TS>(code, cc + t * PW + 2 * j, g, xsh, xsl, part);
             }
             if (--left == 0) {
                 left = per_group;
@@ -1249,17 +1250,13 @@ __device__ __forceinline__ void tc_window_kq(int k0, int t, int g, const unsigne
             for (int G = 0; G < 2; G++) {
 #pragma unroll
                 for (int sp = 0; sp < 4; sp++) {
-                    u32 a[2][4];
-#pragma unroll
-                    for (int e = 0; e < 2; e++)
-#pragma unroll
-                        for (int i = 0; i < 4; i++) {
-                            const int b = 2 * (sp & 1) + e;  // byte of the word
-                            u32 v = (shift_field(w[i][sp >> 1], 8 * b + 4 * G - SH) & (0xFu << SH)) | 0x3f800000u;
-                            if constexpr (FMT == 5) v |= shift_field(qh[i][sp >> 1], 8 * b + 2 * p + G - 22) & (1u << 22);
-                            a[i / 2][(i % 2) + 2 * e] = v;
-                        }
-                    tc_codes_step<NT, TC_KC + 8>(a, 8 * (8 * p + 4 * G + sp) + 2 * t, g, xsh, xsl, part);
+                    const auto code = [&](int i, int e) {
+                        const int b = 2 * (sp & 1) + e;  // byte of the word
+                        u32 v = (shift_field(w[i][sp >> 1], 8 * b + 4 * G - SH) & (0xFu << SH)) | 0x3f800000u;
+                        if constexpr (FMT == 5) v |= shift_field(qh[i][sp >> 1], 8 * b + 2 * p + G - 22) & (1u << 22);
+                        return v;
+                    };
+                    tc_codes_step<NT, TC_KC + 8>(code, 8 * (8 * p + 4 * G + sp) + 2 * t, g, xsh, xsl, part);
                 }
                 // End of sub-block j: fold P with 2^B·d·sc and X with −(2^B·d·sc + dmin·m).
                 const int j = 4 * hf + 2 * p + G, grp = 8 * sb + j;
@@ -1304,18 +1301,14 @@ __device__ __forceinline__ void tc_window_kq(int k0, int t, int g, const unsigne
             for (int Q = 0; Q < 4; Q++) {
 #pragma unroll
                 for (int s2 = 0; s2 < 2; s2++) {
-                    u32 a[2][4];
-#pragma unroll
-                    for (int e = 0; e < 2; e++)
-#pragma unroll
-                        for (int i = 0; i < 4; i++) {
-                            const u32 src = (Q & 1) ? hi[i][s2] : lo[i][s2];
-                            const u32 v = (shift_field(src, 8 * e + 4 * (Q >> 1) - 17) & (0xFu << 17)) |
-                                          (shift_field(qh[i][s2], 8 * e + 2 * Q - 21) & (3u << 21)) | 0x3f800000u;
-                            // 1 + q/64 − 1.5 = (q − 32)/64, exact.
-                            a[i / 2][(i % 2) + 2 * e] = __float_as_uint(__uint_as_float(v) - 1.5f);
-                        }
-                    tc_codes_step<NT, TC_KC + 8>(a, 8 * (8 * H + 2 * Q + s2) + 2 * t, g, xsh, xsl, part);
+                    const auto code = [&](int i, int e) {
+                        const u32 src = (Q & 1) ? hi[i][s2] : lo[i][s2];
+                        const u32 v = (shift_field(src, 8 * e + 4 * (Q >> 1) - 17) & (0xFu << 17)) |
+                                      (shift_field(qh[i][s2], 8 * e + 2 * Q - 21) & (3u << 21)) | 0x3f800000u;
+                        // 1 + q/64 − 1.5 = (q − 32)/64, exact.
+                        return __float_as_uint(__uint_as_float(v) - 1.5f);
+                    };
+                    tc_codes_step<NT, TC_KC + 8>(code, 8 * (8 * H + 2 * Q + s2) + 2 * t, g, xsh, xsl, part);
                 }
                 // End of the 16-value sub-block 2Q + H of the window: fold P with 64·d·sc.
                 const int si = 2 * Q + H;
@@ -1370,26 +1363,22 @@ __device__ __forceinline__ void tc_window_kq(int k0, int t, int g, const unsigne
             }
 #pragma unroll
             for (int sp = 0; sp < 4; sp++) {
-                u32 a[2][4];
-#pragma unroll
-                for (int e = 0; e < 2; e++)
-#pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        u32 v;
-                        if constexpr (FMT == 6) {
-                            // 1 + q/16 − 1.5 = (q − 8)/16: low nibbles in steps 0, 1, high in 2, 3.
-                            v = (shift_field(q16[i][sp & 1], 8 * e + 4 * (sp >> 1) - 19) & (0xFu << 19)) | 0x3f800000u;
-                        } else if constexpr (FMT == 7) {
-                            // 1 + (q + 128)/256 − 1.5 = q/256 (q int8: flipping the sign bit adds 128).
-                            v = (shift_field(q16[i][sp] ^ 0x8080u, 8 * e - 15) & (0xFFu << 15)) | 0x3f800000u;
-                        } else {
-                            // 1 + (level + 128)/256 − 1.5 = level/256, the nibble's level looked up
-                            // in registers (low nibbles in steps 0, 1, high in 2, 3).
-                            v = iq4_level_tf32((q16[i][sp & 1] >> (8 * e + 4 * (sp >> 1))) & 15u);
-                        }
-                        a[i / 2][(i % 2) + 2 * e] = __float_as_uint(__uint_as_float(v) - 1.5f);
+                const auto code = [&](int i, int e) {
+                    u32 v;
+                    if constexpr (FMT == 6) {
+                        // 1 + q/16 − 1.5 = (q − 8)/16: low nibbles in steps 0, 1, high in 2, 3.
+                        v = (shift_field(q16[i][sp & 1], 8 * e + 4 * (sp >> 1) - 19) & (0xFu << 19)) | 0x3f800000u;
+                    } else if constexpr (FMT == 7) {
+                        // 1 + (q + 128)/256 − 1.5 = q/256 (q int8: flipping the sign bit adds 128).
+                        v = (shift_field(q16[i][sp] ^ 0x8080u, 8 * e - 15) & (0xFFu << 15)) | 0x3f800000u;
+                    } else {
+                        // 1 + (level + 128)/256 − 1.5 = level/256, the nibble's level looked up
+                        // in registers (low nibbles in steps 0, 1, high in 2, 3).
+                        v = iq4_level_tf32((q16[i][sp & 1] >> (8 * e + 4 * (sp >> 1))) & 15u);
                     }
-                tc_codes_step<NT, TC_KC + 8>(a, 8 * (4 * bi + sp) + 2 * t, g, xsh, xsl, part);
+                    return __float_as_uint(__uint_as_float(v) - 1.5f);
+                };
+                tc_codes_step<NT, TC_KC + 8>(code, 8 * (4 * bi + sp) + 2 * t, g, xsh, xsl, part);
             }
             tc_fold<NT, false>(dd, dd, xs_row, 0, part, acc);
         }
