@@ -9,6 +9,9 @@ use flashmoe::gguf::{Array, GgufModel, GgufParts, Header, LayerExperts, Layout, 
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
 
+mod python_scripts;
+use python_scripts::run_python;
+
 fn testdata(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata").join(rel)
 }
@@ -275,20 +278,11 @@ fn unknown_architecture_is_named() {
 /// Writes `tokenizer_json` into a vocab-only GGUF with gguf-py, as llama.cpp's converter does.
 fn vocab_gguf(dir: &Path, tokenizer_json: &str, config: Option<&str>) -> PathBuf {
     let out = dir.join("vocab.gguf");
-    let script = testdata("../scripts/fixtures/gguf_files.py");
-    let mut cmd = std::process::Command::new("python3");
-    cmd.arg(&script).arg("--tokenizer").arg(&out).arg("--tokenizer-json").arg(testdata(tokenizer_json));
+    let mut args = vec!["--tokenizer".into(), out.clone(), "--tokenizer-json".into(), testdata(tokenizer_json)];
     if let Some(c) = config {
-        cmd.arg("--tokenizer-config").arg(testdata(c));
+        args.extend(["--tokenizer-config".into(), testdata(c)]);
     }
-    let run = cmd.output();
-    let ok = run.as_ref().is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "{} --tokenizer failed (needs Python with the pinned `gguf` package: bash scripts/ci_python_deps.sh): {}",
-        script.display(),
-        run.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_else(|e| e.to_string())
-    );
+    run_python(&testdata("../scripts/fixtures/gguf_files.py"), &args);
     out
 }
 
@@ -395,18 +389,9 @@ fn tokenizer_json_beside_the_file_wins() {
 fn bench_synth_gguf_opens_with_finite_weights() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("m.gguf");
-    let script = testdata("../scripts/bench/gguf_synth.py");
-    let run = std::process::Command::new("python3")
-        .arg(&script)
-        .args(["--geometry", "tiny", "--layers", "4", "--type", "IQ4_NL", "--out"])
-        .arg(&out)
-        .output();
-    let ok = run.as_ref().is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "{} failed (needs Python with numpy and the pinned `gguf` package): {}",
-        script.display(),
-        run.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_else(|e| e.to_string())
+    run_python(
+        &testdata("../scripts/bench/gguf_synth.py"),
+        ["--geometry", "tiny", "--layers", "4", "--type", "IQ4_NL", "--out", out.to_str().unwrap()],
     );
     assert!(dir.path().join("tokenizer.json").exists());
     let m = GgufModel::open(&out).unwrap();

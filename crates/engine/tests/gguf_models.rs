@@ -18,6 +18,9 @@ use flashmoe::{Engine, LoadOptions, LogitsFor, Model};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
+mod python_scripts;
+use python_scripts::run_python;
+
 fn testdata(rel: &str) -> PathBuf {
     match std::env::var_os("FLASHMOE_TESTDATA") {
         Some(d) => PathBuf::from(d).join(rel),
@@ -32,15 +35,7 @@ fn gguf(name: &str) -> PathBuf {
 /// `src` with every tensor dequantized to F32 by gguf-py, written into `dir`.
 fn dequantized(src: &Path, dir: &Path) -> PathBuf {
     let out = dir.join(format!("{}-dequantized.gguf", src.file_stem().unwrap().to_str().unwrap()));
-    let script = testdata("../scripts/fixtures/gguf_dequantize.py");
-    let run = std::process::Command::new("python3").arg(&script).arg(src).arg(&out).output();
-    let ok = run.as_ref().is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "{} failed (needs Python with the pinned `gguf` package: bash scripts/ci_python_deps.sh): {}",
-        script.display(),
-        run.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_else(|e| e.to_string())
-    );
+    run_python(&testdata("../scripts/fixtures/gguf_dequantize.py"), [src, out.as_path()]);
     out
 }
 
