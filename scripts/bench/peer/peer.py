@@ -128,6 +128,12 @@ def cmd_build(a) -> None:
             "-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_AVX512=ON",
             "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON",
         ]
+    # A build that was killed part way (a device call's end) can leave truncated objects that
+    # make no longer rebuilds: without the stamp of a finished build, start from an empty folder.
+    done = bdir / ".peer-build-complete"
+    if bdir.exists() and not done.exists():
+        log(f"{bdir} has no finished build (interrupted?): starting over")
+        shutil.rmtree(bdir)
     run(cfg)
     jobs = str(a.jobs or os.cpu_count() or 2)
     run(["cmake", "--build", bdir, "-j", jobs, "--target", "llama-bench", "llama-quantize"])
@@ -137,6 +143,7 @@ def cmd_build(a) -> None:
         "-I", src / "include", "-I", src / "ggml/include", "-L", lib, "-lllama", "-lggml",
         "-lggml-base", f"-Wl,-rpath,{lib}", "-o", lib / "peer-logits",
     ])
+    done.touch()
     log(f"built {lib}/llama-bench, llama-quantize, peer-logits")
 
 

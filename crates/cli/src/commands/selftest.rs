@@ -116,7 +116,7 @@ pub fn run(a: SelftestArgs) -> Result<()> {
     let mut results: Vec<Outcome> = Vec::new();
     let mut skipped = 0usize;
     let shapes: Vec<(usize, usize)> =
-        [1usize, 7, 1000].iter().flat_map(|&r| [64usize, 192, 512, 768, 4096].map(move |c| (r, c))).collect();
+        [1usize, 7, 1000].iter().flat_map(|&r| [64usize, 192, 256, 512, 768, 4096].map(move |c| (r, c))).collect();
     let mut formats: Vec<DevFormat> = Vec::new();
     for bits in [2u32, 4, 8] {
         for group_size in [32usize, 64, 128] {

@@ -22,7 +22,8 @@
 
 use super::context::{CudaDevice, CudaError, DevBuf, Result};
 use super::gemv::{
-    AffineVariant, BatchItem, DevFormat, DevMatrix, GemvKernels, MatView, TC_PAIRS, TcInput, float_of_ggml,
+    AffineVariant, BatchItem, DevFormat, DevMatrix, GemvKernels, MatView, TC_MIN_SUM_GROUP, TC_PAIRS, TcInput,
+    float_of_ggml,
 };
 use super::ops::ForwardKernels;
 use crate::backend::{
@@ -975,7 +976,7 @@ impl Workspace {
             tc_hi: f(tc_floats)?,
             tc_lo: f(tc_floats)?,
             // Sums per group of ≥ 32 columns.
-            tc_sum: f(tc_floats.div_ceil(32))?,
+            tc_sum: f(tc_floats.div_ceil(TC_MIN_SUM_GROUP))?,
         })
     }
 }

@@ -443,6 +443,9 @@ struct GgmlKernels {
 
 /// Most pairs (token, expert) of one work item of the tensor-core grouped GEMM (4 n-tiles of 8).
 pub const TC_PAIRS: usize = 32;
+/// The smallest group [`GemvKernels::tc_sum_group`] returns (Q2_K's sub-blocks): a [`TcInput`]'s
+/// sums take `rows · cols / TC_MIN_SUM_GROUP` floats at most.
+pub const TC_MIN_SUM_GROUP: usize = 16;
 
 /// The input of a tensor-core GEMM split by [`GemvKernels::split_for_tc`]: `xh`, `xl` [rows,
 /// cols] f32 (TF32 hi and lo parts) and, for affine weights taken as exact codes, `xsum`
@@ -504,7 +507,8 @@ pub struct GemvKernels {
     /// Affine on tensor cores with the weights dequantized and split (other groups).
     grouped_tc_deq: HashMap<u32, CudaFunction>,
     /// GGML blocks on tensor cores, codes taken exactly (Q4_K, Q5_K, Q6_K: the expert matrices
-    /// of Q4_K_M and Q5_K_M files; Q4_0, Q8_0, IQ4_NL, IQ4_XS); empty before sm_80.
+    /// of Q4_K_M and Q5_K_M files; Q2_K, Q3_K of the 2- and 3-bit mixes; Q4_0, Q8_0, IQ4_NL,
+    /// IQ4_XS); empty before sm_80.
     grouped_tc_ggml: HashMap<GgmlType, CudaFunction>,
     /// The tensor-core GEMM's input split (forward.cu's `split_x_tc`); None before sm_80.
     split_x_tc: Option<CudaFunction>,
@@ -614,6 +618,8 @@ impl GemvKernels {
                 (GgmlType::Q8_0, "gemm_grouped_tc_q8_0"),
                 (GgmlType::IQ4_NL, "gemm_grouped_tc_iq4_nl"),
                 (GgmlType::IQ4_XS, "gemm_grouped_tc_iq4_xs"),
+                (GgmlType::Q3_K, "gemm_grouped_tc_q3_k"),
+                (GgmlType::Q2_K, "gemm_grouped_tc_q2_k"),
             ] {
                 grouped_tc_ggml.insert(ty, dev.function(&fw, name)?);
             }
@@ -1115,7 +1121,7 @@ impl GemvKernels {
 
     /// Whether the tensor-core grouped GEMM takes a matrix of this format and width: affine,
     /// f32 and bf16 weights, columns a multiple of a lane piece's 4 words (32 at 4 bits), and
-    /// GGML Q4_K, Q5_K, Q6_K, Q4_0, Q8_0, IQ4_NL and IQ4_XS blocks in whole 128-column windows
+    /// GGML Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q4_0, Q8_0, IQ4_NL and IQ4_XS blocks in whole 128-column windows
     /// that are also whole blocks (256 columns for the 256-value super-blocks); sm_80+.
     pub fn tensor_core_fits(&self, format: DevFormat, cols: usize) -> bool {
         let (key, piece) = match format {
@@ -1132,10 +1138,12 @@ impl GemvKernels {
 
     /// The group over which the tensor-core GEMM wants Σ x (affine weights taken as exact codes:
     /// groups a multiple of a lane's 4-word chunk that tile the 128-column staging window; Q4_K's
-    /// and Q5_K's sub-blocks of 32, whose min is an offset), or 0.
+    /// and Q5_K's sub-blocks of 32 and Q2_K's of 16, whose min is an offset), or 0. Never below
+    /// [`TC_MIN_SUM_GROUP`], which sizes the sums' scratch.
     pub fn tc_sum_group(format: DevFormat) -> usize {
         match format {
             DevFormat::Ggml(GgmlType::Q4_K | GgmlType::Q5_K) => 32,
+            DevFormat::Ggml(GgmlType::Q2_K) => TC_MIN_SUM_GROUP,
             DevFormat::Affine { bits, group_size }
                 if group_size.is_multiple_of(4 * 32 / bits as usize) && 128usize.is_multiple_of(group_size) =>
             {

@@ -1140,14 +1140,16 @@ __device__ __forceinline__ void tc_window(int k0, int kc, int gs, int t, int g, 
 }
 
 // ---- GGML blocks on tensor cores (FMT 3: Q4_K, 4: Q6_K, 5: Q5_K, 6: Q4_0, 7: Q8_0, 8: IQ4_NL,
-// 9: IQ4_XS) ----
+// 9: IQ4_XS, 10: Q3_K, 11: Q2_K) ----
 // A 128-column staging window is half a 256-value super-block (four 32-value blocks of Q4_0 and
 // Q8_0). The codes go into A as exact TF32 values, as with affine CODES above: Q4_K as 1 + q/16
 // and Q5_K as 1 + q/32 (sub-blocks of 32 with scale d·sc and offset −dmin·m: Σ = 2^B·d·sc·P −
 // (2^B·d·sc + dmin·m)·X, X = Σx over the sub-block from xsum), Q6_K as (q − 32)/64 (sub-blocks
 // of 16 with scale d·sc: Σ = 64·d·sc·P, no X), Q4_0 as (q − 8)/16 (Σ = 16·d·P), Q8_0 as q/256
 // (Σ = 256·d·P) and IQ4_NL / IQ4_XS as level/256 (the non-linear levels −127..113 are integers:
-// Σ = 256·d·P, IQ4_XS's d being the sub-block's d·(ls − 32)). P is summed per (sub-)block on the tensor cores and folded into the result with
+// Σ = 256·d·P, IQ4_XS's d being the sub-block's d·(ls − 32)), Q3_K as (q − 4)/8 (sub-blocks of 16 with
+// scale d·(sc − 32): Σ = 8·d·(sc − 32)·P) and Q2_K as 1 + q/4 (sub-blocks of 16 with scale d·sc and
+// offset −dmin·m: Σ = 4·d·sc·P − (4·d·sc + dmin·m)·X). P is summed per (sub-)block on the tensor cores and folded into the result with
 // f32 FMAs at its end.
 // Which value a lane's k-slot holds follows the block layout, so that every mma step stays inside
 // one sub-block and a lane's loads are whole words: step s, lane t, k-slot e (0: k = t, 1: k = t +
@@ -1173,7 +1175,7 @@ __device__ __forceinline__ int tc_stage_pair(int c2) {
     if constexpr (FMT == 3 || FMT == 5) {
         const int a = v & 31;
         return ((v & 96) + 8 * (2 * (a >> 4) + ((a >> 1) & 1)) + 2 * ((a >> 2) & 3)) >> 1;
-    } else if constexpr (FMT == 4) {
+    } else if constexpr (FMT == 4 || FMT == 10 || FMT == 11) {
         return (64 * ((v >> 4) & 1) + 16 * (v >> 5) + (v & 15)) >> 1;
     } else {
         return c2;
@@ -1321,6 +1323,83 @@ __device__ __forceinline__ void tc_window_kq(int k0, int t, int g, const unsigne
                 tc_fold<NT, false>(s64, s64, xs_row, 0, part, acc);
             }
         }
+    } else if constexpr (FMT == 10 || FMT == 11) {
+        // Q3_K (110 bytes, 2-byte aligned: hmask[32], qs[64], scales[12], d) and Q2_K (84 bytes:
+        // scales[16], qs[64], d, dmin): the window is half hf of a super-block, whose qs byte l
+        // (l < 32) holds values 32Q + l in bits 2Q, Q = 0..3 (Q3_K: the high bit at bit 4hf + Q of
+        // hmask[l]), so the steps are Q6_K's (16-bit loads at l = 16H + 8s'' + 2t). Q3_K's code
+        // goes in as (q − 4)/8 (q = low | high << 2) and needs no Σx; Q2_K's as 1 + q/4, with its
+        // sub-block min as an offset over sums of 16.
+        constexpr int BYTES = FMT == 10 ? 110 : 84, QS = FMT == 10 ? 32 : 16;
+        const u16* hw[4];
+        float dd[4];
+        [[maybe_unused]] float dm[4];
+        u32 scw[4][FMT == 10 ? 6 : 4];  // Q3_K: the 12 scale bytes; Q2_K: the half's 8
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            hw[i] = reinterpret_cast<const u16*>(wr[i] + (long long)BYTES * sb);
+            if constexpr (FMT == 10) {
+                dd[i] = live[i] ? 8.f * f16f_tc(__ldg(hw[i] + 54)) : 0.f;
+#pragma unroll
+                for (int k = 0; k < 6; k++) scw[i][k] = live[i] ? __ldg(hw[i] + 48 + k) : 0u;
+            } else {
+                dd[i] = live[i] ? 4.f * f16f_tc(__ldg(hw[i] + 40)) : 0.f;
+                dm[i] = live[i] ? f16f_tc(__ldg(hw[i] + 41)) : 0.f;
+#pragma unroll
+                for (int k = 0; k < 4; k++) scw[i][k] = live[i] ? __ldg(hw[i] + 4 * hf + k) : 0u;
+            }
+        }
+#pragma unroll
+        for (int H = 0; H < 2; H++) {
+            u32 qv[4][2];
+            [[maybe_unused]] u32 hv[4][2];
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int s2 = 0; s2 < 2; s2++) {
+                    const int l = 16 * H + 8 * s2 + 2 * t;
+                    qv[i][s2] = live[i] ? __ldg(hw[i] + (QS + 32 * hf + l) / 2) : 0u;
+                    if constexpr (FMT == 10) hv[i][s2] = live[i] ? __ldg(hw[i] + l / 2) : 0u;
+                }
+#pragma unroll
+            for (int Q = 0; Q < 4; Q++) {
+#pragma unroll
+                for (int s2 = 0; s2 < 2; s2++) {
+                    const auto code = [&](int i, int e) {
+                        if constexpr (FMT == 10) {
+                            const u32 v = (shift_field(qv[i][s2], 8 * e + 2 * Q - 20) & (3u << 20)) |
+                                          (shift_field(hv[i][s2], 8 * e + 4 * hf + Q - 22) & (1u << 22)) | 0x3f800000u;
+                            // 1 + q/8 − 1.5 = (q − 4)/8, exact.
+                            return __float_as_uint(__uint_as_float(v) - 1.5f);
+                        } else {
+                            return (shift_field(qv[i][s2], 8 * e + 2 * Q - 21) & (3u << 21)) | 0x3f800000u;
+                        }
+                    };
+                    tc_codes_step<NT, TC_KC + 8>(code, 8 * (8 * H + 2 * Q + s2) + 2 * t, g, xsh, xsl, part);
+                }
+                // End of the 16-value sub-block si = 2Q + H of the half (8hf + si of the super-block).
+                const int si = 2 * Q + H;
+                float sc[4];
+                [[maybe_unused]] float bb[4];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    if constexpr (FMT == 10) {
+                        // ggml's kmask unpacking: the low nibble in byte si (nibble hf), the top
+                        // two bits in byte 8 + (si & 3) at bits 2·(2hf + Q / 2); minus 32.
+                        const u32 lo = (scw[i][si >> 1] >> (8 * (si & 1) + 4 * hf)) & 15;
+                        const int hb = 8 + (si & 3);
+                        const u32 hi = (scw[i][hb >> 1] >> (8 * (hb & 1) + 2 * (2 * hf + (Q >> 1)))) & 3;
+                        sc[i] = dd[i] * (float)((int)(lo | (hi << 4)) - 32);
+                    } else {
+                        const u32 b = (scw[i][Q] >> (8 * H)) & 0xFF;
+                        sc[i] = dd[i] * (float)(b & 15);
+                        bb[i] = -fmaf(dm[i], (float)(b >> 4), sc[i]);
+                    }
+                }
+                if constexpr (FMT == 10) tc_fold<NT, false>(sc, sc, xs_row, 0, part, acc);
+                else tc_fold<NT, true>(sc, bb, xs_row, 16 * sb + 8 * hf + si, part, acc);
+            }
+        }
     } else {
         // Q4_0 and IQ4_NL (18-byte blocks: d, qs[16]), Q8_0 (34 bytes: d, qs[32] int8) and IQ4_XS
         // (136-byte super-blocks: d, scales_h, scales_l[4], qs[128], sub-blocks of 32 laid out as
@@ -1393,8 +1472,9 @@ __device__ __forceinline__ void gemm_grouped_tc(const unsigned long long* __rest
     constexpr int PW = FMT == 0 ? 32 / BITS : 2;
     [[maybe_unused]] constexpr int CW = 4 * PW;
     [[maybe_unused]] constexpr bool ASPLIT = !(CODES || FMT == 2);
-    // Σx per group read by the fold: affine codes (group gs) and Q4_K (sub-blocks of 32).
-    constexpr bool SUMS = (FMT == 0 && CODES) || FMT == 3 || FMT == 5;
+    // Σx per group read by the fold: affine codes (group gs), Q4_K and Q5_K (sub-blocks of 32),
+    // Q2_K (sub-blocks of 16).
+    constexpr bool SUMS = (FMT == 0 && CODES) || FMT == 3 || FMT == 5 || FMT == 11;
     // Row stride of the staged x in floats: the 16 float2 reads of a half warp (g < 4, t < 4 at
     // g·TS + t·PW + 2j) fall in distinct bank pairs for PW 8 (TS ≡ 2 mod 32) and PW 2 (≡ 8; the
     // K-quant windows read at g·TS + 2t + 8s).
@@ -1424,6 +1504,8 @@ __device__ __forceinline__ void gemm_grouped_tc(const unsigned long long* __rest
                                 : FMT == 7 ? (long long)(m.cols / 32) * 34
                                 : FMT == 8 ? (long long)(m.cols / 32) * 18
                                 : FMT == 9 ? (long long)(m.cols / 256) * 136
+                                : FMT == 10 ? (long long)(m.cols / 256) * 110
+                                : FMT == 11 ? (long long)(m.cols / 256) * 84
                                            : (long long)m.cols * (FMT == 0 ? BITS : (FMT == 1 ? 32 : 16)) / 8;
     // CODES: the rows of xsum (Σ x per group, [row of x][cols / gs]) of this lane's output pairs
     // 8·nf + 2t and 8·nf + 2t + 1.
@@ -1530,6 +1612,8 @@ GROUPED_TC(q4_0, 6, 4, true)
 GROUPED_TC(q8_0, 7, 8, true)
 GROUPED_TC(iq4_nl, 8, 4, true)
 GROUPED_TC(iq4_xs, 9, 4, true)
+GROUPED_TC(q3_k, 10, 3, true)
+GROUPED_TC(q2_k, 11, 2, true)
 #endif
 
 // ---------------------------------------------------------------------------------------------

@@ -291,7 +291,7 @@ __device__ __forceinline__ void ggml_gemv_problem(const GemvProblem& pr) {
 // shared by the lane's RW rows; silu(gate)·up is formed there once). LPR lanes per row (32, 16
 // or 8: 4, 2 or 1 super-blocks a step) keep a warp busy on narrow rows (the 512-input down
 // projection of a 35B-A3B expert). Rows wider than KQ_MAXC or not 16-byte aligned take the
-// generic kernel. Q6_K the same way (KQuant<14>); kq_gemv is the loop both share.
+// generic kernel. The other types the same way (KQuant<T> below); kq_gemv is the loop they share.
 #define KQ_MAXC 8192
 __device__ __forceinline__ uint4 ldg128(const u8* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 __device__ __forceinline__ float f4get(const float4& v, int c) { return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w; }
@@ -310,11 +310,10 @@ __device__ __forceinline__ void q4k_word(u32 wd, const float4& xa, const float4&
     }
 }
 
-// dl·Σq·x − ml·Σx of one lane's two sub-blocks (j = 2p, 2p+1) of a super-block with header hd.
-__device__ __forceinline__ float q4k_finish(const uint4& hd, int p, const float (&part)[8], float sxa, float sxb,
-                                            float acc) {
+// ggml's dl = d·sc and ml = dmin·m of sub-blocks 2p and 2p + 1 of a Q4_K/Q5_K super-block whose
+// first 16 bytes (d, dmin, 12 scale bytes) are hd.
+__device__ __forceinline__ void q4k_dlml(const uint4& hd, int p, float (&dl)[2], float (&ml)[2]) {
     const float d = f16f(hd.x & 0xFFFF), dmin = f16f(hd.x >> 16);
-    float dl[2], ml[2];
 #pragma unroll
     for (int e = 0; e < 2; e++) {
         // get_scale_min_k4 for j = 2p + e: bytes S[j'], S[4 + j'], S[8 + j'] with j' = j & 3.
@@ -325,6 +324,13 @@ __device__ __forceinline__ float q4k_finish(const uint4& hd, int p, const float 
         dl[e] = d * code_f<0>(sc);
         ml[e] = dmin * code_f<0>(mn);
     }
+}
+
+// dl·Σq·x − ml·Σx of one lane's two sub-blocks (j = 2p, 2p+1) of a super-block with header hd.
+__device__ __forceinline__ float q4k_finish(const uint4& hd, int p, const float (&part)[8], float sxa, float sxb,
+                                            float acc) {
+    float dl[2], ml[2];
+    q4k_dlml(hd, p, dl, ml);
     float sa = 0.f, sb = 0.f;
 #pragma unroll
     for (int k = 0; k < 8; k++) {
@@ -339,6 +345,31 @@ __device__ __forceinline__ float q4k_finish(const uint4& hd, int p, const float 
     return fmaf(-ml[1], sxb, acc);
 }
 
+// Σ over the four bytes of a code word, each a code below 2^B (MASK = 2^B − 1, B ≤ 7), times x:
+// part[k] += c_k·2^sh_k · x_k, the code read in place as in q4k_word (bytes 0 and 1 from the word,
+// 2 and 3 from its high half when byte 2 in place would reach 2^23). codes4_sum takes the 2^sh_k
+// off (exact: powers of two).
+template <u32 MASK>
+__device__ __forceinline__ void codes4_fma(u32 c, const float4& xq, float (&part)[4]) {
+    const u32 chi = c >> 16;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const u32 m = k <= 1 || (k == 2 && MASK < 0x80u) ? (c & (MASK << (8 * k))) : (chi & (MASK << (8 * (k - 2))));
+        const float f = __uint_as_float(m | 0x4B000000u) - 8388608.0f;
+        part[k] = fmaf(f, f4get(xq, k), part[k]);
+    }
+}
+template <u32 MASK>
+__device__ __forceinline__ float codes4_sum(const float (&part)[4]) {
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const int sh = k <= 1 || (k == 2 && MASK < 0x80u) ? 8 * k : 8 * (k - 2);
+        s = fmaf(part[k], __uint_as_float((u32)(127 - sh) << 23), s);
+    }
+    return s;
+}
+
 // A lane's share of one super-block, per K-quant type: KQuant<T>::Blk holds what the lane loads
 // (load), xsums the Σx of its sub-blocks (once per step, shared by the lane's rows), dot adds its
 // 32 values times x to acc. slot_value maps the staged-x slot of float4 f of lane l (within the
@@ -349,19 +380,14 @@ struct KQuant;
 
 // Q4_K: lane l takes p = (l >> 1) & 3, h = l & 1: 16 code bytes at 16 + 32p + 16h, whose low
 // nibbles are values 64p + 16h + i of sub-block 2p and high nibbles 64p + 32 + 16h + i of 2p+1;
-// float4 f < 4 holds 4 of the former, f ≥ 4 of the latter.
-template <>
-struct KQuant<12> {
-    static constexpr int TS = 144, NX = 2;
-    struct Blk {
-        uint4 hd, q;
-    };
+// float4 f < 4 holds 4 of the former, f ≥ 4 of the latter. Q5_K's lanes are the same (Q4KLane).
+struct Q4KLane {
+    static constexpr int NX = 2;
     int p, h;
-    __device__ explicit KQuant(int l) : p((l >> 1) & 3), h(l & 1) {}
+    __device__ explicit Q4KLane(int l) : p((l >> 1) & 3), h(l & 1) {}
     __device__ static int slot_value(int f, int l) {
         return ((l >> 1) & 3) * 64 + (f >> 2) * 32 + (l & 1) * 16 + (f & 3) * 4;
     }
-    __device__ Blk load(const u8* b) const { return {ldg128(b), ldg128(b + 16 + p * 32 + h * 16)}; }
     __device__ static void xsums(const float4 (&xv)[8], float (&sx)[NX]) {
         sx[0] = sx[1] = 0.f;
 #pragma unroll
@@ -370,6 +396,15 @@ struct KQuant<12> {
             sx[1] += (xv[f + 4].x + xv[f + 4].y) + (xv[f + 4].z + xv[f + 4].w);
         }
     }
+};
+template <>
+struct KQuant<12> : Q4KLane {
+    static constexpr int TS = 144;
+    struct Blk {
+        uint4 hd, q;
+    };
+    __device__ explicit KQuant(int l) : Q4KLane(l) {}
+    __device__ Blk load(const u8* b) const { return {ldg128(b), ldg128(b + 16 + p * 32 + h * 16)}; }
     __device__ float dot(const Blk& b, const float4 (&xv)[8], const float (&sx)[NX], float acc) const {
         float part[8];
 #pragma unroll
@@ -380,26 +415,72 @@ struct KQuant<12> {
     }
 };
 
-// Q6_K (the output matrix and half the down projections of a Q4_K_M file). A super-block is 210
-// bytes (only 2-byte aligned): ql[128] (low 4 bits), qh[64] (high 2 bits), 16 int8 scales (one
-// per 16 values), d. Lane l of a super-block's 8 takes half n = (l >> 2) & 1 and columns l0 ..
-// l0+7 (l0 = 8·(l & 3)) of it: 8 bytes each of ql[64n + l0], ql[64n + 32 + l0] and qh[32n + l0]
-// give the 32 values 128n + 32g + l0 + i (g = 0..3: ggml's q1..q4; float4 f = 2g + w holds
-// values 32g + 4w .. +3), four 6-bit codes per word after two masks and a shift, read in place as
-// in q4k_word. Each group g lies in one 16-value sub-block (scale sc[8n + l0/16 + 2g]); its sum is
-// d·sc·(Σq·x − 32·Σx), ggml's d·sc·(q − 32) up to the order of f32 roundings. The loads are
-// 16-bit (ld32 is two).
+// Q5_K (176-byte super-blocks: d, dmin, 12 scale bytes, qh[32], qs[128]) is Q4_K with a fifth bit:
+// value 64p + i (i < 32) has low nibble qs[32p + i] & 15 and bit 2p of qh[i], value 64p + 32 + i
+// the high nibble and bit 2p + 1 (ggml's dequantize_row_q5_K). The lane reads Q4_K's 16 code
+// bytes (at 48 + 32p + 16h) and the 16 qh bytes of the same i (at 16 + 16h), all 16-byte aligned,
+// and forms 5-bit codes four to a word.
 template <>
-struct KQuant<14> {
-    static constexpr int TS = 210, NX = 4;
+struct KQuant<13> : Q4KLane {
+    static constexpr int TS = 176;
     struct Blk {
-        u32 a[2], b[2], hq[2], sc[2], dd;
+        uint4 hd, qh, q;
     };
-    int n, l0, is;
-    __device__ explicit KQuant(int l) : n((l >> 2) & 1), l0((l & 3) * 8), is(((l & 3) * 8) >> 4) {}
+    __device__ explicit KQuant(int l) : Q4KLane(l) {}
+    __device__ Blk load(const u8* b) const {
+        return {ldg128(b), ldg128(b + 16 + h * 16), ldg128(b + 48 + p * 32 + h * 16)};
+    }
+    __device__ float dot(const Blk& b, const float4 (&xv)[8], const float (&sx)[NX], float acc) const {
+        float pa[4] = {0.f, 0.f, 0.f, 0.f}, pb[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            const u32 qw = u4get(b.q, w), hw = u4get(b.qh, w) >> (2 * p);
+            codes4_fma<0x1F>((qw & 0x0F0F0F0Fu) | ((hw << 4) & 0x10101010u), xv[w], pa);
+            codes4_fma<0x1F>(((qw >> 4) & 0x0F0F0F0Fu) | ((hw << 3) & 0x10101010u), xv[w + 4], pb);
+        }
+        float dl[2], ml[2];
+        q4k_dlml(b.hd, p, dl, ml);
+        acc = fmaf(dl[0], codes4_sum<0x1F>(pa), acc);
+        acc = fmaf(-ml[0], sx[0], acc);
+        acc = fmaf(dl[1], codes4_sum<0x1F>(pb), acc);
+        return fmaf(-ml[1], sx[1], acc);
+    }
+};
+
+// Q2_K, Q3_K and Q6_K keep 128-value halves whose byte i carries value 32g + i of the half in its
+// bits (g = 0..3: ggml's shift 2g, or Q6_K's q1..q4). Lane l of a super-block's 8 takes half
+// n = (l >> 2) & 1 and bytes l0 .. l0 + 7 (l0 = 8·(l & 3)) of it: values 128n + 32g + l0 + i,
+// float4 f = 2g + w holding 32g + 4w .. +3. Group g lies in one 16-value sub-block,
+// 8n + 2g + hb with hb = l0 / 16 (Q6_K: 8n + hb + 2g, the same), whose Σx is sx[g].
+struct Half8Lane {
+    static constexpr int NX = 4;
+    int n, l0, hb;
+    __device__ explicit Half8Lane(int l) : n((l >> 2) & 1), l0((l & 3) * 8), hb(((l & 3) * 8) >> 4) {}
     __device__ static int slot_value(int f, int l) {
         return ((l >> 2) & 1) * 128 + (f >> 1) * 32 + (l & 3) * 8 + (f & 1) * 4;
     }
+    __device__ static void xsums(const float4 (&xv)[8], float (&sx)[NX]) {
+#pragma unroll
+        for (int g = 0; g < 4; g++) {
+            const float4 p0 = xv[2 * g], p1 = xv[2 * g + 1];
+            sx[g] = ((p0.x + p0.y) + (p0.z + p0.w)) + ((p1.x + p1.y) + (p1.z + p1.w));
+        }
+    }
+};
+
+// Q6_K (the output matrix and half the down projections of a Q4_K_M file). A super-block is 210
+// bytes (only 2-byte aligned): ql[128] (low 4 bits), qh[64] (high 2 bits), 16 int8 scales (one
+// per 16 values), d. The lane's 8 bytes each of ql[64n + l0], ql[64n + 32 + l0] and qh[32n + l0]
+// give its 32 values, four 6-bit codes per word after two masks and a shift, read in place by
+// codes4_fma. Group g's sum is d·sc·(Σq·x − 32·Σx), ggml's d·sc·(q − 32) up to the order of f32
+// roundings. The loads are 16-bit (ld32 is two).
+template <>
+struct KQuant<14> : Half8Lane {
+    static constexpr int TS = 210;
+    struct Blk {
+        u32 a[2], b[2], hq[2], sc[2], dd;
+    };
+    __device__ explicit KQuant(int l) : Half8Lane(l) {}
     __device__ Blk load(const u8* blk) const {
         Blk r;
 #pragma unroll
@@ -411,13 +492,6 @@ struct KQuant<14> {
         }
         r.dd = ld16(blk + 208);
         return r;
-    }
-    __device__ static void xsums(const float4 (&xv)[8], float (&sx)[NX]) {
-#pragma unroll
-        for (int g = 0; g < 4; g++) {
-            const float4 p0 = xv[2 * g], p1 = xv[2 * g + 1];
-            sx[g] = ((p0.x + p0.y) + (p0.z + p0.w)) + ((p1.x + p1.y) + (p1.z + p1.w));
-        }
     }
     __device__ float dot(const Blk& b, const float4 (&xv)[8], const float (&sx)[NX], float acc) const {
         float part[4][4];
@@ -433,31 +507,113 @@ struct KQuant<14> {
                                ((aw >> 4) & 0x0F0F0F0Fu) | (hw & 0x30303030u),
                                ((bw >> 4) & 0x0F0F0F0Fu) | ((hw >> 2) & 0x30303030u)};
 #pragma unroll
-            for (int g = 0; g < 4; g++) {
-                const u32 c = cw[g], chi = c >> 16;
-                const float4 xq = xv[2 * g + w];
-#pragma unroll
-                for (int k = 0; k < 4; k++) {
-                    const u32 m = k <= 2 ? (c & (0x3Fu << (8 * k))) : (chi & (0x3Fu << 8));
-                    const float f = __uint_as_float(m | 0x4B000000u) - 8388608.0f;
-                    part[g][k] = fmaf(f, f4get(xq, k), part[g][k]);
-                }
-            }
+            for (int g = 0; g < 4; g++) codes4_fma<0x3F>(cw[g], xv[2 * g + w], part[g]);
         }
         const float d = f16f(b.dd);
 #pragma unroll
         for (int g = 0; g < 4; g++) {
-            // Scale byte is + 2g of the 8 at 192 + 8n: word g >> 1, byte is + 2·(g & 1).
-            const u32 sbyte = (b.sc[g >> 1] >> (8 * (is + 2 * (g & 1)))) & 0xFF;
+            // Scale byte hb + 2g of the 8 at 192 + 8n: word g >> 1, byte hb + 2·(g & 1).
+            const u32 sbyte = (b.sc[g >> 1] >> (8 * (hb + 2 * (g & 1)))) & 0xFF;
             const float dl = d * code_f<128>(sbyte ^ 0x80);
-            float sq = 0.f;
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const int sh = k <= 2 ? 8 * k : 8;
-                sq = fmaf(part[g][k], __uint_as_float((u32)(127 - sh) << 23), sq);
-            }
-            acc = fmaf(dl, sq, acc);
+            acc = fmaf(dl, codes4_sum<0x3F>(part[g]), acc);
             acc = fmaf(-32.f * dl, sx[g], acc);
+        }
+        return acc;
+    }
+};
+
+// Q2_K (84-byte super-blocks, 4-byte aligned on an aligned row: scales[16], qs[64], d, dmin):
+// value 128n + 32g + i is bits 2g of qs[32n + i]; sub-block s's scale byte has the scale in its
+// low nibble and the min in its high one, d·sc·q − dmin·m (ggml's dequantize_row_q2_K). The lane
+// reads the 8 scale bytes of its half, its 8 qs bytes and d, dmin: five 32-bit loads.
+template <>
+struct KQuant<10> : Half8Lane {
+    static constexpr int TS = 84;
+    struct Blk {
+        u32 sc[2], q[2], dd;
+    };
+    __device__ explicit KQuant(int l) : Half8Lane(l) {}
+    __device__ Blk load(const u8* blk) const {
+        const u32* p = reinterpret_cast<const u32*>(blk);
+        return {{__ldg(p + 2 * n), __ldg(p + 2 * n + 1)},
+                {__ldg(p + 4 + 8 * n + (l0 >> 2)), __ldg(p + 5 + 8 * n + (l0 >> 2))},
+                __ldg(p + 20)};
+    }
+    __device__ float dot(const Blk& b, const float4 (&xv)[8], const float (&sx)[NX], float acc) const {
+        const float d = f16f(b.dd & 0xFFFFu), dmin = f16f(b.dd >> 16);
+#pragma unroll
+        for (int g = 0; g < 4; g++) {
+            float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int w = 0; w < 2; w++) codes4_fma<0x03>((b.q[w] >> (2 * g)) & 0x03030303u, xv[2 * g + w], part);
+            // Scale byte hb + 2g of the half's 8: word g >> 1, byte hb + 2·(g & 1).
+            const u32 s = b.sc[g >> 1] >> (8 * (hb + 2 * (g & 1)));
+            acc = fmaf(d * code_f<0>(s & 15), codes4_sum<0x03>(part), acc);
+            acc = fmaf(-(dmin * code_f<0>((s >> 4) & 15)), sx[g], acc);
+        }
+        return acc;
+    }
+};
+
+// N 32-bit words from a 2-byte aligned address: N + 1 aligned loads and funnel shifts.
+template <int N>
+__device__ __forceinline__ void ld_words_2al(const u8* p, u32 (&out)[N]) {
+    const u32* q = reinterpret_cast<const u32*>(reinterpret_cast<u64>(p) & ~3ull);
+    const u32 sh = (reinterpret_cast<u64>(p) & 2) * 8;
+    u32 w[N + 1];
+#pragma unroll
+    for (int k = 0; k <= N; k++) w[k] = __ldg(q + k);
+#pragma unroll
+    for (int k = 0; k < N; k++) out[k] = __funnelshift_r(w[k], w[k + 1], sh);
+}
+
+// Q3_K (110-byte super-blocks, only 2-byte aligned: hmask[32], qs[64], scales[12], d): value
+// 128n + 32g + i has low bits 2g of qs[32n + i] and, at bit 4n + g of hmask[i], a high bit that
+// is set when the value is not lowered by 4: q = (low | high << 2) − 4. The 16 six-bit scales
+// (minus 32) are packed in 12 bytes: scale s has its low nibble in byte s & 7 (high nibble when
+// s ≥ 8) and its top two bits at bits 2·(s >> 2) of byte 8 + (s & 3) (ggml's kmask unpacking).
+// The lane reads its 8 hmask and 8 qs bytes, the 12 scale bytes and d, through ld_words_2al.
+template <>
+struct KQuant<11> : Half8Lane {
+    static constexpr int TS = 110;
+    struct Blk {
+        u32 hm[2], q[2], sc[3], dd;
+    };
+    __device__ explicit KQuant(int l) : Half8Lane(l) {}
+    __device__ Blk load(const u8* blk) const {
+        Blk r;
+        ld_words_2al<2>(blk + l0, r.hm);
+        ld_words_2al<2>(blk + 32 + 32 * n + l0, r.q);
+        // The 12 scale bytes at 96: three words from four aligned ones when the block is half a
+        // word off, from three (the fourth load repeats the third) when it is not, so nothing
+        // past the block is read; d with a 16-bit load.
+        const u32* q = reinterpret_cast<const u32*>(reinterpret_cast<u64>(blk + 96) & ~3ull);
+        const u32 sh = (reinterpret_cast<u64>(blk) & 2) * 8;
+        const u32 w0 = __ldg(q), w1 = __ldg(q + 1), w2 = __ldg(q + 2), w3 = __ldg(q + (sh ? 3 : 2));
+        r.sc[0] = __funnelshift_r(w0, w1, sh);
+        r.sc[1] = __funnelshift_r(w1, w2, sh);
+        r.sc[2] = __funnelshift_r(w2, w3, sh);
+        r.dd = ld16(blk + 108);
+        return r;
+    }
+    __device__ float dot(const Blk& b, const float4 (&xv)[8], const float (&sx)[NX], float acc) const {
+        const float d = f16f(b.dd);
+#pragma unroll
+        for (int g = 0; g < 4; g++) {
+            float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int w = 0; w < 2; w++) {
+                const u32 c = ((b.q[w] >> (2 * g)) & 0x03030303u) | (((b.hm[w] >> (4 * n + g)) & 0x01010101u) << 2);
+                codes4_fma<0x07>(c, xv[2 * g + w], part);
+            }
+            // Scale s = 8n + 2g + hb: low nibble in byte 2g + hb (nibble n), top bits in byte
+            // 8 + ((2g + hb) & 3) at bits 2·(2n + (g >> 1)).
+            const int lb = 2 * g + hb, hbyte = 8 + (lb & 3);
+            const u32 low = (b.sc[lb >> 2] >> (8 * (lb & 3) + 4 * n)) & 15;
+            const u32 high = (b.sc[hbyte >> 2] >> (8 * (hbyte & 3) + 2 * (2 * n + (g >> 1)))) & 3;
+            const float dl = d * code_f<32>(low | (high << 4));
+            acc = fmaf(dl, codes4_sum<0x07>(part), acc);
+            acc = fmaf(-4.f * dl, sx[g], acc);
         }
         return acc;
     }
@@ -600,6 +756,46 @@ struct KQuant<23> {
     }
 };
 
+// Q8_0 (34-byte blocks: d, 32 int8 qs): eight blocks (272 bytes) to a step, lane l block l, its
+// values in order, as Q4_0. A block starts on a word (l even) or half a word past one (l odd):
+// nine aligned words from 34·l rounded down hold it, d at the low or high half of word 0 and the
+// qs words straight (l odd) or by funnel shifts (l even). Each signed byte, its sign bit flipped,
+// goes into the mantissa of 2^23 by one byte permute; one FADD leaves q exactly, so the sum is
+// d·Σq·x (ggml's vec_dot_q8_0 up to the order of f32 roundings).
+template <>
+struct KQuant<8> {
+    static constexpr int TS = 272, NX = 1;
+    struct Blk {
+        u32 w[9];
+    };
+    int l;
+    __device__ explicit KQuant(int L) : l(L & 7) {}
+    __device__ static int slot_value(int f, int l) { return (l & 7) * 32 + 4 * f; }
+    __device__ Blk load(const u8* sb) const {
+        const u32* p = reinterpret_cast<const u32*>(sb + ((34 * l) & ~3));
+        Blk r;
+#pragma unroll
+        for (int k = 0; k < 9; k++) r.w[k] = __ldg(p + k);
+        return r;
+    }
+    __device__ static void xsums(const float4 (&)[8], float (&sx)[NX]) { sx[0] = 0.f; }
+    __device__ float dot(const Blk& b, const float4 (&xv)[8], const float (&)[NX], float acc) const {
+        const bool odd = l & 1;
+        float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            const u32 c = (odd ? b.w[k + 1] : __funnelshift_r(b.w[k], b.w[k + 1], 16)) ^ 0x80808080u;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const float q = __uint_as_float(__byte_perm(c, 0x4B000000u, 0x7440u + i)) - 8388736.f;
+                part[i] = fmaf(q, f4get(xv[k], i), part[i]);
+            }
+        }
+        const float d = f16f(odd ? b.w[0] >> 16 : b.w[0] & 0xFFFFu);
+        return fmaf(d, (part[0] + part[1]) + (part[2] + part[3]), acc);
+    }
+};
+
 // x for one problem into shared memory in the lanes' order (slot_value); silu(gate)·up where the
 // problem takes it. Slots past the row's end are zero.
 template <int T, int LPR>
@@ -686,16 +882,17 @@ __device__ __forceinline__ void kq_stage_and_gemv(const GemvProblem& pr, float4*
     kq_gemv<T, RW, LPR>(pr, xs);
 }
 
-// The decode GEMV of one problem (the whole block takes the same one): Q4_K, Q6_K, Q4_0, IQ4_NL
-// and IQ4_XS through kq_gemv where it applies, every type through ggml_gemv_problem otherwise.
+// The decode GEMV of one problem (the whole block takes the same one): the K-quants, Q4_0, Q8_0,
+// IQ4_NL and IQ4_XS through kq_gemv where it applies, every type through ggml_gemv_problem
+// otherwise (Q4_1, Q5_0, Q5_1 always).
 template <int T, int RW>
 __device__ __forceinline__ void ggml_gemv_block(const GemvProblem& pr) {
-    if constexpr (T == 12 || T == 14 || T == 2 || T == 20 || T == 23) {
+    if constexpr (T == 2 || T == 8 || T == 10 || T == 11 || T == 12 || T == 13 || T == 14 || T == 20 || T == 23) {
         __shared__ float4 kq_x[KQ_MAXC / 4];
         const int nsb = pr.cols >> 8;
-        // The loads' alignment: Q4_K 16 bytes, IQ4_XS 8, Q4_0 and IQ4_NL 4 (a whole row of them
-        // when cols is a multiple of 256), Q6_K's 16-bit loads none.
-        constexpr u64 AL = T == 12 ? 15 : T == 23 ? 7 : T == 14 ? 0 : 3;
+        // The loads' alignment: Q4_K and Q5_K 16 bytes, IQ4_XS 8, Q4_0, IQ4_NL, Q8_0 and Q2_K 4 (a
+        // whole row of them when cols is a multiple of 256), Q6_K's and Q3_K's 2 (every block).
+        constexpr u64 AL = T == 12 || T == 13 ? 15 : T == 23 ? 7 : T == 14 ? 0 : T == 11 ? 1 : 3;
         const bool aligned = (reinterpret_cast<u64>(pr.w) & AL) == 0;
         if (aligned && (pr.cols & 255) == 0 && (nsb + 3) / 4 * 1024 <= KQ_MAXC) {
             if (nsb >= 3) kq_stage_and_gemv<T, RW, 32>(pr, kq_x);
