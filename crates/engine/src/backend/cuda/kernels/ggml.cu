@@ -679,14 +679,19 @@ __device__ __forceinline__ float iq4_dot32(const u32 (&qw)[4], const float4 (&xv
     return (part[0] + part[1]) + (part[2] + part[3]);
 }
 
-// What Q4_0 and IQ4_NL share: eight 18-byte blocks to a step, lane l (of 8) block l, its values
-// in order (float4 f holds values 4f .. 4f + 3).
-struct Blk18Lane {
+// Lane l (of a super-block's 8) takes the step's 32-value (sub-)block l, its values in order
+// (float4 f holds values 4f .. 4f + 3): Q4_0, IQ4_NL, Q8_0 and IQ4_XS.
+struct BlockLane {
+    int l;
+    __device__ explicit BlockLane(int L) : l(L & 7) {}
+    __device__ static int slot_value(int f, int l) { return (l & 7) * 32 + 4 * f; }
+};
+
+// What Q4_0 and IQ4_NL share: eight 18-byte blocks to a step.
+struct Blk18Lane : BlockLane {
     static constexpr int TS = 144, NX = 1;
     using Blk = Blk18;
-    int l;
-    __device__ explicit Blk18Lane(int L) : l(L & 7) {}
-    __device__ static int slot_value(int f, int l) { return (l & 7) * 32 + 4 * f; }
+    __device__ explicit Blk18Lane(int L) : BlockLane(L) {}
     __device__ Blk load(const u8* b) const { return load_blk18(b, l); }
 };
 
@@ -736,14 +741,12 @@ struct KQuant<20> : Blk18Lane {
 // of scales_l and 2 of scales_h (ggml's dequantize_row_iq4_xs). Super-blocks are 8-byte aligned
 // when the row is: 8-byte loads.
 template <>
-struct KQuant<23> {
+struct KQuant<23> : BlockLane {
     static constexpr int TS = 136, NX = 1;
     struct Blk {
         uint2 hd, q0, q1;
     };
-    int l;
-    __device__ explicit KQuant(int L) : l(L & 7) {}
-    __device__ static int slot_value(int f, int l) { return (l & 7) * 32 + 4 * f; }
+    __device__ explicit KQuant(int L) : BlockLane(L) {}
     __device__ Blk load(const u8* b) const {
         const uint2* p = reinterpret_cast<const uint2*>(b);
         return {__ldg(p), __ldg(p + 1 + 2 * l), __ldg(p + 2 + 2 * l)};
@@ -763,14 +766,12 @@ struct KQuant<23> {
 // goes into the mantissa of 2^23 by one byte permute; one FADD leaves q exactly, so the sum is
 // d·Σq·x (ggml's vec_dot_q8_0 up to the order of f32 roundings).
 template <>
-struct KQuant<8> {
+struct KQuant<8> : BlockLane {
     static constexpr int TS = 272, NX = 1;
     struct Blk {
         u32 w[9];
     };
-    int l;
-    __device__ explicit KQuant(int L) : l(L & 7) {}
-    __device__ static int slot_value(int f, int l) { return (l & 7) * 32 + 4 * f; }
+    __device__ explicit KQuant(int L) : BlockLane(L) {}
     __device__ Blk load(const u8* sb) const {
         const u32* p = reinterpret_cast<const u32*>(sb + ((34 * l) & ~3));
         Blk r;
