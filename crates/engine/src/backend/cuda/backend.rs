@@ -82,6 +82,8 @@ struct GpuStats {
     /// Decode steps, and the GPU time from each one's first to its last operation (events).
     decode_steps: AtomicU64,
     decode_gpu_ns: AtomicU64,
+    /// Prefill's MoE profile of the pass under way (`prefill_profile`).
+    prefill: Mutex<PrefillProfile>,
 }
 
 /// Hand-over of pre-warmed experts from the store's reader thread to the pool.
@@ -568,6 +570,94 @@ struct ExpertPool {
     direct_hold: Vec<Arc<AlignedBuf>>,
     /// Recorded on the copy stream after each such copy; the compute stream waits for it.
     direct_done: Option<CudaEvent>,
+    /// Where `fill` spends host time (read and reset by prefill's profile line).
+    fill_prof: FillProfile,
+}
+
+/// Host time of [`ExpertPool::fill`]: waits for a staging buffer's previous DMA, the host copy
+/// into staging, and how many fills went each way.
+#[derive(Default, Clone, Copy, Debug)]
+struct FillProfile {
+    /// `load_missing`: reading the experts' buffers from the RAM tier or the disk, and placing
+    /// them (claims, copies back of what they evict, fills, table updates).
+    fetch_ns: u64,
+    place_ns: u64,
+    stage_wait_ns: u64,
+    copy_ns: u64,
+    direct: u64,
+    staged: u64,
+}
+
+impl FillProfile {
+    fn since(self, before: FillProfile) -> FillProfile {
+        FillProfile {
+            fetch_ns: self.fetch_ns - before.fetch_ns,
+            place_ns: self.place_ns - before.place_ns,
+            stage_wait_ns: self.stage_wait_ns - before.stage_wait_ns,
+            copy_ns: self.copy_ns - before.copy_ns,
+            direct: self.direct - before.direct,
+            staged: self.staged - before.staged,
+        }
+    }
+    fn add(&mut self, o: FillProfile) {
+        self.fetch_ns += o.fetch_ns;
+        self.place_ns += o.place_ns;
+        self.stage_wait_ns += o.stage_wait_ns;
+        self.copy_ns += o.copy_ns;
+        self.direct += o.direct;
+        self.staged += o.staged;
+    }
+}
+
+/// Prefill's MoE ops over one pass, host time by part (`FLASHMOE_PREFILL_PROFILE=1` prints it
+/// on stderr after the pass's last layer): where a pass whose experts come from the RAM tier or
+/// the disk spends its time (issue 11: that prefill runs at a ninth of PCIe, cause unmeasured).
+#[derive(Default, Debug)]
+struct PrefillProfile {
+    start: Option<Instant>,
+    layers: u64,
+    /// Whole MoE ops, waiting for the router's ids (the GPU's work so far: the previous layer's
+    /// copies and GEMMs), and launching the grouped GEMMs.
+    moe_ns: u64,
+    ids_wait_ns: u64,
+    launch_ns: u64,
+    groups: u64,
+    hits: u64,
+    misses: u64,
+    loads: FillProfile,
+}
+
+impl PrefillProfile {
+    /// One line: the MoE ops' wall time (first MoE op to the pass's GPU work done) and the host
+    /// time in each part, in ms, for a pass of `t` tokens.
+    fn line(&self, t: usize, wall_ns: u64) -> String {
+        let ms = |ns: u64| ns as f64 / 1e6;
+        let l = &self.loads;
+        format!(
+            "[flashmoe] prefill profile: {t} tokens, {} layers | MoE wall {:.1} ms, host in MoE ops {:.1} | waiting for \
+             router ids {:.1} | expert loads: read from RAM tier/disk {:.1}, placing {:.1} (of which staging waits {:.1}, \
+             host copies {:.1}; {} staged, {} direct) | GEMM launches {:.1} | {} groups, {} hits, {} misses",
+            self.layers,
+            ms(wall_ns),
+            ms(self.moe_ns),
+            ms(self.ids_wait_ns),
+            ms(l.fetch_ns),
+            ms(l.place_ns),
+            ms(l.stage_wait_ns),
+            ms(l.copy_ns),
+            l.staged,
+            l.direct,
+            ms(self.launch_ns),
+            self.groups,
+            self.hits,
+            self.misses
+        )
+    }
+}
+
+fn prefill_profile() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FLASHMOE_PREFILL_PROFILE").is_ok_and(|v| v == "1"))
 }
 
 impl Drop for ExpertPool {
@@ -693,8 +783,10 @@ impl ExpertPool {
             let done = self.direct_done.as_ref().expect("made above");
             done.record(&self.copy_stream).map_err(|e| CudaError(format!("cuEventRecord: {e:?}")))?;
             dev.stream.wait(done).map_err(|e| CudaError(format!("cuStreamWaitEvent: {e:?}")))?;
+            self.fill_prof.direct += 1;
             return Ok(pieces.iter().map(|(_, p)| p.len() as u64).sum());
         }
+        let t0 = Instant::now();
         let si = self.next_staging;
         self.next_staging = (si + 1) % self.staging.len();
         let dst = self.base(slot);
@@ -703,6 +795,7 @@ impl ExpertPool {
             st.done.synchronize().map_err(|e| CudaError(format!("cuEventSynchronize: {e:?}")))?;
             st.in_flight = false;
         }
+        let t1 = Instant::now();
         let buf = st.buf.as_mut_slice();
         // Copy the pieces in parallel: one host memcpy stream is slower than PCIe.
         let chunks: Vec<(usize, &[u8])> = pieces
@@ -716,6 +809,9 @@ impl ExpertPool {
             // (layout offsets were computed from these pieces and bytes ≤ its length).
             unsafe { std::ptr::copy_nonoverlapping(c.as_ptr(), (base as *mut u8).add(off), c.len()) };
         });
+        self.fill_prof.stage_wait_ns += (t1 - t0).as_nanos() as u64;
+        self.fill_prof.copy_ns += t1.elapsed().as_nanos() as u64;
+        self.fill_prof.staged += 1;
         // SAFETY: the staging buffer is pinned and stays untouched until `done` fires; the
         // destination is inside the pool allocation (bytes ≤ slot size).
         unsafe {
@@ -1477,12 +1573,15 @@ impl CudaBackend {
                 // Exclusive tiers: the experts leave the RAM tier, and what the GPU evicts for
                 // them goes back to it.
                 let demote_to = self.opts.gpu.exclusive.then_some(&**store);
+                let t0 = Instant::now();
                 let bufs: Vec<(Arc<AlignedBuf>, bool)> = match (demote_to.is_some(), borrow) {
                     // (Borrowed: the RAM tier keeps its copy.)
                     (true, true) => store.borrow(*layer, ids)?,
                     (true, false) => store.take(*layer, ids)?.into_iter().map(|(b, _)| (b, false)).collect(),
                     (false, _) => store.fetch(*layer, ids)?.into_iter().map(|b| (b, false)).collect(),
                 };
+                let t1 = Instant::now();
+                pool.fill_prof.fetch_ns += (t1 - t0).as_nanos() as u64;
                 for (&e, (buf, borrowed)) in ids.iter().zip(bufs) {
                     let base = ByteSource::bytes(&*buf).as_ptr() as usize;
                     let ew = store.expert_weights(*layer, buf.clone())?;
@@ -1494,6 +1593,7 @@ impl CudaBackend {
                     let src = Some(&buf);
                     slots.push(self.place(pool, (li, e), layout, l, &pieces, protected, demote_to, borrowed, src)?);
                 }
+                pool.fill_prof.place_ns += t1.elapsed().as_nanos() as u64;
             }
         }
         Ok(slots)
@@ -2389,6 +2489,8 @@ impl CudaBackend {
     /// deterministic combine.
     #[allow(clippy::too_many_arguments)]
     fn moe_prefill(&self, p: &mut CudaPass<'_>, li: usize, dl: &MoeWeights<Device>) -> crate::Result<()> {
+        let (t_moe, loads_before) = (Instant::now(), p.pool.fill_prof);
+        let (mut ids_wait, mut launch, mut groups, mut hits, mut misses) = (0u64, 0u64, 0u64, 0u64, 0u64);
         let c = p.spec.cfg;
         let fetch_chunk = p.spec.fetch_chunk.max(1);
         let (ws, t, pos0) = (p.ws, p.t, p.spec.pos0);
@@ -2407,7 +2509,9 @@ impl CudaBackend {
         self.ops.add_gated_rows(dev, ws.x.ptr(), ws.yd.ptr(), ws.sg.ptr(), h, t)?;
 
         // (The read waits for the stream: every copy it waited on has landed.)
+        let t_ids = Instant::now();
         let ids = ws.ids.read_i32_n(t * k)?;
+        ids_wait += t_ids.elapsed().as_nanos() as u64;
         p.pool.in_use.clear();
         p.pool.release_copied();
         if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= e) {
@@ -2462,6 +2566,7 @@ impl CudaBackend {
             }
             self.stats.pool_hits.fetch_add((grp.len() - miss.len()) as u64, Relaxed);
             self.stats.pool_misses.fetch_add(miss.len() as u64, Relaxed);
+            (groups, hits, misses) = (groups + 1, hits + (grp.len() - miss.len()) as u64, misses + miss.len() as u64);
             if let ExpertSet::Streamed { store, layer } = &dl.experts.host {
                 store.note_uses(*layer, grp.iter().copied().filter(|x| !miss.contains(x)));
             }
@@ -2476,6 +2581,7 @@ impl CudaBackend {
                     }
                 }
             }
+            let t_launch = Instant::now();
             // Work items: up to 8 pairs of one expert each (TC_PAIRS on tensor cores).
             let step = if tc { TC_PAIRS } else { 8 };
             let mut items: Vec<i32> = Vec::new();
@@ -2515,8 +2621,26 @@ impl CudaBackend {
                 self.gemv.split_for_tc(dev, ws.act.ptr() + off, pb - pa, inter, dsum, &rows)?;
             }
             g(&dm, ws.act.ptr(), 0, ws.yd.ptr(), tc.then_some(&scratch))?;
+            launch += t_launch.elapsed().as_nanos() as u64;
         }
         self.ops.moe_prefill_combine(dev, ws.x.ptr(), ws.yd.ptr(), ws.pair_of.ptr(), ws.wts.ptr(), k, h, t)?;
+        if prefill_profile() {
+            let loads = pool.fill_prof.since(loads_before);
+            let mut pf = self.stats.prefill.lock().unwrap_or_else(|e| e.into_inner());
+            pf.start.get_or_insert(t_moe);
+            pf.layers += 1;
+            pf.moe_ns += t_moe.elapsed().as_nanos() as u64;
+            (pf.ids_wait_ns, pf.launch_ns) = (pf.ids_wait_ns + ids_wait, pf.launch_ns + launch);
+            (pf.groups, pf.hits, pf.misses) = (pf.groups + groups, pf.hits + hits, pf.misses + misses);
+            pf.loads.add(loads);
+            if li + 1 == c.num_layers {
+                // The pass's GPU work done, so that the wall time is the MoE ops' whole span.
+                dev.stream.synchronize().map_err(|e| CudaError(format!("stream synchronize: {e:?}")))?;
+                let wall = pf.start.map_or(0, |s0| s0.elapsed().as_nanos() as u64);
+                eprintln!("{}", pf.line(t, wall));
+                *pf = PrefillProfile::default();
+            }
+        }
         Ok(())
     }
 
@@ -2870,6 +2994,7 @@ impl Backend for CudaBackend {
             d2h_stage: None,
             direct_hold: Vec::new(),
             direct_done: None,
+            fill_prof: FillProfile::default(),
             host_io: None,
             cpu_rows: None,
             transit: None,
