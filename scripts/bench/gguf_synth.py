@@ -38,9 +38,9 @@ SCALES = {
     T.IQ4_XS: [(0, 6.2e-5)],  # times (ls − 32) ≤ 32 and a level ≤ 127
     T.Q2_K: [(80, 0.003), (82, 0.003)],  # d·sc·q − dmin·m, 4-bit sc and m, q ≤ 3
     T.Q3_K: [(108, 0.0005)],  # d·(sc − 32)·q, q in −4 .. 3
-    T.Q4_K: [(0, 0.001), (2, 0.001)],
-    T.Q5_K: [(0, 0.0005), (2, 0.0005)],
-    T.Q6_K: [(208, 0.0003)],
+    T.Q4_K: [(0, 0.0001), (2, 0.0001)],  # d·sc·q − dmin·m, 6-bit sc and m, q ≤ 15
+    T.Q5_K: [(0, 5e-5), (2, 5e-5)],  # q ≤ 31
+    T.Q6_K: [(208, 3e-5)],  # d·sc·(q − 32), int8 sc
 }
 
 
@@ -73,6 +73,7 @@ def main() -> None:
     key_dim, value_dim = Hk * Dk, Hv * Dv
     conv_dim = 2 * key_dim + value_dim
 
+    a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.out.with_name(a.out.name + ".partial")
     w = gguf.GGUFWriter(tmp, "qwen35moe")
     w.add_name(f"random {a.geometry} {L} layers {a.type}")

@@ -134,6 +134,7 @@ def cmd_build(a) -> None:
     if bdir.exists() and not done.exists():
         log(f"{bdir} has no finished build (interrupted?): starting over")
         shutil.rmtree(bdir)
+    done.unlink(missing_ok=True)  # until this build finishes
     run(cfg)
     jobs = str(a.jobs or os.cpu_count() or 2)
     run(["cmake", "--build", bdir, "-j", jobs, "--target", "llama-bench", "llama-quantize"])

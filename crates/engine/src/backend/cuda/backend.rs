@@ -570,7 +570,8 @@ struct ExpertPool {
     direct_hold: Vec<Arc<AlignedBuf>>,
     /// Recorded on the copy stream after each such copy; the compute stream waits for it.
     direct_done: Option<CudaEvent>,
-    /// Where `fill` spends host time (read and reset by prefill's profile line).
+    /// Where `load_missing` and `fill` spend host time (only grows: prefill's profile takes the
+    /// difference over each MoE op).
     fill_prof: FillProfile,
 }
 
@@ -617,9 +618,12 @@ struct PrefillProfile {
     start: Option<Instant>,
     layers: u64,
     /// Whole MoE ops, waiting for the router's ids (the GPU's work so far: the previous layer's
-    /// copies and GEMMs), and launching the grouped GEMMs.
+    /// copies and GEMMs), uploading each group's work items (a synchronous copy: it waits for the
+    /// previous group's GEMMs and this group's copies into its slots), and launching the grouped
+    /// GEMMs.
     moe_ns: u64,
     ids_wait_ns: u64,
+    items_wait_ns: u64,
     launch_ns: u64,
     groups: u64,
     hits: u64,
@@ -635,12 +639,14 @@ impl PrefillProfile {
         let l = &self.loads;
         format!(
             "[flashmoe] prefill profile: {t} tokens, {} layers | MoE wall {:.1} ms, host in MoE ops {:.1} | waiting for \
-             router ids {:.1} | expert loads: read from RAM tier/disk {:.1}, placing {:.1} (of which staging waits {:.1}, \
-             host copies {:.1}; {} staged, {} direct) | GEMM launches {:.1} | {} groups, {} hits, {} misses",
+             router ids {:.1}, for the GPU before each group's GEMMs {:.1} | expert loads: read from RAM tier/disk \
+             {:.1}, placing {:.1} (of which staging waits {:.1}, host copies {:.1}; {} staged, {} direct) | GEMM \
+             launches {:.1} | {} groups, {} hits, {} misses",
             self.layers,
             ms(wall_ns),
             ms(self.moe_ns),
             ms(self.ids_wait_ns),
+            ms(self.items_wait_ns),
             ms(l.fetch_ns),
             ms(l.place_ns),
             ms(l.stage_wait_ns),
@@ -1071,7 +1077,7 @@ impl Workspace {
             xsplit: f(if split { (cap * in_max * 3).div_ceil(2) } else { 0 })?,
             tc_hi: f(tc_floats)?,
             tc_lo: f(tc_floats)?,
-            // Sums per group of ≥ 32 columns.
+            // Sums per group of ≥ TC_MIN_SUM_GROUP columns.
             tc_sum: f(tc_floats.div_ceil(TC_MIN_SUM_GROUP))?,
         })
     }
@@ -1564,10 +1570,12 @@ impl CudaBackend {
         let mut slots = Vec::with_capacity(ids.len());
         match &experts.host {
             ExpertSet::Resident(v) => {
+                let t0 = Instant::now();
                 for &e in ids {
                     let (l, pieces) = expert_layout(&v[e])?;
                     slots.push(self.place(pool, (li, e), layout, l, &pieces, protected, None, false, None)?);
                 }
+                pool.fill_prof.place_ns += t0.elapsed().as_nanos() as u64;
             }
             ExpertSet::Streamed { store, layer } => {
                 // Exclusive tiers: the experts leave the RAM tier, and what the GPU evicts for
@@ -2490,7 +2498,8 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     fn moe_prefill(&self, p: &mut CudaPass<'_>, li: usize, dl: &MoeWeights<Device>) -> crate::Result<()> {
         let (t_moe, loads_before) = (Instant::now(), p.pool.fill_prof);
-        let (mut ids_wait, mut launch, mut groups, mut hits, mut misses) = (0u64, 0u64, 0u64, 0u64, 0u64);
+        let (mut ids_wait, mut items_wait, mut launch) = (0u64, 0u64, 0u64);
+        let (mut groups, mut hits, mut misses) = (0u64, 0u64, 0u64);
         let c = p.spec.cfg;
         let fetch_chunk = p.spec.fetch_chunk.max(1);
         let (ws, t, pos0) = (p.ws, p.t, p.spec.pos0);
@@ -2581,7 +2590,6 @@ impl CudaBackend {
                     }
                 }
             }
-            let t_launch = Instant::now();
             // Work items: up to 8 pairs of one expert each (TC_PAIRS on tensor cores).
             let step = if tc { TC_PAIRS } else { 8 };
             let mut items: Vec<i32> = Vec::new();
@@ -2591,7 +2599,12 @@ impl CudaBackend {
                     items.extend_from_slice(&[x as i32, (p0 + s0) as i32, (n - s0).min(step) as i32, 0]);
                 }
             }
+            // (A synchronous copy: it waits for the previous group's GEMMs and this group's
+            // copies into its slots.)
+            let t_items = Instant::now();
             ws.items.copy_from_host(&bytes(&items))?;
+            items_wait += t_items.elapsed().as_nanos() as u64;
+            let t_launch = Instant::now();
             let nitems = items.len() / 4;
             let (pa, pb) =
                 (first_pair[grp[0]], first_pair[*grp.last().expect("non-empty")] + per[grp[grp.len() - 1]].len());
@@ -2627,10 +2640,15 @@ impl CudaBackend {
         if prefill_profile() {
             let loads = pool.fill_prof.since(loads_before);
             let mut pf = self.stats.prefill.lock().unwrap_or_else(|e| e.into_inner());
+            if li == 0 {
+                // (A pass that failed part way leaves its layers here.)
+                *pf = PrefillProfile::default();
+            }
             pf.start.get_or_insert(t_moe);
             pf.layers += 1;
             pf.moe_ns += t_moe.elapsed().as_nanos() as u64;
-            (pf.ids_wait_ns, pf.launch_ns) = (pf.ids_wait_ns + ids_wait, pf.launch_ns + launch);
+            (pf.ids_wait_ns, pf.items_wait_ns, pf.launch_ns) =
+                (pf.ids_wait_ns + ids_wait, pf.items_wait_ns + items_wait, pf.launch_ns + launch);
             (pf.groups, pf.hits, pf.misses) = (pf.groups + groups, pf.hits + hits, pf.misses + misses);
             pf.loads.add(loads);
             if li + 1 == c.num_layers {

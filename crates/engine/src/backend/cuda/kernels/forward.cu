@@ -1203,7 +1203,7 @@ __device__ __forceinline__ u32 iq4_level_tf32(u32 q) {
 
 __device__ __forceinline__ u32 shift_field(u32 v, int sh) { return sh >= 0 ? (v >> sh) : (v << -sh); }
 
-// The window [k0, k0 + 128) of gemm_grouped_tc for GGML rows (FMT 3..9, see above).
+// The window [k0, k0 + 128) of gemm_grouped_tc for GGML rows (FMT 3..11, see above).
 template <int FMT, int NT>
 __device__ __forceinline__ void tc_window_kq(int k0, int t, int g, const unsigned char* const (&wr)[4],
                                              const bool (&live)[4], const float* __restrict__ xsh,

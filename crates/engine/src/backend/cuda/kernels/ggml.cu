@@ -345,10 +345,10 @@ __device__ __forceinline__ float q4k_finish(const uint4& hd, int p, const float 
     return fmaf(-ml[1], sxb, acc);
 }
 
-// Σ over the four bytes of a code word, each a code below 2^B (MASK = 2^B − 1, B ≤ 7), times x:
-// part[k] += c_k·2^sh_k · x_k, the code read in place as in q4k_word (bytes 0 and 1 from the word,
-// 2 and 3 from its high half when byte 2 in place would reach 2^23). codes4_sum takes the 2^sh_k
-// off (exact: powers of two).
+// Σ over the four bytes of a code word, each a code ≤ MASK (2^B − 1), times x: part[k] +=
+// c_k·2^sh_k · x_k, the code read in place as in q4k_word: bytes 0 and 1 from the word, byte 3
+// from its high half, byte 2 from the word when MASK < 0x80 (in place it stays below 2^23) and
+// from the high half otherwise. codes4_sum takes the 2^sh_k off (exact: powers of two).
 template <u32 MASK>
 __device__ __forceinline__ void codes4_fma(u32 c, const float4& xq, float (&part)[4]) {
     const u32 chi = c >> 16;
@@ -572,7 +572,8 @@ __device__ __forceinline__ void ld_words_2al(const u8* p, u32 (&out)[N]) {
 // is set when the value is not lowered by 4: q = (low | high << 2) − 4. The 16 six-bit scales
 // (minus 32) are packed in 12 bytes: scale s has its low nibble in byte s & 7 (high nibble when
 // s ≥ 8) and its top two bits at bits 2·(s >> 2) of byte 8 + (s & 3) (ggml's kmask unpacking).
-// The lane reads its 8 hmask and 8 qs bytes, the 12 scale bytes and d, through ld_words_2al.
+// The lane reads its 8 hmask and 8 qs bytes, the 12 scale bytes and d as aligned words and
+// funnel shifts (ld_words_2al), within the aligned words that hold the block: never a word past it.
 template <>
 struct KQuant<11> : Half8Lane {
     static constexpr int TS = 110;
@@ -892,7 +893,8 @@ __device__ __forceinline__ void ggml_gemv_block(const GemvProblem& pr) {
         __shared__ float4 kq_x[KQ_MAXC / 4];
         const int nsb = pr.cols >> 8;
         // The loads' alignment: Q4_K and Q5_K 16 bytes, IQ4_XS 8, Q4_0, IQ4_NL, Q8_0 and Q2_K 4 (a
-        // whole row of them when cols is a multiple of 256), Q6_K's and Q3_K's 2 (every block).
+        // whole row of them when cols is a multiple of 256), Q3_K 2 (every block is), Q6_K's
+        // 16-bit loads none checked.
         constexpr u64 AL = T == 12 || T == 13 ? 15 : T == 23 ? 7 : T == 14 ? 0 : T == 11 ? 1 : 3;
         const bool aligned = (reinterpret_cast<u64>(pr.w) & AL) == 0;
         if (aligned && (pr.cols & 255) == 0 && (nsb + 3) / 4 * 1024 <= KQ_MAXC) {
