@@ -1,4 +1,4 @@
-//! AVX512_VNNI kernels for Q4_0, IQ4_NL, IQ4_XS and Q2_K…Q6_K: integer dot products of the codes with x
+//! AVX512_VNNI kernels for Q4_0, Q8_0, IQ4_NL, IQ4_XS and Q2_K…Q6_K: integer dot products of the codes with x
 //! written per 32-element block as a 24-bit fixed-point number in three signed bytes (the
 //! scheme of the affine kernel in `../avx512vnni.rs`, whose module documentation has the
 //! exactness argument).
@@ -54,6 +54,7 @@ pub(super) fn handles(ty: GgmlType) -> bool {
     matches!(
         ty,
         GgmlType::Q4_0
+            | GgmlType::Q8_0
             | GgmlType::IQ4_NL
             | GgmlType::IQ4_XS
             | GgmlType::Q2_K
@@ -79,13 +80,15 @@ pub(super) unsafe fn prepare(ty: GgmlType, x: &[f32]) -> FixedX {
     let place = |s: usize, k: usize| -> (usize, usize) {
         match ty {
             GgmlType::Q4_0 | GgmlType::IQ4_NL | GgmlType::IQ4_XS => (k, 16 * (s % 4)),
-            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q6_K => ((s % 4) / 2, 32 * (s % 2) + 16 * k),
+            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q6_K | GgmlType::Q8_0 => ((s % 4) / 2, 32 * (s % 2) + 16 * k),
             _ => (s % 2, 32 * ((s % 4) / 2) + 16 * k),
         }
     };
     // Q2_K's minimums are per 16 elements, Q4_K's and Q5_K's per 32.
     let width = if ty == GgmlType::Q2_K { 16 } else { 32 };
+    // Codes up to 241 (the IQ4 types' table values + 128) or 255 (Q8_0's signed bytes + 128).
     let iq4 = matches!(ty, GgmlType::IQ4_NL | GgmlType::IQ4_XS);
+    let wide = iq4 || ty == GgmlType::Q8_0;
     let sums = x[..n].chunks_exact(width).map(|c| c.iter().sum()).collect();
     let mut out = FixedX { bytes: vec![0; n / 128 * PAIR_BYTES], factors: vec![0.0; n / 32], sums };
     // SAFETY: sub-block s reads x[32s..32s+32] and writes 32 bytes of each digit vector of its
@@ -101,8 +104,17 @@ pub(super) unsafe fn prepare(ty: GgmlType, x: &[f32]) -> FixedX {
             let (scale, factor) = group_scale(largest, finite);
             // The IQ4 codes are the table values + 128 (1..241, unsigned for `vpdpbusd`), up
             // to 16 times Q4_0's: x gets 3 bits fewer (|X| ≤ 127·2^13), so that a lane's eight
-            // products stay below 2^31 (8·241·127·2^13 < 2^31). Still a power of two: exact.
-            let (scale, factor) = if iq4 { (scale * 0.125, factor * 8.0) } else { (scale, factor) };
+            // products stay below 2^31 (8·241·127·2^13 < 2^31). Q8_0's codes are its signed
+            // bytes + 128 (0..255); its lanes take four products (`chain`), and i32 arithmetic
+            // wraps, so only the result Σ q·X = Σ (q + 128)·X − 128·Σ X must fit: |q| ≤ 128 and
+            // |X| ≤ 127·2^15 (one bit fewer) give 4·128·127·2^15 < 2^31. Powers of two: exact.
+            let (scale, factor) = if iq4 {
+                (scale * 0.125, factor * 8.0)
+            } else if ty == GgmlType::Q8_0 {
+                (scale * 0.5, factor * 2.0)
+            } else {
+                (scale, factor)
+            };
             out.factors[s] = factor;
             let step = out.bytes.as_mut_ptr().add((s / 4) * PAIR_BYTES);
             for (k, vk) in v.iter().enumerate() {
@@ -113,11 +125,11 @@ pub(super) unsafe fn prepare(ty: GgmlType, x: &[f32]) -> FixedX {
                 }
             }
         }
-        // 8·Σ X per lane of four elements (the IQ4 types: 128·Σ X), by the kernel's own chain on
-        // codes of 8 (128). Where a block's low- and high-nibble lanes share its scale (Q4_0,
-        // IQ4_NL, IQ4_XS), the kernel takes their sum (one subtraction per step), stored in the
-        // first of the two slots.
-        let centre = _mm512_set1_epi8(if iq4 { 128u8 as i8 } else { 8 });
+        // 8·Σ X per lane of four elements (the IQ4 types and Q8_0: 128·Σ X), by the kernel's own
+        // chain on codes of 8 (128). Where a block's low- and high-nibble lanes share its scale
+        // (Q4_0, IQ4_NL, IQ4_XS), the kernel takes their sum (one subtraction per step), stored
+        // in the first of the two slots.
+        let centre = _mm512_set1_epi8(if wide { 128u8 as i8 } else { 8 });
         for p in 0..n / 128 {
             let xd = out.bytes.as_mut_ptr().add(p * PAIR_BYTES);
             let c = [chain(centre, xd), chain(centre, xd.add(64))];
@@ -284,6 +296,83 @@ pub(super) unsafe fn q4_0<const NL: bool>(row: &[u8], x: &[f32], fx: &FixedX, nb
             let mut w = [0f32; 32];
             let ty = if NL { GgmlType::IQ4_NL } else { GgmlType::Q4_0 };
             blocks::dequantize(ty, &row[18 * i..18 * i + 18], &mut w);
+            total += w.iter().zip(&x[32 * i..32 * i + 32]).map(|(a, b)| a * b).sum::<f32>();
+        }
+        total
+    }
+}
+
+/// Σ w·x of one Q8_0 row of `nb` blocks (x prepared by [`prepare`]; `x` itself for the blocks
+/// after the last whole four).
+///
+/// Q8_0 (34-byte blocks: f16 d, 32 signed bytes; x one bit shorter than for Q4_0, see
+/// [`prepare`]): a step of four blocks is 136 bytes, read as
+/// three 64-byte loads at 0, 64 and 72 (the last ends at the step's end). Two byte permutes
+/// gather the code vectors of blocks 0, 1 and 2, 3, a third the four d; each code byte's sign
+/// bit flipped makes it q + 128 for `vpdpbusd`, and the chains with x's digits less the prepared
+/// 128·Σ X give Σ q·X per lane (exact: the sums wrap, the result fits). Lanes 0..8 of a vector
+/// belong to its first block, 8..16
+/// to its second: their scale is that block's d times x's factor.
+///
+/// # Safety
+/// As for [`prepare`]; `row` holds nb whole blocks and `fx` was prepared from `x`, nb·32
+/// elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn q8_0(row: &[u8], x: &[f32], fx: &FixedX, nb: usize) -> f32 {
+    debug_assert!(row.len() == nb * 34 && x.len() == nb * 32);
+    // Byte i of code vector 0: byte 2 + i (block 0) or 36 + (i − 32) (block 1) of the step, from
+    // the load at 0 (indices < 64) or the one at 64 (64 + offset). Vector 1: bytes 70..102 from
+    // the load at 64, 104..136 from the one at 72.
+    let first: [u8; 64] = std::array::from_fn(|i| (if i < 32 { 2 + i } else { 4 + i }) as u8);
+    let second: [u8; 64] = std::array::from_fn(|i| (if i < 32 { 6 + i } else { 64 + i }) as u8);
+    // The four d: bytes 0, 1, 34, 35 of the load at 0 and 68, 69, 102, 103 (4, 5, 38, 39 of the
+    // load at 64).
+    let ds: [u8; 64] = std::array::from_fn(|i| [0, 1, 34, 35, 68, 69, 102, 103].get(i).copied().unwrap_or(0));
+    let r = row.as_ptr();
+    let steps = nb / 4;
+    // SAFETY: step p reads row bytes 136p..136p+136, fx's bytes of step p and factors 4p..4p+4;
+    // the tail reads its blocks and x.
+    unsafe {
+        let (first, second, ds) = (
+            _mm512_loadu_si512(first.as_ptr().cast()),
+            _mm512_loadu_si512(second.as_ptr().cast()),
+            _mm512_loadu_si512(ds.as_ptr().cast()),
+        );
+        let sign = _mm512_set1_epi8(0x80u8 as i8);
+        let lanes = [
+            _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+            _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3),
+        ];
+        let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for p in 0..steps {
+            let b = r.add(136 * p);
+            prefetch_block(b, 136);
+            let (l0, l64, l72) = (
+                _mm512_loadu_si512(b.cast()),
+                _mm512_loadu_si512(b.add(64).cast()),
+                _mm512_loadu_si512(b.add(72).cast()),
+            );
+            let codes = [
+                _mm512_xor_si512(permute2_bytes(l0, first, l64), sign),
+                _mm512_xor_si512(permute2_bytes(l64, second, l72), sign),
+            ];
+            let d = _mm_cvtph_ps(_mm512_castsi512_si128(permute2_bytes(l0, ds, l64)));
+            let f = _mm512_castps128_ps512(_mm_mul_ps(d, _mm_loadu_ps(fx.factors.as_ptr().add(4 * p))));
+            let xd = fx.bytes.as_ptr().add(p * PAIR_BYTES);
+            let term = |v: usize| {
+                let s =
+                    _mm512_sub_epi32(chain(codes[v], xd.add(64 * v)), _mm512_loadu_si512(xd.add(384 + 64 * v).cast()));
+                (_mm512_cvtepi32_ps(s), _mm512_permutexvar_ps(lanes[v], f))
+            };
+            let (t0, s0) = term(0);
+            let (t1, s1) = term(1);
+            acc0 = _mm512_fmadd_ps(t0, s0, acc0);
+            acc1 = _mm512_fmadd_ps(t1, s1, acc1);
+        }
+        let mut total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        for i in steps * 4..nb {
+            let mut w = [0f32; 32];
+            blocks::dequantize(GgmlType::Q8_0, &row[34 * i..34 * i + 34], &mut w);
             total += w.iter().zip(&x[32 * i..32 * i + 32]).map(|(a, b)| a * b).sum::<f32>();
         }
         total

@@ -362,7 +362,7 @@ fn dot_unchecked(level: SimdLevel, ty: GgmlType, row: &[u8], x: &[f32]) -> f32 {
     blocks::dot(ty, row, x)
 }
 
-/// x prepared once for every row of a product with `ty` weights (Q4_0, Q2_K…Q6_K: fixed point for the
+/// x prepared once for every row of a product with `ty` weights (Q4_0, Q8_0, Q2_K…Q6_K: fixed point for the
 /// VNNI kernel; the bf16 split where the level has a bf16 kernel for the type; nothing
 /// otherwise), shared by the row blocks that threads compute.
 pub(crate) struct PreparedX {
@@ -404,6 +404,7 @@ pub(crate) fn matvec_rows(level: SimdLevel, ty: GgmlType, data: &[u8], x: &[f32]
             *yr = unsafe {
                 match ty {
                     GgmlType::Q4_0 => avx512vnni::q4_0::<false>(row, x, fx, x.len() / 32),
+                    GgmlType::Q8_0 => avx512vnni::q8_0(row, x, fx, x.len() / 32),
                     GgmlType::IQ4_NL => avx512vnni::q4_0::<true>(row, x, fx, x.len() / 32),
                     GgmlType::IQ4_XS => avx512vnni::iq4_xs(row, fx, x.len() / QK_K),
                     GgmlType::Q2_K => avx512vnni::sixteen::<{ avx512vnni::Q2 }>(row, fx, x.len() / QK_K),
