@@ -416,7 +416,15 @@ pub(super) unsafe fn iq4_xs(row: &[u8], fx: &FixedX, nb: usize) -> f32 {
     // SAFETY: super-block i reads row bytes 136i..136i+136, fx's bytes of steps 2i, 2i + 1 and
     // factors 8i..8i+8.
     unsafe {
-        let lane_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        // Lane l of half h's vector belongs to sub-block 4h + l / 4.
+        let lane_block = [
+            _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+            _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7),
+        ];
+        // Sub-block j's scale bits: 4 at bit 4j of scales_l (bytes 4..8), 2 at bit 2j of
+        // scales_h (bytes 2..4).
+        let (low_at, high_at) =
+            (_mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
         let nibbles = _mm512_set1_epi8(0xF);
         let table = iq4_table();
         let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
@@ -424,17 +432,26 @@ pub(super) unsafe fn iq4_xs(row: &[u8], fx: &FixedX, nb: usize) -> f32 {
             let b = r.add(136 * i);
             prefetch_block(b, 136);
             let d = f16_at(b);
-            let ls = blocks::iq4_xs_scales(std::slice::from_raw_parts(b, 8));
-            let scales: [f32; 8] = std::array::from_fn(|j| (d * ls[j] as f32) * *fx.factors.as_ptr().add(8 * i + j));
+            // The eight ls − 32 of blocks::iq4_xs_scales at once, then (d·(ls − 32))·factor in
+            // that order, as the scalar form multiplies them.
+            let low = _mm256_srlv_epi32(_mm256_set1_epi32(b.add(4).cast::<i32>().read_unaligned()), low_at);
+            let high = _mm256_srlv_epi32(_mm256_set1_epi32(b.add(2).cast::<u16>().read_unaligned() as i32), high_at);
+            let ls = _mm256_or_si256(
+                _mm256_and_si256(low, _mm256_set1_epi32(15)),
+                _mm256_slli_epi32::<4>(_mm256_and_si256(high, _mm256_set1_epi32(3))),
+            );
+            let ls = _mm256_cvtepi32_ps(_mm256_sub_epi32(ls, _mm256_set1_epi32(32)));
+            let scales = _mm512_castps256_ps512(_mm256_mul_ps(
+                _mm256_mul_ps(_mm256_set1_ps(d), ls),
+                _mm256_loadu_ps(fx.factors.as_ptr().add(8 * i)),
+            ));
             let term = |h: usize| {
                 let v = _mm512_loadu_si512(b.add(8 + 64 * h).cast());
                 let (lo, hi) = nibble_codes::<true>(v, nibbles, table);
                 let xd = fx.bytes.as_ptr().add((2 * i + h) * PAIR_BYTES);
                 // Σ (v + 128)·X − 128·Σ X = Σ v·X, exact (|Σ (v + 128)·X| < 2^31 per lane).
                 let s = _mm512_sub_epi32(dot_digits(lo, hi, xd), _mm512_loadu_si512(xd.add(384).cast()));
-                let scale =
-                    _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_loadu_ps(scales.as_ptr().add(4 * h))));
-                (_mm512_cvtepi32_ps(s), scale)
+                (_mm512_cvtepi32_ps(s), _mm512_permutexvar_ps(lane_block[h], scales))
             };
             let (t0, s0) = term(0);
             let (t1, s1) = term(1);
