@@ -102,14 +102,14 @@ pub(super) unsafe fn prepare(ty: GgmlType, x: &[f32]) -> FixedX {
             let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(abs[0], inf) == 0xFFFF
                 && _mm512_cmp_ps_mask::<_CMP_LT_OQ>(abs[1], inf) == 0xFFFF;
             let (scale, factor) = group_scale(largest, finite);
-            // The IQ4 codes are the table values + 128 (1..241, unsigned for `vpdpbusd`), up
-            // to 16 times Q4_0's: x gets 3 bits fewer (|X| ≤ 127·2^13), so that a lane's eight
-            // products stay below 2^31 (8·241·127·2^13 < 2^31). Q8_0's codes are its signed
-            // bytes + 128 (0..255); its lanes take four products (`chain`), and i32 arithmetic
-            // wraps, so only the result Σ q·X = Σ (q + 128)·X − 128·Σ X must fit: |q| ≤ 128 and
-            // |X| ≤ 127·2^15 (one bit fewer) give 4·128·127·2^15 < 2^31. Powers of two: exact.
+            // The IQ4 codes are the table values + 128 (1..241, unsigned for `vpdpbusd`) and
+            // Q8_0's its signed bytes + 128 (0..255). i32 arithmetic wraps, so the sums of
+            // (v + 128)·X may overflow: only the result Σ v·X = Σ (v + 128)·X − 128·Σ X must
+            // fit. IQ4 lanes take eight products (`dot_digits`), |v| ≤ 127: x 2 bits shorter,
+            // |X| ≤ 127·2^14, gives 8·127·127·2^14 < 2^31. Q8_0 lanes take four (`chain`),
+            // |q| ≤ 128: 1 bit shorter, 4·128·127·2^15 < 2^31. Powers of two: exact.
             let (scale, factor) = if iq4 {
-                (scale * 0.125, factor * 8.0)
+                (scale * 0.25, factor * 4.0)
             } else if ty == GgmlType::Q8_0 {
                 (scale * 0.5, factor * 2.0)
             } else {
