@@ -600,14 +600,6 @@ impl FillProfile {
             staged: self.staged - before.staged,
         }
     }
-    fn add(&mut self, o: FillProfile) {
-        self.fetch_ns += o.fetch_ns;
-        self.place_ns += o.place_ns;
-        self.stage_wait_ns += o.stage_wait_ns;
-        self.copy_ns += o.copy_ns;
-        self.direct += o.direct;
-        self.staged += o.staged;
-    }
 }
 
 /// Prefill's MoE ops over one pass, host time by part (`FLASHMOE_PREFILL_PROFILE=1` prints it
@@ -628,15 +620,17 @@ struct PrefillProfile {
     groups: u64,
     hits: u64,
     misses: u64,
-    loads: FillProfile,
+    /// The pool's load counters when the pass's first MoE op began (the line shows the
+    /// difference at its end).
+    loads_at_start: FillProfile,
 }
 
 impl PrefillProfile {
     /// One line: the MoE ops' wall time (first MoE op to the pass's GPU work done) and the host
-    /// time in each part, in ms, for a pass of `t` tokens.
-    fn line(&self, t: usize, wall_ns: u64) -> String {
+    /// time in each part (`l`: the pool's load counters over the pass), in ms, for a pass of `t`
+    /// tokens.
+    fn line(&self, t: usize, wall_ns: u64, l: &FillProfile) -> String {
         let ms = |ns: u64| ns as f64 / 1e6;
-        let l = &self.loads;
         format!(
             "[flashmoe] prefill profile: {t} tokens, {} layers | MoE wall {:.1} ms, host in MoE ops {:.1} | waiting for \
              router ids {:.1}, for the GPU before each group's GEMMs {:.1} | expert loads: read from RAM tier/disk \
@@ -2638,24 +2632,24 @@ impl CudaBackend {
         }
         self.ops.moe_prefill_combine(dev, ws.x.ptr(), ws.yd.ptr(), ws.pair_of.ptr(), ws.wts.ptr(), k, h, t)?;
         if prefill_profile() {
-            let loads = pool.fill_prof.since(loads_before);
             let mut pf = self.stats.prefill.lock().unwrap_or_else(|e| e.into_inner());
             if li == 0 {
                 // (A pass that failed part way leaves its layers here.)
                 *pf = PrefillProfile::default();
             }
-            pf.start.get_or_insert(t_moe);
+            if pf.start.is_none() {
+                (pf.start, pf.loads_at_start) = (Some(t_moe), loads_before);
+            }
             pf.layers += 1;
             pf.moe_ns += t_moe.elapsed().as_nanos() as u64;
             (pf.ids_wait_ns, pf.items_wait_ns, pf.launch_ns) =
                 (pf.ids_wait_ns + ids_wait, pf.items_wait_ns + items_wait, pf.launch_ns + launch);
             (pf.groups, pf.hits, pf.misses) = (pf.groups + groups, pf.hits + hits, pf.misses + misses);
-            pf.loads.add(loads);
             if li + 1 == c.num_layers {
                 // The pass's GPU work done, so that the wall time is the MoE ops' whole span.
                 dev.stream.synchronize().map_err(|e| CudaError(format!("stream synchronize: {e:?}")))?;
                 let wall = pf.start.map_or(0, |s0| s0.elapsed().as_nanos() as u64);
-                eprintln!("{}", pf.line(t, wall));
+                eprintln!("{}", pf.line(t, wall, &pool.fill_prof.since(pf.loads_at_start)));
                 *pf = PrefillProfile::default();
             }
         }
