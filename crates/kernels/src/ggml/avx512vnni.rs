@@ -291,15 +291,22 @@ pub(super) unsafe fn q4_0<const NL: bool>(row: &[u8], x: &[f32], fx: &FixedX, nb
             let (t0, s0) = term(p);
             acc0 = _mm512_fmadd_ps(t0, s0, acc0);
         }
-        let mut total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-        for i in steps * 4..nb {
-            let mut w = [0f32; 32];
-            let ty = if NL { GgmlType::IQ4_NL } else { GgmlType::Q4_0 };
-            blocks::dequantize(ty, &row[18 * i..18 * i + 18], &mut w);
-            total += w.iter().zip(&x[32 * i..32 * i + 32]).map(|(a, b)| a * b).sum::<f32>();
-        }
-        total
+        let total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        let ty = if NL { GgmlType::IQ4_NL } else { GgmlType::Q4_0 };
+        tail_blocks(ty, row, x, steps * 4, total)
     }
+}
+
+/// `total` plus Σ w·x over the 32-element blocks `first..` of a `ty` row (the blocks after a
+/// kernel's last whole step of four), dequantized and dotted in f32.
+fn tail_blocks(ty: GgmlType, row: &[u8], x: &[f32], first: usize, mut total: f32) -> f32 {
+    let bs = ty.type_size();
+    for i in first..x.len() / 32 {
+        let mut w = [0f32; 32];
+        blocks::dequantize(ty, &row[bs * i..bs * (i + 1)], &mut w);
+        total += w.iter().zip(&x[32 * i..32 * i + 32]).map(|(a, b)| a * b).sum::<f32>();
+    }
+    total
 }
 
 /// Σ w·x of one Q8_0 row of `nb` blocks (x prepared by [`prepare`]; `x` itself for the blocks
@@ -369,13 +376,8 @@ pub(super) unsafe fn q8_0(row: &[u8], x: &[f32], fx: &FixedX, nb: usize) -> f32 
             acc0 = _mm512_fmadd_ps(t0, s0, acc0);
             acc1 = _mm512_fmadd_ps(t1, s1, acc1);
         }
-        let mut total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-        for i in steps * 4..nb {
-            let mut w = [0f32; 32];
-            blocks::dequantize(GgmlType::Q8_0, &row[34 * i..34 * i + 34], &mut w);
-            total += w.iter().zip(&x[32 * i..32 * i + 32]).map(|(a, b)| a * b).sum::<f32>();
-        }
-        total
+        let total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        tail_blocks(GgmlType::Q8_0, row, x, steps * 4, total)
     }
 }
 
