@@ -276,12 +276,37 @@ fn fused_experts() -> bool {
 }
 
 /// Slots filled by DMA straight from pinned RAM-tier buffers instead of through the staging
-/// buffers (a host copy each): opt-in with `FLASHMOE_DIRECT_FILL=1` until it has been measured
-/// and run through the reference tests on a GPU (written 2026-12-02 when no device time was
-/// left; docs/performance.md says what it is for).
+/// buffers (a host copy each); `FLASHMOE_DIRECT_FILL=0` turns it off, for comparison. A prefill
+/// that borrows its experts from a pinned RAM tier is bound by the staging copies otherwise
+/// (docs/performance.md, "Experts-in-RAM prefill").
 fn direct_fill() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("FLASHMOE_DIRECT_FILL").is_ok_and(|v| v == "1"))
+    *ON.get_or_init(|| std::env::var("FLASHMOE_DIRECT_FILL").map_or(true, |v| v != "0"))
+}
+
+/// `pieces` (slot offset, host bytes), all inside one host buffer, as fewer copies: pieces next
+/// to each other in slot order whose slot and host offsets differ by the same amount become one
+/// copy of the host range that spans them. What it also copies lies between two pieces in the
+/// host buffer and lands between them in the slot, where nothing else is. A packed expert blob
+/// (components in slot order, 64-byte aligned) whose sizes are multiples of the slot alignment
+/// becomes one copy.
+fn coalesce_pieces<'a>(pieces: &[(usize, &'a [u8])]) -> Vec<(usize, &'a [u8])> {
+    let mut sorted: Vec<(usize, &[u8])> = pieces.iter().copied().filter(|(_, p)| !p.is_empty()).collect();
+    sorted.sort_by_key(|&(off, _)| off);
+    let mut out: Vec<(usize, &[u8])> = Vec::with_capacity(sorted.len());
+    for (off, p) in sorted {
+        if let Some((o0, q)) = out.last_mut() {
+            let (q0, p0) = (q.as_ptr() as usize, p.as_ptr() as usize);
+            if p0 >= q0 + q.len() && p0 - q0 == off - *o0 {
+                // SAFETY: both pieces lie in the same live host buffer (the caller's contract),
+                // so the range from the start of `q` to the end of `p` does too.
+                *q = unsafe { std::slice::from_raw_parts(q.as_ptr(), p0 + p.len() - q0) };
+                continue;
+            }
+        }
+        out.push((off, p));
+    }
+    out
 }
 
 /// Whether hybrid decode issues the PCIe share while the pool computes the CPU's share
@@ -585,6 +610,14 @@ struct FillProfile {
     place_ns: u64,
     stage_wait_ns: u64,
     copy_ns: u64,
+    /// Direct fills: issuing their DMAs (and the event the compute stream waits for).
+    issue_ns: u64,
+    /// `load_missing`: the experts' views and slot layouts.
+    parse_ns: u64,
+    /// `place`: claiming slots (with any wait for the GPU an eviction needs), and the slot
+    /// table's updates (a one-thread launch each).
+    claim_ns: u64,
+    table_ns: u64,
     direct: u64,
     staged: u64,
 }
@@ -596,6 +629,10 @@ impl FillProfile {
             place_ns: self.place_ns - before.place_ns,
             stage_wait_ns: self.stage_wait_ns - before.stage_wait_ns,
             copy_ns: self.copy_ns - before.copy_ns,
+            issue_ns: self.issue_ns - before.issue_ns,
+            parse_ns: self.parse_ns - before.parse_ns,
+            claim_ns: self.claim_ns - before.claim_ns,
+            table_ns: self.table_ns - before.table_ns,
             direct: self.direct - before.direct,
             staged: self.staged - before.staged,
         }
@@ -634,8 +671,8 @@ impl PrefillProfile {
         format!(
             "[flashmoe] prefill profile: {t} tokens, {} layers | MoE wall {:.1} ms, host in MoE ops {:.1} | waiting for \
              router ids {:.1}, for the GPU before each group's GEMMs {:.1} | expert loads: read from RAM tier/disk \
-             {:.1}, placing {:.1} (of which staging waits {:.1}, host copies {:.1}; {} staged, {} direct) | GEMM \
-             launches {:.1} | {} groups, {} hits, {} misses",
+             {:.1}, placing {:.1} (of which views {:.1}, slot claims {:.1}, table updates {:.1}, staging waits {:.1}, host copies \
+             {:.1}, direct DMA issue {:.1}; {} staged, {} direct) | GEMM launches {:.1} | {} groups, {} hits, {} misses",
             self.layers,
             ms(wall_ns),
             ms(self.moe_ns),
@@ -643,8 +680,12 @@ impl PrefillProfile {
             ms(self.items_wait_ns),
             ms(l.fetch_ns),
             ms(l.place_ns),
+            ms(l.parse_ns),
+            ms(l.claim_ns),
+            ms(l.table_ns),
             ms(l.stage_wait_ns),
             ms(l.copy_ns),
+            ms(l.issue_ns),
             l.staged,
             l.direct,
             ms(self.launch_ns),
@@ -750,9 +791,10 @@ impl ExpertPool {
 
     /// Copies an expert into `slot` and makes the compute stream wait for the copy; returns the
     /// bytes copied. `pieces` (slot offset, host bytes) come straight from `pinned`, the RAM-tier
-    /// buffer they lie in, when it is in pinned memory and `FLASHMOE_DIRECT_FILL=1` (one DMA per
-    /// piece on the copy stream, no host copy; the buffer is held until the host next waits for
-    /// the GPU), else through a pinned staging buffer on the copy stream.
+    /// buffer they lie in, when it is in pinned memory (unless `FLASHMOE_DIRECT_FILL=0`: DMAs on
+    /// the copy stream, pieces laid out alike merged into one, no host copy; the buffer is held
+    /// until the host next waits for the GPU), else through a pinned staging buffer on the copy
+    /// stream.
     fn fill(
         &mut self,
         dev: &CudaDevice,
@@ -766,10 +808,9 @@ impl ExpertPool {
             // Held before the first copy is issued: if a later one fails, those already queued
             // still read a live buffer (and `Drop` waits for them).
             self.direct_hold.push(src.clone());
-            for &(off, p) in pieces {
-                if p.is_empty() {
-                    continue;
-                }
+            let t0 = Instant::now();
+            // (Every piece lies in `src`, so they may be merged.)
+            for (off, p) in coalesce_pieces(pieces) {
                 // SAFETY: `p` lies in `src`'s pinned allocation, held in `direct_hold` until the
                 // host next waits for the GPU (after this copy and what reads it have run); the
                 // destination range is inside the slot (offsets from the slot layout).
@@ -784,6 +825,7 @@ impl ExpertPool {
             done.record(&self.copy_stream).map_err(|e| CudaError(format!("cuEventRecord: {e:?}")))?;
             dev.stream.wait(done).map_err(|e| CudaError(format!("cuStreamWaitEvent: {e:?}")))?;
             self.fill_prof.direct += 1;
+            self.fill_prof.issue_ns += t0.elapsed().as_nanos() as u64;
             return Ok(pieces.iter().map(|(_, p)| p.len() as u64).sum());
         }
         let t0 = Instant::now();
@@ -797,10 +839,13 @@ impl ExpertPool {
         }
         let t1 = Instant::now();
         let buf = st.buf.as_mut_slice();
-        // Copy the pieces in parallel: one host memcpy stream is slower than PCIe.
+        // Copy the pieces in parallel: one host memcpy stream is slower than PCIe. Pieces of
+        // 256 KiB, so that an expert of 35B-A3B's size (three 512 KiB weights) keeps more than
+        // three threads busy (with 1 MiB pieces such fills ran at 11 GB/s on 16 cores).
+        const STAGE_PIECE: usize = 256 << 10;
         let chunks: Vec<(usize, &[u8])> = pieces
             .iter()
-            .flat_map(|&(off, p)| p.chunks(1 << 20).enumerate().map(move |(i, c)| (off + (i << 20), c)))
+            .flat_map(|&(off, p)| p.chunks(STAGE_PIECE).enumerate().map(move |(i, c)| (off + i * STAGE_PIECE, c)))
             .collect();
         let base = buf.as_mut_ptr() as usize;
         use rayon::prelude::*;
@@ -1585,9 +1630,11 @@ impl CudaBackend {
                 let t1 = Instant::now();
                 pool.fill_prof.fetch_ns += (t1 - t0).as_nanos() as u64;
                 for (&e, (buf, borrowed)) in ids.iter().zip(bufs) {
+                    let t_parse = Instant::now();
                     let base = ByteSource::bytes(&*buf).as_ptr() as usize;
                     let ew = store.expert_weights(*layer, buf.clone())?;
                     let (l, pieces) = expert_layout(&ew)?;
+                    pool.fill_prof.parse_ns += t_parse.elapsed().as_nanos() as u64;
                     if demote_to.is_some() && pool.demote_map[li].is_none() {
                         pool.demote_map[li] =
                             Some(pieces.iter().map(|&(off, p)| (off, p.as_ptr() as usize - base, p.len())).collect());
@@ -1620,9 +1667,13 @@ impl CudaBackend {
             return Err(CudaError(format!("layer {li} expert {e} differs in shape from expert 0")).into());
         }
         let key = (li as u32, e as u32);
+        let t_claim = Instant::now();
         let (slot, victim) = pool.claim(&self.dev, key, protected)?;
+        pool.fill_prof.claim_ns += t_claim.elapsed().as_nanos() as u64;
         if let Some(vk) = victim {
+            let t_table = Instant::now();
             self.gemv.table_set(&self.dev, pool.table.ptr(), pool.table_index(vk), 0)?;
+            pool.fill_prof.table_ns += t_table.elapsed().as_nanos() as u64;
             // (A borrowed expert's RAM copy is still there: nothing to copy back.)
             if let Some(store) = demote_to
                 && !pool.borrowed[slot]
@@ -1632,7 +1683,9 @@ impl CudaBackend {
         }
         pool.borrowed[slot] = borrowed;
         let n = pool.fill(&self.dev, slot, l.bytes, pieces, src)?;
+        let t_table = Instant::now();
         self.gemv.table_set(&self.dev, pool.table.ptr(), pool.table_index(key), pool.base(slot))?;
+        pool.fill_prof.table_ns += t_table.elapsed().as_nanos() as u64;
         self.stats.h2d_bytes.fetch_add(n, Relaxed);
         Ok(slot)
     }
@@ -3465,7 +3518,29 @@ impl Backend for CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::HybridSplit;
+    use super::{HybridSplit, coalesce_pieces};
+
+    #[test]
+    fn pieces_at_the_same_distance_in_host_and_slot_become_one_copy() {
+        let buf: Vec<u8> = (0..=255).collect();
+        let at = |o: usize, n: usize| &buf[o..o + n];
+        let offs = |v: &[(usize, &[u8])]| -> Vec<(usize, usize, usize)> {
+            v.iter().map(|&(o, p)| (o, p.as_ptr() as usize - buf.as_ptr() as usize, p.len())).collect()
+        };
+        // A blob laid out like its slot (pieces 64 apart in both, out of order): one copy from
+        // the first piece's start to the last one's end.
+        let one = coalesce_pieces(&[(64, at(64, 32)), (0, at(0, 48)), (128, at(128, 16))]);
+        assert_eq!(offs(&one), [(0, 0, 144)]);
+        // The second piece sits 16 bytes further in the slot than in the host buffer: two
+        // copies; the third follows the second at the same distance and joins it.
+        let two = coalesce_pieces(&[(0, at(0, 32)), (80, at(64, 16)), (112, at(96, 8))]);
+        assert_eq!(offs(&two), [(0, 0, 32), (80, 64, 40)]);
+        // Host order against slot order, overlap, and empty pieces: never merged.
+        let kept = coalesce_pieces(&[(0, at(100, 10)), (32, at(0, 10)), (64, at(0, 0))]);
+        assert_eq!(offs(&kept), [(0, 100, 10), (32, 0, 10)]);
+        let overlap = coalesce_pieces(&[(0, at(0, 20)), (10, at(10, 20))]);
+        assert_eq!(offs(&overlap), [(0, 0, 20), (10, 10, 20)]);
+    }
 
     #[test]
     fn the_pcie_share_ends_both_sides_soonest_and_ties_stay_on_the_cpu() {
