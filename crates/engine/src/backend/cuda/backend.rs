@@ -291,22 +291,54 @@ fn direct_fill() -> bool {
 /// (components in slot order, 64-byte aligned) whose sizes are multiples of the slot alignment
 /// becomes one copy.
 fn coalesce_pieces<'a>(pieces: &[(usize, &'a [u8])]) -> Vec<(usize, &'a [u8])> {
-    let mut sorted: Vec<(usize, &[u8])> = pieces.iter().copied().filter(|(_, p)| !p.is_empty()).collect();
-    sorted.sort_by_key(|&(off, _)| off);
-    let mut out: Vec<(usize, &[u8])> = Vec::with_capacity(sorted.len());
-    for (off, p) in sorted {
-        if let Some((o0, q)) = out.last_mut() {
-            let (q0, p0) = (q.as_ptr() as usize, p.as_ptr() as usize);
-            if p0 >= q0 + q.len() && p0 - q0 == off - *o0 {
-                // SAFETY: both pieces lie in the same live host buffer (the caller's contract),
-                // so the range from the start of `q` to the end of `p` does too.
-                *q = unsafe { std::slice::from_raw_parts(q.as_ptr(), p0 + p.len() - q0) };
-                continue;
-            }
+    let ranges = merge_ranges(pieces.iter().map(|&(off, p)| (off, p.as_ptr() as usize, p.len())).collect());
+    // SAFETY: each merged range runs from the start of one piece to the end of another in the
+    // same live host buffer (the caller's contract), so it lies in that buffer.
+    ranges
+        .into_iter()
+        .map(|(off, at, len)| (off, unsafe { std::slice::from_raw_parts(at as *const u8, len) }))
+        .collect()
+}
+
+/// The merge of [`coalesce_pieces`] on (slot offset, host offset or address, length) ranges:
+/// sorted by slot offset, empty ones dropped, neighbours at the same distance joined.
+fn merge_ranges(mut ranges: Vec<(usize, usize, usize)>) -> Vec<(usize, usize, usize)> {
+    ranges.retain(|r| r.2 > 0);
+    ranges.sort_by_key(|r| r.0);
+    let mut out: Vec<(usize, usize, usize)> = Vec::with_capacity(ranges.len());
+    for (off, at, len) in ranges {
+        if let Some((o0, a0, l0)) = out.last_mut()
+            && at >= *a0 + *l0
+            && off >= *o0
+            && at - *a0 == off - *o0
+        {
+            *l0 = at + len - *a0;
+            continue;
         }
-        out.push((off, p));
+        out.push((off, at, len));
     }
     out
+}
+
+/// Copies back to the RAM tier in flight at once (exclusive tiers, [`CudaBackend::demote`]);
+/// the host waits for the oldest only when one more is needed.
+const DEMOTES_IN_FLIGHT: usize = 8;
+
+/// A copy back to the RAM tier in flight: its GPU → host DMA is queued on the copy stream
+/// (after the fills before it, before the fill that reuses the slot, so stream order keeps the
+/// slot's bytes until they are copied); when `done` fires the expert is copied out of staging
+/// (if it landed there) and admitted to the RAM tier.
+struct PendingDemote {
+    store: Arc<ExpertStore>,
+    /// Pool layer (its `demote_map`) and the store's layer and expert.
+    layer: usize,
+    store_layer: usize,
+    expert: usize,
+    buf: AlignedBuf,
+    /// Where the DMA landed when `buf` is not pinned memory.
+    stage: Option<Pinned>,
+    bytes: usize,
+    done: CudaEvent,
 }
 
 /// Whether hybrid decode issues the PCIe share while the pool computes the CPU's share
@@ -582,8 +614,10 @@ struct ExpertPool {
     /// (slot offset, buffer offset, length): how an evicted expert is copied back (exclusive
     /// tiers). Learnt from the first expert of the layer loaded from the store.
     demote_map: Vec<Option<Vec<(usize, usize, usize)>>>,
-    /// Pinned landing buffer for those copies.
-    d2h_stage: Option<Pinned>,
+    /// Those copies in flight, oldest first, and pinned landing buffers for the ones whose
+    /// RAM-tier buffer is not pinned memory (free ones, kept for reuse).
+    demotes: std::collections::VecDeque<PendingDemote>,
+    d2h_free: Vec<Pinned>,
     /// Pinned memory for a hybrid step's small transfers (`HostIo`), made on first use.
     host_io: Option<Pinned>,
     /// Its device side for the CPU's expert outputs (`cpu_rows_dev`).
@@ -703,8 +737,9 @@ fn prefill_profile() -> bool {
 
 impl Drop for ExpertPool {
     fn drop(&mut self) {
-        // A DMA may still read a held buffer (a pass that failed midway): let it finish first.
-        if !self.direct_hold.is_empty() {
+        // A DMA may still read a held buffer or write a pending copy back's (a pass that failed
+        // midway): let it finish first.
+        if !self.direct_hold.is_empty() || !self.demotes.is_empty() {
             let _ = self.copy_stream.synchronize();
         }
     }
@@ -1619,7 +1654,9 @@ impl CudaBackend {
             ExpertSet::Streamed { store, layer } => {
                 // Exclusive tiers: the experts leave the RAM tier, and what the GPU evicts for
                 // them goes back to it.
-                let demote_to = self.opts.gpu.exclusive.then_some(&**store);
+                let demote_to = self.opts.gpu.exclusive.then_some(store);
+                // Copies back from earlier steps whose DMAs are done go to the RAM tier now.
+                Self::finish_demotes(pool, 0)?;
                 let t0 = Instant::now();
                 let bufs: Vec<(Arc<AlignedBuf>, bool)> = match (demote_to.is_some(), borrow) {
                     // (Borrowed: the RAM tier keeps its copy.)
@@ -1659,7 +1696,7 @@ impl CudaBackend {
         l: ExpertLayout,
         pieces: &[(usize, &[u8])],
         protected: &dyn Fn(ExpertKey) -> bool,
-        demote_to: Option<&ExpertStore>,
+        demote_to: Option<&Arc<ExpertStore>>,
         borrowed: bool,
         src: Option<&Arc<AlignedBuf>>,
     ) -> crate::Result<usize> {
@@ -1693,7 +1730,7 @@ impl CudaBackend {
     /// Copies the expert `key` in `slot` (just evicted, not yet overwritten) back into the RAM
     /// tier: GPU → pinned buffer on the copy stream (after the copies that filled it), then
     /// into a store buffer at the blob offsets the store's views expect.
-    fn demote(&self, pool: &mut ExpertPool, store: &ExpertStore, key: ExpertKey, slot: usize) -> Result<()> {
+    fn demote(&self, pool: &mut ExpertPool, store: &Arc<ExpertStore>, key: ExpertKey, slot: usize) -> Result<()> {
         let layer = key.0 as usize;
         if store.ram_cache_budget() == 0 {
             return Ok(());
@@ -1701,32 +1738,92 @@ impl CudaBackend {
         let Some(Some(map)) = pool.demote_map.get(layer) else { return Ok(()) };
         let store_layer = pool.store_layers[layer];
         let bytes = map.iter().map(|&(so, _, len)| so + len).max().unwrap_or(0);
-        if pool.d2h_stage.is_none() {
-            pool.d2h_stage = Some(Pinned::new(pool.slot_bytes)?);
+        let ranges = merge_ranges(map.clone());
+        if pool.demotes.len() >= DEMOTES_IN_FLIGHT {
+            Self::finish_demotes(pool, 1)?;
         }
         let src = pool.base(slot);
-        let stage = pool.d2h_stage.as_mut().expect("set above").as_mut_slice();
-        // SAFETY: `src` is inside the pool allocation (bytes ≤ slot size); the pinned buffer is
-        // only read after the copy stream is synchronized below.
-        unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut stage[..bytes], src, pool.copy_stream.cu_stream()) }
-            .map_err(|e| CudaError(format!("cuMemcpyDtoHAsync: {e:?}")))?;
-        pool.copy_stream.synchronize().map_err(|e| CudaError(format!("copy stream synchronize: {e:?}")))?;
+        let stream = pool.copy_stream.cu_stream();
         let mut buf = store.expert_buffer(store_layer);
-        let dst = buf.as_mut_slice().as_mut_ptr() as usize;
-        let src = stage.as_ptr() as usize;
-        // Parallel 1 MiB copies: one memcpy stream is slower than the copy back.
-        let chunks: Vec<(usize, usize, usize)> = map
-            .iter()
-            .flat_map(|&(so, bo, len)| (0..len).step_by(1 << 20).map(move |o| (so + o, bo + o, (len - o).min(1 << 20))))
-            .collect();
-        use rayon::prelude::*;
-        chunks.par_iter().for_each(|&(so, bo, len)| {
-            // SAFETY: the map's ranges lie inside the slot (≤ `bytes`, copied above) and inside
-            // the store's expert buffer (offsets taken from its own views), and never overlap.
-            unsafe { std::ptr::copy_nonoverlapping((src as *const u8).add(so), (dst as *mut u8).add(bo), len) };
+        let stage = if buf.host_memory().is_some() {
+            // Pinned: the pieces land in the buffer itself, where the store's views expect them.
+            let dst = buf.as_mut_slice();
+            for &(so, bo, len) in &ranges {
+                // SAFETY: the ranges lie inside the slot (offsets from its layout) and inside the
+                // buffer (offsets from the store's own views); the buffer is owned by the pending
+                // entry, untouched until the event recorded after this copy has fired.
+                unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut dst[bo..bo + len], src + so as u64, stream) }
+                    .map_err(|e| CudaError(format!("cuMemcpyDtoHAsync: {e:?}")))?;
+            }
+            None
+        } else {
+            let mut st = match pool.d2h_free.pop() {
+                Some(st) => st,
+                None => Pinned::new(pool.slot_bytes)?,
+            };
+            // SAFETY: `src` is inside the pool allocation (bytes ≤ slot size); the pinned buffer
+            // is owned by the pending entry and read only after its event has fired.
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut st.as_mut_slice()[..bytes], src, stream) }
+                .map_err(|e| CudaError(format!("cuMemcpyDtoHAsync: {e:?}")))?;
+            Some(st)
+        };
+        let done = self.dev.ctx.new_event(None).map_err(|e| CudaError(format!("cuEventCreate: {e:?}")))?;
+        done.record(&pool.copy_stream).map_err(|e| CudaError(format!("cuEventRecord: {e:?}")))?;
+        pool.demotes.push_back(PendingDemote {
+            store: store.clone(),
+            layer,
+            store_layer,
+            expert: key.1 as usize,
+            buf,
+            stage,
+            bytes,
+            done,
         });
-        store.admit(store_layer, key.1 as usize, buf);
         self.stats.d2h_bytes.fetch_add(bytes as u64, Relaxed);
+        Ok(())
+    }
+
+    /// Finishes up to `n` copies back, oldest first: waits for each one's DMA, copies it out of
+    /// staging if it landed there, and admits it to the RAM tier. `n == 0`: only those already
+    /// done, without waiting.
+    fn finish_demotes(pool: &mut ExpertPool, n: usize) -> Result<()> {
+        let mut finished = 0;
+        while let Some(d) = pool.demotes.front() {
+            if n == 0 {
+                if !d.done.try_is_complete().map_err(|e| CudaError(format!("cuEventQuery: {e:?}")))? {
+                    break;
+                }
+            } else if finished == n {
+                break;
+            }
+            d.done.synchronize().map_err(|e| CudaError(format!("cuEventSynchronize: {e:?}")))?;
+            let mut d = pool.demotes.pop_front().expect("checked above");
+            if let Some(mut st) = d.stage.take() {
+                let Some(Some(map)) = pool.demote_map.get(d.layer) else {
+                    return Err(CudaError(format!("no copy-back map for layer {}", d.layer)));
+                };
+                let dst = d.buf.as_mut_slice().as_mut_ptr() as usize;
+                let src = st.as_mut_slice().as_ptr() as usize;
+                // Parallel 1 MiB copies: one memcpy stream is slower than the copy back.
+                let chunks: Vec<(usize, usize, usize)> = map
+                    .iter()
+                    .flat_map(|&(so, bo, len)| {
+                        (0..len).step_by(1 << 20).map(move |o| (so + o, bo + o, (len - o).min(1 << 20)))
+                    })
+                    .collect();
+                use rayon::prelude::*;
+                chunks.par_iter().for_each(|&(so, bo, len)| {
+                    // SAFETY: the map's ranges lie inside the slot's bytes landed in staging
+                    // (≤ `bytes`) and inside the store's expert buffer (offsets from its own
+                    // views), and never overlap.
+                    unsafe { std::ptr::copy_nonoverlapping((src as *const u8).add(so), (dst as *mut u8).add(bo), len) };
+                });
+                pool.d2h_free.push(st);
+            }
+            debug_assert!(d.bytes > 0);
+            d.store.admit(d.store_layer, d.expert, d.buf);
+            finished += 1;
+        }
         Ok(())
     }
 
@@ -2365,6 +2462,9 @@ impl CudaBackend {
                 tr.hold.clear();
             }
             pool.release_copied();
+            // (Copies back issued before the ids are done too: the RAM tier takes them before
+            // anything below fetches from it.)
+            Self::finish_demotes(pool, 0)?;
             if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= e) {
                 return Err(CudaError(format!("router produced expert id {bad} (non-finite activations?)")).into());
             }
@@ -2570,6 +2670,9 @@ impl CudaBackend {
         ids_wait += t_ids.elapsed().as_nanos() as u64;
         p.pool.in_use.clear();
         p.pool.release_copied();
+        // (Copies back issued before the ids are done too: each preceded a fill the stream
+        // waited for.)
+        Self::finish_demotes(p.pool, 0)?;
         if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= e) {
             return Err(CudaError(format!("router produced expert id {bad} (non-finite activations?)")).into());
         }
@@ -3056,7 +3159,8 @@ impl Backend for CudaBackend {
                     ExpertSet::Resident(_) => li,
                 })
                 .collect(),
-            d2h_stage: None,
+            demotes: Default::default(),
+            d2h_free: Vec::new(),
             direct_hold: Vec::new(),
             direct_done: None,
             fill_prof: FillProfile::default(),
@@ -3518,7 +3622,7 @@ impl Backend for CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{HybridSplit, coalesce_pieces};
+    use super::{HybridSplit, coalesce_pieces, merge_ranges};
 
     #[test]
     fn pieces_at_the_same_distance_in_host_and_slot_become_one_copy() {
@@ -3540,6 +3644,9 @@ mod tests {
         assert_eq!(offs(&kept), [(0, 100, 10), (32, 0, 10)]);
         let overlap = coalesce_pieces(&[(0, at(0, 20)), (10, at(10, 20))]);
         assert_eq!(offs(&overlap), [(0, 0, 20), (10, 10, 20)]);
+        // The same on a copy-back map (slot offset, buffer offset, length).
+        assert_eq!(merge_ranges(vec![(128, 192, 20), (0, 64, 100), (200, 300, 0)]), [(0, 64, 148)]);
+        assert_eq!(merge_ranges(vec![(0, 0, 100), (256, 128, 50)]), [(0, 0, 100), (256, 128, 50)]);
     }
 
     #[test]
