@@ -301,10 +301,16 @@ fn coalesce_pieces<'a>(pieces: &[(usize, &'a [u8])]) -> Vec<(usize, &'a [u8])> {
 }
 
 /// The merge of [`coalesce_pieces`] on (slot offset, host offset or address, length) ranges:
-/// sorted by slot offset, empty ones dropped, neighbours at the same distance joined.
+/// sorted by slot offset, empty ones dropped, neighbours at the same distance joined. Only when
+/// the ranges lie in the same order, without overlap, in the host buffer too: then the host
+/// bytes between two neighbours hold no other range either, so a merged copy back (GPU → host)
+/// overwrites nothing it should not.
 fn merge_ranges(mut ranges: Vec<(usize, usize, usize)>) -> Vec<(usize, usize, usize)> {
     ranges.retain(|r| r.2 > 0);
     ranges.sort_by_key(|r| r.0);
+    if !ranges.windows(2).all(|w| w[0].1 + w[0].2 <= w[1].1) {
+        return ranges;
+    }
     let mut out: Vec<(usize, usize, usize)> = Vec::with_capacity(ranges.len());
     for (off, at, len) in ranges {
         if let Some((o0, a0, l0)) = out.last_mut()
@@ -1727,9 +1733,11 @@ impl CudaBackend {
         Ok(slot)
     }
 
-    /// Copies the expert `key` in `slot` (just evicted, not yet overwritten) back into the RAM
-    /// tier: GPU → pinned buffer on the copy stream (after the copies that filled it), then
-    /// into a store buffer at the blob offsets the store's views expect.
+    /// Starts copying the expert `key` in `slot` (just evicted, not yet overwritten) back into
+    /// the RAM tier: a GPU → host DMA on the copy stream (after the copies that filled the slot,
+    /// before the one that refills it) into a store buffer at the blob offsets the store's views
+    /// expect, or into pinned staging when that buffer is not pinned. [`Self::finish_demotes`]
+    /// admits it to the RAM tier once the DMA is done.
     fn demote(&self, pool: &mut ExpertPool, store: &Arc<ExpertStore>, key: ExpertKey, slot: usize) -> Result<()> {
         let layer = key.0 as usize;
         if store.ram_cache_budget() == 0 {
@@ -1744,31 +1752,43 @@ impl CudaBackend {
         }
         let src = pool.base(slot);
         let stream = pool.copy_stream.cu_stream();
-        let mut buf = store.expert_buffer(store_layer);
-        let stage = if buf.host_memory().is_some() {
-            // Pinned: the pieces land in the buffer itself, where the store's views expect them.
-            let dst = buf.as_mut_slice();
-            for &(so, bo, len) in &ranges {
-                // SAFETY: the ranges lie inside the slot (offsets from its layout) and inside the
-                // buffer (offsets from the store's own views); the buffer is owned by the pending
-                // entry, untouched until the event recorded after this copy has fired.
-                unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut dst[bo..bo + len], src + so as u64, stream) }
-                    .map_err(|e| CudaError(format!("cuMemcpyDtoHAsync: {e:?}")))?;
-            }
-            None
-        } else {
-            let mut st = match pool.d2h_free.pop() {
-                Some(st) => st,
-                None => Pinned::new(pool.slot_bytes)?,
-            };
-            // SAFETY: `src` is inside the pool allocation (bytes ≤ slot size); the pinned buffer
-            // is owned by the pending entry and read only after its event has fired.
-            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut st.as_mut_slice()[..bytes], src, stream) }
-                .map_err(|e| CudaError(format!("cuMemcpyDtoHAsync: {e:?}")))?;
-            Some(st)
-        };
         let done = self.dev.ctx.new_event(None).map_err(|e| CudaError(format!("cuEventCreate: {e:?}")))?;
-        done.record(&pool.copy_stream).map_err(|e| CudaError(format!("cuEventRecord: {e:?}")))?;
+        let mut buf = store.expert_buffer(store_layer);
+        let mut stage = None;
+        // Once a copy is queued, an error must not let `buf` or the staging buffer go back to
+        // their pools (or be freed) under it: wait for the copy stream first.
+        let issued = (|| -> Result<()> {
+            if buf.host_memory().is_some() {
+                // Pinned: the pieces land in the buffer itself, where the store's views expect them.
+                let dst = buf.as_mut_slice();
+                for &(so, bo, len) in &ranges {
+                    // SAFETY: the ranges lie inside the slot (offsets from its layout) and inside
+                    // the buffer (offsets from the store's own views), in the same order in both
+                    // when merged; the buffer goes to the pending entry, untouched until the event
+                    // recorded after this copy has fired (or the stream is synchronized on error).
+                    unsafe {
+                        cudarc::driver::result::memcpy_dtoh_async(&mut dst[bo..bo + len], src + so as u64, stream)
+                    }
+                    .map_err(|e| CudaError(format!("cuMemcpyDtoHAsync: {e:?}")))?;
+                }
+            } else {
+                let mut st = match pool.d2h_free.pop() {
+                    Some(st) => st,
+                    None => Pinned::new(pool.slot_bytes)?,
+                };
+                // SAFETY: `src` is inside the pool allocation (bytes ≤ slot size); the pinned
+                // buffer goes to the pending entry, read only after its event has fired.
+                let r =
+                    unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut st.as_mut_slice()[..bytes], src, stream) };
+                stage = Some(st);
+                r.map_err(|e| CudaError(format!("cuMemcpyDtoHAsync: {e:?}")))?;
+            }
+            done.record(&pool.copy_stream).map_err(|e| CudaError(format!("cuEventRecord: {e:?}")))
+        })();
+        if let Err(e) = issued {
+            let _ = pool.copy_stream.synchronize();
+            return Err(e);
+        }
         pool.demotes.push_back(PendingDemote {
             store: store.clone(),
             layer,
@@ -1821,7 +1841,11 @@ impl CudaBackend {
                 pool.d2h_free.push(st);
             }
             debug_assert!(d.bytes > 0);
-            d.store.admit(d.store_layer, d.expert, d.buf);
+            // A miss on it while the copy was pending read it from disk into a slot again: the
+            // GPU is its home, and the RAM tier stays without it (exclusive tiers).
+            if !pool.map.contains((d.layer as u32, d.expert as u32)) {
+                d.store.admit(d.store_layer, d.expert, d.buf);
+            }
             finished += 1;
         }
         Ok(())
@@ -2463,8 +2487,11 @@ impl CudaBackend {
             }
             pool.release_copied();
             // (Copies back issued before the ids are done too: the RAM tier takes them before
-            // anything below fetches from it.)
-            Self::finish_demotes(pool, 0)?;
+            // anything below fetches from it. Not while the CPU's threads spin, which would
+            // slow a staged copy's parallel copy-out: then at the next miss.)
+            if warm.is_none() {
+                Self::finish_demotes(pool, 0)?;
+            }
             if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= e) {
                 return Err(CudaError(format!("router produced expert id {bad} (non-finite activations?)")).into());
             }
@@ -3647,6 +3674,10 @@ mod tests {
         // The same on a copy-back map (slot offset, buffer offset, length).
         assert_eq!(merge_ranges(vec![(128, 192, 20), (0, 64, 100), (200, 300, 0)]), [(0, 64, 148)]);
         assert_eq!(merge_ranges(vec![(0, 0, 100), (256, 128, 50)]), [(0, 0, 100), (256, 128, 50)]);
+        // Slot order not host order: a merge of the last two would copy over the first one's
+        // host bytes, so nothing merges.
+        let crossed = vec![(0, 100, 10), (256, 0, 10), (512, 256, 10)];
+        assert_eq!(merge_ranges(crossed.clone()), crossed);
     }
 
     #[test]
