@@ -4,7 +4,7 @@
 use std::arch::x86_64::*;
 
 use super::GgmlType;
-use super::blocks::k4_scales;
+use super::blocks::{KVALUES_IQ4NL, iq4_xs_scales, k4_scales};
 use crate::avx512::{PREFETCH_DIST, prefetch};
 
 /// Prefetches the `len` bytes that lie `PREFETCH_DIST` after the block at `b`, into L1: the
@@ -334,6 +334,42 @@ pub(super) unsafe fn dequantize(ty: GgmlType, row: &[u8], out: &mut [f32]) -> bo
                                     _mm512_mul_ps(s, _mm512_cvtepi32_ps(q)),
                                 );
                             }
+                        }
+                    }
+                }
+            }
+            GgmlType::IQ4_NL | GgmlType::IQ4_XS => {
+                // The sixteen levels as floats in one register, looked up by the 4-bit codes
+                // (low nibbles: elements 0..16 of a 32-element block, high: 16..32).
+                let table = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(KVALUES_IQ4NL.as_ptr().cast())));
+                let mask = _mm512_set1_epi32(0xF);
+                let levels = |p: *const u8| {
+                    let v = u8x16(p);
+                    (
+                        _mm512_permutexvar_ps(_mm512_and_si512(v, mask), table),
+                        _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(v), table),
+                    )
+                };
+                if ty == GgmlType::IQ4_NL {
+                    // w = d·level.
+                    for i in 0..nb {
+                        let (b, ob) = (r.add(i * 18), o.add(i * 32));
+                        let d = _mm512_set1_ps(f16_at(b));
+                        let (lo, hi) = levels(b.add(2));
+                        _mm512_storeu_ps(ob, _mm512_mul_ps(d, lo));
+                        _mm512_storeu_ps(ob.add(16), _mm512_mul_ps(d, hi));
+                    }
+                } else {
+                    // w = (d·scale)·level, the sub-block's product rounded first.
+                    for i in 0..nb {
+                        let (b, ob) = (r.add(i * 136), o.add(i * 256));
+                        let d = f16_at(b);
+                        let ls = iq4_xs_scales(std::slice::from_raw_parts(b, 8));
+                        for (ib, &l) in ls.iter().enumerate() {
+                            let s = _mm512_set1_ps(d * l as f32);
+                            let (lo, hi) = levels(b.add(8 + 16 * ib));
+                            _mm512_storeu_ps(ob.add(32 * ib), _mm512_mul_ps(s, lo));
+                            _mm512_storeu_ps(ob.add(32 * ib + 16), _mm512_mul_ps(s, hi));
                         }
                     }
                 }
