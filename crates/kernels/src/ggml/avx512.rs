@@ -338,6 +338,54 @@ pub(super) unsafe fn dequantize(ty: GgmlType, row: &[u8], out: &mut [f32]) -> bo
                     }
                 }
             }
+            GgmlType::Q2_K | GgmlType::Q3_K => {
+                // Element e of a super-block: 2-bit plane (e % 128) / 32 of byte e % 32 of the
+                // half e / 128 of qs; sixteen elements at a time share their sub-block e / 16.
+                let three = _mm512_set1_epi32(3);
+                for i in 0..nb {
+                    if ty == GgmlType::Q2_K {
+                        // w = (d·(s & 15))·q − dmin·(s >> 4), products rounded first.
+                        let (b, ob) = (r.add(i * 84), o.add(i * 256));
+                        let (d, dmin) = (f16_at(b.add(80)), f16_at(b.add(82)));
+                        for e0 in (0..256).step_by(16) {
+                            let s = *b.add(e0 / 16);
+                            let dl = _mm512_set1_ps(d * (s & 0xF) as f32);
+                            let ml = _mm512_set1_ps(dmin * (s >> 4) as f32);
+                            let v = u8x16(b.add(16 + e0 / 128 * 32 + e0 % 32));
+                            let q = _mm512_and_si512(
+                                _mm512_srlv_epi32(v, _mm512_set1_epi32(2 * (e0 % 128 / 32) as i32)),
+                                three,
+                            );
+                            _mm512_storeu_ps(ob.add(e0), _mm512_sub_ps(_mm512_mul_ps(dl, _mm512_cvtepi32_ps(q)), ml));
+                        }
+                    } else {
+                        // w = (d·(scale − 32))·q, q = low − 4 where the (inverted) high bit is clear.
+                        let (b, ob) = (r.add(i * 110), o.add(i * 256));
+                        let d = f16_at(b.add(108));
+                        let (first, second) = super::blocks::q3_k_scales(std::slice::from_raw_parts(b.add(96), 12));
+                        let sc: [u8; 16] = ((first as u128) | (second as u128) << 64).to_le_bytes();
+                        for e0 in (0..256).step_by(16) {
+                            let dl = _mm512_set1_ps(d * (sc[e0 / 16] as i32 - 32) as f32);
+                            let low = _mm512_and_si512(
+                                _mm512_srlv_epi32(
+                                    u8x16(b.add(32 + e0 / 128 * 32 + e0 % 32)),
+                                    _mm512_set1_epi32(2 * (e0 % 128 / 32) as i32),
+                                ),
+                                three,
+                            );
+                            let high = _mm512_and_si512(
+                                _mm512_srlv_epi32(u8x16(b.add(e0 % 32)), _mm512_set1_epi32((e0 / 32) as i32)),
+                                _mm512_set1_epi32(1),
+                            );
+                            let q = _mm512_sub_epi32(
+                                _mm512_add_epi32(low, _mm512_slli_epi32::<2>(high)),
+                                _mm512_set1_epi32(4),
+                            );
+                            _mm512_storeu_ps(ob.add(e0), _mm512_mul_ps(dl, _mm512_cvtepi32_ps(q)));
+                        }
+                    }
+                }
+            }
             GgmlType::IQ4_NL | GgmlType::IQ4_XS => {
                 // The sixteen levels as floats in one register, looked up by the 4-bit codes
                 // (low nibbles: elements 0..16 of a 32-element block, high: 16..32).
