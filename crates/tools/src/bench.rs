@@ -769,6 +769,15 @@ pub fn load_streamed(dir: &Path, opts: &LoadOptions) -> Result<Model> {
     Ok(model)
 }
 
+/// Waits (up to 2 min) while the RAM tier's entries move into pinned memory, and says so when
+/// that took a noticeable time (`when`: where in the run, for the message).
+fn settle(model: &Model, when: &str) {
+    let settled = model.settle(std::time::Duration::from_secs(120));
+    if settled.as_secs_f64() > 0.1 {
+        eprintln!("[flashmoe] waited {:.1} s{when} for the RAM tier to move into pinned memory", settled.as_secs_f64());
+    }
+}
+
 /// Decodes random token ids: a short prefill, `warmup` steps, then `tokens` measured T=1 steps.
 /// `progress` hears the background pre-warm while the warm-up waits for it (phase `pre-warm`:
 /// experts read, of those it goes through).
@@ -813,13 +822,7 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions, progress: &dyn
         // That pass read into the RAM tier whatever it had to; its entries move into pinned
         // memory once no pass runs (GPU fills then DMA from them): measure the prefill on the
         // tiers as a long-running process has them, as the decode steps below are.
-        let settled = model.settle(std::time::Duration::from_secs(120));
-        if settled.as_secs_f64() > 0.1 {
-            eprintln!(
-                "[flashmoe] waited {:.1} s before the prefill for the RAM tier to move into pinned memory",
-                settled.as_secs_f64()
-            );
-        }
+        settle(model, " before the prefill");
     }
     model.reset_timing();
     let t0 = Instant::now();
@@ -856,10 +859,7 @@ pub fn bench_decode(model: &mut Model, opts: &DecodeBenchOptions, progress: &dyn
     }
     // RAM-tier entries move into pinned memory (hybrid decode's PCIe share) only while no pass
     // runs: measure the tiers as they are once that is done.
-    let settled = model.settle(std::time::Duration::from_secs(120));
-    if settled.as_secs_f64() > 0.1 {
-        eprintln!("[flashmoe] waited {:.1} s for the RAM tier to move into pinned memory", settled.as_secs_f64());
-    }
+    settle(model, "");
     warmup = warmup.max(step);
     model.reset_timing();
     let before = store.as_ref().map(|s| s.snapshot()).unwrap_or_default();

@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::GgmlType;
-use super::blocks::{KVALUES_IQ4NL, iq4_xs_scales, k4_scales, q3_k_scales};
+use super::blocks::{KVALUES_IQ4NL, iq4_xs_scales, k4_scales, q3_k_scale_bytes};
 use crate::avx2::{PREFETCH_DIST, prefetch};
 
 /// Prefetches the `len` bytes that lie `PREFETCH_DIST` after the block at `b` (see
@@ -296,8 +296,7 @@ unsafe fn q3_k(r: *const u8, x: *const f32, nb: usize) -> __m256 {
             let b = r.add(i * 110);
             prefetch_block(b, 110);
             let (hmask, qs) = (b, b.add(32));
-            let (first, second) = q3_k_scales(std::slice::from_raw_parts(b.add(96), 12));
-            let sc = ((first as u128) | (second as u128) << 64).to_le_bytes();
+            let sc = q3_k_scale_bytes(std::slice::from_raw_parts(b.add(96), 12));
             let d = f16_at(b.add(108));
             let xb = x.add(i * 256);
             for h in 0..2 {

@@ -4,7 +4,7 @@
 use std::arch::x86_64::*;
 
 use super::GgmlType;
-use super::blocks::{KVALUES_IQ4NL, iq4_xs_scales, k4_scales};
+use super::blocks::{KVALUES_IQ4NL, iq4_xs_scales, k4_scales, q3_k_scale_bytes};
 use crate::avx512::{PREFETCH_DIST, prefetch};
 
 /// Prefetches the `len` bytes that lie `PREFETCH_DIST` after the block at `b`, into L1: the
@@ -262,6 +262,19 @@ unsafe fn q6_k(r: *const u8, x: *const f32, nb: usize) -> __m512 {
     _mm512_add_ps(acc[0], acc[1])
 }
 
+/// The 2-bit codes of elements e0..e0+16 of a Q2_K/Q3_K super-block whose 64 `qs` bytes are at
+/// `qs`: element e is bit pair (e % 128) / 32 of byte e % 32 of half e / 128 (e0 a multiple of 16).
+///
+/// # Safety
+/// AVX-512F; `qs` holds 64 readable bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn k_plane2(qs: *const u8, e0: usize) -> __m512i {
+    // SAFETY: bytes e0 % 32 .. +16 of one 32-byte half, inside the 64 the caller guarantees.
+    let v = unsafe { u8x16(qs.add(e0 / 128 * 32 + e0 % 32)) };
+    _mm512_and_si512(_mm512_srlv_epi32(v, _mm512_set1_epi32(2 * (e0 % 128 / 32) as i32)), _mm512_set1_epi32(3))
+}
+
 /// Dequantizes a checked row with the float operations of `blocks.rs` (gguf-py's, in its order:
 /// a product and a difference stay two roundings, no fused multiply-add), so the values are
 /// bit-identical to it, 16 at a time; `false` for the types without a vector decoder here.
@@ -338,51 +351,38 @@ pub(super) unsafe fn dequantize(ty: GgmlType, row: &[u8], out: &mut [f32]) -> bo
                     }
                 }
             }
-            GgmlType::Q2_K | GgmlType::Q3_K => {
-                // Element e of a super-block: 2-bit plane (e % 128) / 32 of byte e % 32 of the
-                // half e / 128 of qs; sixteen elements at a time share their sub-block e / 16.
-                let three = _mm512_set1_epi32(3);
+            // Sixteen elements at a time, which share their sub-block e0 / 16.
+            GgmlType::Q2_K => {
+                // w = (d·(s & 15))·q − dmin·(s >> 4), products rounded first.
                 for i in 0..nb {
-                    if ty == GgmlType::Q2_K {
-                        // w = (d·(s & 15))·q − dmin·(s >> 4), products rounded first.
-                        let (b, ob) = (r.add(i * 84), o.add(i * 256));
-                        let (d, dmin) = (f16_at(b.add(80)), f16_at(b.add(82)));
-                        for e0 in (0..256).step_by(16) {
-                            let s = *b.add(e0 / 16);
-                            let dl = _mm512_set1_ps(d * (s & 0xF) as f32);
-                            let ml = _mm512_set1_ps(dmin * (s >> 4) as f32);
-                            let v = u8x16(b.add(16 + e0 / 128 * 32 + e0 % 32));
-                            let q = _mm512_and_si512(
-                                _mm512_srlv_epi32(v, _mm512_set1_epi32(2 * (e0 % 128 / 32) as i32)),
-                                three,
-                            );
-                            _mm512_storeu_ps(ob.add(e0), _mm512_sub_ps(_mm512_mul_ps(dl, _mm512_cvtepi32_ps(q)), ml));
-                        }
-                    } else {
-                        // w = (d·(scale − 32))·q, q = low − 4 where the (inverted) high bit is clear.
-                        let (b, ob) = (r.add(i * 110), o.add(i * 256));
-                        let d = f16_at(b.add(108));
-                        let (first, second) = super::blocks::q3_k_scales(std::slice::from_raw_parts(b.add(96), 12));
-                        let sc: [u8; 16] = ((first as u128) | (second as u128) << 64).to_le_bytes();
-                        for e0 in (0..256).step_by(16) {
-                            let dl = _mm512_set1_ps(d * (sc[e0 / 16] as i32 - 32) as f32);
-                            let low = _mm512_and_si512(
-                                _mm512_srlv_epi32(
-                                    u8x16(b.add(32 + e0 / 128 * 32 + e0 % 32)),
-                                    _mm512_set1_epi32(2 * (e0 % 128 / 32) as i32),
-                                ),
-                                three,
-                            );
-                            let high = _mm512_and_si512(
-                                _mm512_srlv_epi32(u8x16(b.add(e0 % 32)), _mm512_set1_epi32((e0 / 32) as i32)),
-                                _mm512_set1_epi32(1),
-                            );
-                            let q = _mm512_sub_epi32(
-                                _mm512_add_epi32(low, _mm512_slli_epi32::<2>(high)),
-                                _mm512_set1_epi32(4),
-                            );
-                            _mm512_storeu_ps(ob.add(e0), _mm512_mul_ps(dl, _mm512_cvtepi32_ps(q)));
-                        }
+                    let (b, ob) = (r.add(i * 84), o.add(i * 256));
+                    let (d, dmin) = (f16_at(b.add(80)), f16_at(b.add(82)));
+                    for e0 in (0..256).step_by(16) {
+                        let s = *b.add(e0 / 16);
+                        let dl = _mm512_set1_ps(d * (s & 0xF) as f32);
+                        let ml = _mm512_set1_ps(dmin * (s >> 4) as f32);
+                        let q = k_plane2(b.add(16), e0);
+                        _mm512_storeu_ps(ob.add(e0), _mm512_sub_ps(_mm512_mul_ps(dl, _mm512_cvtepi32_ps(q)), ml));
+                    }
+                }
+            }
+            GgmlType::Q3_K => {
+                // w = (d·(scale − 32))·q, q = low − 4 where the (inverted) high bit is clear.
+                for i in 0..nb {
+                    let (b, ob) = (r.add(i * 110), o.add(i * 256));
+                    let d = f16_at(b.add(108));
+                    let sc = q3_k_scale_bytes(std::slice::from_raw_parts(b.add(96), 12));
+                    for e0 in (0..256).step_by(16) {
+                        let dl = _mm512_set1_ps(d * (sc[e0 / 16] as i32 - 32) as f32);
+                        let high = _mm512_and_si512(
+                            _mm512_srlv_epi32(u8x16(b.add(e0 % 32)), _mm512_set1_epi32((e0 / 32) as i32)),
+                            _mm512_set1_epi32(1),
+                        );
+                        let q = _mm512_sub_epi32(
+                            _mm512_add_epi32(k_plane2(b.add(32), e0), _mm512_slli_epi32::<2>(high)),
+                            _mm512_set1_epi32(4),
+                        );
+                        _mm512_storeu_ps(ob.add(e0), _mm512_mul_ps(dl, _mm512_cvtepi32_ps(q)));
                     }
                 }
             }

@@ -134,8 +134,7 @@ fn q2_k(b: &[u8], o: &mut [f32]) {
 fn q3_k(b: &[u8], o: &mut [f32]) {
     let (hmask, qs) = (&b[0..32], &b[32..96]);
     let d = f16_at(b, 108);
-    let (first, second) = q3_k_scales(&b[96..108]);
-    let sc: [u8; 16] = ((first as u128) | (second as u128) << 64).to_le_bytes();
+    let sc = q3_k_scale_bytes(&b[96..108]);
     let dl: [f32; 16] = std::array::from_fn(|i| d * (sc[i] as i32 - 32) as f32);
     for (e, oe) in o.iter_mut().enumerate() {
         let low = (qs[e / 128 * 32 + e % 32] >> (2 * (e % 128 / 32))) & 3;
@@ -144,6 +143,13 @@ fn q3_k(b: &[u8], o: &mut [f32]) {
         let q = low as i32 - if high == 0 { 4 } else { 0 };
         *oe = dl[e / 16] * q as f32;
     }
+}
+
+/// [`q3_k_scales`] as sixteen bytes, scale j in byte j.
+#[inline(always)]
+pub(super) fn q3_k_scale_bytes(s: &[u8]) -> [u8; 16] {
+    let (first, second) = q3_k_scales(s);
+    ((first as u128) | (second as u128) << 64).to_le_bytes()
 }
 
 /// The sixteen 6-bit scales of a Q3_K super-block (unsigned, 32 above the signed scale), packed
